@@ -1,0 +1,122 @@
+"""Configuration: conf/default.yaml, merged with a user file and FUNNEL_ env vars.
+
+Every key a user sets must exist in the defaults, except inside mappings the
+defaults leave empty (``{}``) or list in FREE_FORM: those are free-form.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "conf" / "default.yaml"
+TEMPLATES_DIR = REPO_ROOT / "templates"
+
+ENV_PREFIX = "FUNNEL_"
+# FUNNEL_SERVER / FUNNEL_CONFIG are client settings, not config overrides.
+ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG"}
+
+# Dotted paths whose mappings accept keys the defaults do not list.
+FREE_FORM: set[str] = {
+    "worker.drivers",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+def _is_free_form(path: str, default: Any) -> bool:
+    return (isinstance(default, dict) and not default) or path in FREE_FORM
+
+
+def merge(base: dict, override: Mapping, path: str = "") -> dict:
+    """Return base updated with override; unknown keys raise ConfigError."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in out:
+            if _is_free_form(path, base):
+                out[key] = copy.deepcopy(value)
+                continue
+            raise ConfigError(f"unknown configuration key: {dotted}")
+        current = out[key]
+        if isinstance(current, dict):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"configuration key {dotted} must be a mapping")
+            if _is_free_form(dotted, current):
+                out[key] = {**current, **copy.deepcopy(dict(value))}
+            else:
+                out[key] = merge(current, value, dotted)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict:
+    """Turn FUNNEL_A__B=v variables into {"a": {"b": v}}."""
+    out: dict = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(f"malformed configuration variable: {name}")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
+         overrides: Mapping | None = None) -> dict:
+    """Defaults <- file at path <- environment <- explicit overrides."""
+    config = _read_yaml(DEFAULT_CONFIG)
+    if path:
+        config = merge(config, _read_yaml(Path(path)))
+    env = env_overrides(os.environ if environ is None else environ)
+    if env:
+        try:
+            config = merge(config, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (from a {ENV_PREFIX} environment variable)") from exc
+    if overrides:
+        config = merge(config, overrides)
+    return finalize(config)
+
+
+def finalize(config: dict) -> dict:
+    """Resolve derived values (absolute work dir, default database URL)."""
+    work_dir = Path(os.path.expanduser(str(config["work_dir"]))).resolve()
+    config["work_dir"] = str(work_dir)
+    if not config["database"]["url"]:
+        config["database"]["url"] = f"sqlite:///{work_dir / 'funnel.db'}"
+    server = config["server"]
+    if not server["public_url"]:
+        host = server["host"] if server["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
+        server["public_url"] = f"http://{host}:{server['http_port']}"
+    return config
