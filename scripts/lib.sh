@@ -7,9 +7,9 @@ apt_install() {
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  if [ -z "${FUNNEL_APT_UPDATED:-}" ]; then
+  if [ -z "${APT_UPDATED_THIS_RUN:-}" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    export FUNNEL_APT_UPDATED=1
+    export APT_UPDATED_THIS_RUN=1
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
