@@ -1,0 +1,119 @@
+"""TES 1.1 HTTP API (flask-smorest): /ga4gh/tes/v1/... and the legacy /v1/... routes.
+
+Every route calls the shared TaskService; errors are JSON
+``{"code": <http status>, "message": "<field>: <what is wrong>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Response, current_app, request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from gateway.schemas import (CancelTaskResponseSchema, CreateTaskResponseSchema, ApiErrorSchema,
+                             ListArgsSchema, ListTasksResponseSchema, ServiceInfoSchema,
+                             TaskCreateSchema, TaskSchema, ViewArgsSchema)
+from gateway.service import BadRequest, ListQuery, TaskService, zip_tags
+
+TES_PREFIX = "/ga4gh/tes/v1"
+LEGACY_PREFIX = "/v1"
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return Response(body, status=status, mimetype="application/json")
+
+
+def service() -> TaskService:
+    return current_app.extensions["funnel.service"]
+
+
+def caller() -> str | None:
+    """The authenticated owner, when auth is on (None: no per-user filtering)."""
+    return getattr(request, "funnel_owner", None)
+
+
+def read_json_body() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise BadRequest("body: a JSON task document is required")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: malformed JSON: {exc}") from None
+
+
+_ERRORS = {400: "Bad input; message names the field", 404: "No such task"}
+
+
+def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
+    """The TES routes under `prefix` (called twice: TES 1.1 and legacy /v1)."""
+    blp = Blueprint(name, __name__, url_prefix=prefix,
+                    description="GA4GH TES 1.1" + (" (legacy /v1 routes)" if legacy else ""))
+
+    def errors(*codes: int):
+        def wrap(fn):
+            for code in codes:
+                fn = blp.alt_response(code, schema=ApiErrorSchema, description=_ERRORS[code])(fn)
+            return fn
+        return wrap
+
+    @blp.route("/service-info")
+    class ServiceInfo(MethodView):
+        @blp.response(200, ServiceInfoSchema)
+        def get(self):
+            """GetServiceInfo"""
+            return json_response(service().service_info())
+
+    if legacy:  # TES 1.0 clients ask /v1/tasks/service-info
+        blp.add_url_rule("/tasks/service-info", view_func=ServiceInfo.as_view("legacy_service_info"))
+
+    @blp.route("/tasks")
+    class Tasks(MethodView):
+        @blp.arguments(ListArgsSchema, location="query", error_status_code=400, as_kwargs=True)
+        @blp.response(200, ListTasksResponseSchema)
+        @errors(400)
+        def get(self, view="MINIMAL", **args):
+            """ListTasks"""
+            query = ListQuery(view=view, page_size=args.get("page_size"),
+                              page_token=args.get("page_token"),
+                              name_prefix=args.get("name_prefix"), state=args.get("state"),
+                              tags=zip_tags(args.get("tag_key"), args.get("tag_value")),
+                              owner=caller())
+            tasks, token = service().list(query)
+            payload: dict[str, Any] = {"tasks": tasks}
+            if token:
+                payload["next_page_token"] = token
+            return json_response(payload)
+
+        @blp.doc(requestBody={"required": True,
+                              "content": {"application/json": {"schema": TaskCreateSchema}}})
+        @blp.response(200, CreateTaskResponseSchema)
+        @errors(400)
+        def post(self):
+            """CreateTask"""
+            task_id = service().create(read_json_body(), owner=caller())
+            return json_response({"id": task_id})
+
+    @blp.route("/tasks/<string:task_id>")
+    class Task(MethodView):
+        @blp.arguments(ViewArgsSchema, location="query", error_status_code=400, as_kwargs=True)
+        @blp.response(200, TaskSchema)
+        @errors(400, 404)
+        def get(self, task_id, view="MINIMAL"):
+            """GetTask"""
+            return json_response(service().get(task_id, view, owner=caller()))
+
+    @blp.route("/tasks/<string:task_id>:cancel")
+    class CancelTask(MethodView):
+        @blp.response(200, CancelTaskResponseSchema)
+        @errors(404)
+        def post(self, task_id):
+            """CancelTask: no change (still 200) when the task already ended."""
+            service().cancel(task_id, owner=caller())
+            return json_response({})
+
+    return blp

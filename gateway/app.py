@@ -1,0 +1,73 @@
+"""The Flask application: TES API, legacy routes, OpenAPI, error handling."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+from flask_smorest import Api
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from gateway import __version__, db
+from gateway.api import LEGACY_PREFIX, TES_PREFIX, json_response, make_blueprint
+from gateway.schemas import flatten_errors
+from gateway.service import ServiceError, TaskService
+
+log = logging.getLogger(__name__)
+
+
+def make_service(config: dict) -> TaskService:
+    engine = db.make_engine(config["database"]["url"], config["database"]["sqlite_busy_timeout"])
+    db.upgrade(engine)
+    return TaskService(engine, config)
+
+
+def create_app(config: dict, service: TaskService | None = None) -> Flask:
+    app = Flask("funnel-hpc", template_folder=None)
+    app.config.update(
+        MAX_CONTENT_LENGTH=config["server"]["max_body_bytes"],
+        API_TITLE="funnel-hpc Task Execution Service",
+        API_VERSION=__version__,
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX=TES_PREFIX,
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+    )
+    app.json.sort_keys = False
+    app.extensions["funnel.config"] = config
+    app.extensions["funnel.service"] = service or make_service(config)
+
+    api = Api(app)
+    api.register_blueprint(make_blueprint("tes", TES_PREFIX))
+    api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
+
+    @app.errorhandler(ServiceError)
+    def _service_error(exc: ServiceError):
+        return json_response({"code": exc.status, "message": exc.message}, exc.status)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_exc):
+        limit = config["server"]["max_body_bytes"]
+        return json_response({"code": 400, "message": f"body: larger than the {limit}-byte limit"},
+                             400)
+
+    @app.errorhandler(OperationalError)
+    def _db_unavailable(exc: OperationalError):
+        log.warning("database unavailable: %s", exc.orig)
+        return json_response({"code": 503, "message": "database busy or unavailable; retry"}, 503)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        data = getattr(exc, "data", None) or {}
+        messages = data.get("messages")
+        if messages:  # webargs validation of query parameters
+            flat = flatten_errors({k: v for k, v in messages.items()})
+            # drop the webargs location level ("query.view: ..." -> "view: ...")
+            text = "; ".join(m.split(".", 1)[1] if m.split(".", 1)[0] in messages else m
+                             for m in flat)
+            return json_response({"code": exc.code, "message": text}, exc.code or 400)
+        return json_response({"code": exc.code, "message": exc.description}, exc.code or 500)
+
+    return app

@@ -1,0 +1,291 @@
+"""Marshmallow schemas of the TES 1.1 model: validation of what clients send,
+and the OpenAPI description of what the server returns.
+
+Field names follow the TES OpenAPI (snake_case). Unknown fields are refused;
+the read-only fields a client may echo back (id, state, logs, creation_time)
+are ignored on create.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from marshmallow import (EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load,
+                         validate, validates_schema)
+
+from gateway.states import ALL_STATES
+
+VIEWS = ("MINIMAL", "BASIC", "FULL")
+FILE_TYPES = ("FILE", "DIRECTORY")
+READ_ONLY_TASK_FIELDS = ("id", "state", "logs", "creation_time")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+WILDCARD = re.compile(r"[*?\[]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_container_path(value: str, *, wildcards: bool = False) -> None:
+    """A path inside the container: absolute, no `..`, no control characters."""
+    if not value.startswith("/"):
+        raise ValidationError(f"must be an absolute path, got {value!r}")
+    if _CONTROL.search(value):
+        raise ValidationError("must not contain control characters")
+    if ".." in value.split("/"):
+        raise ValidationError(f"must not contain '..', got {value!r}")
+    if not wildcards and WILDCARD.search(value):
+        raise ValidationError(f"wildcards are only allowed in output paths, got {value!r}")
+
+
+class ContainerPath(fields.String):
+    def __init__(self, *, wildcards: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.wildcards = wildcards
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        text = super()._deserialize(value, attr, data, **kwargs)
+        check_container_path(text, wildcards=self.wildcards)
+        return text
+
+
+class StrictSchema(Schema):
+    """Refuse unknown fields; treat explicit JSON null like an absent field."""
+
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+    @pre_load
+    def _drop_nulls(self, data, **kwargs):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+_text = dict(validate=validate.Length(max=65536))
+_string_map = dict(keys=fields.String(validate=validate.Length(min=1, max=1024)),
+                   values=fields.String(validate=validate.Length(max=65536)))
+
+
+class InputSchema(StrictSchema):
+    name = fields.String(**_text)
+    description = fields.String(**_text)
+    url = fields.String(validate=validate.Length(min=1, max=8192))
+    path = ContainerPath(required=True, validate=validate.Length(max=4096))
+    type = fields.String(validate=validate.OneOf(FILE_TYPES))
+    content = fields.String()
+    streamable = fields.Boolean()
+
+    @validates_schema
+    def _url_or_content(self, data, **kwargs):
+        has_url, has_content = "url" in data, "content" in data
+        if has_url and has_content:
+            raise ValidationError("set either url or content, not both", "url")
+        if not has_url and not has_content:
+            raise ValidationError("one of url or content is required", "url")
+        if has_content and data.get("type") == "DIRECTORY":
+            raise ValidationError("content inputs must be of type FILE", "type")
+
+
+class OutputSchema(StrictSchema):
+    name = fields.String(**_text)
+    description = fields.String(**_text)
+    url = fields.String(required=True, validate=validate.Length(min=1, max=8192))
+    path = ContainerPath(required=True, wildcards=True, validate=validate.Length(max=4096))
+    path_prefix = ContainerPath(validate=validate.Length(max=4096))
+    type = fields.String(validate=validate.OneOf(FILE_TYPES))
+
+    @validates_schema
+    def _prefix_for_wildcards(self, data, **kwargs):
+        path = data.get("path", "")
+        if WILDCARD.search(path):
+            prefix = data.get("path_prefix")
+            if not prefix:
+                raise ValidationError("required when path contains wildcards", "path_prefix")
+            if not path.startswith(prefix):
+                raise ValidationError("must be a prefix of path", "path_prefix")
+
+
+class ExecutorSchema(StrictSchema):
+    image = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    command = fields.List(fields.String(validate=validate.Length(max=131072)), required=True,
+                          validate=validate.Length(min=1, max=4096))
+    workdir = ContainerPath(validate=validate.Length(max=4096))
+    stdin = ContainerPath(validate=validate.Length(max=4096))
+    stdout = ContainerPath(validate=validate.Length(max=4096))
+    stderr = ContainerPath(validate=validate.Length(max=4096))
+    env = fields.Dict(**_string_map)
+    ignore_error = fields.Boolean()
+
+    @validates_schema
+    def _env_names(self, data, **kwargs):
+        for name in data.get("env", {}):
+            if not ENV_NAME.match(name):
+                raise ValidationError(f"invalid environment variable name {name!r}", "env")
+
+
+class ResourcesSchema(StrictSchema):
+    cpu_cores = fields.Integer(strict=True, validate=validate.Range(min=0, max=1_000_000))
+    preemptible = fields.Boolean()
+    ram_gb = fields.Float(validate=validate.Range(min=0, max=1e9))
+    disk_gb = fields.Float(validate=validate.Range(min=0, max=1e12))
+    zones = fields.List(fields.String(validate=validate.Length(min=1, max=256)),
+                        validate=validate.Length(max=256))
+    backend_parameters = fields.Dict(**_string_map)
+    backend_parameters_strict = fields.Boolean()
+
+
+class TaskCreateSchema(StrictSchema):
+    """What a client may send to CreateTask."""
+
+    name = fields.String(**_text)
+    description = fields.String(**_text)
+    inputs = fields.List(fields.Nested(InputSchema), validate=validate.Length(max=100_000))
+    outputs = fields.List(fields.Nested(OutputSchema), validate=validate.Length(max=100_000))
+    resources = fields.Nested(ResourcesSchema)
+    executors = fields.List(fields.Nested(ExecutorSchema), required=True,
+                            validate=validate.Length(min=1, max=1000))
+    volumes = fields.List(ContainerPath(validate=validate.Length(max=4096)),
+                          validate=validate.Length(max=1000))
+    tags = fields.Dict(**_string_map)
+
+    @pre_load
+    def _drop_read_only(self, data, **kwargs):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in READ_ONLY_TASK_FIELDS}
+        return data
+
+    @post_load
+    def _plain_dict(self, data, **kwargs):
+        return dict(data)
+
+
+# ---- response documentation (what the server returns) ----
+
+class OutputFileLogSchema(Schema):
+    url = fields.String()
+    path = fields.String()
+    size_bytes = fields.String()
+
+
+class ExecutorLogSchema(Schema):
+    start_time = fields.String()
+    end_time = fields.String()
+    stdout = fields.String()
+    stderr = fields.String()
+    exit_code = fields.Integer()
+
+
+class TaskLogSchema(Schema):
+    logs = fields.List(fields.Nested(ExecutorLogSchema))
+    metadata = fields.Dict(keys=fields.String(), values=fields.String())
+    start_time = fields.String()
+    end_time = fields.String()
+    outputs = fields.List(fields.Nested(OutputFileLogSchema))
+    system_logs = fields.List(fields.String())
+
+
+class TaskSchema(TaskCreateSchema):
+    class Meta:
+        unknown = EXCLUDE
+        ordered = True
+
+    id = fields.String(dump_only=True)
+    state = fields.String(dump_only=True, validate=validate.OneOf(ALL_STATES))
+    logs = fields.List(fields.Nested(TaskLogSchema), dump_only=True)
+    creation_time = fields.String(dump_only=True)
+
+
+class CreateTaskResponseSchema(Schema):
+    id = fields.String(required=True)
+
+
+class ListTasksResponseSchema(Schema):
+    tasks = fields.List(fields.Nested(TaskSchema), required=True)
+    next_page_token = fields.String()
+
+
+class CancelTaskResponseSchema(Schema):
+    pass
+
+
+class ApiErrorSchema(Schema):
+    code = fields.Integer()
+    message = fields.String()
+
+
+class ServiceTypeSchema(Schema):
+    group = fields.String()
+    artifact = fields.String()
+    version = fields.String()
+
+
+class OrganizationSchema(Schema):
+    name = fields.String()
+    url = fields.String()
+
+
+class ServiceInfoSchema(Schema):
+    id = fields.String()
+    name = fields.String()
+    type = fields.Nested(ServiceTypeSchema)
+    description = fields.String()
+    organization = fields.Nested(OrganizationSchema)
+    contactUrl = fields.String()
+    documentationUrl = fields.String()
+    createdAt = fields.String()
+    updatedAt = fields.String()
+    environment = fields.String()
+    version = fields.String()
+    storage = fields.List(fields.String())
+    tesResources_backend_parameters = fields.List(fields.String())
+
+
+# ---- query parameters ----
+
+class ViewArgsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    view = fields.String(load_default="MINIMAL", validate=validate.OneOf(VIEWS))
+
+
+class ListArgsSchema(ViewArgsSchema):
+    name_prefix = fields.String(validate=validate.Length(max=65536))
+    state = fields.String(validate=validate.OneOf(ALL_STATES))
+    tag_key = fields.List(fields.String(validate=validate.Length(min=1, max=1024)))
+    tag_value = fields.List(fields.String(validate=validate.Length(max=65536)))
+    page_size = fields.Integer(validate=validate.Range(min=1, max=2048))
+    page_token = fields.String(validate=validate.Length(max=256))
+
+    @validates_schema
+    def _tags_zip(self, data, **kwargs):
+        if len(data.get("tag_value", [])) > len(data.get("tag_key", [])):
+            raise ValidationError("more tag_value than tag_key parameters", "tag_value")
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> list[str]:
+    """Turn marshmallow's nested error dict into 'a.b.0.c: message' lines."""
+    if isinstance(messages, dict):
+        out: list[str] = []
+        for key, value in messages.items():
+            name = prefix if key == "_schema" else (f"{prefix}.{key}" if prefix else str(key))
+            out.extend(flatten_errors(value, name))
+        return out
+    if isinstance(messages, (list, tuple)):
+        if all(isinstance(m, str) for m in messages):
+            return [f"{prefix}: {m}" if prefix else m for m in messages]
+        out = []
+        for item in messages:
+            out.extend(flatten_errors(item, prefix))
+        return out
+    return [f"{prefix}: {messages}" if prefix else str(messages)]
+
+
+_TASK_CREATE = TaskCreateSchema()
+
+
+def load_task(document: Any) -> dict:
+    """Validate a CreateTask body; raise ValidationError naming the bad field."""
+    if not isinstance(document, dict):
+        raise ValidationError("the request body must be a JSON object (a TES task)")
+    return _TASK_CREATE.load(document)

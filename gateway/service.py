@@ -1,0 +1,282 @@
+"""The task service: one code path for validation, views, pagination, filters
+and cancel, shared by the HTTP API, the gRPC server and the dashboard.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from marshmallow import ValidationError
+from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy.engine import Engine
+
+from gateway import db
+from gateway.schemas import flatten_errors, load_task
+from gateway.states import TERMINAL, State, can_transition
+from gateway.views import apply_view, full_task
+
+DEFAULT_PAGE_SIZE = 256
+MAX_PAGE_SIZE = 2048
+TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class ServiceError(Exception):
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ServiceError):
+    status = 400
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def new_task_id() -> str:
+    return secrets.token_hex(10)
+
+
+def encode_page_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        version, seq = raw.split(":", 1)
+        if version != "v1" or not seq.isdigit():
+            raise ValueError(raw)
+        return int(seq)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("page_token: not a page token this server issued") from None
+
+
+@dataclass
+class ListQuery:
+    view: str = "MINIMAL"
+    page_size: int | None = None
+    page_token: str | None = None
+    name_prefix: str | None = None
+    state: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    owner: str | None = None
+
+
+def zip_tags(keys: Iterable[str] | None, values: Iterable[str] | None) -> dict[str, str]:
+    """TES 1.1: tag_key[i] pairs with tag_value[i]; a missing value matches any."""
+    keys, values = list(keys or []), list(values or [])
+    if len(values) > len(keys):
+        raise BadRequest("tag_value: more tag_value than tag_key parameters")
+    return {k: (values[i] if i < len(values) else "") for i, k in enumerate(keys)}
+
+
+def _like_escape(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class TaskService:
+    def __init__(self, engine: Engine, config: dict):
+        self.engine = engine
+        self.config = config
+        backend = config["backend"]
+        self.backend_name: str = backend["name"]
+        section = backend.get(self.backend_name) or {}
+        allowed = section.get("backend_parameters") or {}
+        # lower-cased TES backend_parameters key -> scheduler option
+        self.backend_parameters: dict[str, Any] = {str(k).lower(): v for k, v in allowed.items()}
+
+    # ---- create ----
+
+    def create(self, document: Any, owner: str | None = None) -> str:
+        try:
+            spec = load_task(document)
+        except ValidationError as exc:
+            raise BadRequest("; ".join(flatten_errors(exc.messages))) from None
+        logs = self._check_backend_parameters(spec)
+        task_id = new_task_id()
+        now = now_rfc3339()
+        with db.writing(self.engine) as conn:
+            result = conn.execute(insert(db.tasks).values(
+                id=task_id, state=State.QUEUED.value, name=spec.get("name"), owner=owner,
+                creation_time=now, spec=spec, logs=logs, backend=self.backend_name,
+                job_id=None, attempt=0, event_seq=0, updated_at=now))
+            seq = result.inserted_primary_key[0]
+            tags = spec.get("tags") or {}
+            if tags:
+                conn.execute(insert(db.task_tags),
+                             [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
+        return task_id
+
+    def _check_backend_parameters(self, spec: dict) -> list:
+        """Refuse (strict) or drop with a warning (default) unsupported keys."""
+        resources = spec.get("resources") or {}
+        params = resources.get("backend_parameters")
+        if not params:
+            return []
+        unknown = sorted(k for k in params if k.lower() not in self.backend_parameters)
+        if not unknown:
+            return []
+        if resources.get("backend_parameters_strict"):
+            raise BadRequest(
+                "resources.backend_parameters: unsupported by backend "
+                f"{self.backend_name!r}: {', '.join(unknown)} (supported: "
+                f"{', '.join(sorted(self.backend_parameters)) or 'none'})")
+        resources["backend_parameters"] = {k: v for k, v in params.items() if k not in unknown}
+        warning = (f"backend_parameters not supported by backend {self.backend_name!r} "
+                   f"were ignored: {', '.join(unknown)}")
+        return [{"logs": [], "outputs": [], "system_logs": [warning]}]
+
+    # ---- read ----
+
+    def _row_to_task(self, row: Any) -> dict:
+        return full_task(row.id, row.state, row.spec, row.logs or [], row.creation_time)
+
+    def get(self, task_id: str, view: str = "MINIMAL", owner: str | None = None) -> dict:
+        row = self.get_row(task_id, owner)
+        if view == "MINIMAL":
+            return {"id": row.id, "state": row.state}
+        return apply_view(self._row_to_task(row), view)
+
+    def get_row(self, task_id: str, owner: str | None = None) -> Any:
+        if not TASK_ID.match(task_id or ""):
+            raise NotFound(f"task {task_id!r} not found")
+        query = select(db.tasks).where(db.tasks.c.id == task_id)
+        if owner is not None:
+            query = query.where(db.tasks.c.owner == owner)
+        with db.reading(self.engine) as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            raise NotFound(f"task {task_id!r} not found")
+        return row
+
+    def list(self, q: ListQuery) -> tuple[list[dict], str | None]:
+        page_size = q.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise BadRequest(f"page_size: must be between 1 and {MAX_PAGE_SIZE}")
+        t = db.tasks
+        columns = [t.c.seq, t.c.id, t.c.state]
+        if q.view != "MINIMAL":
+            columns += [t.c.spec, t.c.logs, t.c.creation_time]
+        query = select(*columns).order_by(t.c.seq.desc()).limit(page_size + 1)
+        if q.page_token:
+            query = query.where(t.c.seq < decode_page_token(q.page_token))
+        if q.state:
+            query = query.where(t.c.state == State(q.state).value)
+        if q.name_prefix:
+            query = query.where(t.c.name.like(_like_escape(q.name_prefix) + "%", escape="\\"))
+        if q.owner is not None:
+            query = query.where(t.c.owner == q.owner)
+        for key, value in q.tags.items():
+            cond = and_(db.task_tags.c.task_seq == t.c.seq, db.task_tags.c.key == key)
+            if value != "":
+                cond = and_(cond, db.task_tags.c.value == value)
+            query = query.where(exists().where(cond))
+        with db.reading(self.engine) as conn:
+            rows = conn.execute(query).all()
+        next_token = encode_page_token(rows[page_size - 1].seq) if len(rows) > page_size else None
+        rows = rows[:page_size]
+        if q.view == "MINIMAL":
+            tasks = [{"id": r.id, "state": r.state} for r in rows]
+        else:
+            tasks = [apply_view(self._row_to_task(r), q.view) for r in rows]
+        return tasks, next_token
+
+    def count(self) -> int:
+        with db.reading(self.engine) as conn:
+            return conn.execute(select(func.count()).select_from(db.tasks)).scalar_one()
+
+    def state_counts(self, owner: str | None = None) -> dict[str, int]:
+        t = db.tasks
+        query = select(t.c.state, func.count()).group_by(t.c.state)
+        if owner is not None:
+            query = query.where(t.c.owner == owner)
+        with db.reading(self.engine) as conn:
+            return {state: n for state, n in conn.execute(query).all()}
+
+    # ---- cancel ----
+
+    def cancel(self, task_id: str, owner: str | None = None) -> str:
+        """Cancel a task; return its state afterwards.
+
+        A terminal task is left as it is (TES: 200, nothing changes). A task no
+        backend job was made for yet becomes CANCELED at once; otherwise
+        CANCELING, and the reconciler stops the job and records CANCELED.
+        """
+        row = self.get_row(task_id, owner)
+        for _ in range(5):
+            state = State(row.state)
+            if state in TERMINAL or state == State.CANCELING:
+                return state.value
+            target = State.CANCELED if row.job_id is None else State.CANCELING
+            if self.transition(task_id, state, target, job_id_is_null=row.job_id is None):
+                return target.value
+            row = self.get_row(task_id, owner)  # it moved under us; look again
+        raise ServiceError(f"task {task_id} kept changing state; cancel not applied")
+
+    # ---- updates (reconciler, event endpoint) ----
+
+    def transition(self, task_id: str, current: State | str, target: State | str,
+                   job_id_is_null: bool | None = None, **changes: Any) -> bool:
+        """Compare-and-set the state (and other columns); False if the row moved."""
+        current, target = State(current), State(target)
+        if not can_transition(current, target):
+            return False
+        t = db.tasks
+        query = update(t).where(t.c.id == task_id, t.c.state == current.value)
+        if job_id_is_null is True:
+            query = query.where(t.c.job_id.is_(None))
+        values = {"state": target.value, "updated_at": now_rfc3339(), **changes}
+        with db.writing(self.engine) as conn:
+            return conn.execute(query.values(**values)).rowcount == 1
+
+    def update_fields(self, task_id: str, expected_state: State | str, **changes: Any) -> bool:
+        """Change columns other than state, only while the state is still expected_state."""
+        t = db.tasks
+        query = (update(t).where(t.c.id == task_id, t.c.state == State(expected_state).value)
+                 .values(updated_at=now_rfc3339(), **changes))
+        with db.writing(self.engine) as conn:
+            return conn.execute(query).rowcount == 1
+
+    def active_rows(self, limit: int = 100_000) -> list[Any]:
+        """Tasks not yet terminal, oldest first (for the reconciler)."""
+        t = db.tasks
+        query = (select(t).where(t.c.state.not_in([s.value for s in TERMINAL]))
+                 .order_by(t.c.seq).limit(limit))
+        with db.reading(self.engine) as conn:
+            return conn.execute(query).all()
+
+    # ---- service-info ----
+
+    def service_info(self) -> dict:
+        from gateway import __version__
+
+        info = self.config["service_info"]
+        out: dict[str, Any] = {
+            "id": info["id"],
+            "name": info["name"],
+            "type": {"group": "org.ga4gh", "artifact": "tes", "version": "1.1.0"},
+            "description": info["description"],
+            "organization": {"name": info["organization_name"], "url": info["organization_url"]},
+            "version": __version__,
+            "storage": list(info["storage"]),
+            "tesResources_backend_parameters": sorted(self.backend_parameters),
+        }
+        for key, name in (("contact_url", "contactUrl"), ("documentation_url", "documentationUrl"),
+                          ("environment", "environment")):
+            if info[key]:
+                out[name] = info[key]
+        return out
