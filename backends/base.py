@@ -87,5 +87,13 @@ class Backend(abc.ABC):
         is JobState.LOST (or a finished state if accounting still has it).
         """
 
+    def recover(self, task_id: str, task_dir: Path) -> str | None:
+        """Find the job of a submission the gateway may have died in the middle of.
+
+        Return its job id, or None if the scheduler has no job for the task.
+        The default knows nothing; backends that can look jobs up by name do better.
+        """
+        return None
+
     def close(self) -> None:  # pragma: no cover - optional hook
         """Release connections (SSH sessions, threads)."""

@@ -11,6 +11,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import __version__, db
 from gateway.api import LEGACY_PREFIX, TES_PREFIX, json_response, make_blueprint
+from gateway.events_api import blueprint as events_blueprint
 from gateway.schemas import flatten_errors
 from gateway.service import ServiceError, TaskService
 
@@ -42,6 +43,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     api = Api(app)
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
+    app.register_blueprint(events_blueprint)
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):

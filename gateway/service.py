@@ -243,13 +243,23 @@ class TaskService:
         with db.writing(self.engine) as conn:
             return conn.execute(query.values(**values)).rowcount == 1
 
-    def update_fields(self, task_id: str, expected_state: State | str, **changes: Any) -> bool:
-        """Change columns other than state, only while the state is still expected_state."""
+    def update_fields(self, task_id: str, expected_state: State | str,
+                      job_id_is_null: bool = False, **changes: Any) -> bool:
+        """Change columns other than state, only while the state is still expected_state
+        (and, with job_id_is_null, while no job is recorded)."""
         t = db.tasks
-        query = (update(t).where(t.c.id == task_id, t.c.state == State(expected_state).value)
-                 .values(updated_at=now_rfc3339(), **changes))
+        query = update(t).where(t.c.id == task_id, t.c.state == State(expected_state).value)
+        if job_id_is_null:
+            query = query.where(t.c.job_id.is_(None))
         with db.writing(self.engine) as conn:
-            return conn.execute(query).rowcount == 1
+            return conn.execute(query.values(updated_at=now_rfc3339(), **changes)).rowcount == 1
+
+    def set_job_id(self, task_id: str, job_id: str, logs: list) -> None:
+        """Record a job whatever the state (a cancel raced the submission)."""
+        t = db.tasks
+        with db.writing(self.engine) as conn:
+            conn.execute(update(t).where(t.c.id == task_id)
+                         .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
     def active_rows(self, limit: int = 100_000) -> list[Any]:
         """Tasks not yet terminal, oldest first (for the reconciler)."""

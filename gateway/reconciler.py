@@ -1,0 +1,368 @@
+"""The reconciler: drives every task to its true state.
+
+Each tick it
+1. submits QUEUED tasks that have no job yet (task.json written to the task dir),
+2. reads the new lines of each in-flight task's worker event log(s),
+3. asks the backend about all in-flight jobs with ONE batched poll,
+4. applies what it learned through the state machine (compare-and-set in SQL),
+5. stops the jobs of CANCELING tasks.
+
+A job that ended (or vanished) without its worker recording an end becomes
+SYSTEM_ERROR with a system log quoting the scheduler, or goes back to QUEUED
+for another attempt while attempts remain (``reconciler.max_attempts``).
+State lives in the database and the event logs only, so a restarted gateway
+picks up where the old one stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from gateway.service import TaskService, now_rfc3339
+from gateway.states import TERMINAL, State, can_transition
+from worker.events import EventFold
+
+log = logging.getLogger(__name__)
+
+EVENT_FILES = ("events.jsonl", "events.received.jsonl")
+SUBMITTING = ""  # job_id while a submission is under way
+ACTIVE_JOB_STATES = {State.QUEUED, State.INITIALIZING, State.RUNNING, State.PAUSED,
+                     State.CANCELING}
+
+
+def task_dir(config: dict, task_id: str) -> Path:
+    return Path(config["work_dir"]) / task_id
+
+
+def worker_command(config: dict) -> list[str]:
+    command = list(config["worker"]["command"])
+    return command or [sys.executable, "-m", "gateway.cli", "worker", "run"]
+
+
+def write_worker_config(config: dict) -> Path:
+    """The sections a worker needs, written once per server start (mode 600)."""
+    path = Path(config["work_dir"]) / "worker-config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sections = {k: config[k] for k in ("work_dir", "worker", "storage") if k in config}
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(sections, fh)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class EventTail:
+    """Incremental reader of one task attempt's event logs."""
+
+    directory: Path
+    fold: EventFold = field(default_factory=EventFold)
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def read_new(self) -> bool:
+        """Apply events appended since the last call; True if any was new."""
+        before = self.fold.last_seq
+        for name in EVENT_FILES:
+            path = self.directory / name
+            offset = self.offsets.get(name, 0)
+            try:
+                if path.stat().st_size <= offset:
+                    continue
+                with path.open("rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            end = data.rfind(b"\n") + 1  # only whole lines; a torn tail waits
+            for line in data[:end].splitlines():
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    log.warning("skipping unreadable event line in %s", path)
+                    continue
+                if isinstance(event, dict) and event.get("seq", 0) > self.fold.last_seq:
+                    self.fold.apply(event)
+            self.offsets[name] = offset + end
+        return self.fold.last_seq > before
+
+
+@dataclass
+class TickStats:
+    submitted: int = 0
+    polled: int = 0
+    poll_calls: int = 0
+    updated: int = 0
+    finished: int = 0
+    seconds: float = 0.0
+
+
+class Reconciler:
+    def __init__(self, service: TaskService, backend: Backend, config: dict):
+        self.service = service
+        self.backend = backend
+        self.config = config
+        opts = config["reconciler"]
+        self.interval = float(opts["interval_seconds"])
+        self.max_attempts = max(1, int(opts["max_attempts"]))
+        self.submit_per_tick = int(opts["submit_per_tick"])
+        self.pass_server_url = bool(opts["pass_server_url"])
+        self.tails: dict[str, EventTail] = {}
+        self.cancels_sent: set[str] = set()
+        self.worker_config = write_worker_config(config)
+        self._stop = threading.Event()
+        self.last_tick = TickStats()
+
+    # ---- loop ----
+
+    def run_forever(self) -> None:
+        log.info("reconciler started: backend=%s interval=%ss", self.backend.name, self.interval)
+        while not self._stop.is_set():
+            try:
+                self.last_tick = self.tick()
+            except Exception:  # keep the loop alive; the next tick retries
+                log.exception("reconciler tick failed")
+            self._stop.wait(self.interval)
+
+    def start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- one tick ----
+
+    def tick(self) -> TickStats:
+        started = time.monotonic()
+        stats = TickStats()
+        rows = self.service.active_rows()
+        in_flight: dict[str, Any] = {}
+        to_submit: list[Any] = []
+        for row in rows:
+            if row.job_id is None:
+                if row.state == State.QUEUED.value:
+                    to_submit.append(row)
+            elif row.job_id == SUBMITTING:
+                self._recover_submission(row)
+            else:
+                in_flight[row.id] = row
+
+        # worker event logs first: a task whose worker recorded its end needs no poll
+        to_poll: dict[str, Any] = {}
+        for task_id, row in in_flight.items():
+            if self._apply_events(row, stats):
+                continue
+            to_poll[task_id] = row
+
+        if to_poll:
+            ids = sorted({row.job_id for row in to_poll.values()})
+            statuses = self.backend.poll(ids)
+            stats.polled, stats.poll_calls = len(ids), 1
+            for task_id, row in to_poll.items():
+                status = statuses.get(row.job_id, JobStatus(JobState.UNKNOWN, "not reported"))
+                self._apply_job_status(row, status, stats)
+
+        for row in to_submit[: self.submit_per_tick]:
+            self._submit(row, stats)
+
+        # forget tails of tasks that are no longer active
+        active = {row.id for row in rows}
+        for task_id in list(self.tails):
+            if task_id not in active:
+                del self.tails[task_id]
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    # ---- submission ----
+
+    def _submit(self, row: Any, stats: TickStats) -> None:
+        attempt = row.attempt + 1
+        directory = task_dir(self.config, row.id)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._archive_events(directory, row.attempt)
+        task = self.service.get(row.id, "FULL")
+        task_file = directory / "task.json"
+        tmp = task_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(task))
+        os.replace(tmp, task_file)
+        # claim the task: only one submitter, and a restart sees the claim
+        if not self.service.update_fields(row.id, State.QUEUED, job_id=SUBMITTING,
+                                          attempt=attempt, event_seq=0,
+                                          job_id_is_null=True):
+            return
+        logs = self._attempt_logs(row.logs, attempt)
+        request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
+                                worker_argv=self._worker_argv(directory),
+                                backend_parameters=_lower_keys(task))
+        try:
+            job_id = self.backend.submit(request)
+        except (BackendError, OSError, ValueError) as exc:
+            logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "
+                                            f"failed: {exc}")
+            self.service.transition(row.id, State.QUEUED, State.SYSTEM_ERROR, logs=logs,
+                                    job_id=None)
+            stats.finished += 1
+            return
+        logs[-1].setdefault("metadata", {}).update(
+            {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(attempt)})
+        stats.submitted += 1
+        if not self.service.update_fields(row.id, State.QUEUED, job_id=job_id, logs=logs):
+            # canceled while we submitted: record the job so the cancel reaches it
+            self.service.set_job_id(row.id, job_id, logs)
+        self.tails.pop(row.id, None)
+
+    def _worker_argv(self, directory: Path) -> list[str]:
+        argv = [*worker_command(self.config), "--task-file", str(directory / "task.json"),
+                "--workdir", self.config["work_dir"], "--config", str(self.worker_config)]
+        if self.pass_server_url:
+            argv += ["--server", self.config["server"]["public_url"]]
+        return argv
+
+    def _recover_submission(self, row: Any) -> None:
+        """The gateway stopped between claiming and recording a job."""
+        job_id = self.backend.recover(row.id, task_dir(self.config, row.id))
+        if job_id:
+            logs = self._attempt_logs(row.logs, row.attempt, new=False)
+            logs[-1].setdefault("metadata", {}).update(
+                {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(row.attempt)})
+            self.service.set_job_id(row.id, job_id, logs)
+            return
+        self._fail_or_retry(row, "the gateway stopped while submitting this task and the "
+                                 f"{self.backend.name} backend has no job for it")
+
+    # ---- worker events ----
+
+    def _tail(self, row: Any) -> EventTail:
+        tail = self.tails.get(row.id)
+        if tail is None:
+            tail = self.tails[row.id] = EventTail(task_dir(self.config, row.id))
+        return tail
+
+    def _apply_events(self, row: Any, stats: TickStats) -> bool:
+        """Fold new worker events into the row; True if the task is now terminal."""
+        tail = self._tail(row)
+        tail.read_new()
+        fold = tail.fold
+        if fold.last_seq <= row.event_seq and not fold.terminal:
+            return False
+        current = State(row.state)
+        target = current
+        if fold.state and can_transition(current, fold.state):
+            target = State(fold.state)
+        if current == State.CANCELING and fold.terminal:
+            target = State.CANCELED
+        logs = self._merge_worker_log(row, fold)
+        if target != current:
+            ok = self.service.transition(row.id, current, target, logs=logs,
+                                         event_seq=fold.last_seq)
+        else:
+            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=fold.last_seq)
+        if ok:
+            stats.updated += 1
+            if target in TERMINAL:
+                stats.finished += 1
+        return target in TERMINAL
+
+    def _merge_worker_log(self, row: Any, fold: EventFold, note: str | None = None) -> list:
+        logs = self._attempt_logs(row.logs, max(row.attempt, 1), new=False)
+        current = logs[-1]
+        worker_log = fold.task_log
+        for key in ("start_time", "end_time", "logs", "outputs"):
+            if worker_log.get(key):
+                current[key] = worker_log[key]
+        metadata = {**worker_log.get("metadata", {}), **current.get("metadata", {})}
+        current["metadata"] = metadata
+        current["worker_logs"] = list(worker_log.get("system_logs", []))
+        if note:
+            current["gateway_logs"].append(note)
+        return logs
+
+    # ---- scheduler states ----
+
+    def _apply_job_status(self, row: Any, status: JobStatus, stats: TickStats) -> None:
+        current = State(row.state)
+        if current == State.CANCELING:
+            self._cancel_job(row)
+            if status.state.finished:
+                logs = self._merge_worker_log(row, self._tail(row).fold,
+                                              f"{now_rfc3339()} canceled; scheduler: "
+                                              f"{status.state.value} {status.reason}".rstrip())
+                if self.service.transition(row.id, current, State.CANCELED, logs=logs):
+                    stats.finished += 1
+            return
+        if status.state == JobState.RUNNING and current == State.QUEUED:
+            if self.service.transition(row.id, current, State.INITIALIZING):
+                stats.updated += 1
+            return
+        if not status.state.finished:
+            return
+        # the job ended: read the event log once more, the worker may have just finished
+        if self._apply_events(row, stats):
+            return
+        reason = (f"the {self.backend.name} job {row.job_id} ended as {status.state.value}"
+                  f" ({status.reason or 'no reason given'}) but the worker did not record an end")
+        self._fail_or_retry(row, reason)
+        stats.finished += 1
+
+    def _fail_or_retry(self, row: Any, reason: str) -> None:
+        current = State(row.state)
+        logs = self._merge_worker_log(row, self._tail(row).fold, f"{now_rfc3339()} {reason}")
+        if row.attempt < self.max_attempts and current != State.CANCELING:
+            logs[-1]["gateway_logs"].append(
+                f"{now_rfc3339()} retrying: attempt {row.attempt + 1} of {self.max_attempts}")
+            self.service.transition(row.id, current, State.QUEUED, logs=logs, job_id=None)
+            self.tails.pop(row.id, None)
+            return
+        target = State.CANCELED if current == State.CANCELING else State.SYSTEM_ERROR
+        self.service.transition(row.id, current, target, logs=logs)
+
+    def _cancel_job(self, row: Any) -> None:
+        if row.job_id in self.cancels_sent:
+            return
+        self.cancels_sent.add(row.job_id)
+        try:
+            self.backend.cancel(row.job_id)
+        except (BackendError, OSError) as exc:
+            log.warning("cancel of job %s (task %s) failed: %s", row.job_id, row.id, exc)
+
+    # ---- helpers ----
+
+    @staticmethod
+    def _attempt_logs(stored: list | None, attempt: int, new: bool = True) -> list:
+        """Copy of the task logs with an entry for `attempt` (1-based)."""
+        logs = [dict(entry) for entry in (stored or [])]
+        while len(logs) < attempt:
+            logs.append({"logs": [], "outputs": [], "system_logs": []})
+        for entry in logs:
+            entry.setdefault("gateway_logs", list(entry.pop("system_logs", []) or []))
+            entry.setdefault("worker_logs", [])
+            entry.setdefault("logs", [])
+            entry.setdefault("outputs", [])
+        return logs[:attempt] if not new else logs
+
+    @staticmethod
+    def _archive_events(directory: Path, previous_attempt: int) -> None:
+        if previous_attempt < 1:
+            return
+        for name in EVENT_FILES:
+            path = directory / name
+            if path.exists():
+                path.rename(directory / f"{name}.attempt{previous_attempt}")
+
+
+def _lower_keys(task: dict) -> dict[str, str]:
+    params = (task.get("resources") or {}).get("backend_parameters") or {}
+    return {str(k).lower(): str(v) for k, v in params.items()}

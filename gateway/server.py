@@ -1,0 +1,50 @@
+"""`funnel server run`: HTTP API (waitress) + the reconciler thread."""
+
+from __future__ import annotations
+
+import logging
+
+import waitress
+
+from backends.registry import load_backend
+from gateway.app import create_app, make_service
+from gateway.reconciler import Reconciler
+from gateway.service import TaskService
+
+log = logging.getLogger(__name__)
+
+
+def start_reconciler(config: dict, service: TaskService) -> Reconciler:
+    reconciler = Reconciler(service, load_backend(config), config)
+    reconciler.start_thread()
+    return reconciler
+
+
+def run_server(config: dict, reconcile: bool = True) -> None:
+    service = make_service(config)
+    app = create_app(config, service)
+    if reconcile and config["reconciler"]["enabled"]:
+        start_reconciler(config, service)
+    else:
+        log.info("reconciler disabled: run `funnel reconcile` next to this server")
+    server = config["server"]
+    log.info("TES API on http://%s:%s/ga4gh/tes/v1 (database %s, backend %s)",
+             server["host"], server["http_port"], _safe_url(config["database"]["url"]),
+             config["backend"]["name"])
+    waitress.serve(app, host=server["host"], port=server["http_port"], threads=server["threads"],
+                   ident="funnel-hpc", _quiet=True)
+
+
+def run_reconciler(config: dict) -> None:
+    service = make_service(config)
+    reconciler = Reconciler(service, load_backend(config), config)
+    reconciler.run_forever()
+
+
+def _safe_url(url: str) -> str:
+    """A database URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return url

@@ -1,0 +1,186 @@
+"""Shared fixtures: a real funnel server process on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql+psycopg://funnel:funnel@127.0.0.1:5432/funnel")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def funnel_argv(*args: str) -> list[str]:
+    """The `funnel` command of this checkout's Python."""
+    return [sys.executable, "-m", "gateway.cli", *args]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNNEL_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    """A `funnel server run` subprocess with its own work dir and config."""
+
+    work_dir: Path
+    db_url: str
+    overrides: dict = field(default_factory=dict)
+    reconcile: bool = False
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api(self) -> str:
+        return self.url + "/ga4gh/tes/v1"
+
+    @property
+    def config_path(self) -> Path:
+        return self.work_dir / "server.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "server.log"
+
+    def write_config(self) -> None:
+        config = {"work_dir": str(self.work_dir), "database": {"url": self.db_url},
+                  "server": {"host": "127.0.0.1", "http_port": self.port, "threads": 16}}
+        for section, values in self.overrides.items():
+            if isinstance(values, dict):
+                config.setdefault(section, {}).update(values)
+            else:
+                config[section] = values
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def start(self, timeout: float = 30) -> "ServerProcess":
+        self.write_config()
+        args = ["server", "run", "--config", str(self.config_path)]
+        if not self.reconcile:
+            args.append("--no-reconciler")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(funnel_argv(*args), cwd=REPO, env=clean_env(),
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.api + "/service-info", timeout=1).ok:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """kill -9, no clean-up: what a crash looks like."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def _postgres_reachable() -> bool:
+    try:
+        import psycopg
+        with psycopg.connect(POSTGRES_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_available() -> bool:
+    return _postgres_reachable()
+
+
+class DatabaseFactory:
+    """Fresh, empty databases: SQLite files, or new PostgreSQL databases."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.created: list[str] = []
+
+    def new(self, kind: str) -> str:
+        name = "funnel_t_" + secrets.token_hex(6)
+        if kind == "sqlite":
+            return f"sqlite:///{self.tmp / name}.db"
+        import psycopg
+        with psycopg.connect(POSTGRES_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        self.created.append(name)
+        return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+    def drop_all(self) -> None:
+        if not self.created:
+            return
+        import psycopg
+        with psycopg.connect(POSTGRES_ADMIN_URL.replace("+psycopg", ""), autocommit=True) as conn:
+            for name in self.created:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="session")
+def databases(tmp_path_factory):
+    factory = DatabaseFactory(tmp_path_factory.mktemp("db"))
+    yield factory
+    factory.drop_all()
+
+
+@pytest.fixture(params=["sqlite", "postgres"], scope="module")
+def db_kind(request) -> str:
+    if request.param == "postgres" and not _postgres_reachable():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable; scripts/setup/20-postgres.sh should start it")
+        pytest.skip("PostgreSQL not reachable (run scripts/setup/20-postgres.sh)")
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def api_server(db_kind, databases, tmp_path_factory):
+    """A real server (no reconciler: tasks stay QUEUED) on SQLite and on PostgreSQL."""
+    work = tmp_path_factory.mktemp(f"server-{db_kind}")
+    server = ServerProcess(work, databases.new(db_kind), overrides={
+        "backend": {"local": {"backend_parameters": {"queue": "--queue", "VmSize": "--vm"}}}})
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(work, ignore_errors=True)
