@@ -287,5 +287,5 @@ _TASK_CREATE = TaskCreateSchema()
 def load_task(document: Any) -> dict:
     """Validate a CreateTask body; raise ValidationError naming the bad field."""
     if not isinstance(document, dict):
-        raise ValidationError("the request body must be a JSON object (a TES task)")
+        raise ValidationError({"body": ["must be a JSON object (a TES task)"]})
     return _TASK_CREATE.load(document)

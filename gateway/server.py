@@ -6,25 +6,24 @@ import logging
 
 import waitress
 
-from backends.registry import load_backend
 from gateway.app import create_app, make_service
-from gateway.reconciler import Reconciler
 from gateway.service import TaskService
 
 log = logging.getLogger(__name__)
 
 
-def start_reconciler(config: dict, service: TaskService) -> Reconciler:
-    reconciler = Reconciler(service, load_backend(config), config)
-    reconciler.start_thread()
-    return reconciler
+def make_reconciler(config: dict, service: TaskService):
+    from backends.registry import load_backend
+    from gateway.reconciler import Reconciler
+
+    return Reconciler(service, load_backend(config), config)
 
 
 def run_server(config: dict, reconcile: bool = True) -> None:
     service = make_service(config)
     app = create_app(config, service)
     if reconcile and config["reconciler"]["enabled"]:
-        start_reconciler(config, service)
+        make_reconciler(config, service).start_thread()
     else:
         log.info("reconciler disabled: run `funnel reconcile` next to this server")
     server = config["server"]
@@ -36,9 +35,7 @@ def run_server(config: dict, reconcile: bool = True) -> None:
 
 
 def run_reconciler(config: dict) -> None:
-    service = make_service(config)
-    reconciler = Reconciler(service, load_backend(config), config)
-    reconciler.run_forever()
+    make_reconciler(config, make_service(config)).run_forever()
 
 
 def _safe_url(url: str) -> str:
