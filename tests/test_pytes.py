@@ -1,0 +1,91 @@
+"""The official TES client, py-tes, against the real server."""
+
+from __future__ import annotations
+
+import json
+
+import tes
+
+EVERY_FIELD = {
+    "name": "every-field",
+    "description": "a task that sets every field of the TES 1.1 model",
+    "inputs": [
+        {"name": "in1", "description": "a url input", "url": "s3://bucket/in1.txt",
+         "path": "/data/in1.txt", "type": "FILE", "streamable": True},
+        {"name": "in2", "description": "inline content", "content": "hello\n",
+         "path": "/data/in2.txt", "type": "FILE", "streamable": False},
+        {"name": "dir", "description": "a directory", "url": "file:///srv/refs",
+         "path": "/data/refs", "type": "DIRECTORY"},
+    ],
+    "outputs": [
+        {"name": "out1", "description": "a file", "url": "s3://bucket/out1.txt",
+         "path": "/data/out1.txt", "type": "FILE"},
+        {"name": "many", "description": "wildcards", "url": "s3://bucket/many/",
+         "path": "/data/out/*.txt", "path_prefix": "/data/out/", "type": "FILE"},
+        {"name": "outdir", "url": "file:///srv/results", "path": "/data/outdir",
+         "type": "DIRECTORY"},
+    ],
+    "resources": {"cpu_cores": 4, "preemptible": True, "ram_gb": 8.5, "disk_gb": 40.0,
+                  "zones": ["debug", "long"], "backend_parameters": {"queue": "fast"},
+                  "backend_parameters_strict": True},
+    "executors": [
+        {"image": "busybox", "command": ["/bin/sh", "-c", "cat /data/in2.txt"],
+         "workdir": "/data", "stdin": "/data/in1.txt", "stdout": "/data/stdout.txt",
+         "stderr": "/data/stderr.txt", "env": {"A": "1", "B_2": "two"}, "ignore_error": True},
+        {"image": "busybox:1.36", "command": ["echo", "second"]},
+    ],
+    "volumes": ["/vol/shared", "/vol/scratch"],
+    "tags": {"WORKFLOW_ID": "cwl-01234", "PROJECT_GROUP": "alice-lab", "empty": ""},
+}
+
+
+def to_task(document: dict) -> tes.Task:
+    return tes.client.unmarshal(json.dumps(document), tes.Task)
+
+
+def strip_server_fields(task_json: dict) -> dict:
+    return {k: v for k, v in task_json.items() if k not in ("id", "state", "creation_time", "logs")}
+
+
+def test_round_trip_every_field(api_server):
+    client = tes.HTTPClient(api_server.url, timeout=10)
+    task_id = client.create_task(to_task(EVERY_FIELD))
+
+    full = client.get_task(task_id, view="FULL")
+    assert full.id == task_id and full.state == "QUEUED"
+    assert strip_server_fields(json.loads(full.as_json())) == \
+        strip_server_fields(json.loads(to_task(EVERY_FIELD).as_json()))
+
+    basic = client.get_task(task_id, view="BASIC")
+    assert [i.content for i in basic.inputs] == [None, None, None]
+    assert [i.path for i in basic.inputs] == [i["path"] for i in EVERY_FIELD["inputs"]]
+    assert basic.executors[0].env == {"A": "1", "B_2": "two"}
+
+    minimal = client.get_task(task_id, view="MINIMAL")
+    assert minimal.id == task_id and minimal.state == "QUEUED"
+    assert minimal.executors is None and minimal.name is None
+
+
+def test_raw_full_view_is_identical_to_the_document(api_server):
+    import requests
+
+    client = tes.HTTPClient(api_server.url, timeout=10)
+    task_id = client.create_task(to_task(EVERY_FIELD))
+    full = requests.get(f"{api_server.api}/tasks/{task_id}", params={"view": "FULL"},
+                        timeout=10).json()
+    assert strip_server_fields(full) == EVERY_FIELD
+
+
+def test_list_and_cancel(api_server):
+    client = tes.HTTPClient(api_server.url, timeout=10)
+    ids = [client.create_task(to_task({**EVERY_FIELD, "name": f"pytes-{i}"}))
+           for i in range(3)]
+    page = client.list_tasks(view="BASIC", page_size=2)
+    assert len(page.tasks) == 2 and page.next_page_token
+    assert page.tasks[0].id == ids[-1]
+    rest = client.list_tasks(view="MINIMAL", page_size=1, page_token=page.next_page_token)
+    assert rest.tasks[0].id == ids[0]
+    client.cancel_task(ids[1])
+    assert client.get_task(ids[1], view="MINIMAL").state == "CANCELED"
+    info = client.get_service_info()
+    assert info.name == "funnel-hpc"
