@@ -84,6 +84,11 @@ def zip_tags(keys: Iterable[str] | None, values: Iterable[str] | None) -> dict[s
     return {k: (values[i] if i < len(values) else "") for i, k in enumerate(keys)}
 
 
+# built once: SQLAlchemy caches their compiled form
+_INSERT_TASK = insert(db.tasks)
+_INSERT_TAG = insert(db.task_tags)
+
+
 def _like_escape(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -110,14 +115,15 @@ class TaskService:
         task_id = new_task_id()
         now = now_rfc3339()
         with db.writing(self.engine) as conn:
-            result = conn.execute(insert(db.tasks).values(
-                id=task_id, state=State.QUEUED.value, name=spec.get("name"), owner=owner,
-                creation_time=now, spec=spec, logs=logs, backend=self.backend_name,
-                job_id=None, attempt=0, event_seq=0, updated_at=now))
+            result = conn.execute(_INSERT_TASK, {
+                "id": task_id, "state": State.QUEUED.value, "name": spec.get("name"),
+                "owner": owner, "creation_time": now, "spec": spec, "logs": logs,
+                "backend": self.backend_name, "job_id": None, "attempt": 0, "event_seq": 0,
+                "updated_at": now})
             seq = result.inserted_primary_key[0]
             tags = spec.get("tags") or {}
             if tags:
-                conn.execute(insert(db.task_tags),
+                conn.execute(_INSERT_TAG,
                              [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
         return task_id
 

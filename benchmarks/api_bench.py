@@ -1,0 +1,190 @@
+"""API benchmark: create rate, list-page latency at 100k tasks, server RSS.
+
+Run: .venv/bin/python benchmarks/api_bench.py [--db sqlite|postgres] [--creates 4000]
+
+Everything is measured in this one run, each figure beside its reference:
+- create throughput with 8 concurrent client processes, vs a bare Flask
+  endpoint on the same stack (waitress, same threads) doing one insert of the
+  same JSON body into the same kind of database;
+- list-page latency p50/p99 over every page of 100,000 stored tasks
+  (MINIMAL and BASIC, default page size 256);
+- server RSS after that.
+Results go to benchmarks/results/api-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import DatabaseFactory, ServerProcess, free_port  # noqa: E402
+from tests.test_pagination_scale import bulk_insert  # noqa: E402
+
+TASK = {"name": "bench", "executors": [{"image": "busybox", "command": ["echo", "hi"]}],
+        "tags": {"bench": "yes"}}
+CLIENTS = 8
+
+BARE_APP = r'''
+import json, sys
+from flask import Flask, request
+from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, insert
+import waitress
+sys.path.insert(0, sys.argv[3])
+from gateway import db
+md = MetaData()
+t = Table("bare", md, Column("seq", Integer, primary_key=True), Column("id", String(64)),
+          Column("doc", JSON))
+engine = db.make_engine(sys.argv[1])
+md.create_all(engine)
+app = Flask("bare")
+n = [0]
+@app.post("/insert")
+def ins():
+    doc = json.loads(request.get_data())
+    n[0] += 1
+    with db.writing(engine) as conn:
+        conn.execute(insert(t).values(id=str(n[0]), doc=doc))
+    return {"id": str(n[0])}
+@app.get("/ping")
+def ping():
+    return "ok"
+waitress.serve(app, host="127.0.0.1", port=int(sys.argv[2]), threads=16, _quiet=True)
+'''
+
+
+def _client(args: tuple[str, int]) -> int:
+    url, count = args
+    session = requests.Session()
+    for _ in range(count):
+        resp = session.post(url, json=TASK, timeout=30)
+        resp.raise_for_status()
+    return count
+
+
+def measure_creates(url: str, total: int) -> float:
+    per = total // CLIENTS
+    with multiprocessing.Pool(CLIENTS) as pool:
+        pool.map(_client, [(url, 5)] * CLIENTS)  # warm-up: connections, first inserts
+        start = time.perf_counter()
+        done = sum(pool.map(_client, [(url, per)] * CLIENTS))
+        elapsed = time.perf_counter() - start
+    return done / elapsed
+
+
+def bare_reference(db_url: str, total: int) -> float:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", BARE_APP, db_url, str(port), str(REPO)])
+    try:
+        for _ in range(100):
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.1)
+        return measure_creates(f"http://127.0.0.1:{port}/insert", total)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def list_latencies(server: ServerProcess, view: str) -> list[float]:
+    session = requests.Session()
+    token, latencies = None, []
+    while True:
+        params = {"view": view}
+        if token:
+            params["page_token"] = token
+        start = time.perf_counter()
+        resp = session.get(server.api + "/tasks", params=params, timeout=60)
+        latencies.append(time.perf_counter() - start)
+        resp.raise_for_status()
+        token = resp.json().get("next_page_token")
+        if not token:
+            return latencies
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--creates", type=int, default=4000)
+    parser.add_argument("--stored", type=int, default=100_000)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-bench-"))
+    dbs = DatabaseFactory(tmp)
+    results: dict = {}
+    try:
+        bare = bare_reference(dbs.new(args.db), args.creates)
+        server = ServerProcess(tmp / "create", dbs.new(args.db)).start()
+        try:
+            rate = measure_creates(server.api + "/tasks", args.creates)
+            results["create_rss_mb"] = rss_mb(server.proc.pid)
+        finally:
+            server.stop()
+        results.update(create_tasks_per_s=rate, bare_insert_per_s=bare, create_ratio=rate / bare)
+
+        url = dbs.new(args.db)
+        bulk_insert(url, args.stored)
+        server = ServerProcess(tmp / "list", url).start()
+        try:
+            for view in ("MINIMAL", "BASIC"):
+                lat = list_latencies(server, view)
+                results[f"list_{view.lower()}_pages"] = len(lat)
+                results[f"list_{view.lower()}_p50_ms"] = percentile(lat, 0.5) * 1000
+                results[f"list_{view.lower()}_p99_ms"] = percentile(lat, 0.99) * 1000
+                results[f"list_{view.lower()}_mean_ms"] = statistics.mean(lat) * 1000
+            results["server_rss_mb_at_stored"] = rss_mb(server.proc.pid)
+        finally:
+            server.stop()
+    finally:
+        dbs.drop_all()
+
+    results.update(db=args.db, creates=args.creates, stored=args.stored, clients=CLIENTS)
+    machine = {"python": platform.python_version(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat()}
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"api-{args.db}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
+
+    print(f"API benchmark ({args.db}, {CLIENTS} client processes, {os.cpu_count()} CPUs)")
+    print(f"  create: {rate:8.0f} tasks/s   bare Flask insert: {bare:8.0f}/s   "
+          f"ratio {rate / bare:.2f}")
+    for view in ("minimal", "basic"):
+        print(f"  list {view.upper():7s} at {args.stored} tasks: "
+              f"p50 {results[f'list_{view}_p50_ms']:.1f} ms  p99 {results[f'list_{view}_p99_ms']:.1f} ms"
+              f"  ({results[f'list_{view}_pages']} pages of 256)")
+    print(f"  server RSS: {results['create_rss_mb']:.0f} MB after creates, "
+          f"{results['server_rss_mb_at_stored']:.0f} MB after listing {args.stored} tasks")
+    print(f"  written to {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
