@@ -49,6 +49,7 @@ class ServerProcess:
     overrides: dict = field(default_factory=dict)
     reconcile: bool = False
     port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
@@ -69,7 +70,8 @@ class ServerProcess:
 
     def write_config(self) -> None:
         config = {"work_dir": str(self.work_dir), "database": {"url": self.db_url},
-                  "server": {"host": "127.0.0.1", "http_port": self.port, "threads": 16}}
+                  "server": {"host": "127.0.0.1", "http_port": self.port,
+                             "grpc_port": self.grpc_port, "threads": 16}}
         for section, values in self.overrides.items():
             if isinstance(values, dict):
                 config.setdefault(section, {}).update(values)
