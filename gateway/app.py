@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 
 from flask import Flask
+from jinja2 import FileSystemLoader
 from flask_smorest import Api
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import __version__, db
+from gateway.config import TEMPLATES_DIR
 from gateway.api import LEGACY_PREFIX, TES_PREFIX, json_response, make_blueprint
+from gateway.dashboard import blueprint as dashboard_blueprint
 from gateway.events_api import blueprint as events_blueprint
 from gateway.schemas import flatten_errors
 from gateway.service import ServiceError, TaskService
@@ -26,6 +29,7 @@ def make_service(config: dict) -> TaskService:
 
 def create_app(config: dict, service: TaskService | None = None) -> Flask:
     app = Flask("funnel-hpc", template_folder=None)
+    app.jinja_loader = FileSystemLoader(str(TEMPLATES_DIR))
     app.config.update(
         MAX_CONTENT_LENGTH=config["server"]["max_body_bytes"],
         API_TITLE="funnel-hpc Task Execution Service",
@@ -44,6 +48,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
     app.register_blueprint(events_blueprint)
+    app.register_blueprint(dashboard_blueprint)
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
