@@ -13,6 +13,7 @@ from flask import Response, current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from gateway.auth import ANONYMOUS_ADMIN, Principal
 from gateway.schemas import (CancelTaskResponseSchema, CreateTaskResponseSchema, ApiErrorSchema,
                              ListArgsSchema, ListTasksResponseSchema, ServiceInfoSchema,
                              TaskCreateSchema, TaskSchema, ViewArgsSchema)
@@ -31,9 +32,9 @@ def service() -> TaskService:
     return current_app.extensions["funnel.service"]
 
 
-def caller() -> str | None:
-    """The authenticated owner, when auth is on (None: no per-user filtering)."""
-    return getattr(request, "funnel_owner", None)
+def principal() -> Principal:
+    """The caller, set by the app's authentication hook."""
+    return getattr(request, "funnel_principal", ANONYMOUS_ADMIN)
 
 
 def read_json_body() -> Any:
@@ -82,7 +83,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
                               page_token=args.get("page_token"),
                               name_prefix=args.get("name_prefix"), state=args.get("state"),
                               tags=zip_tags(args.get("tag_key"), args.get("tag_value")),
-                              owner=caller())
+                              owner=principal().scope)
             tasks, token = service().list(query)
             payload: dict[str, Any] = {"tasks": tasks}
             if token:
@@ -95,7 +96,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
         @errors(400)
         def post(self):
             """CreateTask"""
-            task_id = service().create(read_json_body(), owner=caller())
+            task_id = service().create(read_json_body(), owner=principal().user)
             return json_response({"id": task_id})
 
     @blp.route("/tasks/<string:task_id>")
@@ -105,7 +106,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
         @errors(400, 404)
         def get(self, task_id, view="MINIMAL"):
             """GetTask"""
-            return json_response(service().get(task_id, view, owner=caller()))
+            return json_response(service().get(task_id, view, owner=principal().scope))
 
     @blp.route("/tasks/<string:task_id>:cancel")
     class CancelTask(MethodView):
@@ -113,7 +114,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
         @errors(404)
         def post(self, task_id):
             """CancelTask: no change (still 200) when the task already ended."""
-            service().cancel(task_id, owner=caller())
+            service().cancel(task_id, owner=principal().scope)
             return json_response({})
 
     return blp

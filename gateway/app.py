@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask
+import secrets
+
+from flask import Flask, redirect, request, session, url_for
 from jinja2 import FileSystemLoader
 from flask_smorest import Api
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import __version__, db
+from gateway.auth import AuthError, Authenticator
 from gateway.config import TEMPLATES_DIR
 from gateway.api import LEGACY_PREFIX, TES_PREFIX, json_response, make_blueprint
 from gateway.dashboard import blueprint as dashboard_blueprint
@@ -19,6 +22,9 @@ from gateway.schemas import flatten_errors
 from gateway.service import ServiceError, TaskService
 
 log = logging.getLogger(__name__)
+
+# Reachable without credentials: the dashboard's login form.
+PUBLIC_ENDPOINTS = {"dashboard.login", "static"}
 
 
 def make_service(config: dict) -> TaskService:
@@ -41,6 +47,10 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
     )
     app.json.sort_keys = False
+    app.secret_key = config["auth"]["session_secret"] or secrets.token_bytes(32)
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
+    authenticator = Authenticator(config)
+    app.extensions["funnel.auth"] = authenticator
     app.extensions["funnel.config"] = config
     app.extensions["funnel.service"] = service or make_service(config)
 
@@ -49,6 +59,27 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
     app.register_blueprint(events_blueprint)
     app.register_blueprint(dashboard_blueprint)
+
+    @app.before_request
+    def _authenticate():
+        """Set request.funnel_principal, or answer 401 (API) / go to the login page."""
+        if request.endpoint in PUBLIC_ENDPOINTS:
+            return None
+        header = request.headers.get("Authorization")
+        try:
+            if header or not authenticator.enabled:
+                request.funnel_principal = authenticator.authenticate(header)
+                return None
+            if request.blueprint == "dashboard" and session.get("user"):
+                request.funnel_principal = authenticator.principal_for(session["user"])
+                return None
+            raise AuthError("authentication required")
+        except AuthError as exc:
+            if request.blueprint == "dashboard" and not header:
+                return redirect(url_for("dashboard.login", next=request.full_path))
+            resp = json_response({"code": 401, "message": str(exc)}, 401)
+            resp.headers["WWW-Authenticate"] = authenticator.www_authenticate()
+            return resp
 
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):

@@ -100,6 +100,20 @@ def _logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+@main.group()
+def auth() -> None:
+    """Authentication helpers."""
+
+
+@auth.command("hash-password")
+@click.password_option()
+def hash_password(password) -> None:
+    """Print a password hash for auth.users or an htpasswd-style file."""
+    from werkzeug.security import generate_password_hash
+
+    click.echo(generate_password_hash(password))
+
+
 # ---- tasks ----
 
 @main.group()

@@ -12,9 +12,11 @@ import hmac
 import secrets
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, redirect, render_template, request, url_for
+from flask import (Blueprint, Response, abort, current_app, redirect, render_template, request,
+                   session, url_for)
 from sqlalchemy.exc import OperationalError
 
+from gateway.api import principal
 from gateway.service import BadRequest, ListQuery, NotFound, TaskService
 from gateway.states import ALL_STATES, TERMINAL, State
 
@@ -29,7 +31,8 @@ def _service() -> TaskService:
 
 
 def _owner() -> str | None:
-    return getattr(request, "funnel_owner", None)
+    """Owner filter of the signed-in user (None: sees every task)."""
+    return principal().scope
 
 
 def _csrf_token() -> str:
@@ -113,3 +116,36 @@ def cancel(task_id: str):
 @blueprint.get("/service")
 def service_info():
     return _render("service.html", info=_service().service_info())
+
+
+def _safe_next(target: str | None) -> str:
+    """Only local paths: never redirect a signed-in user off this site."""
+    if target and target.startswith("/") and not target.startswith("//"):
+        return target
+    return url_for("dashboard.task_list")
+
+
+@blueprint.route("/login", methods=["GET", "POST"])
+def login():
+    auth = current_app.extensions["funnel.auth"]
+    error = None
+    if request.method == "POST":
+        cookie = request.cookies.get(CSRF_COOKIE, "")
+        if not cookie or not hmac.compare_digest(cookie, request.form.get("csrf_token", "")):
+            error = "The form expired; please try again."
+        else:
+            who = auth.check_password(request.form.get("username", ""),
+                                      request.form.get("password", ""))
+            if who is not None:
+                session.clear()
+                session["user"] = who.user
+                return redirect(_safe_next(request.args.get("next")), code=303)
+            error = "Wrong user name or password."
+    return _render("login.html", status=401 if error else 200, error=error,
+                   basic_enabled="basic" in auth.mode)
+
+
+@blueprint.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("dashboard.login"), code=303)

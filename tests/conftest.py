@@ -94,7 +94,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.api + "/service-info", timeout=1).ok:
+                if requests.get(self.api + "/service-info", timeout=1).status_code < 500:
                     return self
             except requests.RequestException:
                 pass

@@ -1,0 +1,191 @@
+"""Who is calling: HTTP Basic, bearer tokens (static or OIDC/JWT), or nobody.
+
+``auth.mode`` selects it:
+- ``none``: no authentication; every caller sees every task (local quick start only).
+- ``basic``: HTTP Basic against ``auth.users`` (name -> password hash) and/or an
+  htpasswd-style file (``name:hash`` lines; werkzeug ``scrypt:``/``pbkdf2:`` or bcrypt ``$2y$`` hashes).
+- ``bearer``: ``Authorization: Bearer <token>``; a token listed in ``auth.tokens``
+  (token -> user name) or a JWT signed by a key of the JWKS in ``auth.oidc.jwks_file``
+  or ``auth.oidc.jwks_url``, with issuer/audience checked when configured.
+- ``basic+bearer``: either.
+
+Users named in ``auth.admins`` (or JWTs whose ``auth.oidc.admin_claim`` holds one of
+``auth.oidc.admin_values``) see and cancel every task; everyone else only their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from werkzeug.security import check_password_hash
+
+log = logging.getLogger(__name__)
+
+MODES = ("none", "basic", "bearer", "basic+bearer")
+
+
+@dataclass(frozen=True)
+class Principal:
+    user: str | None   # None only when auth is off
+    admin: bool
+
+    @property
+    def scope(self) -> str | None:
+        """Owner filter for reads and cancels: None means all tasks."""
+        return None if self.admin else self.user
+
+
+ANONYMOUS_ADMIN = Principal(None, True)
+
+
+class AuthError(Exception):
+    """Credentials missing or wrong (HTTP 401 / gRPC UNAUTHENTICATED)."""
+
+
+def _check_hash(stored: str, password: str) -> bool:
+    if stored.startswith(("$2a$", "$2b$", "$2y$")):
+        try:
+            import bcrypt
+        except ImportError:  # pragma: no cover - bcrypt is a dependency
+            return False
+        return bcrypt.checkpw(password.encode(), stored.replace("$2y$", "$2b$", 1).encode())
+    try:
+        return check_password_hash(stored, password)
+    except (ValueError, TypeError):
+        return False
+
+
+class Authenticator:
+    def __init__(self, config: dict):
+        auth = config["auth"]
+        self.mode: str = auth["mode"]
+        if self.mode not in MODES:
+            raise ValueError(f"auth.mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self.admins = set(auth["admins"])
+        self.users: dict[str, str] = {str(k): str(v) for k, v in auth["users"].items()}
+        if auth["htpasswd_file"]:
+            self.users.update(self._read_htpasswd(Path(auth["htpasswd_file"])))
+        self.tokens: dict[str, str] = {str(k): str(v) for k, v in auth["tokens"].items()}
+        self.oidc = auth["oidc"]
+        self._jwks_client = None
+        self._jwks_keys: list | None = None
+        if self.mode != "none" and not (self.users or self.tokens or self._oidc_enabled):
+            raise ValueError("auth is on but no users, tokens or OIDC keys are configured")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def _oidc_enabled(self) -> bool:
+        return bool(self.oidc["jwks_file"] or self.oidc["jwks_url"])
+
+    @staticmethod
+    def _read_htpasswd(path: Path) -> dict[str, str]:
+        users = {}
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"auth.htpasswd_file: cannot read {path}: {exc.strerror}") from exc
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, hashed = line.partition(":")
+            if not sep or not name or not hashed:
+                raise ValueError(f"auth.htpasswd_file: line {number} is not NAME:HASH")
+            users[name] = hashed
+        return users
+
+    def www_authenticate(self) -> str:
+        return 'Basic realm="funnel-hpc"' if "basic" in self.mode else 'Bearer realm="funnel-hpc"'
+
+    # ---- checks ----
+
+    def principal_for(self, user: str, claims: dict | None = None) -> Principal:
+        admin = user in self.admins
+        claim = self.oidc["admin_claim"]
+        if claims and claim:
+            value = claims.get(claim)
+            values = value if isinstance(value, list) else [value]
+            admin = admin or any(v in self.oidc["admin_values"] for v in values)
+        return Principal(user, admin)
+
+    def check_password(self, user: str, password: str) -> Principal | None:
+        stored = self.users.get(user)
+        if stored is None:
+            _check_hash(_DUMMY_HASH, password)  # same work for unknown users
+            return None
+        return self.principal_for(user) if _check_hash(stored, password) else None
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The caller named by an Authorization header value; AuthError if none/wrong."""
+        if not self.enabled:
+            return ANONYMOUS_ADMIN
+        if not authorization:
+            raise AuthError("authentication required")
+        scheme, _, credentials = authorization.partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic" and "basic" in self.mode:
+            try:
+                user, _, password = base64.b64decode(credentials.strip(), validate=True) \
+                    .decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError):
+                raise AuthError("malformed Basic credentials") from None
+            principal = self.check_password(user, password)
+            if principal is None:
+                raise AuthError("wrong user name or password")
+            return principal
+        if scheme == "bearer" and "bearer" in self.mode:
+            return self._check_bearer(credentials.strip())
+        raise AuthError(f"unsupported authorization scheme {scheme!r}")
+
+    def _check_bearer(self, token: str) -> Principal:
+        for known, user in self.tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return self.principal_for(user)
+        if self._oidc_enabled and token.count(".") == 2:
+            return self._check_jwt(token)
+        raise AuthError("invalid bearer token")
+
+    def _check_jwt(self, token: str) -> Principal:
+        import jwt
+
+        try:
+            key = self._signing_key(token)
+            options = {"require": ["exp"], "verify_aud": bool(self.oidc["audience"])}
+            claims = jwt.decode(token, key=key, algorithms=self.oidc["algorithms"],
+                                audience=self.oidc["audience"] or None,
+                                issuer=self.oidc["issuer"] or None, options=options)
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        user = claims.get(self.oidc["user_claim"])
+        if not isinstance(user, str) or not user:
+            raise AuthError(f"token has no {self.oidc['user_claim']!r} claim")
+        return self.principal_for(user, claims)
+
+    def _signing_key(self, token: str) -> Any:
+        import jwt
+
+        if self.oidc["jwks_url"]:
+            if self._jwks_client is None:
+                self._jwks_client = jwt.PyJWKClient(self.oidc["jwks_url"], cache_keys=True)
+            return self._jwks_client.get_signing_key_from_jwt(token).key
+        if self._jwks_keys is None:
+            data = json.loads(Path(self.oidc["jwks_file"]).read_text())
+            self._jwks_keys = [jwt.PyJWK(k) for k in data.get("keys", [])]
+        kid = jwt.get_unverified_header(token).get("kid")
+        for key in self._jwks_keys:
+            if kid is None or key.key_id == kid:
+                return key.key
+        raise jwt.InvalidKeyError(f"no key with kid {kid!r} in the JWKS file")
+
+
+_DUMMY_HASH = "pbkdf2:sha256:600000$dummy$" + "0" * 64

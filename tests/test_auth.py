@@ -1,0 +1,190 @@
+"""Authentication and per-user isolation on HTTP and the dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jwt
+import pytest
+import requests
+from cryptography.hazmat.primitives.asymmetric import rsa
+from werkzeug.security import generate_password_hash
+
+from tests.conftest import ServerProcess
+
+TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
+
+
+@pytest.fixture(scope="module")
+def keys():
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private, other
+
+
+@pytest.fixture(scope="module")
+def server(databases, tmp_path_factory, keys):
+    work = tmp_path_factory.mktemp("auth")
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(keys[0].public_key()))
+    jwk.update(kid="k1", use="sig", alg="RS256")
+    (work / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    htpasswd = work / "htpasswd"
+    htpasswd.write_text(f"bob:{generate_password_hash(PASSWORDS['bob'])}\n")
+    srv = ServerProcess(work, databases.new("sqlite"), overrides={"auth": {
+        "mode": "basic+bearer",
+        "users": {"alice": generate_password_hash(PASSWORDS["alice"]),
+                  "root": generate_password_hash(PASSWORDS["root"])},
+        "htpasswd_file": str(htpasswd),
+        "tokens": {"alice-static-token": "alice"},
+        "admins": ["root"],
+        "oidc": {"jwks_file": str(work / "jwks.json"), "issuer": "https://idp.test",
+                 "audience": "funnel", "admin_claim": "groups", "admin_values": ["tes-admins"]},
+    }}).start()
+    yield srv
+    srv.stop()
+
+
+def basic(user):
+    return (user, PASSWORDS[user])
+
+
+def token(key, sub="carol", exp_in=300, kid="k1", **claims):
+    now = int(time.time())
+    payload = {"sub": sub, "iss": "https://idp.test", "aud": "funnel", "iat": now,
+               "exp": now + exp_in, **claims}
+    return jwt.encode(payload, key, algorithm="RS256", headers={"kid": kid})
+
+
+def create(server, auth=None, headers=None, **fields):
+    resp = requests.post(server.api + "/tasks", json={**TASK, **fields}, auth=auth,
+                         headers=headers, timeout=10)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+ROUTES = [
+    ("GET", "/ga4gh/tes/v1/service-info"), ("GET", "/ga4gh/tes/v1/tasks"),
+    ("POST", "/ga4gh/tes/v1/tasks"), ("GET", "/ga4gh/tes/v1/tasks/x"),
+    ("POST", "/ga4gh/tes/v1/tasks/x:cancel"), ("GET", "/ga4gh/tes/v1/openapi.json"),
+    ("GET", "/v1/tasks"), ("POST", "/v1/tasks"), ("GET", "/v1/tasks/x"),
+    ("POST", "/v1/tasks/x:cancel"), ("GET", "/v1/service-info"),
+    ("POST", "/funnel/v1/tasks/x/events"),
+]
+
+
+@pytest.mark.parametrize("method,path", ROUTES)
+def test_401_without_credentials_on_every_route(server, method, path):
+    resp = requests.request(method, server.url + path, json=TASK, timeout=10)
+    assert resp.status_code == 401
+    assert "WWW-Authenticate" in resp.headers
+    assert resp.json()["message"]
+
+
+@pytest.mark.parametrize("auth", [("alice", "wrong"), ("nobody", "x"), ("", "")])
+def test_wrong_password_is_401(server, auth):
+    assert requests.get(server.api + "/tasks", auth=auth, timeout=10).status_code == 401
+
+
+def test_users_see_only_their_own_tasks(server):
+    mine = create(server, auth=basic("alice"), name="alice-task")
+    theirs = create(server, auth=basic("bob"), name="bob-task")  # bob is in the htpasswd file
+
+    # get: another user's task does not exist for alice (404, not 403)
+    assert requests.get(f"{server.api}/tasks/{mine}", auth=basic("alice"), timeout=10).ok
+    assert requests.get(f"{server.api}/tasks/{theirs}", auth=basic("alice"),
+                        timeout=10).status_code == 404
+    # list
+    listed = requests.get(server.api + "/tasks", auth=basic("alice"), timeout=10).json()
+    ids = {t["id"] for t in listed["tasks"]}
+    assert mine in ids and theirs not in ids
+    # cancel
+    resp = requests.post(f"{server.api}/tasks/{theirs}:cancel", auth=basic("alice"), timeout=10)
+    assert resp.status_code == 404
+    state = requests.get(f"{server.api}/tasks/{theirs}", auth=basic("bob"), timeout=10).json()
+    assert state["state"] == "QUEUED"
+    # the admin sees both and may cancel either
+    admin_ids = {t["id"] for t in requests.get(server.api + "/tasks?page_size=2048",
+                                               auth=basic("root"), timeout=10).json()["tasks"]}
+    assert {mine, theirs} <= admin_ids
+    assert requests.post(f"{server.api}/tasks/{theirs}:cancel", auth=basic("root"),
+                         timeout=10).ok
+
+
+def test_static_bearer_token_is_that_user(server):
+    headers = {"Authorization": "Bearer alice-static-token"}
+    task_id = create(server, headers=headers)
+    assert requests.get(f"{server.api}/tasks/{task_id}", auth=basic("alice"), timeout=10).ok
+    bad = requests.get(server.api + "/tasks", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert bad.status_code == 401
+
+
+def test_jwt_from_the_jwks(server, keys):
+    headers = {"Authorization": f"Bearer {token(keys[0], sub='carol')}"}
+    task_id = create(server, headers=headers)
+    assert requests.get(f"{server.api}/tasks/{task_id}", headers=headers, timeout=10).ok
+    assert requests.get(f"{server.api}/tasks/{task_id}", auth=basic("alice"),
+                        timeout=10).status_code == 404
+    admin = {"Authorization": f"Bearer {token(keys[0], sub='dave', groups=['tes-admins'])}"}
+    assert requests.get(f"{server.api}/tasks/{task_id}", headers=admin, timeout=10).ok
+
+
+@pytest.mark.parametrize("case", ["expired", "other key", "wrong audience", "wrong issuer",
+                                  "garbage"])
+def test_bad_jwts_are_401(server, keys, case):
+    value = {
+        "expired": lambda: token(keys[0], exp_in=-60),
+        "other key": lambda: token(keys[1]),
+        "wrong audience": lambda: token(keys[0], aud="other"),
+        "wrong issuer": lambda: token(keys[0], iss="https://evil.test"),
+        "garbage": lambda: "a.b.c",
+    }[case]()
+    resp = requests.get(server.api + "/tasks", headers={"Authorization": f"Bearer {value}"},
+                        timeout=10)
+    assert resp.status_code == 401
+
+
+def _login(server, user, password):
+    session = requests.Session()
+    page = session.get(server.url + "/login", timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    resp = session.post(server.url + "/login", timeout=10, allow_redirects=False,
+                        data={"csrf_token": csrf, "username": user, "password": password})
+    return session, resp
+
+
+def test_dashboard_requires_login_and_isolates_users(server):
+    alice_task = create(server, auth=basic("alice"), name="dash-alice")
+    bob_task = create(server, auth=basic("bob"), name="dash-bob")
+
+    anonymous = requests.get(server.url + "/", timeout=10, allow_redirects=False)
+    assert anonymous.status_code == 302 and "/login" in anonymous.headers["Location"]
+
+    _, failed = _login(server, "alice", "wrong")
+    assert failed.status_code == 401
+
+    session, resp = _login(server, "alice", PASSWORDS["alice"])
+    assert resp.status_code == 303
+    listing = session.get(server.url + "/?page_size=50", timeout=10).text
+    assert alice_task in listing and bob_task not in listing
+    assert session.get(f"{server.url}/tasks/{bob_task}", timeout=10).status_code == 404
+    page = session.get(f"{server.url}/tasks/{alice_task}", timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    denied = session.post(f"{server.url}/tasks/{bob_task}/cancel", data={"csrf_token": csrf},
+                          timeout=10)
+    assert denied.status_code == 404
+    bob_state = requests.get(f"{server.api}/tasks/{bob_task}", auth=basic("bob"), timeout=10)
+    assert bob_state.json()["state"] == "QUEUED"
+
+
+def test_login_redirect_stays_on_site(server):
+    session = requests.Session()
+    page = session.get(server.url + "/login", timeout=10)
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    resp = session.post(server.url + "/login?next=//evil.example/x", timeout=10,
+                        allow_redirects=False,
+                        data={"csrf_token": csrf, "username": "alice",
+                              "password": PASSWORDS["alice"]})
+    assert resp.status_code == 303 and resp.headers["Location"] == "/"
