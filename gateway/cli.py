@@ -14,6 +14,7 @@ from gateway import __version__
 from gateway import config as config_mod
 from gateway.client import DEFAULT_SERVER, ClientError, TesClient
 from gateway.states import TERMINAL
+from worker.cli import worker as worker_group
 
 VIEWS = click.Choice(["MINIMAL", "BASIC", "FULL"], case_sensitive=False)
 server_option = click.option("--server", envvar="FUNNEL_SERVER", default=DEFAULT_SERVER,
@@ -248,12 +249,7 @@ def _count(values) -> dict[str, int]:
     return out
 
 
-try:  # the worker package provides its own command group
-    from worker.cli import worker as _worker_group
-except ImportError:  # pragma: no cover - only while the worker is being written
-    _worker_group = None
-if _worker_group is not None:
-    main.add_command(_worker_group)
+main.add_command(worker_group)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Worker test needs: bubblewrap and proot (container drivers that run here), busybox-static
+# unpacked as the root file system of image "busybox" under /var/lib/funnel/rootfs, podman.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+apt_install bubblewrap proot busybox-static podman
+rootfs=/var/lib/funnel/rootfs/busybox
+if [ ! -x "$rootfs/bin/busybox" ]; then
+  tmp=$(mktemp -d /var/lib/funnel-rootfs.XXXXXX)
+  mkdir -p "$tmp/bin" "$tmp/tmp" "$tmp/etc"
+  cp /bin/busybox "$tmp/bin/busybox"
+  "$tmp/bin/busybox" --install -s "$tmp/bin"
+  # busybox --install links to the busybox path it was run from: make them relative
+  for link in "$tmp"/bin/*; do
+    [ -L "$link" ] && ln -sf busybox "$link"
+  done
+  echo "root:x:0:0:root:/tmp:/bin/sh" >"$tmp/etc/passwd"
+  mkdir -p "$(dirname "$rootfs")"
+  rm -rf "$rootfs"
+  mv "$tmp" "$rootfs"
+fi
+# the same rootfs as a local podman image (podman may not be able to run it here: see README)
+if command -v podman >/dev/null && ! podman image exists localhost/busybox:latest 2>/dev/null; then
+  tar -C "$rootfs" -c . | podman import - localhost/busybox:latest >/dev/null 2>&1 || true
+fi
+"$rootfs/bin/busybox" true
+echo "worker tools ready: bwrap $(bwrap --version | cut -d' ' -f2), proot, rootfs $rootfs"
