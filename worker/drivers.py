@@ -186,7 +186,10 @@ class Drivers:
             argv += ["-b", f"{host}:{container}"]
         argv += ["-w", workdir or "/"]
         process_env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", **env}
-        return Invocation(argv + ["--", *command], process_env, note)
+        # proot has no "--": the command starts at the first non-option word
+        if command and command[0].startswith("-"):
+            raise DriverError(f"driver proot: a command may not start with '-': {command[0]!r}")
+        return Invocation(argv + list(command), process_env, note)
 
 
 def _host_root_binds(task_dirs: set[str]) -> list[str]:

@@ -1,0 +1,154 @@
+"""Worker fixtures: run `funnel worker run` for real; moto S3, HTTP and FTP servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import clean_env, free_port, funnel_argv
+from worker.events import EventFold, read_event_log
+
+ROOTFS = Path("/var/lib/funnel/rootfs")
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} missing; scripts/setup/40-worker.sh installs it")
+        pytest.skip(f"{tool} not installed (scripts/setup/40-worker.sh)")
+
+
+@dataclass
+class WorkerRun:
+    exit_code: int
+    fold: EventFold
+    task_dir: Path
+    stderr: str
+
+    @property
+    def state(self) -> str | None:
+        return self.fold.state
+
+    @property
+    def system_logs(self) -> str:
+        return "\n".join(self.fold.task_log["system_logs"])
+
+    def executor(self, index: int) -> dict:
+        return self.fold.task_log["logs"][index]
+
+    def host(self, container_path: str) -> Path:
+        return self.task_dir / "files" / container_path.lstrip("/")
+
+
+class WorkerHarness:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.workdir = tmp / "work"
+        self.data = tmp / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.env = env or {}
+        self.count = 0
+
+    def config(self, **worker: object) -> Path:
+        settings = {"worker": {"allowed_dirs": [str(self.data)], "rootfs_dir": str(ROOTFS),
+                               "container_driver": "bwrap", **worker}}
+        path = self.tmp / f"config-{self.count}.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    def task(self, **fields) -> dict:
+        self.count += 1
+        return {"id": f"task{self.count}", **fields}
+
+    def start(self, task: dict, config: Path | None = None, extra_env=None) -> subprocess.Popen:
+        task_file = self.tmp / f"{task['id']}.json"
+        task_file.write_text(json.dumps(task))
+        argv = funnel_argv("worker", "run", "--task-file", str(task_file),
+                           "--workdir", str(self.workdir), "--config", str(config or self.config()))
+        return subprocess.Popen(argv, env=clean_env(**self.env, **(extra_env or {})),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, task: dict, config: Path | None = None, timeout: float = 120,
+            extra_env=None) -> WorkerRun:
+        proc = self.start(task, config, extra_env)
+        _out, err = proc.communicate(timeout=timeout)
+        task_dir = self.workdir / task["id"]
+        return WorkerRun(proc.returncode, read_event_log(task_dir / "events.jsonl"), task_dir, err)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    need("bwrap")
+    if not (ROOTFS / "busybox" / "bin" / "busybox").exists():
+        pytest.skip("busybox rootfs missing (scripts/setup/40-worker.sh)")
+    return WorkerHarness(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real moto server process on 127.0.0.1 (S3 API)."""
+    need("moto_server") if shutil.which("moto_server") else None
+    port = free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(url, timeout=1)
+            break
+        except requests.RequestException:
+            time.sleep(0.1)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    yield url, env
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("http")
+
+    class Handler(SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ftp_root(tmp_path_factory):
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import FTPServer
+
+    root = tmp_path_factory.mktemp("ftp")
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("user", "secret", str(root), perm="elradfmwMT")
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer,
+                                               "passive_ports": range(60000, 60100)})
+    server = FTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.5}, daemon=True)
+    thread.start()
+    yield root, f"ftp://user:secret@127.0.0.1:{server.address[1]}"
+    server.close_all()
