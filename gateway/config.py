@@ -21,7 +21,8 @@ ENV_PREFIX = "FUNNEL_"
 # FUNNEL_SERVER / FUNNEL_CONFIG are client settings, not config overrides.
 ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG"}
 
-# Dotted paths whose mappings accept keys the defaults do not list.
+# Dotted paths whose mappings accept keys the defaults do not list
+# (besides empty mappings and every backend's `backend_parameters`).
 FREE_FORM: set[str] = {
     "worker.drivers",
 }
@@ -32,7 +33,8 @@ class ConfigError(ValueError):
 
 
 def _is_free_form(path: str, default: Any) -> bool:
-    return (isinstance(default, dict) and not default) or path in FREE_FORM
+    return ((isinstance(default, dict) and not default) or path in FREE_FORM
+            or path.endswith(".backend_parameters"))
 
 
 def merge(base: dict, override: Mapping, path: str = "") -> dict:

@@ -260,11 +260,18 @@ class Reconciler:
             return False
         current = State(row.state)
         target = current
+        note = None
         if fold.state and can_transition(current, fold.state):
             target = State(fold.state)
         if current == State.CANCELING and fold.terminal:
             target = State.CANCELED
-        logs = self._merge_worker_log(row, fold)
+        elif target == State.CANCELED:
+            # the worker was signalled, but nobody canceled the task through TES:
+            # the scheduler (or an admin) stopped the job
+            target = State.SYSTEM_ERROR
+            note = (f"{now_rfc3339()} the {self.backend.name} job {row.job_id} was stopped "
+                    "outside the gateway (the worker was signalled to end) without a TES cancel")
+        logs = self._merge_worker_log(row, fold, note)
         if target != current:
             ok = self.service.transition(row.id, current, target, logs=logs,
                                          event_seq=fold.last_seq)

@@ -138,7 +138,7 @@ def test_cancel_pending_task(server, backend):
 def kill_job_behind_the_gateways_back(backend: str, task: dict, work_dir: Path) -> None:
     job_id = task["logs"][0]["metadata"]["job_id"]
     if backend == "slurm":
-        subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True)
+        subprocess.run(["scancel", job_id], check=True)
         return
     import json
     pid = json.loads((work_dir / task["id"] / "local.pid").read_text())["pid"]
@@ -154,7 +154,8 @@ def test_job_killed_outside_is_system_error(server, backend):
     task = wait_state(server, task_id, TERMINAL, timeout=30)
     assert task["state"] == "SYSTEM_ERROR"
     assert time.monotonic() - killed_at < 2 * TICK + 5  # within two ticks, plus scheduler lag
-    assert any("did not record an end" in line for line in task["logs"][0]["system_logs"])
+    assert any("did not record an end" in line or "stopped outside the gateway" in line
+               for line in task["logs"][0]["system_logs"]), task["logs"][0]["system_logs"]
 
 
 def test_server_kill9_restart_loses_nothing_submits_nothing_twice(backend, databases, tmp_path):

@@ -1,0 +1,102 @@
+"""Running scheduler commands: here (subprocess) or on a login node over SSH (paramiko).
+
+Both runners take an argv list, never a shell string built from task data, and
+count their calls (``calls``) so tests and benchmarks can check that a poll
+costs a constant number of scheduler commands.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import threading
+from dataclasses import dataclass
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class LocalRunner:
+    def __init__(self, timeout: float = 60):
+        self.timeout = timeout
+        self.calls = 0
+
+    def run(self, argv: list[str], input: str | None = None) -> Result:
+        self.calls += 1
+        try:
+            done = subprocess.run(argv, input=input, capture_output=True, text=True,
+                                  timeout=self.timeout)
+        except FileNotFoundError:
+            return Result(127, "", f"{argv[0]}: command not found")
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+class SSHRunner:
+    """Runs the same commands on a remote host (the cluster's login node)."""
+
+    def __init__(self, host: str, user: str = "", port: int = 22, key_file: str = "",
+                 timeout: float = 60, known_hosts: str = ""):
+        self.host, self.user, self.port = host, user or None, int(port)
+        self.key_file, self.timeout, self.known_hosts = key_file or None, timeout, known_hosts
+        self.calls = 0
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _connect(self):
+        import paramiko
+
+        if self._client is not None and self._client.get_transport() is not None \
+                and self._client.get_transport().is_active():
+            return self._client
+        client = paramiko.SSHClient()
+        if self.known_hosts:
+            client.load_host_keys(self.known_hosts)
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        else:
+            client.load_system_host_keys()
+            client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        client.connect(self.host, port=self.port, username=self.user,
+                       key_filename=self.key_file, timeout=self.timeout,
+                       allow_agent=False, look_for_keys=self.key_file is None)
+        self._client = client
+        return client
+
+    def run(self, argv: list[str], input: str | None = None) -> Result:
+        import paramiko
+
+        self.calls += 1
+        with self._lock:
+            try:
+                client = self._connect()
+                stdin, stdout, stderr = client.exec_command(shlex.join(argv), timeout=self.timeout)
+                if input is not None:
+                    stdin.write(input)
+                stdin.channel.shutdown_write()
+                out = stdout.read().decode()
+                err = stderr.read().decode()
+                code = stdout.channel.recv_exit_status()
+            except (paramiko.SSHException, OSError) as exc:
+                self._client = None
+                return Result(255, "", f"ssh {self.host}: {exc}")
+        return Result(code, out, err)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def make_runner(ssh: dict | None, timeout: float = 60):
+    if ssh and ssh.get("host"):
+        return SSHRunner(ssh["host"], ssh.get("user", ""), ssh.get("port", 22),
+                         ssh.get("key_file", ""), timeout, ssh.get("known_hosts", ""))
+    return LocalRunner(timeout)

@@ -1,0 +1,151 @@
+"""Slurm: sbatch to submit, scancel to cancel, one squeue (and at most one sacct) per poll.
+
+The submission script is rendered from ``templates/slurm.sh.j2`` (or the
+admin's ``backend.slurm.template``), written to ``<task_dir>/slurm.sh`` and
+given to ``sbatch --parsable`` on standard input, so the same path works over
+SSH (``backend.slurm.ssh.host``) with a work dir shared with the login node.
+
+A poll lists this user's jobs with one ``squeue -t all``; jobs that already left
+slurmctld's memory are looked up with one ``sacct`` call when accounting is
+enabled. A job neither knows is LOST: the reconciler then trusts the worker's
+event log, and fails the task if that log has no end either.
+"""
+
+from __future__ import annotations
+
+from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from backends.commands import make_runner
+from backends.templating import render, script_variables
+
+# Slurm job states (squeue %T, sacct State) -> common job states
+STATE_MAP: dict[str, JobState] = {
+    "PENDING": JobState.PENDING,
+    "CONFIGURING": JobState.PENDING,
+    "REQUEUED": JobState.PENDING,
+    "REQUEUE_FED": JobState.PENDING,
+    "REQUEUE_HOLD": JobState.PENDING,
+    "RESV_DEL_HOLD": JobState.PENDING,
+    "SUSPENDED": JobState.RUNNING,
+    "RUNNING": JobState.RUNNING,
+    "COMPLETING": JobState.RUNNING,
+    "RESIZING": JobState.RUNNING,
+    "SIGNALING": JobState.RUNNING,
+    "STAGE_OUT": JobState.RUNNING,
+    "STOPPED": JobState.RUNNING,
+    "COMPLETED": JobState.COMPLETED,
+    "FAILED": JobState.FAILED,
+    "TIMEOUT": JobState.FAILED,
+    "NODE_FAIL": JobState.FAILED,
+    "OUT_OF_MEMORY": JobState.FAILED,
+    "BOOT_FAIL": JobState.FAILED,
+    "DEADLINE": JobState.FAILED,
+    "SPECIAL_EXIT": JobState.FAILED,
+    "PREEMPTED": JobState.FAILED,
+    "REVOKED": JobState.CANCELLED,
+    "CANCELLED": JobState.CANCELLED,
+}
+
+
+def parse_job_id(text: str) -> str:
+    """`sbatch --parsable` prints `jobid` or `jobid;cluster`."""
+    job_id = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
+    if not job_id.isdigit():
+        raise BackendError(f"sbatch printed no job id: {text.strip()[:200]!r}")
+    return job_id
+
+
+def map_state(raw: str) -> JobState:
+    # sacct shows e.g. "CANCELLED by 0"
+    return STATE_MAP.get(raw.split()[0] if raw else "", JobState.UNKNOWN)
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+
+    def __init__(self, options: dict, config: dict):
+        super().__init__(options, config)
+        self.runner = make_runner(options.get("ssh"), float(options.get("command_timeout", 60)))
+        self.template = options.get("template") or "slurm.sh.j2"
+        self.supported_parameters = frozenset(
+            k.lower() for k in (options.get("backend_parameters") or {}))
+        self._accounting: bool | None = None
+
+    # ---- submit / cancel ----
+
+    def render_script(self, request: SubmitRequest) -> str:
+        return render(self.template, script_variables(request, self.options))
+
+    def submit(self, request: SubmitRequest) -> str:
+        try:
+            script = self.render_script(request)
+        except ValueError as exc:
+            raise BackendError(f"cannot render the Slurm script: {exc}") from None
+        path = request.task_dir / "slurm.sh"
+        path.write_text(script)
+        result = self.runner.run(["sbatch", "--parsable"], input=script)
+        if result.returncode != 0:
+            raise BackendError(f"sbatch failed ({result.returncode}): "
+                               f"{(result.stderr or result.stdout).strip()[:500]}")
+        return parse_job_id(result.stdout)
+
+    def cancel(self, job_id: str) -> None:
+        result = self.runner.run(["scancel", str(job_id)])
+        if result.returncode != 0 and "already completing or completed" not in result.stderr \
+                and "Invalid job id" not in result.stderr:
+            raise BackendError(f"scancel {job_id} failed: {result.stderr.strip()[:300]}")
+
+    def recover(self, task_id: str, task_dir) -> str | None:
+        result = self.runner.run(["squeue", "-h", "--me", "-t", "all", "-n",
+                                  f"funnel-{task_id}", "-o", "%i"])
+        ids = [line.strip() for line in result.stdout.splitlines() if line.strip().isdigit()]
+        return ids[-1] if result.returncode == 0 and ids else None
+
+    # ---- poll ----
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        wanted = {str(j) for j in job_ids}
+        if not wanted:
+            return {}
+        result = self.runner.run(["squeue", "-h", "--me", "-t", "all", "-o", "%i|%T|%r"])
+        if result.returncode != 0:
+            reason = f"squeue failed: {result.stderr.strip()[:300]}"
+            return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
+        found: dict[str, JobStatus] = {}
+        for line in result.stdout.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] in wanted:
+                job_id, state, reason = parts
+                found[job_id] = JobStatus(map_state(state), f"squeue: {state} reason={reason}")
+        missing = sorted(wanted - set(found), key=int)
+        if missing and self.accounting_enabled():
+            found.update(self._sacct(missing))
+        for job_id in wanted - set(found):
+            found[job_id] = JobStatus(JobState.LOST, "Slurm no longer knows this job "
+                                      "(not in squeue" + (", not in sacct)"
+                                                          if self._accounting else
+                                                          "; accounting is disabled)"))
+        return found
+
+    def accounting_enabled(self) -> bool:
+        if self._accounting is None:
+            probe = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-j", "1"])
+            text = probe.stderr + probe.stdout
+            self._accounting = probe.returncode == 0 and "disabled" not in text
+        return self._accounting
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        result = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,ExitCode,Reason",
+                                  "-j", ",".join(job_ids)])
+        out: dict[str, JobStatus] = {}
+        if result.returncode != 0:
+            return out
+        for line in result.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 3 and parts[0] in job_ids:
+                state = map_state(parts[1])
+                out[parts[0]] = JobStatus(state, f"sacct: {parts[1]} exit={parts[2]} "
+                                                 f"reason={parts[3] if len(parts) > 3 else ''}")
+        return out
+
+    def close(self) -> None:
+        self.runner.close()

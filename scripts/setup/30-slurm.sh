@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster for the tests: Debian slurm-wlm + munge, daemons started
+# directly (no systemd), node sized by `slurmd -C`, one partition "debug".
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+. scripts/lib.sh
+apt_install slurm-wlm munge
+
+host=$(hostname)
+grep -qE "[[:space:]]$host([[:space:]]|\$)" /etc/hosts || echo "127.0.1.1 $host" >>/etc/hosts
+
+if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+  echo "Slurm already running"; exit 0
+fi
+
+mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge /var/lib/munge /var/log/munge
+if [ ! -s /etc/munge/munge.key ]; then
+  dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+fi
+chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge
+chmod 400 /etc/munge/munge.key
+chmod 700 /etc/munge
+if ! pgrep -x munged >/dev/null; then
+  su -s /bin/sh munge -c /usr/sbin/munged
+fi
+for _ in $(seq 1 20); do munge -n >/dev/null 2>&1 && break; sleep 0.5; done
+
+node=$(slurmd -C | head -n 1 | sed 's/ UpTime=.*//')
+cat >/etc/slurm/slurm.conf <<CONF
+# written by funnel-hpc scripts/setup/30-slurm.sh for the test suite
+ClusterName=funnel-test
+SlurmctldHost=$host
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldLogFile=/var/log/slurm/slurmctld.log
+SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmUser=root
+ReturnToService=2
+MinJobAge=600
+SchedulerParameters=sched_interval=2
+$node State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+
+pgrep -x slurmctld >/dev/null || slurmctld
+pgrep -x slurmd >/dev/null || slurmd
+for _ in $(seq 1 60); do
+  if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+    echo "Slurm ready: $(sinfo -h -o '%P %a %D %T %c CPUs')"
+    exit 0
+  fi
+  sleep 1
+done
+echo "Slurm did not come up" >&2
+tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2 || true
+exit 1
