@@ -59,8 +59,21 @@ def directive(value: Any) -> str:
     return text
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def shell_quote(value: Any) -> str:
-    return shlex.quote(str(value))
+    """One shell word, on one line: control characters use bash's $'\\xNN' quoting."""
+    text = str(value)
+    if not _CONTROL.search(text):
+        return shlex.quote(text)
+    escaped = "".join(f"\\x{ord(c):02x}" if _CONTROL.match(c) or c in "\\'" else c
+                      for c in text)
+    return f"$'{escaped}'"
+
+
+def shell_join(argv: list[str]) -> str:
+    return " ".join(shell_quote(arg) for arg in argv)
 
 
 def environment(template_dir: str | Path | None = None) -> jinja2.Environment:
@@ -138,6 +151,6 @@ def script_variables(request: SubmitRequest, options: dict[str, Any]) -> dict[st
         "backend_parameters": map_backend_parameters(request.backend_parameters,
                                                      options.get("backend_parameters") or {}),
         "worker_argv": list(request.worker_argv),
-        "worker_command": shlex.join(request.worker_argv),
+        "worker_command": shell_join(request.worker_argv),
         "site": site,
     }
