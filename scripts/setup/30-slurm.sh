@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
-apt_install slurm-wlm munge
+# openssh-server: the tests drive Slurm over SSH too (backend.slurm.ssh), against a private sshd
+apt_install slurm-wlm munge openssh-server openssh-client
 
 host=$(hostname)
 grep -qE "[[:space:]]$host([[:space:]]|\$)" /etc/hosts || echo "127.0.1.1 $host" >>/etc/hosts

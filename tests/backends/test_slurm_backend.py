@@ -170,3 +170,75 @@ def test_poll_costs_constant_scheduler_calls(tmp_path):
         assert costs == [1, 1, 1]
     finally:
         subprocess.run(["scancel", *jobs])
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """A private sshd on 127.0.0.1 that accepts one generated key for root."""
+    import getpass
+
+    from tests.conftest import free_port
+
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd_bin).exists():
+        pytest.skip("openssh-server not installed (scripts/setup/30-slurm.sh)")
+    keys = tmp_path / "ssh"
+    keys.mkdir(mode=0o700)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "host")],
+                   check=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / "client")],
+                   check=True)
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    os.chmod(keys / "authorized_keys", 0o600)
+    port = free_port()
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-p", str(port), "-h", str(keys / "host"),
+                             "-o", "ListenAddress=127.0.0.1",
+                             "-o", f"AuthorizedKeysFile={keys / 'authorized_keys'}",
+                             "-o", "PasswordAuthentication=no", "-o", "PermitRootLogin=yes",
+                             "-o", "StrictModes=no", "-o", f"PidFile={keys / 'sshd.pid'}",
+                             "-o", "UsePAM=no"],
+                            stderr=subprocess.PIPE)
+    host_key = (keys / "host.pub").read_text().split()
+    (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    deadline = time.monotonic() + 10
+    import socket
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    yield {"host": "127.0.0.1", "port": port, "user": getpass.getuser(),
+           "key_file": str(keys / "client"), "known_hosts": str(keys / "known_hosts")}
+    proc.terminate()
+    proc.wait(5)
+
+
+@real
+@pytest.mark.slurm
+def test_remote_mode_over_ssh(tmp_path, sshd):
+    backend = SlurmBackend(options(ssh=sshd), {"work_dir": str(tmp_path)})
+    from backends.commands import SSHRunner
+    assert isinstance(backend.runner, SSHRunner)
+    job = backend.submit(make_request(tmp_path, {"id": "ssh1"},
+                                      ["/bin/sh", "-c", f"echo via-ssh > {tmp_path}/ssh1/out"]))
+    assert wait(backend, job, {JobState.COMPLETED}).state == JobState.COMPLETED
+    assert (tmp_path / "ssh1" / "out").read_text() == "via-ssh\n"
+    held = backend.submit(make_request(tmp_path, {"id": "ssh2"}, ["/bin/true"],
+                                       params={"begin": "now+1hour"}))
+    calls = backend.runner.calls
+    assert backend.poll([job, held])[held].state == JobState.PENDING
+    assert backend.runner.calls - calls == 1
+    backend.cancel(held)
+    assert wait(backend, held, {JobState.CANCELLED}).state == JobState.CANCELLED
+    backend.close()
+
+
+def test_ssh_refuses_unknown_host_key(tmp_path, sshd):
+    from backends.commands import SSHRunner
+
+    (tmp_path / "empty_known_hosts").write_text("")
+    runner = SSHRunner(sshd["host"], sshd["user"], sshd["port"], sshd["key_file"],
+                       timeout=10, known_hosts=str(tmp_path / "empty_known_hosts"))
+    result = runner.run(["true"])
+    assert result.returncode == 255 and "ssh" in result.stderr
