@@ -22,6 +22,11 @@ def make_reconciler(config: dict, service: TaskService):
 def run_server(config: dict, reconcile: bool = True) -> None:
     service = make_service(config)
     app = create_app(config, service)
+    grpc_server = None  # held for the life of run_server: a collected server stops
+    if config["server"]["grpc_port"]:
+        from gateway.grpc_server import start_grpc_server
+
+        grpc_server = start_grpc_server(config, service, app.extensions["funnel.auth"])
     if reconcile and config["reconciler"]["enabled"]:
         make_reconciler(config, service).start_thread()
     else:
@@ -30,8 +35,12 @@ def run_server(config: dict, reconcile: bool = True) -> None:
     log.info("TES API on http://%s:%s/ga4gh/tes/v1 (database %s, backend %s)",
              server["host"], server["http_port"], _safe_url(config["database"]["url"]),
              config["backend"]["name"])
-    waitress.serve(app, host=server["host"], port=server["http_port"], threads=server["threads"],
-                   ident="funnel-hpc", _quiet=True)
+    try:
+        waitress.serve(app, host=server["host"], port=server["http_port"],
+                       threads=server["threads"], ident="funnel-hpc", _quiet=True)
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=2)
 
 
 def run_reconciler(config: dict) -> None:

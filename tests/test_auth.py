@@ -188,3 +188,34 @@ def test_login_redirect_stays_on_site(server):
                         data={"csrf_token": csrf, "username": "alice",
                               "password": PASSWORDS["alice"]})
     assert resp.status_code == 303 and resp.headers["Location"] == "/"
+
+
+def test_grpc_requires_credentials_and_isolates_users(server):
+    import base64
+
+    import grpc
+
+    from proto import tes_pb2, tes_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = tes_pb2_grpc.TaskServiceStub(channel)
+
+    def creds(user):
+        raw = base64.b64encode(f"{user}:{PASSWORDS[user]}".encode()).decode()
+        return (("authorization", f"Basic {raw}"),)
+
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ListTasks(tes_pb2.ListTasksRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    task = tes_pb2.Task(executors=[tes_pb2.Executor(image="busybox", command=["true"])])
+    bobs = stub.CreateTask(task, metadata=creds("bob")).id
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetTask(tes_pb2.GetTaskRequest(id=bobs), metadata=creds("alice"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.CancelTask(tes_pb2.CancelTaskRequest(id=bobs), metadata=creds("alice"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    alice_sees = stub.ListTasks(tes_pb2.ListTasksRequest(page_size=2048), metadata=creds("alice"))
+    assert bobs not in {t.id for t in alice_sees.tasks}
+    assert stub.GetTask(tes_pb2.GetTaskRequest(id=bobs), metadata=creds("root")).id == bobs
+    channel.close()

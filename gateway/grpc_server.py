@@ -1,0 +1,119 @@
+"""gRPC `tes.TaskService` on its own port, over the same TaskService as HTTP.
+
+Messages are converted to and from the TES JSON the service speaks with
+google.protobuf.json_format, so validation, views, pagination, filters and
+cancel are one code path whichever protocol a client uses. Errors map to
+INVALID_ARGUMENT (bad input, message names the field), NOT_FOUND,
+UNAUTHENTICATED and UNAVAILABLE (database busy). Server reflection is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Any, Callable
+
+import grpc
+from google.protobuf import json_format
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.exc import OperationalError
+
+from gateway.auth import AuthError, Authenticator, Principal
+from gateway.service import BadRequest, ListQuery, NotFound, TaskService, zip_tags
+from proto import tes_pb2, tes_pb2_grpc
+
+log = logging.getLogger(__name__)
+VIEWS = ("MINIMAL", "BASIC", "FULL")
+
+
+def to_message(document: dict, message: Any) -> Any:
+    return json_format.ParseDict(document, message, ignore_unknown_fields=True)
+
+
+def to_dict(message: Any) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
+    def __init__(self, service: TaskService, authenticator: Authenticator):
+        self.service = service
+        self.auth = authenticator
+
+    def _call(self, context: grpc.ServicerContext, fn: Callable[[Principal], Any]) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            principal = self.auth.authenticate(metadata.get("authorization"))
+            return fn(principal)
+        except AuthError as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except BadRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        except NotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
+        except OperationalError:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "database busy or unavailable; retry")
+
+    @staticmethod
+    def _view(view: str) -> str:
+        view = view or "MINIMAL"
+        if view not in VIEWS:
+            raise BadRequest(f"view: must be one of {', '.join(VIEWS)}, got {view!r}")
+        return view
+
+    def GetServiceInfo(self, request, context):
+        def run(_who):
+            info = dict(self.service.service_info())
+            return to_message(info, tes_pb2.ServiceInfo())
+        return self._call(context, run)
+
+    def CreateTask(self, request, context):
+        def run(who: Principal):
+            document = to_dict(request)
+            return tes_pb2.CreateTaskResponse(id=self.service.create(document, owner=who.user))
+        return self._call(context, run)
+
+    def GetTask(self, request, context):
+        def run(who: Principal):
+            task = self.service.get(request.id, self._view(request.view), owner=who.scope)
+            return to_message(task, tes_pb2.Task())
+        return self._call(context, run)
+
+    def ListTasks(self, request, context):
+        def run(who: Principal):
+            state = tes_pb2.State.Name(request.state) if request.state else None
+            query = ListQuery(view=self._view(request.view), page_size=request.page_size or None,
+                              page_token=request.page_token or None,
+                              name_prefix=request.name_prefix or None, state=state,
+                              tags=zip_tags(request.tag_key, request.tag_value), owner=who.scope)
+            tasks, token = self.service.list(query)
+            response = tes_pb2.ListTasksResponse(
+                tasks=[to_message(t, tes_pb2.Task()) for t in tasks])
+            if token:
+                response.next_page_token = token
+            return response
+        return self._call(context, run)
+
+    def CancelTask(self, request, context):
+        def run(who: Principal):
+            self.service.cancel(request.id, owner=who.scope)
+            return tes_pb2.CancelTaskResponse()
+        return self._call(context, run)
+
+
+def start_grpc_server(config: dict, service: TaskService,
+                      authenticator: Authenticator | None = None) -> grpc.Server:
+    """Start serving on server.host:server.grpc_port; returns the running server."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config["server"]["threads"]),
+                         options=[("grpc.max_receive_message_length",
+                                   config["server"]["max_body_bytes"])])
+    tes_pb2_grpc.add_TaskServiceServicer_to_server(
+        TaskServicer(service, authenticator or Authenticator(config)), server)
+    names = (tes_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+             reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{config['server']['host']}:{config['server']['grpc_port']}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    server.start()
+    log.info("gRPC tes.TaskService on %s", address)
+    return server
