@@ -167,3 +167,25 @@ def test_unknown_task_page_and_service_page(browser, server, tmp_path):
     browser.get(f"{server.url}/service")
     assert "funnel-hpc" in browser.find_element(By.ID, "service-info").text
     shot(browser, tmp_path, "service")
+
+
+def test_really_running_task_page_turns_complete_without_reload(browser, databases, tmp_path):
+    """Server + reconciler + local backend + worker: the open page follows the real run."""
+    from selenium.webdriver.common.by import By
+
+    live = ServerProcess(tmp_path / "live", databases.new("sqlite"), reconcile=True, overrides={
+        "reconciler": {"interval_seconds": 0.3}, "worker": {"container_driver": "bwrap"}}).start()
+    try:
+        task_id = create(live, name="real-run", executors=[
+            {"image": "busybox", "command": ["sh", "-c", "sleep 3; echo finished"]}])
+        browser.get(f"{live.url}/tasks/{task_id}")
+        browser.execute_script("window.__loaded_once = true;")
+        wait_for(lambda: browser.find_element(By.ID, "task-state").text == "RUNNING", 30)
+        wait_for(lambda: browser.find_element(By.ID, "task-state").text == "COMPLETE", 30)
+        assert browser.execute_script("return window.__loaded_once === true;")
+        stdout = browser.find_element(By.CSS_SELECTOR, "pre.stdout").text
+        assert stdout.strip() == "finished"
+        assert task_id in browser.find_element(By.ID, "job-id").text  # local job id = task id
+        shot(browser, tmp_path, "real-run-complete")
+    finally:
+        live.stop()
