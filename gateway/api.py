@@ -65,17 +65,17 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
     @blp.route("/service-info")
     class ServiceInfo(MethodView):
         @blp.response(200, ServiceInfoSchema)
+        @errors(400)
         def get(self):
             """GetServiceInfo"""
             return json_response(service().service_info())
-
-    if legacy:  # TES 1.0 clients ask /v1/tasks/service-info
-        blp.add_url_rule("/tasks/service-info", view_func=ServiceInfo.as_view("legacy_service_info"))
 
     @blp.route("/tasks")
     class Tasks(MethodView):
         @blp.arguments(ListArgsSchema, location="query", error_status_code=400, as_kwargs=True)
         @blp.response(200, ListTasksResponseSchema)
+        @blp.alt_response(431, description="Request headers (the query) too large",
+                          content_type="text/plain", schema={"type": "string"})
         @errors(400)
         def get(self, view="MINIMAL", **args):
             """ListTasks"""
@@ -111,10 +111,15 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
     @blp.route("/tasks/<string:task_id>:cancel")
     class CancelTask(MethodView):
         @blp.response(200, CancelTaskResponseSchema)
-        @errors(404)
+        @errors(400, 404)
         def post(self, task_id):
             """CancelTask: no change (still 200) when the task already ended."""
             service().cancel(task_id, owner=principal().scope)
             return json_response({})
 
     return blp
+
+
+def legacy_service_info():
+    """TES 1.0 clients ask /v1/tasks/service-info (not in the OpenAPI document)."""
+    return json_response(service().service_info())

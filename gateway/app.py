@@ -15,7 +15,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from gateway import __version__, db
 from gateway.auth import AuthError, Authenticator
 from gateway.config import TEMPLATES_DIR
-from gateway.api import LEGACY_PREFIX, TES_PREFIX, json_response, make_blueprint
+from gateway.api import (LEGACY_PREFIX, TES_PREFIX, json_response, legacy_service_info,
+                         make_blueprint)
 from gateway.dashboard import blueprint as dashboard_blueprint
 from gateway.events_api import blueprint as events_blueprint
 from gateway.schemas import flatten_errors
@@ -57,6 +58,8 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     api = Api(app)
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
+    app.add_url_rule(LEGACY_PREFIX + "/tasks/service-info", "legacy_service_info",
+                     legacy_service_info)
     app.register_blueprint(events_blueprint)
     app.register_blueprint(dashboard_blueprint)
 
@@ -106,6 +109,10 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
             text = "; ".join(m.split(".", 1)[1] if m.split(".", 1)[0] in messages else m
                              for m in flat)
             return json_response({"code": exc.code, "message": text}, exc.code or 400)
-        return json_response({"code": exc.code, "message": exc.description}, exc.code or 500)
+        resp = json_response({"code": exc.code, "message": exc.description}, exc.code or 500)
+        valid = getattr(exc, "valid_methods", None)
+        if valid:  # 405 names what is allowed (RFC 9110)
+            resp.headers["Allow"] = ", ".join(sorted(valid))
+        return resp
 
     return app

@@ -185,9 +185,13 @@ class TaskLogSchema(Schema):
 
 
 class TaskSchema(TaskCreateSchema):
+    """A task as returned; MINIMAL views carry only id and state, so nothing is required."""
+
     class Meta:
         unknown = EXCLUDE
         ordered = True
+
+    executors = fields.List(fields.Nested(ExecutorSchema))
 
     id = fields.String(dump_only=True)
     state = fields.String(dump_only=True, validate=validate.OneOf(ALL_STATES))

@@ -37,7 +37,8 @@ def run_server(config: dict, reconcile: bool = True) -> None:
              config["backend"]["name"])
     try:
         waitress.serve(app, host=server["host"], port=server["http_port"],
-                       threads=server["threads"], ident="funnel-hpc", _quiet=True)
+                       threads=server["threads"], ident="funnel-hpc", _quiet=True,
+                       max_request_header_size=4 * 1024 * 1024)
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2)
