@@ -53,10 +53,19 @@ class SubmitRequest:
     task_dir: Path                  # <work_dir>/<task_id>, already created, holds task.json
     worker_argv: list[str]          # the command line that runs the worker for this task
     backend_parameters: dict[str, str] = field(default_factory=dict)  # accepted, lower-cased keys
+    owner: str | None = None        # the task's owner (auth on), for per-user submission
 
 
 class BackendError(RuntimeError):
-    """The scheduler refused or failed an operation; message says what it reported."""
+    """The scheduler refused or failed an operation; message says what it reported.
+
+    transient: the scheduler could not be reached (daemon down, timeout, SSH
+    trouble); the reconciler retries later instead of failing the task.
+    """
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class Backend(abc.ABC):

@@ -5,10 +5,16 @@ admin's ``backend.slurm.template``), written to ``<task_dir>/slurm.sh`` and
 given to ``sbatch --parsable`` on standard input, so the same path works over
 SSH (``backend.slurm.ssh.host``) with a work dir shared with the login node.
 
-A poll lists this user's jobs with one ``squeue -t all``; jobs that already left
-slurmctld's memory are looked up with one ``sacct`` call when accounting is
-enabled. A job neither knows is LOST: the reconciler then trusts the worker's
-event log, and fails the task if that log has no end either.
+A poll lists this user's jobs with one ``squeue --me -t all`` (not ``-j``:
+squeue refuses a list holding ids it has forgotten, and the argv would grow with
+the number of jobs); jobs that already left slurmctld's memory (MinJobAge) are
+looked up with one ``sacct`` call when accounting is enabled (probed once). A
+job neither knows is LOST: the reconciler then trusts the worker's event log,
+and fails the task if that log has no end either. So a poll costs one scheduler
+command, two when some jobs are gone and accounting is on.
+
+``JobStatus.reason`` carries what Slurm said, e.g.
+``squeue: FAILED exit=3:0 reason=NonZeroExitCode``.
 """
 
 from __future__ import annotations
@@ -46,12 +52,32 @@ STATE_MAP: dict[str, JobState] = {
 }
 
 
+# what Slurm's client commands print when slurmctld cannot be reached
+UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
+               "Connection refused", "Zero Bytes were transmitted", "timed out after",
+               "Communication connection failure", "ssh ")
+
+
+def unreachable(result) -> bool:
+    text = result.stderr + result.stdout
+    return result.returncode in (124, 255) or any(marker in text for marker in UNREACHABLE)
+
+
 def parse_job_id(text: str) -> str:
     """`sbatch --parsable` prints `jobid` or `jobid;cluster`."""
     job_id = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
     if not job_id.isdigit():
         raise BackendError(f"sbatch printed no job id: {text.strip()[:200]!r}")
     return job_id
+
+
+def exit_code(raw: str) -> str:
+    """squeue's exit_code is a wait status (768 = exit 3); show it as sacct does: code:signal."""
+    try:
+        status = int(raw)
+    except ValueError:
+        return raw
+    return f"{status >> 8}:{status & 0x7F}"
 
 
 def map_state(raw: str) -> JobState:
@@ -85,14 +111,16 @@ class SlurmBackend(Backend):
         result = self.runner.run(["sbatch", "--parsable"], input=script)
         if result.returncode != 0:
             raise BackendError(f"sbatch failed ({result.returncode}): "
-                               f"{(result.stderr or result.stdout).strip()[:500]}")
+                               f"{(result.stderr or result.stdout).strip()[:500]}",
+                               transient=unreachable(result))
         return parse_job_id(result.stdout)
 
     def cancel(self, job_id: str) -> None:
         result = self.runner.run(["scancel", str(job_id)])
         if result.returncode != 0 and "already completing or completed" not in result.stderr \
                 and "Invalid job id" not in result.stderr:
-            raise BackendError(f"scancel {job_id} failed: {result.stderr.strip()[:300]}")
+            raise BackendError(f"scancel {job_id} failed: {result.stderr.strip()[:300]}",
+                               transient=unreachable(result))
 
     def recover(self, task_id: str, task_dir) -> str | None:
         result = self.runner.run(["squeue", "-h", "--me", "-t", "all", "-n",
@@ -106,16 +134,18 @@ class SlurmBackend(Backend):
         wanted = {str(j) for j in job_ids}
         if not wanted:
             return {}
-        result = self.runner.run(["squeue", "-h", "--me", "-t", "all", "-o", "%i|%T|%r"])
+        result = self.runner.run(["squeue", "-h", "--me", "-t", "all",
+                                  "-O", "JobID:|,State:|,exit_code:|,Reason:"])
         if result.returncode != 0:
-            reason = f"squeue failed: {result.stderr.strip()[:300]}"
+            reason = f"squeue failed: {(result.stderr or result.stdout).strip()[:300]}"
             return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
         found: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) == 3 and parts[0] in wanted:
-                job_id, state, reason = parts
-                found[job_id] = JobStatus(map_state(state), f"squeue: {state} reason={reason}")
+            parts = [p.strip() for p in line.split("|", 3)]
+            if len(parts) == 4 and parts[0] in wanted:
+                job_id, state, code, reason = parts
+                found[job_id] = JobStatus(map_state(state), f"squeue: {state} "
+                                          f"exit={exit_code(code)} reason={reason}")
         missing = sorted(wanted - set(found), key=int)
         if missing and self.accounting_enabled():
             found.update(self._sacct(missing))
@@ -140,7 +170,7 @@ class SlurmBackend(Backend):
         if result.returncode != 0:
             return out
         for line in result.stdout.splitlines():
-            parts = line.split("|")
+            parts = line.split("|", 3)
             if len(parts) >= 3 and parts[0] in job_ids:
                 state = map_state(parts[1])
                 out[parts[0]] = JobStatus(state, f"sacct: {parts[1]} exit={parts[2]} "

@@ -206,15 +206,19 @@ class Reconciler:
         logs = self._attempt_logs(row.logs, attempt)
         request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                                 worker_argv=self._worker_argv(directory),
-                                backend_parameters=_lower_keys(task))
+                                backend_parameters=_lower_keys(task), owner=row.owner)
         try:
             job_id = self.backend.submit(request)
-        except (BackendError, OSError, ValueError) as exc:
-            logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "
-                                            f"failed: {exc}")
-            self.service.transition(row.id, State.QUEUED, State.SYSTEM_ERROR, logs=logs,
-                                    job_id=None)
-            stats.finished += 1
+        except BackendError as exc:
+            if exc.transient:  # scheduler unreachable: give the claim back, retry next tick
+                log.warning("submission of task %s deferred: %s", row.id, exc)
+                self.service.update_fields(row.id, State.QUEUED, job_id=None,
+                                           attempt=row.attempt, event_seq=row.event_seq)
+                return
+            self._submission_failed(row, logs, exc, stats)
+            return
+        except (OSError, ValueError) as exc:
+            self._submission_failed(row, logs, exc, stats)
             return
         logs[-1].setdefault("metadata", {}).update(
             {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(attempt)})
@@ -223,6 +227,12 @@ class Reconciler:
             # canceled while we submitted: record the job so the cancel reaches it
             self.service.set_job_id(row.id, job_id, logs)
         self.tails.pop(row.id, None)
+
+    def _submission_failed(self, row: Any, logs: list, exc: Exception, stats: TickStats) -> None:
+        logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "
+                                        f"failed: {exc}")
+        self.service.transition(row.id, State.QUEUED, State.SYSTEM_ERROR, logs=logs, job_id=None)
+        stats.finished += 1
 
     def _worker_argv(self, directory: Path) -> list[str]:
         argv = [*worker_command(self.config), "--task-file", str(directory / "task.json"),
@@ -343,6 +353,7 @@ class Reconciler:
         try:
             self.backend.cancel(row.job_id)
         except (BackendError, OSError) as exc:
+            self.cancels_sent.discard(row.job_id)  # try again next tick
             log.warning("cancel of job %s (task %s) failed: %s", row.job_id, row.id, exc)
 
     # ---- helpers ----

@@ -167,15 +167,20 @@ class TaskRunner:
         for item in self.task.get("inputs") or []:
             self._check_cancel()
             dest = self.paths.host(item["path"])
-            if "content" in item and item["content"] is not None:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text(item["content"], encoding="utf-8")
-                continue
-            url = item.get("url") or ""
             try:
-                self.storage.get(url, dest, is_dir=item.get("type") == "DIRECTORY")
+                if "content" in item and item["content"] is not None:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_text(item["content"], encoding="utf-8")
+                    continue
+                self.storage.get(item.get("url") or "", dest,
+                                 is_dir=item.get("type") == "DIRECTORY")
             except StorageError as exc:
                 raise SystemFailure(f"input {item['path']} from {exc}") from None
+            except OSError as exc:  # e.g. the work dir's disk is full: free what we wrote
+                if dest.is_file():
+                    dest.unlink()
+                raise SystemFailure(f"input {item['path']}: cannot write {dest}: "
+                                    f"{exc.strerror or exc}") from None
             self.paths.ensure_inside(dest)
 
     def _stream_file(self, container_path: str | None, mode: str) -> IO[bytes] | None:
