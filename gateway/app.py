@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import math
 import secrets
 
 from flask import Flask, redirect, request, session, url_for
@@ -19,6 +20,7 @@ from gateway.api import (LEGACY_PREFIX, TES_PREFIX, json_response, legacy_servic
                          make_blueprint)
 from gateway.dashboard import blueprint as dashboard_blueprint
 from gateway.events_api import blueprint as events_blueprint
+from gateway.ratelimit import RateLimiter
 from gateway.schemas import flatten_errors
 from gateway.service import ServiceError, TaskService
 
@@ -63,6 +65,20 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     app.register_blueprint(events_blueprint)
     app.register_blueprint(dashboard_blueprint)
 
+    limiter = RateLimiter(config["server"]["rate_limit_per_second"],
+                          config["server"]["rate_limit_burst"])
+
+    def _rate_limit():
+        if not limiter.enabled:
+            return None
+        who = request.funnel_principal.user or f"addr:{request.remote_addr}"
+        wait = limiter.check(who)
+        if wait <= 0:
+            return None
+        resp = json_response({"code": 429, "message": "too many requests; slow down"}, 429)
+        resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        return resp
+
     @app.before_request
     def _authenticate():
         """Set request.funnel_principal, or answer 401 (API) / go to the login page."""
@@ -72,10 +88,10 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         try:
             if header or not authenticator.enabled:
                 request.funnel_principal = authenticator.authenticate(header)
-                return None
+                return _rate_limit()
             if request.blueprint == "dashboard" and session.get("user"):
                 request.funnel_principal = authenticator.principal_for(session["user"])
-                return None
+                return _rate_limit()
             raise AuthError("authentication required")
         except AuthError as exc:
             if request.blueprint == "dashboard" and not header:

@@ -219,3 +219,20 @@ def test_grpc_requires_credentials_and_isolates_users(server):
     assert bobs not in {t.id for t in alice_sees.tasks}
     assert stub.GetTask(tes_pb2.GetTaskRequest(id=bobs), metadata=creds("root")).id == bobs
     channel.close()
+
+
+def test_rate_limit_per_client(databases, tmp_path):
+    srv = ServerProcess(tmp_path / "rl", databases.new("sqlite"), overrides={"server": {
+        "rate_limit_per_second": 2, "rate_limit_burst": 5}}).start()
+    try:
+        session = requests.Session()
+        codes = [session.get(srv.api + "/tasks", timeout=10) for _ in range(15)]
+        limited = [r for r in codes if r.status_code == 429]
+        # burst 5 (the start-up probe of the fixture may have used one), then 2 per second
+        assert 3 <= sum(r.status_code == 200 for r in codes) <= 7 and limited
+        assert int(limited[0].headers["Retry-After"]) >= 1
+        assert limited[0].json()["message"].startswith("too many requests")
+        time.sleep(1.1)
+        assert session.get(srv.api + "/tasks", timeout=10).status_code == 200
+    finally:
+        srv.stop()
