@@ -3,6 +3,13 @@
 Both runners take an argv list, never a shell string built from task data, and
 count their calls (``calls``) so tests and benchmarks can check that a poll
 costs a constant number of scheduler commands.
+
+    runner = make_runner(options.get("ssh"), timeout=60)   # LocalRunner or SSHRunner
+    rc, out, err = runner.run(["sbatch", "--parsable"], input=script)
+    result = runner.run(["squeue", "-h"]); result.returncode, result.stdout, result.stderr
+
+Failures to run at all are results, not exceptions: 127 (command not found),
+124 (timed out), 255 (SSH trouble), with the cause in stderr.
 """
 
 from __future__ import annotations
@@ -10,17 +17,20 @@ from __future__ import annotations
 import shlex
 import subprocess
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass
-class Result:
+class Result(NamedTuple):
+    """What a command did; unpacks as (returncode, stdout, stderr)."""
+
     returncode: int
     stdout: str
     stderr: str
 
 
 class LocalRunner:
+    """Runs commands here with subprocess (no shell), each with a timeout in seconds."""
+
     def __init__(self, timeout: float = 60):
         self.timeout = timeout
         self.calls = 0
@@ -34,6 +44,8 @@ class LocalRunner:
             return Result(127, "", f"{argv[0]}: command not found")
         except subprocess.TimeoutExpired:
             return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
+        except OSError as exc:
+            return Result(126, "", f"{argv[0]}: {exc}")
         return Result(done.returncode, done.stdout, done.stderr)
 
     def close(self) -> None:
@@ -41,7 +53,13 @@ class LocalRunner:
 
 
 class SSHRunner:
-    """Runs the same commands on a remote host (the cluster's login node)."""
+    """Runs the same commands on a remote host (the cluster's login node) with paramiko.
+
+    The argv is joined with shlex.join, so the remote login shell sees each
+    argument as one word; ``input`` goes to the command's stdin. One connection
+    is kept and reused (re-opened after an error); host keys must be known
+    (known_hosts file, else the system's): unknown ones are refused.
+    """
 
     def __init__(self, host: str, user: str = "", port: int = 22, key_file: str = "",
                  timeout: float = 60, known_hosts: str = ""):
@@ -95,7 +113,8 @@ class SSHRunner:
             self._client = None
 
 
-def make_runner(ssh: dict | None, timeout: float = 60):
+def make_runner(ssh: dict | None, timeout: float = 60) -> LocalRunner | SSHRunner:
+    """SSHRunner when ssh.host is set (backend.<name>.ssh), else LocalRunner."""
     if ssh and ssh.get("host"):
         return SSHRunner(ssh["host"], ssh.get("user", ""), ssh.get("port", 22),
                          ssh.get("key_file", ""), timeout, ssh.get("known_hosts", ""))

@@ -123,18 +123,22 @@ class SlurmBackend(Backend):
                                transient=unreachable(result))
 
     def recover(self, task_id: str, task_dir) -> str | None:
-        result = self.runner.run(["squeue", "-h", "--me", "-t", "all", "-n",
+        result = self.runner.run(["squeue", "-h", *self._whose_jobs(), "-t", "all", "-n",
                                   f"funnel-{task_id}", "-o", "%i"])
         ids = [line.strip() for line in result.stdout.splitlines() if line.strip().isdigit()]
         return ids[-1] if result.returncode == 0 and ids else None
 
     # ---- poll ----
 
+    def _whose_jobs(self) -> list[str]:
+        """squeue's user filter: this account's jobs, or everyone's when jobs run as their owners."""
+        return [] if self.options.get("submit_as_owner") else ["--me"]
+
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         wanted = {str(j) for j in job_ids}
         if not wanted:
             return {}
-        result = self.runner.run(["squeue", "-h", "--me", "-t", "all",
+        result = self.runner.run(["squeue", "-h", *self._whose_jobs(), "-t", "all",
                                   "-O", "JobID:|,State:|,exit_code:|,Reason:"])
         if result.returncode != 0:
             reason = f"squeue failed: {(result.stderr or result.stdout).strip()[:300]}"
@@ -146,29 +150,36 @@ class SlurmBackend(Backend):
                 job_id, state, code, reason = parts
                 found[job_id] = JobStatus(map_state(state), f"squeue: {state} "
                                           f"exit={exit_code(code)} reason={reason}")
-        missing = sorted(wanted - set(found), key=int)
+        missing = sorted(wanted - set(found))
         if missing and self.accounting_enabled():
             found.update(self._sacct(missing))
+        where = "not in squeue, not in sacct" if self._accounting else \
+            "not in squeue; no accounting"
         for job_id in wanted - set(found):
-            found[job_id] = JobStatus(JobState.LOST, "Slurm no longer knows this job "
-                                      "(not in squeue" + (", not in sacct)"
-                                                          if self._accounting else
-                                                          "; accounting is disabled)"))
+            found[job_id] = JobStatus(JobState.LOST, f"Slurm no longer knows this job ({where})")
         return found
 
     def accounting_enabled(self) -> bool:
+        """Does sacct answer here? Probed once; an unclear answer is asked again later."""
         if self._accounting is None:
             probe = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-j", "1"])
             text = probe.stderr + probe.stdout
-            self._accounting = probe.returncode == 0 and "disabled" not in text
+            if "disabled" in text or probe.returncode == 127:
+                self._accounting = False
+            elif probe.returncode == 0:
+                self._accounting = True
+            else:
+                return False
         return self._accounting
 
     def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
         result = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,ExitCode,Reason",
                                   "-j", ",".join(job_ids)])
-        out: dict[str, JobStatus] = {}
         if result.returncode != 0:
-            return out
+            # not LOST: that would fail the tasks; ask again next poll
+            reason = f"sacct failed: {(result.stderr or result.stdout).strip()[:300]}"
+            return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}
+        out: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
             parts = line.split("|", 3)
             if len(parts) >= 3 and parts[0] in job_ids:

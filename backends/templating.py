@@ -3,11 +3,23 @@
 Templates are configuration that site admins own. Every value that comes from
 a task reaches a template through one of two filters, and templates must use them:
 
-- ``directive``: for scheduler directive lines (``#SBATCH``, ``#$``, submit
-  description values). Refuses (TemplateValueError) anything outside a small
-  safe character set, so a value can never end a line, start a new directive or
-  open a shell construct.
-- ``shell_quote``: for shell words (``shlex.quote``).
+- ``directive`` (alias ``directive_value``): for scheduler directive lines
+  (``#SBATCH``, ``#$``, submit description values). Refuses
+  (TemplateValueError) anything outside a small safe character set
+  (letters, digits and ``_ . , : = @ % + / - [ ]``), so a value can never end a
+  line (newline, CR, NUL), start a new directive or open a shell construct.
+- ``shell_quote``: for shell words (``shlex.quote``; a value with control
+  characters becomes one ``$'...'`` word so a shell word never spans lines).
+
+Entry points for backends:
+
+- ``script_variables(request, options) -> dict``: the variables below;
+- ``render(template, variables) -> str``: render a name under the template
+  directory (``gateway.config.TEMPLATES_DIR``) or an absolute path (a site's
+  own template, the backend's ``template`` option);
+- ``check_backend_parameters(params, allowed, strict) -> (accepted, warnings)``:
+  the allow-list check (ValueError naming the keys when strict);
+- ``map_backend_parameters(params, allowed) -> [(option, value)]``.
 
 Variables every backend template receives (``script_variables``):
 
@@ -30,6 +42,7 @@ Variables every backend template receives (``script_variables``):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shlex
@@ -76,17 +89,35 @@ def shell_join(argv: list[str]) -> str:
     return " ".join(shell_quote(arg) for arg in argv)
 
 
+directive_value = directive
+
+# an option name from the admin's allow-list: "--qos", "-A", "--exclusive"
+_OPTION = re.compile(r"^--?[A-Za-z][A-Za-z0-9_-]*$")
+
+
 def environment(template_dir: str | Path | None = None) -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(template_dir or TEMPLATES_DIR)),
+    """A Jinja2 environment over template_dir (default: templates/), cached per directory."""
+    return _environment(str(template_dir or TEMPLATES_DIR))
+
+
+@functools.lru_cache(maxsize=16)
+def _environment(template_dir: str) -> jinja2.Environment:
+    # auto_reload (the default) re-reads a template whose file changed
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(template_dir),
                              undefined=jinja2.StrictUndefined, autoescape=False,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["directive"] = directive
+    env.filters["directive_value"] = directive
     env.filters["shell_quote"] = shell_quote
     return env
 
 
 def render(template: str, variables: dict[str, Any]) -> str:
-    """Render a template: a path (admin override) or a name under templates/."""
+    """Render a template: a path (admin override) or a name under templates/.
+
+    Every failure (missing template, syntax error, undefined variable, a value
+    refused by ``directive``) is a TemplateValueError (a ValueError).
+    """
     path = Path(template)
     if path.is_absolute():
         env = environment(path.parent)
@@ -98,27 +129,52 @@ def render(template: str, variables: dict[str, Any]) -> str:
         return env.get_template(name).render(**variables)
     except jinja2.TemplateNotFound:
         raise TemplateValueError(f"submission template {template} not found") from None
+    except jinja2.TemplateError as exc:  # syntax errors, undefined variables
+        raise TemplateValueError(f"submission template {template}: {exc}") from None
 
 
 def map_backend_parameters(params: dict[str, str], allowed: dict[str, str]) -> list[tuple[str, str]]:
-    """TES backend_parameters (keys lower-cased) -> [(scheduler option, value)], allow-listed."""
+    """TES backend_parameters (keys lower-cased) -> [(scheduler option, value)], allow-listed.
+
+    Keys not in the allow-list are left out (the API already warned or refused).
+    Values must pass ``directive``; an empty value gives the bare option
+    (e.g. ``--exclusive``). Raises TemplateValueError.
+    """
     lowered = {str(k).lower(): str(v) for k, v in allowed.items()}
     out = []
     for key, value in sorted(params.items()):
-        option = lowered.get(key.lower())
-        if option:
-            out.append((option, directive(value)))
+        option = lowered.get(str(key).lower())
+        if not option:
+            continue
+        if not _OPTION.match(option):
+            raise TemplateValueError(f"backend_parameters option {option!r} for key {key!r} "
+                                     "in the configuration is not an option name")
+        out.append((option, directive("" if value is None else value)))
     return out
 
 
 def check_backend_parameters(params: dict[str, str], allowed: dict[str, str],
                              strict: bool) -> tuple[dict[str, str], list[str]]:
-    """Split a task's backend_parameters into accepted ones and warnings; strict: refuse."""
+    """Split a task's backend_parameters into accepted ones and warnings.
+
+    allowed is the backend's allow-list (TES key -> scheduler option), matched
+    case-insensitively; accepted keys come back lower-cased. Unknown keys give
+    one warning (for the task's system logs), or, when strict, a ValueError
+    naming them (the API answers HTTP 400). An accepted value that cannot be
+    placed on a directive line (``directive``) is always a ValueError.
+    """
     lowered = {str(k).lower() for k in allowed}
-    unknown = sorted(k for k in params if k.lower() not in lowered)
+    unknown = sorted(str(k) for k in params if str(k).lower() not in lowered)
     if unknown and strict:
-        raise ValueError(f"unsupported backend_parameters: {', '.join(unknown)}")
-    accepted = {k: v for k, v in params.items() if k.lower() in lowered}
+        raise ValueError(f"unsupported backend_parameters: {', '.join(unknown)} "
+                         f"(supported: {', '.join(sorted(lowered)) or 'none'})")
+    accepted: dict[str, str] = {}
+    for key, value in params.items():
+        if str(key).lower() in lowered:
+            try:
+                accepted[str(key).lower()] = directive("" if value is None else value)
+            except TemplateValueError as exc:
+                raise TemplateValueError(f"backend_parameters[{key!r}]: {exc}") from None
     warnings = [f"backend_parameters ignored: {', '.join(unknown)}"] if unknown else []
     return accepted, warnings
 

@@ -5,12 +5,17 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 # openssh-server: the tests drive Slurm over SSH too (backend.slurm.ssh), against a private sshd
-apt_install slurm-wlm munge openssh-server openssh-client
+apt_install slurm-wlm munge openssh-server openssh-client sudo
+# an unprivileged account for the per-user submission test
+id funneltest >/dev/null 2>&1 || useradd --create-home --shell /bin/bash funneltest
 
 host=$(hostname)
 grep -qE "[[:space:]]$host([[:space:]]|\$)" /etc/hosts || echo "127.0.1.1 $host" >>/etc/hosts
 
-if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+# node usable: idle/mixed/allocated, and responding (no trailing * or other flag)
+healthy() { sinfo -h -o '%T' 2>/dev/null | grep -qxE '(idle|mixed|allocated|completing)'; }
+
+if healthy; then
   echo "Slurm already running"; exit 0
 fi
 
@@ -27,6 +32,8 @@ fi
 for _ in $(seq 1 20); do munge -n >/dev/null 2>&1 && break; sleep 0.5; done
 
 node=$(slurmd -C | head -n 1 | sed 's/ UpTime=.*//')
+node_name=$(printf '%s\n' "$node" | sed -n 's/^NodeName=\([^ ]*\).*/\1/p')
+conf_before=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
 cat >/etc/slurm/slurm.conf <<CONF
 # written by funnel-hpc scripts/setup/30-slurm.sh for the test suite
 ClusterName=funnel-test
@@ -53,12 +60,19 @@ $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 
+if [ "$conf_before" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/dev/null; then
+  scontrol reconfigure || true   # running daemons read the new file
+fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
-for _ in $(seq 1 60); do
-  if sinfo -h -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
+for i in $(seq 1 60); do
+  if healthy; then
     echo "Slurm ready: $(sinfo -h -o '%P %a %D %T %c CPUs')"
     exit 0
+  fi
+  # a node left down/drained by an earlier run (e.g. killed daemons) is put back in service
+  if [ "$i" -eq 10 ] && sinfo -h -o '%T' 2>/dev/null | grep -qE '^(down|drain)'; then
+    scontrol update NodeName="$node_name" State=RESUME || true
   fi
   sleep 1
 done

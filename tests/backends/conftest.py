@@ -1,0 +1,109 @@
+"""Fixtures for the HPC backend tests: config, requests, a fake runner, the real Slurm, an sshd."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from backends.base import SubmitRequest
+from backends.commands import Result
+from gateway import config as config_mod
+from tests.conftest import free_port
+
+
+def slurm_options(**extra) -> dict:
+    """backend.slurm from conf/default.yaml, with overrides."""
+    base = config_mod.load(environ={})["backend"]["slurm"]
+    return {**base, **extra}
+
+
+def make_request(tmp_path: Path, task: dict, argv: list[str] | None = None,
+                 params: dict | None = None) -> SubmitRequest:
+    task_dir = tmp_path / task["id"]
+    task_dir.mkdir(parents=True, exist_ok=True)
+    return SubmitRequest(task_id=task["id"], task=task, task_dir=task_dir,
+                         worker_argv=argv or ["/bin/true"], backend_parameters=params or {})
+
+
+class FakeRunner:
+    """Answers commands from a table {first words: Result}; records what was run."""
+
+    def __init__(self, answers: dict[tuple[str, ...], Result]):
+        self.answers = answers
+        self.calls = 0
+        self.commands: list[list[str]] = []
+
+    def run(self, argv: list[str], input: str | None = None) -> Result:
+        self.calls += 1
+        self.commands.append(list(argv))
+        for words, result in self.answers.items():
+            if tuple(argv[:len(words)]) == words:
+                return result
+        return Result(127, "", f"{argv[0]}: not faked")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """The real single-node Slurm of scripts/setup/30-slurm.sh.
+
+    Skipped only where Slurm is not installed at all; installed but not
+    answering is a failure (CI runs the set-up script first).
+    """
+    if not shutil.which("sinfo"):
+        pytest.skip("Slurm is not installed (run scripts/setup/30-slurm.sh)")
+    for _ in range(30):  # another test may be restarting slurmctld
+        done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated"):
+            return
+        time.sleep(1)
+    pytest.fail(f"Slurm is installed but not healthy (sinfo: {done.stdout.strip()}"
+                f"{done.stderr.strip()}); run scripts/setup/30-slurm.sh")
+
+
+@pytest.fixture
+def sshd(tmp_path) -> Iterator[dict]:
+    """A private sshd on 127.0.0.1 that accepts one generated key for this user."""
+    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
+    if not Path(sshd_bin).exists():
+        pytest.skip("openssh-server not installed (scripts/setup/30-slurm.sh)")
+    keys = tmp_path / "ssh"
+    keys.mkdir(mode=0o700)
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
+                       check=True)
+    (keys / "authorized_keys").write_text((keys / "client.pub").read_text())
+    os.chmod(keys / "authorized_keys", 0o600)
+    port = free_port()
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([sshd_bin, "-D", "-e", "-p", str(port), "-h", str(keys / "host"),
+                             "-o", "ListenAddress=127.0.0.1",
+                             "-o", f"AuthorizedKeysFile={keys / 'authorized_keys'}",
+                             "-o", "PasswordAuthentication=no", "-o", "PermitRootLogin=yes",
+                             "-o", "StrictModes=no", "-o", f"PidFile={keys / 'sshd.pid'}",
+                             "-o", "UsePAM=no"],
+                            stderr=subprocess.DEVNULL)
+    host_key = (keys / "host.pub").read_text().split()
+    (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    try:
+        yield {"host": "127.0.0.1", "port": port, "user": getpass.getuser(),
+               "key_file": str(keys / "client"), "known_hosts": str(keys / "known_hosts")}
+    finally:
+        proc.terminate()
+        proc.wait(5)
