@@ -41,4 +41,5 @@ def receive_event(task_id: str):
         os.write(fd, line)
     finally:
         os.close(fd)
+    service.changed.set()
     return json_response({"accepted": True, "state": row.state})

@@ -128,12 +128,17 @@ class Reconciler:
 
     def run_forever(self) -> None:
         log.info("reconciler started: backend=%s interval=%ss", self.backend.name, self.interval)
+        changed = self.service.changed
         while not self._stop.is_set():
+            changed.clear()
             try:
                 self.last_tick = self.tick()
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("reconciler tick failed")
-            self._stop.wait(self.interval)
+            # the next tick comes after the interval, or at once when a task is created or
+            # canceled or a worker reports in this process (never more than every 50 ms)
+            changed.wait(self.interval)
+            self._stop.wait(0.05)
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
@@ -142,6 +147,7 @@ class Reconciler:
 
     def stop(self) -> None:
         self._stop.set()
+        self.service.changed.set()
 
     # ---- one tick ----
 

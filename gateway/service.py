@@ -8,6 +8,7 @@ import base64
 import binascii
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -103,6 +104,9 @@ class TaskService:
         allowed = section.get("backend_parameters") or {}
         # lower-cased TES backend_parameters key -> scheduler option
         self.backend_parameters: dict[str, Any] = {str(k).lower(): v for k, v in allowed.items()}
+        # set when something the reconciler should act on happens in this process
+        # (a task created or canceled, a worker event received): it ticks at once
+        self.changed = threading.Event()
 
     # ---- create ----
 
@@ -125,6 +129,7 @@ class TaskService:
             if tags:
                 conn.execute(_INSERT_TAG,
                              [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
+        self.changed.set()
         return task_id
 
     def _check_backend_parameters(self, spec: dict) -> list:
@@ -229,6 +234,7 @@ class TaskService:
                 return state.value
             target = State.CANCELED if row.job_id is None else State.CANCELING
             if self.transition(task_id, state, target, job_id_is_null=row.job_id is None):
+                self.changed.set()
                 return target.value
             row = self.get_row(task_id, owner)  # it moved under us; look again
         raise ServiceError(f"task {task_id} kept changing state; cancel not applied")
