@@ -19,6 +19,9 @@ command, two when some jobs are gone and accounting is on.
 
 from __future__ import annotations
 
+import re
+import shutil
+
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from backends.commands import make_runner
 from backends.templating import render, script_variables
@@ -51,6 +54,8 @@ STATE_MAP: dict[str, JobState] = {
     "CANCELLED": JobState.CANCELLED,
 }
 
+
+UNIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 # what Slurm's client commands print when slurmctld cannot be reached
 UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
@@ -101,6 +106,22 @@ class SlurmBackend(Backend):
     def render_script(self, request: SubmitRequest) -> str:
         return render(self.template, script_variables(request, self.options))
 
+    def _as_owner(self, request: SubmitRequest) -> list[str]:
+        """`sudo -n -u OWNER --` when jobs are submitted as their owners, else nothing."""
+        if not self.options.get("submit_as_owner"):
+            return []
+        owner = request.owner or ""
+        if not UNIX_USER.match(owner):
+            raise BackendError(f"cannot submit as owner {owner!r}: not a Unix user name "
+                               "(backend.slurm.submit_as_owner needs authenticated users)")
+        try:  # the worker runs as the owner: its task dir must be the owner's
+            for path in (request.task_dir, *request.task_dir.iterdir()):
+                shutil.chown(path, user=owner)
+            request.task_dir.chmod(0o700)
+        except (LookupError, OSError) as exc:
+            raise BackendError(f"cannot hand the task dir to {owner!r}: {exc}") from None
+        return ["sudo", "-n", "-u", owner, "--"]
+
     def submit(self, request: SubmitRequest) -> str:
         try:
             script = self.render_script(request)
@@ -108,7 +129,8 @@ class SlurmBackend(Backend):
             raise BackendError(f"cannot render the Slurm script: {exc}") from None
         path = request.task_dir / "slurm.sh"
         path.write_text(script)
-        result = self.runner.run(["sbatch", "--parsable"], input=script)
+        prefix = self._as_owner(request)
+        result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
         if result.returncode != 0:
             raise BackendError(f"sbatch failed ({result.returncode}): "
                                f"{(result.stderr or result.stdout).strip()[:500]}",
