@@ -153,7 +153,7 @@ class SlurmBackend(Backend):
     # ---- poll ----
 
     def _whose_jobs(self) -> list[str]:
-        """squeue's user filter: this account's jobs, or everyone's when jobs run as their owners."""
+        """squeue's user filter: this account's jobs, or all when jobs run as their owners."""
         return [] if self.options.get("submit_as_owner") else ["--me"]
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:

@@ -133,7 +133,8 @@ def render(template: str, variables: dict[str, Any]) -> str:
         raise TemplateValueError(f"submission template {template}: {exc}") from None
 
 
-def map_backend_parameters(params: dict[str, str], allowed: dict[str, str]) -> list[tuple[str, str]]:
+def map_backend_parameters(params: dict[str, str],
+                           allowed: dict[str, str]) -> list[tuple[str, str]]:
     """TES backend_parameters (keys lower-cased) -> [(scheduler option, value)], allow-listed.
 
     Keys not in the allow-list are left out (the API already warned or refused).

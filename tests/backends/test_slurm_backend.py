@@ -219,3 +219,26 @@ def test_ssh_refuses_unknown_host_key(tmp_path, sshd):
                        timeout=10, known_hosts=str(tmp_path / "empty_known_hosts"))
     result = runner.run(["true"])
     assert result.returncode == 255 and "ssh" in result.stderr
+
+
+@pytest.mark.slurm
+def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm):
+    """Through sbatch for real: the hostile values neither add directives nor reach a shell."""
+    import json
+    import sys
+
+    from tests.backends.test_templating import HOSTILE, HOSTILE_ARGS, task
+
+    backend = SlurmBackend(slurm_options(), {})
+    out = tmp_path / "abc123" / "argv.json"
+    printer = f"import json, sys; open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))"
+    args = [a.replace("\x00", "") for a in HOSTILE_ARGS]
+    hostile = {**task(HOSTILE, HOSTILE), "resources": {"cpu_cores": 1}}
+    job = backend.submit(make_request(tmp_path, hostile, [sys.executable, "-c", printer, *args]))
+    status = wait(backend, job, {JobState.COMPLETED, JobState.FAILED})
+    assert status.state == JobState.COMPLETED, (status, (tmp_path / "abc123" / "slurm.err")
+                                                 .read_text())
+    assert json.loads(out.read_text()) == args
+    assert not Path("/tmp/pwned").exists()
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+    assert "wrap" not in shown.stdout.lower() and "JobName=funnel-abc123" in shown.stdout

@@ -146,7 +146,8 @@ def test_filters():
 
 def test_strict_undefined_and_site_template(tmp_path):
     own = tmp_path / "site.sh.j2"
-    own.write_text("#!/bin/bash\n#SBATCH -J {{ job_name | directive_value }}\nexec {{ worker_command }}\n")
+    own.write_text("#!/bin/bash\n#SBATCH -J {{ job_name | directive_value }}\n"
+                   "exec {{ worker_command }}\n")
     backend = SlurmBackend(slurm_options(template=str(own)), {})
     script = backend.render_script(make_request(tmp_path, {"id": "t4"}, ["/bin/echo", "a b"]))
     assert script == "#!/bin/bash\n#SBATCH -J funnel-t4\nexec /bin/echo 'a b'\n"
