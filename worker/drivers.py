@@ -28,6 +28,8 @@ from pathlib import Path
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_SKIP = {"proc", "dev", "sys", "tmp", "run", "lost+found", "mnt", "media"}
+# Separators of "-v host:container[:options]" and "--bind a:b,c:d" bind lists.
+BIND_SEPARATORS = (":", ",")
 
 
 class DriverError(RuntimeError):
@@ -144,6 +146,7 @@ class Drivers:
             raise DriverError(f"unknown container driver {name!r}")
         if not shutil.which(spec["run"][0]):
             raise DriverError(f"container driver {name!r}: {spec['run'][0]} not found")
+        _check_bind_paths(name, binds)
         argv = _expand(spec["run"], {"image": image}, binds, env, workdir, command, spec)
         return Invocation(argv, None, f"driver {name}: image {image}")
 
@@ -182,6 +185,7 @@ class Drivers:
             note = f"driver proot: image {image} from root file system {rootfs}"
         else:
             note = f"driver proot: no root file system for image {image}; running over the host root"
+        _check_bind_paths("proot", binds)
         for host, container in binds:
             argv += ["-b", f"{host}:{container}"]
         argv += ["-w", workdir or "/"]
@@ -190,6 +194,16 @@ class Drivers:
         if command and command[0].startswith("-"):
             raise DriverError(f"driver proot: a command may not start with '-': {command[0]!r}")
         return Invocation(argv + list(command), process_env, note)
+
+
+def _check_bind_paths(driver: str, binds: list[tuple[str, str]]) -> None:
+    """A ':' or ',' in a path would let it add options or other binds to the engine's
+    bind syntax (e.g. apptainer's comma-separated --bind list): refuse it."""
+    for host, container in binds:
+        for path in (host, container):
+            if any(sep in path for sep in BIND_SEPARATORS):
+                raise DriverError(f"driver {driver}: path {path!r} has ':' or ',', which "
+                                  "this driver's bind syntax cannot carry")
 
 
 def _host_root_binds(task_dirs: set[str]) -> list[str]:

@@ -14,8 +14,9 @@ from typing import IO
 
 from worker.drivers import DriverError, Drivers, Invocation
 from worker.events import EventLog, now_rfc3339
-from worker.paths import WILDCARD, PathError, TaskPaths
+from worker.paths import WILDCARD, PathError, TaskPaths, check_container_path
 from worker.storage import Storage, StorageError, join_url
+from worker.validation import TaskError, check_task
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class TaskRunner:
         if self.server:
             threading.Thread(target=self._watch_server, daemon=True, name="cancel-watch").start()
         try:
+            check_task(self.task)
             driver = self.drivers.choose()
             ev.emit("metadata", metadata={"container_driver": driver})
             binds = self._prepare_dirs()
@@ -139,10 +141,14 @@ class TaskRunner:
                 self._stage_out()
         except Canceled:
             final = "CANCELED"
-        except (SystemFailure, StorageError, DriverError, PathError, OSError) as exc:
+        except (SystemFailure, StorageError, DriverError, PathError, TaskError, OSError) as exc:
             final = "CANCELED" if self.cancel_event.is_set() else "SYSTEM_ERROR"
             ev.system_log(f"{exc.__class__.__name__}: {exc}" if isinstance(exc, OSError)
                           else str(exc))
+        except Exception as exc:  # a bug must still end the task, with its reason
+            log.exception("task %s: unexpected error", self.task_id)
+            final = "CANCELED" if self.cancel_event.is_set() else "SYSTEM_ERROR"
+            ev.system_log(f"worker internal error: {exc.__class__.__name__}: {exc}")
         ev.emit("task_end", end_time=now_rfc3339())
         ev.state(final)
         self.cancel_event.set()  # stops the server watcher
@@ -184,12 +190,16 @@ class TaskRunner:
             self.paths.ensure_inside(dest)
 
     def _stream_file(self, container_path: str | None, mode: str) -> IO[bytes] | None:
+        """Host file of an executor's stdin (mode "rb") or stdout/stderr ("wb")."""
         if not container_path:
             return None
         host = self.paths.host(container_path)
         host.parent.mkdir(parents=True, exist_ok=True)
         self.paths.ensure_inside(host)
-        return host.open(mode)
+        flags = os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        # O_NOFOLLOW: a symlink put there since the check is refused, not followed
+        fd = os.open(host, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        return os.fdopen(fd, mode)
 
     def _run_executors(self, driver: str, binds: list[tuple[str, str]]) -> str:
         notes: set[str] = set()
@@ -246,8 +256,9 @@ class TaskRunner:
             path = item["path"]
             try:
                 if WILDCARD.search(path):
-                    prefix = item["path_prefix"].rstrip("/") + "/"
-                    matches = self.paths.glob(path)
+                    # check_task made sure path_prefix is a prefix of path
+                    prefix = check_container_path(item["path_prefix"]).rstrip("/") + "/"
+                    matches = [m for m in self.paths.glob(path) if m[0].startswith(prefix)]
                     for container, host in matches:
                         self._upload(host, container, join_url(item["url"], container[len(prefix):]))
                     if not matches:
@@ -271,6 +282,7 @@ class TaskRunner:
                 raise SystemFailure(f"output {path} to {exc}") from None
 
     def _upload(self, host: Path, container: str, url: str) -> None:
+        self._check_cancel()  # after a cancel, nothing more is uploaded
         self.paths.ensure_inside(host)  # a symlink to elsewhere is refused
         size = host.stat().st_size
         self.storage.put(host, url)
