@@ -28,6 +28,7 @@ def worker() -> None:
 def run(task_file, task_id, server, workdir, config_path) -> None:
     """Stage inputs, run the executors, upload outputs; exit 0 only if COMPLETE."""
     from worker.runner import EXIT_CODES, run_task
+    from worker.validation import TaskError, check_task_id
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
@@ -54,6 +55,10 @@ def run(task_file, task_id, server, workdir, config_path) -> None:
     if not isinstance(task, dict) or not task.get("id") or not task.get("executors"):
         raise click.ClickException("the task document needs an id and executors")
     base = Path(workdir or config["work_dir"]).resolve()
+    try:
+        check_task_id(task["id"])
+    except TaskError as exc:
+        raise click.ClickException(str(exc)) from None
     state = run_task(task, base, config, server)
     click.echo(state)
     sys.exit(EXIT_CODES.get(state, 2))

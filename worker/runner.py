@@ -16,7 +16,7 @@ from worker.drivers import DriverError, Drivers, Invocation
 from worker.events import EventLog, now_rfc3339
 from worker.paths import WILDCARD, PathError, TaskPaths, check_container_path
 from worker.storage import Storage, StorageError, join_url
-from worker.validation import TaskError, check_task
+from worker.validation import TaskError, check_task, check_task_id
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,16 @@ def _pump(stream: IO[bytes], sink: IO[bytes] | None, tail: Tail) -> None:
 class TaskRunner:
     def __init__(self, task: dict, workdir: Path, config: dict, server: str | None = None):
         self.task = task
-        self.task_id = str(task["id"])
+        self.task_id = check_task_id(task.get("id"))
         self.config = config
         self.server = server
         self.task_dir = workdir / self.task_id
         self.paths = TaskPaths(self.task_dir)
-        self.storage = Storage(config)
+        self.cancel_event = threading.Event()
+        self.storage = Storage(config, stop=self.cancel_event)
         self.drivers = Drivers(config, workdir)
         self.tail_bytes = int(config["worker"]["log_tail_bytes"])
         self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server)
-        self.cancel_event = threading.Event()
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 

@@ -15,6 +15,7 @@ import ftplib
 import os
 import posixpath
 import shutil
+import threading
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlparse
@@ -22,6 +23,10 @@ from urllib.parse import unquote, urlparse
 
 class StorageError(RuntimeError):
     """A transfer failed; the message names the URL."""
+
+
+class Stopped(StorageError):
+    """A transfer given up half-way because the task was canceled."""
 
 
 class Store(Protocol):
@@ -33,6 +38,24 @@ class Store(Protocol):
 
 def join_url(base: str, relative: str) -> str:
     return base.rstrip("/") + "/" + relative.lstrip("/")
+
+
+class Interruptible:
+    """Stores whose transfers go chunk by chunk stop at the next chunk once `stop` is set."""
+
+    stop: threading.Event | None = None
+
+    def check_stop(self, url: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"{_redact(url)}: transfer stopped (task canceled)")
+
+
+def inside(dest: Path, relative: str, url: str) -> Path:
+    """dest/relative for a name a remote store listed; refuses names that would climb out."""
+    parts = relative.split("/")
+    if relative.startswith("/") or ".." in parts or not relative or "\x00" in relative:
+        raise StorageError(f"{url}: refusing the listed name {relative!r}")
+    return dest / relative
 
 
 FICLONE = 0x40049409  # ioctl: share the source's blocks copy-on-write (Linux)
@@ -104,7 +127,7 @@ class LocalStore:
         return self.path(url).exists()
 
 
-class HttpStore:
+class HttpStore(Interruptible):
     """Download only."""
 
     def __init__(self, timeout: float = 60):
@@ -125,6 +148,7 @@ class HttpStore:
                     raise StorageError(f"{url}: HTTP {resp.status_code}")
                 with dest.open("wb") as fh:
                     for chunk in resp.iter_content(1 << 20):
+                        self.check_stop(url)
                         fh.write(chunk)
         except requests.RequestException as exc:
             raise StorageError(f"{url}: {exc.__class__.__name__}: {exc}") from None
@@ -142,7 +166,7 @@ class HttpStore:
             return False
 
 
-class S3Store:
+class S3Store(Interruptible):
     def __init__(self, options: dict):
         import boto3
         from botocore.config import Config
@@ -158,7 +182,13 @@ class S3Store:
         return parsed.netloc, parsed.path.lstrip("/")
 
     def _error(self, url: str, exc: Exception) -> StorageError:
+        if self.stop is not None and self.stop.is_set():
+            return Stopped(f"{url}: transfer stopped (task canceled)")
         return StorageError(f"{url}: {exc.__class__.__name__}: {exc}")
+
+    def _progress(self, url: str):
+        """boto3 transfer callback: raising in it makes the transfer fail."""
+        return lambda _bytes: self.check_stop(url)
 
     def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -167,7 +197,7 @@ class S3Store:
         try:
             if not is_dir:
                 bucket, key = self.split(url)
-                self.client.download_file(bucket, key, str(dest))
+                self.client.download_file(bucket, key, str(dest), Callback=self._progress(url))
                 return
             keys = self.list(url)
             dest.mkdir(parents=True, exist_ok=True)
@@ -175,10 +205,13 @@ class S3Store:
             prefix = prefix.rstrip("/") + "/" if prefix else ""
             for item in keys:
                 _, key = self.split(item)
-                target = dest / key[len(prefix):]
+                target = inside(dest, key[len(prefix):], item)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(bucket, key, str(target))
-        except (BotoCoreError, ClientError) as exc:
+                self.client.download_file(bucket, key, str(target),
+                                          Callback=self._progress(url))
+        except StorageError:
+            raise
+        except (BotoCoreError, ClientError, OSError) as exc:
             raise self._error(url, exc) from None
 
     def put(self, src: Path, url: str) -> None:
@@ -186,8 +219,10 @@ class S3Store:
 
         bucket, key = self.split(url)
         try:
-            self.client.upload_file(str(src), bucket, key)
-        except (BotoCoreError, ClientError) as exc:
+            self.client.upload_file(str(src), bucket, key, Callback=self._progress(url))
+        except StorageError:
+            raise
+        except (BotoCoreError, ClientError, OSError) as exc:
             raise self._error(url, exc) from None
 
     def list(self, url: str) -> list[str]:
@@ -216,7 +251,7 @@ class S3Store:
             return False
 
 
-class FtpStore:
+class FtpStore(Interruptible):
     def __init__(self, timeout: float = 60):
         self.timeout = timeout
 
@@ -236,7 +271,10 @@ class FtpStore:
     def _download(self, ftp: ftplib.FTP, path: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with dest.open("wb") as fh:
-            ftp.retrbinary(f"RETR {path}", fh.write)
+            def write(chunk: bytes) -> None:
+                self.check_stop(path)
+                fh.write(chunk)
+            ftp.retrbinary(f"RETR {path}", write)
 
     def _walk(self, ftp: ftplib.FTP, path: str) -> list[str]:
         files = []
@@ -259,7 +297,8 @@ class FtpStore:
                     return
                 dest.mkdir(parents=True, exist_ok=True)
                 for file in self._walk(ftp, path):
-                    self._download(ftp, file, dest / posixpath.relpath(file, path))
+                    self._download(ftp, file, inside(dest, posixpath.relpath(file, path),
+                                                      _redact(url)))
         self._wrap(url, run)
 
     def put(self, src: Path, url: str) -> None:
@@ -275,7 +314,8 @@ class FtpStore:
                     except ftplib.error_perm:
                         pass  # exists
                 with src.open("rb") as fh:
-                    ftp.storbinary(f"STOR {path}", fh)
+                    ftp.storbinary(f"STOR {path}", fh,
+                                   callback=lambda _block: self.check_stop(path))
         self._wrap(url, run)
 
     def list(self, url: str) -> list[str]:
@@ -307,8 +347,9 @@ def _redact(url: str) -> str:
 class Storage:
     """Picks the store for a URL; refuses schemes not in storage.allowed_schemes."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, stop: threading.Event | None = None):
         self.config = config
+        self.stop = stop  # set: transfers in progress give up at their next chunk
         self.allowed_schemes = set(config["storage"]["allowed_schemes"])
         self._stores: dict[str, Store] = {}
 
@@ -335,6 +376,8 @@ class Storage:
                 self._stores[scheme] = FtpStore()
             else:
                 raise StorageError(f"{_redact(url)}: no storage for scheme {scheme!r}")
+            if isinstance(self._stores[scheme], Interruptible):
+                self._stores[scheme].stop = self.stop  # type: ignore[attr-defined]
         return self._stores[scheme]
 
     def get(self, url: str, dest: Path, is_dir: bool = False) -> None:

@@ -17,10 +17,18 @@ ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Registry host[:port]/name[:tag][@digest]; never starts with "-".
 IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
 INPUT_TYPES = {None, "FILE", "DIRECTORY"}
+# A task id names its directory: no "/", no "..", nothing hidden.
+TASK_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 class TaskError(ValueError):
     """The task document cannot be run as given."""
+
+
+def check_task_id(task_id: object) -> str:
+    if not isinstance(task_id, str) or not TASK_ID.fullmatch(task_id):
+        raise TaskError(f"invalid task id {task_id!r}")
+    return task_id
 
 
 def check_task(task: dict) -> None:
