@@ -9,6 +9,8 @@ from backends.base import Backend
 BACKENDS: dict[str, str] = {
     "local": "backends.local:LocalBackend",
     "slurm": "backends.slurm:SlurmBackend",
+    "aws-batch": "backends.awsbatch:AwsBatchBackend",
+    "htcondor": "backends.htcondor:HTCondorBackend",
 }
 
 

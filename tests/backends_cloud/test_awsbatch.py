@@ -1,0 +1,266 @@
+"""AWS Batch backend against a real moto server process on 127.0.0.1 (no in-process mocks).
+
+What moto 5.x's Batch really does here, found by running it (no Docker engine on
+these machines):
+
+- Default mode (moto runs each job as a Docker container): the job is SUBMITTED
+  at once and FAILED about one second later, because moto cannot reach a Docker
+  daemon. It gives no statusReason and no exit code for that failure; the
+  backend reports ``batch: FAILED exit=None reason=``.
+- moto's documented switch ``POST /moto-api/config {"batch": {"use_docker": false}}``
+  (its "simple" Batch) marks each job SUCCEEDED during submit_job, without
+  running anything.
+- terminate_job records our reason as statusReason, and the job ends FAILED
+  with it, which the backend reports as CANCELLED.
+- describe_jobs leaves out ids it does not know (the backend: LOST).
+- moto does not echo containerOverrides.resourceRequirements in describe_jobs
+  (it shows the job definition's vcpus/memory), so the tests read the
+  submit_job request the backend sent with a botocore event hook.
+
+No job's command runs inside moto in either mode; the worker test at the end
+runs the submitted command itself, on this machine, as the container would.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from backends.awsbatch import (CANCEL_REASON, DESCRIBE_LIMIT, STATE_MAP, AwsBatchBackend,
+                               job_name, job_status)
+from backends.base import BackendError, JobState
+from backends.registry import backend_class
+from tests.backends_cloud.conftest import DEFINITION, QUEUE, backend_options, make_request
+
+SERVER_URL = "http://gateway.example:8000"
+
+
+def make_backend(moto, **extra) -> AwsBatchBackend:
+    settings = {"endpoint_url": moto.url, "job_queue": QUEUE, "job_definition": DEFINITION,
+                "server_url": SERVER_URL, **extra}
+    options = backend_options("aws_batch", **settings)
+    return AwsBatchBackend(options, {"server": {"public_url": ""}})
+
+
+class CallLog:
+    """Records every Batch API call the backend's client makes, with its parameters (botocore hook)."""
+
+    def __init__(self, backend: AwsBatchBackend):
+        self.calls: list[tuple[str, dict]] = []
+        backend.client.meta.events.register("before-parameter-build.batch.*", self._record)
+
+    def _record(self, model, params, **_kwargs) -> None:
+        self.calls.append((model.name, params))
+
+    def named(self, operation: str) -> list[dict]:
+        return [params for name, params in self.calls if name == operation]
+
+
+def task(task_id: str = "d0c0ffee", **resources) -> dict:
+    return {"id": task_id, "name": "t", "resources": resources,
+            "executors": [{"image": "busybox", "command": ["true"]}]}
+
+
+def wait_finished(backend, job_ids, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = backend.poll(job_ids)
+        if all(s.state.finished for s in statuses.values()) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.3)
+
+
+def test_awsbatch_registry_and_default_options():
+    assert backend_class("aws-batch") is AwsBatchBackend
+    options = backend_options("aws_batch")
+    assert options["job_definition"] == "funnel-hpc-worker"
+    assert options["worker_command"] == ["funnel", "worker", "run"]
+    # the registry hands over config["backend"]["aws-batch"] (absent): the section is found
+    backend = AwsBatchBackend({}, {"backend": {"aws_batch": {**options, "region": "eu-west-1"}},
+                                   "server": {"public_url": "http://x"}})
+    assert backend.client.meta.region_name == "eu-west-1"
+
+
+def test_awsbatch_state_map_is_complete():
+    assert set(STATE_MAP) == {"SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING",
+                              "SUCCEEDED", "FAILED"}
+    assert job_status({"status": "FAILED", "statusReason": CANCEL_REASON}).state \
+        is JobState.CANCELLED
+    failed = job_status({"status": "FAILED", "statusReason": "Essential container exited",
+                         "attempts": [{"container": {"exitCode": 3}}]})
+    assert failed.state is JobState.FAILED
+    assert failed.reason == "batch: FAILED exit=3 reason=Essential container exited"
+    assert job_status({"status": "SOMETHING_NEW"}).state is JobState.UNKNOWN
+
+
+def test_awsbatch_job_name_is_sanitised():
+    assert job_name("abc123") == "funnel-abc123"
+    assert job_name("a b/c$(x)\n") == "funnel-a_b_c__x__"
+    assert len(job_name("x" * 300)) == 128
+
+
+def test_awsbatch_submit_poll_without_docker_fails(moto_batch, tmp_path):
+    """moto's default (Docker) Batch with no Docker engine: the job goes FAILED."""
+    backend = make_backend(moto_batch)
+    log = CallLog(backend)
+    request = make_request(tmp_path, task(cpu_cores=2, ram_gb=1.5),
+                           argv=["python", "-m", "gateway.cli", "worker", "run",
+                                 "--task-file", "x.json"])
+    job_id = backend.submit(request)
+
+    (sent,) = log.named("SubmitJob")
+    assert sent["jobName"] == "funnel-d0c0ffee"
+    assert sent["jobQueue"] == QUEUE and sent["jobDefinition"] == DEFINITION
+    overrides = sent["containerOverrides"]
+    assert overrides["command"] == ["funnel", "worker", "run", "--task-id", "d0c0ffee",
+                                    "--server", SERVER_URL]
+    assert overrides["resourceRequirements"] == [{"type": "VCPU", "value": "2"},
+                                                 {"type": "MEMORY", "value": "1536"}]
+    assert sent["tags"] == {"funnel-hpc:task-id": "d0c0ffee"}
+
+    # what moto stored: the command override and our job name
+    described = moto_batch.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]
+    assert described["jobName"] == "funnel-d0c0ffee"
+    assert described["container"]["command"] == overrides["command"]
+
+    first = backend.poll([job_id])[job_id]
+    assert first.state in (JobState.PENDING, JobState.RUNNING, JobState.FAILED)
+    final = wait_finished(backend, [job_id])[job_id]
+    assert final.state is JobState.FAILED
+    assert final.reason.startswith("batch: FAILED")
+
+
+def test_awsbatch_simple_batch_succeeds(moto_batch, tmp_path):
+    """moto's simple Batch (use_docker false) marks jobs SUCCEEDED: COMPLETED here."""
+    moto_batch.use_docker(False)
+    backend = make_backend(moto_batch)
+    job_id = backend.submit(make_request(tmp_path, task()))
+    status = backend.poll([job_id])[job_id]
+    assert status.state is JobState.COMPLETED
+    assert status.reason.startswith("batch: SUCCEEDED")
+
+
+def test_awsbatch_no_resources_keeps_the_definition_values(moto_batch, tmp_path):
+    backend = make_backend(moto_batch)
+    log = CallLog(backend)
+    backend.submit(make_request(tmp_path, task()))
+    assert "resourceRequirements" not in log.named("SubmitJob")[0]["containerOverrides"]
+
+
+def test_awsbatch_cancel_pending_job(moto_batch, tmp_path):
+    backend = make_backend(moto_batch)
+    log = CallLog(backend)
+    job_id = backend.submit(make_request(tmp_path, task()))
+    before = backend.poll([job_id])[job_id]
+    # moto keeps a job SUBMITTED for about a second before its (failing) Docker start
+    assert before.state is JobState.PENDING, before
+    backend.cancel(job_id)
+    assert log.named("TerminateJob") == [{"jobId": job_id, "reason": CANCEL_REASON}]
+    final = wait_finished(backend, [job_id])[job_id]
+    assert final.state is JobState.CANCELLED, (before, final)
+    assert CANCEL_REASON in final.reason
+    # cancel is idempotent: a finished job, and a job AWS never knew
+    backend.cancel(job_id)
+    backend.cancel("00000000-0000-0000-0000-000000000000")
+
+
+def test_awsbatch_poll_batches_of_100(moto_batch, tmp_path):
+    """203 ids -> ceil(203/100) = 3 describe_jobs calls; unknown ids are LOST."""
+    moto_batch.use_docker(False)  # fast: jobs end during submit_job
+    backend = make_backend(moto_batch)
+    job_ids = [backend.submit(make_request(tmp_path, task(f"{i:08x}"))) for i in range(201)]
+    unknown = ["11111111-2222-3333-4444-555555555555", "not-a-job"]
+    log = CallLog(backend)
+    statuses = backend.poll(job_ids + unknown)
+    described = log.named("DescribeJobs")
+    assert len(described) == math.ceil(203 / DESCRIBE_LIMIT) == 3
+    assert all(len(params["jobs"]) <= DESCRIBE_LIMIT for params in described)
+    assert sorted(j for params in described for j in params["jobs"]) == sorted(job_ids + unknown)
+    assert set(statuses) == set(job_ids + unknown)
+    assert all(statuses[j].state is JobState.COMPLETED for j in job_ids)
+    assert all(statuses[j].state is JobState.LOST for j in unknown)
+    assert backend.poll([]) == {}
+
+
+def test_awsbatch_recover_finds_the_job_by_name(moto_batch, tmp_path):
+    backend = make_backend(moto_batch)
+    job_id = backend.submit(make_request(tmp_path, task("feedbeef")))
+    backend.submit(make_request(tmp_path, task("0badf00d")))
+    assert backend.recover("feedbeef", tmp_path) == job_id
+    assert backend.recover("abababab", tmp_path) is None
+
+
+def test_awsbatch_registers_the_worker_definition(moto_batch, tmp_path):
+    backend = make_backend(moto_batch, job_definition="funnel-auto-def",
+                           worker_image="ghcr.io/example/funnel-worker:1")
+    job_id = backend.submit(make_request(tmp_path, task()))
+    backend.submit(make_request(tmp_path, task("0000beef")))
+    batch = moto_batch.client("batch")
+    (definition,) = batch.describe_job_definitions(jobDefinitionName="funnel-auto-def",
+                                                   status="ACTIVE")["jobDefinitions"]
+    assert definition["containerProperties"]["image"] == "ghcr.io/example/funnel-worker:1"
+    assert definition["revision"] == 1  # registered once
+    assert batch.describe_jobs(jobs=[job_id])["jobs"][0]["jobDefinition"] \
+        == definition["jobDefinitionArn"]
+
+
+def test_awsbatch_backend_parameters_typed_and_validated(moto_batch, tmp_path):
+    backend = make_backend(moto_batch)
+    log = CallLog(backend)
+    backend.submit(make_request(tmp_path, task(), params={"timeout": "600", "queue": QUEUE,
+                                                          "unlisted": "x"}))
+    sent = log.named("SubmitJob")[0]
+    assert sent["timeout"] == {"attemptDurationSeconds": 600}
+    assert sent["jobQueue"] == QUEUE
+    assert "unlisted" not in str(sent)
+    for hostile in ({"timeout": "60\n--x"}, {"timeout": "$(id)"}, {"queue": "q `id`"},
+                    {"timeout": "ten"}):
+        with pytest.raises(BackendError):
+            backend.submit(make_request(tmp_path, task(), params=hostile))
+    assert len(log.named("SubmitJob")) == 1
+
+
+def test_awsbatch_hostile_task_values_change_nothing(moto_batch, tmp_path):
+    """Name, tags, env of a task never reach the submit_job request."""
+    backend = make_backend(moto_batch)
+    log = CallLog(backend)
+    benign = task("0000aaaa")
+    hostile = {**task("0000aaaa"), "name": "x\n$(id)`id`\"'", "tags": {"k\n": "$(rm -rf /)"},
+               "executors": [{"image": "busybox", "command": ["true"],
+                              "env": {"A": "\"; injected"}}]}
+    backend.submit(make_request(tmp_path / "a", benign))
+    backend.submit(make_request(tmp_path / "b", hostile))
+    first, second = log.named("SubmitJob")
+    assert first == second
+
+
+def test_awsbatch_needs_a_server_url(moto_batch, tmp_path):
+    backend = AwsBatchBackend(backend_options("aws_batch", endpoint_url=moto_batch.url,
+                                              job_queue=QUEUE, job_definition=DEFINITION),
+                              {"server": {"public_url": ""}})
+    with pytest.raises(BackendError, match="public_url"):
+        backend.submit(make_request(tmp_path, task()))
+
+
+def test_awsbatch_unreachable_endpoint_is_transient(moto_server, tmp_path):
+    from tests.conftest import free_port
+
+    backend = make_backend(moto_server, endpoint_url=f"http://127.0.0.1:{free_port()}",
+                           max_attempts=1, timeout_seconds=2)
+    with pytest.raises(BackendError) as caught:
+        backend.submit(make_request(tmp_path, task()))
+    assert caught.value.transient
+    statuses = backend.poll(["a", "b"])
+    assert {s.state for s in statuses.values()} == {JobState.UNKNOWN}
+    with pytest.raises(BackendError) as caught:
+        backend.cancel("a")
+    assert caught.value.transient
+
+
+def test_awsbatch_unknown_queue_is_not_transient(moto_batch, tmp_path):
+    backend = make_backend(moto_batch, job_queue="no-such-queue")
+    with pytest.raises(BackendError) as caught:
+        backend.submit(make_request(tmp_path, task()))
+    assert not caught.value.transient
