@@ -44,7 +44,10 @@ def run(task_file, task_id, server, workdir, config_path) -> None:
         from gateway.client import ClientError, TesClient
 
         try:
+            check_task_id(task_id)
             task = TesClient(server).get(task_id, "FULL")
+        except TaskError as exc:
+            raise click.ClickException(str(exc)) from None
         except ClientError as exc:
             raise click.ClickException(f"cannot fetch task {task_id}: {exc}") from None
     else:
@@ -54,6 +57,8 @@ def run(task_file, task_id, server, workdir, config_path) -> None:
             raise click.ClickException(f"{task_file}: not a task document: {exc}") from None
     if not isinstance(task, dict) or not task.get("id") or not task.get("executors"):
         raise click.ClickException("the task document needs an id and executors")
+    if task_id and task["id"] != task_id:
+        raise click.ClickException(f"the server sent task {task['id']!r} for {task_id!r}")
     base = Path(workdir or config["work_dir"]).resolve()
     try:
         check_task_id(task["id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -218,12 +219,15 @@ class TaskRunner:
         return "COMPLETE"
 
     def _run_one(self, index: int, executor: dict, inv: Invocation) -> tuple[int, str, str]:
-        self.events.emit("executor_start", index=index, start_time=now_rfc3339())
-        stdin = self._stream_file(executor.get("stdin"), "rb")
-        stdout_file = self._stream_file(executor.get("stdout"), "wb")
-        stderr_file = self._stream_file(executor.get("stderr"), "wb")
         out_tail, err_tail = Tail(self.tail_bytes), Tail(self.tail_bytes)
-        try:
+        with contextlib.ExitStack() as files:
+            # opened (and checked) before the executor counts as started
+            streams: dict[str, IO[bytes] | None] = {}
+            for key, mode in (("stdin", "rb"), ("stdout", "wb"), ("stderr", "wb")):
+                fh = self._stream_file(executor.get(key), mode)
+                streams[key] = files.enter_context(fh) if fh is not None else None
+            stdin, stdout_file, stderr_file = streams["stdin"], streams["stdout"], streams["stderr"]
+            self.events.emit("executor_start", index=index, start_time=now_rfc3339())
             try:
                 with self._lock:
                     self.process = subprocess.Popen(
@@ -242,10 +246,8 @@ class TaskRunner:
             exit_code = proc.wait()
             for pump in pumps:
                 pump.join()
-        finally:
-            for fh in (stdin, stdout_file, stderr_file):
-                if fh is not None:
-                    fh.close()
+        if exit_code < 0:  # killed by a signal: report it the way shells do
+            exit_code = 128 - exit_code
         self.events.emit("executor_end", index=index, end_time=now_rfc3339(),
                          exit_code=exit_code, stdout=out_tail.text(), stderr=err_tail.text())
         return exit_code, out_tail.text(), err_tail.text()
