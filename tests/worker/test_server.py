@@ -1,0 +1,142 @@
+"""The worker with --server: task fetched by id, events POSTed as written, cancels noticed.
+
+The server here is a small stand-in speaking the three calls the worker makes, so
+these tests need no gateway, database or backend.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from tests.conftest import clean_env, funnel_argv
+from tests.worker.test_worker import processes_with_argv, sh
+from worker.events import iter_events, read_event_log
+
+
+class FakeTes:
+    """GET task (FULL / MINIMAL), POST events, and a slow download at /slow."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict] = {}
+        self.state = "RUNNING"
+        self.events: list[dict] = []
+        self.slow_started = threading.Event()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                url = urlparse(self.path)
+                if url.path == "/slow":
+                    fake.slow_started.set()
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(1 << 30))
+                    self.end_headers()
+                    try:
+                        for _ in range(4096):
+                            self.wfile.write(b"x" * (256 << 10))
+                            time.sleep(0.1)
+                    except OSError:
+                        pass  # the worker hung up
+                    return
+                task_id = url.path.rsplit("/", 1)[-1]
+                if url.path.startswith("/ga4gh/tes/v1/tasks/") and task_id in fake.tasks:
+                    view = parse_qs(url.query).get("view", ["MINIMAL"])[0]
+                    task = fake.tasks[task_id]
+                    self.reply(200, task if view == "FULL" else
+                               {"id": task_id, "state": fake.state})
+                else:
+                    self.reply(404, {"msg": "not found"})
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path.startswith("/funnel/v1/tasks/") and self.path.endswith("/events"):
+                    fake.events.append(json.loads(body))
+                    self.reply(200, {})
+                else:
+                    self.reply(404, {"msg": "not found"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def tes():
+    fake = FakeTes()
+    yield fake
+    fake.server.shutdown()
+
+
+def start_by_id(harness, tes: FakeTes, task: dict, **worker) -> subprocess.Popen:
+    tes.tasks[task["id"]] = task
+    argv = funnel_argv("worker", "run", "--task-id", task["id"], "--server", tes.url,
+                       "--workdir", str(harness.workdir),
+                       "--config", str(harness.config(**worker)))
+    return subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_task_fetched_by_id_and_every_event_posted_as_written(harness, tes):
+    task = harness.task(executors=[sh("echo one"), sh("echo two >&2")])
+    proc = start_by_id(harness, tes, task)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "COMPLETE", err
+    written = list(iter_events(harness.workdir / task["id"] / "events.jsonl"))
+    assert sorted(tes.events, key=lambda e: e["seq"]) == written
+    assert [e["seq"] for e in written] == list(range(1, len(written) + 1))
+    assert {e["type"] for e in written} >= {"state", "task_start", "task_end", "metadata",
+                                            "executor_start", "executor_end"}
+    assert all(e["task_id"] == task["id"] and e["time"].endswith("Z") for e in written)
+    fold = read_event_log(harness.workdir / task["id"] / "events.jsonl")
+    assert fold.task_log["metadata"]["hostname"]
+
+
+def test_cancel_on_the_server_stops_the_executor(harness, tes):
+    task = harness.task(executors=[sh("exec sleep 619"), sh("echo never")])
+    proc = start_by_id(harness, tes, task, poll_server_seconds=0.2)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not processes_with_argv(["sleep", "619"]):
+        time.sleep(0.1)
+    assert processes_with_argv(["sleep", "619"]), "the executor did not start"
+    tes.state = "CANCELING"
+    out, _err = proc.communicate(timeout=30)
+    assert proc.returncode == 3 and out.strip() == "CANCELED"
+    fold = read_event_log(harness.workdir / task["id"] / "events.jsonl")
+    assert fold.state == "CANCELED" and len(fold.task_log["logs"]) == 1
+    assert "CANCELING on the server" in "\n".join(fold.task_log["system_logs"])
+    assert processes_with_argv(["sleep", "619"]) == []
+
+
+def test_sigterm_during_a_download_cancels_without_waiting_for_it(harness, tes):
+    task = harness.task(inputs=[{"path": "/in/big", "url": f"{tes.url}/slow"}],
+                        executors=[sh("echo never")])
+    proc = harness.start(task)
+    assert tes.slow_started.wait(30), "the download did not start"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    fold = read_event_log(harness.workdir / task["id"] / "events.jsonl")
+    assert proc.returncode == 3 and fold.state == "CANCELED"
+    assert fold.task_log["logs"] == []
