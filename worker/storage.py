@@ -62,13 +62,20 @@ FICLONE = 0x40049409  # ioctl: share the source's blocks copy-on-write (Linux)
 
 
 def clone_or_copy(src: Path, dest: Path) -> None:
-    """Reflink src to dest when the file system supports it, else copy the bytes."""
+    """Reflink src to dest when the file system supports it, else copy the bytes in the
+    kernel (copy_file_range), else through shutil."""
     with src.open("rb") as fin, dest.open("wb") as fout:
         try:
             fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
             return
         except OSError:
             pass  # not supported here (ext4, tmpfs, NFS, across file systems)
+        try:
+            while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
+                pass
+            return
+        except OSError:
+            fout.truncate(0)  # e.g. an old kernel across file systems: start again
     shutil.copyfile(src, dest)
 
 
