@@ -52,9 +52,22 @@ class MotoServer:
                                json={"batch": {"use_docker": value}}, timeout=10)
         answer.raise_for_status()
 
+    def hold_jobs(self, hold: bool) -> None:
+        """moto's documented state manager: a 'manual' transition needing a million ticks
+        keeps new Batch jobs SUBMITTED; unset, jobs move on (moto's default)."""
+        if hold:
+            requests.post(f"{self.url}/moto-api/state-manager/set-transition", timeout=10,
+                          json={"model_name": "batch::job",
+                                "transition": {"progression": "manual", "times": 1_000_000}}
+                          ).raise_for_status()
+        else:
+            requests.post(f"{self.url}/moto-api/state-manager/unset-transition", timeout=10,
+                          json={"model_name": "batch::job"}).raise_for_status()
+
     def reset(self) -> None:
         requests.post(f"{self.url}/moto-api/reset", timeout=10).raise_for_status()
         self.use_docker(True)
+        self.hold_jobs(False)
 
     def create_batch_environment(self) -> None:
         """Compute environment, job queue and the worker's job definition, through boto3."""

@@ -10,8 +10,12 @@ these machines):
 - moto's documented switch ``POST /moto-api/config {"batch": {"use_docker": false}}``
   (its "simple" Batch) marks each job SUCCEEDED during submit_job, without
   running anything.
-- terminate_job records our reason as statusReason, and the job ends FAILED
-  with it, which the backend reports as CANCELLED.
+- A job is SUBMITTED only for a moment (about a second for the first job of a
+  server, less later), so the cancel test holds jobs in SUBMITTED with moto's
+  documented state manager (``/moto-api/state-manager/set-transition`` on
+  ``batch::job``). terminate_job on that pending job records our reason as
+  statusReason at once, but the job stays SUBMITTED while held; released, it
+  ends FAILED with that reason, which the backend reports as CANCELLED.
 - describe_jobs leaves out ids it does not know (the backend: LOST).
 - moto does not echo containerOverrides.resourceRequirements in describe_jobs
   (it shows the job definition's vcpus/memory), so the tests read the
@@ -152,15 +156,19 @@ def test_awsbatch_no_resources_keeps_the_definition_values(moto_batch, tmp_path)
 def test_awsbatch_cancel_pending_job(moto_batch, tmp_path):
     backend = make_backend(moto_batch)
     log = CallLog(backend)
+    moto_batch.hold_jobs(True)
     job_id = backend.submit(make_request(tmp_path, task()))
     before = backend.poll([job_id])[job_id]
-    # moto keeps a job SUBMITTED for about a second before its (failing) Docker start
-    assert before.state is JobState.PENDING, before
+    assert before.state is JobState.PENDING and "SUBMITTED" in before.reason
     backend.cancel(job_id)
     assert log.named("TerminateJob") == [{"jobId": job_id, "reason": CANCEL_REASON}]
+    # moto records the reason at once; a held job stays SUBMITTED (AWS would end it)
+    held = backend.poll([job_id])[job_id]
+    assert held.state is JobState.PENDING and CANCEL_REASON in held.reason
+    moto_batch.hold_jobs(False)
     final = wait_finished(backend, [job_id])[job_id]
-    assert final.state is JobState.CANCELLED, (before, final)
-    assert CANCEL_REASON in final.reason
+    assert final.state is JobState.CANCELLED, final
+    assert final.reason == f"batch: FAILED exit=None reason={CANCEL_REASON}"
     # cancel is idempotent: a finished job, and a job AWS never knew
     backend.cancel(job_id)
     backend.cancel("00000000-0000-0000-0000-000000000000")
