@@ -65,6 +65,19 @@ def wait_for(predicate, timeout=15.0):
     raise AssertionError("condition not met in time")
 
 
+def text_of(browser, element_id: str) -> str:
+    """Text of an element that the page's auto-refresh may swap at any moment."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            return browser.find_element(By.ID, element_id).text
+        except (StaleElementReferenceException, NoSuchElementException):
+            time.sleep(0.05)
+    raise AssertionError(f"#{element_id} kept changing")
+
+
 def shot(browser, tmp_path, name):
     path = tmp_path / f"{name}.png"
     browser.save_screenshot(str(path))
@@ -123,15 +136,15 @@ def test_task_page_updates_without_reload(browser, server, tmp_path):
 
     task_id = create(server, name="live")
     browser.get(f"{server.url}/tasks/{task_id}")
-    assert browser.find_element(By.ID, "task-state").text == "QUEUED"
+    assert text_of(browser, "task-state") == "QUEUED"
     browser.execute_script("window.__loaded_once = true;")
 
     # another process (here: the test, as the reconciler would) moves the task on
     service = TaskService(db.make_engine(server.db_url), {"backend": {"name": "local"}})
     assert service.transition(task_id, State.QUEUED, State.RUNNING)
-    wait_for(lambda: browser.find_element(By.ID, "task-state").text == "RUNNING")
+    wait_for(lambda: text_of(browser, "task-state") == "RUNNING")
     assert service.transition(task_id, State.RUNNING, State.COMPLETE)
-    wait_for(lambda: browser.find_element(By.ID, "task-state").text == "COMPLETE")
+    wait_for(lambda: text_of(browser, "task-state") == "COMPLETE")
     assert browser.execute_script("return window.__loaded_once === true;")  # no reload
     assert not browser.find_elements(By.ID, "cancel")  # ended tasks offer no cancel
     shot(browser, tmp_path, "task-complete")
@@ -144,7 +157,7 @@ def test_cancel_from_the_page(browser, server, tmp_path):
     browser.get(f"{server.url}/tasks/{task_id}")
     shot(browser, tmp_path, "task-queued")
     browser.find_element(By.ID, "cancel").click()
-    wait_for(lambda: browser.find_element(By.ID, "task-state").text == "CANCELED")
+    wait_for(lambda: text_of(browser, "task-state") == "CANCELED")
     state = requests.get(f"{server.api}/tasks/{task_id}", timeout=10).json()["state"]
     assert state == "CANCELED"
 
@@ -180,8 +193,8 @@ def test_really_running_task_page_turns_complete_without_reload(browser, databas
             {"image": "busybox", "command": ["sh", "-c", "sleep 3; echo finished"]}])
         browser.get(f"{live.url}/tasks/{task_id}")
         browser.execute_script("window.__loaded_once = true;")
-        wait_for(lambda: browser.find_element(By.ID, "task-state").text == "RUNNING", 30)
-        wait_for(lambda: browser.find_element(By.ID, "task-state").text == "COMPLETE", 30)
+        wait_for(lambda: text_of(browser, "task-state") == "RUNNING", 30)
+        wait_for(lambda: text_of(browser, "task-state") == "COMPLETE", 30)
         assert browser.execute_script("return window.__loaded_once === true;")
         stdout = browser.find_element(By.CSS_SELECTOR, "pre.stdout").text
         assert stdout.strip() == "finished"
