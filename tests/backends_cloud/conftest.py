@@ -3,13 +3,14 @@ task requests, and the HTCondor fake schedd built from recorded ClassAds."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import boto3
 import pytest
@@ -131,3 +132,92 @@ def moto_batch(moto_server: MotoServer) -> MotoServer:
     moto_server.reset()
     moto_server.create_batch_environment()
     return moto_server
+
+
+# ---- HTCondor ----
+
+RECORDED = Path(__file__).resolve().parent / "recorded"
+
+
+class FakeSubmitResult:
+    def __init__(self, cluster: int):
+        self._cluster = cluster
+
+    def cluster(self) -> int:
+        return self._cluster
+
+
+class FakeSchedd:
+    """Answers like htcondor2.Schedd from the ClassAds in recorded/ (see recorded/README.md).
+
+    Constraints are evaluated by the real ClassAd library (classad2), submit
+    descriptions must be real htcondor2.Submit objects, actions real JobAction
+    members; every call is recorded.
+    """
+
+    def __init__(self, fail: Exception | None = None):
+        import classad2
+        import htcondor2
+
+        self.classad = classad2
+        self.htcondor = htcondor2
+        self.fail = fail
+        self.queue = [classad2.ClassAd(ad) for ad in
+                      json.loads((RECORDED / "queue.json").read_text())]
+        self.past = [classad2.ClassAd(ad) for ad in
+                     json.loads((RECORDED / "history.json").read_text())]
+        self.calls: list[tuple[str, dict]] = []
+        self.next_cluster = 200
+
+    def _matching(self, ads: list, constraint: str) -> list:
+        expression = self.classad.ExprTree(str(constraint))
+        return [ad for ad in ads if expression.eval(ad) is True]
+
+    def _project(self, ad: Any, projection: list[str]) -> Any:
+        if not projection:
+            return ad
+        return self.classad.ClassAd({k: ad[k] for k in projection if k in ad})
+
+    def query(self, constraint: str = "True", projection: list[str] | None = None, **_kw):
+        self.calls.append(("query", {"constraint": constraint, "projection": projection}))
+        if self.fail:
+            raise self.fail
+        return [self._project(ad, projection or []) for ad in self._matching(self.queue, constraint)]
+
+    def history(self, constraint=None, projection=None, match: int = -1, **_kw):
+        self.calls.append(("history", {"constraint": constraint, "projection": projection,
+                                       "match": match}))
+        if self.fail:
+            raise self.fail
+        ads = self._matching(self.past, constraint or "True")
+        ads = ads[:match] if match >= 0 else ads
+        return iter([self._project(ad, projection or []) for ad in ads])
+
+    def submit(self, description: Any, count: int = 0, **_kw) -> FakeSubmitResult:
+        assert isinstance(description, self.htcondor.Submit)
+        self.calls.append(("submit", {"description": dict(description), "count": count}))
+        if self.fail:
+            raise self.fail
+        cluster = self.next_cluster
+        self.next_cluster += 1
+        task_id = self.classad.ExprTree(description["MY.FunnelTaskId"]).eval()
+        self.queue.append(self.classad.ClassAd({"ClusterId": cluster, "ProcId": 0,
+                                                "JobStatus": 1, "FunnelTaskId": task_id}))
+        return FakeSubmitResult(cluster)
+
+    def act(self, action: Any, job_spec: Any, reason: str | None = None) -> Any:
+        assert isinstance(action, self.htcondor.JobAction)
+        self.calls.append(("act", {"action": action, "job_spec": job_spec, "reason": reason}))
+        if self.fail:
+            raise self.fail
+        hits = self._matching(self.queue, job_spec)
+        for ad in hits:  # condor_rm: Removed, then out of the queue into history
+            ad["JobStatus"] = 3
+            ad["RemoveReason"] = reason or ""
+            self.queue.remove(ad)
+            self.past.insert(0, ad)
+        return self.classad.ClassAd({"TotalSuccess": len(hits), "TotalNotFound": 0,
+                                     "TotalJobAds": len(hits)})
+
+    def named(self, name: str) -> list[dict]:
+        return [params for call, params in self.calls if call == name]

@@ -1,0 +1,246 @@
+"""HTCondor through its Python bindings: Schedd.submit, one Schedd.query per poll, Schedd.act.
+
+Submit: the submit description is rendered from ``templates/htcondor.sub.j2``
+(or ``backend.htcondor.template``); the job's executable is a wrapper script
+rendered from ``templates/htcondor.sh.j2`` into ``<task_dir>/htcondor.sh`` that
+execs the worker. Output, error and the job event log go to the task dir
+(a file system shared with the execute nodes is assumed; nothing is
+transferred). Each job carries ``+FunnelTaskId`` so a lost submission is found
+again (``recover``). The description is parsed by the bindings'
+``htcondor.Submit`` and submitted as one job; the job id is the ClusterId.
+
+Poll: ONE ``schedd.query`` whose constraint names every in-flight cluster
+(``ClusterId =?= 1 || ClusterId =?= 2 ...``); clusters no longer in the queue
+are looked up with at most one ``schedd.history`` call. A job in neither is
+LOST. So a poll costs one schedd query, two when some jobs have left the queue.
+
+JobStatus codes map onto JobState by ``STATE_MAP`` (data). A COMPLETED job
+(4) with a non-zero ExitCode or killed by a signal is FAILED. HELD (5) is
+FAILED: a held job needs a person (the HoldReason is in the reason) and would
+otherwise keep the task QUEUED forever.
+
+Cancel: ``schedd.act(JobAction.Remove, "ClusterId == N", reason)``;
+removing a job that is gone already is not an error.
+
+Bindings: ``htcondor2`` (HTCondor >= 24, the only module of the 25.x wheels)
+or the older ``htcondor`` module, imported when the backend is created.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from backends.templating import TemplateValueError, directive, render, script_variables
+
+# HTCondor JobStatus codes -> common job states
+STATE_MAP: dict[int, JobState] = {
+    1: JobState.PENDING,    # Idle
+    2: JobState.RUNNING,    # Running
+    3: JobState.CANCELLED,  # Removed
+    4: JobState.COMPLETED,  # Completed (FAILED when ExitCode != 0 or ExitBySignal)
+    5: JobState.FAILED,     # Held
+    6: JobState.RUNNING,    # Transferring Output
+    7: JobState.RUNNING,    # Suspended
+}
+
+STATUS_NAMES: dict[int, str] = {1: "IDLE", 2: "RUNNING", 3: "REMOVED", 4: "COMPLETED",
+                                5: "HELD", 6: "TRANSFERRING_OUTPUT", 7: "SUSPENDED"}
+
+PROJECTION = ["ClusterId", "ProcId", "JobStatus", "ExitCode", "ExitBySignal", "ExitSignal",
+              "HoldReason", "RemoveReason", "FunnelTaskId"]
+
+CANCEL_REASON = "Canceled by funnel-hpc (TES CancelTask)"
+
+# a submit command name from the admin's allow-list: request_gpus, accounting_group, +Attr
+_COMMAND = re.compile(r"^\+?[A-Za-z][A-Za-z0-9_.]*$")
+
+# what the bindings say when the schedd cannot be reached
+UNREACHABLE = ("locate", "connect", "timed out", "timeout", "communicat", "refused")
+
+
+def load_bindings() -> Any:
+    """The htcondor2 module, else the legacy htcondor one."""
+    for name in ("htcondor2", "htcondor"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise BackendError("the HTCondor Python bindings are not installed "
+                       "(pip install 'funnel-hpc[htcondor]')")
+
+
+def job_status(ad: Any) -> JobStatus:
+    """One job ClassAd (query or history) -> JobStatus."""
+    code = int(ad.get("JobStatus", 0) or 0)
+    state = STATE_MAP.get(code, JobState.UNKNOWN)
+    exit_code = ad.get("ExitCode")
+    by_signal = bool(ad.get("ExitBySignal", False))
+    if state is JobState.COMPLETED and (by_signal or (exit_code not in (None, 0))):
+        state = JobState.FAILED
+    why = ad.get("HoldReason") or ad.get("RemoveReason") or ""
+    if by_signal:
+        why = f"signal {ad.get('ExitSignal')}" + (f"; {why}" if why else "")
+    return JobStatus(state, f"condor: {STATUS_NAMES.get(code, code)} exit={exit_code} "
+                            f"reason={why}")
+
+
+def cluster_constraint(cluster_ids: list[str]) -> str:
+    return " || ".join(f"ClusterId =?= {int(c)}" for c in cluster_ids)
+
+
+def is_unreachable(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in UNREACHABLE)
+
+
+class HTCondorBackend(Backend):
+    name = "htcondor"
+
+    def __init__(self, options: dict, config: dict, schedd: Any = None, bindings: Any = None):
+        super().__init__(options, config)
+        self.template = options.get("template") or "htcondor.sub.j2"
+        self.wrapper_template = options.get("wrapper_template") or "htcondor.sh.j2"
+        self.supported_parameters = frozenset(
+            k.lower() for k in (options.get("backend_parameters") or {}))
+        self.htcondor = bindings or load_bindings()
+        self._schedd = schedd  # tests hand in a schedd; otherwise located on first use
+
+    def schedd(self) -> Any:
+        if self._schedd is None:
+            try:
+                name = self.options.get("schedd_name") or ""
+                if name:
+                    collector = self.htcondor.Collector(self.options.get("collector") or None)
+                    ad = collector.locate(self.htcondor.DaemonTypes.Schedd, name)
+                    self._schedd = self.htcondor.Schedd(ad)
+                else:
+                    self._schedd = self.htcondor.Schedd()
+            except Exception as exc:  # HTCondorException, RuntimeError (legacy bindings)
+                raise BackendError(f"cannot locate the schedd: {exc}", transient=True) from None
+        return self._schedd
+
+    # ---- submit ----
+
+    def submit_commands(self, params: dict[str, str]) -> list[tuple[str, str]]:
+        """backend_parameters -> [(submit command, value)] through the allow-list."""
+        allowed = {str(k).lower(): str(v) for k, v in
+                   (self.options.get("backend_parameters") or {}).items()}
+        out = []
+        for key, value in sorted(params.items()):
+            command = allowed.get(str(key).lower())
+            if not command:
+                continue
+            if not _COMMAND.match(command):
+                raise TemplateValueError(f"backend.htcondor.backend_parameters maps {key!r} to "
+                                         f"{command!r}, not a submit command name")
+            out.append((command, directive("" if value is None else value)))
+        return out
+
+    def variables(self, request: SubmitRequest) -> dict[str, Any]:
+        # script_variables maps backend_parameters to Slurm-style options: ours differ
+        options = {k: v for k, v in self.options.items() if k != "backend_parameters"}
+        variables = script_variables(request, options)
+        variables["backend_parameters"] = self.submit_commands(request.backend_parameters)
+        variables["wrapper"] = str(request.task_dir / "htcondor.sh")
+        variables["site"] = {"extra_commands": [], "prologue": [], **variables["site"]}
+        return variables
+
+    def render(self, request: SubmitRequest) -> tuple[str, str]:
+        """(submit description, wrapper script) for the request."""
+        variables = self.variables(request)
+        return render(self.template, variables), render(self.wrapper_template, variables)
+
+    def submit(self, request: SubmitRequest) -> str:
+        try:
+            description, wrapper = self.render(request)
+        except ValueError as exc:
+            raise BackendError(f"cannot render the HTCondor submit description: {exc}") from None
+        script = Path(request.task_dir) / "htcondor.sh"
+        script.write_text(wrapper)
+        script.chmod(0o755)
+        (Path(request.task_dir) / "htcondor.sub").write_text(description)
+        try:
+            submit = self.htcondor.Submit(description)
+        except Exception as exc:
+            raise BackendError(f"HTCondor refused the submit description: {exc}") from None
+        schedd = self.schedd()
+        try:
+            result = schedd.submit(submit, count=1)
+        except Exception as exc:
+            raise BackendError(f"condor submit failed: {exc}",
+                               transient=is_unreachable(exc)) from None
+        return str(result.cluster())
+
+    # ---- cancel ----
+
+    def cancel(self, job_id: str) -> None:
+        if not str(job_id).isdigit():
+            return  # not a cluster id: nothing HTCondor could remove
+        schedd = self.schedd()
+        try:
+            schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {int(job_id)}",
+                       CANCEL_REASON)
+        except Exception as exc:
+            raise BackendError(f"condor remove {job_id} failed: {exc}",
+                               transient=is_unreachable(exc)) from None
+
+    # ---- poll ----
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        wanted = sorted({str(j) for j in job_ids})
+        found: dict[str, JobStatus] = {}
+        clusters = [j for j in wanted if j.isdigit()]
+        if clusters:
+            schedd = self.schedd()
+            try:
+                ads = schedd.query(constraint=cluster_constraint(clusters),
+                                   projection=PROJECTION)
+            except Exception as exc:
+                reason = f"schedd query failed: {exc}"
+                return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
+            for ad in ads:
+                cluster = str(ad.get("ClusterId"))
+                if cluster in clusters:
+                    found[cluster] = job_status(ad)
+            missing = [c for c in clusters if c not in found]
+            if missing:
+                found.update(self._history(schedd, missing))
+        for job_id in wanted:
+            found.setdefault(job_id, JobStatus(
+                JobState.LOST, "HTCondor no longer knows this job (not in the queue or history)"))
+        return found
+
+    def _history(self, schedd: Any, clusters: list[str]) -> dict[str, JobStatus]:
+        try:
+            ads = list(schedd.history(constraint=cluster_constraint(clusters),
+                                      projection=PROJECTION, match=len(clusters)))
+        except Exception as exc:
+            # not LOST: that would fail the tasks; ask again next poll
+            return {c: JobStatus(JobState.UNKNOWN, f"schedd history failed: {exc}")
+                    for c in clusters}
+        out: dict[str, JobStatus] = {}
+        for ad in ads:  # newest first: keep the first ad of each cluster
+            cluster = str(ad.get("ClusterId"))
+            if cluster in clusters and cluster not in out:
+                out[cluster] = job_status(ad)
+        return out
+
+    # ---- recover ----
+
+    def recover(self, task_id: str, task_dir: Any) -> str | None:
+        """The newest cluster whose FunnelTaskId is the task's, in the queue or history."""
+        constraint = f'FunnelTaskId =?= "{directive(task_id)}"'
+        schedd = self.schedd()
+        try:
+            ads = list(schedd.query(constraint=constraint, projection=["ClusterId"]))
+            if not ads:
+                ads = list(schedd.history(constraint=constraint, projection=["ClusterId"],
+                                          match=1))
+        except Exception as exc:
+            raise BackendError(f"schedd query failed: {exc}", transient=True) from None
+        clusters = [int(ad["ClusterId"]) for ad in ads if "ClusterId" in ad]
+        return str(max(clusters)) if clusters else None
