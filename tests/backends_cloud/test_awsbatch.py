@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import pytest
 
@@ -272,3 +273,66 @@ def test_awsbatch_unknown_queue_is_not_transient(moto_batch, tmp_path):
     with pytest.raises(BackendError) as caught:
         backend.submit(make_request(tmp_path, task()))
     assert not caught.value.transient
+
+
+def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp_path):
+    """The command and environment AWS Batch would start, run here (moto runs nothing).
+
+    A real gateway (no reconciler) holds the task; the backend submits the job
+    to moto; the job's command and environment are read back from moto's
+    describe_jobs and run on this machine as the container would: the worker
+    fetches the task by id from the gateway, stages its input from moto's S3,
+    runs the executor (bwrap) and uploads the output to moto's S3.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    import boto3
+    import requests
+
+    from tests.backends_cloud.conftest import FAKE_AWS_ENV
+    from tests.conftest import REPO, ServerProcess, clean_env
+
+    if shutil.which("bwrap") is None or not \
+            Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():
+        pytest.skip("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")
+    s3 = boto3.client("s3", endpoint_url=moto_batch.url, region_name="us-east-1")
+    s3.create_bucket(Bucket="tes")
+    s3.put_object(Bucket="tes", Key="in/a.txt", Body=b"hello batch\n")
+
+    server = ServerProcess(tmp_path / "gateway", f"sqlite:///{tmp_path}/gateway/funnel.db")
+    server.start()
+    try:
+        created = requests.post(server.api + "/tasks", timeout=10, json={
+            "name": "batch-s3",
+            "inputs": [{"path": "/in/a.txt", "url": "s3://tes/in/a.txt"}],
+            "outputs": [{"path": "/out/b.txt", "url": "s3://tes/out/b.txt"}],
+            "executors": [{"image": "busybox",
+                           "command": ["sh", "-c", "tr a-z A-Z < /in/a.txt > /out/b.txt"]}]})
+        created.raise_for_status()
+        task_id = created.json()["id"]
+        full = requests.get(f"{server.api}/tasks/{task_id}?view=FULL", timeout=10).json()
+
+        job_work = tmp_path / "job-work"
+        backend = make_backend(
+            moto_batch, server_url=server.url,
+            worker_command=[sys.executable, "-m", "gateway.cli", "worker", "run"],
+            environment={"FUNNEL_STORAGE__S3__ENDPOINT_URL": moto_batch.url,
+                         "FUNNEL_WORKER__CONTAINER_DRIVER": "bwrap",
+                         "FUNNEL_WORK_DIR": str(job_work)})
+        job_id = backend.submit(make_request(tmp_path / "dirs", full))
+
+        job = moto_batch.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]
+        command = job["container"]["command"]
+        assert command[-4:] == ["--task-id", task_id, "--server", server.url]
+        job_env = {e["name"]: e["value"] for e in job["container"]["environment"]}
+        assert job_env["FUNNEL_WORK_DIR"] == str(job_work)
+        result = subprocess.run(command, cwd=REPO, env=clean_env(**FAKE_AWS_ENV, **job_env),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip() == "COMPLETE"
+        body = s3.get_object(Bucket="tes", Key="out/b.txt")["Body"].read()
+        assert body == b"HELLO BATCH\n"
+    finally:
+        server.stop()
