@@ -9,7 +9,9 @@ configuration (``worker.drivers``); each template is a list of tokens, where
 - ``{command}`` expands to the executor's command, one token per argument,
 - other tokens are formatted with ``{image}``.
 
-Nothing passes through a shell. ``bwrap`` (bubblewrap) and ``proot`` run the
+The worker connects the engine process's stdin, stdout and stderr to the
+executor's files (so a template needs ``-i`` to pass stdin through) and streams
+them; templates never see those paths. Nothing passes through a shell. ``bwrap`` (bubblewrap) and ``proot`` run the
 command over an unpacked image root file system from ``worker.rootfs_dir`` when
 one exists for the image, else over the host's root (read-only), with the task's
 directories bound at their container paths.

@@ -15,12 +15,20 @@ plus fields by type:
 | `metadata`       | `metadata`: {str: str}, merged                                |
 | `system_log`     | `message`                                                     |
 | `executor_start` | `index`, `start_time`                                         |
-| `executor_end`   | `index`, `end_time`, `exit_code`, `stdout`, `stderr` (tails)  |
+| `executor_end`   | `index`, `end_time`, `exit_code` (128+N if killed by signal N), `stdout`, `stderr` (the last `worker.log_tail_bytes` bytes) |
 | `output`         | `url`, `path`, `size_bytes` (string, as TES)                  |
 
-``seq`` grows by one per event. With ``--server`` the worker also POSTs each
-event, unchanged, to ``{server}/funnel/v1/tasks/{id}/events``; the gateway
-folds both copies, de-duplicated by ``seq``.
+``seq`` grows by one per event; ``time`` is RFC 3339 UTC. The first events of a
+run are ``state`` INITIALIZING, ``task_start`` and ``metadata`` (hostname, pid,
+container_driver); the last are ``task_end`` and the terminal ``state``.
+
+With ``--server`` the worker also POSTs each event, unchanged, to
+``{server}/funnel/v1/tasks/{id}/events`` (best effort, in the background); the
+gateway folds both copies, de-duplicated by ``seq``.
+
+Reading: ``read_event_log(path)`` folds a file into an ``EventFold`` (``state``,
+``task_log`` as a TES tesTaskLog, ``last_seq``, ``terminal``); a torn last line
+is ignored and a missing file gives an empty fold.
 """
 
 from __future__ import annotations

@@ -152,16 +152,17 @@ class HttpStore(Interruptible):
         try:
             with self.http.get(url, stream=True, timeout=self.timeout) as resp:
                 if resp.status_code != 200:
-                    raise StorageError(f"{url}: HTTP {resp.status_code}")
+                    raise StorageError(f"{_redact(url)}: HTTP {resp.status_code}")
                 with dest.open("wb") as fh:
                     for chunk in resp.iter_content(1 << 20):
                         self.check_stop(url)
                         fh.write(chunk)
         except requests.RequestException as exc:
-            raise StorageError(f"{url}: {exc.__class__.__name__}: {exc}") from None
+            raise StorageError(f"{_redact(url)}: {exc.__class__.__name__}: "
+                               f"{_redact_in(url, str(exc))}") from None
 
     def put(self, src: Path, url: str) -> None:
-        raise StorageError(f"{url}: uploads over HTTP are not supported")
+        raise StorageError(f"{_redact(url)}: uploads over HTTP are not supported")
 
     def list(self, url: str) -> list[str]:
         raise StorageError(f"{url}: listing over HTTP is not supported")
@@ -342,6 +343,12 @@ class FtpStore(Interruptible):
             return bool(self._wrap(url, run))
         except StorageError:
             return False
+
+
+def _redact_in(url: str, text: str) -> str:
+    """text (e.g. an exception message quoting url) without url's password."""
+    password = urlparse(url).password
+    return text.replace(password, "***") if password else text
 
 
 def _redact(url: str) -> str:
