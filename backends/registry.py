@@ -22,7 +22,17 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def section_name(name: str) -> str:
+    """The config section of a backend: backend.<name> with '-' written '_' (aws-batch -> aws_batch)."""
+    return name.replace("-", "_")
+
+
+def backend_options(config: dict, name: str | None = None) -> dict:
+    name = name or config["backend"]["name"]
+    return config["backend"].get(section_name(name)) or {}
+
+
 def load_backend(config: dict) -> Backend:
     name = config["backend"]["name"]
     cls = backend_class(name)
-    return cls(config["backend"].get(name) or {}, config)
+    return cls(backend_options(config, name), config)

@@ -17,6 +17,7 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 
+from backends.registry import backend_options
 from gateway import db
 from gateway.schemas import flatten_errors, load_task
 from gateway.states import TERMINAL, State, can_transition
@@ -98,10 +99,8 @@ class TaskService:
     def __init__(self, engine: Engine, config: dict):
         self.engine = engine
         self.config = config
-        backend = config["backend"]
-        self.backend_name: str = backend["name"]
-        section = backend.get(self.backend_name) or {}
-        allowed = section.get("backend_parameters") or {}
+        self.backend_name: str = config["backend"]["name"]
+        allowed = backend_options(config).get("backend_parameters") or {}
         # lower-cased TES backend_parameters key -> scheduler option
         self.backend_parameters: dict[str, Any] = {str(k).lower(): v for k, v in allowed.items()}
         # set when something the reconciler should act on happens in this process
