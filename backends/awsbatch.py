@@ -115,8 +115,6 @@ class AwsBatchBackend(Backend):
     name = "aws-batch"
 
     def __init__(self, options: dict, config: dict):
-        # the registry looks options up by backend name ("aws-batch"); the section is aws_batch
-        options = options or (config.get("backend") or {}).get("aws_batch") or {}
         super().__init__(options, config)
         self.supported_parameters = frozenset(
             k.lower() for k in (options.get("backend_parameters") or {}))

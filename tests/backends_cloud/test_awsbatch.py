@@ -82,9 +82,14 @@ def test_awsbatch_registry_and_default_options():
     options = backend_options("aws_batch")
     assert options["job_definition"] == "funnel-hpc-worker"
     assert options["worker_command"] == ["funnel", "worker", "run"]
-    # the registry hands over config["backend"]["aws-batch"] (absent): the section is found
-    backend = AwsBatchBackend({}, {"backend": {"aws_batch": {**options, "region": "eu-west-1"}},
-                                   "server": {"public_url": "http://x"}})
+    # the registry hands backend "aws-batch" its section backend.aws_batch
+    from backends.registry import load_backend
+    from gateway import config as config_mod
+
+    config = config_mod.load(environ={}, overrides={"backend": {
+        "name": "aws-batch", "aws_batch": {"region": "eu-west-1"}}})
+    backend = load_backend(config)
+    assert isinstance(backend, AwsBatchBackend)
     assert backend.client.meta.region_name == "eu-west-1"
 
 
