@@ -124,6 +124,7 @@ class TaskRunner:
     def run(self) -> str:
         ev = self.events
         if ev.fold.terminal:  # already finished (a re-run of a done attempt)
+            ev.close()
             return ev.fold.state or "SYSTEM_ERROR"
         ev.state("INITIALIZING")
         ev.emit("task_start", start_time=now_rfc3339())

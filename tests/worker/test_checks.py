@@ -145,3 +145,13 @@ def test_fold_ignores_repeats_and_keeps_the_first_terminal_state(tmp_path):
                                       "stdout": "o", "stderr": ""}]
     missing = read_event_log(tmp_path / "none.jsonl")
     assert missing.state is None and missing.last_seq == 0 and not missing.terminal
+
+
+def test_a_finished_task_is_not_run_again(harness):
+    task = harness.task(executors=[sh("echo once")])
+    first = harness.run(task)
+    assert first.state == "COMPLETE"
+    lines = (first.task_dir / "events.jsonl").read_text()
+    again = harness.run(task)
+    assert again.exit_code == 0 and again.state == "COMPLETE"
+    assert (first.task_dir / "events.jsonl").read_text() == lines  # nothing appended
