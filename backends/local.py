@@ -1,19 +1,23 @@
 """The local backend (embedded default): workers run as processes on the gateway host.
 
-Job id = task id; the task dir ``<work_dir>/<task id>`` holds the job's state,
-so a restarted gateway finds every job again:
+Job id = task id. The task dir ``<work_dir>/<task id>`` holds the job's state,
+so a restarted gateway finds every job again from the id alone:
 
-- ``local.job``    written at submit: the worker argv (the job exists)
+- ``local.job``    written at submit: the worker argv and the submission time
 - ``local.launch`` written just before the wrapper is started
 - ``local.pid``    pid and kernel start time of the wrapper (written by it, and by us)
-- ``local.exit``   written by the wrapper (backends/local_runner.py) when the worker ends
-- ``local.cancel`` written by cancel
+- ``local.exit``   the worker's exit status, written by the wrapper
+                   (backends/local_runner.py) when the worker ends
+- ``local.cancel`` written by cancel; its mtime starts the SIGKILL grace period
+- ``worker.out`` / ``worker.err``  the wrapper's and worker's stdout and stderr
 
 At most ``max_concurrent`` workers run at once; the rest wait in submission
-order and are PENDING. Workers run in their own session, so they outlive a
-gateway that is killed; a job submitted but not launched before a restart is
-launched by the new gateway. A launched job whose process is gone without an
-exit record is LOST.
+order and are PENDING. Each wrapper leads its own session and process group, so
+workers outlive a gateway that is killed. A new gateway's first poll re-adopts
+live wrappers (pid AND start time must match, so a reused pid is not mistaken
+for ours), reads the exit status of those that ended meanwhile, and queues again
+the jobs that were submitted but never launched. A launched job whose wrapper is
+gone without an exit record is LOST.
 """
 
 from __future__ import annotations
@@ -27,39 +31,82 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 from backends.base import Backend, JobState, JobStatus, SubmitRequest
 
-JOB, PID, EXIT, CANCEL = "local.job", "local.pid", "local.exit", "local.cancel"
-LAUNCH = "local.launch"  # written just before starting the wrapper
+JOB, LAUNCH, PID = "local.job", "local.launch", "local.pid"
+EXIT, CANCEL = "local.exit", "local.cancel"
+# A launch record without a pid record older than this: the gateway died while starting it.
 LAUNCH_WAIT_SECONDS = 10
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of a process (field 22 of /proc/pid/stat), None if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (state) on; None if the process is gone or a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # zombie: it has ended
-        return None
-    return fields[19]
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a live process (field 22 of /proc/<pid>/stat)."""
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None
+
+
+def _group_has_members(pgid: int) -> bool:
+    """True if a live process is in process group pgid (field 5 of /proc/<pid>/stat)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat_fields(int(entry.name))
+            if fields and fields[2] == str(pgid):
+                return True
+    return False
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_pid_record(task_dir: Path, pid: int) -> None:
+    write_atomic(task_dir / PID, json.dumps({"pid": pid, "start_time": _start_time(pid)}))
+
+
+def _exit_reason(code: str) -> str:
+    try:
+        number = int(code)
+    except ValueError:
+        return f"unreadable worker exit status {code!r}"
+    if number < 0:
+        try:
+            name = signal.Signals(-number).name
+        except ValueError:
+            name = "unknown signal"
+        return f"worker killed by signal {-number} ({name}), exit code {number}"
+    return f"worker exit code {number}"
 
 
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, options: dict, config: dict):
+    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         super().__init__(options, config)
         self.work_dir = Path(config["work_dir"])
         self.max_concurrent = max(1, int(options.get("max_concurrent", 2)))
         self.grace = float(options.get("cancel_grace_seconds", 10))
         self.supported_parameters = frozenset(
             k.lower() for k in (options.get("backend_parameters") or {}))
-        self.queue: deque[str] = deque()
-        self.children: dict[str, subprocess.Popen] = {}
-        self.adopted: set[str] = set()
+        self.queue: deque[str] = deque()                    # submitted, not launched, FIFO
+        self.children: dict[str, subprocess.Popen] = {}     # wrappers this process started
+        self.adopted: set[str] = set()                      # live wrappers of earlier gateways
         self.lock = threading.Lock()
 
     def _dir(self, job_id: str) -> Path:
@@ -70,12 +117,11 @@ class LocalBackend(Backend):
     def submit(self, request: SubmitRequest) -> str:
         job_id = request.task_id
         directory = self._dir(job_id)
-        for name in (PID, EXIT, CANCEL, LAUNCH):  # a new attempt starts clean
-            (directory / name).unlink(missing_ok=True)
-        tmp = directory / (JOB + ".tmp")
-        tmp.write_text(json.dumps({"argv": request.worker_argv}))
-        os.replace(tmp, directory / JOB)
         with self.lock:
+            for name in (LAUNCH, PID, EXIT, CANCEL):  # a new attempt starts clean
+                (directory / name).unlink(missing_ok=True)
+            write_atomic(directory / JOB, json.dumps(
+                {"argv": list(request.worker_argv), "submitted": time.time()}))
             if job_id not in self.queue:
                 self.queue.append(job_id)
             self._launch_ready()
@@ -83,86 +129,108 @@ class LocalBackend(Backend):
 
     def cancel(self, job_id: str) -> None:
         directory = self._dir(job_id)
-        if not directory.is_dir():
-            return
-        (directory / CANCEL).touch()
+        if not (directory / JOB).exists() or (directory / EXIT).exists():
+            return  # unknown or already finished: nothing to stop
         with self.lock:
+            write_atomic(directory / CANCEL, str(time.time()))
             if job_id in self.queue:
                 self.queue.remove(job_id)
                 return
-        pid = self._live_pid(job_id)
-        if pid is None:
+            record = self._live_record(job_id)
+        if record is None:
             return
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(record[0], signal.SIGTERM)
         except ProcessLookupError:
             return
-        timer = threading.Timer(self.grace, self._kill_hard, args=(job_id, pid))
+        timer = threading.Timer(self.grace, self._kill_hard, args=record)
         timer.daemon = True
         timer.start()
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         with self.lock:
             self._reap()
+            found: list[tuple[float, str]] = []
             for job_id in job_ids:
                 d = self._dir(job_id)
-                # workers started by an earlier gateway process count against the limit
-                if (job_id not in self.children and (d / PID).exists()
-                        and not (d / EXIT).exists() and self._live_pid(job_id) is not None):
-                    self.adopted.add(job_id)
-                # jobs submitted before a restart and never launched
-                if ((d / JOB).exists() and not (d / PID).exists() and not (d / LAUNCH).exists()
-                        and not (d / CANCEL).exists() and job_id not in self.queue):
-                    self.queue.append(job_id)
+                if not (d / JOB).exists() or job_id in self.children or (d / EXIT).exists():
+                    continue
+                if (d / PID).exists():
+                    record = self._live_record(job_id)
+                    if record is not None:
+                        # started by an earlier gateway process: counts against the limit
+                        self.adopted.add(job_id)
+                        self._kill_if_overdue(job_id, record)
+                elif (not (d / LAUNCH).exists() and not (d / CANCEL).exists()
+                      and job_id not in self.queue):
+                    found.append((self._submitted_at(job_id), job_id))  # never launched
+            self.queue.extend(job_id for _, job_id in sorted(found))
             self._launch_ready()
             return {job_id: self._status(job_id) for job_id in job_ids}
 
     def recover(self, task_id: str, task_dir: Path) -> str | None:
         return task_id if (self._dir(task_id) / JOB).exists() else None
 
-    # ---- internals ----
+    # ---- state ----
 
     def _status(self, job_id: str) -> JobStatus:
         d = self._dir(job_id)
-        canceled = (d / CANCEL).exists()
-        exit_file = d / EXIT
-        if exit_file.exists():
-            code = exit_file.read_text().strip()
-            if canceled:
-                return JobStatus(JobState.CANCELLED, f"canceled; worker exit code {code}")
-            if code == "0":
-                return JobStatus(JobState.COMPLETED, "worker exit code 0")
-            return JobStatus(JobState.FAILED, f"worker exit code {code}")
+        if not (d / JOB).exists():
+            return JobStatus(JobState.LOST, "no such local job")
         if job_id in self.queue:
             return JobStatus(JobState.PENDING, "waiting for a free slot")
-        if (d / PID).exists():
-            if self._live_pid(job_id) is not None:
-                return JobStatus(JobState.RUNNING, "worker running")
+        # liveness BEFORE the exit record: the wrapper writes it and only then ends
+        alive = (d / PID).exists() and self._live_record(job_id) is not None
+        canceled = (d / CANCEL).exists()
+        try:
+            code: str | None = (d / EXIT).read_text().strip()
+        except FileNotFoundError:
+            code = None
+        if code is not None:
             if canceled:
-                return JobStatus(JobState.CANCELLED, "canceled; worker killed")
-            return JobStatus(JobState.LOST, "the worker process is gone and left no exit status")
+                return JobStatus(JobState.CANCELLED, f"canceled; {_exit_reason(code)}")
+            if code == "0":
+                return JobStatus(JobState.COMPLETED, "worker exit code 0")
+            return JobStatus(JobState.FAILED, f"{_exit_reason(code)} (see worker.err)")
+        if alive:
+            return JobStatus(JobState.RUNNING, "worker running")
         if canceled:
-            return JobStatus(JobState.CANCELLED, "canceled before it started")
-        launch = d / LAUNCH
-        if launch.exists():
-            if time.time() - launch.stat().st_mtime < LAUNCH_WAIT_SECONDS:
-                return JobStatus(JobState.PENDING, "starting")
-            return JobStatus(JobState.LOST, "the worker was being started when the gateway "
-                                            "stopped, and never recorded itself")
-        return JobStatus(JobState.LOST, "no such local job")
+            return JobStatus(JobState.CANCELLED, "canceled; worker stopped"
+                             if (d / PID).exists() else "canceled before it started")
+        if (d / PID).exists():
+            return JobStatus(JobState.LOST, "the worker process is gone and left no exit "
+                                            "status (killed?); see worker.err")
+        try:
+            launched_for = time.time() - (d / LAUNCH).stat().st_mtime
+        except FileNotFoundError:
+            # submitted before a restart, not polled by this process yet: queued by poll
+            return JobStatus(JobState.PENDING, "waiting for a free slot")
+        if launched_for < LAUNCH_WAIT_SECONDS:
+            return JobStatus(JobState.PENDING, "starting")
+        return JobStatus(JobState.LOST, "the worker was being started when the gateway "
+                                        "stopped, and never recorded itself")
 
-    def _live_pid(self, job_id: str) -> int | None:
+    def _live_record(self, job_id: str) -> tuple[int, str] | None:
+        """(pid, start time) of the job's wrapper if that very process is alive."""
         try:
             record = json.loads((self._dir(job_id) / PID).read_text())
-        except (OSError, ValueError):
+            pid, start = int(record["pid"]), str(record["start_time"])
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        pid = int(record["pid"])
-        return pid if _start_time(pid) == record["start_time"] else None
+        return (pid, start) if _start_time(pid) == start else None
+
+    def _submitted_at(self, job_id: str) -> float:
+        try:
+            return float(json.loads((self._dir(job_id) / JOB).read_text()).get("submitted", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0.0
+
+    # ---- processes ----
 
     def _running(self) -> int:
         alive = sum(1 for proc in self.children.values() if proc.poll() is None)
         for job_id in list(self.adopted):
-            if self._live_pid(job_id) is None:
+            if self._live_record(job_id) is None:
                 self.adopted.discard(job_id)
         return alive + len(self.adopted)
 
@@ -172,13 +240,23 @@ class LocalBackend(Backend):
 
     def _launch(self, job_id: str) -> None:
         d = self._dir(job_id)
-        argv = json.loads((d / JOB).read_text())["argv"]
-        (d / LAUNCH).touch()
-        with (d / "worker.out").open("ab") as out, (d / "worker.err").open("ab") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backends.local_runner", str(d), "--", *argv],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                cwd=str(d), env={**os.environ, "PYTHONPATH": _repo_path()})
+        try:
+            argv = [str(word) for word in json.loads((d / JOB).read_text())["argv"]]
+            (d / LAUNCH).touch()
+            with (d / "worker.out").open("ab") as out, (d / "worker.err").open("ab") as err:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "backends.local_runner", str(d), "--", *argv],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                    cwd=str(d), env={**os.environ, "PYTHONPATH": _repo_path()})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # the job cannot start: record it as a failed run instead of failing every poll
+            try:
+                with (d / "worker.err").open("a") as err_file:
+                    err_file.write(f"local backend: cannot start the worker: {exc}\n")
+                write_atomic(d / EXIT, "127")
+            except OSError:
+                pass  # the task dir is gone: poll reports LOST
+            return
         self.children[job_id] = proc
         write_pid_record(d, proc.pid)
 
@@ -187,19 +265,24 @@ class LocalBackend(Backend):
             if proc.poll() is not None:
                 del self.children[job_id]
 
-    def _kill_hard(self, job_id: str, pid: int) -> None:
-        if self._live_pid(job_id) == pid:
+    def _kill_if_overdue(self, job_id: str, record: tuple[int, str]) -> None:
+        """SIGKILL a canceled worker whose grace period ran out (e.g. across a restart)."""
+        try:
+            canceled_at = (self._dir(job_id) / CANCEL).stat().st_mtime
+        except FileNotFoundError:
+            return
+        if time.time() - canceled_at >= self.grace:
+            self._kill_hard(*record)
+
+    @staticmethod
+    def _kill_hard(pid: int, start_time: str) -> None:
+        """SIGKILL the group of wrapper pid: while the wrapper lives, or while anything it
+        left behind (a worker's child that ignored SIGTERM) is still in its group."""
+        if _start_time(pid) == start_time or _group_has_members(pid):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-
-def write_pid_record(task_dir: Path, pid: int) -> None:
-    record = {"pid": pid, "start_time": _start_time(pid)}
-    tmp = task_dir / f"{PID}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, task_dir / PID)
 
 
 def _repo_path() -> str:

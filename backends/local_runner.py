@@ -2,9 +2,11 @@
 
     python -m backends.local_runner TASK_DIR -- WORKER ARGV...
 
-It runs the worker, then writes its exit status to TASK_DIR/local.exit
-(atomically), so a gateway restarted meanwhile still learns how it ended.
-SIGTERM to the process group reaches the worker; the wrapper waits for it.
+It records its pid and start time (TASK_DIR/local.pid), runs the worker, then
+writes the worker's exit status to TASK_DIR/local.exit (atomically: a number,
+negative for a signal), so a gateway restarted meanwhile still learns how it
+ended. A SIGTERM to the process group reaches the worker; the wrapper ignores
+it and waits for the worker, so the exit status is still recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from backends.local import EXIT, write_atomic, write_pid_record
+
 
 def main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[1] != "--":
@@ -22,18 +26,17 @@ def main(argv: list[str]) -> int:
         return 2
     task_dir = Path(argv[0])
     # record ourselves first: a gateway killed right after starting us still finds us
-    from backends.local import write_pid_record
     write_pid_record(task_dir, os.getpid())
-    signal.signal(signal.SIGTERM, lambda *_: None)  # the worker gets it too; we wait for it
+    # a no-op handler (not SIG_IGN, which the worker would inherit): the worker gets the
+    # group's SIGTERM and ends; we wait for it and record how it ended
+    signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
     try:
         code = subprocess.call(argv[2:])
     except OSError as exc:
-        print(f"cannot start worker: {exc}", file=sys.stderr)
+        print(f"local backend: cannot start the worker: {exc}", file=sys.stderr)
         code = 127
-    tmp = task_dir / "local.exit.tmp"
-    tmp.write_text(str(code))
-    os.replace(tmp, task_dir / "local.exit")
+    write_atomic(task_dir / EXIT, str(code))
     return 0
 
 

@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
-from backends.base import JobState, SubmitRequest
-from backends.local import LocalBackend
+from backends.base import JobState, JobStatus, SubmitRequest
+from backends.local import LocalBackend, _group_has_members, _start_time
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_SECONDS = 40
 
 
-def make(tmp_path: Path, **options) -> LocalBackend:
-    return LocalBackend({"max_concurrent": 2, **options}, {"work_dir": str(tmp_path)})
+@pytest.fixture(autouse=True)
+def time_limit(tmp_path: Path) -> Iterator[None]:
+    """Fail a test that runs too long, then kill every worker group it left behind."""
+    def too_long(*_: object) -> None:
+        raise TimeoutError(f"test ran over {TEST_SECONDS} s")
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(TEST_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        for pid_file in tmp_path.glob("*/local.pid"):
+            pid = json.loads(pid_file.read_text())["pid"]
+            if _group_has_members(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def make(tmp_path: Path, **options: object) -> LocalBackend:
+    return LocalBackend({"max_concurrent": 2, "cancel_grace_seconds": 10, **options},
+                        {"work_dir": str(tmp_path)})
 
 
 def request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
@@ -26,91 +52,214 @@ def request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
                          worker_argv=["/bin/sh", "-c", script])
 
 
-def wait_for(backend, job_id, states, timeout=20.0):
+def wait_for(backend: LocalBackend, job_id: str, states: set[JobState],
+             timeout: float = 20.0) -> JobStatus:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         status = backend.poll([job_id])[job_id]
         if status.state in states:
             return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{job_id} stayed {status}")
         time.sleep(0.1)
-    raise AssertionError(f"{job_id} stayed {status}")
 
 
-def test_exit_codes(tmp_path):
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def pid_of(tmp_path: Path, job_id: str) -> int:
+    return json.loads((tmp_path / job_id / "local.pid").read_text())["pid"]
+
+
+def test_exit_codes_and_output(tmp_path):
     backend = make(tmp_path)
-    ok = backend.submit(request(tmp_path, "ok", "exit 0"))
-    bad = backend.submit(request(tmp_path, "bad", "exit 3"))
-    assert wait_for(backend, ok, {JobState.COMPLETED}).state == JobState.COMPLETED
+    ok_request = request(tmp_path, "ok", "")
+    ok_request.worker_argv = [sys.executable, "-c", "print('hello from the worker')"]
+    ok = backend.submit(ok_request)
+    bad = backend.submit(request(tmp_path, "bad", "echo oops >&2; exit 3"))
+    assert ok == "ok" and bad == "bad"  # the job id is the task id
+    assert wait_for(backend, ok, {JobState.COMPLETED}).reason == "worker exit code 0"
     status = wait_for(backend, bad, {JobState.FAILED})
-    assert "3" in status.reason
+    assert "exit code 3" in status.reason
+    assert (tmp_path / "ok" / "worker.out").read_text() == "hello from the worker\n"
+    assert (tmp_path / "bad" / "worker.err").read_text() == "oops\n"
     assert backend.poll(["nosuchjob"])["nosuchjob"].state == JobState.LOST
+    backend.cancel(ok)  # a finished job stays as it ended
+    assert backend.poll([ok])[ok].state == JobState.COMPLETED
+    assert backend.recover("ok", tmp_path / "ok") == "ok"
+    assert backend.recover("nosuchjob", tmp_path / "nosuchjob") is None
+
+
+def test_worker_that_cannot_start_fails(tmp_path):
+    backend = make(tmp_path)
+    req = request(tmp_path, "missing", "")
+    req.worker_argv = [str(tmp_path / "no-such-program")]
+    status = wait_for(backend, backend.submit(req), {JobState.FAILED})
+    assert "127" in status.reason
+    assert "cannot start the worker" in (tmp_path / "missing" / "worker.err").read_text()
 
 
 def test_concurrency_limit_and_fifo(tmp_path):
     backend = make(tmp_path, max_concurrent=1)
-    first = backend.submit(request(tmp_path, "first", "sleep 2"))
-    second = backend.submit(request(tmp_path, "second", "exit 0"))
-    states = backend.poll([first, second])
-    assert states[first].state == JobState.RUNNING
-    assert states[second].state == JobState.PENDING
-    wait_for(backend, second, {JobState.COMPLETED}, timeout=20)
-    assert backend.poll([first])[first].state == JobState.COMPLETED
+    order = tmp_path / "order.log"
+    ids = [backend.submit(request(tmp_path, f"job{i}", f"echo job{i} >> {order}; sleep 0.5"))
+           for i in range(3)]
+    states = backend.poll(ids)
+    assert [states[i].state for i in ids] == [JobState.RUNNING, JobState.PENDING,
+                                              JobState.PENDING]
+    while not all(s.state.finished for s in states.values()):
+        running = [i for i in ids if states[i].state == JobState.RUNNING]
+        assert len(running) <= 1
+        time.sleep(0.05)
+        states = backend.poll(ids)
+    assert all(states[i].state == JobState.COMPLETED for i in ids)
+    assert order.read_text().split() == ["job0", "job1", "job2"]
 
 
-def test_cancel_pending_and_running_kills_the_process_group(tmp_path):
+def test_cancel_pending_and_running_kills_the_whole_group(tmp_path):
     backend = make(tmp_path, max_concurrent=1, cancel_grace_seconds=1)
     marker = tmp_path / "grandchild.pid"
-    running = backend.submit(request(tmp_path, "running", f"sh -c 'echo $$ > {marker}; sleep 60' & wait"))
+    # the worker's child ignores SIGTERM: only the SIGKILL after the grace period ends it
+    running = backend.submit(request(
+        tmp_path, "running", f"sh -c \"trap '' TERM; echo \\$\\$ > {marker}; sleep 60\" & wait"))
     pending = backend.submit(request(tmp_path, "pending", "touch ran"))
     wait_for(backend, running, {JobState.RUNNING})
-    deadline = time.monotonic() + 10
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: marker.exists() and marker.read_text().strip() != "")
     grandchild = int(marker.read_text())
+    group = pid_of(tmp_path, running)
+
     backend.cancel(pending)
     assert backend.poll([pending])[pending].state == JobState.CANCELLED
+    started = time.monotonic()
     backend.cancel(running)
+    assert time.monotonic() - started < 0.5  # the grace period is not waited for here
     assert wait_for(backend, running, {JobState.CANCELLED}).state == JobState.CANCELLED
-    time.sleep(0.5)
-    assert not Path(f"/proc/{grandchild}").exists() or \
-        Path(f"/proc/{grandchild}/stat").read_text().split(")")[1].split()[0] == "Z"
-    assert not (tmp_path / "pending" / "ran").exists()
+    wait_until(lambda: not _group_has_members(group))
+    assert _start_time(grandchild) is None
+    time.sleep(0.3)
+    assert backend.poll([pending])[pending].state == JobState.CANCELLED
+    assert not (tmp_path / "pending" / "ran").exists()  # the pending job never started
 
 
-def test_restart_readopts_running_and_launches_queued_once(tmp_path):
-    log = tmp_path / "runs.log"
-    # backend A in its own process: submits 3 jobs with one slot, then is killed -9
+def test_killed_worker_is_lost_and_reused_pid_is_not_adopted(tmp_path):
+    backend = make(tmp_path)
+    job = backend.submit(request(tmp_path, "victim", "sleep 30"))
+    wait_for(backend, job, {JobState.RUNNING})
+    os.killpg(pid_of(tmp_path, job), signal.SIGKILL)
+    status = wait_for(backend, job, {JobState.LOST})
+    assert "no exit status" in status.reason
+
+    # a pid record whose pid now belongs to another process (here: this test's process)
+    fake = tmp_path / "reused"
+    fake.mkdir()
+    (fake / "local.job").write_text(json.dumps({"argv": ["true"], "submitted": 0}))
+    (fake / "local.launch").touch()
+    (fake / "local.pid").write_text(json.dumps({"pid": os.getpid(), "start_time": "1"}))
+    assert backend.poll(["reused"])["reused"].state == JobState.LOST
+    # ... and one that really matches is adopted as RUNNING
+    (fake / "local.pid").write_text(json.dumps({"pid": os.getpid(),
+                                                "start_time": _start_time(os.getpid())}))
+    assert backend.poll(["reused"])["reused"].state == JobState.RUNNING
+
+
+def run_backend_a(tmp_path: Path, jobs: dict[str, str], max_concurrent: int) -> None:
+    """Backend A in its own process submits jobs (task id -> shell script), then is killed -9."""
     script = textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
         from backends.local import LocalBackend
         from backends.base import SubmitRequest
         work = Path({str(tmp_path)!r})
-        b = LocalBackend({{"max_concurrent": 1}}, {{"work_dir": str(work)}})
-        for i, code in enumerate([0, 4, 0]):
-            d = work / f"job{{i}}"; d.mkdir()
-            b.submit(SubmitRequest(f"job{{i}}", {{}}, d, ["/bin/sh", "-c",
-                     f"echo job{{i}} >> {log}; sleep 1; exit {{code}}"]))
+        b = LocalBackend({{"max_concurrent": {max_concurrent}}}, {{"work_dir": str(work)}})
+        for job_id, script in {jobs!r}.items():
+            d = work / job_id
+            d.mkdir()
+            b.submit(SubmitRequest(job_id, {{}}, d, ["/bin/sh", "-c", script]))
         print("submitted", flush=True)
         time.sleep(60)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "submitted"
-    proc.kill()
-    proc.wait()
-    backend = make(tmp_path, max_concurrent=1)
-    ids = ["job0", "job1", "job2"]
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+    finally:
+        proc.kill()  # SIGKILL: no clean-up of any kind
+        proc.wait()
+
+
+def test_restart_readopts_running_and_launches_queued_once(tmp_path):
+    log = tmp_path / "runs.log"
+    scripts = {"job0": "sleep 0.3; exit 5",  # ends while no gateway is alive
+               "job1": "sleep 3; exit 0",    # still running when B starts
+               "job2": "sleep 0.5; exit 4",  # queued in A, never launched by it
+               "job3": "exit 0"}             # queued in A, never launched by it
+    run_backend_a(tmp_path, {job_id: f"echo {job_id} >> {log}; {script}"
+                             for job_id, script in scripts.items()}, max_concurrent=2)
+    assert not (tmp_path / "job2" / "local.launch").exists()
+    wait_until(lambda: (tmp_path / "job0" / "local.exit").exists())
+
+    backend = make(tmp_path, max_concurrent=2)
+    ids = list(scripts)
     first = backend.poll(ids)
-    assert first["job0"].state == JobState.RUNNING  # re-adopted, still running
-    assert first["job2"].state == JobState.PENDING
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    assert first["job0"].state == JobState.FAILED and "exit code 5" in first["job0"].reason
+    assert first["job1"].state == JobState.RUNNING  # re-adopted, still running
+    assert first["job2"].state == JobState.RUNNING  # launched in the free slot
+    assert first["job3"].state == JobState.PENDING  # the adopted job counts against the limit
+    states = first
+    while not all(s.state.finished for s in states.values()):
+        time.sleep(0.1)
         states = backend.poll(ids)
-        if all(s.state.finished for s in states.values()):
-            break
-        time.sleep(0.2)
-    assert [states[i].state for i in ids] == [JobState.COMPLETED, JobState.FAILED,
-                                              JobState.COMPLETED]
-    assert "4" in states["job1"].reason
-    assert sorted(log.read_text().split()) == ["job0", "job1", "job2"]  # each ran once
+        assert sum(s.state == JobState.RUNNING for s in states.values()) <= 2
+    assert {i: states[i].state for i in ids} == {
+        "job0": JobState.FAILED, "job1": JobState.COMPLETED,
+        "job2": JobState.FAILED, "job3": JobState.COMPLETED}
+    assert "exit code 4" in states["job2"].reason
+    assert sorted(log.read_text().split()) == ids  # each job ran exactly once
+
+
+def test_cancel_after_restart(tmp_path):
+    started = tmp_path / "started"
+    run_backend_a(tmp_path, {"running": f"trap '' TERM; touch {started}; sleep 30",
+                             "queued": "touch ran"}, max_concurrent=1)
+    backend = make(tmp_path, max_concurrent=1, cancel_grace_seconds=1)
+    assert backend.poll(["running"])["running"].state == JobState.RUNNING
+    wait_until(started.exists)  # the worker itself runs (not only its wrapper)
+    group = pid_of(tmp_path, "running")
+    backend.cancel("queued")  # never launched: dropped, and not launched by a later poll
+    backend.cancel("running")  # ignores SIGTERM: killed after the grace period
+    time.sleep(0.5)
+    assert backend.poll(["running"])["running"].state == JobState.RUNNING  # still in grace
+    assert wait_for(backend, "running", {JobState.CANCELLED}).state == JobState.CANCELLED
+    assert backend.poll(["queued"])["queued"].state == JobState.CANCELLED
+    wait_until(lambda: not _group_has_members(group))
+    assert not (tmp_path / "queued" / "ran").exists()
+
+    # a third gateway still reports both as canceled
+    again = make(tmp_path, max_concurrent=1)
+    states = again.poll(["running", "queued"])
+    assert states["running"].state == states["queued"].state == JobState.CANCELLED
+
+
+def test_sigkill_overdue_after_a_restart_during_the_grace_period(tmp_path):
+    started = tmp_path / "started"
+    run_backend_a(tmp_path, {"stubborn": f"trap '' TERM; touch {started}; sleep 30"},
+                  max_concurrent=1)
+    wait_until(started.exists)
+    group = pid_of(tmp_path, "stubborn")
+    # what a gateway killed 60 s into the grace period of a cancel leaves behind
+    os.killpg(group, signal.SIGTERM)
+    cancel_record = tmp_path / "stubborn" / "local.cancel"
+    cancel_record.write_text(str(time.time() - 60))
+    os.utime(cancel_record, (time.time() - 60, time.time() - 60))
+    time.sleep(0.3)
+    assert _group_has_members(group)  # SIGTERM was ignored
+
+    backend = make(tmp_path, cancel_grace_seconds=10)
+    status = wait_for(backend, "stubborn", {JobState.CANCELLED}, timeout=5)
+    assert "canceled" in status.reason
+    wait_until(lambda: not _group_has_members(group))
