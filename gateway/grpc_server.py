@@ -19,18 +19,23 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
 from gateway.auth import AuthError, Authenticator, Principal
-from gateway.service import BadRequest, ListQuery, NotFound, TaskService, zip_tags
+from gateway.service import (BadRequest, ListQuery, NotFound, ServiceError, TaskService,
+                             zip_tags)
 from proto import tes_pb2, tes_pb2_grpc
 
 log = logging.getLogger(__name__)
-VIEWS = ("MINIMAL", "BASIC", "FULL")
+VIEWS = tuple(tes_pb2.View.keys())  # MINIMAL, BASIC, FULL
 
 
 def to_message(document: dict, message: Any) -> Any:
+    """TES JSON (a stored task, service-info) -> message; keys the proto lacks are dropped."""
     return json_format.ParseDict(document, message, ignore_unknown_fields=True)
 
 
 def to_dict(message: Any) -> dict:
+    """Message -> TES JSON. Fields left at their proto3 default (empty string, 0, false,
+    first enum value) are not written: that is json_format's default, the
+    including_default_value_fields=False of older protobuf releases."""
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
@@ -50,6 +55,8 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         except NotFound as exc:
             context.abort(grpc.StatusCode.NOT_FOUND, exc.message)
+        except ServiceError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, exc.message)
         except OperationalError:
             context.abort(grpc.StatusCode.UNAVAILABLE, "database busy or unavailable; retry")
 
@@ -60,25 +67,28 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
             raise BadRequest(f"view: must be one of {', '.join(VIEWS)}, got {view!r}")
         return view
 
-    def GetServiceInfo(self, request, context):
-        def run(_who):
-            info = dict(self.service.service_info())
-            return to_message(info, tes_pb2.ServiceInfo())
+    def GetServiceInfo(self, request: tes_pb2.GetServiceInfoRequest,
+                       context: grpc.ServicerContext) -> tes_pb2.ServiceInfo:
+        def run(_who: Principal) -> tes_pb2.ServiceInfo:
+            return to_message(self.service.service_info(), tes_pb2.ServiceInfo())
         return self._call(context, run)
 
-    def CreateTask(self, request, context):
+    def CreateTask(self, request: tes_pb2.Task,
+                   context: grpc.ServicerContext) -> tes_pb2.CreateTaskResponse:
         def run(who: Principal):
             document = to_dict(request)
             return tes_pb2.CreateTaskResponse(id=self.service.create(document, owner=who.user))
         return self._call(context, run)
 
-    def GetTask(self, request, context):
+    def GetTask(self, request: tes_pb2.GetTaskRequest,
+                context: grpc.ServicerContext) -> tes_pb2.Task:
         def run(who: Principal):
             task = self.service.get(request.id, self._view(request.view), owner=who.scope)
             return to_message(task, tes_pb2.Task())
         return self._call(context, run)
 
-    def ListTasks(self, request, context):
+    def ListTasks(self, request: tes_pb2.ListTasksRequest,
+                  context: grpc.ServicerContext) -> tes_pb2.ListTasksResponse:
         def run(who: Principal):
             state = tes_pb2.State.Name(request.state) if request.state else None
             query = ListQuery(view=self._view(request.view), page_size=request.page_size or None,
@@ -93,14 +103,15 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
             return response
         return self._call(context, run)
 
-    def CancelTask(self, request, context):
+    def CancelTask(self, request: tes_pb2.CancelTaskRequest,
+                   context: grpc.ServicerContext) -> tes_pb2.CancelTaskResponse:
         def run(who: Principal):
             self.service.cancel(request.id, owner=who.scope)
             return tes_pb2.CancelTaskResponse()
         return self._call(context, run)
 
 
-def start_grpc_server(config: dict, service: TaskService,
+def start_grpc_server(service: TaskService, config: dict,
                       authenticator: Authenticator | None = None) -> grpc.Server:
     """Start serving on server.host:server.grpc_port; returns the running server."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config["server"]["threads"]),

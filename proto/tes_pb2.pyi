@@ -25,6 +25,12 @@ class FileType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FILE: _ClassVar[FileType]
     DIRECTORY: _ClassVar[FileType]
+
+class View(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MINIMAL: _ClassVar[View]
+    BASIC: _ClassVar[View]
+    FULL: _ClassVar[View]
 UNKNOWN: State
 QUEUED: State
 INITIALIZING: State
@@ -38,6 +44,9 @@ PREEMPTED: State
 CANCELING: State
 FILE: FileType
 DIRECTORY: FileType
+MINIMAL: View
+BASIC: View
+FULL: View
 
 class Input(_message.Message):
     __slots__ = ("content", "description", "name", "path", "streamable", "type", "url")

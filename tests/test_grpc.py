@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import filecmp
 import secrets
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import requests
 from google.protobuf import json_format
 
 from proto import tes_pb2, tes_pb2_grpc
+from tests.conftest import ServerProcess
 from tests.test_pytes import EVERY_FIELD
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,25 +33,52 @@ def message(document: dict) -> tes_pb2.Task:
     return json_format.ParseDict(document, tes_pb2.Task())
 
 
+def as_json(msg) -> dict:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def http_json(server, path: str, **params) -> dict:
+    resp = requests.get(f"{server.api}{path}", params=params, timeout=10)
+    assert resp.ok, resp.text
+    return resp.json()
+
+
 def http_task(server, task_id, view="FULL") -> tes_pb2.Task:
-    body = requests.get(f"{server.api}/tasks/{task_id}", params={"view": view}, timeout=10).json()
-    return message(body)
+    return message(http_json(server, f"/tasks/{task_id}", view=view))
 
 
 def test_create_over_grpc_read_over_http_identically(stub, api_server):
     task_id = stub.CreateTask(message(EVERY_FIELD)).id
+    for view in ("MINIMAL", "BASIC", "FULL"):
+        # the very same TES JSON, whichever protocol reads it
+        assert as_json(stub.GetTask(tes_pb2.GetTaskRequest(id=task_id, view=view))) == \
+            http_json(api_server, f"/tasks/{task_id}", view=view)
     over_grpc = stub.GetTask(tes_pb2.GetTaskRequest(id=task_id, view="FULL"))
-    assert over_grpc == http_task(api_server, task_id)
     assert over_grpc.state == tes_pb2.QUEUED
     assert over_grpc.inputs[1].content == "hello\n"
     assert dict(over_grpc.tags) == EVERY_FIELD["tags"]
 
 
 def test_create_over_http_read_over_grpc_identically(stub, api_server):
+    # (equal as messages: proto3 cannot tell an explicit false/0/"" from an unset field)
     task_id = requests.post(api_server.api + "/tasks", json=EVERY_FIELD, timeout=10).json()["id"]
     for view in ("MINIMAL", "BASIC", "FULL"):
         assert stub.GetTask(tes_pb2.GetTaskRequest(id=task_id, view=view)) == \
             http_task(api_server, task_id, view)
+
+
+def test_list_views_match_http(stub, api_server):
+    mark = "views-" + secrets.token_hex(4)
+    stub.CreateTask(message({**EVERY_FIELD, "name": mark}))
+    pages = {}
+    for view in ("MINIMAL", "BASIC", "FULL"):
+        page = stub.ListTasks(tes_pb2.ListTasksRequest(name_prefix=mark, view=view))
+        assert as_json(page) == http_json(api_server, "/tasks", name_prefix=mark, view=view)
+        assert len(page.tasks) == 1
+        pages[view] = page.tasks[0]
+    assert set(as_json(pages["MINIMAL"])) == {"id", "state"}
+    assert pages["BASIC"].executors and not any(i.content for i in pages["BASIC"].inputs)
+    assert pages["FULL"].inputs[1].content == "hello\n"
 
 
 def test_views_trim(stub):
@@ -101,6 +130,10 @@ def test_pages_filters_and_cancel(stub, api_server):
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("ListTasks", tes_pb2.ListTasksRequest(page_size=5000), grpc.StatusCode.INVALID_ARGUMENT,
      "page_size"),
+    ("ListTasks", tes_pb2.ListTasksRequest(view="EVERYTHING"), grpc.StatusCode.INVALID_ARGUMENT,
+     "view"),
+    ("ListTasks", tes_pb2.ListTasksRequest(tag_key=["a"], tag_value=["1", "2"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "tag_value"),
     ("CancelTask", tes_pb2.CancelTaskRequest(id="nosuchtask"), grpc.StatusCode.NOT_FOUND,
      "not found"),
 ])
@@ -114,6 +147,9 @@ def test_errors(stub, call, request_message, code, needle):
 def test_service_info_and_reflection(stub, api_server):
     info = stub.GetServiceInfo(tes_pb2.GetServiceInfoRequest())
     assert info.type.artifact == "tes" and info.name == "funnel-hpc"
+    over_http = json_format.ParseDict(http_json(api_server, "/service-info"),
+                                      tes_pb2.ServiceInfo(), ignore_unknown_fields=True)
+    assert info == over_http
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{api_server.grpc_port}")
@@ -123,6 +159,32 @@ def test_service_info_and_reflection(stub, api_server):
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert "tes.TaskService" in names
     channel.close()
+
+
+def test_database_busy_is_unavailable(databases, tmp_path):
+    url = databases.new("sqlite")
+    server = ServerProcess(tmp_path / "srv", url,
+                           overrides={"database": {"sqlite_busy_timeout": 1}}).start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    try:
+        stub = tes_pb2_grpc.TaskServiceStub(channel)
+        task = message({"executors": [{"image": "busybox", "command": ["true"]}]})
+        stub.CreateTask(task, timeout=10)
+        holder = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.CreateTask(task, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "retry" in caught.value.details()
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        stub.CreateTask(task, timeout=10)
+        assert len(stub.ListTasks(tes_pb2.ListTasksRequest()).tasks) == 2
+    finally:
+        channel.close()
+        server.stop()
 
 
 def test_generated_stubs_are_current(tmp_path):
