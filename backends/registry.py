@@ -11,6 +11,7 @@ BACKENDS: dict[str, str] = {
     "slurm": "backends.slurm:SlurmBackend",
     "aws-batch": "backends.awsbatch:AwsBatchBackend",
     "htcondor": "backends.htcondor:HTCondorBackend",
+    "gridengine": "backends.gridengine:GridEngineBackend",
 }
 
 

@@ -1,0 +1,458 @@
+"""Grid Engine (SGE, Son of Grid Engine, OGS): DRMAA 1.0 (mode drmaa) or qsub/qstat/qdel (mode cli).
+
+The job script is rendered from ``templates/gridengine.sh.j2`` (or the
+admin's ``backend.gridengine.template``), written to ``<task_dir>/gridengine.sh``
+(chmod +x) and is the job's command. Its ``#$`` lines carry every job option
+(name ``funnel-<task id>``, output/error files in the task dir, ``-pe`` for
+cpus > 1, the memory resource per slot, ``-q`` from the first zone, the
+allow-listed backend_parameters). In mode cli ``qsub`` reads them from the
+script; in mode drmaa the same lines, joined, are the native specification, so
+both modes submit the same job.
+
+Mode drmaa (default). The Python ``drmaa`` package over a DRMAA 1.0 C library
+(``drmaa_library``; Grid Engine's by default, but slurm-drmaa, pbs-drmaa and
+other DRMAA 1.0 libraries work the same way when their native specification
+accepts the template's lines: point ``template`` at a site template written for
+that scheduler). The library runs in ONE long-lived helper process
+(``python -m backends.gridengine drmaa-agent``) that holds the one DRMAA
+session and answers JSON lines on its stdin/stdout, because:
+
+- Debian's libdrmaa links libjemalloc, which cannot be dlopen()ed into a
+  running Python ("cannot allocate memory in static TLS block"): the helper is
+  started with ``GLIBC_TUNABLES=glibc.rtld.optional_static_tls=...``;
+- a DRMAA session is per process and its C library is not thread-safe; the
+  helper keeps it away from the gateway's threads (one request at a time).
+
+DRMAA has no batch status call: a poll is ONE request to the helper, which
+calls ``jobStatus`` once per job over its session (in-process library calls,
+no external commands). Jobs that ended are reaped with ``wait(id, 0)``, which
+gives the exit status, the signal and whether the job was aborted; that result
+is kept (a reaped job is unknown to DRMAA afterwards). A job the session does
+not know (submitted by an earlier gateway process and already gone, or never
+existed) is LOST: the reconciler then trusts the worker's event log.
+
+Mode cli. ``qsub -terse`` submits, ``qdel`` cancels and a poll is ONE
+``qstat -xml`` whatever the number of jobs. Grid Engine's qstat forgets a job
+when it ends, so a job not listed is LOST (CANCELLED when this backend
+cancelled it): the worker's event log tells how it ended.
+
+Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job that is gone
+already is not an error. ``recover`` looks the job up by name in ``qstat``
+(both modes, when qstat is installed).
+
+Config (``backend.gridengine``): mode, template, drmaa_library, sge_root,
+sge_cell, queue, parallel_environment, memory_resource, backend_parameters
+(TES key -> qsub option), site, command_timeout, static_tls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from backends.commands import Result
+from backends.templating import render, script_variables
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
+
+# DRMAA 1.0 job states (drmaa.JobState values) -> common job states.
+# "done" and "failed" are refined from the reaped job's exit (see finished_status).
+DRMAA_STATE_MAP: dict[str, JobState] = {
+    "undetermined": JobState.UNKNOWN,
+    "queued_active": JobState.PENDING,
+    "system_on_hold": JobState.PENDING,
+    "user_on_hold": JobState.PENDING,
+    "user_system_on_hold": JobState.PENDING,
+    "running": JobState.RUNNING,
+    "system_suspended": JobState.RUNNING,
+    "user_suspended": JobState.RUNNING,
+    "user_system_suspended": JobState.RUNNING,
+    "done": JobState.COMPLETED,
+    "failed": JobState.FAILED,
+}
+
+# qstat state letters -> common job states; the first letter of this list found in
+# a job's state string wins (Eqw: error, needs a person; dr: being deleted, still running).
+QSTAT_STATE_LETTERS: tuple[tuple[str, JobState], ...] = (
+    ("E", JobState.FAILED),
+    ("r", JobState.RUNNING),
+    ("t", JobState.RUNNING),
+    ("s", JobState.RUNNING),
+    ("S", JobState.RUNNING),
+    ("T", JobState.RUNNING),
+    ("R", JobState.PENDING),
+    ("h", JobState.PENDING),
+    ("q", JobState.PENDING),
+    ("w", JobState.PENDING),
+)
+
+SCRIPT_NAME = "gridengine.sh"
+# finished statuses kept for jobs DRMAA has reaped (oldest dropped beyond this)
+MAX_REMEMBERED = 10000
+
+
+def map_qstat_state(letters: str) -> JobState:
+    for letter, state in QSTAT_STATE_LETTERS:
+        if letter in letters:
+            return state
+    return JobState.UNKNOWN
+
+
+def native_specification(script: str) -> str:
+    """The `#$` option lines of a rendered script, as one DRMAA native specification."""
+    return " ".join(line[2:].strip() for line in script.splitlines() if line.startswith("#$"))
+
+
+def parse_qstat_xml(text: str) -> dict[str, tuple[str, str]]:
+    """`qstat -xml` -> {job id: (state letters, job name)}."""
+    jobs: dict[str, tuple[str, str]] = {}
+    for job in ET.fromstring(text).iter("job_list"):
+        number = (job.findtext("JB_job_number") or "").strip()
+        if number:
+            jobs[number] = ((job.findtext("state") or "").strip(),
+                            (job.findtext("JB_name") or "").strip())
+    return jobs
+
+
+def finished_status(raw_state: str, info: dict[str, Any] | None, cancelled: bool,
+                    wait_error: str = "") -> JobStatus:
+    """A DRMAA job that ended ("done"/"failed"), from its reaped JobInfo (a dict)."""
+    if cancelled:
+        return JobStatus(JobState.CANCELLED, f"drmaa: {raw_state}, terminated by funnel-hpc")
+    if info is None:  # e.g. deleted before it ran: no usage information
+        return JobStatus(JobState.CANCELLED if raw_state == "failed" else JobState.LOST,
+                         f"drmaa: {raw_state}, no exit information ({wait_error})")
+    if info.get("wasAborted"):
+        return JobStatus(JobState.CANCELLED, f"drmaa: {raw_state}, aborted (deleted by qdel "
+                                             "or the scheduler before it could end)")
+    if info.get("hasSignal"):
+        return JobStatus(JobState.FAILED, f"drmaa: {raw_state}, killed by signal "
+                                          f"{info.get('terminatedSignal')}")
+    code = info.get("exitStatus")
+    if info.get("hasExited") and code == 0:
+        return JobStatus(JobState.COMPLETED, "drmaa: done exit=0")
+    return JobStatus(JobState.FAILED, f"drmaa: {raw_state} exit={code}")
+
+
+# ---------------------------------------------------------------- the DRMAA helper process
+
+def agent_main() -> int:
+    """`python -m backends.gridengine drmaa-agent`: one DRMAA session, JSON lines in and out."""
+    import drmaa  # DRMAA_LIBRARY_PATH is in this process's environment
+
+    session = drmaa.Session()
+    session.initialize()
+    cancelled: set[str] = set()
+    print(json.dumps({"ok": True, "result": str(session.drmsInfo)}), flush=True)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            result = _agent_call(drmaa, session, cancelled, request)
+            reply = {"ok": True, "result": result}
+        except Exception as exc:  # noqa: BLE001 - every error goes back to the caller
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                     "invalid_job": isinstance(exc, drmaa.errors.InvalidJobException)}
+        print(json.dumps(reply), flush=True)
+    session.exit()
+    return 0
+
+
+def _agent_call(drmaa: Any, session: Any, cancelled: set[str], request: dict) -> Any:
+    op = request["op"]
+    if op == "submit":
+        template = session.createJobTemplate()
+        try:
+            template.remoteCommand = request["command"]
+            template.workingDirectory = request["workdir"]
+            template.nativeSpecification = request["native"]
+            return session.runJob(template)
+        finally:
+            session.deleteJobTemplate(template)
+    if op == "cancel":
+        session.control(request["id"], drmaa.JobControlAction.TERMINATE)
+        cancelled.add(request["id"])
+        return None
+    if op == "status":
+        return {job_id: _agent_status(drmaa, session, cancelled, job_id)
+                for job_id in request["ids"]}
+    raise ValueError(f"unknown op {op!r}")
+
+
+def _agent_status(drmaa: Any, session: Any, cancelled: set[str], job_id: str) -> dict:
+    try:
+        raw = str(session.jobStatus(job_id))
+    except drmaa.errors.InvalidJobException:
+        return {"state": JobState.LOST.value,
+                "reason": "drmaa: this session does not know the job (ended before the "
+                          "gateway's DRMAA session started, or never existed)"}
+    except drmaa.errors.DrmaaException as exc:
+        return {"state": JobState.UNKNOWN.value, "reason": f"drmaa jobStatus failed: {exc}"}
+    if raw not in ("done", "failed"):
+        state = DRMAA_STATE_MAP.get(raw, JobState.UNKNOWN)
+        return {"state": state.value, "reason": f"drmaa: {raw}"}
+    info, error = None, ""
+    try:
+        info = session.wait(job_id, drmaa.Session.TIMEOUT_NO_WAIT)._asdict()
+        info.pop("resourceUsage", None)
+    except Exception as exc:  # noqa: BLE001 - e.g. "no usage information" for deleted jobs
+        error = str(exc)
+    status = finished_status(raw, info, job_id in cancelled, error)
+    cancelled.discard(job_id)
+    return {"state": status.state.value, "reason": status.reason, "final": True}
+
+
+class DrmaaAgent:
+    """Client side of the helper process: started on first use, restarted if it died."""
+
+    def __init__(self, env: dict[str, str], timeout: float):
+        self.env, self.timeout = env, timeout
+        self._proc: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "backends.gridengine", "drmaa-agent"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=self.env)
+        hello = self._read(proc)
+        if not hello.get("ok"):
+            raise BackendError(f"DRMAA session failed: {hello.get('error')}", transient=True)
+        return proc
+
+    def _read(self, proc: subprocess.Popen) -> dict:
+        result: list[str] = []
+        reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(self.timeout)
+        line = result[0] if result else ""
+        if not line:
+            proc.kill()
+            err = proc.stderr.read() if not reader.is_alive() else "(no answer in time)"
+            raise BackendError(f"DRMAA helper died: {err.strip()[-500:]}", transient=True)
+        return json.loads(line)
+
+    def call(self, request: dict) -> dict:
+        with self._lock:
+            self.requests += 1
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = self._start()
+            try:
+                self._proc.stdin.write(json.dumps(request) + "\n")
+                self._proc.stdin.flush()
+            except OSError as exc:
+                self._proc = None
+                raise BackendError(f"DRMAA helper gone: {exc}", transient=True) from None
+            try:
+                return self._read(self._proc)
+            except BackendError:
+                self._proc = None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+            self._proc = None
+
+
+# ---------------------------------------------------------------- the backend
+
+class EnvRunner:
+    """Runs Grid Engine commands here (no shell) with SGE_ROOT/SGE_CELL set; counts calls."""
+
+    def __init__(self, env: dict[str, str], timeout: float = 60):
+        self.env, self.timeout = env, timeout
+        self.calls = 0
+
+    def run(self, argv: list[str], input: str | None = None) -> Result:
+        self.calls += 1
+        try:
+            done = subprocess.run(argv, input=input, capture_output=True, text=True,
+                                  timeout=self.timeout, env=self.env)
+        except FileNotFoundError:
+            return Result(127, "", f"{argv[0]}: command not found")
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
+        except OSError as exc:
+            return Result(126, "", f"{argv[0]}: {exc}")
+        return Result(done.returncode, done.stdout, done.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+class GridEngineBackend(Backend):
+    name = "gridengine"
+
+    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
+        super().__init__(options, config)
+        self.mode = str(options.get("mode") or "drmaa")
+        if self.mode not in ("drmaa", "cli"):
+            raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")
+        self.template = options.get("template") or "gridengine.sh.j2"
+        self.supported_parameters = frozenset(
+            k.lower() for k in (options.get("backend_parameters") or {}))
+        timeout = float(options.get("command_timeout", 60))
+        self.env = self._environment()
+        self.runner = EnvRunner(self.env, timeout)
+        self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
+        self._finished: dict[str, JobStatus] = {}  # reaped by DRMAA, or cancelled in cli mode
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SGE_ROOT"] = str(self.options.get("sge_root") or env.get("SGE_ROOT")
+                              or "/var/lib/gridengine")
+        env["SGE_CELL"] = str(self.options.get("sge_cell") or env.get("SGE_CELL") or "default")
+        env["DRMAA_LIBRARY_PATH"] = str(self.options.get("drmaa_library") or DEFAULT_LIBRARY)
+        static_tls = int(self.options.get("static_tls", 4096) or 0)
+        if static_tls and "GLIBC_TUNABLES" not in env:
+            env["GLIBC_TUNABLES"] = f"glibc.rtld.optional_static_tls={static_tls}"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH"))
+                                            if p)
+        return env
+
+    # ---- commands (mode cli, recover) ----
+
+    def _run(self, argv: list[str], input: str | None = None) -> Result:
+        return self.runner.run(argv, input=input)
+
+    # ---- submit / cancel ----
+
+    def script_variables(self, request: SubmitRequest) -> dict[str, Any]:
+        variables = script_variables(request, self.options)
+        ram_mb, cpus = variables["ram_mb"], variables["cpus"]
+        variables.update(
+            parallel_environment=str(self.options.get("parallel_environment") or ""),
+            memory_resource=str(self.options.get("memory_resource") or ""),
+            mem_per_slot_mb=int(math.ceil(ram_mb / cpus)) if ram_mb else None,
+        )
+        return variables
+
+    def render_script(self, request: SubmitRequest) -> str:
+        return render(self.template, self.script_variables(request))
+
+    def submit(self, request: SubmitRequest) -> str:
+        try:
+            script = self.render_script(request)
+        except ValueError as exc:
+            raise BackendError(f"cannot render the Grid Engine script: {exc}") from None
+        path = request.task_dir / SCRIPT_NAME
+        path.write_text(script)
+        path.chmod(0o755)
+        if self.mode == "cli":
+            result = self._run(["qsub", "-terse", str(path)])
+            job_id = result.stdout.strip().split(".")[0]
+            if result.returncode != 0 or not job_id.isdigit():
+                raise BackendError(f"qsub failed ({result.returncode}): "
+                                   f"{(result.stderr or result.stdout).strip()[:500]}",
+                                   transient=result.returncode in (124, 127))
+            return job_id
+        reply = self.agent.call({"op": "submit", "command": str(path),
+                                 "workdir": str(request.task_dir),
+                                 "native": native_specification(script)})
+        if not reply["ok"]:
+            raise BackendError(f"DRMAA runJob failed: {reply['error'][:500]}")
+        return str(reply["result"])
+
+    def cancel(self, job_id: str) -> None:
+        job_id = str(job_id)
+        if job_id in self._finished:
+            return
+        if self.mode == "cli":
+            result = self._run(["qdel", job_id])
+            text = result.stderr + result.stdout
+            if result.returncode == 0:
+                self._remember(job_id, JobStatus(JobState.CANCELLED, "qdel by funnel-hpc"))
+            elif "does not exist" not in text:
+                raise BackendError(f"qdel {job_id} failed: {text.strip()[:300]}",
+                                   transient=result.returncode in (124, 127))
+            return
+        reply = self.agent.call({"op": "cancel", "id": job_id})
+        if not reply["ok"] and not reply.get("invalid_job"):
+            raise BackendError(f"DRMAA control({job_id}, TERMINATE) failed: "
+                               f"{reply['error'][:300]}")
+
+    def _remember(self, job_id: str, status: JobStatus) -> None:
+        self._finished[job_id] = status
+        while len(self._finished) > MAX_REMEMBERED:
+            self._finished.pop(next(iter(self._finished)))
+
+    # ---- poll ----
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        wanted = [str(j) for j in dict.fromkeys(job_ids)]
+        out = {j: self._finished[j] for j in wanted if j in self._finished}
+        ask = [j for j in wanted if j not in out]
+        if not ask:
+            return out
+        if self.mode == "cli":
+            out.update(self._poll_qstat(ask))
+            return out
+        try:
+            reply = self.agent.call({"op": "status", "ids": ask})
+        except BackendError as exc:
+            return {**out, **{j: JobStatus(JobState.UNKNOWN, str(exc)) for j in ask}}
+        if not reply["ok"]:
+            reason = f"DRMAA status failed: {reply['error'][:300]}"
+            return {**out, **{j: JobStatus(JobState.UNKNOWN, reason) for j in ask}}
+        for job_id, answer in reply["result"].items():
+            status = JobStatus(JobState(answer["state"]), answer["reason"])
+            if answer.get("final"):
+                self._remember(job_id, status)
+            out[job_id] = status
+        return out
+
+    def _qstat(self) -> dict[str, tuple[str, str]] | str:
+        """This user's jobs from one `qstat -xml`, or the error text."""
+        result = self._run(["qstat", "-xml"])
+        if result.returncode != 0:
+            return f"qstat failed: {(result.stderr or result.stdout).strip()[:300]}"
+        try:
+            return parse_qstat_xml(result.stdout)
+        except ET.ParseError as exc:
+            return f"qstat printed unreadable XML: {exc}"
+
+    def _poll_qstat(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        jobs = self._qstat()
+        if isinstance(jobs, str):
+            return {j: JobStatus(JobState.UNKNOWN, jobs) for j in job_ids}
+        out = {}
+        for job_id in job_ids:
+            if job_id in jobs:
+                letters = jobs[job_id][0]
+                out[job_id] = JobStatus(map_qstat_state(letters), f"qstat: {letters}")
+            else:
+                out[job_id] = JobStatus(JobState.LOST, "qstat no longer lists this job "
+                                                       "(Grid Engine forgets jobs that ended)")
+        return out
+
+    def recover(self, task_id: str, task_dir: Path) -> str | None:
+        jobs = self._qstat()
+        if isinstance(jobs, str):
+            return None
+        ids = [j for j, (_, name) in jobs.items() if name == f"funnel-{task_id}"]
+        return max(ids, key=int) if ids else None
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["drmaa-agent"]:
+        sys.exit(agent_main())
+    sys.exit("usage: python -m backends.gridengine drmaa-agent")
