@@ -52,6 +52,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -216,13 +217,16 @@ class DrmaaAgent:
     def __init__(self, env: dict[str, str], timeout: float):
         self.env, self.timeout = env, timeout
         self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
         self._lock = threading.Lock()
         self.requests = 0
 
     def _start(self) -> subprocess.Popen:
+        # stderr into a file: a chatty library must not block on a full pipe
+        self._stderr = tempfile.TemporaryFile(mode="w+")
         proc = subprocess.Popen([sys.executable, "-m", "backends.gridengine", "drmaa-agent"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=self.env)
+                                stderr=self._stderr, text=True, cwd=REPO_ROOT, env=self.env)
         hello = self._read(proc)
         if not hello.get("ok"):
             raise BackendError(f"DRMAA session failed: {hello.get('error')}", transient=True)
@@ -237,7 +241,8 @@ class DrmaaAgent:
         line = result[0] if result else ""
         if not line:
             proc.kill()
-            err = proc.stderr.read() if not reader.is_alive() else "(no answer in time)"
+            self._stderr.seek(0)
+            err = self._stderr.read() if not reader.is_alive() else "(no answer in time)"
             raise BackendError(f"DRMAA helper died: {err.strip()[-500:]}", transient=True)
         return json.loads(line)
 

@@ -83,11 +83,15 @@ stop() {
 if [ "$aliases_changed" = yes ]; then  # the daemons read host_aliases when they start
   stop sge_execd; stop sge_qmaster
 fi
-if ! running sge_qmaster; then
-  rm -f "$SPOOL/qmaster/lock"   # left by a killed qmaster; it refuses to start with it
-  /usr/sbin/sge_qmaster
-fi
-for _ in $(seq 1 60); do qmaster_up && break; sleep 0.5; done
+# (re)start the master when it is not running; one still shutting down is waited for
+for _ in $(seq 1 60); do
+  qmaster_up && break
+  if ! running sge_qmaster; then
+    rm -f "$SPOOL/qmaster/lock"   # left by a killed qmaster; it refuses to start with it
+    /usr/sbin/sge_qmaster
+  fi
+  sleep 0.5
+done
 qmaster_up || { echo "sge_qmaster did not come up" >&2; tail -n 20 "$SPOOL/qmaster/messages" >&2 || true; exit 1; }
 
 # root is refused as a manager by default in some cells: make it one (harmless if it is)
