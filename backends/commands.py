@@ -29,17 +29,19 @@ class Result(NamedTuple):
 
 
 class LocalRunner:
-    """Runs commands here with subprocess (no shell), each with a timeout in seconds."""
+    """Runs commands here with subprocess (no shell), each with a timeout in seconds;
+    env, when given, is the whole environment of the commands."""
 
-    def __init__(self, timeout: float = 60):
+    def __init__(self, timeout: float = 60, env: dict[str, str] | None = None):
         self.timeout = timeout
+        self.env = env
         self.calls = 0
 
     def run(self, argv: list[str], input: str | None = None) -> Result:
         self.calls += 1
         try:
             done = subprocess.run(argv, input=input, capture_output=True, text=True,
-                                  timeout=self.timeout)
+                                  timeout=self.timeout, env=self.env)
         except FileNotFoundError:
             return Result(127, "", f"{argv[0]}: command not found")
         except subprocess.TimeoutExpired:

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.commands import Result
+from backends.commands import LocalRunner, Result
 from backends.templating import render, script_variables
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -276,30 +276,6 @@ class DrmaaAgent:
 
 # ---------------------------------------------------------------- the backend
 
-class EnvRunner:
-    """Runs Grid Engine commands here (no shell) with SGE_ROOT/SGE_CELL set; counts calls."""
-
-    def __init__(self, env: dict[str, str], timeout: float = 60):
-        self.env, self.timeout = env, timeout
-        self.calls = 0
-
-    def run(self, argv: list[str], input: str | None = None) -> Result:
-        self.calls += 1
-        try:
-            done = subprocess.run(argv, input=input, capture_output=True, text=True,
-                                  timeout=self.timeout, env=self.env)
-        except FileNotFoundError:
-            return Result(127, "", f"{argv[0]}: command not found")
-        except subprocess.TimeoutExpired:
-            return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
-        except OSError as exc:
-            return Result(126, "", f"{argv[0]}: {exc}")
-        return Result(done.returncode, done.stdout, done.stderr)
-
-    def close(self) -> None:
-        pass
-
-
 class GridEngineBackend(Backend):
     name = "gridengine"
 
@@ -313,7 +289,7 @@ class GridEngineBackend(Backend):
             k.lower() for k in (options.get("backend_parameters") or {}))
         timeout = float(options.get("command_timeout", 60))
         self.env = self._environment()
-        self.runner = EnvRunner(self.env, timeout)
+        self.runner = LocalRunner(timeout, env=self.env)
         self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
         self._finished: dict[str, JobStatus] = {}  # reaped by DRMAA, or cancelled in cli mode
 
