@@ -75,6 +75,8 @@ class Backend(abc.ABC):
     name: str = ""
     #: TES backend_parameters keys this backend understands (lower case)
     supported_parameters: frozenset[str] = frozenset()
+    #: submit may be called from several threads at once (reconciler.submit_threads)
+    parallel_submit: bool = False
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         self.options = options  # this backend's section: config["backend"][name]

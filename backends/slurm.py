@@ -92,6 +92,7 @@ def map_state(raw: str) -> JobState:
 
 class SlurmBackend(Backend):
     name = "slurm"
+    parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
     def __init__(self, options: dict, config: dict):
         super().__init__(options, config)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-import requests
+# requests is imported when a client is made: `funnel worker run` loads this module
+# and, on a cluster, starts once per task (see benchmarks/README)
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -18,12 +19,15 @@ class TesClient:
         self.base = server.rstrip("/") + "/ga4gh/tes/v1"
         self.server = server
         self.timeout = timeout
+        import requests
+
+        self._requests = requests
         self.http = requests.Session()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self.http.request(method, self.base + path, timeout=self.timeout, **kwargs)
-        except requests.RequestException as exc:
+        except self._requests.RequestException as exc:
             raise ClientError(f"cannot reach {self.server}: {exc.__class__.__name__}") from None
         if resp.status_code >= 400:
             try:

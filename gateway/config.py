@@ -62,9 +62,13 @@ def merge(base: dict, override: Mapping, path: str = "") -> dict:
     return out
 
 
+# libyaml's parser when PyYAML has it: the worker reads config at every task start
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_LOADER) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

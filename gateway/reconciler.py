@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,8 @@ def task_dir(config: dict, task_id: str) -> Path:
 
 def worker_command(config: dict) -> list[str]:
     command = list(config["worker"]["command"])
-    return command or [sys.executable, "-m", "gateway.cli", "worker", "run"]
+    # `python -m worker run` is `funnel worker run` without click: cheaper to start
+    return command or [sys.executable, "-m", "worker", "run"]
 
 
 def write_worker_config(config: dict) -> Path:
@@ -117,6 +119,8 @@ class Reconciler:
         self.interval = float(opts["interval_seconds"])
         self.max_attempts = max(1, int(opts["max_attempts"]))
         self.submit_per_tick = int(opts["submit_per_tick"])
+        self.submit_threads = max(1, int(opts["submit_threads"]))
+        self._pool: ThreadPoolExecutor | None = None
         self.pass_server_url = bool(opts["pass_server_url"])
         self.tails: dict[str, EventTail] = {}
         self.cancels_sent: set[str] = set()
@@ -148,6 +152,8 @@ class Reconciler:
     def stop(self) -> None:
         self._stop.set()
         self.service.changed.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     # ---- one tick ----
 
@@ -181,8 +187,7 @@ class Reconciler:
                 status = statuses.get(row.job_id, JobStatus(JobState.UNKNOWN, "not reported"))
                 self._apply_job_status(row, status, stats)
 
-        for row in to_submit[: self.submit_per_tick]:
-            self._submit(row, stats)
+        self._submit_batch(to_submit[: self.submit_per_tick], stats)
 
         # forget tails of tasks that are no longer active
         active = {row.id for row in rows}
@@ -194,45 +199,67 @@ class Reconciler:
 
     # ---- submission ----
 
-    def _submit(self, row: Any, stats: TickStats) -> None:
-        attempt = row.attempt + 1
-        directory = task_dir(self.config, row.id)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._archive_events(directory, row.attempt)
-        task = self.service.get(row.id, "FULL")
-        task_file = directory / "task.json"
-        tmp = task_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(task))
-        os.replace(tmp, task_file)
-        # claim the task: only one submitter, and a restart sees the claim
-        if not self.service.update_fields(row.id, State.QUEUED, job_id=SUBMITTING,
-                                          attempt=attempt, event_seq=0,
-                                          job_id_is_null=True):
+    def _submit_batch(self, rows: list[Any], stats: TickStats) -> None:
+        """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's
+        submissions (several at once where the backend allows it), one record transaction."""
+        if not rows:
             return
-        logs = self._attempt_logs(row.logs, attempt)
-        request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
-                                worker_argv=self._worker_argv(directory),
-                                backend_parameters=_lower_keys(task), owner=row.owner)
-        try:
-            job_id = self.backend.submit(request)
-        except BackendError as exc:
-            if exc.transient:  # scheduler unreachable: give the claim back, retry next tick
-                log.warning("submission of task %s deferred: %s", row.id, exc)
-                self.service.update_fields(row.id, State.QUEUED, job_id=None,
-                                           attempt=row.attempt, event_seq=row.event_seq)
-                return
-            self._submission_failed(row, logs, exc, stats)
-            return
-        except (OSError, ValueError) as exc:
-            self._submission_failed(row, logs, exc, stats)
-            return
-        logs[-1].setdefault("metadata", {}).update(
-            {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(attempt)})
-        stats.submitted += 1
-        if not self.service.update_fields(row.id, State.QUEUED, job_id=job_id, logs=logs):
-            # canceled while we submitted: record the job so the cancel reaches it
-            self.service.set_job_id(row.id, job_id, logs)
-        self.tails.pop(row.id, None)
+        tasks = self.service.full_tasks([row.id for row in rows])
+        rows = [row for row in rows if row.id in tasks]
+        for row in rows:
+            directory = task_dir(self.config, row.id)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._archive_events(directory, row.attempt)
+            task_file = directory / "task.json"
+            tmp = task_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(tasks[row.id]))
+            os.replace(tmp, task_file)
+        # claim the tasks: only one submitter, and a restart sees the claims
+        claimed = self.service.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
+        rows = [row for row in rows if row.id in claimed]
+        outcomes = self._map_submit(rows, tasks)
+        recorded: list[tuple[str, str, list]] = []
+        deferred: list[tuple[str, int, int]] = []
+        for row, outcome in zip(rows, outcomes):
+            attempt = row.attempt + 1
+            logs = self._attempt_logs(row.logs, attempt)
+            if isinstance(outcome, BackendError) and outcome.transient:
+                # scheduler unreachable: give the claim back, retry next tick
+                log.warning("submission of task %s deferred: %s", row.id, outcome)
+                deferred.append((row.id, row.attempt, row.event_seq))
+            elif isinstance(outcome, Exception):
+                self._submission_failed(row, logs, outcome, stats)
+            else:
+                logs[-1].setdefault("metadata", {}).update(
+                    {"backend": self.backend.name, "job_id": str(outcome),
+                     "attempt": str(attempt)})
+                recorded.append((row.id, str(outcome), logs))
+                self.tails.pop(row.id, None)
+        if deferred:
+            self.service.release_claims(deferred)
+        if recorded:
+            self.service.record_submissions(recorded)
+            stats.submitted += len(recorded)
+
+    def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
+        """backend.submit for each row: the job id, or the exception it raised."""
+        def one(row: Any) -> Any:
+            directory = task_dir(self.config, row.id)
+            task = tasks[row.id]
+            request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
+                                    worker_argv=self._worker_argv(directory),
+                                    backend_parameters=_lower_keys(task), owner=row.owner)
+            try:
+                return self.backend.submit(request)
+            except (BackendError, OSError, ValueError) as exc:
+                return exc
+
+        if self.submit_threads > 1 and self.backend.parallel_submit and len(rows) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.submit_threads,
+                                                thread_name_prefix="submit")
+            return list(self._pool.map(one, rows))
+        return [one(row) for row in rows]
 
     def _submission_failed(self, row: Any, logs: list, exc: Exception, stats: TickStats) -> None:
         logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "

@@ -273,12 +273,62 @@ class TaskService:
                          .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
     def active_rows(self, limit: int = 100_000) -> list[Any]:
-        """Tasks not yet terminal, oldest first (for the reconciler)."""
+        """Tasks not yet terminal, oldest first (for the reconciler), without their
+        task document (see full_tasks): at 10,000 in flight it is read every tick."""
         t = db.tasks
-        query = (select(t).where(t.c.state.not_in([s.value for s in TERMINAL]))
+        columns = [c for c in t.c if c.name != "spec"]
+        query = (select(*columns).where(t.c.state.not_in([s.value for s in TERMINAL]))
                  .order_by(t.c.seq).limit(limit))
         with db.reading(self.engine) as conn:
             return conn.execute(query).all()
+
+    def full_tasks(self, task_ids: list[str]) -> dict[str, dict]:
+        """FULL view of many tasks, with one query."""
+        t = db.tasks
+        query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
+        with db.reading(self.engine) as conn:
+            rows = conn.execute(query.where(t.c.id.in_(task_ids))).all()
+        return {row.id: self._row_to_task(row) for row in rows}
+
+    # ---- submission bookkeeping (reconciler), one transaction per batch ----
+
+    def claim_for_submission(self, claims: list[tuple[str, int]]) -> set[str]:
+        """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
+        attempt number; return the ids claimed (a task canceled or claimed by another
+        reconciler meanwhile is not)."""
+        t = db.tasks
+        claimed: set[str] = set()
+        now = now_rfc3339()
+        with db.writing(self.engine) as conn:
+            for task_id, attempt in claims:
+                query = (update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                                         t.c.job_id.is_(None))
+                         .values(job_id="", attempt=attempt, event_seq=0, updated_at=now))
+                if conn.execute(query).rowcount == 1:
+                    claimed.add(task_id)
+        return claimed
+
+    def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
+        """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
+        canceled while its job was submitted keeps the job id, so the cancel reaches it."""
+        t = db.tasks
+        now = now_rfc3339()
+        with db.writing(self.engine) as conn:
+            for task_id, job_id, logs in jobs:
+                conn.execute(update(t).where(t.c.id == task_id)
+                             .values(job_id=job_id, logs=logs, updated_at=now))
+
+    def release_claims(self, claims: list[tuple[str, int, int]]) -> None:
+        """Give back claims (task id, previous attempt, previous event_seq) of submissions
+        that could not be made now (scheduler unreachable): they are tried again."""
+        t = db.tasks
+        now = now_rfc3339()
+        with db.writing(self.engine) as conn:
+            for task_id, attempt, event_seq in claims:
+                conn.execute(update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                                             t.c.job_id == "")
+                             .values(job_id=None, attempt=attempt, event_seq=event_seq,
+                                     updated_at=now))
 
     # ---- service-info ----
 

@@ -11,13 +11,12 @@ the file system is the same, plain copies otherwise.
 from __future__ import annotations
 
 import fcntl
-import ftplib
 import os
 import posixpath
 import shutil
 import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
 
@@ -263,9 +262,15 @@ class FtpStore(Interruptible):
     def __init__(self, timeout: float = 60):
         self.timeout = timeout
 
-    def _connect(self, url: str) -> tuple[ftplib.FTP, str]:
+    @staticmethod
+    def _ftplib():
+        import ftplib  # with ssl: only tasks that use ftp:// pay for the import
+
+        return ftplib
+
+    def _connect(self, url: str) -> tuple[Any, str]:
         parsed = urlparse(url)
-        ftp = ftplib.FTP(timeout=self.timeout)
+        ftp = self._ftplib().FTP(timeout=self.timeout)
         ftp.connect(parsed.hostname or "", parsed.port or 21)
         ftp.login(unquote(parsed.username or "anonymous"), unquote(parsed.password or ""))
         return ftp, unquote(parsed.path) or "/"
@@ -273,10 +278,10 @@ class FtpStore(Interruptible):
     def _wrap(self, url: str, fn):
         try:
             return fn()
-        except (ftplib.Error, OSError, EOFError) as exc:
+        except (self._ftplib().Error, OSError, EOFError) as exc:
             raise StorageError(f"{_redact(url)}: {exc.__class__.__name__}: {exc}") from None
 
-    def _download(self, ftp: ftplib.FTP, path: str, dest: Path) -> None:
+    def _download(self, ftp: Any, path: str, dest: Path) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with dest.open("wb") as fh:
             def write(chunk: bytes) -> None:
@@ -284,7 +289,7 @@ class FtpStore(Interruptible):
                 fh.write(chunk)
             ftp.retrbinary(f"RETR {path}", write)
 
-    def _walk(self, ftp: ftplib.FTP, path: str) -> list[str]:
+    def _walk(self, ftp: Any, path: str) -> list[str]:
         files = []
         for name, facts in ftp.mlsd(path):
             if name in (".", ".."):
@@ -319,7 +324,7 @@ class FtpStore(Interruptible):
                     current += "/" + part
                     try:
                         ftp.mkd(current)
-                    except ftplib.error_perm:
+                    except self._ftplib().error_perm:
                         pass  # exists
                 with src.open("rb") as fh:
                     ftp.storbinary(f"STOR {path}", fh,

@@ -5,4 +5,6 @@ cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 apt_install python3 python3-venv python3-dev git ca-certificates procps
 make_venv
-.venv/bin/pip install -q -e '.[test,postgres]'
+# compat: a plain path in a .pth file; the default editable finder costs every Python start
+# (so every worker a scheduler starts) about 10 ms
+.venv/bin/pip install -q -e '.[test,postgres]' --config-settings editable_mode=compat

@@ -1,0 +1,188 @@
+"""Drive N trivial tasks from QUEUED to COMPLETE on Slurm, beside a raw sbatch loop.
+
+Run: .venv/bin/python benchmarks/slurm_throughput.py [--tasks 1000 10000]
+
+For each N, in one run:
+- raw: a loop of N `sbatch` calls of a script running the same container call the
+  worker makes for a trivial task (`bwrap` over the busybox rootfs, `true`); the clock
+  stops when Slurm has no job of the loop left;
+- gateway: N tasks created over HTTP (8 threads; the clock has not started), then a
+  reconciler (`funnel reconcile`'s loop, in this process, so its CPU and commands can be
+  counted) submits them and follows them to COMPLETE, beside a `funnel server run
+  --no-reconciler` process serving the API. Every Slurm job runs the real worker.
+Also reported: the submission rate of each (jobs handed to sbatch per second), and, for
+ticks with at least 90 % of N in flight, the reconciler's CPU seconds per tick and the
+scheduler commands per tick (squeue/sacct; the sbatch calls are counted apart), and the
+peak RSS of the API server and of the reconciler process.
+
+Jobs go to the partition `bench` (scripts/setup/30-slurm.sh: 32 trivial jobs may share
+each core, as they would spread over a wider cluster). Needs that single-node Slurm and
+the worker tools of scripts/setup/40-worker.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from backends.slurm import SlurmBackend  # noqa: E402
+from gateway import config as config_mod  # noqa: E402
+from gateway.app import make_service  # noqa: E402
+from gateway.reconciler import Reconciler  # noqa: E402
+from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
+
+PARTITION = "bench"
+ROOTFS = "/var/lib/funnel/rootfs/busybox"
+TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
+TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"}
+TICK_SECONDS = 1.0
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def jobs_left(name: str) -> int:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"],
+                         capture_output=True, text=True, check=True).stdout
+    return len(out.split())
+
+
+def raw_loop(n: int, work: Path) -> dict:
+    """N sbatch calls of the bare container command; wall time until all have ended."""
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"rawbench{n}"
+    bwrap = shutil.which("bwrap") or "bwrap"
+    script = (f"#!/bin/sh\n#SBATCH --job-name={name}\n#SBATCH --partition={PARTITION}\n"
+              f"#SBATCH --output=/dev/null\n"
+              f"exec {bwrap} --die-with-parent --new-session --unshare-pid --unshare-ipc "
+              f"--unshare-uts --hostname funnel-task --bind {ROOTFS} / --dev /dev "
+              f"--proc /proc --tmpfs /tmp --clearenv --setenv PATH /bin -- true\n")
+    start = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["sbatch", "--parsable"], input=script, text=True, check=True,
+                       capture_output=True, cwd=work)
+    submitted = time.perf_counter() - start
+    while jobs_left(name):
+        time.sleep(0.5)
+    return {"seconds": time.perf_counter() - start, "submit_seconds": submitted,
+            "submit_rate_per_s": n / submitted}
+
+
+def create_tasks(api: str, n: int) -> list[str]:
+    def make(count: int) -> list[str]:
+        session = requests.Session()
+        return [session.post(api + "/tasks", json=TRIVIAL, timeout=60).json()["id"]
+                for _ in range(count)]
+
+    per = [n // 8 + (1 if i < n % 8 else 0) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        return [task_id for ids in pool.map(make, per) for task_id in ids]
+
+
+def gateway_run(n: int, work: Path, db_url: str) -> dict:
+    overrides = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
+                 "worker": {"container_driver": "bwrap"},
+                 "reconciler": {"interval_seconds": TICK_SECONDS, "pass_server_url": False}}
+    server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
+    try:
+        ids = create_tasks(server.api, n)
+        config = config_mod.load(environ={}, overrides={
+            **overrides, "work_dir": str(work), "database": {"url": db_url},
+            "server": {"http_port": server.port}})
+        service = make_service(config)
+        backend = SlurmBackend(config["backend"]["slurm"], config)
+        reconciler = Reconciler(service, backend, config)
+        ticks = []
+        submitted = 0
+        submit_done = None
+        start = time.perf_counter()
+        while True:
+            calls, cpu = backend.runner.calls, time.process_time()
+            tick_start = time.perf_counter()
+            stats = reconciler.tick()
+            submitted += stats.submitted
+            ticks.append({"in_flight": stats.polled, "submitted": stats.submitted,
+                          "scheduler_calls": backend.runner.calls - calls - stats.submitted,
+                          "cpu_s": time.process_time() - cpu,
+                          "wall_s": time.perf_counter() - tick_start})
+            if submit_done is None and submitted >= n:
+                submit_done = time.perf_counter() - start
+            counts = service.state_counts()
+            if sum(counts.get(s, 0) for s in TERMINAL) >= n:
+                break
+            time.sleep(max(0.0, TICK_SECONDS - (time.perf_counter() - tick_start)))
+        elapsed = time.perf_counter() - start
+        reconciler.stop()
+        server_rss = peak_rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    busy = [t for t in ticks if t["in_flight"] >= 0.9 * n] or \
+        sorted(ticks, key=lambda t: t["in_flight"])[-3:]
+    return {"seconds": elapsed, "submit_seconds": submit_done,
+            "submit_rate_per_s": n / submit_done if submit_done else None,
+            "states": counts, "ticks": len(ticks),
+            "max_in_flight": max(t["in_flight"] for t in ticks),
+            "busy_ticks": len(busy), "busy_in_flight_min": min(t["in_flight"] for t in busy),
+            "tick_cpu_s_median": statistics.median(t["cpu_s"] for t in busy),
+            "tick_cpu_s_max": max(t["cpu_s"] for t in busy),
+            "scheduler_calls_per_tick": sorted({t["scheduler_calls"] for t in busy}),
+            "scheduler_calls_per_tick_all": sorted({t["scheduler_calls"] for t in ticks}),
+            "server_peak_rss_mb": server_rss,
+            "reconciler_peak_rss_mb": peak_rss_mb()}
+
+
+def measure(n: int, tmp: Path, dbs: DatabaseFactory) -> dict:
+    raw = raw_loop(n, tmp / f"raw{n}")
+    gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"))
+    return {"tasks": n, "raw": raw, "gateway": gateway,
+            "time_ratio": gateway["seconds"] / raw["seconds"],
+            "submit_rate_ratio": (gateway["submit_rate_per_s"] or 0) / raw["submit_rate_per_s"],
+            "all_complete": gateway["states"].get("COMPLETE", 0) == n}
+
+
+def summary_lines(r: dict) -> list[str]:
+    g, raw = r["gateway"], r["raw"]
+    return [
+        f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s, raw sbatch "
+        f"loop {raw['seconds']:.0f}s (time ratio {r['time_ratio']:.2f}); submission "
+        f"{g['submit_rate_per_s']:.0f}/s vs {raw['submit_rate_per_s']:.0f}/s "
+        f"(rate ratio {r['submit_rate_ratio']:.2f}); states {g['states']}",
+        f"  reconciler at >= {g['busy_in_flight_min']} jobs in flight ({g['busy_ticks']} ticks): "
+        f"CPU {g['tick_cpu_s_median']:.3f}s/tick median, {g['tick_cpu_s_max']:.3f}s max; "
+        f"scheduler calls/tick {g['scheduler_calls_per_tick']}; peak RSS server "
+        f"{g['server_peak_rss_mb']:.0f} MB, reconciler {g['reconciler_peak_rss_mb']:.0f} MB"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1000])
+    args = parser.parse_args()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-throughput-", dir="/var/tmp"))
+    dbs = DatabaseFactory(tmp)
+    for n in args.tasks:
+        result = measure(n, tmp, dbs)
+        print("\n".join(summary_lines(result)))
+        print(json.dumps({k: v for k, v in result.items()}, default=str)[:2000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The worker's command line, without click: `python -m worker run ...`.
+
+`funnel worker run` (worker/cli.py, click) and `python -m worker run` take the same
+options and end in :func:`run`. The reconciler starts workers with the second: a
+scheduler starts one worker per task, and this entry point imports only what running
+a task needs (no click, no HTTP client unless --server), which keeps each start cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A one-line reason the worker cannot start; exit code 1."""
+
+
+def run(task_file: str | None, task_id: str | None, server: str | None,
+        workdir: str | None, config_path: str | None) -> int:
+    """Run one task; return the process exit code (0 only if COMPLETE)."""
+    from gateway import config as config_mod
+    from worker.runner import EXIT_CODES, run_task
+    from worker.validation import TaskError, check_task_id
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s worker: %(message)s")
+    try:
+        config = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if bool(task_file) == bool(task_id):
+        raise UsageError("give exactly one of --task-file or --task-id")
+    if task_id:
+        if not server:
+            raise UsageError("--task-id needs --server")
+        from gateway.client import ClientError, TesClient
+
+        try:
+            check_task_id(task_id)
+            task = TesClient(server).get(task_id, "FULL")
+        except TaskError as exc:
+            raise UsageError(str(exc)) from None
+        except ClientError as exc:
+            raise UsageError(f"cannot fetch task {task_id}: {exc}") from None
+    else:
+        try:
+            task = json.loads(Path(task_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{task_file}: not a task document: {exc}") from None
+    if not isinstance(task, dict) or not task.get("id") or not task.get("executors"):
+        raise UsageError("the task document needs an id and executors")
+    if task_id and task["id"] != task_id:
+        raise UsageError(f"the server sent task {task['id']!r} for {task_id!r}")
+    base = Path(workdir or config["work_dir"]).resolve()
+    try:
+        check_task_id(task["id"])
+    except TaskError as exc:
+        raise UsageError(str(exc)) from None
+    state = run_task(task, base, config, server)
+    print(state, flush=True)
+    return EXIT_CODES.get(state, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker",
+                                     description="Run one task's worker (as `funnel worker run`).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("run", help="Stage inputs, run the executors, upload outputs.")
+    p.add_argument("--task-file", help="The task JSON (as created, with its id).")
+    p.add_argument("--task-id", help="Fetch this task (FULL view) from --server.")
+    p.add_argument("--server", help="TES server URL: events are also sent there.")
+    p.add_argument("--workdir", help="Directory holding one sub-directory per task.")
+    p.add_argument("--config", dest="config_path")
+    args = parser.parse_args(argv)
+    if args.task_file and not Path(args.task_file).is_file():
+        parser.error(f"--task-file: {args.task_file} is not a file")
+    try:
+        return run(args.task_file, args.task_id, args.server, args.workdir, args.config_path)
+    except UsageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
