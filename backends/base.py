@@ -12,7 +12,7 @@ import abc
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 class JobState(str, enum.Enum):
@@ -77,6 +77,9 @@ class Backend(abc.ABC):
     supported_parameters: frozenset[str] = frozenset()
     #: submit may be called from several threads at once (reconciler.submit_threads)
     parallel_submit: bool = False
+    #: set by the reconciler: a backend that learns by itself that a job ended (the local
+    #: backend) calls it, and the reconciler ticks at once
+    on_change: Callable[[], None] | None = None
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         self.options = options  # this backend's section: config["backend"][name]

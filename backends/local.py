@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from backends.base import Backend, JobState, JobStatus, SubmitRequest
 
@@ -105,7 +106,8 @@ class LocalBackend(Backend):
         self.supported_parameters = frozenset(
             k.lower() for k in (options.get("backend_parameters") or {}))
         self.queue: deque[str] = deque()                    # submitted, not launched, FIFO
-        self.children: dict[str, subprocess.Popen] = {}     # wrappers this process started
+        self.children: dict[str, tuple[int, str]] = {}      # wrappers this process started
+        self.launcher = Launcher(self.work_dir, lambda: self.on_change and self.on_change())
         self.adopted: set[str] = set()                      # live wrappers of earlier gateways
         self.lock = threading.Lock()
 
@@ -228,7 +230,8 @@ class LocalBackend(Backend):
     # ---- processes ----
 
     def _running(self) -> int:
-        alive = sum(1 for proc in self.children.values() if proc.poll() is None)
+        self._reap()
+        alive = len(self.children)
         for job_id in list(self.adopted):
             if self._live_record(job_id) is None:
                 self.adopted.discard(job_id)
@@ -243,11 +246,7 @@ class LocalBackend(Backend):
         try:
             argv = [str(word) for word in json.loads((d / JOB).read_text())["argv"]]
             (d / LAUNCH).touch()
-            with (d / "worker.out").open("ab") as out, (d / "worker.err").open("ab") as err:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "backends.local_runner", str(d), "--", *argv],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                    cwd=str(d), env={**os.environ, "PYTHONPATH": _repo_path()})
+            pid = self.launcher.launch(d, argv)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # the job cannot start: record it as a failed run instead of failing every poll
             try:
@@ -257,13 +256,20 @@ class LocalBackend(Backend):
             except OSError:
                 pass  # the task dir is gone: poll reports LOST
             return
-        self.children[job_id] = proc
-        write_pid_record(d, proc.pid)
+        write_pid_record(d, pid)
+        record = self._live_record(job_id)
+        if record is not None:
+            self.children[job_id] = record
+        elif not (d / EXIT).exists():
+            self.children[job_id] = (pid, "")  # gone already; _reap forgets it
 
     def _reap(self) -> None:
-        for job_id, proc in list(self.children.items()):
-            if proc.poll() is not None:
+        for job_id, (pid, start) in list(self.children.items()):
+            if not start or _start_time(pid) != start:
                 del self.children[job_id]
+
+    def close(self) -> None:
+        self.launcher.close()
 
     def _kill_if_overdue(self, job_id: str, record: tuple[int, str]) -> None:
         """SIGKILL a canceled worker whose grace period ran out (e.g. across a restart)."""
@@ -283,6 +289,68 @@ class LocalBackend(Backend):
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+class Launcher:
+    """The gateway's end of `python -m backends.local_runner --serve` (see that module):
+    started on first use and again if it died; its `exit` lines call on_exit."""
+
+    def __init__(self, work_dir: Path, on_exit: Callable[[], Any]):
+        self.work_dir = work_dir
+        self.on_exit = on_exit
+        self.proc: subprocess.Popen | None = None
+        self.replies: queue.Queue[str] = queue.Queue()
+
+    def _start(self) -> subprocess.Popen:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        with (self.work_dir / "local-launcher.err").open("ab") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backends.local_runner", "--serve"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                bufsize=1, start_new_session=True, cwd=str(self.work_dir),
+                env={**os.environ, "PYTHONPATH": _repo_path()})
+        self.replies = queue.Queue()
+        threading.Thread(target=self._read, args=(self.proc, self.replies),
+                         name="local-launcher", daemon=True).start()
+        return self.proc
+
+    def _read(self, proc: subprocess.Popen, replies: "queue.Queue[str]") -> None:
+        for line in proc.stdout:
+            if line.startswith("exit "):
+                self.on_exit()
+            else:
+                replies.put(line.strip())
+        replies.put("error the launcher stopped")
+
+    def launch(self, task_dir: Path, argv: list[str]) -> int:
+        """Start the wrapper of one job; its pid."""
+        proc = self._start()
+        try:
+            proc.stdin.write(json.dumps({"task_dir": str(task_dir), "argv": argv}) + "\n")
+            proc.stdin.flush()
+            reply = self.replies.get(timeout=LAUNCH_WAIT_SECONDS)
+        except (OSError, ValueError, queue.Empty) as exc:
+            self.close()
+            raise OSError(f"the local launcher did not answer: {exc!r}") from None
+        kind, _, value = reply.partition(" ")
+        if kind != "pid":
+            raise OSError(value or reply)
+        return int(value)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
 
 
 def _repo_path() -> str:

@@ -1,16 +1,28 @@
-"""Wrapper the local backend starts around each worker:
+"""The wrapper around each local worker, and the launcher that starts wrappers.
 
-    python -m backends.local_runner TASK_DIR -- WORKER ARGV...
+Wrapper: it records its pid and start time (TASK_DIR/local.pid), runs the worker, then
+writes the worker's exit status to TASK_DIR/local.exit (atomically: a number, negative
+for a signal), so a gateway restarted meanwhile still learns how it ended. A SIGTERM
+to the process group reaches the worker; the wrapper ignores it and waits for the
+worker, so the exit status is still recorded. Each wrapper leads its own session.
 
-It records its pid and start time (TASK_DIR/local.pid), runs the worker, then
-writes the worker's exit status to TASK_DIR/local.exit (atomically: a number,
-negative for a signal), so a gateway restarted meanwhile still learns how it
-ended. A SIGTERM to the process group reaches the worker; the wrapper ignores
-it and waits for the worker, so the exit status is still recorded.
+Launcher (``python -m backends.local_runner --serve``): one per gateway process. It
+imports the worker once, then reads requests on stdin, one JSON line each
+(``{"task_dir": ..., "argv": [...]}``), forks a wrapper for each and answers
+``pid <pid>`` on stdout. When a wrapper ends it writes ``exit <pid>`` on stdout, so the
+gateway reconciles at once. A worker whose argv is this Python's ``-m worker run``
+runs in the forked process itself, without starting a new interpreter (the cost a
+local task would otherwise pay before doing anything); any other worker command is
+exec'd. The launcher ends when its stdin closes (the gateway stopped); wrappers it
+started go on without it.
+
+``python -m backends.local_runner TASK_DIR -- WORKER ARGV...`` runs one wrapper in the
+foreground (no launcher).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,24 +31,150 @@ from pathlib import Path
 
 from backends.local import EXIT, write_atomic, write_pid_record
 
+IN_PROCESS_WORKER = [sys.executable, "-m", "worker", "run"]
 
-def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m backends.local_runner TASK_DIR -- ARGV...", file=sys.stderr)
-        return 2
-    task_dir = Path(argv[0])
-    # record ourselves first: a gateway killed right after starting us still finds us
-    write_pid_record(task_dir, os.getpid())
+
+def _ignore_term() -> None:
     # a no-op handler (not SIG_IGN, which the worker would inherit): the worker gets the
-    # group's SIGTERM and ends; we wait for it and record how it ended
+    # group's SIGTERM and ends; the wrapper waits for it and records how it ended
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
+
+
+def run_wrapper(task_dir: Path, argv: list[str]) -> None:
+    """Record ourselves, run the worker, record its exit status."""
+    # first: a gateway killed right after starting us still finds us
+    write_pid_record(task_dir, os.getpid())
+    _ignore_term()
     try:
-        code = subprocess.call(argv[2:])
+        code = subprocess.call(argv)
     except OSError as exc:
         print(f"local backend: cannot start the worker: {exc}", file=sys.stderr)
         code = 127
     write_atomic(task_dir / EXIT, str(code))
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--serve"]:
+        return serve()
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m backends.local_runner TASK_DIR -- ARGV...", file=sys.stderr)
+        return 2
+    run_wrapper(Path(argv[0]), argv[2:])
+    return 0
+
+
+# ---- launcher ----
+
+def serve() -> int:
+    # imported once here, used by every forked worker (requests: workers given --server)
+    import requests  # noqa: F401
+
+    import gateway.config  # noqa: F401
+    import worker.main  # noqa: F401
+    import worker.runner  # noqa: F401
+
+    out = sys.stdout
+
+    def on_child_exit(*_):
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                out.write(f"exit {pid}\n")
+                out.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # the gateway is gone; nobody to tell
+
+    signal.signal(signal.SIGCHLD, on_child_exit)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            task_dir, argv = Path(request["task_dir"]), [str(a) for a in request["argv"]]
+            pid = _fork_wrapper(task_dir, argv)
+            reply = f"pid {pid}"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reply = f"error {exc}".replace("\n", " ")
+        out.write(reply + "\n")
+        out.flush()
+    return 0
+
+
+def _fork_wrapper(task_dir: Path, argv: list[str]) -> int:
+    out = os.open(task_dir / "worker.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    err = os.open(task_dir / "worker.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the wrapper
+            code = 1
+            try:
+                _become_wrapper(task_dir, out, err)
+                code = _wrap(task_dir, argv)
+            finally:
+                os._exit(code)
+        return pid
+    finally:
+        os.close(out)
+        os.close(err)
+
+
+def _become_wrapper(task_dir: Path, out: int, err: int) -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    for fd in (null, out, err):
+        os.close(fd)
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", closefd=False, buffering=1)
+    sys.stderr = open(2, "w", closefd=False, buffering=1)
+    os.chdir(task_dir)
+
+
+def _wrap(task_dir: Path, argv: list[str]) -> int:
+    """In the forked wrapper: as run_wrapper, with the worker forked instead of exec'd
+    when it is this Python's `-m worker run`."""
+    if argv[:len(IN_PROCESS_WORKER)] != IN_PROCESS_WORKER:
+        run_wrapper(task_dir, argv)
+        return 0
+    write_pid_record(task_dir, os.getpid())
+    _ignore_term()
+    try:
+        child = os.fork()
+    except OSError as exc:
+        print(f"local backend: cannot start the worker: {exc}", file=sys.stderr)
+        write_atomic(task_dir / EXIT, "127")
+        return 0
+    if child == 0:  # the worker
+        code = 2
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            from worker.main import main as worker_main
+
+            code = worker_main(argv[len(IN_PROCESS_WORKER) - 1:])  # from "run" on
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:  # noqa: BLE001 - report, then the exit code says it
+            print(f"local backend: worker crashed: {exc!r}", file=sys.stderr)
+            code = 2
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    while True:
+        try:
+            _pid, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    write_atomic(task_dir / EXIT, str(os.waitstatus_to_exitcode(status)))
     return 0
 
 

@@ -130,28 +130,23 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    parser.add_argument("--creates", type=int, default=4000)
-    parser.add_argument("--stored", type=int, default=100_000)
-    args = parser.parse_args()
-
+def measure(db: str, creates: int = 4000, stored: int = 100_000) -> dict:
+    """Every figure of this benchmark on one kind of database."""
     tmp = Path(tempfile.mkdtemp(prefix="funnel-bench-"))
     dbs = DatabaseFactory(tmp)
     results: dict = {}
     try:
-        bare = bare_reference(dbs.new(args.db), args.creates)
-        server = ServerProcess(tmp / "create", dbs.new(args.db)).start()
+        bare = bare_reference(dbs.new(db), creates)
+        server = ServerProcess(tmp / "create", dbs.new(db)).start()
         try:
-            rate = measure_creates(server.api + "/tasks", args.creates)
+            rate = measure_creates(server.api + "/tasks", creates)
             results["create_rss_mb"] = rss_mb(server.proc.pid)
         finally:
             server.stop()
         results.update(create_tasks_per_s=rate, bare_insert_per_s=bare, create_ratio=rate / bare)
 
-        url = dbs.new(args.db)
-        bulk_insert(url, args.stored)
+        url = dbs.new(db)
+        bulk_insert(url, stored)
         server = ServerProcess(tmp / "list", url).start()
         try:
             for view in ("MINIMAL", "BASIC"):
@@ -165,24 +160,38 @@ def main() -> None:
             server.stop()
     finally:
         dbs.drop_all()
+    results.update(db=db, creates=creates, stored=stored, clients=CLIENTS)
+    return results
 
-    results.update(db=args.db, creates=args.creates, stored=args.stored, clients=CLIENTS)
+
+def summary_lines(r: dict) -> list[str]:
+    lines = [f"create ({r['db']}, {CLIENTS} client processes): {r['create_tasks_per_s']:.0f} tasks/s"
+             f", bare Flask insert {r['bare_insert_per_s']:.0f}/s, ratio {r['create_ratio']:.2f}"]
+    for view in ("minimal", "basic"):
+        lines.append(f"list {view.upper()} at {r['stored']} tasks ({r['db']}): "
+                     f"p50 {r[f'list_{view}_p50_ms']:.1f} ms, p99 {r[f'list_{view}_p99_ms']:.1f} ms"
+                     f" ({r[f'list_{view}_pages']} pages of 256)")
+    lines.append(f"server RSS ({r['db']}): {r['create_rss_mb']:.0f} MB after creates, "
+                 f"{r['server_rss_mb_at_stored']:.0f} MB after listing {r['stored']} tasks")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--creates", type=int, default=4000)
+    parser.add_argument("--stored", type=int, default=100_000)
+    args = parser.parse_args()
+    results = measure(args.db, args.creates, args.stored)
     machine = {"python": platform.python_version(), "machine": platform.machine(),
                "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat()}
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"api-{args.db}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
-
-    print(f"API benchmark ({args.db}, {CLIENTS} client processes, {os.cpu_count()} CPUs)")
-    print(f"  create: {rate:8.0f} tasks/s   bare Flask insert: {bare:8.0f}/s   "
-          f"ratio {rate / bare:.2f}")
-    for view in ("minimal", "basic"):
-        print(f"  list {view.upper():7s} at {args.stored} tasks: "
-              f"p50 {results[f'list_{view}_p50_ms']:.1f} ms  p99 {results[f'list_{view}_p99_ms']:.1f} ms"
-              f"  ({results[f'list_{view}_pages']} pages of 256)")
-    print(f"  server RSS: {results['create_rss_mb']:.0f} MB after creates, "
-          f"{results['server_rss_mb_at_stored']:.0f} MB after listing {args.stored} tasks")
+    print(f"API benchmark ({os.cpu_count()} CPUs)")
+    for line in summary_lines(results):
+        print("  " + line)
     print(f"  written to {out.relative_to(REPO)}")
 
 

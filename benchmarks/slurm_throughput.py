@@ -15,7 +15,7 @@ ticks with at least 90 % of N in flight, the reconciler's CPU seconds per tick a
 scheduler commands per tick (squeue/sacct; the sbatch calls are counted apart), and the
 peak RSS of the API server and of the reconciler process.
 
-Jobs go to the partition `bench` (scripts/setup/30-slurm.sh: 32 trivial jobs may share
+Jobs go to the partition `bench` (scripts/setup/30-slurm.sh: 64 trivial jobs may share
 each core, as they would spread over a wider cluster). Needs that single-node Slurm and
 the worker tools of scripts/setup/40-worker.sh.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -49,7 +50,7 @@ PARTITION = "bench"
 ROOTFS = "/var/lib/funnel/rootfs/busybox"
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"}
-TICK_SECONDS = 1.0
+TICK_SECONDS = 2.0
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -57,6 +58,12 @@ def peak_rss_mb(pid: int | str = "self") -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jobs_left(name: str) -> int:
@@ -100,7 +107,8 @@ def create_tasks(api: str, n: int) -> list[str]:
 def gateway_run(n: int, work: Path, db_url: str) -> dict:
     overrides = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
                  "worker": {"container_driver": "bwrap"},
-                 "reconciler": {"interval_seconds": TICK_SECONDS, "pass_server_url": False}}
+                 "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
+                                "pass_server_url": False}}
     server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
     try:
         ids = create_tasks(server.api, n)
@@ -132,6 +140,8 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
         elapsed = time.perf_counter() - start
         reconciler.stop()
         server_rss = peak_rss_mb(server.proc.pid)
+        server_cpu = cpu_seconds(server.proc.pid)
+        reconciler_cpu = time.process_time()
     finally:
         server.stop()
     busy = [t for t in ticks if t["in_flight"] >= 0.9 * n] or \
@@ -146,6 +156,8 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             "scheduler_calls_per_tick": sorted({t["scheduler_calls"] for t in busy}),
             "scheduler_calls_per_tick_all": sorted({t["scheduler_calls"] for t in ticks}),
             "server_peak_rss_mb": server_rss,
+            "server_cpu_s_per_task": server_cpu / n,
+            "reconciler_cpu_s_per_task": reconciler_cpu / n,
             "reconciler_peak_rss_mb": peak_rss_mb()}
 
 

@@ -7,11 +7,12 @@ defaults leave empty (``{}``) or list in FREE_FORM: those are free-form.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
+# yaml is imported where it is used: a worker given the gateway's JSON config never needs it
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "conf" / "default.yaml"
@@ -62,13 +63,12 @@ def merge(base: dict, override: Mapping, path: str = "") -> dict:
     return out
 
 
-# libyaml's parser when PyYAML has it: the worker reads config at every task start
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
 def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when there
     try:
-        data = yaml.load(path.read_text(), Loader=_LOADER) or {}
+        data = yaml.load(path.read_text(), Loader=loader) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
@@ -87,6 +87,8 @@ def env_overrides(environ: Mapping[str, str]) -> dict:
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if not all(parts):
             raise ConfigError(f"malformed configuration variable: {name}")
+        import yaml
+
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -113,6 +115,43 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     if overrides:
         config = merge(config, overrides)
     return finalize(config)
+
+
+WORKER_SECTIONS = ("work_dir", "worker", "storage")
+
+
+def worker_sections(config: dict) -> dict:
+    """What a worker needs of a full configuration (see load_worker)."""
+    return {key: config[key] for key in WORKER_SECTIONS}
+
+
+def load_worker(path: str | Path | None = None,
+                environ: Mapping[str, str] | None = None) -> dict:
+    """A worker's configuration.
+
+    A .json file is the gateway's own (`worker_sections` of its merged configuration,
+    written to <work_dir>/worker-config.json): taken as it is, with the FUNNEL_ variables
+    of those sections applied on top. Anything else goes through `load`."""
+    if not path or not str(path).endswith(".json"):
+        return load(path, environ)
+    try:
+        config = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or any(key not in config for key in WORKER_SECTIONS):
+        raise ConfigError(f"config file {path} must hold the sections "
+                          f"{', '.join(WORKER_SECTIONS)}")
+    env = env_overrides(os.environ if environ is None else environ)
+    env = {key: value for key, value in env.items() if key in WORKER_SECTIONS}
+    if env:
+        try:
+            config = merge(config, env)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (from a {ENV_PREFIX} environment variable)") from exc
+    config["work_dir"] = str(Path(os.path.expanduser(str(config["work_dir"]))).resolve())
+    return config
 
 
 def finalize(config: dict) -> dict:

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from gateway import config as config_mod
 from gateway.service import TaskService, now_rfc3339
 from gateway.states import TERMINAL, State, can_transition
 from worker.events import EventFold
@@ -37,6 +36,7 @@ from worker.events import EventFold
 log = logging.getLogger(__name__)
 
 EVENT_FILES = ("events.jsonl", "events.received.jsonl")
+MIN_TICK_GAP = 0.02  # seconds
 SUBMITTING = ""  # job_id while a submission is under way
 ACTIVE_JOB_STATES = {State.QUEUED, State.INITIALIZING, State.RUNNING, State.PAUSED,
                      State.CANCELING}
@@ -53,14 +53,14 @@ def worker_command(config: dict) -> list[str]:
 
 
 def write_worker_config(config: dict) -> Path:
-    """The sections a worker needs, written once per server start (mode 600)."""
-    path = Path(config["work_dir"]) / "worker-config.yaml"
+    """The sections a worker needs, already merged, written once per server start as
+    JSON (mode 600): the worker reads it without parsing the YAML defaults again."""
+    path = Path(config["work_dir"]) / "worker-config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    sections = {k: config[k] for k in ("work_dir", "worker", "storage") if k in config}
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump(sections, fh)
+        json.dump(config_mod.worker_sections(config), fh)
     os.replace(tmp, path)
     return path
 
@@ -125,6 +125,7 @@ class Reconciler:
         self.tails: dict[str, EventTail] = {}
         self.cancels_sent: set[str] = set()
         self.worker_config = write_worker_config(config)
+        backend.on_change = service.changed.set
         self._stop = threading.Event()
         self.last_tick = TickStats()
 
@@ -135,14 +136,16 @@ class Reconciler:
         changed = self.service.changed
         while not self._stop.is_set():
             changed.clear()
+            started = time.monotonic()
             try:
                 self.last_tick = self.tick()
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("reconciler tick failed")
             # the next tick comes after the interval, or at once when a task is created or
-            # canceled or a worker reports in this process (never more than every 50 ms)
+            # canceled, a worker reports in this process or the backend sees a job end
+            # (never sooner than MIN_TICK_GAP after the previous tick began)
             changed.wait(self.interval)
-            self._stop.wait(0.05)
+            self._stop.wait(max(0.0, MIN_TICK_GAP - (time.monotonic() - started)))
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)

@@ -64,3 +64,29 @@ def test_bad_yaml_and_missing_file(tmp_path):
         config.load(path, environ={})
     with pytest.raises(config.ConfigError, match="cannot read"):
         config.load(tmp_path / "missing.yaml", environ={})
+
+
+def test_worker_reads_the_gateways_json_sections_as_they_are(tmp_path):
+    full = config.load(environ={}, overrides={"work_dir": str(tmp_path),
+                                              "worker": {"container_driver": "proot"}})
+    path = tmp_path / "worker-config.json"
+    import json
+
+    path.write_text(json.dumps(config.worker_sections(full)))
+    loaded = config.load_worker(path, environ={
+        "FUNNEL_WORKER__LOG_TAIL_BYTES": "99",       # a worker section: applied
+        "FUNNEL_SERVER__HTTP_PORT": "1"})            # not the worker's: ignored
+    assert loaded["worker"]["container_driver"] == "proot"
+    assert loaded["worker"]["log_tail_bytes"] == 99
+    assert loaded["storage"] == full["storage"] and "server" not in loaded
+    with pytest.raises(config.ConfigError, match="unknown"):
+        config.load_worker(path, environ={"FUNNEL_WORKER__NO_SUCH_KEY": "1"})
+    path.write_text('{"worker": {}}')
+    with pytest.raises(config.ConfigError, match="must hold the sections"):
+        config.load_worker(path, environ={})
+    path.write_text("{not json")
+    with pytest.raises(config.ConfigError, match="not valid JSON"):
+        config.load_worker(path, environ={})
+    yaml_file = tmp_path / "w.yaml"
+    yaml_file.write_text("worker:\n  container_driver: bwrap\n")
+    assert config.load_worker(yaml_file, environ={})["server"]  # YAML: the full load

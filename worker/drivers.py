@@ -25,8 +25,8 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_SKIP = {"proc", "dev", "sys", "tmp", "run", "lost+found", "mnt", "media"}
@@ -38,8 +38,7 @@ class DriverError(RuntimeError):
     """The container runtime is missing or unusable (a SYSTEM_ERROR)."""
 
 
-@dataclass
-class Invocation:
+class Invocation(NamedTuple):  # (not a dataclass: the worker starts without that import)
     argv: list[str]
     env: dict[str, str] | None  # process environment; None: inherit
     note: str                    # what to record in the system logs

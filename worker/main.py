@@ -29,7 +29,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
     try:
-        config = config_mod.load(config_path)
+        config = config_mod.load_worker(config_path)
     except config_mod.ConfigError as exc:
         raise UsageError(str(exc)) from None
     if bool(task_file) == bool(task_id):

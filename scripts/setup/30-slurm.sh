@@ -56,8 +56,8 @@ MaxJobCount=100000
 SchedulerParameters=sched_interval=2,default_queue_depth=1000
 $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-# benchmarks only: many trivial jobs share each core, as on a wider cluster
-PartitionName=bench Nodes=ALL Default=NO MaxTime=INFINITE State=UP OverSubscribe=FORCE:32
+# benchmarks only: up to 64 trivial jobs share each core, as they would spread over a wider cluster
+PartitionName=bench Nodes=ALL Default=NO MaxTime=INFINITE State=UP OverSubscribe=FORCE:64
 CONF
 
 if [ "$conf_before" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/dev/null; then
@@ -65,7 +65,7 @@ if [ "$conf_before" != "$(cat /etc/slurm/slurm.conf)" ] && pgrep -x slurmctld >/
   # jobs survive in StateSaveLocation
   pkill -x slurmctld || true
   pkill -x slurmd || true
-  for i in $(seq 1 30); do pgrep -x 'slurmctld|slurmd' >/dev/null || break; sleep 1; done
+  for i in $(seq 1 30); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 1; done
 fi
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd

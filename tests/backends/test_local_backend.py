@@ -263,3 +263,59 @@ def test_sigkill_overdue_after_a_restart_during_the_grace_period(tmp_path):
     status = wait_for(backend, "stubborn", {JobState.CANCELLED}, timeout=5)
     assert "canceled" in status.reason
     wait_until(lambda: not _group_has_members(group))
+
+
+# ---- the launcher (backends/local_runner.py --serve) ----
+
+def worker_task(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
+    """A request whose argv is the default worker command (run inside the launcher's fork)."""
+    req = request(tmp_path, task_id, "")
+    task = {"id": task_id, "executors": [{"image": "busybox", "command": ["sh", "-c", script]}]}
+    (req.task_dir / "task.json").write_text(json.dumps(task))
+    config = tmp_path / "worker-config.yaml"
+    config.write_text("worker:\n  container_driver: bwrap\n")
+    req.worker_argv = [sys.executable, "-m", "worker", "run", "--task-file",
+                       str(req.task_dir / "task.json"), "--workdir", str(tmp_path),
+                       "--config", str(config)]
+    return req
+
+
+def test_default_worker_runs_in_a_fork_of_the_launcher_and_reports_its_end(tmp_path):
+    backend = make(tmp_path)
+    ended = []
+    backend.on_change = lambda: ended.append(time.monotonic())
+    ok = backend.submit(worker_task(tmp_path, "inproc", "echo from-the-fork"))
+    bad = backend.submit(worker_task(tmp_path, "inprocbad", "exit 3"))
+    wait_for(backend, ok, {JobState.COMPLETED})
+    status = wait_for(backend, bad, {JobState.FAILED})
+    assert "worker exit code 1" in status.reason  # the worker's EXECUTOR_ERROR exit code
+    events = [json.loads(line) for line in (tmp_path / ok / "events.jsonl").open()]
+    assert events[-1] == {**events[-1], "type": "state", "state": "COMPLETE"}
+    ends = [e for e in events if e["type"] == "executor_end"]
+    assert ends[0]["stdout"] == "from-the-fork\n"
+    assert (tmp_path / ok / "worker.out").read_text() == "COMPLETE\n"
+    # no new interpreter: the worker's pid is a child of the wrapper, the wrapper a fork of
+    # the launcher, and none of them exec'd anything but the container
+    launcher = backend.launcher.proc.pid
+    wrapper = pid_of(tmp_path, ok)
+    assert wrapper != launcher
+    meta = [e for e in events if e["type"] == "metadata" and "pid" in e["metadata"]][0]
+    assert int(meta["metadata"]["pid"]) not in (wrapper, launcher)
+    wait_until(lambda: len(ended) >= 2)  # each wrapper's end woke the reconciler
+    backend.close()
+
+
+def test_wrappers_outlive_the_launcher_and_a_new_one_starts(tmp_path):
+    backend = make(tmp_path)
+    flag = tmp_path / "go"
+    slow = backend.submit(request(tmp_path, "slow", f"while [ ! -e {flag} ]; do sleep 0.1; done"))
+    wait_for(backend, slow, {JobState.RUNNING})
+    first = backend.launcher.proc
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    flag.touch()
+    wait_for(backend, slow, {JobState.COMPLETED})  # its wrapper still recorded the exit
+    again = backend.submit(request(tmp_path, "again", "exit 0"))
+    wait_for(backend, again, {JobState.COMPLETED})
+    assert backend.launcher.proc.pid != first.pid
+    backend.close()

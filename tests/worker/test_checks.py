@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,15 +76,22 @@ def test_stdout_into_a_symlink_planted_by_an_earlier_executor_is_refused(harness
     assert len(run.fold.task_log["logs"]) == 1
 
 
-def test_task_id_cannot_name_a_directory_elsewhere(tmp_path):
+@pytest.mark.parametrize("entry", [funnel_argv("worker", "run"),
+                                   [sys.executable, "-m", "worker", "run"]],
+                         ids=["funnel-worker-run", "python-m-worker"])
+def test_task_id_cannot_name_a_directory_elsewhere(tmp_path, entry):
     task_file = tmp_path / "t.json"
     task_file.write_text(json.dumps({"id": "../escape", "executors": [sh("true")]}))
-    proc = subprocess.run(funnel_argv("worker", "run", "--task-file", str(task_file),
-                                      "--workdir", str(tmp_path / "work")),
+    proc = subprocess.run([*entry, "--task-file", str(task_file),
+                           "--workdir", str(tmp_path / "work")],
                           env=clean_env(), capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == "Error: invalid task id '../escape'"
     assert not (tmp_path / "escape").exists()
+    proc = subprocess.run([*entry, "--task-id", "abc"], env=clean_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "Error: --task-id needs --server"
 
 
 # ---- pieces ----

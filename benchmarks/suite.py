@@ -1,0 +1,230 @@
+"""Every benchmark figure in one run, each beside its reference: `benchmarks/run`.
+
+    benchmarks/run [--quick] [--update-readme] [--skip SECTION ...]
+
+Sections (each measured with its physical reference in this same run):
+  api        create throughput (8 clients) vs bare Flask insert; list p50/p99 at 100k
+             tasks (MINIMAL, BASIC); server RSS at 100k: on SQLite and on PostgreSQL
+  latency    a trivial task end to end on the local backend vs the worker run directly,
+             and on Slurm vs raw `sbatch --wait`
+  throughput 1,000 and 10,000 trivial tasks QUEUED -> COMPLETE on Slurm vs a raw sbatch
+             loop; submission rate; reconciler CPU and scheduler calls per tick at
+             10,000 in flight; server RSS during the run
+  worker     worker peak RSS while an executor writes 100 MB to stdout
+The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
+and, with --update-readme, put between the bench markers of README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import api_bench, slurm_bench, slurm_throughput  # noqa: E402
+from tests.conftest import DatabaseFactory  # noqa: E402
+
+SECTIONS = ("api", "latency", "throughput", "worker")
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+class Table:
+    """Rows of: figure, measured, reference, ratio, target, met."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, figure: str, measured: str, reference: str = "", ratio: float | None = None,
+            target: str = "", met: bool | None = None) -> None:
+        row = {"figure": figure, "measured": measured, "reference": reference,
+               "ratio": None if ratio is None else round(ratio, 2), "target": target,
+               "met": met}
+        self.rows.append(row)
+        print(f"  {figure}: {measured}" + (f" | ref {reference}" if reference else "")
+              + (f" | ratio {ratio:.2f}" if ratio is not None else "")
+              + (f" | target {target}: {'met' if met else 'MISSED'}" if target else ""),
+              flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| Figure | Measured | Reference (same run) | Ratio | Target | Met |",
+                 "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            lines.append(f"| {r['figure']} | {r['measured']} | {r['reference']} | {ratio} "
+                         f"| {r['target']} | {met} |")
+        return "\n".join(lines)
+
+
+def machine_facts() -> dict:
+    def first(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
+            return out.strip().splitlines()[0] if out.strip() else ""
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version, "slurm": first(["sinfo", "-V"]),
+            "postgresql": first(["psql", "-V"]), "host": platform.node()}
+
+
+def api_section(table: Table, results: dict, quick: bool) -> None:
+    creates, stored = (1000, 20_000) if quick else (4000, 100_000)
+    for db in ("sqlite", "postgres"):
+        r = api_bench.measure(db, creates, stored)
+        results[f"api_{db}"] = r
+        table.add(f"create, 8 clients ({db})", f"{r['create_tasks_per_s']:.0f} tasks/s",
+                  f"bare Flask insert {r['bare_insert_per_s']:.0f}/s", r["create_ratio"],
+                  ">= 500/s" if db == "sqlite" else "",
+                  r["create_tasks_per_s"] >= 500 if db == "sqlite" else None)
+        for view in ("minimal", "basic"):
+            p99 = r[f"list_{view}_p99_ms"]
+            table.add(f"list {view.upper()} page at {stored:,} tasks ({db})",
+                      f"p50 {r[f'list_{view}_p50_ms']:.1f} ms, p99 {p99:.1f} ms",
+                      target="p99 < 50 ms", met=p99 < 50)
+        rss = r["server_rss_mb_at_stored"]
+        table.add(f"server RSS with {stored:,} tasks stored ({db})", f"{rss:.0f} MB",
+                  target="< 200 MB", met=rss < 200)
+
+
+def latency_section(table: Table, results: dict, quick: bool) -> None:
+    runs = 3 if quick else 7
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-latency-"))
+    dbs = DatabaseFactory(tmp)
+    for kind, ref in (("local", "worker run directly"), ("slurm", "raw sbatch --wait")):
+        gateway = statistics.median(slurm_bench.gateway_latency(kind, tmp, dbs, runs))
+        raw = statistics.median(slurm_bench.raw_latency(kind, tmp, runs))
+        results[f"latency_{kind}"] = {"gateway_s": gateway, "raw_s": raw, "runs": runs}
+        table.add(f"trivial task end to end ({kind}, median of {runs})",
+                  f"{gateway * 1000:.0f} ms", f"{ref} {raw * 1000:.0f} ms", gateway / raw,
+                  "<= 1.2x", gateway / raw <= 1.2)
+
+
+def throughput_section(table: Table, results: dict, quick: bool) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-throughput-"))
+    dbs = DatabaseFactory(tmp)
+    sizes = (300,) if quick else (1000, 10_000)
+    for n in sizes:
+        r = slurm_throughput.measure(n, tmp, dbs)
+        results[f"throughput_{n}"] = r
+        g, raw = r["gateway"], r["raw"]
+        table.add(f"{n:,} trivial tasks QUEUED->COMPLETE on Slurm",
+                  f"{g['seconds']:.0f} s ({n / g['seconds']:.1f}/s), states {g['states']}",
+                  f"raw sbatch loop {raw['seconds']:.0f} s", r["time_ratio"],
+                  "all COMPLETE", r["all_complete"])
+        table.add(f"server RSS during the {n:,}-task run", f"{g['server_peak_rss_mb']:.0f} MB"
+                  f" (reconciler process {g['reconciler_peak_rss_mb']:.0f} MB)",
+                  target="< 200 MB", met=g["server_peak_rss_mb"] < 200)
+    # submission rate and ticks with every job in flight at once: jobs held (--begin)
+    n = sizes[-1]
+    r = slurm_bench.submit_and_tick(tmp, dbs, n)
+    results[f"held_submission_{n}"] = r
+    table.add(f"submission of {n:,} tasks (4 sbatch at once, jobs held)",
+              f"{r['gateway_rate_per_s']:.0f} jobs/s",
+              f"raw sbatch loop {r['raw_rate_per_s']:.0f} jobs/s", 1 / r["submit_ratio"],
+              ">= 0.8x", 1 / r["submit_ratio"] >= 0.8)
+    calls = r["scheduler_calls_per_tick"]
+    table.add(f"reconciler tick, {n:,} jobs in flight",
+              f"CPU {statistics.median(r['tick_cpu_s']) * 1000:.0f} ms, "
+              f"scheduler calls {sorted(set(calls))}",
+              target="calls constant", met=max(calls) <= 2)
+
+
+STDOUT_100MB = ("i=0; while [ $i -lt 1600 ]; do head -c 65535 /dev/zero | tr '\\0' x; echo; "
+                "i=$((i+1)); done")
+
+
+def worker_section(table: Table, results: dict, quick: bool) -> None:
+    work = Path(tempfile.mkdtemp(prefix="funnel-worker-rss-"))
+    task = {"id": "rss100mb", "executors": [
+        {"image": "busybox", "command": ["sh", "-c", STDOUT_100MB]}]}
+    (work / "task.json").write_text(json.dumps(task))
+    argv = slurm_bench.worker_argv(work / "task.json", work)
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0.0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, slurm_throughput.peak_rss_mb(proc.pid))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    results["worker_rss_100mb_stdout_mb"] = peak
+    table.add("worker peak RSS, 100 MB of stdout", f"{peak:.0f} MB (exit {proc.returncode})",
+              target="< 100 MB", met=0 < peak < 100 and proc.returncode == 0)
+
+
+def update_readme(markdown: str, facts: dict) -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        print("README.md has no bench markers; not updated")
+        return
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    block = (f"{README_START}\nMeasured by `benchmarks/run` on {facts['date'][:10]}: "
+             f"{facts['cpus']} CPUs ({facts['cpu_model']}), {facts['memory_gib']} GiB, "
+             f"{facts['slurm']}, {facts['postgresql']}, SQLite {facts['sqlite']}.\n\n"
+             f"{markdown}\n{README_END}")
+    readme.write_text(head + block + tail)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller sizes (a check that everything runs, not the figures)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
+    parser.add_argument("--update-readme", action="store_true")
+    args = parser.parse_args()
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+    facts = machine_facts()
+    table, results, timings = Table(), {}, {}
+    started = time.monotonic()
+    for name, section in (("api", api_section), ("latency", latency_section),
+                          ("throughput", throughput_section), ("worker", worker_section)):
+        if name in args.skip:
+            continue
+        print(f"== {name}", flush=True)
+        t0 = time.monotonic()
+        section(table, results, args.quick)
+        timings[name] = round(time.monotonic() - t0, 1)
+    timings["total"] = round(time.monotonic() - started, 1)
+    markdown = table.markdown()
+    out_dir = REPO / "benchmarks" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out_dir / f"run-{stamp}{'-quick' if args.quick else ''}.json"
+    out.write_text(json.dumps({"machine": facts, "quick": args.quick, "seconds": timings,
+                               "table": table.rows, "results": results}, indent=2,
+                              default=str))
+    print()
+    print(markdown)
+    print(f"\nsections took {timings} s; written to {out.relative_to(REPO)}")
+    if args.update_readme and not args.quick:
+        update_readme(markdown, facts)
+
+
+if __name__ == "__main__":
+    main()

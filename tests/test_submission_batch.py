@@ -1,0 +1,124 @@
+"""The reconciler's batched submission: one claim and one record transaction per tick,
+backend.submit on several threads where the backend allows it, and every outcome of a
+batch kept apart (a refusal fails its task only, an unreachable scheduler gives the
+claim back)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from gateway import config as config_mod
+from gateway.app import make_service
+from gateway.reconciler import Reconciler
+
+TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
+
+
+class RecordingBackend(Backend):
+    """A scheduler double that records each submission and the threads it ran on."""
+
+    name = "recording"
+    parallel_submit = True
+
+    def __init__(self, refuse: set[str], unreachable: set[str]):
+        super().__init__({}, {})
+        self.refuse, self.unreachable = refuse, unreachable
+        self.threads: set[str] = set()
+        self.submitted: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def submit(self, request: SubmitRequest) -> str:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.02)  # like an sbatch round trip
+            assert (request.task_dir / "task.json").exists()
+            if request.task["name"] in self.refuse:
+                raise BackendError("sbatch: error: invalid partition")
+            if request.task["name"] in self.unreachable:
+                raise BackendError("Unable to contact slurm controller", transient=True)
+            with self.lock:
+                job_id = str(1000 + len(self.submitted))
+                self.submitted[request.task_id] = job_id
+            return job_id
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def cancel(self, job_id: str) -> None:
+        pass
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        return {job_id: JobStatus(JobState.PENDING) for job_id in job_ids}
+
+
+def make(tmp_path: Path, backend: Backend, threads: int = 4):
+    config = config_mod.load(environ={}, overrides={
+        "work_dir": str(tmp_path), "reconciler": {"submit_threads": threads}})
+    service = make_service(config)
+    return service, Reconciler(service, backend, config)
+
+
+def test_batch_outcomes_are_kept_apart(tmp_path):
+    backend = RecordingBackend(refuse={"bad"}, unreachable={"later"})
+    service, reconciler = make(tmp_path, backend)
+    ids = {f"ok{i}": service.create({**TRIVIAL, "name": f"ok{i}"}) for i in range(20)}
+    bad = service.create({**TRIVIAL, "name": "bad"})
+    later = service.create({**TRIVIAL, "name": "later"})
+
+    stats = reconciler.tick()
+
+    assert stats.submitted == 20
+    assert len(backend.threads) > 1 and backend.most_in_flight > 1  # in parallel
+    rows = {row.id: row for row in service.active_rows()}
+    for task_id in ids.values():
+        task = service.get(task_id, "FULL")
+        assert task["state"] == "QUEUED"
+        assert rows[task_id].job_id == backend.submitted[task_id]
+        assert task["logs"][0]["metadata"]["job_id"] == backend.submitted[task_id]
+        assert rows[task_id].attempt == 1
+    assert len(set(backend.submitted.values())) == 20  # one job each, none twice
+    refused = service.get(bad, "FULL")
+    assert refused["state"] == "SYSTEM_ERROR"
+    assert any("invalid partition" in line for line in refused["logs"][0]["system_logs"])
+    # unreachable: the claim is given back, attempt unchanged, tried again next tick
+    assert rows[later].job_id is None and rows[later].attempt == 0
+    backend.unreachable.clear()
+    assert reconciler.tick().submitted == 1
+    assert service.get_row(later).job_id == backend.submitted[later]
+
+
+def test_one_thread_when_the_backend_is_not_parallel(tmp_path):
+    backend = RecordingBackend(set(), set())
+    backend.parallel_submit = False
+    service, reconciler = make(tmp_path, backend)
+    for i in range(5):
+        service.create({**TRIVIAL, "name": f"t{i}"})
+    assert reconciler.tick().submitted == 5
+    assert backend.most_in_flight == 1
+    assert backend.threads == {threading.current_thread().name}
+
+
+def test_cancel_during_submission_keeps_the_job_for_the_cancel(tmp_path):
+    backend = RecordingBackend(set(), set())
+    service, reconciler = make(tmp_path, backend)
+    task_id = service.create({**TRIVIAL, "name": "x"})
+    original = backend.submit
+
+    def submit_then_cancel(request):
+        job_id = original(request)
+        service.cancel(task_id)  # lands between the claim and the record
+        return job_id
+
+    backend.submit = submit_then_cancel
+    reconciler.tick()
+    row = service.get_row(task_id)
+    assert row.state == "CANCELING"
+    assert row.job_id == backend.submitted[task_id]  # so the next tick cancels that job
