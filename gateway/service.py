@@ -273,14 +273,22 @@ class TaskService:
                          .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
     def active_rows(self, limit: int = 100_000) -> list[Any]:
-        """Tasks not yet terminal, oldest first (for the reconciler), without their
-        task document (see full_tasks): at 10,000 in flight it is read every tick."""
+        """Tasks not yet terminal, oldest first (for the reconciler), without their task
+        document and logs (see full_tasks, stored_logs): at 10,000 in flight it is read
+        every tick, and decoding those was most of a tick."""
         t = db.tasks
-        columns = [c for c in t.c if c.name != "spec"]
+        columns = [c for c in t.c if c.name not in ("spec", "logs")]
         query = (select(*columns).where(t.c.state.not_in([s.value for s in TERMINAL]))
                  .order_by(t.c.seq).limit(limit))
         with db.reading(self.engine) as conn:
             return conn.execute(query).all()
+
+    def stored_logs(self, task_ids: list[str]) -> dict[str, list]:
+        """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
+        t = db.tasks
+        with db.reading(self.engine) as conn:
+            rows = conn.execute(select(t.c.id, t.c.logs).where(t.c.id.in_(task_ids))).all()
+        return {row.id: row.logs or [] for row in rows}
 
     def full_tasks(self, task_ids: list[str]) -> dict[str, dict]:
         """FULL view of many tasks, with one query."""

@@ -8,3 +8,5 @@ make_venv
 # compat: a plain path in a .pth file; the default editable finder costs every Python start
 # (so every worker a scheduler starts) about 10 ms
 .venv/bin/pip install -q -e '.[test,postgres]' --config-settings editable_mode=compat
+# bytecode now, so workers never compile the project's modules (see benchmarks/run)
+.venv/bin/python -m compileall -q gateway worker backends proto >/dev/null

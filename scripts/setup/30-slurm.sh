@@ -50,7 +50,9 @@ SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmUser=root
 ReturnToService=2
-MinJobAge=600
+# finished jobs stay visible to squeue for 2 minutes (there is no accounting database);
+# longer keeps tens of thousands of benchmark jobs in slurmctld and slows every sbatch
+MinJobAge=120
 # benchmarks/run keeps 10,000+ trivial jobs in flight (the default limit is 10,000)
 MaxJobCount=100000
 SchedulerParameters=sched_interval=2,default_queue_depth=1000
