@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 PUBLIC_ENDPOINTS = {"dashboard.login", "static"}
 
 
+def _worker_may(principal) -> bool:
+    """A worker token's requests: its task's GET (any view) and its event intake."""
+    task = principal.task
+    allowed = {("GET", f"{TES_PREFIX}/tasks/{task}"), ("GET", f"{LEGACY_PREFIX}/tasks/{task}"),
+               ("POST", f"/funnel/v1/tasks/{task}/events")}
+    return (request.method, request.path) in allowed
+
+
 def make_service(config: dict) -> TaskService:
     engine = db.make_engine(config["database"]["url"], config["database"]["sqlite_busy_timeout"])
     db.upgrade(engine)
@@ -87,7 +95,10 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         header = request.headers.get("Authorization")
         try:
             if header or not authenticator.enabled:
-                request.funnel_principal = authenticator.authenticate(header)
+                request.funnel_principal = authenticator.authenticate(header, allow_worker=True)
+                if request.funnel_principal.task and not _worker_may(request.funnel_principal):
+                    return json_response({"code": 403, "message": "a worker token reaches "
+                                          "only its own task and event intake"}, 403)
                 return _rate_limit()
             if request.blueprint == "dashboard" and session.get("user"):
                 request.funnel_principal = authenticator.principal_for(session["user"])

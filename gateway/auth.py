@@ -26,6 +26,8 @@ from typing import Any
 
 from werkzeug.security import check_password_hash
 
+from gateway import worker_tokens
+
 log = logging.getLogger(__name__)
 
 MODES = ("none", "basic", "bearer", "basic+bearer")
@@ -35,11 +37,13 @@ MODES = ("none", "basic", "bearer", "basic+bearer")
 class Principal:
     user: str | None   # None only when auth is off
     admin: bool
+    task: str | None = None  # a worker's token: this task only (gateway/worker_tokens.py)
 
     @property
     def scope(self) -> str | None:
-        """Owner filter for reads and cancels: None means all tasks."""
-        return None if self.admin else self.user
+        """Owner filter for reads and cancels: None means all tasks (a worker's requests
+        are held to its own task before they get this far)."""
+        return None if self.admin or self.task else self.user
 
 
 ANONYMOUS_ADMIN = Principal(None, True)
@@ -78,6 +82,7 @@ class Authenticator:
         self._jwks_keys: list | None = None
         if self.mode != "none" and not (self.users or self.tokens or self._oidc_enabled):
             raise ValueError("auth is on but no users, tokens or OIDC keys are configured")
+        self.worker_key = worker_tokens.load_key(config["work_dir"]) if self.enabled else b""
 
     @property
     def enabled(self) -> bool:
@@ -125,14 +130,24 @@ class Authenticator:
             return None
         return self.principal_for(user) if _check_hash(stored, password) else None
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The caller named by an Authorization header value; AuthError if none/wrong."""
+    def authenticate(self, authorization: str | None, allow_worker: bool = False) -> Principal:
+        """The caller named by an Authorization header value; AuthError if none/wrong.
+
+        allow_worker: accept a task's worker token (whatever auth.mode); the caller
+        must then hold the request to that task (Principal.task)."""
         if not self.enabled:
             return ANONYMOUS_ADMIN
         if not authorization:
             raise AuthError("authentication required")
         scheme, _, credentials = authorization.partition(" ")
         scheme = scheme.lower()
+        if scheme == "bearer" and worker_tokens.is_worker_token(credentials.strip()):
+            if not allow_worker:
+                raise AuthError("a worker token is only for its task's worker endpoints")
+            task_id = worker_tokens.task_of(self.worker_key, credentials.strip())
+            if task_id is None:
+                raise AuthError("invalid worker token")
+            return Principal(f"worker:{task_id}", False, task_id)
         if scheme == "basic" and "basic" in self.mode:
             try:
                 user, _, password = base64.b64decode(credentials.strip(), validate=True) \

@@ -15,7 +15,8 @@ class ClientError(RuntimeError):
 
 
 class TesClient:
-    def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30):
+    def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30,
+                 token: str | None = None):
         self.base = server.rstrip("/") + "/ga4gh/tes/v1"
         self.server = server
         self.timeout = timeout
@@ -23,6 +24,8 @@ class TesClient:
 
         self._requests = requests
         self.http = requests.Session()
+        if token:
+            self.http.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:

@@ -20,7 +20,7 @@ TEMPLATES_DIR = REPO_ROOT / "templates"
 
 ENV_PREFIX = "FUNNEL_"
 # FUNNEL_SERVER / FUNNEL_CONFIG are client settings, not config overrides.
-ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG"}
+ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG", "FUNNEL_WORKER_TOKEN"}
 
 # Dotted paths whose mappings accept keys the defaults do not list
 # (besides empty mappings and every backend's `backend_parameters`).

@@ -25,6 +25,11 @@ blueprint = Blueprint("funnel_events", __name__, url_prefix="/funnel/v1")
 @blueprint.post("/tasks/<string:task_id>/events")
 def receive_event(task_id: str):
     service: TaskService = current_app.extensions["funnel.service"]
+    principal = request.funnel_principal
+    if not (principal.admin or principal.task == task_id):
+        # a user could otherwise write the events (and so the outcome) of a task
+        return json_response({"code": 403, "message": "events are accepted from the "
+                              "task's worker (its worker token) or an admin only"}, 403)
     row = service.get_row(task_id)  # 404 for unknown ids
     event = read_json_body()
     if not isinstance(event, dict) or not isinstance(event.get("seq"), int) or event["seq"] < 1:

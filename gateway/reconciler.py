@@ -29,6 +29,7 @@ from typing import Any
 
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from gateway import config as config_mod
+from gateway import worker_tokens
 from gateway.service import TaskService, now_rfc3339
 from gateway.states import TERMINAL, State, can_transition
 from worker.events import EventFold
@@ -130,6 +131,9 @@ class Reconciler:
         self.cancels_sent: set[str] = set()
         self.worker_config = write_worker_config(config)
         backend.on_change = service.changed.set
+        # with auth on, each worker gets a token for its own task (gateway/worker_tokens.py)
+        self.worker_key = (worker_tokens.load_key(config["work_dir"])
+                           if config["auth"]["mode"] != "none" else None)
         self._stop = threading.Event()
         self.last_tick = TickStats()
 
@@ -222,6 +226,8 @@ class Reconciler:
             tmp = task_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(tasks[row.id]))
             os.replace(tmp, task_file)
+            if self.worker_key is not None:
+                worker_tokens.write_token(self.worker_key, directory, row.id)
         # claim the tasks: only one submitter, and a restart sees the claims
         claimed = self.service.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
         rows = [row for row in rows if row.id in claimed]

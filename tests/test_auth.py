@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 
 import jwt
@@ -12,7 +14,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.security import generate_password_hash
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, clean_env
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
@@ -234,5 +236,97 @@ def test_rate_limit_per_client(databases, tmp_path):
         assert limited[0].json()["message"].startswith("too many requests")
         time.sleep(1.1)
         assert session.get(srv.api + "/tasks", timeout=10).status_code == 200
+    finally:
+        srv.stop()
+
+
+# ---- worker tokens (gateway/worker_tokens.py) ----
+
+def test_worker_token_reaches_only_its_own_task(server):
+    from gateway import worker_tokens
+
+    alices = create(server, auth=basic("alice"))
+    bobs = create(server, auth=basic("bob"))
+    key = worker_tokens.load_key(server.work_dir)  # the server's own key file
+    worker = {"Authorization": f"Bearer {worker_tokens.token_for(key, alices)}"}
+    event = {"seq": 1, "type": "state", "state": "INITIALIZING", "task_id": alices}
+
+    def call(method, path, **kwargs):
+        return requests.request(method, server.url + path, headers=worker, timeout=10,
+                                **kwargs).status_code
+
+    assert call("GET", f"/ga4gh/tes/v1/tasks/{alices}") == 200
+    assert call("GET", f"/v1/tasks/{alices}") == 200
+    assert call("POST", f"/funnel/v1/tasks/{alices}/events", json=event) == 200
+    for method, path in [("GET", f"/ga4gh/tes/v1/tasks/{bobs}"), ("GET", "/ga4gh/tes/v1/tasks"),
+                         ("POST", "/ga4gh/tes/v1/tasks"),
+                         ("POST", f"/ga4gh/tes/v1/tasks/{alices}:cancel"),
+                         ("POST", f"/funnel/v1/tasks/{bobs}/events")]:
+        assert call(method, path, json=TASK) == 403, (method, path)
+    forged = worker_tokens.token_for(b"not the key", alices)
+    resp = requests.get(f"{server.api}/tasks/{alices}", timeout=10,
+                        headers={"Authorization": f"Bearer {forged}"})
+    assert resp.status_code == 401 and "invalid worker token" in resp.text
+
+
+def test_users_cannot_write_another_tasks_events(server):
+    bobs = create(server, auth=basic("bob"))
+    event = {"seq": 1, "type": "state", "state": "COMPLETE", "task_id": bobs}
+    for who in ("alice", "bob"):  # not even the owner: only its worker, or an admin
+        resp = requests.post(f"{server.url}/funnel/v1/tasks/{bobs}/events", json=event,
+                             auth=basic(who), timeout=10)
+        assert resp.status_code == 403, resp.text
+    assert requests.post(f"{server.url}/funnel/v1/tasks/{bobs}/events", json=event,
+                         auth=basic("root"), timeout=10).status_code == 200
+
+
+def test_worker_token_is_refused_on_grpc(server):
+    import grpc
+
+    from gateway import worker_tokens
+    from proto import tes_pb2, tes_pb2_grpc
+
+    alices = create(server, auth=basic("alice"))
+    token = worker_tokens.token_for(worker_tokens.load_key(server.work_dir), alices)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    stub = tes_pb2_grpc.TaskServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetTask(tes_pb2.GetTaskRequest(id=alices),
+                     metadata=(("authorization", f"Bearer {token}"),))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_workers_report_over_http_with_auth_on(databases, tmp_path):
+    """A real worker (local backend) with --server: events reach the intake with its token,
+    and a worker fetching its task by id uses the token as well."""
+    srv = ServerProcess(tmp_path / "w", databases.new("sqlite"), reconcile=True, overrides={
+        "auth": {"mode": "basic", "users": {"alice": generate_password_hash("pw")}},
+        "reconciler": {"interval_seconds": 0.3},
+        "worker": {"container_driver": "bwrap", "poll_server_seconds": 0.5}}).start()
+    try:
+        auth = ("alice", "pw")
+        done = create(srv, auth=auth, executors=[
+            {"image": "busybox", "command": ["sh", "-c", "sleep 1; echo reported"]}])
+        task_dir = srv.work_dir / done
+        deadline = time.monotonic() + 60
+        while requests.get(f"{srv.api}/tasks/{done}", auth=auth, timeout=10).json()["state"] \
+                != "COMPLETE":
+            assert time.monotonic() < deadline, srv.log()[-2000:]
+            time.sleep(0.2)
+        assert (task_dir / "worker.token").stat().st_mode & 0o777 == 0o600
+        received = [json.loads(line) for line in (task_dir / "events.received.jsonl").open()]
+        # sent with the token (the intake stops taking events once the task has ended,
+        # and the reconciler may learn the end from the file first)
+        assert {"task_start", "executor_start"} <= {event["type"] for event in received}
+        # a worker that fetches its task by id presents the token too
+        argv = [sys.executable, "-m", "worker", "run", "--task-id", done, "--server", srv.url]
+        fetched = subprocess.run([*argv, "--workdir", str(srv.work_dir)], env=clean_env(),
+                                 capture_output=True, text=True, timeout=60)
+        assert fetched.returncode == 0 and fetched.stdout.strip() == "COMPLETE", fetched.stderr
+        refused = subprocess.run([*argv, "--workdir", str(tmp_path / "elsewhere")],
+                                 env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1
+        assert refused.stderr.strip().endswith(": 401: authentication required")
     finally:
         srv.stop()

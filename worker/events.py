@@ -136,7 +136,7 @@ class EventLog:
     """Appends events to events.jsonl (see DURABLE_EVENTS) and optionally sends them."""
 
     def __init__(self, path: Path, task_id: str, server: str | None = None,
-                 post_timeout: float = 3.0):
+                 post_timeout: float = 3.0, token: str | None = None):
         self.path = path
         self.task_id = task_id
         self.fold = read_event_log(path)  # a restarted worker continues the sequence
@@ -145,7 +145,7 @@ class EventLog:
         self._sender: _Sender | None = None
         if server:
             url = f"{server.rstrip('/')}/funnel/v1/tasks/{task_id}/events"
-            self._sender = _Sender(url, post_timeout)
+            self._sender = _Sender(url, post_timeout, token)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -177,12 +177,14 @@ class EventLog:
 class _Sender:
     """Best-effort HTTP delivery in the background; never fails the task."""
 
-    def __init__(self, url: str, timeout: float):
+    def __init__(self, url: str, timeout: float, token: str | None = None):
         import requests
 
         self.url = url
         self.timeout = timeout
         self.session = requests.Session()
+        if token:  # auth on: this task's worker token (gateway/worker_tokens.py)
+            self.session.headers["Authorization"] = f"Bearer {token}"
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="event-sender", daemon=True)
         self.thread.start()

@@ -38,10 +38,12 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
         if not server:
             raise UsageError("--task-id needs --server")
         from gateway.client import ClientError, TesClient
+        from gateway.worker_tokens import read_token
 
         try:
             check_task_id(task_id)
-            task = TesClient(server).get(task_id, "FULL")
+            token = read_token(Path(workdir or config["work_dir"]) / task_id)
+            task = TesClient(server, token=token).get(task_id, "FULL")
         except TaskError as exc:
             raise UsageError(str(exc)) from None
         except ClientError as exc:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import IO
 
+from gateway.worker_tokens import read_token
 from worker.drivers import DriverError, Drivers, Invocation
 from worker.events import EventLog, now_rfc3339
 from worker.paths import WILDCARD, PathError, TaskPaths, check_container_path
@@ -74,7 +75,9 @@ class TaskRunner:
         self.storage = Storage(config, stop=self.cancel_event)
         self.drivers = Drivers(config, workdir)
         self.tail_bytes = int(config["worker"]["log_tail_bytes"])
-        self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server)
+        self.token = read_token(self.task_dir) if server else None
+        self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server,
+                               token=self.token)
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -111,6 +114,8 @@ class TaskRunner:
         interval = float(self.config["worker"]["poll_server_seconds"])
         url = f"{self.server.rstrip('/')}/ga4gh/tes/v1/tasks/{self.task_id}"
         session = requests.Session()
+        if self.token:
+            session.headers["Authorization"] = f"Bearer {self.token}"
         while not self.cancel_event.wait(interval):
             try:
                 state = session.get(url, params={"view": "MINIMAL"}, timeout=5).json()["state"]
