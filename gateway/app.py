@@ -75,6 +75,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
 
     limiter = RateLimiter(config["server"]["rate_limit_per_second"],
                           config["server"]["rate_limit_burst"])
+    app.extensions["funnel.limiter"] = limiter  # shared with gRPC (gateway/server.py)
 
     def _rate_limit():
         if not limiter.enabled:

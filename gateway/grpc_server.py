@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
 from gateway.auth import AuthError, Authenticator, Principal
+from gateway.ratelimit import RateLimiter
 from gateway.service import (BadRequest, ListQuery, NotFound, ServiceError, TaskService,
                              zip_tags)
 from proto import tes_pb2, tes_pb2_grpc
@@ -40,14 +41,22 @@ def to_dict(message: Any) -> dict:
 
 
 class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
-    def __init__(self, service: TaskService, authenticator: Authenticator):
+    def __init__(self, service: TaskService, authenticator: Authenticator,
+                 limiter: RateLimiter | None = None):
         self.service = service
         self.auth = authenticator
+        self.limiter = limiter
 
     def _call(self, context: grpc.ServicerContext, fn: Callable[[Principal], Any]) -> Any:
         metadata = dict(context.invocation_metadata() or ())
         try:
             principal = self.auth.authenticate(metadata.get("authorization"))
+            if self.limiter is not None and self.limiter.enabled:
+                # the same buckets as HTTP: a client's calls count together on both
+                wait = self.limiter.check(principal.user or f"addr:{_address(context)}")
+                if wait > 0:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"too many requests; retry in {wait:.1f} s")
             return fn(principal)
         except AuthError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -111,14 +120,22 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
         return self._call(context, run)
 
 
+def _address(context: grpc.ServicerContext) -> str:
+    """The client's address without its port (peer is e.g. "ipv4:127.0.0.1:5555")."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    return rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
+
+
 def start_grpc_server(service: TaskService, config: dict,
-                      authenticator: Authenticator | None = None) -> grpc.Server:
+                      authenticator: Authenticator | None = None,
+                      limiter: RateLimiter | None = None) -> grpc.Server:
     """Start serving on server.host:server.grpc_port; returns the running server."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config["server"]["threads"]),
                          options=[("grpc.max_receive_message_length",
                                    config["server"]["max_body_bytes"])])
     tes_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(service, authenticator or Authenticator(config)), server)
+        TaskServicer(service, authenticator or Authenticator(config), limiter), server)
     names = (tes_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
              reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

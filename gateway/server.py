@@ -26,7 +26,8 @@ def run_server(config: dict, reconcile: bool = True) -> None:
     if config["server"]["grpc_port"]:
         from gateway.grpc_server import start_grpc_server
 
-        grpc_server = start_grpc_server(service, config, app.extensions["funnel.auth"])
+        grpc_server = start_grpc_server(service, config, app.extensions["funnel.auth"],
+                                        app.extensions["funnel.limiter"])
     if reconcile and config["reconciler"]["enabled"]:
         make_reconciler(config, service).start_thread()
     else:

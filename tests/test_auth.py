@@ -236,6 +236,23 @@ def test_rate_limit_per_client(databases, tmp_path):
         assert limited[0].json()["message"].startswith("too many requests")
         time.sleep(1.1)
         assert session.get(srv.api + "/tasks", timeout=10).status_code == 200
+        # gRPC calls draw on the same bucket (anonymous: per address)
+        import grpc
+
+        from proto import tes_pb2, tes_pb2_grpc
+
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
+        stub = tes_pb2_grpc.TaskServiceStub(channel)
+        codes = []
+        for _ in range(15):
+            try:
+                stub.ListTasks(tes_pb2.ListTasksRequest())
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                assert exc.details().startswith("too many requests")
+        assert "RESOURCE_EXHAUSTED" in codes and 1 <= codes.count("OK") <= 6
+        channel.close()
     finally:
         srv.stop()
 
