@@ -14,6 +14,7 @@ Failures to run at all are results, not exceptions: 127 (command not found),
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import threading
@@ -115,9 +116,19 @@ class SSHRunner:
             self._client = None
 
 
+def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The gateway's environment without its FUNNEL_ variables: what scheduler commands
+    (and so, with Slurm's default --export=ALL, the jobs) see. Configuration set through
+    FUNNEL_ variables (a database URL with its password, say) stays in the gateway;
+    workers get their sections of it in <work_dir>/worker-config.json instead."""
+    environ = dict(os.environ if environ is None else environ)
+    return {name: value for name, value in environ.items() if not name.startswith("FUNNEL_")}
+
+
 def make_runner(ssh: dict | None, timeout: float = 60) -> LocalRunner | SSHRunner:
-    """SSHRunner when ssh.host is set (backend.<name>.ssh), else LocalRunner."""
+    """SSHRunner when ssh.host is set (backend.<name>.ssh), else LocalRunner whose
+    commands get job_environment()."""
     if ssh and ssh.get("host"):
         return SSHRunner(ssh["host"], ssh.get("user", ""), ssh.get("port", 22),
                          ssh.get("key_file", ""), timeout, ssh.get("known_hosts", ""))
-    return LocalRunner(timeout)
+    return LocalRunner(timeout, env=job_environment())
