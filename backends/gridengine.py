@@ -31,18 +31,33 @@ is kept (a reaped job is unknown to DRMAA afterwards). A job the session does
 not know (submitted by an earlier gateway process and already gone, or never
 existed) is LOST: the reconciler then trusts the worker's event log.
 
-Mode cli. ``qsub -terse`` submits, ``qdel`` cancels and a poll is ONE
-``qstat -xml`` whatever the number of jobs. Grid Engine's qstat forgets a job
-when it ends, so a job not listed is LOST (CANCELLED when this backend
-cancelled it): the worker's event log tells how it ended.
+Mode cli. ``qsub -terse`` submits (several at once: ``parallel_submit``),
+``qdel`` cancels and a poll is ONE ``qstat -xml -s prsz`` whatever the number of
+jobs: pending, running, suspended and the last ``finished_jobs`` (qmaster
+setting) finished "zombie" jobs. Grid Engine's qstat gives no exit status and
+forgets a job some time after it ends.
+
+Finished jobs, both modes. A job that ended (qstat state ``z``, or no longer
+listed; in mode drmaa, one the DRMAA session does not know, e.g. after a
+gateway restart) is looked up in Grid Engine's accounting file (accounting(5),
+``backend.gridengine.accounting_file``, by default
+``$SGE_ROOT/$SGE_CELL/common/accounting``): COMPLETED when ``failed`` and
+``exit_status`` are 0, else FAILED with both in the reason. The file is read
+incrementally (only the lines appended since the previous poll: no command, one
+read per poll, and only when some job has ended; the first read goes through
+the whole file once). qmaster writes it with a delay (``reporting_params
+flush_time``, 15 s by default), so a job not found there yet, or a site without
+accounting, is LOST (CANCELLED when this backend cancelled it): the worker's
+event log tells how it ended.
 
 Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job that is gone
 already is not an error. ``recover`` looks the job up by name in ``qstat``
-(both modes, when qstat is installed).
+(both modes, when qstat is installed; zombies included), then in the
+accounting file.
 
 Config (``backend.gridengine``): mode, template, drmaa_library, sge_root,
 sge_cell, queue, parallel_environment, memory_resource, backend_parameters
-(TES key -> qsub option), site, command_timeout, static_tls.
+(TES key -> qsub option), site, command_timeout, static_tls, accounting_file.
 """
 
 from __future__ import annotations
@@ -55,6 +70,7 @@ import sys
 import tempfile
 import threading
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +112,11 @@ QSTAT_STATE_LETTERS: tuple[tuple[str, JobState], ...] = (
     ("w", JobState.PENDING),
 )
 
+# qstat's state of a finished job kept by qmaster (finished_jobs), "zombie"
+ZOMBIE = "z"
+# accounting(5): colon-separated fields; these are the ones read here
+ACCT_NAME, ACCT_NUMBER, ACCT_FAILED, ACCT_EXIT = 4, 5, 11, 12
+
 SCRIPT_NAME = "gridengine.sh"
 # finished statuses kept for jobs DRMAA has reaped (oldest dropped beyond this)
 MAX_REMEMBERED = 10000
@@ -122,6 +143,73 @@ def parse_qstat_xml(text: str) -> dict[str, tuple[str, str]]:
             jobs[number] = ((job.findtext("state") or "").strip(),
                             (job.findtext("JB_name") or "").strip())
     return jobs
+
+
+@dataclass
+class AccountingRecord:
+    job_id: str
+    name: str
+    failed: int       # 0, or Grid Engine's failure code (accounting(5), "failed")
+    exit_status: int  # the job script's exit status (128 + N: killed by signal N)
+
+    def status(self) -> JobStatus:
+        reason = f"accounting: failed={self.failed} exit={self.exit_status}"
+        if self.failed == 0 and self.exit_status == 0:
+            return JobStatus(JobState.COMPLETED, reason)
+        return JobStatus(JobState.FAILED, reason)
+
+
+class AccountingFile:
+    """Grid Engine's accounting file, read incrementally: each refresh reads only the
+    lines appended since the previous one (from the start again if the file shrank:
+    rotated). Records of funnel-hpc jobs (named funnel-...) are kept, the newest
+    MAX_REMEMBERED."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.by_id: dict[str, AccountingRecord] = {}
+
+    def refresh(self) -> bool:
+        """Read what was appended; False when there is no accounting file."""
+        try:
+            size = self.path.stat().st_size
+            if size < self.offset:
+                self.offset = 0
+            if size == self.offset:
+                return True
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read(size - self.offset)
+        except OSError:
+            return False
+        end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits
+        for line in data[:end].decode(errors="replace").splitlines():
+            record = parse_accounting_line(line)
+            if record is not None and record.name.startswith("funnel-"):
+                self.by_id.pop(record.job_id, None)  # a newer record of the same job wins
+                self.by_id[record.job_id] = record
+        while len(self.by_id) > MAX_REMEMBERED:
+            self.by_id.pop(next(iter(self.by_id)))
+        self.offset += end
+        return True
+
+    def newest_named(self, name: str) -> AccountingRecord | None:
+        named = [r for r in self.by_id.values() if r.name == name]
+        return max(named, key=lambda r: int(r.job_id)) if named else None
+
+
+def parse_accounting_line(line: str) -> AccountingRecord | None:
+    """One accounting(5) line, or None for comments and lines that do not parse."""
+    if not line or line.startswith("#"):
+        return None
+    fields = line.split(":")
+    try:
+        return AccountingRecord(job_id=str(int(fields[ACCT_NUMBER])), name=fields[ACCT_NAME],
+                                failed=int(fields[ACCT_FAILED]),
+                                exit_status=int(fields[ACCT_EXIT]))
+    except (IndexError, ValueError):
+        return None
 
 
 def finished_status(raw_state: str, info: dict[str, Any] | None, cancelled: bool,
@@ -291,7 +379,12 @@ class GridEngineBackend(Backend):
         self.env = self._environment()
         self.runner = LocalRunner(timeout, env=self.env)
         self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
+        # qsub processes are independent; the DRMAA helper answers one request at a time
+        self.parallel_submit = self.mode == "cli"
         self._finished: dict[str, JobStatus] = {}  # reaped by DRMAA, or cancelled in cli mode
+        self.accounting = AccountingFile(Path(
+            options.get("accounting_file")
+            or Path(self.env["SGE_ROOT"]) / self.env["SGE_CELL"] / "common" / "accounting"))
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -395,11 +488,29 @@ class GridEngineBackend(Backend):
             if answer.get("final"):
                 self._remember(job_id, status)
             out[job_id] = status
+        ended = [j for j in ask if out[j].state == JobState.LOST]
+        out.update(self._accounted(ended, {j: out[j] for j in ended}))
+        return out
+
+    def _accounted(self, job_ids: list[str], otherwise: dict[str, JobStatus]
+                   ) -> dict[str, JobStatus]:
+        """Jobs that ended: their accounting record's status, else otherwise[job id]."""
+        if not job_ids or not self.accounting.refresh():
+            return otherwise
+        out = {}
+        for job_id in job_ids:
+            record = self.accounting.by_id.get(job_id)
+            if record is None:
+                out[job_id] = otherwise[job_id]
+                continue
+            out[job_id] = record.status()
+            self._remember(job_id, out[job_id])
         return out
 
     def _qstat(self) -> dict[str, tuple[str, str]] | str:
-        """This user's jobs from one `qstat -xml`, or the error text."""
-        result = self._run(["qstat", "-xml"])
+        """This user's jobs (pending, running, suspended, recently finished) from one
+        `qstat -xml -s prsz`, or the error text."""
+        result = self._run(["qstat", "-xml", "-s", "prsz"])
         if result.returncode != 0:
             return f"qstat failed: {(result.stderr or result.stdout).strip()[:300]}"
         try:
@@ -411,22 +522,35 @@ class GridEngineBackend(Backend):
         jobs = self._qstat()
         if isinstance(jobs, str):
             return {j: JobStatus(JobState.UNKNOWN, jobs) for j in job_ids}
-        out = {}
+        out: dict[str, JobStatus] = {}
+        ended: dict[str, JobStatus] = {}
         for job_id in job_ids:
-            if job_id in jobs:
-                letters = jobs[job_id][0]
+            letters = jobs[job_id][0] if job_id in jobs else ""
+            if letters == ZOMBIE:
+                ended[job_id] = JobStatus(JobState.LOST, "qstat: finished (z), no accounting "
+                                                         "record (yet)")
+            elif job_id in jobs:
                 out[job_id] = JobStatus(map_qstat_state(letters), f"qstat: {letters}")
             else:
-                out[job_id] = JobStatus(JobState.LOST, "qstat no longer lists this job "
-                                                       "(Grid Engine forgets jobs that ended)")
+                ended[job_id] = JobStatus(JobState.LOST, "qstat no longer lists this job "
+                                                         "(Grid Engine forgets jobs that "
+                                                         "ended) and accounting has no record")
+        out.update(self._accounted(list(ended), ended))
         return out
 
     def recover(self, task_id: str, task_dir: Path) -> str | None:
+        """The newest job named funnel-<task id>: in qstat (zombies too), else in accounting."""
+        name = f"funnel-{task_id}"
         jobs = self._qstat()
-        if isinstance(jobs, str):
-            return None
-        ids = [j for j, (_, name) in jobs.items() if name == f"funnel-{task_id}"]
-        return max(ids, key=int) if ids else None
+        if not isinstance(jobs, str):
+            ids = [j for j, (_, job_name) in jobs.items() if job_name == name]
+            if ids:
+                return max(ids, key=int)
+        if self.accounting.refresh():
+            record = self.accounting.newest_named(name)
+            if record is not None:
+                return record.job_id
+        return None
 
     def close(self) -> None:
         if self.agent is not None:

@@ -10,7 +10,7 @@ again (``recover``). The description is parsed by the bindings'
 ``htcondor.Submit`` and submitted as one job; the job id is the ClusterId.
 
 Poll: ONE ``schedd.query`` whose constraint names every in-flight cluster
-(``ClusterId =?= 1 || ClusterId =?= 2 ...``); clusters no longer in the queue
+(``member(ClusterId, {1, 2, ...})``); clusters no longer in the queue
 are looked up with at most one ``schedd.history`` call. A job in neither is
 LOST. So a poll costs one schedd query, two when some jobs have left the queue.
 
@@ -23,7 +23,12 @@ Cancel: ``schedd.act(JobAction.Remove, "ClusterId == N", reason)``;
 removing a job that is gone already is not an error.
 
 Bindings: ``htcondor2`` (HTCondor >= 24, the only module of the 25.x wheels)
-or the older ``htcondor`` module, imported when the backend is created.
+or the older ``htcondor`` module, imported when the backend is created;
+``backend.htcondor.bindings`` names the module to use instead (e.g. ``htcondor``
+to force the legacy bindings, or a module offering the same ``Schedd``,
+``Submit``, ``JobAction``, ``Collector``, ``DaemonTypes`` names: the end-to-end
+tests point it at ``tests.htcondor_recorded_bindings``, whose Schedd talks to a
+fake schedd, because no HTCondor daemon can run on the test machines).
 """
 
 from __future__ import annotations
@@ -62,13 +67,15 @@ _COMMAND = re.compile(r"^\+?[A-Za-z][A-Za-z0-9_.]*$")
 UNREACHABLE = ("locate", "connect", "timed out", "timeout", "communicat", "refused")
 
 
-def load_bindings() -> Any:
-    """The htcondor2 module, else the legacy htcondor one."""
-    for name in ("htcondor2", "htcondor"):
+def load_bindings(module: str = "") -> Any:
+    """The named bindings module; by default htcondor2, else the legacy htcondor one."""
+    for name in ([module] if module else ["htcondor2", "htcondor"]):
         try:
             return importlib.import_module(name)
         except ImportError:
             continue
+    if module:
+        raise BackendError(f"backend.htcondor.bindings: cannot import {module!r}")
     raise BackendError("the HTCondor Python bindings are not installed "
                        "(pip install 'funnel-hpc[htcondor]')")
 
@@ -89,7 +96,10 @@ def job_status(ad: Any) -> JobStatus:
 
 
 def cluster_constraint(cluster_ids: list[str]) -> str:
-    return " || ".join(f"ClusterId =?= {int(c)}" for c in cluster_ids)
+    """One flat expression for any number of clusters. (A chain of `ClusterId =?= N ||`
+    terms nests one level per job, and the ClassAd library fails to evaluate it somewhere
+    between 300 and 500 terms.)"""
+    return "member(ClusterId, {" + ", ".join(str(int(c)) for c in cluster_ids) + "})"
 
 
 def is_unreachable(exc: Exception) -> bool:
@@ -106,7 +116,7 @@ class HTCondorBackend(Backend):
         self.wrapper_template = options.get("wrapper_template") or "htcondor.sh.j2"
         self.supported_parameters = frozenset(
             k.lower() for k in (options.get("backend_parameters") or {}))
-        self.htcondor = bindings or load_bindings()
+        self.htcondor = bindings or load_bindings(str(options.get("bindings") or ""))
         self._schedd = schedd  # tests hand in a schedd; otherwise located on first use
 
     def schedd(self) -> Any:

@@ -186,3 +186,20 @@ def api_server(db_kind, databases, tmp_path_factory):
     yield server
     server.stop()
     shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One real `moto_server` process on 127.0.0.1 for the session (S3, Batch, IAM, EC2...),
+    with fake AWS credentials in os.environ for boto3 clients and servers started here."""
+    from tests.backend_helpers import FAKE_AWS_ENV, MotoServer, set_environ
+
+    restore = set_environ(FAKE_AWS_ENV)
+    try:
+        server = MotoServer.start()
+    except RuntimeError as exc:
+        restore()
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+    restore()

@@ -1,4 +1,5 @@
-"""Fixtures for the HPC backend tests: config, requests, a fake runner, the real Slurm, an sshd."""
+"""Fixtures for the HPC backend tests: a fake runner, the real Slurm, an sshd
+(options and requests: tests/backend_helpers.py)."""
 
 from __future__ import annotations
 
@@ -13,24 +14,8 @@ from typing import Iterator
 
 import pytest
 
-from backends.base import SubmitRequest
 from backends.commands import Result
-from gateway import config as config_mod
 from tests.conftest import free_port
-
-
-def slurm_options(**extra) -> dict:
-    """backend.slurm from conf/default.yaml, with overrides."""
-    base = config_mod.load(environ={})["backend"]["slurm"]
-    return {**base, **extra}
-
-
-def make_request(tmp_path: Path, task: dict, argv: list[str] | None = None,
-                 params: dict | None = None) -> SubmitRequest:
-    task_dir = tmp_path / task["id"]
-    task_dir.mkdir(parents=True, exist_ok=True)
-    return SubmitRequest(task_id=task["id"], task=task, task_dir=task_dir,
-                         worker_argv=argv or ["/bin/true"], backend_parameters=params or {})
 
 
 class FakeRunner:

@@ -11,7 +11,8 @@ import pytest
 from backends.base import BackendError, JobState
 from backends.commands import LocalRunner, Result, SSHRunner, make_runner
 from backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
-from tests.backends.conftest import FakeRunner, make_request, slurm_options
+from tests.backend_helpers import backend_options, make_request
+from tests.backends.conftest import FakeRunner
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
 SQUEUE = ("10|RUNNING|0|None\n"
@@ -22,7 +23,7 @@ SQUEUE = ("10|RUNNING|0|None\n"
 
 
 def fake_backend(answers: dict) -> tuple[SlurmBackend, FakeRunner]:
-    backend = SlurmBackend(slurm_options(), {})
+    backend = SlurmBackend(backend_options("slurm"), {})
     backend.runner = FakeRunner(answers)
     return backend, backend.runner
 
@@ -126,7 +127,7 @@ def wait(backend: SlurmBackend, job_id: str, states: set[JobState], timeout: flo
 
 @pytest.mark.slurm
 def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
-    backend = SlurmBackend(slurm_options(), {})
+    backend = SlurmBackend(backend_options("slurm"), {})
     done = make_request(tmp_path, {"id": "ok1"}, ["/bin/sh", "-c", f"echo hi > {tmp_path}/ok1/out"])
     job = backend.submit(done)
     status = wait(backend, job, {JobState.COMPLETED, JobState.FAILED})
@@ -165,7 +166,7 @@ def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_real_refusal_is_a_backend_error(tmp_path, slurm):
-    backend = SlurmBackend(slurm_options(), {})
+    backend = SlurmBackend(backend_options("slurm"), {})
     request = make_request(tmp_path, {"id": "nopart", "resources": {"zones": ["no-such-part"]}})
     with pytest.raises(BackendError, match="sbatch failed") as info:
         backend.submit(request)
@@ -174,7 +175,7 @@ def test_real_refusal_is_a_backend_error(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_poll_costs_constant_scheduler_calls(tmp_path, slurm):
-    backend = SlurmBackend(slurm_options(), {})
+    backend = SlurmBackend(backend_options("slurm"), {})
     backend.accounting_enabled()  # probed once, then cached
     jobs = [backend.submit(make_request(tmp_path, {"id": f"many{i}"}, ["/bin/true"],
                                         params={"begin": "now+1hour"})) for i in range(40)]
@@ -194,7 +195,7 @@ def test_poll_costs_constant_scheduler_calls(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_remote_mode_over_ssh(tmp_path, slurm, sshd):
-    backend = SlurmBackend(slurm_options(ssh=sshd), {})
+    backend = SlurmBackend(backend_options("slurm", ssh=sshd), {})
     assert isinstance(backend.runner, SSHRunner)
     job = backend.submit(make_request(tmp_path, {"id": "ssh1"},
                                       ["/bin/sh", "-c", f"echo via-ssh > {tmp_path}/ssh1/out"]))
@@ -229,7 +230,7 @@ def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm):
 
     from tests.backends.test_templating import HOSTILE, HOSTILE_ARGS, task
 
-    backend = SlurmBackend(slurm_options(), {})
+    backend = SlurmBackend(backend_options("slurm"), {})
     out = tmp_path / "abc123" / "argv.json"
     printer = f"import json, sys; open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))"
     args = [a.replace("\x00", "") for a in HOSTILE_ARGS]

@@ -37,7 +37,7 @@ from backends.awsbatch import (CANCEL_REASON, DESCRIBE_LIMIT, STATE_MAP, AwsBatc
                                job_name, job_status)
 from backends.base import BackendError, JobState
 from backends.registry import backend_class
-from tests.backends_cloud.conftest import DEFINITION, QUEUE, backend_options, make_request
+from tests.backend_helpers import DEFINITION, QUEUE, backend_options, make_request
 
 SERVER_URL = "http://gateway.example:8000"
 
@@ -198,6 +198,30 @@ def test_awsbatch_poll_batches_of_100(moto_batch, tmp_path):
     assert backend.poll([]) == {}
 
 
+IN_FLIGHT = 500
+
+
+def test_awsbatch_poll_of_500_in_flight_jobs_is_5_describe_calls(moto_batch, tmp_path):
+    """Issue #5: one call per tick per 100 jobs, at 500 in-flight jobs (held SUBMITTED by
+    moto's state manager): ceil(500/100) = 5 describe_jobs calls, nothing else."""
+    moto_batch.hold_jobs(True)
+    backend = make_backend(moto_batch)
+    job_ids: list[str] = []
+    try:
+        job_ids = [backend.submit(make_request(tmp_path, task(f"{i:08x}")))
+                   for i in range(IN_FLIGHT)]
+        log = CallLog(backend)
+        statuses = backend.poll(job_ids)
+        assert [name for name, _ in log.calls] == ["DescribeJobs"] * 5
+        assert {s.state for s in statuses.values()} == {JobState.PENDING}
+        assert len(statuses) == IN_FLIGHT
+    finally:
+        # released, moto fails each job (no Docker engine); its reset would otherwise
+        # wait 0.2 s for every job thread still held
+        moto_batch.hold_jobs(False)
+        wait_finished(backend, job_ids, timeout=60)
+
+
 def test_awsbatch_recover_finds_the_job_by_name(moto_batch, tmp_path):
     backend = make_backend(moto_batch)
     job_id = backend.submit(make_request(tmp_path, task("feedbeef")))
@@ -296,7 +320,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
     import boto3
     import requests
 
-    from tests.backends_cloud.conftest import FAKE_AWS_ENV
+    from tests.backend_helpers import FAKE_AWS_ENV
     from tests.conftest import REPO, ServerProcess, clean_env
 
     if shutil.which("bwrap") is None or not \

@@ -1,35 +1,21 @@
-"""Fixtures for the Grid Engine backend tests: config, requests, the real single-host cell."""
+"""Fixtures for the Grid Engine backend tests: the real single-host cell
+(options and requests: tests/backend_helpers.py)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
-from backends.base import JobState, JobStatus, SubmitRequest
+from backends.base import JobState, JobStatus
 from backends.gridengine import GridEngineBackend
-from gateway import config as config_mod
+from tests.backend_helpers import backend_options
 
 # a backend_parameters key the tests may use to submit held jobs (-h: user hold)
 TEST_PARAMETERS = {"hold": "-h", "project": "-P", "priority": "-p"}
-
-
-def ge_options(**extra) -> dict:
-    """backend.gridengine from conf/default.yaml, with overrides."""
-    base = config_mod.load(environ={})["backend"]["gridengine"]
-    return {**base, **extra}
-
-
-def make_request(tmp_path: Path, task: dict, argv: list[str] | None = None,
-                 params: dict | None = None) -> SubmitRequest:
-    task_dir = tmp_path / task["id"]
-    task_dir.mkdir(parents=True, exist_ok=True)
-    return SubmitRequest(task_id=task["id"], task=task, task_dir=task_dir,
-                         worker_argv=argv or ["/bin/true"], backend_parameters=params or {})
 
 
 def wait_for(backend: GridEngineBackend, job_id: str, done: Callable[[JobStatus], bool],
@@ -73,13 +59,13 @@ def gridengine() -> None:
 
 @pytest.fixture(scope="module")
 def drmaa_backend(gridengine) -> Iterator[GridEngineBackend]:
-    backend = GridEngineBackend(ge_options(mode="drmaa", backend_parameters=TEST_PARAMETERS), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode="drmaa", backend_parameters=TEST_PARAMETERS), {})
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
 def cli_backend(gridengine) -> Iterator[GridEngineBackend]:
-    backend = GridEngineBackend(ge_options(mode="cli", backend_parameters=TEST_PARAMETERS), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode="cli", backend_parameters=TEST_PARAMETERS), {})
     yield backend
     backend.close()

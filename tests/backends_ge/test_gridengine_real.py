@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 
 from backends.base import JobState
 from backends.gridengine import GridEngineBackend
-from tests.backends_ge.conftest import (TEST_PARAMETERS, finished, ge_options, make_request,
-                                        running, wait_for)
+from tests.backend_helpers import backend_options, make_request
+from tests.backends_ge.conftest import TEST_PARAMETERS, finished, running, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,18 +67,34 @@ def test_drmaa_job_deleted_behind_the_backends_back(drmaa_backend, tmp_path):
         assert status.state in (JobState.CANCELLED, JobState.LOST), status
 
 
-def test_drmaa_new_session_reports_old_finished_jobs_lost(gridengine, drmaa_backend, tmp_path):
-    job_id = drmaa_backend.submit(make_request(tmp_path, new_task("ge3")))
-    fresh = GridEngineBackend(ge_options(mode="drmaa"), {})
+def test_drmaa_new_session_reads_old_finished_jobs_from_accounting(gridengine, drmaa_backend,
+                                                                   tmp_path):
+    """A session that did not submit the job (a restarted gateway) does not know it once it
+    ended: LOST until qmaster flushes its accounting record (flush_time), then the record's
+    exit status. A session without an accounting file keeps LOST."""
+    ok = drmaa_backend.submit(make_request(tmp_path, new_task("ge3ok")))
+    bad = drmaa_backend.submit(make_request(tmp_path, new_task("ge3bad"),
+                                            ["/bin/sh", "-c", "exit 5"]))
+    fresh = GridEngineBackend(backend_options("gridengine", mode="drmaa"), {})
+    blind = GridEngineBackend(backend_options("gridengine", mode="drmaa",
+                                              accounting_file=str(tmp_path / "none")), {})
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run(["qstat", "-j", job_id], capture_output=True).returncode == 0:
+        while subprocess.run(["qstat", "-j", f"{ok},{bad}"], capture_output=True).returncode == 0:
             assert time.monotonic() < deadline
             time.sleep(0.5)
-        assert fresh.poll([job_id])[job_id].state == JobState.LOST
+        assert blind.poll([ok])[ok].state == JobState.LOST
+        assert fresh.poll([ok])[ok].state in (JobState.LOST, JobState.COMPLETED)
+        assert wait_for(fresh, ok, lambda s: s.state != JobState.LOST, 40).state \
+            == JobState.COMPLETED
+        failed = wait_for(fresh, bad, lambda s: s.state != JobState.LOST, 40)
+        assert failed.state == JobState.FAILED and "exit=5" in failed.reason, failed
+        assert fresh.recover("ge3bad", tmp_path) == bad  # a qstat zombie, or accounting
+        assert blind.poll([ok])[ok].state == JobState.LOST
     finally:
         fresh.close()
-    assert wait_for(drmaa_backend, job_id, finished).state == JobState.COMPLETED
+        blind.close()
+    assert wait_for(drmaa_backend, ok, finished).state == JobState.COMPLETED
 
 
 def test_cli_mode_one_qstat_per_poll(cli_backend, tmp_path):
@@ -92,9 +108,16 @@ def test_cli_mode_one_qstat_per_poll(cli_backend, tmp_path):
         statuses = cli_backend.poll(ids)
         assert cli_backend.runner.calls == calls + 1  # ONE qstat, whatever the number of jobs
     assert statuses[held].state == JobState.PENDING and statuses["999999"].state == JobState.LOST
-    # qstat forgets ended jobs: LOST, the worker's event log tells the rest
-    assert wait_for(cli_backend, ok_id, finished).state == JobState.LOST
+    # qstat gives no exit status: LOST until the accounting record is flushed, then COMPLETED
+    assert wait_for(cli_backend, ok_id, finished).state in (JobState.LOST, JobState.COMPLETED)
     assert (ok.task_dir / "out").read_text() == "hi\n"
+    calls = cli_backend.runner.calls
+    done = wait_for(cli_backend, ok_id, lambda s: s.state != JobState.LOST, 40)
+    assert done.state == JobState.COMPLETED and done.reason == "accounting: failed=0 exit=0"
+    assert cli_backend.recover("ge4ok", tmp_path) == ok_id  # zombie in qstat, or accounting
+    polls = cli_backend.runner.calls - calls
+    assert polls >= 1 and cli_backend.poll([ok_id])[ok_id] == done  # remembered: no call
+    assert cli_backend.runner.calls - calls == polls
     cli_backend.cancel(held)
     assert cli_backend.poll([held])[held].state == JobState.CANCELLED
     cli_backend.cancel(held)
@@ -118,3 +141,32 @@ def test_setup_script_is_idempotent(gridengine):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Grid Engine ready" in done.stdout
+
+
+IN_FLIGHT = 500
+
+
+def test_poll_of_500_held_jobs_one_qstat_one_drmaa_request(cli_backend, drmaa_backend,
+                                                           tmp_path):
+    """Issue #5: one scheduler call per poll per 100 jobs or fewer, at 500 in-flight jobs.
+    cli: ONE qstat. drmaa: ONE helper request and no command (DRMAA has no batch status
+    call, so the helper makes one in-process jobStatus library call per job)."""
+    ids: list[str] = []
+    try:
+        with ThreadPoolExecutor(4) as pool:  # cli_backend.parallel_submit: qsub at once
+            ids = list(pool.map(lambda i: cli_backend.submit(make_request(
+                tmp_path, new_task(f"ge500x{i:04d}"), ["/bin/true"], {"hold": ""})),
+                range(IN_FLIGHT)))
+        calls = cli_backend.runner.calls
+        statuses = cli_backend.poll(ids)
+        assert cli_backend.runner.calls == calls + 1
+        assert {statuses[j].state for j in ids} == {JobState.PENDING}
+        requests, commands = drmaa_backend.agent.requests, drmaa_backend.runner.calls
+        statuses = drmaa_backend.poll(ids)  # jobs of another session: DRMAA still sees them
+        assert drmaa_backend.agent.requests == requests + 1
+        assert drmaa_backend.runner.calls == commands
+        assert {statuses[j].state for j in ids} == {JobState.PENDING}
+        assert all(statuses[j].reason == "drmaa: user_on_hold" for j in ids)
+    finally:
+        if ids:
+            subprocess.run(["qdel", ",".join(ids)], capture_output=True)

@@ -6,13 +6,18 @@ import subprocess
 
 import pytest
 
-from backends.base import BackendError, JobState
-from backends.gridengine import (DRMAA_STATE_MAP, GridEngineBackend, finished_status,
-                                 map_qstat_state, native_specification, parse_qstat_xml)
-from backends.registry import backend_class, backend_options
+from backends.base import BackendError, JobState, JobStatus
+from backends.commands import Result
+from backends.gridengine import (DRMAA_STATE_MAP, AccountingFile, GridEngineBackend,
+                                 finished_status, map_qstat_state, native_specification,
+                                 parse_accounting_line, parse_qstat_xml)
+from backends.registry import backend_class
+from backends.registry import backend_options as configured_options
 from backends.templating import TemplateValueError
 from gateway import config as config_mod
-from tests.backends_ge.conftest import TEST_PARAMETERS, ge_options, make_request
+from tests.backend_helpers import backend_options, make_request
+from tests.backends.conftest import FakeRunner
+from tests.backends_ge.conftest import TEST_PARAMETERS
 
 TASK_ID = "d1b2c3d4e5f60718"
 HOSTILE = [
@@ -33,7 +38,7 @@ def task(name: str, tag: str, env: str) -> dict:
 
 
 def backend() -> GridEngineBackend:
-    return GridEngineBackend(ge_options(backend_parameters=TEST_PARAMETERS), {})
+    return GridEngineBackend(backend_options("gridengine", backend_parameters=TEST_PARAMETERS), {})
 
 
 def directives(script: str) -> list[str]:
@@ -93,7 +98,7 @@ def test_hostile_zone_is_refused(tmp_path):
 
 def test_unlisted_parameters_and_options_are_dropped(tmp_path):
     request = make_request(tmp_path, task("plain", "t", "e"), params={"hold": "", "evil": "-x"})
-    b = GridEngineBackend(ge_options(), {})  # default allow-list: no hold
+    b = GridEngineBackend(backend_options("gridengine"), {})  # default allow-list: no hold
     assert "-h" not in native_specification(b.render_script(request)).split()
     assert b.supported_parameters == {"project", "priority", "account"}
 
@@ -107,10 +112,10 @@ def test_single_core_and_no_memory_request(tmp_path):
 def test_config_and_registry():
     config = config_mod.load(environ={}, overrides={"backend": {"name": "gridengine"}})
     assert backend_class("gridengine") is GridEngineBackend
-    options = backend_options(config)
+    options = configured_options(config)
     assert options["mode"] == "drmaa" and options["template"] == "gridengine.sh.j2"
     with pytest.raises(ValueError):
-        GridEngineBackend(ge_options(mode="pbs"), {})
+        GridEngineBackend(backend_options("gridengine", mode="pbs"), {})
 
 
 QSTAT_XML = """<?xml version='1.0'?>
@@ -164,3 +169,64 @@ def test_finished_status_from_drmaa_job_info():
         JobState.CANCELLED
     assert finished_status("failed", None, False, "no usage").state == JobState.CANCELLED
     assert finished_status("done", ok, True).state == JobState.CANCELLED
+
+
+ACCOUNTING_HEAD = "# Version: 8.1.9\n# \n# DO NOT MODIFY THIS FILE MANUALLY!\n"
+# two real lines of this machine's accounting file (fields 4 name, 5 number, 11 failed,
+# 12 exit_status), and a qdel'ed job (failed 100, killed: 137)
+ACCOUNTING_LINES = [
+    "all.q:vm:root:root:funnel-812196ca0e45b5a990ef:217:sge:0:1795395045:1795395066:"
+    "1795395068:0:0:2:0.176101:0.044607:30000.000000:0:0:0:0:5276:0:0:0.000000:56:0:0:0:57:"
+    "44:NONE:defaultdepartment:NONE:1:0:0.220708:0.002012:0.004189:NONE:0.000000:NONE:"
+    "37011456.000000:0:0\n",
+    "all.q:vm:root:root:funnel-b385cae585e2f12984e6:218:sge:0:1795395045:1795395068:"
+    "1795395069:0:7:1:0.165739:0.032826:29896.000000:0:0:0:0:5275:0:0:0.000000:72:0:0:0:78:"
+    "11:NONE:defaultdepartment:NONE:1:0:0.198565:0.001863:0.004189:NONE:0.000000:NONE:"
+    "37015552.000000:0:0\n",
+    "all.q:vm:root:root:not-ours:219:sge:0:1:2:3:0:0:1:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:"
+    "NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n",
+    "all.q:vm:root:root:funnel-b385cae585e2f12984e6:220:sge:0:1:2:3:100:137:1:0:0:0:0:0:0:0:"
+    "0:0:0:0:0:0:0:0:0:0:NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n",
+]
+
+
+def test_accounting_file_is_read_incrementally(tmp_path):
+    path = tmp_path / "accounting"
+    accounting = AccountingFile(path)
+    assert not accounting.refresh()  # no accounting: nothing known
+    path.write_text(ACCOUNTING_HEAD + ACCOUNTING_LINES[0] + ACCOUNTING_LINES[1][:40])
+    assert accounting.refresh()
+    assert set(accounting.by_id) == {"217"}  # the half-written line waits
+    assert accounting.by_id["217"].status() == JobStatus(JobState.COMPLETED,
+                                                         "accounting: failed=0 exit=0")
+    with path.open("a") as fh:
+        fh.write(ACCOUNTING_LINES[1][40:] + ACCOUNTING_LINES[2] + ACCOUNTING_LINES[3])
+    assert accounting.refresh()
+    assert set(accounting.by_id) == {"217", "218", "220"}  # not-ours is not kept
+    assert accounting.by_id["218"].status() == JobStatus(JobState.FAILED,
+                                                         "accounting: failed=0 exit=7")
+    assert accounting.by_id["220"].status().reason == "accounting: failed=100 exit=137"
+    assert accounting.newest_named("funnel-b385cae585e2f12984e6").job_id == "220"
+    assert accounting.newest_named("funnel-none") is None
+    path.write_text(ACCOUNTING_HEAD)  # rotated: read from the start again
+    assert accounting.refresh() and accounting.offset == len(ACCOUNTING_HEAD)
+    assert parse_accounting_line("garbage") is None and parse_accounting_line("# x") is None
+
+
+def test_cli_poll_reads_accounting_for_jobs_qstat_lists_as_finished(tmp_path):
+    """One qstat for all jobs; those qstat shows finished (z) or forgot get their exit from
+    the accounting file, others stay LOST; no extra command."""
+    path = tmp_path / "accounting"
+    path.write_text(ACCOUNTING_HEAD + "".join(ACCOUNTING_LINES))
+    zombie = ("<job_list state=\"zombie\"><JB_job_number>217</JB_job_number>"
+              "<JB_name>funnel-812196ca0e45b5a990ef</JB_name><state>z</state></job_list>\n")
+    qstat = QSTAT_XML.replace("  </job_info>", zombie + "  </job_info>")
+    backend = GridEngineBackend(backend_options("gridengine", mode="cli",
+                                                accounting_file=str(path)), {})
+    backend.runner = FakeRunner({("qstat",): Result(0, qstat, "")})
+    statuses = backend.poll(["14", "217", "218", "404"])
+    assert backend.runner.commands == [["qstat", "-xml", "-s", "prsz"]]
+    assert statuses["14"].state == JobState.RUNNING
+    assert statuses["217"].state == JobState.COMPLETED
+    assert statuses["218"].state == JobState.FAILED
+    assert statuses["404"].state == JobState.LOST

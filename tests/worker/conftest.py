@@ -6,18 +6,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
-from tests.conftest import clean_env, free_port, funnel_argv
+from tests.backend_helpers import FAKE_AWS_ENV
+from tests.conftest import clean_env, funnel_argv
 from worker.events import EventFold, read_event_log
 
 ROOTFS = Path("/var/lib/funnel/rootfs")
@@ -96,26 +94,12 @@ def harness(tmp_path):
     return WorkerHarness(tmp_path)
 
 
-@pytest.fixture(scope="session")
-def moto_s3():
-    """A real moto server process on 127.0.0.1 (S3 API)."""
-    need("moto_server") if shutil.which("moto_server") else None
-    port = free_port()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            requests.get(url, timeout=1)
-            break
-        except requests.RequestException:
-            time.sleep(0.1)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    yield url, env
-    proc.terminate()
-    proc.wait(10)
+@pytest.fixture
+def moto_s3(moto_server):
+    """The session's real moto server process on 127.0.0.1 (tests/conftest.py), emptied:
+    its URL and the fake credentials a worker needs."""
+    moto_server.reset()
+    return moto_server.url, dict(FAKE_AWS_ENV)
 
 
 @pytest.fixture(scope="session")
