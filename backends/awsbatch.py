@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -43,6 +44,7 @@ from botocore.config import Config as BotoConfig
 
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from backends.templating import TemplateValueError, directive
+from gateway import worker_tokens
 
 # AWS Batch job status -> common job state
 STATE_MAP: dict[str, JobState] = {
@@ -164,6 +166,9 @@ class AwsBatchBackend(Backend):
         if requirements:
             overrides["resourceRequirements"] = requirements
         environment = {str(k): str(v) for k, v in (self.options.get("environment") or {}).items()}
+        token = _worker_token(request.task_dir)
+        if token:  # auth on: the worker's only credential (it has no shared task dir)
+            environment[worker_tokens.ENV_VAR] = token
         if environment:
             overrides["environment"] = [{"name": k, "value": v}
                                         for k, v in sorted(environment.items())]
@@ -300,3 +305,13 @@ class AwsBatchBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
+
+
+def _worker_token(task_dir: Path | None) -> str | None:
+    """The task's worker token the reconciler wrote (auth on), else None."""
+    if task_dir is None:
+        return None
+    try:
+        return (Path(task_dir) / worker_tokens.TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None

@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.commands import LocalRunner, Result
+from backends.commands import LocalRunner, Result, job_environment
 from backends.templating import render, script_variables
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -387,7 +387,7 @@ class GridEngineBackend(Backend):
             or Path(self.env["SGE_ROOT"]) / self.env["SGE_CELL"] / "common" / "accounting"))
 
     def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = job_environment()  # without the gateway's FUNNEL_ configuration
         env["SGE_ROOT"] = str(self.options.get("sge_root") or env.get("SGE_ROOT")
                               or "/var/lib/gridengine")
         env["SGE_CELL"] = str(self.options.get("sge_cell") or env.get("SGE_CELL") or "default")

@@ -11,7 +11,19 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
 class ClientError(RuntimeError):
-    """One-line description of what went wrong talking to the server."""
+    """One-line description of what went wrong talking to the server.
+
+    ``status`` is the HTTP status, or None when the server could not be reached.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth trying again: no answer, too many requests, or a server-side error."""
+        return self.status is None or self.status == 429 or self.status >= 500
 
 
 class TesClient:
@@ -37,11 +49,11 @@ class TesClient:
                 message = resp.json().get("message") or resp.text
             except ValueError:
                 message = resp.text.strip() or resp.reason
-            raise ClientError(f"{resp.status_code}: {message}")
+            raise ClientError(f"{resp.status_code}: {message}", resp.status_code)
         try:
             return resp.json()
         except ValueError:
-            raise ClientError(f"{self.server} did not answer with JSON") from None
+            raise ClientError(f"{self.server} did not answer with JSON", resp.status_code) from None
 
     def create(self, task: Any) -> str:
         return self._call("POST", "/tasks", json=task)["id"]

@@ -297,6 +297,16 @@ class Reconciler:
                 {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(row.attempt)})
             self.service.set_job_id(row.id, job_id, logs)
             return
+        tail = self._tail(row)
+        tail.read_new()
+        if row.state == State.QUEUED.value and tail.fold.last_seq == 0:
+            # no job and no worker event: the gateway stopped before the job was made.
+            # Give the claim back (the attempt was not used); the task is submitted anew.
+            log.info("task %s was claimed but not submitted when the gateway stopped; "
+                     "submitting it again", row.id)
+            self.service.release_claims([(row.id, row.attempt - 1, 0)])
+            self.tails.pop(row.id, None)
+            return
         self._fail_or_retry(row, "the gateway stopped while submitting this task and the "
                                  f"{self.backend.name} backend has no job for it")
 

@@ -122,3 +122,49 @@ def test_cancel_during_submission_keeps_the_job_for_the_cancel(tmp_path):
     row = service.get_row(task_id)
     assert row.state == "CANCELING"
     assert row.job_id == backend.submitted[task_id]  # so the next tick cancels that job
+
+
+def claimed_but_not_submitted(tmp_path: Path, backend: Backend):
+    """A task as a gateway killed between the claim and the scheduler call leaves it."""
+    service, reconciler = make(tmp_path, backend)
+    task_id = service.create({**TRIVIAL, "name": "x"})
+    assert service.claim_for_submission([(task_id, 1)]) == {task_id}
+    # a new gateway process: a new reconciler on the same database and work dir
+    return service, Reconciler(service, backend, reconciler.config), task_id
+
+
+def test_claim_without_a_job_is_submitted_again_without_using_an_attempt(tmp_path):
+    backend = RecordingBackend(set(), set())
+    service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
+    reconciler.tick()  # finds no job for the claim: gives it back
+    reconciler.tick()
+    row = service.get_row(task_id)
+    assert row.state == "QUEUED" and row.attempt == 1
+    assert row.job_id == backend.submitted[task_id]
+    assert list(backend.submitted) == [task_id]  # once
+    task = service.get(task_id, "FULL")
+    assert len(task["logs"]) == 1 and not task["logs"][0].get("system_logs")
+
+
+def test_claim_whose_job_exists_is_recovered_not_resubmitted(tmp_path):
+    backend = RecordingBackend(set(), set())
+    backend.recover = lambda task_id, task_dir: "4242"
+    service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
+    reconciler.tick()
+    row = service.get_row(task_id)
+    assert row.job_id == "4242" and row.attempt == 1
+    assert not backend.submitted
+
+
+def test_claim_whose_worker_ran_but_job_is_gone_is_a_system_error(tmp_path):
+    backend = RecordingBackend(set(), set())
+    service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
+    events = tmp_path / task_id / "events.jsonl"
+    events.parent.mkdir(parents=True, exist_ok=True)
+    events.write_text('{"seq":1,"time":"2026-01-01T00:00:00Z","task_id":"%s","type":"state",'
+                      '"state":"INITIALIZING"}\n' % task_id)
+    reconciler.tick()
+    task = service.get(task_id, "FULL")
+    assert task["state"] == "SYSTEM_ERROR"  # it ran once: never run it a second time
+    assert not backend.submitted
+    assert any("has no job for it" in line for line in task["logs"][-1]["system_logs"])

@@ -38,6 +38,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,8 @@ class EventLog:
     """Appends events to events.jsonl (see DURABLE_EVENTS) and optionally sends them."""
 
     def __init__(self, path: Path, task_id: str, server: str | None = None,
-                 post_timeout: float = 3.0, token: str | None = None):
+                 post_timeout: float = 3.0, token: str | None = None,
+                 retry_seconds: float = 0.0):
         self.path = path
         self.task_id = task_id
         self.fold = read_event_log(path)  # a restarted worker continues the sequence
@@ -145,7 +147,7 @@ class EventLog:
         self._sender: _Sender | None = None
         if server:
             url = f"{server.rstrip('/')}/funnel/v1/tasks/{task_id}/events"
-            self._sender = _Sender(url, post_timeout, token)
+            self._sender = _Sender(url, post_timeout, token, retry_seconds)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
@@ -175,17 +177,24 @@ class EventLog:
 
 
 class _Sender:
-    """Best-effort HTTP delivery in the background; never fails the task."""
+    """Delivery in the background; never fails the task. An event the server does not
+    take (unreachable, 5xx, 429: a gateway restarting) is sent again with growing pauses
+    while the server has been failing for less than retry_seconds. The gateway drops
+    events it already has (by seq), so sending one twice is harmless."""
 
-    def __init__(self, url: str, timeout: float, token: str | None = None):
+    def __init__(self, url: str, timeout: float, token: str | None = None,
+                 retry_seconds: float = 0.0):
         import requests
 
         self.url = url
         self.timeout = timeout
+        self.retry_seconds = retry_seconds
         self.session = requests.Session()
         if token:  # auth on: this task's worker token (gateway/worker_tokens.py)
             self.session.headers["Authorization"] = f"Bearer {token}"
         self.queue: queue.Queue = queue.Queue()
+        self._abandon = threading.Event()
+        self._failing_since: float | None = None
         self.thread = threading.Thread(target=self._run, name="event-sender", daemon=True)
         self.thread.start()
 
@@ -197,11 +206,29 @@ class _Sender:
             event = self.queue.get()
             if event is None:
                 return
+            self._deliver(event)
+
+    def _deliver(self, event: dict) -> None:
+        pause = 0.5
+        while True:
             try:
-                self.session.post(self.url, json=event, timeout=self.timeout)
+                status = self.session.post(self.url, json=event, timeout=self.timeout).status_code
+                reason = f"HTTP {status}"
             except Exception as exc:  # network trouble must not stop the task
-                log.debug("event %s not delivered: %s", event.get("seq"), exc)
+                status, reason = None, exc.__class__.__name__
+            if status is not None and status < 500 and status != 429:
+                self._failing_since = None
+                return
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+            if self._abandon.is_set() or now - self._failing_since >= self.retry_seconds:
+                log.debug("event %s not delivered: %s", event.get("seq"), reason)
+                return
+            self._abandon.wait(pause)
+            pause = min(pause * 2, 10.0)
 
     def close(self, flush_seconds: float) -> None:
         self.queue.put(None)
         self.thread.join(flush_seconds)
+        self._abandon.set()

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -37,17 +38,15 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
     if task_id:
         if not server:
             raise UsageError("--task-id needs --server")
-        from gateway.client import ClientError, TesClient
         from gateway.worker_tokens import read_token
 
         try:
             check_task_id(task_id)
-            token = read_token(Path(workdir or config["work_dir"]) / task_id)
-            task = TesClient(server, token=token).get(task_id, "FULL")
         except TaskError as exc:
             raise UsageError(str(exc)) from None
-        except ClientError as exc:
-            raise UsageError(f"cannot fetch task {task_id}: {exc}") from None
+        token = read_token(Path(workdir or config["work_dir"]) / task_id)
+        task = fetch_task(server, task_id, token,
+                          float(config["worker"].get("server_wait_seconds", 600)))
     else:
         try:
             task = json.loads(Path(task_file).read_text())
@@ -62,9 +61,30 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
         check_task_id(task["id"])
     except TaskError as exc:
         raise UsageError(str(exc)) from None
-    state = run_task(task, base, config, server)
+    state = run_task(task, base, config, server, remote=bool(task_id))
     print(state, flush=True)
     return EXIT_CODES.get(state, 2)
+
+
+def fetch_task(server: str, task_id: str, token: str | None, wait_seconds: float) -> dict:
+    """The task (FULL view) from the server. While the server cannot be reached or answers
+    5xx/429 (a gateway restarting), try again with growing pauses for up to wait_seconds."""
+    from gateway.client import ClientError, TesClient
+
+    client = TesClient(server, token=token)
+    deadline = time.monotonic() + wait_seconds
+    pause = 0.5
+    while True:
+        try:
+            return client.get(task_id, "FULL")
+        except ClientError as exc:
+            left = deadline - time.monotonic()
+            if not exc.transient or left <= 0:
+                raise UsageError(f"cannot fetch task {task_id}: {exc}") from None
+            logging.getLogger("worker").warning(
+                "cannot fetch task %s yet (%s); trying again for %.0f s more", task_id, exc, left)
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 10.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ def _pump(stream: IO[bytes], sink: IO[bytes] | None, tail: Tail) -> None:
 
 
 class TaskRunner:
-    def __init__(self, task: dict, workdir: Path, config: dict, server: str | None = None):
+    def __init__(self, task: dict, workdir: Path, config: dict, server: str | None = None,
+                 remote: bool = False):
         self.task = task
         self.task_id = check_task_id(task.get("id"))
         self.config = config
@@ -76,8 +77,13 @@ class TaskRunner:
         self.drivers = Drivers(config, workdir)
         self.tail_bytes = int(config["worker"]["log_tail_bytes"])
         self.token = read_token(self.task_dir) if server else None
+        # a remote worker (started with --task-id: no file system shared with the
+        # gateway) reports only over HTTP, so it waits for a restarting server; one whose
+        # event log the gateway reads sends events as a courtesy and never waits long
+        wait = float(config["worker"].get("server_wait_seconds", 600))
+        self.flush_seconds = wait if remote else 5.0
         self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server,
-                               token=self.token)
+                               token=self.token, retry_seconds=wait if remote else 5.0)
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
@@ -159,7 +165,7 @@ class TaskRunner:
         ev.emit("task_end", end_time=now_rfc3339())
         ev.state(final)
         self.cancel_event.set()  # stops the server watcher
-        ev.close()
+        ev.close(self.flush_seconds)
         return final
 
     def _check_cancel(self) -> None:
@@ -297,9 +303,11 @@ class TaskRunner:
         self.events.emit("output", url=url, path=container, size_bytes=str(size))
 
 
-def run_task(task: dict, workdir: Path, config: dict, server: str | None = None) -> str:
-    """Run a task to its end; SIGTERM/SIGINT cancel it. Returns the final TES state."""
-    runner = TaskRunner(task, workdir, config, server)
+def run_task(task: dict, workdir: Path, config: dict, server: str | None = None,
+             remote: bool = False) -> str:
+    """Run a task to its end; SIGTERM/SIGINT cancel it. Returns the final TES state.
+    remote: the gateway does not read this worker's event log (see TaskRunner)."""
+    runner = TaskRunner(task, workdir, config, server, remote)
     previous = {}
 
     def on_signal(signum, _frame):

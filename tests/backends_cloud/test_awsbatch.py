@@ -142,6 +142,28 @@ def test_awsbatch_submit_poll_without_docker_fails(moto_batch, tmp_path):
     assert final.reason.startswith("batch: FAILED")
 
 
+def test_awsbatch_worker_token_goes_in_the_job_environment(moto_batch, tmp_path):
+    """Auth on: the reconciler wrote the task's worker token into its task dir; a Batch
+    job shares no file system with the gateway, so the token travels as
+    FUNNEL_WORKER_TOKEN in the container overrides (and only then)."""
+    from gateway import worker_tokens
+
+    backend = make_backend(moto_batch, environment={"SITE": "x"})
+    log = CallLog(backend)
+    plain = make_request(tmp_path, task("a0a0a0a0"))
+    backend.submit(plain)
+    key = worker_tokens.load_key(tmp_path)
+    with_token = make_request(tmp_path, task("b1b1b1b1"))
+    worker_tokens.write_token(key, with_token.task_dir, "b1b1b1b1")
+    backend.submit(with_token)
+    first, second = log.named("SubmitJob")
+    assert first["containerOverrides"]["environment"] == [{"name": "SITE", "value": "x"}]
+    token = worker_tokens.read_token(with_token.task_dir)
+    assert token and worker_tokens.task_of(key, token) == "b1b1b1b1"
+    assert second["containerOverrides"]["environment"] == [
+        {"name": "FUNNEL_WORKER_TOKEN", "value": token}, {"name": "SITE", "value": "x"}]
+
+
 def test_awsbatch_simple_batch_succeeds(moto_batch, tmp_path):
     """moto's simple Batch (use_docker false) marks jobs SUCCEEDED: COMPLETED here."""
     moto_batch.use_docker(False)

@@ -230,3 +230,14 @@ def test_cli_poll_reads_accounting_for_jobs_qstat_lists_as_finished(tmp_path):
     assert statuses["217"].state == JobState.COMPLETED
     assert statuses["218"].state == JobState.FAILED
     assert statuses["404"].state == JobState.LOST
+
+
+def test_scheduler_commands_get_no_funnel_variables(monkeypatch):
+    """qsub/qstat and the DRMAA helper run without the gateway's FUNNEL_ configuration
+    (a database password, say), so `-V` in a site template cannot hand it to jobs."""
+    monkeypatch.setenv("FUNNEL_DATABASE__URL", "postgresql+psycopg://u:SECRET@db/funnel")
+    monkeypatch.setenv("GATEWAY_SITE_VARIABLE", "kept")
+    backend = GridEngineBackend(backend_options("gridengine", mode="cli"), {})
+    assert not [name for name in backend.env if name.startswith("FUNNEL_")]
+    assert backend.runner.env is backend.env
+    assert backend.env["GATEWAY_SITE_VARIABLE"] == "kept" and backend.env["SGE_ROOT"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,10 +25,13 @@ from worker.events import iter_events, read_event_log
 class FakeTes:
     """GET task (FULL / MINIMAL), POST events, and a slow download at /slow."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.tasks: dict[str, dict] = {}
         self.state = "RUNNING"
         self.events: list[dict] = []
+        # answer this many more GETs / POSTs 503 (a gateway starting up)
+        self.busy = {"GET": 0, "POST": 0}
+        self.answered_busy = {"GET": 0, "POST": 0}
         self.slow_started = threading.Event()
         fake = self
 
@@ -43,7 +47,17 @@ class FakeTes:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def too_busy(self) -> bool:
+                if fake.busy[self.command] <= 0:
+                    return False
+                fake.busy[self.command] -= 1
+                fake.answered_busy[self.command] += 1
+                self.reply(503, {"message": "starting"})
+                return True
+
             def do_GET(self):
+                if self.too_busy():
+                    return
                 url = urlparse(self.path)
                 if url.path == "/slow":
                     fake.slow_started.set()
@@ -68,13 +82,15 @@ class FakeTes:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.too_busy():
+                    return
                 if self.path.startswith("/funnel/v1/tasks/") and self.path.endswith("/events"):
                     fake.events.append(json.loads(body))
                     self.reply(200, {})
                 else:
                     self.reply(404, {"msg": "not found"})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -87,9 +103,10 @@ def tes():
     fake.server.shutdown()
 
 
-def start_by_id(harness, tes: FakeTes, task: dict, **worker) -> subprocess.Popen:
+def start_by_id(harness, tes: FakeTes, task: dict, url: str = "",
+                **worker) -> subprocess.Popen:
     tes.tasks[task["id"]] = task
-    argv = funnel_argv("worker", "run", "--task-id", task["id"], "--server", tes.url,
+    argv = funnel_argv("worker", "run", "--task-id", task["id"], "--server", url or tes.url,
                        "--workdir", str(harness.workdir),
                        "--config", str(harness.config(**worker)))
     return subprocess.Popen(argv, env=clean_env(), stdout=subprocess.PIPE,
@@ -109,6 +126,41 @@ def test_task_fetched_by_id_and_every_event_posted_as_written(harness, tes):
     assert all(e["task_id"] == task["id"] and e["time"].endswith("Z") for e in written)
     fold = read_event_log(harness.workdir / task["id"] / "events.jsonl")
     assert fold.task_log["metadata"]["hostname"]
+
+
+def test_worker_waits_for_a_server_that_is_not_up_yet(harness, tes):
+    """A gateway restarting when the job starts: nothing listens, then 503s; the worker
+    keeps asking for its task, then re-sends the events the server refused."""
+    task = harness.task(executors=[sh("echo late")])
+    with socket.socket() as probe:  # a port nobody listens on, for now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = start_by_id(harness, tes, task, url=f"http://127.0.0.1:{port}")
+    time.sleep(1)
+    assert proc.poll() is None, proc.communicate()
+    later = FakeTes(port)
+    try:
+        later.tasks[task["id"]] = task
+        later.busy = {"GET": 1, "POST": 2}  # then 503 for the fetch and the first event
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0 and out.strip() == "COMPLETE", err
+        assert "cannot fetch task" in err, err  # it said why it waited
+        assert later.answered_busy == {"GET": 1, "POST": 2}
+        written = list(iter_events(harness.workdir / task["id"] / "events.jsonl"))
+        assert sorted(later.events, key=lambda e: e["seq"]) == written
+    finally:
+        later.server.shutdown()
+
+
+def test_unknown_task_id_fails_at_once_with_one_line(harness, tes):
+    task = harness.task(executors=[sh("echo never")])
+    argv = funnel_argv("worker", "run", "--task-id", task["id"], "--server", tes.url,
+                       "--workdir", str(harness.workdir), "--config", str(harness.config()))
+    started = time.monotonic()
+    proc = subprocess.run(argv, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - started < 20
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: cannot fetch task")
+    assert "404" in proc.stderr
 
 
 def test_cancel_on_the_server_stops_the_executor(harness, tes):
