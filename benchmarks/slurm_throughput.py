@@ -1,12 +1,15 @@
 """Drive N trivial tasks from QUEUED to COMPLETE on Slurm, beside a raw sbatch loop.
 
 Run: .venv/bin/python benchmarks/slurm_throughput.py [--tasks 1000 10000]
+                                                        [--payload container|worker]
 
 For each N, in one run, both sides in three timed phases: submit every job held
 (`--begin=now+1hour`, so submission has the CPU to itself), release them all
 (`scontrol update JobId=... StartTime=now`), wait until all have ended.
-- raw: a loop of N `sbatch` calls of a script running the same container call the
-  worker makes for a trivial task (`bwrap` over the busybox rootfs, `true`);
+- raw: a loop of N `sbatch` calls of a script running either the same container call
+  the worker makes for a trivial task (`bwrap` over the busybox rootfs, `true`: payload
+  "container", what Slurm alone costs) or the same worker command line the gateway
+  submits, each on its own task file (payload "worker": what the gateway alone adds);
 - gateway: N tasks created over HTTP first (8 threads; not timed), then a reconciler
   (`funnel reconcile`'s loop, in this process, so its CPU and commands can be counted)
   submits them (`reconciler.submit_threads` sbatch at once), is timed for three ticks with
@@ -28,6 +31,7 @@ import concurrent.futures
 import json
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from backends.slurm import SlurmBackend  # noqa: E402
 from gateway import config as config_mod  # noqa: E402
 from gateway.app import make_service  # noqa: E402
-from gateway.reconciler import Reconciler  # noqa: E402
+from gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
 from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
 
 PARTITION = "bench"
@@ -82,26 +86,52 @@ def release(job_ids: list[str]) -> None:
                         "StartTime=now"], check=True, capture_output=True)
 
 
-def raw_loop(n: int, work: Path) -> dict:
-    """N held sbatch calls of the bare container command, released; until all ended."""
-    work.mkdir(parents=True, exist_ok=True)
-    name = f"rawbench{n}"
+def bare_container_command() -> str:
+    """The container call the worker makes for a trivial task, without the worker."""
     bwrap = shutil.which("bwrap") or "bwrap"
-    script = (f"#!/bin/sh\n#SBATCH --job-name={name}\n#SBATCH --partition={PARTITION}\n"
-              f"#SBATCH --output=/dev/null\n#SBATCH --begin={HOLD}\n"
-              f"exec {bwrap} --die-with-parent --new-session --unshare-pid --unshare-ipc "
-              f"--unshare-uts --hostname funnel-task --bind {ROOTFS} / --dev /dev "
-              f"--proc /proc --tmpfs /tmp --clearenv --setenv PATH /bin -- true\n")
+    return (f"exec {bwrap} --die-with-parent --new-session --unshare-pid --unshare-ipc "
+            f"--unshare-uts --hostname funnel-task --bind {ROOTFS} / --dev /dev "
+            f"--proc /proc --tmpfs /tmp --clearenv --setenv PATH /bin -- true")
+
+
+def same_worker_commands(n: int, work: Path) -> list[str]:
+    """N task files and, for each, the worker command line the reconciler would submit
+    (worker.command, --task-file, --workdir, --config): the gateway's jobs, minus the
+    gateway."""
+    config = config_mod.load(environ={}, overrides={
+        "work_dir": str(work), "worker": {"container_driver": "bwrap"}})
+    worker_config = write_worker_config(config)
+    commands = []
+    for i in range(n):
+        task_dir = work / f"raw{i:05d}"
+        task_dir.mkdir(parents=True, exist_ok=True)
+        (task_dir / "task.json").write_text(json.dumps({**TRIVIAL, "id": f"raw{i:05d}"}))
+        argv = [*worker_command(config), "--task-file", str(task_dir / "task.json"),
+                "--workdir", str(work), "--config", str(worker_config)]
+        commands.append("exec " + shlex.join(argv))
+    return commands
+
+
+def raw_loop(n: int, work: Path, payload: str = "container") -> dict:
+    """N held sbatch calls, released; until all ended. payload "container": each job runs
+    the bare container call; "worker": each runs the worker on its own task file."""
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"raw{payload}{n}"
+    commands = (same_worker_commands(n, work) if payload == "worker"
+                else [bare_container_command()] * n)
+    header = (f"#!/bin/sh\n#SBATCH --job-name={name}\n#SBATCH --partition={PARTITION}\n"
+              f"#SBATCH --output=/dev/null\n#SBATCH --begin={HOLD}\n")
     start = time.perf_counter()
-    job_ids = [subprocess.run(["sbatch", "--parsable"], input=script, text=True, check=True,
-                              capture_output=True, cwd=work).stdout.strip().split(";")[0]
-               for _ in range(n)]
+    job_ids = [subprocess.run(["sbatch", "--parsable"], input=header + command + "\n",
+                              text=True, check=True, capture_output=True,
+                              cwd=work).stdout.strip().split(";")[0]
+               for command in commands]
     submitted = time.perf_counter() - start
     release(job_ids)
     while jobs_left(name):
         time.sleep(0.5)
-    return {"seconds": time.perf_counter() - start, "submit_seconds": submitted,
-            "submit_rate_per_s": n / submitted}
+    return {"payload": payload, "seconds": time.perf_counter() - start,
+            "submit_seconds": submitted, "submit_rate_per_s": n / submitted}
 
 
 def create_tasks(api: str, n: int) -> list[str]:
@@ -173,11 +203,13 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             "reconciler_peak_rss_mb": peak_rss_mb()}
 
 
-def measure(n: int, tmp: Path, dbs: DatabaseFactory) -> dict:
-    raw = raw_loop(n, tmp / f"raw{n}")
+def measure(n: int, tmp: Path, dbs: DatabaseFactory, payload: str = "container") -> dict:
+    """The gateway's run of N tasks beside a raw sbatch loop of `payload` (raw_loop)."""
+    raw = raw_loop(n, tmp / f"raw-{payload}{n}", payload)
     gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"))
     return {"tasks": n, "raw": raw, "gateway": gateway,
             "time_ratio": gateway["seconds"] / raw["seconds"],
+            "rate_ratio": raw["seconds"] / gateway["seconds"],
             "submit_rate_ratio": (gateway["submit_rate_per_s"] or 0) / raw["submit_rate_per_s"],
             "all_complete": gateway["states"].get("COMPLETE", 0) == n}
 
@@ -197,12 +229,14 @@ def summary_lines(r: dict) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[1000])
+    parser.add_argument("--payload", choices=["container", "worker"], default="container",
+                        help="what each raw job runs (see raw_loop)")
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     tmp = Path(tempfile.mkdtemp(prefix="funnel-throughput-", dir="/var/tmp"))
     dbs = DatabaseFactory(tmp)
     for n in args.tasks:
-        result = measure(n, tmp, dbs)
+        result = measure(n, tmp, dbs, args.payload)
         print("\n".join(summary_lines(result)))
         print(json.dumps({k: v for k, v in result.items()}, default=str)[:2000])
 
