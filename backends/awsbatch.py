@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import re
 import threading
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -166,7 +165,7 @@ class AwsBatchBackend(Backend):
         if requirements:
             overrides["resourceRequirements"] = requirements
         environment = {str(k): str(v) for k, v in (self.options.get("environment") or {}).items()}
-        token = _worker_token(request.task_dir)
+        token = worker_tokens.stored_token(request.task_dir) if request.task_dir else None
         if token:  # auth on: the worker's only credential (it has no shared task dir)
             environment[worker_tokens.ENV_VAR] = token
         if environment:
@@ -306,12 +305,3 @@ class AwsBatchBackend(Backend):
     def close(self) -> None:
         self.client.close()
 
-
-def _worker_token(task_dir: Path | None) -> str | None:
-    """The task's worker token the reconciler wrote (auth on), else None."""
-    if task_dir is None:
-        return None
-    try:
-        return (Path(task_dir) / worker_tokens.TOKEN_FILE).read_text().strip() or None
-    except OSError:
-        return None

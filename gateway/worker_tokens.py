@@ -77,11 +77,19 @@ def write_token(key: bytes, task_dir: Path, task_id: str) -> None:
     os.replace(tmp, path)
 
 
+def stored_token(task_dir: Path) -> str | None:
+    """The token file in task_dir (written by the reconciler when auth is on): its text,
+    or None if there is none."""
+    try:
+        return (Path(task_dir) / TOKEN_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
 def read_token(task_dir: Path | None) -> str | None:
     """A worker's token: its task dir's file, else FUNNEL_WORKER_TOKEN, else None."""
     if task_dir is not None:
-        try:
-            return (task_dir / TOKEN_FILE).read_text().strip() or None
-        except OSError:
-            pass
+        token = stored_token(task_dir)
+        if token is not None:
+            return token or None
     return os.environ.get(ENV_VAR) or None

@@ -211,10 +211,9 @@ def make_server(backend: str | E2EBackend, work: Path, db_url: str,
     overrides = {"backend": {"name": backend.name, **backend.config(work)},
                  "reconciler": {"interval_seconds": TICK},
                  "worker": {"container_driver": "bwrap", "poll_server_seconds": 1}}
-    if same_address_as is not None:
-        return ServerProcess(work, db_url, overrides=overrides, reconcile=True,
-                             port=same_address_as.port, grpc_port=same_address_as.grpc_port)
-    return ServerProcess(work, db_url, overrides=overrides, reconcile=True)
+    address = ({} if same_address_as is None else
+               {"port": same_address_as.port, "grpc_port": same_address_as.grpc_port})
+    return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **address)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
             raise UsageError(str(exc)) from None
         token = read_token(Path(workdir or config["work_dir"]) / task_id)
         task = fetch_task(server, task_id, token,
-                          float(config["worker"].get("server_wait_seconds", 600)))
+                          float(config["worker"]["server_wait_seconds"]))
     else:
         try:
             task = json.loads(Path(task_file).read_text())

@@ -80,10 +80,9 @@ class TaskRunner:
         # a remote worker (started with --task-id: no file system shared with the
         # gateway) reports only over HTTP, so it waits for a restarting server; one whose
         # event log the gateway reads sends events as a courtesy and never waits long
-        wait = float(config["worker"].get("server_wait_seconds", 600))
-        self.flush_seconds = wait if remote else 5.0
+        self.flush_seconds = float(config["worker"]["server_wait_seconds"]) if remote else 5.0
         self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server,
-                               token=self.token, retry_seconds=wait if remote else 5.0)
+                               token=self.token, retry_seconds=self.flush_seconds)
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
 
