@@ -1,7 +1,7 @@
 """Drive N trivial tasks from QUEUED to COMPLETE on Slurm, beside a raw sbatch loop.
 
 Run: .venv/bin/python benchmarks/slurm_throughput.py [--tasks 1000 10000]
-                                                        [--payload container|worker]
+                                                        [--payloads [container] [worker]]
 
 For each N, in one run, both sides in three timed phases: submit every job held
 (`--begin=now+1hour`, so submission has the CPU to itself), release them all
@@ -203,42 +203,64 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             "reconciler_peak_rss_mb": peak_rss_mb()}
 
 
-def measure(n: int, tmp: Path, dbs: DatabaseFactory, payload: str = "container") -> dict:
-    """The gateway's run of N tasks beside a raw sbatch loop of `payload` (raw_loop)."""
-    raw = raw_loop(n, tmp / f"raw-{payload}{n}", payload)
+def measure(n: int, tmp: Path, dbs: DatabaseFactory,
+            payloads: tuple[str, ...] = ("worker",)) -> dict:
+    """The gateway's run of N tasks, after a raw sbatch loop of N jobs for each payload
+    (raw_loop; none: the gateway alone)."""
+    raws = {payload: raw_loop(n, tmp / f"raw-{payload}{n}", payload) for payload in payloads}
     gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"))
-    return {"tasks": n, "raw": raw, "gateway": gateway,
-            "time_ratio": gateway["seconds"] / raw["seconds"],
-            "rate_ratio": raw["seconds"] / gateway["seconds"],
-            "submit_rate_ratio": (gateway["submit_rate_per_s"] or 0) / raw["submit_rate_per_s"],
+    return {"tasks": n, "raw": raws, "gateway": gateway,
+            "rate_per_s": n / gateway["seconds"],
             "all_complete": gateway["states"].get("COMPLETE", 0) == n}
 
 
 def summary_lines(r: dict) -> list[str]:
-    g, raw = r["gateway"], r["raw"]
-    return [
-        f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s, raw sbatch "
-        f"loop {raw['seconds']:.0f}s (time ratio {r['time_ratio']:.2f}); submission "
-        f"{g['submit_rate_per_s']:.0f}/s vs {raw['submit_rate_per_s']:.0f}/s "
-        f"(rate ratio {r['submit_rate_ratio']:.2f}); states {g['states']}",
-        f"  reconciler with {r['tasks']} jobs in flight: CPU {g['tick_cpu_s_median']:.3f}s/tick; "
-        f"scheduler calls/tick {g['scheduler_calls_per_tick']}; peak RSS server "
-        f"{g['server_peak_rss_mb']:.0f} MB, reconciler {g['reconciler_peak_rss_mb']:.0f} MB"]
+    g = r["gateway"]
+    lines = [f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s "
+             f"({r['rate_per_s']:.1f}/s), submission {g['submit_rate_per_s']:.0f}/s; "
+             f"states {g['states']}"]
+    lines += [f"  raw sbatch loop ({payload}): {raw['seconds']:.0f}s "
+              f"({r['tasks'] / raw['seconds']:.1f}/s), submission {raw['submit_rate_per_s']:.0f}/s"
+              for payload, raw in r["raw"].items()]
+    lines.append(f"  reconciler with {r['tasks']} jobs in flight: CPU "
+                 f"{g['tick_cpu_s_median']:.3f}s/tick; scheduler calls/tick "
+                 f"{g['scheduler_calls_per_tick']}; peak RSS server "
+                 f"{g['server_peak_rss_mb']:.0f} MB, reconciler {g['reconciler_peak_rss_mb']:.0f} MB")
+    return lines
+
+
+def save(result: dict) -> None:
+    """Into benchmarks/results/throughput-<time>.json, with the machine's facts."""
+    from benchmarks.suite import machine_facts
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = REPO / "benchmarks" / "results" / f"throughput-{stamp}.json"
+    path.write_text(json.dumps({"machine": machine_facts(), **result}, indent=1, default=str))
+    print(f"written to {path.relative_to(REPO)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[1000])
-    parser.add_argument("--payload", choices=["container", "worker"], default="container",
-                        help="what each raw job runs (see raw_loop)")
+    parser.add_argument("--payloads", choices=["container", "worker"], nargs="*",
+                        default=["worker"], help="raw loops to run first (see raw_loop)")
+    parser.add_argument("--raw-only", action="store_true",
+                        help="only the raw loops (e.g. to check the suite's 10,000-task reference)")
     args = parser.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
     tmp = Path(tempfile.mkdtemp(prefix="funnel-throughput-", dir="/var/tmp"))
     dbs = DatabaseFactory(tmp)
     for n in args.tasks:
-        result = measure(n, tmp, dbs, args.payload)
+        if args.raw_only:
+            raws = {p: raw_loop(n, tmp / f"raw-{p}{n}", p) for p in args.payloads}
+            for payload, raw in raws.items():
+                print(f"raw sbatch loop of {n} jobs ({payload}): {raw['seconds']:.0f}s, "
+                      f"{n / raw['seconds']:.1f}/s")
+            save({"tasks": n, "raw": raws})
+            continue
+        result = measure(n, tmp, dbs, tuple(args.payloads))
         print("\n".join(summary_lines(result)))
-        print(json.dumps({k: v for k, v in result.items()}, default=str)[:2000])
+        save(result)
 
 
 if __name__ == "__main__":

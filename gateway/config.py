@@ -10,7 +10,11 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any
 
 # yaml is imported where it is used: a worker given the gateway's JSON config never needs it
 

@@ -15,11 +15,11 @@ task's own GET and event intake only (gateway/app.py), never on gRPC.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import secrets
 from pathlib import Path
+
+# hashlib, hmac and secrets are imported where used: the worker imports this module to
+# read its token, and these imports would cost every worker start.
 
 PREFIX = "fw1"
 KEY_FILE = "worker-token.key"
@@ -29,6 +29,8 @@ ENV_VAR = "FUNNEL_WORKER_TOKEN"
 
 def load_key(work_dir: str | Path) -> bytes:
     """The work dir's signing key, made (atomically, mode 600) if there is none."""
+    import secrets
+
     path = Path(work_dir) / KEY_FILE
     try:
         return path.read_bytes()
@@ -49,6 +51,9 @@ def load_key(work_dir: str | Path) -> bytes:
 
 
 def _mac(key: bytes, task_id: str) -> str:
+    import hashlib
+    import hmac
+
     return hmac.new(key, f"funnel-worker:{task_id}".encode(), hashlib.sha256).hexdigest()
 
 
@@ -65,6 +70,8 @@ def task_of(key: bytes, token: str) -> str | None:
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != PREFIX or not parts[1]:
         return None
+    import hmac
+
     return parts[1] if hmac.compare_digest(parts[2], _mac(key, parts[1])) else None
 
 

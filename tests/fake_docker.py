@@ -108,7 +108,12 @@ class FakeDockerEngine:
             def do_DELETE(self) -> None:
                 engine.handle(self, "DELETE")
 
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            # moto's job threads connect at once when a batch of jobs starts; the default
+            # listen backlog of 5 overflows and a refused connection fails a job
+            request_queue_size = 128
+
+        self.http = Server(("127.0.0.1", 0), Handler)
         self.url = f"tcp://127.0.0.1:{self.http.server_address[1]}"
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOST_SKIP = {"proc", "dev", "sys", "tmp", "run", "lost+found", "mnt", "media"}
@@ -38,10 +37,16 @@ class DriverError(RuntimeError):
     """The container runtime is missing or unusable (a SYSTEM_ERROR)."""
 
 
-class Invocation(NamedTuple):  # (not a dataclass: the worker starts without that import)
-    argv: list[str]
-    env: dict[str, str] | None  # process environment; None: inherit
-    note: str                    # what to record in the system logs
+class Invocation:
+    """How to start one executor (a plain class: the worker starts without importing
+    typing or dataclasses)."""
+
+    __slots__ = ("argv", "env", "note")
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None, note: str) -> None:
+        self.argv = argv  # the runtime's command line
+        self.env = env    # process environment; None: inherit
+        self.note = note  # what to record in the system logs
 
 
 def image_rootfs(rootfs_dir: str, image: str) -> Path | None:

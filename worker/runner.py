@@ -6,12 +6,14 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import IO
 
 from gateway.worker_tokens import read_token
 from worker.drivers import DriverError, Drivers, Invocation
@@ -138,7 +140,7 @@ class TaskRunner:
             return ev.fold.state or "SYSTEM_ERROR"
         ev.state("INITIALIZING")
         ev.emit("task_start", start_time=now_rfc3339())
-        ev.emit("metadata", metadata={"hostname": socket.gethostname(), "pid": str(os.getpid())})
+        ev.emit("metadata", metadata={"hostname": os.uname().nodename, "pid": str(os.getpid())})
         if self.server:
             threading.Thread(target=self._watch_server, daemon=True, name="cancel-watch").start()
         try:

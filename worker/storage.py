@@ -16,8 +16,17 @@ import posixpath
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+
+    class Store(Protocol):
+        def get(self, url: str, dest: Path, is_dir: bool = False) -> None: ...
+        def put(self, src: Path, url: str) -> None: ...
+        def list(self, url: str) -> list[str]: ...
+        def exists(self, url: str) -> bool: ...
 
 
 class StorageError(RuntimeError):
@@ -26,13 +35,6 @@ class StorageError(RuntimeError):
 
 class Stopped(StorageError):
     """A transfer given up half-way because the task was canceled."""
-
-
-class Store(Protocol):
-    def get(self, url: str, dest: Path, is_dir: bool = False) -> None: ...
-    def put(self, src: Path, url: str) -> None: ...
-    def list(self, url: str) -> list[str]: ...
-    def exists(self, url: str) -> bool: ...
 
 
 def join_url(base: str, relative: str) -> str:

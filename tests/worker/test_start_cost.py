@@ -1,0 +1,39 @@
+"""A worker runs one task per scheduler job, so what it imports at start is paid by every
+job (benchmarks: "what the worker costs a Slurm job"). These modules once cost a third of
+a trivial task's CPU time; a worker that needs none of their features must not load them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from gateway import config as config_mod
+from tests.conftest import clean_env
+from tests.worker.conftest import ROOTFS
+
+NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets", "socket",
+                "datetime", "yaml", "click", "requests", "boto3")
+
+PROBE = """
+import json, sys
+from worker.main import main
+code = main(sys.argv[1:])
+print(json.dumps({"exit": code, "loaded": [m for m in %r if m in sys.modules]}))
+""" % (NOT_AT_START,)
+
+
+def test_a_trivial_task_runs_without_the_costly_imports(harness, tmp_path):
+    config = config_mod.load(environ={}, overrides={"worker": {
+        "container_driver": "bwrap", "rootfs_dir": str(ROOTFS)}})
+    config_file = tmp_path / "worker-config.json"  # as the reconciler writes it
+    config_file.write_text(json.dumps(config_mod.worker_sections(config)))
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"id": "cheap1", "executors": [
+        {"image": "busybox", "command": ["true"]}]}))
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "run", "--task-file", str(task_file),
+         "--workdir", str(tmp_path / "work"), "--config", str(config_file)],
+        capture_output=True, text=True, env=clean_env(), timeout=60)
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer == {"exit": 0, "loaded": []}, proc.stderr
