@@ -304,4 +304,3 @@ class AwsBatchBackend(Backend):
 
     def close(self) -> None:
         self.client.close()
-

@@ -203,11 +203,21 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             "reconciler_peak_rss_mb": peak_rss_mb()}
 
 
+def raw_loops(n: int, tmp: Path, payloads: tuple[str, ...]) -> dict[str, dict]:
+    """A raw sbatch loop of N jobs for each payload (raw_loop), one after the other."""
+    return {payload: raw_loop(n, tmp / f"raw-{payload}{n}", payload) for payload in payloads}
+
+
+def raw_line(n: int, payload: str, raw: dict) -> str:
+    return (f"raw sbatch loop of {n} jobs ({payload}): {raw['seconds']:.0f}s "
+            f"({n / raw['seconds']:.1f}/s), submission {raw['submit_rate_per_s']:.0f}/s")
+
+
 def measure(n: int, tmp: Path, dbs: DatabaseFactory,
             payloads: tuple[str, ...] = ("worker",)) -> dict:
     """The gateway's run of N tasks, after a raw sbatch loop of N jobs for each payload
-    (raw_loop; none: the gateway alone)."""
-    raws = {payload: raw_loop(n, tmp / f"raw-{payload}{n}", payload) for payload in payloads}
+    (raw_loops; none: the gateway alone)."""
+    raws = raw_loops(n, tmp, payloads)
     gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"))
     return {"tasks": n, "raw": raws, "gateway": gateway,
             "rate_per_s": n / gateway["seconds"],
@@ -219,9 +229,7 @@ def summary_lines(r: dict) -> list[str]:
     lines = [f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s "
              f"({r['rate_per_s']:.1f}/s), submission {g['submit_rate_per_s']:.0f}/s; "
              f"states {g['states']}"]
-    lines += [f"  raw sbatch loop ({payload}): {raw['seconds']:.0f}s "
-              f"({r['tasks'] / raw['seconds']:.1f}/s), submission {raw['submit_rate_per_s']:.0f}/s"
-              for payload, raw in r["raw"].items()]
+    lines += ["  " + raw_line(r["tasks"], payload, raw) for payload, raw in r["raw"].items()]
     lines.append(f"  reconciler with {r['tasks']} jobs in flight: CPU "
                  f"{g['tick_cpu_s_median']:.3f}s/tick; scheduler calls/tick "
                  f"{g['scheduler_calls_per_tick']}; peak RSS server "
@@ -252,10 +260,8 @@ def main() -> None:
     dbs = DatabaseFactory(tmp)
     for n in args.tasks:
         if args.raw_only:
-            raws = {p: raw_loop(n, tmp / f"raw-{p}{n}", p) for p in args.payloads}
-            for payload, raw in raws.items():
-                print(f"raw sbatch loop of {n} jobs ({payload}): {raw['seconds']:.0f}s, "
-                      f"{n / raw['seconds']:.1f}/s")
+            raws = raw_loops(n, tmp, tuple(args.payloads))
+            print("\n".join(raw_line(n, payload, raw) for payload, raw in raws.items()))
             save({"tasks": n, "raw": raws})
             continue
         result = measure(n, tmp, dbs, tuple(args.payloads))

@@ -10,6 +10,11 @@ from typing import Any, Iterator
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
+def is_transient(status: int | None) -> bool:
+    """Worth trying again: no answer (None), too many requests, or a server-side error."""
+    return status is None or status == 429 or status >= 500
+
+
 class ClientError(RuntimeError):
     """One-line description of what went wrong talking to the server.
 
@@ -22,8 +27,7 @@ class ClientError(RuntimeError):
 
     @property
     def transient(self) -> bool:
-        """Worth trying again: no answer, too many requests, or a server-side error."""
-        return self.status is None or self.status == 429 or self.status >= 500
+        return is_transient(self.status)
 
 
 class TesClient:

@@ -10,7 +10,6 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from marshmallow import ValidationError
@@ -22,6 +21,7 @@ from gateway import db
 from gateway.schemas import flatten_errors, load_task
 from gateway.states import TERMINAL, State, can_transition
 from gateway.views import apply_view, full_task
+from worker.events import now_rfc3339  # the one timestamp format, worker and gateway
 
 DEFAULT_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 2048
@@ -42,10 +42,6 @@ class BadRequest(ServiceError):
 
 class NotFound(ServiceError):
     status = 404
-
-
-def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def new_task_id() -> str:

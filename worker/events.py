@@ -213,6 +213,8 @@ class _Sender:
             self._deliver(event)
 
     def _deliver(self, event: dict) -> None:
+        from gateway.client import is_transient  # loaded with requests: only with a server
+
         pause = 0.5
         while True:
             try:
@@ -220,7 +222,7 @@ class _Sender:
                 reason = f"HTTP {status}"
             except Exception as exc:  # network trouble must not stop the task
                 status, reason = None, exc.__class__.__name__
-            if status is not None and status < 500 and status != 429:
+            if not is_transient(status):
                 self._failing_since = None
                 return
             now = time.monotonic()
