@@ -1,0 +1,122 @@
+"""Cold image pull + unpack through funnel_hpc.worker.images vs skopeo + umoci.
+
+Run: .venv/bin/python benchmarks/image_pull.py [--runs 5] [--big-mb 0]
+(needs scripts/setup/45-registry.sh: the registry on 127.0.0.1:5055 and its CA).
+
+For each image, median of --runs cold runs (empty cache each time) of:
+- ours, as a process: `python -c "ensure_rootfs(...)"` (interpreter start, imports, pull, unpack);
+- ours, in process: ensure_rootfs timed inside that process (what a running worker pays,
+  the first import of requests included);
+- the reference: `skopeo copy docker://... oci:DIR:tag` then `umoci unpack --rootless`
+  (skopeo with --src-tls-verify=false: it reads CAs only from *.crt files in a directory).
+Ratios > 1 mean ours is slower. --big-mb N also builds and pushes an image with an N MB
+layer (funnel/bench-big:N) to compare throughput rather than fixed costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REGISTRY = "127.0.0.1:5055"
+BASE = Path("/var/lib/funnel-test/registry")
+CA_FILE = BASE / "tls" / "cert.pem"
+PULL = """
+import sys, time, json
+start = time.perf_counter()
+from funnel_hpc.worker.images import ensure_rootfs
+root = ensure_rootfs(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
+cold = time.perf_counter() - start
+start = time.perf_counter()
+ensure_rootfs(sys.argv[1], sys.argv[2], {})
+print(json.dumps({"in_process": cold, "warm": time.perf_counter() - start}))
+"""
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return time.perf_counter() - start, proc.stdout
+
+
+def ours(image: str, tmp: Path) -> dict:
+    cache = tmp / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    settings = json.dumps({REGISTRY: {"ca_file": str(CA_FILE)}})
+    seconds, out = timed([sys.executable, "-c", PULL, image, str(cache), settings])
+    return {"process": seconds, **json.loads(out.strip().splitlines()[-1])}
+
+
+def reference(image: str, tmp: Path) -> float:
+    layout, bundle = tmp / "layout", tmp / "bundle"
+    for path in (layout, bundle):
+        shutil.rmtree(path, ignore_errors=True)
+    tag = image.rsplit(":", 1)[1]
+    first, _ = timed(["skopeo", "copy", "-q", "--src-tls-verify=false",
+                      f"docker://{image}", f"oci:{layout}:{tag}"])
+    second, _ = timed(["umoci", "unpack", "--rootless", "--image", f"{layout}:{tag}", str(bundle)])
+    return first + second
+
+
+def python_start() -> float:
+    return timed([sys.executable, "-c", "pass"])[0]
+
+
+def build_big(megabytes: int) -> str:
+    """Push funnel/bench-big:N: busybox plus an N MB file (half random, half text)."""
+    image = f"{REGISTRY}/funnel/bench-big:{megabytes}"
+    with tempfile.TemporaryDirectory() as tmp:
+        layout, bundle = Path(tmp) / "layout", Path(tmp) / "bundle"
+        shutil.copytree(BASE / "oci" / "busybox", layout)
+        subprocess.run(["umoci", "unpack", "--rootless", "--image", f"{layout}:latest",
+                        str(bundle)], check=True, capture_output=True)
+        with open(bundle / "rootfs" / "big.bin", "wb") as out:
+            line = b"funnel benchmark line of fairly compressible text\n"
+            for _ in range(megabytes // 2):
+                out.write(os.urandom(1 << 20))
+                out.write(line * ((1 << 20) // len(line)))
+        subprocess.run(["umoci", "repack", "--image", f"{layout}:latest", str(bundle)],
+                       check=True, capture_output=True)
+        subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false",
+                        f"oci:{layout}:latest", f"docker://{image}"], check=True)
+    return image
+
+
+def measure(image: str, runs: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="image-bench-") as tmp:
+        ours(image, Path(tmp))  # warm the page cache and the registry for both sides
+        reference(image, Path(tmp))
+        mine = [ours(image, Path(tmp)) for _ in range(runs)]
+        theirs = [reference(image, Path(tmp)) for _ in range(runs)]
+    median = {key: statistics.median(run[key] for run in mine) for key in mine[0]}
+    reference_s = statistics.median(theirs)
+    return {"image": image, "runs": runs, "ours_process_s": round(median["process"], 4),
+            "ours_in_process_s": round(median["in_process"], 4),
+            "ours_warm_s": round(median["warm"], 6), "reference_s": round(reference_s, 4),
+            "ratio_process": round(median["process"] / reference_s, 2),
+            "ratio_in_process": round(median["in_process"] / reference_s, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--big-mb", type=int, default=0)
+    parser.add_argument("--image", default=f"{REGISTRY}/funnel/testimage:1")
+    args = parser.parse_args()
+    images = [args.image] + ([build_big(args.big_mb)] if args.big_mb else [])
+    results = {"python_start_s": round(statistics.median(python_start() for _ in range(5)), 4),
+               "target_ratio": 1.2, "images": [measure(image, args.runs) for image in images]}
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Helpers for the image tests: layer tarballs built in memory, and a tiny fake registry.
+
+`FakeRegistry` is a Registry v2 server over plain http on 127.0.0.1 (ThreadingHTTPServer)
+serving what a test put in it, counting every GET, and able to misbehave on purpose:
+corrupt a blob, answer 503 a few times, or demand a Bearer token.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REGISTRY_DIR = Path(os.environ.get("FUNNEL_TEST_REGISTRY_DIR", "/var/lib/funnel-test/registry"))
+CA_FILE = REGISTRY_DIR / "tls" / "cert.pem"
+OCI_LAYOUTS = REGISTRY_DIR / "oci"
+ANONYMOUS = "127.0.0.1:5055"
+AUTHENTICATED = "127.0.0.1:5056"
+USERNAME = "funnel"
+PASSWORD = "funnel-test-pw"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def registry_answers(host: str) -> bool:
+    hostname, port = host.rsplit(":", 1)
+    try:
+        with socket.create_connection((hostname, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def layer(*entries: tuple, gzipped: bool = True) -> bytes:
+    """A layer tarball from (name, kind, payload[, mode]) entries: kind is file (payload bytes),
+    dir, symlink or hardlink (payload the link target), fifo or chardev."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, payload, *mode in entries:
+            info = tarfile.TarInfo(name)
+            info.mode = mode[0] if mode else (0o755 if kind == "dir" else 0o644)
+            info.mtime = 1_700_000_000
+            data = None
+            if kind == "file":
+                data = payload if isinstance(payload, bytes) else payload.encode()
+                info.size = len(data)
+            else:
+                info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+                             "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE,
+                             "chardev": tarfile.CHRTYPE}[kind]
+                info.linkname = payload or ""
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    raw = buffer.getvalue()
+    return gzip.compress(raw, mtime=0) if gzipped else raw
+
+
+def image_config(env: list[str] | None = None, workdir: str = "/") -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {
+        "Env": env or ["PATH=/bin"], "WorkingDir": workdir, "Cmd": ["sh"]},
+        "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+
+
+class FakeRegistry:
+    """A Registry v2 server for tests: put images in, count the GETs, misbehave on demand."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+        self.manifests: dict[tuple[str, str], tuple[bytes, str]] = {}
+        self.gets: Counter = Counter()      # path -> count
+        self.corrupt: set[str] = set()      # blob digests served with one byte flipped
+        self.fail_next = 0                  # answer this many requests with 503 first
+        self.bearer: tuple[str, str] | None = None  # (username, password) the token needs
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def settings(self) -> dict:
+        return {self.host: {"insecure": True}}
+
+    def add_blob(self, data: bytes) -> dict:
+        self.blobs[digest_of(data)] = data
+        return {"digest": digest_of(data), "size": len(data)}
+
+    def add_image(self, repository: str, tag: str, layers: list[bytes],
+                  config: bytes | None = None) -> str:
+        """Store an OCI image; returns its manifest digest."""
+        manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, **self.add_blob(config or image_config())},
+                    "layers": [{"mediaType": TAR_GZIP, **self.add_blob(data)} for data in layers]}
+        return self.add_manifest(repository, tag, json.dumps(manifest).encode(), OCI_MANIFEST)
+
+    def add_manifest(self, repository: str, tag: str, raw: bytes, media_type: str) -> str:
+        digest = digest_of(raw)
+        self.manifests[(repository, tag)] = (raw, media_type)
+        self.manifests[(repository, digest)] = (raw, media_type)
+        return digest
+
+    def blob_gets(self) -> Counter:
+        """GETs per blob digest, whatever repository they were asked under."""
+        counts: Counter = Counter()
+        for path, count in self.gets.items():
+            if "/blobs/" in path:
+                counts[path.rsplit("/", 1)[1]] += count
+        return counts
+
+    def _handler(self):
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                with registry.lock:
+                    registry.gets[self.path.split("?")[0]] += 1
+                    failing = registry.fail_next > 0
+                    registry.fail_next -= 1 if failing else 0
+                if failing:
+                    return self._send(503, b'{"errors":[{"code":"UNAVAILABLE"}]}')
+                if self.path.startswith("/token"):
+                    return self._token()
+                if registry.bearer and self.headers.get("Authorization") != "Bearer good-token":
+                    return self._send(401, b"{}", {"WWW-Authenticate": (
+                        f'Bearer realm="http://{registry.host}/token",service="fake",'
+                        f'scope="repository:x:pull"')})
+                self._serve()
+
+            def _token(self) -> None:
+                expected = "Basic " + base64.b64encode(":".join(registry.bearer).encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    return self._send(401, b"{}")
+                self._send(200, b'{"token": "good-token"}')
+
+            def _serve(self) -> None:
+                parts = self.path.split("?")[0].split("/")
+                if len(parts) < 5 or parts[1] != "v2":
+                    return self._send(404, b"{}")
+                repository, kind, ref = "/".join(parts[2:-2]), parts[-2], parts[-1]
+                if kind == "manifests" and (repository, ref) in registry.manifests:
+                    raw, media_type = registry.manifests[(repository, ref)]
+                    return self._send(200, raw, {"Content-Type": media_type,
+                                                 "Docker-Content-Digest": digest_of(raw)})
+                if kind == "blobs" and ref in registry.blobs:
+                    data = registry.blobs[ref]
+                    if ref in registry.corrupt:
+                        data = bytes([data[0] ^ 0xFF]) + data[1:]
+                    return self._send(200, data, {"Content-Type": "application/octet-stream"})
+                code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"
+                self._send(404, json.dumps({"errors": [{"code": code, "message": "unknown"}]}).encode())
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler

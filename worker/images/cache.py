@@ -1,0 +1,221 @@
+"""Content-addressed image cache, safe to share between workers on many nodes (NFS too).
+
+Layout under the cache directory:
+    blobs/sha256/<hex>                 verified blobs (manifests, configs, layers), 0644
+    images/<manifest hex>/rootfs/      an unpacked image; the directory appears by one rename,
+    images/<manifest hex>/image.json   complete, with its config (so it is never half-written)
+    refs/<os-arch>/<reference>.json    what a reference resolved to, and when
+    locks/<name>.lock                  fcntl.flock locks: one per blob download, one per unpack
+The first worker to need a blob or an image takes its lock and writes it under a temporary
+name in the same directory, then renames it; the others wait on the lock and find it done.
+Anything temporary left by a crashed worker is removed by the next holder of that lock.
+Cost: a warm lookup reads two small JSON files; a cold blob costs one lock, one fsync.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from io import BufferedIOBase
+from pathlib import Path
+
+from . import ImageRoot, platform
+from .reference import Reference
+
+BLOBS = "blobs/sha256"
+IMAGES = "images"
+REFS = "refs"
+LOCKS = "locks"
+IMAGE_FILE = "image.json"
+ROOTFS = "rootfs"
+TEMP = ".tmp-"
+MAX_FILE_NAME = 240
+
+
+class Cache:
+    """One cache directory: blobs, unpacked images, resolved references and their locks."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def lookup(self, ref: Reference, tag_ttl: float | None) -> ImageRoot | None:
+        """The image a reference resolved to before, if it is still unpacked (and fresh)."""
+        try:
+            record = json.loads(self._ref_path(ref).read_bytes())
+            if not ref.digest and tag_ttl is not None and time.time() - record["fetched"] > tag_ttl:
+                return None
+            return self.image(ref, record["digest"], record["manifest_digest"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # never resolved, or a torn record: a pinned manifest digest may still be unpacked
+            return self.image(ref, ref.digest, ref.digest) if ref.digest else None
+
+    def image(self, ref: Reference, digest: str, manifest_digest: str) -> ImageRoot | None:
+        """The unpacked image of `manifest_digest`, if there is one."""
+        directory = self.root / IMAGES / _hex(manifest_digest)
+        try:
+            meta = json.loads((directory / IMAGE_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return ImageRoot(directory / ROOTFS, meta["config"], digest, manifest_digest,
+                         ref.canonical())
+
+    def remember(self, ref: Reference, digest: str, manifest_digest: str) -> None:
+        """Record what `ref` resolved to (atomically: readers see the old or the new record)."""
+        path = self._ref_path(ref)
+        record = {"reference": ref.canonical(), "digest": digest,
+                  "manifest_digest": manifest_digest, "fetched": time.time()}
+        self._mkdirs(path.parent)
+        fd, temp = tempfile.mkstemp(prefix=TEMP, dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as out:
+                os.fchmod(out.fileno(), 0o644)
+                json.dump(record, out)
+            os.rename(temp, path)
+        except BaseException:
+            _unlink(temp)
+            raise
+
+    def blob_path(self, digest: str) -> Path:
+        return self.root / BLOBS / _hex(digest)
+
+    def ensure_blob(self, descriptor: dict, download: Callable[[dict, BufferedIOBase], None]) -> Path:
+        """The verified blob on disk; `download(descriptor, file)` fills it if it is missing."""
+        path = self.blob_path(descriptor["digest"])
+        if _has_size(path, descriptor["size"]):
+            return path
+        self._mkdirs(path.parent)
+        with self._lock(f"blob-{path.name}"):
+            if _has_size(path, descriptor["size"]):
+                return path  # another worker fetched it while we waited
+            _remove_temps(path.parent, f"{TEMP}{path.name}-")
+            fd, temp = tempfile.mkstemp(prefix=f"{TEMP}{path.name}-", dir=path.parent)
+            try:
+                with os.fdopen(fd, "w+b") as out:
+                    download(descriptor, out)
+                    out.flush()
+                    os.fsync(out.fileno())
+                    os.fchmod(out.fileno(), 0o644)
+                os.rename(temp, path)
+            except BaseException:
+                _unlink(temp)
+                raise
+            _fsync_dir(path.parent)
+        return path
+
+    def discard_blob(self, digest: str) -> None:
+        """Remove a blob found corrupt, so that the next ensure_blob fetches it again."""
+        with self._lock(f"blob-{_hex(digest)}"):
+            _unlink(self.blob_path(digest))
+
+    def ensure_image(self, manifest_digest: str, build: Callable[[Path], dict]) -> None:
+        """Unpack the image once: `build(rootfs)` fills a new directory and returns the config."""
+        final = self.root / IMAGES / _hex(manifest_digest)
+        if (final / IMAGE_FILE).exists():
+            return
+        self._mkdirs(final.parent)
+        with self._lock(f"image-{final.name}"):
+            if (final / IMAGE_FILE).exists():
+                return
+            _remove_temps(final.parent, f"{TEMP}{final.name}-")
+            temp = Path(tempfile.mkdtemp(prefix=f"{TEMP}{final.name}-", dir=final.parent))
+            try:
+                os.chmod(temp, 0o755)
+                config = build(temp / ROOTFS)
+                (temp / IMAGE_FILE).write_text(json.dumps(
+                    {"manifest_digest": manifest_digest, "config": config}))
+                os.chmod(temp / IMAGE_FILE, 0o644)
+                _sync_file_system(temp)
+                os.rename(temp, final)
+            except BaseException:
+                shutil.rmtree(temp, ignore_errors=True)
+                raise
+            _fsync_dir(final.parent)
+
+    @contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        self._mkdirs(self.root / LOCKS)
+        # O_RDWR: on NFS flock is emulated with a POSIX write lock, which needs a writable fd
+        fd = os.open(self.root / LOCKS / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _ref_path(self, ref: Reference) -> Path:
+        arch, variant = platform()
+        name = ref.canonical().replace("/", "+").replace(":", "=")  # neither is valid in a ref
+        if len(name) > MAX_FILE_NAME:
+            import hashlib
+            name = hashlib.sha256(name.encode()).hexdigest()
+        return self.root / REFS / f"linux-{arch}{'-' + variant if variant else ''}" / f"{name}.json"
+
+    def _mkdirs(self, path: Path) -> None:
+        """Create `path` and missing parents 0755 whatever the umask (the cache is shared)."""
+        if path.is_dir():
+            return
+        self._mkdirs(path.parent)
+        try:
+            os.mkdir(path, 0o755)
+            os.chmod(path, 0o755)
+        except FileExistsError:
+            pass  # another worker made it
+
+
+def _hex(digest: str) -> str:
+    return digest.split(":", 1)[1]
+
+
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_temps(directory: Path, prefix: str) -> None:
+    """Remove what a crashed holder of the same lock left behind."""
+    for entry in os.scandir(directory):
+        if entry.name.startswith(prefix):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                _unlink(entry.path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_file_system(directory: Path) -> None:
+    """Flush an unpacked tree before it is published: one syncfs instead of a fsync per file."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    os.sync()
