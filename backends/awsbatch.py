@@ -41,9 +41,9 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.templating import TemplateValueError, directive
-from gateway import worker_tokens
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.templating import TemplateValueError, directive
+from funnel_hpc.core import worker_tokens
 
 # AWS Batch job status -> common job state
 STATE_MAP: dict[str, JobState] = {

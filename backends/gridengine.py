@@ -14,7 +14,7 @@ Mode drmaa (default). The Python ``drmaa`` package over a DRMAA 1.0 C library
 other DRMAA 1.0 libraries work the same way when their native specification
 accepts the template's lines: point ``template`` at a site template written for
 that scheduler). The library runs in ONE long-lived helper process
-(``python -m backends.gridengine drmaa-agent``) that holds the one DRMAA
+(``python -m funnel_hpc.backends.gridengine drmaa-agent``) that holds the one DRMAA
 session and answers JSON lines on its stdin/stdout, because:
 
 - Debian's libdrmaa links libjemalloc, which cannot be dlopen()ed into a
@@ -74,11 +74,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.commands import LocalRunner, Result, job_environment
-from backends.templating import render, script_variables
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.commands import LocalRunner, Result, job_environment
+from funnel_hpc.backends.templating import render, script_variables
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
 
 # DRMAA 1.0 job states (drmaa.JobState values) -> common job states.
@@ -235,7 +234,7 @@ def finished_status(raw_state: str, info: dict[str, Any] | None, cancelled: bool
 # ---------------------------------------------------------------- the DRMAA helper process
 
 def agent_main() -> int:
-    """`python -m backends.gridengine drmaa-agent`: one DRMAA session, JSON lines in and out."""
+    """`python -m funnel_hpc.backends.gridengine drmaa-agent`: one DRMAA session, JSON lines in and out."""
     import drmaa  # DRMAA_LIBRARY_PATH is in this process's environment
 
     session = drmaa.Session()
@@ -312,9 +311,9 @@ class DrmaaAgent:
     def _start(self) -> subprocess.Popen:
         # stderr into a file: a chatty library must not block on a full pipe
         self._stderr = tempfile.TemporaryFile(mode="w+")
-        proc = subprocess.Popen([sys.executable, "-m", "backends.gridengine", "drmaa-agent"],
+        proc = subprocess.Popen([sys.executable, "-m", "funnel_hpc.backends.gridengine", "drmaa-agent"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=self._stderr, text=True, cwd=REPO_ROOT, env=self.env)
+                                stderr=self._stderr, text=True, env=self.env)
         hello = self._read(proc)
         if not hello.get("ok"):
             raise BackendError(f"DRMAA session failed: {hello.get('error')}", transient=True)
@@ -395,8 +394,6 @@ class GridEngineBackend(Backend):
         static_tls = int(self.options.get("static_tls", 4096) or 0)
         if static_tls and "GLIBC_TUNABLES" not in env:
             env["GLIBC_TUNABLES"] = f"glibc.rtld.optional_static_tls={static_tls}"
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH"))
-                                            if p)
         return env
 
     # ---- commands (mode cli, recover) ----
@@ -560,4 +557,4 @@ class GridEngineBackend(Backend):
 if __name__ == "__main__":
     if sys.argv[1:] == ["drmaa-agent"]:
         sys.exit(agent_main())
-    sys.exit("usage: python -m backends.gridengine drmaa-agent")
+    sys.exit("usage: python -m funnel_hpc.backends.gridengine drmaa-agent")

@@ -38,8 +38,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.templating import TemplateValueError, directive, render, script_variables
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.templating import TemplateValueError, directive, render, script_variables
 
 # HTCondor JobStatus codes -> common job states
 STATE_MAP: dict[int, JobState] = {

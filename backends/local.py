@@ -34,7 +34,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
-from backends.base import Backend, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 
 JOB, LAUNCH, PID = "local.job", "local.launch", "local.pid"
 EXIT, CANCEL = "local.exit", "local.cancel"
@@ -292,7 +292,7 @@ class LocalBackend(Backend):
 
 
 class Launcher:
-    """The gateway's end of `python -m backends.local_runner --serve` (see that module):
+    """The gateway's end of `python -m funnel_hpc.backends.local_runner --serve` (see that module):
     started on first use and again if it died; its `exit` lines call on_exit."""
 
     def __init__(self, work_dir: Path, on_exit: Callable[[], Any]):
@@ -307,10 +307,9 @@ class Launcher:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with (self.work_dir / "local-launcher.err").open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "backends.local_runner", "--serve"],
+                [sys.executable, "-m", "funnel_hpc.backends.local_runner", "--serve"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                bufsize=1, start_new_session=True, cwd=str(self.work_dir),
-                env={**os.environ, "PYTHONPATH": _repo_path()})
+                bufsize=1, start_new_session=True, cwd=str(self.work_dir))
         self.replies = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc, self.replies),
                          name="local-launcher", daemon=True).start()
@@ -351,10 +350,3 @@ class Launcher:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.proc = None
-
-
-def _repo_path() -> str:
-    """Make `python -m backends.local_runner` importable whatever the cwd."""
-    repo = str(Path(__file__).resolve().parent.parent)
-    existing = os.environ.get("PYTHONPATH", "")
-    return f"{repo}:{existing}" if existing else repo

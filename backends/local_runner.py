@@ -6,32 +6,39 @@ for a signal), so a gateway restarted meanwhile still learns how it ended. A SIG
 to the process group reaches the worker; the wrapper ignores it and waits for the
 worker, so the exit status is still recorded. Each wrapper leads its own session.
 
-Launcher (``python -m backends.local_runner --serve``): one per gateway process. It
-imports the worker once, then reads requests on stdin, one JSON line each
-(``{"task_dir": ..., "argv": [...]}``), forks a wrapper for each and answers
-``pid <pid>`` on stdout. When a wrapper ends it writes ``exit <pid>`` on stdout, so the
-gateway reconciles at once. A worker whose argv is this Python's ``-m worker run``
-runs in the forked process itself, without starting a new interpreter (the cost a
-local task would otherwise pay before doing anything); any other worker command is
-exec'd. The launcher ends when its stdin closes (the gateway stopped); wrappers it
+Launcher (``python -m funnel_hpc.backends.local_runner --serve``): one per gateway process. It
+reads requests on stdin, one JSON line each (``{"task_dir": ..., "argv": [...]}``),
+forks a wrapper for each and answers ``pid <pid>`` on stdout. When a wrapper ends it
+writes ``exit <pid>`` on stdout, so the gateway reconciles at once. A worker whose argv
+is this Python's ``-m MODULE ...`` (the default worker command) runs in the forked
+process itself, as ``python -m`` would run it, without starting a new interpreter (the
+cost a local task would otherwise pay before doing anything); the launcher imports
+``MODULE.main`` and the modules its ``PRELOAD`` names once, before the first such fork.
+Any other worker command is exec'd. The launcher knows the worker only by that name. The launcher ends when its stdin closes (the gateway stopped); wrappers it
 started go on without it.
 
-``python -m backends.local_runner TASK_DIR -- WORKER ARGV...`` runs one wrapper in the
+``python -m funnel_hpc.backends.local_runner TASK_DIR -- WORKER ARGV...`` runs one wrapper in the
 foreground (no launcher).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from backends.local import EXIT, write_atomic, write_pid_record
+from funnel_hpc.backends.local import EXIT, write_atomic, write_pid_record
 
-IN_PROCESS_WORKER = [sys.executable, "-m", "worker", "run"]
+def in_process_module(argv: list[str]) -> str | None:
+    """MODULE when argv is this Python's ``-m MODULE ...``, else None."""
+    if len(argv) >= 3 and argv[0] == sys.executable and argv[1] == "-m":
+        return argv[2]
+    return None
 
 
 def _ignore_term() -> None:
@@ -58,7 +65,7 @@ def main(argv: list[str]) -> int:
     if argv == ["--serve"]:
         return serve()
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m backends.local_runner TASK_DIR -- ARGV...", file=sys.stderr)
+        print("usage: python -m funnel_hpc.backends.local_runner TASK_DIR -- ARGV...", file=sys.stderr)
         return 2
     run_wrapper(Path(argv[0]), argv[2:])
     return 0
@@ -66,15 +73,19 @@ def main(argv: list[str]) -> int:
 
 # ---- launcher ----
 
+def preload(module: str) -> None:
+    """Import MODULE.main and what its PRELOAD names, once, for every fork after it."""
+    try:
+        main_module = importlib.import_module(f"{module}.main")
+    except ImportError:
+        return  # the fork imports what it needs itself
+    for name in getattr(main_module, "PRELOAD", ()):
+        importlib.import_module(name)
+
+
 def serve() -> int:
-    # imported once here, used by every forked worker (requests: workers given --server)
-    import requests  # noqa: F401
-
-    import gateway.config  # noqa: F401
-    import worker.main  # noqa: F401
-    import worker.runner  # noqa: F401
-
     out = sys.stdout
+    preloaded: set[str] = set()
 
     def on_child_exit(*_):
         while True:
@@ -95,6 +106,10 @@ def serve() -> int:
         try:
             request = json.loads(line)
             task_dir, argv = Path(request["task_dir"]), [str(a) for a in request["argv"]]
+            module = in_process_module(argv)
+            if module and module not in preloaded:
+                preloaded.add(module)
+                preload(module)
             pid = _fork_wrapper(task_dir, argv)
             reply = f"pid {pid}"
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -139,8 +154,9 @@ def _become_wrapper(task_dir: Path, out: int, err: int) -> None:
 
 def _wrap(task_dir: Path, argv: list[str]) -> int:
     """In the forked wrapper: as run_wrapper, with the worker forked instead of exec'd
-    when it is this Python's `-m worker run`."""
-    if argv[:len(IN_PROCESS_WORKER)] != IN_PROCESS_WORKER:
+    when it is this Python's `-m MODULE ...`."""
+    module = in_process_module(argv)
+    if module is None:
         run_wrapper(task_dir, argv)
         return 0
     write_pid_record(task_dir, os.getpid())
@@ -156,9 +172,9 @@ def _wrap(task_dir: Path, argv: list[str]) -> int:
         try:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            from worker.main import main as worker_main
-
-            code = worker_main(argv[len(IN_PROCESS_WORKER) - 1:])  # from "run" on
+            sys.argv = [module, *argv[3:]]
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:  # noqa: BLE001 - report, then the exit code says it

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import importlib
 
-from backends.base import Backend
+from funnel_hpc.backends.base import Backend
 
 BACKENDS: dict[str, str] = {
-    "local": "backends.local:LocalBackend",
-    "slurm": "backends.slurm:SlurmBackend",
-    "aws-batch": "backends.awsbatch:AwsBatchBackend",
-    "htcondor": "backends.htcondor:HTCondorBackend",
-    "gridengine": "backends.gridengine:GridEngineBackend",
+    "local": "funnel_hpc.backends.local:LocalBackend",
+    "slurm": "funnel_hpc.backends.slurm:SlurmBackend",
+    "aws-batch": "funnel_hpc.backends.awsbatch:AwsBatchBackend",
+    "htcondor": "funnel_hpc.backends.htcondor:HTCondorBackend",
+    "gridengine": "funnel_hpc.backends.gridengine:GridEngineBackend",
 }
 
 

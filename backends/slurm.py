@@ -22,9 +22,9 @@ from __future__ import annotations
 import re
 import shutil
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from backends.commands import make_runner
-from backends.templating import render, script_variables
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.commands import make_runner
+from funnel_hpc.backends.templating import render, script_variables
 
 # Slurm job states (squeue %T, sacct State) -> common job states
 STATE_MAP: dict[str, JobState] = {

@@ -15,7 +15,7 @@ Entry points for backends:
 
 - ``script_variables(request, options) -> dict``: the variables below;
 - ``render(template, variables) -> str``: render a name under the template
-  directory (``gateway.config.TEMPLATES_DIR``) or an absolute path (a site's
+  directory (``funnel_hpc.core.config.TEMPLATES_DIR``) or an absolute path (a site's
   own template, the backend's ``template`` option);
 - ``check_backend_parameters(params, allowed, strict) -> (accepted, warnings)``:
   the allow-list check (ValueError naming the keys when strict);
@@ -51,8 +51,8 @@ from typing import Any
 
 import jinja2
 
-from backends.base import SubmitRequest
-from gateway.config import TEMPLATES_DIR
+from funnel_hpc.backends.base import SubmitRequest
+from funnel_hpc.core.config import TEMPLATES_DIR
 
 # letters, digits and the punctuation scheduler options need (times, lists, gres, paths)
 _DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")

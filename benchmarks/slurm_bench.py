@@ -30,12 +30,12 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backends.slurm import SlurmBackend  # noqa: E402
-from gateway import config as config_mod  # noqa: E402
-from gateway.app import make_service  # noqa: E402
-from gateway.reconciler import Reconciler  # noqa: E402
+from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
+from funnel_hpc.core import config as config_mod  # noqa: E402
+from funnel_hpc.gateway.app import make_service  # noqa: E402
+from funnel_hpc.gateway.reconciler import Reconciler  # noqa: E402
 from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
-from worker.events import read_event_log  # noqa: E402
+from funnel_hpc.core.events import read_event_log  # noqa: E402
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
@@ -63,7 +63,7 @@ def worker_argv(task_file: Path, work: Path) -> list[str]:
     """The worker as the gateway starts it, with the same container driver."""
     config = work / "worker-config.yaml"
     config.write_text("worker:\n  container_driver: bwrap\n")
-    return [sys.executable, "-m", "worker", "run", "--task-file", str(task_file),
+    return [sys.executable, "-m", "funnel_hpc.worker", "run", "--task-file", str(task_file),
             "--workdir", str(work), "--config", str(config)]
 
 

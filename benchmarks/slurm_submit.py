@@ -26,9 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backends.base import SubmitRequest  # noqa: E402
-from backends.slurm import SlurmBackend, parse_job_id  # noqa: E402
-from gateway import config as config_mod  # noqa: E402
+from funnel_hpc.backends.base import SubmitRequest  # noqa: E402
+from funnel_hpc.backends.slurm import SlurmBackend, parse_job_id  # noqa: E402
+from funnel_hpc.core import config as config_mod  # noqa: E402
 
 HOLD = {"begin": "now+1hour"}
 

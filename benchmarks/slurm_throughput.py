@@ -45,10 +45,10 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backends.slurm import SlurmBackend  # noqa: E402
-from gateway import config as config_mod  # noqa: E402
-from gateway.app import make_service  # noqa: E402
-from gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
+from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
+from funnel_hpc.core import config as config_mod  # noqa: E402
+from funnel_hpc.gateway.app import make_service  # noqa: E402
+from funnel_hpc.gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
 from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
 
 PARTITION = "bench"

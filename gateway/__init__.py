@@ -1,3 +1,5 @@
 """funnel-hpc gateway: TES API, persistence, reconciler, CLI."""
 
-__version__ = "0.1.0"
+from funnel_hpc.core import __version__
+
+__all__ = ["__version__"]

@@ -13,11 +13,11 @@ from flask import Response, current_app, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
-from gateway.auth import ANONYMOUS_ADMIN, Principal
-from gateway.schemas import (CancelTaskResponseSchema, CreateTaskResponseSchema, ApiErrorSchema,
+from funnel_hpc.gateway.auth import ANONYMOUS_ADMIN, Principal
+from funnel_hpc.gateway.schemas import (CancelTaskResponseSchema, CreateTaskResponseSchema, ApiErrorSchema,
                              ListArgsSchema, ListTasksResponseSchema, ServiceInfoSchema,
                              TaskCreateSchema, TaskSchema, ViewArgsSchema)
-from gateway.service import BadRequest, ListQuery, TaskService, zip_tags
+from funnel_hpc.gateway.service import BadRequest, ListQuery, TaskService, zip_tags
 
 TES_PREFIX = "/ga4gh/tes/v1"
 LEGACY_PREFIX = "/v1"

@@ -13,16 +13,17 @@ from flask_smorest import Api
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import __version__, db
-from gateway.auth import AuthError, Authenticator
-from gateway.config import TEMPLATES_DIR
-from gateway.api import (LEGACY_PREFIX, TES_PREFIX, json_response, legacy_service_info,
+from funnel_hpc.core import __version__
+from funnel_hpc.gateway import db
+from funnel_hpc.gateway.auth import AuthError, Authenticator
+from funnel_hpc.core.config import TEMPLATES_DIR
+from funnel_hpc.gateway.api import (LEGACY_PREFIX, TES_PREFIX, json_response, legacy_service_info,
                          make_blueprint)
-from gateway.dashboard import blueprint as dashboard_blueprint
-from gateway.events_api import blueprint as events_blueprint
-from gateway.ratelimit import RateLimiter
-from gateway.schemas import flatten_errors
-from gateway.service import ServiceError, TaskService
+from funnel_hpc.gateway.dashboard import blueprint as dashboard_blueprint
+from funnel_hpc.gateway.events_api import blueprint as events_blueprint
+from funnel_hpc.gateway.ratelimit import RateLimiter
+from funnel_hpc.gateway.schemas import flatten_errors
+from funnel_hpc.gateway.service import ServiceError, TaskService
 
 log = logging.getLogger(__name__)
 

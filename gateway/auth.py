@@ -26,7 +26,7 @@ from typing import Any
 
 from werkzeug.security import check_password_hash
 
-from gateway import worker_tokens
+from funnel_hpc.core import worker_tokens
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ MODES = ("none", "basic", "bearer", "basic+bearer")
 class Principal:
     user: str | None   # None only when auth is off
     admin: bool
-    task: str | None = None  # a worker's token: this task only (gateway/worker_tokens.py)
+    task: str | None = None  # a worker's token: this task only (core/worker_tokens.py)
 
     @property
     def scope(self) -> str | None:

@@ -10,11 +10,11 @@ from typing import Any
 
 import click
 
-from gateway import __version__
-from gateway import config as config_mod
-from gateway.client import DEFAULT_SERVER, ClientError, TesClient
-from gateway.states import TERMINAL
-from worker.cli import worker as worker_group
+from funnel_hpc.core import __version__
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.core.client import DEFAULT_SERVER, ClientError, TesClient
+from funnel_hpc.core.states import TERMINAL
+from funnel_hpc.worker.cli import worker as worker_group
 
 VIEWS = click.Choice(["MINIMAL", "BASIC", "FULL"], case_sensitive=False)
 server_option = click.option("--server", envvar="FUNNEL_SERVER", default=DEFAULT_SERVER,
@@ -65,7 +65,7 @@ def server() -> None:
 @click.option("--no-reconciler", is_flag=True, help="Serve the API only; run `funnel reconcile`.")
 def server_run(config_path, backend, host, port, no_reconciler) -> None:
     """Serve the TES API and drive tasks through the backend."""
-    from gateway.server import run_server
+    from funnel_hpc.gateway.server import run_server
 
     overrides: dict = {}
     if backend:
@@ -86,7 +86,7 @@ def server_run(config_path, backend, host, port, no_reconciler) -> None:
 @click.option("--config", "config_path", envvar="FUNNEL_CONFIG", type=click.Path(dir_okay=False))
 def reconcile(config_path) -> None:
     """Run the reconciler alone (for a server started with --no-reconciler)."""
-    from gateway.server import run_reconciler
+    from funnel_hpc.gateway.server import run_reconciler
 
     config = load_config(config_path)
     _logging()

@@ -16,9 +16,9 @@ from flask import (Blueprint, Response, abort, current_app, redirect, render_tem
                    session, url_for)
 from sqlalchemy.exc import OperationalError
 
-from gateway.api import principal
-from gateway.service import BadRequest, ListQuery, NotFound, TaskService
-from gateway.states import ALL_STATES, TERMINAL, State
+from funnel_hpc.gateway.api import principal
+from funnel_hpc.gateway.service import BadRequest, ListQuery, NotFound, TaskService
+from funnel_hpc.core.states import ALL_STATES, TERMINAL, State
 
 blueprint = Blueprint("dashboard", __name__, template_folder=None)
 

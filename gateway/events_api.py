@@ -15,9 +15,9 @@ from pathlib import Path
 
 from flask import Blueprint, current_app, request
 
-from gateway.api import json_response, read_json_body
-from gateway.service import BadRequest, TaskService
-from gateway.states import is_terminal
+from funnel_hpc.gateway.api import json_response, read_json_body
+from funnel_hpc.gateway.service import BadRequest, TaskService
+from funnel_hpc.core.states import is_terminal
 
 blueprint = Blueprint("funnel_events", __name__, url_prefix="/funnel/v1")
 

@@ -18,11 +18,11 @@ from google.protobuf import json_format
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
-from gateway.auth import AuthError, Authenticator, Principal
-from gateway.ratelimit import RateLimiter
-from gateway.service import (BadRequest, ListQuery, NotFound, ServiceError, TaskService,
+from funnel_hpc.gateway.auth import AuthError, Authenticator, Principal
+from funnel_hpc.gateway.ratelimit import RateLimiter
+from funnel_hpc.gateway.service import (BadRequest, ListQuery, NotFound, ServiceError, TaskService,
                              zip_tags)
-from proto import tes_pb2, tes_pb2_grpc
+from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 
 log = logging.getLogger(__name__)
 VIEWS = tuple(tes_pb2.View.keys())  # MINIMAL, BASIC, FULL

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from gateway import config as config_mod
-from gateway import worker_tokens
-from gateway.service import TaskService, now_rfc3339
-from gateway.states import TERMINAL, State, can_transition
-from worker.events import EventFold
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.core import worker_tokens
+from funnel_hpc.gateway.service import TaskService, now_rfc3339
+from funnel_hpc.core.states import TERMINAL, State, can_transition
+from funnel_hpc.core.events import EventFold
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def task_dir(config: dict, task_id: str) -> Path:
 
 def worker_command(config: dict) -> list[str]:
     command = list(config["worker"]["command"])
-    # `python -m worker run` is `funnel worker run` without click: cheaper to start
-    return command or [sys.executable, "-m", "worker", "run"]
+    # `python -m funnel_hpc.worker run` is `funnel worker run` without click: cheaper to start
+    return command or [sys.executable, "-m", "funnel_hpc.worker", "run"]
 
 
 def write_worker_config(config: dict) -> Path:
@@ -131,7 +131,7 @@ class Reconciler:
         self.cancels_sent: set[str] = set()
         self.worker_config = write_worker_config(config)
         backend.on_change = service.changed.set
-        # with auth on, each worker gets a token for its own task (gateway/worker_tokens.py)
+        # with auth on, each worker gets a token for its own task (core/worker_tokens.py)
         self.worker_key = (worker_tokens.load_key(config["work_dir"])
                            if config["auth"]["mode"] != "none" else None)
         self._stop = threading.Event()

@@ -14,7 +14,7 @@ from typing import Any
 from marshmallow import (EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load,
                          validate, validates_schema)
 
-from gateway.states import ALL_STATES
+from funnel_hpc.core.states import ALL_STATES
 
 VIEWS = ("MINIMAL", "BASIC", "FULL")
 FILE_TYPES = ("FILE", "DIRECTORY")

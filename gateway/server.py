@@ -6,15 +6,15 @@ import logging
 
 import waitress
 
-from gateway.app import create_app, make_service
-from gateway.service import TaskService
+from funnel_hpc.gateway.app import create_app, make_service
+from funnel_hpc.gateway.service import TaskService
 
 log = logging.getLogger(__name__)
 
 
 def make_reconciler(config: dict, service: TaskService):
-    from backends.registry import load_backend
-    from gateway.reconciler import Reconciler
+    from funnel_hpc.backends.registry import load_backend
+    from funnel_hpc.gateway.reconciler import Reconciler
 
     return Reconciler(service, load_backend(config), config)
 
@@ -24,7 +24,7 @@ def run_server(config: dict, reconcile: bool = True) -> None:
     app = create_app(config, service)
     grpc_server = None  # held for the life of run_server: a collected server stops
     if config["server"]["grpc_port"]:
-        from gateway.grpc_server import start_grpc_server
+        from funnel_hpc.gateway.grpc_server import start_grpc_server
 
         grpc_server = start_grpc_server(service, config, app.extensions["funnel.auth"],
                                         app.extensions["funnel.limiter"])

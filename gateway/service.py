@@ -16,12 +16,12 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from backends.registry import backend_options
-from gateway import db
-from gateway.schemas import flatten_errors, load_task
-from gateway.states import TERMINAL, State, can_transition
-from gateway.views import apply_view, full_task
-from worker.events import now_rfc3339  # the one timestamp format, worker and gateway
+from funnel_hpc.backends.registry import backend_options
+from funnel_hpc.gateway import db
+from funnel_hpc.gateway.schemas import flatten_errors, load_task
+from funnel_hpc.core.states import TERMINAL, State, can_transition
+from funnel_hpc.gateway.views import apply_view, full_task
+from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
 
 DEFAULT_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 2048
@@ -337,7 +337,7 @@ class TaskService:
     # ---- service-info ----
 
     def service_info(self) -> dict:
-        from gateway import __version__
+        from funnel_hpc.core import __version__
 
         info = self.config["service_info"]
         out: dict[str, Any] = {

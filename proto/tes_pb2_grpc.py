@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import tes_pb2 as tes__pb2
+from funnel_hpc.proto import tes_pb2 as tes__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

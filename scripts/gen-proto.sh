@@ -9,4 +9,4 @@ python=${PYTHON:-.venv/bin/python}
 "$python" -m grpc_tools.protoc -I proto --python_out="$out" --pyi_out="$out" \
   --grpc_python_out="$out" proto/tes.proto
 # generated code imports its sibling as a top-level module; make it package-relative
-sed -i 's/^import tes_pb2 as tes__pb2$/from proto import tes_pb2 as tes__pb2/' "$out/tes_pb2_grpc.py"
+sed -i 's/^import tes_pb2 as tes__pb2$/from funnel_hpc.proto import tes_pb2 as tes__pb2/' "$out/tes_pb2_grpc.py"

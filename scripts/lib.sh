@@ -24,3 +24,13 @@ make_venv() {
     .venv/bin/pip install -q --upgrade pip
   fi
 }
+
+# pip_quiet ARGS...: .venv's pip, its output shown only when it fails (setuptools is chatty).
+pip_quiet() {
+  local log
+  log=$(mktemp)
+  if ! .venv/bin/pip "$@" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}

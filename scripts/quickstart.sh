@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # python + venv; bubblewrap runs task containers where no docker/podman/apptainer works
 apt_install python3 python3-venv git ca-certificates procps bubblewrap
 make_venv
-.venv/bin/pip install -q -e . --config-settings editable_mode=compat  # see scripts/setup/10-base.sh
+pip_quiet install .  # a normal install: the package, its config and templates
 mkdir -p funnel-work
 if [ -f funnel-work/server.pid ] && kill -0 "$(cat funnel-work/server.pid)" 2>/dev/null; then
   kill "$(cat funnel-work/server.pid)"; sleep 1

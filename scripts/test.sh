@@ -7,4 +7,6 @@ for step in scripts/setup/*.sh; do
   bash "$step"
 done
 export PATH="$PWD/.venv/bin:$PATH"
+echo "== checks: import contracts (pyproject.toml [tool.importlinter])"
+lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

@@ -14,8 +14,8 @@ from typing import Callable
 import boto3
 import requests
 
-from backends.base import SubmitRequest
-from gateway import config as config_mod
+from funnel_hpc.backends.base import SubmitRequest
+from funnel_hpc.core import config as config_mod
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                 "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 def funnel_argv(*args: str) -> list[str]:
     """The `funnel` command of this checkout's Python."""
-    return [sys.executable, "-m", "gateway.cli", *args]
+    return [sys.executable, "-m", "funnel_hpc.gateway.cli", *args]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -51,6 +51,8 @@ class ServerProcess:
     port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    funnel: list[str] = field(default_factory=funnel_argv)  # the `funnel` command to run
+    cwd: Path = REPO  # the checkout: tests name modules of tests/ in configs
 
     @property
     def url(self) -> str:
@@ -86,7 +88,7 @@ class ServerProcess:
         if not self.reconcile:
             args.append("--no-reconciler")
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(funnel_argv(*args), cwd=REPO, env=clean_env(),
+        self.proc = subprocess.Popen([*self.funnel, *args], cwd=self.cwd, env=clean_env(),
                                      stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout

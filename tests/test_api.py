@@ -9,7 +9,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select, text
 
-from gateway import db
+from funnel_hpc.gateway import db
 
 TASK = {
     "name": "hello",

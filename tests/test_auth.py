@@ -197,7 +197,7 @@ def test_grpc_requires_credentials_and_isolates_users(server):
 
     import grpc
 
-    from proto import tes_pb2, tes_pb2_grpc
+    from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     stub = tes_pb2_grpc.TaskServiceStub(channel)
@@ -239,7 +239,7 @@ def test_rate_limit_per_client(databases, tmp_path):
         # gRPC calls draw on the same bucket (anonymous: per address)
         import grpc
 
-        from proto import tes_pb2, tes_pb2_grpc
+        from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
         stub = tes_pb2_grpc.TaskServiceStub(channel)
@@ -257,10 +257,10 @@ def test_rate_limit_per_client(databases, tmp_path):
         srv.stop()
 
 
-# ---- worker tokens (gateway/worker_tokens.py) ----
+# ---- worker tokens (core/worker_tokens.py) ----
 
 def test_worker_token_reaches_only_its_own_task(server):
-    from gateway import worker_tokens
+    from funnel_hpc.core import worker_tokens
 
     alices = create(server, auth=basic("alice"))
     bobs = create(server, auth=basic("bob"))
@@ -300,8 +300,8 @@ def test_users_cannot_write_another_tasks_events(server):
 def test_worker_token_is_refused_on_grpc(server):
     import grpc
 
-    from gateway import worker_tokens
-    from proto import tes_pb2, tes_pb2_grpc
+    from funnel_hpc.core import worker_tokens
+    from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 
     alices = create(server, auth=basic("alice"))
     token = worker_tokens.token_for(worker_tokens.load_key(server.work_dir), alices)
@@ -337,7 +337,7 @@ def test_workers_report_over_http_with_auth_on(databases, tmp_path):
         # and the reconciler may learn the end from the file first)
         assert {"task_start", "executor_start"} <= {event["type"] for event in received}
         # a worker that fetches its task by id presents the token too
-        argv = [sys.executable, "-m", "worker", "run", "--task-id", done, "--server", srv.url]
+        argv = [sys.executable, "-m", "funnel_hpc.worker", "run", "--task-id", done, "--server", srv.url]
         fetched = subprocess.run([*argv, "--workdir", str(srv.work_dir)], env=clean_env(),
                                  capture_output=True, text=True, timeout=60)
         assert fetched.returncode == 0 and fetched.stdout.strip() == "COMPLETE", fetched.stderr

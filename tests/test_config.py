@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway import config
+from funnel_hpc.core import config
 
 
 def test_defaults_give_sqlite_under_work_dir(tmp_path):

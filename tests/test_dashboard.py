@@ -9,9 +9,9 @@ import time
 import pytest
 import requests
 
-from gateway import db
-from gateway.service import TaskService
-from gateway.states import State
+from funnel_hpc.gateway import db
+from funnel_hpc.gateway.service import TaskService
+from funnel_hpc.core.states import State
 from tests.conftest import ServerProcess
 
 CHROMIUM = shutil.which("chromium")

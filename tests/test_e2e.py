@@ -49,7 +49,7 @@ import pytest
 import requests
 
 from tests.conftest import ServerProcess
-from worker.events import iter_events
+from funnel_hpc.core.events import iter_events
 
 TICK = 0.5
 TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED", "PREEMPTED"}
@@ -141,7 +141,7 @@ def start_aws_batch(tmp: Path) -> E2EBackend:
     def config(work: Path) -> dict:
         return {"aws_batch": {
             "endpoint_url": moto.url, "job_queue": QUEUE, "job_definition": DEFINITION,
-            "worker_command": [sys.executable, "-m", "worker", "run"],
+            "worker_command": [sys.executable, "-m", "funnel_hpc.worker", "run"],
             "environment": {"FUNNEL_WORK_DIR": str(work),
                             "FUNNEL_WORKER__CONTAINER_DRIVER": "bwrap",
                             "FUNNEL_WORKER__POLL_SERVER_SECONDS": "1"}}}

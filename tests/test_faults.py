@@ -14,7 +14,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
-from gateway import db
+from funnel_hpc.gateway import db
 from tests.conftest import ServerProcess
 from tests.test_e2e import TERMINAL, create, make_server, sh, slurm_ready, wait_state
 

@@ -14,7 +14,7 @@ import pytest
 import requests
 from google.protobuf import json_format
 
-from proto import tes_pb2, tes_pb2_grpc
+from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 from tests.conftest import ServerProcess
 from tests.test_pytes import EVERY_FIELD
 

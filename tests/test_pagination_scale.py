@@ -8,8 +8,8 @@ import pytest
 import requests
 from sqlalchemy import insert
 
-from gateway import db
-from gateway.service import new_task_id, now_rfc3339
+from funnel_hpc.gateway import db
+from funnel_hpc.gateway.service import new_task_id, now_rfc3339
 from tests.conftest import ServerProcess
 
 N = 100_000

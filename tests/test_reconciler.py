@@ -13,7 +13,7 @@ import requests
 
 from tests.conftest import ServerProcess, clean_env, funnel_argv
 from tests.test_e2e import TERMINAL, create, get, sh, wait_state
-from worker.events import iter_events, read_event_log
+from funnel_hpc.core.events import iter_events, read_event_log
 
 
 def test_separate_reconcile_process(databases, tmp_path):

@@ -1,6 +1,6 @@
 """The task state machine."""
 
-from gateway.states import TERMINAL, TRANSITIONS, State, can_transition
+from funnel_hpc.core.states import TERMINAL, TRANSITIONS, State, can_transition
 
 
 def test_every_state_has_a_transition_entry():

@@ -9,10 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-from backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from gateway import config as config_mod
-from gateway.app import make_service
-from gateway.reconciler import Reconciler
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.gateway.app import make_service
+from funnel_hpc.gateway.reconciler import Reconciler
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 

@@ -1,7 +1,7 @@
-"""`python -m worker run ...`: see worker/main.py."""
+"""`python -m funnel_hpc.worker run ...`: see worker/main.py."""
 
 import sys
 
-from worker.main import main
+from funnel_hpc.worker.main import main
 
 sys.exit(main())

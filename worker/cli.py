@@ -22,7 +22,7 @@ def worker() -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
 def run(task_file, task_id, server, workdir, config_path) -> None:
     """Stage inputs, run the executors, upload outputs; exit 0 only if COMPLETE."""
-    from worker.main import UsageError, run as run_worker
+    from funnel_hpc.worker.main import UsageError, run as run_worker
 
     try:
         code = run_worker(task_file, task_id, server, workdir, config_path)

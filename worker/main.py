@@ -1,6 +1,6 @@
-"""The worker's command line, without click: `python -m worker run ...`.
+"""The worker's command line, without click: `python -m funnel_hpc.worker run ...`.
 
-`funnel worker run` (worker/cli.py, click) and `python -m worker run` take the same
+`funnel worker run` (worker/cli.py, click) and `python -m funnel_hpc.worker run` take the same
 options and end in :func:`run`. The reconciler starts workers with the second: a
 scheduler starts one worker per task, and this entry point imports only what running
 a task needs (no click, no HTTP client unless --server), which keeps each start cheap.
@@ -16,6 +16,11 @@ import time
 from pathlib import Path
 
 
+# What a launcher that forks workers from a warm process (the local backend's) imports
+# once beforehand: every forked worker then starts with them loaded.
+PRELOAD = ("requests", "funnel_hpc.core.config", "funnel_hpc.worker.runner")
+
+
 class UsageError(Exception):
     """A one-line reason the worker cannot start; exit code 1."""
 
@@ -23,9 +28,9 @@ class UsageError(Exception):
 def run(task_file: str | None, task_id: str | None, server: str | None,
         workdir: str | None, config_path: str | None) -> int:
     """Run one task; return the process exit code (0 only if COMPLETE)."""
-    from gateway import config as config_mod
-    from worker.runner import EXIT_CODES, run_task
-    from worker.validation import TaskError, check_task_id
+    from funnel_hpc.core import config as config_mod
+    from funnel_hpc.worker.runner import EXIT_CODES, run_task
+    from funnel_hpc.worker.validation import TaskError, check_task_id
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s worker: %(message)s")
@@ -38,7 +43,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
     if task_id:
         if not server:
             raise UsageError("--task-id needs --server")
-        from gateway.worker_tokens import read_token
+        from funnel_hpc.core.worker_tokens import read_token
 
         try:
             check_task_id(task_id)
@@ -69,7 +74,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
 def fetch_task(server: str, task_id: str, token: str | None, wait_seconds: float) -> dict:
     """The task (FULL view) from the server. While the server cannot be reached or answers
     5xx/429 (a gateway restarting), try again with growing pauses for up to wait_seconds."""
-    from gateway.client import ClientError, TesClient
+    from funnel_hpc.core.client import ClientError, TesClient
 
     client = TesClient(server, token=token)
     deadline = time.monotonic() + wait_seconds
@@ -88,7 +93,7 @@ def fetch_task(server: str, task_id: str, token: str | None, wait_seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker",
+    parser = argparse.ArgumentParser(prog="python -m funnel_hpc.worker",
                                      description="Run one task's worker (as `funnel worker run`).")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("run", help="Stage inputs, run the executors, upload outputs.")

@@ -15,12 +15,12 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from typing import IO
 
-from gateway.worker_tokens import read_token
-from worker.drivers import DriverError, Drivers, Invocation
-from worker.events import EventLog, now_rfc3339
-from worker.paths import WILDCARD, PathError, TaskPaths, check_container_path
-from worker.storage import Storage, StorageError, join_url
-from worker.validation import TaskError, check_task, check_task_id
+from funnel_hpc.core.worker_tokens import read_token
+from funnel_hpc.worker.drivers import DriverError, Drivers, Invocation
+from funnel_hpc.worker.events import EventLog, now_rfc3339
+from funnel_hpc.worker.paths import WILDCARD, PathError, TaskPaths, check_container_path
+from funnel_hpc.worker.storage import Storage, StorageError, join_url
+from funnel_hpc.worker.validation import TaskError, check_task, check_task_id
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from worker.paths import WILDCARD, PathError, check_container_path
+from funnel_hpc.worker.paths import WILDCARD, PathError, check_container_path
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Registry host[:port]/name[:tag][@digest]; never starts with "-".

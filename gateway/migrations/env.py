@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from gateway.db import metadata
+from funnel_hpc.gateway.db import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - offline use (alembic CLI) is not supported

@@ -5,8 +5,12 @@ cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 apt_install python3 python3-venv python3-dev git ca-certificates procps
 make_venv
-# compat: a plain path in a .pth file; the default editable finder costs every Python start
-# (so every worker a scheduler starts) about 10 ms
-.venv/bin/pip install -q -e '.[test,postgres]' --config-settings editable_mode=compat
-# bytecode now, so workers never compile the project's modules (see benchmarks/run)
-.venv/bin/python -m compileall -q gateway worker backends proto >/dev/null
+# strict editable: a link tree under build/ on a plain .pth path (no import hook, so no
+# cost at every Python start, i.e. at every worker a scheduler starts); new modules need
+# this step again, which scripts/test.sh runs every time
+pip_quiet install -e '.[test,postgres]' --config-settings editable_mode=strict
+.venv/bin/python -c 'import funnel_hpc.gateway.cli'
+# bytecode now, so workers never compile the project's modules (see benchmarks/run); it
+# lands beside the link tree's entries, which is where Python looks for it
+.venv/bin/python -m compileall -q "$(.venv/bin/python -c \
+  'import funnel_hpc.core as c, pathlib; print(pathlib.Path(c.__file__).parent.parent)')" >/dev/null

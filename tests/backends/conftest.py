@@ -14,7 +14,7 @@ from typing import Iterator
 
 import pytest
 
-from backends.commands import Result
+from funnel_hpc.backends.commands import Result
 from tests.conftest import free_port
 
 

@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from backends.base import JobState, JobStatus, SubmitRequest
-from backends.local import LocalBackend, _group_has_members, _start_time
+from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.local import LocalBackend, _group_has_members, _start_time
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_SECONDS = 40
@@ -173,8 +173,8 @@ def run_backend_a(tmp_path: Path, jobs: dict[str, str], max_concurrent: int) -> 
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
         from pathlib import Path
-        from backends.local import LocalBackend
-        from backends.base import SubmitRequest
+        from funnel_hpc.backends.local import LocalBackend
+        from funnel_hpc.backends.base import SubmitRequest
         work = Path({str(tmp_path)!r})
         b = LocalBackend({{"max_concurrent": {max_concurrent}}}, {{"work_dir": str(work)}})
         for job_id, script in {jobs!r}.items():
@@ -274,7 +274,7 @@ def worker_task(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
     (req.task_dir / "task.json").write_text(json.dumps(task))
     config = tmp_path / "worker-config.yaml"
     config.write_text("worker:\n  container_driver: bwrap\n")
-    req.worker_argv = [sys.executable, "-m", "worker", "run", "--task-file",
+    req.worker_argv = [sys.executable, "-m", "funnel_hpc.worker", "run", "--task-file",
                        str(req.task_dir / "task.json"), "--workdir", str(tmp_path),
                        "--config", str(config)]
     return req

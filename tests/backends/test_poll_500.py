@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import JobState
-from backends.local import LocalBackend, _group_has_members
-from backends.slurm import SlurmBackend
+from funnel_hpc.backends.base import JobState
+from funnel_hpc.backends.local import LocalBackend, _group_has_members
+from funnel_hpc.backends.slurm import SlurmBackend
 from tests.backend_helpers import backend_options, make_request
 
 IN_FLIGHT = 500

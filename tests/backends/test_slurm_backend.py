@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backends.base import BackendError, JobState
-from backends.commands import LocalRunner, Result, SSHRunner, make_runner
-from backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
+from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.commands import LocalRunner, Result, SSHRunner, make_runner
+from funnel_hpc.backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
 from tests.backend_helpers import backend_options, make_request
 from tests.backends.conftest import FakeRunner
 

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from backends.base import SubmitRequest
-from backends.slurm import SlurmBackend
-from gateway import config as config_mod
+from funnel_hpc.backends.base import SubmitRequest
+from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.core import config as config_mod
 
 
 @pytest.mark.skipif(not shutil.which("sbatch"), reason="Slurm not installed")

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from backends.base import BackendError, JobState
-from backends.slurm import SlurmBackend
+from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.slurm import SlurmBackend
 from tests.backend_helpers import backend_options, make_request
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from backends import templating
-from backends.base import BackendError
-from backends.slurm import SlurmBackend
-from backends.templating import (TemplateValueError, check_backend_parameters, directive,
+from funnel_hpc.backends import templating
+from funnel_hpc.backends.base import BackendError
+from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.backends.templating import (TemplateValueError, check_backend_parameters, directive,
                                  map_backend_parameters, render, script_variables, shell_quote)
-from gateway.config import TEMPLATES_DIR
+from funnel_hpc.core.config import TEMPLATES_DIR
 from tests.backend_helpers import backend_options, make_request
 
 HOSTILE = "x\n#SBATCH --wrap=evil\n$(touch /tmp/pwned) `id` 'q' \"d\"; rm -rf / \r\x00end"

@@ -33,10 +33,10 @@ from pathlib import Path
 
 import pytest
 
-from backends.awsbatch import (CANCEL_REASON, DESCRIBE_LIMIT, STATE_MAP, AwsBatchBackend,
+from funnel_hpc.backends.awsbatch import (CANCEL_REASON, DESCRIBE_LIMIT, STATE_MAP, AwsBatchBackend,
                                job_name, job_status)
-from backends.base import BackendError, JobState
-from backends.registry import backend_class
+from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.registry import backend_class
 from tests.backend_helpers import DEFINITION, QUEUE, backend_options, make_request
 
 SERVER_URL = "http://gateway.example:8000"
@@ -83,8 +83,8 @@ def test_awsbatch_registry_and_default_options():
     assert options["job_definition"] == "funnel-hpc-worker"
     assert options["worker_command"] == ["funnel", "worker", "run"]
     # the registry hands backend "aws-batch" its section backend.aws_batch
-    from backends.registry import load_backend
-    from gateway import config as config_mod
+    from funnel_hpc.backends.registry import load_backend
+    from funnel_hpc.core import config as config_mod
 
     config = config_mod.load(environ={}, overrides={"backend": {
         "name": "aws-batch", "aws_batch": {"region": "eu-west-1"}}})
@@ -116,7 +116,7 @@ def test_awsbatch_submit_poll_without_docker_fails(moto_batch, tmp_path):
     backend = make_backend(moto_batch)
     log = CallLog(backend)
     request = make_request(tmp_path, task(cpu_cores=2, ram_gb=1.5),
-                           argv=["python", "-m", "gateway.cli", "worker", "run",
+                           argv=["python", "-m", "funnel_hpc.gateway.cli", "worker", "run",
                                  "--task-file", "x.json"])
     job_id = backend.submit(request)
 
@@ -146,7 +146,7 @@ def test_awsbatch_worker_token_goes_in_the_job_environment(moto_batch, tmp_path)
     """Auth on: the reconciler wrote the task's worker token into its task dir; a Batch
     job shares no file system with the gateway, so the token travels as
     FUNNEL_WORKER_TOKEN in the container overrides (and only then)."""
-    from gateway import worker_tokens
+    from funnel_hpc.core import worker_tokens
 
     backend = make_backend(moto_batch, environment={"SITE": "x"})
     log = CallLog(backend)
@@ -368,7 +368,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
         job_work = tmp_path / "job-work"
         backend = make_backend(
             moto_batch, server_url=server.url,
-            worker_command=[sys.executable, "-m", "gateway.cli", "worker", "run"],
+            worker_command=[sys.executable, "-m", "funnel_hpc.gateway.cli", "worker", "run"],
             environment={"FUNNEL_STORAGE__S3__ENDPOINT_URL": moto_batch.url,
                          "FUNNEL_WORKER__CONTAINER_DRIVER": "bwrap",
                          "FUNNEL_WORK_DIR": str(job_work)})

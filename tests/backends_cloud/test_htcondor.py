@@ -32,10 +32,10 @@ import pytest
 htcondor2 = pytest.importorskip("htcondor2", reason="HTCondor bindings: pip install "
                                                     "'funnel-hpc[htcondor]'")
 
-from backends.base import BackendError, JobState  # noqa: E402
-from backends.htcondor import (CANCEL_REASON, STATE_MAP, HTCondorBackend,  # noqa: E402
+from funnel_hpc.backends.base import BackendError, JobState  # noqa: E402
+from funnel_hpc.backends.htcondor import (CANCEL_REASON, STATE_MAP, HTCondorBackend,  # noqa: E402
                                job_status)
-from backends.registry import backend_class  # noqa: E402
+from funnel_hpc.backends.registry import backend_class  # noqa: E402
 from tests.backend_helpers import backend_options, make_request  # noqa: E402
 from tests.htcondor_fake import FakeSchedd  # noqa: E402
 

@@ -10,8 +10,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from backends.base import JobState, JobStatus
-from backends.gridengine import GridEngineBackend
+from funnel_hpc.backends.base import JobState, JobStatus
+from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options
 
 # a backend_parameters key the tests may use to submit held jobs (-h: user hold)

@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-from backends.base import JobState
-from backends.gridengine import GridEngineBackend
+from funnel_hpc.backends.base import JobState
+from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options, make_request
 from tests.backends_ge.conftest import TEST_PARAMETERS, finished, running, wait_for
 

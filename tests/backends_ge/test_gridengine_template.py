@@ -6,15 +6,15 @@ import subprocess
 
 import pytest
 
-from backends.base import BackendError, JobState, JobStatus
-from backends.commands import Result
-from backends.gridengine import (DRMAA_STATE_MAP, AccountingFile, GridEngineBackend,
+from funnel_hpc.backends.base import BackendError, JobState, JobStatus
+from funnel_hpc.backends.commands import Result
+from funnel_hpc.backends.gridengine import (DRMAA_STATE_MAP, AccountingFile, GridEngineBackend,
                                  finished_status, map_qstat_state, native_specification,
                                  parse_accounting_line, parse_qstat_xml)
-from backends.registry import backend_class
-from backends.registry import backend_options as configured_options
-from backends.templating import TemplateValueError
-from gateway import config as config_mod
+from funnel_hpc.backends.registry import backend_class
+from funnel_hpc.backends.registry import backend_options as configured_options
+from funnel_hpc.backends.templating import TemplateValueError
+from funnel_hpc.core import config as config_mod
 from tests.backend_helpers import backend_options, make_request
 from tests.backends.conftest import FakeRunner
 from tests.backends_ge.conftest import TEST_PARAMETERS

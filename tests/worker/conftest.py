@@ -16,7 +16,7 @@ import yaml
 
 from tests.backend_helpers import FAKE_AWS_ENV
 from tests.conftest import clean_env, funnel_argv
-from worker.events import EventFold, read_event_log
+from funnel_hpc.core.events import EventFold, read_event_log
 
 ROOTFS = Path("/var/lib/funnel/rootfs")
 

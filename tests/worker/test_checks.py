@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import clean_env, funnel_argv
 from tests.worker.test_worker import sh
-from worker.drivers import DriverError, Drivers
-from worker.events import EventFold, read_event_log
-from worker.storage import StorageError, clone_or_copy, inside
+from funnel_hpc.worker.drivers import DriverError, Drivers
+from funnel_hpc.core.events import EventFold, read_event_log
+from funnel_hpc.worker.storage import StorageError, clone_or_copy, inside
 
 
 def refused(run, text: str) -> None:
@@ -77,7 +77,7 @@ def test_stdout_into_a_symlink_planted_by_an_earlier_executor_is_refused(harness
 
 
 @pytest.mark.parametrize("entry", [funnel_argv("worker", "run"),
-                                   [sys.executable, "-m", "worker", "run"]],
+                                   [sys.executable, "-m", "funnel_hpc.worker", "run"]],
                          ids=["funnel-worker-run", "python-m-worker"])
 def test_task_id_cannot_name_a_directory_elsewhere(tmp_path, entry):
     task_file = tmp_path / "t.json"
@@ -97,7 +97,7 @@ def test_task_id_cannot_name_a_directory_elsewhere(tmp_path, entry):
 # ---- pieces ----
 
 def drivers(**worker) -> Drivers:
-    from gateway.config import load
+    from funnel_hpc.core.config import load
 
     config = load(None, environ={}, overrides={"worker": worker} if worker else None)
     return Drivers(config, Path("/nonexistent"))

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import clean_env, funnel_argv
 from tests.worker.test_worker import processes_with_argv, sh
-from worker.events import iter_events, read_event_log
+from funnel_hpc.core.events import iter_events, read_event_log
 
 
 class FakeTes:

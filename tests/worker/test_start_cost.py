@@ -1,6 +1,7 @@
 """A worker runs one task per scheduler job, so what it imports at start is paid by every
 job (benchmarks: "what the worker costs a Slurm job"). These modules once cost a third of
-a trivial task's CPU time; a worker that needs none of their features must not load them."""
+a trivial task's CPU time; a worker that needs none of their features must not load them,
+and it never loads the gateway's, the backends' or the gRPC stubs' modules."""
 
 from __future__ import annotations
 
@@ -8,19 +9,24 @@ import json
 import subprocess
 import sys
 
-from gateway import config as config_mod
+from funnel_hpc.core import config as config_mod
 from tests.conftest import clean_env
 from tests.worker.conftest import ROOTFS
 
 NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets", "socket",
                 "datetime", "yaml", "click", "requests", "boto3")
 
+# The worker runs alone on compute nodes: nothing of the gateway, backends or proto.
+OTHER_LAYERS = ("funnel_hpc.gateway", "funnel_hpc.backends", "funnel_hpc.proto")
+
 PROBE = """
 import json, sys
-from worker.main import main
+from funnel_hpc.worker.main import main
 code = main(sys.argv[1:])
-print(json.dumps({"exit": code, "loaded": [m for m in %r if m in sys.modules]}))
-""" % (NOT_AT_START,)
+loaded = [m for m in %r if m in sys.modules]
+loaded += [m for m in sys.modules if m.startswith(%r)]
+print(json.dumps({"exit": code, "loaded": loaded}))
+""" % (NOT_AT_START, OTHER_LAYERS)
 
 
 def test_a_trivial_task_runs_without_the_costly_imports(harness, tmp_path):

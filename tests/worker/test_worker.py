@@ -10,7 +10,7 @@ import boto3
 import pytest
 
 from tests.worker.conftest import need
-from worker.events import read_event_log
+from funnel_hpc.core.events import read_event_log
 
 BUSYBOX = "busybox"
 

@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 
 # yaml is imported where it is used: a worker given the gateway's JSON config never needs it
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "conf" / "default.yaml"
-TEMPLATES_DIR = REPO_ROOT / "templates"
+# The installed package holds conf/ and templates/ beside core/ (package data, see
+# pyproject.toml); resolved, a strict editable install points at the checkout's folders.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PACKAGE_ROOT / "conf" / "default.yaml"
+TEMPLATES_DIR = PACKAGE_ROOT / "templates"
 
 ENV_PREFIX = "FUNNEL_"
 # FUNNEL_SERVER / FUNNEL_CONFIG are client settings, not config overrides.
