@@ -42,7 +42,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from funnel_hpc.backends.templating import TemplateValueError, directive
+from funnel_hpc.backends.templating import TemplateValueError, map_backend_parameters
 from funnel_hpc.core import worker_tokens
 
 # AWS Batch job status -> common job state
@@ -55,6 +55,9 @@ STATE_MAP: dict[str, JobState] = {
     "SUCCEEDED": JobState.COMPLETED,
     "FAILED": JobState.FAILED,
 }
+
+#: statusReason prefixes of a job whose host was taken away (a Spot reclaim): PREEMPTED
+PREEMPTION_REASONS = ("Host EC2",)
 
 #: describe_jobs takes at most this many job ids per call
 DESCRIBE_LIMIT = 100
@@ -72,6 +75,7 @@ SUBMIT_FIELDS: dict[str, type] = {
     "shareIdentifier": str,
     "retryAttempts": int,
 }
+SUBMIT_FIELD_NAME = re.compile("|".join(SUBMIT_FIELDS))
 
 # ClientError codes that mean "try again later", not "this request is wrong"
 TRANSIENT_CODES = {"Throttling", "ThrottlingException", "TooManyRequestsException",
@@ -109,16 +113,16 @@ def job_status(job: dict[str, Any]) -> JobStatus:
     state = STATE_MAP.get(status, JobState.UNKNOWN)
     if state is JobState.FAILED and reason == CANCEL_REASON:
         state = JobState.CANCELLED
+    elif state is JobState.FAILED and reason.startswith(PREEMPTION_REASONS):
+        state = JobState.PREEMPTED
     return JobStatus(state, f"batch: {status} exit={exit_code(job)} reason={reason}")
 
 
 class AwsBatchBackend(Backend):
     name = "aws-batch"
 
-    def __init__(self, options: dict, config: dict):
+    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         super().__init__(options, config)
-        self.supported_parameters = frozenset(
-            k.lower() for k in (options.get("backend_parameters") or {}))
         self.job_queue = str(options.get("job_queue") or "")
         self.job_definition = str(options.get("job_definition") or "")
         self.worker_image = str(options.get("worker_image") or "")
@@ -165,9 +169,8 @@ class AwsBatchBackend(Backend):
         if requirements:
             overrides["resourceRequirements"] = requirements
         environment = {str(k): str(v) for k, v in (self.options.get("environment") or {}).items()}
-        token = worker_tokens.stored_token(request.task_dir) if request.task_dir else None
-        if token:  # auth on: the worker's only credential (it has no shared task dir)
-            environment[worker_tokens.ENV_VAR] = token
+        if request.worker_token:  # auth on: the worker's only credential (no shared task dir)
+            environment[worker_tokens.ENV_VAR] = request.worker_token
         if environment:
             overrides["environment"] = [{"name": k, "value": v}
                                         for k, v in sorted(environment.items())]
@@ -189,21 +192,18 @@ class AwsBatchBackend(Backend):
 
     def mapped_parameters(self, params: dict[str, str]) -> dict[str, Any]:
         """backend_parameters -> {submit_job field: typed value}, through the allow-list."""
-        allowed = {str(k).lower(): str(v) for k, v in
-                   (self.options.get("backend_parameters") or {}).items()}
+        try:
+            mapped = map_backend_parameters(params, self.options.get("backend_parameters") or {},
+                                            SUBMIT_FIELD_NAME,
+                                            f"one of {', '.join(SUBMIT_FIELDS)}")
+        except TemplateValueError as exc:
+            raise BackendError(str(exc)) from None
         out: dict[str, Any] = {}
-        for key, raw in sorted(params.items()):
-            field_name = allowed.get(str(key).lower())
-            if not field_name:
-                continue
-            kind = SUBMIT_FIELDS.get(field_name)
-            if kind is None:
-                raise BackendError(f"backend.aws_batch.backend_parameters maps {key!r} to "
-                                   f"{field_name!r}, not one of {', '.join(SUBMIT_FIELDS)}")
+        for field_name, value in mapped:
             try:
-                out[field_name] = kind(directive("" if raw is None else raw))
-            except (TemplateValueError, ValueError) as exc:
-                raise BackendError(f"backend_parameters[{key!r}]: {exc}") from None
+                out[field_name] = SUBMIT_FIELDS[field_name](value)
+            except ValueError as exc:
+                raise BackendError(f"backend_parameters for {field_name}: {exc}") from None
         return out
 
     def ensure_job_definition(self) -> None:
@@ -296,7 +296,8 @@ class AwsBatchBackend(Backend):
                     break
                 kwargs["nextToken"] = answer["nextToken"]
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
-            raise BackendError(f"list_jobs failed: {exc}", transient=is_transient(exc)) from None
+            # could not ask (AccessDenied included): not "no such job" (base.py)
+            raise BackendError(f"list_jobs failed: {exc}", transient=True) from None
         jobs = [j for j in jobs if j.get("jobName") == job_name(task_id)]
         if not jobs:
             return None

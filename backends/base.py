@@ -1,21 +1,36 @@
-"""The one small interface every compute backend implements.
+"""The one small interface every compute backend implements, and its contract.
 
 A backend turns a prepared task into a scheduler job (``submit``), stops a job
-(``cancel``) and reports the state of many jobs with one scheduler query
-(``poll``). Scheduler-specific states are mapped onto :class:`JobState` by a
+(``cancel``), reports the state of many jobs with one scheduler query
+(``poll``) and finds the job of a submission the gateway died in the middle of
+(``recover``). Scheduler-specific states are mapped onto :class:`JobState` by a
 table kept as data in each backend module.
+
+When each method may raise (the reconciler relies on it):
+
+- ``submit`` and ``cancel`` raise :class:`BackendError`; ``transient=True`` when the
+  scheduler could not be reached (retried next tick), else the request itself is
+  wrong (the submission fails the task, with the message in its system logs).
+- ``poll`` never raises: a failed query is UNKNOWN with the scheduler's words.
+- ``recover`` returns None only when the scheduler said it has no such job, and
+  raises ``BackendError(transient=True)`` when it could not ask.
+
+The error rule of the command-line backends is ``commands.failure``.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from funnel_hpc.backends.files import read_tail
 
 
-class JobState(str, enum.Enum):
+class JobState(str, enum.Enum):  # noqa: UP042 - str() of a state stays as logged
     """Common job states, whatever the scheduler."""
 
     PENDING = "PENDING"      # accepted, waiting for resources
@@ -23,6 +38,17 @@ class JobState(str, enum.Enum):
     COMPLETED = "COMPLETED"  # ended, scheduler saw success
     FAILED = "FAILED"        # ended, scheduler saw failure (non-zero, node fail, timeout)
     CANCELLED = "CANCELLED"  # removed by a cancel (ours or someone else's)
+    # ended because the scheduler took the resources back (Slurm PREEMPTED, HTCondor
+    # eviction, AWS Batch spot reclaim): the task did nothing wrong; TES PREEMPTED, or
+    # another attempt when reconciler.retry_on lists "preempted"
+    PREEMPTED = "PREEMPTED"
+    # ended because its node failed (Slurm NODE_FAIL, BOOT_FAIL): retried when
+    # reconciler.retry_on lists "node_fail", else SYSTEM_ERROR
+    NODE_FAILED = "NODE_FAILED"
+    # waiting, but the scheduler says it can never start as submitted (Slurm pending
+    # reasons such as PartitionConfig, BadConstraints): the reconciler cancels the job
+    # and the task ends SYSTEM_ERROR with the reason. Not finished: the job still exists.
+    UNRUNNABLE = "UNRUNNABLE"
     LOST = "LOST"            # the scheduler no longer knows the job
     UNKNOWN = "UNKNOWN"      # could not be determined this time (retry next tick)
 
@@ -32,7 +58,8 @@ class JobState(str, enum.Enum):
 
 
 FINISHED_JOB_STATES = frozenset(
-    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.LOST}
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.LOST,
+     JobState.PREEMPTED, JobState.NODE_FAILED}
 )
 
 
@@ -54,6 +81,9 @@ class SubmitRequest:
     worker_argv: list[str]          # the command line that runs the worker for this task
     backend_parameters: dict[str, str] = field(default_factory=dict)  # accepted, lower-cased keys
     owner: str | None = None        # the task's owner (auth on), for per-user submission
+    # the worker's credential for its own task (auth on), for backends whose workers do
+    # not share the task dir (AWS Batch passes it in the job's environment)
+    worker_token: str | None = None
 
 
 class BackendError(RuntimeError):
@@ -73,41 +103,72 @@ class Backend(abc.ABC):
 
     #: name used in config (backend.name) and in task metadata
     name: str = ""
-    #: TES backend_parameters keys this backend understands (lower case)
+    #: TES backend_parameters keys this backend understands (lower case): the keys of
+    #: backend.<name>.backend_parameters, the admin's allow-list (mapped by
+    #: templating.map_backend_parameters)
     supported_parameters: frozenset[str] = frozenset()
     #: submit may be called from several threads at once (reconciler.submit_threads)
     parallel_submit: bool = False
     #: set by the reconciler: a backend that learns by itself that a job ended (the local
     #: backend) calls it, and the reconciler ticks at once
     on_change: Callable[[], None] | None = None
+    #: files in the task dir where the scheduler itself writes the job's output (as the
+    #: shipped template sets it, e.g. Slurm's --output): their tails go into the system
+    #: logs of a job that ended without its worker recording an end
+    job_output_files: tuple[str, ...] = ()
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         self.options = options  # this backend's section: config["backend"][name]
         self.config = config    # the whole configuration
+        self.supported_parameters = frozenset(
+            str(key).lower() for key in (options.get("backend_parameters") or {}))
 
     @abc.abstractmethod
     def submit(self, request: SubmitRequest) -> str:
-        """Submit the task's worker; return the scheduler's job id."""
+        """Submit the task's worker; return the scheduler's job id.
+
+        Raises BackendError: transient when the scheduler could not be reached (the
+        reconciler gives the claim back and tries again), else the scheduler refused
+        the job or the configuration is wrong (the task fails with the message).
+        """
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:
-        """Ask the scheduler to stop the job. Idempotent for finished jobs."""
+        """Ask the scheduler to stop the job. Idempotent for finished and unknown jobs.
+
+        Raises BackendError when the request failed (the reconciler asks again next tick).
+        """
 
     @abc.abstractmethod
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         """State of every job in job_ids, from ONE batched scheduler query.
 
-        Every id in job_ids gets an entry; a job the scheduler no longer knows
-        is JobState.LOST (or a finished state if accounting still has it).
+        Never raises. Every id in job_ids gets an entry; a job the scheduler no
+        longer knows is LOST (or a finished state if accounting still has it); a
+        query that failed makes its jobs UNKNOWN, the reason quoting the scheduler.
         """
 
     def recover(self, task_id: str, task_dir: Path) -> str | None:
         """Find the job of a submission the gateway may have died in the middle of.
 
-        Return its job id, or None if the scheduler has no job for the task.
-        The default knows nothing; backends that can look jobs up by name do better.
+        Return its job id, or None only when the scheduler answered that it has no
+        job for the task (the reconciler then submits the task again). Raises
+        BackendError(transient=True) when the scheduler could not be asked: the claim
+        is kept and the question asked again next tick, so an outage never makes a
+        second job. The default knows nothing; backends that can look jobs up by
+        name do better.
         """
         return None
 
-    def close(self) -> None:  # pragma: no cover - optional hook
+    def job_output(self, task_dir: Path, limit: int = 4096) -> list[tuple[str, str]]:
+        """(file name, last `limit` bytes) of each job_output_files entry that exists and
+        is not empty; symlinks are not followed (the task dir may be the user's)."""
+        out = []
+        for name in self.job_output_files:
+            text = read_tail(task_dir / name, limit)
+            if text:
+                out.append((name, text))
+        return out
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: nothing to release by default
         """Release connections (SSH sessions, threads)."""

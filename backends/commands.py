@@ -9,7 +9,11 @@ costs a constant number of scheduler commands.
     result = runner.run(["squeue", "-h"]); result.returncode, result.stdout, result.stderr
 
 Failures to run at all are results, not exceptions: 127 (command not found),
-124 (timed out), 255 (SSH trouble), with the cause in stderr.
+124 (timed out), 255 (SSH trouble), with the cause in stderr. ``failure`` turns a
+failed result into the one BackendError of every command-line backend, with the
+one transient rule: timed out, SSH trouble, or the scheduler's own words for "daemon
+unreachable" (each backend's list) are transient; anything else, a missing command
+included (a configuration error), is not.
 """
 
 from __future__ import annotations
@@ -18,7 +22,16 @@ import os
 import shlex
 import subprocess
 import threading
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from funnel_hpc.backends.base import BackendError
+
+if TYPE_CHECKING:
+    import paramiko
+
+COMMAND_NOT_FOUND, TIMED_OUT, SSH_FAILED = 127, 124, 255
+# the scheduler could not be reached, whatever the scheduler
+UNREACHABLE_CODES = frozenset({TIMED_OUT, SSH_FAILED})
 
 
 class Result(NamedTuple):
@@ -27,6 +40,16 @@ class Result(NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+
+
+class Runner(Protocol):
+    """What a backend needs of a runner (LocalRunner, SSHRunner, a test's fake)."""
+
+    calls: int
+
+    def run(self, argv: list[str], input: str | None = None) -> Result: ...
+
+    def close(self) -> None: ...
 
 
 class LocalRunner:
@@ -44,9 +67,9 @@ class LocalRunner:
             done = subprocess.run(argv, input=input, capture_output=True, text=True,
                                   timeout=self.timeout, env=self.env)
         except FileNotFoundError:
-            return Result(127, "", f"{argv[0]}: command not found")
+            return Result(COMMAND_NOT_FOUND, "", f"{argv[0]}: command not found")
         except subprocess.TimeoutExpired:
-            return Result(124, "", f"{argv[0]}: timed out after {self.timeout}s")
+            return Result(TIMED_OUT, "", f"{argv[0]}: timed out after {self.timeout}s")
         except OSError as exc:
             return Result(126, "", f"{argv[0]}: {exc}")
         return Result(done.returncode, done.stdout, done.stderr)
@@ -69,15 +92,16 @@ class SSHRunner:
         self.host, self.user, self.port = host, user or None, int(port)
         self.key_file, self.timeout, self.known_hosts = key_file or None, timeout, known_hosts
         self.calls = 0
-        self._client = None
+        self._client: paramiko.SSHClient | None = None
         self._lock = threading.Lock()
 
-    def _connect(self):
+    def _connect(self) -> paramiko.SSHClient:
         import paramiko
 
-        if self._client is not None and self._client.get_transport() is not None \
-                and self._client.get_transport().is_active():
-            return self._client
+        if self._client is not None:
+            transport = self._client.get_transport()
+            if transport is not None and transport.is_active():
+                return self._client
         client = paramiko.SSHClient()
         if self.known_hosts:
             client.load_host_keys(self.known_hosts)
@@ -107,13 +131,31 @@ class SSHRunner:
                 code = stdout.channel.recv_exit_status()
             except (paramiko.SSHException, OSError) as exc:
                 self._client = None
-                return Result(255, "", f"ssh {self.host}: {exc}")
+                return Result(SSH_FAILED, "", f"ssh {self.host}: {exc}")
         return Result(code, out, err)
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def is_transient(result: Result, unreachable: tuple[str, ...] = ()) -> bool:
+    """The scheduler could not be reached: timed out, SSH trouble, or its output holds
+    one of the scheduler's `unreachable` phrases. A missing command is not transient."""
+    if result.returncode in UNREACHABLE_CODES:
+        return True
+    text = result.stderr + result.stdout
+    return any(phrase in text for phrase in unreachable)
+
+
+def failure(command: str, result: Result, unreachable: tuple[str, ...] = ()) -> BackendError:
+    """The BackendError of a failed command: "<command> failed (<rc>): <its words>"."""
+    words = (result.stderr or result.stdout).strip()[:300]
+    if result.returncode == COMMAND_NOT_FOUND:
+        words += " (check the backend's configuration and PATH)"
+    return BackendError(f"{command} failed ({result.returncode}): {words}",
+                        transient=is_transient(result, unreachable))
 
 
 def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -125,7 +167,7 @@ def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {name: value for name, value in environ.items() if not name.startswith("FUNNEL_")}
 
 
-def make_runner(ssh: dict | None, timeout: float = 60) -> LocalRunner | SSHRunner:
+def make_runner(ssh: dict[str, Any] | None, timeout: float = 60) -> Runner:
     """SSHRunner when ssh.host is set (backend.<name>.ssh), else LocalRunner whose
     commands get job_environment()."""
     if ssh and ssh.get("host"):

@@ -1,131 +1,60 @@
-"""Grid Engine (SGE, Son of Grid Engine, OGS): DRMAA 1.0 (mode drmaa) or qsub/qstat/qdel (mode cli).
+"""Grid Engine (SGE, Son of Grid Engine, OGS): DRMAA 1.0 (mode drmaa) or qsub/qstat/qdel (cli).
 
-The job script is rendered from ``templates/gridengine.sh.j2`` (or the
-admin's ``backend.gridengine.template``), written to ``<task_dir>/gridengine.sh``
-(chmod +x) and is the job's command. Its ``#$`` lines carry every job option
-(name ``funnel-<task id>``, output/error files in the task dir, ``-pe`` for
-cpus > 1, the memory resource per slot, ``-q`` from the first zone, the
-allow-listed backend_parameters). In mode cli ``qsub`` reads them from the
-script; in mode drmaa the same lines, joined, are the native specification, so
-both modes submit the same job.
+Submit: the script rendered from ``templates/gridengine.sh.j2`` (or
+``backend.gridengine.template``) is written to ``<task_dir>/gridengine.sh`` and is the
+job's command; its ``#$`` lines carry every job option (name ``funnel-<task id>``,
+``-pe`` for cpus > 1, memory per slot, ``-q`` from the first zone, allow-listed
+backend_parameters). Mode cli gives the script to ``qsub -terse`` (several at once);
+mode drmaa joins the same lines into the native specification of ``runJob`` in the
+one DRMAA helper process (``gridengine_drmaa.py``), so both modes submit the same job.
 
-Mode drmaa (default). The Python ``drmaa`` package over a DRMAA 1.0 C library
-(``drmaa_library``; Grid Engine's by default, but slurm-drmaa, pbs-drmaa and
-other DRMAA 1.0 libraries work the same way when their native specification
-accepts the template's lines: point ``template`` at a site template written for
-that scheduler). The library runs in ONE long-lived helper process
-(``python -m funnel_hpc.backends.gridengine drmaa-agent``) that holds the one DRMAA
-session and answers JSON lines on its stdin/stdout, because:
+Poll, whatever the number of jobs: ONE ``qstat -xml -s prsz`` (cli,
+``gridengine_qstat.py``) or ONE request to the helper (drmaa: ``jobStatus`` per job
+in-process, ended jobs reaped with ``wait`` for their exit and remembered). A job that
+ended without an exit status here (qstat zombie or no longer listed; unknown to the
+DRMAA session, e.g. after a restart) is looked up in the accounting file
+(``gridengine_accounting.py``, read incrementally, no command); not there (yet: qmaster
+flushes it every 15 s by default) it is LOST and the worker's event log decides.
 
-- Debian's libdrmaa links libjemalloc, which cannot be dlopen()ed into a
-  running Python ("cannot allocate memory in static TLS block"): the helper is
-  started with ``GLIBC_TUNABLES=glibc.rtld.optional_static_tls=...``;
-- a DRMAA session is per process and its C library is not thread-safe; the
-  helper keeps it away from the gateway's threads (one request at a time).
+Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job already gone is not an
+error. ``recover`` looks the job up by name in ``qstat`` (a failed qstat raises: the job
+may exist), then in the accounting file; in mode drmaa on a host without qstat, in
+accounting only. Errors follow ``commands.failure`` (qmaster unreachable is transient,
+a missing command is not).
 
-DRMAA has no batch status call: a poll is ONE request to the helper, which
-calls ``jobStatus`` once per job over its session (in-process library calls,
-no external commands). Jobs that ended are reaped with ``wait(id, 0)``, which
-gives the exit status, the signal and whether the job was aborted; that result
-is kept (a reaped job is unknown to DRMAA afterwards). A job the session does
-not know (submitted by an earlier gateway process and already gone, or never
-existed) is LOST: the reconciler then trusts the worker's event log.
-
-Mode cli. ``qsub -terse`` submits (several at once: ``parallel_submit``),
-``qdel`` cancels and a poll is ONE ``qstat -xml -s prsz`` whatever the number of
-jobs: pending, running, suspended and the last ``finished_jobs`` (qmaster
-setting) finished "zombie" jobs. Grid Engine's qstat gives no exit status and
-forgets a job some time after it ends.
-
-Finished jobs, both modes. A job that ended (qstat state ``z``, or no longer
-listed; in mode drmaa, one the DRMAA session does not know, e.g. after a
-gateway restart) is looked up in Grid Engine's accounting file (accounting(5),
-``backend.gridengine.accounting_file``, by default
-``$SGE_ROOT/$SGE_CELL/common/accounting``): COMPLETED when ``failed`` and
-``exit_status`` are 0, else FAILED with both in the reason. The file is read
-incrementally (only the lines appended since the previous poll: no command, one
-read per poll, and only when some job has ended; the first read goes through
-the whole file once). qmaster writes it with a delay (``reporting_params
-flush_time``, 15 s by default), so a job not found there yet, or a site without
-accounting, is LOST (CANCELLED when this backend cancelled it): the worker's
-event log tells how it ended.
-
-Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job that is gone
-already is not an error. ``recover`` looks the job up by name in ``qstat``
-(both modes, when qstat is installed; zombies included), then in the
-accounting file.
-
-Config (``backend.gridengine``): mode, template, drmaa_library, sge_root,
-sge_cell, queue, parallel_environment, memory_resource, backend_parameters
-(TES key -> qsub option), site, command_timeout, static_tls, accounting_file.
+Config (``backend.gridengine``): mode, template, drmaa_library, sge_root, sge_cell,
+queue, parallel_environment, memory_resource, backend_parameters (TES key -> qsub
+option), site, command_timeout, static_tls, accounting_file.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-import tempfile
-import threading
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from funnel_hpc.backends.commands import LocalRunner, Result, job_environment
+from funnel_hpc.backends.commands import (
+    COMMAND_NOT_FOUND,
+    LocalRunner,
+    Result,
+    Runner,
+    failure,
+    job_environment,
+)
+from funnel_hpc.backends.gridengine_accounting import MAX_REMEMBERED, AccountingFile
+from funnel_hpc.backends.gridengine_drmaa import DrmaaAgent
+from funnel_hpc.backends.gridengine_qstat import ZOMBIE, map_qstat_state, parse_qstat_xml
 from funnel_hpc.backends.templating import render, script_variables
 
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
 
-# DRMAA 1.0 job states (drmaa.JobState values) -> common job states.
-# "done" and "failed" are refined from the reaped job's exit (see finished_status).
-DRMAA_STATE_MAP: dict[str, JobState] = {
-    "undetermined": JobState.UNKNOWN,
-    "queued_active": JobState.PENDING,
-    "system_on_hold": JobState.PENDING,
-    "user_on_hold": JobState.PENDING,
-    "user_system_on_hold": JobState.PENDING,
-    "running": JobState.RUNNING,
-    "system_suspended": JobState.RUNNING,
-    "user_suspended": JobState.RUNNING,
-    "user_system_suspended": JobState.RUNNING,
-    "done": JobState.COMPLETED,
-    "failed": JobState.FAILED,
-}
-
-# qstat state letters -> common job states; the first letter of this list found in
-# a job's state string wins (Eqw: error, needs a person; dr: being deleted, still running).
-QSTAT_STATE_LETTERS: tuple[tuple[str, JobState], ...] = (
-    ("E", JobState.FAILED),
-    ("r", JobState.RUNNING),
-    ("t", JobState.RUNNING),
-    ("s", JobState.RUNNING),
-    ("S", JobState.RUNNING),
-    ("T", JobState.RUNNING),
-    ("R", JobState.PENDING),
-    ("h", JobState.PENDING),
-    ("q", JobState.PENDING),
-    ("w", JobState.PENDING),
-)
-
-# qstat's state of a finished job kept by qmaster (finished_jobs), "zombie"
-ZOMBIE = "z"
-# accounting(5): colon-separated fields; these are the ones read here
-ACCT_NAME, ACCT_NUMBER, ACCT_FAILED, ACCT_EXIT = 4, 5, 11, 12
-
 SCRIPT_NAME = "gridengine.sh"
-# finished statuses kept for jobs DRMAA has reaped (oldest dropped beyond this)
-MAX_REMEMBERED = 10000
-
-
-def map_qstat_state(letters: str) -> JobState:
-    for letter, state in QSTAT_STATE_LETTERS:
-        if letter in letters:
-            return state
-    return JobState.UNKNOWN
+# what Grid Engine's commands print when qmaster cannot be reached
+UNREACHABLE = ("commlib error", "unable to contact qmaster", "unable to send message to qmaster",
+               "Connection refused")
 
 
 def native_specification(script: str) -> str:
@@ -133,238 +62,11 @@ def native_specification(script: str) -> str:
     return " ".join(line[2:].strip() for line in script.splitlines() if line.startswith("#$"))
 
 
-def parse_qstat_xml(text: str) -> dict[str, tuple[str, str]]:
-    """`qstat -xml` -> {job id: (state letters, job name)}."""
-    jobs: dict[str, tuple[str, str]] = {}
-    for job in ET.fromstring(text).iter("job_list"):
-        number = (job.findtext("JB_job_number") or "").strip()
-        if number:
-            jobs[number] = ((job.findtext("state") or "").strip(),
-                            (job.findtext("JB_name") or "").strip())
-    return jobs
-
-
-@dataclass
-class AccountingRecord:
-    job_id: str
-    name: str
-    failed: int       # 0, or Grid Engine's failure code (accounting(5), "failed")
-    exit_status: int  # the job script's exit status (128 + N: killed by signal N)
-
-    def status(self) -> JobStatus:
-        reason = f"accounting: failed={self.failed} exit={self.exit_status}"
-        if self.failed == 0 and self.exit_status == 0:
-            return JobStatus(JobState.COMPLETED, reason)
-        return JobStatus(JobState.FAILED, reason)
-
-
-class AccountingFile:
-    """Grid Engine's accounting file, read incrementally: each refresh reads only the
-    lines appended since the previous one (from the start again if the file shrank:
-    rotated). Records of funnel-hpc jobs (named funnel-...) are kept, the newest
-    MAX_REMEMBERED."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.by_id: dict[str, AccountingRecord] = {}
-
-    def refresh(self) -> bool:
-        """Read what was appended; False when there is no accounting file."""
-        try:
-            size = self.path.stat().st_size
-            if size < self.offset:
-                self.offset = 0
-            if size == self.offset:
-                return True
-            with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read(size - self.offset)
-        except OSError:
-            return False
-        end = data.rfind(b"\n") + 1  # whole lines only: a line being written waits
-        for line in data[:end].decode(errors="replace").splitlines():
-            record = parse_accounting_line(line)
-            if record is not None and record.name.startswith("funnel-"):
-                self.by_id.pop(record.job_id, None)  # a newer record of the same job wins
-                self.by_id[record.job_id] = record
-        while len(self.by_id) > MAX_REMEMBERED:
-            self.by_id.pop(next(iter(self.by_id)))
-        self.offset += end
-        return True
-
-    def newest_named(self, name: str) -> AccountingRecord | None:
-        named = [r for r in self.by_id.values() if r.name == name]
-        return max(named, key=lambda r: int(r.job_id)) if named else None
-
-
-def parse_accounting_line(line: str) -> AccountingRecord | None:
-    """One accounting(5) line, or None for comments and lines that do not parse."""
-    if not line or line.startswith("#"):
-        return None
-    fields = line.split(":")
-    try:
-        return AccountingRecord(job_id=str(int(fields[ACCT_NUMBER])), name=fields[ACCT_NAME],
-                                failed=int(fields[ACCT_FAILED]),
-                                exit_status=int(fields[ACCT_EXIT]))
-    except (IndexError, ValueError):
-        return None
-
-
-def finished_status(raw_state: str, info: dict[str, Any] | None, cancelled: bool,
-                    wait_error: str = "") -> JobStatus:
-    """A DRMAA job that ended ("done"/"failed"), from its reaped JobInfo (a dict)."""
-    if cancelled:
-        return JobStatus(JobState.CANCELLED, f"drmaa: {raw_state}, terminated by funnel-hpc")
-    if info is None:  # e.g. deleted before it ran: no usage information
-        return JobStatus(JobState.CANCELLED if raw_state == "failed" else JobState.LOST,
-                         f"drmaa: {raw_state}, no exit information ({wait_error})")
-    if info.get("wasAborted"):
-        return JobStatus(JobState.CANCELLED, f"drmaa: {raw_state}, aborted (deleted by qdel "
-                                             "or the scheduler before it could end)")
-    if info.get("hasSignal"):
-        return JobStatus(JobState.FAILED, f"drmaa: {raw_state}, killed by signal "
-                                          f"{info.get('terminatedSignal')}")
-    code = info.get("exitStatus")
-    if info.get("hasExited") and code == 0:
-        return JobStatus(JobState.COMPLETED, "drmaa: done exit=0")
-    return JobStatus(JobState.FAILED, f"drmaa: {raw_state} exit={code}")
-
-
-# ---------------------------------------------------------------- the DRMAA helper process
-
-def agent_main() -> int:
-    """`python -m funnel_hpc.backends.gridengine drmaa-agent`: one DRMAA session, JSON lines in and out."""
-    import drmaa  # DRMAA_LIBRARY_PATH is in this process's environment
-
-    session = drmaa.Session()
-    session.initialize()
-    cancelled: set[str] = set()
-    print(json.dumps({"ok": True, "result": str(session.drmsInfo)}), flush=True)
-    for line in sys.stdin:
-        try:
-            request = json.loads(line)
-            result = _agent_call(drmaa, session, cancelled, request)
-            reply = {"ok": True, "result": result}
-        except Exception as exc:  # noqa: BLE001 - every error goes back to the caller
-            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                     "invalid_job": isinstance(exc, drmaa.errors.InvalidJobException)}
-        print(json.dumps(reply), flush=True)
-    session.exit()
-    return 0
-
-
-def _agent_call(drmaa: Any, session: Any, cancelled: set[str], request: dict) -> Any:
-    op = request["op"]
-    if op == "submit":
-        template = session.createJobTemplate()
-        try:
-            template.remoteCommand = request["command"]
-            template.workingDirectory = request["workdir"]
-            template.nativeSpecification = request["native"]
-            return session.runJob(template)
-        finally:
-            session.deleteJobTemplate(template)
-    if op == "cancel":
-        session.control(request["id"], drmaa.JobControlAction.TERMINATE)
-        cancelled.add(request["id"])
-        return None
-    if op == "status":
-        return {job_id: _agent_status(drmaa, session, cancelled, job_id)
-                for job_id in request["ids"]}
-    raise ValueError(f"unknown op {op!r}")
-
-
-def _agent_status(drmaa: Any, session: Any, cancelled: set[str], job_id: str) -> dict:
-    try:
-        raw = str(session.jobStatus(job_id))
-    except drmaa.errors.InvalidJobException:
-        return {"state": JobState.LOST.value,
-                "reason": "drmaa: this session does not know the job (ended before the "
-                          "gateway's DRMAA session started, or never existed)"}
-    except drmaa.errors.DrmaaException as exc:
-        return {"state": JobState.UNKNOWN.value, "reason": f"drmaa jobStatus failed: {exc}"}
-    if raw not in ("done", "failed"):
-        state = DRMAA_STATE_MAP.get(raw, JobState.UNKNOWN)
-        return {"state": state.value, "reason": f"drmaa: {raw}"}
-    info, error = None, ""
-    try:
-        info = session.wait(job_id, drmaa.Session.TIMEOUT_NO_WAIT)._asdict()
-        info.pop("resourceUsage", None)
-    except Exception as exc:  # noqa: BLE001 - e.g. "no usage information" for deleted jobs
-        error = str(exc)
-    status = finished_status(raw, info, job_id in cancelled, error)
-    cancelled.discard(job_id)
-    return {"state": status.state.value, "reason": status.reason, "final": True}
-
-
-class DrmaaAgent:
-    """Client side of the helper process: started on first use, restarted if it died."""
-
-    def __init__(self, env: dict[str, str], timeout: float):
-        self.env, self.timeout = env, timeout
-        self._proc: subprocess.Popen | None = None
-        self._stderr: Any = None
-        self._lock = threading.Lock()
-        self.requests = 0
-
-    def _start(self) -> subprocess.Popen:
-        # stderr into a file: a chatty library must not block on a full pipe
-        self._stderr = tempfile.TemporaryFile(mode="w+")
-        proc = subprocess.Popen([sys.executable, "-m", "funnel_hpc.backends.gridengine", "drmaa-agent"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=self._stderr, text=True, env=self.env)
-        hello = self._read(proc)
-        if not hello.get("ok"):
-            raise BackendError(f"DRMAA session failed: {hello.get('error')}", transient=True)
-        return proc
-
-    def _read(self, proc: subprocess.Popen) -> dict:
-        result: list[str] = []
-        reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(self.timeout)
-        line = result[0] if result else ""
-        if not line:
-            proc.kill()
-            self._stderr.seek(0)
-            err = self._stderr.read() if not reader.is_alive() else "(no answer in time)"
-            raise BackendError(f"DRMAA helper died: {err.strip()[-500:]}", transient=True)
-        return json.loads(line)
-
-    def call(self, request: dict) -> dict:
-        with self._lock:
-            self.requests += 1
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = self._start()
-            try:
-                self._proc.stdin.write(json.dumps(request) + "\n")
-                self._proc.stdin.flush()
-            except OSError as exc:
-                self._proc = None
-                raise BackendError(f"DRMAA helper gone: {exc}", transient=True) from None
-            try:
-                return self._read(self._proc)
-            except BackendError:
-                self._proc = None
-                raise
-
-    def close(self) -> None:
-        with self._lock:
-            if self._proc is not None and self._proc.poll() is None:
-                self._proc.stdin.close()
-                try:
-                    self._proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-            self._proc = None
-
-
 # ---------------------------------------------------------------- the backend
 
 class GridEngineBackend(Backend):
     name = "gridengine"
+    job_output_files = ("gridengine.out", "gridengine.err")  # the shipped template's output/error
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         super().__init__(options, config)
@@ -372,11 +74,9 @@ class GridEngineBackend(Backend):
         if self.mode not in ("drmaa", "cli"):
             raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")
         self.template = options.get("template") or "gridengine.sh.j2"
-        self.supported_parameters = frozenset(
-            k.lower() for k in (options.get("backend_parameters") or {}))
         timeout = float(options.get("command_timeout", 60))
         self.env = self._environment()
-        self.runner = LocalRunner(timeout, env=self.env)
+        self.runner: Runner = LocalRunner(timeout, env=self.env)
         self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
         # qsub processes are independent; the DRMAA helper answers one request at a time
         self.parallel_submit = self.mode == "cli"
@@ -401,6 +101,11 @@ class GridEngineBackend(Backend):
     def _run(self, argv: list[str], input: str | None = None) -> Result:
         return self.runner.run(argv, input=input)
 
+    def _drmaa(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request to the DRMAA helper (mode drmaa only)."""
+        assert self.agent is not None, "only mode drmaa asks the DRMAA helper"
+        return self.agent.call(request)
+
     # ---- submit / cancel ----
 
     def script_variables(self, request: SubmitRequest) -> dict[str, Any]:
@@ -421,22 +126,20 @@ class GridEngineBackend(Backend):
             script = self.render_script(request)
         except ValueError as exc:
             raise BackendError(f"cannot render the Grid Engine script: {exc}") from None
-        path = request.task_dir / SCRIPT_NAME
-        path.write_text(script)
-        path.chmod(0o755)
+        # the owner's to run, nobody else's to read (no symlink followed: files.py)
+        path = files.write_private(request.task_dir, SCRIPT_NAME, script, mode=0o700)
         if self.mode == "cli":
             result = self._run(["qsub", "-terse", str(path)])
             job_id = result.stdout.strip().split(".")[0]
             if result.returncode != 0 or not job_id.isdigit():
-                raise BackendError(f"qsub failed ({result.returncode}): "
-                                   f"{(result.stderr or result.stdout).strip()[:500]}",
-                                   transient=result.returncode in (124, 127))
+                raise failure("qsub", result, UNREACHABLE)
             return job_id
-        reply = self.agent.call({"op": "submit", "command": str(path),
-                                 "workdir": str(request.task_dir),
-                                 "native": native_specification(script)})
+        reply = self._drmaa({"op": "submit", "command": str(path),
+                             "workdir": str(request.task_dir),
+                             "native": native_specification(script)})
         if not reply["ok"]:
-            raise BackendError(f"DRMAA runJob failed: {reply['error'][:500]}")
+            raise BackendError(f"DRMAA runJob failed: {reply['error'][:300]}",
+                               transient=bool(reply.get("transient")))
         return str(reply["result"])
 
     def cancel(self, job_id: str) -> None:
@@ -449,13 +152,12 @@ class GridEngineBackend(Backend):
             if result.returncode == 0:
                 self._remember(job_id, JobStatus(JobState.CANCELLED, "qdel by funnel-hpc"))
             elif "does not exist" not in text:
-                raise BackendError(f"qdel {job_id} failed: {text.strip()[:300]}",
-                                   transient=result.returncode in (124, 127))
+                raise failure(f"qdel {job_id}", result, UNREACHABLE)
             return
-        reply = self.agent.call({"op": "cancel", "id": job_id})
+        reply = self._drmaa({"op": "cancel", "id": job_id})
         if not reply["ok"] and not reply.get("invalid_job"):
             raise BackendError(f"DRMAA control({job_id}, TERMINATE) failed: "
-                               f"{reply['error'][:300]}")
+                               f"{reply['error'][:300]}", transient=bool(reply.get("transient")))
 
     def _remember(self, job_id: str, status: JobStatus) -> None:
         self._finished[job_id] = status
@@ -474,7 +176,7 @@ class GridEngineBackend(Backend):
             out.update(self._poll_qstat(ask))
             return out
         try:
-            reply = self.agent.call({"op": "status", "ids": ask})
+            reply = self._drmaa({"op": "status", "ids": ask})
         except BackendError as exc:
             return {**out, **{j: JobStatus(JobState.UNKNOWN, str(exc)) for j in ask}}
         if not reply["ok"]:
@@ -504,21 +206,22 @@ class GridEngineBackend(Backend):
             self._remember(job_id, out[job_id])
         return out
 
-    def _qstat(self) -> dict[str, tuple[str, str]] | str:
+    def _qstat(self) -> dict[str, tuple[str, str]] | Result:
         """This user's jobs (pending, running, suspended, recently finished) from one
-        `qstat -xml -s prsz`, or the error text."""
+        `qstat -xml -s prsz`, or the failed result."""
         result = self._run(["qstat", "-xml", "-s", "prsz"])
         if result.returncode != 0:
-            return f"qstat failed: {(result.stderr or result.stdout).strip()[:300]}"
+            return result
         try:
             return parse_qstat_xml(result.stdout)
         except ET.ParseError as exc:
-            return f"qstat printed unreadable XML: {exc}"
+            return Result(1, "", f"qstat printed unreadable XML: {exc}")
 
     def _poll_qstat(self, job_ids: list[str]) -> dict[str, JobStatus]:
         jobs = self._qstat()
-        if isinstance(jobs, str):
-            return {j: JobStatus(JobState.UNKNOWN, jobs) for j in job_ids}
+        if isinstance(jobs, Result):
+            reason = str(failure("qstat", jobs, UNREACHABLE))
+            return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}
         out: dict[str, JobStatus] = {}
         ended: dict[str, JobStatus] = {}
         for job_id in job_ids:
@@ -536,10 +239,17 @@ class GridEngineBackend(Backend):
         return out
 
     def recover(self, task_id: str, task_dir: Path) -> str | None:
-        """The newest job named funnel-<task id>: in qstat (zombies too), else in accounting."""
+        """The newest job named funnel-<task id>: in qstat (zombies too), else in accounting.
+        A qstat that failed raises (transient): the job may exist. Only in mode drmaa
+        on a host without qstat is accounting the one place asked."""
         name = f"funnel-{task_id}"
         jobs = self._qstat()
-        if not isinstance(jobs, str):
+        if isinstance(jobs, Result):
+            if not (self.mode == "drmaa" and jobs.returncode == COMMAND_NOT_FOUND):
+                error = failure("qstat", jobs, UNREACHABLE)
+                error.transient = True
+                raise error
+        else:
             ids = [j for j, (_, job_name) in jobs.items() if job_name == name]
             if ids:
                 return max(ids, key=int)
@@ -554,7 +264,3 @@ class GridEngineBackend(Backend):
             self.agent.close()
 
 
-if __name__ == "__main__":
-    if sys.argv[1:] == ["drmaa-agent"]:
-        sys.exit(agent_main())
-    sys.exit("usage: python -m funnel_hpc.backends.gridengine drmaa-agent")

@@ -17,7 +17,9 @@ LOST. So a poll costs one schedd query, two when some jobs have left the queue.
 JobStatus codes map onto JobState by ``STATE_MAP`` (data). A COMPLETED job
 (4) with a non-zero ExitCode or killed by a signal is FAILED. HELD (5) is
 FAILED: a held job needs a person (the HoldReason is in the reason) and would
-otherwise keep the task QUEUED forever.
+otherwise keep the task QUEUED forever. An IDLE job that has started before
+(``NumJobStarts``) was evicted: it is PREEMPTED, and the reconciler removes it
+rather than let HTCondor rerun it behind the gateway's back (``reconciler.retry_on``).
 
 Cancel: ``schedd.act(JobAction.Remove, "ClusterId == N", reason)``;
 removing a job that is gone already is not an error.
@@ -38,8 +40,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from funnel_hpc.backends.templating import TemplateValueError, directive, render, script_variables
+from funnel_hpc.backends.templating import (
+    directive,
+    map_backend_parameters,
+    render,
+    script_variables,
+)
 
 # HTCondor JobStatus codes -> common job states
 STATE_MAP: dict[int, JobState] = {
@@ -56,13 +64,16 @@ STATUS_NAMES: dict[int, str] = {1: "IDLE", 2: "RUNNING", 3: "REMOVED", 4: "COMPL
                                 5: "HELD", 6: "TRANSFERRING_OUTPUT", 7: "SUSPENDED"}
 
 PROJECTION = ["ClusterId", "ProcId", "JobStatus", "ExitCode", "ExitBySignal", "ExitSignal",
-              "HoldReason", "RemoveReason", "FunnelTaskId"]
+              "HoldReason", "RemoveReason", "FunnelTaskId", "NumJobStarts"]
 
 CANCEL_REASON = "Canceled by funnel-hpc (TES CancelTask)"
 
 # a submit command name from the admin's allow-list: request_gpus, accounting_group, +Attr
-_COMMAND = re.compile(r"^\+?[A-Za-z][A-Za-z0-9_.]*$")
+COMMAND_NAME = re.compile(r"\+?[A-Za-z][A-Za-z0-9_.]*")
 
+# BINDING_ERRORS: the bindings raise HTCondorException (htcondor2), RuntimeError, ValueError
+# or classad errors (legacy htcondor), with no common base but Exception: every call into
+# them catches Exception, and says what it was doing.
 # what the bindings say when the schedd cannot be reached
 UNREACHABLE = ("locate", "connect", "timed out", "timeout", "communicat", "refused")
 
@@ -89,6 +100,9 @@ def job_status(ad: Any) -> JobStatus:
     if state is JobState.COMPLETED and (by_signal or (exit_code not in (None, 0))):
         state = JobState.FAILED
     why = ad.get("HoldReason") or ad.get("RemoveReason") or ""
+    if state is JobState.PENDING and int(ad.get("NumJobStarts", 0) or 0) > 0:
+        state = JobState.PREEMPTED  # idle again after running: evicted from its slot
+        why = why or "evicted"
     if by_signal:
         why = f"signal {ad.get('ExitSignal')}" + (f"; {why}" if why else "")
     return JobStatus(state, f"condor: {STATUS_NAMES.get(code, code)} exit={exit_code} "
@@ -109,13 +123,13 @@ def is_unreachable(exc: Exception) -> bool:
 
 class HTCondorBackend(Backend):
     name = "htcondor"
+    job_output_files = ("htcondor.out", "htcondor.err")  # the shipped template's output/error
 
-    def __init__(self, options: dict, config: dict, schedd: Any = None, bindings: Any = None):
+    def __init__(self, options: dict[str, Any], config: dict[str, Any], schedd: Any = None,
+                 bindings: Any = None):
         super().__init__(options, config)
         self.template = options.get("template") or "htcondor.sub.j2"
         self.wrapper_template = options.get("wrapper_template") or "htcondor.sh.j2"
-        self.supported_parameters = frozenset(
-            k.lower() for k in (options.get("backend_parameters") or {}))
         self.htcondor = bindings or load_bindings(str(options.get("bindings") or ""))
         self._schedd = schedd  # tests hand in a schedd; otherwise located on first use
 
@@ -129,32 +143,18 @@ class HTCondorBackend(Backend):
                     self._schedd = self.htcondor.Schedd(ad)
                 else:
                     self._schedd = self.htcondor.Schedd()
-            except Exception as exc:  # HTCondorException, RuntimeError (legacy bindings)
+            except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
                 raise BackendError(f"cannot locate the schedd: {exc}", transient=True) from None
         return self._schedd
 
     # ---- submit ----
 
-    def submit_commands(self, params: dict[str, str]) -> list[tuple[str, str]]:
-        """backend_parameters -> [(submit command, value)] through the allow-list."""
-        allowed = {str(k).lower(): str(v) for k, v in
-                   (self.options.get("backend_parameters") or {}).items()}
-        out = []
-        for key, value in sorted(params.items()):
-            command = allowed.get(str(key).lower())
-            if not command:
-                continue
-            if not _COMMAND.match(command):
-                raise TemplateValueError(f"backend.htcondor.backend_parameters maps {key!r} to "
-                                         f"{command!r}, not a submit command name")
-            out.append((command, directive("" if value is None else value)))
-        return out
-
     def variables(self, request: SubmitRequest) -> dict[str, Any]:
-        # script_variables maps backend_parameters to Slurm-style options: ours differ
-        options = {k: v for k, v in self.options.items() if k != "backend_parameters"}
-        variables = script_variables(request, options)
-        variables["backend_parameters"] = self.submit_commands(request.backend_parameters)
+        # backend_parameters map to submit commands here, not to sbatch-style options
+        commands = map_backend_parameters(request.backend_parameters,
+                                          self.options.get("backend_parameters") or {},
+                                          COMMAND_NAME, "a submit command name")
+        variables = script_variables(request, self.options, commands)
         variables["wrapper"] = str(request.task_dir / "htcondor.sh")
         variables["site"] = {"extra_commands": [], "prologue": [], **variables["site"]}
         return variables
@@ -169,18 +169,17 @@ class HTCondorBackend(Backend):
             description, wrapper = self.render(request)
         except ValueError as exc:
             raise BackendError(f"cannot render the HTCondor submit description: {exc}") from None
-        script = Path(request.task_dir) / "htcondor.sh"
-        script.write_text(wrapper)
-        script.chmod(0o755)
-        (Path(request.task_dir) / "htcondor.sub").write_text(description)
+        # the owner's to run, nobody else's to read (no symlink followed: files.py)
+        files.write_private(Path(request.task_dir), "htcondor.sh", wrapper, mode=0o700)
+        files.write_private(Path(request.task_dir), "htcondor.sub", description)
         try:
             submit = self.htcondor.Submit(description)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"HTCondor refused the submit description: {exc}") from None
         schedd = self.schedd()
         try:
             result = schedd.submit(submit, count=1)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"condor submit failed: {exc}",
                                transient=is_unreachable(exc)) from None
         return str(result.cluster())
@@ -194,7 +193,7 @@ class HTCondorBackend(Backend):
         try:
             schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {int(job_id)}",
                        CANCEL_REASON)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"condor remove {job_id} failed: {exc}",
                                transient=is_unreachable(exc)) from None
 
@@ -205,11 +204,11 @@ class HTCondorBackend(Backend):
         found: dict[str, JobStatus] = {}
         clusters = [j for j in wanted if j.isdigit()]
         if clusters:
-            schedd = self.schedd()
-            try:
+            try:  # poll never raises: a schedd we cannot locate or query is UNKNOWN
+                schedd = self.schedd()
                 ads = schedd.query(constraint=cluster_constraint(clusters),
                                    projection=PROJECTION)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - BackendError or see BINDING_ERRORS
                 reason = f"schedd query failed: {exc}"
                 return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
             for ad in ads:
@@ -228,7 +227,7 @@ class HTCondorBackend(Backend):
         try:
             ads = list(schedd.history(constraint=cluster_constraint(clusters),
                                       projection=PROJECTION, match=len(clusters)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             # not LOST: that would fail the tasks; ask again next poll
             return {c: JobStatus(JobState.UNKNOWN, f"schedd history failed: {exc}")
                     for c in clusters}
@@ -250,7 +249,7 @@ class HTCondorBackend(Backend):
             if not ads:
                 ads = list(schedd.history(constraint=constraint, projection=["ClusterId"],
                                           match=1))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"schedd query failed: {exc}", transient=True) from None
         clusters = [int(ad["ClusterId"]) for ad in ads if "ClusterId" in ad]
         return str(max(clusters)) if clusters else None

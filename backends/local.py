@@ -24,17 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.jsonlines import ChildProcess
 
 JOB, LAUNCH, PID = "local.job", "local.launch", "local.pid"
 EXIT, CANCEL = "local.exit", "local.cancel"
@@ -103,8 +104,6 @@ class LocalBackend(Backend):
         self.work_dir = Path(config["work_dir"])
         self.max_concurrent = max(1, int(options.get("max_concurrent", 2)))
         self.grace = float(options.get("cancel_grace_seconds", 10))
-        self.supported_parameters = frozenset(
-            k.lower() for k in (options.get("backend_parameters") or {}))
         self.queue: deque[str] = deque()                    # submitted, not launched, FIFO
         self.children: dict[str, tuple[int, str]] = {}      # wrappers this process started
         self.launcher = Launcher(self.work_dir, lambda: self.on_change and self.on_change())
@@ -292,61 +291,25 @@ class LocalBackend(Backend):
 
 
 class Launcher:
-    """The gateway's end of `python -m funnel_hpc.backends.local_runner --serve` (see that module):
-    started on first use and again if it died; its `exit` lines call on_exit."""
+    """The gateway's end of `python -m funnel_hpc.backends.local_runner --serve` (see that
+    module): started on first use and again if it died; its exit notices call on_exit."""
 
     def __init__(self, work_dir: Path, on_exit: Callable[[], Any]):
-        self.work_dir = work_dir
-        self.on_exit = on_exit
-        self.proc: subprocess.Popen | None = None
-        self.replies: queue.Queue[str] = queue.Queue()
+        self.child = ChildProcess(
+            [sys.executable, "-m", "funnel_hpc.backends.local_runner", "--serve"],
+            timeout=LAUNCH_WAIT_SECONDS, cwd=work_dir,
+            stderr_path=work_dir / "local-launcher.err", on_notice=lambda _notice: on_exit())
 
-    def _start(self) -> subprocess.Popen:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        with (self.work_dir / "local-launcher.err").open("ab") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "funnel_hpc.backends.local_runner", "--serve"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
-                bufsize=1, start_new_session=True, cwd=str(self.work_dir))
-        self.replies = queue.Queue()
-        threading.Thread(target=self._read, args=(self.proc, self.replies),
-                         name="local-launcher", daemon=True).start()
-        return self.proc
-
-    def _read(self, proc: subprocess.Popen, replies: "queue.Queue[str]") -> None:
-        for line in proc.stdout:
-            if line.startswith("exit "):
-                self.on_exit()
-            else:
-                replies.put(line.strip())
-        replies.put("error the launcher stopped")
+    @property
+    def proc(self) -> subprocess.Popen[str] | None:
+        return self.child.proc
 
     def launch(self, task_dir: Path, argv: list[str]) -> int:
-        """Start the wrapper of one job; its pid."""
-        proc = self._start()
-        try:
-            proc.stdin.write(json.dumps({"task_dir": str(task_dir), "argv": argv}) + "\n")
-            proc.stdin.flush()
-            reply = self.replies.get(timeout=LAUNCH_WAIT_SECONDS)
-        except (OSError, ValueError, queue.Empty) as exc:
-            self.close()
-            raise OSError(f"the local launcher did not answer: {exc!r}") from None
-        kind, _, value = reply.partition(" ")
-        if kind != "pid":
-            raise OSError(value or reply)
-        return int(value)
+        """Start the wrapper of one job; its pid. Raises OSError (ChildGone included)."""
+        answer = self.child.call({"task_dir": str(task_dir), "argv": argv})
+        if not answer.get("ok"):
+            raise OSError(answer.get("error") or "the local launcher refused")
+        return int(answer["result"])
 
     def close(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.proc = None
+        self.child.close()

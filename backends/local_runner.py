@@ -6,33 +6,38 @@ for a signal), so a gateway restarted meanwhile still learns how it ended. A SIG
 to the process group reaches the worker; the wrapper ignores it and waits for the
 worker, so the exit status is still recorded. Each wrapper leads its own session.
 
-Launcher (``python -m funnel_hpc.backends.local_runner --serve``): one per gateway process. It
-reads requests on stdin, one JSON line each (``{"task_dir": ..., "argv": [...]}``),
-forks a wrapper for each and answers ``pid <pid>`` on stdout. When a wrapper ends it
-writes ``exit <pid>`` on stdout, so the gateway reconciles at once. A worker whose argv
-is this Python's ``-m MODULE ...`` (the default worker command) runs in the forked
-process itself, as ``python -m`` would run it, without starting a new interpreter (the
-cost a local task would otherwise pay before doing anything); the launcher imports
-``MODULE.main`` and the modules its ``PRELOAD`` names once, before the first such fork.
-Any other worker command is exec'd. The launcher knows the worker only by that name. The launcher ends when its stdin closes (the gateway stopped); wrappers it
-started go on without it.
+Launcher (``python -m funnel_hpc.backends.local_runner --serve``): one per gateway
+process, a helper speaking JSON lines (backends/jsonlines.py). Each request
+(``{"task_dir": ..., "argv": [...]}``) forks a wrapper and is answered with its pid,
+once the wrapper leads its own process group. When a wrapper ends the launcher sends
+the notice ``{"notice": "exit", "pid": ...}``, so the gateway reconciles at once. A
+worker whose argv is this Python's ``-m MODULE ...`` (the default worker command) runs
+in the forked process itself, as ``python -m`` would run it, without starting a new
+interpreter (the cost a local task would otherwise pay before doing anything); the
+launcher imports ``MODULE.main`` and the modules its ``PRELOAD`` names once, before the
+first such fork. Any other worker command is exec'd. The launcher knows the worker only
+by that name. It ends when its stdin closes (the gateway stopped); wrappers it started
+go on without it.
 
-``python -m funnel_hpc.backends.local_runner TASK_DIR -- WORKER ARGV...`` runs one wrapper in the
-foreground (no launcher).
+``python -m funnel_hpc.backends.local_runner TASK_DIR -- WORKER ARGV...`` runs one
+wrapper in the foreground (no launcher).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import runpy
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from funnel_hpc.backends.jsonlines import NOTICE, write_line
+from funnel_hpc.backends.jsonlines import serve as serve_lines
 from funnel_hpc.backends.local import EXIT, write_atomic, write_pid_record
+
 
 def in_process_module(argv: list[str]) -> str | None:
     """MODULE when argv is this Python's ``-m MODULE ...``, else None."""
@@ -65,7 +70,8 @@ def main(argv: list[str]) -> int:
     if argv == ["--serve"]:
         return serve()
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m funnel_hpc.backends.local_runner TASK_DIR -- ARGV...", file=sys.stderr)
+        print("usage: python -m funnel_hpc.backends.local_runner TASK_DIR -- ARGV...",
+              file=sys.stderr)
         return 2
     run_wrapper(Path(argv[0]), argv[2:])
     return 0
@@ -84,10 +90,13 @@ def preload(module: str) -> None:
 
 
 def serve() -> int:
+    """The launcher: a helper process speaking JSON lines (backends/jsonlines.py). A request
+    {"task_dir", "argv"} is answered with the wrapper's pid; a wrapper's end is the
+    notice {"notice": "exit", "pid": ...}."""
     out = sys.stdout
     preloaded: set[str] = set()
 
-    def on_child_exit(*_):
+    def on_child_exit(*_: object) -> None:
         while True:
             try:
                 pid, _status = os.waitpid(-1, os.WNOHANG)
@@ -96,45 +105,53 @@ def serve() -> int:
             if pid == 0:
                 return
             try:
-                out.write(f"exit {pid}\n")
-                out.flush()
+                write_line(out, {NOTICE: "exit", "pid": pid})
             except (BrokenPipeError, ValueError):
                 pass  # the gateway is gone; nobody to tell
 
+    def launch(request: dict[str, Any]) -> int:
+        task_dir, argv = Path(request["task_dir"]), [str(a) for a in request["argv"]]
+        module = in_process_module(argv)
+        if module and module not in preloaded:
+            preloaded.add(module)
+            preload(module)
+        return _fork_wrapper(task_dir, argv)
+
     signal.signal(signal.SIGCHLD, on_child_exit)
-    for line in sys.stdin:
-        try:
-            request = json.loads(line)
-            task_dir, argv = Path(request["task_dir"]), [str(a) for a in request["argv"]]
-            module = in_process_module(argv)
-            if module and module not in preloaded:
-                preloaded.add(module)
-                preload(module)
-            pid = _fork_wrapper(task_dir, argv)
-            reply = f"pid {pid}"
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            reply = f"error {exc}".replace("\n", " ")
-        out.write(reply + "\n")
-        out.flush()
-    return 0
+    return serve_lines(launch, hello="launcher")
 
 
 def _fork_wrapper(task_dir: Path, argv: list[str]) -> int:
+    """Fork a wrapper; its pid once it leads its own session and process group.
+
+    The pid is answered only then: the gateway reports the job RUNNING as soon as the
+    pid is alive, and a cancel signals the group (os.killpg(pid)), which does not exist
+    until the wrapper has called setsid (on a busy machine, measured, that can be after
+    the gateway's first poll)."""
     out = os.open(task_dir / "worker.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     err = os.open(task_dir / "worker.err", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    ready_read, ready_write = os.pipe()
     try:
         pid = os.fork()
         if pid == 0:  # the wrapper
             code = 1
             try:
+                os.close(ready_read)
                 _become_wrapper(task_dir, out, err)
+                os.close(ready_write)  # the launcher's read ends: we lead our group
                 code = _wrap(task_dir, argv)
             finally:
                 os._exit(code)
+        os.close(ready_write)
+        ready_write = -1
+        os.read(ready_read, 1)  # EOF once the wrapper leads its group (or died trying)
         return pid
     finally:
         os.close(out)
         os.close(err)
+        os.close(ready_read)
+        if ready_write >= 0:
+            os.close(ready_write)
 
 
 def _become_wrapper(task_dir: Path, out: int, err: int) -> None:

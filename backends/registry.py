@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from funnel_hpc.backends.base import Backend
 
@@ -19,21 +20,24 @@ def backend_class(name: str) -> type[Backend]:
     try:
         module_name, class_name = BACKENDS[name].split(":")
     except KeyError:
-        raise ValueError(f"unknown backend {name!r} (known: {', '.join(sorted(BACKENDS))})") from None
-    return getattr(importlib.import_module(module_name), class_name)
+        known = ", ".join(sorted(BACKENDS))
+        raise ValueError(f"unknown backend {name!r} (known: {known})") from None
+    cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
+    return cls
 
 
 def section_name(name: str) -> str:
-    """The config section of a backend: backend.<name> with '-' written '_' (aws-batch -> aws_batch)."""
+    """The config section of a backend: backend.<name>, '-' written '_' (aws_batch)."""
     return name.replace("-", "_")
 
 
-def backend_options(config: dict, name: str | None = None) -> dict:
+def backend_options(config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
     name = name or config["backend"]["name"]
-    return config["backend"].get(section_name(name)) or {}
+    options: dict[str, Any] = config["backend"].get(section_name(name)) or {}
+    return options
 
 
-def load_backend(config: dict) -> Backend:
+def load_backend(config: dict[str, Any]) -> Backend:
     name = config["backend"]["name"]
     cls = backend_class(name)
     return cls(backend_options(config, name), config)

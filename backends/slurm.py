@@ -5,9 +5,11 @@ admin's ``backend.slurm.template``), written to ``<task_dir>/slurm.sh`` and
 given to ``sbatch --parsable`` on standard input, so the same path works over
 SSH (``backend.slurm.ssh.host``) with a work dir shared with the login node.
 
-A poll lists this user's jobs with one ``squeue --me -t all`` (not ``-j``:
-squeue refuses a list holding ids it has forgotten, and the argv would grow with
-the number of jobs); jobs that already left slurmctld's memory (MinJobAge) are
+A poll lists this user's jobs with one ``squeue --me -t all`` (not ``-j``: the
+argv would grow with the number of jobs); with ``submit_as_owner`` the jobs belong
+to many users, and the poll names them instead (``squeue -j ID,ID,...``; a lone id
+Slurm forgot is an error there, read as "no such job") rather than list every
+user's jobs on the cluster. Jobs that already left slurmctld's memory (MinJobAge) are
 looked up with one ``sacct`` call when accounting is enabled (probed once). A
 job neither knows is LOST: the reconciler then trusts the worker's event log,
 and fails the task if that log has no end either. So a poll costs one scheduler
@@ -19,11 +21,14 @@ command, two when some jobs are gone and accounting is on.
 
 from __future__ import annotations
 
+import pwd
 import re
-import shutil
+from pathlib import Path
+from typing import Any
 
+from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from funnel_hpc.backends.commands import make_runner
+from funnel_hpc.backends.commands import Result, Runner, failure, make_runner
 from funnel_hpc.backends.templating import render, script_variables
 
 # Slurm job states (squeue %T, sacct State) -> common job states
@@ -44,28 +49,39 @@ STATE_MAP: dict[str, JobState] = {
     "COMPLETED": JobState.COMPLETED,
     "FAILED": JobState.FAILED,
     "TIMEOUT": JobState.FAILED,
-    "NODE_FAIL": JobState.FAILED,
+    "NODE_FAIL": JobState.NODE_FAILED,
     "OUT_OF_MEMORY": JobState.FAILED,
-    "BOOT_FAIL": JobState.FAILED,
+    "BOOT_FAIL": JobState.NODE_FAILED,  # the node never came up: not the task's doing
     "DEADLINE": JobState.FAILED,
     "SPECIAL_EXIT": JobState.FAILED,
-    "PREEMPTED": JobState.FAILED,
+    # PREEMPTED with PreemptMode=CANCEL; with REQUEUE the job shows PENDING/REQUEUED
+    # again and Slurm itself runs it anew (the worker's second run appends to its log)
+    "PREEMPTED": JobState.PREEMPTED,
     "REVOKED": JobState.CANCELLED,
     "CANCELLED": JobState.CANCELLED,
 }
 
 
-UNIX_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Pending reasons (squeue %r) of a job that will never start as submitted: the poll
+# reports it UNRUNNABLE with the reason, and the reconciler cancels it (SYSTEM_ERROR).
+# ReqNodeNotAvail and Resources are left out: nodes come back, jobs end.
+UNRUNNABLE_REASONS = frozenset({
+    "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+    "InvalidAccount", "InvalidQOS", "QOSMaxCpuPerJobLimit", "QOSMaxMemoryPerJob",
+    "QOSMaxNodePerJobLimit", "QOSMaxWallDurationPerJobLimit", "AssocMaxCpuPerJobLimit",
+    "AssocMaxNodesPerJobLimit", "AssocMaxWallDurationPerJobLimit", "DependencyNeverSatisfied",
+    "JobHeldAdmin", "PartitionDown", "PartitionInactive",
+})
+
+UNIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 
 # what Slurm's client commands print when slurmctld cannot be reached
 UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
-               "Connection refused", "Zero Bytes were transmitted", "timed out after",
-               "Communication connection failure", "ssh ")
+               "Connection refused", "Zero Bytes were transmitted",
+               "Communication connection failure")
 
-
-def unreachable(result) -> bool:
-    text = result.stderr + result.stdout
-    return result.returncode in (124, 255) or any(marker in text for marker in UNREACHABLE)
+# squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
+FORGOTTEN_ID = "Invalid job id specified"
 
 
 def parse_job_id(text: str) -> str:
@@ -85,21 +101,24 @@ def exit_code(raw: str) -> str:
     return f"{status >> 8}:{status & 0x7F}"
 
 
-def map_state(raw: str) -> JobState:
+def map_state(raw: str, reason: str = "") -> JobState:
     # sacct shows e.g. "CANCELLED by 0"
-    return STATE_MAP.get(raw.split()[0] if raw else "", JobState.UNKNOWN)
+    state = STATE_MAP.get(raw.split()[0] if raw else "", JobState.UNKNOWN)
+    if state is JobState.PENDING and reason.split(",")[0].strip() in UNRUNNABLE_REASONS:
+        return JobState.UNRUNNABLE
+    return state
 
 
 class SlurmBackend(Backend):
     name = "slurm"
+    job_output_files = ("slurm.out", "slurm.err")  # the shipped template's output/error
     parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
-    def __init__(self, options: dict, config: dict):
+    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         super().__init__(options, config)
-        self.runner = make_runner(options.get("ssh"), float(options.get("command_timeout", 60)))
+        self.runner: Runner = make_runner(options.get("ssh"),
+                                          float(options.get("command_timeout", 60)))
         self.template = options.get("template") or "slurm.sh.j2"
-        self.supported_parameters = frozenset(
-            k.lower() for k in (options.get("backend_parameters") or {}))
         self._accounting: bool | None = None
 
     # ---- submit / cancel ----
@@ -112,13 +131,12 @@ class SlurmBackend(Backend):
         if not self.options.get("submit_as_owner"):
             return []
         owner = request.owner or ""
-        if not UNIX_USER.match(owner):
+        if not UNIX_USER.fullmatch(owner):
             raise BackendError(f"cannot submit as owner {owner!r}: not a Unix user name "
                                "(backend.slurm.submit_as_owner needs authenticated users)")
         try:  # the worker runs as the owner: its task dir must be the owner's
-            for path in (request.task_dir, *request.task_dir.iterdir()):
-                shutil.chown(path, user=owner)
-            request.task_dir.chmod(0o700)
+            account = pwd.getpwnam(owner)
+            files.give_to(request.task_dir, account.pw_uid, account.pw_gid)
         except (LookupError, OSError) as exc:
             raise BackendError(f"cannot hand the task dir to {owner!r}: {exc}") from None
         return ["sudo", "-n", "-u", owner, "--"]
@@ -128,50 +146,62 @@ class SlurmBackend(Backend):
             script = self.render_script(request)
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm script: {exc}") from None
-        path = request.task_dir / "slurm.sh"
-        path.write_text(script)
+        files.write_private(request.task_dir, "slurm.sh", script)
         prefix = self._as_owner(request)
         result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
         if result.returncode != 0:
-            raise BackendError(f"sbatch failed ({result.returncode}): "
-                               f"{(result.stderr or result.stdout).strip()[:500]}",
-                               transient=unreachable(result))
+            raise failure("sbatch", result, UNREACHABLE)
         return parse_job_id(result.stdout)
 
     def cancel(self, job_id: str) -> None:
         result = self.runner.run(["scancel", str(job_id)])
         if result.returncode != 0 and "already completing or completed" not in result.stderr \
                 and "Invalid job id" not in result.stderr:
-            raise BackendError(f"scancel {job_id} failed: {result.stderr.strip()[:300]}",
-                               transient=unreachable(result))
+            raise failure(f"scancel {job_id}", result, UNREACHABLE)
 
-    def recover(self, task_id: str, task_dir) -> str | None:
-        result = self.runner.run(["squeue", "-h", *self._whose_jobs(), "-t", "all", "-n",
+    def recover(self, task_id: str, task_dir: Path) -> str | None:
+        """The newest job named funnel-<task id> that squeue still lists."""
+        whose = [] if self.options.get("submit_as_owner") else ["--me"]
+        result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n",
                                   f"funnel-{task_id}", "-o", "%i"])
+        if result.returncode != 0:  # not "no such job": we could not ask
+            error = failure("squeue", result, UNREACHABLE)
+            error.transient = True
+            raise error
         ids = [line.strip() for line in result.stdout.splitlines() if line.strip().isdigit()]
-        return ids[-1] if result.returncode == 0 and ids else None
+        return max(ids, key=int) if ids else None
 
     # ---- poll ----
 
-    def _whose_jobs(self) -> list[str]:
-        """squeue's user filter: this account's jobs, or all when jobs run as their owners."""
-        return [] if self.options.get("submit_as_owner") else ["--me"]
+    def _squeue(self, wanted: set[str]) -> Result:
+        """One squeue over this account's jobs, or over the wanted ids when jobs run as
+        their owners (not every user's jobs on the cluster)."""
+        columns = ["-O", "JobID:|,State:|,exit_code:|,Reason:"]
+        if not self.options.get("submit_as_owner"):
+            return self.runner.run(["squeue", "-h", "--me", "-t", "all", *columns])
+        ids = sorted((j for j in wanted if j.isdigit()), key=int)
+        if not ids:
+            return Result(0, "", "")
+        result = self.runner.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), *columns])
+        if result.returncode != 0 and len(ids) == 1 and FORGOTTEN_ID in result.stderr:
+            return Result(0, "", "")  # the one job is gone: LOST or in sacct, below
+        return result
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         wanted = {str(j) for j in job_ids}
         if not wanted:
             return {}
-        result = self.runner.run(["squeue", "-h", *self._whose_jobs(), "-t", "all",
-                                  "-O", "JobID:|,State:|,exit_code:|,Reason:"])
+        result = self._squeue(wanted)
         if result.returncode != 0:
-            reason = f"squeue failed: {(result.stderr or result.stdout).strip()[:300]}"
+            reason = (f"squeue failed ({result.returncode}): "
+                      f"{(result.stderr or result.stdout).strip()[:300]}")
             return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
         found: dict[str, JobStatus] = {}
         for line in result.stdout.splitlines():
             parts = [p.strip() for p in line.split("|", 3)]
             if len(parts) == 4 and parts[0] in wanted:
                 job_id, state, code, reason = parts
-                found[job_id] = JobStatus(map_state(state), f"squeue: {state} "
+                found[job_id] = JobStatus(map_state(state, reason), f"squeue: {state} "
                                           f"exit={exit_code(code)} reason={reason}")
         missing = sorted(wanted - set(found))
         if missing and self.accounting_enabled():

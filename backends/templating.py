@@ -19,25 +19,27 @@ Entry points for backends:
   own template, the backend's ``template`` option);
 - ``check_backend_parameters(params, allowed, strict) -> (accepted, warnings)``:
   the allow-list check (ValueError naming the keys when strict);
-- ``map_backend_parameters(params, allowed) -> [(option, value)]``.
+- ``map_backend_parameters(params, allowed, name, what) -> [(name, value)]``: the one
+  mapping (sbatch/qsub options, HTCondor submit commands, AWS Batch fields).
 
 Variables every backend template receives (``script_variables``):
 
-| name | what |
-| --- | --- |
-| ``task_id`` | the TES task id (hex) |
-| ``job_name`` | ``funnel-<task_id>`` |
-| ``task_name`` | the task's name reduced to ``[A-Za-z0-9_.-]``, at most 64 characters (may be empty) |
-| ``task_dir`` | the task's work directory (holds task.json, events.jsonl, the script, scheduler logs) |
-| ``cpus`` | ``resources.cpu_cores`` or 1 |
-| ``ram_gb`` / ``ram_mb`` | ``resources.ram_gb`` and the same in whole MiB (rounded up), or None |
-| ``disk_gb`` / ``disk_mb`` | ``resources.disk_gb`` likewise, or None |
-| ``zones`` | ``resources.zones`` (list) |
-| ``partition`` | the first zone, else the backend's configured default (``partition``/``queue``), or "" |
-| ``preemptible`` | ``resources.preemptible`` (bool) |
-| ``backend_parameters`` | list of (scheduler option, value) pairs: the task's ``backend_parameters`` mapped through the backend's allow-list |
-| ``worker_argv`` / ``worker_command`` | the command that runs the worker, as a list and as one shell-quoted string |
-| ``site`` | the backend's ``site`` config: ``account``, ``qos``, ``extra_directives`` (lines), ``modules`` (to ``module load``), ``prologue`` (shell lines). Admin-owned, trusted. |
+- ``task_id``: the TES task id (hex); ``job_name``: ``funnel-<task_id>``
+- ``task_name``: the task's name reduced to ``[A-Za-z0-9_.-]``, at most 64 characters
+  (may be empty)
+- ``task_dir``: the task's work directory (task.json, events.jsonl, the script, logs)
+- ``cpus``: ``resources.cpu_cores`` or 1
+- ``ram_gb`` / ``ram_mb``: ``resources.ram_gb`` and the same in whole MiB (rounded up),
+  or None; ``disk_gb`` / ``disk_mb`` likewise
+- ``zones``: ``resources.zones`` (list); ``partition``: the first zone, else the
+  backend's configured default (``partition``/``queue``), or ""
+- ``preemptible``: ``resources.preemptible`` (bool)
+- ``backend_parameters``: (scheduler option, value) pairs, the task's
+  ``backend_parameters`` mapped through the backend's allow-list
+- ``worker_argv`` / ``worker_command``: the command that runs the worker, as a list
+  and as one shell-quoted string
+- ``site``: the backend's ``site`` config (``account``, ``qos``, ``extra_directives``
+  lines, ``modules`` to ``module load``, ``prologue`` shell lines). Admin-owned, trusted.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from funnel_hpc.backends.base import SubmitRequest
 from funnel_hpc.core.config import TEMPLATES_DIR
 
 # letters, digits and the punctuation scheduler options need (times, lists, gres, paths)
-_DIRECTIVE_SAFE = re.compile(r"^[A-Za-z0-9_.,:=@%+/\-\[\]]*$")
+_DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:=@%+/\-\[\]]*")
 
 
 class TemplateValueError(ValueError):
@@ -64,8 +66,8 @@ class TemplateValueError(ValueError):
 
 def directive(value: Any) -> str:
     text = str(value)
-    if not _DIRECTIVE_SAFE.match(text):
-        bad = sorted({c for c in text if not _DIRECTIVE_SAFE.match(c)})
+    if not _DIRECTIVE_SAFE.fullmatch(text):
+        bad = sorted({c for c in text if not _DIRECTIVE_SAFE.fullmatch(c)})
         raise TemplateValueError(
             f"value {text[:60]!r} has characters not allowed in a scheduler directive: "
             f"{' '.join(repr(c) for c in bad)}")
@@ -92,7 +94,7 @@ def shell_join(argv: list[str]) -> str:
 directive_value = directive
 
 # an option name from the admin's allow-list: "--qos", "-A", "--exclusive"
-_OPTION = re.compile(r"^--?[A-Za-z][A-Za-z0-9_-]*$")
+OPTION_NAME = re.compile(r"--?[A-Za-z][A-Za-z0-9_-]*")
 
 
 def environment(template_dir: str | Path | None = None) -> jinja2.Environment:
@@ -133,24 +135,27 @@ def render(template: str, variables: dict[str, Any]) -> str:
         raise TemplateValueError(f"submission template {template}: {exc}") from None
 
 
-def map_backend_parameters(params: dict[str, str],
-                           allowed: dict[str, str]) -> list[tuple[str, str]]:
-    """TES backend_parameters (keys lower-cased) -> [(scheduler option, value)], allow-listed.
+def map_backend_parameters(params: dict[str, str], allowed: dict[str, str],
+                           name: re.Pattern[str] = OPTION_NAME,
+                           what: str = "an option name") -> list[tuple[str, str]]:
+    """TES backend_parameters -> [(scheduler name, value)] through the admin's allow-list
+    (TES key, any case -> the scheduler's name for it), the one mapping of every backend.
 
-    Keys not in the allow-list are left out (the API already warned or refused).
-    Values must pass ``directive``; an empty value gives the bare option
-    (e.g. ``--exclusive``). Raises TemplateValueError.
+    Keys not in the allow-list are left out (the API already warned or refused). Each
+    name must fullmatch ``name`` (an sbatch/qsub option by default; HTCondor and AWS
+    Batch pass their own) and each value pass ``directive``; an empty value gives the
+    bare option (e.g. ``--exclusive``). Raises TemplateValueError.
     """
     lowered = {str(k).lower(): str(v) for k, v in allowed.items()}
     out = []
     for key, value in sorted(params.items()):
-        option = lowered.get(str(key).lower())
-        if not option:
+        mapped = lowered.get(str(key).lower())
+        if not mapped:
             continue
-        if not _OPTION.match(option):
-            raise TemplateValueError(f"backend_parameters option {option!r} for key {key!r} "
-                                     "in the configuration is not an option name")
-        out.append((option, directive("" if value is None else value)))
+        if not name.fullmatch(mapped):
+            raise TemplateValueError(f"backend_parameters maps {key!r} to {mapped!r} in the "
+                                     f"configuration, not {what}")
+        out.append((mapped, directive("" if value is None else value)))
     return out
 
 
@@ -184,7 +189,13 @@ def _mb(gb: Any) -> int | None:
     return int(math.ceil(float(gb) * 1024)) if gb else None
 
 
-def script_variables(request: SubmitRequest, options: dict[str, Any]) -> dict[str, Any]:
+def script_variables(request: SubmitRequest, options: dict[str, Any],
+                     parameters: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """The variables of every backend template (table above); parameters: the task's
+    backend_parameters already mapped (default: as scheduler options)."""
+    if parameters is None:
+        parameters = map_backend_parameters(request.backend_parameters,
+                                            options.get("backend_parameters") or {})
     task = request.task
     resources = task.get("resources") or {}
     zones = [str(z) for z in resources.get("zones") or []]
@@ -205,8 +216,7 @@ def script_variables(request: SubmitRequest, options: dict[str, Any]) -> dict[st
         "zones": [directive(z) for z in zones],
         "partition": directive(zones[0] if zones else default_partition),
         "preemptible": bool(resources.get("preemptible")),
-        "backend_parameters": map_backend_parameters(request.backend_parameters,
-                                                     options.get("backend_parameters") or {}),
+        "backend_parameters": parameters,
         "worker_argv": list(request.worker_argv),
         "worker_command": shell_join(request.worker_argv),
         "site": site,

@@ -8,8 +8,11 @@ Each tick it
 5. stops the jobs of CANCELING tasks.
 
 A job that ended (or vanished) without its worker recording an end becomes
-SYSTEM_ERROR with a system log quoting the scheduler, or goes back to QUEUED
-for another attempt while attempts remain (``reconciler.max_attempts``).
+SYSTEM_ERROR (PREEMPTED when the scheduler took it back) with a system log quoting
+the scheduler and the tail of the job's own output file, or goes back to QUEUED for
+another attempt, its own ``logs[]`` entry, when its kind of end is listed in
+``reconciler.retry_on`` and attempts remain (``reconciler.max_attempts``). A job the
+scheduler says can never start is canceled and its task ends SYSTEM_ERROR.
 State lives in the database and the event logs only, so a restarted gateway
 picks up where the old one stopped.
 """
@@ -18,29 +21,42 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core import worker_tokens
-from funnel_hpc.gateway.service import TaskService, now_rfc3339
-from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.core.events import EventFold
+from funnel_hpc.core.states import TERMINAL, State, can_transition
+from funnel_hpc.gateway import observability, retention
+from funnel_hpc.gateway.event_tail import EVENT_FILES, EventTail
+from funnel_hpc.gateway.leader import Lease
+from funnel_hpc.gateway.service import TaskService, now_rfc3339
 
 log = logging.getLogger(__name__)
 
-EVENT_FILES = ("events.jsonl", "events.received.jsonl")
 MIN_TICK_GAP = 0.02  # seconds
 SUBMITTING = ""  # job_id while a submission is under way
+TASK_FILE = "task.json"
 ACTIVE_JOB_STATES = {State.QUEUED, State.INITIALIZING, State.RUNNING, State.PAUSED,
                      State.CANCELING}
+# how a job ended without its worker recording an end -> its reconciler.retry_on name
+RETRY_KINDS: dict[JobState, str] = {JobState.PREEMPTED: "preempted",
+                                    JobState.NODE_FAILED: "node_fail", JobState.LOST: "lost"}
+OTHER_END = "failed"  # any other end (the worker crashed, a time limit, ...)
+RETRY_ON_CHOICES = (*RETRY_KINDS.values(), OTHER_END)
+# the scheduler took the job back: a worker that saw its SIGTERM is not a user's cancel
+SCHEDULER_STOPS = frozenset({JobState.PREEMPTED, JobState.NODE_FAILED})
+JOB_OUTPUT_BYTES = 4096
+PURGE_EVERY = 3600.0  # seconds between retention.task_days purges
 
 
 def task_dir(config: dict, task_id: str) -> Path:
@@ -56,53 +72,10 @@ def worker_command(config: dict) -> list[str]:
 def write_worker_config(config: dict) -> Path:
     """The sections a worker needs, already merged, written once per server start as
     JSON (mode 600): the worker reads it without parsing the YAML defaults again."""
-    path = Path(config["work_dir"]) / "worker-config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(config_mod.worker_sections(config), fh)
-    os.replace(tmp, path)
-    return path
-
-
-@dataclass
-class EventTail:
-    """Incremental reader of one task attempt's event logs."""
-
-    directory: Path
-    fold: EventFold = field(default_factory=EventFold)
-    offsets: dict[str, int] = field(default_factory=dict)
-    paths: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # plain strings: at 10,000 tasks in flight each tick stats 20,000 files
-        self.paths = tuple(os.path.join(self.directory, name) for name in EVENT_FILES)
-
-    def read_new(self) -> bool:
-        """Apply events appended since the last call; True if any was new."""
-        before = self.fold.last_seq
-        for path in self.paths:
-            offset = self.offsets.get(path, 0)
-            try:
-                if os.stat(path).st_size <= offset:
-                    continue
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1  # only whole lines; a torn tail waits
-            for line in data[:end].splitlines():
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    log.warning("skipping unreadable event line in %s", path)
-                    continue
-                if isinstance(event, dict) and event.get("seq", 0) > self.fold.last_seq:
-                    self.fold.apply(event)
-            self.offsets[path] = offset + end
-        return self.fold.last_seq > before
+    work_dir = Path(config["work_dir"])
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return files.write_private(work_dir, "worker-config.json",
+                               json.dumps(config_mod.worker_sections(config)))
 
 
 @dataclass
@@ -116,6 +89,8 @@ class TickStats:
 
 
 class Reconciler:
+    lease: Lease = Lease()  # server.make_reconciler sets this process's lease
+
     def __init__(self, service: TaskService, backend: Backend, config: dict):
         self.service = service
         self.backend = backend
@@ -123,6 +98,10 @@ class Reconciler:
         opts = config["reconciler"]
         self.interval = float(opts["interval_seconds"])
         self.max_attempts = max(1, int(opts["max_attempts"]))
+        self.retry_on = frozenset(str(kind) for kind in opts["retry_on"] or ())
+        if not self.retry_on <= set(RETRY_ON_CHOICES):
+            raise ValueError(f"reconciler.retry_on: {sorted(self.retry_on)} is not a list of "
+                             f"{', '.join(RETRY_ON_CHOICES)}")
         self.submit_per_tick = int(opts["submit_per_tick"])
         self.submit_threads = max(1, int(opts["submit_threads"]))
         self._pool: ThreadPoolExecutor | None = None
@@ -136,6 +115,8 @@ class Reconciler:
                            if config["auth"]["mode"] != "none" else None)
         self._stop = threading.Event()
         self.last_tick = TickStats()
+        self.retention_seconds = float(config["retention"]["task_days"] or 0) * 86400
+        self._next_purge = 0.0  # monotonic time of the next retention purge
 
     # ---- loop ----
 
@@ -144,9 +125,13 @@ class Reconciler:
         changed = self.service.changed
         while not self._stop.is_set():
             changed.clear()
+            if not self.lease.held():  # another replica reconciles (gateway/leader.py)
+                changed.wait(self.interval)
+                continue
             started = time.monotonic()
             try:
                 self.last_tick = self.tick()
+                observability.observe_tick(self.last_tick.seconds)
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("reconciler tick failed")
             # the next tick comes after the interval, or at once when a task is created or
@@ -179,24 +164,25 @@ class Reconciler:
                 if row.state == State.QUEUED.value:
                     to_submit.append(row)
             elif row.job_id == SUBMITTING:
-                self._recover_submission(row)
+                self._isolated(row, "recovering its submission", self._recover_submission, row)
             else:
                 in_flight[row.id] = row
 
         # worker event logs first: a task whose worker recorded its end needs no poll
+        self._open_tails(list(in_flight.values()))
         to_poll: dict[str, Any] = {}
         for task_id, row in in_flight.items():
-            if self._apply_events(row, stats):
-                continue
-            to_poll[task_id] = row
+            if not self._isolated(row, "reading its events", self._apply_events, row, stats):
+                to_poll[task_id] = row
 
         if to_poll:
             ids = sorted({row.job_id for row in to_poll.values()})
-            statuses = self.backend.poll(ids)
+            statuses = self._poll(ids)
             stats.polled, stats.poll_calls = len(ids), 1
-            for task_id, row in to_poll.items():
+            for row in to_poll.values():
                 status = statuses.get(row.job_id, JobStatus(JobState.UNKNOWN, "not reported"))
-                self._apply_job_status(row, status, stats)
+                self._isolated(row, "applying its job state", self._apply_job_status,
+                               row, status, stats)
 
         self._submit_batch(to_submit[: self.submit_per_tick], stats)
 
@@ -205,8 +191,53 @@ class Reconciler:
         for task_id in list(self.tails):
             if task_id not in active:
                 del self.tails[task_id]
+        self._purge_if_due()
         stats.seconds = time.monotonic() - started
         return stats
+
+    def _purge_if_due(self) -> None:
+        """retention.task_days: delete tasks that ended longer ago, at most once an hour."""
+        if not self.retention_seconds or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + PURGE_EVERY
+        try:
+            result = retention.purge(self.service.engine, self.config["work_dir"],
+                                     self.retention_seconds)
+        except Exception:  # housekeeping must not stop the tick; tried again in an hour
+            log.exception("retention purge failed")
+            return
+        if result.tasks:
+            log.info("retention: deleted %d task(s) that ended before %s",
+                     len(result.tasks), result.cutoff)
+
+    def _isolated(self, row: Any, what: str, step: Callable[..., Any], *args: Any) -> Any:
+        """step(*args) for one task; a failure is logged and touches no other task (that
+        task's step runs again next tick). None when it failed."""
+        try:
+            return step(*args)
+        except BackendError as exc:
+            log.warning("task %s: %s failed, trying again next tick: %s", row.id, what, exc)
+        except Exception:  # one task's surprise must not stop the others' ticks
+            log.exception("task %s: %s failed, trying again next tick", row.id, what)
+        return None
+
+    def _poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        """backend.poll, which never raises by contract; a backend that breaks it leaves
+        this tick's jobs UNKNOWN instead of stopping the tick."""
+        try:
+            statuses = self.backend.poll(job_ids)
+        except Exception as exc:  # a broken contract: log it, the tick goes on
+            log.exception("%s poll raised (it must not)", self.backend.name)
+            self._count("poll", ok=False)
+            reason = f"poll failed: {exc}"
+            return {job_id: JobStatus(JobState.UNKNOWN, reason) for job_id in job_ids}
+        # a failed query makes every job UNKNOWN (the contract)
+        self._count("poll", ok=any(status.state != JobState.UNKNOWN
+                                   for status in statuses.values()))
+        return statuses
+
+    def _count(self, command: str, ok: bool) -> None:
+        observability.count_scheduler_call(self.backend.name, command, ok)
 
     # ---- submission ----
 
@@ -218,23 +249,24 @@ class Reconciler:
         tasks = self.service.full_tasks([row.id for row in rows])
         rows = [row for row in rows if row.id in tasks]
         stored_logs = self.service.stored_logs([row.id for row in rows])
-        for row in rows:
-            directory = task_dir(self.config, row.id)
-            directory.mkdir(parents=True, exist_ok=True)
-            self._archive_events(directory, row.attempt)
-            task_file = directory / "task.json"
-            tmp = task_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(tasks[row.id]))
-            os.replace(tmp, task_file)
-            if self.worker_key is not None:
-                worker_tokens.write_token(self.worker_key, directory, row.id)
-        # claim the tasks: only one submitter, and a restart sees the claims
+        # claim the tasks before touching their dirs: only one submitter (even with two
+        # reconcilers at once), and a restart sees the claims
         claimed = self.service.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
         rows = [row for row in rows if row.id in claimed]
+        prepared = []
+        for row in rows:
+            try:
+                self._prepare_task_dir(row, tasks[row.id])
+            except OSError as exc:  # this task's directory only (disk full, a planted dir)
+                logs = self._attempt_logs(stored_logs.get(row.id), row.attempt + 1)
+                self._submission_failed(row, logs, exc, stats)
+                continue
+            prepared.append(row)
+        rows = prepared
         outcomes = self._map_submit(rows, tasks)
         recorded: list[tuple[str, str, list]] = []
         deferred: list[tuple[str, int, int]] = []
-        for row, outcome in zip(rows, outcomes):
+        for row, outcome in zip(rows, outcomes, strict=True):
             attempt = row.attempt + 1
             logs = self._attempt_logs(stored_logs.get(row.id), attempt)
             if isinstance(outcome, BackendError) and outcome.transient:
@@ -248,25 +280,50 @@ class Reconciler:
                     {"backend": self.backend.name, "job_id": str(outcome),
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
-                self.tails.pop(row.id, None)
+                self.tails[row.id] = EventTail(task_dir(self.config, row.id),
+                                               len(tasks[row.id]["executors"]))
         if deferred:
             self.service.release_claims(deferred)
         if recorded:
             self.service.record_submissions(recorded)
             stats.submitted += len(recorded)
 
+    def _prepare_task_dir(self, row: Any, task: dict) -> None:
+        """task.json (and the worker's token) in the task dir, made ours and private first:
+        files.py's writes follow no symlink a user may have left there."""
+        directory = task_dir(self.config, row.id)
+        files.private_dir(directory)
+        self._archive_events(directory, row.attempt)
+        # the owner rides along (users cannot set it: the API refuses unknown fields), so
+        # a root worker opens file:// paths as that user (worker/owner_access.py)
+        files.write_private(directory, TASK_FILE, json.dumps({**task, "owner": row.owner}))
+        if self.worker_key is not None:
+            files.write_private(directory, worker_tokens.TOKEN_FILE,
+                                worker_tokens.token_for(self.worker_key, row.id))
+
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
         """backend.submit for each row: the job id, or the exception it raised."""
         def one(row: Any) -> Any:
             directory = task_dir(self.config, row.id)
             task = tasks[row.id]
+            token = (worker_tokens.token_for(self.worker_key, row.id)
+                     if self.worker_key is not None else None)
             request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                                     worker_argv=self._worker_argv(directory),
-                                    backend_parameters=_lower_keys(task), owner=row.owner)
+                                    backend_parameters=_lower_keys(task), owner=row.owner,
+                                    worker_token=token)
             try:
-                return self.backend.submit(request)
+                job_id = self.backend.submit(request)
             except (BackendError, OSError, ValueError) as exc:
+                # a refusal is the scheduler answering: only "unreachable" is a failed call
+                self._count("submit", ok=not getattr(exc, "transient", False))
                 return exc
+            except Exception as exc:  # a backend bug fails this task only, not the batch
+                log.exception("task %s: %s submit raised", row.id, self.backend.name)
+                self._count("submit", ok=False)
+                return exc
+            self._count("submit", ok=True)
+            return job_id
 
         if self.submit_threads > 1 and self.backend.parallel_submit and len(rows) > 1:
             if self._pool is None:
@@ -278,19 +335,27 @@ class Reconciler:
     def _submission_failed(self, row: Any, logs: list, exc: Exception, stats: TickStats) -> None:
         logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "
                                         f"failed: {exc}")
-        self.service.transition(row.id, State.QUEUED, State.SYSTEM_ERROR, logs=logs, job_id=None)
+        self._transition(row, State.QUEUED, State.SYSTEM_ERROR, logs=logs, job_id=None)
         stats.finished += 1
 
     def _worker_argv(self, directory: Path) -> list[str]:
-        argv = [*worker_command(self.config), "--task-file", str(directory / "task.json"),
+        argv = [*worker_command(self.config), "--task-file", str(directory / TASK_FILE),
                 "--workdir", self.config["work_dir"], "--config", str(self.worker_config)]
         if self.pass_server_url:
             argv += ["--server", self.config["server"]["public_url"]]
         return argv
 
     def _recover_submission(self, row: Any) -> None:
-        """The gateway stopped between claiming and recording a job."""
-        job_id = self.backend.recover(row.id, task_dir(self.config, row.id))
+        """The gateway stopped between claiming and recording a job. When the backend
+        could not ask its scheduler, recover raises and the claim stays for next tick."""
+        if not self.lease.may_recover(row.updated_at):  # its claimer may be submitting it
+            return
+        try:
+            job_id = self.backend.recover(row.id, task_dir(self.config, row.id))
+        except Exception:
+            self._count("recover", ok=False)
+            raise  # _isolated logs it; the claim stays for next tick
+        self._count("recover", ok=True)
         if job_id:
             logs = self._attempt_logs(self._stored_logs(row), row.attempt, new=False)
             logs[-1].setdefault("metadata", {}).update(
@@ -312,18 +377,37 @@ class Reconciler:
 
     # ---- worker events ----
 
-    def _tail(self, row: Any) -> EventTail:
-        tail = self.tails.get(row.id)
-        if tail is None:
-            tail = self.tails[row.id] = EventTail(task_dir(self.config, row.id))
-        return tail
+    def _open_tails(self, rows: list[Any]) -> None:
+        """Event tails for the rows that have none yet, each knowing its task's executor
+        count (one read of the task documents for all of them)."""
+        new = [row.id for row in rows if row.id not in self.tails]
+        if not new:
+            return
+        tasks = self.service.full_tasks(new)
+        for task_id in new:
+            executors = len((tasks.get(task_id) or {}).get("executors") or []) or None
+            self.tails[task_id] = EventTail(task_dir(self.config, task_id), executors)
 
-    def _apply_events(self, row: Any, stats: TickStats) -> bool:
-        """Fold new worker events into the row; True if the task is now terminal."""
+    def _tail(self, row: Any) -> EventTail:
+        if row.id not in self.tails:
+            self._open_tails([row])
+        return self.tails[row.id]
+
+    def _apply_events(self, row: Any, stats: TickStats, status: JobStatus | None = None) -> bool:
+        """Fold new worker events into the row; True if the task is now terminal.
+
+        `status`: the scheduler's word on a job that ended, when known. A worker that was
+        signalled (CANCELED) without a TES cancel is not judged without it: preemption
+        and a node failure are retried or PREEMPTED by the caller, any other stop is
+        SYSTEM_ERROR."""
         tail = self._tail(row)
         tail.read_new()
         fold = tail.fold
+        # the worker's events this change stores, once each (a restarted gateway re-reads
+        # the logs from the start: the row's event_seq says what was stored before)
+        events = [event for event in tail.fresh if event.get("seq", 0) > row.event_seq]
         if fold.last_seq <= row.event_seq and not fold.terminal:
+            tail.fresh.clear()
             return False
         current = State(row.state)
         target = current
@@ -333,18 +417,25 @@ class Reconciler:
         if current == State.CANCELING and fold.terminal:
             target = State.CANCELED
         elif target == State.CANCELED:
-            # the worker was signalled, but nobody canceled the task through TES:
-            # the scheduler (or an admin) stopped the job
-            target = State.SYSTEM_ERROR
-            note = (f"{now_rfc3339()} the {self.backend.name} job {row.job_id} was stopped "
-                    "outside the gateway (the worker was signalled to end) without a TES cancel")
+            if status is None or status.state in SCHEDULER_STOPS:
+                target = current  # ask the scheduler (poll), or let the caller retry
+            else:
+                target = State.SYSTEM_ERROR
+                note = (f"{now_rfc3339()} the {self.backend.name} job {row.job_id} was stopped "
+                        "outside the gateway (the worker was signalled to end) without a TES "
+                        f"cancel; scheduler: {status.state.value} {status.reason}".rstrip())
+        if target == current and fold.last_seq <= row.event_seq:
+            tail.fresh.clear()
+            return False  # a stopped worker waiting for the scheduler's word: nothing new
         logs = self._merge_worker_log(row, fold, note)
         if target != current:
-            ok = self.service.transition(row.id, current, target, logs=logs,
-                                         event_seq=fold.last_seq)
+            ok = self._transition(row, current, target, logs=logs, event_seq=fold.last_seq,
+                                  events=events)
         else:
-            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=fold.last_seq)
+            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=fold.last_seq,
+                                            events=events)
         if ok:
+            tail.fresh.clear()
             stats.updated += 1
             if target in TERMINAL:
                 stats.finished += 1
@@ -364,6 +455,15 @@ class Reconciler:
             current["gateway_logs"].append(note)
         return logs
 
+    def _transition(self, row: Any, current: State, target: State, **changes: Any) -> bool:
+        """service.transition, counting a task that ended in the metrics."""
+        ok = self.service.transition(row.id, current, target, **changes)
+        if ok and target in TERMINAL:
+            last = (changes.get("logs") or [{}])[-1]
+            observability.observe_task_finished(target.value, row.creation_time,
+                                                last.get("start_time"), last.get("end_time"))
+        return ok
+
     # ---- scheduler states ----
 
     def _apply_job_status(self, row: Any, status: JobStatus, stats: TickStats) -> None:
@@ -374,8 +474,11 @@ class Reconciler:
                 logs = self._merge_worker_log(row, self._tail(row).fold,
                                               f"{now_rfc3339()} canceled; scheduler: "
                                               f"{status.state.value} {status.reason}".rstrip())
-                if self.service.transition(row.id, current, State.CANCELED, logs=logs):
+                if self._transition(row, current, State.CANCELED, logs=logs):
                     stats.finished += 1
+            return
+        if status.state == JobState.UNRUNNABLE:
+            self._end_unrunnable(row, status, stats)
             return
         if status.state == JobState.RUNNING and current == State.QUEUED:
             if self.service.transition(row.id, current, State.INITIALIZING):
@@ -383,35 +486,67 @@ class Reconciler:
             return
         if not status.state.finished:
             return
+        if status.state == JobState.PREEMPTED:
+            # a requeueing scheduler (Slurm PreemptMode=REQUEUE, HTCondor) would run the
+            # old job again beside the next attempt: remove it
+            self._cancel_job(row)
         # the job ended: read the event log once more, the worker may have just finished
-        if self._apply_events(row, stats):
+        if self._apply_events(row, stats, status):
             return
+        worker = ("the worker was signalled to end" if self._tail(row).fold.terminal
+                  else "the worker did not record an end")
         reason = (f"the {self.backend.name} job {row.job_id} ended as {status.state.value}"
-                  f" ({status.reason or 'no reason given'}) but the worker did not record an end")
-        self._fail_or_retry(row, reason)
+                  f" ({status.reason or 'no reason given'}) but {worker}")
+        self._fail_or_retry(row, reason, status.state)
         stats.finished += 1
 
-    def _fail_or_retry(self, row: Any, reason: str) -> None:
+    def _end_unrunnable(self, row: Any, status: JobStatus, stats: TickStats) -> None:
+        """The scheduler says the job can never start: cancel it, then SYSTEM_ERROR."""
+        if not self._cancel_job(row):
+            return  # the job stays until it is gone: asked again next tick
+        logs = self._merge_worker_log(row, self._tail(row).fold, (
+            f"{now_rfc3339()} the {self.backend.name} job {row.job_id} can never start as "
+            f"submitted ({status.reason or 'no reason given'}); it was canceled"))
+        if self._transition(row, State(row.state), State.SYSTEM_ERROR, logs=logs):
+            stats.finished += 1
+
+    def _fail_or_retry(self, row: Any, reason: str, job_state: JobState = JobState.LOST) -> None:
+        """A job ended without its worker recording an end: another attempt when that kind
+        of end is in retry_on and attempts remain, else PREEMPTED or SYSTEM_ERROR."""
         current = State(row.state)
         logs = self._merge_worker_log(row, self._tail(row).fold, f"{now_rfc3339()} {reason}")
-        if row.attempt < self.max_attempts and current != State.CANCELING:
+        for name, text in self.backend.job_output(task_dir(self.config, row.id),
+                                                  JOB_OUTPUT_BYTES):
             logs[-1]["gateway_logs"].append(
-                f"{now_rfc3339()} retrying: attempt {row.attempt + 1} of {self.max_attempts}")
+                f"{now_rfc3339()} {self.backend.name} job output, last {JOB_OUTPUT_BYTES} bytes"
+                f" of {name}:\n{text}")
+        kind = RETRY_KINDS.get(job_state, OTHER_END)
+        if current != State.CANCELING and kind in self.retry_on \
+                and row.attempt < self.max_attempts:
+            logs[-1]["gateway_logs"].append(
+                f"{now_rfc3339()} retrying: attempt {row.attempt + 1} of {self.max_attempts}"
+                f" ({kind} is in reconciler.retry_on)")
             self.service.transition(row.id, current, State.QUEUED, logs=logs, job_id=None)
             self.tails.pop(row.id, None)
             return
-        target = State.CANCELED if current == State.CANCELING else State.SYSTEM_ERROR
-        self.service.transition(row.id, current, target, logs=logs)
+        target = (State.CANCELED if current == State.CANCELING else
+                  State.PREEMPTED if job_state == JobState.PREEMPTED else State.SYSTEM_ERROR)
+        self._transition(row, current, target, logs=logs)
 
-    def _cancel_job(self, row: Any) -> None:
+    def _cancel_job(self, row: Any) -> bool:
+        """Ask the scheduler to stop the row's job once; False if that request failed."""
         if row.job_id in self.cancels_sent:
-            return
+            return True
         self.cancels_sent.add(row.job_id)
         try:
             self.backend.cancel(row.job_id)
         except (BackendError, OSError) as exc:
+            self._count("cancel", ok=False)
             self.cancels_sent.discard(row.job_id)  # try again next tick
             log.warning("cancel of job %s (task %s) failed: %s", row.job_id, row.id, exc)
+            return False
+        self._count("cancel", ok=True)
+        return True
 
     # ---- helpers ----
 

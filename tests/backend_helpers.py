@@ -1,5 +1,6 @@
 """Helpers shared by the backend tests (tests/backends*, tests/worker, tests/test_e2e.py):
-backend options from conf/default.yaml, SubmitRequests, and a real moto server process."""
+backend options from conf/default.yaml, SubmitRequests, a fake command runner and a real moto
+server process."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import boto3
 import requests
 
 from funnel_hpc.backends.base import SubmitRequest
+from funnel_hpc.backends.commands import Result
 from funnel_hpc.core import config as config_mod
 
 FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -61,7 +63,7 @@ class MotoServer:
         self.proc = proc
 
     @classmethod
-    def start(cls, env: dict[str, str] | None = None) -> "MotoServer":
+    def start(cls, env: dict[str, str] | None = None) -> MotoServer:
         """Start one; env is added to the process's environment (e.g. DOCKER_HOST)."""
         from tests.conftest import free_port
 
@@ -131,10 +133,31 @@ class MotoServer:
             serviceRole=role)
         batch.create_job_queue(jobQueueName=QUEUE, state="ENABLED", priority=1,
                                computeEnvironmentOrder=[
-                                   {"order": 1, "computeEnvironment": env["computeEnvironmentArn"]}])
+                                   {"order": 1,
+                                    "computeEnvironment": env["computeEnvironmentArn"]}])
         batch.register_job_definition(
             jobDefinitionName=DEFINITION, type="container",
             containerProperties={"image": "funnel-hpc-worker:test",
                                  "command": ["funnel", "worker", "run"],
                                  "resourceRequirements": [{"type": "VCPU", "value": "1"},
                                                           {"type": "MEMORY", "value": "512"}]})
+
+
+class FakeRunner:
+    """Answers commands from a table {first words: Result}; records what was run."""
+
+    def __init__(self, answers: dict[tuple[str, ...], Result]):
+        self.answers = answers
+        self.calls = 0
+        self.commands: list[list[str]] = []
+
+    def run(self, argv: list[str], input: str | None = None) -> Result:
+        self.calls += 1
+        self.commands.append(list(argv))
+        for words, result in self.answers.items():
+            if tuple(argv[:len(words)]) == words:
+                return result
+        return Result(127, "", f"{argv[0]}: not faked")
+
+    def close(self) -> None:
+        pass

@@ -33,7 +33,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,11 @@ class Container:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the container's process group if it is running."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def code(self) -> int:
         if self.proc is None:
@@ -122,10 +127,10 @@ class FakeDockerEngine:
     def attach(self, moto: MotoServer) -> None:
         """Start holding jobs in SUBMITTED while all slots are busy (see module docstring)."""
         self.moto = moto
-        threading.Thread(target=self._capacity_loop, daemon=True).start()
+        threading.Thread(target=self._capacity_loop, args=(moto,), daemon=True).start()
 
-    def _capacity_loop(self) -> None:
-        batch = self.moto.client("batch")
+    def _capacity_loop(self, moto: MotoServer) -> None:
+        batch = moto.client("batch")
         while not self._stop.wait(0.2):
             try:
                 waiting = batch.list_jobs(jobQueue=QUEUE, jobStatus="SUBMITTED")["jobSummaryList"]
@@ -136,7 +141,7 @@ class FakeDockerEngine:
             terminated = any(job.get("statusReason") for job in waiting)
             hold = busy >= self.slots and not terminated
             if hold != self.held:
-                self.moto.hold_jobs(hold)
+                moto.hold_jobs(hold)
                 self.held = hold
 
     def close(self) -> None:
@@ -144,8 +149,7 @@ class FakeDockerEngine:
         self.http.shutdown()
         with self.lock:
             for container in self.containers.values():
-                if container.running():
-                    os.killpg(container.proc.pid, signal.SIGKILL)
+                container.kill()
 
     # ---- the Docker Engine API (the calls docker-py makes for moto) ----
 
@@ -170,7 +174,7 @@ class FakeDockerEngine:
             return 201, {"Id": self.create(body), "Warnings": []}
         found = re.fullmatch(r"/containers/([^/]+)(/[a-z]+)?", path)
         container = self.containers.get(found.group(1)) if found else None
-        if container is None:
+        if found is None or container is None:
             return 404, {"message": f"no such container: {path}"}
         action = found.group(2) or ""
         if method == "POST" and action == "/start":
@@ -181,8 +185,7 @@ class FakeDockerEngine:
         if method == "GET" and action == "/logs":
             return 200, self.logs(container)
         if method == "POST" and action == "/kill":
-            if container.running():
-                os.killpg(container.proc.pid, signal.SIGKILL)
+            container.kill()
             return 204, b""
         if method == "POST" and action == "/wait":
             if container.proc is not None:
@@ -225,7 +228,7 @@ class FakeDockerEngine:
         """Tty-style log: each line of the process's output after a timestamp (moto parses it)."""
         log = self.work_dir / f"container-{container.id}.log"
         text = log.read_text(errors="replace") if log.exists() else ""
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         lines = [line for line in text.splitlines() if line.strip()] or ["(no output)"]
         return "".join(f"{stamp} {line}\n" for line in lines).encode()
 

@@ -76,7 +76,8 @@ class FakeSchedd:
         self.calls.append(("query", {"constraint": constraint, "projection": projection}))
         if self.fail:
             raise self.fail
-        return [self._project(ad, projection or []) for ad in self._matching(self.queue, constraint)]
+        return [self._project(ad, projection or [])
+                for ad in self._matching(self.queue, constraint)]
 
     def history(self, constraint=None, projection=None, match: int = -1, **_kw):
         self.calls.append(("history", {"constraint": constraint, "projection": projection,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import xmlrpc.client
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import classad2
 import htcondor2

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -14,7 +15,13 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
+from funnel_hpc.backends.registry import backend_options
+from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.core.events import iter_events
 from funnel_hpc.gateway import db
+from funnel_hpc.gateway.app import make_service
+from funnel_hpc.gateway.reconciler import Reconciler
 from tests.conftest import ServerProcess
 from tests.test_e2e import TERMINAL, create, make_server, sh, slurm_ready, wait_state
 
@@ -50,10 +57,85 @@ def test_slurmctld_down_for_60s_fails_nothing(databases, tmp_path):
         for task_id in running + [during]:
             task = wait_state(server, task_id, TERMINAL, timeout=120)
             assert task["state"] == "COMPLETE", task
-        assert "survived" in wait_state(server, running[0], TERMINAL)["logs"][0]["logs"][0]["stdout"]
+        survivor = wait_state(server, running[0], TERMINAL)
+        assert "survived" in survivor["logs"][0]["logs"][0]["stdout"]
     finally:
         if subprocess.run(["pgrep", "-x", "slurmctld"]).returncode != 0:
             subprocess.run(["slurmctld"])
+        server.stop()
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.2)
+
+
+def slurmctld_running() -> bool:
+    return subprocess.run(["pgrep", "-x", "slurmctld"], stdout=subprocess.DEVNULL).returncode == 0
+
+
+def stop_slurmctld() -> None:
+    """Stop the one slurmctld (by its pid) and wait until it is gone."""
+    found = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, text=True)
+    for pid in found.stdout.split():
+        os.kill(int(pid), signal.SIGTERM)
+    wait_until(lambda: not slurmctld_running(), 60, "slurmctld stopped")
+
+
+def start_slurmctld() -> None:
+    """Start slurmctld if it is not running, and wait until it answers."""
+    if not slurmctld_running():
+        subprocess.run(["slurmctld"], check=True)
+    wait_until(slurm_ready, 120, "slurmctld answering sinfo")
+
+
+def slurm_jobs_named(name: str) -> list[str]:
+    """Every job Slurm still lists by that name (finished ones too, for MinJobAge)."""
+    listed = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"],
+                            capture_output=True, text=True, check=True)
+    return listed.stdout.split()
+
+
+@pytest.mark.slurm
+@pytest.mark.skipif(not slurm_ready() and not os.environ.get("CI"), reason="Slurm not running")
+def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_path,
+                                                                 monkeypatch):
+    """A gateway died after sbatch and before recording the job ids; another starts while
+    slurmctld is down. Its recover cannot ask squeue: it must keep the claims (not read
+    the failure as "no such job" and submit again), and adopt the jobs once Slurm is back."""
+    server = make_server("slurm", tmp_path / "srv", databases.new("sqlite"))
+    server.write_config()
+    config = config_mod.load(server.config_path, environ={})
+    service = make_service(config)
+    first = Reconciler(service, SlurmBackend(backend_options(config), config), config)
+    monkeypatch.setattr(service, "record_submissions", lambda jobs: None)  # dies here
+    task_ids = [service.create({"executors": [sh("echo once")]}) for _ in range(3)]
+    first.tick()
+    submitted = {task_id: slurm_jobs_named(f"funnel-{task_id}") for task_id in task_ids}
+    assert all(len(jobs) == 1 for jobs in submitted.values()), submitted
+    assert all(service.get_row(task_id).job_id == "" for task_id in task_ids)  # claimed
+    try:
+        stop_slurmctld()
+        server.start()
+        wait_until(lambda: server.log().count("Unable to contact slurm controller") >= 3, 120,
+                   "the restarted gateway asked Slurm about the claims")
+        assert all(service.get_row(task_id).job_id == "" for task_id in task_ids)
+        start_slurmctld()
+        for task_id in task_ids:
+            # how the task ended is the worker's business (COMPLETE when its image is
+            # at hand); what is tested is that its one job was adopted, not doubled
+            task = wait_state(server, task_id, TERMINAL, timeout=180)
+            assert task["logs"][-1]["metadata"]["job_id"] == submitted[task_id][0], task
+            assert len(task["logs"]) == 1
+            assert slurm_jobs_named(f"funnel-{task_id}") == submitted[task_id]
+            starts = [e for e in iter_events(server.work_dir / task_id / "events.jsonl")
+                      if e["type"] == "task_start"]
+            assert len(starts) == 1
+    finally:
+        start_slurmctld()
         server.stop()
 
 
@@ -94,9 +176,11 @@ def test_postgres_connections_dropped(db_kind, databases, tmp_path):
         name = url.rsplit("/", 1)[1]
         admin = url.rsplit("/", 1)[0].replace("+psycopg", "") + "/funnel"
         with psycopg.connect(admin, autocommit=True) as conn:
-            killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                  "WHERE datname = %s AND pid <> pg_backend_pid()",
-                                  (name,)).fetchone()[0]
+            row = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                               "WHERE datname = %s AND pid <> pg_backend_pid()",
+                               (name,)).fetchone()
+        assert row is not None
+        killed = row[0]
         assert killed >= 1
         codes = [requests.post(server.api + "/tasks", json=TASK, timeout=30).status_code
                  for _ in range(5)]

@@ -11,9 +11,9 @@ import time
 
 import requests
 
-from tests.conftest import ServerProcess, clean_env, funnel_argv
-from tests.test_e2e import TERMINAL, create, get, sh, wait_state
 from funnel_hpc.core.events import iter_events, read_event_log
+from tests.conftest import ServerProcess, clean_env, funnel_argv, worker_image_config
+from tests.test_e2e import TERMINAL, create, get, sh, wait_state
 
 
 def test_separate_reconcile_process(databases, tmp_path):
@@ -68,7 +68,8 @@ def test_worker_fetches_task_by_id_and_reports_over_http(databases, tmp_path):
                                                                "content": "x"}])
         elsewhere = tmp_path / "elsewhere"
         config = tmp_path / "worker.yaml"
-        config.write_text("worker:\n  container_driver: bwrap\n")
+        config.write_text(json.dumps({"worker": {"container_driver": "bwrap",
+                                                 **worker_image_config()}}))
         done = subprocess.run(funnel_argv("worker", "run", "--task-id", task_id, "--server",
                                           server.url, "--workdir", str(elsewhere),
                                           "--config", str(config)),
@@ -95,7 +96,9 @@ def test_worker_notices_a_cancel_on_the_server(databases, tmp_path):
     try:
         task_id = create(server, [sh("sleep 60")])
         config = tmp_path / "worker.yaml"
-        config.write_text("worker:\n  container_driver: bwrap\n  poll_server_seconds: 0.5\n")
+        config.write_text(json.dumps({"worker": {"container_driver": "bwrap",
+                                                 "poll_server_seconds": 0.5,
+                                                 **worker_image_config()}}))
         proc = subprocess.Popen(funnel_argv("worker", "run", "--task-id", task_id, "--server",
                                             server.url, "--workdir", str(tmp_path / "w"),
                                             "--config", str(config)),

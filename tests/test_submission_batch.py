@@ -5,6 +5,7 @@ claim back)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_one_thread_when_the_backend_is_not_parallel(tmp_path):
     assert backend.threads == {threading.current_thread().name}
 
 
-def test_cancel_during_submission_keeps_the_job_for_the_cancel(tmp_path):
+def test_cancel_during_submission_keeps_the_job_for_the_cancel(tmp_path, monkeypatch):
     backend = RecordingBackend(set(), set())
     service, reconciler = make(tmp_path, backend)
     task_id = service.create({**TRIVIAL, "name": "x"})
@@ -117,7 +118,7 @@ def test_cancel_during_submission_keeps_the_job_for_the_cancel(tmp_path):
         service.cancel(task_id)  # lands between the claim and the record
         return job_id
 
-    backend.submit = submit_then_cancel
+    monkeypatch.setattr(backend, "submit", submit_then_cancel)
     reconciler.tick()
     row = service.get_row(task_id)
     assert row.state == "CANCELING"
@@ -146,9 +147,9 @@ def test_claim_without_a_job_is_submitted_again_without_using_an_attempt(tmp_pat
     assert len(task["logs"]) == 1 and not task["logs"][0].get("system_logs")
 
 
-def test_claim_whose_job_exists_is_recovered_not_resubmitted(tmp_path):
+def test_claim_whose_job_exists_is_recovered_not_resubmitted(tmp_path, monkeypatch):
     backend = RecordingBackend(set(), set())
-    backend.recover = lambda task_id, task_dir: "4242"
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "4242")
     service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
     reconciler.tick()
     row = service.get_row(task_id)
@@ -161,10 +162,76 @@ def test_claim_whose_worker_ran_but_job_is_gone_is_a_system_error(tmp_path):
     service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
     events = tmp_path / task_id / "events.jsonl"
     events.parent.mkdir(parents=True, exist_ok=True)
-    events.write_text('{"seq":1,"time":"2026-01-01T00:00:00Z","task_id":"%s","type":"state",'
-                      '"state":"INITIALIZING"}\n' % task_id)
+    events.write_text(json.dumps({"seq": 1, "time": "2026-01-01T00:00:00Z", "task_id": task_id,
+                                  "type": "state", "state": "INITIALIZING"}) + "\n")
     reconciler.tick()
     task = service.get(task_id, "FULL")
     assert task["state"] == "SYSTEM_ERROR"  # it ran once: never run it a second time
     assert not backend.submitted
     assert any("has no job for it" in line for line in task["logs"][-1]["system_logs"])
+
+
+def test_a_failing_recover_holds_back_no_other_task(tmp_path, monkeypatch):
+    """Measured before: an AWS Batch recover raising AccessDenied made every tick raise,
+    and a second QUEUED task was never submitted. Now the failure stays with its task:
+    the claim is kept (no job is made twice) and asked about again next tick."""
+    backend = RecordingBackend(set(), set())
+    asked = []
+
+    def recover(task_id, task_dir):
+        asked.append(task_id)
+        raise BackendError("list_jobs failed: An error occurred (AccessDeniedException) "
+                           "when calling the ListJobs operation")
+
+    monkeypatch.setattr(backend, "recover", recover)
+    service, reconciler, claimed = claimed_but_not_submitted(tmp_path, backend)
+    queued = service.create({**TRIVIAL, "name": "second"})
+    for _ in range(3):
+        reconciler.tick()  # does not raise
+    assert asked == [claimed] * 3
+    assert service.get_row(queued).job_id == backend.submitted[queued]
+    row = service.get_row(claimed)
+    assert row.job_id == "" and row.attempt == 1 and row.state == "QUEUED"  # still claimed
+    assert claimed not in backend.submitted
+    # the permissions are mended
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "4242")
+    reconciler.tick()
+    assert service.get_row(claimed).job_id == "4242"
+
+
+def test_recover_that_cannot_ask_keeps_the_claim_until_it_can(tmp_path, monkeypatch):
+    """A scheduler outage during a restart: recover raises (transient), nothing is
+    submitted again; once the scheduler answers, the job it had is adopted."""
+    backend = RecordingBackend(set(), set())
+
+    def cannot_ask(task_id, task_dir):
+        raise BackendError("squeue failed (1): Unable to contact slurm controller",
+                           transient=True)
+
+    monkeypatch.setattr(backend, "recover", cannot_ask)
+    service, reconciler, claimed = claimed_but_not_submitted(tmp_path, backend)
+    for _ in range(3):
+        reconciler.tick()
+    assert service.get_row(claimed).job_id == "" and not backend.submitted
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "77")
+    reconciler.tick()
+    row = service.get_row(claimed)
+    assert row.job_id == "77" and row.attempt == 1 and not backend.submitted
+
+
+def test_a_poll_or_step_that_raises_is_isolated_per_task(tmp_path, monkeypatch):
+    """poll must not raise (base.py); one that does leaves the jobs UNKNOWN for this tick,
+    and submission still happens."""
+    backend = RecordingBackend(set(), set())
+    service, reconciler = make(tmp_path, backend)
+    first = service.create({**TRIVIAL, "name": "first"})
+    reconciler.tick()
+
+    def broken_poll(job_ids):
+        raise RuntimeError("a backend bug")
+
+    monkeypatch.setattr(backend, "poll", broken_poll)
+    second = service.create({**TRIVIAL, "name": "second"})
+    reconciler.tick()
+    assert service.get_row(second).job_id == backend.submitted[second]
+    assert service.get_row(first).state == "QUEUED"

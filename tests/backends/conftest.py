@@ -1,5 +1,5 @@
-"""Fixtures for the HPC backend tests: a fake runner, the real Slurm, an sshd
-(options and requests: tests/backend_helpers.py)."""
+"""Fixtures for the HPC backend tests: the real Slurm, an sshd (options, requests and
+the fake runner: tests/backend_helpers.py)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,12 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from funnel_hpc.backends.commands import Result
 from tests.conftest import free_port
-
-
-class FakeRunner:
-    """Answers commands from a table {first words: Result}; records what was run."""
-
-    def __init__(self, answers: dict[tuple[str, ...], Result]):
-        self.answers = answers
-        self.calls = 0
-        self.commands: list[list[str]] = []
-
-    def run(self, argv: list[str], input: str | None = None) -> Result:
-        self.calls += 1
-        self.commands.append(list(argv))
-        for words, result in self.answers.items():
-            if tuple(argv[:len(words)]) == words:
-                return result
-        return Result(127, "", f"{argv[0]}: not faked")
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="session")

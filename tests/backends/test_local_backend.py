@@ -9,13 +9,14 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
 from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.local import LocalBackend, _group_has_members, _start_time
+from tests.conftest import worker_image_config
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_SECONDS = 40
@@ -146,6 +147,20 @@ def test_cancel_pending_and_running_kills_the_whole_group(tmp_path):
     assert not (tmp_path / "pending" / "ran").exists()  # the pending job never started
 
 
+def test_cancel_right_after_submit_reaches_the_worker(tmp_path):
+    """The launcher answers a wrapper's pid only once the wrapper leads its process
+    group: before, on a busy machine, a job could be RUNNING (its pid alive) before
+    its group existed, and a cancel's killpg found no group and was lost."""
+    backend = make(tmp_path, cancel_grace_seconds=1)
+    for i in range(5):
+        job = backend.submit(request(tmp_path, f"quick{i}", "sleep 3; touch ran"))
+        os.killpg(pid_of(tmp_path, job), 0)  # the group exists as soon as the pid is known
+        backend.cancel(job)
+    for i in range(5):
+        assert wait_for(backend, f"quick{i}", {JobState.CANCELLED}).state == JobState.CANCELLED
+        assert not (tmp_path / f"quick{i}" / "ran").exists()
+
+
 def test_killed_worker_is_lost_and_reused_pid_is_not_adopted(tmp_path):
     backend = make(tmp_path)
     job = backend.submit(request(tmp_path, "victim", "sleep 30"))
@@ -273,7 +288,9 @@ def worker_task(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
     task = {"id": task_id, "executors": [{"image": "busybox", "command": ["sh", "-c", script]}]}
     (req.task_dir / "task.json").write_text(json.dumps(task))
     config = tmp_path / "worker-config.yaml"
-    config.write_text("worker:\n  container_driver: bwrap\n")
+    # JSON is YAML: the image registries of the test set-up (tests/conftest.py)
+    config.write_text(json.dumps({"worker": {"container_driver": "bwrap",
+                                             **worker_image_config()}}))
     req.worker_argv = [sys.executable, "-m", "funnel_hpc.worker", "run", "--task-file",
                        str(req.task_dir / "task.json"), "--workdir", str(tmp_path),
                        "--config", str(config)]
@@ -296,6 +313,7 @@ def test_default_worker_runs_in_a_fork_of_the_launcher_and_reports_its_end(tmp_p
     assert (tmp_path / ok / "worker.out").read_text() == "COMPLETE\n"
     # no new interpreter: the worker's pid is a child of the wrapper, the wrapper a fork of
     # the launcher, and none of them exec'd anything but the container
+    assert backend.launcher.proc is not None
     launcher = backend.launcher.proc.pid
     wrapper = pid_of(tmp_path, ok)
     assert wrapper != launcher
@@ -311,11 +329,12 @@ def test_wrappers_outlive_the_launcher_and_a_new_one_starts(tmp_path):
     slow = backend.submit(request(tmp_path, "slow", f"while [ ! -e {flag} ]; do sleep 0.1; done"))
     wait_for(backend, slow, {JobState.RUNNING})
     first = backend.launcher.proc
+    assert first is not None
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     flag.touch()
     wait_for(backend, slow, {JobState.COMPLETED})  # its wrapper still recorded the exit
     again = backend.submit(request(tmp_path, "again", "exit 0"))
     wait_for(backend, again, {JobState.COMPLETED})
-    assert backend.launcher.proc.pid != first.pid
+    assert backend.launcher.proc is not None and backend.launcher.proc.pid != first.pid
     backend.close()

@@ -11,8 +11,7 @@ import pytest
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.commands import LocalRunner, Result, SSHRunner, make_runner
 from funnel_hpc.backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
-from tests.backend_helpers import backend_options, make_request
-from tests.backends.conftest import FakeRunner
+from tests.backend_helpers import FakeRunner, backend_options, make_request
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
 SQUEUE = ("10|RUNNING|0|None\n"

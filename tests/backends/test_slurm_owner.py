@@ -24,7 +24,8 @@ def wait(backend, job_id, states, timeout=60.0):
 
 
 def test_owner_names_are_checked_before_sudo(tmp_path):
-    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True), {"work_dir": str(tmp_path)})
+    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
+                           {"work_dir": str(tmp_path)})
     for bad in (None, "root; rm -rf /", "../x", "Alice", "-u", "a b"):
         request = make_request(tmp_path, {"id": "own0"}, ["/bin/true"])
         request.owner = bad
@@ -43,7 +44,8 @@ def test_job_runs_as_the_owner(tmp_path, slurm):
         if parent == parent.parent:
             break
         parent.chmod(parent.stat().st_mode | 0o111)  # traversable for the owner
-    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True), {"work_dir": str(tmp_path)})
+    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
+                           {"work_dir": str(tmp_path)})
     request = make_request(tmp_path, {"id": "own1"},
                            ["/bin/sh", "-c", f"id -u > {tmp_path}/own1/whoami"])
     request.owner = "funneltest"

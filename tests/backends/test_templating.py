@@ -12,8 +12,15 @@ import pytest
 from funnel_hpc.backends import templating
 from funnel_hpc.backends.base import BackendError
 from funnel_hpc.backends.slurm import SlurmBackend
-from funnel_hpc.backends.templating import (TemplateValueError, check_backend_parameters, directive,
-                                 map_backend_parameters, render, script_variables, shell_quote)
+from funnel_hpc.backends.templating import (
+    TemplateValueError,
+    check_backend_parameters,
+    directive,
+    map_backend_parameters,
+    render,
+    script_variables,
+    shell_quote,
+)
 from funnel_hpc.core.config import TEMPLATES_DIR
 from tests.backend_helpers import backend_options, make_request
 
@@ -164,3 +171,12 @@ def test_every_variable_is_documented(tmp_path):
     for name in variables:
         assert name in header, f"{name} missing from the template's comment block"
         assert f"``{name}``" in templating.__doc__, f"{name} missing from the module docstring"
+
+
+def test_a_trailing_newline_is_not_a_safe_directive():
+    # Python's `$` accepts a trailing newline: the checks use re.fullmatch
+    for value in ("x\n", "normal\n"):
+        with pytest.raises(TemplateValueError):
+            directive(value)
+    with pytest.raises(TemplateValueError, match="not an option name"):
+        map_backend_parameters({"qos": "x"}, {"qos": "--qos\n"})

@@ -33,8 +33,14 @@ from pathlib import Path
 
 import pytest
 
-from funnel_hpc.backends.awsbatch import (CANCEL_REASON, DESCRIBE_LIMIT, STATE_MAP, AwsBatchBackend,
-                               job_name, job_status)
+from funnel_hpc.backends.awsbatch import (
+    CANCEL_REASON,
+    DESCRIBE_LIMIT,
+    STATE_MAP,
+    AwsBatchBackend,
+    job_name,
+    job_status,
+)
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.registry import backend_class
 from tests.backend_helpers import DEFINITION, QUEUE, backend_options, make_request
@@ -50,7 +56,8 @@ def make_backend(moto, **extra) -> AwsBatchBackend:
 
 
 class CallLog:
-    """Records every Batch API call the backend's client makes, with its parameters (botocore hook)."""
+    """Records every Batch API call the backend's client makes, with its parameters
+    (a botocore hook)."""
 
     def __init__(self, backend: AwsBatchBackend):
         self.calls: list[tuple[str, dict]] = []
@@ -143,25 +150,27 @@ def test_awsbatch_submit_poll_without_docker_fails(moto_batch, tmp_path):
 
 
 def test_awsbatch_worker_token_goes_in_the_job_environment(moto_batch, tmp_path):
-    """Auth on: the reconciler wrote the task's worker token into its task dir; a Batch
+    """Auth on: the reconciler puts the task's worker token in the SubmitRequest; a Batch
     job shares no file system with the gateway, so the token travels as
-    FUNNEL_WORKER_TOKEN in the container overrides (and only then)."""
+    FUNNEL_WORKER_TOKEN in the container overrides (and only then). The backend reads
+    no token file: one in the task dir changes nothing."""
     from funnel_hpc.core import worker_tokens
 
     backend = make_backend(moto_batch, environment={"SITE": "x"})
     log = CallLog(backend)
-    plain = make_request(tmp_path, task("a0a0a0a0"))
-    backend.submit(plain)
     key = worker_tokens.load_key(tmp_path)
+    plain = make_request(tmp_path, task("a0a0a0a0"))
+    worker_tokens.write_token(key, plain.task_dir, "a0a0a0a0")  # ignored: not the channel
+    backend.submit(plain)
     with_token = make_request(tmp_path, task("b1b1b1b1"))
-    worker_tokens.write_token(key, with_token.task_dir, "b1b1b1b1")
+    with_token.worker_token = worker_tokens.token_for(key, "b1b1b1b1")
     backend.submit(with_token)
     first, second = log.named("SubmitJob")
     assert first["containerOverrides"]["environment"] == [{"name": "SITE", "value": "x"}]
-    token = worker_tokens.read_token(with_token.task_dir)
-    assert token and worker_tokens.task_of(key, token) == "b1b1b1b1"
+    assert worker_tokens.task_of(key, with_token.worker_token) == "b1b1b1b1"
     assert second["containerOverrides"]["environment"] == [
-        {"name": "FUNNEL_WORKER_TOKEN", "value": token}, {"name": "SITE", "value": "x"}]
+        {"name": "FUNNEL_WORKER_TOKEN", "value": with_token.worker_token},
+        {"name": "SITE", "value": "x"}]
 
 
 def test_awsbatch_simple_batch_succeeds(moto_batch, tmp_path):
@@ -343,7 +352,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
     import requests
 
     from tests.backend_helpers import FAKE_AWS_ENV
-    from tests.conftest import REPO, ServerProcess, clean_env
+    from tests.conftest import REPO, ServerProcess, clean_env, worker_image_env
 
     if shutil.which("bwrap") is None or not \
             Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():
@@ -371,7 +380,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
             worker_command=[sys.executable, "-m", "funnel_hpc.gateway.cli", "worker", "run"],
             environment={"FUNNEL_STORAGE__S3__ENDPOINT_URL": moto_batch.url,
                          "FUNNEL_WORKER__CONTAINER_DRIVER": "bwrap",
-                         "FUNNEL_WORK_DIR": str(job_work)})
+                         "FUNNEL_WORK_DIR": str(job_work), **worker_image_env()})
         job_id = backend.submit(make_request(tmp_path / "dirs", full))
 
         job = moto_batch.client("batch").describe_jobs(jobs=[job_id])["jobs"][0]
@@ -387,3 +396,45 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
         assert body == b"HELLO BATCH\n"
     finally:
         server.stop()
+
+
+def test_awsbatch_recover_denied_holds_back_no_other_task(moto_batch, tmp_path, monkeypatch):
+    """Measured before: recover raising AccessDenied made three ticks in a row raise and a
+    second QUEUED task was never submitted. Now the claimed task waits (recover could not
+    ask: its claim is kept) and the other one is submitted on the first tick."""
+    import botocore.exceptions
+
+    from funnel_hpc.core import config as config_mod
+    from funnel_hpc.gateway.app import make_service
+    from funnel_hpc.gateway.reconciler import Reconciler
+
+    backend = make_backend(moto_batch)
+    config = config_mod.load(environ={}, overrides={"work_dir": str(tmp_path)})
+    service = make_service(config)
+    reconciler = Reconciler(service, backend, config)
+    spec = {"executors": [{"image": "busybox", "command": ["true"]}]}
+    claimed = service.create(spec)
+    assert service.claim_for_submission([(claimed, 1)]) == {claimed}  # a gateway died here
+    queued = service.create(spec)
+    denied = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDeniedException",
+                   "Message": "not authorized to perform: batch:ListJobs"},
+         "ResponseMetadata": {"HTTPStatusCode": 403}}, "ListJobs")
+
+    def list_jobs(**_kwargs):
+        raise denied
+
+    original = backend.client.list_jobs
+    monkeypatch.setattr(backend.client, "list_jobs", list_jobs)
+    for _ in range(3):
+        reconciler.tick()
+    assert service.get_row(queued).job_id  # submitted to Batch
+    assert service.get_row(claimed).job_id == ""  # still claimed, not submitted again
+    monkeypatch.setattr(backend.client, "list_jobs", original)
+    for _ in range(3):  # recover: no such job, the claim is given back; then submitted
+        reconciler.tick()
+    job_id = service.get_row(claimed).job_id
+    assert job_id and service.get_row(claimed).attempt == 1
+    named = backend.client.list_jobs(jobQueue=QUEUE, filters=[
+        {"name": "JOB_NAME", "values": [job_name(claimed)]}])["jobSummaryList"]
+    assert [job["jobId"] for job in named] == [job_id]

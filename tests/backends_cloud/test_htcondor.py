@@ -33,8 +33,7 @@ htcondor2 = pytest.importorskip("htcondor2", reason="HTCondor bindings: pip inst
                                                     "'funnel-hpc[htcondor]'")
 
 from funnel_hpc.backends.base import BackendError, JobState  # noqa: E402
-from funnel_hpc.backends.htcondor import (CANCEL_REASON, STATE_MAP, HTCondorBackend,  # noqa: E402
-                               job_status)
+from funnel_hpc.backends.htcondor import CANCEL_REASON, STATE_MAP, HTCondorBackend, job_status  # noqa: E402
 from funnel_hpc.backends.registry import backend_class  # noqa: E402
 from tests.backend_helpers import backend_options, make_request  # noqa: E402
 from tests.htcondor_fake import FakeSchedd  # noqa: E402

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -59,13 +59,15 @@ def gridengine() -> None:
 
 @pytest.fixture(scope="module")
 def drmaa_backend(gridengine) -> Iterator[GridEngineBackend]:
-    backend = GridEngineBackend(backend_options("gridengine", mode="drmaa", backend_parameters=TEST_PARAMETERS), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode="drmaa",
+                                                backend_parameters=TEST_PARAMETERS), {})
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
 def cli_backend(gridengine) -> Iterator[GridEngineBackend]:
-    backend = GridEngineBackend(backend_options("gridengine", mode="cli", backend_parameters=TEST_PARAMETERS), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode="cli",
+                                                backend_parameters=TEST_PARAMETERS), {})
     yield backend
     backend.close()

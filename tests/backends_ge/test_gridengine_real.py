@@ -7,11 +7,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options, make_request
-from tests.backends_ge.conftest import TEST_PARAMETERS, finished, running, wait_for
+from tests.backends_ge.conftest import finished, running, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,16 +7,16 @@ import subprocess
 import pytest
 
 from funnel_hpc.backends.base import BackendError, JobState, JobStatus
-from funnel_hpc.backends.commands import Result
-from funnel_hpc.backends.gridengine import (DRMAA_STATE_MAP, AccountingFile, GridEngineBackend,
-                                 finished_status, map_qstat_state, native_specification,
-                                 parse_accounting_line, parse_qstat_xml)
+from funnel_hpc.backends.commands import LocalRunner, Result
+from funnel_hpc.backends.gridengine import GridEngineBackend, native_specification
+from funnel_hpc.backends.gridengine_accounting import AccountingFile, parse_accounting_line
+from funnel_hpc.backends.gridengine_drmaa import DRMAA_STATE_MAP, finished_status
+from funnel_hpc.backends.gridengine_qstat import map_qstat_state, parse_qstat_xml
 from funnel_hpc.backends.registry import backend_class
 from funnel_hpc.backends.registry import backend_options as configured_options
 from funnel_hpc.backends.templating import TemplateValueError
 from funnel_hpc.core import config as config_mod
-from tests.backend_helpers import backend_options, make_request
-from tests.backends.conftest import FakeRunner
+from tests.backend_helpers import FakeRunner, backend_options, make_request
 from tests.backends_ge.conftest import TEST_PARAMETERS
 
 TASK_ID = "d1b2c3d4e5f60718"
@@ -175,18 +175,18 @@ ACCOUNTING_HEAD = "# Version: 8.1.9\n# \n# DO NOT MODIFY THIS FILE MANUALLY!\n"
 # two real lines of this machine's accounting file (fields 4 name, 5 number, 11 failed,
 # 12 exit_status), and a qdel'ed job (failed 100, killed: 137)
 ACCOUNTING_LINES = [
-    "all.q:vm:root:root:funnel-812196ca0e45b5a990ef:217:sge:0:1795395045:1795395066:"
-    "1795395068:0:0:2:0.176101:0.044607:30000.000000:0:0:0:0:5276:0:0:0.000000:56:0:0:0:57:"
-    "44:NONE:defaultdepartment:NONE:1:0:0.220708:0.002012:0.004189:NONE:0.000000:NONE:"
-    "37011456.000000:0:0\n",
-    "all.q:vm:root:root:funnel-b385cae585e2f12984e6:218:sge:0:1795395045:1795395068:"
-    "1795395069:0:7:1:0.165739:0.032826:29896.000000:0:0:0:0:5275:0:0:0.000000:72:0:0:0:78:"
-    "11:NONE:defaultdepartment:NONE:1:0:0.198565:0.001863:0.004189:NONE:0.000000:NONE:"
-    "37015552.000000:0:0\n",
-    "all.q:vm:root:root:not-ours:219:sge:0:1:2:3:0:0:1:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:"
-    "NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n",
-    "all.q:vm:root:root:funnel-b385cae585e2f12984e6:220:sge:0:1:2:3:100:137:1:0:0:0:0:0:0:0:"
-    "0:0:0:0:0:0:0:0:0:0:NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n",
+    ("all.q:vm:root:root:funnel-812196ca0e45b5a990ef:217:sge:0:1795395045:1795395066:"
+     "1795395068:0:0:2:0.176101:0.044607:30000.000000:0:0:0:0:5276:0:0:0.000000:56:0:0:0:57:"
+     "44:NONE:defaultdepartment:NONE:1:0:0.220708:0.002012:0.004189:NONE:0.000000:NONE:"
+     "37011456.000000:0:0\n"),
+    ("all.q:vm:root:root:funnel-b385cae585e2f12984e6:218:sge:0:1795395045:1795395068:"
+     "1795395069:0:7:1:0.165739:0.032826:29896.000000:0:0:0:0:5275:0:0:0.000000:72:0:0:0:78:"
+     "11:NONE:defaultdepartment:NONE:1:0:0.198565:0.001863:0.004189:NONE:0.000000:NONE:"
+     "37015552.000000:0:0\n"),
+    ("all.q:vm:root:root:not-ours:219:sge:0:1:2:3:0:0:1:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:0:"
+     "NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n"),
+    ("all.q:vm:root:root:funnel-b385cae585e2f12984e6:220:sge:0:1:2:3:100:137:1:0:0:0:0:0:0:0:"
+     "0:0:0:0:0:0:0:0:0:0:NONE:x:NONE:1:0:0:0:0:NONE:0:NONE:0:0:0\n"),
 ]
 
 
@@ -206,7 +206,8 @@ def test_accounting_file_is_read_incrementally(tmp_path):
     assert accounting.by_id["218"].status() == JobStatus(JobState.FAILED,
                                                          "accounting: failed=0 exit=7")
     assert accounting.by_id["220"].status().reason == "accounting: failed=100 exit=137"
-    assert accounting.newest_named("funnel-b385cae585e2f12984e6").job_id == "220"
+    newest = accounting.newest_named("funnel-b385cae585e2f12984e6")
+    assert newest is not None and newest.job_id == "220"
     assert accounting.newest_named("funnel-none") is None
     path.write_text(ACCOUNTING_HEAD)  # rotated: read from the start again
     assert accounting.refresh() and accounting.offset == len(ACCOUNTING_HEAD)
@@ -239,5 +240,5 @@ def test_scheduler_commands_get_no_funnel_variables(monkeypatch):
     monkeypatch.setenv("GATEWAY_SITE_VARIABLE", "kept")
     backend = GridEngineBackend(backend_options("gridengine", mode="cli"), {})
     assert not [name for name in backend.env if name.startswith("FUNNEL_")]
-    assert backend.runner.env is backend.env
+    assert isinstance(backend.runner, LocalRunner) and backend.runner.env is backend.env
     assert backend.env["GATEWAY_SITE_VARIABLE"] == "kept" and backend.env["SGE_ROOT"]

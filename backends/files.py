@@ -1,0 +1,116 @@
+"""Files the gateway writes into task directories, safely against what a task or user planted.
+
+A task directory may belong to the task's owner (``submit_as_owner``), who may have put a
+symlink where the gateway is about to write. So every write here:
+
+- opens the directory itself with ``O_NOFOLLOW`` and works relative to that descriptor;
+- creates a fresh temporary file with ``O_CREAT|O_EXCL|O_NOFOLLOW``, sets its mode with
+  ``fchmod`` (the umask does not matter) and renames it over the name (a planted symlink
+  there is replaced, never followed);
+- when the directory belongs to someone else, takes it back (``fchown`` of the open
+  descriptor, mode 700) first: the gateway never writes as root into a directory a user
+  owns. ``give_to`` hands the directory and its entries over again, never following links.
+
+Reads of scheduler output files (``read_tail``) refuse symlinks and non-regular files.
+Costs: a handful of system calls per file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_TMP_SUFFIX = ".tmp"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def private_dir(path: Path) -> None:
+    """Make path (and missing parents) a directory, mode 700 and ours, whatever the umask.
+    Raises OSError when path is a symlink or not a directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        pass
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        _take_back(fd)
+    finally:
+        os.close(fd)
+
+
+def _take_back(fd: int, private: bool = True) -> None:
+    """The open directory made ours (and 700) if someone else owns it; with private,
+    700 even when it is ours already."""
+    info = os.fstat(fd)
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(fd)
+    theirs = info.st_uid != os.geteuid()
+    if theirs:
+        os.fchown(fd, os.geteuid(), os.getegid())
+    if theirs or (private and stat.S_IMODE(info.st_mode) != DIR_MODE):
+        os.fchmod(fd, DIR_MODE)
+
+
+def write_private(directory: Path, name: str, data: str | bytes, mode: int = FILE_MODE) -> Path:
+    """Write directory/name atomically with `mode` (600 by default), following no symlink;
+    a directory someone else owns is taken back first (see the module's docstring), one
+    of ours keeps its mode (the work dir may need o+x for owners' workers)."""
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a file name: {name!r}")
+    directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    raw = data.encode() if isinstance(data, str) else data
+    dir_fd = os.open(directory, _DIR_FLAGS)
+    try:
+        _take_back(dir_fd, private=False)
+        tmp = f".{name}{_TMP_SUFFIX}"
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)  # a leftover (or planted) temp name
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode,
+                     dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    return directory / name
+
+
+def give_to(directory: Path, uid: int, gid: int) -> None:
+    """Hand directory and its direct entries to uid:gid without following any symlink
+    (a link itself is re-owned, never its target); the directory stays mode 700."""
+    dir_fd = os.open(directory, _DIR_FLAGS)
+    try:
+        for name in os.listdir(dir_fd):
+            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.fchmod(dir_fd, DIR_MODE)
+        os.fchown(dir_fd, uid, gid)
+    finally:
+        os.close(dir_fd)
+
+
+def read_tail(path: Path, limit: int = 4096) -> str | None:
+    """The last `limit` bytes of a regular file as text, or None when it is missing, a
+    symlink or not a regular file (a user could point it at a secret)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        os.lseek(fd, max(0, info.st_size - limit), os.SEEK_SET)
+        return os.read(fd, limit).decode(errors="replace")
+    finally:
+        os.close(fd)
