@@ -5,11 +5,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
-# python + venv; bubblewrap runs task containers where no docker/podman/apptainer works
-apt_install python3 python3-venv git ca-certificates procps bubblewrap
+# python + venv; bubblewrap runs task containers where no docker/podman/apptainer works;
+# busybox-static makes the "busybox" image of the hello world with no registry
+apt_install python3 python3-venv git ca-certificates procps bubblewrap busybox-static
 make_venv
 pip_quiet install .  # a normal install: the package, its config and templates
 mkdir -p funnel-work
+# Offline: seed the worker's image cache (worker.image_cache "" = funnel-work/image-cache)
+# with a real busybox image (one layer, config, manifest) built from busybox-static, so
+# the hello world runs in an image, not over the host. A registry, when reachable, serves
+# every other image.
+seed=$(mktemp -d)
+mkdir -p "$seed/bin" "$seed/etc" "$seed/tmp"
+cp /bin/busybox "$seed/bin/busybox"
+for applet in $("$seed/bin/busybox" --list); do
+  [ "$applet" = busybox ] || ln -sf busybox "$seed/bin/$applet"
+done
+echo "root:x:0:0:root:/tmp:/bin/sh" >"$seed/etc/passwd"
+.venv/bin/python -m funnel_hpc.worker.images seed docker.io/library/busybox:latest \
+  --from-dir "$seed" --cache funnel-work/image-cache
+rm -rf "$seed"
 if [ -f funnel-work/server.pid ] && kill -0 "$(cat funnel-work/server.pid)" 2>/dev/null; then
   kill "$(cat funnel-work/server.pid)"; sleep 1
 fi

@@ -1,8 +1,10 @@
 """Helpers for the image tests: layer tarballs built in memory, and a tiny fake registry.
 
 `FakeRegistry` is a Registry v2 server over plain http on 127.0.0.1 (ThreadingHTTPServer)
-serving what a test put in it, counting every GET, and able to misbehave on purpose:
-corrupt a blob, answer 503 a few times, or demand a Bearer token.
+serving what a test put in it, counting every GET and connection, and able to misbehave on
+purpose: corrupt a blob, answer 503 a few times, demand a Bearer token, or redirect blob GETs
+elsewhere; it also serves as a forward proxy (GET http://other-host/...). `ConnectProxy` is
+an https proxy (CONNECT tunnels) that records where each tunnel went.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ import hashlib
 import io
 import json
 import os
+import re
+import selectors
 import socket
 import tarfile
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import cast
 
 REGISTRY_DIR = Path(os.environ.get("FUNNEL_TEST_REGISTRY_DIR", "/var/lib/funnel-test/registry"))
 CA_FILE = REGISTRY_DIR / "tls" / "cert.pem"
@@ -91,6 +96,11 @@ class FakeRegistry:
         self.corrupt: set[str] = set()      # blob digests served with one byte flipped
         self.fail_next = 0                  # answer this many requests with 503 first
         self.bearer: tuple[str, str] | None = None  # (username, password) the token needs
+        self.redirect_blobs: str | None = None  # answer /v2/ blob GETs with 307 to this + path
+        self.authorizations: list[tuple[str, str | None]] = []  # (path, Authorization header)
+        self.proxied: Counter = Counter()   # GETs of absolute URLs (as a proxy): netloc -> count
+        self.clients: set = set()           # client (host, port) pairs: one per connection
+        self.silent_close = False           # close each connection after one answer, unannounced
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -142,8 +152,14 @@ class FakeRegistry:
                 pass
 
             def do_GET(self) -> None:
+                if self.path.startswith("http://"):  # a forward proxy's request: serve it here
+                    netloc, _, rest = self.path[len("http://"):].partition("/")
+                    registry.proxied[netloc] += 1
+                    self.path = "/" + rest
                 with registry.lock:
                     registry.gets[self.path.split("?")[0]] += 1
+                    registry.clients.add(self.client_address)
+                    registry.authorizations.append((self.path, self.headers.get("Authorization")))
                     failing = registry.fail_next > 0
                     registry.fail_next -= 1 if failing else 0
                 if failing:
@@ -154,9 +170,15 @@ class FakeRegistry:
                     return self._send(401, b"{}", {"WWW-Authenticate": (
                         f'Bearer realm="http://{registry.host}/token",service="fake",'
                         f'scope="repository:x:pull"')})
+                if registry.redirect_blobs and re.match(r"/v2/.*/blobs/", self.path):
+                    return self._send(307, b"", {"Location": registry.redirect_blobs + self.path})
+                if self.path.startswith("/storage/"):  # a redirect's target on this host
+                    self.path = self.path[len("/storage"):]
                 self._serve()
+                self.close_connection = self.close_connection or registry.silent_close
 
             def _token(self) -> None:
+                assert registry.bearer is not None  # only the 401 below names this realm
                 expected = "Basic " + base64.b64encode(":".join(registry.bearer).encode()).decode()
                 if self.headers.get("Authorization") != expected:
                     return self._send(401, b"{}")
@@ -177,7 +199,8 @@ class FakeRegistry:
                         data = bytes([data[0] ^ 0xFF]) + data[1:]
                     return self._send(200, data, {"Content-Type": "application/octet-stream"})
                 code = "MANIFEST_UNKNOWN" if kind == "manifests" else "BLOB_UNKNOWN"
-                self._send(404, json.dumps({"errors": [{"code": code, "message": "unknown"}]}).encode())
+                errors = {"errors": [{"code": code, "message": "unknown"}]}
+                self._send(404, json.dumps(errors).encode())
 
             def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
                 self.send_response(status)
@@ -188,3 +211,53 @@ class FakeRegistry:
                 self.wfile.write(body)
 
         return Handler
+
+
+class ConnectProxy:
+    """An https proxy for tests: relays each CONNECT tunnel and records its target."""
+
+    def __init__(self) -> None:
+        self.tunnels: list[str] = []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_CONNECT(self) -> None:
+                proxy.tunnels.append(self.path)
+                host, port = self.path.rsplit(":", 1)
+                try:
+                    upstream = socket.create_connection((host, int(port)), timeout=10)
+                except OSError:
+                    return self.send_error(502)
+                self.send_response(200, "Connection established")
+                self.end_headers()
+                with upstream:
+                    relay(self.connection, upstream)
+                self.close_connection = True
+
+        return Handler
+
+
+def relay(one: socket.socket, other: socket.socket) -> None:
+    """Copy bytes both ways until either side closes (or 30 s of silence)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(one, selectors.EVENT_READ, other)
+        selector.register(other, selectors.EVENT_READ, one)
+        while events := selector.select(timeout=30):
+            for key, _ in events:
+                data = cast(socket.socket, key.fileobj).recv(1 << 16)  # registered above
+                if not data:
+                    return
+                key.data.sendall(data)

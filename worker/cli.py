@@ -20,9 +20,11 @@ def worker() -> None:
 @click.option("--workdir", type=click.Path(file_okay=False),
               help="Directory holding one sub-directory per task (default: config work_dir).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False))
-def run(task_file, task_id, server, workdir, config_path) -> None:
+def run(task_file: str | None, task_id: str | None, server: str | None, workdir: str | None,
+        config_path: str | None) -> None:
     """Stage inputs, run the executors, upload outputs; exit 0 only if COMPLETE."""
-    from funnel_hpc.worker.main import UsageError, run as run_worker
+    from funnel_hpc.worker.main import UsageError
+    from funnel_hpc.worker.main import run as run_worker
 
     try:
         code = run_worker(task_file, task_id, server, workdir, config_path)

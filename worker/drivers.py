@@ -3,18 +3,23 @@
 docker, podman, apptainer and singularity are command-line templates in
 configuration (``worker.drivers``); each template is a list of tokens, where
 
-- ``{volumes}`` expands to the driver's ``volume`` tokens once per mount (``{host}``, ``{container}``),
+- ``{volumes}`` expands to the driver's ``volume`` tokens once per mount (``{host}``,
+  ``{container}``),
 - ``{env}`` expands to the ``env`` tokens once per variable (``{name}``, ``{value}``),
 - ``{workdir}`` expands to the ``workdir`` tokens when the executor sets one,
 - ``{command}`` expands to the executor's command, one token per argument,
-- other tokens are formatted with ``{image}``.
+- other tokens are formatted with ``{image}`` (apptainer's ``{image_uri}``: ``docker://`` added
+  unless the image is a local ``.sif`` file or already has a scheme such as ``oras://``).
 
 The worker connects the engine process's stdin, stdout and stderr to the
 executor's files (so a template needs ``-i`` to pass stdin through) and streams
-them; templates never see those paths. Nothing passes through a shell. ``bwrap`` (bubblewrap) and ``proot`` run the
-command over an unpacked image root file system from ``worker.rootfs_dir`` when
-one exists for the image, else over the host's root (read-only), with the task's
-directories bound at their container paths.
+them; templates never see those paths. Nothing passes through a shell.
+
+``bwrap`` (bubblewrap), ``charliecloud`` (ch-run) and ``proot`` run the executor in the
+task's real image, pulled into ``worker.image_cache`` by ``funnel_hpc.worker.images``
+(imported only when one of them runs) and sandboxed by ``worker/sandbox.py``. An image
+that cannot be had ends the task SYSTEM_ERROR, unless the admin set ``worker.host_root:
+allow``: then the executor runs over the host's root, read-only, and the system logs say so.
 """
 
 from __future__ import annotations
@@ -27,48 +32,54 @@ import subprocess
 import time
 from pathlib import Path
 
+from funnel_hpc.worker import sandbox
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any, Literal
+
+    from funnel_hpc.worker.images import ImageRoot, Json
+
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-HOST_SKIP = {"proc", "dev", "sys", "tmp", "run", "lost+found", "mnt", "media"}
+IMAGE_DRIVERS = ("bwrap", "charliecloud", "proot")
+ENGINE_BINARY = {"bwrap": "bwrap", "charliecloud": "ch-run", "proot": "proot"}
+DEBIAN_PACKAGE = {"bwrap": "bubblewrap", "charliecloud": "charliecloud-runtime", "proot": "proot"}
+HOST_ROOT = "/"  # the "image" of a task run over the host root (worker.host_root: allow)
 # Separators of "-v host:container[:options]" and "--bind a:b,c:d" bind lists.
 BIND_SEPARATORS = (":", ",")
+SANDBOX_TMP = "sandbox-tmp"  # proot's /tmp, in the task dir (never bound itself)
+CH_ROOT = "ch-root-"  # ch-run's per-image root of symlinks, in the task dir
+GPUS_RE = re.compile(r"[0-9]{1,3}|all")
 
 
 class DriverError(RuntimeError):
-    """The container runtime is missing or unusable (a SYSTEM_ERROR)."""
+    """The container runtime or the image is missing or unusable (a SYSTEM_ERROR)."""
 
 
 class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "env", "note")
+    __slots__ = ("argv", "cwd", "env", "ids", "note")
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None, note: str) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
+                 ids: tuple[int, int] | None = None, cwd: str | None = None) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
+        self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
+        self.cwd = cwd    # where to start it; None: the task dir
 
 
-def image_rootfs(rootfs_dir: str, image: str) -> Path | None:
-    """An unpacked root file system for an image name, if the site has one."""
-    if not rootfs_dir:
-        return None
-    names = [image, image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image]
-    for name in names:
-        for candidate in (name, name.rsplit("/", 1)[-1]):
-            safe = re.sub(r"[^A-Za-z0-9._-]", "_", candidate)
-            path = Path(rootfs_dir) / safe
-            if safe and (path / "bin").exists():
-                return path
-    return None
-
-
-def _expand(template: list[str], values: dict, mounts: list[tuple[str, str]],
+def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
             env: dict[str, str], workdir: str | None, command: list[str],
-            spec: dict) -> list[str]:
+            spec: Json, gpus: str | None = None) -> list[str]:
     argv: list[str] = []
     for token in template:
-        if token == "{volumes}":
+        if token == "{gpu}":
+            if gpus:
+                argv += [t.format(gpus=gpus) for t in spec["gpu"]]
+        elif token == "{volumes}":
             for host, container in mounts:
                 argv += [t.format(host=host, container=container) for t in spec["volume"]]
         elif token == "{env}":
@@ -84,18 +95,43 @@ def _expand(template: list[str], values: dict, mounts: list[tuple[str, str]],
     return argv
 
 
+def image_uri(image: str) -> str:
+    """apptainer/singularity: a local .sif and scheme URIs (oras://, docker://, library://)
+    pass through; a registry reference becomes docker://."""
+    if "://" in image or (image.endswith(".sif") and image.startswith("/")):
+        return image
+    return "docker://" + image
+
+
 class Drivers:
-    def __init__(self, config: dict, cache_dir: Path):
+    def __init__(self, config: dict[str, Any], cache_dir: Path):
         self.worker = config["worker"]
+        self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
+        self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
+        self._ids: tuple[int, int] | None | Literal[False] = False  # False: not looked up yet
+        self.task_dir = Path("/nonexistent")  # set by hand_over
+        self.ch_roots: dict[str, str] = {}  # image root -> the task's ch-run root for it
+        self.sandbox_tmp = self.task_dir  # proot's /tmp, set by hand_over
+        self.host_root_reason = ""
+
+    @property
+    def ids(self) -> tuple[int, int] | None:
+        if self._ids is False:
+            try:
+                self._ids = sandbox.sandbox_ids(self.worker)
+            except sandbox.SandboxError as error:
+                raise DriverError(str(error)) from None
+        return self._ids
 
     # ---- choosing ----
 
     def choose(self) -> str:
-        name = self.worker["container_driver"]
+        name: str = self.worker["container_driver"]
         if name != "auto":
             return name
-        for candidate in self.worker["auto_order"]:
+        auto_order: list[str] = self.worker["auto_order"]
+        for candidate in auto_order:
             if self.works(candidate):
                 return candidate
         raise DriverError("no container driver works here (tried "
@@ -103,14 +139,15 @@ class Drivers:
 
     def works(self, name: str) -> bool:
         """Probe a driver once per hour per work dir (the answer is cached)."""
-        cache = {}
+        cache: dict[str, Any] = {}
         try:
             cache = json.loads(self.cache_file.read_text())
         except (OSError, ValueError):
             pass
         hit = cache.get(name)
         if hit and time.time() - hit["at"] < 3600:
-            return hit["ok"]
+            cached: bool = hit["ok"]
+            return cached
         ok = self._probe(name)
         cache[name] = {"ok": ok, "at": time.time()}
         try:
@@ -122,10 +159,18 @@ class Drivers:
         return ok
 
     def _probe(self, name: str) -> bool:
+        """Does the engine really start a sandbox here (bwrap: a user namespace, as the
+        sandbox user)?"""
+        ids = None
         if name == "bwrap":
-            argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "true"]
+            argv = ["bwrap", "--unshare-user", "--unshare-pid", "--cap-drop", "ALL",
+                    "--ro-bind", "/", "/", "--proc", "/proc", "true"]
+            ids = self.ids
         elif name == "proot":
-            argv = ["proot", "true"]
+            argv = ["proot", "-r", "/", "true"]
+            ids = self.ids
+        elif name == "charliecloud":  # ch-run needs an image to really start: its version
+            argv = ["ch-run", "--version"]
         else:
             spec = self.worker["drivers"].get(name)
             if not spec:
@@ -135,71 +180,190 @@ class Drivers:
             return False
         try:
             return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+                                  stderr=subprocess.DEVNULL, timeout=60, cwd="/",
+                                  **switch_user(ids)).returncode == 0
         except (OSError, subprocess.TimeoutExpired):
             return False
+
+    # ---- images ----
+
+    def prepare(self, name: str, images: list[str]) -> list[str]:
+        """Have every image of the task before it starts (what to log about each). An image
+        that cannot be had is a DriverError naming it and why, or the host root when
+        worker.host_root is allow."""
+        if name not in IMAGE_DRIVERS:
+            return []
+        try:
+            sandbox.network_mode(self.worker)  # a config error before any pull
+        except sandbox.SandboxError as error:
+            raise DriverError(str(error)) from None
+        notes = []
+        for image in dict.fromkeys(images):
+            root = self._root(image)
+            if isinstance(root, str):  # HOST_ROOT
+                notes.append(self._host_root_note(image))
+            else:
+                notes.append(f"image {image}: {root.reference}@{root.digest}")
+        return notes
+
+    def _root(self, image: str) -> ImageRoot | str:
+        if image in self.roots:
+            return self.roots[image]
+        from funnel_hpc.worker import images as images_mod  # only image drivers need it
+
+        root: ImageRoot | str
+        try:
+            root = images_mod.ensure_rootfs(
+                image, self.image_cache(), self.worker.get("registries") or {},
+                float(self.worker.get("image_retry_seconds", 30)),
+                str(self.worker.get("pull") or "missing"))
+        except images_mod.ImageError as error:
+            if str(self.worker.get("host_root") or "deny") != "allow":
+                raise DriverError(f"{error} ({error.reason})") from None
+            self.host_root_reason = str(error)
+            root = HOST_ROOT
+        except ValueError as error:  # a bad worker.pull
+            raise DriverError(f"worker.pull: {error}") from None
+        self.roots[image] = root
+        return root
+
+    def image_cache(self) -> str:
+        return str(self.worker.get("image_cache") or self.work_dir / "image-cache")
+
+    def _host_root_note(self, image: str) -> str:
+        return (f"image {image} cannot be had ({self.host_root_reason}); running over the "
+                "HOST ROOT (read-only) because worker.host_root is allow")
+
+    def hand_over(self, name: str, task_dir: Path, binds: list[tuple[str, str]]) -> None:
+        """Let the sandbox user use the task's bound directories and the images' roots."""
+        if name not in IMAGE_DRIVERS:
+            return
+        bound = [host for host, _container in binds]
+        self.task_dir = task_dir
+        self.sandbox_tmp = task_dir / SANDBOX_TMP
+        if name == "proot":
+            self.sandbox_tmp.mkdir(mode=0o700, exist_ok=True)
+            bound.append(str(self.sandbox_tmp))
+        readable = [str(root.rootfs) for root in self.roots.values()
+                    if not isinstance(root, str)]  # not HOST_ROOT
+        try:
+            sandbox.prepare_host(self.ids, str(task_dir / "files"), bound, readable)
+        except sandbox.SandboxError as error:
+            raise DriverError(str(error)) from None
 
     # ---- building the command ----
 
     def invocation(self, name: str, image: str, command: list[str], env: dict[str, str],
-                   workdir: str | None, binds: list[tuple[str, str]]) -> Invocation:
-        if name == "bwrap":
-            return self._bwrap(image, command, env, workdir, binds)
-        if name == "proot":
-            return self._proot(image, command, env, workdir, binds)
+                   workdir: str | None, binds: list[tuple[str, str]],
+                   gpus: str | None = None) -> Invocation:
+        """gpus: the task's backend_parameters.gpus (a count or "all"), None for none."""
+        if gpus is not None and not GPUS_RE.fullmatch(str(gpus)):
+            raise DriverError(f"backend_parameters.gpus must be a count or 'all', not {gpus!r}")
+        if name in IMAGE_DRIVERS:
+            if not shutil.which(ENGINE_BINARY[name]):
+                raise DriverError(f"container driver {name!r}: {ENGINE_BINARY[name]} not "
+                                  f"found (Debian: {DEBIAN_PACKAGE[name]})")
+            try:
+                return self._sandboxed(name, image, command, env, workdir, binds, gpus)
+            except sandbox.SandboxError as error:
+                raise DriverError(str(error)) from None
         spec = self.worker["drivers"].get(name)
         if not spec:
             raise DriverError(f"unknown container driver {name!r}")
         if not shutil.which(spec["run"][0]):
             raise DriverError(f"container driver {name!r}: {spec['run'][0]} not found")
+        if gpus and ("{gpu}" not in spec["run"] or not spec.get("gpu")):
+            raise DriverError(f"the task asks for GPUs but worker.drivers.{name} has no "
+                              "gpu flags ({gpu} in run, and gpu)")
         _check_bind_paths(name, binds)
-        argv = _expand(spec["run"], {"image": image}, binds, env, workdir, command, spec)
-        return Invocation(argv, None, f"driver {name}: image {image}")
+        network = sandbox.network_mode(self.worker)
+        argv = _expand(spec["run"], {"image": image, "image_uri": image_uri(image),
+                                     "network": network}, binds, env, workdir, command,
+                       spec, gpus)
+        return Invocation(argv, None, f"driver {name}: image {image}"
+                          + (f", gpus {gpus}" if gpus else ""))
 
-    def _bwrap(self, image, command, env, workdir, binds) -> Invocation:
-        if not shutil.which("bwrap"):
-            raise DriverError("container driver 'bwrap': bwrap not found (Debian: bubblewrap)")
-        rootfs = image_rootfs(self.worker["rootfs_dir"], image)
-        argv = ["bwrap", "--die-with-parent", "--new-session", "--unshare-pid",
-                "--unshare-ipc", "--unshare-uts", "--hostname", "funnel-task"]
-        if rootfs:
-            argv += ["--bind", str(rootfs), "/"]
-            note = f"driver bwrap: image {image} from root file system {rootfs}"
+    def _sandboxed(self, name: str, image: str, command: list[str], env: dict[str, str],
+                   workdir: str | None, binds: list[tuple[str, str]],
+                   gpus: str | None) -> Invocation:
+        network, devices = self._check_sandbox(name, command, binds, gpus)
+        root = self._root(image)  # after every check of the config and the task
+        who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
+        note = f"driver {name}: sandboxed as {who}, network {network}"
+        config: Json
+        if isinstance(root, str):  # HOST_ROOT
+            rootfs, config = "/", {}
+            note += ", over the HOST ROOT (worker.host_root: allow)"
         else:
-            argv += _host_root_binds({c for _h, c in binds})
-            note = (f"driver bwrap: no root file system for image {image} under "
-                    f"{self.worker['rootfs_dir'] or '(worker.rootfs_dir unset)'}; "
-                    "running over the host root (read-only)")
-        argv += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        for host, container in binds:
-            argv += ["--bind", host, container]
-        argv += ["--clearenv", "--setenv", "PATH", env.get("PATH", DEFAULT_PATH),
-                 "--setenv", "HOME", "/tmp"]
-        for name, value in env.items():
-            argv += ["--setenv", name, value]
-        if workdir:
-            argv += ["--chdir", workdir]
-        return Invocation(argv + ["--", *command], None, note)
+            rootfs, config = str(root.rootfs), root.config
+        full_env = _image_env(config)
+        full_env.update(env)
+        workdir = workdir or config.get("WorkingDir") or None
+        # hide the work dir (other tasks, the image cache) when the root is the host's
+        hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
+        if name == "bwrap":
+            argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
+                                      devices)
+        elif name == "charliecloud":
+            argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
+                                             full_env, workdir, command)
+            engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
+            return Invocation(argv, engine_env, note, self.ids, "/")
+        else:
+            argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
+                                      str(self.sandbox_tmp), hide)
+        # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
+        return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/")
 
-    def _proot(self, image, command, env, workdir, binds) -> Invocation:
-        if not shutil.which("proot"):
-            raise DriverError("container driver 'proot': proot not found")
-        rootfs = image_rootfs(self.worker["rootfs_dir"], image)
-        argv = ["proot"]
-        if rootfs:
-            argv += ["-R", str(rootfs)]
-            note = f"driver proot: image {image} from root file system {rootfs}"
-        else:
-            note = f"driver proot: no root file system for image {image}; running over the host root"
-        _check_bind_paths("proot", binds)
-        for host, container in binds:
-            argv += ["-b", f"{host}:{container}"]
-        argv += ["-w", workdir or "/"]
-        process_env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", **env}
-        # proot has no "--": the command starts at the first non-option word
-        if command and command[0].startswith("-"):
-            raise DriverError(f"driver proot: a command may not start with '-': {command[0]!r}")
-        return Invocation(argv + list(command), process_env, note)
+    def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
+        """The task's ch-run root for this image (made once per task and image)."""
+        if rootfs not in self.ch_roots:
+            skeleton = str(self.task_dir / f"{CH_ROOT}{len(self.ch_roots)}")
+            shutil.rmtree(skeleton, ignore_errors=True)  # left by an earlier attempt
+            sandbox.charliecloud_root(skeleton, rootfs, [c for _h, c in binds],
+                                      frozenset(c for h, c in binds if not os.path.isdir(h)))
+            if self.ids:
+                sandbox.grant_traverse(skeleton, *self.ids)
+            self.ch_roots[rootfs] = skeleton
+        return self.ch_roots[rootfs]
+
+    def _check_sandbox(self, name: str, command: list[str], binds: list[tuple[str, str]],
+                       gpus: str | None) -> tuple[str, list[str]]:
+        """What can be refused before pulling: the network mode and GPUs this driver cannot
+        give, and (proot) words its command line syntax cannot carry."""
+        network = sandbox.network_mode(self.worker)
+        devices = [str(d) for d in self.worker.get("gpu_devices") or []] if gpus else []
+        if gpus and (name != "bwrap" or not devices):
+            raise DriverError(f"the task asks for GPUs: driver {name} gives them only as bwrap "
+                              "with worker.gpu_devices set")
+        if name == "charliecloud":
+            _check_bind_paths(name, binds)
+        if name != "bwrap" and network == "none":
+            raise DriverError(f"driver {name} cannot isolate the network "
+                              "(worker.network: none needs bwrap)")
+        if name == "proot":
+            _check_bind_paths(name, binds)
+            # proot has no "--": the command starts at the first non-option word
+            if command and command[0].startswith("-"):
+                raise DriverError(f"driver proot: a command may not start with '-': "
+                                  f"{command[0]!r}")
+        return network, devices
+
+
+def _image_env(config: Json) -> dict[str, str]:
+    """The image config's Env (PATH always set; HOME /tmp, a tmpfs, unless the image says)."""
+    from funnel_hpc.worker.images import env_from_config
+
+    env = env_from_config(config)
+    env.setdefault("HOME", "/tmp")
+    return env
+
+
+def switch_user(ids: tuple[int, int] | None) -> dict[str, Any]:
+    """Popen arguments that start a process as (uid, gid) with no supplementary groups."""
+    if ids is None:
+        return {}
+    return {"user": ids[0], "group": ids[1], "extra_groups": []}
 
 
 def _check_bind_paths(driver: str, binds: list[tuple[str, str]]) -> None:
@@ -210,20 +374,3 @@ def _check_bind_paths(driver: str, binds: list[tuple[str, str]]) -> None:
             if any(sep in path for sep in BIND_SEPARATORS):
                 raise DriverError(f"driver {driver}: path {path!r} has ':' or ',', which "
                                   "this driver's bind syntax cannot carry")
-
-
-def _host_root_binds(task_dirs: set[str]) -> list[str]:
-    """Read-only binds of the host's top-level directories (symlinks kept as symlinks),
-    leaving out any that a task directory lives in (the task's bind replaces it)."""
-    argv: list[str] = []
-    for entry in sorted(os.listdir("/")):
-        if entry in HOST_SKIP:
-            continue
-        path = "/" + entry
-        if any(d == path or d.startswith(path + "/") for d in task_dirs):
-            continue
-        if os.path.islink(path):
-            argv += ["--symlink", os.readlink(path), path]
-        elif os.path.isdir(path):
-            argv += ["--ro-bind", path, path]
-    return argv

@@ -50,7 +50,7 @@ class EventLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def emit(self, kind: str, **fields: Any) -> dict:
+    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
             self.seq += 1
             event = {"seq": self.seq, "time": now_rfc3339(), "task_id": self.task_id,
@@ -91,13 +91,13 @@ class _Sender:
         self.session = requests.Session()
         if token:  # auth on: this task's worker token (core/worker_tokens.py)
             self.session.headers["Authorization"] = f"Bearer {token}"
-        self.queue: queue.Queue = queue.Queue()
+        self.queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._abandon = threading.Event()
         self._failing_since: float | None = None
         self.thread = threading.Thread(target=self._run, name="event-sender", daemon=True)
         self.thread.start()
 
-    def send(self, event: dict) -> None:
+    def send(self, event: dict[str, Any]) -> None:
         self.queue.put(event)
 
     def _run(self) -> None:
@@ -107,7 +107,7 @@ class _Sender:
                 return
             self._deliver(event)
 
-    def _deliver(self, event: dict) -> None:
+    def _deliver(self, event: dict[str, Any]) -> None:
         from funnel_hpc.core.client import is_transient  # loaded with requests: only with a server
 
         pause = 0.5
@@ -115,7 +115,7 @@ class _Sender:
             try:
                 status = self.session.post(self.url, json=event, timeout=self.timeout).status_code
                 reason = f"HTTP {status}"
-            except Exception as exc:  # network trouble must not stop the task
+            except Exception as exc:  # noqa: BLE001  # network trouble must not stop the task
                 status, reason = None, exc.__class__.__name__
             if not is_transient(status):
                 self._failing_since = None

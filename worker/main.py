@@ -15,6 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any
 
 # What a launcher that forks workers from a warm process (the local backend's) imports
 # once beforehand: every forked worker then starts with them loaded.
@@ -53,6 +56,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
         task = fetch_task(server, task_id, token,
                           float(config["worker"]["server_wait_seconds"]))
     else:
+        assert task_file  # exactly one of the two, checked above
         try:
             task = json.loads(Path(task_file).read_text())
         except (OSError, ValueError) as exc:
@@ -71,7 +75,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
     return EXIT_CODES.get(state, 2)
 
 
-def fetch_task(server: str, task_id: str, token: str | None, wait_seconds: float) -> dict:
+def fetch_task(server: str, task_id: str, token: str | None, wait_seconds: float) -> dict[str, Any]:
     """The task (FULL view) from the server. While the server cannot be reached or answers
     5xx/429 (a gateway restarting), try again with growing pauses for up to wait_seconds."""
     from funnel_hpc.core.client import ClientError, TesClient

@@ -14,6 +14,10 @@ import posixpath
 import re
 from pathlib import Path
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any
+
 WILDCARD = re.compile(r"[*?\[]")
 
 
@@ -28,7 +32,7 @@ def check_container_path(path: str) -> str:
         raise PathError(f"container path has control characters: {path!r}")
     if ".." in path.split("/"):
         raise PathError(f"container path must not contain '..': {path!r}")
-    return posixpath.normpath(path)
+    return "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
 
 
 class TaskPaths:
@@ -50,31 +54,57 @@ class TaskPaths:
         if real != root and not real.startswith(root + os.sep):
             raise PathError(f"{host} resolves outside the task directory")
 
-    def mounts(self, task: dict) -> list[str]:
-        """Container directories to bind, none nested in another."""
-        dirs: set[str] = set()
+    def mounts(self, task: dict[str, Any]) -> list[str]:
+        """Container paths to bind, none nested in another: the directories holding the
+        task's inputs, outputs, volumes and streams, except that a file directly under
+        `/` is bound itself (see top_level). The root itself is never bound."""
+        paths: set[str] = set()
         for item in task.get("inputs") or []:
-            path = check_container_path(item["path"])
-            dirs.add(path if item.get("type") == "DIRECTORY" else posixpath.dirname(path))
+            paths.add(_bind_path(check_container_path(item["path"]),
+                                 item.get("type") == "DIRECTORY"))
         for item in task.get("outputs") or []:
             path = check_container_path(item["path"])
             if WILDCARD.search(path):
-                dirs.add(check_container_path(item.get("path_prefix") or "/").rstrip("/") or "/")
+                paths.add(check_container_path(item.get("path_prefix") or "/").rstrip("/")
+                          or "/")
             else:
-                dirs.add(path if item.get("type") == "DIRECTORY" else posixpath.dirname(path))
+                paths.add(_bind_path(path, item.get("type") == "DIRECTORY"))
         for volume in task.get("volumes") or []:
-            dirs.add(check_container_path(volume))
+            paths.add(check_container_path(volume))
         for executor in task.get("executors") or []:
             for key in ("stdin", "stdout", "stderr"):
                 if executor.get(key):
-                    dirs.add(posixpath.dirname(check_container_path(executor[key])))
-        if "/" in dirs:
-            raise PathError("a task may not bind the container's root directory")
+                    paths.add(_bind_path(check_container_path(executor[key]), False))
+        if "/" in paths:
+            raise PathError("a task may not bind the container's root directory (a volume "
+                            "or directory at /, or a wildcard output with path_prefix /)")
         kept: list[str] = []
-        for d in sorted(dirs):
-            if not any(d == k or d.startswith(k + "/") for k in kept):
-                kept.append(d)
+        for path in sorted(paths):
+            if not any(path == k or path.startswith(k + "/") for k in kept):
+                kept.append(path)
         return kept
+
+    @staticmethod
+    def top_level(task: dict[str, Any]) -> dict[str, str]:
+        """Files directly under `/` (bound one by one: see mounts) -> "input" (an input or
+        stdin: staged there) or "output" (an output or stdout/stderr: made empty before the
+        executors start, so that there is something to bind). Volumes are not files."""
+        roles: dict[str, str] = {}
+        outputs = [item["path"] for item in task.get("outputs") or []
+                   if item.get("type") != "DIRECTORY" and not WILDCARD.search(item["path"])]
+        inputs = [item["path"] for item in task.get("inputs") or []
+                  if item.get("type") != "DIRECTORY"]
+        for executor in task.get("executors") or []:
+            outputs += [executor[key] for key in ("stdout", "stderr") if executor.get(key)]
+            inputs += [executor["stdin"]] if executor.get("stdin") else []
+        for role, paths in (("output", outputs), ("input", inputs)):  # input wins
+            for path in paths:
+                clean = check_container_path(path)
+                if posixpath.dirname(clean) == "/":
+                    roles[clean] = role
+        for volume in task.get("volumes") or []:
+            roles.pop(check_container_path(volume), None)
+        return roles
 
     def glob(self, pattern: str) -> list[tuple[str, Path]]:
         """(container path, host path) of files matching a POSIX wildcard pattern."""
@@ -86,7 +116,7 @@ class TaskPaths:
             fixed.append(part)
         base = "/" + "/".join(fixed)
         host_base = self.host(base)
-        matches = []
+        matches: list[tuple[str, Path]] = []
         if not host_base.is_dir():
             return matches
         for dirpath, _dirnames, filenames in os.walk(host_base):
@@ -98,6 +128,40 @@ class TaskPaths:
         return sorted(matches)
 
 
+def _bind_path(path: str, is_dir: bool) -> str:
+    """What to bind for an item at `path`: itself if a directory, else its directory,
+    unless that is `/` (which is never bound): then the file itself."""
+    if is_dir:
+        return path
+    parent = posixpath.dirname(path)
+    return path if parent == "/" else parent
+
+
 def _same_depth(path: str, pattern: str) -> bool:
     """POSIX globbing: `*` does not cross `/`, so depth must match."""
     return path.count("/") == pattern.count("/")
+
+
+KEEP_WORKDIR = ("never", "on_failure", "always")
+
+
+def remove_task_files(task_dir: Path, names: tuple[str, ...], prefixes: tuple[str, ...] = ()
+                      ) -> list[str]:
+    """Remove what the worker made in an ended task's directory: the entries `names` and
+    those starting with one of `prefixes` (never following a symlink). The event log,
+    task.json, the token and the backend's files stay. Returns what could not be removed."""
+    import shutil
+
+    problems: list[str] = []
+
+    def failed(_function: object, path: str, info: tuple[object, BaseException, object]) -> None:
+        problems.append(f"{path}: {getattr(info[1], 'strerror', None) or info[1]}")
+
+    for entry in sorted(os.listdir(task_dir)):
+        if entry in names or any(entry.startswith(p) for p in prefixes):
+            path = task_dir / entry
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+            else:
+                shutil.rmtree(path, onerror=failed)
+    return problems

@@ -1,36 +1,52 @@
-"""Storage: one small interface, one class per URL scheme.
+"""Storage: one small interface per URL scheme, and the dispatcher that drives it.
 
-Each store has ``get(url, dest, is_dir)``, ``put(src, url)``, ``list(url)``
-(the file URLs under a directory URL) and ``exists(url)``.
-``file://`` URLs and plain absolute paths are limited to ``worker.allowed_dirs``
-(after resolving symlinks, file by file); local copies are reflinks where the
-file system can (btrfs, XFS), hard links when ``worker.link_inputs`` is set and
-the file system is the same, plain copies otherwise.
+A store (``storage_<scheme>.py``, imported only when a URL of its scheme is used) moves
+single objects: ``get_file(url, dest)``, ``put_file(src, url)``, ``list(url)`` (names of
+the files under a directory URL) and ``exists(url)``; it raises StorageError with
+``transient`` set for what is worth trying again (connection reset, 5xx, throttling).
+``Storage`` adds what every store shares: directories, retries with backoff and jitter
+bounded by ``storage.retry_seconds`` (storage_retry.py), and up to
+``storage.max_parallel_transfers`` transfers at once (results and errors reported in the
+order given). Sources are opened once without following a final symlink and handed to
+stores as ``/proc/self/fd/N``, so what was checked is what is sent.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import posixpath
-import shutil
+import stat
 import threading
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
-    from typing import Any, Protocol
+    from collections.abc import Callable, Sequence
+    from typing import Any, TypeVar
 
-    class Store(Protocol):
-        def get(self, url: str, dest: Path, is_dir: bool = False) -> None: ...
-        def put(self, src: Path, url: str) -> None: ...
-        def list(self, url: str) -> list[str]: ...
-        def exists(self, url: str) -> bool: ...
+    T = TypeVar("T")
+
+# scheme -> (module under funnel_hpc.worker, factory name); imported on first use
+STORES = {
+    "file": ("storage_local", "make_store"),
+    "http": ("storage_http", "make_store"),
+    "https": ("storage_http", "make_store"),
+    "s3": ("storage_s3", "make_store"),
+    "gs": ("storage_gs", "make_store"),
+    "ftp": ("storage_ftp", "make_store"),
+}
 
 
 class StorageError(RuntimeError):
-    """A transfer failed; the message names the URL."""
+    """A transfer failed; the message names the URL (without credentials).
+
+    transient: worth trying again (the store's rule); index: which of several
+    transfers given to Storage at once failed."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+        self.index: int | None = None
 
 
 class Stopped(StorageError):
@@ -41,338 +57,109 @@ def join_url(base: str, relative: str) -> str:
     return base.rstrip("/") + "/" + relative.lstrip("/")
 
 
-class Interruptible:
-    """Stores whose transfers go chunk by chunk stop at the next chunk once `stop` is set."""
-
-    stop: threading.Event | None = None
-
-    def check_stop(self, url: str) -> None:
-        if self.stop is not None and self.stop.is_set():
-            raise Stopped(f"{_redact(url)}: transfer stopped (task canceled)")
-
-
-def inside(dest: Path, relative: str, url: str) -> Path:
-    """dest/relative for a name a remote store listed; refuses names that would climb out."""
-    parts = relative.split("/")
-    if relative.startswith("/") or ".." in parts or not relative or "\x00" in relative:
-        raise StorageError(f"{url}: refusing the listed name {relative!r}")
-    return dest / relative
-
-
-FICLONE = 0x40049409  # ioctl: share the source's blocks copy-on-write (Linux)
-
-
-def clone_or_copy(src: Path, dest: Path) -> None:
-    """Reflink src to dest when the file system supports it, else copy the bytes in the
-    kernel (copy_file_range), else through shutil."""
-    with src.open("rb") as fin, dest.open("wb") as fout:
-        try:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-            return
-        except OSError:
-            pass  # not supported here (ext4, tmpfs, NFS, across file systems)
-        try:
-            while os.copy_file_range(fin.fileno(), fout.fileno(), 1 << 30):
-                pass
-            return
-        except OSError:
-            fout.truncate(0)  # e.g. an old kernel across file systems: start again
-    shutil.copyfile(src, dest)
-
-
-class LocalStore:
-    def __init__(self, allowed_dirs: list[str], link: bool = False):
-        self.allowed = [os.path.realpath(d) for d in allowed_dirs]
-        self.link = link
-
-    def path(self, url: str) -> Path:
-        raw = unquote(urlparse(url).path) if url.startswith("file://") else url
-        real = os.path.realpath(raw)
-        if not any(real == d or real.startswith(d.rstrip("/") + "/") for d in self.allowed):
-            raise StorageError(f"{url}: outside the allowed directories "
-                               f"({', '.join(self.allowed) or 'none configured: worker.allowed_dirs'})")
-        return Path(real)
-
-    def _copy_file(self, src: Path, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.link:
-            try:
-                os.link(src, dest)
-                return
-            except OSError:
-                pass  # other file system: copy
-        clone_or_copy(src, dest)
-
-    def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
-        src = self.path(url)
-        if is_dir:
-            if not src.is_dir():
-                raise StorageError(f"{url}: not a directory")
-            # symlinked sub-directories are not followed; symlinked files are
-            # copied only when their target is inside the allowed directories too
-            for root, _dirs, files in os.walk(src):
-                target_dir = dest / Path(root).relative_to(src)
-                target_dir.mkdir(parents=True, exist_ok=True)
-                for name in sorted(files):
-                    real = self.path(str(Path(root) / name))
-                    if real.is_file():  # not a FIFO, socket or device
-                        self._copy_file(real, target_dir / name)
-            return
-        if not src.is_file():
-            raise StorageError(f"{url}: no such file")
-        self._copy_file(src, dest)
-
-    def put(self, src: Path, url: str) -> None:
-        dest = self.path(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        clone_or_copy(src, dest)
-
-    def list(self, url: str) -> list[str]:
-        base = self.path(url)
-        return sorted("file://" + str(Path(r) / f) for r, _d, fs in os.walk(base) for f in fs)
-
-    def exists(self, url: str) -> bool:
-        return self.path(url).exists()
-
-
-class HttpStore(Interruptible):
-    """Download only."""
-
-    def __init__(self, timeout: float = 60):
-        import requests
-
-        self.http = requests.Session()
-        self.timeout = timeout
-
-    def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
-        import requests
-
-        if is_dir:
-            raise StorageError(f"{url}: directory inputs are not supported over HTTP")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with self.http.get(url, stream=True, timeout=self.timeout) as resp:
-                if resp.status_code != 200:
-                    raise StorageError(f"{_redact(url)}: HTTP {resp.status_code}")
-                with dest.open("wb") as fh:
-                    for chunk in resp.iter_content(1 << 20):
-                        self.check_stop(url)
-                        fh.write(chunk)
-        except requests.RequestException as exc:
-            raise StorageError(f"{_redact(url)}: {exc.__class__.__name__}: "
-                               f"{_redact_in(url, str(exc))}") from None
-
-    def put(self, src: Path, url: str) -> None:
-        raise StorageError(f"{_redact(url)}: uploads over HTTP are not supported")
-
-    def list(self, url: str) -> list[str]:
-        raise StorageError(f"{url}: listing over HTTP is not supported")
-
-    def exists(self, url: str) -> bool:
-        try:
-            return self.http.head(url, timeout=self.timeout, allow_redirects=True).status_code == 200
-        except Exception:
-            return False
-
-
-class S3Store(Interruptible):
-    def __init__(self, options: dict):
-        import boto3
-        from botocore.config import Config
-
-        self.client = boto3.client(
-            "s3", endpoint_url=options.get("endpoint_url") or None,
-            region_name=options.get("region") or None,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}))
-
-    @staticmethod
-    def split(url: str) -> tuple[str, str]:
-        parsed = urlparse(url)
-        return parsed.netloc, parsed.path.lstrip("/")
-
-    def _error(self, url: str, exc: Exception) -> StorageError:
-        if self.stop is not None and self.stop.is_set():
-            return Stopped(f"{url}: transfer stopped (task canceled)")
-        return StorageError(f"{url}: {exc.__class__.__name__}: {exc}")
-
-    def _progress(self, url: str):
-        """boto3 transfer callback: raising in it makes the transfer fail."""
-        return lambda _bytes: self.check_stop(url)
-
-    def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            if not is_dir:
-                bucket, key = self.split(url)
-                self.client.download_file(bucket, key, str(dest), Callback=self._progress(url))
-                return
-            keys = self.list(url)
-            dest.mkdir(parents=True, exist_ok=True)
-            bucket, prefix = self.split(url)
-            prefix = prefix.rstrip("/") + "/" if prefix else ""
-            for item in keys:
-                _, key = self.split(item)
-                target = inside(dest, key[len(prefix):], item)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.client.download_file(bucket, key, str(target),
-                                          Callback=self._progress(url))
-        except StorageError:
-            raise
-        except (BotoCoreError, ClientError, OSError) as exc:
-            raise self._error(url, exc) from None
-
-    def put(self, src: Path, url: str) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, key = self.split(url)
-        try:
-            self.client.upload_file(str(src), bucket, key, Callback=self._progress(url))
-        except StorageError:
-            raise
-        except (BotoCoreError, ClientError, OSError) as exc:
-            raise self._error(url, exc) from None
-
-    def list(self, url: str) -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        bucket, prefix = self.split(url)
-        prefix = prefix.rstrip("/") + "/" if prefix else ""
-        out = []
-        try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix):
-                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])
-                        if not o["Key"].endswith("/")]
-        except (BotoCoreError, ClientError) as exc:
-            raise self._error(url, exc) from None
-        if not out:
-            raise StorageError(f"{url}: no objects under this prefix")
-        return out
-
-    def exists(self, url: str) -> bool:
-        bucket, key = self.split(url)
-        try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception:
-            return False
-
-
-class FtpStore(Interruptible):
-    def __init__(self, timeout: float = 60):
-        self.timeout = timeout
-
-    @staticmethod
-    def _ftplib():
-        import ftplib  # with ssl: only tasks that use ftp:// pay for the import
-
-        return ftplib
-
-    def _connect(self, url: str) -> tuple[Any, str]:
-        parsed = urlparse(url)
-        ftp = self._ftplib().FTP(timeout=self.timeout)
-        ftp.connect(parsed.hostname or "", parsed.port or 21)
-        ftp.login(unquote(parsed.username or "anonymous"), unquote(parsed.password or ""))
-        return ftp, unquote(parsed.path) or "/"
-
-    def _wrap(self, url: str, fn):
-        try:
-            return fn()
-        except (self._ftplib().Error, OSError, EOFError) as exc:
-            raise StorageError(f"{_redact(url)}: {exc.__class__.__name__}: {exc}") from None
-
-    def _download(self, ftp: Any, path: str, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with dest.open("wb") as fh:
-            def write(chunk: bytes) -> None:
-                self.check_stop(path)
-                fh.write(chunk)
-            ftp.retrbinary(f"RETR {path}", write)
-
-    def _walk(self, ftp: Any, path: str) -> list[str]:
-        files = []
-        for name, facts in ftp.mlsd(path):
-            if name in (".", ".."):
-                continue
-            child = posixpath.join(path, name)
-            if facts.get("type") == "dir":
-                files += self._walk(ftp, child)
-            elif facts.get("type") == "file":
-                files.append(child)
-        return files
-
-    def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
-        def run():
-            ftp, path = self._connect(url)
-            with ftp:
-                if not is_dir:
-                    self._download(ftp, path, dest)
-                    return
-                dest.mkdir(parents=True, exist_ok=True)
-                for file in self._walk(ftp, path):
-                    self._download(ftp, file, inside(dest, posixpath.relpath(file, path),
-                                                      _redact(url)))
-        self._wrap(url, run)
-
-    def put(self, src: Path, url: str) -> None:
-        def run():
-            ftp, path = self._connect(url)
-            with ftp:
-                parts = posixpath.dirname(path).strip("/").split("/")
-                current = ""
-                for part in filter(None, parts):
-                    current += "/" + part
-                    try:
-                        ftp.mkd(current)
-                    except self._ftplib().error_perm:
-                        pass  # exists
-                with src.open("rb") as fh:
-                    ftp.storbinary(f"STOR {path}", fh,
-                                   callback=lambda _block: self.check_stop(path))
-        self._wrap(url, run)
-
-    def list(self, url: str) -> list[str]:
-        def run():
-            ftp, path = self._connect(url)
-            with ftp:
-                base = url[: len(url) - len(urlparse(url).path)]
-                return [base + f for f in self._walk(ftp, path)]
-        return self._wrap(url, run)
-
-    def exists(self, url: str) -> bool:
-        try:
-            def run():
-                ftp, path = self._connect(url)
-                with ftp:
-                    return ftp.size(path) is not None
-            return bool(self._wrap(url, run))
-        except StorageError:
-            return False
-
-
-def _redact_in(url: str, text: str) -> str:
-    """text (e.g. an exception message quoting url) without url's password."""
-    password = urlparse(url).password
-    return text.replace(password, "***") if password else text
-
-
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """url without its password (user:***@host)."""
     parsed = urlparse(url)
     if parsed.password:
         return url.replace(f":{parsed.password}@", ":***@")
     return url
 
 
-class Storage:
-    """Picks the store for a URL; refuses schemes not in storage.allowed_schemes."""
+def redact_in(url: str, text: str) -> str:
+    """text (e.g. an exception message quoting url) without url's password."""
+    password = urlparse(url).password
+    return text.replace(password, "***") if password else text
 
-    def __init__(self, config: dict, stop: threading.Event | None = None):
+
+def inside(dest: Path, relative: str, url: str) -> Path:
+    """dest/relative for a name a store listed; refuses names that would climb out."""
+    parts = relative.split("/")
+    if relative.startswith("/") or ".." in parts or not relative or "\x00" in relative:
+        raise StorageError(f"{redact(url)}: refusing the listed name {relative!r}")
+    return dest / relative
+
+
+class Store:
+    """One URL scheme: single-object transfers that stop at the next chunk once `stop` is set."""
+
+    stop: threading.Event | None = None
+    owner: str | None = None  # the task's owner (auth on), whose rights file:// access gets
+
+    def check_stop(self, url: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped(f"{redact(url)}: transfer stopped (task canceled)")
+
+    def get_file(self, url: str, dest: Path) -> None:
+        raise NotImplementedError
+
+    def put_file(self, src: Path, url: str) -> None:
+        raise NotImplementedError
+
+    def list(self, url: str) -> list[str]:
+        raise StorageError(f"{redact(url)}: directories are not supported for this scheme")
+
+    def child(self, url: str, name: str) -> str:
+        """The URL of a name list(url) gave, as this store parses URLs (percent-encoded)."""
+        from urllib.parse import quote
+
+        return join_url(url, quote(name, safe="/"))
+
+    def exists(self, url: str) -> bool:
+        raise NotImplementedError
+
+    # one-shot conveniences (no retries, one at a time): benchmarks and scripts
+    def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
+        names = self.list(url) if is_dir else [""]
+        for name in names:
+            target = inside(dest, name, url) if name else dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.get_file(self.child(url, name) if name else url, target)
+
+    def put(self, src: Path, url: str) -> None:
+        with open_source(src) as (path, _size):
+            self.put_file(path, url)
+
+
+class open_source:
+    """A local file to upload, opened once: not through a final symlink, and only a
+    regular file. Yields (path stores may open, size)."""
+
+    def __init__(self, src: Path):
+        self.src = src
+        self.fd = -1
+
+    def __enter__(self) -> tuple[Path, int]:
+        try:
+            self.fd = os.open(self.src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                              | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StorageError(f"{self.src}: cannot open: {exc.strerror}") from None
+        info = os.fstat(self.fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(self.fd)
+            raise StorageError(f"{self.src}: not a regular file")
+        proc = Path(f"/proc/self/fd/{self.fd}")
+        return (proc if proc.exists() else self.src), info.st_size
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self.fd)
+
+
+class Storage:
+    """Picks the store for a URL (refusing schemes not in storage.allowed_schemes) and runs
+    transfers with retries, several at once."""
+
+    def __init__(self, config: dict[str, Any], stop: threading.Event | None = None,
+                 owner: str | None = None):
         self.config = config
         self.stop = stop  # set: transfers in progress give up at their next chunk
-        self.allowed_schemes = set(config["storage"]["allowed_schemes"])
+        self.owner = owner
+        options = config["storage"]
+        self.allowed_schemes = set(options["allowed_schemes"])
+        self.retry_seconds = float(options["retry_seconds"])
+        self.parallel = max(1, int(options["max_parallel_transfers"]))
         self._stores: dict[str, Store] = {}
+        self._lock = threading.Lock()
 
     def scheme(self, url: str) -> str:
         if url.startswith("/"):
@@ -382,27 +169,166 @@ class Storage:
     def store(self, url: str) -> Store:
         scheme = self.scheme(url)
         if scheme not in self.allowed_schemes:
-            raise StorageError(f"{_redact(url)}: URL scheme {scheme or '(none)'!r} is not allowed "
-                               f"(storage.allowed_schemes: {', '.join(sorted(self.allowed_schemes))})")
-        if scheme not in self._stores:
-            storage = self.config["storage"]
-            worker = self.config["worker"]
-            if scheme == "file":
-                self._stores[scheme] = LocalStore(worker["allowed_dirs"], worker["link_inputs"])
-            elif scheme in ("http", "https"):
-                self._stores[scheme] = HttpStore()
-            elif scheme == "s3":
-                self._stores[scheme] = S3Store(storage["s3"])
-            elif scheme == "ftp":
-                self._stores[scheme] = FtpStore()
-            else:
-                raise StorageError(f"{_redact(url)}: no storage for scheme {scheme!r}")
-            if isinstance(self._stores[scheme], Interruptible):
-                self._stores[scheme].stop = self.stop  # type: ignore[attr-defined]
-        return self._stores[scheme]
+            allowed = ", ".join(sorted(self.allowed_schemes))
+            raise StorageError(f"{redact(url)}: URL scheme {scheme or '(none)'!r} is not allowed "
+                               f"(storage.allowed_schemes: {allowed})")
+        if scheme not in STORES:
+            raise StorageError(f"{redact(url)}: no storage for scheme {scheme!r}")
+        with self._lock:
+            if scheme not in self._stores:
+                import importlib
+
+                module_name, factory = STORES[scheme]
+                module = importlib.import_module(f"funnel_hpc.worker.{module_name}")
+                store: Store = getattr(module, factory)(self.config, scheme)
+                store.stop = self.stop
+                store.owner = self.owner
+                self._stores[scheme] = store
+            return self._stores[scheme]
+
+    def retry(self, url: str, attempt: Callable[[], T]) -> T:
+        from funnel_hpc.worker.storage_retry import with_retries
+
+        return with_retries(redact(url), attempt, self.retry_seconds, self.stop)
+
+    # ---- transfers ----
 
     def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
-        self.store(url).get(url, dest, is_dir)
+        self.get_many([(url, dest, is_dir)])
 
-    def put(self, src: Path, url: str) -> None:
-        self.store(url).put(src, url)
+    def get_many(self, items: Sequence[tuple[str, Path, bool | None]]) -> list[bool]:
+        """Download files and directories (is_dir None: whichever the URL is), up to
+        max_parallel_transfers at once; returns whether each item was a directory. A
+        failure raises StorageError with `index` naming the item; the others are abandoned."""
+        jobs: list[tuple[int, Store, str, Path]] = []
+        kinds: list[bool] = []
+        for index, (url, dest, is_dir) in enumerate(items):
+            with _indexed(index):
+                store = self.store(url)
+                names = None if is_dir is False else self._listing(store, url, is_dir is None)
+                kinds.append(names is not None)
+                if names is None:
+                    jobs.append((index, store, url, dest))
+                    continue
+                dest.mkdir(parents=True, exist_ok=True)
+                jobs += [(index, store, store.child(url, name), inside(dest, name, url))
+                         for name in names]
+
+        def one(job: tuple[int, Store, str, Path]) -> None:
+            _index, store, url, dest = job
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.retry(url, lambda: store.get_file(url, dest))
+            except OSError as exc:  # e.g. the work dir's disk is full: free what we wrote
+                if dest.is_file():
+                    dest.unlink()
+                raise StorageError(f"{redact(url)}: cannot write {dest}: "
+                                   f"{exc.strerror or exc}") from None
+
+        self.run_all(jobs, one, [job[0] for job in jobs])
+        return kinds
+
+    def _listing(self, store: Store, url: str, probe: bool) -> list[str] | None:
+        """The names under a directory URL; probe (a type not given): None when the URL
+        cannot be listed as a directory, so that it is fetched as a file (whose own error,
+        if any, is then the one reported). One list call per untyped input."""
+        if not probe:
+            return self.retry(url, _bind(store.list, url))
+        try:
+            return self.retry(url, _bind(store.list, url))
+        except Stopped:
+            raise
+        except StorageError:
+            return None
+
+    def put(self, src: Path, url: str) -> int:
+        sizes: list[int] = []
+        self.put_many([(src, url)], lambda _index, size: sizes.append(size))
+        return sizes[0]
+
+    def put_many(self, items: Sequence[tuple[Path, str]],
+                 done: Callable[[int, int], None]) -> None:
+        """Upload files, up to max_parallel_transfers at once; done(index, size) is called
+        in the order of items, each once its upload (and all before it) succeeded."""
+        stores = []
+        for index, (_src, url) in enumerate(items):
+            with _indexed(index):
+                stores.append(self.store(url))
+
+        def one(index: int) -> int:
+            src, url = items[index]
+            with open_source(src) as (path, size):
+                self.retry(url, lambda: stores[index].put_file(path, url))
+            return size
+
+        self.run_all(list(range(len(items))), one, list(range(len(items))), done)
+
+    def run_all(self, jobs: list[Any], work: Callable[[Any], Any], indexes: list[int],
+                done: Callable[[int, Any], None] | None = None) -> None:
+        """work(job) for every job, up to self.parallel at once; results in job order."""
+        if self.parallel == 1 or len(jobs) <= 1:
+            for job, index in zip(jobs, indexes, strict=True):
+                with _indexed(index):
+                    self._check_stop(job)
+                    result = work(job)
+                if done is not None:
+                    done(index, result)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        abandon = threading.Event()
+
+        def guarded(job: Any) -> Any:
+            if abandon.is_set():
+                raise Stopped("abandoned after an earlier failure")
+            self._check_stop(job)
+            return work(job)
+
+        pool = ThreadPoolExecutor(min(self.parallel, len(jobs)), thread_name_prefix="transfer")
+        try:
+            futures = [pool.submit(guarded, job) for job in jobs]
+            for future, index in zip(futures, indexes, strict=True):
+                with _indexed(index):
+                    try:
+                        result = future.result()
+                    except BaseException:
+                        abandon.set()
+                        raise
+                if done is not None:
+                    done(index, result)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _check_stop(self, job: object) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped("transfer not started (task canceled)")
+
+
+class _indexed:
+    """Tags a StorageError raised inside with the index of the item being handled."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        if isinstance(exc, StorageError) and exc.index is None:
+            exc.index = self.index
+
+
+def _bind(method: Callable[[str], T], url: str) -> Callable[[], T]:
+    return lambda: method(url)
+
+
+def __getattr__(name: str) -> Any:
+    """The stores' classes by their old names (benchmarks import them from here)."""
+    where = {"LocalStore": "storage_local", "clone_or_copy": "storage_local",
+             "S3Store": "storage_s3", "HttpStore": "storage_http", "FtpStore": "storage_ftp",
+             "GsStore": "storage_gs"}
+    if name not in where:
+        raise AttributeError(name)
+    import importlib
+
+    return getattr(importlib.import_module(f"funnel_hpc.worker.{where[name]}"), name)

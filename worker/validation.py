@@ -13,6 +13,10 @@ import re
 
 from funnel_hpc.worker.paths import WILDCARD, PathError, check_container_path
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Registry host[:port]/name[:tag][@digest]; never starts with "-".
 IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]*")
@@ -31,7 +35,7 @@ def check_task_id(task_id: object) -> str:
     return task_id
 
 
-def check_task(task: dict) -> None:
+def check_task(task: Mapping[str, object]) -> None:
     """Raise TaskError naming the first problem found."""
     executors = task.get("executors")
     if not isinstance(executors, list) or not executors:
@@ -53,7 +57,7 @@ def check_task(task: dict) -> None:
 
 def _path(what: str, value: object) -> str:
     try:
-        return check_container_path(value)  # type: ignore[arg-type]
+        return check_container_path(value)  # type: ignore[arg-type]  # paths.py refuses a non-str
     except PathError as exc:
         raise TaskError(f"{what}: {exc}") from None
 

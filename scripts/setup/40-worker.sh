@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Worker test needs: bubblewrap and proot (container drivers that run here), busybox-static
-# unpacked as the root file system of image "busybox" under /var/lib/funnel/rootfs, podman.
+# Worker test needs: bubblewrap and proot (container drivers that run here), Charliecloud,
+# podman, and busybox-static unpacked under /var/lib/funnel/rootfs/busybox: a clean tree
+# to seed image caches from (`python -m funnel_hpc.worker.images seed`) and the bare-bwrap
+# reference of the benchmarks. Tasks never run over it: their images come from registries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
-apt_install bubblewrap proot busybox-static podman
+apt_install bubblewrap proot busybox-static podman charliecloud-runtime
 rootfs=/var/lib/funnel/rootfs/busybox
-if [ ! -x "$rootfs/bin/busybox" ]; then
+# rebuilt when missing, or when tasks of old (the shared root was bound read-write) left
+# anything beside bin/ etc/ tmp/ in it
+if [ ! -x "$rootfs/bin/busybox" ] || [ "$(ls -A "$rootfs" | tr '\n' ' ')" != "bin etc tmp " ]; then
   tmp=$(mktemp -d /var/lib/funnel-rootfs.XXXXXX)
   mkdir -p "$tmp/bin" "$tmp/tmp" "$tmp/etc"
   cp /bin/busybox "$tmp/bin/busybox"

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.backend_helpers import FAKE_AWS_ENV
-from tests.conftest import clean_env, funnel_argv
 from funnel_hpc.core.events import EventFold, read_event_log
+from tests.backend_helpers import FAKE_AWS_ENV
+from tests.conftest import TEST_REGISTRY, clean_env, funnel_argv, worker_image_config
+from tests.image_helpers import registry_answers
 
+# busybox-static unpacked by scripts/setup/40-worker.sh: what quickstart.sh seeds the
+# image cache from (tasks no longer run over it: images come from the registry).
 ROOTFS = Path("/var/lib/funnel/rootfs")
 
 
@@ -60,8 +63,10 @@ class WorkerHarness:
         self.count = 0
 
     def config(self, **worker: object) -> Path:
-        settings = {"worker": {"allowed_dirs": [str(self.data)], "rootfs_dir": str(ROOTFS),
-                               "container_driver": "bwrap", **worker}}
+        # keep_workdir always: tests look at what a task left in its directory
+        settings = {"worker": {"allowed_dirs": [str(self.data)], **worker_image_config(),
+                               "container_driver": "bwrap", "keep_workdir": "always",
+                               **worker}}
         path = self.tmp / f"config-{self.count}.yaml"
         path.write_text(yaml.safe_dump(settings))
         return path
@@ -89,9 +94,15 @@ class WorkerHarness:
 @pytest.fixture
 def harness(tmp_path):
     need("bwrap")
-    if not (ROOTFS / "busybox" / "bin" / "busybox").exists():
-        pytest.skip("busybox rootfs missing (scripts/setup/40-worker.sh)")
+    need_registry()
     return WorkerHarness(tmp_path)
+
+
+def need_registry() -> None:
+    if not registry_answers(TEST_REGISTRY):
+        if os.environ.get("CI"):
+            pytest.fail(f"no registry on {TEST_REGISTRY}; scripts/setup/45-registry.sh starts it")
+        pytest.skip(f"no registry on {TEST_REGISTRY} (scripts/setup/45-registry.sh)")
 
 
 @pytest.fixture

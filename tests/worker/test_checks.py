@@ -1,4 +1,5 @@
-"""Hostile or malformed tasks are refused before anything runs; the pieces the runner is built of."""
+"""Hostile or malformed tasks are refused before anything runs; the pieces the runner is
+built of."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from funnel_hpc.core.events import EventFold, read_event_log
+from funnel_hpc.worker.drivers import DriverError, Drivers
+from funnel_hpc.worker.storage import StorageError, clone_or_copy, inside
 from tests.conftest import clean_env, funnel_argv
 from tests.worker.test_worker import sh
-from funnel_hpc.worker.drivers import DriverError, Drivers
-from funnel_hpc.core.events import EventFold, read_event_log
-from funnel_hpc.worker.storage import StorageError, clone_or_copy, inside
 
 
 def refused(run, text: str) -> None:

@@ -1,6 +1,7 @@
 """Image fetching (funnel_hpc.worker.images): references, pulls from the real registries of
 scripts/setup/45-registry.sh (marker `registry`), and a fake registry that counts requests
-and misbehaves (corrupt blobs, 503s, Bearer tokens); hostile layers against unpack."""
+and misbehaves (corrupt blobs, 503s, Bearer tokens, redirects); HTTP redirects, keep-alive
+and proxies; hostile layers against unpack."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from funnel_hpc.worker.images import ImageError, ensure_rootfs, env_from_config, resolve
 from funnel_hpc.worker.images.unpack import unpack_layers
-
 from tests.image_helpers import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -22,6 +23,7 @@ from tests.image_helpers import (
     OCI_INDEX,
     PASSWORD,
     USERNAME,
+    ConnectProxy,
     FakeRegistry,
     digest_of,
     free_port,
@@ -73,7 +75,8 @@ def real():
 ])
 def test_references_parse_like_docker(image, registry, repository, tag, digest):
     ref = resolve(image)
-    assert (ref.registry, ref.repository, ref.tag, ref.digest) == (registry, repository, tag, digest)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest) == (
+        registry, repository, tag, digest)
     assert resolve(ref.canonical()) == ref
 
 
@@ -167,7 +170,9 @@ def test_missing_image_is_not_found(real, tmp_path):
 def test_an_unknown_certificate_is_refused(real, tmp_path):
     with pytest.raises(ImageError) as caught:
         ensure_rootfs(f"{ANONYMOUS}/library/busybox:latest", tmp_path, {}, retry_seconds=60)
-    assert caught.value.reason == "unreachable" and "TLS" in str(caught.value)
+    assert caught.value.reason == "unreachable"
+    assert "TLS failed: certificate verify failed" in str(caught.value)
+    assert "ca_file" in str(caught.value)  # the hint at the fix
 
 
 def test_unreachable_registry_gives_up_after_retry_seconds(tmp_path):
@@ -283,10 +288,133 @@ def test_503_is_retried_and_404_is_not(fake, tmp_path):
 
 def test_a_docker_hub_mirror_is_used(fake, tmp_path):
     fake.add_image("library/mirrored", "1", [layer(("from-mirror", "file", "yes"))])
-    settings = {"docker.io": {"mirrors": [fake.host]}, fake.host: {"insecure": True}}
+    settings: dict[str, dict[str, object]] = {"docker.io": {"mirrors": [fake.host]},
+                                              fake.host: {"insecure": True}}
     root = ensure_rootfs("mirrored:1", tmp_path, settings)
     assert (root.rootfs / "from-mirror").read_text() == "yes"
     assert root.reference == "docker.io/library/mirrored:1"
+
+
+# --- HTTP: redirects, keep-alive, proxies ------------------------------------------------
+
+@pytest.fixture
+def storage():
+    """A second fake registry, standing for the object storage a registry redirects blobs to."""
+    server = FakeRegistry()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def proxy_env(monkeypatch):
+    """monkeypatch, with every *_proxy variable of the caller's environment removed."""
+    for name in list(os.environ):
+        if name.lower().endswith("_proxy"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def with_bearer(fake: FakeRegistry) -> dict:
+    fake.bearer = ("robot", "s3cret")
+    return {fake.host: {"insecure": True, "username": "robot", "password": "s3cret"}}
+
+
+def test_blobs_redirected_to_another_host_get_no_credentials(fake, storage, tmp_path):
+    small_image(fake)
+    storage.blobs = fake.blobs
+    fake.redirect_blobs = f"http://{storage.host}"
+    root = ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, with_bearer(fake))
+    assert (root.rootfs / "data" / "big").stat().st_size == 1 << 20
+    assert list(storage.blob_gets().values()) == [1, 1, 1]  # config and two layers
+    assert [auth for _, auth in storage.authorizations] == [None, None, None]
+    sent = {auth for path, auth in fake.authorizations if "/blobs/" in path}
+    assert sent == {"Bearer good-token"}
+
+
+def test_a_challenge_from_a_redirect_target_gets_no_credentials(fake, storage, tmp_path):
+    small_image(fake)
+    storage.bearer = ("robot", "s3cret")  # storage's 401 names its own token service
+    fake.redirect_blobs = f"http://{storage.host}"
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, {fake.host: {
+            "insecure": True, "username": "robot", "password": "s3cret"}})
+    assert caught.value.reason == "auth"
+    assert not storage.gets["/token"] and not any(auth for _, auth in storage.authorizations)
+
+
+def test_a_redirect_on_the_same_host_keeps_credentials(fake, tmp_path):
+    small_image(fake)
+    fake.redirect_blobs = "/storage"  # a relative Location
+    assert ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, with_bearer(fake)).rootfs.is_dir()
+    followed = [auth for path, auth in fake.authorizations if path.startswith("/storage/")]
+    assert followed == ["Bearer good-token"] * 3
+
+
+def test_a_redirect_loop_is_cut_short(fake, tmp_path):
+    small_image(fake)
+    fake.redirect_blobs = f"http://{fake.host}"  # every blob GET redirects to itself
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, fake.settings, retry_seconds=60)
+    assert caught.value.reason == "invalid" and "more than 5 redirects" in str(caught.value)
+
+
+def test_redirects_to_plain_http_or_other_schemes_are_refused():
+    from funnel_hpc.worker.images.transport import Refused, Transport
+    for location in ("http://cdn.example/blob", "file:///etc/passwd", "http://cdn:99999/x"):
+        with pytest.raises(Refused):
+            Transport()._redirect_target("https://registry.example/v2/x", location)
+    assert Transport(allow_http=True)._redirect_target(
+        "https://registry.example/v2/x", "http://cdn.example/blob") == "http://cdn.example/blob"
+
+
+@pytest.mark.skipif(not CA_FILE.exists(), reason="no test CA (scripts/setup/45-registry.sh)")
+def test_ca_file_alone_vouches_for_the_registry_and_adds_to_the_system_cas_elsewhere():
+    from funnel_hpc.worker.images.transport import tls_context
+    system = tls_context(None, system=True).cert_store_stats()["x509_ca"]
+    home = tls_context(str(CA_FILE), system=False).cert_store_stats()["x509_ca"]
+    elsewhere = tls_context(str(CA_FILE), system=True).cert_store_stats()["x509_ca"]
+    assert (home, elsewhere) == (1, system + 1) and system > 0
+
+
+def test_one_connection_serves_a_whole_pull(fake, tmp_path):
+    small_image(fake)
+    ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, fake.settings)
+    assert sum(fake.gets.values()) == 4 and len(fake.clients) == 1
+
+
+def test_a_kept_alive_connection_the_server_closed_is_replaced(fake, tmp_path):
+    small_image(fake)
+    fake.silent_close = True  # no retry budget: only a fresh connection can save each GET
+    assert ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, fake.settings, retry_seconds=0)
+    assert sum(fake.gets.values()) == 4 and len(fake.clients) == 4
+
+
+def test_http_proxy_from_the_environment(fake, proxy_env, tmp_path):
+    small_image(fake)
+    proxy_env.setenv("HTTP_PROXY", f"http://{fake.host}")  # the fake serves proxied GETs itself
+    host = "registry.invalid:5000"  # only the proxy can reach it
+    root = ensure_rootfs(f"{host}/t/app:1", tmp_path, {host: {"insecure": True}}, retry_seconds=0)
+    assert root.rootfs.is_dir() and fake.proxied == {host: 4}
+
+
+def test_no_proxy_bypasses_the_proxy_for_127_0_0_1(fake, proxy_env, tmp_path):
+    small_image(fake)
+    proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    proxy_env.setenv("NO_PROXY", "localhost,127.0.0.1")
+    assert ensure_rootfs(f"{fake.host}/t/app:1", tmp_path, fake.settings, retry_seconds=0)
+    assert not fake.proxied
+
+
+@pytest.mark.registry
+def test_https_through_a_connect_proxy(real, proxy_env, tmp_path):
+    proxy = ConnectProxy()
+    try:
+        proxy_env.setenv("HTTPS_PROXY", proxy.url)
+        root = ensure_rootfs(f"{ANONYMOUS}/funnel/testimage:1", tmp_path, real)
+    finally:
+        proxy.close()
+    assert (root.rootfs / "opt" / "funnel-test" / "marker").is_file()
+    assert proxy.tunnels == [ANONYMOUS]  # one kept-alive tunnel for the whole pull
 
 
 PULL_ONE = """
@@ -320,8 +448,8 @@ def test_eight_concurrent_pulls_fetch_each_blob_once(fake, tmp_path):
     assert all(answer["big"] == 1 << 20 for answer in answers)
     manifest = json.loads(fake.manifests[("t/app", "1")][0])
     digests = [manifest["config"]["digest"], *(item["digest"] for item in manifest["layers"])]
-    assert fake.blob_gets() == {digest: 1 for digest in digests}
-    leftovers = [p for p in (tmp_path / "cache").rglob(".tmp-*")]
+    assert fake.blob_gets() == dict.fromkeys(digests, 1)
+    leftovers = list((tmp_path / "cache").rglob(".tmp-*"))
     assert leftovers == []
 
 

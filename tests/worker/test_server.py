@@ -17,9 +17,9 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from funnel_hpc.core.events import iter_events, read_event_log
 from tests.conftest import clean_env, funnel_argv
 from tests.worker.test_worker import processes_with_argv, sh
-from funnel_hpc.core.events import iter_events, read_event_log
 
 
 class FakeTes:

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 from funnel_hpc.core import config as config_mod
-from tests.conftest import clean_env
-from tests.worker.conftest import ROOTFS
+from funnel_hpc.worker.images import ensure_rootfs
+from tests.conftest import clean_env, worker_image_config
 
 NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets", "socket",
                 "datetime", "yaml", "click", "requests", "boto3")
@@ -19,19 +19,23 @@ NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets"
 # The worker runs alone on compute nodes: nothing of the gateway, backends or proto.
 OTHER_LAYERS = ("funnel_hpc.gateway", "funnel_hpc.backends", "funnel_hpc.proto")
 
-PROBE = """
+PROBE = f"""
 import json, sys
 from funnel_hpc.worker.main import main
 code = main(sys.argv[1:])
-loaded = [m for m in %r if m in sys.modules]
-loaded += [m for m in sys.modules if m.startswith(%r)]
-print(json.dumps({"exit": code, "loaded": loaded}))
-""" % (NOT_AT_START, OTHER_LAYERS)
+loaded = [m for m in {NOT_AT_START!r} if m in sys.modules]
+loaded += [m for m in sys.modules if m.startswith({OTHER_LAYERS!r})]
+print(json.dumps({{"exit": code, "loaded": loaded}}))
+"""
 
 
 def test_a_trivial_task_runs_without_the_costly_imports(harness, tmp_path):
+    image_config = worker_image_config()
+    # What is measured is a start from a cached image: a cold pull needs hashlib and
+    # http.client (socket, datetime), and the session's cache is empty if this runs first.
+    ensure_rootfs("busybox", image_config["image_cache"], image_config["registries"])
     config = config_mod.load(environ={}, overrides={"worker": {
-        "container_driver": "bwrap", "rootfs_dir": str(ROOTFS)}})
+        "container_driver": "bwrap", **image_config}})
     config_file = tmp_path / "worker-config.json"  # as the reconciler writes it
     config_file.write_text(json.dumps(config_mod.worker_sections(config)))
     task_file = tmp_path / "task.json"

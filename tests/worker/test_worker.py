@@ -7,10 +7,9 @@ import signal
 import time
 
 import boto3
-import pytest
 
-from tests.worker.conftest import need
 from funnel_hpc.core.events import read_event_log
+from tests.worker.conftest import need
 
 BUSYBOX = "busybox"
 
@@ -38,7 +37,7 @@ def test_multi_executor_with_streams_env_and_workdir(harness):
     assert run.host("/data/out1.txt").read_text() == first["stdout"]
     assert run.host("/data/err1.txt").read_text() == "oops\n"
     assert run.executor(1)["stdout"].strip() == "4"
-    assert "root file system" in run.system_logs
+    assert "image busybox: docker.io/library/busybox:latest@sha256:" in run.system_logs
     assert run.fold.task_log["start_time"] <= run.fold.task_log["end_time"]
     assert run.fold.task_log["metadata"]["container_driver"] == "bwrap"
 
@@ -135,12 +134,20 @@ def test_missing_container_driver_is_system_error(harness):
     assert "apptainer" in run.system_logs
 
 
-def test_host_root_when_no_rootfs_for_the_image(harness):
-    run = harness.run(harness.task(executors=[{"image": "ubuntu:22.04",
-                                               "command": ["cat", "/etc/debian_version"]}]))
-    assert run.state == "COMPLETE"
-    assert run.executor(0)["stdout"].strip()  # the host's Debian version
-    assert "running over the host root" in run.system_logs
+def test_an_image_that_cannot_be_had_is_system_error_unless_host_root_is_allowed(harness):
+    task = harness.task(executors=[
+        {"image": "127.0.0.1:5055/no/such-image:1", "command": ["true"]}])
+    run = harness.run(task)
+    assert run.state == "SYSTEM_ERROR"
+    assert "image 127.0.0.1:5055/no/such-image:1" in run.system_logs
+    assert "not_found" in run.system_logs
+    assert run.fold.task_log["logs"] == []  # nothing ran, not even over the host
+    allowed = harness.run(harness.task(executors=[
+        {"image": "127.0.0.1:5055/no/such-image:1", "command": ["cat", "/etc/debian_version"]}]),
+        config=harness.config(host_root="allow"))
+    assert allowed.state == "COMPLETE", allowed.system_logs
+    assert allowed.executor(0)["stdout"].strip()  # the host's Debian version
+    assert "HOST ROOT" in allowed.system_logs and "host_root" in allowed.system_logs
 
 
 def test_proot_driver(harness):

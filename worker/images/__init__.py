@@ -17,6 +17,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from typing import Any
+
+    from .cache import Cache
+    from .reference import Reference
+
+    Json = dict[str, Any]  # a parsed JSON object: manifests, descriptors, image configs
+
 REASONS = ("not_found", "auth", "digest", "unreachable", "invalid", "refused")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PULL_POLICIES = ("missing", "always")
@@ -41,7 +50,7 @@ class ImageRoot:
 
     __slots__ = ("config", "digest", "manifest_digest", "reference", "rootfs")
 
-    def __init__(self, rootfs: Path, config: dict, digest: str, manifest_digest: str,
+    def __init__(self, rootfs: Path, config: Json, digest: str, manifest_digest: str,
                  reference: str) -> None:
         self.rootfs = rootfs                    # read-only tree to bind as "/"
         self.config = config                    # the image config's "config": Env, Cmd, ...
@@ -53,13 +62,14 @@ class ImageRoot:
         return f"ImageRoot({self.reference}@{self.digest} at {self.rootfs})"
 
 
-def resolve(image: str):  # -> reference.Reference (not imported at start)
+def resolve(image: str) -> Reference:  # (reference.py is not imported at start)
     """Parse an image reference the way docker does (`alpine` = docker.io/library/alpine:latest)."""
     from .reference import parse
     return parse(image)
 
 
-def ensure_rootfs(image: str, cache_dir: str | os.PathLike, registries: dict | None = None,
+def ensure_rootfs(image: str, cache_dir: str | os.PathLike[str],
+                  registries: dict[str, Json] | None = None,
                   retry_seconds: float = 30, pull: str = "missing",
                   tag_ttl: float | None = None) -> ImageRoot:
     """The unpacked root file system of `image` under `cache_dir`, pulling what is missing.
@@ -87,7 +97,8 @@ def platform() -> tuple[str, str | None]:
     return ARCHES.get(machine, (machine, None))
 
 
-def _pull(ref, cache, registries: dict, retry_seconds: float) -> ImageRoot:
+def _pull(ref: Reference, cache: Cache, registries: dict[str, Json],
+          retry_seconds: float) -> ImageRoot:
     """Resolve on the registry, fetch the blobs that are missing, unpack once, remember."""
     from functools import partial
 
@@ -115,7 +126,8 @@ def _pull(ref, cache, registries: dict, retry_seconds: float) -> ImageRoot:
     return found
 
 
-def _build(rootfs: Path, config_path: Path, layers: list, image: str) -> dict:
+def _build(rootfs: Path, config_path: Path, layers: list[tuple[Path, Json]],
+           image: str) -> Json:
     """Unpack the layers into `rootfs`; the image config's "config" section."""
     import json
 
@@ -129,10 +141,10 @@ def _build(rootfs: Path, config_path: Path, layers: list, image: str) -> dict:
     return inner if isinstance(inner, dict) else {}
 
 
-def env_from_config(config: dict) -> dict[str, str]:
+def env_from_config(config: Json) -> dict[str, str]:
     """The image's environment (config "Env" list) as a dict, with PATH always present."""
     nested = config.get("config")  # the whole image config, or its "config" section
-    inner: dict = nested if isinstance(nested, dict) else config
+    inner: Json = nested if isinstance(nested, dict) else config
     env: dict[str, str] = {}
     for item in inner.get("Env") or []:
         name, sep, value = str(item).partition("=")

@@ -28,6 +28,10 @@ from pathlib import Path
 from . import ImageRoot, platform
 from .reference import Reference
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from . import Json
+
 BLOBS = "blobs/sha256"
 IMAGES = "images"
 REFS = "refs"
@@ -84,7 +88,8 @@ class Cache:
     def blob_path(self, digest: str) -> Path:
         return self.root / BLOBS / _hex(digest)
 
-    def ensure_blob(self, descriptor: dict, download: Callable[[dict, BufferedIOBase], None]) -> Path:
+    def ensure_blob(self, descriptor: Json,
+                    download: Callable[[Json, BufferedIOBase], None]) -> Path:
         """The verified blob on disk; `download(descriptor, file)` fills it if it is missing."""
         path = self.blob_path(descriptor["digest"])
         if _has_size(path, descriptor["size"]):
@@ -113,7 +118,7 @@ class Cache:
         with self._lock(f"blob-{_hex(digest)}"):
             _unlink(self.blob_path(digest))
 
-    def ensure_image(self, manifest_digest: str, build: Callable[[Path], dict]) -> None:
+    def ensure_image(self, manifest_digest: str, build: Callable[[Path], Json]) -> None:
         """Unpack the image once: `build(rootfs)` fills a new directory and returns the config."""
         final = self.root / IMAGES / _hex(manifest_digest)
         if (final / IMAGE_FILE).exists():

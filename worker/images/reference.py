@@ -8,7 +8,6 @@ beside it is kept for display, the digest wins). Cost: one regex match per compo
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from . import ImageError
 
@@ -26,14 +25,38 @@ TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 
 
-@dataclass(frozen=True)
 class Reference:
     """A parsed image reference: registry host, repository path, tag and/or digest."""
 
+    # A plain immutable class, not a dataclass: a worker starting from a cached image
+    # parses one reference, and importing dataclasses (inspect...) would cost every start.
+    __slots__ = ("digest", "registry", "repository", "tag")
     registry: str
     repository: str
     tag: str | None
     digest: str | None
+
+    def __init__(self, registry: str, repository: str, tag: str | None,
+                 digest: str | None) -> None:
+        for name, value in (("registry", registry), ("repository", repository),
+                            ("tag", tag), ("digest", digest)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Reference is immutable: cannot set {name}")
+
+    def _key(self) -> tuple[str, str, str | None, str | None]:
+        return (self.registry, self.repository, self.tag, self.digest)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Reference) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Reference(registry={self.registry!r}, repository={self.repository!r}, "
+                f"tag={self.tag!r}, digest={self.digest!r})")
 
     @property
     def api_host(self) -> str:

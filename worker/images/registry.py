@@ -6,24 +6,35 @@ digest checked, and whose `download_blob(descriptor, file)` streams a blob into 
 while hashing it, raising ImageError("digest") if its digest or size differ. Connection
 errors, 5xx and 429 are retried with exponential backoff and jitter for `retry_seconds`;
 404, 401 and 403 fail at once. Auth: anonymous, Basic, or Bearer tokens from the realm
-named in a 401's WWW-Authenticate (with Basic credentials if configured). https unless the
-registry's settings say `insecure: true` (plain http). A registry's `mirrors` are tried
-before it, in order. Cost: one GET per manifest and per blob, plus one per 401 challenge.
+named in a 401's WWW-Authenticate (with Basic credentials if configured). https (verified
+against `ca_file` if set, else the system's CAs; a certificate error fails at once) unless
+the registry's settings say `insecure: true` (plain http). A registry's `mirrors` are tried
+before it, in order. HTTP itself (redirects, proxies, keep-alive) is transport.py's, on the
+standard library: requests took ~90 ms to import, more than a small pull's ~65 ms.
+Cost: one GET per manifest and per blob, plus one per 401 challenge, over one kept-alive
+connection per host.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import random
 import re
+import ssl
 import time
-from dataclasses import dataclass
-
-import requests
+from urllib.parse import urlencode
 
 from . import ImageError, platform
 from .reference import DEFAULT_TAG, Reference
+from .transport import Refused, Response, Transport
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from io import BufferedIOBase
+
+    from . import Json
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -31,25 +42,32 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json")
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 MAX_MANIFEST = 4 << 20
+MAX_SMALL_BODY = 1 << 20  # a token answer or an error document
 CHUNK = 1 << 20
-TIMEOUT = (10, 60)  # connect, read (seconds)
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
-TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+TOKEN_RE = re.compile(r"[\x21-\x7e]+")  # what may follow "Bearer " in a header
+# refused connections, resets, timeouts, cut-off bodies; and ssl.SSLError, an OSError too,
+# which _check_tls turns into a failure unless the connection was merely cut off
+TRANSIENT = (OSError, http.client.HTTPException)
 
 
-@dataclass(frozen=True)
 class Resolved:
     """A reference resolved on a registry: digests, config and layer descriptors."""
 
-    digest: str            # what the reference names (an index's digest for multi-arch)
-    manifest_digest: str   # this platform's image manifest
-    manifest: bytes
-    config: dict           # descriptor
-    layers: list
+    # a plain class, like reference.Reference: importing dataclasses (inspect...) costs ~7 ms
+    __slots__ = ("config", "digest", "layers", "manifest", "manifest_digest")
+
+    def __init__(self, digest: str, manifest_digest: str, manifest: bytes, config: Json,
+                 layers: list[Json]) -> None:
+        self.digest = digest                    # what the reference names (an index's, multi-arch)
+        self.manifest_digest = manifest_digest  # this platform's image manifest
+        self.manifest = manifest
+        self.config = config                    # descriptor
+        self.layers = layers
 
 
-def open_registry(ref: Reference, registries: dict,
+def open_registry(ref: Reference, registries: dict[str, Json],
                   retry_seconds: float) -> RegistryClient | MirroredClient:
     """A client for the first of the registry's mirrors (then itself) that has the image."""
     mirrors = registries.get(ref.registry, {}).get("mirrors") or []
@@ -61,16 +79,14 @@ def open_registry(ref: Reference, registries: dict,
 class RegistryClient:
     """Talks to one registry host for one repository."""
 
-    def __init__(self, ref: Reference, host: str, settings: dict, retry_seconds: float) -> None:
+    def __init__(self, ref: Reference, host: str, settings: Json, retry_seconds: float) -> None:
         self.ref = ref
         self.image = ref.canonical()
         self.retry_seconds = retry_seconds
         self.settings = settings
-        self.base = f"{'http' if settings.get('insecure') else 'https'}://{host}/v2/{ref.repository}"
-        self.session = requests.Session()
-        # per request: a session-wide value would lose to REQUESTS_CA_BUNDLE in the environment
-        self.verify = settings.get("ca_file") or True
-        self.session.headers["User-Agent"] = "funnel-hpc-worker"
+        self.origin = f"{'http' if settings.get('insecure') else 'https'}://{host}/"
+        self.base = f"{self.origin}v2/{ref.repository}"
+        self.transport = Transport(settings.get("ca_file"), bool(settings.get("insecure")), host)
         self.auth_header: str | None = None
         username = settings.get("username")
         self.basic = _basic(username, settings.get("password")) if username is not None else None
@@ -92,19 +108,15 @@ class RegistryClient:
         return Resolved(digest, manifest_digest, raw, manifest["config"], manifest["layers"])
 
     def get_manifest(self, reference: str) -> tuple[bytes, str, str]:
-        response = self._request(f"{self.base}/manifests/{reference}", ACCEPT, stream=True)
-        buffer = bytearray()
-        with response:
-            for chunk in response.iter_content(CHUNK):
-                buffer += chunk
-                if len(buffer) > MAX_MANIFEST:
-                    raise ImageError("invalid", self.image, "manifest larger than 4 MiB")
-        raw = bytes(buffer)
+        with self._request(f"{self.base}/manifests/{reference}", ACCEPT) as response:
+            raw = response.read(MAX_MANIFEST + 1)
+        if len(raw) > MAX_MANIFEST:
+            raise ImageError("invalid", self.image, "manifest larger than 4 MiB")
         digest = "sha256:" + hashlib.sha256(raw).hexdigest()
         media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
         return raw, media_type, digest
 
-    def download_blob(self, descriptor: dict, out) -> None:
+    def download_blob(self, descriptor: Json, out: BufferedIOBase) -> None:
         """Stream the blob into the binary file `out`, verifying its digest and size."""
         digest, size = descriptor["digest"], descriptor["size"]
         backoff = Backoff(self.image, self.retry_seconds)
@@ -115,16 +127,17 @@ class RegistryClient:
                 got, length = self._stream_blob(digest, size, out)
                 break
             except TRANSIENT as error:  # cut off mid-stream: fetch the blob again
-                backoff.wait(error)
+                self._check_tls(error)
+                backoff.wait(_describe(error))
         if length != size or got != digest:
             raise ImageError("digest", self.image, f"digest mismatch for blob {digest} "
                              f"(got {got}, {length} of {size} bytes)")
 
-    def _stream_blob(self, digest: str, size: int, out) -> tuple[str, int]:
+    def _stream_blob(self, digest: str, size: int, out: BufferedIOBase) -> tuple[str, int]:
         hasher = hashlib.sha256()
         length = 0
-        with self._request(f"{self.base}/blobs/{digest}", None, stream=True) as response:
-            for chunk in response.iter_content(CHUNK):
+        with self._request(f"{self.base}/blobs/{digest}", None) as response:
+            for chunk in response.chunks(CHUNK):
                 length += len(chunk)
                 if length > size:
                     break
@@ -132,7 +145,7 @@ class RegistryClient:
                 out.write(chunk)
         return "sha256:" + hasher.hexdigest(), length
 
-    def _request(self, url: str, accept: str | None, stream: bool) -> requests.Response:
+    def _request(self, url: str, accept: str | None) -> Response:
         """GET with auth and retries; a non-2xx answer becomes an ImageError."""
         backoff = Backoff(self.image, self.retry_seconds)
         challenged = False
@@ -142,72 +155,94 @@ class RegistryClient:
             if self.auth_header:
                 headers["Authorization"] = self.auth_header
             try:
-                response = self.session.get(url, headers=headers, stream=stream, timeout=TIMEOUT,
-                                            verify=self.verify)
-            except requests.exceptions.SSLError as error:  # a bad certificate will stay bad
-                cause = str(error.args[0] if error.args else error)[:200]
-                raise ImageError("unreachable", self.image, f"TLS failed: {cause}") from None
+                response = self.transport.get(url, headers)
+            except Refused as error:
+                raise ImageError("invalid", self.image, str(error)) from None
             except TRANSIENT as error:
-                backoff.wait(error)
+                self._check_tls(error)
+                backoff.wait(_describe(error))
                 continue
-            if response.status_code == 401 and not challenged:
+            # a challenge from elsewhere (object storage behind a redirect) gets no credentials
+            if response.status == 401 and not challenged and response.url.startswith(self.origin):
                 challenged = True
                 self._answer_challenge(response)
                 continue
-            if response.status_code == 429 or response.status_code >= 500:
-                response.close()
-                backoff.wait(f"HTTP {response.status_code}", response.headers.get("Retry-After"))
+            if response.status == 429 or response.status >= 500:
+                response.discard()
+                backoff.wait(f"HTTP {response.status}", response.headers.get("Retry-After"))
                 continue
-            if response.status_code >= 300:
+            if response.status >= 300:
                 raise self._http_error(response)
             return response
 
-    def _answer_challenge(self, response: requests.Response) -> None:
+    def _check_tls(self, error: Exception) -> None:
+        """A TLS failure, other than a connection cut off mid-stream, will not heal: fail now."""
+        if not isinstance(error, ssl.SSLError) or isinstance(error, ssl.SSLEOFError):
+            return
+        if isinstance(error, ssl.SSLCertVerificationError):
+            hint = "" if self.settings.get("ca_file") else " (set this registry's ca_file?)"
+            raise ImageError("unreachable", self.image, "TLS failed: certificate verify failed: "
+                             f"{error.verify_message}{hint}") from None
+        raise ImageError("unreachable", self.image,
+                         f"TLS failed: {error.reason or error}") from None
+
+    def _answer_challenge(self, response: Response) -> None:
         challenge = response.headers.get("WWW-Authenticate", "")
-        response.close()
+        response.discard()
         scheme = challenge.split(" ", 1)[0].lower()
         if scheme == "basic" and self.basic:
             self.auth_header = self.basic
         elif scheme == "bearer":
             self.auth_header = "Bearer " + self._token(dict(CHALLENGE_RE.findall(challenge)))
         else:
+            missing = "" if self.basic else "; none configured"
             raise ImageError("auth", self.image, "authentication failed (registry wants "
-                             f"{scheme or 'credentials'}{'' if self.basic else '; none configured'})")
+                             f"{scheme or 'credentials'}{missing})")
 
-    def _token(self, params: dict) -> str:
+    def _token(self, params: dict[str, str]) -> str:
         realm = params.pop("realm", "")
         if not realm.startswith(("https://", "http://")):
-            raise ImageError("auth", self.image, f"authentication failed (bad token realm {realm!r})")
+            raise ImageError("auth", self.image,
+                             f"authentication failed (bad token realm {realm!r})")
         if realm.startswith("http://") and not self.settings.get("insecure"):
-            raise ImageError("auth", self.image, "authentication failed (token realm is plain http)")
+            raise ImageError("auth", self.image,
+                             "authentication failed (token realm is plain http)")
         params.setdefault("scope", f"repository:{self.ref.repository}:pull")
-        headers = {"Authorization": self.basic} if self.basic else {}
+        headers = {"Accept": "application/json"}
+        if self.basic:
+            headers["Authorization"] = self.basic
+        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
         try:
-            answer = self.session.get(realm, params=params, headers=headers, timeout=TIMEOUT,
-                                      verify=self.verify)
-        except (requests.ConnectionError, requests.Timeout) as error:
+            with self.transport.get(url, headers) as answer:
+                status, raw = answer.status, answer.read(MAX_SMALL_BODY)
+        except Refused as error:
+            raise ImageError("auth", self.image, f"authentication failed ({error})") from None
+        except TRANSIENT as error:
+            self._check_tls(error)
             raise ImageError("unreachable", self.image,
-                             f"token service unreachable: {type(error).__name__}") from None
-        if answer.status_code in (401, 403):
-            raise ImageError("auth", self.image, "authentication failed (token service said "
-                             f"{answer.status_code})")
+                             f"token service unreachable: {_describe(error)}") from None
+        if status in (401, 403):
+            raise ImageError("auth", self.image,
+                             f"authentication failed (token service said {status})")
         try:
-            body = answer.json()
-            return body.get("token") or body["access_token"]
-        except (ValueError, KeyError, AttributeError):
-            raise ImageError("auth", self.image, "authentication failed (no token in the token "
-                             f"service's answer, HTTP {answer.status_code})") from None
+            body = json.loads(raw)
+            token = body.get("token") or body["access_token"]
+            if isinstance(token, str) and TOKEN_RE.fullmatch(token):
+                return token
+        except (ValueError, KeyError, AttributeError, TypeError):
+            pass
+        raise ImageError("auth", self.image, "authentication failed (no token in the token "
+                         f"service's answer, HTTP {status})")
 
-    def _http_error(self, response: requests.Response) -> ImageError:
+    def _http_error(self, response: Response) -> ImageError:
         said = _registry_said(response)
-        response.close()
-        if response.status_code in (401, 403):
+        if response.status in (401, 403):
             return ImageError("auth", self.image, f"authentication failed{said}")
-        if response.status_code == 404:
+        if response.status == 404:
             return ImageError("not_found", self.image, f"not found{said}")
-        return ImageError("invalid", self.image, f"registry answered HTTP {response.status_code}{said}")
+        return ImageError("invalid", self.image, f"registry answered HTTP {response.status}{said}")
 
-    def _decode(self, raw: bytes) -> dict:
+    def _decode(self, raw: bytes) -> Json:
         try:
             manifest = json.loads(raw)
         except ValueError:
@@ -216,7 +251,7 @@ class RegistryClient:
             raise ImageError("invalid", self.image, "unsupported manifest (want schemaVersion 2)")
         return manifest
 
-    def _pick_platform(self, index: dict) -> str:
+    def _pick_platform(self, index: Json) -> str:
         arch, variant = platform()
         offered = []
         for entry in index.get("manifests") or []:
@@ -225,18 +260,18 @@ class RegistryClient:
             if plat.get("os") == "linux" and plat.get("architecture") == arch and (
                     variant is None or plat.get("variant") in (None, variant)):
                 self._check_descriptor(entry)
-                return entry["digest"]
+                return str(entry["digest"])
         raise ImageError("not_found", self.image, f"no linux/{arch} image in the index "
                          f"(has {', '.join(offered) or 'nothing'})")
 
-    def _check_manifest(self, manifest: dict) -> None:
+    def _check_manifest(self, manifest: Json) -> None:
         layers = manifest.get("layers")
         if not isinstance(manifest.get("config"), dict) or not isinstance(layers, list):
             raise ImageError("invalid", self.image, "manifest lacks config or layers")
         for descriptor in [manifest["config"], *layers]:
             self._check_descriptor(descriptor)
 
-    def _check_descriptor(self, descriptor: dict) -> None:
+    def _check_descriptor(self, descriptor: Json) -> None:
         digest, size = descriptor.get("digest"), descriptor.get("size")
         if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
             raise ImageError("invalid", self.image, f"unsupported digest {digest!r} (want sha256)")
@@ -247,7 +282,7 @@ class RegistryClient:
 class MirroredClient:
     """Tries each mirror, then the registry itself; the first that resolves serves the blobs."""
 
-    def __init__(self, ref: Reference, hosts: list[str], registries: dict,
+    def __init__(self, ref: Reference, hosts: list[str], registries: dict[str, Json],
                  retry_seconds: float) -> None:
         own = registries.get(ref.registry, {})
         self.clients = [RegistryClient(ref, host, registries.get(host, own if host == ref.api_host
@@ -268,7 +303,7 @@ class MirroredClient:
         self.chosen = self.clients[-1]
         return self.chosen.resolve()
 
-    def download_blob(self, descriptor: dict, out) -> None:
+    def download_blob(self, descriptor: Json, out: BufferedIOBase) -> None:
         (self.chosen or self.clients[-1]).download_blob(descriptor, out)
 
 
@@ -278,13 +313,21 @@ def _basic(username: str, password: str | None) -> str:
     return f"Basic {token}"
 
 
-def _registry_said(response: requests.Response) -> str:
+def _registry_said(response: Response) -> str:
+    """The registry's error document, in a few words (read, then the response closed)."""
     try:
-        errors = response.json().get("errors") or []
+        with response:
+            errors = json.loads(response.read(MAX_SMALL_BODY)).get("errors") or []
         words = "; ".join(f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors)
-    except (ValueError, AttributeError):
+    except (*TRANSIENT, ValueError, AttributeError, TypeError):  # no document, no words
         words = ""
     return f" (registry said: {words[:200]})" if words else ""
+
+
+def _describe(error: Exception) -> str:
+    """A retryable failure in a few words (no URL: a redirect's may hold a signature)."""
+    kind = "Timeout" if isinstance(error, TimeoutError) else "ConnectionError"
+    return f"{kind} ({str(error)[:150] or type(error).__name__})"
 
 
 class Backoff:

@@ -26,6 +26,12 @@ from pathlib import Path
 
 from . import ImageError
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from io import BufferedIOBase
+
+    from . import Json
+
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 CHUNK = 1 << 20
@@ -49,7 +55,7 @@ class BlobCorrupt(ImageError):
         self.digest = digest
 
 
-def unpack_layers(rootfs: Path, layers: list[tuple[Path, dict]], image: str) -> list[str]:
+def unpack_layers(rootfs: Path, layers: list[tuple[Path, Json]], image: str) -> list[str]:
     """Create `rootfs` and apply the layers in order; returns notes on skipped entries."""
     os.mkdir(rootfs, 0o755)
     os.chmod(rootfs, 0o755)
@@ -63,7 +69,7 @@ def unpack_layers(rootfs: Path, layers: list[tuple[Path, dict]], image: str) -> 
     return notes
 
 
-def apply_layer(root_fd: int, path: Path, descriptor: dict, image: str) -> list[str]:
+def apply_layer(root_fd: int, path: Path, descriptor: Json, image: str) -> list[str]:
     """Apply one layer file to the tree open at `root_fd`."""
     media_type = descriptor.get("mediaType", LAYER_TYPES[1])
     if media_type not in LAYER_TYPES:
@@ -72,6 +78,7 @@ def apply_layer(root_fd: int, path: Path, descriptor: dict, image: str) -> list[
         reader = HashingReader(raw)
         applier = LayerApplier(root_fd, image)
         try:
+            # ignored: typeshed's tarfile._Fileobj also wants write/seek/tell; "r|" only reads
             with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     applier.apply(member, tar)
@@ -90,7 +97,7 @@ def apply_layer(root_fd: int, path: Path, descriptor: dict, image: str) -> list[
 class HashingReader:
     """A read-only file that hashes what passes through it (to re-check a cached blob)."""
 
-    def __init__(self, raw) -> None:
+    def __init__(self, raw: BufferedIOBase) -> None:
         self.raw = raw
         self.hasher = hashlib.sha256()
 
@@ -164,7 +171,8 @@ class LayerApplier:
             self.holding.add("/".join(parts[:depth]))
 
     def _refuse(self, why: str) -> ImageError:
-        return ImageError("refused", self.image, f"hostile layer entry {self.member[:200]!r}: {why}")
+        return ImageError("refused", self.image,
+                          f"hostile layer entry {self.member[:200]!r}: {why}")
 
     def _parts(self, name: str) -> list[str]:
         parts = [part for part in name.split("/") if part not in ("", ".")]
@@ -310,7 +318,7 @@ def _lstat(parent: int, name: str) -> os.stat_result | None:
 
 
 def dir_mode(mode: int) -> int:
-    """Image directories: sticky kept, setuid/setgid and group/other write dropped, 0755 at least."""
+    """Image directories: sticky kept, setuid/setgid and group/other write dropped, >= 0755."""
     return (mode & 0o1755) | 0o755
 
 
