@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 
 
-class State(str, enum.Enum):
+# Not a StrEnum (UP042): str(State.X) would change from "State.X" to "X" wherever used.
+class State(str, enum.Enum):  # noqa: UP042
     UNKNOWN = "UNKNOWN"
     QUEUED = "QUEUED"
     INITIALIZING = "INITIALIZING"
@@ -49,3 +50,15 @@ def can_transition(current: State | str, target: State | str) -> bool:
 
 def is_terminal(state: State | str) -> bool:
     return State(state) in TERMINAL
+
+
+# The legacy /v1 routes speak to TES 1.0 clients (py-tes 0.4.2, which the Snakemake TES
+# plugin pins, refuses any other state and its status thread dies): each TES 1.1-only
+# state is shown as the 1.0 state a client should act on. CANCELING reads CANCELED (the
+# client asked for it; the job is being stopped), PREEMPTED reads SYSTEM_ERROR (the task
+# will not finish), PAUSED reads RUNNING (PAUSED exists in 1.0, but py-tes 0.4.2 lacks it).
+LEGACY_STATES: dict[str, str] = {
+    State.CANCELING.value: State.CANCELED.value,
+    State.PREEMPTED.value: State.SYSTEM_ERROR.value,
+    State.PAUSED.value: State.RUNNING.value,
+}

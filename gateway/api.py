@@ -9,14 +9,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from funnel_hpc.core.states import LEGACY_STATES
 from funnel_hpc.gateway.auth import ANONYMOUS_ADMIN, Principal
-from funnel_hpc.gateway.schemas import (CancelTaskResponseSchema, CreateTaskResponseSchema, ApiErrorSchema,
-                             ListArgsSchema, ListTasksResponseSchema, ServiceInfoSchema,
-                             TaskCreateSchema, TaskSchema, ViewArgsSchema)
+from funnel_hpc.gateway.schemas import (
+    ApiErrorSchema,
+    CancelTaskResponseSchema,
+    CreateTaskResponseSchema,
+    ListArgsSchema,
+    ListTasksResponseSchema,
+    ServiceInfoSchema,
+    TaskCreateSchema,
+    TaskSchema,
+    ViewArgsSchema,
+)
 from funnel_hpc.gateway.service import BadRequest, ListQuery, TaskService, zip_tags
 
 TES_PREFIX = "/ga4gh/tes/v1"
@@ -24,7 +33,10 @@ LEGACY_PREFIX = "/v1"
 
 
 def json_response(payload: Any, status: int = 200) -> Response:
-    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    # a lone surrogate (from a client's "\udc00", echoed in an error) cannot be UTF-8;
+    # backslashreplace writes it back as that same JSON escape
+    body = text.encode("utf-8", "backslashreplace")
     return Response(body, status=status, mimetype="application/json")
 
 
@@ -34,7 +46,7 @@ def service() -> TaskService:
 
 def principal() -> Principal:
     """The caller, set by the app's authentication hook."""
-    return getattr(request, "funnel_principal", ANONYMOUS_ADMIN)
+    return g.get("funnel_principal", ANONYMOUS_ADMIN)
 
 
 def read_json_body() -> Any:
@@ -45,13 +57,24 @@ def read_json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body: malformed JSON: {exc}") from None
+    except RecursionError:  # "[" * 100000: no TES document nests that deep
+        raise BadRequest("body: JSON nested too deeply") from None
 
 
 _ERRORS = {400: "Bad input; message names the field", 404: "No such task"}
 
 
+def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
+    """The task as a TES 1.0 client on the legacy routes must see it (LEGACY_STATES)."""
+    state = task.get("state")
+    if state in LEGACY_STATES:
+        task = {**task, "state": LEGACY_STATES[state]}
+    return task
+
+
 def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
     """The TES routes under `prefix` (called twice: TES 1.1 and legacy /v1)."""
+    shown = as_legacy if legacy else (lambda task: task)
     blp = Blueprint(name, __name__, url_prefix=prefix,
                     description="GA4GH TES 1.1" + (" (legacy /v1 routes)" if legacy else ""))
 
@@ -85,7 +108,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
                               tags=zip_tags(args.get("tag_key"), args.get("tag_value")),
                               owner=principal().scope)
             tasks, token = service().list(query)
-            payload: dict[str, Any] = {"tasks": tasks}
+            payload: dict[str, Any] = {"tasks": [shown(task) for task in tasks]}
             if token:
                 payload["next_page_token"] = token
             return json_response(payload)
@@ -106,7 +129,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
         @errors(400, 404)
         def get(self, task_id, view="MINIMAL"):
             """GetTask"""
-            return json_response(service().get(task_id, view, owner=principal().scope))
+            return json_response(shown(service().get(task_id, view, owner=principal().scope)))
 
     @blp.route("/tasks/<string:task_id>:cancel")
     class CancelTask(MethodView):

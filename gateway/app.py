@@ -3,32 +3,43 @@
 from __future__ import annotations
 
 import logging
-
 import math
 import secrets
 
-from flask import Flask, redirect, request, session, url_for
-from jinja2 import FileSystemLoader
+from flask import Flask, g, redirect, request, session, url_for
+from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api
+from jinja2 import FileSystemLoader
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from funnel_hpc.core import __version__
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.auth import AuthError, Authenticator
 from funnel_hpc.core.config import TEMPLATES_DIR
-from funnel_hpc.gateway.api import (LEGACY_PREFIX, TES_PREFIX, json_response, legacy_service_info,
-                         make_blueprint)
+from funnel_hpc.gateway import db, web_headers
+from funnel_hpc.gateway.api import (
+    LEGACY_PREFIX,
+    TES_PREFIX,
+    json_response,
+    legacy_service_info,
+    make_blueprint,
+)
+from funnel_hpc.gateway.auth import Authenticator, AuthError, Throttled
+from funnel_hpc.gateway.dashboard import SESSION_ID, sessions
 from funnel_hpc.gateway.dashboard import blueprint as dashboard_blueprint
 from funnel_hpc.gateway.events_api import blueprint as events_blueprint
+from funnel_hpc.gateway.observability import PUBLIC_ENDPOINTS as OBSERVABILITY_ENDPOINTS
+from funnel_hpc.gateway.observability import blueprint as observability_blueprint
 from funnel_hpc.gateway.ratelimit import RateLimiter
 from funnel_hpc.gateway.schemas import flatten_errors
 from funnel_hpc.gateway.service import ServiceError, TaskService
+from funnel_hpc.gateway.sessions import SessionStore
+from funnel_hpc.gateway.watch import blueprint as watch_blueprint
 
 log = logging.getLogger(__name__)
 
-# Reachable without credentials: the dashboard's login form.
-PUBLIC_ENDPOINTS = {"dashboard.login", "static"}
+# Reachable without credentials: the dashboard's login form. (No "static" route: Flask's
+# default one served the working directory's static/ folder.)
+PUBLIC_ENDPOINTS = {"dashboard.login", *OBSERVABILITY_ENDPOINTS}  # + /metrics, /healthz, /readyz
 
 
 def _worker_may(principal) -> bool:
@@ -46,7 +57,7 @@ def make_service(config: dict) -> TaskService:
 
 
 def create_app(config: dict, service: TaskService | None = None) -> Flask:
-    app = Flask("funnel-hpc", template_folder=None)
+    app = Flask("funnel-hpc", static_folder=None, template_folder=None)
     app.jinja_loader = FileSystemLoader(str(TEMPLATES_DIR))
     app.config.update(
         MAX_CONTENT_LENGTH=config["server"]["max_body_bytes"],
@@ -54,17 +65,23 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         API_VERSION=__version__,
         OPENAPI_VERSION="3.0.3",
         OPENAPI_URL_PREFIX=TES_PREFIX,
-        OPENAPI_JSON_PATH="openapi.json",
-        OPENAPI_SWAGGER_UI_PATH="docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_JSON_PATH="openapi.json",  # rendered by the dashboard's /docs, no CDN
     )
+    assert isinstance(app.json, DefaultJSONProvider)  # Flask's own, unless configured
     app.json.sort_keys = False
-    app.secret_key = config["auth"]["session_secret"] or secrets.token_bytes(32)
-    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict")
+    auth = config["auth"]
+    app.secret_key = auth["session_secret"] or secrets.token_bytes(32)
+    app.config.update(SESSION_COOKIE_NAME="funnel_session", SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Lax",
+                      SESSION_COOKIE_SECURE=bool(auth["session_cookie_secure"]),
+                      PERMANENT_SESSION_LIFETIME=int(auth["session_max_age_seconds"]))
     authenticator = Authenticator(config)
     app.extensions["funnel.auth"] = authenticator
     app.extensions["funnel.config"] = config
-    app.extensions["funnel.service"] = service or make_service(config)
+    app.extensions["funnel.service"] = service = service or make_service(config)
+    app.extensions["funnel.sessions"] = SessionStore(service.engine,
+                                                     auth["session_max_age_seconds"])
+    web_headers.install(app, config["server"]["cors_origins"])
 
     api = Api(app)
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
@@ -72,7 +89,9 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     app.add_url_rule(LEGACY_PREFIX + "/tasks/service-info", "legacy_service_info",
                      legacy_service_info)
     app.register_blueprint(events_blueprint)
+    app.register_blueprint(watch_blueprint)
     app.register_blueprint(dashboard_blueprint)
+    app.register_blueprint(observability_blueprint)
 
     limiter = RateLimiter(config["server"]["rate_limit_per_second"],
                           config["server"]["rate_limit_burst"])
@@ -81,7 +100,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     def _rate_limit():
         if not limiter.enabled:
             return None
-        who = request.funnel_principal.user or f"addr:{request.remote_addr}"
+        who = g.funnel_principal.user or f"addr:{request.remote_addr}"
         wait = limiter.check(who)
         if wait <= 0:
             return None
@@ -89,23 +108,37 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return resp
 
+    def _session_user() -> str | None:
+        """The user of the browser's live session (a user since removed from the
+        configuration is signed out)."""
+        session_id = session.get(SESSION_ID)
+        user = sessions().user_of(session_id) if session_id else None
+        return user if user in authenticator.users else None
+
     @app.before_request
     def _authenticate():
-        """Set request.funnel_principal, or answer 401 (API) / go to the login page."""
+        """Set g.funnel_principal (the caller, for this request only), or answer 401 (API)
+        / 429 (throttled) / go to the login page."""
         if request.endpoint in PUBLIC_ENDPOINTS:
             return None
         header = request.headers.get("Authorization")
         try:
             if header or not authenticator.enabled:
-                request.funnel_principal = authenticator.authenticate(header, allow_worker=True)
-                if request.funnel_principal.task and not _worker_may(request.funnel_principal):
+                g.funnel_principal = authenticator.authenticate(
+                    header, allow_worker=True, client=request.remote_addr or "")
+                if g.funnel_principal.task and not _worker_may(g.funnel_principal):
                     return json_response({"code": 403, "message": "a worker token reaches "
                                           "only its own task and event intake"}, 403)
                 return _rate_limit()
-            if request.blueprint == "dashboard" and session.get("user"):
-                request.funnel_principal = authenticator.principal_for(session["user"])
+            user = _session_user() if request.blueprint == "dashboard" else None
+            if user:
+                g.funnel_principal = authenticator.principal_for(user)
                 return _rate_limit()
             raise AuthError("authentication required")
+        except Throttled as exc:
+            resp = json_response({"code": 429, "message": str(exc)}, 429)
+            resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+            return resp
         except AuthError as exc:
             if request.blueprint == "dashboard" and not header:
                 return redirect(url_for("dashboard.login", next=request.full_path))
@@ -133,7 +166,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
         data = getattr(exc, "data", None) or {}
         messages = data.get("messages")
         if messages:  # webargs validation of query parameters
-            flat = flatten_errors({k: v for k, v in messages.items()})
+            flat = flatten_errors(dict(messages))
             # drop the webargs location level ("query.view: ..." -> "view: ...")
             text = "; ".join(m.split(".", 1)[1] if m.split(".", 1)[0] in messages else m
                              for m in flat)

@@ -3,7 +3,8 @@
 ``auth.mode`` selects it:
 - ``none``: no authentication; every caller sees every task (local quick start only).
 - ``basic``: HTTP Basic against ``auth.users`` (name -> password hash) and/or an
-  htpasswd-style file (``name:hash`` lines; werkzeug ``scrypt:``/``pbkdf2:`` or bcrypt ``$2y$`` hashes).
+  htpasswd-style file (``name:hash`` lines; werkzeug ``scrypt:``/``pbkdf2:`` or bcrypt
+  ``$2y$`` hashes).
 - ``bearer``: ``Authorization: Bearer <token>``; a token listed in ``auth.tokens``
   (token -> user name) or a JWT signed by a key of the JWKS in ``auth.oidc.jwks_file``
   or ``auth.oidc.jwks_url``, with issuer/audience checked when configured.
@@ -11,22 +12,36 @@
 
 Users named in ``auth.admins`` (or JWTs whose ``auth.oidc.admin_claim`` holds one of
 ``auth.oidc.admin_values``) see and cancel every task; everyone else only their own.
+
+Given the client's address, every check goes through a ``LoginThrottle``
+(gateway/ratelimit.py) first: a locked-out address is refused (``Throttled``) before
+any credential is looked at, and each password-hash check draws on its bucket. A
+correct Basic password is remembered (keyed by an HMAC, ``VERIFIED_TTL`` seconds), so
+an API client sending Basic on every request pays for one hash, not one per
+request. Unknown users cost the same hash work as known ones (``_dummy_hash``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from werkzeug.security import check_password_hash
+from werkzeug.security import check_password_hash, generate_password_hash
 
 from funnel_hpc.core import worker_tokens
+from funnel_hpc.gateway.ratelimit import LoginThrottle
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +64,20 @@ class Principal:
 ANONYMOUS_ADMIN = Principal(None, True)
 
 
+VERIFIED_TTL = 300.0  # seconds a correct Basic password is remembered
+VERIFIED_MAX = 10_000
+
+
 class AuthError(Exception):
     """Credentials missing or wrong (HTTP 401 / gRPC UNAUTHENTICATED)."""
+
+
+class Throttled(Exception):
+    """Too many attempts from one address (HTTP 429 / gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"too many sign-in attempts; retry in {retry_after:.0f} s")
+        self.retry_after = retry_after
 
 
 def _check_hash(stored: str, password: str) -> bool:
@@ -66,6 +93,29 @@ def _check_hash(stored: str, password: str) -> bool:
         return False
 
 
+def _hash_method(stored: str) -> str:
+    """"scrypt:32768:8:1", "pbkdf2:sha256:600000" or "$2b$12": algorithm and cost."""
+    if stored.startswith(("$2a$", "$2b$", "$2y$")):
+        return stored[:6]
+    return stored.split("$", 1)[0]
+
+
+def _dummy_hash(hashes: Iterable[str]) -> str:
+    """A hash of a random password made with the most common algorithm and cost among
+    the configured hashes, checked for unknown users: they then cost what known ones do."""
+    methods = Counter(_hash_method(h) for h in hashes)
+    method = methods.most_common(1)[0][0] if methods else "scrypt"
+    password = secrets.token_urlsafe(16)
+    if method.startswith("$2"):
+        import bcrypt
+
+        return bcrypt.hashpw(password.encode(), bcrypt.gensalt(int(method[4:6]))).decode()
+    try:
+        return generate_password_hash(password, method=method)
+    except (ValueError, TypeError):  # a method werkzeug cannot make: its default
+        return generate_password_hash(password)
+
+
 class Authenticator:
     def __init__(self, config: dict):
         auth = config["auth"]
@@ -78,11 +128,16 @@ class Authenticator:
             self.users.update(self._read_htpasswd(Path(auth["htpasswd_file"])))
         self.tokens: dict[str, str] = {str(k): str(v) for k, v in auth["tokens"].items()}
         self.oidc = auth["oidc"]
-        self._jwks_client = None
+        self._jwks_client: Any = None  # a jwt.PyJWKClient once used (jwt loads lazily)
         self._jwks_keys: list | None = None
         if self.mode != "none" and not (self.users or self.tokens or self._oidc_enabled):
             raise ValueError("auth is on but no users, tokens or OIDC keys are configured")
         self.worker_key = worker_tokens.load_key(config["work_dir"]) if self.enabled else b""
+        self.throttle = LoginThrottle.from_config(auth)
+        self._dummy = _dummy_hash(self.users.values()) if "basic" in self.mode else ""
+        self._verified_key = secrets.token_bytes(32)
+        self._verified: dict[bytes, float] = {}  # HMAC(user, password) -> expiry
+        self._verified_lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -123,15 +178,50 @@ class Authenticator:
             admin = admin or any(v in self.oidc["admin_values"] for v in values)
         return Principal(user, admin)
 
-    def check_password(self, user: str, password: str) -> Principal | None:
+    def check_password(self, user: str, password: str,
+                       client: str | None = None) -> Principal | None:
+        """The user if the password is right, else None. With a client address, a hash
+        check draws on the throttle's bucket (Throttled when it is empty)."""
         stored = self.users.get(user)
+        memo = hmac.new(self._verified_key, f"{user}\0{password}".encode(),
+                        hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._verified_lock:
+            if stored is not None and self._verified.get(memo, 0.0) > now:
+                return self.principal_for(user)
+        if client is not None:
+            wait = self.throttle.take_check(client)
+            if wait > 0:
+                raise Throttled(wait)
         if stored is None:
-            _check_hash(_DUMMY_HASH, password)  # same work for unknown users
+            _check_hash(self._dummy, password)  # same work for unknown users
             return None
-        return self.principal_for(user) if _check_hash(stored, password) else None
+        if not _check_hash(stored, password):
+            return None
+        with self._verified_lock:
+            if len(self._verified) >= VERIFIED_MAX:
+                self._verified = {k: v for k, v in self._verified.items() if v > now}
+            if len(self._verified) < VERIFIED_MAX:
+                self._verified[memo] = now + VERIFIED_TTL
+        return self.principal_for(user)
 
-    def authenticate(self, authorization: str | None, allow_worker: bool = False) -> Principal:
-        """The caller named by an Authorization header value; AuthError if none/wrong.
+    def login(self, user: str, password: str, client: str) -> Principal | None:
+        """The dashboard's form: check_password behind the client's throttle."""
+        self._refuse_if_locked(client)
+        principal = self.check_password(user, password, client)
+        if principal is None:
+            self.throttle.failed(client)
+        return principal
+
+    def _refuse_if_locked(self, client: str | None) -> None:
+        wait = self.throttle.locked(client) if client is not None else 0.0
+        if wait > 0:
+            raise Throttled(wait)
+
+    def authenticate(self, authorization: str | None, allow_worker: bool = False,
+                     client: str | None = None) -> Principal:
+        """The caller named by an Authorization header value; AuthError if none/wrong,
+        Throttled if `client` (the caller's address) is locked out or over its rate.
 
         allow_worker: accept a task's worker token (whatever auth.mode); the caller
         must then hold the request to that task (Principal.task)."""
@@ -139,6 +229,16 @@ class Authenticator:
             return ANONYMOUS_ADMIN
         if not authorization:
             raise AuthError("authentication required")
+        self._refuse_if_locked(client)
+        try:
+            return self._check_credentials(authorization, allow_worker, client)
+        except AuthError:
+            if client is not None:
+                self.throttle.failed(client)
+            raise
+
+    def _check_credentials(self, authorization: str, allow_worker: bool,
+                           client: str | None) -> Principal:
         scheme, _, credentials = authorization.partition(" ")
         scheme = scheme.lower()
         if scheme == "bearer" and worker_tokens.is_worker_token(credentials.strip()):
@@ -154,7 +254,7 @@ class Authenticator:
                     .decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 raise AuthError("malformed Basic credentials") from None
-            principal = self.check_password(user, password)
+            principal = self.check_password(user, password, client)
             if principal is None:
                 raise AuthError("wrong user name or password")
             return principal
@@ -175,10 +275,11 @@ class Authenticator:
 
         try:
             key = self._signing_key(token)
-            options = {"require": ["exp"], "verify_aud": bool(self.oidc["audience"])}
             claims = jwt.decode(token, key=key, algorithms=self.oidc["algorithms"],
                                 audience=self.oidc["audience"] or None,
-                                issuer=self.oidc["issuer"] or None, options=options)
+                                issuer=self.oidc["issuer"] or None,
+                                options={"require": ["exp"],
+                                         "verify_aud": bool(self.oidc["audience"])})
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
         user = claims.get(self.oidc["user_claim"])
@@ -202,5 +303,3 @@ class Authenticator:
                 return key.key
         raise jwt.InvalidKeyError(f"no key with kid {kid!r} in the JWKS file")
 
-
-_DUMMY_HASH = "pbkdf2:sha256:600000$dummy$" + "0" * 64

@@ -1,41 +1,18 @@
-"""The `funnel` command line: server, reconciler, and TES task commands."""
+"""The `funnel` command line: server and reconciler here; tasks (cli_task), `run`
+(cli_run), and the admin commands `config`, `render`, `admin` (cli_admin)."""
 
 from __future__ import annotations
-
-import json
-import logging
-import sys
-import time
-from typing import Any
 
 import click
 
 from funnel_hpc.core import __version__
-from funnel_hpc.core import config as config_mod
-from funnel_hpc.core.client import DEFAULT_SERVER, ClientError, TesClient
-from funnel_hpc.core.states import TERMINAL
+from funnel_hpc.gateway.cli_admin import admin as admin_group
+from funnel_hpc.gateway.cli_admin import config as config_group
+from funnel_hpc.gateway.cli_admin import render as render_command
+from funnel_hpc.gateway.cli_common import fail, load_config
+from funnel_hpc.gateway.cli_run import run as run_command
+from funnel_hpc.gateway.cli_task import task as task_group
 from funnel_hpc.worker.cli import worker as worker_group
-
-VIEWS = click.Choice(["MINIMAL", "BASIC", "FULL"], case_sensitive=False)
-server_option = click.option("--server", envvar="FUNNEL_SERVER", default=DEFAULT_SERVER,
-                             show_default=True, help="TES server URL (or FUNNEL_SERVER).")
-
-
-def fail(message: str) -> None:
-    """Stop with one line on stderr and exit status 1."""
-    raise click.ClickException(message)
-
-
-def load_config(path: str | None, overrides: dict | None = None) -> dict:
-    try:
-        return config_mod.load(path, overrides=overrides)
-    except config_mod.ConfigError as exc:
-        fail(str(exc))
-        raise  # unreachable
-
-
-def emit(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
 
 
 @click.group()
@@ -75,7 +52,7 @@ def server_run(config_path, backend, host, port, no_reconciler) -> None:
     if port:
         overrides.setdefault("server", {})["http_port"] = port
     config = load_config(config_path, overrides)
-    _logging()
+    _logging(config)
     try:
         run_server(config, reconcile=not no_reconciler)
     except (ValueError, OSError) as exc:
@@ -89,16 +66,21 @@ def reconcile(config_path) -> None:
     from funnel_hpc.gateway.server import run_reconciler
 
     config = load_config(config_path)
-    _logging()
+    _logging(config)
     try:
         run_reconciler(config)
     except (ValueError, OSError) as exc:
         fail(str(exc))
 
 
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(config: dict) -> None:
+    """The `logging` section: level, text|json, stderr or a file."""
+    from funnel_hpc.gateway.observability import configure_logging
+
+    try:
+        configure_logging(config)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
 
 
 @main.group()
@@ -115,141 +97,9 @@ def hash_password(password) -> None:
     click.echo(generate_password_hash(password))
 
 
-# ---- tasks ----
-
-@main.group()
-def task() -> None:
-    """Create, inspect, list, cancel and wait for tasks."""
-
-
-def _client(server_url: str) -> TesClient:
-    return TesClient(server_url)
-
-
-@task.command("create")
-@click.argument("file", type=click.File("r"))
-@server_option
-def task_create(file, server) -> None:
-    """Create a task from a TES JSON FILE (- for stdin); print its id."""
-    try:
-        document = json.load(file)
-    except ValueError as exc:
-        fail(f"{file.name}: not valid JSON: {exc}")
-    try:
-        click.echo(_client(server).create(document))
-    except ClientError as exc:
-        fail(str(exc))
-
-
-@task.command("get")
-@click.argument("task_id")
-@click.option("--view", type=VIEWS, default="FULL", show_default=True)
-@server_option
-def task_get(task_id, view, server) -> None:
-    """Print one task as JSON."""
-    try:
-        emit(_client(server).get(task_id, view.upper()))
-    except ClientError as exc:
-        fail(str(exc))
-
-
-def _parse_tags(tags: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    keys, values = [], []
-    for item in tags:
-        key, _, value = item.partition("=")
-        if not key:
-            fail(f"--tag {item!r}: expected KEY=VALUE or KEY")
-        keys.append(key)
-        values.append(value)
-    return keys, values
-
-
-@task.command("list")
-@click.option("--state", help="Only tasks in this state.")
-@click.option("--name-prefix", help="Only tasks whose name starts with this.")
-@click.option("--tag", "tags", multiple=True, help="KEY=VALUE (or KEY: any value); repeatable.")
-@click.option("--view", type=VIEWS, default="MINIMAL", show_default=True)
-@click.option("--page-size", type=int)
-@click.option("--all", "all_pages", is_flag=True, help="Follow next_page_token to the end.")
-@server_option
-def task_list(state, name_prefix, tags, view, page_size, all_pages, server) -> None:
-    """List tasks as JSON ({"tasks": [...], "next_page_token": ...})."""
-    keys, values = _parse_tags(tags)
-    params = dict(state=state, name_prefix=name_prefix, tag_key=keys, tag_value=values,
-                  view=view.upper(), page_size=page_size)
-    client = _client(server)
-    try:
-        if all_pages:
-            emit({"tasks": list(client.list_all(**params))})
-        else:
-            emit(client.list_page(**params))
-    except ClientError as exc:
-        fail(str(exc))
-
-
-@task.command("cancel")
-@click.argument("task_ids", nargs=-1, required=True)
-@server_option
-def task_cancel(task_ids, server) -> None:
-    """Cancel tasks (a task that already ended is left as it is)."""
-    client = _client(server)
-    errors = 0
-    for task_id in task_ids:
-        try:
-            client.cancel(task_id)
-            click.echo(f"{task_id} cancel requested")
-        except ClientError as exc:
-            click.echo(f"Error: {task_id}: {exc}", err=True)
-            errors += 1
-    if errors:
-        sys.exit(1)
-
-
-@task.command("wait")
-@click.argument("task_ids", nargs=-1, required=True)
-@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between polls.")
-@click.option("--timeout", type=float, default=0, help="Give up after this many seconds (0: never).")
-@server_option
-def task_wait(task_ids, interval, timeout, server) -> None:
-    """Wait until tasks end; exit 1 if any ended other than COMPLETE."""
-    client = _client(server)
-    terminal = {s.value for s in TERMINAL}
-    states: dict[str, str] = {}
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    shown = ""
-    while True:
-        for task_id in task_ids:
-            if states.get(task_id) in terminal:
-                continue
-            try:
-                states[task_id] = client.get(task_id)["state"]
-            except ClientError as exc:
-                fail(f"{task_id}: {exc}")
-        done = sum(1 for s in states.values() if s in terminal)
-        line = f"{done}/{len(task_ids)} done; " + ", ".join(
-            f"{s}={n}" for s, n in sorted(_count(states.values()).items()))
-        if line != shown:
-            click.echo(line, err=True)
-            shown = line
-        if done == len(task_ids):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            fail(f"timed out after {timeout:g}s with {len(task_ids) - done} task(s) not done")
-        time.sleep(interval)
-    for task_id in task_ids:
-        click.echo(f"{task_id} {states[task_id]}")
-    if any(states[t] != "COMPLETE" for t in task_ids):
-        sys.exit(1)
-
-
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
-main.add_command(worker_group)
+for command in (task_group, run_command, config_group, render_command, admin_group,
+                worker_group):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

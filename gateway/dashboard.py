@@ -1,33 +1,61 @@
-"""The web dashboard at /: task list, task page, service info.
+"""The web dashboard at /: task list, task page, service info, API docs.
 
-Server-rendered Jinja2 pages (templates/dashboard/); a few lines of plain
-JavaScript refresh the changing part of a page in place (no build step).
-Cancel is a POST form protected by a double-submit CSRF token: a random
-token in a SameSite=Strict cookie that the form must repeat.
+Server-rendered Jinja2 pages (templates/dashboard/, package data); a few lines of
+plain JavaScript, loaded with the page's CSP nonce, refresh the changing part of a
+page in place (no build step, nothing from another site). Signing in puts a random
+session id in the signed session cookie and its hash in the database
+(gateway/sessions.py): signing out revokes it on every replica. Every POST form
+(cancel, sign in, sign out) carries a CSRF token derived from the session: an
+HMAC, under the app's secret key, of the session id (or of a random per-browser
+nonce before sign-in), so a token is worth nothing with another session's cookie.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
+import re
 import secrets
 from typing import Any
+from urllib.parse import urlsplit
 
-from flask import (Blueprint, Response, abort, current_app, redirect, render_template, request,
-                   session, url_for)
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from sqlalchemy.exc import OperationalError
 
-from funnel_hpc.gateway.api import principal
-from funnel_hpc.gateway.service import BadRequest, ListQuery, NotFound, TaskService
 from funnel_hpc.core.states import ALL_STATES, TERMINAL, State
+from funnel_hpc.gateway.api import TES_PREFIX, principal
+from funnel_hpc.gateway.auth import Throttled
+from funnel_hpc.gateway.service import BadRequest, ListQuery, NotFound, TaskService
+from funnel_hpc.gateway.sessions import SessionStore
 
 blueprint = Blueprint("dashboard", __name__, template_folder=None)
 
-CSRF_COOKIE = "funnel_csrf"
 PAGE_SIZE = 50
+SESSION_ID = "sid"      # session cookie key of a signed-in session's id
+BROWSER_NONCE = "nonce"  # session cookie key of the pre-sign-in CSRF nonce
+# A local path: one "/", then no "/" or "\" (no //host, /\host), no control
+# characters, spaces or backslashes anywhere (browsers drop tabs: "/\t/evil" is //evil).
+_LOCAL_PATH = re.compile(r"/(?:[^/\\\x00-\x20\x7f][^\\\x00-\x20\x7f]*)?")
 
 
 def _service() -> TaskService:
     return current_app.extensions["funnel.service"]
+
+
+def sessions() -> SessionStore:
+    return current_app.extensions["funnel.sessions"]
 
 
 def _owner() -> str | None:
@@ -35,17 +63,63 @@ def _owner() -> str | None:
     return principal().scope
 
 
-def _csrf_token() -> str:
-    return request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(24)
+def csrf_token() -> str:
+    """HMAC of this browser's session id (or pre-sign-in nonce) under the secret key."""
+    key = session.get(SESSION_ID) or session.get(BROWSER_NONCE)
+    if not key:
+        key = session[BROWSER_NONCE] = secrets.token_urlsafe(24)
+    secret = current_app.secret_key
+    assert isinstance(secret, (bytes, str))
+    secret_bytes = secret if isinstance(secret, bytes) else secret.encode()
+    return hmac.new(secret_bytes, b"csrf\0" + key.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_csrf() -> bool:
+    return hmac.compare_digest(csrf_token(), request.form.get("csrf_token", ""))
 
 
 def _render(template: str, status: int = 200, **context: Any) -> Response:
-    token = _csrf_token()
-    body = render_template(f"dashboard/{template}", csrf_token=token, **context)
-    resp = Response(body, status=status, mimetype="text/html")
-    if request.cookies.get(CSRF_COOKIE) != token:
-        resp.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict")
-    return resp
+    signed_in = principal().user if session.get(SESSION_ID) else None
+    body = render_template(f"dashboard/{template}", csrf_token=csrf_token(),
+                           csp_nonce=g.get("csp_nonce", ""), signed_in=signed_in, **context)
+    return Response(body, status=status, mimetype="text/html")
+
+
+def _seconds(text: str | None) -> float | None:
+    """An RFC 3339 time as the server writes it -> seconds since the epoch."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() \
+            if text else None
+    except ValueError:
+        return None
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, rest = divmod(max(0, int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
+
+
+@blueprint.app_template_filter("timing")
+def timing(task: dict[str, Any]) -> dict[str, str]:
+    """{"queue_wait": creation to the first attempt's start, "run_time": the last attempt's
+    start to its end (to now while the task runs)}, as h:mm:ss / m:ss, "-" if unknown."""
+    import time
+
+    attempts = task.get("logs") or []
+    created = _seconds(task.get("creation_time"))
+    first = _seconds(attempts[0].get("start_time")) if attempts else None
+    start = _seconds(attempts[-1].get("start_time")) if attempts else None
+    end = _seconds(attempts[-1].get("end_time")) if attempts else None
+    running = task.get("state") not in {state.value for state in TERMINAL}
+    if start is not None and end is None and running:
+        end = time.time()
+    return {"queue_wait": _clock(first - created) if first and created else "-",
+            "run_time": _clock(end - start) if start is not None and end is not None else "-"}
 
 
 def _parse_tag(text: str) -> dict[str, str]:
@@ -82,9 +156,20 @@ def task_list():
         error = "The database is busy or unavailable; this page will retry."
     filters = {"state": state, "name_prefix": name_prefix, "tag": tag}
     template = "_task_rows.html" if fragment else "tasks.html"
-    return _render(template, tasks=tasks, next_token=next_token, counts=counts,
+    chart = None if fragment or error else _chart()
+    return _render(template, tasks=tasks, next_token=next_token, counts=counts, chart=chart,
                    states=ALL_STATES, filters=filters, error=error, page_token=token,
                    total=sum(counts.values()), status=400 if error and not fragment else 200)
+
+
+def _chart() -> dict[str, Any] | None:
+    """The activity chart's data (None, and the page without it, if the query fails)."""
+    from funnel_hpc.gateway import dashboard_chart
+
+    try:
+        return dashboard_chart.finished(_service().engine, _owner())
+    except OperationalError:
+        return None
 
 
 @blueprint.get("/tasks/<string:task_id>")
@@ -95,16 +180,13 @@ def task_page(task_id: str):
     except NotFound:
         return _render("not_found.html", status=404, task_id=task_id)
     job_ids = [log.get("metadata", {}).get("job_id") for log in task.get("logs", [])]
-    context = dict(task=task, job_ids=[j for j in job_ids if j],
-                   terminal=State(task["state"]) in TERMINAL)
-    return _render("_task_detail.html" if fragment else "task.html", **context)
+    return _render("_task_detail.html" if fragment else "task.html", task=task,
+                   job_ids=[j for j in job_ids if j], terminal=State(task["state"]) in TERMINAL)
 
 
 @blueprint.post("/tasks/<string:task_id>/cancel")
 def cancel(task_id: str):
-    cookie = request.cookies.get(CSRF_COOKIE, "")
-    form = request.form.get("csrf_token", "")
-    if not cookie or not hmac.compare_digest(cookie, form):
+    if not _check_csrf():
         abort(Response("CSRF token missing or wrong; reload the page and try again.", 403))
     try:
         _service().cancel(task_id, owner=_owner())
@@ -118,11 +200,27 @@ def service_info():
     return _render("service.html", info=_service().service_info())
 
 
-def _safe_next(target: str | None) -> str:
+@blueprint.get(TES_PREFIX + "/docs")
+def api_docs():
+    """The API's operations, rendered in the browser from openapi.json (no CDN)."""
+    return _render("docs.html", spec_url=url_for("api-docs.openapi_json"))
+
+
+def safe_next(target: str | None) -> str:
     """Only local paths: never redirect a signed-in user off this site."""
-    if target and target.startswith("/") and not target.startswith("//"):
-        return target
+    if target and _LOCAL_PATH.fullmatch(target):
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for("dashboard.task_list")
+
+
+def _throttled(exc: Throttled, auth: Any) -> Response:
+    resp = _render("login.html", status=429, error="Too many sign-in attempts; wait "
+                   f"{math.ceil(exc.retry_after)} s and try again.",
+                   basic_enabled="basic" in auth.mode)
+    resp.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    return resp
 
 
 @blueprint.route("/login", methods=["GET", "POST"])
@@ -130,16 +228,19 @@ def login():
     auth = current_app.extensions["funnel.auth"]
     error = None
     if request.method == "POST":
-        cookie = request.cookies.get(CSRF_COOKIE, "")
-        if not cookie or not hmac.compare_digest(cookie, request.form.get("csrf_token", "")):
+        if not _check_csrf():
             error = "The form expired; please try again."
         else:
-            who = auth.check_password(request.form.get("username", ""),
-                                      request.form.get("password", ""))
+            try:
+                who = auth.login(request.form.get("username", ""),
+                                 request.form.get("password", ""), request.remote_addr or "")
+            except Throttled as exc:
+                return _throttled(exc, auth)
             if who is not None:
-                session.clear()
-                session["user"] = who.user
-                return redirect(_safe_next(request.args.get("next")), code=303)
+                session.clear()  # a fresh session id: no fixation
+                session[SESSION_ID] = sessions().create(who.user)
+                session.permanent = True
+                return redirect(safe_next(request.args.get("next")), code=303)
             error = "Wrong user name or password."
     return _render("login.html", status=401 if error else 200, error=error,
                    basic_enabled="basic" in auth.mode)
@@ -147,5 +248,10 @@ def login():
 
 @blueprint.post("/logout")
 def logout():
+    if not _check_csrf():
+        abort(Response("CSRF token missing or wrong; reload the page and try again.", 403))
+    session_id = session.get(SESSION_ID)
+    if session_id:
+        sessions().revoke(session_id)
     session.clear()
     return redirect(url_for("dashboard.login"), code=303)

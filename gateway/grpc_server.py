@@ -4,24 +4,33 @@ Messages are converted to and from the TES JSON the service speaks with
 google.protobuf.json_format, so validation, views, pagination, filters and
 cancel are one code path whichever protocol a client uses. Errors map to
 INVALID_ARGUMENT (bad input, message names the field), NOT_FOUND,
-UNAUTHENTICATED and UNAVAILABLE (database busy). Server reflection is on.
+UNAUTHENTICATED, RESOURCE_EXHAUSTED (rate limit, sign-in throttle) and UNAVAILABLE
+(database busy). Server reflection follows ``server.grpc_reflection`` (auto: only
+when auth is off); when on with auth, reflection calls need credentials too.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
-from funnel_hpc.gateway.auth import AuthError, Authenticator, Principal
+from funnel_hpc.gateway.auth import Authenticator, AuthError, Principal, Throttled
 from funnel_hpc.gateway.ratelimit import RateLimiter
-from funnel_hpc.gateway.service import (BadRequest, ListQuery, NotFound, ServiceError, TaskService,
-                             zip_tags)
+from funnel_hpc.gateway.service import (
+    BadRequest,
+    ListQuery,
+    NotFound,
+    ServiceError,
+    TaskService,
+    zip_tags,
+)
 from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,7 +59,8 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
     def _call(self, context: grpc.ServicerContext, fn: Callable[[Principal], Any]) -> Any:
         metadata = dict(context.invocation_metadata() or ())
         try:
-            principal = self.auth.authenticate(metadata.get("authorization"))
+            principal = self.auth.authenticate(metadata.get("authorization"),
+                                               client=_address(context))
             if self.limiter is not None and self.limiter.enabled:
                 # the same buckets as HTTP: a client's calls count together on both
                 wait = self.limiter.check(principal.user or f"addr:{_address(context)}")
@@ -60,6 +70,8 @@ class TaskServicer(tes_pb2_grpc.TaskServiceServicer):
             return fn(principal)
         except AuthError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except Throttled as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except BadRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         except NotFound as exc:
@@ -127,18 +139,57 @@ def _address(context: grpc.ServicerContext) -> str:
     return rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
 
 
+class _ReflectionAuth(grpc.ServerInterceptor):
+    """Reflection calls carry credentials like TaskService calls (when auth is on)."""
+
+    def __init__(self, authenticator: Authenticator):
+        self.auth = authenticator
+
+    def intercept_service(self, continuation, handler_call_details):
+        if not handler_call_details.method.startswith(f"/{reflection.SERVICE_NAME}/"):
+            return continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        try:
+            # no client address here (the interceptor has no peer): not throttled per
+            # address, but a locked-out address cannot reach TaskService either
+            if self.auth.authenticate(metadata.get("authorization")).task:
+                raise AuthError("a worker token is only for its task's worker endpoints")
+        except AuthError as exc:
+            message = str(exc)
+
+            def refuse(_request, context):
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return continuation(handler_call_details)
+
+
+def reflection_enabled(config: dict) -> bool:
+    """server.grpc_reflection: true, false, or auto (on only when auth is off)."""
+    setting = config["server"]["grpc_reflection"]
+    if setting == "auto":
+        return config["auth"]["mode"] == "none"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"server.grpc_reflection: must be auto, true or false, got {setting!r}")
+
+
 def start_grpc_server(service: TaskService, config: dict,
                       authenticator: Authenticator | None = None,
                       limiter: RateLimiter | None = None) -> grpc.Server:
     """Start serving on server.host:server.grpc_port; returns the running server."""
+    authenticator = authenticator or Authenticator(config)
+    reflect = reflection_enabled(config)
+    interceptors = [_ReflectionAuth(authenticator)] if reflect and authenticator.enabled else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config["server"]["threads"]),
                          options=[("grpc.max_receive_message_length",
-                                   config["server"]["max_body_bytes"])])
+                                   config["server"]["max_body_bytes"])],
+                         interceptors=interceptors)
     tes_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskServicer(service, authenticator or Authenticator(config), limiter), server)
-    names = (tes_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
-             reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+        TaskServicer(service, authenticator, limiter), server)
+    if reflect:
+        names = (tes_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+                 reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
     address = f"{config['server']['host']}:{config['server']['grpc_port']}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")

@@ -8,18 +8,28 @@ are ignored on create.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from typing import Any
 
-from marshmallow import (EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, pre_load,
-                         validate, validates_schema)
+from marshmallow import (
+    EXCLUDE,
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
 
 from funnel_hpc.core.states import ALL_STATES
 
 VIEWS = ("MINIMAL", "BASIC", "FULL")
 FILE_TYPES = ("FILE", "DIRECTORY")
 READ_ONLY_TASK_FIELDS = ("id", "state", "logs", "creation_time")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # used with fullmatch
 WILDCARD = re.compile(r"[*?\[]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -44,6 +54,11 @@ class ContainerPath(fields.String):
     def _deserialize(self, value, attr, data, **kwargs):
         text = super()._deserialize(value, attr, data, **kwargs)
         check_container_path(text, wildcards=self.wildcards)
+        # A file directly under / is bound alone (worker/paths.py); / itself would hide
+        # the image, so nothing may be bound there.
+        if not posixpath.normpath(text).strip("/"):  # "/", "//", "/./"
+            raise ValidationError("the container's root directory cannot be bound: use a "
+                                  "directory below it (e.g. /data)")
         return text
 
 
@@ -61,8 +76,8 @@ class StrictSchema(Schema):
         return data
 
 
-_text = dict(validate=validate.Length(max=65536))
-_string_map = dict(keys=fields.String(validate=validate.Length(min=1, max=1024)),
+_text: dict[str, Any] = dict(validate=validate.Length(max=65536))
+_string_map: dict[str, Any] = dict(keys=fields.String(validate=validate.Length(min=1, max=1024)),
                    values=fields.String(validate=validate.Length(max=65536)))
 
 
@@ -77,13 +92,19 @@ class InputSchema(StrictSchema):
 
     @validates_schema
     def _url_or_content(self, data, **kwargs):
-        has_url, has_content = "url" in data, "content" in data
-        if has_url and has_content:
-            raise ValidationError("set either url or content, not both", "url")
-        if not has_url and not has_content:
+        # TES 1.1: "If content is not empty, url must be ignored" -- both may be sent.
+        if "url" not in data and "content" not in data:
             raise ValidationError("one of url or content is required", "url")
-        if has_content and data.get("type") == "DIRECTORY":
+        if data.get("content") and data.get("type") == "DIRECTORY":
             raise ValidationError("content inputs must be of type FILE", "type")
+
+    @post_load
+    def _empty_content_with_url(self, data, **kwargs):
+        """Empty content next to a url is not content: the url is fetched (the worker
+        writes any content it is given, so the empty one is dropped here)."""
+        if data.get("content") == "" and "url" in data:
+            del data["content"]
+        return data
 
 
 class OutputSchema(StrictSchema):
@@ -119,7 +140,7 @@ class ExecutorSchema(StrictSchema):
     @validates_schema
     def _env_names(self, data, **kwargs):
         for name in data.get("env", {}):
-            if not ENV_NAME.match(name):
+            if not ENV_NAME.fullmatch(name):
                 raise ValidationError(f"invalid environment variable name {name!r}", "env")
 
 
@@ -162,9 +183,9 @@ class TaskCreateSchema(StrictSchema):
 # ---- response documentation (what the server returns) ----
 
 class OutputFileLogSchema(Schema):
-    url = fields.String()
-    path = fields.String()
-    size_bytes = fields.String()
+    url = fields.String(required=True)
+    path = fields.String(required=True)
+    size_bytes = fields.String(required=True)
 
 
 class ExecutorLogSchema(Schema):
@@ -172,15 +193,16 @@ class ExecutorLogSchema(Schema):
     end_time = fields.String()
     stdout = fields.String()
     stderr = fields.String()
-    exit_code = fields.Integer()
+    # -1 while the executor runs, or when it was stopped before it ended (views.py)
+    exit_code = fields.Integer(required=True)
 
 
 class TaskLogSchema(Schema):
-    logs = fields.List(fields.Nested(ExecutorLogSchema))
+    logs = fields.List(fields.Nested(ExecutorLogSchema), required=True)
     metadata = fields.Dict(keys=fields.String(), values=fields.String())
     start_time = fields.String()
     end_time = fields.String()
-    outputs = fields.List(fields.Nested(OutputFileLogSchema))
+    outputs = fields.List(fields.Nested(OutputFileLogSchema), required=True)
     system_logs = fields.List(fields.String())
 
 
@@ -258,7 +280,8 @@ class ListArgsSchema(ViewArgsSchema):
     state = fields.String(validate=validate.OneOf(ALL_STATES))
     tag_key = fields.List(fields.String(validate=validate.Length(min=1, max=1024)))
     tag_value = fields.List(fields.String(validate=validate.Length(max=65536)))
-    page_size = fields.Integer(validate=validate.Range(min=1, max=2048))
+    # TES 1.1: "Must be less than 2048"
+    page_size = fields.Integer(validate=validate.Range(min=1, max=2047))
     page_token = fields.String(validate=validate.Length(max=256))
 
     @validates_schema

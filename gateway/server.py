@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 
 import waitress
 
+from funnel_hpc.gateway import leader
 from funnel_hpc.gateway.app import create_app, make_service
 from funnel_hpc.gateway.service import TaskService
 
@@ -16,10 +19,22 @@ def make_reconciler(config: dict, service: TaskService):
     from funnel_hpc.backends.registry import load_backend
     from funnel_hpc.gateway.reconciler import Reconciler
 
-    return Reconciler(service, load_backend(config), config)
+    reconciler = Reconciler(service, load_backend(config), config)
+    # one active reconciler per backend across replicas (gateway/leader.py)
+    reconciler.lease = leader.make_lease(config, service.engine, service.changed.set)
+    reconciler.lease.start()
+    return reconciler
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (systemd's stop) ends the process through its finally blocks, so the
+    reconciler lease is given up at once instead of expiring."""
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
 
 
 def run_server(config: dict, reconcile: bool = True) -> None:
+    leader.lock_sqlite(config["database"]["url"], leader.SERVER_ROLE)
+    _exit_on_sigterm()
     service = make_service(config)
     app = create_app(config, service)
     grpc_server = None  # held for the life of run_server: a collected server stops
@@ -28,8 +43,13 @@ def run_server(config: dict, reconcile: bool = True) -> None:
 
         grpc_server = start_grpc_server(service, config, app.extensions["funnel.auth"],
                                         app.extensions["funnel.limiter"])
+    from funnel_hpc.gateway.publisher import start_publisher
+
+    publisher = start_publisher(service.engine, config)  # None: events.publish is off
+    reconciler = None
     if reconcile and config["reconciler"]["enabled"]:
-        make_reconciler(config, service).start_thread()
+        reconciler = make_reconciler(config, service)
+        reconciler.start_thread()
     else:
         log.info("reconciler disabled: run `funnel reconcile` next to this server")
     server = config["server"]
@@ -43,10 +63,19 @@ def run_server(config: dict, reconcile: bool = True) -> None:
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=2)
+        if publisher is not None:
+            publisher.stop()
+        if reconciler is not None:
+            reconciler.lease.release()
 
 
 def run_reconciler(config: dict) -> None:
-    make_reconciler(config, make_service(config)).run_forever()
+    reconciler = make_reconciler(config, make_service(config))
+    _exit_on_sigterm()
+    try:
+        reconciler.run_forever()
+    finally:
+        reconciler.lease.release()
 
 
 def _safe_url(url: str) -> str:

@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import base64
 import binascii
+import builtins
+import json
 import re
 import secrets
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from marshmallow import ValidationError
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 
-from funnel_hpc.backends.registry import backend_options
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.schemas import flatten_errors, load_task
-from funnel_hpc.core.states import TERMINAL, State, can_transition
-from funnel_hpc.gateway.views import apply_view, full_task
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
+from funnel_hpc.core.states import TERMINAL, State, can_transition
+from funnel_hpc.gateway import db, outbox
+from funnel_hpc.gateway.admission import Admission, AdmissionError
+from funnel_hpc.gateway.schemas import flatten_errors, load_task
+from funnel_hpc.gateway.views import apply_view, full_task
 
 DEFAULT_PAGE_SIZE = 256
-MAX_PAGE_SIZE = 2048
-TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_PAGE_SIZE = 2047  # TES 1.1 ListTasks: page_size "must be less than 2048"
+TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ServiceError(Exception):
@@ -87,18 +90,13 @@ _INSERT_TASK = insert(db.tasks)
 _INSERT_TAG = insert(db.task_tags)
 
 
-def _like_escape(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 class TaskService:
     def __init__(self, engine: Engine, config: dict):
         self.engine = engine
         self.config = config
         self.backend_name: str = config["backend"]["name"]
-        allowed = backend_options(config).get("backend_parameters") or {}
-        # lower-cased TES backend_parameters key -> scheduler option
-        self.backend_parameters: dict[str, Any] = {str(k).lower(): v for k, v in allowed.items()}
+        self.admission = Admission(config)
+        self.max_list_bytes: int = config["limits"]["max_list_bytes"]
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
         self.changed = threading.Event()
@@ -108,9 +106,12 @@ class TaskService:
     def create(self, document: Any, owner: str | None = None) -> str:
         try:
             spec = load_task(document)
+            self.admission.check_task(spec)
+            logs = self.admission.admit_backend_parameters(spec)
         except ValidationError as exc:
             raise BadRequest("; ".join(flatten_errors(exc.messages))) from None
-        logs = self._check_backend_parameters(spec)
+        except AdmissionError as exc:
+            raise BadRequest(str(exc)) from None
         task_id = new_task_id()
         now = now_rfc3339()
         with db.writing(self.engine) as conn:
@@ -119,32 +120,18 @@ class TaskService:
                 "owner": owner, "creation_time": now, "spec": spec, "logs": logs,
                 "backend": self.backend_name, "job_id": None, "attempt": 0, "event_seq": 0,
                 "updated_at": now})
-            seq = result.inserted_primary_key[0]
+            key = result.inserted_primary_key
+            assert key is not None  # an INSERT into a table with a primary key
+            seq = key[0]
             tags = spec.get("tags") or {}
             if tags:
                 conn.execute(_INSERT_TAG,
                              [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
+            # in the same transaction: an event is published iff the change was made
+            outbox.record(conn, task_id, owner, "state",
+                          {"state": State.QUEUED.value, "previous": None})
         self.changed.set()
         return task_id
-
-    def _check_backend_parameters(self, spec: dict) -> list:
-        """Refuse (strict) or drop with a warning (default) unsupported keys."""
-        resources = spec.get("resources") or {}
-        params = resources.get("backend_parameters")
-        if not params:
-            return []
-        unknown = sorted(k for k in params if k.lower() not in self.backend_parameters)
-        if not unknown:
-            return []
-        if resources.get("backend_parameters_strict"):
-            raise BadRequest(
-                "resources.backend_parameters: unsupported by backend "
-                f"{self.backend_name!r}: {', '.join(unknown)} (supported: "
-                f"{', '.join(sorted(self.backend_parameters)) or 'none'})")
-        resources["backend_parameters"] = {k: v for k, v in params.items() if k not in unknown}
-        warning = (f"backend_parameters not supported by backend {self.backend_name!r} "
-                   f"were ignored: {', '.join(unknown)}")
-        return [{"logs": [], "outputs": [], "system_logs": [warning]}]
 
     # ---- read ----
 
@@ -158,7 +145,7 @@ class TaskService:
         return apply_view(self._row_to_task(row), view)
 
     def get_row(self, task_id: str, owner: str | None = None) -> Any:
-        if not TASK_ID.match(task_id or ""):
+        if not TASK_ID.fullmatch(task_id or ""):
             raise NotFound(f"task {task_id!r} not found")
         query = select(db.tasks).where(db.tasks.c.id == task_id)
         if owner is not None:
@@ -169,10 +156,38 @@ class TaskService:
             raise NotFound(f"task {task_id!r} not found")
         return row
 
+    # Below this method, `list` in an annotation names it: they say builtins.list.
     def list(self, q: ListQuery) -> tuple[list[dict], str | None]:
+        """A page of tasks, newest first. BASIC and FULL pages also end early once their
+        documents reach limits.max_list_bytes (at least one task per page), read row by
+        row so memory stays near that bound whatever the page size."""
         page_size = q.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= page_size <= MAX_PAGE_SIZE:
-            raise BadRequest(f"page_size: must be between 1 and {MAX_PAGE_SIZE}")
+            raise BadRequest(f"page_size: must be between 1 and {MAX_PAGE_SIZE} "
+                             "(TES: less than 2048)")
+        try:
+            self.admission.check_list(q.name_prefix, len(q.tags))
+        except AdmissionError as exc:
+            raise BadRequest(str(exc)) from None
+        tasks: builtins.list[dict] = []
+        size, last_seq, more = 0, 0, False
+        with db.reading(self.engine) as conn:
+            rows = conn.execution_options(stream_results=True).execute(
+                self._list_query(q, page_size))
+            for row in rows:
+                if len(tasks) == page_size or (tasks and size >= self.max_list_bytes):
+                    more = True
+                    break
+                if q.view == "MINIMAL":
+                    tasks.append({"id": row.id, "state": row.state})
+                else:
+                    tasks.append(apply_view(self._row_to_task(row), q.view))
+                    size += len(json.dumps(tasks[-1]))
+                last_seq = row.seq
+            rows.close()
+        return tasks, encode_page_token(last_seq) if more else None
+
+    def _list_query(self, q: ListQuery, page_size: int) -> Any:
         t = db.tasks
         columns = [t.c.seq, t.c.id, t.c.state]
         if q.view != "MINIMAL":
@@ -183,7 +198,11 @@ class TaskService:
         if q.state:
             query = query.where(t.c.state == State(q.state).value)
         if q.name_prefix:
-            query = query.where(t.c.name.like(_like_escape(q.name_prefix) + "%", escape="\\"))
+            # A case-sensitive literal prefix on SQLite and PostgreSQL alike: LIKE is
+            # case-insensitive on SQLite, and a range (name >= p) follows PostgreSQL's
+            # collation, not code points. substr counts characters on both.
+            prefix = q.name_prefix
+            query = query.where(func.substr(t.c.name, 1, len(prefix)) == prefix)
         if q.owner is not None:
             query = query.where(t.c.owner == q.owner)
         for key, value in q.tags.items():
@@ -191,15 +210,7 @@ class TaskService:
             if value != "":
                 cond = and_(cond, db.task_tags.c.value == value)
             query = query.where(exists().where(cond))
-        with db.reading(self.engine) as conn:
-            rows = conn.execute(query).all()
-        next_token = encode_page_token(rows[page_size - 1].seq) if len(rows) > page_size else None
-        rows = rows[:page_size]
-        if q.view == "MINIMAL":
-            tasks = [{"id": r.id, "state": r.state} for r in rows]
-        else:
-            tasks = [apply_view(self._row_to_task(r), q.view) for r in rows]
-        return tasks, next_token
+        return query
 
     def count(self) -> int:
         with db.reading(self.engine) as conn:
@@ -211,7 +222,7 @@ class TaskService:
         if owner is not None:
             query = query.where(t.c.owner == owner)
         with db.reading(self.engine) as conn:
-            return {state: n for state, n in conn.execute(query).all()}
+            return dict(conn.execute(query).tuples().all())
 
     # ---- cancel ----
 
@@ -237,8 +248,12 @@ class TaskService:
     # ---- updates (reconciler, event endpoint) ----
 
     def transition(self, task_id: str, current: State | str, target: State | str,
-                   job_id_is_null: bool | None = None, **changes: Any) -> bool:
-        """Compare-and-set the state (and other columns); False if the row moved."""
+                   job_id_is_null: bool | None = None, events: Sequence[dict] = (),
+                   **changes: Any) -> bool:
+        """Compare-and-set the state (and other columns); False if the row moved. The
+        state change and `events` (the worker's, folded into this change) go to the event
+        outbox in the same transaction, after the UPDATE (whose row lock orders one task's
+        events on PostgreSQL)."""
         current, target = State(current), State(target)
         if not can_transition(current, target):
             return False
@@ -248,27 +263,34 @@ class TaskService:
             query = query.where(t.c.job_id.is_(None))
         values = {"state": target.value, "updated_at": now_rfc3339(), **changes}
         with db.writing(self.engine) as conn:
-            return conn.execute(query.values(**values)).rowcount == 1
+            if conn.execute(query.values(**values)).rowcount != 1:
+                return False
+            _record_changes(conn, task_id, events, current.value, target.value)
+            return True
 
     def update_fields(self, task_id: str, expected_state: State | str,
-                      job_id_is_null: bool = False, **changes: Any) -> bool:
+                      job_id_is_null: bool = False, events: Sequence[dict] = (),
+                      **changes: Any) -> bool:
         """Change columns other than state, only while the state is still expected_state
-        (and, with job_id_is_null, while no job is recorded)."""
+        (and, with job_id_is_null, while no job is recorded); `events` as in transition."""
         t = db.tasks
         query = update(t).where(t.c.id == task_id, t.c.state == State(expected_state).value)
         if job_id_is_null:
             query = query.where(t.c.job_id.is_(None))
         with db.writing(self.engine) as conn:
-            return conn.execute(query.values(updated_at=now_rfc3339(), **changes)).rowcount == 1
+            if conn.execute(query.values(updated_at=now_rfc3339(), **changes)).rowcount != 1:
+                return False
+            _record_changes(conn, task_id, events, State(expected_state).value, None)
+            return True
 
-    def set_job_id(self, task_id: str, job_id: str, logs: list) -> None:
+    def set_job_id(self, task_id: str, job_id: str, logs: builtins.list) -> None:
         """Record a job whatever the state (a cancel raced the submission)."""
         t = db.tasks
         with db.writing(self.engine) as conn:
             conn.execute(update(t).where(t.c.id == task_id)
                          .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
-    def active_rows(self, limit: int = 100_000) -> list[Any]:
+    def active_rows(self, limit: int = 100_000) -> Sequence[Any]:
         """Tasks not yet terminal, oldest first (for the reconciler), without their task
         document and logs (see full_tasks, stored_logs): at 10,000 in flight it is read
         every tick, and decoding those was most of a tick."""
@@ -279,14 +301,14 @@ class TaskService:
         with db.reading(self.engine) as conn:
             return conn.execute(query).all()
 
-    def stored_logs(self, task_ids: list[str]) -> dict[str, list]:
+    def stored_logs(self, task_ids: builtins.list[str]) -> dict[str, builtins.list]:
         """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
         t = db.tasks
         with db.reading(self.engine) as conn:
             rows = conn.execute(select(t.c.id, t.c.logs).where(t.c.id.in_(task_ids))).all()
         return {row.id: row.logs or [] for row in rows}
 
-    def full_tasks(self, task_ids: list[str]) -> dict[str, dict]:
+    def full_tasks(self, task_ids: builtins.list[str]) -> dict[str, dict]:
         """FULL view of many tasks, with one query."""
         t = db.tasks
         query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
@@ -296,23 +318,35 @@ class TaskService:
 
     # ---- submission bookkeeping (reconciler), one transaction per batch ----
 
-    def claim_for_submission(self, claims: list[tuple[str, int]]) -> set[str]:
+    def claim_for_submission(self, claims: builtins.list[tuple[str, int]]) -> set[str]:
         """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
         attempt number; return the ids claimed (a task canceled or claimed by another
-        reconciler meanwhile is not)."""
+        reconciler meanwhile is not).
+
+        Safe with two reconcilers at once: on PostgreSQL the rows are locked first with
+        SKIP LOCKED (a row another claimer holds is left to it, nobody waits or
+        deadlocks), and each UPDATE is a compare-and-set on state, job_id and the
+        previous attempt, so a claimer working from an old read claims nothing. SQLite
+        writers are serialized by BEGIN IMMEDIATE (db.writing)."""
         t = db.tasks
+        wanted = dict(claims)
         claimed: set[str] = set()
         now = now_rfc3339()
         with db.writing(self.engine) as conn:
-            for task_id, attempt in claims:
+            free = conn.execute(
+                select(t.c.id).where(t.c.id.in_(wanted), t.c.state == State.QUEUED.value,
+                                     t.c.job_id.is_(None))
+                .order_by(t.c.seq).with_for_update(skip_locked=True)).scalars().all()
+            for task_id in free:
+                attempt = wanted[task_id]
                 query = (update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
-                                         t.c.job_id.is_(None))
+                                         t.c.job_id.is_(None), t.c.attempt == attempt - 1)
                          .values(job_id="", attempt=attempt, event_seq=0, updated_at=now))
                 if conn.execute(query).rowcount == 1:
                     claimed.add(task_id)
         return claimed
 
-    def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
+    def record_submissions(self, jobs: builtins.list[tuple[str, str, builtins.list]]) -> None:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
         canceled while its job was submitted keeps the job id, so the cancel reaches it."""
         t = db.tasks
@@ -322,7 +356,7 @@ class TaskService:
                 conn.execute(update(t).where(t.c.id == task_id)
                              .values(job_id=job_id, logs=logs, updated_at=now))
 
-    def release_claims(self, claims: list[tuple[str, int, int]]) -> None:
+    def release_claims(self, claims: builtins.list[tuple[str, int, int]]) -> None:
         """Give back claims (task id, previous attempt, previous event_seq) of submissions
         that could not be made now (scheduler unreachable): they are tried again."""
         t = db.tasks
@@ -347,11 +381,30 @@ class TaskService:
             "description": info["description"],
             "organization": {"name": info["organization_name"], "url": info["organization_url"]},
             "version": __version__,
-            "storage": list(info["storage"]),
-            "tesResources_backend_parameters": sorted(self.backend_parameters),
+            # the configured list, else the stores this server has (admission.py)
+            "storage": list(info["storage"]) or self.admission.advertised_storage(),
+            "tesResources_backend_parameters": sorted(self.admission.parameter_keys),
         }
         for key, name in (("contact_url", "contactUrl"), ("documentation_url", "documentationUrl"),
                           ("environment", "environment")):
             if info[key]:
                 out[name] = info[key]
         return out
+
+
+def _record_changes(conn: Any, task_id: str, events: Sequence[dict], current: str,
+                    target: str | None) -> None:
+    """To the event outbox, in order: the worker's events folded into this change, and
+    each state the task went through, once (a tick may fold RUNNING and COMPLETE at once:
+    both are shown). The worker's own terminal state is not: the task's is `target`."""
+    shown = current
+    for event in events:
+        state = event.get("state")
+        if event.get("type") != "state":
+            outbox.record_task(conn, task_id, str(event.get("type")), event)
+        elif (target is not None and state not in (shown, target)
+              and state not in TERMINAL):
+            outbox.record_task(conn, task_id, "state", {"state": state, "previous": shown})
+            shown = str(state)
+    if target is not None and target != shown:
+        outbox.record_task(conn, task_id, "state", {"state": target, "previous": shown})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # Order of keys in a returned task, following the TES OpenAPI.
@@ -10,6 +11,19 @@ SPEC_KEYS = ("name", "description", "inputs", "outputs", "resources", "executors
 
 
 _LOG_KEYS = ("start_time", "end_time", "logs", "outputs", "metadata")
+
+# TES 1.1 tesExecutorLog requires exit_code, but an executor that is still running (or
+# was stopped before it ended: canceled, system error) has none. Such a log carries -1:
+# the worker reports real exit codes as 0-255 (128+N for signal N), so -1 never
+# collides with one, and it is not 0, which clients read as success.
+NO_EXIT_CODE = -1
+
+
+def render_executor_log(entry: dict) -> dict:
+    """A stored executor log -> a valid tesExecutorLog (exit_code always set)."""
+    if "exit_code" in entry:
+        return entry
+    return {**entry, "exit_code": NO_EXIT_CODE}
 
 
 def render_logs(stored: list) -> list:
@@ -21,7 +35,7 @@ def render_logs(stored: list) -> list:
     out = []
     for entry in stored:
         log = {k: entry[k] for k in _LOG_KEYS if k in entry}
-        log.setdefault("logs", [])
+        log["logs"] = [render_executor_log(e) for e in log.get("logs", [])]
         log.setdefault("outputs", [])
         log["system_logs"] = [*entry.get("system_logs", []), *entry.get("gateway_logs", []),
                               *entry.get("worker_logs", [])]
@@ -36,8 +50,36 @@ def full_task(task_id: str, state: str, spec: dict, logs: list, creation_time: s
             task[key] = spec[key]
     if logs:
         task["logs"] = render_logs(logs)
+        _fill_types(task, logs[-1].get("metadata") or {})
     task["creation_time"] = creation_time
     return task
+
+
+# Metadata keys where the worker reports what it found at untyped inputs' and outputs'
+# paths (worker/runner.py): JSON {"index": "FILE" | "DIRECTORY"}.
+FOUND_TYPES = {"inputs": "input_types", "outputs": "output_types"}
+FILE_TYPES = ("FILE", "DIRECTORY")
+
+
+def _fill_types(task: dict, metadata: dict) -> None:
+    """Fill in the `type` a task left out of an input or output with what the worker
+    found there (TES: the server fills it in); the stored spec is not changed."""
+    for key, meta_key in FOUND_TYPES.items():
+        if key not in task or not isinstance(metadata.get(meta_key), str):
+            continue
+        try:
+            found = json.loads(metadata[meta_key])
+        except (ValueError, RecursionError):  # worker-written: anything at all
+            continue
+        if not isinstance(found, dict):
+            continue
+        items = []
+        for index, item in enumerate(task[key]):
+            kind = found.get(str(index))
+            if not item.get("type") and kind in FILE_TYPES:
+                item = {**item, "type": kind}
+            items.append(item)
+        task[key] = items
 
 
 def basic(task: dict) -> dict:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
 import pytest
 import requests
 
+from funnel_hpc.core import config
+from funnel_hpc.core.states import State
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.service import TaskService
-from funnel_hpc.core.states import State
 from tests.conftest import ServerProcess
+from tests.waiting import wait_for
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
-
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"),
-    reason="chromium/chromedriver not installed (scripts/setup/70-browser.sh)")
 
 TASK = {"executors": [{"image": "busybox", "command": ["echo", "hi"]}]}
 
@@ -29,6 +28,11 @@ def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    if not (CHROMIUM and CHROMEDRIVER):
+        reason = "chromium/chromedriver not installed (scripts/setup/70-browser.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -36,6 +40,7 @@ def browser(tmp_path_factory):
                 "--disable-sync", "--disable-quic", "--window-size=1280,1000",
                 f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP reports land here
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     yield driver
@@ -55,16 +60,6 @@ def create(server, **fields) -> str:
     return resp.json()["id"]
 
 
-def wait_for(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 def text_of(browser, element_id: str) -> str:
     """Text of an element that the page's auto-refresh may swap at any moment."""
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -78,12 +73,27 @@ def text_of(browser, element_id: str) -> str:
     raise AssertionError(f"#{element_id} kept changing")
 
 
+def wait_for_page_state(browser, state: str, timeout: float = 15.0) -> None:
+    """Wait until the task page (refreshing itself) shows state."""
+    wait_for(lambda: text_of(browser, "task-state") == state, timeout,
+             f"the task page to show {state}")
+
+
+def listed_task_ids(browser) -> set[str]:
+    """The task ids of the rows the list page shows."""
+    from selenium.webdriver.common.by import By
+
+    return {row.get_attribute("data-task-id")
+            for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")}
+
+
 def shot(browser, tmp_path, name):
     path = tmp_path / f"{name}.png"
     browser.save_screenshot(str(path))
     assert path.stat().st_size > 1000
 
 
+@pytest.mark.browser
 def test_empty_state(browser, databases, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -96,6 +106,7 @@ def test_empty_state(browser, databases, tmp_path):
         empty.stop()
 
 
+@pytest.mark.browser
 def test_list_renders_and_filters(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -105,7 +116,7 @@ def test_list_renders_and_filters(browser, server, tmp_path):
     requests.post(f"{server.api}/tasks/{beta}:cancel", timeout=10)
 
     browser.get(server.url + "/")
-    rows = {r.get_attribute("data-task-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")}
+    rows = listed_task_ids(browser)
     assert {alpha, beta} <= rows
     counts = browser.find_element(By.ID, "counts").text
     assert "QUEUED" in counts and "CANCELED" in counts
@@ -113,23 +124,24 @@ def test_list_renders_and_filters(browser, server, tmp_path):
 
     Select(browser.find_element(By.ID, "filter-state")).select_by_value("CANCELED")
     browser.find_element(By.ID, "filter-apply").click()
-    wait_for(lambda: "state=CANCELED" in browser.current_url)
-    rows = {r.get_attribute("data-task-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")}
+    wait_for(lambda: "state=CANCELED" in browser.current_url, 15, "the state filter's URL")
+    rows = listed_task_ids(browser)
     assert beta in rows and alpha not in rows
 
     browser.get(server.url + "/")
     browser.find_element(By.ID, "filter-name").send_keys("alpha")
     browser.find_element(By.ID, "filter-apply").click()
-    wait_for(lambda: "name_prefix=alpha" in browser.current_url)
-    rows = {r.get_attribute("data-task-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")}
+    wait_for(lambda: "name_prefix=alpha" in browser.current_url, 15, "the name filter's URL")
+    rows = listed_task_ids(browser)
     assert alpha in rows and beta not in rows
 
     browser.get(server.url + "/?tag=project%3Dbeta")
-    rows = {r.get_attribute("data-task-id") for r in browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")}
+    rows = listed_task_ids(browser)
     assert rows == {beta}
     shot(browser, tmp_path, "filtered")
 
 
+@pytest.mark.browser
 def test_task_page_updates_without_reload(browser, server, tmp_path):
     """The page polls a fragment: a state change shows up while the page stays loaded."""
     from selenium.webdriver.common.by import By
@@ -140,16 +152,17 @@ def test_task_page_updates_without_reload(browser, server, tmp_path):
     browser.execute_script("window.__loaded_once = true;")
 
     # another process (here: the test, as the reconciler would) moves the task on
-    service = TaskService(db.make_engine(server.db_url), {"backend": {"name": "local"}})
+    service = TaskService(db.make_engine(server.db_url), config.load(server.config_path))
     assert service.transition(task_id, State.QUEUED, State.RUNNING)
-    wait_for(lambda: text_of(browser, "task-state") == "RUNNING")
+    wait_for_page_state(browser, "RUNNING")
     assert service.transition(task_id, State.RUNNING, State.COMPLETE)
-    wait_for(lambda: text_of(browser, "task-state") == "COMPLETE")
+    wait_for_page_state(browser, "COMPLETE")
     assert browser.execute_script("return window.__loaded_once === true;")  # no reload
     assert not browser.find_elements(By.ID, "cancel")  # ended tasks offer no cancel
     shot(browser, tmp_path, "task-complete")
 
 
+@pytest.mark.browser
 def test_cancel_from_the_page(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -157,7 +170,7 @@ def test_cancel_from_the_page(browser, server, tmp_path):
     browser.get(f"{server.url}/tasks/{task_id}")
     shot(browser, tmp_path, "task-queued")
     browser.find_element(By.ID, "cancel").click()
-    wait_for(lambda: text_of(browser, "task-state") == "CANCELED")
+    wait_for_page_state(browser, "CANCELED")
     state = requests.get(f"{server.api}/tasks/{task_id}", timeout=10).json()["state"]
     assert state == "CANCELED"
 
@@ -172,6 +185,7 @@ def test_cancel_without_csrf_token_is_refused(server):
     assert requests.get(f"{server.api}/tasks/{task_id}", timeout=10).json()["state"] == "QUEUED"
 
 
+@pytest.mark.browser
 def test_unknown_task_page_and_service_page(browser, server, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -182,6 +196,7 @@ def test_unknown_task_page_and_service_page(browser, server, tmp_path):
     shot(browser, tmp_path, "service")
 
 
+@pytest.mark.browser
 def test_really_running_task_page_turns_complete_without_reload(browser, databases, tmp_path):
     """Server + reconciler + local backend + worker: the open page follows the real run."""
     from selenium.webdriver.common.by import By
@@ -193,8 +208,8 @@ def test_really_running_task_page_turns_complete_without_reload(browser, databas
             {"image": "busybox", "command": ["sh", "-c", "sleep 3; echo finished"]}])
         browser.get(f"{live.url}/tasks/{task_id}")
         browser.execute_script("window.__loaded_once = true;")
-        wait_for(lambda: text_of(browser, "task-state") == "RUNNING", 30)
-        wait_for(lambda: text_of(browser, "task-state") == "COMPLETE", 30)
+        wait_for_page_state(browser, "RUNNING", 30)
+        wait_for_page_state(browser, "COMPLETE", 30)
         assert browser.execute_script("return window.__loaded_once === true;")
         stdout = browser.find_element(By.CSS_SELECTOR, "pre.stdout").text
         assert stdout.strip() == "finished"
@@ -202,3 +217,142 @@ def test_really_running_task_page_turns_complete_without_reload(browser, databas
         shot(browser, tmp_path, "real-run-complete")
     finally:
         live.stop()
+
+
+def csp_violations(browser) -> list[str]:
+    """Console messages about the Content-Security-Policy since the last call."""
+    return [entry["message"] for entry in browser.get_log("browser")
+            if "Content Security Policy" in entry["message"]]
+
+
+@pytest.mark.browser
+def test_pages_run_under_the_content_security_policy(browser, server, tmp_path):
+    """Every style and script of the dashboard carries the response's nonce: nothing is
+    refused, the auto-refresh still runs, and the API page renders openapi.json offline
+    (no CDN: the browser has no network beyond the server)."""
+    from selenium.webdriver.common.by import By
+
+    task_id = create(server, name="csp")
+    csp_violations(browser)
+    browser.get(f"{server.url}/tasks/{task_id}")
+    browser.execute_script("window.__loaded_once = true;")
+    requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10)
+    wait_for_page_state(browser, "CANCELED")  # the refresh script ran
+    assert browser.execute_script("return window.__loaded_once === true;")
+    browser.get(server.url + "/ga4gh/tes/v1/docs")
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "tr.operation")) >= 8, 15,
+             "the API page to list the operations")
+    paths = {row.find_elements(By.TAG_NAME, "td")[1].text
+             for row in browser.find_elements(By.CSS_SELECTOR, "tr.operation")}
+    assert "/ga4gh/tes/v1/tasks" in paths
+    shot(browser, tmp_path, "docs")
+    assert csp_violations(browser) == []
+
+
+STEP_ONE_WAIT_STEP_TWO = ("echo step one; while [ ! -e /data/go ]; do sleep 0.1; done; "
+                         "echo step two")
+
+
+@pytest.mark.browser
+def test_live_log_tail_shows_on_the_open_page_while_running(browser, databases, tmp_path):
+    """Live logs (worker.log_update_seconds): the open task page shows a running executor's
+    stdout as it grows, without a reload; the task ends only when the test lets it."""
+    from pathlib import Path
+
+    live = ServerProcess(tmp_path / "live-logs", databases.new("sqlite"), reconcile=True,
+                         overrides={"reconciler": {"interval_seconds": 0.3},
+                                    "worker": {"container_driver": "bwrap",
+                                               "log_update_seconds": 1}}).start()
+    try:
+        task_id = create(live, name="live-logs", volumes=["/data"], executors=[
+            {"image": "busybox", "command": ["sh", "-c", STEP_ONE_WAIT_STEP_TWO]}])
+        browser.get(f"{live.url}/tasks/{task_id}")
+        browser.execute_script("window.__loaded_once = true;")
+        wait_for(lambda: "step one" in text_of_selector(browser, "pre.stdout"), 60,
+                 "the running executor's first line on the page")
+        assert text_of(browser, "task-state") == "RUNNING"
+        assert "running" in text_of_selector(browser, ".executor-log")
+        shot(browser, tmp_path, "live-log-running")
+        (Path(live.work_dir) / task_id / "files" / "data" / "go").write_text("")
+        wait_for_page_state(browser, "COMPLETE", 60)
+        assert text_of_selector(browser, "pre.stdout") == "step one\nstep two"
+        for element_id in ("queue-wait", "run-time"):  # issue 18.5: per-task timings
+            assert re.fullmatch(r"\d+:\d\d", text_of(browser, element_id)), element_id
+        assert browser.execute_script("return window.__loaded_once === true;")
+    finally:
+        live.stop()
+
+
+def text_of_selector(browser, selector: str) -> str:
+    """Text of the first element matching a CSS selector ("" if none), tolerating swaps."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    for _ in range(20):
+        try:
+            found = browser.find_elements(By.CSS_SELECTOR, selector)
+            return found[0].text if found else ""
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    raise AssertionError(f"{selector} kept changing")
+
+
+def test_timing_of_queued_running_and_ended_tasks():
+    from funnel_hpc.gateway.dashboard import timing
+
+    created = "2026-01-01T00:00:00.000000Z"
+    ended = {"state": "COMPLETE", "creation_time": created,
+             "logs": [{"start_time": "2026-01-01T00:00:05Z"},
+                      {"start_time": "2026-01-01T00:10:00Z",
+                       "end_time": "2026-01-01T01:10:01Z"}]}
+    assert timing(ended) == {"queue_wait": "0:05", "run_time": "1:00:01"}
+    assert timing({"state": "QUEUED", "creation_time": created}) == \
+        {"queue_wait": "-", "run_time": "-"}
+    running = {"state": "RUNNING", "creation_time": created,
+               "logs": [{"start_time": "2026-01-01T00:01:00Z"}]}
+    assert timing(running)["queue_wait"] == "1:00" and timing(running)["run_time"] != "-"
+    assert timing({"state": "SYSTEM_ERROR", "creation_time": "garbage",
+                   "logs": [{"start_time": "x"}]}) == {"queue_wait": "-", "run_time": "-"}
+
+
+def test_activity_chart_counts_ended_tasks_by_state(databases, tmp_path):
+    """Issue 18.5: the chart's buckets count tasks that ended in the window, by state."""
+    from funnel_hpc.gateway import dashboard_chart
+
+    server_config = config.load(None)
+    engine = db.make_engine(databases.new("sqlite"))
+    db.upgrade(engine)
+    service = TaskService(engine, server_config)
+    ids = [service.create(TASK) for _ in range(4)]
+    service.transition(ids[0], State.QUEUED, State.CANCELED)
+    for task_id, final in ((ids[1], State.COMPLETE), (ids[2], State.EXECUTOR_ERROR)):
+        service.transition(task_id, State.QUEUED, State.RUNNING,
+                           logs=[{"start_time": "2026-01-01T00:00:00Z"}])
+        service.transition(task_id, State.RUNNING, final)
+    chart = dashboard_chart.finished(engine, None)
+    totals: dict[str, int] = {}
+    for bucket in chart["buckets"]:
+        for state, count in bucket["counts"].items():
+            totals[state] = totals.get(state, 0) + count
+    assert totals["COMPLETE"] == totals["EXECUTOR_ERROR"] == totals["CANCELED"] == 1
+    assert sum(totals.values()) == 3  # the QUEUED one has not ended
+    assert sum(bar["n"] for bar in chart["bars"]) == 3
+    assert all(0 <= bar["y"] and bar["y"] + bar["h"] <= chart["height"] + 0.5
+               for bar in chart["bars"])
+    assert dashboard_chart.finished(engine, "someone-else")["bars"] == []
+
+
+@pytest.mark.browser
+def test_list_page_shows_the_activity_chart(browser, server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    task_id = create(server, name="chart")
+    requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10)
+    browser.get(server.url + "/")
+    csp_violations(browser)  # clears what earlier pages logged
+    bars = browser.find_elements(By.CSS_SELECTOR, "#activity-chart rect.bar")
+    assert "CANCELED" in {bar.get_attribute("data-state") for bar in bars}
+    assert browser.find_element(By.ID, "queue-waits").is_displayed()
+    shot(browser, tmp_path, "activity-chart")
+    browser.get(server.url + "/")
+    assert csp_violations(browser) == []

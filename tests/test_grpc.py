@@ -118,14 +118,17 @@ def test_pages_filters_and_cancel(stub, api_server):
 
 
 @pytest.mark.parametrize("call,request_message,code,needle", [
-    ("CreateTask", tes_pb2.Task(name="no executors"), grpc.StatusCode.INVALID_ARGUMENT, "executors"),
+    ("CreateTask", tes_pb2.Task(name="no executors"),
+     grpc.StatusCode.INVALID_ARGUMENT, "executors"),
     ("CreateTask", tes_pb2.Task(executors=[tes_pb2.Executor(image="b")]),
      grpc.StatusCode.INVALID_ARGUMENT, "executors.0.command"),
     ("CreateTask", tes_pb2.Task(executors=[tes_pb2.Executor(image="b", command=["x"])],
                                 inputs=[tes_pb2.Input(path="rel", url="s3://b/k")]),
      grpc.StatusCode.INVALID_ARGUMENT, "inputs.0.path"),
-    ("GetTask", tes_pb2.GetTaskRequest(id="nosuchtask"), grpc.StatusCode.NOT_FOUND, "not found"),
-    ("GetTask", tes_pb2.GetTaskRequest(id="x", view="ALL"), grpc.StatusCode.INVALID_ARGUMENT, "view"),
+    ("GetTask", tes_pb2.GetTaskRequest(id="nosuchtask"),
+     grpc.StatusCode.NOT_FOUND, "not found"),
+    ("GetTask", tes_pb2.GetTaskRequest(id="x", view="ALL"),
+     grpc.StatusCode.INVALID_ARGUMENT, "view"),
     ("ListTasks", tes_pb2.ListTasksRequest(page_token="bogus!"),
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("ListTasks", tes_pb2.ListTasksRequest(page_size=5000), grpc.StatusCode.INVALID_ARGUMENT,

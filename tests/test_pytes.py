@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
+import pytest
 import tes
 
-EVERY_FIELD = {
+from tests.conftest import REPO, ServerProcess
+
+EVERY_FIELD: dict[str, Any] = {
     "name": "every-field",
     "description": "a task that sets every field of the TES 1.1 model",
     "inputs": [
@@ -89,3 +98,72 @@ def test_list_and_cancel(api_server):
     assert client.get_task(ids[1], view="MINIMAL").state == "CANCELED"
     info = client.get_service_info()
     assert info.name == "funnel-hpc"
+
+
+# ---- py-tes 0.4.2, as snakemake-executor-plugin-tes pins it, on the legacy /v1 routes ----
+
+PYTES_042_VENV = REPO / "build" / "pytes-0.4.2"
+
+
+@pytest.fixture(scope="session")
+def pytes042_python() -> Path:
+    """The Python of a virtualenv with py-tes 0.4.2 and six (its undeclared need), made
+    once under build/ from the package index pip is configured with."""
+    python = PYTES_042_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(PYTES_042_VENV)], check=True)
+        done = subprocess.run([str(python), "-m", "pip", "install", "-q", "py-tes==0.4.2",
+                               "six"], capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(PYTES_042_VENV, ignore_errors=True)
+            message = f"cannot install py-tes 0.4.2: {done.stderr[-500:]}"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+    return python
+
+
+def run_pytes042(python: Path, *args: str) -> dict:
+    done = subprocess.run([str(python), str(REPO / "tests" / "pytes042_client.py"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_pytes042_on_legacy_routes(api_server, pytes042_python):
+    """Create, get in each view, list, cancel: the plugin's calls, typed by py-tes 0.4.2
+    (which refuses any field it does not know, so BASIC/FULL documents of tasks using TES 1.1
+    fields fail in it). get_service_info is expected to fail: py-tes 0.4.2 knows only
+    TES 0.3's {name, doc, storage}, and the plugin never calls it."""
+    report = run_pytes042(pytes042_python, api_server.url, "queued")
+    assert report["MINIMAL"] == {"state": "QUEUED", "name": None, "content": None}
+    assert report["BASIC"] == {"state": "QUEUED", "name": "snakejob.rule_a.1", "content": None}
+    assert report["FULL"]["content"] == "echo hi > /tmp/result.txt\n"
+    assert report["id"] in report["listed"]
+    assert report["after_cancel"] == "CANCELED"
+    assert report["service_info"] == "UnmarshalError"
+
+
+def test_pytes042_runs_a_task_to_the_end(databases, tmp_path, pytes042_python):
+    """A running executor's log (exit_code -1) and a finished one parse in py-tes 0.4.2."""
+    if shutil.which("bwrap") is None or \
+            not Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():
+        pytest.skip("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")
+    out = tmp_path / "out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)  # the sandbox user writes here
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), reconcile=True, overrides={
+        "reconciler": {"interval_seconds": 0.5},
+        "worker": {"container_driver": "bwrap", "poll_server_seconds": 1,
+                   "allowed_dirs": [str(out)]}}).start()
+    try:
+        report = run_pytes042(pytes042_python, server.url, "run", str(out))
+    finally:
+        server.stop()
+    assert report["state"] == "COMPLETE", (report, server.log()[-3000:])
+    assert report["exit_code"] == 0 and report["end_time_parsed"]
+    assert (out / "result.txt").read_text() == "hello\n"
+    assert report["running_exit_code"] == -1
+    assert report["listed_full"] == 2
+    assert report["canceled"] == "CANCELED"

@@ -15,7 +15,7 @@ def test_terminal_states_never_change():
 
 def test_usual_paths():
     path = [State.QUEUED, State.INITIALIZING, State.RUNNING, State.COMPLETE]
-    for current, target in zip(path, path[1:]):
+    for current, target in zip(path, path[1:], strict=False):
         assert can_transition(current, target)
     assert can_transition(State.RUNNING, State.CANCELING)
     assert can_transition(State.CANCELING, State.CANCELED)

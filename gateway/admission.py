@@ -1,0 +1,160 @@
+"""What a task must satisfy beyond its schema, checked at POST: configured limits
+(``limits.*``), resource maxima (``resources.max_*``), URL schemes with a store, and
+backend_parameters values. Each refusal is an AdmissionError whose message starts with
+the field path and names the limit (the API answers HTTP 400).
+
+Cost: one walk over the validated task document (bounded by ``server.max_body_bytes``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+from funnel_hpc.backends.registry import backend_options
+from funnel_hpc.backends.templating import check_backend_parameters
+from funnel_hpc.worker.storage import STORES
+
+# limits.* key -> the task field whose entries it counts (max_env: per executor, below)
+_COUNTED = {"max_tags": "tags", "max_inputs": "inputs", "max_outputs": "outputs",
+            "max_executors": "executors", "max_volumes": "volumes"}
+# resources.max_* key -> the tesResources field it bounds
+_RESOURCE_MAXIMA = {"max_cpu_cores": "cpu_cores", "max_ram_gb": "ram_gb",
+                    "max_disk_gb": "disk_gb"}
+
+
+_CONTENT = re.compile(r"inputs\.[0-9]+\.content")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class AdmissionError(ValueError):
+    """A task (or a listing request) the server will not take; the message names the field."""
+
+
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """(field path, string) of every string in a task document, keys included."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield f"{path}.{key}" if path else str(key), str(key)
+            yield from _strings(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{path}.{index}")
+
+
+def url_scheme(url: str) -> str:
+    """The scheme the worker picks a store by (a bare absolute path is file)."""
+    return "file" if url.startswith("/") else urlparse(url).scheme.lower()
+
+
+class Admission:
+    """The checks of one server's configuration."""
+
+    def __init__(self, config: dict):
+        self.limits: dict[str, int] = dict(config["limits"])
+        self.maxima: dict[str, float] = dict(config["resources"])
+        self.backend_name: str = config["backend"]["name"]
+        allowed = backend_options(config).get("backend_parameters") or {}
+        # TES backend_parameters key -> scheduler option; keys match case-insensitively
+        self.allowed_parameters: dict[str, Any] = {str(k): v for k, v in allowed.items()}
+        self.parameter_keys = {key.lower() for key in self.allowed_parameters}
+        # a scheme works when it is allowed and the worker has a store for it
+        self.schemes = sorted(set(config["storage"]["allowed_schemes"]) & set(STORES))
+        self.allowed_dirs: list[str] = list(config["worker"]["allowed_dirs"])
+
+    # ---- tasks ----
+
+    def check_task(self, spec: dict) -> None:
+        self._check_counts(spec)
+        self._check_strings(spec)
+        self._check_resources(spec.get("resources") or {})
+        self._check_urls(spec)
+
+    def _over(self, field: str, size: int, key: str, unit: str = "entries") -> None:
+        limit = self.limits[key]
+        if size > limit:
+            raise AdmissionError(f"{field}: {size} {unit} exceed limits.{key} ({limit})")
+
+    def _check_counts(self, spec: dict) -> None:
+        for key, field in _COUNTED.items():
+            self._over(field, len(spec.get(field) or ()), key)
+        for index, executor in enumerate(spec.get("executors") or []):
+            self._over(f"executors.{index}.env", len(executor.get("env") or ()), "max_env")
+
+    def _check_strings(self, spec: dict) -> None:
+        self._over("name", len(spec.get("name") or ""), "max_name_length", "characters")
+        for path, text in _strings(spec, ""):
+            if _SURROGATE.search(text):  # JSON's "\ud800" decodes; UTF-8 cannot hold it
+                raise AdmissionError(f"{path}: not valid Unicode (a lone surrogate)")
+            if _CONTENT.fullmatch(path):
+                self._over(path, len(text.encode()), "max_content_bytes", "bytes")
+            else:
+                self._over(path, len(text), "max_string_length", "characters")
+
+    def _check_resources(self, resources: dict) -> None:
+        for key, field in _RESOURCE_MAXIMA.items():
+            limit, value = self.maxima[key], resources.get(field)
+            if limit and value is not None and value > limit:
+                raise AdmissionError(f"resources.{field}: {value:g} exceeds the largest this "
+                                     f"server runs (resources.{key}: {limit:g})")
+
+    def _check_urls(self, spec: dict) -> None:
+        for kind in ("inputs", "outputs"):
+            for index, item in enumerate(spec.get(kind) or []):
+                if kind == "inputs" and "content" in item:
+                    continue  # TES: with content set, url is ignored (schemas.py drops an
+                    # empty content that has a url beside it)
+                scheme = url_scheme(item.get("url", ""))
+                if scheme not in self.schemes:
+                    raise AdmissionError(
+                        f"{kind}.{index}.url: no storage for URL scheme {scheme or '(none)'!r} "
+                        f"on this server (supported: {', '.join(self.schemes) or 'none'})")
+
+    def admit_backend_parameters(self, spec: dict) -> list:
+        """Check a task's backend_parameters; return its first logs (a warning naming the
+        dropped keys, or nothing). Values of allow-listed keys must fit on a scheduler
+        directive line (backends.templating.directive, as the backend will render them);
+        unsupported keys are refused when strict, else dropped (TES: never stored)."""
+        resources = spec.get("resources") or {}
+        params = resources.get("backend_parameters")
+        if not params:
+            return []
+        try:
+            check_backend_parameters(params, self.allowed_parameters, strict=False)
+        except ValueError as exc:
+            raise AdmissionError(f"resources.backend_parameters: {exc}") from None
+        unknown = sorted(k for k in params if k.lower() not in self.parameter_keys)
+        if not unknown:
+            return []
+        if resources.get("backend_parameters_strict"):
+            raise AdmissionError(
+                "resources.backend_parameters: unsupported by backend "
+                f"{self.backend_name!r}: {', '.join(unknown)} (supported: "
+                f"{', '.join(sorted(self.parameter_keys)) or 'none'})")
+        resources["backend_parameters"] = {k: v for k, v in params.items() if k not in unknown}
+        warning = (f"backend_parameters not supported by backend {self.backend_name!r} "
+                   f"were ignored: {', '.join(unknown)}")
+        return [{"logs": [], "outputs": [], "system_logs": [warning]}]
+
+    # ---- listings ----
+
+    def check_list(self, name_prefix: str | None, tag_filters: int) -> None:
+        self._over("name_prefix", len(name_prefix or ""), "max_name_length", "characters")
+        self._over("tag_key", tag_filters, "max_tag_filters", "filters")
+
+    # ---- service-info ----
+
+    def advertised_storage(self) -> list[str]:
+        """service_info.storage when the configuration gives none: file:// of each
+        allowed directory, and scheme:// of every other scheme with a store."""
+        out: list[str] = []
+        for scheme in self.schemes:
+            if scheme == "file":
+                out += ["file://" + d.rstrip("/") + "/" for d in self.allowed_dirs]
+            else:
+                out.append(f"{scheme}://")
+        return out

@@ -1,0 +1,279 @@
+"""Metrics (/metrics), health (/healthz, /readyz) and the service's logging set-up.
+
+Two kinds of metrics. Counts kept in the database are read when Prometheus scrapes
+(``TaskCollector``: three indexed queries, whichever process serves /metrics): tasks by
+state, submissions waiting, the age of the oldest QUEUED task. What only the reconciler
+sees is recorded where it happens, through this module's small API, in that process:
+
+- ``observe_tick(seconds)``: one reconciler tick;
+- ``count_scheduler_call(backend, command, ok)``: one scheduler command (submit, poll,
+  cancel, recover); the last outcome per backend also decides /readyz;
+- ``observe_task_finished(state, creation_time, start_time, end_time)``: a task ended
+  (counted by final state; queue wait and run time histograms, from RFC 3339 times).
+
+/healthz says the process answers; /readyz that the database answers a ``SELECT 1``
+and the backend's last scheduler command in this process did not fail (a server run with
+--no-reconciler makes none: its /readyz is the database's). None of the three needs
+credentials or shows anything about a user (no owners, ids or names).
+
+Log lines about a task carry its id (``task_id``): ``task_log(logger, id)`` gives an
+adapter that sets it, and ``TaskIdFilter`` takes it from messages written
+``"task %s ..."``. ``configure_logging`` applies ``logging.level|format|file``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import SQLAlchemyError
+
+from funnel_hpc.core.states import ALL_STATES, State
+from funnel_hpc.gateway import db
+
+log = logging.getLogger(__name__)
+
+# recorded metrics: one registry per process (the collector of a service is per app)
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+TASKS_FINISHED = Counter("funnel_tasks_finished", "Tasks that ended, by final state.",
+                         ["state"], registry=REGISTRY)
+QUEUE_WAIT = Histogram("funnel_task_queue_wait_seconds",
+                       "Seconds from creation to the start of the task's last attempt.",
+                       buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600,
+                                86400), registry=REGISTRY)
+RUN_TIME = Histogram("funnel_task_run_seconds", "Seconds from start to end of a task.",
+                     buckets=(1, 10, 30, 60, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400,
+                              172800), registry=REGISTRY)
+TICK = Histogram("funnel_reconciler_tick_seconds", "Duration of reconciler ticks.",
+                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                 registry=REGISTRY)
+SCHEDULER_CALLS = Counter("funnel_scheduler_calls", "Scheduler commands made.",
+                          ["backend", "command"], registry=REGISTRY)
+SCHEDULER_ERRORS = Counter("funnel_scheduler_errors", "Scheduler commands that failed.",
+                           ["backend", "command"], registry=REGISTRY)
+
+_last_ok: dict[str, bool] = {}  # backend -> did its last scheduler command succeed
+_last_call_lock = threading.Lock()
+
+
+def observe_tick(seconds: float) -> None:
+    TICK.observe(seconds)
+
+
+def count_scheduler_call(backend: str, command: str, ok: bool) -> None:
+    SCHEDULER_CALLS.labels(backend, command).inc()
+    if not ok:
+        SCHEDULER_ERRORS.labels(backend, command).inc()
+    with _last_call_lock:
+        _last_ok[backend] = ok
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    try:
+        begun = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        ended = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (ended - begun).total_seconds())
+
+
+def observe_task_finished(state: str, creation_time: str | None = None,
+                          start_time: str | None = None, end_time: str | None = None) -> None:
+    TASKS_FINISHED.labels(State(state).value).inc()
+    waited = _seconds(creation_time, start_time)
+    if waited is not None:
+        QUEUE_WAIT.observe(waited)
+    ran = _seconds(start_time, end_time)
+    if ran is not None:
+        RUN_TIME.observe(ran)
+
+
+def backend_failing() -> list[str]:
+    """Backends whose last scheduler command failed."""
+    with _last_call_lock:
+        return sorted(name for name, ok in _last_ok.items() if not ok)
+
+
+# ---- scrape-time metrics from the database ----
+
+class TaskCollector(Collector):
+    """Task counts read from the database at each scrape."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("funnel_database_up", "1 when the database answered this scrape.")
+        try:
+            counts, waiting, oldest = self._read()
+        except SQLAlchemyError as exc:
+            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        tasks = GaugeMetricFamily("funnel_tasks", "Tasks in the database, by state.",
+                                  labels=["state"])
+        for state in ALL_STATES:
+            tasks.add_metric([state], counts.get(state, 0))
+        yield tasks
+        yield GaugeMetricFamily("funnel_submissions_waiting",
+                                "QUEUED tasks with no scheduler job yet.", value=waiting)
+        age = _seconds(oldest, _now()) if oldest else 0.0
+        yield GaugeMetricFamily("funnel_oldest_queued_task_age_seconds",
+                                "Age of the oldest QUEUED task (0: none).", value=age or 0.0)
+
+    def _read(self) -> tuple[dict[str, int], int, str | None]:
+        t = db.tasks
+        queued = t.c.state == State.QUEUED.value
+        with db.reading(self.engine) as conn:
+            counts = {state: int(number) for state, number in
+                      conn.execute(select(t.c.state, func.count()).group_by(t.c.state))}
+            waiting = conn.execute(select(func.count()).select_from(t)
+                                   .where(queued, t.c.job_id.is_(None))).scalar_one()
+            oldest = conn.execute(select(t.c.creation_time).where(queued)
+                                  .order_by(t.c.seq).limit(1)).scalar()
+        return counts, int(waiting), oldest
+
+
+def _now() -> str:
+    from funnel_hpc.core.events import now_rfc3339
+
+    return now_rfc3339()
+
+
+# ---- HTTP ----
+
+blueprint = Blueprint("observability", __name__)
+PUBLIC_ENDPOINTS = frozenset({"observability.metrics", "observability.healthz",
+                              "observability.readyz"})
+
+
+def _service_registry() -> CollectorRegistry:
+    """This app's scrape-time collector, made at its first scrape."""
+    registry = current_app.extensions.get("funnel.metrics")
+    if registry is None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(TaskCollector(current_app.extensions["funnel.service"].engine))
+        current_app.extensions["funnel.metrics"] = registry
+    return registry
+
+
+@blueprint.get("/metrics")
+def metrics() -> Response:
+    body = generate_latest(_service_registry()) + generate_latest(REGISTRY)
+    return Response(body, mimetype=None, content_type=CONTENT_TYPE_PLAIN_0_0_4)
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    return _json({"status": "alive"}, 200)
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    checks = {"database": "ok", "backend": "ok"}
+    try:
+        with db.reading(current_app.extensions["funnel.service"].engine) as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        log.warning("readyz: database unavailable: %s", exc.__class__.__name__)
+        checks["database"] = "unavailable"
+    if backend_failing():
+        checks["backend"] = "failing"
+    ready = all(value == "ok" for value in checks.values())
+    return _json({"status": "ready" if ready else "not ready", "checks": checks},
+                 200 if ready else 503)
+
+
+def _json(data: dict, status: int) -> Response:
+    resp = Response(json.dumps(data), status=status, mimetype="application/json")
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
+
+
+# ---- logging ----
+
+LOG_FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(task_label)s: %(message)s"
+_TASK_IN_MESSAGE = re.compile(r"%[sdr]|\btask %s")
+
+
+class TaskIdFilter(logging.Filter):
+    """Give every record ``task_id`` (None when it is about no task) and ``task_label``.
+
+    A record without one takes the argument of a ``task %s`` in its message, so the
+    existing ``log.warning("task %s: ...", task_id)`` lines carry the id too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        task_id = getattr(record, "task_id", None)
+        if task_id is None and isinstance(record.msg, str) and "task %s" in record.msg:
+            args = record.args if isinstance(record.args, tuple) else ()
+            index = 0
+            for match in _TASK_IN_MESSAGE.finditer(record.msg):
+                if match.group(0) == "task %s":
+                    task_id = str(args[index]) if index < len(args) else None
+                    break
+                index += 1
+        record.task_id = task_id
+        record.task_label = f" [task {task_id}]" if task_id else ""
+        return True
+
+
+def task_log(logger: logging.Logger, task_id: str) -> logging.LoggerAdapter:
+    """A logger whose lines carry task_id."""
+    return logging.LoggerAdapter(logger, {"task_id": task_id})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, task_id, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        task_id = getattr(record, "task_id", None)
+        if task_id:
+            entry["task_id"] = task_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(config: dict) -> None:
+    """Root logging from the `logging` section: level, text|json, stderr or a file
+    (reopened when logrotate moves it). Raises ValueError naming a bad key."""
+    section = config["logging"]
+    level = str(section["level"]).upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(f"logging.level: {section['level']!r} is not a log level")
+    if section["format"] not in LOG_FORMATS:
+        raise ValueError(f"logging.format must be one of {', '.join(LOG_FORMATS)}, "
+                         f"not {section['format']!r}")
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(section["file"])
+                                if section["file"] else logging.StreamHandler(sys.stderr))
+    handler.addFilter(TaskIdFilter())
+    handler.setFormatter(JsonFormatter() if section["format"] == "json"
+                         else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
