@@ -1,0 +1,246 @@
+"""/metrics, /healthz, /readyz and the logging section, through real servers; the
+recording API (the reconciler's hooks) in this process."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import requests
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from funnel_hpc.gateway import observability
+from tests.conftest import ServerProcess
+from tests.postgres_helpers import PrivatePostgres, available
+from tests.test_e2e import bwrap_ready, make_server, sh, slurm_ready
+from tests.waiting import wait_for, wait_for_state
+
+TASK = {"name": "metrics-task", "executors": [{"image": "busybox", "command": ["true"]}]}
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value of a Prometheus text exposition."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    resp = requests.get(server.url + "/metrics", timeout=10)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    return samples(resp.text)
+
+
+def tasks_in(metrics: dict, state: str) -> float:
+    return metrics[("funnel_tasks", (("state", state),))]
+
+
+def test_task_gauges_match_the_database(databases, tmp_path):
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite")).start()
+    try:
+        ids = [requests.post(server.api + "/tasks", json=TASK, timeout=10).json()["id"]
+               for _ in range(5)]
+        for task_id in ids[:2]:
+            assert requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10).ok
+        metrics = scrape(server)
+        assert tasks_in(metrics, "QUEUED") == 3 and tasks_in(metrics, "CANCELED") == 2
+        assert tasks_in(metrics, "RUNNING") == 0  # every state is there, zeros too
+        assert metrics[("funnel_submissions_waiting", ())] == 3
+        assert metrics[("funnel_oldest_queued_task_age_seconds", ())] >= 0
+        assert metrics[("funnel_database_up", ())] == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not bwrap_ready(), reason="bwrap and the busybox root are needed")
+@pytest.mark.parametrize("backend", ["local", pytest.param("slurm", marks=[
+    pytest.mark.slurm, pytest.mark.skipif(not slurm_ready(), reason="Slurm not running")])])
+def test_metrics_after_a_known_workload(backend, databases, tmp_path):
+    server = make_server(backend, tmp_path / "srv", databases.new("sqlite")).start()
+    try:
+        workload = [[sh("true")], [sh("true")], [sh("exit 3")]]
+        ids = [requests.post(server.api + "/tasks", json={"executors": executors},
+                             timeout=10).json()["id"] for executors in workload]
+        for task_id in ids:
+            wait_for_state(server.api, task_id, {"COMPLETE", "EXECUTOR_ERROR"}, timeout=120,
+                           detail=server.log)
+        metrics = scrape(server)
+        assert tasks_in(metrics, "COMPLETE") == 2 and tasks_in(metrics, "EXECUTOR_ERROR") == 1
+        assert tasks_in(metrics, "QUEUED") == 0 and tasks_in(metrics, "RUNNING") == 0
+        assert metrics[("funnel_submissions_waiting", ())] == 0
+        assert metrics[("funnel_oldest_queued_task_age_seconds", ())] == 0
+        # recorded by the reconciler in the server process
+        finished = {state: metrics.get(("funnel_tasks_finished_total", (("state", state),)), 0)
+                    for state in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR")}
+        assert finished == {"COMPLETE": 2, "EXECUTOR_ERROR": 1, "SYSTEM_ERROR": 0}
+        assert metrics[("funnel_task_run_seconds_count", ())] == 3
+        assert metrics[("funnel_reconciler_tick_seconds_count", ())] > 0
+        calls = (("backend", backend), ("command", "submit"))
+        assert metrics[("funnel_scheduler_calls_total", calls)] == 3
+        assert metrics.get(("funnel_scheduler_errors_total", calls), 0) == 0
+    finally:
+        server.stop()
+
+
+def test_health_endpoints_need_no_credentials_and_name_nobody(databases, tmp_path):
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), overrides={
+        "auth": {"mode": "bearer", "tokens": {"tok-alice-123": "alice"}}}).start()
+    try:
+        headers = {"Authorization": "Bearer tok-alice-123"}
+        created = requests.post(server.api + "/tasks", json={**TASK, "name": "private-name"},
+                                headers=headers, timeout=10)
+        task_id = created.json()["id"]
+        assert requests.get(server.api + "/tasks", timeout=10).status_code == 401
+        for path, status in (("/healthz", 200), ("/readyz", 200), ("/metrics", 200)):
+            resp = requests.get(server.url + path, timeout=10)
+            assert resp.status_code == status, (path, resp.text)
+            for private in ("alice", "private-name", task_id, "tok-alice"):
+                assert private not in resp.text, (path, private)
+        assert requests.get(server.url + "/healthz", timeout=10).json() == {"status": "alive"}
+        assert tasks_in(scrape(server), "QUEUED") == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not available(), reason="PostgreSQL binaries not installed")
+def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
+    postgres = PrivatePostgres.create()
+    try:
+        server = ServerProcess(tmp_path / "srv", postgres.url).start()
+        try:
+            ready = requests.get(server.url + "/readyz", timeout=10)
+            assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
+            postgres.stop()
+            down = requests.get(server.url + "/readyz", timeout=30)
+            assert down.status_code == 503, down.text
+            assert down.json() == {"status": "not ready",
+                                   "checks": {"database": "unavailable", "backend": "ok"}}
+            assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+            metrics = scrape(server)  # still answers, saying the database did not
+            assert metrics[("funnel_database_up", ())] == 0
+            postgres.start()
+            wait_for(lambda: requests.get(server.url + "/readyz", timeout=30).status_code
+                     == 200, 60, "/readyz to answer 200 again", detail=server.log)
+            assert scrape(server)[("funnel_database_up", ())] == 1
+        finally:
+            server.stop()
+    finally:
+        postgres.destroy()
+
+
+# ---- the recording API, as the reconciler calls it ----
+
+def recorded() -> dict[tuple[str, tuple], float]:
+    return samples(generate_latest(observability.REGISTRY).decode())
+
+
+def test_recording_api_feeds_counters_and_histograms():
+    before = recorded()
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return recorded().get(key, 0) - before.get(key, 0)
+
+    observability.observe_task_finished("COMPLETE", "2026-01-01T00:00:00.000000Z",
+                                        "2026-01-01T00:00:10.000000Z",
+                                        "2026-01-01T00:01:10.000000Z")
+    observability.observe_task_finished("SYSTEM_ERROR", "2026-01-01T00:00:00.000000Z")
+    observability.observe_tick(0.02)
+    observability.count_scheduler_call("slurm", "poll", ok=True)
+    observability.count_scheduler_call("slurm", "submit", ok=False)
+    assert delta("funnel_tasks_finished_total", state="COMPLETE") == 1
+    assert delta("funnel_tasks_finished_total", state="SYSTEM_ERROR") == 1
+    assert delta("funnel_task_queue_wait_seconds_count") == 1
+    assert delta("funnel_task_queue_wait_seconds_sum") == pytest.approx(10)
+    assert delta("funnel_task_queue_wait_seconds_bucket", le="15.0") == 1
+    assert delta("funnel_task_queue_wait_seconds_bucket", le="5.0") == 0
+    assert delta("funnel_task_run_seconds_sum") == pytest.approx(60)
+    assert delta("funnel_reconciler_tick_seconds_count") == 1
+    assert delta("funnel_scheduler_calls_total", backend="slurm", command="submit") == 1
+    assert delta("funnel_scheduler_errors_total", backend="slurm", command="submit") == 1
+    assert delta("funnel_scheduler_errors_total", backend="slurm", command="poll") == 0
+    assert observability.backend_failing() == ["slurm"]  # its last command failed
+    observability.count_scheduler_call("slurm", "poll", ok=True)
+    assert observability.backend_failing() == []
+    with pytest.raises(ValueError):
+        observability.observe_task_finished("NOT_A_STATE")
+
+
+def test_readyz_follows_the_last_scheduler_outcome(tmp_path):
+    from funnel_hpc.core import config as config_mod
+    from funnel_hpc.gateway.app import create_app
+
+    config = config_mod.load(overrides={"work_dir": str(tmp_path), "server": {"grpc_port": 0}})
+    client = create_app(config).test_client()
+    try:
+        observability.count_scheduler_call("slurm", "poll", ok=False)
+        failing = client.get("/readyz")
+        assert failing.status_code == 503
+        assert (failing.json or {})["checks"]["backend"] == "failing"
+        observability.count_scheduler_call("slurm", "poll", ok=True)
+        assert client.get("/readyz").status_code == 200
+        metrics = samples(client.get("/metrics").get_data(as_text=True))
+        assert ("funnel_scheduler_calls_total", (("backend", "slurm"), ("command", "poll"))) \
+            in metrics and tasks_in(metrics, "QUEUED") == 0
+    finally:
+        observability.count_scheduler_call("slurm", "poll", ok=True)
+
+
+# ---- logging ----
+
+def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
+    log_file = tmp_path / "funnel.log"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        observability.configure_logging({"logging": {"level": "info", "format": "json",
+                                                     "file": str(log_file)}})
+        logger = logging.getLogger("funnel_hpc.gateway.reconciler")
+        logger.warning("task %s: %s failed, trying again next tick: %s", "abc123", "poll", "x")
+        logger.warning("cancel of job %s (task %s) failed: %s", "77", "def456", "boom")
+        observability.task_log(logger, "ghi789").info("worker started")
+        logger.debug("hidden below INFO")
+        logger.info("no task here")
+        lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+        assert [line.get("task_id") for line in lines] == ["abc123", "def456", "ghi789", None]
+        assert lines[0]["message"] == "task abc123: poll failed, trying again next tick: x"
+        assert lines[0]["level"] == "WARNING" and lines[0]["logger"].endswith("reconciler")
+
+        text_file = tmp_path / "text.log"
+        observability.configure_logging({"logging": {"level": "WARNING", "format": "text",
+                                                     "file": str(text_file)}})
+        logger.warning("task %s: gone", "abc123")
+        logger.info("not at WARNING")
+        (line,) = text_file.read_text().splitlines()
+        assert line.endswith("WARNING funnel_hpc.gateway.reconciler [task abc123]: "
+                             "task abc123: gone")
+        for bad in ({"level": "LOUD", "format": "text", "file": ""},
+                    {"level": "INFO", "format": "xml", "file": ""}):
+            with pytest.raises(ValueError, match="logging"):
+                observability.configure_logging({"logging": bad})
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+            handler.close()
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+
+
+def test_server_logs_as_configured(databases, tmp_path):
+    log_file = tmp_path / "server.jsonl"
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), overrides={
+        "logging": {"format": "json", "file": str(log_file)}}).start()
+    try:
+        lines = wait_for(lambda: log_file.exists() and log_file.read_text().splitlines(), 30,
+                         "the server's log file")
+        entries = [json.loads(line) for line in lines]  # every line is one JSON object
+        assert any("TES API on" in e["message"] for e in entries)
+    finally:
+        server.stop()
