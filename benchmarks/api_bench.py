@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -165,8 +165,9 @@ def measure(db: str, creates: int = 4000, stored: int = 100_000) -> dict:
 
 
 def summary_lines(r: dict) -> list[str]:
-    lines = [f"create ({r['db']}, {CLIENTS} client processes): {r['create_tasks_per_s']:.0f} tasks/s"
-             f", bare Flask insert {r['bare_insert_per_s']:.0f}/s, ratio {r['create_ratio']:.2f}"]
+    lines = [(f"create ({r['db']}, {CLIENTS} client processes): "
+              f"{r['create_tasks_per_s']:.0f} tasks/s, bare Flask insert "
+              f"{r['bare_insert_per_s']:.0f}/s, ratio {r['create_ratio']:.2f}")]
     for view in ("minimal", "basic"):
         lines.append(f"list {view.upper()} at {r['stored']} tasks ({r['db']}): "
                      f"p50 {r[f'list_{view}_p50_ms']:.1f} ms, p99 {r[f'list_{view}_p99_ms']:.1f} ms"
@@ -184,10 +185,10 @@ def main() -> None:
     args = parser.parse_args()
     results = measure(args.db, args.creates, args.stored)
     machine = {"python": platform.python_version(), "machine": platform.machine(),
-               "cpus": os.cpu_count(), "date": datetime.now(timezone.utc).isoformat()}
+               "cpus": os.cpu_count(), "date": datetime.now(UTC).isoformat()}
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"api-{args.db}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out = out_dir / f"api-{args.db}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(f"API benchmark ({os.cpu_count()} CPUs)")
     for line in summary_lines(results):

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
+from funnel_hpc.core.events import read_event_log  # noqa: E402
 from funnel_hpc.gateway.app import make_service  # noqa: E402
 from funnel_hpc.gateway.reconciler import Reconciler  # noqa: E402
-from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
-from funnel_hpc.core.events import read_event_log  # noqa: E402
+from tests.conftest import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
@@ -62,7 +62,8 @@ def gateway_latency(backend: str, tmp: Path, dbs: DatabaseFactory, runs: int) ->
 def worker_argv(task_file: Path, work: Path) -> list[str]:
     """The worker as the gateway starts it, with the same container driver."""
     config = work / "worker-config.yaml"
-    config.write_text("worker:\n  container_driver: bwrap\n")
+    config.write_text(json.dumps({"worker": {"container_driver": "bwrap",
+                                             **worker_image_config()}}))  # YAML reads JSON
     return [sys.executable, "-m", "funnel_hpc.worker", "run", "--task-file", str(task_file),
             "--workdir", str(work), "--config", str(config)]
 
@@ -148,7 +149,7 @@ def main() -> None:
         r[f"{kind}_gateway_latency_s"], r[f"{kind}_raw_latency_s"] = gw, raw
         r[f"{kind}_latency_ratio"] = gw / raw
     r.update(submit_and_tick(tmp, dbs, args.tasks))
-    stamp = datetime.now(timezone.utc)
+    stamp = datetime.now(UTC)
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"slurm-{stamp:%Y%m%dT%H%M%SZ}.json"

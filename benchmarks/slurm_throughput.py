@@ -49,7 +49,7 @@ from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.gateway.app import make_service  # noqa: E402
 from funnel_hpc.gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
-from tests.conftest import DatabaseFactory, ServerProcess  # noqa: E402
+from tests.conftest import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 PARTITION = "bench"
 ROOTFS = "/var/lib/funnel/rootfs/busybox"
@@ -99,7 +99,7 @@ def same_worker_commands(n: int, work: Path) -> list[str]:
     (worker.command, --task-file, --workdir, --config): the gateway's jobs, minus the
     gateway."""
     config = config_mod.load(environ={}, overrides={
-        "work_dir": str(work), "worker": {"container_driver": "bwrap"}})
+        "work_dir": str(work), "worker": {"container_driver": "bwrap", **worker_image_config()}})
     worker_config = write_worker_config(config)
     commands = []
     for i in range(n):
@@ -226,14 +226,15 @@ def measure(n: int, tmp: Path, dbs: DatabaseFactory,
 
 def summary_lines(r: dict) -> list[str]:
     g = r["gateway"]
-    lines = [f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s "
-             f"({r['rate_per_s']:.1f}/s), submission {g['submit_rate_per_s']:.0f}/s; "
-             f"states {g['states']}"]
+    lines = [(f"{r['tasks']} tasks QUEUED->COMPLETE on Slurm: gateway {g['seconds']:.0f}s "
+              f"({r['rate_per_s']:.1f}/s), submission {g['submit_rate_per_s']:.0f}/s; "
+              f"states {g['states']}")]
     lines += ["  " + raw_line(r["tasks"], payload, raw) for payload, raw in r["raw"].items()]
     lines.append(f"  reconciler with {r['tasks']} jobs in flight: CPU "
                  f"{g['tick_cpu_s_median']:.3f}s/tick; scheduler calls/tick "
                  f"{g['scheduler_calls_per_tick']}; peak RSS server "
-                 f"{g['server_peak_rss_mb']:.0f} MB, reconciler {g['reconciler_peak_rss_mb']:.0f} MB")
+                 f"{g['server_peak_rss_mb']:.0f} MB, reconciler "
+                 f"{g['reconciler_peak_rss_mb']:.0f} MB")
     return lines
 
 

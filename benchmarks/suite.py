@@ -12,6 +12,15 @@ Sections (each measured with its physical reference in this same run):
              container call; submission rate; reconciler CPU and scheduler calls per
              tick at 10,000 in flight; server RSS during the run
   worker     worker peak RSS while an executor writes 100 MB to stdout
+  images     cold pull + unpack of the test image vs `skopeo copy` + `umoci unpack`; warm
+             start of a trivial executor vs bare bwrap on the same root
+  storage    S3 500 x 1 MB up + down, 8 at once vs one at a time and vs raw boto3 with 8
+             threads (moto); 1 GiB local stage-in (hard link; reflink or copy) vs `cp`;
+             GS 200 MB up and down vs the raw google-cloud-storage client (emulator)
+  events     event recording rate with sinks draining vs none; delivery latency (commit ->
+             webhook, -> Redis reader)
+The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
+sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
 and, with --update-readme, put between the bench markers of README.md.
 """
@@ -28,16 +37,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks import api_bench, slurm_bench, slurm_throughput  # noqa: E402
+from benchmarks import (  # noqa: E402
+    api_bench,
+    events_bench,
+    image_pull,
+    sandbox_start,
+    slurm_bench,
+    slurm_throughput,
+    storage_bench,
+)
 from tests.conftest import DatabaseFactory  # noqa: E402
 
-SECTIONS = ("api", "latency", "throughput", "worker")
+SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -84,7 +101,7 @@ def machine_facts() -> dict:
             model = line.split(":", 1)[1].strip()
             break
     mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
             "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
             "kernel": platform.release(), "python": platform.python_version(),
             "sqlite": sqlite3.sqlite_version, "slurm": first(["sinfo", "-V"]),
@@ -139,13 +156,13 @@ def throughput_section(table: Table, results: dict, quick: bool) -> None:
     table.add(f"raw sbatch loops of {small:,} jobs: the worker vs the bare container call",
               f"worker jobs {raw_rate:.1f}/s", f"bare container jobs {bare_rate:.1f}/s",
               raw_rate / bare_rate, "context (the worker's own start)")
-    runs = [(first, f"raw sbatch loop of the same worker jobs {raw['seconds']:.0f} s, "
-                    f"{raw_rate:.1f}/s")]
+    runs = [(first, (f"raw sbatch loop of the same worker jobs {raw['seconds']:.0f} s, "
+                     f"{raw_rate:.1f}/s"))]
     if large:
         second = slurm_throughput.measure(large, tmp, dbs, ())
         results[f"throughput_{large}"] = second
-        runs.append((second, f"raw sbatch loop of the same worker jobs, its rate on "
-                             f"{small:,} jobs (above) {raw_rate:.1f}/s"))
+        runs.append((second, (f"raw sbatch loop of the same worker jobs, its rate on "
+                              f"{small:,} jobs (above) {raw_rate:.1f}/s")))
     for r, reference in runs:
         n, g = r["tasks"], r["gateway"]
         complete, ratio = r["all_complete"], r["rate_per_s"] / raw_rate
@@ -190,6 +207,28 @@ def worker_section(table: Table, results: dict, quick: bool) -> None:
               target="< 100 MB", met=0 < peak < 100 and proc.returncode == 0)
 
 
+def add_rows(table: Table, results: dict, measured: list[tuple[str, tuple[list[dict], dict]]]
+             ) -> None:
+    """Rows and raw figures from scripts' suite_rows(quick)."""
+    for name, (rows, raw) in measured:
+        results[name] = raw
+        for row in rows:
+            table.add(**row)
+
+
+def images_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("image_pull", image_pull.suite_rows(quick)),
+                              ("sandbox_start", sandbox_start.suite_rows(quick))])
+
+
+def storage_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("storage", storage_bench.suite_rows(quick))])
+
+
+def events_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("events", events_bench.suite_rows(quick))])
+
+
 def update_readme(markdown: str, facts: dict) -> None:
     readme = REPO / "README.md"
     text = readme.read_text()
@@ -219,7 +258,9 @@ def main() -> None:
     table, results, timings = Table(), {}, {}
     started = time.monotonic()
     for name, section in (("api", api_section), ("latency", latency_section),
-                          ("throughput", throughput_section), ("worker", worker_section)):
+                          ("throughput", throughput_section), ("worker", worker_section),
+                          ("images", images_section), ("storage", storage_section),
+                          ("events", events_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)
@@ -230,7 +271,7 @@ def main() -> None:
     markdown = table.markdown()
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = out_dir / f"run-{stamp}{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps({"machine": facts, "quick": args.quick, "seconds": timings,
                                "table": table.rows, "results": results}, indent=2,

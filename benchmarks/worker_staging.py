@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 import boto3  # noqa: E402
 import requests  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
 from funnel_hpc.worker.storage import LocalStore, S3Store  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 
 def timed(fn) -> float:
@@ -114,7 +114,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     out_dir = REPO / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc)
+    stamp = datetime.now(UTC)
     out = out_dir / f"staging-{stamp:%Y%m%dT%H%M%SZ}.json"
     out.write_text(json.dumps({"date": stamp.isoformat(), "cpus": os.cpu_count(),
                                "results": results}, indent=2))
@@ -122,10 +122,10 @@ def main() -> None:
     print("Worker staging benchmark")
     print(f"  local {r['local_mb']} MiB: worker {r['worker_s']:.2f}s  cp {r['cp_s']:.2f}s  "
           f"ratio {r['local_ratio']:.2f}")
-    print(f"  s3 {r['s3_mb']} MiB up:   worker {r['worker_up_s']:.2f}s  boto3 {r['boto3_up_s']:.2f}s  "
-          f"ratio {r['s3_up_ratio']:.2f}")
-    print(f"  s3 {r['s3_mb']} MiB down: worker {r['worker_down_s']:.2f}s  boto3 {r['boto3_down_s']:.2f}s  "
-          f"ratio {r['s3_down_ratio']:.2f}")
+    print(f"  s3 {r['s3_mb']} MiB up:   worker {r['worker_up_s']:.2f}s  "
+          f"boto3 {r['boto3_up_s']:.2f}s  ratio {r['s3_up_ratio']:.2f}")
+    print(f"  s3 {r['s3_mb']} MiB down: worker {r['worker_down_s']:.2f}s  "
+          f"boto3 {r['boto3_down_s']:.2f}s  ratio {r['s3_down_ratio']:.2f}")
     print(f"  written to {out.relative_to(REPO)}")
 
 

@@ -7,6 +7,6 @@ for step in scripts/setup/*.sh; do
   bash "$step"
 done
 export PATH="$PWD/.venv/bin:$PATH"
-echo "== checks: import contracts (pyproject.toml [tool.importlinter])"
-lint-imports --no-cache
+# import contracts, ruff and mypy (pyproject.toml); a failure stops before the tests
+bash scripts/check.sh
 exec .venv/bin/python -m pytest "$@"

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -20,6 +21,31 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+psycopg://funnel:funnel@127.0.0.1:5432/funnel")
+
+
+# Image drivers (bwrap, proot) pull `busybox` from the local test registry (scripts/setup/
+# 45-registry.sh) as the docker.io mirror, into one image cache per test session.
+TEST_REGISTRY = "127.0.0.1:5055"
+TEST_REGISTRY_CA = "/var/lib/funnel-test/registry/tls/cert.pem"
+TEST_REGISTRIES = {"docker.io": {"mirrors": [TEST_REGISTRY]},
+                   TEST_REGISTRY: {"ca_file": TEST_REGISTRY_CA}}
+_IMAGE_CACHE: list[Path] = []  # set once per session by the test_image_cache fixture
+
+
+def worker_image_config() -> dict:
+    """The worker.* keys every test server and worker gets: registries and the cache."""
+    cache = _IMAGE_CACHE[0] if _IMAGE_CACHE else Path("/tmp/funnel-test-image-cache")
+    return {"registries": TEST_REGISTRIES, "image_cache": str(cache)}
+
+
+def worker_image_env() -> dict[str, str]:
+    """worker_image_config as FUNNEL_ variables, for workers configured by environment
+    (AWS Batch job definitions)."""
+    import json
+
+    image = worker_image_config()
+    return {"FUNNEL_WORKER__REGISTRIES": json.dumps(image["registries"]),
+            "FUNNEL_WORKER__IMAGE_CACHE": image["image_cache"]}
 
 
 def free_port() -> int:
@@ -71,9 +97,11 @@ class ServerProcess:
         return self.work_dir / "server.log"
 
     def write_config(self) -> None:
-        config = {"work_dir": str(self.work_dir), "database": {"url": self.db_url},
-                  "server": {"host": "127.0.0.1", "http_port": self.port,
-                             "grpc_port": self.grpc_port, "threads": 16}}
+        config: dict[str, Any] = {
+            "work_dir": str(self.work_dir), "database": {"url": self.db_url},
+            "server": {"host": "127.0.0.1", "http_port": self.port,
+                       "grpc_port": self.grpc_port, "threads": 16},
+            "worker": worker_image_config()}
         for section, values in self.overrides.items():
             if isinstance(values, dict):
                 config.setdefault(section, {}).update(values)
@@ -82,7 +110,7 @@ class ServerProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(config))
 
-    def start(self, timeout: float = 30) -> "ServerProcess":
+    def start(self, timeout: float = 30) -> ServerProcess:
         self.write_config()
         args = ["server", "run", "--config", str(self.config_path)]
         if not self.reconcile:
@@ -127,8 +155,16 @@ def _postgres_reachable() -> bool:
         import psycopg
         with psycopg.connect(POSTGRES_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
             return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure (no driver, refused, auth) means no postgres
         return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_image_cache(tmp_path_factory) -> Path:
+    """The session's shared image cache (see worker_image_config)."""
+    if not _IMAGE_CACHE:
+        _IMAGE_CACHE.append(tmp_path_factory.mktemp("image-cache"))
+    return _IMAGE_CACHE[0]
 
 
 @pytest.fixture(scope="session")
@@ -169,7 +205,8 @@ def databases(tmp_path_factory):
     factory.drop_all()
 
 
-@pytest.fixture(params=["sqlite", "postgres"], scope="module")
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
+                scope="module")
 def db_kind(request) -> str:
     if request.param == "postgres" and not _postgres_reachable():
         if os.environ.get("CI"):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.conftest import REPO, ServerProcess
+from tests.waiting import wait_for_state
 
 pytestmark = pytest.mark.slow
 
@@ -71,12 +71,8 @@ def test_task_completes_from_the_installed_wheel(wheel_venv: Path, tmp_path: Pat
         task = {"name": "from-the-wheel",
                 "executors": [{"image": "busybox", "command": ["echo", "hello wheel"]}]}
         task_id = requests.post(server.api + "/tasks", json=task, timeout=10).json()["id"]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            got = requests.get(f"{server.api}/tasks/{task_id}?view=FULL", timeout=10).json()
-            if got["state"] in ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"):
-                break
-            time.sleep(0.2)
+        got = wait_for_state(server.api, task_id, ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"),
+                             timeout=120, detail=server.log)
         assert got["state"] == "COMPLETE", (got, server.log())
         assert got["logs"][-1]["logs"][0]["stdout"] == "hello wheel\n"
         assert requests.get(server.url + "/", timeout=10).status_code in (200, 302)

@@ -1,0 +1,293 @@
+"""The worker's storage layer beside raw clients: many small S3 objects, a big local file, GS.
+
+Run: .venv/bin/python benchmarks/storage_bench.py [--quick]
+
+All through `funnel_hpc.worker.storage.Storage` (retries, parallel transfers: what a task's
+inputs and outputs go through), each side timed in this process, servers on 127.0.0.1:
+- S3 (a moto_server): 500 x 1 MB files uploaded, then downloaded, with
+  storage.max_parallel_transfers 8 vs 1 (target >= 3x faster), and vs raw boto3
+  upload_file/download_file from a pool of 8 threads (target: >= 0.8 of its speed); raw
+  boto3 with 1 thread vs 8 shows what parallelism can gain on this machine (moto shares
+  its CPUs);
+- local (file://, 1 GiB on the work disk): a hard link (worker.link_inputs) and the
+  default stage-in (a reflink where the file system can, else copy_file_range) vs `cp`,
+  best of 3 alternating with `cp` (target <= 0.05 of cp's time where a link or reflink is
+  possible);
+- GS (gcp-storage-emulator, in memory): a 200 MB file up and down vs the raw
+  google-cloud-storage client's upload_from_filename / download_to_filename (target:
+  >= 0.9 of its speed), best of 3 alternating.
+--quick: 60 S3 files, 64 MB local, 16 MB GS (a check that it runs, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import boto3  # noqa: E402
+
+from funnel_hpc.worker.storage import Storage  # noqa: E402
+from funnel_hpc.worker.storage_local import FICLONE  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.storage_helpers import GcsEmulator, _answers, wait_for  # noqa: E402
+
+MB = 1 << 20
+PARALLEL = 8
+KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1"}
+SIZES = {True: {"s3_files": 60, "local_mb": 64, "gs_mb": 16},
+         False: {"s3_files": 500, "local_mb": 1024, "gs_mb": 200}}
+
+
+def timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def write_random(path: Path, megabytes: int) -> None:
+    with path.open("wb") as out:
+        for _ in range(megabytes):
+            out.write(os.urandom(MB))
+
+
+def storage(tmp: Path, parallel: int, link: bool = False, **stores) -> Storage:
+    return Storage({"storage": {"allowed_schemes": ["file", "s3", "gs"], "retry_seconds": 10,
+                                "max_parallel_transfers": parallel, **stores},
+                    "worker": {"allowed_dirs": [str(tmp)], "link_inputs": link}})
+
+
+class MotoServer:
+    """A plain moto_server (no credential checks) on a free port."""
+
+    def __init__(self):
+        os.environ.update(KEYS)  # boto3's chain, for both sides
+        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _answers(self.url + "/moto-api/"), 30, "moto server")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def s3_round(tmp: Path, files: list[Path], up, down) -> dict:
+    """Upload every file with up(pairs), download them with down(pairs); seconds each."""
+    out = tmp / "down"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    prefix = f"s3://bench/{time.monotonic_ns()}/"
+    ups = [(src, prefix + src.name) for src in files]
+    downs = [(url, out / src.name) for src, url in ups]
+    return {"up_s": timed(lambda: up(ups)), "down_s": timed(lambda: down(downs))}
+
+
+class RawBoto3:
+    """The reference: boto3's upload_file / download_file from a pool of threads."""
+
+    def __init__(self, endpoint: str, threads: int):
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        self.threads = threads
+
+    def _pool(self, pairs, move) -> None:
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(lambda pair: move(*pair), pairs))
+
+    @staticmethod
+    def key(url: str) -> str:
+        return url.split("/", 3)[3]
+
+    def up(self, pairs) -> None:
+        self._pool(pairs, lambda src, url: self.client.upload_file(
+            str(src), "bench", self.key(url)))
+
+    def down(self, pairs) -> None:
+        self._pool(pairs, lambda url, dest: self.client.download_file(
+            "bench", self.key(url), str(dest)))
+
+
+def ours_s3(tmp: Path, endpoint: str, parallel: int) -> tuple:
+    """(upload, download) of (source, destination) pairs through the worker's Storage."""
+    store = storage(tmp, parallel, s3={"endpoint_url": endpoint, "region": "us-east-1"})
+    return (lambda pairs: store.put_many(pairs, lambda _index, _size: None),
+            lambda pairs: store.get_many([(url, dest, False) for url, dest in pairs]))
+
+
+def s3(tmp: Path, count: int) -> dict:
+    source = tmp / "s3-files"
+    source.mkdir()
+    files = [source / f"{index:04}.bin" for index in range(count)]
+    for path in files:
+        path.write_bytes(os.urandom(MB))
+    moto = MotoServer()
+    try:
+        raw, raw_one = RawBoto3(moto.url, PARALLEL), RawBoto3(moto.url, 1)
+        raw.client.create_bucket(Bucket="bench")
+        s3_round(tmp, files[:PARALLEL], *ours_s3(tmp, moto.url, PARALLEL))  # warm-up
+        s3_round(tmp, files[:PARALLEL], raw.up, raw.down)
+        results = {"files": count, "file_mb": 1,
+                   "parallel": s3_round(tmp, files, *ours_s3(tmp, moto.url, PARALLEL)),
+                   "raw_boto3": s3_round(tmp, files, raw.up, raw.down),
+                   "sequential": s3_round(tmp, files, *ours_s3(tmp, moto.url, 1)),
+                   # what this machine allows parallelism to gain: raw boto3, 1 thread vs 8
+                   "raw_boto3_sequential": s3_round(tmp, files, raw_one.up, raw_one.down)}
+    finally:
+        moto.stop()
+    sides = ("parallel", "raw_boto3", "sequential", "raw_boto3_sequential")
+    total = {}
+    for side in sides:
+        total[side] = results[side]["total_s"] = results[side]["up_s"] + results[side]["down_s"]
+    results["speedup"] = total["sequential"] / total["parallel"]
+    results["vs_raw"] = total["raw_boto3"] / total["parallel"]
+    results["raw_speedup"] = total["raw_boto3_sequential"] / total["raw_boto3"]
+    return results
+
+
+def can_reflink(tmp: Path) -> bool:
+    src, dest = tmp / "probe.src", tmp / "probe.dest"
+    src.write_bytes(b"x")
+    try:
+        with src.open("rb") as a, dest.open("wb") as b:
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+        return True
+    except OSError:
+        return False
+    finally:
+        src.unlink()
+        dest.unlink(missing_ok=True)
+
+
+def local(tmp: Path, megabytes: int) -> dict:
+    src = tmp / "big.bin"
+    write_random(src, megabytes)
+    os.sync()
+    copied, staged = tmp / "cp.bin", tmp / "staged.bin"
+    stage = {"link": storage(tmp, 1, link=True), "copy": storage(tmp, 1)}
+    runs: dict[str, list[float]] = {"cp": [], "link": [], "copy": []}
+    work = {"cp": lambda: subprocess.run(["cp", str(src), str(copied)], check=True),
+            "link": lambda: stage["link"].get(f"file://{src}", staged),
+            "copy": lambda: stage["copy"].get(f"file://{src}", staged)}
+    for _ in range(3):  # alternate, keep the best of each: page cache and writeback even out
+        for side in runs:
+            runs[side].append(timed(work[side]))
+            copied.unlink(missing_ok=True)
+            staged.unlink(missing_ok=True)
+            os.sync()
+    best = {side: min(times) for side, times in runs.items()}
+    src.unlink()
+    return {"mb": megabytes, "cp_s": best["cp"], "link_s": best["link"], "copy_s": best["copy"],
+            "link_ratio": best["link"] / best["cp"], "copy_ratio": best["copy"] / best["cp"],
+            "reflink": can_reflink(tmp)}
+
+
+def gs(tmp: Path, megabytes: int) -> dict:
+    src, dest = tmp / "gs.bin", tmp / "gs.out"
+    write_random(src, megabytes)
+    emulator = GcsEmulator()
+    try:
+        bucket = emulator.client().create_bucket("bench")
+        store = storage(tmp, PARALLEL, gs={"endpoint_url": emulator.url, "anonymous": True})
+        times: dict[str, list[float]] = {"ours_up": [], "ours_down": [], "raw_up": [],
+                                         "raw_down": []}
+        for _ in range(3):  # alternate; the first round also warms both clients
+            times["raw_up"].append(timed(lambda: bucket.blob("raw.bin").upload_from_filename(
+                str(src))))
+            times["ours_up"].append(timed(lambda: store.put(src, "gs://bench/ours.bin")))
+            times["raw_down"].append(timed(lambda: bucket.blob("raw.bin").download_to_filename(
+                str(dest))))
+            dest.unlink()
+            times["ours_down"].append(timed(lambda: store.get("gs://bench/ours.bin", dest)))
+            dest.unlink()
+    finally:
+        emulator.stop()
+    best = {side: min(values) for side, values in times.items()}
+    return {"mb": megabytes, **{f"{side}_s": value for side, value in best.items()},
+            "up_ratio": best["raw_up"] / best["ours_up"],
+            "down_ratio": best["raw_down"] / best["ours_down"]}
+
+
+def measure(quick: bool) -> dict:
+    sizes = SIZES[quick]
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-storage-bench-", dir="/var/tmp"))
+    try:
+        return {"s3": s3(tmp, sizes["s3_files"]), "local": local(tmp, sizes["local_mb"]),
+                "gs": gs(tmp, sizes["gs_mb"])}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def s3_rows(r: dict) -> list[dict]:
+    ours, raw, seq = r["parallel"], r["raw_boto3"], r["sequential"]
+
+    def both(side: dict) -> str:
+        return f"up {side['up_s']:.1f} s + down {side['down_s']:.1f} s"
+    name = f"S3 {r['files']} x 1 MB up + down, {PARALLEL} at once (moto)"
+    return [{"figure": f"{name} vs one at a time", "measured": both(ours),
+             "reference": f"max_parallel_transfers 1: {both(seq)} (raw boto3 on this "
+                          f"machine: {r['raw_speedup']:.1f}x from 8 threads)",
+             "ratio": r["speedup"],
+             "target": ">= 3x faster", "met": r["speedup"] >= 3},
+            {"figure": f"{name} vs raw boto3", "measured": both(ours),
+             "reference": f"boto3, {PARALLEL} threads: {both(raw)}", "ratio": r["vs_raw"],
+             "target": ">= 0.8x its speed", "met": r["vs_raw"] >= 0.8}]
+
+
+def local_rows(r: dict) -> list[dict]:
+    size = f"{r['mb'] / 1024:g} GiB" if r["mb"] >= 1024 else f"{r['mb']} MB"
+    cp = f"cp {r['cp_s'] * 1000:.0f} ms"
+    copy_target = ({"target": "<= 0.05x", "met": r["copy_ratio"] <= 0.05} if r["reflink"]
+                   else {"target": "context (no reflink on this file system: a copy)"})
+    return [{"figure": f"local {size} staged in by hard link (link_inputs)",
+             "measured": f"{r['link_s'] * 1000:.1f} ms", "reference": cp,
+             "ratio": r["link_ratio"], "target": "<= 0.05x", "met": r["link_ratio"] <= 0.05},
+            {"figure": f"local {size} staged in by default (reflink, else in-kernel copy)",
+             "measured": f"{r['copy_s'] * 1000:.0f} ms", "reference": cp,
+             "ratio": r["copy_ratio"], **copy_target}]
+
+
+def gs_rows(r: dict) -> list[dict]:
+    rows = []
+    for way in ("up", "down"):
+        ours, raw = r[f"ours_{way}_s"], r[f"raw_{way}_s"]
+        rows.append({"figure": f"GS {r['mb']} MB {way}load (emulator)",
+                     "measured": f"{r['mb'] / ours:.0f} MB/s",
+                     "reference": f"google-cloud-storage client {r['mb'] / raw:.0f} MB/s",
+                     "ratio": r[f"{way}_ratio"], "target": ">= 0.9x its speed",
+                     "met": r[f"{way}_ratio"] >= 0.9})
+    return rows
+
+
+def suite_rows(quick: bool) -> tuple[list[dict], dict]:
+    """benchmarks/suite.py's `storage` rows and the raw figures."""
+    r = measure(quick)
+    return s3_rows(r["s3"]) + local_rows(r["local"]) + gs_rows(r["gs"]), r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes")
+    args = parser.parse_args()
+    rows, results = suite_rows(args.quick)
+    print(json.dumps(results, indent=2))
+    for row in rows:
+        print(f"  {row['figure']}: {row['measured']} | {row['reference']} | "
+              f"ratio {row['ratio']:.2f} | {row['target']}")
+
+
+if __name__ == "__main__":
+    main()
