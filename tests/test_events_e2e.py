@@ -17,7 +17,6 @@ from tests.conftest import ServerProcess
 from tests.events_helpers import WebhookReceiver
 from tests.waiting import wait_for, wait_for_state
 
-
 SECRET = "e2e-secret"
 TASKS = 20
 STATES = ["QUEUED", "INITIALIZING", "RUNNING", "COMPLETE"]
