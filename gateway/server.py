@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 import waitress
 
@@ -32,8 +34,28 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
 
 
+def private_state(config: dict) -> None:
+    """The work dir 700 (711 when jobs run as their owners, who must reach their task
+    dirs, themselves 700) and an SQLite database 600 whatever the umask: they hold every
+    task's environment and the worker-token key. SQLite gives -wal/-shm its file's mode."""
+    work_dir = Path(config["work_dir"])
+    work_dir.mkdir(parents=True, exist_ok=True)
+    as_owner = any(isinstance(options, dict) and options.get("submit_as_owner")
+                   for options in config["backend"].values())
+    os.chmod(work_dir, 0o711 if as_owner else 0o700)
+    url = config["database"]["url"]
+    path = Path(url.split("///", 1)[1]) if url.startswith("sqlite") and "///" in url else None
+    if path is not None and str(path) != ":memory:":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            if name.exists():
+                os.chmod(name, 0o600)
+
+
 def run_server(config: dict, reconcile: bool = True) -> None:
     leader.lock_sqlite(config["database"]["url"], leader.SERVER_ROLE)
+    private_state(config)
     _exit_on_sigterm()
     service = make_service(config)
     app = create_app(config, service)
@@ -70,6 +92,7 @@ def run_server(config: dict, reconcile: bool = True) -> None:
 
 
 def run_reconciler(config: dict) -> None:
+    private_state(config)
     reconciler = make_reconciler(config, make_service(config))
     _exit_on_sigterm()
     try:

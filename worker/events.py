@@ -48,7 +48,9 @@ class EventLog:
             url = f"{server.rstrip('/')}/funnel/v1/tasks/{task_id}/events"
             self._sender = _Sender(url, post_timeout, token, retry_seconds)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # 600: events carry executors' output tails (the gateway reads as root or owner)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                           0o600)
 
     def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
         with self._lock:
