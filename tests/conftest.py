@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 import yaml
+
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -119,18 +120,22 @@ class ServerProcess:
         self.proc = subprocess.Popen([*self.funnel, *args], cwd=self.cwd, env=clean_env(),
                                      stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
+        proc = self.proc
+
+        def answering() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}:\n{self.log()}")
             try:
-                if requests.get(self.api + "/service-info", timeout=1).status_code < 500:
-                    return self
+                return requests.get(self.api + "/service-info", timeout=1).status_code < 500
             except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}")
+                return False
+
+        try:
+            wait_for(answering, timeout, "the server to answer", interval=0.1)
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"server did not start in {timeout}s:\n{self.log()}") from None
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -31,7 +31,6 @@ import re
 import signal
 import subprocess
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +39,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from tests.backend_helpers import QUEUE, MotoServer
+from tests.waiting import wait_for
 
 API_VERSION = "1.45"
 # moto names a Batch container "<job name>-<job id>"; job ids are UUIDs
@@ -233,9 +233,8 @@ class FakeDockerEngine:
         return "".join(f"{stamp} {line}\n" for line in lines).encode()
 
     def wait_idle(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def idle() -> bool:
             with self.lock:
-                if not any(c.running() for c in self.containers.values()):
-                    return
-            time.sleep(0.2)
+                return not any(c.running() for c in self.containers.values())
+
+        wait_for(idle, timeout, "every fake container to stop")

@@ -14,6 +14,7 @@ import requests
 from funnel_hpc.core.events import iter_events, read_event_log
 from tests.conftest import ServerProcess, clean_env, funnel_argv, worker_image_config
 from tests.test_e2e import TERMINAL, create, get, sh, wait_state
+from tests.waiting import wait_for
 
 
 def test_separate_reconcile_process(databases, tmp_path):
@@ -77,9 +78,9 @@ def test_worker_fetches_task_by_id_and_reports_over_http(databases, tmp_path):
         assert done.returncode == 0, done.stderr
         local_events = list(iter_events(elsewhere / task_id / "events.jsonl"))
         received = server.work_dir / task_id / "events.received.jsonl"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(list(iter_events(received))) < len(local_events):
-            time.sleep(0.1)
+        wait_for(lambda: len(list(iter_events(received))) >= len(local_events), 10,
+                 "the server to receive every event", interval=0.1,
+                 detail=lambda: f"received: {list(iter_events(received))}")
         assert list(iter_events(received)) == local_events
         fold = read_event_log(received)
         assert fold.state == "COMPLETE"
@@ -104,9 +105,9 @@ def test_worker_notices_a_cancel_on_the_server(databases, tmp_path):
                                             "--config", str(config)),
                                 env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         events = tmp_path / "w" / task_id / "events.jsonl"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and read_event_log(events).state != "RUNNING":
-            time.sleep(0.1)
+        wait_for(lambda: read_event_log(events).state == "RUNNING", 30,
+                 "the worker to report RUNNING", interval=0.1,
+                 detail=lambda: f"state: {read_event_log(events).state}")
         requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10)
         proc.communicate(timeout=30)
         assert proc.returncode == 3

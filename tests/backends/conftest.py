@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -59,13 +60,13 @@ def sshd(tmp_path) -> Iterator[dict]:
                             stderr=subprocess.DEVNULL)
     host_key = (keys / "host.pub").read_text().split()
     (keys / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
     try:
+        wait_for(listening, 10, f"sshd to listen on 127.0.0.1:{port}", interval=0.1)
         yield {"host": "127.0.0.1", "port": port, "user": getpass.getuser(),
                "key_file": str(keys / "client"), "known_hosts": str(keys / "known_hosts")}
     finally:

@@ -75,6 +75,7 @@ def counted_slurm_commands(slurm, tmp_path, monkeypatch) -> Path:
     return log
 
 
+@pytest.mark.slurm
 def test_slurm_poll_of_500_held_jobs_is_one_squeue(counted_slurm_commands, tmp_path):
     log = counted_slurm_commands
     backend = SlurmBackend(backend_options("slurm", backend_parameters={"hold": "--hold"}), {})

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.base import BackendError, JobState, JobStatus
 from funnel_hpc.backends.commands import LocalRunner, Result, SSHRunner, make_runner
 from funnel_hpc.backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
 from tests.backend_helpers import FakeRunner, backend_options, make_request
+from tests.waiting import wait_for
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
 SQUEUE = ("10|RUNNING|0|None\n"
@@ -114,14 +114,15 @@ def test_runners():
 # ---- real Slurm ----
 
 def wait(backend: SlurmBackend, job_id: str, states: set[JobState], timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    status = None
-    while time.monotonic() < deadline:
+    last: list[JobStatus] = []
+
+    def reached() -> JobStatus | None:
         status = backend.poll([job_id])[job_id]
-        if status.state in states:
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} never reached {states}: {status}")
+        last[:] = [status]
+        return status if status.state in states else None
+
+    return wait_for(reached, timeout, f"job {job_id} to reach {states}", interval=0.5,
+                    detail=lambda: f"last seen: {last[0] if last else None}")
 
 
 @pytest.mark.slurm

@@ -14,6 +14,7 @@ from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.core import config as config_mod
 
 
+@pytest.mark.slurm
 @pytest.mark.skipif(not shutil.which("sbatch"), reason="Slurm not installed")
 def test_jobs_do_not_inherit_the_gateways_funnel_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNNEL_DATABASE__URL", "postgresql+psycopg://u:SECRET@db/funnel")

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import pwd
 import subprocess
-import time
 
 import pytest
 
-from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.base import BackendError, JobState, JobStatus
 from funnel_hpc.backends.slurm import SlurmBackend
 from tests.backend_helpers import backend_options, make_request
+from tests.waiting import wait_for
 
 
 def wait(backend, job_id, states, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last: list[JobStatus] = []
+
+    def reached() -> JobStatus | None:
         status = backend.poll([job_id])[job_id]
-        if status.state in states:
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id}: {status}")
+        last[:] = [status]
+        return status if status.state in states else None
+
+    return wait_for(reached, timeout, f"job {job_id} to reach {states}", interval=0.5,
+                    detail=lambda: f"last seen: {last[0] if last else None}")
 
 
 def test_owner_names_are_checked_before_sudo(tmp_path):

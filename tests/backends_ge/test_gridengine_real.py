@@ -7,10 +7,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options, make_request
 from tests.backends_ge.conftest import finished, running, wait_for
+
+pytestmark = pytest.mark.gridengine
 
 REPO = Path(__file__).resolve().parents[2]
 

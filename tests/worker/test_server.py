@@ -19,6 +19,7 @@ import pytest
 
 from funnel_hpc.core.events import iter_events, read_event_log
 from tests.conftest import clean_env, funnel_argv
+from tests.waiting import wait_for
 from tests.worker.test_worker import processes_with_argv, sh
 
 
@@ -166,10 +167,8 @@ def test_unknown_task_id_fails_at_once_with_one_line(harness, tes):
 def test_cancel_on_the_server_stops_the_executor(harness, tes):
     task = harness.task(executors=[sh("exec sleep 619"), sh("echo never")])
     proc = start_by_id(harness, tes, task, poll_server_seconds=0.2)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not processes_with_argv(["sleep", "619"]):
-        time.sleep(0.1)
-    assert processes_with_argv(["sleep", "619"]), "the executor did not start"
+    wait_for(lambda: processes_with_argv(["sleep", "619"]), 30, "the executor to start",
+             interval=0.1)
     tes.state = "CANCELING"
     out, _err = proc.communicate(timeout=30)
     assert proc.returncode == 3 and out.strip() == "CANCELED"

@@ -9,6 +9,7 @@ import time
 import boto3
 
 from funnel_hpc.core.events import read_event_log
+from tests.waiting import wait_for
 from tests.worker.conftest import need
 
 BUSYBOX = "busybox"
@@ -184,10 +185,8 @@ def test_cancel_mid_run_with_sigterm(harness):
     task = harness.task(executors=[sh("echo started; exec sleep 617"), sh("echo never")])
     proc = harness.start(task)
     events = harness.workdir / task["id"] / "events.jsonl"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not processes_with_argv(["sleep", "617"]):
-        time.sleep(0.1)
-    assert processes_with_argv(["sleep", "617"]), "the executor did not start"
+    wait_for(lambda: processes_with_argv(["sleep", "617"]), 30, "the executor to start",
+             interval=0.1)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     fold = read_event_log(events)
