@@ -32,7 +32,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import DatabaseFactory, ServerProcess, free_port  # noqa: E402
+from tests.server_helpers import DatabaseFactory, ServerProcess, free_port  # noqa: E402
 from tests.test_pagination_scale import bulk_insert  # noqa: E402
 
 TASK = {"name": "bench", "executors": [{"image": "busybox", "command": ["echo", "hi"]}],

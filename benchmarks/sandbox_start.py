@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from funnel_hpc.worker import sandbox
 from funnel_hpc.worker.drivers import switch_user
 from funnel_hpc.worker.images import ensure_rootfs
-from tests.conftest import TEST_REGISTRIES
+from tests.server_helpers import TEST_REGISTRIES
 
 
 def ours(cache: str, ids) -> float:

@@ -35,7 +35,7 @@ from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.core.events import read_event_log  # noqa: E402
 from funnel_hpc.gateway.app import make_service  # noqa: E402
 from funnel_hpc.gateway.reconciler import Reconciler  # noqa: E402
-from tests.conftest import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
+from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 

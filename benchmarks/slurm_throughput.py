@@ -49,7 +49,7 @@ from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.gateway.app import make_service  # noqa: E402
 from funnel_hpc.gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
-from tests.conftest import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
+from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 PARTITION = "bench"
 ROOTFS = "/var/lib/funnel/rootfs/busybox"

@@ -52,7 +52,7 @@ from benchmarks import (  # noqa: E402
     slurm_throughput,
     storage_bench,
 )
-from tests.conftest import DatabaseFactory  # noqa: E402
+from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"

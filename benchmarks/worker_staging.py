@@ -28,7 +28,7 @@ import boto3  # noqa: E402
 import requests  # noqa: E402
 
 from funnel_hpc.worker.storage import LocalStore, S3Store  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.server_helpers import free_port  # noqa: E402
 
 
 def timed(fn) -> float:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from funnel_hpc.core.config import load as load_config
 from funnel_hpc.worker import livelogs, runner
-from tests.conftest import worker_image_config
+from tests.server_helpers import worker_image_config
 
 
 class LegacyTail(livelogs.Tail):

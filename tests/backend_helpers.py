@@ -65,7 +65,7 @@ class MotoServer:
     @classmethod
     def start(cls, env: dict[str, str] | None = None) -> MotoServer:
         """Start one; env is added to the process's environment (e.g. DOCKER_HOST)."""
-        from tests.conftest import free_port
+        from tests.server_helpers import free_port
 
         exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
         if not Path(exe).exists():

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.server_helpers import free_port
 
 
 def _bin(name: str) -> str:

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.leader import DatabaseLease, reconciler_leases
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 
 
 @dataclass

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import boto3
 import requests
 
-from tests.conftest import free_port
+from tests.server_helpers import free_port
 
 BIN = Path(sys.executable).parent
 RENAME_EXCHANGE = 2

@@ -14,7 +14,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.security import generate_password_hash
 
-from tests.conftest import ServerProcess, clean_env
+from tests.server_helpers import ServerProcess, clean_env
 from tests.waiting import wait_for_state
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import clean_env, funnel_argv
+from tests.server_helpers import clean_env, funnel_argv
 
 TASK = {"name": "cli", "executors": [{"image": "busybox", "command": ["echo", "hi"]}]}
 
@@ -20,7 +20,7 @@ def funnel(server, *args, stdin=None):
 
 @pytest.fixture(scope="module")
 def sqlite_server(databases, tmp_path_factory):
-    from tests.conftest import ServerProcess
+    from tests.server_helpers import ServerProcess
 
     server = ServerProcess(tmp_path_factory.mktemp("cli"), databases.new("sqlite")).start()
     yield server

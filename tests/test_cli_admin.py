@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, func, select, update
 
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.retention import parse_age, rfc3339
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.test_cli_ops import create, funnel
 
 DAY = 86400

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import ServerProcess, clean_env, funnel_argv
+from tests.server_helpers import ServerProcess, clean_env, funnel_argv
 from tests.test_e2e import bwrap_ready, make_server, slurm_ready
 from tests.waiting import wait_for, wait_for_state
 

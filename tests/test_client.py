@@ -12,8 +12,8 @@ from werkzeug.security import generate_password_hash
 
 from funnel_hpc.core.client import ClientError, TesClient, retry_after
 from funnel_hpc.core.sse import messages
-from tests.conftest import ServerProcess
 from tests.events_helpers import ScriptedServer, outbox_engine, record_events
+from tests.server_helpers import ServerProcess
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 

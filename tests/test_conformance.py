@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.tes_schema_helpers import list_errors, service_info_errors, task_errors
 from tests.test_pytes import EVERY_FIELD
 from tests.waiting import wait_for, wait_for_state

@@ -14,7 +14,7 @@ from funnel_hpc.core import config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.service import TaskService
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for
 
 CHROMIUM = shutil.which("chromium")

@@ -49,7 +49,7 @@ import pytest
 import requests
 
 from funnel_hpc.core.events import iter_events
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
 
 TICK = 0.5
@@ -129,8 +129,8 @@ def start_gridengine(mode: str) -> E2EBackend:
 def start_aws_batch(tmp: Path) -> E2EBackend:
     """moto_server with its Batch running jobs through tests/fake_docker.py (2 slots)."""
     from tests.backend_helpers import DEFINITION, FAKE_AWS_ENV, QUEUE, MotoServer, set_environ
-    from tests.conftest import worker_image_env
     from tests.fake_docker import FakeDockerEngine
+    from tests.server_helpers import worker_image_env
 
     if not bwrap_ready():
         _skip_or_fail("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")

@@ -15,13 +15,13 @@ from sqlalchemy import insert
 from funnel_hpc.gateway import db, outbox
 from funnel_hpc.gateway.publisher import Publisher
 from funnel_hpc.gateway.sinks import RedisStreamSink, WebhookSink
-from tests.conftest import free_port
 from tests.events_helpers import (
     WebhookReceiver,
     events_settings,
     outbox_engine,
     record_events,
 )
+from tests.server_helpers import free_port
 from tests.waiting import wait_for
 
 SECRET = "s3cret"

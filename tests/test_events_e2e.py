@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from funnel_hpc.core.client import TesClient
-from tests.conftest import ServerProcess
 from tests.events_helpers import WebhookReceiver
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
 
 SECRET = "e2e-secret"

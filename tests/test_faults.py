@@ -22,7 +22,7 @@ from funnel_hpc.core.events import iter_events
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.app import make_service
 from funnel_hpc.gateway.reconciler import Reconciler
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.test_e2e import TERMINAL, create, make_server, sh, slurm_ready, wait_state
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}

@@ -15,7 +15,7 @@ import requests
 from google.protobuf import json_format
 
 from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.test_pytes import EVERY_FIELD
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,6 @@ from funnel_hpc.gateway import db
 from funnel_hpc.gateway.app import make_service
 from funnel_hpc.gateway.leader import DatabaseLease, Lease
 from funnel_hpc.gateway.reconciler import SUBMITTING, Reconciler
-from tests.conftest import ServerProcess, _postgres_reachable, clean_env, funnel_argv
 from tests.replica_helpers import (
     CountingBackend,
     ReplicaProcess,
@@ -23,6 +22,7 @@ from tests.replica_helpers import (
     holder_pid,
     lease_row,
 )
+from tests.server_helpers import ServerProcess, _postgres_reachable, clean_env, funnel_argv
 from tests.waiting import wait_for
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}

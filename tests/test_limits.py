@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.test_api import row_count
 
 LIMITS = {"max_content_bytes": 1000, "max_tags": 5, "max_inputs": 3, "max_outputs": 3,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ServerProcess, clean_env, funnel_argv
+from tests.server_helpers import ServerProcess, clean_env, funnel_argv
 from tests.waiting import wait_for, wait_for_state
 
 UPDATE_SECONDS = 1

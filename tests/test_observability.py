@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from funnel_hpc.gateway import observability
-from tests.conftest import ServerProcess
 from tests.postgres_helpers import PrivatePostgres, available
+from tests.server_helpers import ServerProcess
 from tests.test_e2e import bwrap_ready, make_server, sh, slurm_ready
 from tests.waiting import wait_for, wait_for_state
 

@@ -11,7 +11,7 @@ from sqlalchemy import insert
 
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.service import new_task_id, now_rfc3339
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 
 N = 100_000
 SPEC = {"name": "bulk", "executors": [{"image": "busybox", "command": ["true"]}]}

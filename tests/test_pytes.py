@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tes
 
-from tests.conftest import REPO, ServerProcess
+from tests.server_helpers import REPO, ServerProcess
 
 EVERY_FIELD: dict[str, Any] = {
     "name": "every-field",

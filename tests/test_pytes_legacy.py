@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from werkzeug.security import generate_password_hash
 
-from tests.conftest import REPO, ServerProcess, clean_env, funnel_argv
+from tests.server_helpers import REPO, ServerProcess, clean_env, funnel_argv
 from tests.waiting import wait_for
 
 CLIENT = REPO / "tests" / "pytes_legacy_client.py"

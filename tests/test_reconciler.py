@@ -12,7 +12,7 @@ import time
 import requests
 
 from funnel_hpc.core.events import iter_events, read_event_log
-from tests.conftest import ServerProcess, clean_env, funnel_argv, worker_image_config
+from tests.server_helpers import ServerProcess, clean_env, funnel_argv, worker_image_config
 from tests.test_e2e import TERMINAL, create, get, sh, wait_state
 from tests.waiting import wait_for
 

@@ -22,8 +22,8 @@ import requests
 from sqlalchemy import create_engine, func, select, text
 
 from funnel_hpc.gateway import db
-from tests.conftest import _postgres_reachable
 from tests.replica_helpers import ReplicaProcess, holder_pid, lease_row
+from tests.server_helpers import _postgres_reachable
 from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
 

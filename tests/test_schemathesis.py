@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 
 CHECKS = ("not_a_server_error,response_schema_conformance,status_code_conformance,"
           "content_type_conformance,response_headers_conformance,unsupported_method")

@@ -21,8 +21,8 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.core.events import MAX_TEXT, EventFold, read_event_log
-from tests.conftest import ServerProcess
 from tests.security_helpers import call, csrf_of, form, login, server_cpu_seconds
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
 
 TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED", "PREEMPTED")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
 
 TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"}

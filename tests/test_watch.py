@@ -11,8 +11,8 @@ import pytest
 import requests
 
 from funnel_hpc.core.client import ClientError, TesClient
-from tests.conftest import ServerProcess
 from tests.events_helpers import outbox_engine, record_events
+from tests.server_helpers import ServerProcess
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-root": "root"}
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import REPO, ServerProcess
+from tests.server_helpers import REPO, ServerProcess
 from tests.waiting import wait_for_state
 
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import TEST_REGISTRY, TEST_REGISTRY_CA, ServerProcess, clean_env
 from tests.image_helpers import registry_answers
+from tests.server_helpers import TEST_REGISTRY, TEST_REGISTRY_CA, ServerProcess, clean_env
 
 pytestmark = [pytest.mark.registry, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.server_helpers import free_port
 from tests.waiting import wait_for
 
 

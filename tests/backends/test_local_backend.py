@@ -16,7 +16,7 @@ import pytest
 
 from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.local import LocalBackend, _group_has_members, _start_time
-from tests.conftest import worker_image_config
+from tests.server_helpers import worker_image_config
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_SECONDS = 40

@@ -314,7 +314,7 @@ def test_awsbatch_needs_a_server_url(moto_batch, tmp_path):
 
 
 def test_awsbatch_unreachable_endpoint_is_transient(moto_server, tmp_path):
-    from tests.conftest import free_port
+    from tests.server_helpers import free_port
 
     backend = make_backend(moto_server, endpoint_url=f"http://127.0.0.1:{free_port()}",
                            max_attempts=1, timeout_seconds=2)
@@ -352,7 +352,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
     import requests
 
     from tests.backend_helpers import FAKE_AWS_ENV
-    from tests.conftest import REPO, ServerProcess, clean_env, worker_image_env
+    from tests.server_helpers import REPO, ServerProcess, clean_env, worker_image_env
 
     if shutil.which("bwrap") is None or not \
             Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():

@@ -16,8 +16,8 @@ import yaml
 
 from funnel_hpc.core.events import EventFold, read_event_log
 from tests.backend_helpers import FAKE_AWS_ENV
-from tests.conftest import TEST_REGISTRY, clean_env, funnel_argv, worker_image_config
 from tests.image_helpers import registry_answers
+from tests.server_helpers import TEST_REGISTRY, clean_env, funnel_argv, worker_image_config
 
 # busybox-static unpacked by scripts/setup/40-worker.sh: what quickstart.sh seeds the
 # image cache from (tasks no longer run over it: images come from the registry).

@@ -17,7 +17,7 @@ from werkzeug.security import generate_password_hash
 
 from funnel_hpc.worker.storage import StorageError
 from funnel_hpc.worker.storage_local import LocalStore
-from tests.conftest import ServerProcess
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
 from tests.worker.conftest import need
 from tests.worker.test_worker import sh

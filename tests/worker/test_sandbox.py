@@ -15,8 +15,8 @@ import threading
 import pytest
 import requests
 
-from tests.conftest import TEST_REGISTRIES, ServerProcess
 from tests.image_helpers import ANONYMOUS, AUTHENTICATED, CA_FILE, PASSWORD, USERNAME
+from tests.server_helpers import TEST_REGISTRIES, ServerProcess
 from tests.waiting import wait_for_state
 from tests.worker.conftest import need
 

@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from funnel_hpc.core.events import iter_events, read_event_log
-from tests.conftest import clean_env, funnel_argv
+from tests.server_helpers import clean_env, funnel_argv
 from tests.waiting import wait_for
 from tests.worker.test_worker import processes_with_argv, sh
 

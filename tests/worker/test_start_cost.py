@@ -11,7 +11,7 @@ import sys
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.worker.images import ensure_rootfs
-from tests.conftest import clean_env, worker_image_config
+from tests.server_helpers import clean_env, worker_image_config
 
 NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets", "socket",
                 "datetime", "yaml", "click", "requests", "boto3")
