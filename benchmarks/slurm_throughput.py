@@ -147,7 +147,7 @@ def create_tasks(api: str, n: int) -> list[str]:
 
 def gateway_run(n: int, work: Path, db_url: str) -> dict:
     overrides = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
-                 "worker": {"container_driver": "bwrap"},
+                 "worker": {"container_driver": "bwrap", **worker_image_config()},
                  "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
                                 "pass_server_url": False}}
     server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
