@@ -16,10 +16,9 @@ import click
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.client import DEFAULT_SERVER, ClientError, TesClient
-from funnel_hpc.core.states import TERMINAL
+from funnel_hpc.core.events import TERMINAL_STATES
 
 OUTPUTS = click.Choice(["table", "json", "yaml"], case_sensitive=False)
-TERMINAL_STATES = frozenset(state.value for state in TERMINAL)
 
 server_option = click.option("--server", envvar="FUNNEL_SERVER", default=DEFAULT_SERVER,
                              show_default=True, help="TES server URL (or FUNNEL_SERVER).")
