@@ -43,9 +43,8 @@ def private_state(config: dict) -> None:
     as_owner = any(isinstance(options, dict) and options.get("submit_as_owner")
                    for options in config["backend"].values())
     os.chmod(work_dir, 0o711 if as_owner else 0o700)
-    url = config["database"]["url"]
-    path = Path(url.split("///", 1)[1]) if url.startswith("sqlite") and "///" in url else None
-    if path is not None and str(path) != ":memory:":
+    path = leader.sqlite_path(config["database"]["url"])
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
