@@ -8,8 +8,9 @@ one GET per unfinished task per interval.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 import click
@@ -39,8 +40,20 @@ def load_config(path: str | None, overrides: dict | None = None) -> dict:
         fail(str(exc))
 
 
-def client(server_url: str) -> TesClient:
-    return TesClient(server_url)
+CREDENTIALS_HELP = """Credentials for a server with auth on come from the environment, never
+the command line (where `ps` would show them): FUNNEL_TOKEN (a bearer token), or
+FUNNEL_USER and FUNNEL_PASSWORD (HTTP basic)."""
+
+
+def client(server_url: str, environ: Mapping[str, str] | None = None) -> TesClient:
+    """A TES client for the CLI: credentials from FUNNEL_TOKEN, or FUNNEL_USER and
+    FUNNEL_PASSWORD; 429/503 answers are retried (Retry-After honoured) three times."""
+    env = os.environ if environ is None else environ
+    token, user = env.get("FUNNEL_TOKEN") or None, env.get("FUNNEL_USER") or None
+    if user is None and env.get("FUNNEL_PASSWORD"):
+        fail("FUNNEL_PASSWORD is set without FUNNEL_USER")
+    return TesClient(server_url, token=token, username=None if token else user,
+                     password=env.get("FUNNEL_PASSWORD", ""), retries=3)
 
 
 def emit(data: Any, output: str = "json") -> None:

@@ -146,7 +146,9 @@ def build_task(command: str, options: dict[str, Any]) -> dict:
 @click.option("--print", "print_only", is_flag=True, help="Print the task; create nothing.")
 @server_option
 def run(command, wait, interval, print_only, server, **options) -> None:
-    """Run COMMAND (through sh -c) in a container as a TES task; print its id."""
+    """Run COMMAND (through sh -c) in a container as a TES task; print its id.
+
+    Credentials: FUNNEL_TOKEN, or FUNNEL_USER and FUNNEL_PASSWORD, in the environment."""
     task = build_task(command, options)
     if print_only:
         click.echo(json.dumps(task, indent=2))

@@ -31,7 +31,11 @@ TABLE_HEADERS = ("ID", "NAME", "STATE", "CREATED", "DURATION")
 
 @click.group()
 def task() -> None:
-    """Create, inspect, list, cancel and wait for tasks."""
+    """Create, inspect, list, cancel and wait for tasks.
+
+    \b
+    Credentials for a server with auth on come from the environment, never the
+    command line: FUNNEL_TOKEN (bearer), or FUNNEL_USER and FUNNEL_PASSWORD (basic)."""
 
 
 @task.command("create")

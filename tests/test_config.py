@@ -54,7 +54,7 @@ def test_free_form_mappings_accept_new_keys(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("backend:\n  local:\n    backend_parameters:\n      queue: --queue\n")
     cfg = config.load(path, environ={})
-    assert cfg["backend"]["local"]["backend_parameters"] == {"queue": "--queue"}
+    assert cfg["backend"]["local"]["backend_parameters"] == {"gpus": "gpus", "queue": "--queue"}
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
