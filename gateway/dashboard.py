@@ -1,4 +1,4 @@
-"""The web dashboard at /: task list, task page, service info, API docs.
+"""The web dashboard at /: task list, task page, backend health, service info, API docs.
 
 Server-rendered Jinja2 pages (templates/dashboard/, package data); a few lines of
 plain JavaScript, loaded with the page's CSP nonce, refresh the changing part of a
@@ -8,6 +8,8 @@ session id in the signed session cookie and its hash in the database
 (cancel, sign in, sign out) carries a CSRF token derived from the session: an
 HMAC, under the app's secret key, of the session id (or of a random per-browser
 nonce before sign-in), so a token is worth nothing with another session's cookie.
+The backend health panel (gateway/backend_health.py) holds no task data: every
+signed-in user sees the same one.
 """
 
 from __future__ import annotations
@@ -122,6 +124,22 @@ def timing(task: dict[str, Any]) -> dict[str, str]:
             "run_time": _clock(end - start) if start is not None and end is not None else "-"}
 
 
+@blueprint.app_template_filter("utc")
+def utc(seconds: float | None) -> str:
+    """Seconds since the epoch as "YYYY-MM-DD HH:MM:SSZ" ("-" if None)."""
+    from datetime import UTC, datetime
+
+    if seconds is None:
+        return "-"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@blueprint.app_template_filter("age")
+def age(seconds: float | None, now: float) -> str:
+    """How long before now (both seconds since the epoch), as h:mm:ss / m:ss."""
+    return _clock(now - seconds if seconds is not None else None)
+
+
 def _parse_tag(text: str) -> dict[str, str]:
     if not text:
         return {}
@@ -157,9 +175,11 @@ def task_list():
     filters = {"state": state, "name_prefix": name_prefix, "tag": tag}
     template = "_task_rows.html" if fragment else "tasks.html"
     chart = None if fragment or error else _chart()
+    health = {} if fragment else _health()
     return _render(template, tasks=tasks, next_token=next_token, counts=counts, chart=chart,
                    states=ALL_STATES, filters=filters, error=error, page_token=token,
-                   total=sum(counts.values()), status=400 if error and not fragment else 200)
+                   total=sum(counts.values()), status=400 if error and not fragment else 200,
+                   **health)
 
 
 def _chart() -> dict[str, Any] | None:
@@ -170,6 +190,27 @@ def _chart() -> dict[str, Any] | None:
         return dashboard_chart.finished(_service().engine, _owner())
     except OperationalError:
         return None
+
+
+def _health() -> dict[str, Any]:
+    """The backend health panel's variables: backend-level only, the same for every user."""
+    import time
+
+    from funnel_hpc.gateway import backend_health
+
+    try:
+        health, now = backend_health.overview(_service().engine, _service().config)
+    except OperationalError:
+        return {"health": [], "now": time.time(),
+                "health_error": "The database is busy or unavailable; this panel will retry."}
+    return {"health": health, "now": now, "health_error": None}
+
+
+@blueprint.get("/backends")
+def backends():
+    """Each backend's last poll, last error and reconciler lease (also a fragment)."""
+    fragment = request.args.get("fragment") == "1"
+    return _render("_health.html" if fragment else "backends.html", **_health())
 
 
 @blueprint.get("/tasks/<string:task_id>")

@@ -65,12 +65,20 @@ task_tags = Table(
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    if not url.startswith("sqlite") or "///" not in url:
+        return None
+    path = url.split("///", 1)[1].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def make_engine(url: str, busy_timeout_s: float = 30) -> Engine:
     """Create an engine; SQLite gets WAL, a busy timeout and explicit BEGIN."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False,
                                                   "timeout": busy_timeout_s})
 
@@ -111,8 +119,8 @@ def reading(engine: Engine) -> Iterator[Connection]:
             yield conn
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the schema to the newest migration (Alembic)."""
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to the newest migration, or to revision (Alembic)."""
     from alembic import command
     from alembic.config import Config
 
@@ -120,6 +128,6 @@ def upgrade(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.connect() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
         if conn.in_transaction():
             conn.commit()

@@ -17,6 +17,7 @@ holder refuses to start. Allowed on one file: one ``server run`` (with its recon
 or one ``server run --no-reconciler`` plus one ``funnel reconcile``.
 
 Cost: one single-row transaction per lease/3 per replica; ``held()`` reads a float.
+``holders()`` tells the dashboard who holds each lease (gateway/backend_health.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +159,7 @@ class DatabaseLease(Lease):
         else (the row, None)."""
         t = reconciler_leases
         with db.writing(self.engine) as conn:
-            now = _database_now(conn)
+            now = database_now(conn)
             row = conn.execute(select(t).where(t.c.backend == self.backend)
                                .with_for_update()).first()
             if row is not None and row.holder != self.holder and row.expires_at >= now:
@@ -189,27 +191,73 @@ class DatabaseLease(Lease):
         self.on_acquired()
 
 
-def _database_now(conn: Connection) -> float:
+def database_now(conn: Connection) -> float:
+    """Seconds since the epoch by the database's clock (PostgreSQL), or this machine's."""
     if conn.dialect.name == "postgresql":
         return float(conn.execute(select(func.extract("epoch", func.clock_timestamp())))
                      .scalar_one())
     return time.time()  # SQLite: one machine, one clock
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
-    if not url.startswith("sqlite") or "///" not in url:
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or last held) a backend's reconciler lease, as the dashboard shows it."""
+
+    backend: str | None  # None: SQLite's one reconciler per file, whatever its backend
+    holder: str  # "host:pid"
+    held: bool
+    since: float  # when it was taken, seconds since the epoch (the database's clock)
+    renewed_at: float | None = None
+
+
+def holders(conn: Connection, url: str) -> list[Holder]:
+    """PostgreSQL: every backend's lease row (held until it expires, by the database's
+    clock). SQLite: the reconciler lock file, held while the process it names lives (its
+    pid could be reused after a crash: same machine, rarely)."""
+    if conn.dialect.name == "sqlite":
+        held = _sqlite_holder(url, RECONCILER_ROLE)
+        return [held] if held is not None else []
+    now = database_now(conn)
+    return [Holder(row.backend, ":".join(row.holder.split(":")[:2]), row.expires_at >= now,
+                   row.acquired_at, row.renewed_at)
+            for row in conn.execute(select(reconciler_leases)
+                                    .order_by(reconciler_leases.c.backend))]
+
+
+def _lock_path(database: Path, role: str) -> Path:
+    return database.with_name(f"{database.name}.{role}.lock")
+
+
+def _sqlite_holder(url: str, role: str) -> Holder | None:
+    path = db.sqlite_path(url)
+    if path is None:
         return None
-    path = url.split("///", 1)[1].split("?", 1)[0]
-    return Path(path) if path and path != ":memory:" else None
+    try:
+        fd = os.open(_lock_path(path, role), os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            pid = int(os.read(fd, 32).decode(errors="replace").strip() or 0)
+            since = os.fstat(fd).st_mtime  # lock_sqlite writes the pid when it locks
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+    alive = pid > 0  # os.kill(0, ...) would signal our own process group
+    if alive:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            pass  # another user's live process
+    return Holder(None, f"{socket.gethostname()}:{pid}", alive, since)
 
 
 def lock_sqlite(url: str, role: str) -> None:
     """Hold <db>.<role>.lock for the life of the process, or raise SingleServerError."""
-    path = sqlite_path(url)
+    path = db.sqlite_path(url)
     if path is None:
         return
-    lock = path.with_name(f"{path.name}.{role}.lock")
+    lock = _lock_path(path, role)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import waitress
 
-from funnel_hpc.gateway import leader
+from funnel_hpc.gateway import db, leader
 from funnel_hpc.gateway.app import create_app, make_service
 from funnel_hpc.gateway.service import TaskService
 
@@ -43,7 +43,7 @@ def private_state(config: dict) -> None:
     as_owner = any(isinstance(options, dict) and options.get("submit_as_owner")
                    for options in config["backend"].values())
     os.chmod(work_dir, 0o711 if as_owner else 0o700)
-    path = leader.sqlite_path(config["database"]["url"])
+    path = db.sqlite_path(config["database"]["url"])
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))

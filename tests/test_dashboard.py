@@ -356,3 +356,71 @@ def test_list_page_shows_the_activity_chart(browser, server, tmp_path):
     shot(browser, tmp_path, "activity-chart")
     browser.get(server.url + "/")
     assert csp_violations(browser) == []
+
+
+LOCAL_HEALTH = 'tr[data-backend="local"]'
+UNREACHABLE = "squeue failed (1): slurm_load_jobs error: Unable to contact slurm controller"
+
+
+@pytest.mark.browser
+def test_backend_health_shows_a_poll_error_then_the_recovery(browser, server, tmp_path):
+    """Issue 18.5: the panel reads the database, whichever process polled: an error that
+    another process records shows on the open page without a reload, then the recovery."""
+    from funnel_hpc.gateway import backend_health
+
+    engine = db.make_engine(server.db_url)
+    browser.get(server.url + "/")
+    csp_violations(browser)  # clears what earlier pages logged
+    assert "not held" in text_of_selector(browser, f"{LOCAL_HEALTH} .lease")  # --no-reconciler
+    assert text_of_selector(browser, f"{LOCAL_HEALTH} .last-poll") == "never"
+    browser.execute_script("window.__loaded_once = true;")
+    backend_health._written.clear()
+    backend_health.record_poll(engine, "local", UNREACHABLE)
+    wait_for(lambda: UNREACHABLE in text_of_selector(browser, f"{LOCAL_HEALTH} .last-error"),
+             30, "the poll error on the open page")
+    assert text_of_selector(browser, f"{LOCAL_HEALTH} .poll-status") == "failing"
+    shot(browser, tmp_path, "backend-health-error")
+    backend_health.record_poll(engine, "local", None)
+    wait_for(lambda: text_of_selector(browser, f"{LOCAL_HEALTH} .poll-status") == "ok", 30,
+             "the recovery on the open page")
+    assert UNREACHABLE in text_of_selector(browser, f"{LOCAL_HEALTH} .last-error")  # kept
+    assert browser.execute_script("return window.__loaded_once === true;")
+    browser.get(server.url + "/backends")
+    assert UNREACHABLE in text_of_selector(browser, f"{LOCAL_HEALTH} .last-error")
+    assert csp_violations(browser) == []
+    engine.dispose()
+
+
+def reconciler_records_polls() -> bool:
+    """Whether gateway/reconciler.py calls backend_health.record_poll yet."""
+    import inspect
+
+    from funnel_hpc.gateway import reconciler
+
+    return "record_poll" in inspect.getsource(reconciler)
+
+
+@pytest.mark.browser
+def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_path):
+    """Server + reconciler + local backend: the panel names the reconciler holding the
+    lease (SQLite: this server's pid) and shows a fresh successful poll while a job runs."""
+    live = ServerProcess(tmp_path / "health", databases.new("sqlite"), reconcile=True,
+                         overrides={"reconciler": {"interval_seconds": 0.3},
+                                    "worker": {"container_driver": "bwrap"}}).start()
+    try:
+        assert live.proc is not None
+        browser.get(live.url + "/backends")
+        lease = text_of_selector(browser, f"{LOCAL_HEALTH} .lease")
+        assert lease.startswith("held by") and f":{live.proc.pid} since" in lease, lease
+        if not reconciler_records_polls():
+            pytest.skip("gateway/reconciler.py does not call backend_health.record_poll yet")
+        create(live, name="health", executors=[
+            {"image": "busybox", "command": ["sh", "-c", "sleep 5"]}])
+        wait_for(lambda: text_of_selector(browser, f"{LOCAL_HEALTH} .poll-status") == "ok",
+                 60, "a successful poll on the open page", detail=live.log)
+        assert re.fullmatch(r"\d+:\d\d ago \(.*Z\)",
+                            text_of_selector(browser, f"{LOCAL_HEALTH} .last-poll")
+                            .rsplit(" ", 1)[0])
+        shot(browser, tmp_path, "backend-health-live")
+    finally:
+        live.stop()
