@@ -6,6 +6,8 @@ connection from the last event id). Credentials: a bearer token, or a user name 
 password (HTTP Basic). With ``retries`` > 0, answers 429 and 503 are tried again after
 the server's ``Retry-After`` (seconds or an HTTP date; capped by ``max_retry_wait``).
 Every failure is a ``ClientError`` carrying the HTTP status and the server's message.
+``TaskClient`` is the surface it shares with the gRPC client
+(``funnel_hpc.proto.client.TesGrpcClient``, which lives there as it needs the stubs).
 The `funnel task` commands and the worker use it; it imports ``requests`` only when a
 client is made (the worker imports this module at every start).
 """
@@ -43,7 +45,65 @@ class ClientError(RuntimeError):
         return is_transient(self.status)
 
 
-class TesClient:
+class TaskClient:
+    """The calls of every funnel-hpc client: ``TesClient`` (HTTP, here) and
+    ``funnel_hpc.proto.client.TesGrpcClient`` (gRPC). ``list_all`` and ``wait`` are built
+    on each one's ``list_page`` and ``get``."""
+
+    def create(self, task: Any) -> str:
+        """Create a task (a tesTask document); return its id."""
+        raise NotImplementedError
+
+    def get(self, task_id: str, view: str = "MINIMAL") -> dict:
+        """One task in a view: MINIMAL (id, state), BASIC or FULL."""
+        raise NotImplementedError
+
+    def list_page(self, **params: Any) -> dict:
+        """One ListTasks page: {"tasks": [...], "next_page_token": ...}."""
+        raise NotImplementedError
+
+    def cancel(self, task_id: str) -> None:
+        """Cancel a task (an ended task is left as it is)."""
+        raise NotImplementedError
+
+    def service_info(self) -> dict:
+        """The server's GA4GH service-info document."""
+        raise NotImplementedError
+
+    def watch(self, task_id: str | None = None, *, last_event_id: int | None = None,
+              reconnect: bool = True) -> Generator[dict, None, None]:
+        """Events of the caller's tasks (or one task) as they are recorded."""
+        raise NotImplementedError
+
+    def list_all(self, **params: Any) -> Iterator[dict]:
+        """Every task matching, page after page (newest first)."""
+        token = None
+        while True:
+            page = self.list_page(**params, page_token=token)
+            yield from page.get("tasks", [])
+            token = page.get("next_page_token")
+            if not token:
+                return
+
+    def wait(self, task_id: str, timeout: float | None = None, interval: float = 1.0,
+             view: str = "MINIMAL") -> dict:
+        """Poll until the task has ended; return it (in ``view``). ``timeout`` seconds
+        (None: no limit) then raise ClientError (status None)."""
+        import time
+
+        from funnel_hpc.core.events import TERMINAL_STATES
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            task = self.get(task_id, view)
+            if task["state"] in TERMINAL_STATES:
+                return task
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ClientError(f"task {task_id} still {task['state']} after {timeout:g} s")
+            time.sleep(interval)
+
+
+class TesClient(TaskClient):
     """A TES server's HTTP API (TES 1.1 routes and funnel-hpc's event stream)."""
 
     def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30,
@@ -109,16 +169,6 @@ class TesClient:
         API's (name_prefix, state, tag_key, tag_value, page_size, page_token, view)."""
         return self._call("GET", "/tasks", params={k: v for k, v in params.items() if v})
 
-    def list_all(self, **params: Any) -> Iterator[dict]:
-        """Every task matching, page after page (newest first)."""
-        token = None
-        while True:
-            page = self.list_page(**params, page_token=token)
-            yield from page.get("tasks", [])
-            token = page.get("next_page_token")
-            if not token:
-                return
-
     def cancel(self, task_id: str) -> None:
         """Cancel a task (an ended task is left as it is)."""
         self._call("POST", f"/tasks/{task_id}:cancel")
@@ -126,23 +176,6 @@ class TesClient:
     def service_info(self) -> dict:
         """The server's GA4GH service-info document."""
         return self._call("GET", "/service-info")
-
-    def wait(self, task_id: str, timeout: float | None = None, interval: float = 1.0,
-             view: str = "MINIMAL") -> dict:
-        """Poll until the task has ended; return it (in ``view``). ``timeout`` seconds
-        (None: no limit) then raise ClientError (status None)."""
-        import time
-
-        from funnel_hpc.core.events import TERMINAL_STATES
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            task = self.get(task_id, view)
-            if task["state"] in TERMINAL_STATES:
-                return task
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ClientError(f"task {task_id} still {task['state']} after {timeout:g} s")
-            time.sleep(interval)
 
     def watch(self, task_id: str | None = None, *, last_event_id: int | None = None,
               reconnect: bool = True) -> Generator[dict, None, None]:
