@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.leader import DatabaseLease, reconciler_leases
-from tests.server_helpers import ServerProcess
+from tests.server_helpers import ServerProcess, free_port
 
 
 @dataclass
@@ -31,6 +31,19 @@ class ReplicaProcess(ServerProcess):
     @property
     def log_path(self):
         return self.work_dir / f"{self.name}.log"
+
+    def start(self, timeout: float = 30) -> ReplicaProcess:
+        """Start; on a port taken between free_port() and the bind (other test sessions on
+        the machine), again on fresh ports, up to three times."""
+        for attempt in range(3):
+            try:
+                super().start(timeout)
+                return self
+            except RuntimeError as error:
+                if "Address already in use" not in str(error) or attempt == 2:
+                    raise
+                self.port, self.grpc_port = free_port(), free_port()
+        return self
 
 
 class Unelected(DatabaseLease):

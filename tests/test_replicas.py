@@ -1,16 +1,21 @@
 """Replicas: three `funnel server run` processes, each with its reconciler, on one
 PostgreSQL and one work dir, driving the real Slurm. One reconciler is active (the lease
 holder, gateway/leader.py); kill -9 it mid-run, later the next one: every task still
-completes, each has exactly one Slurm job, and the failover gap is measured.
+completes, each has exactly one Slurm job, and the failover gap is measured. Then a
+private PostgreSQL stopped for 30 s under two replicas: 503s, nothing half written, all
+tasks resume.
 
-240 tasks, not the 1,000 of issue 20: on this 2-core machine (2 Slurm slots) that runs in
-a few minutes beside the rest of the suite.
+1,000 tasks, as issue 20 asks, on Slurm's `bench` partition (trivial jobs share the two
+cores there, as they would spread over a wider cluster): about 2 minutes on this 2-core
+machine; the two slots of `debug` would take 15.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -27,8 +32,10 @@ from tests.server_helpers import _postgres_reachable
 from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
 
-N_TASKS = 240
+N_TASKS = 1000
 LEASE = 6.0
+# scripts/setup/30-slurm.sh; `debug` starts about one job a second here
+PARTITION = "bench"
 TICK = 0.5
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
@@ -68,17 +75,35 @@ class SlurmJobLedger:
             self.jobs[name].add(job_id)
 
 
-def replicas(work: Path, url: str) -> list[ReplicaProcess]:
-    overrides = {"backend": {"name": "slurm"},
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """The replicas' work dir and image cache, outside pytest's basetemp: each pytest
+    session starting on the machine chmods /tmp/pytest-of-<user>, which clears the ACL
+    mask the workers set for the sandbox user, and a sandbox starting at that moment cannot
+    reach its image (EXECUTOR_ERROR): 1,000 tasks hit that when other sessions run."""
+    top = Path(tempfile.mkdtemp(prefix="funnel-replicas-"))
+    yield top
+    # a failed run leaves jobs behind: cancel those of this dir (Slurm is shared)
+    listed = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True)
+    left = [line.split()[0] for line in listed.stdout.splitlines()
+            if line.split()[-1].startswith(f"{top}/")]
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True)
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def replicas(top: Path, url: str) -> list[ReplicaProcess]:
+    overrides = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
                  "reconciler": {"interval_seconds": TICK, "lease_seconds": LEASE,
                                 # several ticks of submissions, so kills land mid-submission
                                 "submit_per_tick": 30,
                                 # workers report through the shared work dir only: a killed
                                 # replica's URL must not be theirs (a site gives its LB's)
                                 "pass_server_url": False},
-                 "worker": {"container_driver": "bwrap"}}
-    return [ReplicaProcess(work, url, overrides=overrides, reconcile=True, name=f"replica{i}")
-            for i in range(3)]
+                 "worker": {"container_driver": "bwrap",
+                            "image_cache": str(top / "image-cache")}}
+    return [ReplicaProcess(top / "work", url, overrides=overrides, reconcile=True,
+                           name=f"replica{i}") for i in range(3)]
 
 
 def states(engine) -> dict[str, int]:
@@ -106,15 +131,21 @@ def leader_of(engine, servers: list[ReplicaProcess]) -> ReplicaProcess | None:
 
 def kill_leader(engine, servers: list[ReplicaProcess], leader: ReplicaProcess) -> dict:
     """kill -9 the leader; wait for another to take over; the gap by the database's clock
-    (last renewal -> takeover) and by the test's (kill -> takeover)."""
+    (last renewal -> takeover) and by the test's (kill -> takeover). While tasks were
+    still QUEUED: also how long they waited, kill -> the successor's first submission."""
     leader.kill()
     killed_at = time.time()
     last = lease_row(engine, "slurm")  # the dead holder's last renewal
+    submitted = with_job(engine)  # a claim in flight at the kill was rolled back or is here
     successor = wait_for(lambda: (lambda s: s if s is not None and s is not leader else None)(
         leader_of(engine, servers)), LEASE + 120, "another replica to take the lease")
     row = lease_row(engine, "slurm")
-    return {"successor": successor, "gap": row.acquired_at - last.renewed_at,
-            "after_kill": row.acquired_at - killed_at}
+    gap = {"successor": successor, "gap": row.acquired_at - last.renewed_at,
+           "after_kill": row.acquired_at - killed_at}
+    if submitted < sum(states(engine).values()):
+        wait_for(lambda: with_job(engine) > submitted, 120, "the successor's first submission")
+        gap["queued_wait"] = time.time() - killed_at
+    return gap
 
 
 def create_round_robin(servers: list[ReplicaProcess], numbers: range) -> Iterator[str]:
@@ -135,10 +166,10 @@ def with_job(engine) -> int:
                             ).scalar_one()
 
 
-def test_three_replicas_two_leader_kills(databases, tmp_path):
+def test_three_replicas_two_leader_kills(databases, private_dir):
     wait_for(slurm_ready, 180, "Slurm to answer (another test may have stopped it)")
     url = databases.new("postgres")
-    servers = replicas(tmp_path / "work", url)
+    servers = replicas(private_dir, url)
     engine = create_engine(url)
     gaps = []
     try:
@@ -165,8 +196,13 @@ def test_three_replicas_two_leader_kills(databases, tmp_path):
                      "every task COMPLETE", detail=lambda: (states(engine), leader.log()[-2000:]))
         print(f"failover gaps (lease {LEASE} s, tick {TICK} s): {gaps}; database bytes "
               f"per COMPLETE task: {database_bytes(engine) / N_TASKS:.0f}")
+        # issue 20: no QUEUED task waits longer than lease + 2 ticks without a reconciler;
+        # asserted with 15 s to spare, so that a busy 2-core machine cannot fail it (the
+        # figures printed above are the measurement)
+        assert "queued_wait" in gaps[0], gaps  # the first kill left tasks QUEUED
         for gap in gaps:
-            assert gap["gap"] <= LEASE + 2 * TICK + 15, gaps  # generous: a busy 2-core machine
+            assert gap["gap"] <= LEASE + 2 * TICK + 15, gaps
+            assert gap.get("queued_wait", 0) <= LEASE + 2 * TICK + 15, gaps
             assert gap["gap"] >= LEASE - 1, gaps  # nobody took over before the expiry
         with db.reading(engine) as conn:  # every task once in Slurm, the job it recorded
             rows = conn.execute(select(db.tasks.c.id, db.tasks.c.job_id, db.tasks.c.attempt)).all()
@@ -182,10 +218,10 @@ def test_three_replicas_two_leader_kills(databases, tmp_path):
 
 
 OUTAGE_SECONDS = 30
-OUTAGE_TASKS = 40
+OUTAGE_TASKS = 200  # on `bench` most are still in flight when PostgreSQL stops
 
 
-def test_postgres_down_30s_replicas_answer_503_and_resume(tmp_path):
+def test_postgres_down_30s_replicas_answer_503_and_resume(private_dir):
     """Two replicas on a private PostgreSQL that is stopped for 30 s mid-run: every API
     call meanwhile is a 503, the lease holder stops reconciling, no task or tag row is
     half written, and after the restart every task completes with one Slurm job."""
@@ -195,7 +231,7 @@ def test_postgres_down_30s_replicas_answer_503_and_resume(tmp_path):
         pytest.skip("PostgreSQL binaries not installed")
     wait_for(slurm_ready, 180, "Slurm to answer (another test may have stopped it)")
     postgres = PrivatePostgres.create()
-    servers = replicas(tmp_path / "work", postgres.url)[:2]
+    servers = replicas(private_dir, postgres.url)[:2]
     engine = create_engine(postgres.url)
     try:
         for server in servers:
@@ -206,6 +242,7 @@ def test_postgres_down_30s_replicas_answer_503_and_resume(tmp_path):
                 **TASK, "name": f"out{n}", "tags": {"n": str(n)}}).json()["id"]
                 for n in range(OUTAGE_TASKS)]
             wait_for(lambda: states(engine).get("COMPLETE", 0) >= 5, 600, "5 tasks COMPLETE")
+            print(f"states when PostgreSQL stops: {states(engine)}")
             engine.dispose()
             postgres.stop()
             statuses = outage_statuses(servers, time.monotonic() + OUTAGE_SECONDS)

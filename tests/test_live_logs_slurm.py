@@ -1,0 +1,99 @@
+"""Live logs through the real server on the real Slurm backend (issue 18.1): the lines a
+Slurm job's executor printed show in the FULL view while it still runs, and `funnel task
+logs --follow` prints every line once and ends with the task.
+
+tests/test_live_logs_e2e.py is the same on the local backend. Nothing here waits for a
+time: a task sleeps (canceled once its line was seen) or waits for a file the test writes
+into its volume; the limits are generous because Slurm may be busy with other tests' jobs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import requests
+
+from tests.server_helpers import ServerProcess, clean_env, funnel_argv
+from tests.test_e2e import TICK, slurm_ready
+from tests.test_live_logs_e2e import (
+    TERMINAL,
+    UPDATE_SECONDS,
+    WAIT_FOR_GO,
+    create,
+    release,
+    running_stdout,
+)
+from tests.waiting import wait_for, wait_for_state
+
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(not slurm_ready(), reason="Slurm is not running "
+                                 "(scripts/setup/30-slurm.sh starts it)")]
+
+QUEUE_WAIT = 600  # other tests' jobs may hold both slots first
+
+
+@pytest.fixture(scope="module")
+def server(databases, tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("live-logs-slurm"), databases.new("sqlite"),
+                        overrides={"backend": {"name": "slurm"},
+                                   "reconciler": {"interval_seconds": TICK},
+                                   "worker": {"container_driver": "bwrap",
+                                              "poll_server_seconds": 1,
+                                              "log_update_seconds": UPDATE_SECONDS}},
+                        reconcile=True).start()
+    yield srv
+    srv.stop()
+
+
+def job_listed(job_id: str) -> bool:
+    """Whether Slurm still lists the job as pending or running."""
+    listed = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PENDING,RUNNING",
+                             "-o", "%i"], capture_output=True, text=True)
+    return job_id in listed.stdout.split()
+
+
+def test_a_running_slurm_task_shows_its_line_then_cancels(server):
+    task_id = create(server, "echo first line; sleep 3600")
+    try:
+        wait_for_state(server.api, task_id, "RUNNING", QUEUE_WAIT,
+                       detail=lambda: server.log()[-2000:])
+        # log_update_seconds + the worker's post + a busy machine: generous, and the task
+        # cannot end by itself within the wait
+        wait_for(lambda: running_stdout(server, task_id) == "first line\n", 120,
+                 "the first line in the FULL view", detail=lambda: server.log()[-2000:])
+        task = requests.get(f"{server.api}/tasks/{task_id}", params={"view": "FULL"},
+                            timeout=10).json()
+        assert task["state"] == "RUNNING"  # the line came while the job still ran
+        job_id = task["logs"][0]["metadata"]["job_id"]
+    finally:
+        canceled = subprocess.run(funnel_argv("task", "cancel", task_id, "--server",
+                                              server.url), env=clean_env(),
+                                  capture_output=True, text=True, timeout=60)
+    assert canceled.returncode == 0, canceled.stderr
+    done = wait_for_state(server.api, task_id, TERMINAL, 120)
+    assert done["state"] == "CANCELED"
+    wait_for(lambda: not job_listed(job_id), 120, f"Slurm job {job_id} to go")
+
+
+def test_task_logs_follow_on_slurm_prints_each_line_once(server):
+    script = ("for i in 1 2 3; do echo line $i; done; echo oops >&2; "
+              f"{WAIT_FOR_GO}; for i in 4 5; do echo line $i; done")
+    task_id = create(server, script)
+    follow = subprocess.Popen(funnel_argv("task", "logs", task_id, "--follow",
+                                          "--interval", "0.2", "--server", server.url),
+                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        wait_for(lambda: "line 3" in running_stdout(server, task_id), QUEUE_WAIT,
+                 "the first lines while running", detail=lambda: server.log()[-2000:])
+        release(server, task_id)
+        out, err = follow.communicate(timeout=180)
+    finally:
+        release(server, task_id)
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    assert out == "".join(f"line {i}\n" for i in range(1, 6))
+    assert wait_for_state(server.api, task_id, TERMINAL, 120)["state"] == "COMPLETE"
