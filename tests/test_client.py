@@ -19,8 +19,9 @@ from funnel_hpc.core.client import ClientError, TaskClient, TesClient, retry_aft
 from funnel_hpc.core.sse import messages
 from funnel_hpc.proto import funnel_events_pb2, funnel_events_pb2_grpc
 from funnel_hpc.proto.client import TesGrpcClient
-from tests.events_helpers import ScriptedServer, outbox_engine, record_events
+from tests.events_helpers import ScriptedServer
 from tests.server_helpers import ServerProcess
+from tests.test_watch import record, take
 from tests.waiting import wait_for
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
@@ -155,28 +156,6 @@ def connect(server: ServerProcess, transport: str, user: str | None = None,
     if transport == "http":
         return TesClient(server.url, timeout=10, **options)
     return TesGrpcClient(f"127.0.0.1:{server.grpc_port}", timeout=10, **options)
-
-
-def take(events: Iterator[dict], count: int, timeout: float = 60) -> list[dict]:
-    """The next `count` events of a watch, read on a thread so a short stream fails the
-    test (after timeout) instead of hanging it."""
-    got: list[dict] = []
-
-    def read() -> None:
-        for event in events:
-            got.append(event)
-            if len(got) == count:
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    assert len(got) == count, f"{len(got)} of {count} events in {timeout} s: {got}"
-    return got
-
-
-def record(server: ServerProcess, plan) -> list[int]:
-    return record_events(outbox_engine(server.work_dir / "funnel.db"), plan)
 
 
 def test_create_get_list_cancel_wait_on_a_real_server(server, transport):

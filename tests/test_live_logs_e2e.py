@@ -94,7 +94,10 @@ def test_a_running_task_shows_its_line_before_it_ends(server):
     assert done["logs"][0]["logs"][0]["stdout"] == "first line\ndone\n"
 
 
-def test_task_logs_follow_prints_each_line_once_and_ends_with_the_task(server):
+def follow_five_lines(server: ServerProcess, first_wait: float, end_wait: float) -> str:
+    """A task prints lines 1-3 (and one to stderr), waits for the test, then prints 4 and
+    5: `funnel task logs --follow` prints each line once and exits with the task, which
+    ends COMPLETE. The task's id."""
     script = ("for i in 1 2 3; do echo line $i; done; echo oops >&2; "
               f"{WAIT_FOR_GO}; for i in 4 5; do echo line $i; done")
     task_id = create(server, script)
@@ -103,10 +106,10 @@ def test_task_logs_follow_prints_each_line_once_and_ends_with_the_task(server):
                               env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     try:
-        wait_for(lambda: "line 3" in running_stdout(server, task_id), 60,
+        wait_for(lambda: "line 3" in running_stdout(server, task_id), first_wait,
                  "the first lines while running", detail=lambda: server.log()[-2000:])
         release(server, task_id)
-        out, err = follow.communicate(timeout=120)
+        out, err = follow.communicate(timeout=end_wait)
     finally:
         release(server, task_id)
         if follow.poll() is None:
@@ -114,7 +117,12 @@ def test_task_logs_follow_prints_each_line_once_and_ends_with_the_task(server):
             follow.communicate()
     assert follow.returncode == 0, err
     assert out == "".join(f"line {i}\n" for i in range(1, 6))
-    assert wait_for_state(server.api, task_id, TERMINAL, 90)["state"] == "COMPLETE"
+    assert wait_for_state(server.api, task_id, TERMINAL, end_wait)["state"] == "COMPLETE"
+    return task_id
+
+
+def test_task_logs_follow_prints_each_line_once_and_ends_with_the_task(server):
+    task_id = follow_five_lines(server, 60, 120)
     stderr = subprocess.run(funnel_argv("task", "logs", task_id, "--stderr", "--server",
                                         server.url), env=clean_env(), capture_output=True,
                             text=True, timeout=60)

@@ -19,9 +19,8 @@ from tests.test_e2e import TICK, slurm_ready
 from tests.test_live_logs_e2e import (
     TERMINAL,
     UPDATE_SECONDS,
-    WAIT_FOR_GO,
     create,
-    release,
+    follow_five_lines,
     running_stdout,
 )
 from tests.waiting import wait_for, wait_for_state
@@ -77,23 +76,4 @@ def test_a_running_slurm_task_shows_its_line_then_cancels(server):
 
 
 def test_task_logs_follow_on_slurm_prints_each_line_once(server):
-    script = ("for i in 1 2 3; do echo line $i; done; echo oops >&2; "
-              f"{WAIT_FOR_GO}; for i in 4 5; do echo line $i; done")
-    task_id = create(server, script)
-    follow = subprocess.Popen(funnel_argv("task", "logs", task_id, "--follow",
-                                          "--interval", "0.2", "--server", server.url),
-                              env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    try:
-        wait_for(lambda: "line 3" in running_stdout(server, task_id), QUEUE_WAIT,
-                 "the first lines while running", detail=lambda: server.log()[-2000:])
-        release(server, task_id)
-        out, err = follow.communicate(timeout=180)
-    finally:
-        release(server, task_id)
-        if follow.poll() is None:
-            follow.kill()
-            follow.communicate()
-    assert follow.returncode == 0, err
-    assert out == "".join(f"line {i}\n" for i in range(1, 6))
-    assert wait_for_state(server.api, task_id, TERMINAL, 120)["state"] == "COMPLETE"
+    follow_five_lines(server, QUEUE_WAIT, 180)
