@@ -56,7 +56,7 @@ def full_task(task_id: str, state: str, spec: dict, logs: list, creation_time: s
 
 
 # Metadata keys where the worker reports what it found at untyped inputs' and outputs'
-# paths (worker/runner.py): JSON {"index": "FILE" | "DIRECTORY"}.
+# paths (worker/staging.py): JSON {"index": "FILE" | "DIRECTORY"}.
 FOUND_TYPES = {"inputs": "input_types", "outputs": "output_types"}
 FILE_TYPES = ("FILE", "DIRECTORY")
 

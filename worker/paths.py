@@ -1,7 +1,8 @@
 """Where a task's container paths live on the host, and the checks that keep them there.
 
 Container path ``/data/in.txt`` of task T is ``<workdir>/T/files/data/in.txt`` on
-the host. The directories a container sees (``mounts``) are the smallest set of
+the host (``<scratch>/files/data/in.txt`` with worker.scratch_dir: worker/scratch.py).
+The directories a container sees (``mounts``) are the smallest set of
 container directories covering every input, output, volume and std stream path;
 each is bound from its host twin.
 """
@@ -36,9 +37,11 @@ def check_container_path(path: str) -> str:
 
 
 class TaskPaths:
-    def __init__(self, task_dir: Path):
+    """A task's container paths on the host, under `files` (default: task_dir/files)."""
+
+    def __init__(self, task_dir: Path, files: Path | None = None):
         self.task_dir = task_dir
-        self.files = task_dir / "files"
+        self.files = files if files is not None else task_dir / "files"
 
     def host(self, container_path: str) -> Path:
         """Host twin of a container path; refuses anything that would leave files/."""

@@ -4,8 +4,12 @@ Credentials: a service-account JSON file (``storage.gs.credentials_file``), none
 (``anonymous``: public buckets, emulators), else Application Default Credentials.
 ``endpoint_url`` points the client at an emulator or a private endpoint. Objects are
 files; a directory URL is the objects under ``prefix/``. Large uploads are resumable
-(the library's), downloads are checked against the stored CRC32C/MD5. The library's own
-retries are off: storage_retry.py decides what is tried again.
+(the library's), downloads are checked against the stored CRC32C/MD5. Objects of
+``ranged_threshold_mb`` or more come down in ranges of ``ranged_chunk_mb``, up to
+``storage.max_parallel_transfers`` at once (one pool per worker, whatever the number of
+files), pinned to the generation first seen, then checked (size, and CRC32C or MD5 when
+the object has one). Cost: one metadata request per download, to learn the size. The
+library's own retries are off: storage_retry.py decides what is tried again.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from funnel_hpc.worker.storage_retry import transient_status
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from concurrent.futures import ThreadPoolExecutor
     from typing import Any
 
+MB = 1 << 20
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 MISSING = ("gs:// needs the google-cloud-storage package on the worker's Python "
            "(pip install 'funnel-hpc[gs]')")
@@ -29,10 +35,15 @@ MISSING = ("gs:// needs the google-cloud-storage package on the worker's Python 
 class GsStore(Store):
     """One google.cloud.storage client, made on first use."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: dict[str, Any], parallel: int = 1):
         self.options = options
         self.timeout = 60.0
+        self.parallel = max(1, parallel)
+        # 0: never ranged (older configs have no key: the default)
+        self.ranged_threshold = int(float(options.get("ranged_threshold_mb", 64)) * MB)
+        self.chunk = max(1, int(float(options.get("ranged_chunk_mb") or 32) * MB))
         self._client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     def client(self) -> Any:
@@ -116,8 +127,37 @@ class GsStore(Store):
     def get_file(self, url: str, dest: Path) -> None:
         bucket, name = self.split(url)
         self.check_stop(url)
-        self._call(url, lambda: self.client().bucket(bucket).blob(name).download_to_filename(
-            str(dest), retry=None, timeout=self.timeout))
+        if self.ranged_threshold <= 0:
+            self._call(url, lambda: self.client().bucket(bucket).blob(name)
+                       .download_to_filename(str(dest), retry=None, timeout=self.timeout))
+            return
+        blob = self._call(url, lambda: self.client().bucket(bucket).get_blob(
+            name, retry=None, timeout=self.timeout))
+        if blob is None:
+            raise StorageError(f"{url}: HTTP 404: no such object")
+        # gzip with transcoding: served whole and decompressed, whatever the range
+        if (blob.size or 0) >= self.ranged_threshold and blob.content_encoding != "gzip":
+            from funnel_hpc.worker.storage_gs_ranged import download_ranges
+
+            download_ranges(self, url, blob, dest)
+            return
+        # the metadata's blob: its media link names the generation just seen
+        self._call(url, lambda: blob.download_to_filename(str(dest), retry=None,
+                                                          timeout=self.timeout))
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads ranged downloads share (made on first use): transfers already run
+        several at once, so a pool per file would multiply threads and connections."""
+        with self._lock:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="gs-range")
+            return self._pool
+
+    def call(self, url: str, work: Callable[[], Any]) -> Any:
+        """work() with the library's failures turned into StorageError (see _error)."""
+        return self._call(url, work)
 
     def put_file(self, src: Path, url: str) -> None:
         bucket, name = self.split(url)
@@ -148,4 +188,4 @@ class GsStore(Store):
 
 
 def make_store(config: dict[str, Any], _scheme: str) -> GsStore:
-    return GsStore(config["storage"]["gs"])
+    return GsStore(config["storage"]["gs"], int(config["storage"]["max_parallel_transfers"]))

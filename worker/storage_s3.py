@@ -5,13 +5,17 @@ GenericS3), each with its own credentials and options, chosen by bucket name (``
 names or shell patterns) or by URL host (``host``: ``s3://host:port/bucket/key``). An
 endpoint without keys uses boto3's chain (environment, profile, instance role). Uploads
 may ask for server-side encryption (``sse``: AES256 or aws:kms with ``sse_kms_key_id``);
-objects over ``multipart_threshold_mb`` move in parts, several at once. boto3 itself
-makes one attempt: storage_retry.py decides what is tried again.
+objects over ``multipart_threshold_mb`` move in parts, several at once (boto3's transfer
+manager). Smaller ones, most of a many-file task, take one request each: GetObject
+streamed to the file (no HEAD first), PutObject from the open file; the manager and its
+threads, made per call, would cost more than the transfer. boto3 itself makes one
+attempt: storage_retry.py decides what is tried again.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 import threading
 from pathlib import Path
 
@@ -30,6 +34,7 @@ THROTTLED = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
              "RequestLimitExceeded", "TooManyRequestsException", "InternalError",
              "ServiceUnavailable"}
 MB = 1 << 20
+CHUNK = 1 << 18  # bytes read from a GetObject body at a time (between cancel checks)
 
 
 class S3Endpoint:
@@ -110,6 +115,7 @@ class S3Store(Store):
             ClientError,
             ConnectionClosedError,
             EndpointConnectionError,
+            FlexibleChecksumError,
             IncompleteReadError,
             ReadTimeoutError,
             ResponseStreamingError,
@@ -122,11 +128,14 @@ class S3Store(Store):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             code = str(error.get("Code") or status)
             words = error.get("Message") or str(exc)
-            return StorageError(f"{url}: {code}: {words}",
+            said = f"{status} {code}" if status and code != str(status) else code
+            return StorageError(f"{url}: {said}: {words}",
                                 transient=code in THROTTLED or transient_status(status))
+        # FlexibleChecksumError: a body that does not match its checksum (cut, mangled)
         transient = isinstance(exc, (EndpointConnectionError, ConnectionClosedError,
                                      ReadTimeoutError, IncompleteReadError,
-                                     ResponseStreamingError, ConnectionError))
+                                     ResponseStreamingError, FlexibleChecksumError,
+                                     ConnectionError))
         return StorageError(f"{url}: {exc.__class__.__name__}: {exc}", transient=transient)
 
     def _call(self, url: str, work: Callable[[], Any]) -> Any:
@@ -150,11 +159,45 @@ class S3Store(Store):
 
     def get_file(self, url: str, dest: Path) -> None:
         endpoint, bucket, key = self.locate(url)
+        self.check_stop(url)
+        if self._call(url, lambda: self._get_small(url, endpoint, bucket, key, dest)):
+            return
         self._call(url, lambda: endpoint.client.download_file(
             bucket, key, str(dest), Callback=self._progress(url), Config=endpoint.transfer))
 
+    def _get_small(self, url: str, endpoint: S3Endpoint, bucket: str, key: str,
+                   dest: Path) -> bool:
+        """One GetObject streamed into dest; False (nothing written) when the object is
+        over the multipart threshold: the transfer manager fetches it in parts."""
+        response = endpoint.client.get_object(Bucket=bucket, Key=key)
+        body = response["Body"]
+        try:
+            size = int(response.get("ContentLength") or 0)
+            if size > endpoint.transfer.multipart_threshold:
+                return False
+            got = 0
+            with open(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o644), "wb") as out:
+                while chunk := body.read(CHUNK):
+                    self.check_stop(url)
+                    out.write(chunk)
+                    got += len(chunk)
+        finally:
+            body.close()
+        if got != size:
+            raise StorageError(f"{url}: got {got} of {size} bytes", transient=True)
+        return True
+
     def put_file(self, src: Path, url: str) -> None:
         endpoint, bucket, key = self.locate(url)
+        self.check_stop(url)
+        if os.stat(src).st_size <= endpoint.transfer.multipart_threshold:
+            def put() -> None:
+                with open(src, "rb") as body:
+                    endpoint.client.put_object(Bucket=bucket, Key=key, Body=body,
+                                               **endpoint.upload_args)
+            self._call(url, put)
+            return
         self._call(url, lambda: endpoint.client.upload_file(
             str(src), bucket, key, ExtraArgs=dict(endpoint.upload_args),
             Callback=self._progress(url), Config=endpoint.transfer))

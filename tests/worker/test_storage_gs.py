@@ -4,6 +4,7 @@ wildcard outputs, anonymous and service-account credentials, permanent errors.""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -87,3 +88,64 @@ def test_a_service_account_file_is_used(harness, emulator, tmp_path):
         assert tokens.requests and set(tokens.requests) == {("POST", "/token", 200)}
     finally:
         tokens.stop()
+
+
+RANGED = {"ranged_threshold_mb": 0.01, "ranged_chunk_mb": 0.004}  # 10 kB and up: 4 kB ranges
+
+
+def test_a_large_object_comes_down_in_ranges_byte_identical(harness, emulator):
+    data = os.urandom(50_000)  # 13 ranges, the last one short
+    emulator.client().create_bucket("tes-gs-ranged").blob("big.bin").upload_from_string(data)
+    config = storage_config(harness, {"max_parallel_transfers": 4,
+                                      **gs_options(emulator, **RANGED)})
+    out = harness.data / "copy.bin"
+    run = harness.run(harness.task(
+        inputs=[{"path": "/in/big.bin", "url": "gs://tes-gs-ranged/big.bin"}],
+        outputs=[{"path": "/in/big.bin", "url": f"file://{out}"}],
+        executors=[sh("true")]), config=config)
+    assert run.state == "COMPLETE", run.system_logs
+    assert out.read_bytes() == data
+
+
+def test_ranges_are_written_at_their_offsets_and_checked(emulator, tmp_path, monkeypatch):
+    from funnel_hpc.worker import storage_gs_ranged
+    from funnel_hpc.worker.storage import Storage
+
+    data = os.urandom(20_000)
+    blob = emulator.client().create_bucket("tes-gs-spy").blob("x.bin")
+    blob.upload_from_string(data)
+    starts: list[int] = []
+
+    class Recording(storage_gs_ranged._At):
+        def __init__(self, fd, offset, *rest):
+            starts.append(offset)
+            super().__init__(fd, offset, *rest)
+
+    monkeypatch.setattr(storage_gs_ranged, "_At", Recording)
+    store = Storage({"storage": {"allowed_schemes": ["gs"], "retry_seconds": 5,
+                                 "max_parallel_transfers": 3, **gs_options(emulator, **RANGED)}})
+    store.get("gs://tes-gs-spy/x.bin", tmp_path / "x.bin")
+    assert (tmp_path / "x.bin").read_bytes() == data
+    assert sorted(starts) == list(range(0, 20_000, int(0.004 * (1 << 20))))  # 4194 bytes
+    # below the threshold: one plain download, no ranges
+    blob.bucket.blob("small.bin").upload_from_string(b"small")
+    starts.clear()
+    store.get("gs://tes-gs-spy/small.bin", tmp_path / "small.bin")
+    assert (tmp_path / "small.bin").read_bytes() == b"small" and starts == []
+
+
+def test_a_download_that_does_not_match_the_objects_hash_is_removed(tmp_path):
+    import base64
+
+    from funnel_hpc.worker.storage import StorageError
+    from funnel_hpc.worker.storage_gs_ranged import _check
+
+    dest = tmp_path / "x"
+    dest.write_bytes(b"abc")
+    wrong = base64.b64encode(b"\0\0\0\0").decode()
+    with pytest.raises(StorageError, match="do not match the object: CRC32C") as caught:
+        _check("gs://b/x", dest, 3, {"crc32c": wrong, "md5": None})
+    assert caught.value.transient and not dest.exists()
+    dest.write_bytes(b"ab")
+    with pytest.raises(StorageError, match="2 bytes, not 3"):
+        _check("gs://b/x", dest, 3, {"crc32c": None, "md5": None})

@@ -63,6 +63,25 @@ def test_endpoints_by_bucket_and_host_each_with_its_own_credentials(harness, two
     assert "ServerSideEncryption" not in a.head_object(Bucket="alpha-data", Key="out/all")
 
 
+def test_a_small_object_takes_one_request_each_way(harness, two_motos):
+    """Below the multipart threshold: one GetObject (no HEAD first) and one PutObject, not
+    boto3's transfer manager (a HEAD per download, threads per call)."""
+    alpha, beta = two_motos
+    a = alpha.client()
+    a.create_bucket(Bucket="one-request")
+    a.put_object(Bucket="one-request", Key="in.txt", Body=b"small")
+    config = storage_config(harness, endpoints(alpha, beta))
+    run = harness.run(harness.task(
+        inputs=[{"path": "/in/x", "url": "s3://one-request/in.txt"}],
+        outputs=[{"path": "/out/y", "url": "s3://one-request/out.txt"}],
+        executors=[sh("cat /in/x /in/x > /out/y")]), config=config)
+    assert run.state == "COMPLETE", run.system_logs
+    assert a.get_object(Bucket="one-request", Key="out.txt")["Body"].read() == b"smallsmall"
+    assert alpha.count("HEAD /one-request/") == 0
+    assert alpha.count("GET /one-request/in.txt") == 1
+    assert alpha.count("PUT /one-request/out.txt") == 1
+
+
 def test_large_objects_move_in_parts_and_trees_in_parallel(harness, moto_s3):
     # the session's moto without credential checks: a checking moto_server refuses
     # ListObjectsV2 with a "/" in Prefix (SignatureDoesNotMatch: moto's signing, not ours)
@@ -103,5 +122,5 @@ def test_a_missing_object_fails_at_once_naming_the_url(harness, two_motos):
     run = harness.run(harness.task(inputs=[{"path": "/in/x", "url": "s3://empty-one/nope"}],
                                    executors=[sh("true")]), config=config)
     assert run.state == "SYSTEM_ERROR"
-    assert "input /in/x from s3://empty-one/nope: 404" in run.system_logs
+    assert "input /in/x from s3://empty-one/nope: 404 NoSuchKey" in run.system_logs
     assert "still failing" not in run.system_logs

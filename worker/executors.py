@@ -1,0 +1,171 @@
+"""A task's executors, run in order: one process each, its output streamed to its files,
+the tails and the events; a cancel kills the running one (SIGTERM, then SIGKILL).
+
+Cost: two pump threads and the live-log ticker per executor; no polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+
+from funnel_hpc.worker.drivers import IMAGE_DRIVERS, DriverError, switch_user
+from funnel_hpc.worker.events import now_rfc3339
+from funnel_hpc.worker.failures import Canceled
+from funnel_hpc.worker.limits import wrap as limit_resources
+from funnel_hpc.worker.livelogs import LiveLogs, Tail
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import IO, Any
+
+    from funnel_hpc.worker.drivers import Drivers, Invocation
+    from funnel_hpc.worker.events import EventLog
+    from funnel_hpc.worker.paths import TaskPaths
+
+CHUNK = 1 << 16
+KILL_GRACE_SECONDS = 10
+
+
+def _pump(stream: IO[bytes], sink: IO[bytes] | None, tail: Tail) -> None:
+    """Copy a child's output to its file and the tail, chunk by chunk."""
+    while True:
+        chunk = stream.read1(CHUNK) if hasattr(stream, "read1") else stream.read(CHUNK)
+        if not chunk:
+            break
+        if sink is not None:
+            sink.write(chunk)
+        tail.write(chunk)
+    stream.close()
+
+
+class Executors:
+    """Runs a task's executors; kill() (any thread) stops the one running."""
+
+    def __init__(self, task: dict[str, Any], config: dict[str, Any], events: EventLog,
+                 canceled: threading.Event, drivers: Drivers, task_dir: Path):
+        self.task = task
+        self.task_id = str(task.get("id"))
+        self.config = config
+        self.events = events
+        self.canceled = canceled
+        self.drivers = drivers
+        self.task_dir = task_dir
+        self.tail_bytes = int(config["worker"]["log_tail_bytes"])
+        self.log_update_seconds = float(config["worker"].get("log_update_seconds", 5))
+        parameters = (task.get("resources") or {}).get("backend_parameters") or {}
+        gpus = str(parameters.get("gpus") or "")
+        self.gpus = gpus if gpus not in ("", "0") else None  # resources.backend_parameters
+        self.process: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def kill(self) -> None:
+        with self._lock:
+            proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def check_cancel(self) -> None:
+        if self.canceled.is_set():
+            raise Canceled()
+
+    def run_all(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths) -> str:
+        """Each executor in order; "COMPLETE", or "EXECUTOR_ERROR" at the first that failed
+        (an exit code not 0, unless it has ignore_error)."""
+        notes: set[str] = set()
+        for index, executor in enumerate(self.task["executors"]):
+            self.check_cancel()
+            invocation = self._invocation(driver, executor, binds)
+            if invocation.note not in notes:
+                notes.add(invocation.note)
+                self.events.system_log(f"executor {index}: {invocation.note}")
+            exit_code = self.run_one(index, executor, invocation, paths)
+            self.check_cancel()
+            if exit_code != 0 and not executor.get("ignore_error"):
+                return "EXECUTOR_ERROR"
+        return "COMPLETE"
+
+    def _invocation(self, driver: str, executor: dict[str, Any],
+                    binds: list[tuple[str, str]]) -> Invocation:
+        invocation = self.drivers.invocation(
+            driver, executor["image"], list(executor["command"]),
+            dict(executor.get("env") or {}), executor.get("workdir"), binds, self.gpus)
+        if driver in IMAGE_DRIVERS:  # an engine's client (docker...) is not the task
+            invocation.argv, limited = limit_resources(
+                invocation.argv, self.task.get("resources") or {},
+                str(self.config["worker"].get("limit_resources", "auto")), self.task_id)
+            if limited:
+                invocation.note += f"; {limited}"
+        return invocation
+
+    def run_one(self, index: int, executor: dict[str, Any], inv: Invocation,
+                paths: TaskPaths) -> int:
+        """Run one executor to its end; its exit code (128 + N when killed by signal N)."""
+        out_tail, err_tail = Tail(self.tail_bytes), Tail(self.tail_bytes)
+        with contextlib.ExitStack() as files:
+            # opened (and checked) before the executor counts as started
+            streams: dict[str, IO[bytes] | None] = {}
+            for key, mode in (("stdin", "rb"), ("stdout", "wb"), ("stderr", "wb")):
+                fh = _stream_file(paths, executor.get(key), mode)
+                streams[key] = files.enter_context(fh) if fh is not None else None
+            self.events.emit("executor_start", index=index, start_time=now_rfc3339())
+            proc = self._start(inv, streams["stdin"])
+            pumps = [threading.Thread(target=_pump, args=(proc.stdout, streams["stdout"],
+                                                          out_tail)),
+                     threading.Thread(target=_pump, args=(proc.stderr, streams["stderr"],
+                                                          err_tail))]
+            for pump in pumps:
+                pump.start()
+            live = LiveLogs(self.events, index, {"stdout": out_tail, "stderr": err_tail},
+                            self.log_update_seconds)
+            live.start()
+            exit_code = proc.wait()
+            for pump in pumps:
+                pump.join()
+            live.stop()
+        if exit_code < 0:  # killed by a signal: report it the way shells do
+            exit_code = 128 - exit_code
+        self.events.emit("executor_end", index=index, end_time=now_rfc3339(),
+                         exit_code=exit_code, stdout=out_tail.text(), stderr=err_tail.text())
+        return exit_code
+
+    def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> subprocess.Popen[bytes]:
+        try:
+            with self._lock:
+                proc = self.process = subprocess.Popen(
+                    inv.argv, stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, env=inv.env, start_new_session=True,
+                    cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids))
+        except OSError as exc:
+            raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        if self.canceled.is_set():  # a cancel that came before the process was known
+            self.kill()
+        return proc
+
+
+def _stream_file(paths: TaskPaths, container_path: str | None, mode: str) -> IO[bytes] | None:
+    """Host file of an executor's stdin (mode "rb") or stdout/stderr ("wb")."""
+    if not container_path:
+        return None
+    host = paths.host(container_path)
+    host.parent.mkdir(parents=True, exist_ok=True)
+    paths.ensure_inside(host)
+    flags = os.O_RDONLY if mode == "rb" else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    # O_NOFOLLOW: a symlink put there since the check is refused, not followed
+    fd = os.open(host, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, mode)
