@@ -54,6 +54,7 @@ tasks = Table(
 )
 Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
 Index("ix_tasks_owner_seq", tasks.c.owner, tasks.c.seq)
+Index("ix_tasks_updated_at", tasks.c.updated_at)
 
 task_tags = Table(
     "task_tags", metadata,

@@ -6,8 +6,10 @@ known type, a worker state, an executor index within the task's executors,
 bounded sizes; anything else is a 400 naming the field) and appends it to
 <work_dir>/<id>/events.received.jsonl, which the reconciler folds together with
 the worker's own file (events are de-duplicated by their seq), so tasks on
-machines that do not share the work dir are tracked too. Cost: one row read and
-one appended line per event.
+machines that do not share the work dir are tracked too, and tells the reconciler
+which task to look at (service.note_worker_event). Cost: one row read and one
+appended line per event, plus one single-row UPDATE when the reconciler runs in
+another process.
 """
 
 from __future__ import annotations
@@ -65,5 +67,5 @@ def receive_event(task_id: str):
         os.write(fd, line)
     finally:
         os.close(fd)
-    service.changed.set()
+    service.note_worker_event(task_id)  # the reconciler reads this task's logs next tick
     return json_response({"accepted": True, "state": row.state})

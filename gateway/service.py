@@ -11,18 +11,19 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from marshmallow import ValidationError
-from sqlalchemy import and_, exists, func, insert, select, update
+from sqlalchemy import and_, bindparam, exists, func, insert, select, update
 from sqlalchemy.engine import Engine
 
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
 from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.gateway import db, outbox
 from funnel_hpc.gateway.admission import Admission, AdmissionError
+from funnel_hpc.gateway.prepared import PreparedInsert
 from funnel_hpc.gateway.schemas import flatten_errors, load_task
 from funnel_hpc.gateway.views import apply_view, full_task
 
@@ -85,9 +86,32 @@ def zip_tags(keys: Iterable[str] | None, values: Iterable[str] | None) -> dict[s
     return {k: (values[i] if i < len(values) else "") for i, k in enumerate(keys)}
 
 
-# built once: SQLAlchemy caches their compiled form
-_INSERT_TASK = insert(db.tasks)
-_INSERT_TAG = insert(db.task_tags)
+# the create path's INSERTs, compiled once per dialect (gateway/prepared.py)
+_INSERT_TASK = PreparedInsert(db.tasks, [
+    "id", "state", "name", "owner", "creation_time", "spec", "logs", "backend", "job_id",
+    "attempt", "event_seq", "updated_at"], returning=db.tasks.c.seq)
+_INSERT_TAG = PreparedInsert(db.task_tags, ["task_seq", "key", "value"])
+_INSERT_EVENT = insert(outbox.event_outbox)
+_UPDATE_FIELDS = (update(db.tasks)
+                  .where(db.tasks.c.id == bindparam("b_id"),
+                         db.tasks.c.state == bindparam("b_state"))
+                  .values(logs=bindparam("b_logs"), event_seq=bindparam("b_event_seq"),
+                          updated_at=bindparam("b_updated_at")))
+# what the reconciler keeps of a task in memory: every column but the task document and logs
+_ROW_COLUMNS = [c for c in db.tasks.c if c.name not in ("spec", "logs")]
+_ACTIVE_STATES = [s.value for s in State if s not in TERMINAL]
+
+
+@dataclass
+class FieldUpdate:
+    """One task's logs and event_seq, stored while it is still in expected_state, with
+    the worker events folded into them (see TaskService.update_many)."""
+
+    task_id: str
+    expected_state: str
+    logs: list
+    event_seq: int
+    events: Sequence[dict] = ()
 
 
 class TaskService:
@@ -100,6 +124,11 @@ class TaskService:
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
         self.changed = threading.Event()
+        # tasks whose worker reported over HTTP since the reconciler last looked, kept
+        # while a reconciler in this process holds the lease (it sets reconciles_here)
+        self.reconciles_here: Callable[[], bool] = lambda: False
+        self._worker_events: set[str] = set()
+        self._worker_events_lock = threading.Lock()
 
     # ---- create ----
 
@@ -113,20 +142,17 @@ class TaskService:
         except AdmissionError as exc:
             raise BadRequest(str(exc)) from None
         task_id = new_task_id()
-        now = now_rfc3339()
         with db.writing(self.engine) as conn:
-            result = conn.execute(_INSERT_TASK, {
+            now = now_rfc3339()  # under the write lock: (nearly) the commit time
+            seq = _INSERT_TASK.execute(conn, {
                 "id": task_id, "state": State.QUEUED.value, "name": spec.get("name"),
                 "owner": owner, "creation_time": now, "spec": spec, "logs": logs,
                 "backend": self.backend_name, "job_id": None, "attempt": 0, "event_seq": 0,
-                "updated_at": now})
-            key = result.inserted_primary_key
-            assert key is not None  # an INSERT into a table with a primary key
-            seq = key[0]
+                "updated_at": now}).scalar_one()
             tags = spec.get("tags") or {}
             if tags:
-                conn.execute(_INSERT_TAG,
-                             [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
+                _INSERT_TAG.execute_many(
+                    conn, [{"task_seq": seq, "key": k, "value": v} for k, v in tags.items()])
             # in the same transaction: an event is published iff the change was made
             outbox.record(conn, task_id, owner, "state",
                           {"state": State.QUEUED.value, "previous": None})
@@ -261,8 +287,10 @@ class TaskService:
         query = update(t).where(t.c.id == task_id, t.c.state == current.value)
         if job_id_is_null is True:
             query = query.where(t.c.job_id.is_(None))
-        values = {"state": target.value, "updated_at": now_rfc3339(), **changes}
         with db.writing(self.engine) as conn:
+            # updated_at is taken once the write lock is held, so it is (nearly) the commit
+            # time: the reconciler reads rows changed since its last look by updated_at
+            values = {"state": target.value, "updated_at": now_rfc3339(), **changes}
             if conn.execute(query.values(**values)).rowcount != 1:
                 return False
             _record_changes(conn, task_id, events, current.value, target.value)
@@ -290,16 +318,85 @@ class TaskService:
             conn.execute(update(t).where(t.c.id == task_id)
                          .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
+    def update_many(self, updates: builtins.list[FieldUpdate]) -> tuple[set[str], str]:
+        """update_fields (logs and event_seq) of many tasks in one transaction: the rows
+        are locked, those still in their expected state updated by one executemany UPDATE
+        and their worker events recorded by one executemany INSERT; returns the ids
+        updated and the updated_at they got. One tick's live logs of 1,000 tasks cost
+        one transaction, not 1,000."""
+        now = now_rfc3339()
+        if not updates:
+            return set(), now
+        t = db.tasks
+        wanted = {update.task_id: update for update in updates}
+        with db.writing(self.engine) as conn:
+            now = now_rfc3339()
+            rows = conn.execute(select(t.c.id, t.c.state, t.c.owner)
+                                .where(t.c.id.in_(wanted)).order_by(t.c.seq)
+                                .with_for_update()).all()
+            owners = {row.id: row.owner for row in rows
+                      if row.state == State(wanted[row.id].expected_state).value}
+            if not owners:
+                return set(), now
+            conn.execute(_UPDATE_FIELDS, [
+                {"b_id": task_id, "b_state": wanted[task_id].expected_state,
+                 "b_logs": wanted[task_id].logs, "b_event_seq": wanted[task_id].event_seq,
+                 "b_updated_at": now} for task_id in owners])
+            # as _record_changes with no state change: the worker's other events
+            events = [{"task_id": task_id, "owner": owner, "kind": str(event.get("type")),
+                       "payload": event, "time": now}
+                      for task_id, owner in owners.items()
+                      for event in wanted[task_id].events if event.get("type") != "state"]
+            if events:
+                conn.execute(_INSERT_EVENT, events)
+        return set(owners), now
+
     def active_rows(self, limit: int = 100_000) -> Sequence[Any]:
         """Tasks not yet terminal, oldest first (for the reconciler), without their task
-        document and logs (see full_tasks, stored_logs): at 10,000 in flight it is read
-        every tick, and decoding those was most of a tick."""
+        document and logs (see full_tasks, stored_logs): decoding those was most of a
+        full read. The reconciler reads this on its first tick and now and then after;
+        in between it reads changed_rows."""
         t = db.tasks
-        columns = [c for c in t.c if c.name not in ("spec", "logs")]
-        query = (select(*columns).where(t.c.state.not_in([s.value for s in TERMINAL]))
+        query = (select(*_ROW_COLUMNS).where(t.c.state.in_(_ACTIVE_STATES))
                  .order_by(t.c.seq).limit(limit))
         with db.reading(self.engine) as conn:
             return conn.execute(query).all()
+
+    def changed_rows(self, since: str, task_ids: Iterable[str] = ()) -> Sequence[Any]:
+        """Rows (active_rows' columns, any state) whose updated_at is at or after `since`,
+        and those of `task_ids`: one range read on ix_tasks_updated_at, costing what
+        changed rather than what is in flight."""
+        t = db.tasks
+        condition = t.c.updated_at >= since
+        ids = builtins.list(task_ids)
+        if ids:
+            condition = condition | t.c.id.in_(ids)
+        with db.reading(self.engine) as conn:
+            return conn.execute(select(*_ROW_COLUMNS).where(condition)).all()
+
+    # ---- worker events received over HTTP (events_api) ----
+
+    def note_worker_event(self, task_id: str) -> None:
+        """A worker's event for task_id was received: the reconciler reads that task's
+        event logs on its next tick. One in this process holding the lease is told here;
+        any other (another replica, `funnel reconcile`) sees the row's updated_at move
+        (one single-row UPDATE)."""
+        if self.reconciles_here():
+            with self._worker_events_lock:
+                self._worker_events.add(task_id)
+        else:
+            t = db.tasks
+            with db.writing(self.engine) as conn:
+                conn.execute(update(t).where(t.c.id == task_id, t.c.state.in_(_ACTIVE_STATES))
+                             .values(updated_at=now_rfc3339()))
+        self.changed.set()
+
+    def take_worker_events(self) -> set[str]:
+        """The task ids note_worker_event collected since the last call (for the
+        reconciler)."""
+        with self._worker_events_lock:
+            taken, self._worker_events = self._worker_events, set()
+        return taken
 
     def stored_logs(self, task_ids: builtins.list[str]) -> dict[str, builtins.list]:
         """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
@@ -331,8 +428,8 @@ class TaskService:
         t = db.tasks
         wanted = dict(claims)
         claimed: set[str] = set()
-        now = now_rfc3339()
         with db.writing(self.engine) as conn:
+            now = now_rfc3339()
             free = conn.execute(
                 select(t.c.id).where(t.c.id.in_(wanted), t.c.state == State.QUEUED.value,
                                      t.c.job_id.is_(None))
@@ -350,8 +447,8 @@ class TaskService:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
         canceled while its job was submitted keeps the job id, so the cancel reaches it."""
         t = db.tasks
-        now = now_rfc3339()
         with db.writing(self.engine) as conn:
+            now = now_rfc3339()
             for task_id, job_id, logs in jobs:
                 conn.execute(update(t).where(t.c.id == task_id)
                              .values(job_id=job_id, logs=logs, updated_at=now))
@@ -360,8 +457,8 @@ class TaskService:
         """Give back claims (task id, previous attempt, previous event_seq) of submissions
         that could not be made now (scheduler unreachable): they are tried again."""
         t = db.tasks
-        now = now_rfc3339()
         with db.writing(self.engine) as conn:
+            now = now_rfc3339()
             for task_id, attempt, event_seq in claims:
                 conn.execute(update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
                                              t.c.job_id == "")

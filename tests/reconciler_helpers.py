@@ -4,6 +4,7 @@ tests (retries, preemption, unrunnable jobs, scheduler output, metrics)."""
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from pathlib import Path
 
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
@@ -12,6 +13,7 @@ from funnel_hpc.gateway.app import make_service
 from funnel_hpc.gateway.reconciler import Reconciler
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
+PENDING = JobStatus(JobState.PENDING)
 
 
 class ScriptedBackend(Backend):
@@ -36,8 +38,7 @@ class ScriptedBackend(Backend):
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         self.polls += 1
-        return {job_id: self.status.get(job_id, JobStatus(JobState.PENDING))
-                for job_id in job_ids}
+        return dict(zip(job_ids, map(self.status.get, job_ids, repeat(PENDING)), strict=True))
 
     def end(self, job_id: str, state: JobState, reason: str = "") -> None:
         self.status[job_id] = JobStatus(state, reason)
