@@ -1,6 +1,7 @@
 """API benchmark: create rate, list-page latency at 100k tasks, server RSS.
 
 Run: .venv/bin/python benchmarks/api_bench.py [--db sqlite|postgres] [--creates 4000]
+     [--stored 100000] [--create-only] [--repeat N]
 
 Everything is measured in this one run, each figure beside its reference:
 - create throughput with 8 concurrent client processes, vs a bare Flask
@@ -76,17 +77,25 @@ def _client(args: tuple[str, int]) -> int:
     return count
 
 
-def measure_creates(url: str, total: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_creates(url: str, total: int, pid: int) -> tuple[float, float]:
+    """Creates per second with CLIENTS processes, and the server's CPU ms per create (the
+    figure other load on the machine disturbs least)."""
     per = total // CLIENTS
     with multiprocessing.Pool(CLIENTS) as pool:
         pool.map(_client, [(url, 5)] * CLIENTS)  # warm-up: connections, first inserts
-        start = time.perf_counter()
+        cpu, start = cpu_seconds(pid), time.perf_counter()
         done = sum(pool.map(_client, [(url, per)] * CLIENTS))
-        elapsed = time.perf_counter() - start
-    return done / elapsed
+        elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu
+    return done / elapsed, cpu * 1000 / done
 
 
-def bare_reference(db_url: str, total: int) -> float:
+def bare_reference(db_url: str, total: int) -> tuple[float, float]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", BARE_APP, db_url, str(port), str(REPO)])
     try:
@@ -96,7 +105,7 @@ def bare_reference(db_url: str, total: int) -> float:
                     break
             except requests.RequestException:
                 time.sleep(0.1)
-        return measure_creates(f"http://127.0.0.1:{port}/insert", total)
+        return measure_creates(f"http://127.0.0.1:{port}/insert", total, proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -136,38 +145,67 @@ def measure(db: str, creates: int = 4000, stored: int = 100_000) -> dict:
     dbs = DatabaseFactory(tmp)
     results: dict = {}
     try:
-        bare = bare_reference(dbs.new(db), creates)
+        bare, bare_cpu = bare_reference(dbs.new(db), creates)
         server = ServerProcess(tmp / "create", dbs.new(db)).start()
         try:
-            rate = measure_creates(server.api + "/tasks", creates)
+            rate, cpu = measure_creates(server.api + "/tasks", creates, server.proc.pid)
             results["create_rss_mb"] = rss_mb(server.proc.pid)
         finally:
             server.stop()
-        results.update(create_tasks_per_s=rate, bare_insert_per_s=bare, create_ratio=rate / bare)
-
-        url = dbs.new(db)
-        bulk_insert(url, stored)
-        server = ServerProcess(tmp / "list", url).start()
-        try:
-            for view in ("MINIMAL", "BASIC"):
-                lat = list_latencies(server, view)
-                results[f"list_{view.lower()}_pages"] = len(lat)
-                results[f"list_{view.lower()}_p50_ms"] = percentile(lat, 0.5) * 1000
-                results[f"list_{view.lower()}_p99_ms"] = percentile(lat, 0.99) * 1000
-                results[f"list_{view.lower()}_mean_ms"] = statistics.mean(lat) * 1000
-            results["server_rss_mb_at_stored"] = rss_mb(server.proc.pid)
-        finally:
-            server.stop()
+        results.update(create_tasks_per_s=rate, bare_insert_per_s=bare, create_ratio=rate / bare,
+                       create_server_cpu_ms=cpu, bare_server_cpu_ms=bare_cpu)
+        if stored:
+            results.update(list_figures(dbs.new(db), tmp, stored))
     finally:
         dbs.drop_all()
     results.update(db=db, creates=creates, stored=stored, clients=CLIENTS)
     return results
 
 
+def list_figures(url: str, tmp: Path, stored: int) -> dict:
+    """List-page latencies and server RSS with ``stored`` tasks in the database."""
+    results: dict = {}
+    bulk_insert(url, stored)
+    server = ServerProcess(tmp / "list", url).start()
+    try:
+        for view in ("MINIMAL", "BASIC"):
+            lat = list_latencies(server, view)
+            results[f"list_{view.lower()}_pages"] = len(lat)
+            results[f"list_{view.lower()}_p50_ms"] = percentile(lat, 0.5) * 1000
+            results[f"list_{view.lower()}_p99_ms"] = percentile(lat, 0.99) * 1000
+            results[f"list_{view.lower()}_mean_ms"] = statistics.mean(lat) * 1000
+        results["server_rss_mb_at_stored"] = rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    return results
+
+
+CREATE_FIGURES = ("create_tasks_per_s", "bare_insert_per_s", "create_ratio",
+                  "create_server_cpu_ms", "bare_server_cpu_ms")
+
+
+def median_of(runs: list[dict]) -> dict:
+    """The median of each create figure over repeated runs, and every run's values."""
+    out: dict = {}
+    for key in CREATE_FIGURES:
+        values = [run[key] for run in runs]
+        out[key] = statistics.median(values)
+        out[key + "_runs"] = values
+    return out
+
+
 def summary_lines(r: dict) -> list[str]:
     lines = [(f"create ({r['db']}, {CLIENTS} client processes): "
               f"{r['create_tasks_per_s']:.0f} tasks/s, bare Flask insert "
-              f"{r['bare_insert_per_s']:.0f}/s, ratio {r['create_ratio']:.2f}")]
+              f"{r['bare_insert_per_s']:.0f}/s, ratio {r['create_ratio']:.2f}"),
+             (f"server CPU per create: {r['create_server_cpu_ms']:.2f} ms, bare Flask insert "
+              f"{r['bare_server_cpu_ms']:.2f} ms")]
+    if len(r.get("create_tasks_per_s_runs", ())) > 1:
+        lines += [f"  median of {len(r[key + '_runs'])} runs; {key}: "
+                  + ", ".join(f"{value:.2f}" for value in r[key + "_runs"])
+                  for key in CREATE_FIGURES]
+    if not r["stored"]:
+        return lines
     for view in ("minimal", "basic"):
         lines.append(f"list {view.upper()} at {r['stored']} tasks ({r['db']}): "
                      f"p50 {r[f'list_{view}_p50_ms']:.1f} ms, p99 {r[f'list_{view}_p99_ms']:.1f} ms"
@@ -182,8 +220,15 @@ def main() -> None:
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--creates", type=int, default=4000)
     parser.add_argument("--stored", type=int, default=100_000)
+    parser.add_argument("--create-only", action="store_true",
+                        help="only the create figures (no listing at --stored tasks)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the create figures this many times; medians and spread")
     args = parser.parse_args()
-    results = measure(args.db, args.creates, args.stored)
+    stored = 0 if args.create_only else args.stored
+    runs = [measure(args.db, args.creates, stored if i == 0 else 0)
+            for i in range(max(1, args.repeat))]
+    results = {**runs[0], **median_of(runs)}
     machine = {"python": platform.python_version(), "machine": platform.machine(),
                "cpus": os.cpu_count(), "date": datetime.now(UTC).isoformat()}
     out_dir = REPO / "benchmarks" / "results"

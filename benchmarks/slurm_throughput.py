@@ -19,6 +19,8 @@ For each N, in one run, both sides in three timed phases: submit every job held
 Reported: submission rates, total times, ticks, peak RSS of the API server and of the
 reconciler process, and their CPU seconds per task.
 
+benchmarks/slurm_sinks.py runs the gateway side with event sinks on against it without.
+
 Jobs go to the partition `bench` (scripts/setup/30-slurm.sh: 64 trivial jobs may share
 each core, as they would spread over a wider cluster). Needs that single-node Slurm and
 the worker tools of scripts/setup/40-worker.sh.
@@ -39,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import requests
 
@@ -50,6 +53,9 @@ from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.gateway.app import make_service  # noqa: E402
 from funnel_hpc.gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
 from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from benchmarks.slurm_sinks import SinkEndpoints
 
 PARTITION = "bench"
 ROOTFS = "/var/lib/funnel/rootfs/busybox"
@@ -145,11 +151,15 @@ def create_tasks(api: str, n: int) -> list[str]:
         return [task_id for ids in pool.map(make, per) for task_id in ids]
 
 
-def gateway_run(n: int, work: Path, db_url: str) -> dict:
-    overrides = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
-                 "worker": {"container_driver": "bwrap", **worker_image_config()},
-                 "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
-                                "pass_server_url": False}}
+def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = None) -> dict:
+    """The gateway side (module docstring); with ``sinks``, its server publishes every
+    event to them, and the run waits for them to have all before it stops the server."""
+    overrides: dict = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
+                       "worker": {"container_driver": "bwrap", **worker_image_config()},
+                       "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
+                                      "pass_server_url": False}}
+    if sinks is not None:
+        overrides["events"] = sinks.events_config()
     server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
     try:
         create_tasks(server.api, n)
@@ -186,6 +196,7 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             time.sleep(max(0.0, TICK_SECONDS - (time.perf_counter() - tick_start)))
         elapsed = time.perf_counter() - start
         reconciler.stop()
+        delivered = sinks.wait_delivered(service.engine) if sinks is not None else None
         server_rss = peak_rss_mb(server.proc.pid)
         server_cpu = cpu_seconds(server.proc.pid)
         reconciler_cpu = time.process_time()
@@ -200,7 +211,7 @@ def gateway_run(n: int, work: Path, db_url: str) -> dict:
             "server_peak_rss_mb": server_rss,
             "server_cpu_s_per_task": server_cpu / n,
             "reconciler_cpu_s_per_task": reconciler_cpu / n,
-            "reconciler_peak_rss_mb": peak_rss_mb()}
+            "reconciler_peak_rss_mb": peak_rss_mb(), "sinks": delivered}
 
 
 def raw_loops(n: int, tmp: Path, payloads: tuple[str, ...]) -> dict[str, dict]:

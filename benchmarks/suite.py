@@ -17,8 +17,14 @@ Sections (each measured with its physical reference in this same run):
   storage    S3 500 x 1 MB up + down, 8 at once vs one at a time and vs raw boto3 with 8
              threads (moto); 1 GiB local stage-in (hard link; reflink or copy) vs `cp`;
              GS 200 MB up and down vs the raw google-cloud-storage client (emulator)
+  worker     also: worker CPU for 100 MB of stdout with live logs on vs off
   events     event recording rate with sinks draining vs none; delivery latency (commit ->
-             webhook, -> Redis reader)
+             webhook, -> Redis reader); the 1,000-task Slurm run with webhook + Redis
+             sinks vs without, same run
+  reconciler idle tick CPU at 1k / 10k / 100k tasks in flight (simulated backend, in
+             process); the tick with 1,000 tasks all sending live logs
+  replicas   failover gap after kill -9 of the lease holder vs the lease; create rate with
+             2 replicas on PostgreSQL vs 1
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -47,14 +53,19 @@ from benchmarks import (  # noqa: E402
     api_bench,
     events_bench,
     image_pull,
+    reconciler_tick,
+    replicas_bench,
     sandbox_start,
     slurm_bench,
+    slurm_sinks,
     slurm_throughput,
     storage_bench,
+    worker_stdout,
 )
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
-SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events")
+SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
+            "reconciler", "replicas")
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -205,6 +216,7 @@ def worker_section(table: Table, results: dict, quick: bool) -> None:
     results["worker_rss_100mb_stdout_mb"] = peak
     table.add("worker peak RSS, 100 MB of stdout", f"{peak:.0f} MB (exit {proc.returncode})",
               target="< 100 MB", met=0 < peak < 100 and proc.returncode == 0)
+    add_rows(table, results, [("worker_stdout", worker_stdout.suite_rows(quick))])
 
 
 def add_rows(table: Table, results: dict, measured: list[tuple[str, tuple[list[dict], dict]]]
@@ -226,7 +238,16 @@ def storage_section(table: Table, results: dict, quick: bool) -> None:
 
 
 def events_section(table: Table, results: dict, quick: bool) -> None:
-    add_rows(table, results, [("events", events_bench.suite_rows(quick))])
+    add_rows(table, results, [("events", events_bench.suite_rows(quick)),
+                              ("slurm_sinks", slurm_sinks.suite_rows(quick))])
+
+
+def reconciler_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("reconciler_tick", reconciler_tick.suite_rows(quick))])
+
+
+def replicas_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("replicas", replicas_bench.suite_rows(quick))])
 
 
 def update_readme(markdown: str, facts: dict) -> None:
@@ -260,7 +281,8 @@ def main() -> None:
     for name, section in (("api", api_section), ("latency", latency_section),
                           ("throughput", throughput_section), ("worker", worker_section),
                           ("images", images_section), ("storage", storage_section),
-                          ("events", events_section)):
+                          ("events", events_section), ("reconciler", reconciler_section),
+                          ("replicas", replicas_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

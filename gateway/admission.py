@@ -3,7 +3,9 @@
 backend_parameters values. Each refusal is an AdmissionError whose message starts with
 the field path and names the limit (the API answers HTTP 400).
 
-Cost: one walk over the validated task document (bounded by ``server.max_body_bytes``).
+Cost: one walk over the validated task document (bounded by ``server.max_body_bytes``)
+without field paths; a second one that names the field only when a string may be over
+its limit.
 """
 
 from __future__ import annotations
@@ -44,6 +46,19 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             yield from _strings(item, f"{path}.{index}")
+
+
+def _any_suspect(value: Any, short: int) -> bool:
+    """Whether a string of the document (keys included) is longer than ``short`` or may
+    hold a lone surrogate (only non-ASCII text can)."""
+    if isinstance(value, str):
+        return len(value) > short or (not value.isascii() and bool(_SURROGATE.search(value)))
+    if isinstance(value, dict):
+        return any(_any_suspect(key, short) or _any_suspect(item, short)
+                   for key, item in value.items())
+    if isinstance(value, list):
+        return any(_any_suspect(item, short) for item in value)
+    return False
 
 
 def url_scheme(url: str) -> str:
@@ -87,6 +102,10 @@ class Admission:
 
     def _check_strings(self, spec: dict) -> None:
         self._over("name", len(spec.get("name") or ""), "max_name_length", "characters")
+        # a UTF-8 character takes at most 4 bytes: a shorter content is within its limit
+        short = min(self.limits["max_string_length"], self.limits["max_content_bytes"] // 4)
+        if not _any_suspect(spec, short):
+            return  # the common case, without building a field path per string
         for path, text in _strings(spec, ""):
             if _SURROGATE.search(text):  # JSON's "\ud800" decodes; UTF-8 cannot hold it
                 raise AdmissionError(f"{path}: not valid Unicode (a lone surrogate)")

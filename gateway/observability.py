@@ -2,14 +2,18 @@
 
 Two kinds of metrics. Counts kept in the database are read when Prometheus scrapes
 (``TaskCollector``: three indexed queries, whichever process serves /metrics): tasks by
-state, submissions waiting, the age of the oldest QUEUED task. What only the reconciler
-sees is recorded where it happens, through this module's small API, in that process:
+state, submissions waiting, the age of the oldest QUEUED task; and per configured event
+sink (``SinkCollector``: one query) the events it has not taken and the age of the
+oldest. What only the reconciler or the publisher sees is recorded where it happens,
+through this module's small API, in that process:
 
 - ``observe_tick(seconds)``: one reconciler tick;
 - ``count_scheduler_call(backend, command, ok)``: one scheduler command (submit, poll,
   cancel, recover); the last outcome per backend also decides /readyz;
 - ``observe_task_finished(state, creation_time, start_time, end_time)``: a task ended
-  (counted by final state; queue wait and run time histograms, from RFC 3339 times).
+  (counted by final state; queue wait and run time histograms, from RFC 3339 times);
+- ``observe_delivered(sink, times)``, ``count_sink_failure(sink)``: the publisher
+  delivered events (counted; latency from each event's recording time) or failed a batch.
 
 /healthz says the process answers; /readyz that the database answers a ``SELECT 1``
 and the backend's last scheduler command in this process did not fail (a server run with
@@ -29,8 +33,8 @@ import logging.handlers
 import re
 import sys
 import threading
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app
@@ -42,7 +46,8 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from funnel_hpc.core.states import ALL_STATES, State
-from funnel_hpc.gateway import db
+from funnel_hpc.gateway import db, outbox
+from funnel_hpc.gateway.sinks import sink_names
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,17 @@ SCHEDULER_CALLS = Counter("funnel_scheduler_calls", "Scheduler commands made.",
                           ["backend", "command"], registry=REGISTRY)
 SCHEDULER_ERRORS = Counter("funnel_scheduler_errors", "Scheduler commands that failed.",
                            ["backend", "command"], registry=REGISTRY)
+
+SINK_DELIVERED = Counter("funnel_event_sink_delivered", "Events delivered to a sink.",
+                         ["sink"], registry=REGISTRY)
+SINK_FAILURES = Counter("funnel_event_sink_failures",
+                        "Failed delivery attempts of a sink (each a batch, retried).",
+                        ["sink"], registry=REGISTRY)
+DELIVERY_LATENCY = Histogram("funnel_event_delivery_seconds",
+                             "Seconds from an event's recording (in the transaction of its "
+                             "change) to its delivery to a sink.", ["sink"],
+                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                      300, 1800, 3600), registry=REGISTRY)
 
 _last_ok: dict[str, bool] = {}  # backend -> did its last scheduler command succeed
 _last_call_lock = threading.Lock()
@@ -102,6 +118,28 @@ def observe_task_finished(state: str, creation_time: str | None = None,
     ran = _seconds(start_time, end_time)
     if ran is not None:
         RUN_TIME.observe(ran)
+
+
+def start_sink(sink: str) -> None:
+    """A sink's publisher started here: its counters and histogram show from 0."""
+    for metric in (SINK_DELIVERED, SINK_FAILURES, DELIVERY_LATENCY):
+        metric.labels(sink)
+
+
+def observe_delivered(sink: str, recorded_times: Sequence[str]) -> None:
+    """Events recorded at these RFC 3339 times were just delivered to the sink."""
+    SINK_DELIVERED.labels(sink).inc(len(recorded_times))
+    latency = DELIVERY_LATENCY.labels(sink)
+    now = datetime.now(UTC)
+    for recorded in recorded_times:
+        try:
+            latency.observe(max(0.0, (now - datetime.fromisoformat(recorded)).total_seconds()))
+        except ValueError:
+            continue  # not a time this gateway wrote: left out of the histogram
+
+
+def count_sink_failure(sink: str) -> None:
+    SINK_FAILURES.labels(sink).inc()
 
 
 def backend_failing() -> list[str]:
@@ -153,6 +191,36 @@ class TaskCollector(Collector):
         return counts, int(waiting), oldest
 
 
+class SinkCollector(Collector):
+    """Each configured sink's backlog, read from the outbox at each scrape (one query:
+    per sink an indexed count and a first row after its cursor)."""
+
+    def __init__(self, engine: Any, sinks: Sequence[str]):
+        self.engine = engine
+        self.sinks = list(sinks)
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            with db.reading(self.engine) as conn:
+                found = outbox.backlog(conn, self.sinks)
+        except SQLAlchemyError as exc:  # funnel_database_up says so; no sink figures
+            log.warning("metrics: event backlog unavailable: %s", exc.__class__.__name__)
+            return
+        pending = GaugeMetricFamily("funnel_event_sink_pending",
+                                    "Events in the outbox a sink has not taken yet.",
+                                    labels=["sink"])
+        age = GaugeMetricFamily("funnel_event_sink_oldest_pending_age_seconds",
+                                "Age of the oldest event a sink has not taken (0: none).",
+                                labels=["sink"])
+        now = _now()
+        for sink in self.sinks:
+            count, oldest = found.get(sink, (0, None))  # no cursor yet: starts at the end
+            pending.add_metric([sink], count)
+            age.add_metric([sink], _seconds(oldest, now) or 0.0)
+        yield pending
+        yield age
+
+
 def _now() -> str:
     from funnel_hpc.core.events import now_rfc3339
 
@@ -170,8 +238,12 @@ def _service_registry() -> CollectorRegistry:
     """This app's scrape-time collector, made at its first scrape."""
     registry = current_app.extensions.get("funnel.metrics")
     if registry is None:
+        engine = current_app.extensions["funnel.service"].engine
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(TaskCollector(current_app.extensions["funnel.service"].engine))
+        registry.register(TaskCollector(engine))
+        sinks = sink_names(current_app.extensions["funnel.config"]["events"])
+        if sinks:
+            registry.register(SinkCollector(engine, sinks))
         current_app.extensions["funnel.metrics"] = registry
     return registry
 

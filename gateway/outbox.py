@@ -5,7 +5,8 @@ the task), so an event exists exactly when its change does, and a task's events 
 the order of its changes. Rows get a global id that only grows (AUTOINCREMENT on
 SQLite, a sequence on PostgreSQL); the publisher (gateway/publisher.py) and the watch
 stream (gateway/watch.py) read ``id > cursor`` pages of it. Cost: one INSERT per event
-in a transaction that is already writing; readers use the primary key.
+(prepared, gateway/prepared.py) in a transaction that is already writing; readers use
+the primary key.
 
 On PostgreSQL ids are taken at INSERT but become visible at COMMIT, so id 7 can be seen
 before id 6. Readers therefore stop at the first gap (``settled``) until it fills or
@@ -38,6 +39,7 @@ from sqlalchemy.engine import Connection
 
 from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.gateway import db
+from funnel_hpc.gateway.prepared import PreparedInsert
 
 # BigInteger on PostgreSQL, INTEGER PRIMARY KEY AUTOINCREMENT on SQLite (never reused,
 # even when the newest rows are pruned: cursors stay meaningful).
@@ -63,7 +65,8 @@ event_cursors = Table(
     Column("position", BigInteger, nullable=False),
 )
 
-_INSERT = insert(event_outbox)
+_INSERT = PreparedInsert(event_outbox, ["task_id", "owner", "kind", "payload", "time"],
+                         returning=event_outbox.c.id)
 
 
 @dataclass(frozen=True)
@@ -91,11 +94,8 @@ def record(conn: Connection, task_id: str, owner: str | None, kind: str,
     gateway state change; ``payload`` is any JSON value (the worker event as received,
     or ``{"state": ..., "previous": ...}``).
     """
-    result = conn.execute(_INSERT, {"task_id": task_id, "owner": owner, "kind": kind,
-                                    "payload": payload, "time": now_rfc3339()})
-    key = result.inserted_primary_key
-    assert key is not None  # an INSERT into a table with a primary key
-    return int(key[0])
+    return int(_INSERT.execute(conn, {"task_id": task_id, "owner": owner, "kind": kind,
+                                      "payload": payload, "time": now_rfc3339()}).scalar_one())
 
 
 def record_task(conn: Connection, task_id: str, kind: str, payload: Any) -> None:
@@ -167,6 +167,19 @@ def load_cursor(conn: Connection, sink: str, start: int) -> int:
 def save_cursor(conn: Connection, sink: str, position: int) -> None:
     conn.execute(update(event_cursors).where(event_cursors.c.sink == sink)
                  .values(position=position))
+
+
+def backlog(conn: Connection, sinks: Sequence[str]) -> dict[str, tuple[int, str | None]]:
+    """Per sink with a cursor: (events after its cursor, the time of the first of them or
+    None). One query: per sink an indexed count and a first row on the primary key, so
+    it costs what is pending, not the outbox's size."""
+    t, cursors = event_outbox, event_cursors
+    after = t.c.id > cursors.c.position
+    pending = select(func.count()).select_from(t).where(after).scalar_subquery()
+    first = select(t.c.time).where(after).order_by(t.c.id).limit(1).scalar_subquery()
+    rows = conn.execute(select(cursors.c.sink, pending, first)
+                        .where(cursors.c.sink.in_(list(sinks)))).all()
+    return {sink: (int(count), oldest) for sink, count, oldest in rows}
 
 
 def prune(conn: Connection, below: int | None, before_time: str) -> int:

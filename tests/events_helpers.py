@@ -1,9 +1,10 @@
-"""Helpers of the event-sink, watch and client tests: a webhook receiver on 127.0.0.1,
-an outbox database, a scripted HTTP server."""
+"""Helpers of the event-sink, watch and client tests: a webhook receiver on 127.0.0.1 (in
+this process or its own), an outbox database, a scripted HTTP server."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,9 +45,10 @@ def record_events(engine: Engine, plan: list[tuple[str, str | None, str, Any]]) 
 
 
 class WebhookReceiver:
-    """An HTTP endpoint on 127.0.0.1 that checks each POST's signature and keeps the events;
-    ``stop()`` closes its socket (connections refused), ``start()`` opens it again on the
-    same port; ``fail_with`` makes it answer that status instead (and keep nothing)."""
+    """An HTTP endpoint on 127.0.0.1 that checks each POST's signature and keeps the events
+    (a GET answers ``tally()``); ``stop()`` closes its socket (connections refused),
+    ``start()`` opens it again on the same port; ``fail_with`` makes it answer that status
+    instead (and keep nothing)."""
 
     def __init__(self, secret: str, on_event: Callable[[dict], None] | None = None):
         self.secret = secret
@@ -58,6 +60,7 @@ class WebhookReceiver:
         self.lock = threading.Lock()
         self.port = 0
         self.server: ThreadingHTTPServer | None = None
+        self.connections: set[socket.socket] = set()  # kept alive, closed by stop()
 
     @property
     def url(self) -> str:
@@ -70,19 +73,48 @@ class WebhookReceiver:
         return self
 
     def stop(self) -> None:
+        """Down as a dead receiver is: the listening socket and kept-alive connections."""
         assert self.server is not None
         self.server.shutdown()
         self.server.server_close()
         self.server = None
+        with self.lock:
+            open_connections, self.connections = self.connections, set()
+        for connection in open_connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # the sender closed it first
 
     def received(self) -> list[dict]:
         with self.lock:
             return list(self.events)
 
+    def tally(self) -> dict:
+        """What GET on the receiver answers: events kept, bad signatures, events per task."""
+        per_task: dict[str, int] = {}
+        with self.lock:
+            for event in self.events:
+                per_task[event["task_id"]] = per_task.get(event["task_id"], 0) + 1
+            return {"events": len(self.events), "bad_signatures": self.bad_signatures,
+                    "per_task": per_task}
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver offers
+
+            def setup(self) -> None:
+                super().setup()
+                with receiver.lock:
+                    receiver.connections.add(self.connection)
+
+            def finish(self) -> None:
+                super().finish()
+                with receiver.lock:
+                    receiver.connections.discard(self.connection)
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
@@ -102,10 +134,50 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def do_GET(self) -> None:  # for a receiver in another process (benchmarks)
+                body = json.dumps(receiver.tally()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
         return Handler
+
+
+class ReceiverProcess:
+    """A WebhookReceiver in a process of its own (a benchmark's receiver then takes no CPU
+    from the process it measures): ``url`` to post to, ``tally()`` what it kept so far,
+    ``close()`` ends it."""
+
+    def __init__(self, secret: str):
+        import subprocess
+        import sys
+
+        script = ("import sys\n"
+                  "from tests.events_helpers import WebhookReceiver\n"
+                  f"hook = WebhookReceiver({secret!r}).start()\n"
+                  "print(hook.port, flush=True)\n"
+                  "sys.stdin.read()\n")  # until close() closes its stdin
+        self.proc = subprocess.Popen([sys.executable, "-c", script], text=True,
+                                     cwd=Path(__file__).resolve().parent.parent,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}/hook"
+
+    def tally(self) -> dict:
+        """WebhookReceiver.tally() of the receiver."""
+        import requests
+
+        return requests.get(self.url, timeout=30).json()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 class ScriptedServer:

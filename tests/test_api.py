@@ -160,7 +160,7 @@ def test_service_info(api_server):
     info = requests.get(api_server.api + "/service-info", timeout=10).json()
     assert info["type"] == {"group": "org.ga4gh", "artifact": "tes", "version": "1.1.0"}
     assert {"id", "name", "organization", "version", "storage"} <= set(info)
-    assert sorted(info["tesResources_backend_parameters"]) == ["queue", "vmsize"]
+    assert sorted(info["tesResources_backend_parameters"]) == ["gpus", "queue", "vmsize"]
 
 
 def test_openapi_document_is_served(api_server):

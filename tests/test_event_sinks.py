@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import insert
 
-from funnel_hpc.gateway import db, outbox
+from funnel_hpc.gateway import db, observability, outbox
 from funnel_hpc.gateway.publisher import Publisher
 from funnel_hpc.gateway.sinks import RedisStreamSink, WebhookSink
 from tests.events_helpers import (
@@ -91,6 +91,24 @@ def test_nothing_is_lost_while_the_receiver_is_down(engine, receiver):
     got = receiver.received()
     assert sorted({event["id"] for event in got}) == first + later  # none lost
     assert_in_order_per_task(got)
+
+
+def test_a_kept_alive_connection_the_receiver_dropped_is_replaced_at_once(tmp_path, receiver):
+    engine = outbox_engine(tmp_path / "outbox.db")
+    publisher = start(engine, WebhookSink("webhook:kept", receiver.url, secret=SECRET))
+    try:
+        first = record_events(engine, plan_for(2))
+        wait_for(lambda: len(receiver.received()) >= len(first), 60, "the first events")
+        receiver.stop()   # drops the sink's kept-alive connection, as a restart does
+        receiver.start()  # same port, before the next event
+        later = record_events(engine, plan_for(2))
+        wait_for(lambda: len(receiver.received()) >= len(first + later), 60, "later events")
+    finally:
+        publisher.stop()
+    # a new connection at once, not a failed attempt and a pause
+    assert observability.REGISTRY.get_sample_value(
+        "funnel_event_sink_failures_total", {"sink": "webhook:kept"}) == 0
+    assert [event["id"] for event in receiver.received()] == first + later
 
 
 def test_an_erroring_receiver_is_retried_without_holding_up_recording(engine, receiver):

@@ -12,6 +12,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from funnel_hpc.gateway import observability
+from tests.events_helpers import WebhookReceiver
 from tests.postgres_helpers import PrivatePostgres, available
 from tests.server_helpers import ServerProcess
 from tests.test_e2e import bwrap_ready, make_server, sh, slurm_ready
@@ -55,6 +56,52 @@ def test_task_gauges_match_the_database(databases, tmp_path):
         assert metrics[("funnel_database_up", ())] == 1
     finally:
         server.stop()
+
+
+def sink_figures(metrics: dict, sink: str) -> dict[str, float]:
+    """A sink's lag figures in a scrape (KeyError: the sink is not shown)."""
+    label = (("sink", sink),)
+    return {"pending": metrics[("funnel_event_sink_pending", label)],
+            "age": metrics[("funnel_event_sink_oldest_pending_age_seconds", label)],
+            "delivered": metrics[("funnel_event_sink_delivered_total", label)],
+            "failures": metrics[("funnel_event_sink_failures_total", label)],
+            "latencies": metrics[("funnel_event_delivery_seconds_count", label)],
+            "latency_sum": metrics[("funnel_event_delivery_seconds_sum", label)]}
+
+
+def test_sink_lag_while_the_webhook_is_down_then_caught_up(databases, tmp_path):
+    secret, tasks = "lag-secret", 4
+    receiver = WebhookReceiver(secret).start()
+    receiver.stop()  # its port is known; connections are refused until start()
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), overrides={
+        "events": {"poll_seconds": 0.05, "retry_min_seconds": 0.05, "retry_max_seconds": 0.2,
+                   "webhooks": [{"name": "hook", "url": receiver.url, "secret": secret}]}})
+    server.start()
+    try:
+        for _ in range(tasks):  # one event each (QUEUED): no reconciler runs
+            assert requests.post(server.api + "/tasks", json=TASK, timeout=10).ok
+
+        def stuck() -> dict | None:
+            lag = sink_figures(scrape(server), "webhook:hook")
+            return lag if lag["pending"] == tasks and lag["failures"] >= 2 else None
+
+        lag = wait_for(stuck, 30, "the events held while the hook refuses connections")
+        assert lag["age"] > 0 and lag["delivered"] == 0 and lag["latencies"] == 0
+        receiver.start()
+
+        def caught_up() -> dict | None:
+            lag = sink_figures(scrape(server), "webhook:hook")
+            return lag if lag["pending"] == 0 and lag["delivered"] == tasks else None
+
+        lag = wait_for(caught_up, 30, "the hook to get every event", detail=server.log)
+        assert lag["age"] == 0
+        # every delivery measured, each at least as long as the outage it waited through
+        assert lag["latencies"] == tasks and lag["latency_sum"] > 0
+        assert len(receiver.received()) == tasks
+    finally:
+        server.stop()
+        if receiver.server is not None:
+            receiver.stop()
 
 
 @pytest.mark.skipif(not bwrap_ready(), reason="bwrap and the busybox root are needed")
