@@ -131,27 +131,31 @@ def measure(sizes: list[int], ticks: int, live_tasks: int = 1000) -> dict:
 
 def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     """benchmarks/suite.py's `reconciler` rows (SQLite) and the raw figures; quick: 1,000
-    and 10,000 in flight only."""
+    and 10,000 in flight only. The reference of each idle tick is the first tick of the
+    same reconciler, measured in this run: it reads every active row and event log, as
+    every tick did before the in-flight index (BEFORE_MS: those ticks, for context)."""
     r = measure([1000, 10000] if quick else [1000, 10000, 100000], 5 if quick else 7)
     rows = []
     for point in r["curve"]:
-        count = point["in_flight"]
+        count, idle = point["in_flight"], point["idle_tick_ms"]
         before = BEFORE_MS.get(count)
         rows.append({
             "figure": f"reconciler idle tick, {count:,} in flight (SQLite)",
-            "measured": f"{point['idle_tick_ms']:.1f} ms CPU",
-            "reference": (f"before {before:.0f} ms; " if before else "")
-            + f"first tick {point['first_tick_ms']:.0f} ms; a backend's answer of "
-            f"{count:,} statuses {point['answer_cost_ms']:.0f} ms more",
-            "ratio": point["idle_tick_ms"] / before if before else None,
+            "measured": f"{idle:.1f} ms CPU (+{point['answer_cost_ms']:.0f} ms for a "
+                        f"backend to build {count:,} statuses)",
+            "reference": f"full read of every row and event log {point['first_tick_ms']:.0f} ms"
+            + (f" (each tick before the index: {before:.0f} ms)" if before else ""),
+            "ratio": idle / point["first_tick_ms"],
             "target": f"<= {TARGET_MS:.0f} ms at 100,000" if count == 100000 else "context",
-            "met": point["idle_tick_ms"] <= TARGET_MS if count == 100000 else None})
+            "met": idle <= TARGET_MS if count == 100000 else None})
     live = r["live_logs"]
     rows.append({"figure": f"reconciler tick, {live['tasks']:,} RUNNING tasks each +1 "
                            "live-log line",
-                 "measured": f"{live['line_ms']:.0f} ms CPU",
-                 "reference": f"before 803 ms; +10 KB tail reset {live['reset_ms']:.0f} ms",
-                 "ratio": live["line_ms"] / 803.0, "target": "context", "met": None})
+                 "measured": f"{live['line_ms']:.0f} ms CPU (+10 KB tail reset "
+                             f"{live['reset_ms']:.0f} ms)",
+                 "reference": f"idle tick {live['idle_ms']:.0f} ms (one UPDATE per task "
+                              "before batching: 803 ms)",
+                 "target": "context", "met": None})
     return rows, r
 
 
