@@ -1,6 +1,6 @@
 """Cold image pull + unpack through funnel_hpc.worker.images vs skopeo + umoci.
 
-Run: .venv/bin/python benchmarks/image_pull.py [--runs 5] [--big-mb 0]
+Run: .venv/bin/python benchmarks/image_pull.py [--runs 11] [--big-mb 0]
 (needs scripts/setup/45-registry.sh: the registry on 127.0.0.1:5055 and its CA).
 
 For each image, median of --runs cold runs (empty cache each time) of:
@@ -9,9 +9,11 @@ For each image, median of --runs cold runs (empty cache each time) of:
   the first import of the registry client, http.client and ssl included);
 - the reference: `skopeo copy docker://... oci:DIR:tag` then `umoci unpack --rootless`
   (skopeo with --src-tls-verify=false: it reads CAs only from *.crt files in a directory).
-Runs alternate (ours, reference, ours, ...) so that a load change on the machine hits both
-sides alike; CPU seconds (user + system of the child processes) are reported beside the wall
-times as a less load-sensitive check. Ratios > 1 mean ours is slower. --big-mb N also
+Runs alternate in pairs, ours first in one pair and second in the next (ABBA), so that a
+load change on the machine hits both sides alike. Each figure comes with its spread: the
+quartiles of its runs, and of the per-pair ratios, so that one noisy run cannot decide the
+row. CPU seconds (user + system of the child processes) are reported beside the wall times
+as a less load-sensitive check. Ratios > 1 mean ours is slower. --big-mb N also
 builds and pushes an image with an N MB layer (funnel/bench-big:N) to compare throughput
 rather than fixed costs.
 """
@@ -107,43 +109,69 @@ def build_big(megabytes: int) -> str:
     return image
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile); all three the value itself for one run."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, middle, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, middle, high
+
+
 def measure(image: str, runs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="image-bench-") as tmp:
         ours(image, Path(tmp))  # warm the page cache and the registry for both sides
         reference(image, Path(tmp))
         mine, theirs = [], []
-        for _ in range(runs):  # alternating, see the module docstring
-            result, cpu = with_cpu(ours, image, Path(tmp))
-            mine.append({**result, "cpu": cpu})
-            theirs.append(with_cpu(reference, image, Path(tmp)))
-    median = {key: statistics.median(run[key] for run in mine) for key in mine[0]}
-    reference_s = statistics.median(wall for wall, _ in theirs)
-    reference_cpu = statistics.median(cpu for _, cpu in theirs)
-    return {"image": image, "runs": runs, "ours_process_s": round(median["process"], 4),
-            "ours_in_process_s": round(median["in_process"], 4),
-            "ours_warm_s": round(median["warm"], 6), "reference_s": round(reference_s, 4),
-            "ratio_process": round(median["process"] / reference_s, 2),
-            "ratio_in_process": round(median["in_process"] / reference_s, 2),
-            "ours_cpu_s": round(median["cpu"], 4), "reference_cpu_s": round(reference_cpu, 4),
-            "ratio_cpu": round(median["cpu"] / reference_cpu, 2)}
+        for index in range(runs):  # alternating, see the module docstring
+            sides = [("ours", ours), ("reference", reference)]
+            for side, run in sides if index % 2 == 0 else sides[::-1]:
+                result, cpu = with_cpu(run, image, Path(tmp))
+                if side == "ours":
+                    mine.append({**result, "cpu": cpu})
+                else:
+                    theirs.append({"wall": result, "cpu": cpu})
+    figures = {f"ours_{key}": quartiles([run[key] for run in mine]) for key in mine[0]}
+    figures["reference"] = quartiles([run["wall"] for run in theirs])
+    figures["reference_cpu"] = quartiles([run["cpu"] for run in theirs])
+    pair_ratios = quartiles([a["process"] / b["wall"] for a, b in zip(mine, theirs, strict=True)])
+    median = {key: value[1] for key, value in figures.items()}
+    return {"image": image, "runs": runs,
+            "ours_process_s": round(median["ours_process"], 4),
+            "ours_in_process_s": round(median["ours_in_process"], 4),
+            "ours_warm_s": round(median["ours_warm"], 6),
+            "reference_s": round(median["reference"], 4),
+            "ratio_process": round(median["ours_process"] / median["reference"], 3),
+            "ratio_in_process": round(median["ours_in_process"] / median["reference"], 3),
+            "ours_cpu_s": round(median["ours_cpu"], 4),
+            "reference_cpu_s": round(median["reference_cpu"], 4),
+            "ratio_cpu": round(median["ours_cpu"] / median["reference_cpu"], 3),
+            "pair_ratio_quartiles": [round(value, 3) for value in pair_ratios],
+            "quartiles_s": {key: [round(v, 4) for v in value] for key, value in figures.items()}}
 
 
 def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     """benchmarks/suite.py's `images` rows (the test image, cold) and the raw figures."""
-    r = measure(f"{REGISTRY}/funnel/testimage:1", 1 if quick else 5)
-    row = {"figure": f"cold pull + unpack of the test image (median of {r['runs']})",
+    r = measure(f"{REGISTRY}/funnel/testimage:1", 3 if quick else 11)
+    ours_q, ref_q = r["quartiles_s"]["ours_process"], r["quartiles_s"]["reference"]
+    low, _, high = r["pair_ratio_quartiles"]
+    row = {"figure": f"cold pull + unpack of the test image (median of {r['runs']}, "
+                     "ABBA pairs)",
            "measured": f"{r['ours_process_s'] * 1000:.0f} ms as a process "
-                       f"({r['ours_in_process_s'] * 1000:.0f} ms in process; "
+                       f"(IQR {ours_q[0] * 1000:.0f}-{ours_q[2] * 1000:.0f}; "
+                       f"{r['ours_in_process_s'] * 1000:.0f} ms in process; "
                        f"CPU {r['ours_cpu_s']:.2f} s)",
            "reference": f"skopeo copy + umoci unpack {r['reference_s'] * 1000:.0f} ms "
-                        f"(CPU {r['reference_cpu_s']:.2f} s)",
-           "ratio": r["ratio_process"], "target": "<= 1.2x", "met": r["ratio_process"] <= 1.2}
+                        f"(IQR {ref_q[0] * 1000:.0f}-{ref_q[2] * 1000:.0f}; "
+                        f"CPU {r['reference_cpu_s']:.2f} s); per-pair ratio IQR "
+                        f"{low:.2f}-{high:.2f}",
+           "ratio": round(r["ratio_process"], 2), "target": "<= 1.2x",
+           "met": r["ratio_process"] <= 1.2}
     return [row], r
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=11)
     parser.add_argument("--big-mb", type=int, default=0)
     parser.add_argument("--image", default=f"{REGISTRY}/funnel/testimage:1")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ downloaded once and each image unpacked once, under `fcntl.flock` locks (see cac
 Cost: importing this package loads nothing but `os`/`pathlib`; a warm start (the tag was
 resolved before and the image is unpacked) reads two small JSON files and makes no network
 call. A cold start costs one manifest GET (two for an index), one GET per blob, and the
-unpack (unpack.py). Everything heavier (requests, hashlib, tarfile, json) loads on use.
+unpack (unpack.py). Everything heavier (http.client, ssl, hashlib, tarfile, json) loads on use.
 """
 
 from __future__ import annotations
@@ -129,11 +129,16 @@ def _pull(ref: Reference, cache: Cache, registries: dict[str, Json],
 def _build(rootfs: Path, config_path: Path, layers: list[tuple[Path, Json]],
            image: str) -> Json:
     """Unpack the layers into `rootfs`; the image config's "config" section."""
+    import hashlib
     import json
 
-    from .unpack import unpack_layers
+    from .unpack import BlobCorrupt, unpack_layers
+
+    raw = config_path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != config_path.name:  # blobs are named by digest
+        raise BlobCorrupt(image, f"sha256:{config_path.name}")  # torn by a crash: fetch again
     try:
-        config = json.loads(config_path.read_bytes())
+        config = json.loads(raw)
     except ValueError:
         raise ImageError("invalid", image, "image config is not JSON") from None
     unpack_layers(rootfs, layers, image)

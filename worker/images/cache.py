@@ -9,7 +9,11 @@ Layout under the cache directory:
 The first worker to need a blob or an image takes its lock and writes it under a temporary
 name in the same directory, then renames it; the others wait on the lock and find it done.
 Anything temporary left by a crashed worker is removed by the next holder of that lock.
-Cost: a warm lookup reads two small JSON files; a cold blob costs one lock, one fsync.
+Durability: blobs are not fsynced (every reader checks a blob's digest as it reads it, and a
+torn one is fetched again); an unpacked tree is flushed with one syncfs before the rename
+that publishes it, which also flushes the blobs it was made from.
+Cost: a warm lookup reads two small JSON files; a cold blob costs one lock; an unpack one
+syncfs (each fsync costs a journal commit, ~2-20 ms on a busy disk).
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -75,7 +78,7 @@ class Cache:
         record = {"reference": ref.canonical(), "digest": digest,
                   "manifest_digest": manifest_digest, "fetched": time.time()}
         self._mkdirs(path.parent)
-        fd, temp = tempfile.mkstemp(prefix=TEMP, dir=path.parent)
+        fd, temp = _temp_file(path.parent, TEMP)
         try:
             with os.fdopen(fd, "w") as out:
                 os.fchmod(out.fileno(), 0o644)
@@ -99,18 +102,15 @@ class Cache:
             if _has_size(path, descriptor["size"]):
                 return path  # another worker fetched it while we waited
             _remove_temps(path.parent, f"{TEMP}{path.name}-")
-            fd, temp = tempfile.mkstemp(prefix=f"{TEMP}{path.name}-", dir=path.parent)
+            fd, temp = _temp_file(path.parent, f"{TEMP}{path.name}-")
             try:
                 with os.fdopen(fd, "w+b") as out:
                     download(descriptor, out)
-                    out.flush()
-                    os.fsync(out.fileno())
                     os.fchmod(out.fileno(), 0o644)
-                os.rename(temp, path)
+                os.rename(temp, path)  # no fsync: see the module docstring
             except BaseException:
                 _unlink(temp)
                 raise
-            _fsync_dir(path.parent)
         return path
 
     def discard_blob(self, digest: str) -> None:
@@ -128,19 +128,18 @@ class Cache:
             if (final / IMAGE_FILE).exists():
                 return
             _remove_temps(final.parent, f"{TEMP}{final.name}-")
-            temp = Path(tempfile.mkdtemp(prefix=f"{TEMP}{final.name}-", dir=final.parent))
+            temp = _temp_dir(final.parent, f"{TEMP}{final.name}-")
             try:
-                os.chmod(temp, 0o755)
                 config = build(temp / ROOTFS)
                 (temp / IMAGE_FILE).write_text(json.dumps(
                     {"manifest_digest": manifest_digest, "config": config}))
                 os.chmod(temp / IMAGE_FILE, 0o644)
                 _sync_file_system(temp)
+                # not made durable itself: lost in a crash, the image is unpacked again
                 os.rename(temp, final)
             except BaseException:
                 shutil.rmtree(temp, ignore_errors=True)
                 raise
-            _fsync_dir(final.parent)
 
     @contextmanager
     def _lock(self, name: str) -> Iterator[None]:
@@ -202,12 +201,28 @@ def _remove_temps(directory: Path, prefix: str) -> None:
                 _unlink(entry.path)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _temp_file(directory: Path, prefix: str) -> tuple[int, str]:
+    """A new file (0600, O_EXCL) named prefix + random hex (tempfile.mkstemp without the
+    ~3 ms of importing tempfile and random)."""
+    while True:
+        path = os.path.join(directory, prefix + os.urandom(6).hex())
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
+
+
+def _temp_dir(directory: Path, prefix: str) -> Path:
+    """A new directory (0755 whatever the umask) named prefix + random hex."""
+    while True:
+        path = directory / (prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o755)
+        return path
 
 
 def _sync_file_system(directory: Path) -> None:

@@ -10,7 +10,8 @@ link to a missing or outside path raises ImageError("refused") naming the entry.
 names are re-rooted. Device nodes and fifos are skipped (returned as notes), setuid/setgid
 bits dropped, owners not changed, group/other write removed (the image is shared, read-only).
 Each layer's digest is checked again as it is read: a corrupt cached blob raises BlobCorrupt.
-Cost: one read of each layer; per entry a few syscalls (parent directories stay open).
+Cost: one read of each layer; per entry a few syscalls (parent directories stay open; a
+name is created first and only replaced when something is there).
 """
 
 from __future__ import annotations
@@ -159,8 +160,11 @@ class LayerApplier:
         elif member.isreg():
             self._file(parent, name, member, tar)
         elif member.issym():
-            self._replace(parent, name)
-            os.symlink(member.linkname, name, dir_fd=parent)
+            try:  # most names are new: try first, replace what is there only if needed
+                os.symlink(member.linkname, name, dir_fd=parent)
+            except FileExistsError:
+                self._replace(parent, name)
+                os.symlink(member.linkname, name, dir_fd=parent)
         elif member.islnk():
             self._hard_link(parent, name, path, member.linkname)
         else:
@@ -227,11 +231,14 @@ class LayerApplier:
             os.close(fd)
 
     def _file(self, parent: int, name: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
-        self._replace(parent, name)  # never write into an existing inode (it may be linked)
         source = tar.extractfile(member)
         if source is None:
             raise self._refuse("a regular file without data")
-        fd = os.open(name, FILE_FLAGS, 0o600, dir_fd=parent)
+        try:  # O_EXCL: never write into an existing inode (it may be linked)
+            fd = os.open(name, FILE_FLAGS, 0o600, dir_fd=parent)
+        except FileExistsError:
+            self._replace(parent, name)
+            fd = os.open(name, FILE_FLAGS, 0o600, dir_fd=parent)
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(source, out, CHUNK)
             os.fchmod(fd, file_mode(member.mode))
