@@ -4,11 +4,13 @@ Run: .venv/bin/python benchmarks/storage_bench.py [--quick]
 
 All through `funnel_hpc.worker.storage.Storage` (retries, parallel transfers: what a task's
 inputs and outputs go through), each side timed in this process, servers on 127.0.0.1:
-- S3 (a moto_server): 500 x 1 MB files uploaded, then downloaded, with
+- S3 (moto, in its own process): 500 x 1 MB files uploaded, then downloaded, with
   storage.max_parallel_transfers 8 vs 1 (target >= 3x faster), and vs raw boto3
   upload_file/download_file from a pool of 8 threads (target: >= 0.8 of its speed); raw
   boto3 with 1 thread vs 8 shows what parallelism can gain on this machine (moto shares
-  its CPUs);
+  its CPUs and answers at once: the transfers are bound by CPU, not by waiting). The same
+  again with every request answered REMOTE_MS later (a sleep in moto's process), as a
+  store across a network answers: what parallel transfers are for;
 - local (file://, 1 GiB on the work disk): a hard link (worker.link_inputs) and the
   default stage-in (a reflink where the file system can, else copy_file_range) vs `cp`,
   best of 3 alternating with `cp` (target <= 0.05 of cp's time where a link or reflink is
@@ -72,14 +74,16 @@ def storage(tmp: Path, parallel: int, link: bool = False, **stores) -> Storage:
 
 
 class MotoServer:
-    """A plain moto_server (no credential checks) on a free port."""
+    """A moto server (no credential checks) on a free port, in its own process; with
+    `latency_ms`, each request is answered that much later (a sleep: no CPU), as a store
+    across a network would, where on 127.0.0.1 moto answers at once."""
 
-    def __init__(self):
+    def __init__(self, latency_ms: float = 0):
         os.environ.update(KEYS)  # boto3's chain, for both sides
-        exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-moto", str(port),
+                                      str(latency_ms)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: _answers(self.url + "/moto-api/"), 30, "moto server")
 
@@ -130,13 +134,27 @@ def ours_s3(tmp: Path, endpoint: str, parallel: int) -> tuple:
             lambda pairs: store.get_many([(url, dest, False) for url, dest in pairs]))
 
 
-def s3(tmp: Path, count: int) -> dict:
-    source = tmp / "s3-files"
+def serve_moto(port: int, latency_ms: float) -> None:
+    """moto's app on a threaded werkzeug server, each request delayed by latency_ms."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def delayed(environ, start_response):
+        time.sleep(latency_ms / 1000)
+        return app(environ, start_response)
+
+    make_server("127.0.0.1", port, delayed, threaded=True).serve_forever()
+
+
+def s3(tmp: Path, count: int, latency_ms: float = 0) -> dict:
+    source = tmp / f"s3-files-{latency_ms:g}"
     source.mkdir()
     files = [source / f"{index:04}.bin" for index in range(count)]
     for path in files:
         path.write_bytes(os.urandom(MB))
-    moto = MotoServer()
+    moto = MotoServer(latency_ms)
     try:
         raw, raw_one = RawBoto3(moto.url, PARALLEL), RawBoto3(moto.url, 1)
         raw.client.create_bucket(Bucket="bench")
@@ -157,6 +175,7 @@ def s3(tmp: Path, count: int) -> dict:
     results["speedup"] = total["sequential"] / total["parallel"]
     results["vs_raw"] = total["raw_boto3"] / total["parallel"]
     results["raw_speedup"] = total["raw_boto3_sequential"] / total["raw_boto3"]
+    results["latency_ms"] = latency_ms
     return results
 
 
@@ -229,12 +248,15 @@ def gs(tmp: Path, megabytes: int) -> dict:
             "whole_down_ratio": best["raw_down"] / best["whole_down"]}
 
 
-PARTS = ("s3", "local", "gs")
+PARTS = ("s3", "s3_remote", "local", "gs")
+# a store across a network: each request answered this much later (moto answers at once)
+REMOTE_MS = 20
 
 
 def measure(quick: bool, only: tuple[str, ...] = PARTS) -> dict:
     sizes = SIZES[quick]
     work = {"s3": lambda tmp: s3(tmp, sizes["s3_files"]),
+            "s3_remote": lambda tmp: s3(tmp, sizes["s3_files"], REMOTE_MS),
             "local": lambda tmp: local(tmp, sizes["local_mb"]),
             "gs": lambda tmp: gs(tmp, sizes["gs_mb"])}
     tmp = Path(tempfile.mkdtemp(prefix="funnel-storage-bench-", dir="/var/tmp"))
@@ -249,7 +271,8 @@ def s3_rows(r: dict) -> list[dict]:
 
     def both(side: dict) -> str:
         return f"up {side['up_s']:.1f} s + down {side['down_s']:.1f} s"
-    name = f"S3 {r['files']} x 1 MB up + down, {PARALLEL} at once (moto)"
+    where = f"moto, {r['latency_ms']:g} ms a request" if r.get("latency_ms") else "moto"
+    name = f"S3 {r['files']} x 1 MB up + down, {PARALLEL} at once ({where})"
     return [{"figure": f"{name} vs one at a time", "measured": both(ours),
              "reference": f"max_parallel_transfers 1: {both(seq)} (raw boto3 on this "
                           f"machine: {r['raw_speedup']:.1f}x from 8 threads)",
@@ -298,7 +321,8 @@ def gs_rows(r: dict) -> list[dict]:
 def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     """benchmarks/suite.py's `storage` rows and the raw figures."""
     r = measure(quick)
-    return s3_rows(r["s3"]) + local_rows(r["local"]) + gs_rows(r["gs"]), r
+    return (s3_rows(r["s3"]) + s3_rows(r["s3_remote"]) + local_rows(r["local"])
+            + gs_rows(r["gs"]), r)
 
 
 def main() -> None:
@@ -306,10 +330,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes")
     parser.add_argument("--only", choices=PARTS, action="append",
                         help="measure only this part (repeatable; default: all)")
+    parser.add_argument("--serve-moto", nargs=2, metavar=("PORT", "LATENCY_MS"),
+                        help=argparse.SUPPRESS)  # MotoServer's own process
     args = parser.parse_args()
+    if args.serve_moto:
+        serve_moto(int(args.serve_moto[0]), float(args.serve_moto[1]))
+        return
     only = tuple(args.only or PARTS)
     results = measure(args.quick, only)
-    rows_of = {"s3": s3_rows, "local": local_rows, "gs": gs_rows}
+    rows_of = {"s3": s3_rows, "s3_remote": s3_rows, "local": local_rows, "gs": gs_rows}
     rows = [row for part in only for row in rows_of[part](results[part])]
     print(json.dumps(results, indent=2))
     for row in rows:
