@@ -14,9 +14,10 @@ import logging
 from typing import Any
 
 from funnel_hpc.backends.base import JobState, JobStatus
+from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.gateway.reconciler_core import LOGGER_NAME, ReconcilerCore, TickStats
-from funnel_hpc.gateway.service import FieldUpdate, now_rfc3339
+from funnel_hpc.gateway.service_store import FieldUpdate
 
 log = logging.getLogger(LOGGER_NAME)
 

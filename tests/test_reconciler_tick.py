@@ -16,7 +16,7 @@ from sqlalchemy import event, select, update
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.gateway import db, outbox
 from funnel_hpc.gateway.event_tail import EventTail
-from funnel_hpc.gateway.service import FieldUpdate
+from funnel_hpc.gateway.service_store import FieldUpdate
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, job_of, make, write_events
 
 
