@@ -83,5 +83,7 @@ def test_task_files_are_private_whatever_the_umask(databases, tmp_path):
             assert (directory / name).stat().st_mode & 0o777 == 0o600, name
         assert (server.work_dir / "worker-config.json").stat().st_mode & 0o777 == 0o600
         assert requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10).ok
+        # its job gone before the server stops: else `sleep 600` holds a Slurm slot
+        assert wait_state(server, task_id, TERMINAL, timeout=120)["state"] == "CANCELED"
     finally:
         server.stop()
