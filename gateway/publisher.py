@@ -19,6 +19,7 @@ more than once (still in order); run the publisher on one replica (``events.publ
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -117,7 +118,13 @@ class Publisher:
         return self
 
     def _spawn(self, target: Any, name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        nice = int(self.config.get("nice", 0))
+
+        def run() -> None:
+            lower_priority(nice)
+            target()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self.threads.append(thread)
 
@@ -145,6 +152,20 @@ class Publisher:
         cutoff = (datetime.now(UTC) - timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S")
         with db.writing(self.engine) as conn:
             return outbox.prune(conn, None if below is None else below + 1, cutoff)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by `nice` (Linux schedules threads one by
+    one): on a busy login node the API and the reconciler go first, and events wait in
+    the outbox, which keeps them. Best effort: elsewhere the thread keeps its priority."""
+    if nice <= 0:
+        return
+    try:
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
+    except (AttributeError, OSError) as exc:
+        log.info("event sink threads keep the server's CPU priority: %s", exc)
 
 
 def start_publisher(engine: Engine, config: Mapping[str, Any]) -> Publisher | None:

@@ -273,3 +273,23 @@ def _pings(client) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+def test_sink_threads_run_at_a_lower_cpu_priority():
+    import os
+    import threading
+
+    from funnel_hpc.gateway.publisher import lower_priority
+
+    seen: list[int] = []
+
+    def run() -> None:
+        lower_priority(5)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen == [min(19, mine + 5)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # only it
