@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
@@ -40,20 +40,16 @@ def load_config(path: str | None, overrides: dict | None = None) -> dict:
         fail(str(exc))
 
 
-CREDENTIALS_HELP = """Credentials for a server with auth on come from the environment, never
-the command line (where `ps` would show them): FUNNEL_TOKEN (a bearer token), or
-FUNNEL_USER and FUNNEL_PASSWORD (HTTP basic)."""
-
-
-def client(server_url: str, environ: Mapping[str, str] | None = None) -> TesClient:
+def client(server_url: str) -> TesClient:
     """A TES client for the CLI: credentials from FUNNEL_TOKEN, or FUNNEL_USER and
     FUNNEL_PASSWORD; 429/503 answers are retried (Retry-After honoured) three times."""
-    env = os.environ if environ is None else environ
-    token, user = env.get("FUNNEL_TOKEN") or None, env.get("FUNNEL_USER") or None
-    if user is None and env.get("FUNNEL_PASSWORD"):
+    token = os.environ.get("FUNNEL_TOKEN") or None
+    user = os.environ.get("FUNNEL_USER") or None
+    password = os.environ.get("FUNNEL_PASSWORD", "")
+    if user is None and password:
         fail("FUNNEL_PASSWORD is set without FUNNEL_USER")
     return TesClient(server_url, token=token, username=None if token else user,
-                     password=env.get("FUNNEL_PASSWORD", ""), retries=3)
+                     password=password, retries=3)
 
 
 def emit(data: Any, output: str = "json") -> None:

@@ -59,6 +59,21 @@ def api_server(db_kind, databases, tmp_path_factory):
     shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def alice_server(databases, tmp_path_factory):
+    """A real server with auth on (no reconciler): user alice, password "alice-pw", and
+    the bearer token "alice-token" for her."""
+    from werkzeug.security import generate_password_hash
+
+    server = ServerProcess(tmp_path_factory.mktemp("alice"), databases.new("sqlite"),
+                           overrides={"auth": {
+                               "mode": "basic+bearer",
+                               "users": {"alice": generate_password_hash("alice-pw")},
+                               "tokens": {"alice-token": "alice"}}}).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def moto_server():
     """One real `moto_server` process on 127.0.0.1 for the session (S3, Batch, IAM, EC2...),

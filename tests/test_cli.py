@@ -106,21 +106,6 @@ def test_server_refuses_unknown_config_key(tmp_path):
     assert "server.http_prot" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def auth_server(databases, tmp_path_factory):
-    from werkzeug.security import generate_password_hash
-
-    from tests.server_helpers import ServerProcess
-
-    server = ServerProcess(tmp_path_factory.mktemp("cli-auth"), databases.new("sqlite"),
-                           overrides={"auth": {
-                               "mode": "basic+bearer",
-                               "users": {"alice": generate_password_hash("alice-pw")},
-                               "tokens": {"alice-token": "alice"}}}).start()
-    yield server
-    server.stop()
-
-
 def funnel_as(server, env, *args):
     return subprocess.run(funnel_argv(*args), capture_output=True, text=True,
                           env=clean_env(FUNNEL_SERVER=server.url, **env), timeout=60)
@@ -128,21 +113,21 @@ def funnel_as(server, env, *args):
 
 @pytest.mark.parametrize("env", [{"FUNNEL_USER": "alice", "FUNNEL_PASSWORD": "alice-pw"},
                                  {"FUNNEL_TOKEN": "alice-token"}])
-def test_credentials_come_from_the_environment(auth_server, env):
-    created = funnel_as(auth_server, env, "run", "true", "--image", "busybox")
+def test_credentials_come_from_the_environment(alice_server, env):
+    created = funnel_as(alice_server, env, "run", "true", "--image", "busybox")
     assert created.returncode == 0, created.stderr
     task_id = created.stdout.strip()
-    got = funnel_as(auth_server, env, "task", "get", task_id)
+    got = funnel_as(alice_server, env, "task", "get", task_id)
     assert got.returncode == 0, got.stderr
     assert json.loads(got.stdout)["id"] == task_id
-    listed = funnel_as(auth_server, env, "task", "list", "-o", "json")
+    listed = funnel_as(alice_server, env, "task", "list", "-o", "json")
     assert task_id in {t["id"] for t in json.loads(listed.stdout)["tasks"]}
 
 
 @pytest.mark.parametrize("env", [{}, {"FUNNEL_USER": "alice", "FUNNEL_PASSWORD": "wrong"},
                                  {"FUNNEL_PASSWORD": "alice-pw"}])
-def test_missing_or_wrong_credentials_fail_in_one_line(auth_server, env):
-    result = funnel_as(auth_server, env, "task", "list")
+def test_missing_or_wrong_credentials_fail_in_one_line(alice_server, env):
+    result = funnel_as(alice_server, env, "task", "list")
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "alice-pw" not in result.stderr

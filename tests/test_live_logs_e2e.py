@@ -22,16 +22,18 @@ TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"}
 WAIT_FOR_GO = "while [ ! -e /data/go ]; do sleep 0.1; done"
 
 
+def live_logs_server(work: Path, db_url: str, backend: dict, tick: float) -> ServerProcess:
+    """A server with its reconciler whose workers send live logs every UPDATE_SECONDS."""
+    return ServerProcess(work, db_url, overrides={
+        "backend": backend, "reconciler": {"interval_seconds": tick},
+        "worker": {"container_driver": "bwrap", "poll_server_seconds": 1,
+                   "log_update_seconds": UPDATE_SECONDS}}, reconcile=True).start()
+
+
 @pytest.fixture(scope="module")
 def server(databases, tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("live-logs"), databases.new("sqlite"),
-                        overrides={"backend": {"name": "local",
-                                               "local": {"max_concurrent": 2}},
-                                   "reconciler": {"interval_seconds": 0.5},
-                                   "worker": {"container_driver": "bwrap",
-                                              "poll_server_seconds": 1,
-                                              "log_update_seconds": UPDATE_SECONDS}},
-                        reconcile=True).start()
+    srv = live_logs_server(tmp_path_factory.mktemp("live-logs"), databases.new("sqlite"),
+                           {"name": "local", "local": {"max_concurrent": 2}}, 0.5)
     yield srv
     srv.stop()
 

@@ -14,13 +14,13 @@ import subprocess
 import pytest
 import requests
 
-from tests.server_helpers import ServerProcess, clean_env, funnel_argv
+from tests.server_helpers import clean_env, funnel_argv
 from tests.test_e2e import TICK, slurm_ready
 from tests.test_live_logs_e2e import (
     TERMINAL,
-    UPDATE_SECONDS,
     create,
     follow_five_lines,
+    live_logs_server,
     running_stdout,
 )
 from tests.waiting import wait_for, wait_for_state
@@ -34,13 +34,8 @@ QUEUE_WAIT = 600  # other tests' jobs may hold both slots first
 
 @pytest.fixture(scope="module")
 def server(databases, tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("live-logs-slurm"), databases.new("sqlite"),
-                        overrides={"backend": {"name": "slurm"},
-                                   "reconciler": {"interval_seconds": TICK},
-                                   "worker": {"container_driver": "bwrap",
-                                              "poll_server_seconds": 1,
-                                              "log_update_seconds": UPDATE_SECONDS}},
-                        reconcile=True).start()
+    srv = live_logs_server(tmp_path_factory.mktemp("live-logs-slurm"), databases.new("sqlite"),
+                           {"name": "slurm"}, TICK)
     yield srv
     srv.stop()
 

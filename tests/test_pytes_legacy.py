@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from werkzeug.security import generate_password_hash
 
 from tests.server_helpers import REPO, ServerProcess, clean_env, funnel_argv
 from tests.waiting import wait_for
@@ -152,30 +151,19 @@ def test_every_state_of_a_cancel_parses(server_and_reconciler, pytes042):
     assert {seen[view]["state"] for view in VIEWS} <= PYTES_042_STATES
 
 
-@pytest.fixture(scope="module")
-def auth_server(databases, tmp_path_factory):
-    server = ServerProcess(tmp_path_factory.mktemp("pytes-auth"), databases.new("sqlite"),
-                           overrides={"auth": {
-                               "mode": "basic+bearer",
-                               "users": {"alice": generate_password_hash("alice-pw")},
-                               "tokens": {"alice-token": "alice"}}}).start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("auth", ["basic:alice:alice-pw", "token:alice-token"])
-def test_plugin_credentials(auth_server, pytes042, auth):
+def test_plugin_credentials(alice_server, pytes042, auth):
     """--tes-user/--tes-password (HTTP Basic) and --tes-token (bearer) on /v1."""
-    task_id = pytes(pytes042, auth_server, "create", "echo hi\n", auth=auth)["id"]
-    assert pytes(pytes042, auth_server, "get", task_id, "MINIMAL", auth=auth)["state"] == "QUEUED"
-    listed = pytes(pytes042, auth_server, "list", "MINIMAL", auth=auth)["tasks"]
+    task_id = pytes(pytes042, alice_server, "create", "echo hi\n", auth=auth)["id"]
+    assert pytes(pytes042, alice_server, "get", task_id, "MINIMAL", auth=auth)["state"] == "QUEUED"
+    listed = pytes(pytes042, alice_server, "list", "MINIMAL", auth=auth)["tasks"]
     assert task_id in [task["id"] for task in listed]
-    assert pytes(pytes042, auth_server, "cancel", task_id, auth=auth) == {}
-    assert pytes(pytes042, auth_server, "get", task_id, "MINIMAL", auth=auth)["state"] == \
+    assert pytes(pytes042, alice_server, "cancel", task_id, auth=auth) == {}
+    assert pytes(pytes042, alice_server, "get", task_id, "MINIMAL", auth=auth)["state"] == \
         "CANCELED"
 
 
-def test_no_credentials_is_401(auth_server, pytes042):
+def test_no_credentials_is_401(alice_server, pytes042):
     """Without credentials py-tes 0.4.2 sends `Basic None:None`: a clean 401, not a 500."""
-    assert pytes(pytes042, auth_server, "list", "MINIMAL") == {"error": "HTTPError",
+    assert pytes(pytes042, alice_server, "list", "MINIMAL") == {"error": "HTTPError",
                                                                "status": 401}
