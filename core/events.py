@@ -79,7 +79,17 @@ _SHORT = 256                    # times, task ids, metadata keys
 
 def now_rfc3339() -> str:
     """UTC now as 2026-01-02T03:04:05.123456Z (without datetime: one import less per worker)."""
-    seconds, fraction = divmod(time.time_ns() // 1000, 1_000_000)
+    return _rfc3339_micros(time.time_ns() // 1000)
+
+
+def rfc3339(epoch: float) -> str:
+    """`epoch` seconds in now_rfc3339's format, so that the strings compare as times (the
+    cut-offs of the reconciler's changed rows and of purges)."""
+    return _rfc3339_micros(int(epoch * 1_000_000))
+
+
+def _rfc3339_micros(micros: int) -> str:
+    seconds, fraction = divmod(micros, 1_000_000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:06d}Z"
 
 

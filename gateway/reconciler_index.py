@@ -27,6 +27,7 @@ from operator import attrgetter, is_not
 from typing import Any
 
 from funnel_hpc.backends.base import JobState, JobStatus
+from funnel_hpc.core.events import rfc3339
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.service import TaskService
 
@@ -38,13 +39,6 @@ _TERMINAL = frozenset(state.value for state in TERMINAL)
 _STATE_OF = attrgetter("state")
 NOT_REPORTED = JobStatus(JobState.UNKNOWN, "not reported")
 _PATCHED: dict[tuple[str, ...], Any] = {}  # row fields -> the namedtuple of a patched row
-
-
-def rfc3339(seconds: float) -> str:
-    """`seconds` since the epoch as core.events.now_rfc3339 writes it (updated_at)."""
-    whole = int(seconds)
-    micros = min(999_999, int((seconds - whole) * 1_000_000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
 
 
 class InFlightIndex:

@@ -24,6 +24,7 @@ from pathlib import Path
 from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 
+from funnel_hpc.core.events import rfc3339
 from funnel_hpc.core.states import TERMINAL
 from funnel_hpc.gateway import db
 
@@ -42,13 +43,6 @@ def parse_age(text: str) -> float:
     if not match:
         raise ValueError(f"{text!r} is not an age like 30d, 12h, 90m, 45s or 2w")
     return int(match.group(1)) * AGE_UNITS[match.group(2)]
-
-
-def rfc3339(epoch: float) -> str:
-    """The server's timestamp format (core.events.now_rfc3339), so strings compare."""
-    whole = int(epoch)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + \
-        f".{int((epoch - whole) * 1_000_000):06d}Z"
 
 
 @dataclass

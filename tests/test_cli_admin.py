@@ -10,8 +10,9 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select, update
 
+from funnel_hpc.core.events import rfc3339
 from funnel_hpc.gateway import db
-from funnel_hpc.gateway.retention import parse_age, rfc3339
+from funnel_hpc.gateway.retention import parse_age
 from tests.server_helpers import ServerProcess
 from tests.test_cli_ops import create, funnel
 
