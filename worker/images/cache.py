@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -78,7 +79,7 @@ class Cache:
         record = {"reference": ref.canonical(), "digest": digest,
                   "manifest_digest": manifest_digest, "fetched": time.time()}
         self._mkdirs(path.parent)
-        fd, temp = _temp_file(path.parent, TEMP)
+        fd, temp = tempfile.mkstemp(prefix=TEMP, dir=path.parent)
         try:
             with os.fdopen(fd, "w") as out:
                 os.fchmod(out.fileno(), 0o644)
@@ -102,7 +103,7 @@ class Cache:
             if _has_size(path, descriptor["size"]):
                 return path  # another worker fetched it while we waited
             _remove_temps(path.parent, f"{TEMP}{path.name}-")
-            fd, temp = _temp_file(path.parent, f"{TEMP}{path.name}-")
+            fd, temp = tempfile.mkstemp(prefix=f"{TEMP}{path.name}-", dir=path.parent)
             try:
                 with os.fdopen(fd, "w+b") as out:
                     download(descriptor, out)
@@ -128,8 +129,9 @@ class Cache:
             if (final / IMAGE_FILE).exists():
                 return
             _remove_temps(final.parent, f"{TEMP}{final.name}-")
-            temp = _temp_dir(final.parent, f"{TEMP}{final.name}-")
+            temp = Path(tempfile.mkdtemp(prefix=f"{TEMP}{final.name}-", dir=final.parent))
             try:
+                os.chmod(temp, 0o755)
                 config = build(temp / ROOTFS)
                 (temp / IMAGE_FILE).write_text(json.dumps(
                     {"manifest_digest": manifest_digest, "config": config}))
@@ -199,30 +201,6 @@ def _remove_temps(directory: Path, prefix: str) -> None:
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 _unlink(entry.path)
-
-
-def _temp_file(directory: Path, prefix: str) -> tuple[int, str]:
-    """A new file (0600, O_EXCL) named prefix + random hex (tempfile.mkstemp without the
-    ~3 ms of importing tempfile and random)."""
-    while True:
-        path = os.path.join(directory, prefix + os.urandom(6).hex())
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                           | os.O_CLOEXEC, 0o600), path
-        except FileExistsError:
-            continue
-
-
-def _temp_dir(directory: Path, prefix: str) -> Path:
-    """A new directory (0755 whatever the umask) named prefix + random hex."""
-    while True:
-        path = directory / (prefix + os.urandom(6).hex())
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(path, 0o755)
-        return path
 
 
 def _sync_file_system(directory: Path) -> None:
