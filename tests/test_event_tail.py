@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
-from funnel_hpc.gateway import event_tail
+from funnel_hpc.gateway import db, event_tail, retention
 from funnel_hpc.gateway.event_tail import (
     LINE_BYTES,
     RECEIVED_EVENTS,
@@ -18,6 +19,7 @@ from funnel_hpc.gateway.event_tail import (
     archive_events,
     gateway_dir,
 )
+from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, make
 
 TASK = "t0123456789abcdef"
 
@@ -146,3 +148,17 @@ def test_received_events_come_from_the_gateways_dir_and_an_old_task_dir(task_dir
     assert (own / f"{RECEIVED_EVENTS}.attempt1").exists()
     assert (task_dir / f"{RECEIVED_EVENTS}.attempt1").exists()
     assert not (own / RECEIVED_EVENTS).exists()
+
+
+def test_purge_removes_the_gateways_directory_of_a_task(tmp_path):
+    service, reconciler = make(tmp_path, ScriptedBackend())
+    ended, running = service.create(TRIVIAL), service.create(TRIVIAL)
+    with db.writing(service.engine) as conn:
+        conn.execute(update(db.tasks).where(db.tasks.c.id == ended)
+                     .values(state="COMPLETE", updated_at="2000-01-01T00:00:00.000000Z"))
+    work = reconciler.config["work_dir"]
+    for task_id in (ended, running):
+        gateway_dir(work, task_id).mkdir(parents=True)
+        (gateway_dir(work, task_id) / RECEIVED_EVENTS).write_bytes(line(1, task_id))
+    assert retention.purge(service.engine, work, 86400).tasks == [ended]
+    assert not gateway_dir(work, ended).exists() and gateway_dir(work, running).exists()

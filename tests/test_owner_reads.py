@@ -255,3 +255,22 @@ def test_the_intake_writes_only_into_the_gateways_own_directory(server, people):
     own = server.work_dir / ".gateway" / task_id
     assert own.stat().st_uid == 0 and own.stat().st_mode & 0o777 == 0o700
     assert (server.work_dir / ".gateway").stat().st_mode & 0o777 == 0o700
+
+
+def test_job_output_is_read_only_from_the_owners_own_files(server, people, shared):
+    """A job that ended without its worker recording an end: its task's system logs quote
+    the tail of slurm.out (alice's own), never bob's file hard-linked as slurm.err."""
+    alice, bob = people
+    task_id, directory = alices(server, alice)
+    drop = shared / "drop-output"
+    drop.mkdir(mode=0o1777)
+    drop.chmod(0o1777)
+    planted = drop / "bobs.txt"
+    as_user(bob, ["sh", "-c", f"umask 0; echo secret of bob > {planted}"])
+    as_user(alice, ["ln", str(planted), str(directory / "slurm.err")])
+    as_user(alice, ["sh", "-c", f"echo alice wrote this > {directory / 'slurm.out'}"])
+    job_id = full(server, alice, task_id)["logs"][-1]["metadata"]["job_id"]
+    subprocess.run(["scancel", job_id], check=True, timeout=60)
+    task = noted(server, alice, task_id, "of slurm.out:\nalice wrote this")
+    assert task["state"] == "SYSTEM_ERROR", task
+    assert "secret of bob" not in json.dumps(task) and "slurm.err" not in system_logs(task)
