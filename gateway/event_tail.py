@@ -18,8 +18,9 @@ is not a well-formed event, and de-duplicate by ``seq``).
 
 A received file an older gateway left in the task dir (a task in flight across the
 upgrade) is read too when it is there at the tail's first read, as a file of the
-gateway's uid. Cost per call: three directory opens, one lstat per log, and an open plus
-an fstat per log that grew; nothing per line but parsing.
+gateway's uid. Cost per call: one lstat per log by path (1,000 unchanged tails: 5.4 ms,
+4.4 ms before these checks); for a log that grew or changed shape, the directory opens,
+an lstat, an open and an fstat; nothing per line but parsing.
 """
 
 from __future__ import annotations
