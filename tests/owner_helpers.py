@@ -1,5 +1,5 @@
 """Helpers for tests/test_owner_reads.py: real local users, commands run as one of them,
-a process's peak memory."""
+a process's peak memory and the bytes it has read."""
 
 from __future__ import annotations
 
@@ -35,3 +35,12 @@ def peak_rss_kib(pid: int) -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def bytes_read(pid: int) -> int:
+    """rchar of a process: the bytes its read calls (pread too, sockets too) returned."""
+    with open(f"/proc/{pid}/io") as io:
+        for line in io:
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no rchar for process {pid}")

@@ -20,8 +20,7 @@ import pytest
 import requests
 from werkzeug.security import generate_password_hash
 
-from tests.owner_helpers import as_user, make_user, peak_rss_kib, remove_user
-from tests.security_helpers import server_cpu_seconds
+from tests.owner_helpers import as_user, bytes_read, make_user, peak_rss_kib, remove_user
 from tests.server_helpers import ServerProcess
 from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
@@ -209,7 +208,7 @@ def test_fifos_block_neither_the_intake_nor_other_users(server, people):
         listed = requests.get(f"{server.api}/tasks", auth=(bob, PASSWORD), timeout=10)
         slowest = max(slowest, time.monotonic() - started)
         assert listed.status_code == 200, listed.text
-    assert slowest < 5, f"slowest answer {slowest:.1f} s"
+    assert slowest < 8, f"slowest answer {slowest:.1f} s"
     task = noted(server, alice, task_id, "fifo-18")
     assert "events.jsonl is a FIFO: not read" in system_logs(task)
 
@@ -226,7 +225,7 @@ def test_a_huge_line_costs_bounded_memory_and_is_read_once(server, people):
     post_event(server, task_id, token, {"seq": 1, "type": "system_log", "message": "posted"})
     noted(server, alice, task_id, "posted")
     noted(server, alice, task_id, "events.jsonl: a line longer than")
-    cpu = server_cpu_seconds(server)
+    read = bytes_read(server.proc.pid)
     # the long line ends; what follows is read (its offset was remembered past it)
     as_user(alice, ["sh", "-c", f"cat >> {directory / 'events.jsonl'}"], b"\n" + json.dumps(
         {"seq": 2, "type": "system_log", "message": "after the long line"}).encode() + b"\n")
@@ -237,7 +236,8 @@ def test_a_huge_line_costs_bounded_memory_and_is_read_once(server, people):
     task = noted(server, alice, task_id, "after the long line")
     after = peak_rss_kib(server.proc.pid)
     assert after - before < 64 * 1024, f"peak RSS {before} KiB -> {after} KiB"
-    assert server_cpu_seconds(server) - cpu < 3, "the gigabyte was read again"
+    again = bytes_read(server.proc.pid) - read  # requests, SQLite pages: not 1 GB again
+    assert again < 256 << 20, f"{again} bytes read since the line was skipped"
     assert system_logs(task).count("a line longer than") == 1, system_logs(task)
 
 
