@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,12 +161,23 @@ class Backend(abc.ABC):
         """
         return None
 
-    def job_output(self, task_dir: Path, limit: int = 4096) -> list[tuple[str, str]]:
-        """(file name, last `limit` bytes) of each job_output_files entry that exists and
-        is not empty; symlinks are not followed (the task dir may be the user's)."""
+    def job_uid(self, owner: str | None) -> int | None:
+        """The uid the task's job runs as, so the files it writes in the task dir (its
+        event log, the scheduler's output files) belong to it: the gateway's own here.
+        None when it cannot be known (no file of the task dir is then trusted)."""
+        return os.geteuid()
+
+    def job_output(self, task_dir: Path, limit: int = 4096,
+                   owner: str | None = None) -> list[tuple[str, str]]:
+        """(file name, last `limit` bytes) of each job_output_files entry that exists, is not
+        empty and is a regular file of the job's uid (job_uid(owner)); no link is
+        followed and no FIFO opened (the task dir may be the user's)."""
+        uid = self.job_uid(owner)
+        if uid is None:
+            return []
         out = []
         for name in self.job_output_files:
-            text = read_tail(task_dir / name, limit)
+            text = read_tail(task_dir, name, uid, limit)
             if text:
                 out.append((name, text))
         return out

@@ -11,12 +11,16 @@ symlink where the gateway is about to write. So every write here:
   descriptor, mode 700) first: the gateway never writes as root into a directory a user
   owns. ``give_to`` hands the directory and its entries over again, never following links.
 
-Reads of scheduler output files (``read_tail``) refuse symlinks and non-regular files.
-Costs: a handful of system calls per file.
+Reads (``open_owned``, ``read_tail``) trust no shape either: the file is looked up
+relative to the task directory's descriptor (itself opened ``O_NOFOLLOW`` from the work
+dir's), must be a regular file owned by the uid the caller expects (the job's), and is
+opened ``O_NOFOLLOW|O_NONBLOCK`` only after an lstat said so (a FIFO or device is never
+opened), then checked again with ``fstat``. Costs: a handful of system calls per file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -99,18 +103,100 @@ def give_to(directory: Path, uid: int, gid: int) -> None:
         os.close(dir_fd)
 
 
-def read_tail(path: Path, limit: int = 4096) -> str | None:
-    """The last `limit` bytes of a regular file as text, or None when it is missing, a
-    symlink or not a regular file (a user could point it at a secret)."""
+class Refused(OSError):
+    """A file of a task directory the gateway will not read; str() says what it is."""
+
+
+_WORK_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+               | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_work_dir(work_dir: str | Path) -> int:
+    """The work dir opened as a directory (the admin's path: links in it are followed)."""
+    return os.open(work_dir, _WORK_DIR_FLAGS)
+
+
+def open_subdir(dir_fd: int, name: str) -> int:
+    """dir_fd/name opened as a directory, never through a link at name (OSError: ELOOP or
+    ENOTDIR when it is a link or not a directory, FileNotFoundError when missing)."""
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a directory name: {name!r}")
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def make_subdir(dir_fd: int, name: str) -> int:
+    """dir_fd/name made (mode 700) when missing and opened as open_subdir does."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+        os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    return open_subdir(dir_fd, name)
+
+
+def entry_problem(info: os.stat_result, uid: int) -> str | None:
+    """Why a file with this (l)stat is not one to read as uid's, or None."""
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                 (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+        return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+    if info.st_uid != uid:
+        return f"owned by uid {info.st_uid}, not {uid}"
+    return None
+
+
+def open_owned(dir_fd: int, name: str, uid: int,
+               larger_than: int = -1) -> tuple[int, os.stat_result] | None:
+    """dir_fd/name opened for reading when it is a regular file owned by uid: (fd, its
+    fstat). None when it is missing or not larger than `larger_than` bytes (nothing new:
+    not opened at all). Raises Refused saying what it is otherwise."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    problem = entry_problem(before, uid)
+    if problem:
+        raise Refused(f"{name} is {problem}")
+    if before.st_size <= larger_than:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        os.lseek(fd, max(0, info.st_size - limit), os.SEEK_SET)
-        return os.read(fd, limit).decode(errors="replace")
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a link since the lstat
+            raise Refused(f"{name} is a symbolic link") from None
+        raise
+    info = os.fstat(fd)  # the file opened, whatever the name points at now
+    problem = entry_problem(info, uid)
+    if problem:
+        os.close(fd)
+        raise Refused(f"{name} is {problem}")
+    return fd, info
+
+
+def read_tail(directory: Path, name: str, uid: int, limit: int = 4096) -> str | None:
+    """The last `limit` bytes of directory/name as text, or None when it is missing or not
+    a regular file of uid's (a user could point it at a secret, or make it a FIFO).
+    directory is a task dir: <work dir>/<task id>."""
+    try:
+        work_fd = open_work_dir(directory.parent)
+        try:
+            dir_fd = open_subdir(work_fd, directory.name)
+        finally:
+            os.close(work_fd)
+        try:
+            opened = open_owned(dir_fd, name, uid)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # Refused too: the caller leaves the file out
+        return None
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        return os.pread(fd, limit, max(0, info.st_size - limit)).decode(errors="replace")
     finally:
         os.close(fd)

@@ -141,6 +141,17 @@ class SlurmBackend(Backend):
             raise BackendError(f"cannot hand the task dir to {owner!r}: {exc}") from None
         return ["sudo", "-n", "-u", owner, "--"]
 
+    def job_uid(self, owner: str | None) -> int | None:
+        """With submit_as_owner the job (and its files) is the owner's."""
+        if not self.options.get("submit_as_owner"):
+            return super().job_uid(owner)
+        if not owner or not UNIX_USER.fullmatch(owner):
+            return None
+        try:
+            return pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            return None
+
     def submit(self, request: SubmitRequest) -> str:
         try:
             script = self.render_script(request)

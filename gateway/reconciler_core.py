@@ -154,13 +154,14 @@ class ReconcilerCore:
     def _open_tails(self, rows: list[Any]) -> None:
         """Event tails for the rows that have none yet, each knowing its task's executor
         count (one read of the task documents for all of them)."""
-        new = [row.id for row in rows if row.id not in self.tails]
+        new = [row for row in rows if row.id not in self.tails]
         if not new:
             return
-        tasks = self.service.full_tasks(new)
-        for task_id in new:
-            executors = len((tasks.get(task_id) or {}).get("executors") or []) or None
-            self.tails[task_id] = EventTail(task_dir(self.config, task_id), executors)
+        tasks = self.service.full_tasks([row.id for row in new])
+        for row in new:
+            executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
+            self.tails[row.id] = EventTail(task_dir(self.config, row.id), executors,
+                                           self.backend.job_uid(row.owner))
 
     def _tail(self, row: Any) -> EventTail:
         if row.id not in self.tails:

@@ -16,7 +16,7 @@ from funnel_hpc.backends import files
 from funnel_hpc.backends.base import BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.states import State
-from funnel_hpc.gateway.event_tail import EVENT_FILES, EventTail
+from funnel_hpc.gateway.event_tail import EventTail, archive_events
 from funnel_hpc.gateway.reconciler_core import (
     LOGGER_NAME,
     TASK_FILE,
@@ -77,7 +77,8 @@ class Submission(ReconcilerCore):
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
                 self.tails[row.id] = EventTail(task_dir(self.config, row.id),
-                                               len(tasks[row.id]["executors"]))
+                                               len(tasks[row.id]["executors"]),
+                                               self.backend.job_uid(row.owner))
         if deferred:
             self.service.release_claims(deferred)
         if recorded:
@@ -140,16 +141,6 @@ class Submission(ReconcilerCore):
         if self.pass_server_url:
             argv += ["--server", self.config["server"]["public_url"]]
         return argv
-
-
-def archive_events(directory: Path, previous_attempt: int) -> None:
-    """The previous attempt's event logs, renamed out of the new attempt's way."""
-    if previous_attempt < 1:
-        return
-    for name in EVENT_FILES:
-        path = directory / name
-        if path.exists():
-            path.rename(directory / f"{name}.attempt{previous_attempt}")
 
 
 def _lower_keys(task: dict) -> dict[str, str]:
