@@ -9,7 +9,8 @@ symlink where the gateway is about to write. So every write here:
   there is replaced, never followed);
 - when the directory belongs to someone else, takes it back (``fchown`` of the open
   descriptor, mode 700) first: the gateway never writes as root into a directory a user
-  owns. ``give_to`` hands the directory and its entries over again, never following links.
+  owns. ``give_to`` hands the directory and the files the gateway wrote over again
+  (regular files of ours with one link: never a link a user planted, hard or symbolic).
 
 Reads of scheduler output files (``read_tail``) refuse symlinks and non-regular files.
 Costs: a handful of system calls per file.
@@ -87,16 +88,35 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
 
 
 def give_to(directory: Path, uid: int, gid: int) -> None:
-    """Hand directory and its direct entries to uid:gid without following any symlink
-    (a link itself is re-owned, never its target); the directory stays mode 700."""
+    """Hand directory to uid:gid (mode 700) with the files the gateway wrote in it: the
+    direct entries that are regular files of ours with a single link (write_private's
+    fresh files). Nothing else is re-owned: not a link a user planted (symbolic: never
+    followed; hard: a root file linked there by the owner has two links), not a file of
+    another account, not a directory. The directory is ours (taken back) while we look,
+    so its entries cannot change under us; each file is re-owned through a descriptor
+    opened O_NOFOLLOW and checked to be the entry looked at."""
     dir_fd = os.open(directory, _DIR_FLAGS)
     try:
+        _take_back(dir_fd)
+        ours = os.geteuid()
         for name in os.listdir(dir_fd):
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        os.fchmod(dir_fd, DIR_MODE)
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == ours and info.st_nlink == 1:
+                _give_file(dir_fd, name, info, uid, gid)
         os.fchown(dir_fd, uid, gid)
     finally:
         os.close(dir_fd)
+
+
+def _give_file(dir_fd: int, name: str, seen: os.stat_result, uid: int, gid: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                 dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) == (seen.st_dev, seen.st_ino) and info.st_nlink == 1:
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
 
 
 def read_tail(path: Path, limit: int = 4096) -> str | None:

@@ -20,6 +20,7 @@ from funnel_hpc.gateway.event_tail import EVENT_FILES, EventTail
 from funnel_hpc.gateway.reconciler_core import (
     LOGGER_NAME,
     TASK_FILE,
+    WORKER_CONFIG_FILE,
     ReconcilerCore,
     TickStats,
     attempt_logs,
@@ -96,6 +97,8 @@ class Submission(ReconcilerCore):
         if self.worker_key is not None:
             files.write_private(directory, worker_tokens.TOKEN_FILE,
                                 worker_tokens.token_for(self.worker_key, row.id))
+        if self.owner_config is not None:  # the owner's worker reads this one
+            files.write_private(directory, WORKER_CONFIG_FILE, self.owner_config)
 
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
         """backend.submit for each row: the job id, or the exception it raised."""
@@ -135,8 +138,10 @@ class Submission(ReconcilerCore):
         stats.finished += 1
 
     def _worker_argv(self, directory: Path) -> list[str]:
+        config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
+            else self.worker_config
         argv = [*worker_command(self.config), "--task-file", str(directory / TASK_FILE),
-                "--workdir", self.config["work_dir"], "--config", str(self.worker_config)]
+                "--workdir", self.config["work_dir"], "--config", str(config)]
         if self.pass_server_url:
             argv += ["--server", self.config["server"]["public_url"]]
         return argv
