@@ -78,9 +78,10 @@ def readable_install(directory: Path) -> Path:
     return directory / "bin" / "python"
 
 
-def slurm_jobs(user: str) -> list[str]:
-    """Ids of the user's jobs squeue lists (any state)."""
-    done = subprocess.run(["squeue", "-h", "-u", user, "-t", "all", "-o", "%i"],
+def slurm_jobs(user: str, name: str) -> list[str]:
+    """Ids of the user's jobs of that name squeue lists (any state). By name: a uid
+    freed by userdel is given to the next new account, old jobs included."""
+    done = subprocess.run(["squeue", "-h", "-u", user, "-n", name, "-t", "all", "-o", "%i"],
                           capture_output=True, text=True)
     return [line.strip() for line in done.stdout.splitlines() if line.strip()]
 
@@ -91,5 +92,5 @@ def held_job(user: str, name: str) -> str:
                    "--wrap", "true")
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.strip().split(";")[0]
-    wait_for(lambda: job_id in slurm_jobs(user), 60, f"job {job_id} of {user} in squeue")
+    wait_for(lambda: job_id in slurm_jobs(user, name), 60, f"job {job_id} of {user} in squeue")
     return job_id
