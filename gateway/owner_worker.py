@@ -38,6 +38,7 @@ SITE_SECRET_ENTRIES: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
 OWNER_IMAGE_CACHE = "~/.cache/funnel-hpc/images"  # "~": the owner's home (core/config.py)
 PROBE_USER = "nobody"
 PROBE_TIMEOUT = 120.0
+PROBE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # runuser: sbin
 OWNER_STORAGE_KEY = config_mod.OWNER_STORAGE_KEY  # the backend's key, and the config's
 
 
@@ -94,8 +95,8 @@ def check_worker_command(command: list[str], user: str = PROBE_USER) -> None:
               "docs/admin.md) and start the gateway from there, or set worker.command")
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT,
-                              cwd="/", env={"PATH": "/usr/local/bin:/usr/bin:/bin",
-                                            "LANG": "C.UTF-8"}, check=False)
+                              cwd="/", env={"PATH": PROBE_PATH, "LANG": "C.UTF-8"},
+                              check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise WorkerCommandError(f"worker.command {shown}: cannot try it as {user}: "
                                  f"{exc}") from None

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pwd
 import secrets
-import subprocess
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
