@@ -19,10 +19,10 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.engine import Engine
 
+from funnel_hpc.backends.owners import OwnerRefused
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway import db, outbox
-from funnel_hpc.backends.owners import OwnerRefused
 from funnel_hpc.gateway.admission import Admission, AdmissionError
 from funnel_hpc.gateway.prepared import PreparedInsert
 from funnel_hpc.gateway.schemas import flatten_errors, load_task

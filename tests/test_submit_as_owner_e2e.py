@@ -223,6 +223,7 @@ def test_a_worker_command_owners_cannot_run_stops_the_start(tmp_path):
     with pytest.raises(RuntimeError, match="server exited 1") as failed:
         server.start(timeout=120)
     said = str(failed.value)
-    assert f"worker.command {hidden}/python -m funnel_hpc.worker run does not run as an " \
-        "unprivileged user (nobody: exit" in said, said
+    expected = (f"worker.command {hidden}/python -m funnel_hpc.worker run does not run as "
+                "an unprivileged user (nobody: exit")
+    assert expected in said, said
     assert "install funnel-hpc with a system Python where all users can read it" in said

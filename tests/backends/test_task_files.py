@@ -1,6 +1,7 @@
 """Files the gateway writes into task directories (backends/files.py): 600 in 700 whatever
 the umask, never through a symlink a user planted, never as root into a user's directory,
-and a hand-over that re-owns only the files the gateway wrote, never a link's target. Needs root (as the gateway runs)."""
+and a hand-over that re-owns only the files the gateway wrote, never a link's target.
+Needs root (as the gateway runs)."""
 
 from __future__ import annotations
 
