@@ -84,6 +84,9 @@ class SubmitRequest:
     # the worker's credential for its own task (auth on), for backends whose workers do
     # not share the task dir (AWS Batch passes it in the job's environment)
     worker_token: str | None = None
+    # names of the files the gateway wrote in task_dir: what a backend that runs jobs as
+    # their owners hands over with the dir (nothing else in it: files.give_to)
+    gateway_files: tuple[str, ...] = ()
 
 
 class BackendError(RuntimeError):

@@ -9,8 +9,9 @@ symlink where the gateway is about to write. So every write here:
   there is replaced, never followed);
 - when the directory belongs to someone else, takes it back (``fchown`` of the open
   descriptor, mode 700) first: the gateway never writes as root into a directory a user
-  owns. ``give_to`` hands the directory and the files the gateway wrote over again
-  (regular files of ours with one link: never a link a user planted, hard or symbolic).
+  owns. ``give_to`` hands the directory and the files the gateway wrote over again (by
+  name, each a regular file of ours with one link: never a link a user planted, hard or
+  symbolic, nor a root file moved in).
 
 Reads of scheduler output files (``read_tail``) refuse symlinks and non-regular files.
 Costs: a handful of system calls per file.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -87,20 +89,26 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
     return directory / name
 
 
-def give_to(directory: Path, uid: int, gid: int) -> None:
-    """Hand directory to uid:gid (mode 700) with the files the gateway wrote in it: the
-    direct entries that are regular files of ours with a single link (write_private's
-    fresh files). Nothing else is re-owned: not a link a user planted (symbolic: never
-    followed; hard: a root file linked there by the owner has two links), not a file of
-    another account, not a directory. The directory is ours (taken back) while we look,
-    so its entries cannot change under us; each file is re-owned through a descriptor
-    opened O_NOFOLLOW and checked to be the entry looked at."""
+def give_to(directory: Path, uid: int, gid: int, names: Iterable[str]) -> None:
+    """Hand directory to uid:gid (mode 700) with the files named that the gateway wrote in
+    it, each only if it is a regular file of ours with a single link (as write_private
+    makes them). Nothing else is re-owned: not a link a user planted under such a name
+    (symbolic: never followed; hard: a root file linked there has two links), not a file
+    of another account, not a root file a user moved in under another name. The
+    directory is ours (taken back) while we look, so its entries cannot change under us;
+    each file is re-owned through a descriptor opened O_NOFOLLOW and checked to be the
+    entry looked at."""
     dir_fd = os.open(directory, _DIR_FLAGS)
     try:
         _take_back(dir_fd)
         ours = os.geteuid()
-        for name in os.listdir(dir_fd):
-            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        for name in names:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a file name: {name!r}")
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
             if stat.S_ISREG(info.st_mode) and info.st_uid == ours and info.st_nlink == 1:
                 _give_file(dir_fd, name, info, uid, gid)
         os.fchown(dir_fd, uid, gid)

@@ -78,6 +78,8 @@ UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                "Connection refused", "Zero Bytes were transmitted",
                "Communication connection failure")
 
+SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
+
 # squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
 FORGOTTEN_ID = "Invalid job id specified"
 
@@ -136,7 +138,8 @@ class SlurmBackend(Backend):
         except OwnerRefused as exc:
             raise BackendError(f"cannot submit as owner: {exc}") from None
         try:  # the worker runs as the owner: its task dir must be the owner's
-            files.give_to(request.task_dir, account.pw_uid, account.pw_gid)
+            files.give_to(request.task_dir, account.pw_uid, account.pw_gid,
+                          (*request.gateway_files, SCRIPT_FILE))
         except OSError as exc:
             raise BackendError(f"cannot hand the task dir to {account.pw_name!r}: {exc}") from None
         return ["sudo", "-n", "-u", account.pw_name, "--"]
@@ -146,7 +149,7 @@ class SlurmBackend(Backend):
             script = self.render_script(request)
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm script: {exc}") from None
-        files.write_private(request.task_dir, "slurm.sh", script)
+        files.write_private(request.task_dir, SCRIPT_FILE, script)
         prefix = self._as_owner(request)
         result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
         if result.returncode != 0:

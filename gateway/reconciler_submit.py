@@ -100,6 +100,11 @@ class Submission(ReconcilerCore):
         if self.owner_config is not None:  # the owner's worker reads this one
             files.write_private(directory, WORKER_CONFIG_FILE, self.owner_config)
 
+    def _gateway_files(self) -> tuple[str, ...]:
+        """What _prepare_task_dir writes in each task dir."""
+        return (TASK_FILE, *((worker_tokens.TOKEN_FILE,) if self.worker_key is not None else ()),
+                *((WORKER_CONFIG_FILE,) if self.owner_config is not None else ()))
+
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
         """backend.submit for each row: the job id, or the exception it raised."""
         def one(row: Any) -> Any:
@@ -110,7 +115,7 @@ class Submission(ReconcilerCore):
             request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                                     worker_argv=self._worker_argv(directory),
                                     backend_parameters=_lower_keys(task), owner=row.owner,
-                                    worker_token=token)
+                                    worker_token=token, gateway_files=self._gateway_files())
             try:
                 job_id = self.backend.submit(request)
             except (BackendError, OSError, ValueError) as exc:

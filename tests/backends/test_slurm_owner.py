@@ -196,6 +196,7 @@ def test_a_hard_link_to_a_root_file_stays_roots_on_retry(slurm, hardlinks_unprot
                                {"work_dir": str(work)})
         request = make_request(work, {"id": "ownlink"}, ["/bin/true"])
         request.owner = alice
+        request.gateway_files = ("task.json",)
         first = backend.submit(request)
         directory = request.task_dir
         uid = pwd.getpwnam(alice).pw_uid
@@ -204,13 +205,30 @@ def test_a_hard_link_to_a_root_file_stays_roots_on_retry(slurm, hardlinks_unprot
         assert planted.returncode == 0, planted.stderr
         as_user(alice, "ln", "-s", str(secret), str(directory / "sym"))
         assert as_user(alice, "cat", str(directory / "grab")).returncode != 0
-        # the retry: the gateway takes the dir back, writes its files, hands it over
-        files.write_private(directory, "task.json", "{}")
+        # a root file (one link) in a directory of hers, moved into the task dir, and a
+        # hard link under a name the gateway writes
+        drop = work / "drop"
+        drop.mkdir()
+        shutil.chown(drop, alice)
+        (drop / "note").write_text("root's note")
+        (drop / "note").chmod(0o600)
+        moved = as_user(alice, "mv", str(drop / "note"), str(directory / "moved"))
+        assert moved.returncode == 0, moved.stderr
+        assert as_user(alice, "rm", "-f", str(directory / "task.json")).returncode == 0
+        assert as_user(alice, "ln", str(secret), str(directory / "task.json")).returncode == 0
+        # the retry: the gateway takes the dir back and hands it over, first without
+        # rewriting task.json (the hard link stays there), then as the reconciler does
         second = backend.submit(request)
-        assert second != first
+        info = secret.stat()
+        assert (info.st_uid, info.st_mode & 0o777, info.st_nlink) == (0, 0o600, 3)
+        files.write_private(directory, "task.json", "{}")
+        third = backend.submit(request)
+        assert len({first, second, third}) == 3
         info = secret.stat()
         assert (info.st_uid, info.st_mode & 0o777, info.st_nlink) == (0, 0o600, 2)
         assert as_user(alice, "cat", str(directory / "grab")).returncode != 0
+        assert (directory / "moved").stat().st_uid == 0  # not a name the gateway wrote
+        assert as_user(alice, "cat", str(directory / "moved")).returncode != 0
         assert (directory / "task.json").stat().st_uid == uid  # the gateway's: handed over
         assert (directory / "slurm.sh").stat().st_uid == uid
         assert directory.stat().st_uid == uid and directory.stat().st_mode & 0o777 == 0o700

@@ -78,9 +78,9 @@ def test_handing_over_follows_no_link_and_reowns_only_our_files(tmp_path):
     directory = tmp_path / "task4"
     files.write_private(directory, "task.json", "{}")
     os.symlink(target, directory / "evil")
-    files.give_to(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+    files.give_to(directory, NOBODY.pw_uid, NOBODY.pw_gid, ("task.json", "evil"))
     assert target.stat().st_uid == 0
-    assert (directory / "evil").lstat().st_uid == 0  # not a file the gateway wrote
+    assert (directory / "evil").lstat().st_uid == 0  # a link: never handed over
     assert (directory / "task.json").stat().st_uid == NOBODY.pw_uid
     assert directory.stat().st_uid == NOBODY.pw_uid and mode(directory) == 0o700
 
