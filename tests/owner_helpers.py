@@ -65,11 +65,14 @@ def readable_install(directory: Path) -> Path:
     if system_python is None:
         pytest.fail("/usr/bin/python3 missing (scripts/setup/10-base.sh installs it)")
     subprocess.run([system_python, "-m", "venv", "--without-pip", str(directory)], check=True)
-    version = subprocess.run([str(directory / "bin" / "python"), "-c",
-                              "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    theirs = subprocess.run([str(directory / "bin" / "python"), "-c",
+                             "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
     ours = sysconfig.get_paths()["purelib"]  # with the strict editable install's .pth
-    Path(version, "funnel-checkout.pth").write_text(
+    if as_user("nobody", "test", "-r", f"{ours}/yaml/__init__.py").returncode != 0:
+        pytest.fail(f"{ours} (this checkout's venv) is not readable by other users: check "
+                    "the checkout out where they can read it (not under a 700 /root)")
+    Path(theirs, "funnel-checkout.pth").write_text(
         f"import site; site.addsitedir({ours!r})\n")
     for path in [directory, *directory.rglob("*")]:
         if not path.is_symlink():
