@@ -22,6 +22,7 @@ command, two when some jobs are gone and accounting is on.
 
 from __future__ import annotations
 
+import pwd
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,14 @@ SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
 
 # squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
 FORGOTTEN_ID = "Invalid job id specified"
+
+
+def _exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
 
 
 def parse_job_id(text: str) -> str:
@@ -167,8 +176,10 @@ class SlurmBackend(Backend):
         account's jobs (--me), or with submit_as_owner among the task owner's (-u OWNER),
         each line's user checked again: another user's job of that name is never taken."""
         user = owner if self.as_owner else None
-        if self.as_owner and not (owner and UNIX_USER.fullmatch(owner)):
-            return None  # no such owner, no job of theirs (a submission is refused)
+        if self.as_owner and not (owner and UNIX_USER.fullmatch(owner) and _exists(owner)):
+            # no such account, no job of theirs (squeue -u would fail every tick); the
+            # submission made next is refused
+            return None
         whose = ["-u", user] if user else ["--me"]
         result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n",
                                   f"funnel-{task_id}", "-o", "%i|%u"])

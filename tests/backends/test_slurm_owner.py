@@ -166,6 +166,8 @@ def test_recover_never_binds_another_users_job_of_that_name(slurm):
         assert backend.recover(task_id, Path("/tmp"), alice) == alices
         newer_bob = held_job(bob, f"funnel-{task_id}")  # newest of all, still bob's
         assert backend.recover(task_id, Path("/tmp"), alice) == alices != newer_bob
+        gone = "gone" + secrets.token_hex(3)  # an account deleted since: asked, not stuck
+        assert backend.recover(task_id, Path("/tmp"), gone) is None
     finally:
         drop_user(alice)
         drop_user(bob)
