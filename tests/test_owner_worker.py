@@ -8,11 +8,12 @@ import json
 import pwd
 import shutil
 import textwrap
+import time
 
 import pytest
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.gateway.owner_worker import owner_sections
+from funnel_hpc.gateway.owner_worker import check_worker_command, owner_sections
 from tests.owner_helpers import as_user, drop_user, make_user, need_root, open_dir, readable_install
 
 SECRETS = {"s3": {"access_key_id": "K-ID", "secret_access_key": "K-SECRET", "profile": "p",
@@ -96,3 +97,21 @@ def test_a_storage_file_with_unknown_keys_is_named(tmp_path):
               "owner_storage_file": str(own)}
     with pytest.raises(config_mod.ConfigError, match="storage.s3.no_such_key"):
         config_mod.for_owner(config)
+
+
+def test_the_start_check_needs_root_and_a_command_nobody_can_run(tmp_path):
+    need_root()
+    install = open_dir("own-check-install-")
+    try:
+        python = readable_install(install)
+        probe = ("from funnel_hpc.gateway.owner_worker import check_worker_command as check; "
+                 "check(['/bin/true'])")
+        ran = as_user("nobody", str(python), "-c", probe)
+        assert ran.returncode != 0
+        assert "the reconciler must run as root" in ran.stderr and "uid 65534" in ran.stderr
+        # as root: the readable install passes, in about a Python start
+        started = time.monotonic()
+        check_worker_command([str(python), "-m", "funnel_hpc.worker", "run"])
+        print(f"start check: {time.monotonic() - started:.2f} s")
+    finally:
+        shutil.rmtree(install, ignore_errors=True)
