@@ -13,6 +13,7 @@ import os
 import pwd
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
 from tests.owner_helpers import (
     as_user,
     drop_user,
+    held_job,
     make_user,
     need_root,
     open_dir,
@@ -227,3 +229,40 @@ def test_a_worker_command_owners_cannot_run_stops_the_start(tmp_path):
                 "an unprivileged user (nobody: exit")
     assert expected in said, said
     assert "install funnel-hpc with a system Python where all users can read it" in said
+
+
+def test_a_restart_never_binds_another_users_job_of_that_name(site):
+    """The gateway stopped between claiming alice's task and recording its job; bob,
+    who read her task id in squeue, holds a job named funnel-<her id>. After the
+    restart her task gets a job of her own and COMPLETEs; bob's job is neither bound
+    nor canceled."""
+    server, alice, bob = site["server"], site["alice"], site["bob"]
+    server.stop()
+    server.reconcile = False  # the API only: the task stays QUEUED, without a job
+    server.start(timeout=120)
+    try:
+        resp = requests.post(server.api + "/tasks", json={**TASK, "name": "owner-e2e"},
+                             auth=(alice, PASSWORD), timeout=30)
+        assert resp.status_code == 200, resp.text
+        task_id = resp.json()["id"]
+    finally:
+        server.stop()
+        server.reconcile = True
+    # what a claim left behind looks like (service_store.claim_for_submission)
+    with sqlite3.connect(site["work"] / "funnel.db") as conn:
+        claimed = conn.execute("UPDATE tasks SET job_id = '', attempt = 1, event_seq = 0 "
+                               "WHERE id = ? AND job_id IS NULL", (task_id,)).rowcount
+    assert claimed == 1
+    bobs = held_job(bob, f"funnel-{task_id}")
+    try:
+        server.start(timeout=120)
+        task = wait_state(server, task_id)
+        assert task["state"] == "COMPLETE", task["logs"][-1].get("system_logs")
+        job_id = task["logs"][-1]["metadata"]["job_id"]
+        assert job_id != bobs
+        assert f"task {task_id} was claimed but not submitted" in server.log()  # recovered
+        shown = subprocess.run(["scontrol", "show", "job", bobs], capture_output=True,
+                               text=True).stdout
+        assert "JobState=PENDING" in shown and "Reason=JobHeldUser" in shown, shown
+    finally:
+        subprocess.run(["scancel", bobs], capture_output=True)
