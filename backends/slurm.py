@@ -9,9 +9,10 @@ A poll lists this user's jobs with one ``squeue --me -t all`` (not ``-j``: the
 argv would grow with the number of jobs); with ``submit_as_owner`` the jobs belong
 to many users, and the poll names them instead (``squeue -j ID,ID,...``; a lone id
 Slurm forgot is an error there, read as "no such job") rather than list every
-user's jobs on the cluster; ``recover`` asks for the owner's jobs only (``-u OWNER``) and
-binds a job only if its user is the owner. Jobs that already left slurmctld's memory (MinJobAge) are
-looked up with one ``sacct`` call when accounting is enabled (probed once). A
+user's jobs on the cluster; ``recover`` then asks for the owner's jobs only (``-u
+OWNER``) and binds a job only if its user is the owner, and every owner passes the owner
+policy (backends/owners.py) before ``sudo``. Jobs that already left slurmctld's memory
+(MinJobAge) are looked up with one ``sacct`` call when accounting is enabled (probed once). A
 job neither knows is LOST: the reconciler then trusts the worker's event log,
 and fails the task if that log has no end either. So a poll costs one scheduler
 command, two when some jobs are gone and accounting is on.
