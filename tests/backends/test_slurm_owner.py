@@ -123,6 +123,7 @@ def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
     group = f"fog{secrets.token_hex(3)}"
     subprocess.run(["groupadd", group], check=True)
     subprocess.run(["usermod", "-aG", group, member], check=True)
+    work = open_dir("own-out-")
     try:
         policy = OwnerPolicy.from_options({"owner_group": group})
         low_uid = pwd.getpwnam(low).pw_uid
@@ -135,7 +136,7 @@ def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
         backend = SlurmBackend(backend_options("slurm", submit_as_owner=True,
                                                owner_group=group), {"work_dir": "/tmp"})
         task_id = "out" + secrets.token_hex(6)
-        request = make_request(open_dir("own-out-"), {"id": task_id}, ["/bin/true"])
+        request = make_request(work, {"id": task_id}, ["/bin/true"])
         request.owner = outsider
         with pytest.raises(BackendError, match="not in group"):  # before sudo, no job
             backend.submit(request)
@@ -144,6 +145,7 @@ def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
         for name in (low, member, outsider):
             drop_user(name)
         subprocess.run(["groupdel", group], capture_output=True)
+        shutil.rmtree(work)
 
 
 # ---- recover: the owner's job only ----
