@@ -85,6 +85,9 @@ class SubmitRequest:
     # the worker's credential for its own task (auth on), for backends whose workers do
     # not share the task dir (AWS Batch passes it in the job's environment)
     worker_token: str | None = None
+    # names of the files the gateway wrote in task_dir: what a backend that runs jobs as
+    # their owners hands over with the dir (nothing else in it: files.give_to)
+    gateway_files: tuple[str, ...] = ()
 
 
 class BackendError(RuntimeError):
@@ -149,15 +152,17 @@ class Backend(abc.ABC):
         query that failed makes its jobs UNKNOWN, the reason quoting the scheduler.
         """
 
-    def recover(self, task_id: str, task_dir: Path) -> str | None:
+    def recover(self, task_id: str, task_dir: Path,
+                owner: str | None = None) -> str | None:
         """Find the job of a submission the gateway may have died in the middle of.
 
         Return its job id, or None only when the scheduler answered that it has no
         job for the task (the reconciler then submits the task again). Raises
         BackendError(transient=True) when the scheduler could not be asked: the claim
         is kept and the question asked again next tick, so an outage never makes a
-        second job. The default knows nothing; backends that can look jobs up by
-        name do better.
+        second job. owner: the task's owner (from the database), for backends whose
+        jobs run as their owners: only that user's job may be returned. The default
+        knows nothing; backends that can look jobs up by name do better.
         """
         return None
 

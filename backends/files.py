@@ -9,7 +9,9 @@ symlink where the gateway is about to write. So every write here:
   there is replaced, never followed);
 - when the directory belongs to someone else, takes it back (``fchown`` of the open
   descriptor, mode 700) first: the gateway never writes as root into a directory a user
-  owns. ``give_to`` hands the directory and its entries over again, never following links.
+  owns. ``give_to`` hands the directory and the files the gateway wrote over again (by
+  name, each a regular file of ours with one link: never a link a user planted, hard or
+  symbolic, nor a root file moved in).
 
 Reads (``open_owned``, ``read_tail``) trust no shape either: the file is looked up
 relative to the task directory's descriptor (itself opened ``O_NOFOLLOW`` from the work
@@ -23,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -90,17 +93,42 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
     return directory / name
 
 
-def give_to(directory: Path, uid: int, gid: int) -> None:
-    """Hand directory and its direct entries to uid:gid without following any symlink
-    (a link itself is re-owned, never its target); the directory stays mode 700."""
+def give_to(directory: Path, uid: int, gid: int, names: Iterable[str]) -> None:
+    """Hand directory to uid:gid (mode 700) with the files named that the gateway wrote in
+    it, each only if it is a regular file of ours with a single link (as write_private
+    makes them). Nothing else is re-owned: not a link a user planted under such a name
+    (symbolic: never followed; hard: a root file linked there has two links), not a file
+    of another account, not a root file a user moved in under another name. The
+    directory is ours (taken back) while we look, so its entries cannot change under us;
+    each file is re-owned through a descriptor opened O_NOFOLLOW and checked to be the
+    entry looked at."""
     dir_fd = os.open(directory, _DIR_FLAGS)
     try:
-        for name in os.listdir(dir_fd):
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        os.fchmod(dir_fd, DIR_MODE)
+        _take_back(dir_fd)
+        ours = os.geteuid()
+        for name in names:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a file name: {name!r}")
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_uid == ours and info.st_nlink == 1:
+                _give_file(dir_fd, name, info, uid, gid)
         os.fchown(dir_fd, uid, gid)
     finally:
         os.close(dir_fd)
+
+
+def _give_file(dir_fd: int, name: str, seen: os.stat_result, uid: int, gid: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                 dir_fd=dir_fd)
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) == (seen.st_dev, seen.st_ino) and info.st_nlink == 1:
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
 
 
 class Refused(OSError):

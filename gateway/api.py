@@ -61,7 +61,8 @@ def read_json_body() -> Any:
         raise BadRequest("body: JSON nested too deeply") from None
 
 
-_ERRORS = {400: "Bad input; message names the field", 404: "No such task"}
+_ERRORS = {400: "Bad input; message names the field", 404: "No such task",
+           403: "The caller may not own tasks here (the owner policy); message names the rule"}
 
 
 def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
         @blp.doc(requestBody={"required": True,
                               "content": {"application/json": {"schema": TaskCreateSchema}}})
         @blp.response(200, CreateTaskResponseSchema)
-        @errors(400)
+        @errors(400, 403)
         def post(self):
             """CreateTask"""
             task_id = service().create(read_json_body(), owner=principal().user)

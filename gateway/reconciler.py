@@ -189,7 +189,7 @@ class Reconciler(EventFolding, Submission):
         if not self.lease.may_recover(row.updated_at):  # its claimer may be submitting it
             return
         try:
-            job_id = self.backend.recover(row.id, task_dir(self.config, row.id))
+            job_id = self.backend.recover(row.id, task_dir(self.config, row.id), row.owner)
         except Exception:
             self._count("recover", ok=False)
             raise  # _isolated logs it; the claim stays for next tick

@@ -4,7 +4,7 @@ Standard library only: it runs as the task's owner under the system Python. For 
 named "talker" it writes a worker's first events (INITIALIZING, metadata with its host
 and pid, RUNNING, executor 0 started with stdout "secret of <owner>") to its task dir's
 events.jsonl; any other task writes nothing. Then it sleeps until its job is canceled
-(at most SLEEP_SECONDS).
+(at most SLEEP_SECONDS). `--help` prints this and exits 0, as the real worker does.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ SLEEP_SECONDS = 1800
 
 
 def main(argv: list[str]) -> int:
+    if "--help" in argv:  # the gateway's start check runs the command as an unprivileged user
+        print(__doc__)
+        return 0
     task_file = Path(argv[argv.index("--task-file") + 1])
     task = json.loads(task_file.read_text())
     if task.get("name") == "talker":

@@ -20,7 +20,7 @@ import pytest
 import requests
 from werkzeug.security import generate_password_hash
 
-from tests.owner_helpers import as_user, bytes_read, make_user, peak_rss_kib, remove_user
+from tests.owner_helpers import bytes_read, drop_user, make_user, peak_rss_kib, run_as
 from tests.server_helpers import ServerProcess
 from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
@@ -38,7 +38,7 @@ def people() -> Iterator[tuple[str, str]]:
     alice, bob = make_user("a"), make_user("b")
     yield alice, bob
     for name in (alice, bob):
-        remove_user(name)
+        drop_user(name)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def alices(server: ServerProcess, alice: str) -> tuple[str, Path]:
     task_id = create(server, alice, "quiet",
                      resources={"backend_parameters": WAITING})
     directory = server.work_dir / task_id
-    uid = int(as_user(alice, ["id", "-u"]))
+    uid = int(run_as(alice, ["id", "-u"]))
 
     def handed_over() -> bool:
         metadata = (full(server, alice, task_id).get("logs") or [{}])[-1].get("metadata", {})
@@ -150,7 +150,7 @@ def post_event(server: ServerProcess, task_id: str, token: str, event: dict,
 def test_a_link_to_another_users_log_is_not_read(server, people, bobs):
     alice, _ = people
     task_id, directory = alices(server, alice)
-    as_user(alice, ["ln", "-s", str(server.work_dir / bobs / "events.jsonl"),
+    run_as(alice, ["ln", "-s", str(server.work_dir / bobs / "events.jsonl"),
                     str(directory / "events.jsonl")])
     task = noted(server, alice, task_id, "events.jsonl is a symbolic link: not read",
                  innocent)
@@ -164,7 +164,7 @@ def test_events_of_another_task_are_dropped_and_noted(server, people, bobs):
              {"seq": 2, "task_id": bobs, "type": "system_log", "message": "forged by alice"},
              {"seq": 3, "task_id": task_id, "type": "system_log", "message": "alice's own"}]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
-    as_user(alice, ["dd", "status=none", f"of={directory / 'events.jsonl'}"], data)
+    run_as(alice, ["dd", "status=none", f"of={directory / 'events.jsonl'}"], data)
     task = noted(server, alice, task_id, "alice's own", innocent)
     assert "events.jsonl: 2 event(s) of another task dropped" in system_logs(task)
     innocent(task)
@@ -179,12 +179,12 @@ def test_another_users_file_or_a_directory_is_not_read(server, people, shared):
     drop.chmod(0o1777)
     planted = drop / "bobs.jsonl"
     line = {"seq": 1, "task_id": task_id, "type": "system_log", "message": "forged by bob"}
-    as_user(bob, ["sh", "-c", f"umask 0; cat > {planted}"], (json.dumps(line) + "\n").encode())
-    as_user(alice, ["ln", str(planted), str(directory / "events.jsonl")])
-    bob_uid = int(as_user(bob, ["id", "-u"]))
+    run_as(bob, ["sh", "-c", f"umask 0; cat > {planted}"], (json.dumps(line) + "\n").encode())
+    run_as(alice, ["ln", str(planted), str(directory / "events.jsonl")])
+    bob_uid = int(run_as(bob, ["id", "-u"]))
     noted(server, alice, task_id, f"events.jsonl is owned by uid {bob_uid}", innocent)
-    as_user(alice, ["rm", str(directory / "events.jsonl")])
-    as_user(alice, ["mkdir", str(directory / "events.jsonl")])
+    run_as(alice, ["rm", str(directory / "events.jsonl")])
+    run_as(alice, ["mkdir", str(directory / "events.jsonl")])
     task = noted(server, alice, task_id, "events.jsonl is a directory: not read")
     assert "forged" not in json.dumps(task)
 
@@ -195,8 +195,8 @@ def test_fifos_block_neither_the_intake_nor_other_users(server, people):
     alice, bob = people
     task_id, directory = alices(server, alice)
     for name in ("events.received.jsonl", "events.jsonl"):
-        as_user(alice, ["mkfifo", str(directory / name)])
-    token = as_user(alice, ["cat", str(directory / "worker.token")]).decode().strip()
+        run_as(alice, ["mkfifo", str(directory / name)])
+    token = run_as(alice, ["cat", str(directory / "worker.token")]).decode().strip()
     slowest = 0.0
     for seq in range(1, 19):
         started = time.monotonic()
@@ -218,16 +218,16 @@ def test_a_huge_line_costs_bounded_memory_and_is_read_once(server, people):
     memory stays where it was, and the line is skipped once, not re-read every pass."""
     alice, _ = people
     task_id, directory = alices(server, alice)
-    token = as_user(alice, ["cat", str(directory / "worker.token")]).decode().strip()
+    token = run_as(alice, ["cat", str(directory / "worker.token")]).decode().strip()
     assert server.proc is not None
     before = peak_rss_kib(server.proc.pid)
-    as_user(alice, ["truncate", "-s", "1G", str(directory / "events.jsonl")])
+    run_as(alice, ["truncate", "-s", "1G", str(directory / "events.jsonl")])
     post_event(server, task_id, token, {"seq": 1, "type": "system_log", "message": "posted"})
     noted(server, alice, task_id, "posted")
     noted(server, alice, task_id, "events.jsonl: a line longer than")
     read = bytes_read(server.proc.pid)
     # the long line ends; what follows is read (its offset was remembered past it)
-    as_user(alice, ["sh", "-c", f"cat >> {directory / 'events.jsonl'}"], b"\n" + json.dumps(
+    run_as(alice, ["sh", "-c", f"cat >> {directory / 'events.jsonl'}"], b"\n" + json.dumps(
         {"seq": 2, "type": "system_log", "message": "after the long line"}).encode() + b"\n")
     for seq in range(3, 6):  # each makes the reconciler read alice's logs again
         post_event(server, task_id, token, {"seq": seq, "type": "system_log",
@@ -244,9 +244,9 @@ def test_a_huge_line_costs_bounded_memory_and_is_read_once(server, people):
 def test_the_intake_writes_only_into_the_gateways_own_directory(server, people):
     alice, _ = people
     task_id, directory = alices(server, alice)
-    token = as_user(alice, ["cat", str(directory / "worker.token")]).decode().strip()
+    token = run_as(alice, ["cat", str(directory / "worker.token")]).decode().strip()
     outside = server.work_dir.parent / f"outside-{task_id}"
-    as_user(alice, ["ln", "-s", str(outside), str(directory / "events.received.jsonl")])
+    run_as(alice, ["ln", "-s", str(outside), str(directory / "events.received.jsonl")])
     resp = post_event(server, task_id, token, {"seq": 1, "type": "system_log",
                                                "message": "through the intake"})
     assert resp.status_code == 200, resp.text
@@ -266,9 +266,9 @@ def test_job_output_is_read_only_from_the_owners_own_files(server, people, share
     drop.mkdir(mode=0o1777)
     drop.chmod(0o1777)
     planted = drop / "bobs.txt"
-    as_user(bob, ["sh", "-c", f"umask 0; echo secret of bob > {planted}"])
-    as_user(alice, ["ln", str(planted), str(directory / "slurm.err")])
-    as_user(alice, ["sh", "-c", f"echo alice wrote this > {directory / 'slurm.out'}"])
+    run_as(bob, ["sh", "-c", f"umask 0; echo secret of bob > {planted}"])
+    run_as(alice, ["ln", str(planted), str(directory / "slurm.err")])
+    run_as(alice, ["sh", "-c", f"echo alice wrote this > {directory / 'slurm.out'}"])
     job_id = full(server, alice, task_id)["logs"][-1]["metadata"]["job_id"]
     subprocess.run(["scancel", job_id], check=True, timeout=60)
     task = noted(server, alice, task_id, "of slurm.out:\nalice wrote this")
