@@ -4,8 +4,16 @@ Layout under the cache directory:
     blobs/sha256/<hex>                 verified blobs (manifests, configs, layers), 0644
     images/<manifest hex>/rootfs/      an unpacked image; the directory appears by one rename,
     images/<manifest hex>/image.json   complete, with its config (so it is never half-written)
-    refs/<os-arch>/<reference>.json    what a reference resolved to, and when
+    refs/<os-arch>/<reference>.json    what a reference resolved to, when, and under which
+                                       credential scope (access.py) it was fetched
+    grants/<scope>/<hex>               the blob was fetched under that scope (an empty file;
+                                       <scope> is "public" or the scope's sha256)
     locks/<name>.lock                  fcntl.flock locks: one per blob download, one per unpack
+Images belong to whoever may pull them: a reference is served from its record, and a blob
+reused by a pull, only for an owner who may use one of their scopes; otherwise it is fetched
+again from the registry with the owner's rights (proof that the owner may have it) and its
+new scope granted. An unpacked image is reached only through a reference record or a pull
+whose blobs all passed that test (never from a manifest digest alone).
 The first worker to need a blob or an image takes its lock and writes it under a temporary
 name in the same directory, then renames it; the others wait on the lock and find it done.
 Anything temporary left by a crashed worker is removed by the next holder of that lock.
@@ -30,6 +38,7 @@ from io import BufferedIOBase
 from pathlib import Path
 
 from . import ImageRoot, platform
+from .access import PUBLIC
 from .reference import Reference
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -39,6 +48,7 @@ if TYPE_CHECKING:
 BLOBS = "blobs/sha256"
 IMAGES = "images"
 REFS = "refs"
+GRANTS = "grants"
 LOCKS = "locks"
 IMAGE_FILE = "image.json"
 ROOTFS = "rootfs"
@@ -52,16 +62,21 @@ class Cache:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def lookup(self, ref: Reference, tag_ttl: float | None) -> ImageRoot | None:
-        """The image a reference resolved to before, if it is still unpacked (and fresh)."""
+    def lookup(self, ref: Reference, tag_ttl: float | None,
+               scopes: frozenset[str] | None) -> ImageRoot | None:
+        """The image a reference resolved to before, if it is still unpacked (and fresh), and
+        was fetched under one of `scopes` (None: any, for tools run by the admin)."""
         try:
             record = json.loads(self._ref_path(ref).read_bytes())
             if not ref.digest and tag_ttl is not None and time.time() - record["fetched"] > tag_ttl:
                 return None
+            if scopes is not None and record.get("scope") not in scopes:
+                return None  # fetched with credentials this owner may not use (or unknown)
             return self.image(ref, record["digest"], record["manifest_digest"])
-        except (OSError, ValueError, KeyError, TypeError):
-            # never resolved, or a torn record: a pinned manifest digest may still be unpacked
-            return self.image(ref, ref.digest, ref.digest) if ref.digest else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # never resolved here, or a torn record: a digest reference too is fetched from
+            # its registry once (an unpacked manifest digest proves nothing about the owner)
+            return None
 
     def image(self, ref: Reference, digest: str, manifest_digest: str) -> ImageRoot | None:
         """The unpacked image of `manifest_digest`, if there is one."""
@@ -73,11 +88,12 @@ class Cache:
         return ImageRoot(directory / ROOTFS, meta["config"], digest, manifest_digest,
                          ref.canonical())
 
-    def remember(self, ref: Reference, digest: str, manifest_digest: str) -> None:
-        """Record what `ref` resolved to (atomically: readers see the old or the new record)."""
+    def remember(self, ref: Reference, digest: str, manifest_digest: str, scope: str) -> None:
+        """Record what `ref` resolved to under `scope` (atomically: readers see the old or the
+        new record)."""
         path = self._ref_path(ref)
         record = {"reference": ref.canonical(), "digest": digest,
-                  "manifest_digest": manifest_digest, "fetched": time.time()}
+                  "manifest_digest": manifest_digest, "fetched": time.time(), "scope": scope}
         self._mkdirs(path.parent)
         fd, temp = tempfile.mkstemp(prefix=TEMP, dir=path.parent)
         try:
@@ -92,15 +108,17 @@ class Cache:
     def blob_path(self, digest: str) -> Path:
         return self.root / BLOBS / _hex(digest)
 
-    def ensure_blob(self, descriptor: Json,
-                    download: Callable[[Json, BufferedIOBase], None]) -> Path:
-        """The verified blob on disk; `download(descriptor, file)` fills it if it is missing."""
+    def ensure_blob(self, descriptor: Json, download: Callable[[Json, BufferedIOBase], None],
+                    scopes: frozenset[str] | None, scope: Callable[[], str]) -> Path:
+        """The verified blob on disk; `download(descriptor, file)` fills it if it is missing
+        or was fetched under none of `scopes` (None: any will do), then `scope()` says what
+        the download was made under, and that is granted."""
         path = self.blob_path(descriptor["digest"])
-        if _has_size(path, descriptor["size"]):
+        if _has_size(path, descriptor["size"]) and self._granted(path.name, scopes):
             return path
         self._mkdirs(path.parent)
         with self._lock(f"blob-{path.name}"):
-            if _has_size(path, descriptor["size"]):
+            if _has_size(path, descriptor["size"]) and self._granted(path.name, scopes):
                 return path  # another worker fetched it while we waited
             _remove_temps(path.parent, f"{TEMP}{path.name}-")
             fd, temp = tempfile.mkstemp(prefix=f"{TEMP}{path.name}-", dir=path.parent)
@@ -108,11 +126,25 @@ class Cache:
                 with os.fdopen(fd, "w+b") as out:
                     download(descriptor, out)
                     os.fchmod(out.fileno(), 0o644)
+                # the same bytes if it was there (digest checked): a reader keeps its inode
                 os.rename(temp, path)  # no fsync: see the module docstring
             except BaseException:
                 _unlink(temp)
                 raise
+            self.grant(path.name, scope())
         return path
+
+    def grant(self, blob_hex: str, scope: str) -> None:
+        """Record that the blob was fetched under `scope`."""
+        directory = self.root / GRANTS / _scope_dir(scope)
+        self._mkdirs(directory)
+        os.close(os.open(directory / blob_hex, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+
+    def _granted(self, blob_hex: str, scopes: frozenset[str] | None) -> bool:
+        if scopes is None:
+            return True
+        return any(os.path.exists(self.root / GRANTS / _scope_dir(scope) / blob_hex)
+                   for scope in scopes)
 
     def discard_blob(self, digest: str) -> None:
         """Remove a blob found corrupt, so that the next ensure_blob fetches it again."""
@@ -177,6 +209,14 @@ class Cache:
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
+
+
+def _scope_dir(scope: str) -> str:
+    """A scope as a file name: "public", or the sha256 of "<registry>|<username>"."""
+    if scope == PUBLIC:
+        return PUBLIC
+    import hashlib
+    return hashlib.sha256(scope.encode()).hexdigest()
 
 
 def _has_size(path: Path, size: int) -> bool:

@@ -1,0 +1,257 @@
+"""Issue 25 (sandbox, third round), attacked for real: a gzip-bomb, many-entry or huge-ratio
+layer fails naming its cap and leaves the image cache clean; an image pulled with a
+registry's credentials is served only to owners who may use them (by tag, by digest, or
+by a digest under another registry's name), while public images stay shared; a registry
+that trickles bytes ends the pull at worker.image_pull_seconds. In process against a fake
+registry, through the real worker (bwrap), and through a real server with auth on."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from werkzeug.security import generate_password_hash
+
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.worker.images import ImageError, Limits, ensure_rootfs
+from funnel_hpc.worker.images.access import for_owner
+from tests.image_helpers import (
+    ANONYMOUS,
+    AUTHENTICATED,
+    CA_FILE,
+    PASSWORD,
+    USERNAME,
+    FakeRegistry,
+    digest_of,
+    gzip_bomb,
+    layer,
+    local_user,
+    registry_answers,
+)
+from tests.server_helpers import ServerProcess
+from tests.waiting import wait_for_state
+
+BOMB_BYTES = 3 << 30  # expanded; ~3 MB compressed
+TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
+DIGEST_RE = re.compile(r"@(sha256:[0-9a-f]{64})")
+
+
+@pytest.fixture
+def fake():
+    registry = FakeRegistry()
+    yield registry
+    registry.close()
+
+
+@pytest.fixture(scope="module")
+def bomb() -> bytes:
+    return gzip_bomb(BOMB_BYTES)
+
+
+@pytest.fixture
+def real():
+    """The two real registries of scripts/setup/45-registry.sh: alice alone may use the
+    credentials of the one that needs them."""
+    for host in (ANONYMOUS, AUTHENTICATED):
+        if not registry_answers(host) or not CA_FILE.exists():
+            if os.environ.get("CI"):
+                pytest.fail(f"registry {host} down; run scripts/setup/45-registry.sh")
+            pytest.skip(f"registry {host} not running (scripts/setup/45-registry.sh)")
+    return {ANONYMOUS: {"ca_file": str(CA_FILE)},
+            AUTHENTICATED: {"ca_file": str(CA_FILE), "username": USERNAME, "password": PASSWORD,
+                            "users": ["alice"]}}
+
+
+def cache_files(cache: Path) -> set[str]:
+    """Everything in the cache but its lock files (a lock stays, empty, by design)."""
+    return {str(path.relative_to(cache)) for path in cache.rglob("*")
+            if "locks" not in path.relative_to(cache).parts}
+
+
+def assert_clean(cache: Path, before: set[str], layer_digest: str) -> None:
+    """No new root, reference or temporary file; the hostile layer not kept."""
+    new = cache_files(cache) - before
+    assert not [name for name in new if name.startswith(("images/", "refs/"))
+                and name not in ("images", "refs")], new
+    assert not [name for name in new if ".tmp-" in name], new
+    assert not (cache / "blobs" / "sha256" / layer_digest[7:]).exists()
+
+
+# --- caps on unpacking ---------------------------------------------------------------------
+
+def test_a_gzip_bomb_fails_naming_the_cap_and_leaves_the_cache_clean(fake, bomb, tmp_path):
+    fake.add_image("t/ok", "1", [layer(("ok", "file", "fine"))])
+    ensure_rootfs(f"{fake.host}/t/ok:1", tmp_path, fake.settings)  # the cache as it was
+    before = cache_files(tmp_path)
+    fake.add_image("t/bomb", "1", [bomb])
+    started = time.monotonic()
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/bomb:1", tmp_path, fake.settings)
+    assert caught.value.reason == "refused"
+    assert str(caught.value).startswith(
+        f"image {fake.host}/t/bomb:1: layer {digest_of(bomb)} expands past "
+        f"worker.image_max_ratio (100 times its compressed size")
+    assert_clean(tmp_path, before, digest_of(bomb))
+    assert time.monotonic() - started < 60  # refused at the header, not after 3 GB
+    with pytest.raises(ImageError) as caught:  # the ratio let through: the total stops it
+        ensure_rootfs(f"{fake.host}/t/bomb:1", tmp_path, fake.settings,
+                      limits=Limits(max_ratio=10 ** 6, max_bytes=1 << 30))
+    assert (f"layer {digest_of(bomb)} expands past worker.image_max_bytes (1073741824 bytes)"
+            in str(caught.value))
+    assert_clean(tmp_path, before, digest_of(bomb))
+
+
+def test_many_entries_fail_naming_the_cap(fake, tmp_path):
+    entries = [(f"d/f{number}", "file", "") for number in range(300)]
+    data = layer(*entries)
+    fake.add_image("t/many", "1", [layer(("first", "file", "x")), data])
+    before = cache_files(tmp_path)
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/many:1", tmp_path, fake.settings,
+                      limits=Limits(max_entries=250))
+    assert caught.value.reason == "refused"
+    assert (f"layer {digest_of(data)} passes worker.image_max_entries (250 entries in the image)"
+            in str(caught.value))
+    assert_clean(tmp_path, before, digest_of(data))
+    root = ensure_rootfs(f"{fake.host}/t/many:1", tmp_path, fake.settings,
+                         limits=Limits(max_entries=302))  # both layers: 1 + 300 entries
+    assert len(os.listdir(root.rootfs / "d")) == 300
+
+
+def test_a_huge_ratio_layer_fails_naming_the_cap(fake, tmp_path):
+    data = layer(("zeros", "file", bytes(8 << 20)))  # 8 MiB of zeros: ~8 KB compressed
+    fake.add_image("t/ratio", "1", [data])
+    before = cache_files(tmp_path)
+    limits = Limits(max_ratio=100, ratio_min_layer_bytes=16 << 10)
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/ratio:1", tmp_path, fake.settings, limits=limits)
+    assert caught.value.reason == "refused"
+    assert f"layer {digest_of(data)} expands past worker.image_max_ratio (100 " in str(
+        caught.value)
+    assert_clean(tmp_path, before, digest_of(data))
+    # the defaults let a small layer reach 100 x 4 MiB: an ordinary image is not refused
+    assert (ensure_rootfs(f"{fake.host}/t/ratio:1", tmp_path, fake.settings).rootfs
+            / "zeros").stat().st_size == 8 << 20
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read(fake, tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tar.addfile(info, io.BytesIO(b""))
+    import gzip
+    data = gzip.compress(buffer.getvalue())
+    fake.add_image("t/pax", "1", [data])
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/pax:1", tmp_path, fake.settings)
+    assert caught.value.reason == "refused" and "extended header" in str(caught.value)
+
+
+def test_limits_default_to_the_configuration_and_refuse_bad_values():
+    worker = config_mod.load(environ={})["worker"]
+    assert Limits.from_worker(worker) == Limits()
+    for key, value in (("image_max_bytes", 0), ("image_max_entries", "many"),
+                       ("image_max_ratio", 1.5), ("image_pull_seconds", -1),
+                       ("image_ratio_min_layer_bytes", True)):
+        with pytest.raises(ValueError, match=f"worker.{key} must be a positive"):
+            Limits.from_worker({**worker, key: value})
+
+
+# --- the pull deadline -----------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [False, True], ids=["body", "headers"])
+def test_a_trickling_registry_ends_at_the_pull_deadline(fake, tmp_path, headers):
+    fake.add_image("t/slow", "1", [layer(("f", "file", os.urandom(4096)))])
+    fake.trickle, fake.trickle_headers = 0.5, headers
+    started = time.monotonic()
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/slow:1", tmp_path, fake.settings, retry_seconds=60,
+                      limits=Limits(pull_seconds=3))
+    elapsed = time.monotonic() - started
+    assert caught.value.reason == "timeout"
+    assert str(caught.value) == (f"image {fake.host}/t/slow:1: pull took longer than "
+                                 "worker.image_pull_seconds (3 s)")
+    assert 2.5 < elapsed < 20, elapsed
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+# --- images belong to whoever may pull them -------------------------------------------
+
+def private(fake: FakeRegistry, **who: list[str]) -> dict:
+    """The fake registry wants a token made from robot's password, which `who` may use."""
+    fake.bearer = ("robot", "s3cret")
+    return {fake.host: {"insecure": True, "username": "robot", "password": "s3cret", **who}}
+
+
+def test_bob_cannot_use_alices_private_image_by_tag_or_digest(fake, tmp_path):
+    fake.add_image("lab/secret", "1", [layer(("secret", "file", "alice's"))])
+    settings = private(fake, users=["alice"])
+    image = f"{fake.host}/lab/secret:1"
+    mine = ensure_rootfs(image, tmp_path, settings, owner="alice")
+    assert (mine.rootfs / "secret").read_text() == "alice's"
+    seen = len(fake.authorizations)
+    for reason, attempt in (("auth", image), ("auth", f"{fake.host}/lab/secret@{mine.digest}"),
+                            ("unreachable", f"nonexistent.invalid/whatever@{mine.digest}")):
+        error = ensure_error(attempt, tmp_path, settings, "bob")
+        assert error.reason == reason, error
+        if reason == "auth":
+            assert "not for this task's owner" in str(error)
+    # what bob's requests carried: never the credentials, nor a token made from them
+    assert [auth for _, auth in fake.authorizations[seen:] if auth] == []
+    # alice again, by tag and by digest: from the cache, no request at all
+    before = sum(fake.gets.values())
+    assert ensure_rootfs(image, tmp_path, settings, owner="alice").rootfs == mine.rootfs
+    assert ensure_rootfs(f"{fake.host}/lab/secret@{mine.digest}", tmp_path, settings,
+                         owner="alice").rootfs == mine.rootfs
+    assert sum(fake.gets.values()) == before
+
+
+def ensure_error(image: str, cache: Path, settings: dict, owner: str) -> ImageError:
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(image, cache, settings, owner=owner, retry_seconds=1)
+    return caught.value
+
+
+def test_a_registry_bob_runs_cannot_launder_alices_blobs(fake, tmp_path):
+    """bob knows alice's manifest and serves it from his own registry, without the blobs:
+    the cache must not fill them in for him."""
+    fake.add_image("lab/secret", "1", [layer(("secret", "file", "alice's"))])
+    settings = private(fake, users=["alice"])
+    mine = ensure_rootfs(f"{fake.host}/lab/secret:1", tmp_path, settings, owner="alice")
+    raw, media_type = fake.manifests[("lab/secret", mine.digest)]
+    bobs = FakeRegistry()
+    try:
+        bobs.add_manifest("bob/copy", "1", raw, media_type)
+        with pytest.raises(ImageError) as caught:
+            ensure_rootfs(f"{bobs.host}/bob/copy:1", tmp_path, {**settings, **bobs.settings},
+                          owner="bob")
+        assert caught.value.reason == "not_found" and "/blobs/" not in str(caught.value)
+        assert bobs.blob_gets(), "the blobs were asked of bob's registry"
+        # once bob's registry really serves the bytes, bob has proven he has them
+        bobs.blobs = dict(fake.blobs)
+        theirs = ensure_rootfs(f"{bobs.host}/bob/copy:1", tmp_path,
+                               {**settings, **bobs.settings}, owner="bob")
+        assert theirs.rootfs == mine.rootfs
+    finally:
+        bobs.close()
+
+
+def test_public_images_stay_shared_and_are_pulled_once(fake, tmp_path):
+    fake.add_image("lib/pub", "1", [layer(("pub", "file", "everyone's"))])
+    image = f"{fake.host}/lib/pub:1"
+    first = ensure_rootfs(image, tmp_path, fake.settings, owner="alice")
+    gets = sum(fake.gets.values())
+    for owner in ("bob", None, "carol"):
+        assert ensure_rootfs(image, tmp_path, fake.settings, owner=owner).rootfs == first.rootfs
+        assert ensure_rootfs(f"{fake.host}/lib/pub@{first.digest}", tmp_path, fake.settings,
+                             owner=owner).rootfs == first.rootfs
+    assert sum(fake.gets.values()) == gets  # no request: bob, auth off and carol share it
