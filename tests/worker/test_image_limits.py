@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -31,13 +30,17 @@ from tests.image_helpers import (
     USERNAME,
     FakeRegistry,
     digest_of,
+    drop_group,
+    drop_user,
     gzip_bomb,
     layer,
+    local_group,
     local_user,
     registry_answers,
 )
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
+from tests.worker.conftest import need
 
 BOMB_BYTES = 3 << 30  # expanded; ~3 MB compressed
 TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
@@ -156,6 +159,25 @@ def test_a_huge_pax_header_is_refused_before_it_is_read(fake, tmp_path):
     assert caught.value.reason == "refused" and "extended header" in str(caught.value)
 
 
+def test_a_sparse_file_cannot_hide_its_size(fake, tmp_path):
+    """A 1-byte PAX sparse file that says it is 50 GiB: its holes would be written out."""
+    import gzip
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sparse")
+        info.size = 1
+        info.pax_headers = {"GNU.sparse.map": "0,1", "GNU.sparse.size": str(50 << 30),
+                            "GNU.sparse.name": "sparse"}
+        tar.addfile(info, io.BytesIO(b"x"))
+    data = gzip.compress(buffer.getvalue())
+    fake.add_image("t/sparse", "1", [data])
+    before = cache_files(tmp_path)
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/sparse:1", tmp_path, fake.settings)
+    assert f"layer {digest_of(data)} expands past worker.image_max_bytes" in str(caught.value)
+    assert_clean(tmp_path, before, digest_of(data))
+
+
 def test_limits_default_to_the_configuration_and_refuse_bad_values():
     worker = config_mod.load(environ={})["worker"]
     assert Limits.from_worker(worker) == Limits()
@@ -255,3 +277,123 @@ def test_public_images_stay_shared_and_are_pulled_once(fake, tmp_path):
         assert ensure_rootfs(f"{fake.host}/lib/pub@{first.digest}", tmp_path, fake.settings,
                              owner=owner).rootfs == first.rootfs
     assert sum(fake.gets.values()) == gets  # no request: bob, auth off and carol share it
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make users and groups")
+def test_groups_name_who_may_use_credentials(fake, tmp_path):
+    lab = local_group("lab")
+    alice, bob = local_user("a", (lab,)), local_user("b")
+    try:
+        fake.add_image("lab/secret", "1", [layer(("secret", "file", "the lab's"))])
+        settings = private(fake, groups=[lab])
+        assert for_owner(settings, alice).registries[fake.host]["password"] == "s3cret"
+        assert "password" not in for_owner(settings, bob).registries[fake.host]
+        assert "password" not in for_owner(settings, None).registries[fake.host]
+        image = f"{fake.host}/lab/secret:1"
+        root = ensure_rootfs(image, tmp_path, settings, owner=alice)
+        assert (root.rootfs / "secret").read_text() == "the lab's"
+        assert ensure_error(image, tmp_path, settings, bob).reason == "auth"
+        assert ensure_error(image, tmp_path, settings, "no-such-user").reason == "auth"
+        with pytest.raises(ValueError, match=r"worker.registries\[.*\].groups must be a list"):
+            for_owner({fake.host: {"groups": lab}}, alice)
+    finally:
+        for user in (alice, bob):
+            drop_user(user)
+        drop_group(lab)
+
+
+# --- through the real worker and a real server --------------------------------------------
+
+def in_image(image: str, script: str = "true") -> dict:
+    return {"image": image, "command": ["sh", "-c", script]}
+
+
+def test_through_the_worker_a_bomb_and_a_trickle_end_system_error(harness, fake, bomb,
+                                                                   tmp_path):
+    cache = tmp_path / "cache"
+    fake.add_image("t/bomb", "1", [bomb])
+    fake.add_image("t/slow", "1", [layer(("f", "file", os.urandom(4096)))])
+    config = harness.config(registries=fake.settings, image_cache=str(cache),
+                            image_pull_seconds=3, image_retry_seconds=60)
+    bombed = harness.run(harness.task(executors=[in_image(f"{fake.host}/t/bomb:1")]), config)
+    assert bombed.state == "SYSTEM_ERROR", bombed.stderr
+    assert (f"image {fake.host}/t/bomb:1: layer {digest_of(bomb)} expands past "
+            "worker.image_max_ratio") in bombed.system_logs
+    assert bombed.fold.task_log["logs"] == []
+    assert list((cache / "images").iterdir()) == [] and not list(cache.rglob(".tmp-*"))
+    assert not (cache / "blobs" / "sha256" / digest_of(bomb)[7:]).exists()
+    fake.trickle = 1.0
+    started = time.monotonic()
+    slow = harness.run(harness.task(executors=[in_image(f"{fake.host}/t/slow:1")]), config)
+    assert slow.state == "SYSTEM_ERROR", slow.stderr
+    assert (f"image {fake.host}/t/slow:1: pull took longer than worker.image_pull_seconds "
+            "(3 s) (timeout)") in slow.system_logs
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.registry
+def test_through_the_worker_images_belong_to_whoever_may_pull_them(harness, real, tmp_path):
+    cache = tmp_path / "cache"
+    config = harness.config(registries=real, image_cache=str(cache), image_retry_seconds=1)
+    secret = f"{AUTHENTICATED}/funnel/testimage:1"
+    alice = harness.run(harness.task(owner="alice", executors=[
+        in_image(secret, "cat /opt/funnel-test/marker")]), config)
+    assert alice.state == "COMPLETE", alice.system_logs
+    assert alice.executor(0)["stdout"] == "funnel-test marker\n"
+    match = DIGEST_RE.search(alice.system_logs)
+    assert match, alice.system_logs
+    digest = match.group(1)
+    for image, reason in ((secret, "auth"),
+                          (f"{AUTHENTICATED}/funnel/testimage@{digest}", "auth"),
+                          (f"nonexistent.invalid/whatever@{digest}", "unreachable")):
+        bob = harness.run(harness.task(owner="bob", executors=[in_image(image)]), config)
+        assert bob.state == "SYSTEM_ERROR", (image, bob.system_logs)
+        assert f"image {image}: " in bob.system_logs and f"({reason})" in bob.system_logs
+        assert bob.fold.task_log["logs"] == []
+    by_digest = harness.run(harness.task(owner="alice", executors=[
+        in_image(f"{AUTHENTICATED}/funnel/testimage@{digest}")]), config)
+    assert by_digest.state == "COMPLETE", by_digest.system_logs
+    public = f"{ANONYMOUS}/library/busybox:latest"
+    for owner in ("alice", "bob"):
+        run = harness.run(harness.task(owner=owner, executors=[in_image(public)]), config)
+        assert run.state == "COMPLETE", run.system_logs
+    records = [json.loads(path.read_text()) for path in (cache / "refs").rglob("*.json")]
+    scopes = {record["reference"]: record["scope"] for record in records}
+    assert scopes[public] == "public" and scopes[secret] == f"{AUTHENTICATED}|{USERNAME}"
+
+
+@pytest.mark.registry
+def test_through_a_real_server_bob_cannot_run_alices_private_image(real, databases, tmp_path):
+    need("bwrap")
+    srv = ServerProcess(tmp_path / "srv", databases.new("sqlite"), reconcile=True, overrides={
+        "auth": {"mode": "basic", "users": {"alice": generate_password_hash("alice-pw"),
+                                            "bob": generate_password_hash("bob-pw")}},
+        "backend": {"name": "local"},
+        "reconciler": {"interval_seconds": 0.3},
+        "worker": {"container_driver": "bwrap", "registries": real,
+                   "image_cache": str(tmp_path / "cache"), "image_retry_seconds": 1}}).start()
+
+    def run(who: tuple[str, str], image: str) -> dict:
+        created = requests.post(srv.api + "/tasks", auth=who, timeout=10, json={
+            "executors": [in_image(image, "cat /opt/funnel-test/marker")]})
+        assert created.status_code == 200, created.text
+        return wait_for_state(srv.api, created.json()["id"], TERMINAL, 120, auth=who,
+                              detail=lambda: srv.log()[-3000:])
+
+    try:
+        secret = f"{AUTHENTICATED}/funnel/testimage:1"
+        alices = run(("alice", "alice-pw"), secret)
+        assert alices["state"] == "COMPLETE", alices["logs"]
+        assert alices["logs"][-1]["logs"][0]["stdout"] == "funnel-test marker\n"
+        match = DIGEST_RE.search("\n".join(alices["logs"][-1]["system_logs"]))
+        assert match
+        for image, reason in ((secret, "auth"),
+                              (f"nonexistent.invalid/whatever@{match.group(1)}",
+                               "unreachable")):
+            bobs = run(("bob", "bob-pw"), image)
+            logs = "\n".join(bobs["logs"][-1]["system_logs"])
+            assert bobs["state"] == "SYSTEM_ERROR", (image, logs)
+            assert f"image {image}: " in logs and f"({reason})" in logs
+            assert "marker" not in json.dumps(bobs["logs"][-1].get("logs") or [])
+    finally:
+        srv.stop()

@@ -95,7 +95,8 @@ class Budget:
         self.bytes_before += expanded
 
     def admit(self, end: int) -> None:
-        """An entry whose data ends `end` bytes into the current layer's expanded stream."""
+        """An entry after which the current layer has expanded to `end` bytes (its stream,
+        or the sizes of its files if larger: a sparse file's holes are written out)."""
         self.entries += 1
         if self.entries > self.limits.max_entries:
             raise self._refuse(f"passes worker.image_max_entries ({self.limits.max_entries} "
@@ -171,11 +172,13 @@ def apply_layer(root_fd: int, path: Path, descriptor: Json, image: str,
             # ignored: typeshed's tarfile._Fileobj also wants write/seek/tell; "r|" only reads
             with LayerTar.open(fileobj=reader, mode="r|*",  # type: ignore[call-overload]
                                budget=budget) as tar:
+                files = 0  # what this layer's files hold: more than its stream if sparse
                 while (member := tar.next()) is not None:
-                    budget.admit(tar.offset)  # past this entry's data, before reading it
+                    files += member.size if member.isreg() else 0
+                    budget.admit(max(tar.offset, files))  # before its data is read
                     tar.members.clear()  # a stream keeps every member: not a million of them
                     applier.apply(member, tar)
-                budget.end_layer(tar.offset)
+                budget.end_layer(max(tar.offset, files))
         except (tarfile.TarError, EOFError, zlib.error) as error:
             if reader.finish() == descriptor.get("digest"):
                 raise ImageError("invalid", image, f"layer {descriptor.get('digest')} is not a "
