@@ -216,8 +216,9 @@ class FakeRegistry:
                 self.send_header("Content-Length", str(len(body)))
                 if registry.trickle and registry.trickle_headers:
                     self.send_header("X-Padding", "x" * 1000)
-                    head = b"".join(self._headers_buffer) + b"\r\n"  # type: ignore[attr-defined]
-                    self._headers_buffer = []  # type: ignore[attr-defined]
+                    buffered: list[bytes] = getattr(self, "_headers_buffer")  # noqa: B009
+                    head = b"".join(buffered) + b"\r\n"  # http.server's, sent by hand
+                    buffered.clear()
                     self._slowly(head)
                 else:
                     self.end_headers()
@@ -231,7 +232,7 @@ class FakeRegistry:
                         self.wfile.write(data[index:index + 1])
                         self.wfile.flush()
                         time.sleep(registry.trickle)
-                except OSError:  # the client gave up
+                except (OSError, ValueError):  # the client gave up, or the server closed
                     self.close_connection = True
 
         return Handler

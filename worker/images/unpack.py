@@ -122,14 +122,15 @@ class BoundedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses, before tarfile reads it into memory, a header larger than
     MAX_META or passing the layer's caps (tarfile reads pax and long-name data whole)."""
 
-    def _proc_member(self, tar):  # tarfile's own hook: untyped, private, stable since 2.x
+    def _proc_member(self, tar: LayerTar) -> tarfile.TarInfo:  # tarfile's private hook
         if self.type in META_TYPES:
             budget: Budget = tar.budget
             if self.size > MAX_META:
                 raise budget._refuse(f"has a {self.size}-byte extended header (more than "
                                      f"{MAX_META})")
             budget.check(self.offset + tarfile.BLOCKSIZE + self.size)
-        return super()._proc_member(tar)  # type: ignore[misc]  # not in typeshed
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member  # (_proc_member is not in typeshed)
 
 
 class LayerTar(tarfile.TarFile):
