@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -397,3 +398,65 @@ def test_through_a_real_server_bob_cannot_run_alices_private_image(real, databas
             assert "marker" not in json.dumps(bobs["logs"][-1].get("logs") or [])
     finally:
         srv.stop()
+
+
+LOOK_AROUND = """
+import json, os, sys
+attempts = json.loads(sys.argv[1])
+answers = {}
+for name, (kind, path) in attempts.items():
+    try:
+        os.listdir(path) if kind == "list" else open(path, "rb").read()
+        answers[name] = "allowed"
+    except PermissionError:
+        answers[name] = "denied"
+print(json.dumps(answers))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a user")
+def test_a_local_user_cannot_find_or_read_a_private_image_on_disk(fake, tmp_path):
+    """bob with a shell on the node, in a cache every user may reach (as the sandbox user
+    must): the public image is his to read, alice's private one cannot be listed or read."""
+    import shutil
+    import tempfile
+
+    from funnel_hpc.worker.images import resolve
+    from funnel_hpc.worker.images.cache import Cache
+    shared = Path(tempfile.mkdtemp(prefix="image-cache-", dir="/tmp"))
+    shared.chmod(0o755)
+    cache = shared / "cache"
+    public_registry = FakeRegistry()
+    bob = local_user("b")
+    try:
+        secret_layer = layer(("secret", "file", "alice's"))
+        fake.add_image("lab/secret", "1", [secret_layer])
+        settings = {**private(fake, users=["alice"]), **public_registry.settings}
+        secret = ensure_rootfs(f"{fake.host}/lab/secret:1", cache, settings, owner="alice")
+        public_layer = layer(("pub", "file", "everyone's"))
+        public_registry.add_image("lib/pub", "1", [public_layer])
+        public = ensure_rootfs(f"{public_registry.host}/lib/pub:1", cache, settings,
+                               owner="alice")
+        record = Cache(cache)._ref_path(resolve(f"{fake.host}/lab/secret:1"))
+        blobs = cache / "blobs" / "sha256"
+        attempts = {
+            "list images": ("list", str(cache / "images")),
+            "list refs": ("list", str(record.parent)),
+            "read the private record": ("read", str(record)),
+            "read the private layer": ("read", str(blobs / digest_of(secret_layer)[7:])),
+            "read the public layer": ("read", str(blobs / digest_of(public_layer)[7:])),
+            "read the public root": ("read", str(public.rootfs / "pub")),
+        }
+        proc = subprocess.run(["/usr/bin/python3", "-c", LOOK_AROUND, json.dumps(attempts)],
+                              capture_output=True, text=True, timeout=60, cwd="/",
+                              user=bob, group=bob, extra_groups=[])
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == {
+            "list images": "denied", "list refs": "denied", "read the private record": "denied",
+            "read the private layer": "denied", "read the public layer": "allowed",
+            "read the public root": "allowed"}
+        assert (secret.rootfs / "secret").read_text() == "alice's"  # the worker still reads
+    finally:
+        public_registry.close()
+        drop_user(bob)
+        shutil.rmtree(shared)

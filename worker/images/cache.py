@@ -1,6 +1,7 @@
 """Content-addressed image cache, safe to share between workers on many nodes (NFS too).
 
-Layout under the cache directory:
+Layout under the cache directory (what was fetched with credentials is 0600, and images/
+and refs/<os-arch>/ are 0711: a local user cannot list them to find a private image):
     blobs/sha256/<hex>                 verified blobs (manifests, configs, layers), 0644
     images/<manifest hex>/rootfs/      an unpacked image; the directory appears by one rename,
     images/<manifest hex>/image.json   complete, with its config (so it is never half-written)
@@ -53,6 +54,7 @@ LOCKS = "locks"
 IMAGE_FILE = "image.json"
 ROOTFS = "rootfs"
 TEMP = ".tmp-"
+UNLISTED = 0o711
 MAX_FILE_NAME = 240
 
 
@@ -94,11 +96,11 @@ class Cache:
         path = self._ref_path(ref)
         record = {"reference": ref.canonical(), "digest": digest,
                   "manifest_digest": manifest_digest, "fetched": time.time(), "scope": scope}
-        self._mkdirs(path.parent)
+        self._unlisted(path.parent)
         fd, temp = tempfile.mkstemp(prefix=TEMP, dir=path.parent)
         try:
             with os.fdopen(fd, "w") as out:
-                os.fchmod(out.fileno(), 0o644)
+                os.fchmod(out.fileno(), _mode(scope))
                 json.dump(record, out)
             os.rename(temp, path)
         except BaseException:
@@ -125,7 +127,7 @@ class Cache:
             try:
                 with os.fdopen(fd, "w+b") as out:
                     download(descriptor, out)
-                    os.fchmod(out.fileno(), 0o644)
+                    os.fchmod(out.fileno(), _mode(scope()))
                 # the same bytes if it was there (digest checked): a reader keeps its inode
                 os.rename(temp, path)  # no fsync: see the module docstring
             except BaseException:
@@ -156,7 +158,7 @@ class Cache:
         final = self.root / IMAGES / _hex(manifest_digest)
         if (final / IMAGE_FILE).exists():
             return
-        self._mkdirs(final.parent)
+        self._unlisted(final.parent)
         with self._lock(f"image-{final.name}"):
             if (final / IMAGE_FILE).exists():
                 return
@@ -195,6 +197,13 @@ class Cache:
             name = hashlib.sha256(name.encode()).hexdigest()
         return self.root / REFS / f"linux-{arch}{'-' + variant if variant else ''}" / f"{name}.json"
 
+    def _unlisted(self, path: Path) -> None:
+        """A directory others may pass through but not list (images/, refs/<platform>/):
+        a local user must not find the digests of private images there."""
+        self._mkdirs(path)
+        if os.stat(path).st_mode & 0o777 != UNLISTED:
+            os.chmod(path, UNLISTED)
+
     def _mkdirs(self, path: Path) -> None:
         """Create `path` and missing parents 0755 whatever the umask (the cache is shared)."""
         if path.is_dir():
@@ -209,6 +218,11 @@ class Cache:
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
+
+
+def _mode(scope: str) -> int:
+    """A blob's or record's mode: readable by all if public, else by the worker alone."""
+    return 0o644 if scope == PUBLIC else 0o600
 
 
 def _scope_dir(scope: str) -> str:
