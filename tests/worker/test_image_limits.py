@@ -460,3 +460,21 @@ def test_a_local_user_cannot_find_or_read_a_private_image_on_disk(fake, tmp_path
         public_registry.close()
         drop_user(bob)
         shutil.rmtree(shared)
+
+
+@pytest.mark.registry
+@pytest.mark.parametrize("engine", ["proot", "charliecloud"])
+def test_the_other_image_drivers_keep_private_images_private(harness, real, tmp_path, engine):
+    """The rule lives in the image cache, below every driver: proot and ch-run as well."""
+    need({"proot": "proot", "charliecloud": "ch-run"}[engine])
+    config = harness.config(registries=real, image_cache=str(tmp_path / "cache"),
+                            image_retry_seconds=1, container_driver=engine)
+    secret = f"{AUTHENTICATED}/funnel/testimage:1"
+    alice = harness.run(harness.task(owner="alice", executors=[
+        in_image(secret, "cat /opt/funnel-test/marker")]), config)
+    assert alice.state == "COMPLETE", alice.system_logs
+    match = DIGEST_RE.search(alice.system_logs)
+    assert match, alice.system_logs
+    for image in (secret, f"nonexistent.invalid/whatever@{match.group(1)}"):
+        bob = harness.run(harness.task(owner="bob", executors=[in_image(image)]), config)
+        assert bob.state == "SYSTEM_ERROR" and f"image {image}: " in bob.system_logs
