@@ -207,6 +207,18 @@ def test_a_trickling_registry_ends_at_the_pull_deadline(fake, tmp_path, headers)
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
+def test_retries_do_not_outlive_the_pull_deadline(fake, tmp_path):
+    fake.add_image("t/down", "1", [layer(("f", "file", "x"))])
+    fake.fail_next = 10 ** 6  # 503 for ever: retried for retry_seconds, but not past the deadline
+    started = time.monotonic()
+    with pytest.raises(ImageError) as caught:
+        ensure_rootfs(f"{fake.host}/t/down:1", tmp_path, fake.settings, retry_seconds=600,
+                      limits=Limits(pull_seconds=2))
+    assert caught.value.reason == "timeout" and "worker.image_pull_seconds (2 s)" in str(
+        caught.value)
+    assert time.monotonic() - started < 20
+
+
 # --- images belong to whoever may pull them -------------------------------------------
 
 def private(fake: FakeRegistry, **who: list[str]) -> dict:

@@ -127,7 +127,10 @@ class Response:
     def discard(self) -> None:
         """Read a small rest of the body, so that the connection can carry the next request."""
         if self.answer.length is not None and self.answer.length <= DRAIN_LIMIT:
-            self.answer.read()
+            try:
+                self.answer.read()
+            except (OSError, http.client.HTTPException):
+                pass  # cut off (by the watchdog too): the connection is dropped below
         self.close()
 
     def close(self) -> None:
