@@ -54,7 +54,7 @@ class ImageError(RuntimeError):
 class Limits:
     """What one image may cost: the pull's deadline and the unpacking caps (worker.image_*)."""
 
-    # A plain class (see reference.Reference). The defaults are conf/default.yaml's (a test
+    # A plain class (no dataclasses import at start). The defaults are conf/default.yaml's (a test
     # checks that they agree), here for callers without a configuration (benchmarks, seed)
     # and for a worker-config.json written by an older gateway.
     __slots__ = ("max_bytes", "max_entries", "max_ratio", "pull_seconds",
@@ -176,6 +176,8 @@ def _pull(ref: Reference, cache: Cache, access: Access, retry_seconds: float,
 def _fetch_and_unpack(ref: Reference, cache: Cache, access: Access,
                       client: RegistryClient | MirroredClient, resolved: Resolved,
                       limits: Limits) -> ImageRoot:
+    """The blobs (fetched again where the owner may not reuse them), the unpacked root,
+    and the records of the reference (and, for a tag, of its digest) under the pull's scope."""
     from functools import partial
 
     from .reference import Reference
