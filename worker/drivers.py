@@ -104,8 +104,9 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path):
+    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None):
         self.worker = config["worker"]
+        self.owner = owner  # the task's (task.json): whose registry credentials it may use
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
@@ -216,14 +217,15 @@ class Drivers:
             root = images_mod.ensure_rootfs(
                 image, self.image_cache(), self.worker.get("registries") or {},
                 float(self.worker.get("image_retry_seconds", 30)),
-                str(self.worker.get("pull") or "missing"))
+                str(self.worker.get("pull") or "missing"), owner=self.owner,
+                limits=images_mod.Limits.from_worker(self.worker))
         except images_mod.ImageError as error:
             if str(self.worker.get("host_root") or "deny") != "allow":
                 raise DriverError(f"{error} ({error.reason})") from None
             self.host_root_reason = str(error)
             root = HOST_ROOT
-        except ValueError as error:  # a bad worker.pull
-            raise DriverError(f"worker.pull: {error}") from None
+        except ValueError as error:  # a bad worker.pull, image_* limit or registries entry
+            raise DriverError(str(error)) from None
         self.roots[image] = root
         return root
 
