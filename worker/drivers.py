@@ -104,8 +104,10 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path):
+    def __init__(self, config: dict[str, Any], cache_dir: Path,
+                 tmpfs_bytes: int = sandbox.TMPFS_BYTES):
         self.worker = config["worker"]
+        self.tmpfs_bytes = tmpfs_bytes  # each tmpfs of a bwrap sandbox (worker/limits.py)
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
@@ -303,7 +305,7 @@ class Drivers:
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
             argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices)
+                                      devices, tmpfs_bytes=self.tmpfs_bytes)
         elif name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
