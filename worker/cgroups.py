@@ -22,10 +22,12 @@ threaded worker) and one write per hierarchy; the reaper is one `sh` per task, a
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
 MOUNTS = "/proc/self/mounts"
 CFS_PERIOD_US = 100_000
+_SERIAL = itertools.count()  # groups of one worker never share a name (nor a reaper)
 KILL_SECONDS = 10.0
 NOT_STARTED = 125  # the start wrapper's exit code when its pid could not be put in the group
 
@@ -44,10 +47,12 @@ NOT_STARTED = 125  # the start wrapper's exit code when its pid could not be put
 # sets the file size rlimit $2 (512-byte blocks; "-": none) and execs the engine.
 START = ('read -r _ <&"$1" || exit 125; eval "exec $1<&-"; '
          '[ "$2" = - ] || ulimit -f "$2" || exit 125; shift 2; exec "$@"')
-# The reaper: stdin is a pipe only the worker writes to; EOF (the worker ended, however) ->
-# kill every process of the group ($1 tracks them all, the others follow) and remove it.
+# The reaper: stdin is a pipe only the worker writes to. "done": the worker removed the
+# group itself. EOF (the worker ended, however) -> kill every process of the group ($1
+# tracks them all, the others follow) and remove it.
 REAPER = r"""
-read -r _
+read -r word
+[ "$word" = done ] && exit 0
 i=0
 while [ "$i" -lt 400 ]; do
   [ -e "$1/cgroup.kill" ] && echo 1 > "$1/cgroup.kill"
@@ -140,16 +145,18 @@ def _start_time(pid: int) -> str | None:
 
 
 def owner_tag() -> str:
-    """This worker as group names record it: <pid>.<start time>."""
-    return f"{os.getpid()}.{_start_time(os.getpid())}"
+    """This worker as group names record it: <pid>.<start time>.<serial>."""
+    return f"{os.getpid()}.{_start_time(os.getpid())}.{next(_SERIAL)}"
 
 
 class Group:
     """A task's cgroup: one directory per hierarchy used, the first one tracking all."""
 
     def __init__(self, name: str, dirs: list[str], controllers: Mapping[str, str],
-                 versions: str = ""):
+                 versions: str = "", home: str | None = None):
         self.name = name
+        self.home = home  # the worker's own cgroup.procs, in the hierarchy of dirs[0]
+        self._warm: threading.Thread | None = None
         self.versions = versions  # e.g. "v2 + v1" (for the system logs)
         self.dirs = dirs  # dirs[0]: the v2 group when there is one
         self.controllers = dict(controllers)  # controller -> the group's dir holding it
@@ -173,6 +180,8 @@ class Group:
         """Popen(argv) inside the group: a `sh` waits on a pipe until its pid is written to
         the group, then execs argv (with RLIMIT_FSIZE when given). Raises OSError."""
         blocks = str(math.ceil(fsize_bytes / 512)) if fsize_bytes else "-"
+        self.warm_up()
+        warm, self._warm = self._warm, None
         read_end, write_end = os.pipe()
         try:
             proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
@@ -183,6 +192,8 @@ class Group:
             raise
         finally:
             os.close(read_end)
+            if warm is not None:
+                warm.join()
         try:
             self.add(proc.pid)
         except OSError:
@@ -193,9 +204,26 @@ class Group:
         os.close(write_end)
         return proc
 
+    def warm_up(self) -> None:
+        """Get the next start's migration ready, in a thread: a migration into a cgroup
+        waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem, 5-15 ms on a
+        busy node) unless one just happened; a no-op migration of the worker itself pays it
+        while the executor's argv is built and its wrapper forks (measured: the write of
+        the wrapper's pid 10 ms -> 0.2 ms)."""
+        if self._warm is None and self.home is not None:
+            self._warm = threading.Thread(target=self._move_home, daemon=True)
+            self._warm.start()
+
+    def _move_home(self) -> None:
+        assert self.home is not None
+        with contextlib.suppress(OSError):
+            _write(self.home, str(os.getpid()))
+
     def kill_all(self, timeout: float = KILL_SECONDS) -> bool:
-        """SIGKILL every process of the group until none is left; True when it is empty."""
+        """SIGKILL every process of the group until none is left (timeout 0: once, without
+        waiting for the exits); True when it is empty."""
         deadline = time.monotonic() + timeout
+        pause = 0.001
         kill_file = os.path.join(self.dirs[0], "cgroup.kill")
         freezer = self.controllers.get("freezer")
         while True:
@@ -211,9 +239,10 @@ class Group:
                 for pid in pids:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > deadline:
+            if time.monotonic() >= deadline:
                 return not self.pids()
-            time.sleep(0.01)
+            time.sleep(pause)  # SIGKILLed processes take a moment to exit
+            pause = min(pause * 2, 0.05)
 
     def _kill_frozen(self, freezer: str) -> None:
         state = os.path.join(freezer, "freezer.state")
@@ -230,18 +259,24 @@ class Group:
         what could not be removed (for the system logs)."""
         problems = [] if self.kill_all() else [f"processes left in {self.dirs[0]}"]
         for path in self.dirs:
-            for attempt in range(50):
+            pause = 0.001
+            for attempt in range(60):
                 try:
                     os.rmdir(path)
                     break
                 except FileNotFoundError:
                     break
                 except OSError as error:  # EBUSY while the last exits are accounted
-                    if attempt == 49:
+                    if attempt == 59:
                         problems.append(f"{path}: {error.strerror}")
-                    time.sleep(0.02)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
         if self._reaper is not None:
-            self._reaper.close()
+            with contextlib.suppress(OSError):  # a reaper gone already
+                self._reaper.write(b"done\n")
+                self._reaper.flush()
+            with contextlib.suppress(OSError):
+                self._reaper.close()
             self._reaper = None
         return problems
 
@@ -321,7 +356,7 @@ def create(name: str, limits: Limits, parent: str = "funnel-hpc",
                 if where.get(controller) is hierarchy:
                     controllers[controller] = path
         versions = " + ".join(dict.fromkeys(f"v{h.version}" for h in mounts))
-        group = Group(full_name, dirs, controllers, versions)
+        group = Group(full_name, dirs, controllers, versions, _home(mounts[0]))
         _apply(group, limits)
         group.guard()
     except OSError as error:
@@ -331,6 +366,17 @@ def create(name: str, limits: Limits, parent: str = "funnel-hpc",
         raise Unavailable(f"cannot make the task's cgroup: {error.filename}: "
                           f"{error.strerror}") from None
     return group
+
+
+def _home(hierarchy: Hierarchy) -> str | None:
+    """The cgroup.procs of the group this worker is in, in that hierarchy."""
+    with open("/proc/self/cgroup") as lines:
+        for line in lines:
+            number, names, path = line.rstrip("\n").split(":", 2)
+            if (hierarchy.version == 2 and number == "0" and not names) or \
+                    (hierarchy.version == 1 and hierarchy.controllers & set(names.split(","))):
+                return os.path.join(hierarchy.mount, path.lstrip("/"), "cgroup.procs")
+    return None
 
 
 def _needed(controller: str, limits: Limits) -> bool:
@@ -419,8 +465,8 @@ def sweep(base: str) -> None:
         return
     for name in names:
         _task, at, tag = name.rpartition("@")
-        pid, _dot, started = tag.partition(".")
-        if not at or not pid.isdigit() or _start_time(int(pid)) == started:
+        pid, _dot, rest = tag.partition(".")
+        if not at or not pid.isdigit() or _start_time(int(pid)) == rest.partition(".")[0]:
             continue
         path = os.path.join(base, name)
         if not os.path.isdir(path):

@@ -1,6 +1,6 @@
 """resources.disk_gb where the worker enforces it: the task's files/ tree (inputs, outputs,
-volumes, std streams) measured while its executors run, and the running one stopped once it
-holds more.
+volumes, std streams) and the sandbox's own files on disk (proot's /tmp) measured while its
+executors run, and the running one stopped once they hold more.
 
 What counts is the disk the tree uses (allocated blocks, each inode once: hard links and
 sparse files are not counted twice or at their apparent size), never following a symlink.
@@ -23,12 +23,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
-def usage(root: str) -> int:
-    """Bytes of disk the tree at root uses (st_blocks), each inode once, links not followed;
-    entries that vanish while walking are skipped."""
+def usage(roots: list[str]) -> int:
+    """Bytes of disk the trees at roots use (st_blocks), each inode once, links not
+    followed; entries that vanish while walking are skipped."""
     seen: set[tuple[int, int]] = set()
     total = 0
-    pending = [root]
+    pending = list(roots)
     while pending:
         try:
             scan = os.scandir(pending.pop())
@@ -54,9 +54,9 @@ class DiskWatch:
     """Measures a tree every `interval` seconds in a thread; over `limit` bytes it calls
     on_exceeded once, with the reason for the system logs."""
 
-    def __init__(self, root: str, limit: int, interval: float,
+    def __init__(self, roots: list[str], limit: int, interval: float,
                  on_exceeded: Callable[[str], None]):
-        self.root = root
+        self.roots = roots
         self.limit = limit
         self.interval = interval
         self.on_exceeded = on_exceeded
@@ -68,7 +68,7 @@ class DiskWatch:
         """Measure now; the reason when over the limit (reported once)."""
         if self.exceeded is not None:
             return self.exceeded
-        used = usage(self.root)
+        used = usage(self.roots)
         if used <= self.limit:
             return None
         self.exceeded = (f"the task's files use {used} bytes of disk, over its limit of "

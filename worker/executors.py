@@ -15,10 +15,10 @@ import signal
 import subprocess
 import threading
 
+from funnel_hpc.worker.disk import DiskWatch
 from funnel_hpc.worker.drivers import IMAGE_DRIVERS, DriverError, switch_user
 from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.failures import Canceled
-from funnel_hpc.worker.disk import DiskWatch
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -111,7 +111,8 @@ class Executors:
         self.group = group if driver in IMAGE_DRIVERS else None
         disk = None
         if self.plan.disk_bytes and driver in IMAGE_DRIVERS:
-            disk = DiskWatch(str(paths.files), self.plan.disk_bytes,
+            disk = DiskWatch([str(paths.files), str(self.drivers.sandbox_tmp)],
+                             self.plan.disk_bytes,
                              self.plan.disk_check_seconds, self.exceed)
             disk.start()
         try:
@@ -125,6 +126,8 @@ class Executors:
         notes: set[str] = set()
         for index, executor in enumerate(self.task["executors"]):
             self.check_cancel()
+            if self.group is not None:
+                self.group.warm_up()
             invocation = self._invocation(driver, executor, binds)
             if invocation.note not in notes:
                 notes.add(invocation.note)
@@ -176,7 +179,7 @@ class Executors:
             live.start()
             exit_code = proc.wait()
             if self.group is not None:  # what it left running (setsid, daemons) ends with it
-                self.group.kill_all()
+                self.group.kill_all(timeout=0)
                 if self.group.oom_kills() > oom_kills:
                     self.events.system_log(
                         f"executor {index}: the kernel's OOM killer ended a process of it: "
