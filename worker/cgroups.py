@@ -1,8 +1,8 @@
 """Per-task cgroups: every process of a task in one group that bounds it and that can be
 killed whole, whatever the task did (setsid, double fork, a fork bomb).
 
-Contract: `create(name, limits)` makes the group (None, with `Unavailable` raised, where the
-host gives no cgroup this worker may use: not root, no hierarchy), `Group.start(argv, ...)`
+Contract: `create(name, limits)` makes the group (or raises `Unavailable` where the host
+gives no cgroup this worker may use: not root, no hierarchy), `Group.start(argv, ...)`
 runs a process inside it from its first instruction, `Group.kill_all()` ends every process
 in it, `Group.remove()` ends them and removes the group. `create` also starts a reaper that
 does `remove()` as soon as the worker is gone, however it ended (kill -9 included), and
@@ -16,12 +16,14 @@ mounted. Groups live under `<mount>/<worker.cgroup_parent>/` (created by the fir
 
 Cost: a few mkdir and small writes per task; per executor one `sh` exec (the process waits
 on a pipe until its pid is in the group, then execs the engine: no preexec_fn in a
-threaded worker) and one write per hierarchy; the reaper is one `sh` per task, asleep.
+threaded worker) and one write per hierarchy, the first of which waits for an RCU grace
+period (see `Group.warm_up`); the reaper is one `sh` per task, asleep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import math
 import os
@@ -29,7 +31,6 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -70,23 +71,25 @@ class Unavailable(RuntimeError):
     """No cgroup this worker may use (the reason says why); limits fall back to rlimits."""
 
 
-@dataclass(frozen=True)
 class Limits:
-    """What a task's group bounds; None: not bounded."""
+    """What a task's group bounds; None: not bounded. (Plain classes here: dataclasses
+    costs every worker start an import, tests/worker/test_start_cost.py.)"""
 
-    memory_bytes: int | None = None
-    cpu_cores: float | None = None  # a CFS quota of that many CPUs' time
-    cpus: tuple[int, ...] | None = None  # a cpuset the task cannot widen
-    pids_max: int | None = None
+    def __init__(self, memory_bytes: int | None = None, cpu_cores: float | None = None,
+                 cpus: tuple[int, ...] | None = None, pids_max: int | None = None):
+        self.memory_bytes = memory_bytes
+        self.cpu_cores = cpu_cores  # a CFS quota of that many CPUs' time
+        self.cpus = cpus  # a cpuset the task cannot widen
+        self.pids_max = pids_max
 
 
-@dataclass(frozen=True)
 class Hierarchy:
     """One mounted cgroup hierarchy: version 1 or 2, and the controllers it holds."""
 
-    mount: str
-    version: int
-    controllers: frozenset[str]
+    def __init__(self, mount: str, version: int, controllers: frozenset[str]):
+        self.mount = mount
+        self.version = version
+        self.controllers = controllers
 
 
 def discover(mounts: str = MOUNTS) -> list[Hierarchy]:
@@ -182,10 +185,14 @@ class Group:
         blocks = str(math.ceil(fsize_bytes / 512)) if fsize_bytes else "-"
         self.warm_up()
         warm, self._warm = self._warm, None
-        read_end, write_end = os.pipe()
+        pipe_read, write_end = os.pipe()
+        # the lowest free fd from 3: dash (sh) takes only one-digit fds in redirections
+        read_end = fcntl.fcntl(pipe_read, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.close(pipe_read)
+        shell = "sh" if read_end <= 9 else "bash"
         try:
             proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
-                ["sh", "-c", START, "funnel-start", str(read_end), blocks, *argv],
+                [shell, "-c", START, "funnel-start", str(read_end), blocks, *argv],
                 pass_fds=(read_end,), **popen)
         except BaseException:
             os.close(write_end)
@@ -359,6 +366,7 @@ def create(name: str, limits: Limits, parent: str = "funnel-hpc",
         group = Group(full_name, dirs, controllers, versions, _home(mounts[0]))
         _apply(group, limits)
         group.guard()
+        group.warm_up()  # for the first executor's start, which comes next
     except OSError as error:
         for path in reversed(dirs):
             with contextlib.suppress(OSError):

@@ -19,7 +19,6 @@ execs per executor without one, only when limited.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from funnel_hpc.worker.cgroups import Limits
 
@@ -41,18 +40,21 @@ class LimitError(ValueError):
     """A worker.* limit setting is invalid (the message names the key)."""
 
 
-@dataclass(frozen=True)
 class Plan:
     """What of a task's resources this worker enforces (None: nothing of that kind)."""
 
-    enforce: bool  # False: under a scheduler's job, or limit_resources never
-    tmpfs_bytes: int  # each tmpfs of the sandbox, always
-    ram_bytes: int | None = None
-    cores: float | None = None
-    cpus: tuple[int, ...] | None = None  # that many of the worker's CPUs, spread by task id
-    pids_max: int | None = None
-    disk_bytes: int | None = None
-    disk_check_seconds: float = DEFAULT_DISK_CHECK_SECONDS
+    def __init__(self, enforce: bool, tmpfs_bytes: int, ram_bytes: int | None = None,
+                 cores: float | None = None, cpus: tuple[int, ...] | None = None,
+                 pids_max: int | None = None, disk_bytes: int | None = None,
+                 disk_check_seconds: float = DEFAULT_DISK_CHECK_SECONDS):
+        self.enforce = enforce  # False: under a scheduler's job, or limit_resources never
+        self.tmpfs_bytes = tmpfs_bytes  # each tmpfs of the sandbox, always
+        self.ram_bytes = ram_bytes
+        self.cores = cores
+        self.cpus = cpus  # that many of the worker's CPUs, spread by task id
+        self.pids_max = pids_max
+        self.disk_bytes = disk_bytes
+        self.disk_check_seconds = disk_check_seconds
 
     def cgroup_limits(self) -> Limits:
         return Limits(self.ram_bytes, self.cores, self.cpus, self.pids_max)

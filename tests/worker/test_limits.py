@@ -155,17 +155,20 @@ def test_tmpfs_writes_count_against_ram_gb(servers):
 
 def test_without_ram_gb_a_tmpfs_holds_at_most_worker_tmpfs_mb(harness):
     """No resources at all: /tmp and /dev/shm still hold at most worker.tmpfs_mb each,
-    never half of the host's RAM (bwrap's own default)."""
+    never half of the host's RAM (bwrap's own default); under a scheduler's job too, where
+    the job's cgroup (not ours) bounds the rest."""
     config = harness.config(tmpfs_mb=64)
-    run = harness.run(harness.task(executors=[sh(
-        "head -c 200000000 /dev/zero > /tmp/big; echo rc=$?; du -k /tmp/big; "
-        "head -c 200000000 /dev/zero > /dev/shm/big; echo rc=$?; du -k /dev/shm/big; "
-        "mkdir /planted; echo root=$?; touch /dev/planted; echo dev=$?")]), config)
-    assert run.state == "COMPLETE", run.system_logs
-    lines = run.executor(0)["stdout"].split("\n")
-    assert lines[0] == "rc=1" and int(lines[1].split()[0]) <= 64 * 1024, lines
-    assert lines[2] == "rc=1" and int(lines[3].split()[0]) <= 64 * 1024, lines
-    assert lines[4:6] == ["root=1", "dev=1"], lines  # bwrap's unsized tmpfs: read-only
+    script = ("head -c 200000000 /dev/zero > /tmp/big; echo rc=$?; du -k /tmp/big; "
+              "head -c 200000000 /dev/zero > /dev/shm/big; echo rc=$?; du -k /dev/shm/big; "
+              "mkdir /planted; echo root=$?; touch /dev/planted; echo dev=$?")
+    for scheduler in ({}, {"SLURM_JOB_ID": "42"}):
+        run = harness.run(harness.task(executors=[sh(script)]), config, extra_env=scheduler)
+        assert run.state == "COMPLETE", run.system_logs
+        lines = run.executor(0)["stdout"].split("\n")
+        assert lines[0] == "rc=1" and int(lines[1].split()[0]) <= 64 * 1024, lines
+        assert lines[2] == "rc=1" and int(lines[3].split()[0]) <= 64 * 1024, lines
+        assert lines[4:6] == ["root=1", "dev=1"], lines  # bwrap's unsized tmpfs: read-only
+        assert ("cgroup" in run.system_logs) == (not scheduler), run.system_logs
 
 
 def test_disk_gb_stops_a_task_writing_past_it(servers):
@@ -217,3 +220,68 @@ def test_a_fork_bomb_ends_without_harming_the_host(servers):
     assert task["state"] == "COMPLETE", system_logs(task)
     assert "processes 256" in system_logs(task)
     wait_for(lambda: not survivors(mark, task_id), 30, "no process of the task")
+
+
+def test_a_task_cannot_leave_its_cgroup(harness):
+    """ch-run binds the host's /sys: the cgroup files are there, and root's; writing its pid
+    into another group (the root group, a sibling) is refused and the task stays put."""
+    need("ch-run")
+    need_cgroups("pids")
+    escape = ("for f in /sys/fs/cgroup/cgroup.procs /sys/fs/cgroup/*/cgroup.procs "
+              "/sys/fs/cgroup/*/funnel-hpc/cgroup.procs; do "
+              "[ -e $f ] && { echo $$ > $f && echo moved $f; }; done; cat /proc/self/cgroup")
+    run = harness.run(harness.task(executors=[sh(escape)]),
+                      harness.config(container_driver="charliecloud"))
+    assert run.state == "COMPLETE", run.system_logs + run.stderr
+    out = run.executor(0)["stdout"]
+    assert "moved" not in out, out
+    assert "Permission denied" in run.executor(0)["stderr"]
+    assert f"{run.task_dir.name}@" in out, out  # still in its own group
+
+
+def test_each_hierarchy_alone_tracks_and_kills(tmp_path):
+    """The module on its own, over the real hierarchies one kind at a time: v2 alone (what a
+    pure v2 host gives; cgroup.kill) and v1 alone (freezer, then SIGKILL): a setsid child
+    started inside is in the group, and kill_all and remove leave nothing."""
+    need_cgroups("pids")
+    from funnel_hpc.worker import cgroups
+
+    found = cgroups.discover()
+    for kind in (2, 1):
+        only = [h for h in found if h.version == kind]
+        if not only:
+            continue
+        mark = marker()
+        group = cgroups.create(f"alone{kind}", cgroups.Limits(), found=only)
+        proc = group.start(["sh", "-c", f"setsid sleep {mark} & exec sleep {mark}"],
+                           stdout=subprocess.DEVNULL)
+        wait_for(lambda mark=mark: len(processes_with(mark)) == 2, 30, "both sleeps")
+        assert set(processes_with(mark)) <= set(group.pids()), (kind, group.dirs)
+        assert group.kill_all()
+        assert proc.wait(10) == -signal.SIGKILL
+        assert group.remove() == [] and not any(os.path.exists(d) for d in group.dirs)
+        assert not processes_with(mark)
+
+
+def test_a_new_worker_removes_groups_of_dead_workers():
+    """A group whose worker (and reaper) died: the next create kills what is in it and
+    removes it."""
+    need_cgroups("pids")
+    from funnel_hpc.worker import cgroups
+
+    found = cgroups.discover()
+    unified, where = cgroups.plan_hierarchies(found)
+    hierarchy = unified or where["pids"]
+    base = os.path.join(hierarchy.mount, "funnel-hpc")
+    os.makedirs(base, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = os.path.join(base, f"stale@{dead.pid}.1.0")
+    os.mkdir(stale)
+    mark = marker()
+    orphan = subprocess.Popen(["sleep", mark])
+    with open(os.path.join(stale, "cgroup.procs"), "w") as procs:
+        procs.write(str(orphan.pid))
+    cgroups.create("next", cgroups.Limits(), found=[hierarchy]).remove()
+    assert orphan.wait(10) == -signal.SIGKILL
+    assert not os.path.exists(stale)
