@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import subprocess
+from functools import partial
 
 import pytest
 import requests
@@ -239,6 +240,10 @@ def test_a_task_cannot_leave_its_cgroup(harness):
     assert f"{run.task_dir.name}@" in out, out  # still in its own group
 
 
+def both_running(mark: str) -> bool:
+    return len(processes_with(mark)) == 2
+
+
 def test_each_hierarchy_alone_tracks_and_kills(tmp_path):
     """The module on its own, over the real hierarchies one kind at a time: v2 alone (what a
     pure v2 host gives; cgroup.kill) and v1 alone (freezer, then SIGKILL): a setsid child
@@ -255,7 +260,7 @@ def test_each_hierarchy_alone_tracks_and_kills(tmp_path):
         group = cgroups.create(f"alone{kind}", cgroups.Limits(), found=only)
         proc = group.start(["sh", "-c", f"setsid sleep {mark} & exec sleep {mark}"],
                            stdout=subprocess.DEVNULL)
-        wait_for(lambda mark=mark: len(processes_with(mark)) == 2, 30, "both sleeps")
+        wait_for(partial(both_running, mark), 30, "both sleeps")
         assert set(processes_with(mark)) <= set(group.pids()), (kind, group.dirs)
         assert group.kill_all()
         assert proc.wait(10) == -signal.SIGKILL
@@ -285,3 +290,12 @@ def test_a_new_worker_removes_groups_of_dead_workers():
     cgroups.create("next", cgroups.Limits(), found=[hierarchy]).remove()
     assert orphan.wait(10) == -signal.SIGKILL
     assert not os.path.exists(stale)
+
+
+def test_a_bad_limit_setting_is_a_system_error_naming_the_key(harness):
+    for key, value in (("tmpfs_mb", "lots"), ("max_pids", -1), ("disk_check_seconds", 0),
+                       ("limit_resources", "sometimes")):
+        run = harness.run(harness.task(executors=[sh("echo never")]),
+                          harness.config(**{key: value}))
+        assert run.state == "SYSTEM_ERROR" and f"worker.{key}" in run.system_logs, \
+            (key, run.system_logs)
