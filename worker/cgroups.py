@@ -181,10 +181,12 @@ class Group:
     def start(self, argv: list[str], fsize_bytes: int | None = None,
               **popen: object) -> subprocess.Popen[bytes]:
         """Popen(argv) inside the group: a `sh` waits on a pipe until its pid is written to
-        the group, then execs argv (with RLIMIT_FSIZE when given). Raises OSError."""
+        the group, then execs argv (with RLIMIT_FSIZE when given). popen: Popen's keyword
+        arguments (pass_fds too: they reach argv). Raises OSError."""
         blocks = str(math.ceil(fsize_bytes / 512)) if fsize_bytes else "-"
         self.warm_up()
         warm, self._warm = self._warm, None
+        passed: tuple[int, ...] = tuple(popen.pop("pass_fds", ()))  # type: ignore[arg-type]
         pipe_read, write_end = os.pipe()
         # the lowest free fd from 3: dash (sh) takes only one-digit fds in redirections
         read_end = fcntl.fcntl(pipe_read, fcntl.F_DUPFD_CLOEXEC, 3)
@@ -193,7 +195,7 @@ class Group:
         try:
             proc: subprocess.Popen[bytes] = subprocess.Popen(  # type: ignore[call-overload]
                 [shell, "-c", START, "funnel-start", str(read_end), blocks, *argv],
-                pass_fds=(read_end,), **popen)
+                pass_fds=(read_end, *passed), **popen)
         except BaseException:
             os.close(write_end)
             raise
