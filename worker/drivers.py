@@ -104,9 +104,11 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None):
+    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None,
+                 tmpfs_bytes: int = sandbox.TMPFS_BYTES):
         self.worker = config["worker"]
         self.owner = owner  # the task's (task.json): whose registry credentials it may use
+        self.tmpfs_bytes = tmpfs_bytes  # each tmpfs of a bwrap sandbox (worker/limits.py)
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
@@ -305,7 +307,7 @@ class Drivers:
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
             argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices)
+                                      devices, tmpfs_bytes=self.tmpfs_bytes)
         elif name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
