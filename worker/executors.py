@@ -17,6 +17,7 @@ from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.failures import Canceled
 from funnel_hpc.worker.limits import wrap as limit_resources
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
+from funnel_hpc.worker.sandbox import SandboxError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -150,9 +151,16 @@ class Executors:
                 proc = self.process = subprocess.Popen(
                     inv.argv, stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, env=inv.env, start_new_session=True,
-                    cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids))
+                    cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids),
+                    pass_fds=inv.userns.pass_fds if inv.userns else ())
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        if inv.userns:  # bwrap waits until its uid/gid maps are written
+            try:
+                inv.userns.started(proc)
+            except SandboxError as error:
+                proc.wait()
+                raise DriverError(str(error)) from None
         if self.canceled.is_set():  # a cancel that came before the process was known
             self.kill()
         return proc

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from funnel_hpc.core.worker_tokens import read_token
-from funnel_hpc.worker.drivers import CH_ROOT, SANDBOX_TMP, DriverError, Drivers
+from funnel_hpc.worker.drivers import CH_ROOT, SANDBOX_SHM, SANDBOX_TMP, DriverError, Drivers
 from funnel_hpc.worker.events import EventLog, now_rfc3339
 from funnel_hpc.worker.executors import Executors
 from funnel_hpc.worker.failures import Canceled, SystemFailure
@@ -120,6 +120,10 @@ class TaskRunner:
             final = "CANCELED" if self.cancel_event.is_set() else "SYSTEM_ERROR"
             events.system_log(f"worker internal error: {exc.__class__.__name__}: {exc}")
         self._clean_up(final)
+        try:
+            self.drivers.release()  # the task's host identity goes back to the pool
+        except DriverError as exc:
+            events.system_log(str(exc))
         events.emit("task_end", end_time=now_rfc3339())
         events.state(final)
         self.cancel_event.set()  # stops the server watcher
@@ -142,7 +146,10 @@ class TaskRunner:
         self.drivers.hand_over(driver, self.scratch.root if self.scratch else self.task_dir,
                                binds)
         self.events.state("RUNNING")
-        final = self.executors.run_all(driver, binds, self.paths)
+        try:
+            final = self.executors.run_all(driver, binds, self.paths)
+        finally:  # the task's files are the worker's again before anything reads them
+            self.drivers.take_back(binds)
         if final == "COMPLETE":
             staging.stage_out()
         return final
@@ -176,7 +183,8 @@ class TaskRunner:
         if kept:
             return
         try:
-            problems = remove_task_files(self.task_dir, (self.paths.files.name, SANDBOX_TMP),
+            problems = remove_task_files(self.task_dir, (self.paths.files.name, SANDBOX_TMP,
+                                                          SANDBOX_SHM),
                                          (CH_ROOT,))
         except OSError as exc:
             problems = [f"{exc.filename}: {exc.strerror}"]

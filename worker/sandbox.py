@@ -164,14 +164,16 @@ def give_tree(root: str, uid: int, gid: int) -> None:
 
 def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
-               hide: Sequence[str] = (), devices: Sequence[str] = ()) -> list[str]:
+               hide: Sequence[str] = (), devices: Sequence[str] = (),
+               userns: Sequence[str] = ()) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
-    `devices`: host device nodes to bind (a task's GPUs)."""
+    `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
+    range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL)."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
         argv.append("--unshare-net")
-    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", *userns,
              "--hostname", "funnel-task"]
     targets = [container for _host, container in binds] + list(TMPFS)
     if os.path.isdir(os.path.join(rootfs, "var")):

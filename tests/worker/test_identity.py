@@ -1,0 +1,197 @@
+"""One host identity per task (issue 25): with worker.sandbox_uids each running task's
+sandbox is its own host uid with a whole id range inside bwrap, and every driver's task
+dies whole with its executor. Attacked for real with two real local users' tasks running at
+once under bwrap, proot and charliecloud, by a root worker."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from funnel_hpc.worker.identity import BLOCK
+from tests.waiting import wait_for
+from tests.worker.conftest import need
+
+pytestmark = [pytest.mark.registry,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: users, uid slots")]
+
+TESTIMAGE = "127.0.0.1:5055/funnel/testimage:1"  # busybox-like (scripts/setup/45-registry.sh)
+DEBIAN = "127.0.0.1:5055/funnel/snakemake:1"  # Debian 12 with GNU tar (46-workflow-image.sh)
+FIRST = 1_500_000_000  # far from any account and from /etc/subuid ranges
+SLOTS = 4
+ENGINES = {"bwrap": "bwrap", "proot": "proot", "charliecloud": "ch-run"}
+
+
+def in_image(script: str, image: str = TESTIMAGE) -> dict:
+    return {"image": image, "command": ["sh", "-c", script]}
+
+
+def ok(run) -> list[dict]:
+    assert run.state == "COMPLETE", (run.system_logs, run.stderr, run.fold.task_log["logs"])
+    return run.fold.task_log["logs"]
+
+
+def in_range(uid: int) -> bool:
+    return FIRST <= uid < FIRST + SLOTS * BLOCK
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """Host pid -> (real uid, command line) of every process now."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{name}/status").read_text()
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields["State"].split()[0] in ("Z", "X"):
+            continue  # a zombie runs nothing, and its parent may not have reaped it yet
+        found[int(name)] = (int(fields["Uid"].split()[0]), cmdline.strip())
+    return found
+
+
+def with_command(text: str) -> list[tuple[int, int]]:
+    """(pid, uid) of the processes whose command line is `text`."""
+    return [(pid, uid) for pid, (uid, cmdline) in processes().items() if cmdline == text]
+
+
+def as_uid(uid: int, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                           *argv], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def slots(tmp_path):
+    """worker.sandbox_uids for the test's workers, with its own lock directory."""
+    return {"first": FIRST, "count": SLOTS, "lock_dir": str(tmp_path / "uid-locks")}
+
+
+@pytest.fixture(params=list(ENGINES))
+def driver(request, harness):
+    need(ENGINES[request.param])
+    return request.param
+
+
+@pytest.fixture
+def people():
+    """Two real local users (like alice and bob), each with a 700 directory of their own
+    under a shared 755 one that allowed_dirs names."""
+    names = [f"fh{who}{secrets.token_hex(3)}" for who in ("a", "b")]
+    for name in names:
+        subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True)
+    shared = Path(tempfile.mkdtemp(prefix="identity-", dir="/tmp"))
+    shared.chmod(0o755)
+    for name in names:
+        (shared / name).mkdir(mode=0o700)
+        shutil.chown(shared / name, name, name)
+    yield names[0], names[1], shared
+    shutil.rmtree(shared)
+    for name in names:
+        subprocess.run(["userdel", name], check=True)
+
+
+def test_two_tasks_get_their_own_uids_and_cannot_reach_each_other(harness, driver, slots,
+                                                                    people):
+    alice, bob, shared = people
+    config = harness.config(container_driver=driver, sandbox_uids=slots,
+                            allowed_dirs=[str(shared)])
+    alices = harness.task(owner=alice, volumes=["/data"], executors=[in_image(
+        "echo alice-secret > /data/secret.txt; chmod 600 /data/secret.txt; exec sleep 3001")])
+    worker_a = harness.start(alices, config)
+    try:
+        (pid_a, uid_a), = wait_for(lambda: with_command("sleep 3001"), 120,
+                                   "alice's executor", detail=lambda: worker_a.poll())
+        secret = harness.workdir / alices["id"] / "files" / "data" / "secret.txt"
+        wait_for(secret.exists, 30, "alice's secret file")
+        attack = (f"kill -9 {pid_a}; echo kill=$?; cat /proc/{pid_a}/environ; echo environ=$?;"
+                  f" cat /proc/{pid_a}/root/data/secret.txt; echo root=$?;"
+                  f" cat {secret}; echo read=$?; echo done > /data/result; exec sleep 3002")
+        bobs = harness.task(owner=bob, volumes=["/data"], executors=[in_image(attack)])
+        worker_b = harness.start(bobs, config)
+        try:
+            (_pid_b, uid_b), = wait_for(lambda: with_command("sleep 3002"), 120,
+                                        "bob's executor", detail=lambda: worker_b.poll())
+            assert in_range(uid_a) and in_range(uid_b) and uid_a != uid_b
+            assert (uid_a - FIRST) % BLOCK == 0 and (uid_b - FIRST) % BLOCK == 0
+            assert with_command("sleep 3001") == [(pid_a, uid_a)]  # alice's survived
+            # and were bob's sandbox escaped to the host, his uid still could not
+            assert "Operation not permitted" in as_uid(uid_b, "kill", "-9", str(pid_a)).stderr
+            for path in (f"/proc/{pid_a}/environ", str(secret)):
+                assert as_uid(uid_b, "cat", path).returncode != 0, path
+            assert with_command("sleep 3001") == [(pid_a, uid_a)]
+        finally:
+            worker_b.terminate()
+            out_b = worker_b.communicate(timeout=120)
+    finally:
+        worker_a.terminate()
+        worker_a.communicate(timeout=120)
+    logs = harness.workdir / bobs["id"] / "events.jsonl"
+    from funnel_hpc.core.events import read_event_log
+
+    stdout = read_event_log(logs).task_log["logs"][0]["stdout"]
+    for word in ("kill=", "environ=", "root=", "read="):
+        assert f"{word}0" not in stdout and word in stdout, (stdout, out_b)
+    assert "alice-secret" not in stdout
+    assert not with_command("sleep 3001") and not with_command("sleep 3002")
+
+
+def test_root_inside_unpacks_archives_and_outputs_leave_the_block(harness, slots, people):
+    """GNU tar x as root of entries owned by 1001 and 0, chown 1001:1001, a set-user-ID file:
+    all work inside; the outputs arrive the owner's, the kept files the worker's."""
+    alice, _bob, shared = people
+    script = ("set -e; cd /work; mkdir -p src/deep; echo a > src/deep/a; echo b > src/b;"
+              " chown -R 1001:1001 src/deep; tar --numeric-owner -cf t.tar src; rm -rf src;"
+              " mkdir -p /out/x; tar -C /out/x -xf t.tar; echo f > /out/f;"
+              " chown 1001:1001 /out/f; cp /bin/true /out/suid; chmod 4755 /out/suid;"
+              " stat -c '%u:%g %n' /out/f /out/x/src/deep/a /out/x/src/b; id -u;"
+              " head -1 /proc/self/uid_map")
+    task = harness.task(owner=alice, inputs=[{"path": "/work/keep", "content": "k"}],
+                        outputs=[{"path": "/out", "type": "DIRECTORY",
+                                  "url": f"file://{shared}/{alice}/out"}],
+                        executors=[in_image(script, image=DEBIAN)])
+    run = harness.run(task, harness.config(sandbox_uids=slots, allowed_dirs=[str(shared)]),
+                      timeout=300)
+    stdout = ok(run)[0]["stdout"].split("\n")
+    assert stdout[:4] == ["1001:1001 /out/f", "1001:1001 /out/x/src/deep/a",
+                          "0:0 /out/x/src/b", "0"], stdout
+    assert stdout[4].split()[0::2] == ["0", str(BLOCK)] and in_range(int(stdout[4].split()[1]))
+    alice_uid = int(subprocess.run(["id", "-u", alice], capture_output=True, check=True,
+                                   text=True).stdout)
+    out = shared / alice / "out"
+    uploaded = [out / "f", out / "x" / "src" / "deep" / "a", out / "x" / "src" / "b",
+                out / "suid"]
+    for path in uploaded:
+        assert path.stat().st_uid == alice_uid, path
+    assert not out.joinpath("suid").stat().st_mode & 0o6000
+    kept = [run.task_dir / "files"] + list((run.task_dir / "files").rglob("*"))
+    assert len(kept) > 8
+    for path in kept:
+        info = path.lstat()
+        assert (info.st_uid, info.st_gid) == (0, 0), (path, info.st_uid)
+        assert not info.st_mode & 0o6000 or path.is_dir(), path
+
+
+@pytest.mark.parametrize("mode", ["slot", "shared"])
+def test_nothing_of_a_task_survives_it_and_dev_shm_is_its_own(harness, driver, slots, mode):
+    marker = f"shm-{secrets.token_hex(4)}"
+    script = (f"echo x > /dev/shm/{marker} && echo shm-written; ls /dev/shm;"
+              " setsid sleep 4001 </dev/null >/dev/null 2>&1 &"
+              " (sh -c 'sleep 4002 </dev/null >/dev/null 2>&1 &' &); sleep 1; echo started")
+    settings = {"sandbox_uids": slots} if mode == "slot" else {}
+    run = harness.run(harness.task(executors=[in_image(script)]),
+                      harness.config(container_driver=driver, **settings))
+    stdout = ok(run)[0]["stdout"]
+    assert "shm-written" in stdout and stdout.endswith("started\n"), stdout
+    assert stdout.split("\n")[1] == marker, stdout  # nothing of the host's /dev/shm
+    assert not Path("/dev/shm", marker).exists()
+    assert not with_command("sleep 4001") and not with_command("sleep 4002")
+    assert not [pid for pid, (uid, _cmd) in processes().items() if in_range(uid)]
