@@ -63,17 +63,18 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "ids", "note", "userns")
+    __slots__ = ("argv", "cwd", "env", "hook", "ids", "note")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
                  ids: tuple[int, int] | None = None, cwd: str | None = None,
-                 userns: identities.NamespaceMap | None = None) -> None:
+                 hook: identities.NamespaceMap | identities.ProotReaper | None = None
+                 ) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
-        self.userns = userns  # bwrap waits for the maps it writes once started; None: none
+        self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -356,7 +357,8 @@ class Drivers:
             return Invocation(wrapper + argv, engine_env, note, None, "/")
         argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
                                   str(self.sandbox_tmp), hide)
-        return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/")
+        return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/",
+                          identities.ProotReaper())
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

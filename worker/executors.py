@@ -152,12 +152,12 @@ class Executors:
                     inv.argv, stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, env=inv.env, start_new_session=True,
                     cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids),
-                    pass_fds=inv.userns.pass_fds if inv.userns else ())
+                    pass_fds=inv.hook.pass_fds if inv.hook else ())
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
-        if inv.userns:  # bwrap waits until its uid/gid maps are written
+        if inv.hook:  # e.g. bwrap waits until its uid/gid maps are written
             try:
-                inv.userns.started(proc)
+                inv.hook.started(proc)
             except SandboxError as error:
                 proc.wait()
                 raise DriverError(str(error)) from None

@@ -187,11 +187,15 @@ def test_nothing_of_a_task_survives_it_and_dev_shm_is_its_own(harness, driver, s
               " setsid sleep 4001 </dev/null >/dev/null 2>&1 &"
               " (sh -c 'sleep 4002 </dev/null >/dev/null 2>&1 &' &); sleep 1; echo started")
     settings = {"sandbox_uids": slots} if mode == "slot" else {}
-    run = harness.run(harness.task(executors=[in_image(script)]),
+    exits = {**in_image("setsid sleep 4003 </dev/null >/dev/null 2>&1 & exit 3"),
+             "ignore_error": True}
+    run = harness.run(harness.task(executors=[in_image(script), exits]),
                       harness.config(container_driver=driver, **settings))
-    stdout = ok(run)[0]["stdout"]
+    assert ok(run)[1]["exit_code"] == 3  # the executor's own status, daemon or not
+    stdout = run.executor(0)["stdout"]
     assert "shm-written" in stdout and stdout.endswith("started\n"), stdout
     assert stdout.split("\n")[1] == marker, stdout  # nothing of the host's /dev/shm
     assert not Path("/dev/shm", marker).exists()
-    assert not with_command("sleep 4001") and not with_command("sleep 4002")
+    for command in ("sleep 4001", "sleep 4002", "sleep 4003"):
+        assert not with_command(command), command
     assert not [pid for pid, (uid, _cmd) in processes().items() if in_range(uid)]
