@@ -371,6 +371,11 @@ def _first_child(parent: int, proc: Popen[bytes]) -> int | None:
 
 
 def _wait_for_exit(pid: int, proc: Popen[bytes]) -> None:
+    """Until `pid` has ended and its parent (proot) has reaped it: proot has then taken
+    its exit status and the forks it made before, and killing the rest changes neither
+    (measured: killing a just-forked daemon before proot saw the fork made proot exit 1)."""
+    import time
+
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -380,6 +385,8 @@ def _wait_for_exit(pid: int, proc: Popen[bytes]) -> None:
             pass
     finally:
         os.close(pidfd)
+    while proc.poll() is None and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.01)
 
 
 def _all_pids() -> list[int]:

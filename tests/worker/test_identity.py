@@ -9,12 +9,15 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from funnel_hpc.worker import identity
 from funnel_hpc.worker.identity import BLOCK
+from funnel_hpc.worker.sandbox import SandboxError
 from tests.waiting import wait_for
 from tests.worker.conftest import need
 
@@ -187,15 +190,77 @@ def test_nothing_of_a_task_survives_it_and_dev_shm_is_its_own(harness, driver, s
               " setsid sleep 4001 </dev/null >/dev/null 2>&1 &"
               " (sh -c 'sleep 4002 </dev/null >/dev/null 2>&1 &' &); sleep 1; echo started")
     settings = {"sandbox_uids": slots} if mode == "slot" else {}
-    exits = {**in_image("setsid sleep 4003 </dev/null >/dev/null 2>&1 & exit 3"),
-             "ignore_error": True}
-    run = harness.run(harness.task(executors=[in_image(script), exits]),
-                      harness.config(container_driver=driver, **settings))
-    assert ok(run)[1]["exit_code"] == 3  # the executor's own status, daemon or not
-    stdout = run.executor(0)["stdout"]
+    config = harness.config(container_driver=driver, **settings)
+    # one executor per task: every pytest session that starts meanwhile (other suites on
+    # this machine) chmods /tmp/pytest-of-root, dropping the ACL mask the worker granted
+    exits = harness.run(harness.task(executors=[
+        in_image("setsid sleep 4003 </dev/null >/dev/null 2>&1 & exit 3")]), config)
+    assert exits.state == "EXECUTOR_ERROR", (exits.system_logs, exits.executor(0))
+    assert exits.executor(0)["exit_code"] == 3  # the executor's own status, daemon or not
+    run = harness.run(harness.task(executors=[in_image(script)]), config)
+    stdout = ok(run)[0]["stdout"]
     assert "shm-written" in stdout and stdout.endswith("started\n"), stdout
     assert stdout.split("\n")[1] == marker, stdout  # nothing of the host's /dev/shm
     assert not Path("/dev/shm", marker).exists()
     for command in ("sleep 4001", "sleep 4002", "sleep 4003"):
         assert not with_command(command), command
     assert not [pid for pid, (uid, _cmd) in processes().items() if in_range(uid)]
+
+
+def take(worker: dict) -> identity.Identity:
+    taken = identity.acquire(worker)
+    assert taken is not None  # a root worker always gets one
+    return taken
+
+
+def test_slots_are_taken_in_turn_and_a_dead_workers_slot_is_free_again(tmp_path):
+    locks = tmp_path / "locks"
+    worker = {"sandbox_uids": {"first": FIRST, "count": 2, "lock_dir": str(locks)}}
+    one, two = take(worker), take(worker)
+    assert (one.ids, two.ids) == ((FIRST, FIRST), (FIRST + BLOCK, FIRST + BLOCK))
+    assert one.block and two.block and (locks.stat().st_mode & 0o777) == 0o700
+    with pytest.raises(SandboxError, match="all 2 slots"):
+        identity.acquire(worker)
+    one.release()
+    two.release()
+    # a worker killed while it holds slot 0, and a process its task left behind
+    hold = ("import fcntl, os, time\n"
+            f"fd = os.open({str(locks / str(FIRST))!r}, os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    left = subprocess.Popen(["setpriv", f"--reuid={FIRST + 7}", f"--regid={FIRST + 7}",
+                             "--clear-groups", "sleep", "4100"], start_new_session=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        taken = take(worker)
+        assert taken.uid == FIRST + BLOCK and left.poll() is None  # slot 0 is still held
+        taken.release()
+        holder.kill()
+        holder.wait(60)
+        again = take(worker)
+        assert again.uid == FIRST
+        assert left.wait(60) == -9  # killed before the slot was handed out again
+        again.release()
+    finally:
+        for proc in (holder, left):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(60)
+
+
+def test_a_range_that_is_wrong_or_a_lock_dir_not_roots_is_refused(tmp_path):
+    def acquire(**uids):
+        return identity.acquire({"sandbox_uids": {"lock_dir": str(tmp_path / "l"), **uids}})
+
+    for bad in ({"first": 1000, "count": 1}, {"first": FIRST, "count": 0},
+                {"first": 0xFFFF0000, "count": 2}, {"first": "x", "count": 1}):
+        with pytest.raises(SandboxError, match="sandbox_uids"):
+            acquire(**bad)
+    (tmp_path / "l").mkdir(mode=0o700)
+    os.chown(tmp_path / "l", 65534, 65534)
+    with pytest.raises(SandboxError, match="owned by root"):
+        acquire(first=FIRST, count=1)
+    nobody = identity.acquire({"sandbox_user": "nobody", "sandbox_uids": {"first": 0}})
+    assert nobody is not None and not nobody.block and nobody.ids == (65534, 65534)
