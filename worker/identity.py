@@ -445,8 +445,8 @@ def pid_namespace_argv(identity: Identity | None) -> list[str]:
     signal ends the namespace if the worker itself is killed."""
     argv = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--pid", "--fork",
             "--kill-child", "--mount-proc", "--ipc"]
-    if identity is None:
-        argv.append("--map-current-user")
+    if identity is None:  # --map-user (util-linux 2.36+), not 2.38's --map-current-user
+        argv += [f"--map-user={os.getuid()}", f"--map-group={os.getgid()}"]
     else:
         argv += ["--setgid", str(identity.gid), "--setuid", str(identity.uid)]
     return argv + ["--"]

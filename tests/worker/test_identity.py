@@ -5,21 +5,28 @@ once under bwrap, proot and charliecloud, by a root worker."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import pwd
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
-from funnel_hpc.worker import identity
+from funnel_hpc.core.events import read_event_log
+from funnel_hpc.worker import identity, sandbox
 from funnel_hpc.worker.identity import BLOCK
 from funnel_hpc.worker.sandbox import SandboxError
+from tests.server_helpers import TEST_REGISTRIES, clean_env, funnel_argv
 from tests.waiting import wait_for
-from tests.worker.conftest import need
+from tests.worker.conftest import need, need_registry
 
 pytestmark = [pytest.mark.registry,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: users, uid slots")]
@@ -138,8 +145,6 @@ def test_two_tasks_get_their_own_uids_and_cannot_reach_each_other(harness, drive
         worker_a.terminate()
         worker_a.communicate(timeout=120)
     logs = harness.workdir / bobs["id"] / "events.jsonl"
-    from funnel_hpc.core.events import read_event_log
-
     stdout = read_event_log(logs).task_log["logs"][0]["stdout"]
     for word in ("kill=", "environ=", "root=", "read="):
         assert f"{word}0" not in stdout and word in stdout, (stdout, out_b)
@@ -264,3 +269,69 @@ def test_a_range_that_is_wrong_or_a_lock_dir_not_roots_is_refused(tmp_path):
         acquire(first=FIRST, count=1)
     nobody = identity.acquire({"sandbox_user": "nobody", "sandbox_uids": {"first": 0}})
     assert nobody is not None and not nobody.block and nobody.ids == (65534, 65534)
+
+
+@pytest.mark.parametrize("engine", ["proot", "charliecloud"])
+def test_a_worker_that_is_not_root_still_runs_them_in_a_pid_namespace(engine, people):
+    """submit_as_owner: the worker is the owner itself; ch-run and proot then run in a user
+    namespace of the owner's own uid with a pid namespace, and die whole all the same."""
+    need(ENGINES[engine])
+    need_registry()
+    alice, _bob, shared = people
+    home = shared / alice
+    config = home / "config.yaml"
+    config.write_text(yaml.safe_dump({"worker": {
+        "registries": TEST_REGISTRIES, "image_cache": str(home / "cache"),
+        "container_driver": engine, "keep_workdir": "always"}}))
+    marker = f"shm-{secrets.token_hex(4)}"
+    task = {"id": "own1", "executors": [in_image(
+        f"echo x > /dev/shm/{marker}; ls /dev/shm; echo pid=$$;"
+        " setsid sleep 4201 </dev/null >/dev/null 2>&1 &"
+        " (sh -c 'sleep 4202 </dev/null >/dev/null 2>&1 &' &); echo started")]}
+    (home / "own1.json").write_text(json.dumps(task))
+    for path in (config, home / "own1.json"):
+        shutil.chown(path, alice, alice)
+    account = pwd.getpwnam(alice)
+    with python_reachable_by(account.pw_uid, account.pw_gid):
+        worker = run_as(account, home, config)
+    fold = read_event_log(home / "work" / "own1" / "events.jsonl")
+    assert fold.state == "COMPLETE", (worker.stderr, fold.task_log)
+    stdout = fold.task_log["logs"][0]["stdout"]
+    assert stdout.split("\n")[:2] == [marker, "pid=1" if engine == "charliecloud" else "pid=2"]
+    assert not Path("/dev/shm", marker).exists()
+    assert not with_command("sleep 4201") and not with_command("sleep 4202")
+
+
+def run_as(account: pwd.struct_passwd, home: Path, config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        funnel_argv("worker", "run", "--task-file", str(home / "own1.json"), "--workdir",
+                    str(home / "work"), "--config", str(config)),
+        env=clean_env(HOME=str(home)), cwd=home, user=account.pw_uid,
+        group=account.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def python_reachable_by(uid: int, gid: int):
+    """This test's Python may live under a 700 directory (pyenv in /root): let uid search
+    the directories above it for the test's length (ACL entries, as the worker grants),
+    then put their ACLs back as they were."""
+    interpreter = os.path.realpath(sys.executable)
+    parts = interpreter.split("/")[1:-1]
+    above = ["/" + "/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    saved: dict[str, tuple[int, bytes | None]] = {}
+    for path in above:
+        try:
+            saved[path] = (os.stat(path).st_mode, os.getxattr(path, sandbox.ACL_XATTR))
+        except OSError:
+            saved[path] = (os.stat(path).st_mode, None)
+    sandbox.grant_traverse(interpreter, uid, gid)
+    try:
+        yield
+    finally:
+        for path, (mode, acl) in saved.items():
+            if acl is None:
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, sandbox.ACL_XATTR)
+            else:
+                os.setxattr(path, sandbox.ACL_XATTR, acl)
+            os.chmod(path, stat.S_IMODE(mode))  # an ACL's mask shows in the group bits
