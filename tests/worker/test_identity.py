@@ -18,14 +18,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
+from werkzeug.security import generate_password_hash
 
 from funnel_hpc.core.events import read_event_log
 from funnel_hpc.worker import identity, sandbox
 from funnel_hpc.worker.identity import BLOCK
 from funnel_hpc.worker.sandbox import SandboxError
-from tests.server_helpers import TEST_REGISTRIES, clean_env, funnel_argv
-from tests.waiting import wait_for
+from tests.server_helpers import TEST_REGISTRIES, ServerProcess, clean_env, funnel_argv
+from tests.waiting import wait_for, wait_for_state
 from tests.worker.conftest import need, need_registry
 
 pytestmark = [pytest.mark.registry,
@@ -36,6 +38,7 @@ DEBIAN = "127.0.0.1:5055/funnel/snakemake:1"  # Debian 12 with GNU tar (46-workf
 FIRST = 1_500_000_000  # far from any account and from /etc/subuid ranges
 SLOTS = 4
 ENGINES = {"bwrap": "bwrap", "proot": "proot", "charliecloud": "ch-run"}
+TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
 
 
 def in_image(script: str, image: str = TESTIMAGE) -> dict:
@@ -335,3 +338,52 @@ def python_reachable_by(uid: int, gid: int):
             else:
                 os.setxattr(path, sandbox.ACL_XATTR, acl)
             os.chmod(path, stat.S_IMODE(mode))  # an ACL's mask shows in the group bits
+
+
+def test_through_the_server_bobs_task_cannot_touch_alices(people, tmp_path):
+    """The real server as root, auth on, local backend, two real users: each task is its own
+    slot, and bob's task cannot kill alice's running executor or read her files."""
+    need("bwrap")
+    need_registry()
+    alice, bob, _shared = people
+    users = {name: generate_password_hash("pw") for name in (alice, bob)}
+    srv = ServerProcess(tmp_path / "srv", f"sqlite:///{tmp_path}/funnel.db", reconcile=True,
+                        overrides={"auth": {"mode": "basic", "users": users},
+                                   "backend": {"name": "local"},
+                                   "reconciler": {"interval_seconds": 0.3},
+                                   "worker": {"container_driver": "bwrap",
+                                              "sandbox_uids": {
+                                                  "first": FIRST, "count": SLOTS,
+                                                  "lock_dir": str(tmp_path / "locks")}}}).start()
+    try:
+        hers = requests.post(srv.api + "/tasks", auth=(alice, "pw"), timeout=10, json={
+            "volumes": ["/data"], "executors": [in_image(
+                "echo alice-secret > /data/secret; chmod 600 /data/secret; exec sleep 3201")]})
+        assert hers.status_code == 200, hers.text
+        (pid_a, uid_a), = wait_for(lambda: with_command("sleep 3201"), 120, "alice's executor",
+                                   detail=lambda: srv.log()[-2000:])
+        secret = next((tmp_path / "srv").rglob(f"{hers.json()['id']}/files/data/secret"))
+        attack = (f"kill -9 {pid_a}; echo kill=$?; cat /proc/{pid_a}/environ; echo env=$?;"
+                  f" cat {secret}; echo read=$?; cat /proc/self/uid_map")
+        his = requests.post(srv.api + "/tasks", auth=(bob, "pw"), timeout=10,
+                            json={"executors": [in_image(attack)]})
+        assert his.status_code == 200, his.text
+        task = wait_for_state(srv.api, his.json()["id"], TERMINAL, 120, auth=(bob, "pw"),
+                              detail=lambda: srv.log()[-2000:])
+        assert with_command("sleep 3201") == [(pid_a, uid_a)]  # alice's still runs
+        canceled = requests.post(f"{srv.api}/tasks/{hers.json()['id']}:cancel",
+                                 auth=(alice, "pw"), timeout=10)
+        assert canceled.status_code == 200, canceled.text
+        wait_for_state(srv.api, hers.json()["id"], "CANCELED", 120, auth=(alice, "pw"))
+    finally:
+        srv.stop()
+    assert task["state"] == "COMPLETE", task["logs"]
+    stdout = task["logs"][0]["logs"][0]["stdout"]
+    for word in ("kill=", "env=", "read="):
+        assert word in stdout and f"{word}0" not in stdout, stdout
+    assert "alice-secret" not in stdout
+    uid_map = stdout.strip().split("\n")[-1].split()  # root inside is bob's slot outside
+    assert uid_map[0] == "0" and uid_map[2] == str(BLOCK) and int(uid_map[1]) != uid_a
+    assert in_range(uid_a) and in_range(int(uid_map[1]))
+    wait_for(lambda: not [p for p, (uid, _c) in processes().items() if in_range(uid)], 60,
+             "no process left with a slot's ids")
