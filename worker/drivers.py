@@ -325,7 +325,7 @@ class Drivers:
                    gpus: str | None) -> Invocation:
         network, devices = self._check_sandbox(name, command, binds, gpus)
         root = self._root(image)  # after every check of the config and the task
-        who = (f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}")
+        who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
         if self.identity and self.identity.block and name == "bwrap":
             who += f" (ids 0-{self.identity.span - 1} inside)"
         note = f"driver {name}: sandboxed as {who}, network {network}"
