@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from funnel_hpc.worker import identity as identities
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import pid_namespace, sandbox
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Invocation:
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
                  ids: tuple[int, int] | None = None, cwd: str | None = None,
-                 hook: identities.NamespaceMap | identities.ProotReaper | None = None
+                 hook: identities.NamespaceMap | pid_namespace.ProotReaper | None = None
                  ) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
@@ -201,9 +201,9 @@ class Drivers:
                     "--ro-bind", "/", "/", "--proc", "/proc", "true"]
             ids = self.ids
         elif name == "proot":  # in the pid namespace it will run in, as the sandbox user
-            argv = identities.pid_namespace_argv(self.identity) + ["proot", "-r", "/", "true"]
+            argv = pid_namespace.wrapper_argv(self.identity) + ["proot", "-r", "/", "true"]
         elif name == "charliecloud":  # ch-run needs an image to really start: its version
-            argv = identities.pid_namespace_argv(self.identity) + ["ch-run", "--version"]
+            argv = pid_namespace.wrapper_argv(self.identity) + ["ch-run", "--version"]
         else:
             spec = self.worker["drivers"].get(name)
             if not spec:
@@ -349,7 +349,7 @@ class Drivers:
             return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/", userns)
         # ch-run and proot: a private /dev/shm, and a pid namespace the wrapper drops in
         binds = [*binds, (str(self.sandbox_shm), "/dev/shm")]
-        wrapper = identities.pid_namespace_argv(self.identity)
+        wrapper = pid_namespace.wrapper_argv(self.identity)
         if name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
@@ -358,7 +358,7 @@ class Drivers:
         argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
                                   str(self.sandbox_tmp), hide)
         return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/",
-                          identities.ProotReaper())
+                          pid_namespace.ProotReaper())
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

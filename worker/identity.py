@@ -1,23 +1,18 @@
-"""Who a task's sandbox is on the host: one identity per running task, and the namespaces
-that make the task's processes die with it.
+"""Who a task's sandbox is on the host: one identity per running task.
 
 Contract. A root worker gives each task its own slot of ``worker.sandbox_uids``: slot k is
 the block of 65536 host ids starting at ``first + k * 65536`` (uid and gid alike, like an
 /etc/subuid line). The engine runs as the block's first id; inside bwrap that id is root and
 the next 65535 are ids 1-65535 (written into the sandbox's uid_map/gid_map by this process
-while bwrap waits on ``--userns-block-fd``), so chown, ``tar x`` as root, package managers
-and useradd work as under a container engine, with the few capabilities those need, which
-reach only what the block owns. A slot is held with an flock on ``<lock_dir>/<first id>``
+while bwrap waits on ``--userns-block-fd``), so chown and ``tar x`` as root work as under a
+container engine (the image itself stays read-only), with the few capabilities those
+need, which reach only what the block owns. A slot is held with an flock on ``<lock_dir>/<first id>``
 (a dead worker's lock dies with it); before a slot is used and when it is given back, every
 process left with an id of the block is killed. With ``sandbox_uids`` off (first: 0) every
 task runs as ``worker.sandbox_user`` (one shared uid, root only inside bwrap); a worker that
 is not root runs tasks as itself (with submit_as_owner: the owner).
 
-ch-run and proot have no pid namespace of their own: they are started under util-linux
-``unshare --pid --fork --kill-child --mount-proc --ipc`` (a root worker: then dropped to
-the task's uid with ``--setuid/--setgid``, which also clears the groups; otherwise in a
-user namespace of the worker's own uid), so when the executor (pid 1 there) ends, every
-process it left (a ``setsid`` daemon too) is killed by the kernel.
+ch-run and proot get their pid namespace from pid_namespace.py.
 
 Cost: one flock per task; one scan of /proc (a status read per process) when a slot is
 taken and when it is given back; one walk of the task's files to re-own them to the worker.
@@ -312,141 +307,3 @@ class NamespaceMap:
         if not isinstance(pid, int) or pid <= 0:
             raise ValueError(f"bwrap's child-pid {pid!r}")
         return pid
-
-
-# ---- ch-run and proot: a pid namespace around the engine ----
-
-class ProotReaper:
-    """proot waits for every process it traces, so its pid namespace would outlive the
-    executor for as long as a daemon the executor left runs: once the executor (pid 2 of
-    the namespace: proot's first child) has ended, every other process of that namespace
-    but proot (pid 1) is killed; proot then ends with the executor's status. A thread per
-    executor, waiting on a pidfd."""
-
-    pass_fds = ()
-
-    def started(self, proc: Popen[bytes]) -> None:
-        import threading
-
-        threading.Thread(target=self._watch, args=(proc,), daemon=True,
-                         name="proot-reaper").start()
-
-    def _watch(self, proc: Popen[bytes]) -> None:
-        import time
-
-        init = _first_child(proc.pid, proc)  # unshare's only child: proot, pid 1 inside
-        if init is None:
-            return  # ended already: the kernel took the namespace along
-        try:
-            namespace = os.readlink(f"/proc/{init}/ns/pid")
-        except OSError:
-            return
-        while proc.poll() is None:
-            members = _members(namespace)
-            main = next((pid for pid, inner in members if inner == 2), None)
-            if main is not None:
-                _wait_for_exit(main, proc)
-                break
-            if any(inner > 2 for _pid, inner in members):
-                break  # the executor has ended and been reaped; what it left has not
-            time.sleep(0.01)
-        while proc.poll() is None and _kill_namespace(namespace, spare=init):
-            time.sleep(SWEEP_PAUSE_SECONDS)
-
-
-def _first_child(parent: int, proc: Popen[bytes]) -> int | None:
-    """A child of `parent` once it has one; None if proc ended first."""
-    import time
-
-    while proc.poll() is None:
-        try:
-            with open(f"/proc/{parent}/task/{parent}/children") as children:
-                pids = [int(word) for word in children.read().split()]
-        except OSError:  # a kernel without CONFIG_PROC_CHILDREN, or parent gone
-            pids = [pid for pid in _all_pids() if _parent_of(pid) == parent]
-        if pids:
-            return min(pids)
-        time.sleep(0.01)
-    return None
-
-
-def _wait_for_exit(pid: int, proc: Popen[bytes]) -> None:
-    """Until `pid` has ended and its parent (proot) has reaped it: proot has then taken
-    its exit status and the forks it made before, and killing the rest changes neither
-    (measured: killing a just-forked daemon before proot saw the fork made proot exit 1)."""
-    import time
-
-    try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return  # gone already
-    try:
-        while proc.poll() is None and not select.select([pidfd], [], [], 1.0)[0]:
-            pass
-    finally:
-        os.close(pidfd)
-    while proc.poll() is None and os.path.exists(f"/proc/{pid}"):
-        time.sleep(0.01)
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            return int(stat_file.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _members(namespace: str) -> list[tuple[int, int]]:
-    """(host pid, pid inside) of the live processes of the pid namespace `namespace`."""
-    members = []
-    for pid in _all_pids():
-        try:
-            if os.readlink(f"/proc/{pid}/ns/pid") != namespace:
-                continue
-            with open(f"/proc/{pid}/status", "rb") as status:
-                fields = dict(line.split(b":", 1) for line in status if b":" in line)
-        except OSError:
-            continue  # gone meanwhile
-        if fields.get(b"State", b"Z").split()[0] not in (b"Z", b"X"):
-            members.append((pid, int(fields[b"NSpid"].split()[-1])))
-    return members
-
-
-def _kill_namespace(namespace: str, spare: int) -> bool:
-    """SIGKILL every live process of the pid namespace `namespace` but `spare`; any?"""
-    found = False
-    for pid, _inner in _members(namespace):
-        if pid == spare:
-            continue
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:  # still the same process
-                found = True
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except OSError:
-            pass  # gone meanwhile
-        finally:
-            os.close(pidfd)
-    return found
-
-
-def pid_namespace_argv(identity: Identity | None) -> list[str]:
-    """The command that starts ch-run or proot in a new pid, mount (a fresh /proc) and ipc
-    namespace that dies with it: as root, then as the identity (no groups); a worker that
-    is not root makes a user namespace of its own uid for it. setpriv's parent-death
-    signal ends the namespace if the worker itself is killed."""
-    argv = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--pid", "--fork",
-            "--kill-child", "--mount-proc", "--ipc"]
-    if identity is None:  # --map-user (util-linux 2.36+), not 2.38's --map-current-user
-        argv += [f"--map-user={os.getuid()}", f"--map-group={os.getgid()}"]
-    else:
-        argv += ["--setgid", str(identity.gid), "--setuid", str(identity.uid)]
-    return argv + ["--"]
