@@ -3,14 +3,15 @@
 Contract. A root worker gives each task its own slot of ``worker.sandbox_uids``: slot k is
 the block of 65536 host ids starting at ``first + k * 65536`` (uid and gid alike, like an
 /etc/subuid line). The engine runs as the block's first id; inside bwrap that id is root and
-the next 65535 are ids 1-65535 (written into the sandbox's uid_map/gid_map by this process
-while bwrap waits on ``--userns-block-fd``), so chown and ``tar x`` as root work as under a
-container engine (the image itself stays read-only), with the few capabilities those
-need, which reach only what the block owns. A slot is held with an flock on ``<lock_dir>/<first id>``
-(a dead worker's lock dies with it); before a slot is used and when it is given back, every
-process left with an id of the block is killed. With ``sandbox_uids`` off (first: 0) every
-task runs as ``worker.sandbox_user`` (one shared uid, root only inside bwrap); a worker that
-is not root runs tasks as itself (with submit_as_owner: the owner).
+the next 65535 are ids 1-65535 (written into the sandbox's uid_map/gid_map by this
+process while bwrap waits on ``--userns-block-fd``), so chown and ``tar x`` as root work
+as under a container engine (the image itself stays read-only), with the few
+capabilities those need, which reach only what the block owns. A slot is held with an
+flock on ``<lock_dir>/<first id>`` (a dead worker's lock dies with it); before a slot is
+used and when it is given back, every process left with an id of the block is killed.
+With ``sandbox_uids`` off (first: 0) every task runs as ``worker.sandbox_user`` (one
+shared uid, root only inside bwrap); a worker that is not root runs tasks as itself (with
+submit_as_owner: the owner).
 
 ch-run and proot get their pid namespace from pid_namespace.py.
 
