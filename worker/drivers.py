@@ -32,12 +32,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import identity as identities
+from funnel_hpc.worker import pid_namespace, sandbox
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from typing import Any, Literal
 
+    from funnel_hpc.worker.identity import Identity
     from funnel_hpc.worker.images import ImageRoot, Json
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,6 +50,7 @@ HOST_ROOT = "/"  # the "image" of a task run over the host root (worker.host_roo
 # Separators of "-v host:container[:options]" and "--bind a:b,c:d" bind lists.
 BIND_SEPARATORS = (":", ",")
 SANDBOX_TMP = "sandbox-tmp"  # proot's /tmp, in the task dir (never bound itself)
+SANDBOX_SHM = "sandbox-shm"  # ch-run's and proot's /dev/shm, in the task dir
 CH_ROOT = "ch-root-"  # ch-run's per-image root of symlinks, in the task dir
 GPUS_RE = re.compile(r"[0-9]{1,3}|all")
 
@@ -60,15 +63,18 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "ids", "note")
+    __slots__ = ("argv", "cwd", "env", "hook", "ids", "note")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
-                 ids: tuple[int, int] | None = None, cwd: str | None = None) -> None:
+                 ids: tuple[int, int] | None = None, cwd: str | None = None,
+                 hook: identities.NamespaceMap | pid_namespace.ProotReaper | None = None
+                 ) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
+        self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -112,20 +118,48 @@ class Drivers:
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
-        self._ids: tuple[int, int] | None | Literal[False] = False  # False: not looked up yet
+        self._identity: Identity | None | Literal[False] = False  # False: not taken yet
         self.task_dir = Path("/nonexistent")  # set by hand_over
         self.ch_roots: dict[str, str] = {}  # image root -> the task's ch-run root for it
         self.sandbox_tmp = self.task_dir  # proot's /tmp, set by hand_over
+        self.sandbox_shm = self.task_dir  # ch-run's and proot's /dev/shm, set by hand_over
         self.host_root_reason = ""
 
     @property
-    def ids(self) -> tuple[int, int] | None:
-        if self._ids is False:
+    def identity(self) -> Identity | None:
+        """The task's host identity (identity.py), taken on first use; None: the worker's."""
+        if self._identity is False:
             try:
-                self._ids = sandbox.sandbox_ids(self.worker)
-            except sandbox.SandboxError as error:
-                raise DriverError(str(error)) from None
-        return self._ids
+                self._identity = identities.acquire(self.worker)
+            except (sandbox.SandboxError, OSError) as error:
+                raise DriverError(f"sandbox identity: {error}") from None
+        return self._identity
+
+    @property
+    def ids(self) -> tuple[int, int] | None:
+        return self.identity.ids if self.identity else None
+
+    def take_back(self, binds: list[tuple[str, str]]) -> None:
+        """Once the executors ended: kill what is left of a slot's processes, and re-own
+        the task's files and the sandbox's own to the worker (identity.Identity.take_back)."""
+        identity = self.identity if self._identity is not False else None
+        if identity is None:
+            return
+        try:
+            if identity.block:
+                identities.sweep(identity.uid, identity.span)
+            identity.take_back([host for host, _container in binds]
+                               + [str(self.sandbox_tmp), str(self.sandbox_shm)])
+        except (sandbox.SandboxError, OSError) as error:
+            raise DriverError(f"sandbox identity: {error}") from None
+
+    def release(self) -> None:
+        """Give the task's slot back (at the task's very end; again: nothing)."""
+        if self._identity:
+            try:
+                self._identity.release()
+            except (sandbox.SandboxError, OSError) as error:
+                raise DriverError(f"sandbox identity: {error}") from None
 
     # ---- choosing ----
 
@@ -169,17 +203,16 @@ class Drivers:
             argv = ["bwrap", "--unshare-user", "--unshare-pid", "--cap-drop", "ALL",
                     "--ro-bind", "/", "/", "--proc", "/proc", "true"]
             ids = self.ids
-        elif name == "proot":
-            argv = ["proot", "-r", "/", "true"]
-            ids = self.ids
+        elif name == "proot":  # in the pid namespace it will run in, as the sandbox user
+            argv = pid_namespace.wrapper_argv(self.identity) + ["proot", "-r", "/", "true"]
         elif name == "charliecloud":  # ch-run needs an image to really start: its version
-            argv = ["ch-run", "--version"]
+            argv = pid_namespace.wrapper_argv(self.identity) + ["ch-run", "--version"]
         else:
             spec = self.worker["drivers"].get(name)
             if not spec:
                 return False
             argv = list(spec["probe"])
-        if not shutil.which(argv[0]):
+        if not shutil.which(ENGINE_BINARY.get(name, argv[0])):
             return False
         try:
             return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -245,9 +278,13 @@ class Drivers:
         bound = [host for host, _container in binds]
         self.task_dir = task_dir
         self.sandbox_tmp = task_dir / SANDBOX_TMP
+        self.sandbox_shm = task_dir / SANDBOX_SHM
         if name == "proot":
             self.sandbox_tmp.mkdir(mode=0o700, exist_ok=True)
             bound.append(str(self.sandbox_tmp))
+        if name != "bwrap":  # bwrap's /dev/shm is on its own private /dev
+            self.sandbox_shm.mkdir(mode=0o700, exist_ok=True)
+            bound.append(str(self.sandbox_shm))
         readable = [str(root.rootfs) for root in self.roots.values()
                     if not isinstance(root, str)]  # not HOST_ROOT
         try:
@@ -293,6 +330,8 @@ class Drivers:
         network, devices = self._check_sandbox(name, command, binds, gpus)
         root = self._root(image)  # after every check of the config and the task
         who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
+        if self.identity and self.identity.block and name == "bwrap":
+            who += f" (ids 0-{self.identity.span - 1} inside)"
         note = f"driver {name}: sandboxed as {who}, network {network}"
         config: Json
         if isinstance(root, str):  # HOST_ROOT
@@ -306,18 +345,25 @@ class Drivers:
         # hide the work dir (other tasks, the image cache) when the root is the host's
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
+            userns = (identities.NamespaceMap(self.identity)
+                      if self.identity and self.identity.block else None)
             argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices, tmpfs_bytes=self.tmpfs_bytes)
-        elif name == "charliecloud":
+                                      devices, userns.argv() if userns else (),
+                                      tmpfs_bytes=self.tmpfs_bytes)
+            # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
+            return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/", userns)
+        # ch-run and proot: a private /dev/shm, and a pid namespace the wrapper drops in
+        binds = [*binds, (str(self.sandbox_shm), "/dev/shm")]
+        wrapper = pid_namespace.wrapper_argv(self.identity)
+        if name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
             engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
-            return Invocation(argv, engine_env, note, self.ids, "/")
-        else:
-            argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
-                                      str(self.sandbox_tmp), hide)
-        # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
-        return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/")
+            return Invocation(wrapper + argv, engine_env, note, None, "/")
+        argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
+                                  str(self.sandbox_tmp), hide)
+        return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/",
+                          pid_namespace.ProotReaper())
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

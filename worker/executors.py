@@ -20,6 +20,7 @@ from funnel_hpc.worker.drivers import IMAGE_DRIVERS, DriverError, switch_user
 from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.failures import Canceled
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
+from funnel_hpc.worker.sandbox import SandboxError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ class Executors:
         popen: dict[str, Any] = dict(
             stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=inv.env, start_new_session=True, cwd=inv.cwd or str(self.task_dir),
-            **switch_user(inv.ids))
+            **switch_user(inv.ids), pass_fds=inv.hook.pass_fds if inv.hook else ())
         try:
             with self._lock:
                 if self.group is not None:  # inside the task's cgroup from its first step
@@ -207,6 +208,12 @@ class Executors:
                     proc = self.process = subprocess.Popen(inv.argv, **popen)
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        if inv.hook:  # e.g. bwrap waits until its uid/gid maps are written
+            try:
+                inv.hook.started(proc)
+            except SandboxError as error:
+                proc.wait()
+                raise DriverError(str(error)) from None
         if self.canceled.is_set():  # a cancel that came before the process was known
             self.kill()
         return proc

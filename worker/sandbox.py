@@ -166,22 +166,26 @@ def give_tree(root: str, uid: int, gid: int) -> None:
 def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
                hide: Sequence[str] = (), devices: Sequence[str] = (),
-               tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
+               userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
-    `devices`: host device nodes to bind (a task's GPUs); `tmpfs_bytes`: the size of every
-    tmpfs the task can write (/tmp, /run, /var/tmp, /dev/shm). bwrap's own tmpfs root and
-    /dev cannot be sized: they are made read-only once everything is mounted on them."""
+    `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
+    range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL);
+    `tmpfs_bytes`: the size of every tmpfs the task can write (/tmp, /run, /var/tmp,
+    /dev/shm) and of the root the image's entries are bound on (writable, as the spec's
+    "writable on top" asks). bwrap's own /dev tmpfs cannot be sized: it is made read-only
+    once everything is mounted on it."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
         argv.append("--unshare-net")
-    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", *userns,
              "--hostname", "funnel-task"]
     targets = [container for _host, container in binds] + list(TMPFS)
     if os.path.isdir(os.path.join(rootfs, "var")):
         targets.append("/var/tmp")
-    argv += image_binds(rootfs, targets)
     size = ["--size", str(tmpfs_bytes)]
+    argv += [*size, "--tmpfs", "/"]  # bwrap's own root is unsized: a sized one over it
+    argv += image_binds(rootfs, targets)
     argv += ["--dev", "/dev", "--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
     for path in [*targets[len(binds):], *hide]:
         argv += [*size, "--tmpfs", path]
@@ -189,7 +193,7 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
         argv += ["--dev-bind", device, device]
     for host, container in binds:
         argv += ["--bind", host, container]
-    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]  # unsized tmpfs: nothing to write
+    argv += ["--remount-ro", "/dev"]  # bwrap's /dev tmpfs is unsized: nothing to write
     argv.append("--clearenv")
     for name, value in env.items():
         argv += ["--setenv", name, value]
