@@ -113,7 +113,7 @@ def bodies(count: int, seed: int = 30) -> list[dict]:
     """`count` schema-valid tesTask bodies (read-only fields left out, as clients do)."""
     rng = random.Random(seed)
     task = _resolve({"$ref": "#/$defs/tesTask"})
-    out = []
+    out: list[dict] = []
     while len(out) < count:
         body = _object(rng, task, 0)
         for read_only in ("id", "state", "logs", "creation_time"):

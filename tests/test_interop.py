@@ -7,7 +7,7 @@ only TES 1.0 fields."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -53,10 +53,10 @@ def strict_server(databases, tmp_path_factory):
                                    "resources.backend_parameters_strict",
                                    "inputs.0.streamable"])
 def test_booleans_are_true_or_false_only(alice_server, where, value):
-    task = {"executors": [executor()], "resources": {},
-            "inputs": [{"path": "/data/x", "content": "x"}]}
+    task: dict[str, Any] = {"executors": [executor()], "resources": {},
+                            "inputs": [{"path": "/data/x", "content": "x"}]}
     *parents, name = where.split(".")
-    node = task
+    node: Any = task
     for key in parents:
         node = node[int(key)] if key.isdigit() else node[key]
     node[name] = value

@@ -59,6 +59,8 @@ BWRAP_MISSING = "bwrap: execvp samtools: No such file or directory\n"
 CH_RUN_DENIED = ("ch-run[25044]: warning: something\n"
                  "ch-run[25044]: error: can't execve(2): /data/x.sh: Permission denied "
                  "(ch_core.c:410 13)\n")
+PROOT_KILLED = ("proot info: pid 7: terminated with signal 9\n"
+                "proot info: pid 6: terminated with signal 15\n")
 CH_RUN_MISSING = ("ch-run[25032]: error: can't execve(2): samtools: No such file or "
                   "directory (ch_core.c:410 2)\n")
 
@@ -73,8 +75,7 @@ CH_RUN_MISSING = ("ch-run[25032]: error: can't execve(2): samtools: No such file
     ("charliecloud", ["/data/x.sh"], 1, CH_RUN_DENIED, 126),
     ("charliecloud", ["samtools"], 1, CH_RUN_MISSING, 127),
     ("charliecloud", ["samtools"], 1, BWRAP_MISSING, 1),
-    ("proot", ["sh"], 255, "proot info: pid 7: terminated with signal 9\n"
-                           "proot info: pid 6: terminated with signal 15\n", 143),
+    ("proot", ["sh"], 255, PROOT_KILLED, 143),
     ("proot", ["sh"], 255, "no line\n", 255),
     ("proot", ["sh"], 0, "proot info: pid 7: terminated with signal 9\n", 0),
     ("bwrap", ["sh"], -9, "", 137),
