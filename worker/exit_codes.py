@@ -7,7 +7,10 @@ traces is killed by a signal. Each says so in one line on the executor's stderr,
 read here: a failed execve becomes 127 (ENOENT, as a shell's PATH search) or 126 (any
 other errno: EACCES, ENOEXEC, ENOTDIR...), proot's last "terminated with signal N" 128+N.
 A task that prints such a line itself only changes its own exit code. The docker-style
-templates (worker.drivers) report their engine's own codes, already these.
+templates (worker.drivers) report their engine's own codes, already these. proot 5.1
+exits with the status of the last traced process that exited normally and names a signal
+only when none did: a shell killed after running a child reports that child's code
+(docs/admin.md). The line must fit in worker.log_tail_bytes (10 KiB by default).
 
 Cost: one regular expression over the stderr tail of an executor that exited 1 or 255.
 """
