@@ -9,8 +9,8 @@ other errno: EACCES, ENOEXEC, ENOTDIR...), proot's last "terminated with signal 
 A task that prints such a line itself only changes its own exit code. The docker-style
 templates (worker.drivers) report their engine's own codes, already these. proot 5.1
 exits with the status of the last traced process that exited normally and names a signal
-only when none did: a shell killed after running a child reports that child's code
-(docs/admin.md). The line must fit in worker.log_tail_bytes (10 KiB by default).
+only when none did: sandbox.proot_argv runs the command under the image's sh, which
+exits 128+N (docs/admin.md). The line must fit in worker.log_tail_bytes (10 KiB by default).
 
 Cost: one regular expression over the stderr tail of an executor that exited 1 or 255.
 """

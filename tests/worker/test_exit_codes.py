@@ -20,10 +20,10 @@ CASES = [
     (["/no/such/file"], 127, "/no/such/file"),
     (["/etc/os-release"], 126, "/etc/os-release"),  # not executable
     (["/etc"], 126, "/etc"),                        # a directory
-    (["/etc/os-release/x"], 126, "/etc/os-release/x"),  # ENOTDIR: bash says 126 too
     (["sh", "-c", "kill -TERM $$"], 143, ""),
     (["sh", "-c", "kill -KILL $$"], 137, ""),
     (["sh", "-c", "sleep 60 & kill -KILL $!; wait; exit 0"], 0, ""),  # a child's signal
+    (["sh", "-c", "ls / >/dev/null; kill -KILL $$"], 137, ""),  # after a child ended
     (["sh", "-c", "echo 'bwrap: something else' >&2; exit 1"], 1, "something else"),
     (["sh", "-c", "exit 3"], 3, ""),
 ]
@@ -69,6 +69,7 @@ CH_RUN_MISSING = ("ch-run[25032]: error: can't execve(2): samtools: No such file
     ("bwrap", ["samtools"], 1, BWRAP_MISSING, 127),
     ("bwrap", ["/data/x.sh"], 1, "bwrap: execvp /data/x.sh: Permission denied\n", 126),
     ("bwrap", ["/data/x.sh"], 1, "bwrap: execvp /data/x.sh: Exec format error\n", 126),
+    ("bwrap", ["/a/x"], 1, "bwrap: execvp /a/x: Not a directory\n", 126),  # as bash
     ("bwrap", ["other"], 1, BWRAP_MISSING, 1),          # not the executor's command
     ("bwrap", ["samtools"], 1, "hello\n" + BWRAP_MISSING, 1),  # the command's own words
     ("bwrap", ["samtools"], 2, BWRAP_MISSING, 2),
