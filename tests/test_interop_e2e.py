@@ -24,6 +24,7 @@ from tests.worker.conftest import need
 pytestmark = [pytest.mark.registry,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a user")]
 TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
+MAKE_TREE = "mkdir -p /work/out/a/b /work/out/c && echo x > /work/out/c/f"
 
 
 @pytest.fixture
@@ -56,9 +57,7 @@ def test_a_cwl_like_task_through_server_and_worker(databases, tmp_path, user_dir
             "outputs": [{"path": "/work/out", "url": f"file://{out}", "type": "DIRECTORY"}],
             "executors": [{"image": "busybox", "command": ["no-such-tool"],
                            "ignore_error": True},
-                          {"image": "busybox", "command": [
-                              "sh", "-c", "mkdir -p /work/out/a/b /work/out/c && "
-                                          "echo x > /work/out/c/f"]}]})
+                          {"image": "busybox", "command": ["sh", "-c", MAKE_TREE]}]})
         assert resp.status_code == 200, resp.text
         assert resp.headers["Warning"] == '299 - "unknown fields ignored: x_cwl_step"'
         task = wait_for_state(server.api, resp.json()["id"], TERMINAL, 180, auth=auth,
