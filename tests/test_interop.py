@@ -106,6 +106,16 @@ def test_hostile_field_names_stay_in_one_printable_header(alice_server):
     assert warning.endswith(' and 85 more"') and len(warning) < 4000
 
 
+def test_an_unknown_field_named_by_a_lone_surrogate_is_named_escaped(alice_server):
+    body = '{"\\udc00": 1, "executors": [{"image": "b", "command": ["x"]}]}'
+    resp = requests.post(alice_server.api + "/tasks", data=body, auth=ALICE, timeout=30,
+                         headers={"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["Warning"] == r'299 - "unknown fields ignored: \udc00"'
+    full = get(alice_server, f"/ga4gh/tes/v1/tasks/{resp.json()['id']}", view="FULL")
+    assert r"unknown fields ignored: \udc00" in full["logs"][0]["system_logs"]
+
+
 def test_strict_fields_refuses_unknown_fields(strict_server):
     resp = post(strict_server, {"executors": [executor(foo=1)], "bar": 2})
     assert resp.status_code == 400
