@@ -27,7 +27,7 @@ from funnel_hpc.gateway.schemas import (
     ViewArgsSchema,
 )
 from funnel_hpc.gateway.service import BadRequest, ListQuery, TaskService, zip_tags
-from funnel_hpc.gateway.views import tes10_task
+from funnel_hpc.gateway.views import tes10_service_info, tes10_task
 
 # the response header naming what a create ignored (RFC 7234 section 5.5; 299: a
 # persistent warning, "-": no agent named)
@@ -157,5 +157,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
 
 
 def legacy_service_info():
-    """TES 1.0 clients ask /v1/tasks/service-info (not in the OpenAPI document)."""
-    return json_response(service().service_info())
+    """TES 0.x/1.0 clients (py-tes 0.4.2) ask /v1/tasks/service-info for TES 1.0's
+    tesServiceInfo, {name, doc, storage}: its model refuses any other field (not in the
+    OpenAPI document; /v1/service-info answers TES 1.1's)."""
+    return json_response(tes10_service_info(service().service_info()))

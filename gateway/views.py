@@ -131,6 +131,12 @@ def _only(item: Any, kind: str) -> Any:
         if isinstance(item, dict) else item
 
 
+def tes10_service_info(info: dict) -> dict:
+    """TES 1.1 service-info -> TES 1.0's tesServiceInfo (name, doc, storage)."""
+    return {"name": info.get("name", ""), "doc": info.get("description", ""),
+            "storage": list(info.get("storage") or [])}
+
+
 def tes10_task(task: dict) -> dict:
     """A task (any view) with the TES 1.0 fields only. A wildcard output (path_prefix) is
     a TES 1.1 idea: its type goes too, so that TES 1.0 clients read it as a plain file
