@@ -43,7 +43,8 @@ def test_every_driver_reports_exit_codes_as_a_shell(harness, driver):
                       config=harness.config(container_driver=driver))
     assert run.state == "COMPLETE", (run.system_logs, run.stderr)
     got = [(run.executor(i)["exit_code"], run.executor(i)["stderr"]) for i in range(len(CASES))]
-    assert [code for code, _stderr in got] == [code for _c, code, _w in CASES], got
+    assert [code for code, _stderr in got] == [code for _c, code, _w in CASES], \
+        [(CASES[i][0], got[i]) for i in range(len(CASES)) if got[i][0] != CASES[i][1]]
     for (_command, _code, word), (_got, stderr) in zip(CASES, got, strict=True):
         assert word in stderr, got
 
