@@ -280,7 +280,8 @@ class AwsBatchBackend(Backend):
 
     # ---- recover ----
 
-    def recover(self, task_id: str, task_dir: Any) -> str | None:
+    def recover(self, task_id: str, task_dir: Any,
+                owner: str | None = None) -> str | None:
         """The newest job named funnel-<task id> in the queue (list_jobs by JOB_NAME)."""
         if not self.job_queue:
             return None

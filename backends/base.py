@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,9 @@ class SubmitRequest:
     # the worker's credential for its own task (auth on), for backends whose workers do
     # not share the task dir (AWS Batch passes it in the job's environment)
     worker_token: str | None = None
+    # names of the files the gateway wrote in task_dir: what a backend that runs jobs as
+    # their owners hands over with the dir (nothing else in it: files.give_to)
+    gateway_files: tuple[str, ...] = ()
 
 
 class BackendError(RuntimeError):
@@ -148,24 +152,37 @@ class Backend(abc.ABC):
         query that failed makes its jobs UNKNOWN, the reason quoting the scheduler.
         """
 
-    def recover(self, task_id: str, task_dir: Path) -> str | None:
+    def recover(self, task_id: str, task_dir: Path,
+                owner: str | None = None) -> str | None:
         """Find the job of a submission the gateway may have died in the middle of.
 
         Return its job id, or None only when the scheduler answered that it has no
         job for the task (the reconciler then submits the task again). Raises
         BackendError(transient=True) when the scheduler could not be asked: the claim
         is kept and the question asked again next tick, so an outage never makes a
-        second job. The default knows nothing; backends that can look jobs up by
-        name do better.
+        second job. owner: the task's owner (from the database), for backends whose
+        jobs run as their owners: only that user's job may be returned. The default
+        knows nothing; backends that can look jobs up by name do better.
         """
         return None
 
-    def job_output(self, task_dir: Path, limit: int = 4096) -> list[tuple[str, str]]:
-        """(file name, last `limit` bytes) of each job_output_files entry that exists and
-        is not empty; symlinks are not followed (the task dir may be the user's)."""
+    def job_uid(self, owner: str | None) -> int | None:
+        """The uid the task's job runs as, so the files it writes in the task dir (its
+        event log, the scheduler's output files) belong to it: the gateway's own here.
+        None when it cannot be known (no file of the task dir is then trusted)."""
+        return os.geteuid()
+
+    def job_output(self, task_dir: Path, limit: int = 4096,
+                   owner: str | None = None) -> list[tuple[str, str]]:
+        """(file name, last `limit` bytes) of each job_output_files entry that exists, is not
+        empty and is a regular file of the job's uid (job_uid(owner)); no link is
+        followed and no FIFO opened (the task dir may be the user's)."""
+        uid = self.job_uid(owner)
+        if uid is None:
+            return []
         out = []
         for name in self.job_output_files:
-            text = read_tail(task_dir / name, limit)
+            text = read_tail(task_dir, name, uid, limit)
             if text:
                 out.append((name, text))
         return out

@@ -9,16 +9,23 @@ symlink where the gateway is about to write. So every write here:
   there is replaced, never followed);
 - when the directory belongs to someone else, takes it back (``fchown`` of the open
   descriptor, mode 700) first: the gateway never writes as root into a directory a user
-  owns. ``give_to`` hands the directory and its entries over again, never following links.
+  owns. ``give_to`` hands the directory and the files the gateway wrote over again (by
+  name, each a regular file of ours with one link: never a link a user planted, hard or
+  symbolic, nor a root file moved in).
 
-Reads of scheduler output files (``read_tail``) refuse symlinks and non-regular files.
-Costs: a handful of system calls per file.
+Reads (``open_owned``, ``read_tail``) trust no shape either: the file is looked up
+relative to the task directory's descriptor (itself opened ``O_NOFOLLOW`` from the work
+dir's), must be a regular file owned by the uid the caller expects (the job's), and is
+opened ``O_NOFOLLOW|O_NONBLOCK`` only after an lstat said so (a FIFO or device is never
+opened), then checked again with ``fstat``. Costs: a handful of system calls per file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 DIR_MODE = 0o700
@@ -86,31 +93,138 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
     return directory / name
 
 
-def give_to(directory: Path, uid: int, gid: int) -> None:
-    """Hand directory and its direct entries to uid:gid without following any symlink
-    (a link itself is re-owned, never its target); the directory stays mode 700."""
+def give_to(directory: Path, uid: int, gid: int, names: Iterable[str]) -> None:
+    """Hand directory to uid:gid (mode 700) with the files named that the gateway wrote in
+    it, each only if it is a regular file of ours with a single link (as write_private
+    makes them). Nothing else is re-owned: not a link a user planted under such a name
+    (symbolic: never followed; hard: a root file linked there has two links), not a file
+    of another account, not a root file a user moved in under another name. The
+    directory is ours (taken back) while we look, so its entries cannot change under us;
+    each file is re-owned through a descriptor opened O_NOFOLLOW and checked to be the
+    entry looked at."""
     dir_fd = os.open(directory, _DIR_FLAGS)
     try:
-        for name in os.listdir(dir_fd):
-            os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
-        os.fchmod(dir_fd, DIR_MODE)
+        _take_back(dir_fd)
+        ours = os.geteuid()
+        for name in names:
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a file name: {name!r}")
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_uid == ours and info.st_nlink == 1:
+                _give_file(dir_fd, name, info, uid, gid)
         os.fchown(dir_fd, uid, gid)
     finally:
         os.close(dir_fd)
 
 
-def read_tail(path: Path, limit: int = 4096) -> str | None:
-    """The last `limit` bytes of a regular file as text, or None when it is missing, a
-    symlink or not a regular file (a user could point it at a secret)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
+def _give_file(dir_fd: int, name: str, seen: os.stat_result, uid: int, gid: int) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                 dir_fd=dir_fd)
     try:
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
-        os.lseek(fd, max(0, info.st_size - limit), os.SEEK_SET)
-        return os.read(fd, limit).decode(errors="replace")
+        if (info.st_dev, info.st_ino) == (seen.st_dev, seen.st_ino) and info.st_nlink == 1:
+            os.fchown(fd, uid, gid)
+    finally:
+        os.close(fd)
+
+
+class Refused(OSError):
+    """A file of a task directory the gateway will not read; str() says what it is."""
+
+
+_WORK_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+               | getattr(os, "O_CLOEXEC", 0))
+
+
+def open_work_dir(work_dir: str | Path) -> int:
+    """The work dir opened as a directory (the admin's path: links in it are followed)."""
+    return os.open(work_dir, _WORK_DIR_FLAGS)
+
+
+def open_subdir(dir_fd: int, name: str) -> int:
+    """dir_fd/name opened as a directory, never through a link at name (OSError: ELOOP or
+    ENOTDIR when it is a link or not a directory, FileNotFoundError when missing)."""
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a directory name: {name!r}")
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def make_subdir(dir_fd: int, name: str) -> int:
+    """dir_fd/name made (mode 700) when missing and opened as open_subdir does."""
+    try:
+        os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    return open_subdir(dir_fd, name)
+
+
+def entry_problem(info: os.stat_result, uid: int) -> str | None:
+    """Why a file with this (l)stat is not one to read as uid's, or None."""
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                 (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                 (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+        return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+    if info.st_uid != uid:
+        return f"owned by uid {info.st_uid}, not {uid}"
+    return None
+
+
+def open_owned(dir_fd: int, name: str, uid: int,
+               larger_than: int = -1) -> tuple[int, os.stat_result] | None:
+    """dir_fd/name opened for reading when it is a regular file owned by uid: (fd, its
+    fstat). None when it is missing or not larger than `larger_than` bytes (nothing new:
+    not opened at all). Raises Refused saying what it is otherwise."""
+    try:
+        before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    problem = entry_problem(before, uid)
+    if problem:
+        raise Refused(f"{name} is {problem}")
+    if before.st_size <= larger_than:
+        return None
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a link since the lstat
+            raise Refused(f"{name} is a symbolic link") from None
+        raise
+    info = os.fstat(fd)  # the file opened, whatever the name points at now
+    problem = entry_problem(info, uid)
+    if problem:
+        os.close(fd)
+        raise Refused(f"{name} is {problem}")
+    return fd, info
+
+
+def read_tail(directory: Path, name: str, uid: int, limit: int = 4096) -> str | None:
+    """The last `limit` bytes of directory/name as text, or None when it is missing or not
+    a regular file of uid's (a user could point it at a secret, or make it a FIFO).
+    directory is a task dir: <work dir>/<task id>."""
+    try:
+        work_fd = open_work_dir(directory.parent)
+        try:
+            dir_fd = open_subdir(work_fd, directory.name)
+        finally:
+            os.close(work_fd)
+        try:
+            opened = open_owned(dir_fd, name, uid)
+        finally:
+            os.close(dir_fd)
+    except OSError:  # Refused too: the caller leaves the file out
+        return None
+    if opened is None:
+        return None
+    fd, info = opened
+    try:
+        return os.pread(fd, limit, max(0, info.st_size - limit)).decode(errors="replace")
     finally:
         os.close(fd)

@@ -238,7 +238,8 @@ class GridEngineBackend(Backend):
         out.update(self._accounted(list(ended), ended))
         return out
 
-    def recover(self, task_id: str, task_dir: Path) -> str | None:
+    def recover(self, task_id: str, task_dir: Path,
+                owner: str | None = None) -> str | None:
         """The newest job named funnel-<task id>: in qstat (zombies too), else in accounting.
         A qstat that failed raises (transient): the job may exist. Only in mode drmaa
         on a host without qstat is accounting the one place asked."""

@@ -240,7 +240,8 @@ class HTCondorBackend(Backend):
 
     # ---- recover ----
 
-    def recover(self, task_id: str, task_dir: Any) -> str | None:
+    def recover(self, task_id: str, task_dir: Any,
+                owner: str | None = None) -> str | None:
         """The newest cluster whose FunnelTaskId is the task's, in the queue or history."""
         constraint = f'FunnelTaskId =?= "{directive(task_id)}"'
         schedd = self.schedd()

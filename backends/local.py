@@ -169,7 +169,8 @@ class LocalBackend(Backend):
             self._launch_ready()
             return {job_id: self._status(job_id) for job_id in job_ids}
 
-    def recover(self, task_id: str, task_dir: Path) -> str | None:
+    def recover(self, task_id: str, task_dir: Path,
+                owner: str | None = None) -> str | None:
         return task_id if (self._dir(task_id) / JOB).exists() else None
 
     # ---- state ----

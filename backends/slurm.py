@@ -9,8 +9,10 @@ A poll lists this user's jobs with one ``squeue --me -t all`` (not ``-j``: the
 argv would grow with the number of jobs); with ``submit_as_owner`` the jobs belong
 to many users, and the poll names them instead (``squeue -j ID,ID,...``; a lone id
 Slurm forgot is an error there, read as "no such job") rather than list every
-user's jobs on the cluster. Jobs that already left slurmctld's memory (MinJobAge) are
-looked up with one ``sacct`` call when accounting is enabled (probed once). A
+user's jobs on the cluster; ``recover`` then asks for the owner's jobs only (``-u
+OWNER``) and binds a job only if its user is the owner, and every owner passes the owner
+policy (backends/owners.py) before ``sudo``. Jobs that already left slurmctld's memory
+(MinJobAge) are looked up with one ``sacct`` call when accounting is enabled (probed once). A
 job neither knows is LOST: the reconciler then trusts the worker's event log,
 and fails the task if that log has no end either. So a poll costs one scheduler
 command, two when some jobs are gone and accounting is on.
@@ -22,13 +24,13 @@ command, two when some jobs are gone and accounting is on.
 from __future__ import annotations
 
 import pwd
-import re
 from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Result, Runner, failure, make_runner
+from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
 from funnel_hpc.backends.templating import render, script_variables
 
 # Slurm job states (squeue %T, sacct State) -> common job states
@@ -73,15 +75,23 @@ UNRUNNABLE_REASONS = frozenset({
     "JobHeldAdmin", "PartitionDown", "PartitionInactive",
 })
 
-UNIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
-
 # what Slurm's client commands print when slurmctld cannot be reached
 UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                "Connection refused", "Zero Bytes were transmitted",
                "Communication connection failure")
 
+SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
+
 # squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
 FORGOTTEN_ID = "Invalid job id specified"
+
+
+def _exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
 
 
 def parse_job_id(text: str) -> str:
@@ -120,6 +130,8 @@ class SlurmBackend(Backend):
                                           float(options.get("command_timeout", 60)))
         self.template = options.get("template") or "slurm.sh.j2"
         self._accounting: bool | None = None
+        self.as_owner = bool(options.get("submit_as_owner"))
+        self.owners = OwnerPolicy.from_options(options) if self.as_owner else None
 
     # ---- submit / cancel ----
 
@@ -127,26 +139,38 @@ class SlurmBackend(Backend):
         return render(self.template, script_variables(request, self.options))
 
     def _as_owner(self, request: SubmitRequest) -> list[str]:
-        """`sudo -n -u OWNER --` when jobs are submitted as their owners, else nothing."""
-        if not self.options.get("submit_as_owner"):
+        """`sudo -n -u OWNER --` when jobs are submitted as their owners, else nothing.
+        The owner policy is asked again (an account may have changed since the POST)."""
+        if self.owners is None:
             return []
-        owner = request.owner or ""
-        if not UNIX_USER.fullmatch(owner):
-            raise BackendError(f"cannot submit as owner {owner!r}: not a Unix user name "
-                               "(backend.slurm.submit_as_owner needs authenticated users)")
+        try:
+            account = self.owners.account(request.owner)
+        except OwnerRefused as exc:
+            raise BackendError(f"cannot submit as owner: {exc}") from None
         try:  # the worker runs as the owner: its task dir must be the owner's
-            account = pwd.getpwnam(owner)
-            files.give_to(request.task_dir, account.pw_uid, account.pw_gid)
-        except (LookupError, OSError) as exc:
-            raise BackendError(f"cannot hand the task dir to {owner!r}: {exc}") from None
-        return ["sudo", "-n", "-u", owner, "--"]
+            files.give_to(request.task_dir, account.pw_uid, account.pw_gid,
+                          (*request.gateway_files, SCRIPT_FILE))
+        except OSError as exc:
+            raise BackendError(f"cannot hand the task dir to {account.pw_name!r}: {exc}") from None
+        return ["sudo", "-n", "-u", account.pw_name, "--"]
+
+    def job_uid(self, owner: str | None) -> int | None:
+        """With submit_as_owner the job (and its files) is the owner's."""
+        if not self.options.get("submit_as_owner"):
+            return super().job_uid(owner)
+        if not owner or not UNIX_USER.fullmatch(owner):
+            return None
+        try:
+            return pwd.getpwnam(owner).pw_uid
+        except KeyError:
+            return None
 
     def submit(self, request: SubmitRequest) -> str:
         try:
             script = self.render_script(request)
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm script: {exc}") from None
-        files.write_private(request.task_dir, "slurm.sh", script)
+        files.write_private(request.task_dir, SCRIPT_FILE, script)
         prefix = self._as_owner(request)
         result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
         if result.returncode != 0:
@@ -159,16 +183,27 @@ class SlurmBackend(Backend):
                 and "Invalid job id" not in result.stderr:
             raise failure(f"scancel {job_id}", result, UNREACHABLE)
 
-    def recover(self, task_id: str, task_dir: Path) -> str | None:
-        """The newest job named funnel-<task id> that squeue still lists."""
-        whose = [] if self.options.get("submit_as_owner") else ["--me"]
+    def recover(self, task_id: str, task_dir: Path, owner: str | None = None) -> str | None:
+        """The newest job named funnel-<task id> that squeue still lists: among this
+        account's jobs (--me), or with submit_as_owner among the task owner's (-u OWNER),
+        each line's user checked again: another user's job of that name is never taken."""
+        user = owner if self.as_owner else None
+        if self.as_owner and not (owner and UNIX_USER.fullmatch(owner) and _exists(owner)):
+            # no such account, no job of theirs (squeue -u would fail every tick); the
+            # submission made next is refused
+            return None
+        whose = ["-u", user] if user else ["--me"]
         result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n",
-                                  f"funnel-{task_id}", "-o", "%i"])
+                                  f"funnel-{task_id}", "-o", "%i|%u"])
         if result.returncode != 0:  # not "no such job": we could not ask
             error = failure("squeue", result, UNREACHABLE)
             error.transient = True
             raise error
-        ids = [line.strip() for line in result.stdout.splitlines() if line.strip().isdigit()]
+        ids = []
+        for line in result.stdout.splitlines():
+            job_id, _, job_user = (part.strip() for part in line.partition("|"))
+            if job_id.isdigit() and (user is None or job_user == user):
+                ids.append(job_id)
         return max(ids, key=int) if ids else None
 
     # ---- poll ----

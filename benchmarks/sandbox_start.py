@@ -10,7 +10,9 @@ deciding the figure:
 - ours: a warm start as the worker makes it: `ensure_rootfs` (a cache lookup, no network),
   the sandbox argv (`worker/sandbox.py`: read-only binds of the image's entries over a
   tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run) and bwrap started as
-  the sandbox user, running `true`;
+  the sandbox user, running `true`, inside the task's cgroup (worker/cgroups.py, root only:
+  the `sh` that waits until its pid is in the group, then the kill of what is left, as each
+  executor has it; the group itself is made once per task and timed apart: `group_s`);
 - the same bwrap: that argv, computed once beforehand, run as the same user: what the
   worker adds to bwrap itself (target 1.1);
 - bare bwrap: `bwrap --ro-bind ROOT / --unshare-pid --unshare-user true` as the same user
@@ -30,19 +32,34 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import cgroups, sandbox
 from funnel_hpc.worker.drivers import switch_user
 from funnel_hpc.worker.images import ensure_rootfs
 from tests.server_helpers import TEST_REGISTRIES
 
 BLOCKS = 5
+# what a task without resources gets on the local backend (worker.max_pids), plus memory
+LIMITS = cgroups.Limits(memory_bytes=1 << 30, pids_max=4096)
 
 
-def ours(cache: str, ids) -> float:
+def ours(cache: str, ids, group: cgroups.Group | None) -> float:
     started = time.perf_counter()
+    if group is not None:
+        group.warm_up()  # as the worker does before building an executor's argv
     root = ensure_rootfs("busybox", cache, TEST_REGISTRIES)
     argv = sandbox.bwrap_argv(str(root.rootfs), [], {"PATH": "/bin"}, None, ["true"], "host")
-    subprocess.run(argv, check=True, cwd="/", **switch_user(ids))
+    if group is None:  # not root: no cgroup
+        subprocess.run(argv, check=True, cwd="/")
+    else:
+        assert group.start(argv, None, cwd="/", **switch_user(ids)).wait() == 0
+        group.kill_all(timeout=0)
+    return time.perf_counter() - started
+
+
+def group_once() -> float:
+    """A task's cgroup made (with its reaper) and removed."""
+    started = time.perf_counter()
+    cgroups.create("bench-task", LIMITS).remove()
     return time.perf_counter() - started
 
 
@@ -66,7 +83,8 @@ def measure(runs: int) -> dict:
         rootfs = str(root.rootfs)
         sandbox.prepare_host(ids, cache, [], [rootfs])
         argv = sandbox.bwrap_argv(rootfs, [], {"PATH": "/bin"}, None, ["true"], "host")
-        sides = {"ours": lambda: ours(cache, ids), "same": lambda: same(argv, ids),
+        group = cgroups.create("bench", LIMITS) if ids is not None else None
+        sides = {"ours": lambda: ours(cache, ids, group), "same": lambda: same(argv, ids),
                  "bare": lambda: bare(rootfs, ids)}
         for _ in range(5):  # warm every side (page cache, bwrap's pages)
             for run in sides.values():
@@ -76,6 +94,9 @@ def measure(runs: int) -> dict:
         for index in range(runs):
             for name in order[index % 3:] + order[:index % 3]:
                 times[name].append(sides[name]())
+        if group is not None:
+            group.remove()
+        group_times = [group_once() for _ in range(runs // 4)] if ids is not None else [0.0]
     size = max(1, runs // BLOCKS)
 
     def blocks(reference: str) -> list[float]:
@@ -86,6 +107,7 @@ def measure(runs: int) -> dict:
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {"runs": runs, "ours_s": medians["ours"], "same_s": medians["same"],
             "bare_s": medians["bare"], "ratio": medians["ours"] / medians["same"],
+            "group_s": statistics.median(group_times),
             "ratio_bare": medians["ours"] / medians["bare"],
             "block_ratios": blocks("same"), "block_ratios_bare": blocks("bare")}
 
@@ -116,7 +138,8 @@ def main() -> None:
     r = measure(args.runs)
     print(f"warm start, median of {args.runs}: sandboxed executor {r['ours_s'] * 1000:.2f} ms, "
           f"the same bwrap argv {r['same_s'] * 1000:.2f} ms (ratio {r['ratio']:.3f}), bare "
-          f"bwrap {r['bare_s'] * 1000:.2f} ms (ratio {r['ratio_bare']:.3f}); ratio per block "
+          f"bwrap {r['bare_s'] * 1000:.2f} ms (ratio {r['ratio_bare']:.3f}); the task's cgroup "
+          f"made and removed once per task {r['group_s'] * 1000:.2f} ms; ratio per block "
           f"of {args.runs // BLOCKS}: {', '.join(f'{ratio:.3f}' for ratio in r['block_ratios'])}")
 
 

@@ -124,6 +124,9 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
 
 
 WORKER_SECTIONS = ("work_dir", "worker", "storage")
+# in the per-task config of a worker that runs as the task's owner (gateway/owner_worker.py):
+# the owner's own storage settings file (backend.slurm.owner_storage_file)
+OWNER_STORAGE_KEY = "owner_storage_file"
 
 
 def worker_sections(config: dict) -> dict:
@@ -136,8 +139,9 @@ def load_worker(path: str | Path | None = None,
     """A worker's configuration.
 
     A .json file is the gateway's own (`worker_sections` of its merged configuration,
-    written to <work_dir>/worker-config.json): taken as it is, with the FUNNEL_ variables
-    of those sections applied on top. Anything else goes through `load`."""
+    written to <work_dir>/worker-config.json, or an owner's per-task copy): taken as it
+    is, with the owner's storage settings file (when it names one) and then the FUNNEL_
+    variables of those sections applied on top. Anything else goes through `load`."""
     if not path or not str(path).endswith(".json"):
         return load(path, environ)
     try:
@@ -149,6 +153,8 @@ def load_worker(path: str | Path | None = None,
     if not isinstance(config, dict) or any(key not in config for key in WORKER_SECTIONS):
         raise ConfigError(f"config file {path} must hold the sections "
                           f"{', '.join(WORKER_SECTIONS)}")
+    if OWNER_STORAGE_KEY in config:
+        config = for_owner(config)
     env = env_overrides(os.environ if environ is None else environ)
     env = {key: value for key, value in env.items() if key in WORKER_SECTIONS}
     if env:
@@ -158,6 +164,30 @@ def load_worker(path: str | Path | None = None,
             raise ConfigError(f"{exc} (from a {ENV_PREFIX} environment variable)") from exc
     config["work_dir"] = str(Path(os.path.expanduser(str(config["work_dir"]))).resolve())
     return config
+
+
+def for_owner(config: dict) -> dict:
+    """An owner's per-task config as the owner's worker uses it: "~" in worker.image_cache
+    and in the owner's storage settings file name is the running user's home (from the
+    password database, not $HOME), and that file's `storage:` mapping is merged over the
+    storage section (a missing file changes nothing)."""
+    import pwd
+
+    home = pwd.getpwuid(os.getuid()).pw_dir
+
+    def expand(name: str) -> str:
+        return home + name[1:] if name == "~" or name.startswith("~/") else name
+
+    worker = config["worker"]
+    worker["image_cache"] = expand(str(worker.get("image_cache") or ""))
+    name = expand(str(config.get(OWNER_STORAGE_KEY) or ""))
+    if not name or not Path(name).exists():
+        return config
+    data = _read_yaml(Path(name))
+    if set(data) - {"storage"}:
+        raise ConfigError(f"config file {name} may hold only a storage: mapping "
+                          f"(found {', '.join(sorted(map(str, data)))})")
+    return merge(config, {"storage": data.get("storage") or {}})
 
 
 def finalize(config: dict) -> dict:

@@ -1,7 +1,9 @@
 """What a task must satisfy beyond its schema, checked at POST: configured limits
 (``limits.*``), resource maxima (``resources.max_*``), URL schemes with a store, and
 backend_parameters values. Each refusal is an AdmissionError whose message starts with
-the field path and names the limit (the API answers HTTP 400).
+the field path and names the limit (the API answers HTTP 400). With jobs run as their
+owners (``backend.slurm.submit_as_owner``), the owner policy (backends/owners.py) is
+asked first: a refused owner is an OwnerRefused naming the rule (HTTP 403).
 
 Cost: one walk over the validated task document (bounded by ``server.max_body_bytes``)
 without field paths; a second one that names the field only when a string may be over
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
+from funnel_hpc.backends.owners import OwnerPolicy
 from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.backends.templating import check_backend_parameters
 from funnel_hpc.worker.storage import STORES
@@ -73,7 +76,11 @@ class Admission:
         self.limits: dict[str, int] = dict(config["limits"])
         self.maxima: dict[str, float] = dict(config["resources"])
         self.backend_name: str = config["backend"]["name"]
-        allowed = backend_options(config).get("backend_parameters") or {}
+        options = backend_options(config)
+        # jobs run as their owners: who may own a task is the owner policy's to say
+        self.owners = OwnerPolicy.from_options(options) if options.get("submit_as_owner") \
+            else None
+        allowed = options.get("backend_parameters") or {}
         # TES backend_parameters key -> scheduler option; keys match case-insensitively
         self.allowed_parameters: dict[str, Any] = {str(k): v for k, v in allowed.items()}
         self.parameter_keys = {key.lower() for key in self.allowed_parameters}
@@ -82,6 +89,11 @@ class Admission:
         self.allowed_dirs: list[str] = list(config["worker"]["allowed_dirs"])
 
     # ---- tasks ----
+
+    def check_owner(self, owner: str | None) -> None:
+        """Raises OwnerRefused when jobs run as their owners and this one may not own any."""
+        if self.owners is not None:
+            self.owners.account(owner)
 
     def check_task(self, spec: dict) -> None:
         self._check_counts(spec)

@@ -66,7 +66,8 @@ def read_json_body() -> Any:
         raise BadRequest("body: JSON nested too deeply") from None
 
 
-_ERRORS = {400: "Bad input; message names the field", 404: "No such task"}
+_ERRORS = {400: "Bad input; message names the field", 404: "No such task",
+           403: "The caller may not own tasks here (the owner policy); message names the rule"}
 
 
 def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
                            'executors.0.foo, bar" (refused instead with '
                            "server.strict_fields)",
             "schema": {"type": "string"}}})
-        @errors(400)
+        @errors(400, 403)
         def post(self):
             """CreateTask"""
             task_id, notices = service().create_noting(read_json_body(), owner=principal().user)

@@ -80,12 +80,16 @@ def submit_request(config: dict, task: dict, task_id: str) -> Any:
     """The SubmitRequest the reconciler makes for this task's first attempt."""
     from funnel_hpc.backends.base import SubmitRequest
     from funnel_hpc.gateway import reconciler
+    from funnel_hpc.gateway.owner_worker import runs_as_owners
+    from funnel_hpc.gateway.reconciler_core import WORKER_CONFIG_FILE
 
     directory = reconciler.task_dir(config, task_id)
-    # as Reconciler._worker_argv: the worker config is <work_dir>/worker-config.json
+    # as Reconciler._worker_argv: the worker config is <work_dir>/worker-config.json, or
+    # the task's own when jobs run as their owners
+    worker_config = (directory if runs_as_owners(config) else Path(config["work_dir"])) \
+        / WORKER_CONFIG_FILE
     argv = [*reconciler.worker_command(config), "--task-file", str(directory / "task.json"),
-            "--workdir", config["work_dir"], "--config",
-            str(Path(config["work_dir"]) / "worker-config.json")]
+            "--workdir", config["work_dir"], "--config", str(worker_config)]
     if config["reconciler"]["pass_server_url"]:
         argv += ["--server", config["server"]["public_url"]]
     params = (task.get("resources") or {}).get("backend_parameters") or {}

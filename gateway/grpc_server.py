@@ -38,6 +38,7 @@ from funnel_hpc.gateway.auth import Authenticator, AuthError, Principal, Throttl
 from funnel_hpc.gateway.ratelimit import RateLimiter
 from funnel_hpc.gateway.service import (
     BadRequest,
+    Forbidden,
     ListQuery,
     NotFound,
     ServiceError,
@@ -120,6 +121,8 @@ class _Guarded:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         except NotFound as exc:
             abort(context, grpc.StatusCode.NOT_FOUND, exc.message)
+        except Forbidden as exc:
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.message)
         except ServiceError as exc:
             abort(context, grpc.StatusCode.INTERNAL, exc.message)
         except OperationalError:

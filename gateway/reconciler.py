@@ -189,7 +189,7 @@ class Reconciler(EventFolding, Submission):
         if not self.lease.may_recover(row.updated_at):  # its claimer may be submitting it
             return
         try:
-            job_id = self.backend.recover(row.id, task_dir(self.config, row.id))
+            job_id = self.backend.recover(row.id, task_dir(self.config, row.id), row.owner)
         except Exception:
             self._count("recover", ok=False)
             raise  # _isolated logs it; the claim stays for next tick
@@ -265,7 +265,7 @@ class Reconciler(EventFolding, Submission):
         current = State(row.state)
         logs = self._merge_worker_log(row, self._tail(row).fold, f"{now_rfc3339()} {reason}")
         for name, text in self.backend.job_output(task_dir(self.config, row.id),
-                                                  JOB_OUTPUT_BYTES):
+                                                  JOB_OUTPUT_BYTES, row.owner):
             logs[-1]["gateway_logs"].append(
                 f"{now_rfc3339()} {self.backend.name} job output, last {JOB_OUTPUT_BYTES} bytes"
                 f" of {name}:\n{text}")

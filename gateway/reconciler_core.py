@@ -21,7 +21,7 @@ from funnel_hpc.core import config as config_mod
 from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.events import EventFold
 from funnel_hpc.core.states import TERMINAL, State
-from funnel_hpc.gateway import observability
+from funnel_hpc.gateway import observability, owner_worker
 from funnel_hpc.gateway.event_tail import EventTail
 from funnel_hpc.gateway.leader import Lease
 from funnel_hpc.gateway.reconciler_index import SUBMITTING, InFlightIndex
@@ -33,6 +33,7 @@ __all__ = ["LOGGER_NAME", "SUBMITTING", "ReconcilerCore", "TickStats", "attempt_
            "worker_command", "write_worker_config"]
 
 TASK_FILE = "task.json"
+WORKER_CONFIG_FILE = "worker-config.json"  # in the work dir; with submit_as_owner, per task
 # how a job ended without its worker recording an end -> its reconciler.retry_on name
 RETRY_KINDS: dict[JobState, str] = {JobState.PREEMPTED: "preempted",
                                     JobState.NODE_FAILED: "node_fail", JobState.LOST: "lost"}
@@ -52,10 +53,11 @@ def worker_command(config: dict) -> list[str]:
 
 def write_worker_config(config: dict) -> Path:
     """The sections a worker needs, already merged, written once per server start as
-    JSON (mode 600): the worker reads it without parsing the YAML defaults again."""
+    JSON (mode 600): the worker reads it without parsing the YAML defaults again. Workers
+    that run as their task's owner cannot read it: theirs is per task (owner_worker.py)."""
     work_dir = Path(config["work_dir"])
     work_dir.mkdir(parents=True, exist_ok=True)
-    return files.write_private(work_dir, "worker-config.json",
+    return files.write_private(work_dir, WORKER_CONFIG_FILE,
                                json.dumps(config_mod.worker_sections(config)))
 
 
@@ -99,6 +101,12 @@ class ReconcilerCore:
         # task id -> (updated_at, logs) the last batch of live-log updates stored
         self.written_logs: dict[str, tuple[str, list]] = {}
         self.worker_config = write_worker_config(config)
+        # jobs run as their owners: each task dir gets this (no site secret in it), and
+        # the worker command must run for an unprivileged user (checked now, not per task)
+        self.owner_config: str | None = None
+        if owner_worker.runs_as_owners(config):
+            owner_worker.check_worker_command(worker_command(config))
+            self.owner_config = json.dumps(owner_worker.owner_sections(config))
         backend.on_change = service.changed.set
         # with auth on, each worker gets a token for its own task (core/worker_tokens.py)
         self.worker_key = (worker_tokens.load_key(config["work_dir"])
@@ -154,13 +162,14 @@ class ReconcilerCore:
     def _open_tails(self, rows: list[Any]) -> None:
         """Event tails for the rows that have none yet, each knowing its task's executor
         count (one read of the task documents for all of them)."""
-        new = [row.id for row in rows if row.id not in self.tails]
+        new = [row for row in rows if row.id not in self.tails]
         if not new:
             return
-        tasks = self.service.full_tasks(new)
-        for task_id in new:
-            executors = len((tasks.get(task_id) or {}).get("executors") or []) or None
-            self.tails[task_id] = EventTail(task_dir(self.config, task_id), executors)
+        tasks = self.service.full_tasks([row.id for row in new])
+        for row in new:
+            executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
+            self.tails[row.id] = EventTail(task_dir(self.config, row.id), executors,
+                                           self.backend.job_uid(row.owner))
 
     def _tail(self, row: Any) -> EventTail:
         if row.id not in self.tails:

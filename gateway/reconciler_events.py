@@ -68,7 +68,9 @@ class EventFolding(ReconcilerCore):
         """Read the task's new events; True if there is something to store."""
         tail = self._tail(row)
         tail.read_new()
-        if tail.fold.last_seq <= row.event_seq and not tail.fold.terminal:
+        if tail.behind:
+            self.retry.add(row.id)  # a bounded read left some: read on next tick
+        if tail.fold.last_seq <= row.event_seq and not tail.fold.terminal and not tail.notes:
             tail.fresh.clear()  # stored before (a restarted gateway reads from the start)
             return False
         return True
@@ -89,6 +91,7 @@ class EventFolding(ReconcilerCore):
         for row, update in batch:
             if row.id in updated:
                 self.tails[row.id].fresh.clear()
+                self.tails[row.id].notes.clear()
                 self.index.patch(row, event_seq=update.event_seq, updated_at=written_at)
                 self.written_logs[row.id] = (written_at, update.logs)
                 stats.updated += 1
@@ -113,7 +116,7 @@ class EventFolding(ReconcilerCore):
         # the worker's events this change stores, once each (a restarted gateway re-reads
         # the logs from the start: the row's event_seq says what was stored before)
         events = [event for event in tail.fresh if event.get("seq", 0) > row.event_seq]
-        if fold.last_seq <= row.event_seq and not fold.terminal:
+        if fold.last_seq <= row.event_seq and not fold.terminal and not tail.notes:
             tail.fresh.clear()
             return False
         current = State(row.state)
@@ -131,24 +134,35 @@ class EventFolding(ReconcilerCore):
                 note = (f"{now_rfc3339()} the {self.backend.name} job {row.job_id} was stopped "
                         "outside the gateway (the worker was signalled to end) without a TES "
                         f"cancel; scheduler: {status.state.value} {status.reason}".rstrip())
-        if target == current and fold.last_seq <= row.event_seq:
+        if target == current and fold.last_seq <= row.event_seq and not tail.notes:
             tail.fresh.clear()
             return False  # a stopped worker waiting for the scheduler's word: nothing new
         logs = self._merge_worker_log(row, fold, note, stored)
+        _add_notes(logs[-1]["gateway_logs"], tail.notes)
+        seq = max(fold.last_seq, row.event_seq)  # notes alone never move it back
         if target != current:
-            ok = self._transition(row, current, target, logs=logs, event_seq=fold.last_seq,
+            ok = self._transition(row, current, target, logs=logs, event_seq=seq,
                                   events=events)
         elif batch is not None:
-            batch.append((row, FieldUpdate(row.id, current.value, logs, fold.last_seq, events)))
+            batch.append((row, FieldUpdate(row.id, current.value, logs, seq, events)))
             return False
         else:
-            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=fold.last_seq,
+            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=seq,
                                             events=events)
             if not ok:
                 self.index.recheck(row.id)
         if ok:
             tail.fresh.clear()
+            tail.notes.clear()
             stats.updated += 1
             if target in TERMINAL:
                 stats.finished += 1
         return target in TERMINAL
+
+
+def _add_notes(gateway_logs: list, notes: list[str]) -> None:
+    """The event tail's notes on the task's logs, each once (a restarted gateway reads
+    the logs again from the start and finds the same)."""
+    for note in notes:
+        if not any(isinstance(line, str) and line.endswith(note) for line in gateway_logs):
+            gateway_logs.append(f"{now_rfc3339()} {note}")

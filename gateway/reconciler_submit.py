@@ -16,10 +16,11 @@ from funnel_hpc.backends import files
 from funnel_hpc.backends.base import BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.states import State
-from funnel_hpc.gateway.event_tail import EVENT_FILES, EventTail
+from funnel_hpc.gateway.event_tail import EventTail, archive_events
 from funnel_hpc.gateway.reconciler_core import (
     LOGGER_NAME,
     TASK_FILE,
+    WORKER_CONFIG_FILE,
     ReconcilerCore,
     TickStats,
     attempt_logs,
@@ -77,7 +78,8 @@ class Submission(ReconcilerCore):
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
                 self.tails[row.id] = EventTail(task_dir(self.config, row.id),
-                                               len(tasks[row.id]["executors"]))
+                                               len(tasks[row.id]["executors"]),
+                                               self.backend.job_uid(row.owner))
         if deferred:
             self.service.release_claims(deferred)
         if recorded:
@@ -96,6 +98,13 @@ class Submission(ReconcilerCore):
         if self.worker_key is not None:
             files.write_private(directory, worker_tokens.TOKEN_FILE,
                                 worker_tokens.token_for(self.worker_key, row.id))
+        if self.owner_config is not None:  # the owner's worker reads this one
+            files.write_private(directory, WORKER_CONFIG_FILE, self.owner_config)
+
+    def _gateway_files(self) -> tuple[str, ...]:
+        """What _prepare_task_dir writes in each task dir."""
+        return (TASK_FILE, *((worker_tokens.TOKEN_FILE,) if self.worker_key is not None else ()),
+                *((WORKER_CONFIG_FILE,) if self.owner_config is not None else ()))
 
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
         """backend.submit for each row: the job id, or the exception it raised."""
@@ -107,7 +116,7 @@ class Submission(ReconcilerCore):
             request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                                     worker_argv=self._worker_argv(directory),
                                     backend_parameters=_lower_keys(task), owner=row.owner,
-                                    worker_token=token)
+                                    worker_token=token, gateway_files=self._gateway_files())
             try:
                 job_id = self.backend.submit(request)
             except (BackendError, OSError, ValueError) as exc:
@@ -135,21 +144,13 @@ class Submission(ReconcilerCore):
         stats.finished += 1
 
     def _worker_argv(self, directory: Path) -> list[str]:
+        config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
+            else self.worker_config
         argv = [*worker_command(self.config), "--task-file", str(directory / TASK_FILE),
-                "--workdir", self.config["work_dir"], "--config", str(self.worker_config)]
+                "--workdir", self.config["work_dir"], "--config", str(config)]
         if self.pass_server_url:
             argv += ["--server", self.config["server"]["public_url"]]
         return argv
-
-
-def archive_events(directory: Path, previous_attempt: int) -> None:
-    """The previous attempt's event logs, renamed out of the new attempt's way."""
-    if previous_attempt < 1:
-        return
-    for name in EVENT_FILES:
-        path = directory / name
-        if path.exists():
-            path.rename(directory / f"{name}.attempt{previous_attempt}")
 
 
 def _lower_keys(task: dict) -> dict[str, str]:

@@ -3,9 +3,9 @@
 ``purge`` deletes tasks that ENDED (a terminal state) before a cut-off, oldest first in
 batches of ``BATCH``: one SELECT and one DELETE per batch (the DELETE repeats the state
 and time conditions, so a row that is not ended is never removed), then each deleted
-task's directory ``<work_dir>/<task id>``. Removal never follows a symlink (shutil.rmtree
-refuses a linked top directory and unlinks links inside). A task's end time is its
-``updated_at``: a terminal task is never written again.
+task's directories ``<work_dir>/<task id>`` and ``<work_dir>/.gateway/<task id>``. Removal
+never follows a symlink (shutil.rmtree refuses a linked top directory and unlinks links
+inside). A task's end time is its ``updated_at``: a terminal task is never written again.
 
 ``disk_usage`` walks the work dir once (lstat, no links followed) and sums bytes per
 task state; directories without a task row are "orphaned", everything else "other".
@@ -27,6 +27,7 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.core.events import rfc3339
 from funnel_hpc.core.states import TERMINAL
 from funnel_hpc.gateway import db
+from funnel_hpc.gateway.event_tail import gateway_dir
 
 BATCH = 500
 TASK_DIR_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -92,6 +93,8 @@ def purge(engine: Engine, work_dir: str | Path, older_than: float, dry_run: bool
         for _, task_id, state in batch:
             result.tasks.append(task_id)
             result.states[state] = result.states.get(state, 0) + 1
+            if not dry_run:  # what only the gateway wrote for it (gateway/event_tail.py)
+                shutil.rmtree(gateway_dir(work_dir, task_id), ignore_errors=True)
             directory = task_directory(work_dir, task_id)
             if directory is None:
                 continue

@@ -19,6 +19,7 @@ from marshmallow import ValidationError
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.engine import Engine
 
+from funnel_hpc.backends.owners import OwnerRefused
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway import db, outbox
@@ -52,6 +53,12 @@ class BadRequest(ServiceError):
 
 class NotFound(ServiceError):
     status = 404
+
+
+class Forbidden(ServiceError):
+    """The caller may not do this at all (e.g. own a task whose job would run as them)."""
+
+    status = 403
 
 
 def new_task_id() -> str:
@@ -127,6 +134,10 @@ class TaskService(ReconcilerStore):
         """create, and its notices for the client (fields ignored as unknown: refused
         instead when server.strict_fields is set), also kept in the system logs.
         `unknown`: fields the protocol already dropped (gRPC's unknown field numbers)."""
+        try:
+            self.admission.check_owner(owner)
+        except OwnerRefused as exc:
+            raise Forbidden(str(exc)) from None
         if unknown and self.strict_fields:
             raise BadRequest("; ".join(f"{path}: Unknown field." for path in unknown))
         try:

@@ -3,8 +3,10 @@
 `FakeRegistry` is a Registry v2 server over plain http on 127.0.0.1 (ThreadingHTTPServer)
 serving what a test put in it, counting every GET and connection, and able to misbehave on
 purpose: corrupt a blob, answer 503 a few times, demand a Bearer token, or redirect blob GETs
-elsewhere; it also serves as a forward proxy (GET http://other-host/...). `ConnectProxy` is
-an https proxy (CONNECT tunnels) that records where each tunnel went.
+elsewhere, or send slowly (a byte every `trickle` seconds, of a blob or of the headers);
+it also serves as a forward proxy (GET http://other-host/...). `ConnectProxy` is an https
+proxy (CONNECT tunnels) that records where each tunnel went. `gzip_bomb` makes a layer
+that expands a thousandfold without ever holding it expanded.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import io
 import json
 import os
 import re
+import secrets
 import selectors
 import socket
+import subprocess
 import tarfile
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -101,6 +106,8 @@ class FakeRegistry:
         self.proxied: Counter = Counter()   # GETs of absolute URLs (as a proxy): netloc -> count
         self.clients: set = set()           # client (host, port) pairs: one per connection
         self.silent_close = False           # close each connection after one answer, unannounced
+        self.trickle = 0.0                  # > 0: send blob bodies a byte every this many s
+        self.trickle_headers = False        # ... and every answer's headers too
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -207,8 +214,26 @@ class FakeRegistry:
                 for name, value in (headers or {}).items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                if registry.trickle and registry.trickle_headers:
+                    self.send_header("X-Padding", "x" * 1000)
+                    buffered: list[bytes] = getattr(self, "_headers_buffer")  # noqa: B009
+                    head = b"".join(buffered) + b"\r\n"  # http.server's, sent by hand
+                    buffered.clear()
+                    self._slowly(head)
+                else:
+                    self.end_headers()
+                if registry.trickle and "/blobs/" in self.path:
+                    return self._slowly(body)
                 self.wfile.write(body)
+
+            def _slowly(self, data: bytes) -> None:
+                try:
+                    for index in range(len(data)):
+                        self.wfile.write(data[index:index + 1])
+                        self.wfile.flush()
+                        time.sleep(registry.trickle)
+                except (OSError, ValueError):  # the client gave up, or the server closed
+                    self.close_connection = True
 
         return Handler
 
@@ -261,3 +286,53 @@ def relay(one: socket.socket, other: socket.socket) -> None:
                 if not data:
                     return
                 key.data.sendall(data)
+
+
+def gzip_bomb(expanded: int, name: str = "zeros") -> bytes:
+    """A gzip layer of one file of `expanded` zero bytes, made without holding or writing
+    them: each MiB of zeros deflates, after a full flush, to the same ~1 KB block, repeated
+    (3 GiB -> ~3 MB). A real gzip stream: its CRC and size trailer are right."""
+    import struct
+    import zlib
+    info = tarfile.TarInfo(name)
+    info.size = expanded
+    info.mtime = 1_700_000_000
+    header = info.tobuf(format=tarfile.PAX_FORMAT)
+    chunk = bytes(1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff",  # gzip header, no name, mtime 0
+             compressor.compress(header) + compressor.flush(zlib.Z_FULL_FLUSH)]
+    crc = zlib.crc32(header)
+    block = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
+    whole, rest = divmod(expanded, len(chunk))
+    parts.append(block * whole)
+    for _ in range(whole):  # ~0.3 s per GiB
+        crc = zlib.crc32(chunk, crc)
+    tail = bytes(rest) + bytes(-expanded % tarfile.BLOCKSIZE) + bytes(2 * tarfile.BLOCKSIZE)
+    parts.append(compressor.compress(tail) + compressor.flush())
+    crc = zlib.crc32(tail, crc)
+    size = len(header) + expanded + len(tail)
+    parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+    return b"".join(parts)
+
+
+def local_user(prefix: str, groups: tuple[str, ...] = ()) -> str:
+    """A real local account (useradd, no home), in `groups`; remove it with drop_user."""
+    name = f"fh{prefix}{secrets.token_hex(3)}"
+    extra = ["-G", ",".join(groups)] if groups else []
+    subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", *extra, name], check=True)
+    return name
+
+
+def local_group(prefix: str) -> str:
+    name = f"fh{prefix}{secrets.token_hex(3)}"
+    subprocess.run(["groupadd", name], check=True)
+    return name
+
+
+def drop_user(name: str) -> None:
+    subprocess.run(["userdel", name], check=False)
+
+
+def drop_group(name: str) -> None:
+    subprocess.run(["groupdel", name], check=False)

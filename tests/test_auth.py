@@ -14,6 +14,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.security import generate_password_hash
 
+from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
 from tests.server_helpers import ServerProcess, clean_env
 from tests.waiting import wait_for_state
 
@@ -340,7 +341,8 @@ def test_workers_report_over_http_with_auth_on(databases, tmp_path):
         wait_for_state(srv.api, done, "COMPLETE", timeout=60, auth=auth,
                        detail=lambda: srv.log()[-2000:])
         assert (task_dir / "worker.token").stat().st_mode & 0o777 == 0o600
-        received = [json.loads(line) for line in (task_dir / "events.received.jsonl").open()]
+        intake = gateway_dir(srv.work_dir, done) / RECEIVED_EVENTS
+        received = [json.loads(line) for line in intake.open()]
         # sent with the token (the intake stops taking events once the task has ended,
         # and the reconciler may learn the end from the file first)
         assert {"task_start", "executor_start"} <= {event["type"] for event in received}

@@ -12,6 +12,7 @@ import time
 import requests
 
 from funnel_hpc.core.events import iter_events, read_event_log
+from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
 from tests.server_helpers import ServerProcess, clean_env, funnel_argv, worker_image_config
 from tests.test_e2e import TERMINAL, create, get, sh, wait_state
 from tests.waiting import wait_for
@@ -77,7 +78,7 @@ def test_worker_fetches_task_by_id_and_reports_over_http(databases, tmp_path):
                               env=clean_env(), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         local_events = list(iter_events(elsewhere / task_id / "events.jsonl"))
-        received = server.work_dir / task_id / "events.received.jsonl"
+        received = gateway_dir(server.work_dir, task_id) / RECEIVED_EVENTS
         wait_for(lambda: len(list(iter_events(received))) >= len(local_events), 10,
                  "the server to receive every event", interval=0.1,
                  detail=lambda: f"received: {list(iter_events(received))}")

@@ -21,6 +21,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.core.events import MAX_TEXT, EventFold, read_event_log
+from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
 from tests.security_helpers import call, csrf_of, form, login, server_cpu_seconds
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
@@ -93,7 +94,7 @@ def test_bad_events_are_400_naming_the_field(open_server, event, field):
                          timeout=30)
     assert resp.status_code == 400, resp.text
     assert resp.json()["message"].startswith(field)
-    assert not (open_server.work_dir / task_id / "events.received.jsonl").exists()
+    assert not (gateway_dir(open_server.work_dir, task_id) / RECEIVED_EVENTS).exists()
 
 
 def test_malformed_event_bodies_are_400_not_500(open_server):
@@ -105,7 +106,7 @@ def test_malformed_event_bodies_are_400_not_500(open_server):
         assert resp.status_code == 400, (body[:20], resp.text)
     good = {"seq": 1, "type": "state", "state": "RUNNING"}
     assert requests.post(url, json=good, timeout=10).json()["accepted"] is True
-    received = (open_server.work_dir / task_id / "events.received.jsonl").read_text()
+    received = (gateway_dir(open_server.work_dir, task_id) / RECEIVED_EVENTS).read_text()
     assert [json.loads(line) for line in received.splitlines()] == [good]
 
 

@@ -149,7 +149,7 @@ def test_claim_without_a_job_is_submitted_again_without_using_an_attempt(tmp_pat
 
 def test_claim_whose_job_exists_is_recovered_not_resubmitted(tmp_path, monkeypatch):
     backend = RecordingBackend(set(), set())
-    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "4242")
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir, owner=None: "4242")
     service, reconciler, task_id = claimed_but_not_submitted(tmp_path, backend)
     reconciler.tick()
     row = service.get_row(task_id)
@@ -178,7 +178,7 @@ def test_a_failing_recover_holds_back_no_other_task(tmp_path, monkeypatch):
     backend = RecordingBackend(set(), set())
     asked = []
 
-    def recover(task_id, task_dir):
+    def recover(task_id, task_dir, owner=None):
         asked.append(task_id)
         raise BackendError("list_jobs failed: An error occurred (AccessDeniedException) "
                            "when calling the ListJobs operation")
@@ -194,7 +194,7 @@ def test_a_failing_recover_holds_back_no_other_task(tmp_path, monkeypatch):
     assert row.job_id == "" and row.attempt == 1 and row.state == "QUEUED"  # still claimed
     assert claimed not in backend.submitted
     # the permissions are mended
-    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "4242")
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir, owner=None: "4242")
     reconciler.tick()
     assert service.get_row(claimed).job_id == "4242"
 
@@ -204,7 +204,7 @@ def test_recover_that_cannot_ask_keeps_the_claim_until_it_can(tmp_path, monkeypa
     submitted again; once the scheduler answers, the job it had is adopted."""
     backend = RecordingBackend(set(), set())
 
-    def cannot_ask(task_id, task_dir):
+    def cannot_ask(task_id, task_dir, owner=None):
         raise BackendError("squeue failed (1): Unable to contact slurm controller",
                            transient=True)
 
@@ -213,7 +213,7 @@ def test_recover_that_cannot_ask_keeps_the_claim_until_it_can(tmp_path, monkeypa
     for _ in range(3):
         reconciler.tick()
     assert service.get_row(claimed).job_id == "" and not backend.submitted
-    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir: "77")
+    monkeypatch.setattr(backend, "recover", lambda task_id, task_dir, owner=None: "77")
     reconciler.tick()
     row = service.get_row(claimed)
     assert row.job_id == "77" and row.attempt == 1 and not backend.submitted

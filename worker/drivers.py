@@ -104,8 +104,11 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path):
+    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None,
+                 tmpfs_bytes: int = sandbox.TMPFS_BYTES):
         self.worker = config["worker"]
+        self.owner = owner  # the task's (task.json): whose registry credentials it may use
+        self.tmpfs_bytes = tmpfs_bytes  # each tmpfs of a bwrap sandbox (worker/limits.py)
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
@@ -216,14 +219,15 @@ class Drivers:
             root = images_mod.ensure_rootfs(
                 image, self.image_cache(), self.worker.get("registries") or {},
                 float(self.worker.get("image_retry_seconds", 30)),
-                str(self.worker.get("pull") or "missing"))
+                str(self.worker.get("pull") or "missing"), owner=self.owner,
+                limits=images_mod.Limits.from_worker(self.worker))
         except images_mod.ImageError as error:
             if str(self.worker.get("host_root") or "deny") != "allow":
                 raise DriverError(f"{error} ({error.reason})") from None
             self.host_root_reason = str(error)
             root = HOST_ROOT
-        except ValueError as error:  # a bad worker.pull
-            raise DriverError(f"worker.pull: {error}") from None
+        except ValueError as error:  # a bad worker.pull, image_* limit or registries entry
+            raise DriverError(str(error)) from None
         self.roots[image] = root
         return root
 
@@ -303,7 +307,7 @@ class Drivers:
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
             argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices)
+                                      devices, tmpfs_bytes=self.tmpfs_bytes)
         elif name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)

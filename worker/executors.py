@@ -1,7 +1,10 @@
 """A task's executors, run in order: one process each, its output streamed to its files,
-the tails and the events; a cancel kills the running one (SIGTERM, then SIGKILL).
+the tails and the events; a cancel kills the running one (SIGTERM, then SIGKILL). Given
+the task's cgroup (worker/cgroups.py), a sandboxed executor starts inside it, and whatever
+it left running when it ends (or is killed) is killed with the group.
 
-Cost: two pump threads and the live-log ticker per executor; no polling.
+Cost: two pump threads and the live-log ticker per executor; no polling (the disk watch of
+resources.disk_gb, when enforced, walks the task's files every few seconds).
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ import signal
 import subprocess
 import threading
 
+from funnel_hpc.worker.disk import DiskWatch
 from funnel_hpc.worker.drivers import IMAGE_DRIVERS, DriverError, switch_user
 from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.exit_codes import shell_exit_code
 from funnel_hpc.worker.failures import Canceled
-from funnel_hpc.worker.limits import wrap as limit_resources
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -24,8 +27,10 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO, Any
 
+    from funnel_hpc.worker.cgroups import Group
     from funnel_hpc.worker.drivers import Drivers, Invocation
     from funnel_hpc.worker.events import EventLog
+    from funnel_hpc.worker.limits import Plan
     from funnel_hpc.worker.paths import TaskPaths
 
 CHUNK = 1 << 16
@@ -48,7 +53,7 @@ class Executors:
     """Runs a task's executors; kill() (any thread) stops the one running."""
 
     def __init__(self, task: dict[str, Any], config: dict[str, Any], events: EventLog,
-                 canceled: threading.Event, drivers: Drivers, task_dir: Path):
+                 canceled: threading.Event, drivers: Drivers, task_dir: Path, plan: Plan):
         self.task = task
         self.task_id = str(task.get("id"))
         self.config = config
@@ -61,42 +66,80 @@ class Executors:
         parameters = (task.get("resources") or {}).get("backend_parameters") or {}
         gpus = str(parameters.get("gpus") or "")
         self.gpus = gpus if gpus not in ("", "0") else None  # resources.backend_parameters
+        self.plan = plan
+        self.group: Group | None = None  # the task's cgroup, for sandboxed executors
         self.process: subprocess.Popen[bytes] | None = None
+        self.exceeded: str | None = None  # a limit the running executor went over
         self._lock = threading.Lock()
 
     def kill(self) -> None:
+        """SIGTERM to the executor's process group, SIGKILL after a grace; then everything
+        left in the task's cgroup (what left the process group: setsid, daemons)."""
         with self._lock:
             proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(KILL_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
+        if proc is not None and proc.poll() is None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(KILL_GRACE_SECONDS)
             except ProcessLookupError:
                 pass
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        if self.group is not None:
+            self.group.kill_all()
+
+    def exceed(self, reason: str) -> None:
+        """A limit was passed (the disk watch): stop the running executor at once."""
+        self.exceeded = reason
+        with self._lock:
+            proc = self.process
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        if self.group is not None:
+            self.group.kill_all()
 
     def check_cancel(self) -> None:
         if self.canceled.is_set():
             raise Canceled()
 
-    def run_all(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths) -> str:
+    def run_all(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths,
+                group: Group | None = None) -> str:
         """Each executor in order; "COMPLETE", or "EXECUTOR_ERROR" at the first that failed
-        (an exit code not 0, unless it has ignore_error)."""
+        (an exit code not 0, unless it has ignore_error) or went over resources.disk_gb.
+        group: the task's cgroup, which sandboxed executors start in."""
+        self.group = group if driver in IMAGE_DRIVERS else None
+        disk = None
+        if self.plan.disk_bytes and driver in IMAGE_DRIVERS:
+            disk = DiskWatch([str(paths.files), str(self.drivers.sandbox_tmp)],
+                             self.plan.disk_bytes,
+                             self.plan.disk_check_seconds, self.exceed)
+            disk.start()
+        try:
+            return self._run_each(driver, binds, paths, disk)
+        finally:
+            if disk is not None:
+                disk.stop()
+
+    def _run_each(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths,
+                  disk: DiskWatch | None) -> str:
         notes: set[str] = set()
         for index, executor in enumerate(self.task["executors"]):
             self.check_cancel()
+            if self.group is not None:
+                self.group.warm_up()
             invocation = self._invocation(driver, executor, binds)
             if invocation.note not in notes:
                 notes.add(invocation.note)
                 self.events.system_log(f"executor {index}: {invocation.note}")
             exit_code = self.run_one(index, executor, invocation, paths, driver)
             self.check_cancel()
+            if disk is not None:
+                disk.check()
+            if self.exceeded:
+                self.events.system_log(f"executor {index}: {self.exceeded}")
+                return "EXECUTOR_ERROR"
             if exit_code != 0 and not executor.get("ignore_error"):
                 return "EXECUTOR_ERROR"
         return "COMPLETE"
@@ -106,10 +149,9 @@ class Executors:
         invocation = self.drivers.invocation(
             driver, executor["image"], list(executor["command"]),
             dict(executor.get("env") or {}), executor.get("workdir"), binds, self.gpus)
-        if driver in IMAGE_DRIVERS:  # an engine's client (docker...) is not the task
-            invocation.argv, limited = limit_resources(
-                invocation.argv, self.task.get("resources") or {},
-                str(self.config["worker"].get("limit_resources", "auto")), self.task_id)
+        # an engine's client (docker...) is not the task; with a cgroup, _start limits it
+        if driver in IMAGE_DRIVERS and self.group is None:
+            invocation.argv, limited = self.plan.rlimit_argv(invocation.argv)
             if limited:
                 invocation.note += f"; {limited}"
         return invocation
@@ -125,6 +167,7 @@ class Executors:
                 fh = _stream_file(paths, executor.get(key), mode)
                 streams[key] = files.enter_context(fh) if fh is not None else None
             self.events.emit("executor_start", index=index, start_time=now_rfc3339())
+            oom_kills = self.group.oom_kills() if self.group is not None else 0
             proc = self._start(inv, streams["stdin"])
             pumps = [threading.Thread(target=_pump, args=(proc.stdout, streams["stdout"],
                                                           out_tail)),
@@ -136,6 +179,12 @@ class Executors:
                             self.log_update_seconds)
             live.start()
             exit_code = proc.wait()
+            if self.group is not None:  # what it left running (setsid, daemons) ends with it
+                self.group.kill_all(timeout=0)
+                if self.group.oom_kills() > oom_kills:
+                    self.events.system_log(
+                        f"executor {index}: the kernel's OOM killer ended a process of it: "
+                        "the task went over its memory limit (resources.ram_gb)")
             for pump in pumps:
                 pump.join()
             live.stop()
@@ -147,12 +196,17 @@ class Executors:
         return exit_code
 
     def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> subprocess.Popen[bytes]:
+        popen: dict[str, Any] = dict(
+            stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=inv.env, start_new_session=True, cwd=inv.cwd or str(self.task_dir),
+            **switch_user(inv.ids))
         try:
             with self._lock:
-                proc = self.process = subprocess.Popen(
-                    inv.argv, stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, env=inv.env, start_new_session=True,
-                    cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids))
+                if self.group is not None:  # inside the task's cgroup from its first step
+                    proc = self.process = self.group.start(inv.argv, self.plan.disk_bytes,
+                                                           **popen)
+                else:
+                    proc = self.process = subprocess.Popen(inv.argv, **popen)
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
         if self.canceled.is_set():  # a cancel that came before the process was known

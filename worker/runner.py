@@ -2,7 +2,9 @@
 
 The steps live beside this file: staging.py (the task's directories, inputs, outputs),
 executors.py (the processes), scratch.py (worker.scratch_dir); this module orders them,
-turns what they raise into the task's final state, handles cancels and cleans up.
+turns what they raise into the task's final state, handles cancels and cleans up: limits.py
+says what of the task's resources this worker enforces, cgroups.py makes the task's group
+(removed at the end, and by its reaper if this worker is killed).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import time
 from pathlib import Path
 
 from funnel_hpc.core.worker_tokens import read_token
-from funnel_hpc.worker.drivers import CH_ROOT, SANDBOX_TMP, DriverError, Drivers
+from funnel_hpc.worker import cgroups
+from funnel_hpc.worker.drivers import CH_ROOT, IMAGE_DRIVERS, SANDBOX_TMP, DriverError, Drivers
 from funnel_hpc.worker.events import EventLog, now_rfc3339
 from funnel_hpc.worker.executors import Executors
 from funnel_hpc.worker.failures import Canceled, SystemFailure
-from funnel_hpc.worker.limits import LimitError
+from funnel_hpc.worker.limits import DEFAULT_TMPFS_MB, LimitError, Plan, plan
 from funnel_hpc.worker.paths import KEEP_WORKDIR, PathError, TaskPaths, remove_task_files
 from funnel_hpc.worker.staging import Staging
 from funnel_hpc.worker.storage import Storage, StorageError
@@ -56,7 +59,14 @@ class TaskRunner:
         self.scratch: Scratch | None = None  # worker.scratch_dir, once made
         self.cancel_event = threading.Event()
         self.storage = Storage(config, stop=self.cancel_event, owner=task.get("owner"))
-        self.drivers = Drivers(config, workdir)
+        self.limit_error: LimitError | None = None  # a bad worker.* limit setting
+        try:
+            self.plan = plan(task.get("resources") or {}, config["worker"], self.task_id)
+        except LimitError as error:  # raised in _steps, to end the task SYSTEM_ERROR
+            self.limit_error, self.plan = error, Plan(False, DEFAULT_TMPFS_MB << 20)
+        self.group: cgroups.Group | None = None  # the task's cgroup, while it runs
+        self.drivers = Drivers(config, workdir, task.get("owner"),
+                               tmpfs_bytes=self.plan.tmpfs_bytes)
         self.token = read_token(self.task_dir) if server else None
         # a remote worker (started with --task-id: no file system shared with the
         # gateway) reports only over HTTP, so it waits for a restarting server; one whose
@@ -65,7 +75,7 @@ class TaskRunner:
         self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server,
                                token=self.token, retry_seconds=self.flush_seconds)
         self.executors = Executors(task, config, self.events, self.cancel_event, self.drivers,
-                                   self.task_dir)
+                                   self.task_dir, self.plan)
 
     # ---- cancel ----
 
@@ -119,6 +129,7 @@ class TaskRunner:
             log.exception("task %s: unexpected error", self.task_id)
             final = "CANCELED" if self.cancel_event.is_set() else "SYSTEM_ERROR"
             events.system_log(f"worker internal error: {exc.__class__.__name__}: {exc}")
+        self._release_group()
         self._clean_up(final)
         events.emit("task_end", end_time=now_rfc3339())
         events.state(final)
@@ -129,6 +140,8 @@ class TaskRunner:
     def _steps(self) -> str:
         """Check, stage in, run, stage out; the final state unless something raises."""
         check_task(self.task)
+        if self.limit_error is not None:
+            raise self.limit_error
         self._use_scratch()
         driver = self.drivers.choose()
         self.events.emit("metadata", metadata={"container_driver": driver})
@@ -141,11 +154,35 @@ class TaskRunner:
         # the sandbox's own files (proot's /tmp, ch-run's roots) go beside files/
         self.drivers.hand_over(driver, self.scratch.root if self.scratch else self.task_dir,
                                binds)
+        self._make_group(driver)
         self.events.state("RUNNING")
-        final = self.executors.run_all(driver, binds, self.paths)
+        final = self.executors.run_all(driver, binds, self.paths, self.group)
         if final == "COMPLETE":
             staging.stage_out()
         return final
+
+    def _make_group(self, driver: str) -> None:
+        """The task's cgroup, when this worker enforces limits on a sandboxed driver."""
+        if not self.plan.enforce or driver not in IMAGE_DRIVERS:
+            return
+        parent = str(self.config["worker"].get("cgroup_parent") or "funnel-hpc")
+        try:
+            self.group = cgroups.create(self.task_id, self.plan.cgroup_limits(), parent)
+        except cgroups.Unavailable as reason:
+            self.events.system_log(f"limits (worker.limit_resources): no cgroup ({reason}): "
+                                   "memory is an address-space rlimit, CPUs an affinity, "
+                                   "and nothing bounds the number of processes")
+            return
+        self.events.system_log(f"limits (worker.limit_resources): {self.group.describe()}: "
+                               f"{self.plan.describe()}")
+
+    def _release_group(self) -> None:
+        """Kill what is left of the task and remove its cgroup (its reaper then exits)."""
+        if self.group is None:
+            return
+        for problem in self.group.remove():
+            self.events.system_log(f"cgroup {self.group.name}: cannot remove {problem}")
+        self.group = None
 
     def _use_scratch(self) -> None:
         """worker.scratch_dir set: the task's files/ tree moves to node-local scratch."""

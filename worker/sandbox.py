@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # Image entries the sandbox provides itself instead of binding the image's.
 SANDBOX_OWNED = ("dev", "proc", "sys", "tmp", "run")
 TMPFS = ("/tmp", "/run")
+TMPFS_BYTES = 1 << 30  # worker.tmpfs_mb's default: never the kernel's half of the host's RAM
 PROOT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 # proot 5.1 exits with the status of the last traced process that exited normally, so a
 # command killed by a signal after any child of it ended read as that child's code (0).
@@ -169,9 +170,12 @@ def give_tree(root: str, uid: int, gid: int) -> None:
 
 def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
-               hide: Sequence[str] = (), devices: Sequence[str] = ()) -> list[str]:
+               hide: Sequence[str] = (), devices: Sequence[str] = (),
+               tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
-    `devices`: host device nodes to bind (a task's GPUs)."""
+    `devices`: host device nodes to bind (a task's GPUs); `tmpfs_bytes`: the size of every
+    tmpfs the task can write (/tmp, /run, /var/tmp, /dev/shm). bwrap's own tmpfs root and
+    /dev cannot be sized: they are made read-only once everything is mounted on them."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
@@ -182,13 +186,15 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
     if os.path.isdir(os.path.join(rootfs, "var")):
         targets.append("/var/tmp")
     argv += image_binds(rootfs, targets)
-    argv += ["--dev", "/dev", "--proc", "/proc"]
+    size = ["--size", str(tmpfs_bytes)]
+    argv += ["--dev", "/dev", "--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
     for path in [*targets[len(binds):], *hide]:
-        argv += ["--tmpfs", path]
+        argv += [*size, "--tmpfs", path]
     for device in devices:
         argv += ["--dev-bind", device, device]
     for host, container in binds:
         argv += ["--bind", host, container]
+    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]  # unsized tmpfs: nothing to write
     argv.append("--clearenv")
     for name, value in env.items():
         argv += ["--setenv", name, value]

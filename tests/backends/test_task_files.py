@@ -1,6 +1,7 @@
 """Files the gateway writes into task directories (backends/files.py): 600 in 700 whatever
 the umask, never through a symlink a user planted, never as root into a user's directory,
-and chown that re-owns links, not their targets. Needs root (as the gateway runs)."""
+and a hand-over that re-owns only the files the gateway wrote, never a link's target.
+Needs root (as the gateway runs)."""
 
 from __future__ import annotations
 
@@ -72,14 +73,14 @@ def test_a_users_directory_is_taken_back_before_root_writes(tmp_path):
     assert (info.st_uid, mode(directory)) == (0, 0o700)
 
 
-def test_handing_over_reowns_links_not_their_targets(tmp_path):
+def test_handing_over_follows_no_link_and_reowns_only_our_files(tmp_path):
     target = outside_file(tmp_path)
     directory = tmp_path / "task4"
     files.write_private(directory, "task.json", "{}")
     os.symlink(target, directory / "evil")
-    files.give_to(directory, NOBODY.pw_uid, NOBODY.pw_gid)
+    files.give_to(directory, NOBODY.pw_uid, NOBODY.pw_gid, ("task.json", "evil"))
     assert target.stat().st_uid == 0
-    assert (directory / "evil").lstat().st_uid == NOBODY.pw_uid
+    assert (directory / "evil").lstat().st_uid == 0  # a link: never handed over
     assert (directory / "task.json").stat().st_uid == NOBODY.pw_uid
     assert directory.stat().st_uid == NOBODY.pw_uid and mode(directory) == 0o700
 
@@ -93,7 +94,8 @@ def test_slurm_resubmission_as_owner_follows_no_planted_link(tmp_path, umask_022
     os.symlink(target, request.task_dir / "slurm.sh")
     os.symlink(target, request.task_dir / "evil")
     os.chown(request.task_dir, NOBODY.pw_uid, NOBODY.pw_gid)
-    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
+    backend = SlurmBackend(backend_options("slurm", submit_as_owner=True,
+                                           owner_max_uid=NOBODY.pw_uid),  # a stand-in owner
                            {"work_dir": str(tmp_path)})
     backend.runner = FakeRunner({("sudo",): Result(0, "4242\n", "")})
     assert backend.submit(request) == "4242"

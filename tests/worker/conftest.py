@@ -147,3 +147,33 @@ def ftp_root(tmp_path_factory):
     thread.start()
     yield root, f"ftp://user:secret@127.0.0.1:{server.address[1]}"
     server.close_all()
+
+
+@pytest.fixture(scope="module")
+def limits_servers(databases, tmp_path_factory):
+    """get(driver) -> (server, auth): a real server as root (auth on, local backend,
+    reconciler) whose worker uses that container driver, made on first use; a real local
+    user submits (tests/worker/test_limits.py). Tasks' files are removed when they end."""
+    from werkzeug.security import generate_password_hash
+
+    from tests.limits_helpers import make_user, remove_user
+    from tests.server_helpers import ServerProcess
+
+    owner = make_user("lim")
+    servers: dict[str, ServerProcess] = {}
+
+    def get(driver: str = "bwrap") -> tuple[ServerProcess, tuple[str, str]]:
+        if driver not in servers:
+            servers[driver] = ServerProcess(
+                tmp_path_factory.mktemp(f"limits-{driver}"), databases.new("sqlite"),
+                reconcile=True, overrides={
+                    "auth": {"mode": "basic", "users": {owner: generate_password_hash("pw")}},
+                    "reconciler": {"interval_seconds": 0.3},
+                    "worker": {"container_driver": driver, "keep_workdir": "never",
+                               "max_pids": 256, "disk_check_seconds": 1}}).start()
+        return servers[driver], (owner, "pw")
+
+    yield get
+    for server in servers.values():
+        server.stop()
+    remove_user(owner)

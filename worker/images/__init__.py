@@ -1,10 +1,14 @@
 """Fetch a task's OCI image and unpack it into a root file system directory, rootless.
 
-Contract: `ensure_rootfs(image, cache_dir)` returns an `ImageRoot` whose `rootfs` is a
-complete, verified tree (never half-written) for this node's platform, or raises
+Contract: `ensure_rootfs(image, cache_dir, owner=...)` returns an `ImageRoot` whose `rootfs`
+is a complete, verified tree (never half-written) for this node's platform, or raises
 `ImageError` with a `reason` in `REASONS` and a one-line message naming the image (never a
 password). Many workers on many nodes may share `cache_dir` (NFS included): each blob is
 downloaded once and each image unpacked once, under `fcntl.flock` locks (see cache.py).
+Images belong to whoever may pull them (access.py): what was fetched with a registry's
+credentials is served from the cache only to owners who may use those credentials. A pull
+ends within `Limits.pull_seconds` (transport.py's Deadline) and an unpack within the
+`Limits` caps (unpack.py), or fails naming the `worker.` key it passed.
 
 Cost: importing this package loads nothing but `os`/`pathlib`; a warm start (the tag was
 resolved before and the image is unpacked) reads two small JSON files and makes no network
@@ -21,12 +25,14 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from typing import Any
 
+    from .access import Access
     from .cache import Cache
     from .reference import Reference
+    from .registry import MirroredClient, RegistryClient, Resolved
 
     Json = dict[str, Any]  # a parsed JSON object: manifests, descriptors, image configs
 
-REASONS = ("not_found", "auth", "digest", "unreachable", "invalid", "refused")
+REASONS = ("not_found", "auth", "digest", "unreachable", "invalid", "refused", "timeout")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PULL_POLICIES = ("missing", "always")
 ARCHES = {"x86_64": ("amd64", None), "aarch64": ("arm64", "v8"), "armv7l": ("arm", "v7"),
@@ -43,6 +49,50 @@ class ImageError(RuntimeError):
         super().__init__(f"image {image}: {detail}")
         self.reason = reason
         self.image = image
+
+
+class Limits:
+    """What one image may cost: the pull's deadline and the unpacking caps (worker.image_*)."""
+
+    # A plain class (no dataclasses import at start). The defaults are conf/default.yaml's (a test
+    # checks that they agree), here for callers without a configuration (benchmarks, seed)
+    # and for a worker-config.json written by an older gateway.
+    __slots__ = ("max_bytes", "max_entries", "max_ratio", "pull_seconds",
+                 "ratio_min_layer_bytes")
+    KEYS = {"image_max_bytes": "max_bytes", "image_max_entries": "max_entries",
+            "image_max_ratio": "max_ratio", "image_ratio_min_layer_bytes": "ratio_min_layer_bytes",
+            "image_pull_seconds": "pull_seconds"}
+
+    def __init__(self, max_bytes: int = 20 << 30, max_entries: int = 1_000_000,
+                 max_ratio: int = 100, ratio_min_layer_bytes: int = 4 << 20,
+                 pull_seconds: float = 600) -> None:
+        self.max_bytes = max_bytes                          # all layers, expanded
+        self.max_entries = max_entries                      # all layers' tar entries
+        self.max_ratio = max_ratio                          # expanded / compressed, per layer
+        self.ratio_min_layer_bytes = ratio_min_layer_bytes  # smaller layers count as this big
+        self.pull_seconds = pull_seconds                    # every request of one pull
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Limits) and all(
+            getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @classmethod
+    def from_worker(cls, worker: Json) -> Limits:
+        """The limits a `worker` configuration section sets; ValueError naming a bad key."""
+        values: dict[str, Any] = {}
+        for key, name in cls.KEYS.items():
+            if key not in worker:
+                continue
+            value = worker[key]
+            whole = name != "pull_seconds"
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
+                    or value <= 0:
+                raise ValueError(f"worker.{key} must be a positive "
+                                 f"{'integer' if whole else 'number'}, not {value!r}")
+            values[name] = value
+        return cls(**values)
 
 
 class ImageRoot:
@@ -71,24 +121,30 @@ def resolve(image: str) -> Reference:  # (reference.py is not imported at start)
 def ensure_rootfs(image: str, cache_dir: str | os.PathLike[str],
                   registries: dict[str, Json] | None = None,
                   retry_seconds: float = 30, pull: str = "missing",
-                  tag_ttl: float | None = None) -> ImageRoot:
+                  tag_ttl: float | None = None, *, owner: str | None = None,
+                  limits: Limits | None = None) -> ImageRoot:
     """The unpacked root file system of `image` under `cache_dir`, pulling what is missing.
 
     `registries` maps a registry host ("docker.io", "host:port") to its settings: username,
-    password, insecure (plain http), ca_file, mirrors. `pull="missing"` trusts a tag resolved
-    before (for at most `tag_ttl` seconds when given); "always" asks the registry again.
-    Digest references are immutable and never re-resolved.
+    password, users and groups (who may use them), insecure (plain http), ca_file, mirrors.
+    `owner` is the task's owner (None: auth off): it gets only the credentials it may use,
+    and only what the cache holds under those or none (access.py). `pull="missing"` trusts
+    a tag resolved before (for at most `tag_ttl` seconds when given); "always" asks the
+    registry again. Digest references are immutable and never re-resolved, but fetched
+    from their registry once for each credential scope before the cache serves them.
     """
     if pull not in PULL_POLICIES:
-        raise ValueError(f"pull must be one of {PULL_POLICIES}, not {pull!r}")
+        raise ValueError(f"worker.pull must be one of {PULL_POLICIES}, not {pull!r}")
+    from .access import for_owner
     from .cache import Cache
     ref = resolve(image)
+    access = for_owner(registries or {}, owner)
     cache = Cache(Path(cache_dir))
     if pull == "missing" or ref.digest:
-        found = cache.lookup(ref, tag_ttl)
+        found = cache.lookup(ref, tag_ttl, access.scopes)
         if found is not None:
             return found
-    return _pull(ref, cache, registries or {}, retry_seconds)
+    return _pull(ref, cache, access, retry_seconds, limits or Limits())
 
 
 def platform() -> tuple[str, str | None]:
@@ -97,29 +153,58 @@ def platform() -> tuple[str, str | None]:
     return ARCHES.get(machine, (machine, None))
 
 
-def _pull(ref: Reference, cache: Cache, registries: dict[str, Json],
-          retry_seconds: float) -> ImageRoot:
-    """Resolve on the registry, fetch the blobs that are missing, unpack once, remember."""
+def _pull(ref: Reference, cache: Cache, access: Access, retry_seconds: float,
+          limits: Limits) -> ImageRoot:
+    """Resolve on the registry, fetch the blobs that are missing (or that this owner may not
+    take from the cache), unpack once, remember under the pull's credential scope."""
+    from .registry import open_registry
+    from .transport import Deadline, Expired
+    image = ref.canonical()
+    client = open_registry(ref, access.registries, retry_seconds,
+                           Deadline(limits.pull_seconds))
+    try:
+        resolved = client.resolve()
+        found = _fetch_and_unpack(ref, cache, access, client, resolved, limits)
+    except Expired:
+        raise ImageError("timeout", image, "pull took longer than worker.image_pull_seconds "
+                         f"({limits.pull_seconds:g} s)") from None
+    finally:
+        client.close()
+    return found
+
+
+def _fetch_and_unpack(ref: Reference, cache: Cache, access: Access,
+                      client: RegistryClient | MirroredClient, resolved: Resolved,
+                      limits: Limits) -> ImageRoot:
+    """The blobs (fetched again where the owner may not reuse them), the unpacked root,
+    and the records of the reference (and, for a tag, of its digest) under the pull's scope."""
     from functools import partial
 
-    from .registry import open_registry
-    from .unpack import BlobCorrupt
-    client = open_registry(ref, registries, retry_seconds)
-    resolved = client.resolve()
+    from .reference import Reference
+    from .unpack import BlobCorrupt, CapExceeded
     image = ref.canonical()
     for attempt in (1, 2):  # a cached layer found corrupt while unpacking is fetched again
-        config_path = cache.ensure_blob(resolved.config, client.download_blob)
-        layers = [(cache.ensure_blob(layer, client.download_blob), layer)
+        config_path = cache.ensure_blob(resolved.config, client.download_blob, access.scopes,
+                                        client.scope)
+        layers = [(cache.ensure_blob(layer, client.download_blob, access.scopes,
+                                     client.scope), layer)
                   for layer in resolved.layers]
         try:
             cache.ensure_image(resolved.manifest_digest, partial(
-                _build, config_path=config_path, layers=layers, image=image))
+                _build, config_path=config_path, layers=layers, image=image, limits=limits))
             break
         except BlobCorrupt as error:
             cache.discard_blob(error.digest)
             if attempt == 2:
                 raise
-    cache.remember(ref, resolved.digest, resolved.manifest_digest)
+        except CapExceeded as error:
+            cache.discard_blob(error.digest)  # hostile: nothing will ever unpack it
+            raise
+    scope = client.scope()
+    cache.remember(ref, resolved.digest, resolved.manifest_digest, scope)
+    if ref.tag:  # the digest it resolved to, for `name@digest` references of the same owner
+        cache.remember(Reference(ref.registry, ref.repository, None, resolved.digest),
+                       resolved.digest, resolved.manifest_digest, scope)
     found = cache.image(ref, resolved.digest, resolved.manifest_digest)
     if found is None:
         raise ImageError("invalid", image, f"unpacked image vanished from {cache.root}")
@@ -127,7 +212,7 @@ def _pull(ref: Reference, cache: Cache, registries: dict[str, Json],
 
 
 def _build(rootfs: Path, config_path: Path, layers: list[tuple[Path, Json]],
-           image: str) -> Json:
+           image: str, limits: Limits) -> Json:
     """Unpack the layers into `rootfs`; the image config's "config" section."""
     import hashlib
     import json
@@ -141,7 +226,7 @@ def _build(rootfs: Path, config_path: Path, layers: list[tuple[Path, Json]],
         config = json.loads(raw)
     except ValueError:
         raise ImageError("invalid", image, "image config is not JSON") from None
-    unpack_layers(rootfs, layers, image)
+    unpack_layers(rootfs, layers, image, limits)
     inner = config.get("config") if isinstance(config, dict) else None
     return inner if isinstance(inner, dict) else {}
 

@@ -1,12 +1,14 @@
 """OCI distribution / Docker Registry v2 client: manifests, blobs, auth, retries.
 
-Contract: `open_registry(ref, registries, retry_seconds)` gives a `RegistryClient` whose
+Contract: `open_registry(ref, registries, retry_seconds, deadline)` gives a client whose
 `resolve()` returns the manifest for this node's platform (following an index) with its
 digest checked, and whose `download_blob(descriptor, file)` streams a blob into an open file
 while hashing it, raising ImageError("digest") if its digest or size differ. Connection
 errors, 5xx and 429 are retried with exponential backoff and jitter for `retry_seconds`;
-404, 401 and 403 fail at once. Auth: anonymous, Basic, or Bearer tokens from the realm
-named in a 401's WWW-Authenticate (with Basic credentials if configured). https (verified
+404, 401 and 403 fail at once; nothing outlives the `deadline` of the whole pull
+(transport.Expired). Auth: anonymous, Basic, or Bearer tokens from the realm named in a
+401's WWW-Authenticate (with Basic credentials if configured); `scope()` says whether
+credentials were sent (access.py: what they fetched is not for every owner). https (verified
 against `ca_file` if set, else the system's CAs; a certificate error fails at once) unless
 the registry's settings say `insecure: true` (plain http). A registry's `mirrors` are tried
 before it, in order. HTTP itself (redirects, proxies, keep-alive) is transport.py's, on the
@@ -26,8 +28,9 @@ import time
 from urllib.parse import urlencode
 
 from . import ImageError, platform
+from .access import PUBLIC, restricted, scope_of
 from .reference import DEFAULT_TAG, Reference
-from .transport import Refused, Response, Transport
+from .transport import Deadline, Refused, Response, Transport
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -66,29 +69,43 @@ class Resolved:
         self.layers = layers
 
 
-def open_registry(ref: Reference, registries: dict[str, Json],
-                  retry_seconds: float) -> RegistryClient | MirroredClient:
+def open_registry(ref: Reference, registries: dict[str, Json], retry_seconds: float,
+                  deadline: Deadline | None = None) -> RegistryClient | MirroredClient:
     """A client for the first of the registry's mirrors (then itself) that has the image."""
+    deadline = deadline or Deadline(None)
     mirrors = registries.get(ref.registry, {}).get("mirrors") or []
     if not mirrors:
-        return RegistryClient(ref, ref.api_host, registries.get(ref.registry, {}), retry_seconds)
-    return MirroredClient(ref, [*mirrors, ref.api_host], registries, retry_seconds)
+        return RegistryClient(ref, ref.api_host, ref.registry, registries.get(ref.registry, {}),
+                              retry_seconds, deadline)
+    return MirroredClient(ref, [*mirrors, ref.api_host], registries, retry_seconds, deadline)
 
 
 class RegistryClient:
     """Talks to one registry host for one repository."""
 
-    def __init__(self, ref: Reference, host: str, settings: Json, retry_seconds: float) -> None:
+    def __init__(self, ref: Reference, host: str, key: str, settings: Json,
+                 retry_seconds: float, deadline: Deadline) -> None:
         self.ref = ref
         self.image = ref.canonical()
         self.retry_seconds = retry_seconds
+        self.deadline = deadline
+        self.key = key  # the worker.registries entry `settings` came from
         self.settings = settings
         self.origin = f"{'http' if settings.get('insecure') else 'https'}://{host}/"
         self.base = f"{self.origin}v2/{ref.repository}"
-        self.transport = Transport(settings.get("ca_file"), bool(settings.get("insecure")), host)
+        self.transport = Transport(settings.get("ca_file"), bool(settings.get("insecure")), host,
+                                   deadline)
         self.auth_header: str | None = None
+        self.sent_credentials = False  # has any request carried them (or a token from them)?
         username = settings.get("username")
         self.basic = _basic(username, settings.get("password")) if username is not None else None
+
+    def scope(self) -> str:
+        """The cache scope of what this client fetched so far (access.py)."""
+        return scope_of(self.key, self.settings) if self.sent_credentials else PUBLIC
+
+    def close(self) -> None:
+        self.transport.close()
 
     def resolve(self) -> Resolved:
         wanted = self.ref.digest or self.ref.tag or DEFAULT_TAG
@@ -118,7 +135,7 @@ class RegistryClient:
     def download_blob(self, descriptor: Json, out: BufferedIOBase) -> None:
         """Stream the blob into the binary file `out`, verifying its digest and size."""
         digest, size = descriptor["digest"], descriptor["size"]
-        backoff = Backoff(self.image, self.retry_seconds)
+        backoff = Backoff(self.image, self.retry_seconds, self.deadline)
         while True:
             out.seek(0)
             out.truncate()
@@ -146,7 +163,7 @@ class RegistryClient:
 
     def _request(self, url: str, accept: str | None) -> Response:
         """GET with auth and retries; a non-2xx answer becomes an ImageError."""
-        backoff = Backoff(self.image, self.retry_seconds)
+        backoff = Backoff(self.image, self.retry_seconds, self.deadline)
         challenged = False
         # identity: a digest names the bytes as stored, not a transport encoding of them
         headers = {"Accept": accept or "*/*", "Accept-Encoding": "identity"}
@@ -191,12 +208,19 @@ class RegistryClient:
         scheme = challenge.split(" ", 1)[0].lower()
         if scheme == "basic" and self.basic:
             self.auth_header = self.basic
+            self.sent_credentials = True
         elif scheme == "bearer":
             self.auth_header = "Bearer " + self._token(dict(CHALLENGE_RE.findall(challenge)))
         else:
-            missing = "" if self.basic else "; none configured"
+            missing = "" if self.basic else self._withheld() or "; none configured"
             raise ImageError("auth", self.image, "authentication failed (registry wants "
                              f"{scheme or 'credentials'}{missing})")
+
+    def _withheld(self) -> str:
+        """Why no credentials were sent when the settings had some for other owners."""
+        if self.basic or not restricted(self.settings):
+            return ""
+        return "; its credentials in worker.registries are not for this task's owner"
 
     def _token(self, params: dict[str, str]) -> str:
         realm = params.pop("realm", "")
@@ -210,6 +234,7 @@ class RegistryClient:
         headers = {"Accept": "application/json"}
         if self.basic:
             headers["Authorization"] = self.basic
+            self.sent_credentials = True
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(params)}"
         try:
             with self.transport.get(url, headers) as answer:
@@ -221,8 +246,8 @@ class RegistryClient:
             raise ImageError("unreachable", self.image,
                              f"token service unreachable: {_describe(error)}") from None
         if status in (401, 403):
-            raise ImageError("auth", self.image,
-                             f"authentication failed (token service said {status})")
+            raise ImageError("auth", self.image, "authentication failed (token service said "
+                             f"{status}{self._withheld()})")
         try:
             body = json.loads(raw)
             token = body.get("token") or body["access_token"]
@@ -236,7 +261,8 @@ class RegistryClient:
     def _http_error(self, response: Response) -> ImageError:
         said = _registry_said(response)
         if response.status in (401, 403):
-            return ImageError("auth", self.image, f"authentication failed{said}")
+            return ImageError("auth", self.image, f"authentication failed{said}"
+                              f"{self._withheld()}")
         if response.status == 404:
             return ImageError("not_found", self.image, f"not found{said}")
         return ImageError("invalid", self.image, f"registry answered HTTP {response.status}{said}")
@@ -282,19 +308,28 @@ class MirroredClient:
     """Tries each mirror, then the registry itself; the first that resolves serves the blobs."""
 
     def __init__(self, ref: Reference, hosts: list[str], registries: dict[str, Json],
-                 retry_seconds: float) -> None:
-        own = registries.get(ref.registry, {})
-        self.clients = [RegistryClient(ref, host, registries.get(host, own if host == ref.api_host
-                                                                  else {}), retry_seconds)
-                        for host in hosts]
+                 retry_seconds: float, deadline: Deadline) -> None:
+        self.clients = []
+        for host in hosts:
+            # the registry itself: its own entry (by API host or by name); a mirror: its own
+            key = host if host in registries or host != ref.api_host else ref.registry
+            self.clients.append(RegistryClient(ref, host, key, registries.get(key, {}),
+                                               retry_seconds, deadline))
         self.chosen: RegistryClient | None = None
+
+    def scope(self) -> str:
+        return (self.chosen or self.clients[-1]).scope()
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
     def resolve(self) -> Resolved:
         for client in self.clients[:-1]:
             try:
                 resolved = client.resolve()
             except ImageError as error:
-                if error.reason in ("digest", "invalid"):
+                if error.reason in ("digest", "invalid", "timeout"):
                     raise
                 continue  # this mirror lacks the image or is down: try the next
             self.chosen = client
@@ -330,15 +365,18 @@ def _describe(error: Exception) -> str:
 
 
 class Backoff:
-    """Exponential backoff with jitter until `retry_seconds` have passed, then unreachable."""
+    """Exponential backoff with jitter until `retry_seconds` have passed, then unreachable;
+    never past the pull's deadline (transport.Expired)."""
 
-    def __init__(self, image: str, retry_seconds: float) -> None:
+    def __init__(self, image: str, retry_seconds: float, pull: Deadline | None = None) -> None:
         self.image = image
         self.retry_seconds = retry_seconds
         self.deadline = time.monotonic() + retry_seconds
+        self.pull = pull or Deadline(None)
         self.attempt = 0
 
     def wait(self, error: Exception | str, retry_after: str | None = None) -> None:
+        self.pull.check()
         now = time.monotonic()
         if now >= self.deadline:
             what = error if isinstance(error, str) else type(error).__name__
@@ -350,4 +388,4 @@ class Backoff:
         if retry_after and retry_after.isdigit():
             delay = max(delay, float(retry_after))
         self.attempt += 1
-        time.sleep(max(0.0, min(delay, self.deadline - now)))
+        time.sleep(max(0.0, min(delay, self.deadline - now, self.pull.remaining())))

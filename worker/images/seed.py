@@ -19,7 +19,8 @@ import tarfile
 from functools import partial
 from pathlib import Path
 
-from . import DEFAULT_PATH, ImageRoot, _build, platform, resolve
+from . import DEFAULT_PATH, ImageRoot, Limits, _build, platform, resolve
+from .access import PUBLIC
 from .cache import Cache
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -60,13 +61,16 @@ def seed(image: str, from_dir: str | os.PathLike[str], cache_dir: str | os.PathL
     def write(descriptor: Json, out: BufferedIOBase) -> None:
         out.write(blobs[descriptor["digest"]])
 
-    cache.ensure_blob(_descriptor(OCI_MANIFEST, manifest), write)
-    config_path = cache.ensure_blob(config_desc, write)
-    layer_path = cache.ensure_blob(layer_desc, write)
+    def public() -> str:  # the admin's seed is for every owner
+        return PUBLIC
+
+    cache.ensure_blob(_descriptor(OCI_MANIFEST, manifest), write, None, public)
+    config_path = cache.ensure_blob(config_desc, write, None, public)
+    layer_path = cache.ensure_blob(layer_desc, write, None, public)
     cache.ensure_image(manifest_digest, partial(
         _build, config_path=config_path, layers=[(layer_path, layer_desc)],
-        image=ref.canonical()))
-    cache.remember(ref, manifest_digest, manifest_digest)
+        image=ref.canonical(), limits=Limits()))
+    cache.remember(ref, manifest_digest, manifest_digest, PUBLIC)
     found = cache.image(ref, manifest_digest, manifest_digest)
     assert found is not None
     return found

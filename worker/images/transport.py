@@ -9,8 +9,12 @@ http unless `allow_http`. One keep-alive connection per scheme and host, reused 
 has been read to its end; HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY are read from the
 environment as urllib (and requests) read them, with CONNECT tunnels for https. TLS trusts
 `ca_file` alone for `home`, `ca_file` plus the system's CAs elsewhere. Connect timeout
-CONNECT_TIMEOUT, read timeout READ_TIMEOUT. Failures are raised as they come:
-OSError and http.client.HTTPException (the caller retries them) and ssl.SSLError.
+CONNECT_TIMEOUT, read timeout READ_TIMEOUT, both cut to what is left of the `Deadline`
+of the whole pull; bodies are read one socket read at a time with the deadline checked
+between reads (a registry trickling a byte at a time cannot stretch a pull), and a
+watchdog shuts the connections down when it passes (a trickle of headers or TLS records).
+Failures are raised as they come: OSError and http.client.HTTPException (the caller
+retries them), ssl.SSLError, and Expired once the deadline has passed (never retried).
 Cost: http.client and ssl load in ~30 ms (requests: ~95 ms); urllib.request (~8 ms more)
 loads only when a *_proxy variable is set.
 """
@@ -18,12 +22,16 @@ loads only when a *_proxy variable is set.
 from __future__ import annotations
 
 import http.client
+import math
 import os
+import socket
 import ssl
+import time
 from urllib.parse import SplitResult, unquote, urljoin, urlsplit
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Iterator
 
 Key = tuple[str, str]                    # scheme, host[:port]: one kept-alive connection each
@@ -42,6 +50,30 @@ class Refused(Exception):
     """A redirect or proxy setting this client will not follow; retrying will not help."""
 
 
+class Expired(Exception):
+    """The deadline of the whole pull has passed (not an OSError: never retried)."""
+
+
+class Deadline:
+    """The time by which a whole pull (all requests, retries included) must be done."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.end = math.inf if seconds is None else time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self) -> None:
+        if self.remaining() <= 0:
+            raise Expired(f"deadline of {self.seconds:g} s passed")
+
+    def timeout(self, limit: float) -> float:
+        """A socket timeout: `limit`, or less if the deadline is nearer (Expired if passed)."""
+        self.check()
+        return min(limit, self.remaining())
+
+
 def tls_context(ca_file: str | None, system: bool) -> ssl.SSLContext:
     """A verifying context trusting `ca_file`, the system's CAs if `system` or no `ca_file`,
     built once per process (loading the system's bundle costs ~10 ms: only when needed)."""
@@ -58,26 +90,47 @@ class Response:
     """An answer whose body is being read; `close()` keeps the connection if the body ended."""
 
     def __init__(self, answer: http.client.HTTPResponse, transport: Transport, key: Key,
-                 url: str) -> None:
+                 url: str, sock: socket.socket) -> None:
         self.answer = answer
         self.url = url  # where it came from, after redirects
         self.status = answer.status
         self.headers = answer.headers  # case-insensitive get()
         self.transport = transport
         self.key = key
+        self.sock = sock
 
     def read(self, limit: int) -> bytes:
         """At most `limit` bytes of the body (fewer only at its end)."""
-        return self.answer.read(limit)
+        parts = []
+        while limit > 0 and (chunk := self._read1(limit)):
+            parts.append(chunk)
+            limit -= len(chunk)
+        return b"".join(parts)
 
     def chunks(self, size: int) -> Iterator[bytes]:
-        while chunk := self.answer.read(size):
+        while chunk := self._read1(size):
             yield chunk
+
+    def _read1(self, size: int) -> bytes:
+        """What one socket read gives (at most `size` bytes), within the deadline."""
+        if self.answer.isclosed():
+            return b""
+        if self.answer.length == 0:  # 3.11's read1 leaves the response open at its end
+            self.answer.read()  # ends it, so that the connection carries the next request
+            return b""
+        self.sock.settimeout(self.transport.deadline.timeout(READ_TIMEOUT))
+        chunk = self.answer.read1(size)
+        if not chunk:  # the end, or the watchdog shut the connection at the deadline
+            self.transport.deadline.check()
+        return chunk
 
     def discard(self) -> None:
         """Read a small rest of the body, so that the connection can carry the next request."""
         if self.answer.length is not None and self.answer.length <= DRAIN_LIMIT:
-            self.answer.read()
+            try:
+                self.answer.read()
+            except (OSError, http.client.HTTPException):
+                pass  # cut off (by the watchdog too): the connection is dropped below
         self.close()
 
     def close(self) -> None:
@@ -98,11 +151,37 @@ class Transport:
     # `ca_file` alone vouches for `home` (the registry); other hosts (a token service, object
     # storage behind a redirect) may hold certificates from the system's CAs or from ca_file
     def __init__(self, ca_file: str | None = None, allow_http: bool = False,
-                 home: str | None = None) -> None:
+                 home: str | None = None, deadline: Deadline | None = None) -> None:
         self.ca_file = ca_file
         self.home = home
         self.allow_http = allow_http
         self.connections: dict[Key, http.client.HTTPConnection] = {}
+        self.deadline = deadline or Deadline(None)
+        self.watchdog: threading.Timer | None = None
+
+    def close(self) -> None:
+        """Stop the watchdog and close every kept-alive connection."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        for key in list(self.connections):
+            self.drop(key)
+
+    def _arm(self) -> None:
+        """Shut every connection down when the deadline passes, whatever it is waiting for."""
+        if self.watchdog is None and self.deadline.end != math.inf:
+            import threading
+            self.watchdog = threading.Timer(max(0.0, self.deadline.remaining()), self._expire)
+            self.watchdog.daemon = True
+            self.watchdog.start()
+
+    def _expire(self) -> None:
+        for connection in list(self.connections.values()):
+            sock = connection.sock
+            if sock is not None:
+                try:  # socket.socket's own: ssl's would unwrap under a reading thread
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed
 
     def get(self, url: str, headers: dict[str, str]) -> Response:
         for _ in range(MAX_REDIRECTS + 1):
@@ -149,14 +228,17 @@ class Transport:
             if proxy[2]:
                 headers["Proxy-Authorization"] = proxy[2]
         reused = key in self.connections
+        self._arm()
         while True:
             connection = self.connections.get(key) or self._connect(key, parts, proxy)
             try:
                 if connection.sock is None:  # new, or closed by the server after its last answer
+                    connection.timeout = self.deadline.timeout(CONNECT_TIMEOUT)
                     connection.connect()
-                    connection.sock.settimeout(READ_TIMEOUT)  # type: ignore[attr-defined]
+                sock: socket.socket = connection.sock
+                sock.settimeout(self.deadline.timeout(READ_TIMEOUT))
                 connection.request("GET", target, headers=headers)
-                return Response(connection.getresponse(), self, key, url)
+                return Response(connection.getresponse(), self, key, url, sock)
             except ConnectionError:
                 self.drop(key)
                 if not reused:

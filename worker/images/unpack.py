@@ -10,6 +10,12 @@ link to a missing or outside path raises ImageError("refused") naming the entry.
 names are re-rooted. Device nodes and fifos are skipped (returned as notes), setuid/setgid
 bits dropped, owners not changed, group/other write removed (the image is shared, read-only).
 Each layer's digest is checked again as it is read: a corrupt cached blob raises BlobCorrupt.
+Caps (`Limits`): each entry's header is checked before its data is read or written, so a
+layer that would expand past `worker.image_max_bytes` (all layers), past
+`worker.image_max_ratio` times its compressed size (at least `image_ratio_min_layer_bytes`),
+or hold more than `worker.image_max_entries` entries (all layers) raises CapExceeded
+("refused", naming the key) having written at most the cap; pax and GNU long-name headers
+over MAX_META are refused before tarfile reads them into memory.
 Cost: one read of each layer; per entry a few syscalls (parent directories stay open; a
 name is created first and only replaced when something is there).
 """
@@ -25,7 +31,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from . import ImageError
+from . import ImageError, Limits
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -46,6 +52,10 @@ LAYER_TYPES = (
 )
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# headers whose data tarfile reads whole into memory: pax, GNU long names; real ones are small
+META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+              tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+MAX_META = 1 << 20
 
 
 class BlobCorrupt(ImageError):
@@ -56,33 +66,120 @@ class BlobCorrupt(ImageError):
         self.digest = digest
 
 
-def unpack_layers(rootfs: Path, layers: list[tuple[Path, Json]], image: str) -> list[str]:
+class CapExceeded(ImageError):
+    """A layer would expand past one of the caps of `Limits` (worker.image_max_*)."""
+
+    def __init__(self, image: str, digest: str, why: str) -> None:
+        super().__init__("refused", image, f"layer {digest} {why}")
+        self.digest = digest
+
+
+class Budget:
+    """What the layers unpacked so far used of the caps; refuses an entry that would pass one."""
+
+    def __init__(self, limits: Limits, image: str) -> None:
+        self.limits = limits
+        self.image = image
+        self.bytes_before = 0  # expanded bytes of the layers already applied
+        self.entries = 0
+        self.digest = ""
+        self.layer_cap = 0     # expanded bytes the current layer may reach (ratio)
+
+    def start_layer(self, descriptor: Json) -> None:
+        self.digest = str(descriptor.get("digest", "?"))
+        size = descriptor.get("size")
+        compressed = size if isinstance(size, int) and size > 0 else 0
+        self.layer_cap = max(compressed, self.limits.ratio_min_layer_bytes) * self.limits.max_ratio
+
+    def end_layer(self, expanded: int) -> None:
+        self.bytes_before += expanded
+
+    def admit(self, end: int) -> None:
+        """An entry after which the current layer has expanded to `end` bytes (its stream,
+        or the sizes of its files if larger: a sparse file's holes are written out)."""
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise self._refuse(f"passes worker.image_max_entries ({self.limits.max_entries} "
+                               "entries in the image)")
+        self.check(end)
+
+    def check(self, end: int) -> None:
+        """Would the current layer's expanded stream reaching `end` bytes pass a cap?"""
+        if self.bytes_before + end > self.limits.max_bytes:
+            raise self._refuse(f"expands past worker.image_max_bytes "
+                               f"({self.limits.max_bytes} bytes)")
+        if end > self.layer_cap:
+            raise self._refuse(f"expands past worker.image_max_ratio ({self.limits.max_ratio} "
+                               f"times its compressed size, at least "
+                               f"worker.image_ratio_min_layer_bytes): more than "
+                               f"{self.layer_cap} bytes")
+
+    def _refuse(self, why: str) -> CapExceeded:
+        return CapExceeded(self.image, self.digest, why)
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses, before tarfile reads it into memory, a header larger than
+    MAX_META or passing the layer's caps (tarfile reads pax and long-name data whole)."""
+
+    def _proc_member(self, tar: LayerTar) -> tarfile.TarInfo:  # tarfile's private hook
+        if self.type in META_TYPES:
+            budget: Budget = tar.budget
+            if self.size > MAX_META:
+                raise budget._refuse(f"has a {self.size}-byte extended header (more than "
+                                     f"{MAX_META})")
+            budget.check(self.offset + tarfile.BLOCKSIZE + self.size)
+        member: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return member  # (_proc_member is not in typeshed)
+
+
+class LayerTar(tarfile.TarFile):
+    """A streamed layer tar whose headers are checked against a Budget."""
+
+    tarinfo = BoundedTarInfo
+
+    def __init__(self, *args: object, budget: Budget, **kwargs: object) -> None:
+        self.budget = budget
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def unpack_layers(rootfs: Path, layers: list[tuple[Path, Json]], image: str,
+                  limits: Limits | None = None) -> list[str]:
     """Create `rootfs` and apply the layers in order; returns notes on skipped entries."""
     os.mkdir(rootfs, 0o755)
     os.chmod(rootfs, 0o755)
     notes: list[str] = []
+    budget = Budget(limits or Limits(), image)
     root_fd = os.open(rootfs, DIR_FLAGS)
     try:
         for path, descriptor in layers:
-            notes += apply_layer(root_fd, path, descriptor, image)
+            notes += apply_layer(root_fd, path, descriptor, image, budget)
     finally:
         os.close(root_fd)
     return notes
 
 
-def apply_layer(root_fd: int, path: Path, descriptor: Json, image: str) -> list[str]:
+def apply_layer(root_fd: int, path: Path, descriptor: Json, image: str,
+                budget: Budget) -> list[str]:
     """Apply one layer file to the tree open at `root_fd`."""
     media_type = descriptor.get("mediaType", LAYER_TYPES[1])
     if media_type not in LAYER_TYPES:
         raise ImageError("invalid", image, f"unsupported layer media type {media_type}")
+    budget.start_layer(descriptor)
     with open(path, "rb") as raw:
         reader = HashingReader(raw)
         applier = LayerApplier(root_fd, image)
         try:
             # ignored: typeshed's tarfile._Fileobj also wants write/seek/tell; "r|" only reads
-            with tarfile.open(fileobj=reader, mode="r|*") as tar:  # type: ignore[call-overload]
-                for member in tar:
+            with LayerTar.open(fileobj=reader, mode="r|*",  # type: ignore[call-overload]
+                               budget=budget) as tar:
+                files = 0  # what this layer's files hold: more than its stream if sparse
+                while (member := tar.next()) is not None:
+                    files += member.size if member.isreg() else 0
+                    budget.admit(max(tar.offset, files))  # before its data is read
+                    tar.members.clear()  # a stream keeps every member: not a million of them
                     applier.apply(member, tar)
+                budget.end_layer(max(tar.offset, files))
         except (tarfile.TarError, EOFError, zlib.error) as error:
             if reader.finish() == descriptor.get("digest"):
                 raise ImageError("invalid", image, f"layer {descriptor.get('digest')} is not a "
