@@ -39,7 +39,7 @@ def check_everything(server: ServerProcess, task_ids: list[str]) -> dict[str, st
     """Validate service-info (TES and legacy routes), every list page in every view and
     each task in every view; return {task id: state} as the FULL list showed them."""
     problems: list[str] = []
-    for url in (server.api + "/service-info", server.url + "/v1/tasks/service-info"):
+    for url in (server.api + "/service-info", server.url + "/v1/service-info"):
         problems += [f"{url}: {p}" for p in service_info_errors(
             requests.get(url, timeout=10).json())]
     states: dict[str, str] = {}

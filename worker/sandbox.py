@@ -31,6 +31,11 @@ SANDBOX_OWNED = ("dev", "proc", "sys", "tmp", "run")
 TMPFS = ("/tmp", "/run")
 TMPFS_BYTES = 1 << 30  # worker.tmpfs_mb's default: never the kernel's half of the host's RAM
 PROOT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# proot 5.1 exits with the status of the last traced process that exited normally, so a
+# command killed by a signal after any child of it ended read as that child's code (0).
+# The image's own sh runs it and exits as shells do (128+N); the command's words are sh's
+# positional parameters, never parsed ("; exit $?": no exec in place of the wait).
+PROOT_WAITER = ("/bin/sh", "-c", '"$@"; exit $?', "sh")
 NETWORK_MODES = ("host", "none")
 ACL_XATTR = "system.posix_acl_access"
 # POSIX ACL xattr format (linux/posix_acl_xattr.h): version 2, then (tag, perm, id) entries.
@@ -263,7 +268,9 @@ def proot_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                            f"({command[0]!r}): env would take it for a variable")
     argv += ["-w", workdir or "/", env_tool, "-i"]
     argv += [f"{name}={value}" for name, value in env.items()]
-    return argv + list(command)
+    shell = os.path.join(rootfs, PROOT_WAITER[0].lstrip("/"))
+    waiter = list(PROOT_WAITER) if os.path.exists(shell) or os.path.islink(shell) else []
+    return argv + waiter + list(command)
 
 
 # ---- charliecloud ----
