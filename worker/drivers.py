@@ -359,7 +359,10 @@ class Drivers:
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
             engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
-            return Invocation(wrapper + argv, engine_env, note, None, "/")
+            # ch-run execs the executor: under the host's sh as the namespace's init it is
+            # not pid 1, which would ignore its own `kill -TERM $$` and read as exit 0
+            init = ["/bin/sh", "-c", '"$@"; exit $?', "sh"]
+            return Invocation(wrapper + init + argv, engine_env, note, None, "/")
         argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
                                   str(self.sandbox_tmp), hide)
         return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/",

@@ -5,8 +5,9 @@ Contract: the engine is started under util-linux ``unshare --pid --fork --kill-c
 task's identity with ``--setuid/--setgid``, which also clears the groups; otherwise in a
 user namespace of the worker's own uid), so the task sees only its own processes and,
 when the namespace's pid 1 ends, the kernel kills every process the executor left (a
-``setsid`` or double-forked daemon too); a killed worker takes it along. ch-run execs the
-executor as that pid 1; proot stays pid 1 and waits for everything it traces, so
+``setsid`` or double-forked daemon too); a killed worker takes it along. ch-run is started
+under the host's ``sh`` as that pid 1 (the executor, which ch-run execs, would ignore its own
+signals as pid 1); proot stays pid 1 and waits for everything it traces, so
 ProotReaper kills the rest once the executor (pid 2) has ended.
 
 Cost: two short execs per executor; for proot a thread per executor and a /proc scan
