@@ -13,6 +13,7 @@ import pytest
 from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options
+from tests.components import GRIDENGINE, need
 
 # a backend_parameters key the tests may use to submit held jobs (-h: user hold)
 TEST_PARAMETERS = {"hold": "-h", "project": "-P", "priority": "-p"}
@@ -47,7 +48,7 @@ def gridengine() -> None:
     answering is a failure (CI runs the set-up script first).
     """
     if not shutil.which("qstat"):
-        pytest.skip("Grid Engine is not installed (run scripts/setup/50-gridengine.sh)")
+        need(GRIDENGINE, False, "not installed (scripts/setup/50-gridengine.sh)")
     for _ in range(30):
         done = subprocess.run(["qstat", "-f"], capture_output=True, text=True)
         if done.returncode == 0 and "all.q@" in done.stdout:

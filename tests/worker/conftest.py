@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import threading
 from dataclasses import dataclass
@@ -15,20 +13,15 @@ import pytest
 import yaml
 
 from funnel_hpc.core.events import EventFold, read_event_log
+from tests import components
 from tests.backend_helpers import FAKE_AWS_ENV
 from tests.image_helpers import registry_answers
 from tests.server_helpers import TEST_REGISTRY, clean_env, funnel_argv, worker_image_config
+from tests.worker_helpers import need
 
 # busybox-static unpacked by scripts/setup/40-worker.sh: what quickstart.sh seeds the
 # image cache from (tasks no longer run over it: images come from the registry).
 ROOTFS = Path("/var/lib/funnel/rootfs")
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} missing; scripts/setup/40-worker.sh installs it")
-        pytest.skip(f"{tool} not installed (scripts/setup/40-worker.sh)")
 
 
 @dataclass
@@ -99,10 +92,8 @@ def harness(tmp_path):
 
 
 def need_registry() -> None:
-    if not registry_answers(TEST_REGISTRY):
-        if os.environ.get("CI"):
-            pytest.fail(f"no registry on {TEST_REGISTRY}; scripts/setup/45-registry.sh starts it")
-        pytest.skip(f"no registry on {TEST_REGISTRY} (scripts/setup/45-registry.sh)")
+    components.need(f"the registry {TEST_REGISTRY}", registry_answers(TEST_REGISTRY),
+                    "not running (scripts/setup/45-registry.sh starts it)")
 
 
 @pytest.fixture
