@@ -2,8 +2,8 @@
 validated against the vendored TES 1.1 schema (tests/tes_schema/) through a real server,
 while tasks are queued, running and finished.
 
-A running executor has no exit status; the server reports it as exit_code -1 (README,
-"Behaviour worth knowing"), so a typed client validating a page never meets a log
+A running executor has no exit status; the server reports it as exit_code -1 (docs/reference.md,
+"API rules"), so a typed client validating a page never meets a log
 without the exit_code TES requires.
 """
 
