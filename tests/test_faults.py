@@ -195,7 +195,7 @@ def test_postgres_connections_dropped(db_kind, databases, tmp_path):
 
 
 def test_disk_full_in_the_work_dir_is_system_error(tmp_path):
-    from tests.worker.conftest import ROOTFS, WorkerHarness
+    from tests.worker_helpers import ROOTFS, WorkerHarness
 
     mount = tmp_path / "small"
     mount.mkdir()
