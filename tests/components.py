@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_for
+
 # busybox-static unpacked by scripts/setup/40-worker.sh
 BUSYBOX_ROOT = Path("/var/lib/funnel/rootfs/busybox")
 NEEDS_MARKER = "needs"
@@ -48,6 +50,18 @@ def slurm_ready() -> bool:
         return False
     result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
     return result.returncode == 0 and bool(result.stdout.strip())
+
+
+def slurm_answers(timeout: float = 180) -> bool:
+    """Whether Slurm answers within timeout seconds: another test may be restarting
+    slurmctld (tests/test_faults.py stops it for a minute). False at once where Slurm is
+    not installed."""
+    if not shutil.which("sinfo"):
+        return False
+    try:
+        return wait_for(slurm_ready, timeout, "Slurm to answer", interval=1)
+    except AssertionError:
+        return False
 
 
 def gridengine_ready() -> bool:

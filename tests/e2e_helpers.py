@@ -17,7 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from funnel_hpc.core.events import iter_events
-from tests.components import SLURM, SLURM_REASON, need, slurm_ready
+from tests.components import SLURM, SLURM_REASON, need, slurm_answers
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
 
@@ -55,7 +55,7 @@ def start_local() -> E2EBackend:
 
 
 def start_slurm() -> E2EBackend:
-    need(SLURM, slurm_ready(), SLURM_REASON)
+    need(SLURM, slurm_answers(), SLURM_REASON)
     return E2EBackend("slurm", "slurm", fixed({}), lambda task, _w: subprocess.run(
         ["scancel", job_id(task)], check=True))
 
