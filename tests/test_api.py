@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import requests
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, text
 
-from funnel_hpc.gateway import db
+from tests.api_helpers import row_count
 
 TASK = {
     "name": "hello",
@@ -41,13 +41,7 @@ def list_tasks(server, **params):
     return resp.json()
 
 
-def row_count(server) -> int:
-    engine = create_engine(server.db_url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(db.tasks)).scalar_one()
-    finally:
-        engine.dispose()
+
 
 
 def test_create_returns_id_and_task_starts_queued(api_server):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -14,6 +13,7 @@ from funnel_hpc.core import config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.service import TaskService
+from tests.components import need
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for
 
@@ -28,11 +28,9 @@ def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    if not (CHROMIUM and CHROMEDRIVER):
-        reason = "chromium/chromedriver not installed (scripts/setup/70-browser.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need("chromium and chromedriver", bool(CHROMIUM and CHROMEDRIVER),
+         "not installed (scripts/setup/70-browser.sh)")
+    assert CHROMIUM is not None and CHROMEDRIVER is not None  # need() returned
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -391,15 +389,6 @@ def test_backend_health_shows_a_poll_error_then_the_recovery(browser, server, tm
     engine.dispose()
 
 
-def reconciler_records_polls() -> bool:
-    """Whether gateway/reconciler.py calls backend_health.record_poll yet."""
-    import inspect
-
-    from funnel_hpc.gateway import reconciler
-
-    return "record_poll" in inspect.getsource(reconciler)
-
-
 @pytest.mark.browser
 def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_path):
     """Server + reconciler + local backend: the panel names the reconciler holding the
@@ -412,8 +401,6 @@ def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_p
         browser.get(live.url + "/backends")
         lease = text_of_selector(browser, f"{LOCAL_HEALTH} .lease")
         assert lease.startswith("held by") and f":{live.proc.pid} since" in lease, lease
-        if not reconciler_records_polls():
-            pytest.skip("gateway/reconciler.py does not call backend_health.record_poll yet")
         create(live, name="health", executors=[
             {"image": "busybox", "command": ["sh", "-c", "sleep 5"]}])
         wait_for(lambda: text_of_selector(browser, f"{LOCAL_HEALTH} .poll-status") == "ok",

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import requests
 
+from tests.api_helpers import row_count
 from tests.server_helpers import ServerProcess
-from tests.test_api import row_count
 
 LIMITS = {"max_content_bytes": 1000, "max_tags": 5, "max_inputs": 3, "max_outputs": 3,
           "max_executors": 2, "max_volumes": 2, "max_env": 3, "max_name_length": 50,

@@ -25,7 +25,7 @@ if [ ! -x "$rootfs/bin/busybox" ] || [ "$(ls -A "$rootfs" | tr '\n' ' ')" != "bi
   rm -rf "$rootfs"
   mv "$tmp" "$rootfs"
 fi
-# the same rootfs as a local podman image (podman may not be able to run it here: see README)
+# the same rootfs as a local podman image (podman may not be able to run it here: see docs/internals.md, "Containers")
 if command -v podman >/dev/null && ! podman image exists localhost/busybox:latest 2>/dev/null; then
   tar -C "$rootfs" -c . | podman import - localhost/busybox:latest >/dev/null 2>&1 || true
 fi

@@ -24,7 +24,7 @@ from tests.limits_helpers import (
     task_groups,
 )
 from tests.waiting import wait_for, wait_for_state
-from tests.worker.conftest import need, need_registry
+from tests.worker_helpers import need, need_registry
 
 pytestmark = pytest.mark.registry
 

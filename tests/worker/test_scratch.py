@@ -9,8 +9,7 @@ import pytest
 
 from funnel_hpc.worker.scratch import ScratchError, Unset, expand
 from tests.waiting import wait_for
-from tests.worker.conftest import need
-from tests.worker.test_worker import sh
+from tests.worker_helpers import need, sh
 
 SCRATCH_VAR = "TEST_NODE_SCRATCH"  # not FUNNEL_...: those override config
 
