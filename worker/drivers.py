@@ -29,10 +29,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import sandbox, seccomp
+from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -49,6 +51,10 @@ HOST_ROOT = "/"  # the "image" of a task run over the host root (worker.host_roo
 BIND_SEPARATORS = (":", ",")
 SANDBOX_TMP = "sandbox-tmp"  # proot's /tmp, in the task dir (never bound itself)
 CH_ROOT = "ch-root-"  # ch-run's per-image root of symlinks, in the task dir
+# The seccomp policy (worker/seccomp.py) each image driver runs under, and the program
+# that installs it before exec'ing an engine that cannot install it itself.
+SECCOMP_POLICY = {"bwrap": "default", "charliecloud": "charliecloud", "proot": "proot"}
+SECCOMP_EXEC = str(Path(__file__).with_name("seccomp_exec.py"))
 GPUS_RE = re.compile(r"[0-9]{1,3}|all")
 
 
@@ -60,15 +66,17 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "ids", "note")
+    __slots__ = ("argv", "cwd", "env", "fds", "ids", "note")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
-                 ids: tuple[int, int] | None = None, cwd: str | None = None) -> None:
+                 ids: tuple[int, int] | None = None, cwd: str | None = None,
+                 fds: tuple[int, ...] = ()) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
+        self.fds = fds    # descriptors the runtime inherits (a seccomp filter); closed once
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -114,6 +122,8 @@ class Drivers:
         self.ch_roots: dict[str, str] = {}  # image root -> the task's ch-run root for it
         self.sandbox_tmp = self.task_dir  # proot's /tmp, set by hand_over
         self.host_root_reason = ""
+        self.choice_notes: list[str] = []  # what choose() found, for the system logs
+        self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
 
     @property
     def ids(self) -> tuple[int, int] | None:
@@ -127,15 +137,52 @@ class Drivers:
     # ---- choosing ----
 
     def choose(self) -> str:
+        """The driver for this task; what to say about the choice is left in choice_notes."""
         name: str = self.worker["container_driver"]
         if name != "auto":
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
             return name
         auto_order: list[str] = self.worker["auto_order"]
+        skipped: list[str] = []
         for candidate in auto_order:
-            if self.works(candidate):
+            reason = "its probe failed here" if not self.works(candidate) else \
+                self._refusal(candidate)
+            if not reason:
+                said = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                self.choice_notes.append(f"container driver auto: chose {candidate}{said}")
                 return candidate
-        raise DriverError("no container driver works here (tried "
-                          f"{', '.join(self.worker['auto_order'])})")
+            skipped.append(f"{candidate} ({reason})")
+        raise DriverError(f"no container driver works here (tried {'; '.join(skipped)})")
+
+    def _refusal(self, name: str) -> str:
+        """Why `name` may not run tasks here, or "" (proot without its seccomp filter)."""
+        if name != "proot":
+            return ""
+        unavailable = self._filter("proot")
+        if not isinstance(unavailable, FilterUnavailable):
+            return ""
+        if self.worker.get("allow_unfiltered_proot"):
+            self.choice_notes.append(f"driver proot WITHOUT a seccomp filter ({unavailable}): "
+                                     "a task can reach the host's files as the sandbox user "
+                                     "(worker.allow_unfiltered_proot is true)")
+            return ""
+        return (f"refused: {unavailable}, and proot without it lets a task read and write "
+                "the host's files as the sandbox user (openat2, statx... are not translated); "
+                "install libseccomp2 and pyseccomp, or set worker.allow_unfiltered_proot on "
+                "a single-user node")
+
+    def _filter(self, policy: str) -> str | FilterUnavailable:
+        """The cached path of a seccomp policy's filter, or why there is none (once)."""
+        if policy not in self.filters:
+            try:
+                self.filters[policy] = seccomp.filter_file(str(self.work_dir), policy)
+            except FilterUnavailable as error:
+                self.filters[policy] = error
+            except OSError as error:  # the cache cannot be written: a SYSTEM_ERROR
+                raise DriverError(f"seccomp filter cache in {self.work_dir}: {error}") from None
+        return self.filters[policy]
 
     def works(self, name: str) -> bool:
         """Probe a driver once per hour per work dir (the answer is cached)."""
@@ -308,12 +355,39 @@ class Drivers:
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
             engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
-            return Invocation(argv, engine_env, note, self.ids, "/")
+            return self._filtered(name, Invocation(argv, engine_env, note, self.ids, "/"))
         else:
             argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
                                       str(self.sandbox_tmp), hide)
         # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
-        return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/")
+        return self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids,
+                                               "/"))
+
+    def _filtered(self, name: str, invocation: Invocation) -> Invocation:
+        """The invocation under the driver's seccomp filter: bwrap installs it itself
+        (--seccomp FD, after its own set-up); proot and ch-run start under seccomp_exec,
+        which installs it and becomes the sandbox user before exec'ing them."""
+        policy = SECCOMP_POLICY[name]
+        path = self._filter(policy)
+        if isinstance(path, FilterUnavailable):
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
+            invocation.note += f", NO seccomp filter ({path})"
+            return invocation
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        invocation.fds = (fd,)
+        invocation.note += f", seccomp {policy}"
+        if name == "bwrap":
+            at = invocation.argv.index("bwrap") + 1
+            invocation.argv[at:at] = ["--seccomp", str(fd)]
+            return invocation
+        uid, gid = (str(i) for i in invocation.ids) if invocation.ids else ("-", "-")
+        guard = "proot" if name == "proot" else "-"
+        invocation.argv = [sys.executable, "-I", "-S", SECCOMP_EXEC, str(fd), uid, gid, guard,
+                           "--", *invocation.argv]
+        invocation.ids = None  # seccomp_exec becomes the sandbox user itself
+        return invocation
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

@@ -150,9 +150,14 @@ class Executors:
                 proc = self.process = subprocess.Popen(
                     inv.argv, stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, env=inv.env, start_new_session=True,
-                    cwd=inv.cwd or str(self.task_dir), **switch_user(inv.ids))
+                    cwd=inv.cwd or str(self.task_dir), pass_fds=inv.fds,
+                    **switch_user(inv.ids))
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        finally:
+            for fd in inv.fds:  # the child has its copy (a seccomp filter)
+                os.close(fd)
+            inv.fds = ()
         if self.canceled.is_set():  # a cancel that came before the process was known
             self.kill()
         return proc

@@ -131,6 +131,8 @@ class TaskRunner:
         check_task(self.task)
         self._use_scratch()
         driver = self.drivers.choose()
+        for note in self.drivers.choice_notes:
+            self.events.system_log(note)
         self.events.emit("metadata", metadata={"container_driver": driver})
         for note in self.drivers.prepare(driver, [executor["image"] for executor
                                                   in self.task["executors"]]):
