@@ -149,7 +149,7 @@ def open_filter(cache_dir: str, policy: str) -> int:
 def build(rules: dict[str, object], arch: str, sink: BinaryIO) -> None:
     """Write the BPF program of `rules` for the native architecture (libseccomp) to sink."""
     try:
-        import pyseccomp as seccomp
+        import pyseccomp as seccomp  # type: ignore[import-untyped]
     except (ImportError, RuntimeError, OSError) as error:  # RuntimeError: no libseccomp
         raise FilterUnavailable(f"no seccomp filter: pyseccomp/libseccomp cannot be "
                                 f"loaded ({error})") from None

@@ -74,8 +74,8 @@ def attack(harness, programs: dict[str, Path], name: str, *args: str) -> dict:
     return harness.task(
         inputs=[{"url": f"file://{harness.data / name}", "path": f"/attack/{name}"}],
         executors=[{"image": TESTIMAGE, "command": [
-            "sh", "-c", f'cp /attack/{name} /tmp/{name} && chmod 755 /tmp/{name} && '
-                        f'exec /tmp/{name} "$@"', name, *args]}])
+            "sh", "-c", (f'cp /attack/{name} /tmp/{name} && chmod 755 /tmp/{name} && '
+                         f'exec /tmp/{name} "$@"'), name, *args]}])
 
 
 def completed(run) -> dict[str, str]:
@@ -149,8 +149,8 @@ def test_proot_without_a_filter_is_refused_unless_allowed(harness, programs, tmp
                        config=harness.config(container_driver="auto",
                                              auto_order=["docker", "proot"]), extra_env=env)
     assert auto.state == "SYSTEM_ERROR"
-    assert "no container driver works here (tried docker (its probe failed here); " \
-           "proot (refused: no seccomp filter" in auto.system_logs
+    assert ("no container driver works here (tried docker (its probe failed here); "
+            "proot (refused: no seccomp filter") in auto.system_logs
 
     allowed = harness.run(attack(harness, programs, "escape", str(host_secret)),
                           config=harness.config(container_driver="proot",
