@@ -27,7 +27,6 @@ import errno
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import stat
 from pathlib import Path
@@ -187,7 +186,7 @@ def _check_directory(fd: int, path: str, base: str) -> None:
 def _make_private(base_fd: int, prefix: str) -> tuple[str, tuple[int, int]]:
     """mkdir prefix+random (0700) relative to base_fd; its name and (st_dev, st_ino)."""
     for _attempt in range(100):
-        name = prefix + secrets.token_hex(6)
+        name = prefix + os.urandom(6).hex()
         try:
             os.mkdir(name, 0o700, dir_fd=base_fd)
         except FileExistsError:  # planted, or a rare collision: another name

@@ -27,9 +27,9 @@ When pyseccomp or libseccomp is missing, `FilterUnavailable` says why.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
+import zlib
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def filter_file(cache_dir: str, policy: str) -> str:
     """The path of the policy's filter for this machine, built once and cached."""
     rules = policy_rules(policy)
     arch = os.uname().machine
-    digest = hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
+    # names the rules' content (zlib: hashlib is too costly to import at every worker start)
+    digest = f"{zlib.crc32(json.dumps(rules, sort_keys=True).encode()):08x}"
     directory = os.path.join(cache_dir, CACHE_DIR)
     path = os.path.join(directory, f"{arch}-{policy}-{digest}.bpf")
     try:
