@@ -2,7 +2,8 @@
 
 - escape: openat2 (437, which proot 5.1 does not translate) of each path argument: prints
   what it read, or the errno; a directory is listed (how many entries are
-  processes: numeric names).
+  processes: numeric names). Then (x86_64) the first path again through the i386 ABI
+  (int 0x80), which proot does not translate either.
 - killer: SIGKILL to its parent (proot, the tracer), then open() of each path argument:
   untraced, a path reaches the host's file system.
 - calls: a new user namespace, a keyring, bpf, perf_event_open, userfaultfd, mount,
@@ -46,6 +47,18 @@ int main(int argc, char **argv) {
     long size = read(fd, buf, sizeof buf - 1); if (size < 0) size = 0; buf[size] = 0;
     printf("%s read=%s\n", argv[i], buf);
   }
+#ifdef __x86_64__
+  /* the i386 ABI's open (5) and read (3) through int 0x80, which proot does not translate;
+     the path is copied to a static buffer (a static non-PIE binary: below 4 GiB) */
+  static char low[256], text[256];
+  long fd;
+  strncpy(low, argc > 1 ? argv[1] : "/", sizeof low - 1);
+  __asm__ volatile ("int $0x80" : "=a"(fd) : "a"(5), "b"(low), "c"(0) : "memory");
+  if (fd < 0) { printf("int80 errno=%ld\n", -fd); return 0; }
+  long size;
+  __asm__ volatile ("int $0x80" : "=a"(size) : "a"(3), "b"(fd), "c"(text), "d"(255) : "memory");
+  printf("int80 read=%s\n", size > 0 ? text : "");
+#endif
   return 0;
 }
 """
@@ -116,7 +129,7 @@ def compile_programs(directory: Path) -> dict[str, Path]:
     built = {}
     for name, source in PROGRAMS.items():
         (directory / f"{name}.c").write_text(source)
-        subprocess.run([gcc, "-static", "-O1", "-o", str(directory / name),
+        subprocess.run([gcc, "-static", "-no-pie", "-O1", "-o", str(directory / name),
                         str(directory / f"{name}.c")], check=True, capture_output=True)
         (directory / name).chmod(0o755)
         built[name] = directory / name

@@ -180,8 +180,8 @@ class Drivers:
                 self.filters[policy] = seccomp.filter_file(str(self.work_dir), policy)
             except FilterUnavailable as error:
                 self.filters[policy] = error
-            except OSError as error:  # the cache cannot be written: a SYSTEM_ERROR
-                raise DriverError(f"seccomp filter cache in {self.work_dir}: {error}") from None
+            except OSError as error:  # not even a memfd: a SYSTEM_ERROR
+                raise DriverError(f"seccomp filter: {error}") from None
         return self.filters[policy]
 
     def works(self, name: str) -> bool:
@@ -375,7 +375,7 @@ class Drivers:
                 raise DriverError(f"container driver {name}: {refused}")
             invocation.note += f", NO seccomp filter ({path})"
             return invocation
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = seccomp.open_path(path)
         invocation.fds = (fd,)
         invocation.note += f", seccomp {policy}"
         if name == "bwrap":

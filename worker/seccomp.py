@@ -117,21 +117,27 @@ def policy_rules(policy: str) -> dict[str, object]:
 
 
 def filter_file(cache_dir: str, policy: str) -> str:
-    """The path of the policy's filter for this machine, built once and cached."""
+    """The path of the policy's filter for this machine, built once and cached. Where the
+    cache cannot be written (a worker running as the task's owner, a read-only work dir)
+    it is built into a memfd of this process instead: /proc/self/fd/N."""
     rules = policy_rules(policy)
     arch = os.uname().machine
     # names the rules' content (zlib: hashlib is too costly to import at every worker start)
     digest = f"{zlib.crc32(json.dumps(rules, sort_keys=True).encode()):08x}"
+    name = f"{arch}-{policy}-{digest}.bpf"
     directory = os.path.join(cache_dir, CACHE_DIR)
-    path = os.path.join(directory, f"{arch}-{policy}-{digest}.bpf")
+    path = os.path.join(directory, name)
     try:
         if os.stat(path).st_size % BPF_INSTRUCTION == 0:
             return path
-    except FileNotFoundError:
+    except OSError:
         pass
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        temporary = f"{path}.{os.getpid()}"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return _in_memory(name, rules, arch)
     try:
         with os.fdopen(fd, "wb") as sink:
             build(rules, arch, sink)
@@ -142,9 +148,28 @@ def filter_file(cache_dir: str, policy: str) -> str:
     return path
 
 
+_MEMORY: dict[str, str] = {}  # filter name -> /proc/self/fd/N of its memfd
+
+
+def _in_memory(name: str, rules: dict[str, object], arch: str) -> str:
+    if name not in _MEMORY:
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        with os.fdopen(os.dup(fd), "wb") as sink:
+            build(rules, arch, sink)
+        _MEMORY[name] = f"/proc/self/fd/{fd}"
+    return _MEMORY[name]
+
+
 def open_filter(cache_dir: str, policy: str) -> int:
-    """A read-only descriptor of the policy's filter (not inheritable: pass it with pass_fds)."""
-    return os.open(filter_file(cache_dir, policy), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """A read-only descriptor of the policy's filter at offset 0 (not inheritable: pass it
+    with pass_fds)."""
+    return open_path(filter_file(cache_dir, policy))
+
+
+def open_path(path: str) -> int:
+    """A new descriptor of a filter_file path (its own offset: bwrap reads from it)."""
+    in_memory = path.startswith("/proc/self/fd/")  # a magic link: O_NOFOLLOW would refuse it
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if in_memory else os.O_NOFOLLOW))
 
 
 def build(rules: dict[str, object], arch: str, sink: BinaryIO) -> None:

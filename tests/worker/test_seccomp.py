@@ -1,8 +1,9 @@
 """The executors' seccomp filters, attacked for real (issue 25): static programs compiled at
 test time run as tasks under bwrap, proot and ch-run in the test registry's image.
 
-- openat2, which proot does not translate, read the host's files and listed the host's
-  /proc from inside proot: now ENOSYS there, and never a host file anywhere;
+- openat2 and the i386 ABI (int 0x80), which proot does not translate, read the host's
+  files and listed the host's /proc from inside proot: now ENOSYS there, and never a host
+  file anywhere;
 - killing proot (its tracer) let a tracee go on untraced: now EPERM;
 - new namespaces, keyrings, bpf, perf_event_open, userfaultfd, mount, setns: EPERM;
   clone3 ENOSYS (libc falls back to clone, whose flags the filter sees);
@@ -12,6 +13,7 @@ test time run as tasks under bwrap, proot and ch-run in the test registry's imag
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import subprocess
@@ -90,6 +92,8 @@ def test_openat2_never_reads_the_host(harness, programs, driver, host_secret):
     found = completed(run)
     out = run.executor(0)["stdout"]
     assert host_secret.read_text() not in out, out
+    if os.uname().machine == "x86_64":  # other ABIs' calls: ENOSYS under every driver
+        assert found["int80 errno"] == ENOSYS, out
     if driver == "proot":  # untranslated: the filter answers ENOSYS before any path is used
         assert found[f"{host_secret} errno"] == found["/etc/hostname errno"] == ENOSYS, out
         assert found["/proc errno"] == ENOSYS, out
@@ -156,8 +160,10 @@ def test_proot_without_a_filter_is_refused_unless_allowed(harness, programs, tmp
                           config=harness.config(container_driver="proot",
                                                 allow_unfiltered_proot=True), extra_env=env)
     found = completed(allowed)
-    # the control: unfiltered, the escape is real (why proot is refused by default)
+    # the control: unfiltered, the escapes are real (why proot is refused by default)
     assert found[f"{host_secret} read"] == host_secret.read_text(), allowed.executor(0)
+    if os.uname().machine == "x86_64":
+        assert found["int80 read"] == host_secret.read_text(), allowed.executor(0)
     assert "driver proot WITHOUT a seccomp filter" in allowed.system_logs
     assert "NO seccomp filter" in allowed.system_logs
 
