@@ -4,7 +4,8 @@
   what it read, or the errno; a directory is listed (how many entries are
   processes: numeric names). Then (x86_64) the first path again through the i386 ABI
   (int 0x80), which proot does not translate either.
-- killer: SIGKILL to its parent (proot, the tracer), then open() of each path argument:
+- killer: F_SETSIG to SIGKILL, a 1 s CPU limit on its parent (proot, the tracer), tgkill,
+  SIGKILL to its process group and to its parent, then open() of each path argument:
   untraced, a path reaches the host's file system.
 - calls: a new user namespace, a keyring, bpf, perf_event_open, userfaultfd, mount,
   clone3, setns: prints name=errno for each (0: allowed).
@@ -70,9 +71,19 @@ KILLER = r"""
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+static void say(const char *name, long result) { printf("%s=%d\n", name, result < 0 ? errno : 0); }
 int main(int argc, char **argv) {
-  int killed = kill(getppid(), SIGKILL), why = killed ? errno : 0;
-  printf("kill=%d\n", why); fflush(stdout);
+  pid_t parent = getppid();
+  int pipes[2]; pipe(pipes);
+  struct rlimit one_second = {1, 1};
+  say("fcntl_setsig", fcntl(pipes[0], 10 /* F_SETSIG */, SIGKILL));
+  say("prlimit", syscall(SYS_prlimit64, parent, RLIMIT_CPU, &one_second, 0));
+  say("tgkill", syscall(SYS_tgkill, parent, parent, SIGKILL));
+  say("kill_group", kill(0, SIGKILL));
+  say("kill", kill(parent, SIGKILL));
+  fflush(stdout);
   usleep(300000);
   for (int i = 1; i < argc; i++) {
     char buf[256] = {0}; int fd = open(argv[i], O_RDONLY);

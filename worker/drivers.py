@@ -112,8 +112,9 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path):
+    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None):
         self.worker = config["worker"]
+        self.owner = owner  # the task's owner (auth on): other users' tasks share the node
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
@@ -157,21 +158,36 @@ class Drivers:
         raise DriverError(f"no container driver works here (tried {'; '.join(skipped)})")
 
     def _refusal(self, name: str) -> str:
-        """Why `name` may not run tasks here, or "" (proot without its seccomp filter)."""
+        """Why `name` may not run this task here, or "" (proot: without its seccomp filter,
+        or for a task with an owner while executors share one host user)."""
         if name != "proot":
             return ""
         unavailable = self._filter("proot")
         if not isinstance(unavailable, FilterUnavailable):
-            return ""
+            return self._proot_shared_refusal()
         if self.worker.get("allow_unfiltered_proot"):
             self.choice_notes.append(f"driver proot WITHOUT a seccomp filter ({unavailable}): "
                                      "a task can reach the host's files as the sandbox user "
                                      "(worker.allow_unfiltered_proot is true)")
-            return ""
+            return self._proot_shared_refusal()
         return (f"refused: {unavailable}, and proot without it lets a task read and write "
                 "the host's files as the sandbox user (openat2, statx... are not translated); "
                 "install libseccomp2 and pyseccomp, or set worker.allow_unfiltered_proot on "
                 "a single-user node")
+
+    def _proot_shared_refusal(self) -> str:
+        """proot for a task with an owner (auth on: other users' tasks run on the node too)
+        while executors share one host user: any process of that user (another task's under
+        proot or ch-run, a daemon running as nobody) can SIGKILL this task's proot, and
+        proot 5.1 (no PTRACE_O_EXITKILL) leaves its tracees running untraced, paths and all.
+        The filter's guard stops only the task's own processes. Lifted by own uid per task
+        (#25)."""
+        if self.owner is None:
+            return ""
+        return ("refused for a task with an owner (auth on): executors share one host user "
+                f"({sandbox.user_name(self.ids)}), so another user's executor can kill this "
+                "task's proot and its processes then run untraced, with the host's paths; "
+                "use bwrap on a multi-user node")
 
     def _filter(self, policy: str) -> str | FilterUnavailable:
         """The cached path of a seccomp policy's filter, or why there is none (once)."""

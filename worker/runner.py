@@ -56,7 +56,7 @@ class TaskRunner:
         self.scratch: Scratch | None = None  # worker.scratch_dir, once made
         self.cancel_event = threading.Event()
         self.storage = Storage(config, stop=self.cancel_event, owner=task.get("owner"))
-        self.drivers = Drivers(config, workdir)
+        self.drivers = Drivers(config, workdir, owner=task.get("owner"))
         self.token = read_token(self.task_dir) if server else None
         # a remote worker (started with --task-id: no file system shared with the
         # gateway) reports only over HTTP, so it waits for a restarting server; one whose

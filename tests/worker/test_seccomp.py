@@ -113,7 +113,8 @@ def test_a_tracee_cannot_kill_proot_to_go_untraced(harness, programs, host_secre
     run = harness.run(attack(harness, programs, "killer", str(host_secret)),
                       config=harness.config(container_driver="proot"))
     found = completed(run)
-    assert found["kill"] == EPERM, run.executor(0)
+    for call in ("fcntl_setsig", "prlimit", "tgkill", "kill_group", "kill"):
+        assert found[call] == EPERM, (call, run.executor(0))
     assert found[f"{host_secret} errno"] == "2", run.executor(0)  # ENOENT: the image's view
 
 
@@ -177,6 +178,27 @@ def test_auto_says_what_it_chose_and_why(harness):
     assert "container driver auto: chose proot; skipped docker (its probe failed here)" in \
         run.system_logs
     assert "seccomp proot" in run.system_logs
+
+
+def test_proot_is_refused_for_an_owned_task_while_executors_share_a_user(harness):
+    """Any process of the shared sandbox user can SIGKILL another task's proot, whose
+    tracees then run untraced (proot sets no PTRACE_O_EXITKILL): with auth on (the task has
+    an owner) proot is refused, and auto goes on to bwrap, saying why."""
+    need("proot")
+    owned = {"owner": "alice", "executors": [{"image": TESTIMAGE, "command": ["true"]}]}
+    refused = harness.run(harness.task(**owned),
+                          config=harness.config(container_driver="proot"))
+    assert refused.state == "SYSTEM_ERROR"
+    assert ("container driver proot: refused for a task with an owner (auth on): executors "
+            "share one host user (nobody)") in refused.system_logs
+    auto = harness.run(harness.task(**owned), config=harness.config(
+        container_driver="auto", auto_order=["proot", "bwrap"]))
+    assert auto.state == "COMPLETE", auto.system_logs
+    assert ("container driver auto: chose bwrap; skipped proot (refused for a task with an "
+            "owner") in auto.system_logs
+    unowned = harness.run(harness.task(executors=owned["executors"]),
+                          config=harness.config(container_driver="proot"))
+    assert unowned.state == "COMPLETE", unowned.system_logs  # auth off: one user
 
 
 def test_a_real_server_with_auth_refuses_unfiltered_proot(tmp_path, harness):
