@@ -9,10 +9,10 @@ for each, so that a burst of load on the machine shows as one odd block instead 
 deciding the figure:
 - ours: a warm start as the worker makes it: `ensure_rootfs` (a cache lookup, no network),
   the sandbox argv (`worker/sandbox.py`: read-only binds of the image's entries over a
-  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run) and bwrap started as
-  the sandbox user, running `true`;
-- the same bwrap: that argv, computed once beforehand, run as the same user: what the
-  worker adds to bwrap itself (target 1.1);
+  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run), the cached seccomp
+  filter (`--seccomp FD`) and bwrap started as the sandbox user, running `true`;
+- the same bwrap: that argv, computed once beforehand, run as the same user without the
+  filter: what the worker adds to bwrap itself (target 1.1);
 - bare bwrap: `bwrap --ro-bind ROOT / --unshare-pid --unshare-user true` as the same user
   (the least bwrap can do over that root): ours against it adds what the sandbox's private
   /dev, /proc and tmpfs mounts cost in bwrap (context).
@@ -22,6 +22,7 @@ Ratio > 1 means the sandbox costs more.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import sandbox, seccomp
 from funnel_hpc.worker.drivers import switch_user
 from funnel_hpc.worker.images import ensure_rootfs
 from tests.server_helpers import TEST_REGISTRIES
@@ -42,7 +43,12 @@ def ours(cache: str, ids) -> float:
     started = time.perf_counter()
     root = ensure_rootfs("busybox", cache, TEST_REGISTRIES)
     argv = sandbox.bwrap_argv(str(root.rootfs), [], {"PATH": "/bin"}, None, ["true"], "host")
-    subprocess.run(argv, check=True, cwd="/", **switch_user(ids))
+    fd = seccomp.open_filter(cache, "default")  # the cached filter, as drivers.py passes it
+    argv[1:1] = ["--seccomp", str(fd)]
+    try:
+        subprocess.run(argv, check=True, cwd="/", pass_fds=(fd,), **switch_user(ids))
+    finally:
+        os.close(fd)
     return time.perf_counter() - started
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -233,3 +234,29 @@ def test_a_real_server_with_auth_refuses_unfiltered_proot(tmp_path, harness):
             assert "container driver proot: refused: no seccomp filter" in logs, logs
     finally:
         server.stop()
+
+
+def test_a_filter_is_built_once_per_architecture_and_policy(tmp_path):
+    paths = {policy: seccomp.filter_file(str(tmp_path), policy) for policy in seccomp.POLICIES}
+    assert len(set(paths.values())) == len(seccomp.POLICIES)
+    for policy, path in paths.items():
+        assert os.path.basename(path).startswith(f"{os.uname().machine}-{policy}-")
+        size, built = os.stat(path).st_size, os.stat(path).st_mtime_ns
+        assert size > 0 and size % 8 == 0  # struct sock_filter entries
+        assert seccomp.filter_file(str(tmp_path), policy) == path
+        assert os.stat(path).st_mtime_ns == built  # the cached one: not built again
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_cache_that_cannot_be_written_gives_a_filter_in_memory(tmp_path):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    path = seccomp.filter_file(str(not_a_directory), "proot")
+    assert path.startswith("/proc/self/fd/")
+    reference = Path(seccomp.filter_file(str(tmp_path), "proot")).read_bytes()
+    first, second = seccomp.open_path(path), seccomp.open_path(path)
+    try:  # each descriptor its own offset: bwrap reads its own from the start
+        assert os.read(first, 1 << 16) == os.read(second, 1 << 16) == reference
+    finally:
+        os.close(first)
+        os.close(second)
