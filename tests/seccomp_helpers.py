@@ -8,7 +8,8 @@
   SIGKILL to its process group and to its parent, then open() of each path argument:
   untraced, a path reaches the host's file system.
 - calls: a new user namespace, a keyring, bpf, perf_event_open, userfaultfd, mount,
-  clone3, setns: prints name=errno for each (0: allowed).
+  clone3, setns, and (x86_64) keyctl and unshare through the i386 ABI: prints name=errno
+  for each (0: allowed).
 """
 
 from __future__ import annotations
@@ -122,6 +123,13 @@ int main(void) {
   say("setns", syscall(SYS_setns, open("/proc/self/ns/uts", O_RDONLY), 0));
   say("clone3", syscall(435, clone_args, sizeof clone_args));
   say("unshare", unshare(CLONE_NEWUSER));
+#ifdef __x86_64__
+  long result;  /* the same through the i386 ABI (int 0x80): keyctl 288, unshare 310 */
+  __asm__ volatile ("int $0x80" : "=a"(result) : "a"(288), "b"(1), "c"(0) : "memory");
+  printf("i386_keyctl=%ld\n", result < 0 ? -result : 0);
+  __asm__ volatile ("int $0x80" : "=a"(result) : "a"(310), "b"(CLONE_NEWUSER) : "memory");
+  printf("i386_unshare=%ld\n", result < 0 ? -result : 0);
+#endif
   fflush(stdout);
   return 0;
 }

@@ -18,7 +18,9 @@ Policies, one per way the filter is installed:
   io_uring, pidfd_*, the new mount API, process_vm_*...: programs then fall back to calls
   proot does translate), so no path reaches the host untranslated.
 
-32-bit and x32 calls (another ABI on the same kernel) answer ENOSYS whatever they are.
+Calls through another ABI of the same kernel answer ENOSYS whatever they are (x32; and
+under proot i386's int 0x80, which proot does not translate); bwrap's and ch-run's filters
+hold the same rules for i386 programs, as Docker's profile does.
 The filter is built once per architecture and policy (libseccomp through pyseccomp, a
 ctypes binding: ~50 ms) and cached under cache_dir; later starts open the cached file.
 When pyseccomp or libseccomp is missing, `FilterUnavailable` says why.
@@ -89,7 +91,7 @@ PROOT_SAFE_NEW = (
     "futex_wait", "futex_requeue", "mseal",
 )
 POLICIES = ("default", "charliecloud", "proot")
-FORMAT = 1  # bump when the rules' meaning changes without their lists changing
+FORMAT = 2  # bump when the rules' meaning changes without their lists changing
 CACHE_DIR = ".seccomp"
 BPF_INSTRUCTION = 8  # bytes of one struct sock_filter
 
@@ -113,7 +115,10 @@ def policy_rules(policy: str) -> dict[str, object]:
         eperm = [name for name in eperm if name not in enosys]
     namespaces = policy != "charliecloud"
     return {"format": FORMAT, "eperm": sorted(set(eperm)), "enosys": sorted(set(enosys)),
-            "deny_namespaces": namespaces, "proot_numbers": policy == "proot"}
+            "deny_namespaces": namespaces, "proot_numbers": policy == "proot",
+            # the same rules for i386 programs on x86_64 (as Docker's profile), except under
+            # proot, which translates no call a process makes through another ABI
+            "with_i386": policy != "proot"}
 
 
 def filter_file(cache_dir: str, policy: str) -> str:
@@ -185,6 +190,8 @@ def build(rules: dict[str, object], arch: str, sink: BinaryIO) -> None:
     syscall_filter.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.ERRNO(errno.ENOSYS))
     syscall_filter.set_attr(seccomp.Attr.CTL_OPTIMIZE, 2)  # a binary tree, not a list
     native = seccomp.system_arch()
+    if rules["with_i386"] and arch == "x86_64":
+        syscall_filter.add_arch(seccomp.Arch.X86)
     enosys = seccomp.ERRNO(errno.ENOSYS)
     eperm = seccomp.ERRNO(errno.EPERM)
 
@@ -198,9 +205,8 @@ def build(rules: dict[str, object], arch: str, sink: BinaryIO) -> None:
     for action, names in ((enosys, rules["enosys"]), (eperm, rules["eperm"])):
         assert isinstance(names, list)
         for name in names:
-            nr = number(name)
-            if nr is not None:  # a call this architecture (or libseccomp) lacks: nothing
-                syscall_filter.add_rule(action, nr)
+            if number(name) is not None:  # a call this arch (or libseccomp) lacks: nothing
+                syscall_filter.add_rule(action, name)  # by name: each arch its own number
     if rules["deny_namespaces"]:
         for flag in CLONE_NAMESPACES + (CLONE_NEWTIME,):
             syscall_filter.add_rule(eperm, "unshare", seccomp.Arg(0, seccomp.MASKED_EQ, flag, flag))
