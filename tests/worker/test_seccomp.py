@@ -82,7 +82,9 @@ def attack(harness, programs: dict[str, Path], name: str, *args: str) -> dict:
 
 
 def completed(run) -> dict[str, str]:
-    assert run.state == "COMPLETE", (run.system_logs, run.stderr, run.fold.task_log["logs"])
+    logs = run.fold.task_log["logs"]
+    assert run.state == "COMPLETE", (run.system_logs, run.stderr,
+                                     [log.get("stderr") for log in logs], logs)
     return parse(run.executor(0)["stdout"])
 
 
@@ -178,7 +180,7 @@ def test_auto_says_what_it_chose_and_why(harness):
     run = harness.run(harness.task(executors=[{"image": TESTIMAGE, "command": ["true"]}]),
                       config=harness.config(container_driver="auto",
                                             auto_order=["docker", "proot", "bwrap"]))
-    assert run.state == "COMPLETE", run.system_logs
+    assert run.state == "COMPLETE", (run.system_logs, run.fold.task_log["logs"])
     assert "container driver auto: chose proot; skipped docker (its probe failed here)" in \
         run.system_logs
     assert "seccomp proot" in run.system_logs
