@@ -29,11 +29,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from funnel_hpc.worker import identity as identities
-from funnel_hpc.worker import pid_namespace, sandbox
+from funnel_hpc.worker import pid_namespace, sandbox, seccomp
+from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -52,6 +54,10 @@ BIND_SEPARATORS = (":", ",")
 SANDBOX_TMP = "sandbox-tmp"  # proot's /tmp, in the task dir (never bound itself)
 SANDBOX_SHM = "sandbox-shm"  # ch-run's and proot's /dev/shm, in the task dir
 CH_ROOT = "ch-root-"  # ch-run's per-image root of symlinks, in the task dir
+# The seccomp policy (worker/seccomp.py) each image driver runs under, and the program
+# that installs it before exec'ing an engine that cannot install it itself.
+SECCOMP_POLICY = {"bwrap": "default", "charliecloud": "charliecloud", "proot": "proot"}
+SECCOMP_EXEC = str(Path(__file__).with_name("seccomp_exec.py"))
 GPUS_RE = re.compile(r"[0-9]{1,3}|all")
 
 
@@ -63,18 +69,19 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "hook", "ids", "note")
+    __slots__ = ("argv", "cwd", "env", "fds", "hook", "ids", "note")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
                  ids: tuple[int, int] | None = None, cwd: str | None = None,
-                 hook: identities.NamespaceMap | pid_namespace.ProotReaper | None = None
-                 ) -> None:
+                 hook: identities.NamespaceMap | pid_namespace.ProotReaper | None = None,
+                 fds: tuple[int, ...] = ()) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
         self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
+        self.fds = fds    # descriptors the runtime inherits (a seccomp filter); closed once
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -124,6 +131,8 @@ class Drivers:
         self.sandbox_tmp = self.task_dir  # proot's /tmp, set by hand_over
         self.sandbox_shm = self.task_dir  # ch-run's and proot's /dev/shm, set by hand_over
         self.host_root_reason = ""
+        self.choice_notes: list[str] = []  # what choose() found, for the system logs
+        self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
 
     @property
     def identity(self) -> Identity | None:
@@ -164,15 +173,67 @@ class Drivers:
     # ---- choosing ----
 
     def choose(self) -> str:
+        """The driver for this task; what to say about the choice is left in choice_notes."""
         name: str = self.worker["container_driver"]
         if name != "auto":
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
             return name
         auto_order: list[str] = self.worker["auto_order"]
+        skipped: list[str] = []
         for candidate in auto_order:
-            if self.works(candidate):
+            reason = "its probe failed here" if not self.works(candidate) else \
+                self._refusal(candidate)
+            if not reason:
+                said = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                self.choice_notes.append(f"container driver auto: chose {candidate}{said}")
                 return candidate
-        raise DriverError("no container driver works here (tried "
-                          f"{', '.join(self.worker['auto_order'])})")
+            skipped.append(f"{candidate} ({reason})")
+        raise DriverError(f"no container driver works here (tried {'; '.join(skipped)})")
+
+    def _refusal(self, name: str) -> str:
+        """Why `name` may not run this task here, or "" (proot: without its seccomp filter,
+        or for a task with an owner while executors share one host user)."""
+        if name != "proot":
+            return ""
+        unavailable = self._filter("proot")
+        if not isinstance(unavailable, FilterUnavailable):
+            return self._proot_shared_refusal()
+        if self.worker.get("allow_unfiltered_proot"):
+            self.choice_notes.append(f"driver proot WITHOUT a seccomp filter ({unavailable}): "
+                                     "a task can reach the host's files as the sandbox user "
+                                     "(worker.allow_unfiltered_proot is true)")
+            return self._proot_shared_refusal()
+        return (f"refused: {unavailable}, and proot without it lets a task read and write "
+                "the host's files as the sandbox user (openat2, statx... are not translated); "
+                "install libseccomp2 and pyseccomp, or set worker.allow_unfiltered_proot on "
+                "a single-user node")
+
+    def _proot_shared_refusal(self) -> str:
+        """proot for a task with an owner (auth on: other users' tasks run on the node too)
+        while executors share one host user: any process of that user (another task's under
+        proot or ch-run, a daemon running as nobody) can SIGKILL this task's proot, and
+        proot 5.1 (no PTRACE_O_EXITKILL) leaves its tracees running untraced, paths and all.
+        The filter's guard stops only the task's own processes. Lifted by own uid per task
+        (#25)."""
+        if self.owner is None or self.identity is None or self.identity.block:
+            return ""  # no other user's task, or not one shared user (a slot, the owner)
+        return ("refused for a task with an owner (auth on): executors share one host user "
+                f"({sandbox.user_name(self.ids)}), so another user's executor can kill this "
+                "task's proot and its processes then run untraced, with the host's paths; "
+                "use bwrap on a multi-user node")
+
+    def _filter(self, policy: str) -> str | FilterUnavailable:
+        """The cached path of a seccomp policy's filter, or why there is none (once)."""
+        if policy not in self.filters:
+            try:
+                self.filters[policy] = seccomp.filter_file(str(self.work_dir), policy)
+            except FilterUnavailable as error:
+                self.filters[policy] = error
+            except OSError as error:  # not even a memfd: a SYSTEM_ERROR
+                raise DriverError(f"seccomp filter: {error}") from None
+        return self.filters[policy]
 
     def works(self, name: str) -> bool:
         """Probe a driver once per hour per work dir (the answer is cached)."""
@@ -351,22 +412,51 @@ class Drivers:
                                       devices, userns.argv() if userns else (),
                                       tmpfs_bytes=self.tmpfs_bytes)
             # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
-            return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/", userns)
+            return self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
+                                                   self.ids, "/", userns))
         # ch-run and proot: a private /dev/shm, and a pid namespace the wrapper drops in
         binds = [*binds, (str(self.sandbox_shm), "/dev/shm")]
-        wrapper = pid_namespace.wrapper_argv(self.identity)
         if name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
             engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
-            # ch-run execs the executor: under the host's sh as the namespace's init it is
-            # not pid 1, which would ignore its own `kill -TERM $$` and read as exit 0
             init = ["/bin/sh", "-c", '"$@"; exit $?', "sh"]
-            return Invocation(wrapper + init + argv, engine_env, note, None, "/")
-        argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
-                                  str(self.sandbox_tmp), hide)
-        return Invocation(wrapper + argv, {"PATH": DEFAULT_PATH}, note, None, "/",
-                          pid_namespace.ProotReaper())
+            hook = None
+        else:
+            argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
+                                      str(self.sandbox_tmp), hide)
+            engine_env, init, hook = {"PATH": DEFAULT_PATH}, [], pid_namespace.ProotReaper()
+        inv = self._filtered(name, Invocation(argv, engine_env, note, self.ids, "/"))
+        # seccomp_exec, when it runs, drops to the task's ids itself: the wrapper stays root
+        wrapper = pid_namespace.wrapper_argv(self.identity, drop=not inv.fds)
+        return Invocation(wrapper + init + inv.argv, inv.env, inv.note, None, "/", hook,
+                          inv.fds)
+
+    def _filtered(self, name: str, invocation: Invocation) -> Invocation:
+        """The invocation under the driver's seccomp filter: bwrap installs it itself
+        (--seccomp FD, after its own set-up); proot and ch-run start under seccomp_exec,
+        which installs it and becomes the sandbox user before exec'ing them."""
+        policy = SECCOMP_POLICY[name]
+        path = self._filter(policy)
+        if isinstance(path, FilterUnavailable):
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
+            invocation.note += f", NO seccomp filter ({path})"
+            return invocation
+        fd = seccomp.open_path(path)
+        invocation.fds = (fd,)
+        invocation.note += f", seccomp {policy}"
+        if name == "bwrap":
+            at = invocation.argv.index("bwrap") + 1
+            invocation.argv[at:at] = ["--seccomp", str(fd)]
+            return invocation
+        uid, gid = (str(i) for i in invocation.ids) if invocation.ids else ("-", "-")
+        guard = "proot" if name == "proot" else "-"
+        invocation.argv = [sys.executable, "-I", "-S", SECCOMP_EXEC, str(fd), uid, gid, guard,
+                           "--", *invocation.argv]
+        invocation.ids = None  # seccomp_exec becomes the sandbox user itself
+        return invocation
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

@@ -200,7 +200,8 @@ class Executors:
         popen: dict[str, Any] = dict(
             stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=inv.env, start_new_session=True, cwd=inv.cwd or str(self.task_dir),
-            **switch_user(inv.ids), pass_fds=inv.hook.pass_fds if inv.hook else ())
+            **switch_user(inv.ids),
+            pass_fds=(*inv.fds, *(inv.hook.pass_fds if inv.hook else ())))
         try:
             with self._lock:
                 if self.group is not None:  # inside the task's cgroup from its first step
@@ -210,6 +211,10 @@ class Executors:
                     proc = self.process = subprocess.Popen(inv.argv, **popen)
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        finally:
+            for fd in inv.fds:  # the child has its copy (a seccomp filter)
+                os.close(fd)
+            inv.fds = ()
         if inv.hook:  # e.g. bwrap waits until its uid/gid maps are written
             try:
                 inv.hook.started(proc)

@@ -151,15 +151,16 @@ def _kill_namespace(namespace: str, spare: int) -> bool:
     return found
 
 
-def wrapper_argv(identity: Identity | None) -> list[str]:
+def wrapper_argv(identity: Identity | None, drop: bool = True) -> list[str]:
     """The command that starts ch-run or proot in a new pid, mount (a fresh /proc) and ipc
-    namespace that dies with it: as root, then as the identity (no groups); a worker that
-    is not root makes a user namespace of its own uid for it. setpriv's parent-death
-    signal ends the namespace if the worker itself is killed."""
+    namespace that dies with it: as root, then as the identity (no groups; drop False: the
+    next command drops to it itself, as seccomp_exec does); a worker that is not root makes
+    a user namespace of its own uid for it. setpriv's parent-death signal ends the
+    namespace if the worker itself is killed."""
     argv = ["setpriv", "--pdeathsig", "KILL", "--", "unshare", "--pid", "--fork",
             "--kill-child", "--mount-proc", "--ipc"]
     if identity is None:  # --map-user (util-linux 2.36+), not 2.38's --map-current-user
         argv += [f"--map-user={os.getuid()}", f"--map-group={os.getgid()}"]
-    else:
+    elif drop:
         argv += ["--setgid", str(identity.gid), "--setuid", str(identity.uid)]
     return argv + ["--"]

@@ -155,6 +155,8 @@ class TaskRunner:
             raise self.limit_error
         self._use_scratch()
         driver = self.drivers.choose()
+        for note in self.drivers.choice_notes:
+            self.events.system_log(note)
         self.events.emit("metadata", metadata={"container_driver": driver})
         for note in self.drivers.prepare(driver, [executor["image"] for executor
                                                   in self.task["executors"]]):

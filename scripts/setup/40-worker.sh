@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Worker test needs: bubblewrap and proot (container drivers that run here), Charliecloud,
-# acl (setfacl, for the owner-access test of ACLs),
+# acl (setfacl, for the owner-access test of ACLs), libseccomp2 (the executors' seccomp
+# filters, through pyseccomp), gcc and libc6-dev (tests compile static attacker programs),
 # podman, and busybox-static unpacked under /var/lib/funnel/rootfs/busybox: a clean tree
 # to seed image caches from (`python -m funnel_hpc.worker.images seed`) and the bare-bwrap
 # reference of the benchmarks. Tasks never run over it: their images come from registries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
-apt_install bubblewrap proot busybox-static podman charliecloud-runtime acl
+apt_install bubblewrap proot busybox-static podman charliecloud-runtime acl libseccomp2 \
+  gcc libc6-dev
 rootfs=/var/lib/funnel/rootfs/busybox
 # rebuilt when missing, or when tasks of old (the shared root was bound read-write) left
 # anything beside bin/ etc/ tmp/ in it

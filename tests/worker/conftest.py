@@ -63,6 +63,9 @@ def ftp_root(tmp_path_factory):
     server.close_all()
 
 
+LIMITS_FIRST_UID = 1_600_000_000  # a range no account and no other test uses
+
+
 @pytest.fixture(scope="module")
 def limits_servers(databases, tmp_path_factory):
     """get(driver) -> (server, auth): a real server as root (auth on, local backend,
@@ -84,7 +87,13 @@ def limits_servers(databases, tmp_path_factory):
                     "auth": {"mode": "basic", "users": {owner: generate_password_hash("pw")}},
                     "reconciler": {"interval_seconds": 0.3},
                     "worker": {"container_driver": driver, "keep_workdir": "never",
-                               "max_pids": 256, "disk_check_seconds": 1}}).start()
+                               "max_pids": 256, "disk_check_seconds": 1,
+                               # one uid per task, as a shared node has it (proot is refused
+                               # for owned tasks while executors share one user)
+                               "sandbox_uids": {
+                                   "first": LIMITS_FIRST_UID, "count": 4,
+                                   "lock_dir": str(tmp_path_factory.mktemp("uid-locks"))}}}
+            ).start()
         return servers[driver], (owner, "pw")
 
     yield get
