@@ -120,7 +120,7 @@ def _seconds(text: str | None) -> float | None:
     try:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() \
             if text else None
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 
@@ -146,9 +146,12 @@ def when(value: str | float | None, now: float | None = None) -> Markup | str:
     relative</time>; "-" if missing or unreadable. now: the clock to compare with
     (default this machine's)."""
     seconds = value if isinstance(value, (int, float)) else _seconds(value)
-    if seconds is None:
+    try:  # times in logs come from workers: a year 0 or 10000 must not break the page
+        stamp = datetime.fromtimestamp(seconds, UTC) if seconds is not None else None
+    except (ValueError, OverflowError, OSError):
+        stamp = None
+    if stamp is None or seconds is None:
         return "-"
-    stamp = datetime.fromtimestamp(seconds, UTC)
     now = time.time() if now is None else now
     return Markup('<time datetime="{}" title="{}">{}</time>').format(
         stamp.strftime("%Y-%m-%dT%H:%M:%SZ"), stamp.strftime("%Y-%m-%d %H:%M:%S UTC"),

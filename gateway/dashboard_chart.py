@@ -36,7 +36,7 @@ def _epoch(text: str | None) -> float | None:
     try:
         return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp() \
             if text else None
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None
 
 

@@ -565,6 +565,21 @@ def test_times_are_relative_with_the_absolute_on_hover(browser, server):
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", stamp.get_attribute("title"))
 
 
+def test_times_no_clock_can_show_do_not_break_the_pages(server):
+    """Start and end times come from workers: a year 0 or 10000 shows as "-", the task
+    page and the list still answer 200."""
+    service = TaskService(db.make_engine(server.db_url), config.load(server.config_path))
+    task_id = create(server, name="odd-times")
+    odd = {"start_time": "0001-01-01T00:00:00+14:00", "end_time": "9999-12-31T23:59:59-12:00"}
+    assert service.transition(task_id, State.QUEUED, State.RUNNING,
+                              logs=[{**odd, "logs": [{**odd, "stdout": "x", "exit_code": 0}]}])
+    for path in (f"/tasks/{task_id}", f"/tasks/{task_id}?fragment=1", "/"):
+        page = requests.get(server.url + path, timeout=10)
+        assert page.status_code == 200, (path, page.text[:300])
+    assert service.transition(task_id, State.RUNNING, State.COMPLETE)
+    assert requests.get(server.url + "/", timeout=10).status_code == 200  # the chart too
+
+
 def test_relative_time_words():
     from funnel_hpc.gateway.dashboard import relative, when
 
@@ -572,6 +587,9 @@ def test_relative_time_words():
         "just now", "just now", "42 s ago", "3 min ago", "1 h ago", "2 h 5 min ago",
         "1 day ago", "2 days ago"]
     assert when(None) == when("garbage") == "-"
+    for hostile in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00", 1e300,
+                    float("nan")):  # start/end times come from workers
+        assert when(hostile) == "-", hostile
     assert str(when(0.0, now=60.0)) == ('<time datetime="1970-01-01T00:00:00Z" '
                                         'title="1970-01-01 00:00:00 UTC">1 min ago</time>')
 
