@@ -251,6 +251,13 @@ class TaskService(ReconcilerStore):
             query = query.where(exists().where(cond))
         return query
 
+    def count_matching(self, q: ListQuery) -> int:
+        """How many tasks list(q) and the pages after it hold (one COUNT: the dashboard's
+        total, and with q.page_token, where its page starts)."""
+        query = self._list_query(q, 1).limit(None).order_by(None)
+        with db.reading(self.engine) as conn:
+            return conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
+
     def count(self) -> int:
         with db.reading(self.engine) as conn:
             return conn.execute(select(func.count()).select_from(db.tasks)).scalar_one()
