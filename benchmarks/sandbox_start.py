@@ -52,7 +52,7 @@ def ours(cache: str, ids, group: cgroups.Group | None) -> float:
         subprocess.run(argv, check=True, cwd="/")
     else:
         assert group.start(argv, None, cwd="/", **switch_user(ids)).wait() == 0
-        group.kill_all(timeout=0)
+        group.end_leftovers()
     return time.perf_counter() - started
 
 

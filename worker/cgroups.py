@@ -32,16 +32,21 @@ import subprocess
 import threading
 import time
 
+from funnel_hpc.worker.launcher import Launched, Launcher, Unusable
+
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import IO
+
+    Process = subprocess.Popen[bytes] | Launched
 
 CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
 MOUNTS = "/proc/self/mounts"
 CFS_PERIOD_US = 100_000
 _SERIAL = itertools.count()  # groups of one worker never share a name (nor a reaper)
 KILL_SECONDS = 10.0
+PLACE_SECONDS = 30.0  # a start waits this long for the launcher to be put in the group
 NOT_STARTED = 125  # the start wrapper's exit code when its pid could not be put in the group
 
 # Waits on fd $1 until the worker put this process in the group (EOF first: never run),
@@ -164,6 +169,8 @@ class Group:
         self.dirs = dirs  # dirs[0]: the v2 group when there is one
         self.controllers = dict(controllers)  # controller -> the group's dir holding it
         self._reaper: IO[bytes] | None = None
+        self._launcher: Launcher | None = None
+        self._placing: threading.Thread | None = None  # puts the launcher in the group
 
     # ---- processes ----
 
@@ -179,10 +186,25 @@ class Group:
         return [int(word) for word in text.split()]
 
     def start(self, argv: list[str], fsize_bytes: int | None = None,
-              **popen: object) -> subprocess.Popen[bytes]:
+              **popen: object) -> Process:
+        """Popen(argv) inside the group from its first instruction (with RLIMIT_FSIZE when
+        given): forked by the task's launcher (worker/launcher.py), or where it is gone or
+        cannot carry the arguments, the old way (`_start_moved`). popen: Popen's keyword
+        arguments (pass_fds too: they reach argv at the same numbers). Raises OSError."""
+        launcher = self._launcher
+        if launcher is not None and launcher.usable(PLACE_SECONDS):
+            try:
+                return _launch(launcher, argv, fsize_bytes, popen)
+            except Unusable:
+                self._launcher = None
+                launcher.close()
+        return self._start_moved(argv, fsize_bytes, **popen)
+
+    def _start_moved(self, argv: list[str], fsize_bytes: int | None = None,
+                     **popen: object) -> subprocess.Popen[bytes]:
         """Popen(argv) inside the group: a `sh` waits on a pipe until its pid is written to
-        the group, then execs argv (with RLIMIT_FSIZE when given). popen: Popen's keyword
-        arguments (pass_fds too: they reach argv). Raises OSError."""
+        the group, then execs argv (with RLIMIT_FSIZE when given). One cgroup move per
+        executor (an RCU grace period: see `warm_up`)."""
         blocks = str(math.ceil(fsize_bytes / 512)) if fsize_bytes else "-"
         self.warm_up()
         warm, self._warm = self._warm, None
@@ -213,6 +235,90 @@ class Group:
         os.close(write_end)
         return proc
 
+    def launch(self) -> None:
+        """Start the task's launcher and put it in the group, in a thread: the group's one
+        cgroup move (an RCU grace period) and the launcher's interpreter start overlap
+        what the worker does next. Where it fails, starts go the old way."""
+        try:
+            launcher = Launcher.spawn()
+        except OSError:
+            return
+        self._launcher = launcher
+
+        def place() -> None:
+            try:
+                self.add(launcher.pid)
+            except OSError:
+                launcher.placed(False)
+                return
+            launcher.placed(True)
+
+        self._placing = threading.Thread(target=place, daemon=True, name="cgroup-launcher")
+        self._placing.start()
+
+    def end_leftovers(self) -> None:
+        """After an executor: kill what it left running in the group (setsid, daemons)
+        but the launcher, without waiting for the exits. The group is frozen meanwhile,
+        so nothing forks past the kill; where it cannot be frozen, or a process is still
+        there after, the whole group is killed, the launcher too (later starts go the
+        old way)."""
+        launcher = self._launcher
+        spared = launcher.pid if launcher is not None and launcher.usable(0) else None
+        if not [pid for pid in self.pids() if pid != spared]:
+            return
+        if spared is None or not self._kill_all_but(spared):
+            self.kill_all(timeout=0)
+
+    def _kill_all_but(self, spared: int) -> bool:
+        """Freeze the group, SIGKILL each process but spared, thaw; True when done."""
+        freeze = os.path.join(self.dirs[0], "cgroup.freeze")
+        v1 = self.controllers.get("freezer")
+        state = freeze if os.path.exists(freeze) else \
+            (os.path.join(v1, "freezer.state") if v1 else None)
+        if state is None:
+            return False
+        try:
+            _write(state, "1" if state == freeze else "FROZEN")
+        except OSError:
+            return False
+        try:
+            if not self._frozen(state == freeze):
+                return False
+            killed: set[int] = set()
+            for _round in range(100):
+                fresh = [pid for pid in self.pids() if pid != spared and pid not in killed]
+                if not fresh:
+                    return True
+                for pid in fresh:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                killed.update(fresh)
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                _write(state, "0" if state == freeze else "THAWED")
+
+    def _frozen(self, v2: bool, timeout: float = 2.0) -> bool:
+        """Wait until every process of the group is frozen (v2 cgroup.events, v1
+        freezer.state)."""
+        deadline = time.monotonic() + timeout
+        pause = 0.0002
+        while True:
+            try:
+                if v2:
+                    done = "frozen 1" in _read(os.path.join(self.dirs[0], "cgroup.events"))
+                else:
+                    done = _read(os.path.join(self.controllers["freezer"],
+                                              "freezer.state")).strip() == "FROZEN"
+            except OSError:
+                return False
+            if done:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
     def warm_up(self) -> None:
         """Get the next start's migration ready, in a thread: a migration into a cgroup
         waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem, 5-15 ms on a
@@ -231,6 +337,8 @@ class Group:
     def kill_all(self, timeout: float = KILL_SECONDS) -> bool:
         """SIGKILL every process of the group until none is left (timeout 0: once, without
         waiting for the exits); True when it is empty."""
+        if self._placing is not None:  # the launcher is killed too, never placed after
+            self._placing.join()
         deadline = time.monotonic() + timeout
         pause = 0.001
         kill_file = os.path.join(self.dirs[0], "cgroup.kill")
@@ -267,6 +375,9 @@ class Group:
         """Kill every process, remove the group's directories and let the reaper go;
         what could not be removed (for the system logs)."""
         problems = [] if self.kill_all() else [f"processes left in {self.dirs[0]}"]
+        if self._launcher is not None:  # killed with the group: reaped here
+            self._launcher.close()
+            self._launcher = None
         for path in self.dirs:
             pause = 0.001
             for attempt in range(60):
@@ -323,6 +434,64 @@ class Group:
         return f"cgroup {self.name} ({self.versions}: {', '.join(sorted(self.controllers))})"
 
 
+def _launch(launcher: Launcher, argv: list[str], fsize_bytes: int | None,
+            popen: Mapping[str, object]) -> Launched:
+    """Group.start through the launcher: Popen's arguments as its request (Unusable for
+    one it cannot carry)."""
+    known = {"stdin", "stdout", "stderr", "env", "cwd", "start_new_session", "user",
+             "group", "extra_groups", "pass_fds"}
+    if set(popen) - known or popen.get("extra_groups") not in (None, []) or \
+            ("user" in popen) != ("group" in popen):
+        raise Unusable("Popen arguments the launcher does not take")
+    passed = [int(fd) for fd in popen.get("pass_fds") or ()]  # type: ignore[attr-defined]
+    if any(fd < 3 or fd >= 256 for fd in passed):
+        raise Unusable("an fd the launcher cannot place")
+    ids = (int(popen["user"]), int(popen["group"])) if "user" in popen else None  # type: ignore[call-overload]
+    opened: list[int] = []  # ours to close once the launcher has its copies
+    kept: list[int] = []  # the read ends of PIPE, closed if the start fails
+    try:
+        ends = [_child_end(popen.get(key), number, opened, kept)
+                for number, key in enumerate(("stdin", "stdout", "stderr"))]
+        pid, status = launcher.start(
+            argv, ends[0], ends[1], ends[2], popen.get("env"),  # type: ignore[arg-type]
+            None if popen.get("cwd") is None else str(popen["cwd"]), ids,
+            bool(popen.get("start_new_session")), fsize_bytes, passed)
+    except BaseException:
+        for fd in kept:
+            os.close(fd)
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    reads = iter(kept)
+    out = os.fdopen(next(reads), "rb") if popen.get("stdout") == subprocess.PIPE else None
+    err = os.fdopen(next(reads), "rb") if popen.get("stderr") == subprocess.PIPE else None
+    return Launched(pid, status, out, err)
+
+
+def _child_end(spec: object, number: int, opened: list[int], kept: list[int]) -> int:
+    """The fd a child gets for stdin (number 0), stdout or stderr, as Popen reads spec."""
+    if spec is None:
+        return number
+    if spec == subprocess.DEVNULL:
+        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        opened.append(fd)
+        return fd
+    if spec == subprocess.PIPE:
+        if number == 0:
+            raise Unusable("stdin=PIPE")
+        read_end, write_end = os.pipe()
+        kept.append(read_end)
+        opened.append(write_end)
+        return write_end
+    if isinstance(spec, int):
+        return spec
+    fileno = getattr(spec, "fileno", None)
+    if fileno is None:
+        raise Unusable(f"a stream the launcher cannot take: {spec!r}")
+    return int(fileno())
+
+
 def _is_v2(path: str) -> bool:
     return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
@@ -368,7 +537,7 @@ def create(name: str, limits: Limits, parent: str = "funnel-hpc",
         group = Group(full_name, dirs, controllers, versions, _home(mounts[0]))
         _apply(group, limits)
         group.guard()
-        group.warm_up()  # for the first executor's start, which comes next
+        group.launch()  # the first executor's start comes next
     except OSError as error:
         for path in reversed(dirs):
             with contextlib.suppress(OSError):
