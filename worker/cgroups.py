@@ -46,7 +46,6 @@ MOUNTS = "/proc/self/mounts"
 CFS_PERIOD_US = 100_000
 _SERIAL = itertools.count()  # groups of one worker never share a name (nor a reaper)
 KILL_SECONDS = 10.0
-PLACE_SECONDS = 30.0  # a start waits this long for the launcher to be put in the group
 NOT_STARTED = 125  # the start wrapper's exit code when its pid could not be put in the group
 
 # Waits on fd $1 until the worker put this process in the group (EOF first: never run),
@@ -64,6 +63,10 @@ while [ "$i" -lt 400 ]; do
   [ -e "$1/cgroup.kill" ] && echo 1 > "$1/cgroup.kill"
   left=
   while read -r pid; do kill -9 "$pid"; left=1; done < "$1/cgroup.procs"
+  for dir; do  # a worker killed while the group was frozen (Group.end_leftovers)
+    [ -e "$dir/freezer.state" ] && echo THAWED > "$dir/freezer.state"
+    [ -e "$dir/cgroup.freeze" ] && echo 0 > "$dir/cgroup.freeze"
+  done
   [ -z "$left" ] && break
   i=$((i + 1))
   sleep 0.05
@@ -192,7 +195,7 @@ class Group:
         cannot carry the arguments, the old way (`_start_moved`). popen: Popen's keyword
         arguments (pass_fds too: they reach argv at the same numbers). Raises OSError."""
         launcher = self._launcher
-        if launcher is not None and launcher.usable(PLACE_SECONDS):
+        if launcher is not None and launcher.ready():
             try:
                 return _launch(launcher, argv, fsize_bytes, popen)
             except Unusable:
@@ -256,6 +259,11 @@ class Group:
         self._placing = threading.Thread(target=place, daemon=True, name="cgroup-launcher")
         self._placing.start()
 
+    def launcher_pid(self) -> int | None:
+        """The pid of the task's launcher once it takes starts (None before, or gone)."""
+        launcher = self._launcher
+        return launcher.pid if launcher is not None and launcher.ready() else None
+
     def end_leftovers(self) -> None:
         """After an executor: kill what it left running in the group (setsid, daemons)
         but the launcher, without waiting for the exits. The group is frozen meanwhile,
@@ -263,7 +271,7 @@ class Group:
         there after, the whole group is killed, the launcher too (later starts go the
         old way)."""
         launcher = self._launcher
-        spared = launcher.pid if launcher is not None and launcher.usable(0) else None
+        spared = launcher.pid if launcher is not None and launcher.in_group() else None
         if not [pid for pid in self.pids() if pid != spared]:
             return
         if spared is None or not self._kill_all_but(spared):

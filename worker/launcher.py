@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 HIGH_FD = 256  # the launcher keeps its own fds from here: a caller's fd numbers are below
 MAX_REQUEST = 16 << 20
+UP = b"u"  # the launcher's first word: listening
+MAX_FDS = 64  # stdin, stdout, stderr, the exit status pipe and those passed
 
 
 class Unusable(RuntimeError):
@@ -101,8 +103,9 @@ class Launcher:
         self.process = process  # subprocess.Popen: the launcher, a child of the worker
         self._sock = sock  # _socket.socket, the worker's end
         self._lock = threading.Lock()
-        self._ready = threading.Event()
+        self._placed = threading.Event()
         self._failed = False
+        self._up = False  # it sent UP
 
     @property
     def pid(self) -> int:
@@ -132,12 +135,24 @@ class Launcher:
     def placed(self, ok: bool) -> None:
         """The launcher is in the task's group (ok), or could not be put there."""
         self._failed = not ok
-        self._ready.set()
+        self._placed.set()
 
-    def usable(self, timeout: float) -> bool:
-        """In the group and alive (waits up to timeout for the placing)."""
-        return self._ready.wait(timeout) and not self._failed and \
+    def in_group(self) -> bool:
+        """Put in the group and alive."""
+        return self._placed.is_set() and not self._failed and \
             self.process.poll() is None  # type: ignore[attr-defined]
+
+    def ready(self) -> bool:
+        """In the group, alive and listening (its interpreter has started): never waits,
+        so a start that comes sooner goes the old way instead."""
+        if not self._up:
+            import _socket
+
+            try:
+                self._up = self._sock.recv(1, _socket.MSG_DONTWAIT) == UP  # type: ignore[attr-defined]
+            except OSError:  # BlockingIOError: not yet
+                return False
+        return self._up and self.in_group()
 
     def start(self, argv: Sequence[str], stdin: int, stdout: int, stderr: int,
               env: Mapping[str, str] | None, cwd: str | None, ids: tuple[int, int] | None,
@@ -145,23 +160,24 @@ class Launcher:
               pass_fds: Sequence[int] = ()) -> tuple[int, int]:
         """Fork argv in the launcher: (its pid, the fd its exit status comes on). Raises
         OSError as Popen would (exec failed), Unusable when the launcher cannot."""
-        import array
-        import json
+        import marshal
 
-        request = json.dumps({
-            "argv": list(argv), "env": None if env is None else dict(env), "cwd": cwd,
-            "ids": None if ids is None else list(ids), "session": new_session,
-            "fsize": fsize_bytes, "fds": list(pass_fds)}).encode()
-        if len(request) > MAX_REQUEST:
-            raise Unusable("request too large")
+        request = marshal.dumps({
+            "argv": [str(word) for word in argv], "cwd": cwd,
+            "env": None if env is None else {str(k): str(v) for k, v in env.items()},
+            "ids": None if ids is None else [int(ids[0]), int(ids[1])],
+            "session": new_session, "fsize": fsize_bytes, "fds": [int(fd) for fd in pass_fds]})
+        if len(request) > MAX_REQUEST or len(pass_fds) + 4 > MAX_FDS:
+            raise Unusable("a request the launcher does not take")
         status_read, status_write = os.pipe()
         try:
-            fds = array.array("i", [status_write, stdin, stdout, stderr, *pass_fds])
+            fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
+                           for fd in (status_write, stdin, stdout, stderr, *pass_fds))
             with self._lock:
                 try:
                     self._sock.sendmsg(  # type: ignore[attr-defined]
                         [len(request).to_bytes(4, "big"), request],
-                        [(_SOL_SOCKET, _SCM_RIGHTS, fds.tobytes())])
+                        [(_SOL_SOCKET, _SCM_RIGHTS, fds)])
                 except OSError as error:
                     raise Unusable(f"launcher gone: {error.strerror}") from None
             os.close(status_write)
@@ -207,37 +223,44 @@ def _read_line(fd: int) -> str:
 
 
 # ---------------------------------------------------------------- the launcher's side
+# Only builtin and C modules here (no json, subprocess, array: `re` and `collections` would
+# double the launcher's start); the child is forked from this single-threaded process.
 
 
 def _receive(sock: object) -> tuple[dict, list[int]] | None:
     """One request and its fds; None at EOF (the worker is gone)."""
-    import array
-    import json
-    import socket
+    import _socket
+    import marshal
 
-    assert isinstance(sock, socket.socket)
     fds: list[int] = []
-    head, ancillary, _flags, _address = sock.recvmsg(4, socket.CMSG_SPACE(64 * 4))
+    head, ancillary, _flags, _address = sock.recvmsg(  # type: ignore[attr-defined]
+        4, _socket.CMSG_SPACE(MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds.extend(_ints(data))
     while 0 < len(head) < 4:
-        more = sock.recv(4 - len(head))
+        more = sock.recv(4 - len(head))  # type: ignore[attr-defined]
         if not more:
             break
         head += more
-    if len(head) < 4:
+    size = int.from_bytes(head, "big") if len(head) == 4 else -1
+    body = b""
+    while 0 <= len(body) < size:
+        more = sock.recv(size - len(body))  # type: ignore[attr-defined]
+        if not more:
+            size = -1
+            break
+        body += more
+    if size < 0:
         for fd in fds:
             os.close(fd)
         return None
-    size = int.from_bytes(head, "big")
-    body = b""
-    while len(body) < size:
-        more = sock.recv(size - len(body))
-        if not more:
-            return None
-        body += more
-    return json.loads(body), fds
+    return marshal.loads(body), fds
+
+
+def _ints(data: bytes) -> list[int]:
+    return [int.from_bytes(data[at:at + 4], sys.byteorder, signed=True)
+            for at in range(0, len(data) - 3, 4)]
 
 
 def _high(fd: int) -> int:
@@ -248,33 +271,86 @@ def _high(fd: int) -> int:
     return moved
 
 
-def _spawn(request: dict, fds: list[int]) -> object:
-    """Popen the request; fds: stdin, stdout, stderr, then those to pass (already high)."""
+def _child(request: dict, own: list[int], failed: int) -> None:
+    """In the forked child: the fds at their numbers, the session, cwd, file size limit,
+    the user, default signals, then exec; on failure its errno goes to `failed`."""
+    import _signal
     import resource
-    import subprocess
 
-    targets = [int(fd) for fd in request["fds"]]
-    for source, target in zip(fds[3:], targets):
-        os.dup2(source, target)  # at the number the argv names (bwrap --seccomp N)
-    size = request["fsize"]
-    limit = resource.RLIM_INFINITY if size is None else int(size)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    ids = request["ids"]
-    users = {} if ids is None else {"user": ids[0], "group": ids[1], "extra_groups": []}
     try:
-        return subprocess.Popen(request["argv"], stdin=fds[0], stdout=fds[1], stderr=fds[2],
-                                pass_fds=targets, env=request["env"], cwd=request["cwd"],
-                                start_new_session=bool(request["session"]), **users)
+        targets = [int(fd) for fd in request["fds"]]
+        for source, target in zip(own, [0, 1, 2, *targets]):
+            os.dup2(source, target)  # inheritable; every other fd here is close-on-exec
+        if request["session"]:
+            os.setsid()
+        if request["cwd"] is not None:
+            os.chdir(request["cwd"])
+        size = request["fsize"]
+        limit = resource.RLIM_INFINITY if size is None else int(size)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        if request["ids"] is not None:
+            os.setgroups([])
+            os.setgid(request["ids"][1])
+            os.setuid(request["ids"][0])
+        for number in (_signal.SIGPIPE, _signal.SIGXFSZ):  # Python ignores them: Popen's
+            _signal.signal(number, _signal.SIG_DFL)  # restore_signals
+        argv = request["argv"]
+        env = os.environ if request["env"] is None else request["env"]
+        first: OSError | None = None
+        for path in request["paths"]:
+            try:
+                os.execve(path, argv, env)
+            except OSError as error:  # as Popen: the first error that is not "not here"
+                if first is None or (first.errno in (2, 20) and error.errno not in (2, 20)):
+                    first = error
+        raise first or OSError(2, "No such file or directory")
+    except BaseException as error:  # noqa: BLE001  # whatever it is, the parent hears it
+        number = getattr(error, "errno", None) or 0
+        os.write(failed, f"{number} {getattr(error, 'strerror', None) or error}".encode())
     finally:
-        for target in targets:
-            os.close(target)
+        os._exit(127)
+
+
+def _spawn(request: dict, own: list[int]) -> int:
+    """Fork and exec the request (own: stdin, stdout, stderr, then the fds to pass, all
+    above HIGH_FD); its pid once the exec succeeded, else OSError as Popen raises it."""
+    if len(own) != 3 + len(request["fds"]) or \
+            any(not 3 <= int(fd) < HIGH_FD for fd in request["fds"]):
+        raise OSError(22, "fds missing from the request")
+    program = request["argv"][0] if request["argv"] else ""
+    env = os.environ if request["env"] is None else request["env"]
+    # searched here, as Popen does, not in the child (os.execvpe imports after setuid)
+    request["paths"] = [program] if os.path.dirname(program) else \
+        [os.path.join(folder, program) for folder in
+         (env.get("PATH") or os.defpath).split(os.pathsep)]
+    read_end, write_end = os.pipe()  # close-on-exec: EOF once the exec succeeded
+    read_end, write_end = _high(read_end), _high(write_end)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _child(request, own, write_end)
+        os.close(write_end)
+        write_end = -1
+        failure = os.read(read_end, 4096)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if failure:
+        os.waitpid(pid, 0)
+        number, _sep, message = failure.decode(errors="replace").partition(" ")
+        raise OSError(int(number), message)
+    return pid
 
 
 def serve(sock_fd: int) -> None:
     """The launcher's loop: one executor at a time, until the worker's end closes."""
-    import socket
+    import _signal  # noqa: F401  # imported once here, not in each forked child
+    import _socket
+    import resource  # noqa: F401
 
-    sock = socket.socket(fileno=_high(sock_fd))
+    sock = _socket.socket(fileno=_high(sock_fd))
+    sock.send(UP)
     while True:
         received = _receive(sock)
         if received is None:
@@ -283,9 +359,7 @@ def serve(sock_fd: int) -> None:
         fds = [_high(fd) for fd in fds]
         status, own = fds[0], fds[1:]
         try:
-            if len(own) != 3 + len(request["fds"]):
-                raise OSError(22, "fds missing from the request")
-            child = _spawn(request, own)
+            pid = _spawn(request, own)
         except OSError as error:
             os.write(status, f"error {error.errno or 0} {error.strerror or error}\n".encode())
             os.close(status)
@@ -293,8 +367,8 @@ def serve(sock_fd: int) -> None:
         finally:
             for fd in own:
                 os.close(fd)
-        os.write(status, f"pid {child.pid}\n".encode())  # type: ignore[attr-defined]
-        code = child.wait()  # type: ignore[attr-defined]
+        os.write(status, f"pid {pid}\n".encode())
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         try:
             os.write(status, f"exit {code}\n".encode())
         except OSError:  # the worker stopped listening (it died)

@@ -29,6 +29,7 @@ def group():
     from funnel_hpc.worker import cgroups
 
     made = cgroups.create(f"warm{random.randrange(1 << 30)}", cgroups.Limits(**LIMITS))
+    wait_for(made.launcher_pid, 60, "the launcher to take starts")
     yield made
     assert made.remove() == []
     assert not any(os.path.exists(path) for path in made.dirs)
@@ -98,6 +99,8 @@ def test_fds_user_env_cwd_and_file_size_reach_the_executor(group, tmp_path):
     assert (code, err) == (0, "oops\n")
     assert out.splitlines() == ["from stdin", "65534", "65534", "/tmp", "this"]
     assert side.read_text() == "side\n"
+    code, out, _err = run(group, ["ls", "/proc/self/fd"], pass_fds=())
+    assert (code, out.split()) == (0, ["0", "1", "2", "3"])  # 3: ls's own; no launcher fd
     target = tmp_path / "big"
     code, _out, _err = run(group, ["sh", "-c", f"exec head -c 100000 /dev/zero > {target}"],
                            fsize=8192)
@@ -113,7 +116,7 @@ def test_what_an_executor_leaves_running_dies_with_it_not_the_launcher(group):
               "</dev/null >/dev/null 2>&1 &); sleep 0.2")
     code, _out, _err = run(group, ["sh", "-c", script])
     assert code == 0 and processes_with(mark)
-    launcher = group._launcher.pid
+    launcher = group.launcher_pid()
     group.end_leftovers()
     wait_for(lambda: group.pids() == [launcher], 30, "only the launcher in the group",
              detail=group.pids)
@@ -138,19 +141,58 @@ def test_the_launcher_ends_with_its_worker(tmp_path):
     script.write_text(
         "import sys, subprocess\n"
         "from funnel_hpc.worker import cgroups\n"
+        "import time\n"
         "group = cgroups.create('warmdead', cgroups.Limits(pids_max=64))\n"
+        "while group.launcher_pid() is None:\n"
+        "    time.sleep(0.01)\n"
         f"proc = group.start(['sleep', '{mark}'], stdout=subprocess.DEVNULL)\n"
-        "print(group.dirs[0], flush=True)\n"
+        "print(group.dirs[0], group.launcher_pid(), flush=True)\n"
         "proc.wait()\n")
     worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                               text=True)
-    group_dir = worker.stdout.readline().strip()
-    assert group_dir and processes_with(mark)
+    group_dir, launcher = worker.stdout.readline().split()
+    assert processes_with(mark)
     worker.kill()
     worker.wait(30)
     worker.stdout.close()
-    wait_for(lambda: not processes_with(mark) and not os.path.exists(group_dir), 30,
-             "the group and its processes gone")
+    wait_for(lambda: not processes_with(mark) and not os.path.exists(group_dir)
+             and not os.path.exists(f"/proc/{launcher}"), 30,
+             "the group, its processes and its launcher gone")
+
+
+@pytest.mark.parametrize("kind", [2, 1])
+def test_a_worker_killed_while_its_group_is_frozen_leaves_nothing(tmp_path, kind):
+    """end_leftovers freezes the group for a moment: a kill -9 of the worker then leaves
+    it frozen, and its reaper thaws it (v1: frozen processes cannot die) and ends it."""
+    need_cgroups("pids")
+    from funnel_hpc.worker import cgroups
+
+    if not [h for h in cgroups.discover() if h.version == kind]:
+        pytest.skip(f"no cgroup v{kind} hierarchy on this host")
+    mark = str(600 + random.randrange(10_000, 99_999))
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import subprocess, os\n"
+        "from funnel_hpc.worker import cgroups\n"
+        f"found = [h for h in cgroups.discover() if h.version == {kind}]\n"
+        "group = cgroups.create('warmfrozen', cgroups.Limits(), found=found)\n"
+        f"group.start(['sleep', '{mark}'], stdout=subprocess.DEVNULL)\n"
+        "v1 = group.controllers.get('freezer')\n"
+        "state = os.path.join(v1, 'freezer.state') if v1 else "
+        "os.path.join(group.dirs[0], 'cgroup.freeze')\n"
+        "open(state, 'w').write('FROZEN' if v1 else '1')\n"
+        "print(*group.dirs, flush=True)\n"
+        "input()\n")
+    worker = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    dirs = worker.stdout.readline().split()
+    assert dirs and processes_with(mark)
+    worker.kill()
+    worker.wait(30)
+    worker.stdin.close()
+    worker.stdout.close()
+    wait_for(lambda: not processes_with(mark) and not any(map(os.path.exists, dirs)), 30,
+             "the frozen group and its processes gone")
 
 
 def test_a_charliecloud_executor_reads_its_group_at_once(harness):
