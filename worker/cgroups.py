@@ -14,10 +14,13 @@ controllers (memory, cpu, cpuset, pids) come from v2 where it has them and other
 their v1 mounts (a hybrid host), plus v1 `freezer` to kill without races where no v2 is
 mounted. Groups live under `<mount>/<worker.cgroup_parent>/` (created by the first worker).
 
-Cost: a few mkdir and small writes per task; per executor one `sh` exec (the process waits
-on a pipe until its pid is in the group, then execs the engine: no preexec_fn in a
-threaded worker) and one write per hierarchy, the first of which waits for an RCU grace
-period (see `Group.warm_up`); the reaper is one `sh` per task, asleep.
+Cost: a few mkdir and small writes per task, the reaper (one `sh`, asleep) and the task's
+launcher (worker/launcher.py: one small Python process moved into the group once, in a
+thread); per executor, the launcher's fork, nothing else: a move into a cgroup waits for
+an RCU grace period (9-15 ms on a busy node) and executors never make one. Until the
+launcher listens, or once it is gone, a start costs one `sh` exec (it waits on a pipe
+until its pid is in the group, then execs the engine: no preexec_fn in a threaded worker)
+and one write per hierarchy (see `Group.warm_up`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import sys
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
-    from typing import IO
+    from typing import IO, Any
 
 HIGH_FD = 256  # the launcher keeps its own fds from here: a caller's fd numbers are below
 MAX_REQUEST = 16 << 20
@@ -227,7 +227,7 @@ def _read_line(fd: int) -> str:
 # double the launcher's start); the child is forked from this single-threaded process.
 
 
-def _receive(sock: object) -> tuple[dict, list[int]] | None:
+def _receive(sock: object) -> tuple[dict[str, Any], list[int]] | None:
     """One request and its fds; None at EOF (the worker is gone)."""
     import _socket
     import marshal
@@ -271,15 +271,15 @@ def _high(fd: int) -> int:
     return moved
 
 
-def _child(request: dict, own: list[int], failed: int) -> None:
+def _child(request: dict[str, Any], own: list[int], failed: int) -> None:
     """In the forked child: the fds at their numbers, the session, cwd, file size limit,
     the user, default signals, then exec; on failure its errno goes to `failed`."""
-    import _signal
+    import _signal  # type: ignore[import-not-found]
     import resource
 
     try:
         targets = [int(fd) for fd in request["fds"]]
-        for source, target in zip(own, [0, 1, 2, *targets]):
+        for source, target in zip(own, [0, 1, 2, *targets], strict=True):
             os.dup2(source, target)  # inheritable; every other fd here is close-on-exec
         if request["session"]:
             os.setsid()
@@ -311,7 +311,7 @@ def _child(request: dict, own: list[int], failed: int) -> None:
         os._exit(127)
 
 
-def _spawn(request: dict, own: list[int]) -> int:
+def _spawn(request: dict[str, Any], own: list[int]) -> int:
     """Fork and exec the request (own: stdin, stdout, stderr, then the fds to pass, all
     above HIGH_FD); its pid once the exec succeeded, else OSError as Popen raises it."""
     if len(own) != 3 + len(request["fds"]) or \

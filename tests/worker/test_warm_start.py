@@ -20,7 +20,7 @@ from tests.limits_helpers import need_cgroups, processes_with
 from tests.waiting import wait_for
 from tests.worker.conftest import need
 
-LIMITS = {"memory_bytes": 1 << 30, "pids_max": 256}
+SCRIPT = "cat; echo side >&29; id -u; id -G; pwd; echo $ONLY; echo oops >&2"
 
 
 @pytest.fixture
@@ -28,7 +28,8 @@ def group():
     need_cgroups("pids", "memory")
     from funnel_hpc.worker import cgroups
 
-    made = cgroups.create(f"warm{random.randrange(1 << 30)}", cgroups.Limits(**LIMITS))
+    limits = cgroups.Limits(memory_bytes=1 << 30, pids_max=256)
+    made = cgroups.create(f"warm{random.randrange(1 << 30)}", limits)
     wait_for(made.launcher_pid, 60, "the launcher to take starts")
     yield made
     assert made.remove() == []
@@ -90,10 +91,9 @@ def test_fds_user_env_cwd_and_file_size_reach_the_executor(group, tmp_path):
         number = os.dup2(side_file.fileno(), 29, inheritable=False)
         try:
             code, out, err = run(
-                group, ["bash", "-c", "cat; echo side >&29; id -u; id -G; pwd; "
-                        "echo $ONLY; echo oops >&2"],
-                stdin=stdin_file, pass_fds=(number,), env={"ONLY": "this", "PATH": "/usr/bin:/bin"},
-                cwd="/tmp", user=65534, group=65534, extra_groups=[])
+                group, ["bash", "-c", SCRIPT], stdin=stdin_file, pass_fds=(number,),
+                env={"ONLY": "this", "PATH": "/usr/bin:/bin"}, cwd="/tmp", user=65534,
+                group=65534, extra_groups=[])
         finally:
             os.close(number)
     assert (code, err) == (0, "oops\n")
@@ -150,6 +150,7 @@ def test_the_launcher_ends_with_its_worker(tmp_path):
         "proc.wait()\n")
     worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                               text=True)
+    assert worker.stdout is not None
     group_dir, launcher = worker.stdout.readline().split()
     assert processes_with(mark)
     worker.kill()
@@ -185,6 +186,7 @@ def test_a_worker_killed_while_its_group_is_frozen_leaves_nothing(tmp_path, kind
         "input()\n")
     worker = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
+    assert worker.stdout is not None and worker.stdin is not None
     dirs = worker.stdout.readline().split()
     assert dirs and processes_with(mark)
     worker.kill()
