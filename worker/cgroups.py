@@ -199,11 +199,8 @@ class Group:
         arguments (pass_fds too: they reach argv at the same numbers). Raises OSError."""
         launcher = self._launcher
         if launcher is not None and launcher.ready():
-            try:
-                return _launch(launcher, argv, fsize_bytes, popen)
-            except Unusable:
-                self._launcher = None
-                launcher.close()
+            with contextlib.suppress(Unusable):  # this start the old way; a launcher
+                return _launch(launcher, argv, fsize_bytes, popen)  # gone is not ready()
         return self._start_moved(argv, fsize_bytes, **popen)
 
     def _start_moved(self, argv: list[str], fsize_bytes: int | None = None,
