@@ -7,8 +7,9 @@ writing, which waits for an RCU grace period (9-12 ms on a busy node) unless ano
 just happened: that one write made a sandboxed start 1.4-1.75x the same bwrap run
 directly. A fork takes the same lock for reading only, which costs nothing.
 
-Contract: `Launcher.spawn(python, group_procs)` starts the launcher (its interpreter start
-overlaps what the worker does next); `Launcher.start(argv, ...)` asks it to fork argv with
+Contract: `Launcher.spawn()` starts the launcher (its interpreter start overlaps what the
+worker does next); worker/cgroups.py moves it into the group and calls `placed()`; once
+`ready()` (it said it listens), `Launcher.start(argv, ...)` asks it to fork argv with
 the given fds (passed with SCM_RIGHTS at the numbers the caller uses), env, cwd, uid/gid,
 new session and file size rlimit, and returns a `Launched`: pid, stdout, stderr, poll(),
 wait() as subprocess.Popen has them (exit codes and signals unchanged: the launcher waits
@@ -17,7 +18,7 @@ The launcher exits when the worker's end of its socket closes (kill -9 of the wo
 its cgroup's kill ends it like any process of the task.
 
 This file is also the launcher itself: `python -I -S launcher.py FD` (standard library
-only, no site: the interpreter start is ~10 ms, paid once per task).
+only, no site: the interpreter start is ~12 ms, paid once per task).
 
 Cost per executor: one sendmsg, one fork of a ~10 MB process and the exec; a pipe carries
 the pid back, then the exit status.
@@ -30,6 +31,8 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    import _socket
+    import subprocess
     from collections.abc import Mapping, Sequence
     from typing import IO, Any
 
@@ -72,6 +75,7 @@ class Launched:
         return code
 
     def _wait(self, timeout: float | None) -> int | None:
+        import math
         import select
         import time
 
@@ -82,13 +86,15 @@ class Launched:
             if self.returncode is not None:
                 return self.returncode
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self._status_fd], [], [], left)[0]:
+            poller = select.poll()  # not select.select: fds past 1023
+            poller.register(self._status_fd, select.POLLIN)
+            if not poller.poll(None if left is None else math.ceil(left * 1000)):
                 return None
             line = _read_line(self._status_fd)
             os.close(self._status_fd)
             # no exit line: the launcher was killed (the task's cgroup killed, or OOM), and
             # its child with it
-            self.returncode = int(line.split()[1]) if line.startswith("exit ") else -9
+            self.returncode = int(line.split()[1]) if line.startswith("exit ") else -9  # KILL
             return self.returncode
         finally:
             self._lock.release()
@@ -97,11 +103,11 @@ class Launched:
 class Launcher:
     """The worker's handle on a task's launcher process."""
 
-    def __init__(self, process: object, sock: object):
+    def __init__(self, process: subprocess.Popen[bytes], sock: _socket.socket):
         import threading
 
-        self.process = process  # subprocess.Popen: the launcher, a child of the worker
-        self._sock = sock  # _socket.socket, the worker's end
+        self.process = process  # the launcher, a child of the worker
+        self._sock = sock  # the worker's end
         self._lock = threading.Lock()
         self._placed = threading.Event()
         self._failed = False
@@ -109,7 +115,7 @@ class Launcher:
 
     @property
     def pid(self) -> int:
-        return self.process.pid  # type: ignore[attr-defined, no-any-return]
+        return self.process.pid
 
     @classmethod
     def spawn(cls, python: str = sys.executable) -> Launcher:
@@ -140,7 +146,7 @@ class Launcher:
     def in_group(self) -> bool:
         """Put in the group and alive."""
         return self._placed.is_set() and not self._failed and \
-            self.process.poll() is None  # type: ignore[attr-defined]
+            self.process.poll() is None
 
     def ready(self) -> bool:
         """In the group, alive and listening (its interpreter has started): never waits,
@@ -149,7 +155,7 @@ class Launcher:
             import _socket
 
             try:
-                self._up = self._sock.recv(1, _socket.MSG_DONTWAIT) == UP  # type: ignore[attr-defined]
+                self._up = self._sock.recv(1, _socket.MSG_DONTWAIT) == UP
             except OSError:  # BlockingIOError: not yet
                 return False
         return self._up and self.in_group()
@@ -174,10 +180,11 @@ class Launcher:
             fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True)
                            for fd in (status_write, stdin, stdout, stderr, *pass_fds))
             with self._lock:
+                data = len(request).to_bytes(4, "big") + request
                 try:
-                    self._sock.sendmsg(  # type: ignore[attr-defined]
-                        [len(request).to_bytes(4, "big"), request],
-                        [(_SOL_SOCKET, _SCM_RIGHTS, fds)])
+                    sent = self._sock.sendmsg([data], [(_SOL_SOCKET, _SCM_RIGHTS, fds)])
+                    if sent < len(data):  # a signal cut it short: the rest, fds sent
+                        self._sock.sendall(data[sent:])
                 except OSError as error:
                     raise Unusable(f"launcher gone: {error.strerror}") from None
             os.close(status_write)
@@ -199,10 +206,10 @@ class Launcher:
 
     def close(self) -> None:
         """EOF on its socket: the launcher exits (it is killed with the group anyway)."""
-        self._sock.close()  # type: ignore[attr-defined]
+        self._sock.close()
         process = self.process
         try:
-            process.wait(1)  # type: ignore[attr-defined]
+            process.wait(1)
         except Exception:  # noqa: BLE001  # not ours to wait for: the group kill ends it
             pass
 
@@ -227,26 +234,26 @@ def _read_line(fd: int) -> str:
 # double the launcher's start); the child is forked from this single-threaded process.
 
 
-def _receive(sock: object) -> tuple[dict[str, Any], list[int]] | None:
+def _receive(sock: _socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """One request and its fds; None at EOF (the worker is gone)."""
     import _socket
     import marshal
 
     fds: list[int] = []
-    head, ancillary, _flags, _address = sock.recvmsg(  # type: ignore[attr-defined]
+    head, ancillary, _flags, _address = sock.recvmsg(
         4, _socket.CMSG_SPACE(MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds.extend(_ints(data))
     while 0 < len(head) < 4:
-        more = sock.recv(4 - len(head))  # type: ignore[attr-defined]
+        more = sock.recv(4 - len(head))
         if not more:
             break
         head += more
     size = int.from_bytes(head, "big") if len(head) == 4 else -1
     body = b""
     while 0 <= len(body) < size:
-        more = sock.recv(size - len(body))  # type: ignore[attr-defined]
+        more = sock.recv(size - len(body))
         if not more:
             size = -1
             break

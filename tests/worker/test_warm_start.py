@@ -99,6 +99,9 @@ def test_fds_user_env_cwd_and_file_size_reach_the_executor(group, tmp_path):
     assert (code, err) == (0, "oops\n")
     assert out.splitlines() == ["from stdin", "65534", "65534", "/tmp", "this"]
     assert side.read_text() == "side\n"
+    big = {f"BIG{index}": str(index) * 100_000 for index in range(4)}  # > a socket buffer
+    code, out, _err = run(group, ["sh", "-c", "echo ${#BIG0} ${#BIG3}"], env=big)
+    assert (code, out) == (0, "100000 100000\n")
     code, out, _err = run(group, ["ls", "/proc/self/fd"], pass_fds=())
     assert (code, out.split()) == (0, ["0", "1", "2", "3"])  # 3: ls's own; no launcher fd
     target = tmp_path / "big"
