@@ -127,6 +127,17 @@ def test_what_an_executor_leaves_running_dies_with_it_not_the_launcher(group):
     assert run(group, ["sh", "-c", "echo $PPID"])[:2] == (0, f"{launcher}\n")
 
 
+def test_an_executor_cannot_kill_or_trace_its_launcher(group):
+    """The executor runs as the sandbox user; the launcher, its parent, is root's."""
+    launcher = group.launcher_pid()
+    code, out, _err = run(group, ["sh", "-c", "kill -9 $PPID; echo kill=$?; "
+                                  "cat /proc/$PPID/environ; echo environ=$?"],
+                          user=65534, group=65534, extra_groups=[])
+    assert "kill=1" in out and "environ=1" in out, out
+    assert group.launcher_pid() == launcher
+    assert run(group, ["sh", "-c", "echo $PPID"])[1] == f"{launcher}\n"
+
+
 def test_starts_go_the_old_way_once_the_launcher_is_gone(group):
     group.kill_all()  # a cancel: the launcher goes with the rest
     code, out, _err = run(group, ["cat", "/proc/self/cgroup"])
