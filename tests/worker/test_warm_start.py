@@ -130,9 +130,9 @@ def test_what_an_executor_leaves_running_dies_with_it_not_the_launcher(group):
 def test_an_executor_cannot_kill_or_trace_its_launcher(group):
     """The executor runs as the sandbox user; the launcher, its parent, is root's."""
     launcher = group.launcher_pid()
-    code, out, _err = run(group, ["sh", "-c", "kill -9 $PPID; echo kill=$?; "
-                                  "cat /proc/$PPID/environ; echo environ=$?"],
-                          user=65534, group=65534, extra_groups=[])
+    attack = "kill -9 $PPID; echo kill=$?; cat /proc/$PPID/environ; echo environ=$?"
+    code, out, _err = run(group, ["sh", "-c", attack], user=65534, group=65534,
+                          extra_groups=[])
     assert "kill=1" in out and "environ=1" in out, out
     assert group.launcher_pid() == launcher
     assert run(group, ["sh", "-c", "echo $PPID"])[1] == f"{launcher}\n"
