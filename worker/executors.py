@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO, Any
 
-    from funnel_hpc.worker.cgroups import Group
+    from funnel_hpc.worker.cgroups import Group, Process
     from funnel_hpc.worker.drivers import Drivers, Invocation
     from funnel_hpc.worker.events import EventLog
     from funnel_hpc.worker.limits import Plan
@@ -69,7 +69,7 @@ class Executors:
         self.gpus = gpus if gpus not in ("", "0") else None  # resources.backend_parameters
         self.plan = plan
         self.group: Group | None = None  # the task's cgroup, for sandboxed executors
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
         self.exceeded: str | None = None  # a limit the running executor went over
         self._lock = threading.Lock()
 
@@ -181,7 +181,7 @@ class Executors:
             live.start()
             exit_code = proc.wait()
             if self.group is not None:  # what it left running (setsid, daemons) ends with it
-                self.group.kill_all(timeout=0)
+                self.group.end_leftovers()
                 if self.group.oom_kills() > oom_kills:
                     self.events.system_log(
                         f"executor {index}: the kernel's OOM killer ended a process of it: "
@@ -196,7 +196,7 @@ class Executors:
                          exit_code=exit_code, stdout=out_tail.text(), stderr=err_tail.text())
         return exit_code
 
-    def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> subprocess.Popen[bytes]:
+    def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> Process:
         popen: dict[str, Any] = dict(
             stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=inv.env, start_new_session=True, cwd=inv.cwd or str(self.task_dir),

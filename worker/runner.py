@@ -158,6 +158,7 @@ class TaskRunner:
         for note in self.drivers.choice_notes:
             self.events.system_log(note)
         self.events.emit("metadata", metadata={"container_driver": driver})
+        self._make_group(driver)  # its launcher starts while images and inputs come
         for note in self.drivers.prepare(driver, [executor["image"] for executor
                                                   in self.task["executors"]]):
             self.events.system_log(note)
@@ -167,7 +168,6 @@ class TaskRunner:
         # the sandbox's own files (proot's /tmp, ch-run's roots) go beside files/
         self.drivers.hand_over(driver, self.scratch.root if self.scratch else self.task_dir,
                                binds)
-        self._make_group(driver)
         self.events.state("RUNNING")
         try:
             final = self.executors.run_all(driver, binds, self.paths, self.group)
