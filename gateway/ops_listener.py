@@ -55,7 +55,7 @@ def serve(config: dict, service: TaskService) -> threading.Thread | None:
 
     host, port = parse_listen(listen)
     server = waitress.server.create_server(make_app(config, service), host=host, port=port,
-                                           threads=2, ident="funnel-hpc", _quiet=True)
+                                           threads=2, ident="funnel-hpc")
     thread = threading.Thread(target=server.run, name="reconciler-metrics", daemon=True)
     thread.start()
     log.info("reconciler metrics on http://%s:%s/metrics", host, port)
