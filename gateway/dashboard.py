@@ -170,8 +170,7 @@ def task_list():
         counts = _service().state_counts(owner=_owner())
     except BadRequest as exc:
         error = exc.message
-    except OperationalError:
-        error = "The database is busy or unavailable; this page will retry."
+    # a database outage: the app's 503 page (gateway/app.py), which reloads itself
     filters = {"state": state, "name_prefix": name_prefix, "tag": tag}
     template = "_task_rows.html" if fragment else "tasks.html"
     chart = None if fragment or error else _chart()

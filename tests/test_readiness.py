@@ -1,0 +1,137 @@
+"""/readyz means "this replica can serve": real servers whose database is made
+unreadable (SQLite file replaced), write-locked, or stopped (a private PostgreSQL);
+every 503 carries Retry-After, the dashboard shows an outage page, an outage is logged
+once per interval, and a `funnel task create` started during a 30 s database restart
+succeeds once it is back, creating exactly one task."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.postgres_helpers import PrivatePostgres, available
+from tests.server_helpers import ServerProcess, clean_env, funnel_argv
+from tests.waiting import wait_for
+
+TASK = {"name": "ready", "executors": [{"image": "busybox", "command": ["true"]}]}
+ALONE = {"server": {"readyz_needs_reconciler": False}}  # these servers run no reconciler
+
+
+def readyz(server: ServerProcess) -> requests.Response:
+    return requests.get(server.url + "/readyz", timeout=30)
+
+
+def test_readyz_503_when_the_sqlite_file_is_gone_or_unreadable_then_200(tmp_path):
+    """The pool's open connections go on reading a file moved away (or made unreadable:
+    root, as here, reads any file, so the test moves it): /readyz opens it afresh."""
+    server = ServerProcess(tmp_path / "srv", "", overrides=ALONE).start()
+    database = server.work_dir / "funnel.db"
+    kept = server.work_dir / "funnel.db.kept"
+    try:
+        assert readyz(server).status_code == 200
+        os.rename(database, kept)
+        down = readyz(server)
+        assert down.status_code == 503, down.text
+        assert down.headers["Retry-After"] == "5"
+        assert down.json()["checks"]["database"] == "unavailable"
+        os.replace(kept, database)
+        assert readyz(server).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_readyz_503_while_another_process_holds_the_write_lock(tmp_path):
+    server = ServerProcess(tmp_path / "srv", "", overrides=ALONE).start()
+    try:
+        holder = sqlite3.connect(server.work_dir / "funnel.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            down = readyz(server)
+            assert down.status_code == 503 and down.headers["Retry-After"] == "5"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert readyz(server).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_readyz_reports_the_in_process_reconciler(tmp_path):
+    server = ServerProcess(tmp_path / "srv", "", reconcile=True).start()
+    try:
+        ready = wait_for(lambda: (resp := readyz(server)).status_code == 200 and resp, 60,
+                         "/readyz 200", detail=server.log)
+        assert ready.json()["checks"] == {"database": "ok", "backend": "ok",
+                                          "reconciler": "ok"}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres():
+    if not available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL binaries are missing under CI")
+        pytest.skip("PostgreSQL binaries not installed")
+    server = PrivatePostgres.create()
+    yield server
+    server.destroy()
+
+
+@pytest.mark.postgres
+def test_postgres_outage_503s_dashboard_page_and_one_log_line(postgres, tmp_path):
+    server = ServerProcess(tmp_path / "srv", postgres.url, overrides=ALONE).start()
+    try:
+        assert requests.post(server.api + "/tasks", json=TASK, timeout=10).status_code == 200
+        postgres.stop()
+        for _ in range(10):
+            api = requests.get(server.api + "/tasks", timeout=30)
+            assert api.status_code == 503, api.text
+            assert api.headers["Retry-After"] == "5"
+        page = requests.get(server.url + "/", timeout=30)
+        assert page.status_code == 503, page.text[:300]
+        assert "Database unavailable, retrying" in page.text
+        assert page.headers["Retry-After"] == "5"
+        outage = [line for line in server.log().splitlines() if "database unavailable" in line]
+        assert 1 <= len(outage) <= 3, outage  # once per interval (+ /readyz's, /metrics')
+        assert "Traceback" not in server.log()
+        postgres.start()
+        wait_for(lambda: readyz(server).status_code == 200, 60, "/readyz 200 again",
+                 detail=server.log)
+    finally:
+        server.stop()
+
+
+@pytest.mark.postgres
+def test_task_create_outlasts_a_30s_database_restart(postgres, tmp_path):
+    server = ServerProcess(tmp_path / "srv", postgres.url, overrides=ALONE).start()
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps(TASK))
+    try:
+        postgres.stop()
+        stopped = time.monotonic()
+        create = subprocess.Popen(funnel_argv("task", "create", str(task_file)),
+                                  env=clean_env(FUNNEL_SERVER=server.url),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            # the outage lasts 30 s (the scenario, not a wait for something)
+            wait_for(lambda: time.monotonic() - stopped >= 30, 40, "a 30 s outage",
+                     interval=1)
+            assert create.poll() is None, create.communicate()
+            postgres.start()
+            out, err = create.communicate(timeout=120)
+        finally:
+            if create.poll() is None:
+                create.kill()
+        assert create.returncode == 0, err
+        task_id = out.strip()
+        listed = requests.get(server.api + "/tasks", timeout=30).json()["tasks"]
+        assert [task["id"] for task in listed] == [task_id]
+    finally:
+        server.stop()
