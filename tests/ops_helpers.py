@@ -103,3 +103,38 @@ def run_funnel(*args: str, env: dict[str, str] | None = None,
     """`funnel ARGS...` to completion, text output captured."""
     return subprocess.run(funnel_argv(*args), env=env or clean_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+class HangUpServer:
+    """A TCP listener that reads each request and closes the connection without an
+    answer (a server dying mid-request); counts the requests that reached it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                if conn.recv(65536):
+                    with self._lock:
+                        self.requests += 1
+
+    def close(self) -> None:
+        self.sock.close()
