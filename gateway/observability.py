@@ -350,18 +350,17 @@ def readyz() -> Response:
     lock, a reconciler holds this backend's lease (server.readyz_needs_reconciler), and
     this process's last scheduler command (if it makes any) did not fail."""
     config = current_app.extensions["funnel.config"]
-    engine = current_app.extensions["funnel.service"].engine
+    cached = current_app.extensions.get("funnel.readiness")
+    if cached is None:
+        cached = current_app.extensions["funnel.readiness"] = readiness.Checks(
+            current_app.extensions["funnel.service"].engine, config)
     checks = {"database": "ok", "backend": "ok"}
-    problem = readiness.check_database(engine, config["database"]["url"])
+    problem, held = cached.result()
     if problem is not None:
         _repeated.warning("readyz-db", "readyz: database unavailable: %s", problem)
         checks["database"] = "unavailable"
     if config["server"]["readyz_needs_reconciler"]:
-        try:
-            held = problem is None and readiness.check_reconciler(engine, config)
-        except SQLAlchemyError:
-            held = False
-        checks["reconciler"] = "ok" if held else ("unknown" if problem else "none")
+        checks["reconciler"] = "ok" if held else ("unknown" if held is None else "none")
     if backend_failing():
         checks["backend"] = "failing"
     ready = all(value == "ok" for value in checks.values())

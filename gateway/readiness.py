@@ -18,6 +18,7 @@ import sqlite3
 import threading
 import time
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -26,6 +27,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from funnel_hpc.gateway import db, leader
 
 SQLITE_CHECK_TIMEOUT = 2.0  # seconds /readyz waits for SQLite's write lock
+# /readyz needs no credentials, so it is not rate limited: each process checks at most
+# once per CHECK_EVERY seconds and answers every probe in between from that result (a
+# flood of probes cannot contend for SQLite's write lock)
+CHECK_EVERY = 1.0
 RETRY_AFTER_SECONDS = 5  # what every 503 of this gateway tells clients
 
 
@@ -35,7 +40,7 @@ def check_database(engine: Engine, url: str) -> str | None:
     if path is not None:
         try:
             # mode=rw: a missing file is an error, not a new empty database
-            conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True,
+            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
                                    timeout=SQLITE_CHECK_TIMEOUT, isolation_level=None)
             try:
                 conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
@@ -60,6 +65,36 @@ def check_reconciler(engine: Engine, config: dict) -> bool:
     with db.reading(engine) as conn:
         found = leader.holders(conn, config["database"]["url"])
     return any(holder.held and holder.backend in (None, backend) for holder in found)
+
+
+class Checks:
+    """The database and lease checks of one process, made at most once per CHECK_EVERY
+    seconds (one caller checks; concurrent ones wait for its result)."""
+
+    def __init__(self, engine: Engine, config: dict):
+        self.engine = engine
+        self.config = config
+        self._lock = threading.Lock()
+        self._at = -CHECK_EVERY
+        self._result: tuple[str | None, bool | None] = (None, None)
+
+    def result(self) -> tuple[str | None, bool | None]:
+        """(the database problem or None, whether a reconciler holds the lease: None when
+        not asked (server.readyz_needs_reconciler false) or the database failed)."""
+        with self._lock:
+            if time.monotonic() - self._at >= CHECK_EVERY:
+                self._result = self._check()
+                self._at = time.monotonic()
+            return self._result
+
+    def _check(self) -> tuple[str | None, bool | None]:
+        problem = check_database(self.engine, self.config["database"]["url"])
+        if problem is not None or not self.config["server"]["readyz_needs_reconciler"]:
+            return problem, None
+        try:
+            return None, check_reconciler(self.engine, self.config)
+        except SQLAlchemyError as exc:
+            return f"{type(exc).__name__}: {_first_line(exc)}", None
 
 
 def _first_line(exc: BaseException) -> str:

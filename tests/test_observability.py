@@ -165,8 +165,9 @@ def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
             ready = requests.get(server.url + "/readyz", timeout=10)
             assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
             postgres.stop()
-            down = requests.get(server.url + "/readyz", timeout=30)
-            assert down.status_code == 503, down.text
+            down = wait_for(lambda: (resp := requests.get(  # a list: a 503 Response is falsy
+                server.url + "/readyz", timeout=30)).status_code == 503 and [resp], 30,
+                "/readyz 503", detail=server.log)[0]
             assert down.json() == {"status": "not ready", "checks": {
                 "database": "unavailable", "backend": "ok", "reconciler": "unknown"}}
             assert down.headers["Retry-After"] == "5"

@@ -45,15 +45,18 @@ def test_split_layout_reconciler_serves_its_metrics(databases, tmp_path, monkeyp
         metrics = scrape(server.url)
         assert metrics[LEASE_HELD] == 1
         assert SUBMIT_ERRORS not in metrics
-        assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+        wait_for(lambda: requests.get(server.url + "/readyz", timeout=10).status_code == 200,
+                 30, "the server's /readyz 200")
         # the reconciler's /readyz: its scheduler fails
         failing = requests.get(reconcile.url + "/readyz", timeout=10)
         assert failing.status_code == 503 and failing.json()["checks"]["backend"] == "failing"
+        assert failing.json()["checks"]["reconciler"] == "ok"
         assert failing.headers["Retry-After"] == "5"
 
         reconcile.stop()
         wait_for(lambda: scrape(server.url)[LEASE_HELD] == 0, 30, "the lease to be free")
-        assert requests.get(server.url + "/readyz", timeout=10).status_code == 503
+        wait_for(lambda: requests.get(server.url + "/readyz", timeout=10).status_code == 503,
+                 30, "the server's /readyz 503")
     finally:
         reconcile.stop()
         server.stop()

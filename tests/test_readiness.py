@@ -27,6 +27,13 @@ def readyz(server: ServerProcess) -> requests.Response:
     return requests.get(server.url + "/readyz", timeout=30)
 
 
+def readyz_becomes(server: ServerProcess, status: int) -> requests.Response:
+    """/readyz once it answers status (it checks at most once a second)."""
+    # a list: a Response is falsy when its status is an error
+    return wait_for(lambda: (resp := readyz(server)).status_code == status and [resp], 30,
+                    f"/readyz {status}", detail=server.log)[0]
+
+
 def test_readyz_503_when_the_sqlite_file_is_gone_or_unreadable_then_200(tmp_path):
     """The pool's open connections go on reading a file moved away (or made unreadable:
     root, as here, reads any file, so the test moves it): /readyz opens it afresh."""
@@ -36,12 +43,11 @@ def test_readyz_503_when_the_sqlite_file_is_gone_or_unreadable_then_200(tmp_path
     try:
         assert readyz(server).status_code == 200
         os.rename(database, kept)
-        down = readyz(server)
-        assert down.status_code == 503, down.text
+        down = readyz_becomes(server, 503)
         assert down.headers["Retry-After"] == "5"
         assert down.json()["checks"]["database"] == "unavailable"
         os.replace(kept, database)
-        assert readyz(server).status_code == 200
+        readyz_becomes(server, 200)
     finally:
         server.stop()
 
@@ -52,12 +58,12 @@ def test_readyz_503_while_another_process_holds_the_write_lock(tmp_path):
         holder = sqlite3.connect(server.work_dir / "funnel.db", isolation_level=None)
         holder.execute("BEGIN IMMEDIATE")
         try:
-            down = readyz(server)
-            assert down.status_code == 503 and down.headers["Retry-After"] == "5"
+            down = readyz_becomes(server, 503)
+            assert down.headers["Retry-After"] == "5"
         finally:
             holder.execute("ROLLBACK")
             holder.close()
-        assert readyz(server).status_code == 200
+        readyz_becomes(server, 200)
     finally:
         server.stop()
 
@@ -65,8 +71,7 @@ def test_readyz_503_while_another_process_holds_the_write_lock(tmp_path):
 def test_readyz_reports_the_in_process_reconciler(tmp_path):
     server = ServerProcess(tmp_path / "srv", "", reconcile=True).start()
     try:
-        ready = wait_for(lambda: (resp := readyz(server)).status_code == 200 and resp, 60,
-                         "/readyz 200", detail=server.log)
+        ready = readyz_becomes(server, 200)
         assert ready.json()["checks"] == {"database": "ok", "backend": "ok",
                                           "reconciler": "ok"}
     finally:
@@ -102,8 +107,7 @@ def test_postgres_outage_503s_dashboard_page_and_one_log_line(postgres, tmp_path
         assert 1 <= len(outage) <= 3, outage  # once per interval (+ /readyz's, /metrics')
         assert "Traceback" not in server.log()
         postgres.start()
-        wait_for(lambda: readyz(server).status_code == 200, 60, "/readyz 200 again",
-                 detail=server.log)
+        readyz_becomes(server, 200)
     finally:
         server.stop()
 
