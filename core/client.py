@@ -16,7 +16,7 @@ client is made (the worker imports this module at every start).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 # requests is imported when a client is made: `funnel worker run` loads this module
@@ -111,13 +111,15 @@ class TesClient(TaskClient):
     def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30,
                  token: str | None = None, *, username: str | None = None,
                  password: str | None = None, retries: int = 0,
-                 max_retry_wait: float = 60, retry_seconds: float = 0):
+                 max_retry_wait: float = 60, retry_seconds: float = 0,
+                 on_retry: Callable[[str], None] | None = None):
         self.base = server.rstrip("/") + "/ga4gh/tes/v1"
         self.server = server
         self.timeout = timeout
         self.retries = retries
         self.max_retry_wait = max_retry_wait
         self.retry_seconds = retry_seconds
+        self.on_retry = on_retry  # told why, before each wait (the CLI says it once)
         import requests
 
         self._requests = requests
@@ -152,18 +154,24 @@ class TesClient(TaskClient):
                 resp = self.http.request(method, url, **kwargs)
             except self._requests.RequestException as exc:
                 if more and (method == "GET" or _never_sent(exc)):
+                    self._retrying(f"cannot reach {self.server} ({exc.__class__.__name__})")
                     time.sleep(self._pause(None, attempt, left))
                     attempt += 1
                     continue
                 raise ClientError(f"cannot reach {self.server}: {exc.__class__.__name__}") from None
             if resp.status_code in RETRY_STATUSES and more:
                 resp.close()
+                self._retrying(f"{self.server} answered {resp.status_code}")
                 time.sleep(self._pause(resp.headers.get("Retry-After"), attempt, left))
                 attempt += 1
                 continue
             if resp.status_code >= 400:
                 raise _error(resp)
             return resp
+
+    def _retrying(self, why: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(why)
 
     def _pause(self, header: str | None, attempt: int, left: float) -> float:
         """Seconds before the next attempt; within the retry window when there is one."""

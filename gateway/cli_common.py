@@ -67,8 +67,17 @@ def client(server_url: str) -> TesClient:
     password = os.environ.get("FUNNEL_PASSWORD", "")
     if user is None and password:
         fail("FUNNEL_PASSWORD is set without FUNNEL_USER")
+    window = retry_seconds()
+    told: list[str] = []
+
+    def tell(why: str) -> None:
+        if not told:  # once per command: the wait may be long
+            told.append(why)
+            click.echo(f"{why}; retrying for up to {window:g} s (FUNNEL_RETRY_SECONDS)",
+                       err=True)
+
     return TesClient(server_url, token=token, username=None if token else user,
-                     password=password, retries=3, retry_seconds=retry_seconds())
+                     password=password, retries=3, retry_seconds=window, on_retry=tell)
 
 
 def emit(data: Any, output: str = "json") -> None:

@@ -40,14 +40,14 @@ def check_database(engine: Engine, url: str) -> str | None:
     if path is not None:
         try:
             # mode=rw: a missing file is an error, not a new empty database
-            conn = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
-                                   timeout=SQLITE_CHECK_TIMEOUT, isolation_level=None)
+            raw = sqlite3.connect(f"file:{quote(str(path))}?mode=rw", uri=True,
+                                  timeout=SQLITE_CHECK_TIMEOUT, isolation_level=None)
             try:
-                conn.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
+                raw.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+                raw.execute("BEGIN IMMEDIATE")
+                raw.execute("ROLLBACK")
             finally:
-                conn.close()
+                raw.close()
         except sqlite3.Error as exc:
             return f"{type(exc).__name__}: {exc}"
         return None

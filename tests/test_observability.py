@@ -165,9 +165,10 @@ def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
             ready = requests.get(server.url + "/readyz", timeout=10)
             assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
             postgres.stop()
-            down = wait_for(lambda: (resp := requests.get(  # a list: a 503 Response is falsy
-                server.url + "/readyz", timeout=30)).status_code == 503 and [resp], 30,
-                "/readyz 503", detail=server.log)[0]
+            found: list[requests.Response] = wait_for(  # a list: a 503 Response is falsy
+                lambda: [resp] if (resp := requests.get(server.url + "/readyz", timeout=30))
+                .status_code == 503 else None, 30, "/readyz 503", detail=server.log)
+            down = found[0]
             assert down.json() == {"status": "not ready", "checks": {
                 "database": "unavailable", "backend": "ok", "reconciler": "unknown"}}
             assert down.headers["Retry-After"] == "5"

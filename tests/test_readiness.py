@@ -30,8 +30,10 @@ def readyz(server: ServerProcess) -> requests.Response:
 def readyz_becomes(server: ServerProcess, status: int) -> requests.Response:
     """/readyz once it answers status (it checks at most once a second)."""
     # a list: a Response is falsy when its status is an error
-    return wait_for(lambda: (resp := readyz(server)).status_code == status and [resp], 30,
-                    f"/readyz {status}", detail=server.log)[0]
+    found: list[requests.Response] = wait_for(
+        lambda: [resp] if (resp := readyz(server)).status_code == status else None, 30,
+        f"/readyz {status}", detail=server.log)
+    return found[0]
 
 
 def test_readyz_503_when_the_sqlite_file_is_gone_or_unreadable_then_200(tmp_path):
