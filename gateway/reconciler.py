@@ -29,6 +29,8 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from funnel_hpc.backends.base import Backend, JobState, JobStatus
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway import backend_health, observability, retention
@@ -91,9 +93,11 @@ class Reconciler(EventFolding, Submission):
                 self.last_tick = self.tick()
                 observability.observe_tick(self.last_tick.seconds)
             except Exception as exc:  # noqa: BLE001 - the loop goes on; next tick retries
+                # an unreachable database is an outage, not a bug: no traceback for it
                 _repeated.warning("tick", "reconciler tick failed: %s: %s",
                                   type(exc).__name__, str(exc).strip().split("\n")[0],
-                                  exc_info=True)
+                                  exc_info=not isinstance(exc, (OperationalError,
+                                                                InterfaceError)))
             # the next tick comes after the interval, or at once when a task is created or
             # canceled, a worker reports in this process or the backend sees a job end
             # (never sooner than MIN_TICK_GAP after the previous tick began)
