@@ -9,12 +9,13 @@ for each, so that a burst of load on the machine shows as one odd block instead 
 deciding the figure:
 - ours: a warm start as the worker makes it: `ensure_rootfs` (a cache lookup, no network),
   the sandbox argv (`worker/sandbox.py`: read-only binds of the image's entries over a
-  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run) and bwrap started as
-  the sandbox user, running `true`, inside the task's cgroup (worker/cgroups.py, root only:
-  the `sh` that waits until its pid is in the group, then the kill of what is left, as each
-  executor has it; the group itself is made once per task and timed apart: `group_s`);
-- the same bwrap: that argv, computed once beforehand, run as the same user: what the
-  worker adds to bwrap itself (target 1.1);
+  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run), the cached seccomp
+  filter (`--seccomp FD`) and bwrap started as the sandbox user, running `true`, inside the
+  task's cgroup (worker/cgroups.py, root only: the `sh` that waits until its pid is in the
+  group, then the kill of what is left, as each executor has it; the group itself is made
+  once per task and timed apart: `group_s`);
+- the same bwrap: that argv, computed once beforehand, run as the same user without the
+  filter: what the worker adds to bwrap itself (target 1.1);
 - bare bwrap: `bwrap --ro-bind ROOT / --unshare-pid --unshare-user true` as the same user
   (the least bwrap can do over that root): ours against it adds what the sandbox's private
   /dev, /proc and tmpfs mounts cost in bwrap (context).
@@ -24,6 +25,7 @@ Ratio > 1 means the sandbox costs more.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from funnel_hpc.worker import cgroups, sandbox
+from funnel_hpc.worker import cgroups, sandbox, seccomp
 from funnel_hpc.worker.drivers import switch_user
 from funnel_hpc.worker.images import ensure_rootfs
 from tests.server_helpers import TEST_REGISTRIES
@@ -48,11 +50,17 @@ def ours(cache: str, ids, group: cgroups.Group | None) -> float:
         group.warm_up()  # as the worker does before building an executor's argv
     root = ensure_rootfs("busybox", cache, TEST_REGISTRIES)
     argv = sandbox.bwrap_argv(str(root.rootfs), [], {"PATH": "/bin"}, None, ["true"], "host")
-    if group is None:  # not root: no cgroup
-        subprocess.run(argv, check=True, cwd="/")
-    else:
-        assert group.start(argv, None, cwd="/", **switch_user(ids)).wait() == 0
-        group.kill_all(timeout=0)
+    fd = seccomp.open_filter(cache, "default")  # the cached filter, as drivers.py passes it
+    argv[1:1] = ["--seccomp", str(fd)]
+    try:
+        if group is None:  # not root: no cgroup
+            subprocess.run(argv, check=True, cwd="/", pass_fds=(fd,))
+        else:
+            assert group.start(argv, None, cwd="/", pass_fds=(fd,),
+                               **switch_user(ids)).wait() == 0
+            group.kill_all(timeout=0)
+    finally:
+        os.close(fd)
     return time.perf_counter() - started
 
 
