@@ -3,8 +3,10 @@
 ``TesClient`` creates, reads, lists (page by page or all), cancels, waits for and
 watches tasks (GET /funnel/v1/events, Server-Sent Events, resumed after a dropped
 connection from the last event id). Credentials: a bearer token, or a user name and
-password (HTTP Basic). With ``retries`` > 0, answers 429 and 503 are tried again after
-the server's ``Retry-After`` (seconds or an HTTP date; capped by ``max_retry_wait``).
+password (HTTP Basic). With ``retries`` > 0 or a ``retry_seconds`` window, answers 429
+and 503 and refused connections are tried again after the server's ``Retry-After``
+(seconds or an HTTP date; capped by ``max_retry_wait``), so a server or database restart
+is not an error (a POST is resent only when it cannot have reached the server).
 Every failure is a ``ClientError`` carrying the HTTP status and the server's message.
 ``TaskClient`` is the surface it shares with the gRPC client
 (``funnel_hpc.proto.client.TesGrpcClient``, which lives there as it needs the stubs).
@@ -14,7 +16,7 @@ client is made (the worker imports this module at every start).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 # requests is imported when a client is made: `funnel worker run` loads this module
@@ -109,12 +111,15 @@ class TesClient(TaskClient):
     def __init__(self, server: str = DEFAULT_SERVER, timeout: float = 30,
                  token: str | None = None, *, username: str | None = None,
                  password: str | None = None, retries: int = 0,
-                 max_retry_wait: float = 60):
+                 max_retry_wait: float = 60, retry_seconds: float = 0,
+                 on_retry: Callable[[str], None] | None = None):
         self.base = server.rstrip("/") + "/ga4gh/tes/v1"
         self.server = server
         self.timeout = timeout
         self.retries = retries
         self.max_retry_wait = max_retry_wait
+        self.retry_seconds = retry_seconds
+        self.on_retry = on_retry  # told why, before each wait (the CLI says it once)
         import requests
 
         self._requests = requests
@@ -132,29 +137,47 @@ class TesClient(TaskClient):
             raise ClientError(f"{self.server} did not answer with JSON", resp.status_code) from None
 
     def _send(self, method: str, url: str, **kwargs: Any) -> Any:
-        """One request, tried again on 429/503 (and, for a GET, on a connection that
-        failed: a busy or restarting server) while retries last; a ClientError for any
-        failure."""
+        """One request, tried again while ``retries`` attempts or ``retry_seconds`` last:
+        on 429/503 (the server did nothing: a 503 is a rolled-back transaction), and on a
+        failed connection when the request cannot have reached the server (refused, or
+        not connected in time) or is a GET. A POST whose answer was lost is not sent
+        again: it may have created a task. A ClientError for any failure."""
         import time
 
         kwargs.setdefault("timeout", self.timeout)
-        for attempt in range(self.retries + 1):
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
+        while True:
+            left = deadline - time.monotonic()
+            more = attempt < self.retries or left > 0
             try:
                 resp = self.http.request(method, url, **kwargs)
             except self._requests.RequestException as exc:
-                if method == "GET" and attempt < self.retries:
-                    time.sleep(retry_after(None, attempt, self.max_retry_wait))
+                if more and (method == "GET" or _never_sent(exc)):
+                    self._retrying(f"cannot reach {self.server} ({exc.__class__.__name__})")
+                    time.sleep(self._pause(None, attempt, left))
+                    attempt += 1
                     continue
                 raise ClientError(f"cannot reach {self.server}: {exc.__class__.__name__}") from None
-            if resp.status_code in RETRY_STATUSES and attempt < self.retries:
+            if resp.status_code in RETRY_STATUSES and more:
                 resp.close()
-                time.sleep(retry_after(resp.headers.get("Retry-After"), attempt,
-                                       self.max_retry_wait))
+                self._retrying(f"{self.server} answered {resp.status_code}")
+                time.sleep(self._pause(resp.headers.get("Retry-After"), attempt, left))
+                attempt += 1
                 continue
             if resp.status_code >= 400:
                 raise _error(resp)
             return resp
-        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _retrying(self, why: str) -> None:
+        if self.on_retry is not None:
+            self.on_retry(why)
+
+    def _pause(self, header: str | None, attempt: int, left: float) -> float:
+        """Seconds before the next attempt; within the retry window when there is one."""
+        cap = self.max_retry_wait if attempt < self.retries else min(self.max_retry_wait,
+                                                                      max(left, 0.1))
+        return retry_after(header, attempt, cap)
 
     def create(self, task: Any) -> str:
         """Create a task (a tesTask document); return its id."""
@@ -232,6 +255,22 @@ def retry_after(header: str | None, attempt: int, cap: float) -> float:
         except (TypeError, ValueError):
             pass
     return min(float(2 ** attempt), cap)
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether a requests failure happened before the request left: the connection was
+    refused or not made in time (a restarting server), so sending it again is safe."""
+    import requests
+
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.ConnectionError):
+        return False
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
+    reason = exc.args[0].reason if exc.args and isinstance(exc.args[0], MaxRetryError) \
+        else exc.args[0] if exc.args else None
+    return isinstance(reason, NewConnectionError)
 
 
 def _error(resp: Any) -> ClientError:

@@ -25,8 +25,8 @@ DEFAULT_CONFIG = PACKAGE_ROOT / "conf" / "default.yaml"
 TEMPLATES_DIR = PACKAGE_ROOT / "templates"
 
 ENV_PREFIX = "FUNNEL_"
-# FUNNEL_SERVER / FUNNEL_CONFIG are client settings, not config overrides.
-ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG", "FUNNEL_WORKER_TOKEN"}
+# FUNNEL_SERVER / FUNNEL_CONFIG / FUNNEL_RETRY_SECONDS are client settings, not overrides.
+ENV_RESERVED = {"FUNNEL_SERVER", "FUNNEL_CONFIG", "FUNNEL_WORKER_TOKEN", "FUNNEL_RETRY_SECONDS"}
 
 # Dotted paths whose mappings accept keys the defaults do not list
 # (besides empty mappings and every backend's `backend_parameters`).

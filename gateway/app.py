@@ -6,11 +6,11 @@ import logging
 import math
 import secrets
 
-from flask import Flask, g, redirect, request, session, url_for
+from flask import Flask, Response, g, redirect, request, session, url_for
 from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api
 from jinja2 import FileSystemLoader
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from funnel_hpc.core import __version__
@@ -30,12 +30,14 @@ from funnel_hpc.gateway.events_api import blueprint as events_blueprint
 from funnel_hpc.gateway.observability import PUBLIC_ENDPOINTS as OBSERVABILITY_ENDPOINTS
 from funnel_hpc.gateway.observability import blueprint as observability_blueprint
 from funnel_hpc.gateway.ratelimit import RateLimiter
+from funnel_hpc.gateway.readiness import RETRY_AFTER_SECONDS, Repeated
 from funnel_hpc.gateway.schemas import flatten_errors
 from funnel_hpc.gateway.service import ServiceError, TaskService
 from funnel_hpc.gateway.sessions import SessionStore
 from funnel_hpc.gateway.watch import blueprint as watch_blueprint
 
 log = logging.getLogger(__name__)
+_repeated = Repeated(log)  # one line per 30 s for an outage, not one per request
 
 # Reachable without credentials: the dashboard's login form and icon. (No "static" route:
 # Flask's default one served the working directory's static/ folder.)
@@ -49,6 +51,20 @@ def _worker_may(principal) -> bool:
     allowed = {("GET", f"{TES_PREFIX}/tasks/{task}"), ("GET", f"{LEGACY_PREFIX}/tasks/{task}"),
                ("POST", f"/funnel/v1/tasks/{task}/events")}
     return (request.method, request.path) in allowed
+
+
+def _dashboard_unavailable() -> Response:
+    """The dashboard's page while the database is down: reloads itself every few seconds."""
+    page = ("<!doctype html><html><head><meta charset=\"utf-8\">"
+            f"<meta http-equiv=\"refresh\" content=\"{RETRY_AFTER_SECONDS}\">"
+            "<title>funnel-hpc: database unavailable</title></head><body>"
+            "<h1>Database unavailable, retrying</h1><p>The gateway cannot reach its database "
+            f"just now. This page tries again every {RETRY_AFTER_SECONDS} seconds.</p>"
+            "</body></html>")
+    resp = Response(page, status=503, mimetype="text/html")
+    resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    resp.headers["Cache-Control"] = "no-store"
+    return resp
 
 
 def make_service(config: dict) -> TaskService:
@@ -158,9 +174,21 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
                              400)
 
     @app.errorhandler(OperationalError)
-    def _db_unavailable(exc: OperationalError):
-        log.warning("database unavailable: %s", exc.orig)
+    @app.errorhandler(InterfaceError)
+    def _db_unavailable(exc: DBAPIError):
+        _repeated.warning("database", "database unavailable: %s",
+                          str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip()
+                          else type(exc.orig).__name__)
+        if request.blueprint == "dashboard":
+            return _dashboard_unavailable()
         return json_response({"code": 503, "message": "database busy or unavailable; retry"}, 503)
+
+    @app.after_request
+    def _retry_after(resp):
+        """Every 503 says when to try again (clients retry on it: core/client.py)."""
+        if resp.status_code == 503 and "Retry-After" not in resp.headers:
+            resp.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

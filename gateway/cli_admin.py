@@ -134,6 +134,7 @@ def render_for(backend: Any, request: Any) -> str:
 def render(task_file, backend_name, task_id, config_path) -> None:
     """Print the submission script the backend would submit for TASK_FILE (a TES task,
     - for stdin), without submitting anything."""
+    from funnel_hpc.backends.base import BackendError
     from funnel_hpc.backends.registry import backend_class, backend_options
 
     overrides = {"backend": {"name": backend_name}} if backend_name else None
@@ -149,7 +150,7 @@ def render(task_file, backend_name, task_id, config_path) -> None:
     try:
         backend = backend_class(name)(backend_options(cfg, name), cfg)
         script = render_for(backend, submit_request(cfg, task, task_id))
-    except (ValueError, OSError) as exc:  # TemplateValueError is a ValueError
+    except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
         fail(f"cannot render the {name} script: {exc}")
     click.echo(script, nl=False)
 
@@ -162,8 +163,15 @@ def admin() -> None:
 
 
 def _engine(cfg: dict) -> Any:
+    """The gateway's database; fail (one line, nothing created) when the work dir or the
+    SQLite file is missing: a typo in --config must not leave an empty funnel.db."""
     from funnel_hpc.gateway import db
 
+    if not Path(cfg["work_dir"]).is_dir():
+        fail(f"work dir {cfg['work_dir']} does not exist (wrong --config or FUNNEL_CONFIG?)")
+    path = db.sqlite_path(cfg["database"]["url"])
+    if path is not None and not path.is_file():
+        fail(f"database {path} does not exist (wrong --config or FUNNEL_CONFIG?)")
     return db.make_engine(cfg["database"]["url"], cfg["database"]["sqlite_busy_timeout"])
 
 

@@ -40,16 +40,44 @@ def load_config(path: str | None, overrides: dict | None = None) -> dict:
         fail(str(exc))
 
 
+RETRY_SECONDS = 120  # default of FUNNEL_RETRY_SECONDS: outlasts a database restart
+
+
+def retry_seconds() -> float:
+    """FUNNEL_RETRY_SECONDS: how long a command keeps trying a server that refuses
+    connections or answers 429/503 (0: three tries)."""
+    value = os.environ.get("FUNNEL_RETRY_SECONDS", "").strip()
+    if not value:
+        return RETRY_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1
+    if not 0 <= seconds <= 86400:
+        fail(f"FUNNEL_RETRY_SECONDS: {value!r} is not a number of seconds (0 to 86400)")
+    return seconds
+
+
 def client(server_url: str) -> TesClient:
     """A TES client for the CLI: credentials from FUNNEL_TOKEN, or FUNNEL_USER and
-    FUNNEL_PASSWORD; 429/503 answers are retried (Retry-After honoured) three times."""
+    FUNNEL_PASSWORD; refused connections and 429/503 answers are retried (Retry-After
+    honoured) for FUNNEL_RETRY_SECONDS."""
     token = os.environ.get("FUNNEL_TOKEN") or None
     user = os.environ.get("FUNNEL_USER") or None
     password = os.environ.get("FUNNEL_PASSWORD", "")
     if user is None and password:
         fail("FUNNEL_PASSWORD is set without FUNNEL_USER")
+    window = retry_seconds()
+    told: list[str] = []
+
+    def tell(why: str) -> None:
+        if not told:  # once per command: the wait may be long
+            told.append(why)
+            click.echo(f"{why}; retrying for up to {window:g} s (FUNNEL_RETRY_SECONDS)",
+                       err=True)
+
     return TesClient(server_url, token=token, username=None if token else user,
-                     password=password, retries=3)
+                     password=password, retries=3, retry_seconds=window, on_retry=tell)
 
 
 def emit(data: Any, output: str = "json") -> None:

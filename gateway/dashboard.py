@@ -222,8 +222,7 @@ def task_list():
                                       next_token, filters)
     except BadRequest as exc:
         error = exc.message
-    except OperationalError:
-        error = "The database is busy or unavailable; this page will retry."
+    # a database outage: the app's 503 page (gateway/app.py), which reloads itself
     template = "_task_rows.html" if fragment else "tasks.html"
     chart = None if fragment or error else _chart()
     health = {} if fragment else _health()

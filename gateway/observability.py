@@ -34,6 +34,7 @@ import re
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,14 +43,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from funnel_hpc.core.states import ALL_STATES, State
-from funnel_hpc.gateway import db, outbox
+from funnel_hpc.gateway import db, outbox, readiness
 from funnel_hpc.gateway.sinks import sink_names
 
 log = logging.getLogger(__name__)
+_repeated = readiness.Repeated(log)
 
 # recorded metrics: one registry per process (the collector of a service is per app)
 REGISTRY = CollectorRegistry()
@@ -110,7 +112,9 @@ def _seconds(start: str | None, end: str | None) -> float | None:
 
 
 def observe_task_finished(state: str, creation_time: str | None = None,
-                          start_time: str | None = None, end_time: str | None = None) -> None:
+                          start_time: str | None = None, end_time: str | None = None,
+                          ended: TaskEnd | None = None) -> None:
+    """Count a task that ended; with ``ended``, also its one INFO line."""
     TASKS_FINISHED.labels(State(state).value).inc()
     waited = _seconds(creation_time, start_time)
     if waited is not None:
@@ -118,6 +122,46 @@ def observe_task_finished(state: str, creation_time: str | None = None,
     ran = _seconds(start_time, end_time)
     if ran is not None:
         RUN_TIME.observe(ran)
+    if ended is not None:
+        task_log(log, ended.task_id).info(
+            "task %s ended %s: owner=%s backend=%s job=%s queue_wait=%s run_time=%s reason=%s",
+            ended.task_id, state, ended.owner or "-", ended.backend, ended.job_id or "-",
+            _duration(waited), _duration(ran), _reason(ended.reason))
+
+
+@dataclass(frozen=True)
+class TaskEnd:
+    """Who and where, for the line logged when a task ends or is tried again."""
+
+    task_id: str
+    owner: str | None
+    backend: str
+    job_id: str | None
+    reason: str | None = None
+
+
+def log_task_retry(ended: TaskEnd, attempt: int, max_attempts: int) -> None:
+    """One INFO line: a task's job ended without its worker (LOST, preempted, ...) and
+    the task goes back to QUEUED for another attempt."""
+    task_log(log, ended.task_id).info(
+        "task %s requeued for attempt %d of %d: owner=%s backend=%s job=%s reason=%s",
+        ended.task_id, attempt, max_attempts, ended.owner or "-", ended.backend,
+        ended.job_id or "-", _reason(ended.reason))
+
+
+def _duration(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s"
+
+
+def _reason(text: str | None) -> str:
+    """A log line's reason: one line, a leading RFC 3339 time taken off, 300 characters."""
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    first, _, rest = line.partition(" ")
+    if rest and first[:4].isdigit() and "T" in first:
+        line = rest
+    return json.dumps(line[:300])
 
 
 def start_sink(sink: str) -> None:
@@ -161,7 +205,8 @@ class TaskCollector(Collector):
         try:
             counts, waiting, oldest = self._read()
         except SQLAlchemyError as exc:
-            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
+            _repeated.warning("metrics-db", "metrics: database unavailable: %s",
+                              exc.__class__.__name__)
             up.add_metric([], 0)
             yield up
             return
@@ -221,6 +266,45 @@ class SinkCollector(Collector):
         yield age
 
 
+class ReconcilerCollector(Collector):
+    """What every replica reads of the reconcilers from the database at each scrape
+    (gateway/leader.py's leases, gateway/backend_health.py's polls): one read."""
+
+    def __init__(self, engine: Any, config: dict):
+        self.engine = engine
+        self.config = config
+
+    def collect(self) -> Iterator[Metric]:
+        from funnel_hpc.gateway import backend_health
+
+        try:
+            found, now = backend_health.overview(self.engine, self.config)
+        except SQLAlchemyError:  # funnel_database_up says so
+            return
+        held = GaugeMetricFamily("funnel_reconciler_lease_held",
+                                 "1 when a live reconciler holds the backend's lease.",
+                                 labels=["backend"])
+        renewed = GaugeMetricFamily("funnel_reconciler_lease_renewal_age_seconds",
+                                    "Seconds since the lease holder's last renewal "
+                                    "(PostgreSQL leases only).", labels=["backend"])
+        polled = GaugeMetricFamily("funnel_backend_last_poll_age_seconds",
+                                   "Seconds since a reconciler last recorded a scheduler "
+                                   "poll of the backend (-1: never).", labels=["backend"])
+        failing = GaugeMetricFamily("funnel_backend_failing_seconds",
+                                    "Seconds the backend's polls have been failing (0: the "
+                                    "last one succeeded).", labels=["backend"])
+        for health in found:
+            lease = health.lease
+            held.add_metric([health.backend], 1 if lease is not None and lease.held else 0)
+            if lease is not None and lease.renewed_at is not None:
+                renewed.add_metric([health.backend], max(0.0, now - lease.renewed_at))
+            polled.add_metric([health.backend], -1 if health.last_poll_at is None
+                              else max(0.0, now - health.last_poll_at))
+            failing.add_metric([health.backend], 0 if health.failing_since is None
+                               else max(0.0, now - health.failing_since))
+        yield from (held, renewed, polled, failing)
+
+
 def _now() -> str:
     from funnel_hpc.core.events import now_rfc3339
 
@@ -241,6 +325,7 @@ def _service_registry() -> CollectorRegistry:
         engine = current_app.extensions["funnel.service"].engine
         registry = CollectorRegistry(auto_describe=False)
         registry.register(TaskCollector(engine))
+        registry.register(ReconcilerCollector(engine, current_app.extensions["funnel.config"]))
         sinks = sink_names(current_app.extensions["funnel.config"]["events"])
         if sinks:
             registry.register(SinkCollector(engine, sinks))
@@ -261,18 +346,29 @@ def healthz() -> Response:
 
 @blueprint.get("/readyz")
 def readyz() -> Response:
+    """200 when this replica can serve: the database reads and (SQLite) takes the write
+    lock, a reconciler holds this backend's lease (server.readyz_needs_reconciler), and
+    this process's last scheduler command (if it makes any) did not fail."""
+    config = current_app.extensions["funnel.config"]
+    cached = current_app.extensions.get("funnel.readiness")
+    if cached is None:
+        cached = current_app.extensions["funnel.readiness"] = readiness.Checks(
+            current_app.extensions["funnel.service"].engine, config)
     checks = {"database": "ok", "backend": "ok"}
-    try:
-        with db.reading(current_app.extensions["funnel.service"].engine) as conn:
-            conn.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        log.warning("readyz: database unavailable: %s", exc.__class__.__name__)
+    problem, held = cached.result()
+    if problem is not None:
+        _repeated.warning("readyz-db", "readyz: database unavailable: %s", problem)
         checks["database"] = "unavailable"
+    if config["server"]["readyz_needs_reconciler"]:
+        checks["reconciler"] = "ok" if held else ("unknown" if held is None else "none")
     if backend_failing():
         checks["backend"] = "failing"
     ready = all(value == "ok" for value in checks.values())
-    return _json({"status": "ready" if ready else "not ready", "checks": checks},
+    resp = _json({"status": "ready" if ready else "not ready", "checks": checks},
                  200 if ready else 503)
+    if not ready:
+        resp.headers["Retry-After"] = str(readiness.RETRY_AFTER_SECONDS)
+    return resp
 
 
 def _json(data: dict, status: int) -> Response:
@@ -314,12 +410,28 @@ def task_log(logger: logging.Logger, task_id: str) -> logging.LoggerAdapter:
     return logging.LoggerAdapter(logger, {"task_id": task_id})
 
 
+def _iso_time(record: logging.LogRecord) -> str:
+    """The record's local time with its UTC offset, to the millisecond (RFC 3339)."""
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT with an RFC 3339 time (zone included)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return _iso_time(record)
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, task_id, exception."""
+    """One JSON object per line: time (RFC 3339, zone included), level, logger, message,
+    task_id, exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "time": _iso_time(record),
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
         task_id = getattr(record, "task_id", None)
         if task_id:
@@ -327,6 +439,17 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+class QuietAlembic(logging.Filter):
+    """Alembic's INFO lines only when it changes the schema ("Running upgrade ..."): at
+    every start it otherwise says which dialect and DDL mode it found."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("alembic") or record.levelno > logging.INFO:
+            return True
+        return record.getMessage().startswith(("Running upgrade", "Running downgrade",
+                                           "Running stamp"))
 
 
 def configure_logging(config: dict) -> None:
@@ -342,8 +465,8 @@ def configure_logging(config: dict) -> None:
     handler: logging.Handler = (logging.handlers.WatchedFileHandler(section["file"])
                                 if section["file"] else logging.StreamHandler(sys.stderr))
     handler.addFilter(TaskIdFilter())
-    handler.setFormatter(JsonFormatter() if section["format"] == "json"
-                         else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(QuietAlembic())
+    handler.setFormatter(JsonFormatter() if section["format"] == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

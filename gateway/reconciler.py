@@ -29,9 +29,12 @@ import threading
 import time
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from funnel_hpc.backends.base import Backend, JobState, JobStatus
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway import backend_health, observability, retention
+from funnel_hpc.gateway.readiness import Repeated
 from funnel_hpc.gateway.reconciler_core import (
     LOGGER_NAME,
     OTHER_END,
@@ -50,6 +53,7 @@ from funnel_hpc.gateway.reconciler_submit import Submission
 from funnel_hpc.gateway.service import TaskService, now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
+_repeated = Repeated(log)  # a tick failing each interval: one line per 30 s
 
 __all__ = ["SUBMITTING", "TASK_FILE", "Reconciler", "TickStats", "task_dir", "worker_command",
            "write_worker_config"]
@@ -88,8 +92,12 @@ class Reconciler(EventFolding, Submission):
             try:
                 self.last_tick = self.tick()
                 observability.observe_tick(self.last_tick.seconds)
-            except Exception:
-                log.exception("reconciler tick failed")
+            except Exception as exc:  # noqa: BLE001 - the loop goes on; next tick retries
+                # an unreachable database is an outage, not a bug: no traceback for it
+                _repeated.warning("tick", "reconciler tick failed: %s: %s",
+                                  type(exc).__name__, str(exc).strip().split("\n")[0],
+                                  exc_info=not isinstance(exc, (OperationalError,
+                                                                InterfaceError)))
             # the next tick comes after the interval, or at once when a task is created or
             # canceled, a worker reports in this process or the backend sees a job end
             # (never sooner than MIN_TICK_GAP after the previous tick began)
@@ -275,7 +283,10 @@ class Reconciler(EventFolding, Submission):
             logs[-1]["gateway_logs"].append(
                 f"{now_rfc3339()} retrying: attempt {row.attempt + 1} of {self.max_attempts}"
                 f" ({kind} is in reconciler.retry_on)")
-            self.service.transition(row.id, current, State.QUEUED, logs=logs, job_id=None)
+            if self.service.transition(row.id, current, State.QUEUED, logs=logs, job_id=None):
+                observability.log_task_retry(observability.TaskEnd(
+                    row.id, row.owner, self.backend.name, row.job_id, reason),
+                    row.attempt + 1, self.max_attempts)
             self.tails.pop(row.id, None)
             return
         target = (State.CANCELED if current == State.CANCELING else

@@ -135,8 +135,12 @@ class ReconcilerCore:
         ok = self.service.transition(row.id, current, target, **changes)
         if ok and target in TERMINAL:
             last = (changes.get("logs") or [{}])[-1]
-            observability.observe_task_finished(target.value, row.creation_time,
-                                                last.get("start_time"), last.get("end_time"))
+            notes = [*(last.get("system_logs") or []), *(last.get("gateway_logs") or [])]
+            observability.observe_task_finished(
+                target.value, row.creation_time, last.get("start_time"), last.get("end_time"),
+                observability.TaskEnd(row.id, row.owner, self.backend.name,
+                                      changes.get("job_id", row.job_id),
+                                      notes[-1] if notes else None))
         if not ok:
             self.index.recheck(row.id)
         return ok

@@ -31,6 +31,7 @@ from funnel_hpc.gateway.event_tail import gateway_dir
 
 BATCH = 500
 TASK_DIR_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+GENERATED_ID = re.compile(r"[0-9a-f]{20}")  # gateway/service.py new_task_id
 AGE = re.compile(r"(\d+)([smhdw])")
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 ORPHANED = "orphaned"  # a task-like directory with no task row
@@ -138,6 +139,14 @@ def task_states(engine: Engine) -> dict[str, str]:
         return {str(row.id): str(row.state) for row in conn.execute(select(t.c.id, t.c.state))}
 
 
+def _task_dir_shaped(name: str, path: Path) -> bool:
+    """A directory the gateway made for a task: named like the ids it generates (a dir
+    whose task.json was never written or was lost still is one), or holding a task.json
+    (e.g. an id from an older version); image-cache and the like are not."""
+    return bool(GENERATED_ID.fullmatch(name)) or (
+        bool(TASK_DIR_NAME.fullmatch(name)) and (path / "task.json").exists())
+
+
 def disk_usage(engine: Engine, work_dir: str | Path) -> dict[str, dict[str, int]]:
     """State (or orphaned / other) -> {"tasks": task rows, "dirs": directories,
     "bytes": bytes} of what the work dir holds."""
@@ -157,10 +166,8 @@ def disk_usage(engine: Engine, work_dir: str | Path) -> dict[str, dict[str, int]
     for entry in entries:
         path = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            key = states.get(entry.name, ORPHANED if TASK_DIR_NAME.fullmatch(entry.name)
+            key = states.get(entry.name, ORPHANED if _task_dir_shaped(entry.name, path)
                              else OTHER)
-            if key == ORPHANED and not (path / "task.json").exists():
-                key = OTHER  # e.g. image-cache: not a task's directory
             add(key, dirs=1, size=tree_bytes(path))
         else:
             add(OTHER, size=entry.stat(follow_symlinks=False).st_size)

@@ -91,9 +91,15 @@ def run_server(config: dict, reconcile: bool = True) -> None:
 
 
 def run_reconciler(config: dict) -> None:
+    from funnel_hpc.gateway import ops_listener
+
+    if config["reconciler"]["listen"]:
+        ops_listener.parse_listen(config["reconciler"]["listen"])  # a bad value stops here
     private_state(config)
-    reconciler = make_reconciler(config, make_service(config))
+    service = make_service(config)
+    reconciler = make_reconciler(config, service)
     _exit_on_sigterm()
+    ops_listener.serve(config, service)
     try:
         reconciler.run_forever()
     finally:

@@ -85,7 +85,8 @@ def test_bad_task_document_is_refused_with_the_field(sqlite_server):
 
 
 def test_unreachable_server(tmp_path):
-    env = clean_env(FUNNEL_SERVER="http://127.0.0.1:9")
+    # FUNNEL_RETRY_SECONDS=0: three tries (1 + 2 + 4 s), not the default 120 s window
+    env = clean_env(FUNNEL_SERVER="http://127.0.0.1:9", FUNNEL_RETRY_SECONDS="0")
     result = subprocess.run(funnel_argv("task", "list"), capture_output=True, text=True,
                             env=env, timeout=30)
     assert result.returncode == 1

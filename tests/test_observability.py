@@ -138,7 +138,8 @@ def test_metrics_after_a_known_workload(backend, databases, tmp_path):
 
 def test_health_endpoints_need_no_credentials_and_name_nobody(databases, tmp_path):
     server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), overrides={
-        "auth": {"mode": "bearer", "tokens": {"tok-alice-123": "alice"}}}).start()
+        "auth": {"mode": "bearer", "tokens": {"tok-alice-123": "alice"}},
+        "server": {"readyz_needs_reconciler": False}}).start()  # no reconciler here
     try:
         headers = {"Authorization": "Bearer tok-alice-123"}
         created = requests.post(server.api + "/tasks", json={**TASK, "name": "private-name"},
@@ -161,15 +162,18 @@ def test_health_endpoints_need_no_credentials_and_name_nobody(databases, tmp_pat
 def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
     postgres = PrivatePostgres.create()
     try:
-        server = ServerProcess(tmp_path / "srv", postgres.url).start()
+        server = ServerProcess(tmp_path / "srv", postgres.url, reconcile=True).start()
         try:
             ready = requests.get(server.url + "/readyz", timeout=10)
             assert ready.status_code == 200 and ready.json()["checks"]["database"] == "ok"
             postgres.stop()
-            down = requests.get(server.url + "/readyz", timeout=30)
-            assert down.status_code == 503, down.text
-            assert down.json() == {"status": "not ready",
-                                   "checks": {"database": "unavailable", "backend": "ok"}}
+            found: list[requests.Response] = wait_for(  # a list: a 503 Response is falsy
+                lambda: [resp] if (resp := requests.get(server.url + "/readyz", timeout=30))
+                .status_code == 503 else None, 30, "/readyz 503", detail=server.log)
+            down = found[0]
+            assert down.json() == {"status": "not ready", "checks": {
+                "database": "unavailable", "backend": "ok", "reconciler": "unknown"}}
+            assert down.headers["Retry-After"] == "5"
             assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
             metrics = scrape(server)  # still answers, saying the database did not
             assert metrics[("funnel_database_up", ())] == 0
@@ -225,7 +229,8 @@ def test_readyz_follows_the_last_scheduler_outcome(tmp_path):
     from funnel_hpc.core import config as config_mod
     from funnel_hpc.gateway.app import create_app
 
-    config = config_mod.load(overrides={"work_dir": str(tmp_path), "server": {"grpc_port": 0}})
+    config = config_mod.load(overrides={"work_dir": str(tmp_path), "server": {
+        "grpc_port": 0, "readyz_needs_reconciler": False}})
     client = create_app(config).test_client()
     try:
         observability.count_scheduler_call("slurm", "poll", ok=False)
