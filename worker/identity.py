@@ -34,8 +34,9 @@ from funnel_hpc.worker.sandbox import SandboxError, sandbox_ids
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from subprocess import Popen
     from typing import Any
+
+    from funnel_hpc.worker.cgroups import Process
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
@@ -269,7 +270,7 @@ class NamespaceMap:
     def pass_fds(self) -> tuple[int, int]:
         return self.block_read, self.info_write
 
-    def started(self, proc: Popen[bytes]) -> None:
+    def started(self, proc: Process) -> None:
         """Write the maps of the bwrap just started, then let it go on. A failure kills it
         (it would otherwise run with root unmapped) and raises SandboxError."""
         os.close(self.block_read)

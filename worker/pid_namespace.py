@@ -24,8 +24,7 @@ from funnel_hpc.worker.identity import SWEEP_PAUSE_SECONDS
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
-    from subprocess import Popen
-
+    from funnel_hpc.worker.cgroups import Process
     from funnel_hpc.worker.identity import Identity
 
 
@@ -38,13 +37,13 @@ class ProotReaper:
 
     pass_fds = ()
 
-    def started(self, proc: Popen[bytes]) -> None:
+    def started(self, proc: Process) -> None:
         import threading
 
         threading.Thread(target=self._watch, args=(proc,), daemon=True,
                          name="proot-reaper").start()
 
-    def _watch(self, proc: Popen[bytes]) -> None:
+    def _watch(self, proc: Process) -> None:
         import time
 
         init = _first_child(proc.pid, proc)  # unshare's only child: proot, pid 1 inside
@@ -67,7 +66,7 @@ class ProotReaper:
             time.sleep(SWEEP_PAUSE_SECONDS)
 
 
-def _first_child(parent: int, proc: Popen[bytes]) -> int | None:
+def _first_child(parent: int, proc: Process) -> int | None:
     """A child of `parent` once it has one; None if proc ended first."""
     import time
 
@@ -83,7 +82,7 @@ def _first_child(parent: int, proc: Popen[bytes]) -> int | None:
     return None
 
 
-def _wait_for_exit(pid: int, proc: Popen[bytes]) -> None:
+def _wait_for_exit(pid: int, proc: Process) -> None:
     """Until `pid` has ended and its parent (proot) has reaped it: proot has then taken
     its exit status and the forks it made before, and killing the rest changes neither
     (measured: killing a just-forked daemon before proot saw the fork made proot exit 1)."""
