@@ -479,8 +479,12 @@ def test_a_local_user_cannot_find_or_read_a_private_image_on_disk(fake, tmp_path
 def test_the_other_image_drivers_keep_private_images_private(harness, real, tmp_path, engine):
     """The rule lives in the image cache, below every driver: proot and ch-run as well."""
     need({"proot": "proot", "charliecloud": "ch-run"}[engine])
+    # one uid per task, as a shared node has it: proot is refused for owned tasks while
+    # executors share one host user
+    slots = {"first": 1_700_000_000, "count": 2, "lock_dir": str(tmp_path / "uid-locks")}
     config = harness.config(registries=real, image_cache=str(tmp_path / "cache"),
-                            image_retry_seconds=1, container_driver=engine)
+                            image_retry_seconds=1, container_driver=engine,
+                            sandbox_uids=slots)
     secret = f"{AUTHENTICATED}/funnel/testimage:1"
     alice = harness.run(harness.task(owner="alice", executors=[
         in_image(secret, "cat /opt/funnel-test/marker")]), config)
