@@ -1,8 +1,7 @@
-"""A hostile local user: a real account (useradd) and a loop it runs against the worker."""
+"""A hostile local user's loop against the worker (the account comes from owner_helpers)."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from pathlib import Path
 
@@ -22,16 +21,6 @@ while [ ! -e "$stop" ] && [ "$(date +%s)" -lt "$end" ]; do
 done
 echo "swapped=$swapped"
 """
-
-
-def make_user(prefix: str) -> str:
-    name = f"fh{prefix}{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True)
-    return name
-
-
-def remove_user(name: str) -> None:
-    subprocess.run(["userdel", name], check=True)
 
 
 def start_swap_loop(user: str, base: Path, target: Path, stop: Path) -> subprocess.Popen:

@@ -6,21 +6,9 @@ from __future__ import annotations
 
 import glob
 import os
-import secrets
-import subprocess
 
 from funnel_hpc.worker import cgroups
 from tests.components import need
-
-
-def make_user(prefix: str) -> str:
-    name = f"fh{prefix}{secrets.token_hex(3)}"
-    subprocess.run(["useradd", "-M", "-U", "-s", "/usr/sbin/nologin", name], check=True)
-    return name
-
-
-def remove_user(name: str) -> None:
-    subprocess.run(["userdel", name], check=True)
 
 
 def processes_with(marker: str) -> list[int]:

@@ -1,5 +1,5 @@
 """Helpers for the operations tests: a real `funnel reconcile` process beside a server,
-a failing `sbatch` on PATH, and Prometheus text parsed into samples."""
+a failing `sbatch` on PATH, and a scrape parsed into samples."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.metrics_helpers import samples
 from tests.server_helpers import ServerProcess, clean_env, free_port, funnel_argv
 from tests.waiting import wait_for
 
@@ -33,13 +33,6 @@ def failing_sbatch(directory: Path) -> str:
     return f"{directory}:{os.environ.get('PATH', '/usr/bin:/bin')}"
 
 
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value of a Prometheus text exposition."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

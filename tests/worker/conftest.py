@@ -73,7 +73,7 @@ def limits_servers(databases, tmp_path_factory):
     user submits (tests/worker/test_limits.py). Tasks' files are removed when they end."""
     from werkzeug.security import generate_password_hash
 
-    from tests.limits_helpers import make_user, remove_user
+    from tests.owner_helpers import drop_user, make_user
     from tests.server_helpers import ServerProcess
 
     owner = make_user("lim")
@@ -99,4 +99,4 @@ def limits_servers(databases, tmp_path_factory):
     yield get
     for server in servers.values():
         server.stop()
-    remove_user(owner)
+    drop_user(owner)

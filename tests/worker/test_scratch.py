@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from funnel_hpc.worker.scratch import Scratch, ScratchError, Unset, expand
-from tests.hostile_helpers import make_user, remove_user, start_swap_loop
+from tests.hostile_helpers import start_swap_loop
+from tests.owner_helpers import drop_user, make_user
 from tests.waiting import wait_for
 from tests.worker_helpers import need, sh
 
@@ -177,7 +178,7 @@ def mallory():
     target.chmod(0o700)
     yield user, target
     shutil.rmtree(target)
-    remove_user(user)
+    drop_user(user)
 
 
 def swap_while(harness, user: str, base: Path, target: Path, task: dict, config):
