@@ -151,7 +151,8 @@ def test_cancel_right_after_submit_reaches_the_worker(tmp_path):
     """The launcher answers a wrapper's pid only once the wrapper leads its process
     group: before, on a busy machine, a job could be RUNNING (its pid alive) before
     its group existed, and a cancel's killpg found no group and was lost."""
-    backend = make(tmp_path, cancel_grace_seconds=1)
+    # five slots: each job starts at its submit, whether or not the last one ended yet
+    backend = make(tmp_path, max_concurrent=5, cancel_grace_seconds=1)
     for i in range(5):
         job = backend.submit(request(tmp_path, f"quick{i}", "sleep 3; touch ran"))
         os.killpg(pid_of(tmp_path, job), 0)  # the group exists as soon as the pid is known
