@@ -115,6 +115,7 @@ class LocalBackend(Backend):
         self.children: dict[str, tuple[int, str]] = {}      # wrappers this process started
         self.launcher = Launcher(self.work_dir, lambda: self.on_change and self.on_change())
         self.adopted: set[str] = set()                      # live wrappers of earlier gateways
+        self.unstartable: dict[str, str] = {}               # no task dir could be made: why
         self.lock = threading.Lock()
 
     def _dir(self, job_id: str) -> Path:
@@ -126,9 +127,11 @@ class LocalBackend(Backend):
         job_id = request.task_id
         directory = self._dir(job_id)
         with self.lock:
-            if directory.is_dir():  # an earlier attempt's dir: the new one starts clean
+            # an earlier attempt's dir (never through a link): the new one starts clean
+            if directory.is_dir() and not directory.is_symlink():
                 for name in (JOB, PID, EXIT, CANCEL):
                     (directory / name).unlink(missing_ok=True)
+            self.unstartable.pop(job_id, None)
             self.queue.add(job_id, request.worker_argv, request.files)
             self._launch_ready()
         return job_id
@@ -184,6 +187,8 @@ class LocalBackend(Backend):
             return JobStatus(JobState.PENDING, "waiting for a free slot")
         if job_id in self.queue.canceled:
             return JobStatus(JobState.CANCELLED, "canceled before it started")
+        if job_id in self.unstartable:
+            return JobStatus(JobState.FAILED, self.unstartable[job_id])
         d = self._dir(job_id)
         try:
             started_for = time.time() - (d / JOB).stat().st_mtime
@@ -252,9 +257,10 @@ class LocalBackend(Backend):
             write_atomic(d / JOB, json.dumps({"argv": job.argv, "submitted": job.submitted,
                                               "started": time.time()}))
         except OSError as exc:
-            # no dir to start in (disk full, a planted link): it fails, the others go on
+            # no dir to start in (disk full, a link planted there: nothing is written
+            # through it): this job fails, the others go on
             self.queue.take(job_id)
-            self._cannot_start(d, exc)
+            self.unstartable[job_id] = f"cannot make its task dir: {exc}"
             return
         self.queue.take(job_id)
         try:

@@ -194,9 +194,7 @@ def run_backend_a(tmp_path: Path, jobs: dict[str, str], max_concurrent: int) -> 
         work = Path({str(tmp_path)!r})
         b = LocalBackend({{"max_concurrent": {max_concurrent}}}, {{"work_dir": str(work)}})
         for job_id, script in {jobs!r}.items():
-            d = work / job_id
-            d.mkdir()
-            b.submit(SubmitRequest(job_id, {{}}, d, ["/bin/sh", "-c", script]))
+            b.submit(SubmitRequest(job_id, {{}}, work / job_id, ["/bin/sh", "-c", script]))
         print("submitted", flush=True)
         time.sleep(60)
     """)
@@ -216,7 +214,7 @@ def test_restart_readopts_running_and_launches_queued_once(tmp_path):
                "job3": "exit 0"}             # queued in A, never launched by it
     run_backend_a(tmp_path, {job_id: f"echo {job_id} >> {log}; {script}"
                              for job_id, script in scripts.items()}, max_concurrent=2)
-    assert not (tmp_path / "job2" / "local.launch").exists()
+    assert not (tmp_path / "job2").exists()  # queued: no task dir until it starts
     wait_until(lambda: (tmp_path / "job0" / "local.exit").exists())
 
     backend = make(tmp_path, max_concurrent=2)
@@ -339,3 +337,104 @@ def test_wrappers_outlive_the_launcher_and_a_new_one_starts(tmp_path):
     wait_for(backend, again, {JobState.COMPLETED})
     assert backend.launcher.proc is not None and backend.launcher.proc.pid != first.pid
     backend.close()
+
+
+# ---- the queue journal (backends/local_queue.py): the task dir is made at start ----
+
+def queued_request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
+    """As the reconciler asks for a backend that makes_task_dir: no dir yet, the gateway's
+    files handed over with the request."""
+    return SubmitRequest(task_id=task_id, task={"id": task_id}, task_dir=tmp_path / task_id,
+                         worker_argv=["/bin/sh", "-c", script], gateway_files=("task.json",),
+                         files={"task.json": json.dumps({"id": task_id})})
+
+
+def test_task_dir_is_made_when_the_job_starts(tmp_path):
+    backend = make(tmp_path, max_concurrent=1)
+    flag = tmp_path / "go"
+    first = backend.submit(queued_request(tmp_path, "first", f"while [ ! -e {flag} ]; do "
+                                                             "sleep 0.1; done"))
+    second = backend.submit(queued_request(tmp_path, "second", "cat task.json"))
+    assert backend.poll([first, second])[second].state == JobState.PENDING
+    assert (tmp_path / "first" / "task.json").exists()
+    assert not (tmp_path / "second").exists()  # queued: one journal line, no directory
+    journal = tmp_path / "local-queue.jsonl"
+    assert journal.stat().st_mode & 0o777 == 0o600
+    assert '"second"' in journal.read_text()
+    flag.touch()
+    wait_for(backend, second, {JobState.COMPLETED})
+    directory = tmp_path / "second"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert (directory / "task.json").stat().st_mode & 0o777 == 0o600
+    assert (directory / "worker.out").read_text() == '{"id": "second"}'  # written before it ran
+    backend.close()
+
+
+def test_cancel_of_a_queued_job_never_starts_it_even_after_a_restart(tmp_path):
+    backend = make(tmp_path, max_concurrent=1)
+    flag = tmp_path / "go"
+    blocker = backend.submit(queued_request(tmp_path, "blocker", f"while [ ! -e {flag} ]; "
+                                                                 "do sleep 0.1; done"))
+    victim = backend.submit(queued_request(tmp_path, "victim", f"touch {tmp_path}/ran"))
+    backend.cancel(victim)
+    assert backend.poll([victim])[victim].state == JobState.CANCELLED
+    flag.touch()
+    wait_for(backend, blocker, {JobState.COMPLETED})
+    backend.close()
+    again = make(tmp_path, max_concurrent=1)  # a restarted gateway replays the journal
+    assert again.poll([victim])[victim] == JobStatus(JobState.CANCELLED,
+                                                     "canceled before it started")
+    assert again.recover(victim, tmp_path / victim) == victim  # known: never submitted twice
+    later = again.submit(queued_request(tmp_path, "later", "exit 0"))
+    wait_for(again, later, {JobState.COMPLETED})
+    assert not (tmp_path / "ran").exists() and not (tmp_path / victim).exists()
+    again.close()
+
+
+def test_restart_with_queued_and_running_jobs_runs_each_once(tmp_path):
+    """A gateway killed -9 with 2 jobs running and 18 queued (no dir yet): the next one
+    runs every job exactly once, in submission order, never more than 2 at a time."""
+    log = tmp_path / "runs.log"
+    jobs = {f"job{i:02d}": f"echo job{i:02d} >> {log}; sleep 0.2" for i in range(20)}
+    run_backend_a(tmp_path, jobs, max_concurrent=2)
+    assert sum((tmp_path / job_id).exists() for job_id in jobs) == 2  # only the started
+    backend = make(tmp_path, max_concurrent=2)
+    ids = list(jobs)
+    assert backend.recover("job19", tmp_path / "job19") == "job19"
+    states = backend.poll(ids)
+    while not all(status.state.finished for status in states.values()):
+        assert sum(s.state == JobState.RUNNING for s in states.values()) <= 2
+        time.sleep(0.1)
+        states = backend.poll(ids)
+    assert {states[i].state for i in ids} == {JobState.COMPLETED}
+    assert log.read_text().split() == ids  # each once, in order
+    backend.close()
+    # a third gateway knows them all as ended and starts nothing; the journal is empty
+    third = make(tmp_path, max_concurrent=2)
+    assert {s.state for s in third.poll(ids).values()} == {JobState.COMPLETED}
+    assert (tmp_path / "local-queue.jsonl").read_text() == ""
+    assert log.read_text().split() == ids
+    third.close()
+
+
+def test_a_link_planted_as_a_task_dir_is_never_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "work").mkdir()
+    backend = make(tmp_path / "work", max_concurrent=1)
+    (tmp_path / "work" / "planted").symlink_to(elsewhere)
+    job = backend.submit(queued_request(tmp_path / "work", "planted", "touch ran"))
+    status = wait_for(backend, job, {JobState.FAILED})
+    assert "cannot make its task dir" in status.reason
+    assert list(elsewhere.iterdir()) == []  # nothing written through the link
+    backend.close()
+
+
+def test_a_planted_journal_link_is_refused(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "local-queue.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        make(tmp_path / "work")
+    assert target.read_text() == ""
