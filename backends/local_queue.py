@@ -23,6 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 QUEUE_FILE = "local-queue.jsonl"
 SUBMIT, START, CANCEL = "submit", "start", "cancel"
@@ -100,7 +101,7 @@ class JobQueue:
 
     # ---- the file ----
 
-    def _append(self, record: dict) -> None:
+    def _append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         view = memoryview(line)
         while view:
@@ -125,7 +126,7 @@ class JobQueue:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut by a crash in the middle of a write
 
-    def _replay(self, record: dict) -> None:
+    def _replay(self, record: dict[str, Any]) -> None:
         job_id, op = str(record["id"]), record["op"]
         if op == SUBMIT:
             self._drop(job_id)
