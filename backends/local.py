@@ -161,6 +161,7 @@ class LocalBackend(Backend):
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         with self.lock:
+            self.queue.refresh()
             self._reap()
             queued = self.queue.queued
             for job_id in [job_id for job_id in job_ids if job_id not in queued]:
@@ -177,6 +178,7 @@ class LocalBackend(Backend):
             self.queue.sync()
             # a queued job costs a look-up (20,000 queued: a few ms), a started one its files
             answer = dict.fromkeys(job_ids, WAITING)
+            queued = self.queue.queued  # (a re-read of the journal makes a new dict)
             for job_id in [job_id for job_id in job_ids if job_id not in queued]:
                 answer[job_id] = self._status(job_id)
             return answer
@@ -184,6 +186,7 @@ class LocalBackend(Backend):
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:
         with self.lock:
+            self.queue.refresh()
             known = task_id in self.queue.queued or task_id in self.queue.canceled
         return task_id if known or (self._dir(task_id) / JOB).exists() else None
 
@@ -253,10 +256,12 @@ class LocalBackend(Backend):
             self._launch(job_id)
 
     def _launch(self, job_id: str) -> None:
-        """Make the job's task dir, record its start (journal first: a restart never
-        starts it again), then start its wrapper."""
+        """Take the job off the queue (on disk first: a restart never starts it again, and
+        another process that took it already wins), make its task dir, start its wrapper."""
+        job = self.queue.take(job_id)
+        if job is None:
+            return
         d = self._dir(job_id)
-        job = self.queue.queued[job_id]
         try:
             files.private_dir(d)
             for name, text in job.files.items():
@@ -266,10 +271,8 @@ class LocalBackend(Backend):
         except OSError as exc:
             # no dir to start in (disk full, a link planted there: nothing is written
             # through it): this job fails, the others go on
-            self.queue.take(job_id)
             self.unstartable[job_id] = f"cannot make its task dir: {exc}"
             return
-        self.queue.take(job_id)
         try:
             pid = self.launcher.launch(d, job.argv)
         except OSError as exc:

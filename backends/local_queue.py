@@ -18,14 +18,18 @@ with only the live lines when the dead ones outnumber them (and at load).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 QUEUE_FILE = "local-queue.jsonl"
+LOCK_FILE = "local-queue.lock"
 SUBMIT, START, CANCEL = "submit", "start", "cancel"
 # a cancel is remembered this long (the reconciler reads it within a tick or two)
 CANCEL_MEMORY_SECONDS = 86400.0
@@ -43,7 +47,12 @@ class QueuedJob:
 
 
 class JobQueue:
-    """The FIFO of queued jobs and the cancels of never-started ones, journaled."""
+    """The FIFO of queued jobs and the cancels of never-started ones, journaled.
+
+    Every change holds an flock on ``local-queue.lock`` and first re-reads the file if
+    another process changed it (its inode or size is not what this one left): a second
+    gateway process on the same work dir (a replica taking the lease over, or a stalled
+    one coming back) never acts on a stale queue, and a rewrite loses no one's line."""
 
     def __init__(self, work_dir: Path):
         self.path = work_dir / QUEUE_FILE
@@ -51,43 +60,68 @@ class JobQueue:
         self.canceled: dict[str, float] = {}     # job id -> time of the cancel
         self.dead = 0                            # lines of the file no longer live
         self.dirty = False                       # written since the last fsync
+        self.fd = -1
+        self.seen = (0, -1)                      # (inode, size) as this process left it
         work_dir.mkdir(parents=True, exist_ok=True)
-        self._load()
-        self._rewrite()
-        self.fd = os.open(self.path, _FLAGS, 0o600)
+        self.lock_fd = os.open(work_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o600)
+        with self._locked():
+            self._reload()
+            self._rewrite()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        try:
+            if self._changed_elsewhere():
+                self._reload()
+            yield
+        finally:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
     # ---- changes ----
+
+    def refresh(self) -> None:
+        """Catch up with what another process wrote (a stat when nothing changed)."""
+        with self._locked():
+            pass
 
     def add(self, job_id: str, argv: list[str], files: dict[str, str]) -> None:
         """Queue job_id (at the end; a job queued again loses its old place)."""
         job = QueuedJob(list(argv), time.time(), dict(files))
-        self._append({"op": SUBMIT, "id": job_id, "argv": job.argv, "t": job.submitted,
-                      "files": job.files})
-        self.dead += self._drop(job_id)
-        self.queued[job_id] = job
+        with self._locked():
+            self._append({"op": SUBMIT, "id": job_id, "argv": job.argv, "t": job.submitted,
+                          "files": job.files})
+            self.dead += self._drop(job_id)
+            self.queued[job_id] = job
 
     def next_id(self) -> str | None:
         return next(iter(self.queued), None)
 
-    def take(self, job_id: str) -> QueuedJob:
-        """The job leaves the queue to start: recorded on disk (fsync'd) before it runs."""
-        self._append({"op": START, "id": job_id})
-        self.sync()
-        job = self.queued.pop(job_id)
-        self.dead += 2  # its submit line and this one
-        self._compact_if_worth_it()
+    def take(self, job_id: str) -> QueuedJob | None:
+        """The job leaves the queue to start: recorded on disk (fsync'd) before it runs.
+        None if it is no longer queued (another process started or canceled it)."""
+        with self._locked():
+            if job_id not in self.queued:
+                return None
+            self._append({"op": START, "id": job_id})
+            self.sync()
+            job = self.queued.pop(job_id)
+            self.dead += 2  # its submit line and this one
+            self._compact_if_worth_it()
         return job
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job: True if it was queued (it will never start)."""
-        if job_id not in self.queued:
-            return False
-        now = time.time()
-        self._append({"op": CANCEL, "id": job_id, "t": now})
-        del self.queued[job_id]
-        self.dead += 1
-        self.canceled[job_id] = now
-        self._compact_if_worth_it()
+        with self._locked():
+            if job_id not in self.queued:
+                return False
+            now = time.time()
+            self._append({"op": CANCEL, "id": job_id, "t": now})
+            del self.queued[job_id]
+            self.dead += 1
+            self.canceled[job_id] = now
+            self._compact_if_worth_it()
         return True
 
     def sync(self) -> None:
@@ -98,6 +132,7 @@ class JobQueue:
     def close(self) -> None:
         self.sync()
         os.close(self.fd)
+        os.close(self.lock_fd)
 
     # ---- the file ----
 
@@ -107,6 +142,27 @@ class JobQueue:
         while view:
             view = view[os.write(self.fd, view):]
         self.dirty = True
+        self.seen = (self.seen[0], self.seen[1] + len(line))
+
+    def _changed_elsewhere(self) -> bool:
+        try:
+            info = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return True
+        return (info.st_ino, info.st_size) != self.seen
+
+    def _reload(self) -> None:
+        """Forget what this process knew; replay the file and append to it from now."""
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.queued, self.canceled, self.dead = {}, {}, 0
+        self._load()
+        self._open()
+
+    def _open(self) -> None:
+        self.fd = os.open(self.path, _FLAGS, 0o600)
+        info = os.fstat(self.fd)
+        self.seen = (info.st_ino, info.st_size)
 
     def _drop(self, job_id: str) -> int:
         """Forget what is known of job_id; the number of live lines that died."""
@@ -143,9 +199,7 @@ class JobQueue:
     def _compact_if_worth_it(self) -> None:
         if self.dead >= max(COMPACT_AT_LEAST, len(self.queued) + len(self.canceled)):
             self.sync()
-            os.close(self.fd)
             self._rewrite()
-            self.fd = os.open(self.path, _FLAGS, 0o600)
 
     def _rewrite(self) -> None:
         """The file again with only the live lines, replaced atomically (fsync'd)."""
@@ -168,3 +222,6 @@ class JobQueue:
         os.replace(tmp, self.path)
         self.dead = 0
         self.dirty = False
+        if self.fd >= 0:
+            os.close(self.fd)
+        self._open()

@@ -512,3 +512,26 @@ def test_server_restart_with_queued_tasks_dirs_at_start_none_lost_or_run_twice(
 
 
 test_server_restart_with_queued_tasks_dirs_at_start_none_lost_or_run_twice.time_limit = 240  # type: ignore[attr-defined]
+
+
+def test_two_processes_on_one_journal_never_act_on_a_stale_queue(tmp_path):
+    """A replica made before another one queued jobs sees them at its next call; a job
+    one of them started is not started again by the other; a rewrite loses no line."""
+    from funnel_hpc.backends.local_queue import JobQueue
+
+    first, second = JobQueue(tmp_path), JobQueue(tmp_path)
+    for n in range(3):
+        first.add(f"job{n}", ["true"], {"task.json": "{}"})
+    second.refresh()
+    assert list(second.queued) == ["job0", "job1", "job2"]
+    assert second.take("job0") is not None
+    assert first.take("job0") is None  # started by the other: never twice
+    assert first.cancel("job1") and not second.cancel("job1")
+    third = JobQueue(tmp_path)  # rewrites the file at load (another inode)
+    second.add("job3", ["true"], {})
+    first.refresh()
+    assert list(first.queued) == ["job2", "job3"] and "job1" in first.canceled
+    fourth = JobQueue(tmp_path)  # a restart replays the same
+    assert list(fourth.queued) == ["job2", "job3"]
+    for queue in (first, second, third, fourth):
+        queue.close()
