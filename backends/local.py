@@ -42,6 +42,7 @@ from funnel_hpc.backends.jsonlines import ChildProcess
 from funnel_hpc.backends.local_queue import JobQueue
 
 JOB, PID = "local.job", "local.pid"
+LEGACY_LAUNCH = "local.launch"  # written before a start by gateways before the journal
 EXIT, CANCEL = "local.exit", "local.cancel"
 # A start record (local.job) without a pid record older than this: the gateway died
 # while starting it.
@@ -164,16 +165,21 @@ class LocalBackend(Backend):
             self.queue.refresh()
             self._reap()
             queued = self.queue.queued
+            legacy: list[tuple[float, str, list[str]]] = []
             for job_id in [job_id for job_id in job_ids if job_id not in queued]:
                 if job_id in self.queue.canceled or job_id in self.children:
                     continue
                 d = self._dir(job_id)
-                if (d / PID).exists() and not (d / EXIT).exists():
-                    record = self._live_record(job_id)
+                if (d / PID).exists():
+                    record = None if (d / EXIT).exists() else self._live_record(job_id)
                     if record is not None:
                         # started by an earlier gateway process: counts against the limit
                         self.adopted.add(job_id)
                         self._kill_if_overdue(job_id, record)
+                else:
+                    self._requeue_legacy(job_id, d, legacy)
+            for _submitted, job_id, argv in sorted(legacy):
+                self.queue.add(job_id, argv, {})
             self._launch_ready()
             self.queue.sync()
             # a queued job costs a look-up (20,000 queued: a few ms), a started one its files
@@ -182,6 +188,21 @@ class LocalBackend(Backend):
             for job_id in [job_id for job_id in job_ids if job_id not in queued]:
                 answer[job_id] = self._status(job_id)
             return answer
+
+    @staticmethod
+    def _requeue_legacy(job_id: str, d: Path, found: list[tuple[float, str, list[str]]]) -> None:
+        """A job queued by a gateway from before the journal (its dir holds local.job with
+        no start time, no launch, pid, exit or cancel record): queued again, in order."""
+        if any((d / name).exists() for name in (LEGACY_LAUNCH, EXIT, CANCEL)):
+            return
+        try:
+            record = json.loads((d / JOB).read_text())
+            if "started" in record:
+                return
+            found.append((float(record.get("submitted", 0)), job_id,
+                          [str(word) for word in record["argv"]]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # no such job, or not one of ours: poll says so
 
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:

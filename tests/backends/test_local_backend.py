@@ -535,3 +535,28 @@ def test_two_processes_on_one_journal_never_act_on_a_stale_queue(tmp_path):
     assert list(fourth.queued) == ["job2", "job3"]
     for queue in (first, second, third, fourth):
         queue.close()
+
+
+def test_a_job_queued_before_the_journal_runs_once_after_the_upgrade(tmp_path):
+    """An older gateway queued a job as a task dir with local.job (no journal): the new
+    one queues it again in submission order, runs it once, and leaves started ones be."""
+    log = tmp_path / "runs.log"
+    for n, job_id in enumerate(("old1", "old0")):
+        directory = tmp_path / job_id
+        directory.mkdir()
+        (directory / "local.job").write_text(json.dumps(
+            {"argv": ["/bin/sh", "-c", f"echo {job_id} >> {log}"], "submitted": 100 - n}))
+    gone = tmp_path / "gone"
+    gone.mkdir()  # launched by the older gateway, which died before its wrapper recorded
+    (gone / "local.job").write_text(json.dumps({"argv": ["true"], "submitted": 1}))
+    (gone / "local.launch").touch()
+    os.utime(gone / "local.job", (1, 1))
+    backend = make(tmp_path, max_concurrent=1)
+    states = backend.poll(["old1", "old0", "gone"])
+    assert states["gone"].state == JobState.LOST
+    wait_for(backend, "old1", {JobState.COMPLETED})
+    wait_for(backend, "old0", {JobState.COMPLETED})
+    assert log.read_text().split() == ["old0", "old1"]
+    backend.poll(["old1", "old0"])
+    assert log.read_text().split() == ["old0", "old1"]
+    backend.close()
