@@ -6,8 +6,9 @@
   shipped tick interval) starts on the same database and work dir. Measured: the hand-over
   (server start -> every task has a job id, read from the database), the disk the work dir
   grew by per queued task (allocated blocks), and, once the blocker runs and nothing
-  changes, the server's CPU over --idle seconds: per tick (its /metrics tick count) and
-  as a share of a core. The blocker is then canceled (its worker stopped).
+  changes, over 30 s: the tick's own duration (/metrics: wall time, an upper bound of
+  its CPU) and the whole server's CPU (all threads: API, gRPC, sinks) per tick and as a
+  share of a core. The blocker is then canceled (its worker stopped).
 - **Completion** (--complete, 200): in the same run, a fresh server with the reconciler
   runs that many trivial tasks (busybox `true` through bwrap, max_concurrent 2) to
   COMPLETE: every one must, each run once. 20,000 real worker runs would take over an
@@ -43,6 +44,7 @@ from tests.waiting import wait_for  # noqa: E402
 
 CLIENTS = 8
 TICK_COUNT = "funnel_reconciler_tick_seconds_count"
+TICK_SUM = "funnel_reconciler_tick_seconds_sum"
 HANDOVER_TARGET_S, TICK_TARGET_MS, CORE_TARGET, DISK_TARGET_B = 30.0, 50.0, 0.05, 2048
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 BLOCKER = {"executors": [{"image": "busybox", "command": ["sleep", "3600"]}]}
@@ -67,11 +69,16 @@ def disk_bytes(root: Path, skip: set[str]) -> int:
     return total
 
 
-def ticks(server: ServerProcess) -> float:
+def ticks(server: ServerProcess) -> tuple[float, float]:
+    """(ticks so far, their seconds) from the server's /metrics."""
+    found: dict[str, float] = {}
     for line in requests.get(server.url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(TICK_COUNT):
-            return float(line.split()[-1])
-    raise RuntimeError("no tick count in /metrics")
+        for name in (TICK_COUNT, TICK_SUM):
+            if line.startswith(name):
+                found[name] = float(line.split()[-1])
+    if len(found) != 2:
+        raise RuntimeError("no tick count in /metrics")
+    return found[TICK_COUNT], found[TICK_SUM]
 
 
 def create_all(api: str, bodies: list[dict]) -> list[str]:
@@ -128,9 +135,9 @@ def measure_queued(tmp: Path, tasks: int, idle_s: float) -> dict:
         time.sleep(CHANGE_MARGIN + 2 * 5)
         assert server.proc is not None
         pid = server.proc.pid
-        cpu0, ticks0, wall0 = cpu_seconds(pid), ticks(server), time.perf_counter()
+        ticks0, cpu0, wall0 = ticks(server), cpu_seconds(pid), time.perf_counter()
         time.sleep(idle_s)
-        cpu1, ticks1, wall1 = cpu_seconds(pid), ticks(server), time.perf_counter()
+        cpu1, wall1, ticks1 = cpu_seconds(pid), time.perf_counter(), ticks(server)
         still = count(db, "SELECT count(*) FROM tasks WHERE state = 'QUEUED'")
     finally:
         # the blocker's worker outlives the server (as local workers do): stop it first
@@ -138,12 +145,16 @@ def measure_queued(tmp: Path, tasks: int, idle_s: float) -> dict:
         wait_for(lambda: count(db, "SELECT count(*) FROM tasks WHERE state = 'CANCELED'") == 1,
                  120, "the blocker canceled", interval=0.5)
         server.stop()
-    cpu, wall, tick_n = cpu1 - cpu0, wall1 - wall0, max(1.0, ticks1 - ticks0)
+    cpu, wall = cpu1 - cpu0, wall1 - wall0
+    tick_n, tick_s = max(1.0, ticks1[0] - ticks0[0]), ticks1[1] - ticks0[1]
     return {"tasks": tasks, "create_s": round(create_s, 1), "handover_s": round(handover_s, 2),
             "queued_while_idle": queued, "queued_after_idle": still,
             "disk_bytes_per_queued": round(disk / max(1, queued)),
             "idle_seconds": round(wall, 1), "idle_ticks": tick_n,
-            "idle_tick_cpu_ms": round(1000 * cpu / tick_n, 1),
+            # the tick's own time (wall, an upper bound of its CPU: the reconciler thread
+            # waits for no one while nothing changes) and the whole server's CPU per tick
+            "idle_tick_ms": round(1000 * tick_s / tick_n, 1),
+            "idle_server_cpu_per_tick_ms": round(1000 * cpu / tick_n, 1),
             "idle_server_cores": round(cpu / wall, 4)}
 
 
@@ -184,10 +195,12 @@ def suite_rows(quick: bool) -> tuple[list[dict], dict]:
              "target": f"<= {HANDOVER_TARGET_S:g} s",
              "met": q["handover_s"] <= HANDOVER_TARGET_S},
             {"figure": f"local backend: idle tick, {n} queued",
-             "measured": f"{q['idle_tick_cpu_ms']:.1f} ms CPU per tick, server "
-                         f"{q['idle_server_cores']:.3f} core ({q['idle_ticks']:g} ticks)",
-             "target": f"<= {TICK_TARGET_MS:g} ms, <= {CORE_TARGET:g} core",
-             "met": q["idle_tick_cpu_ms"] <= TICK_TARGET_MS
+             "measured": f"tick {q['idle_tick_ms']:.1f} ms (wall, >= its CPU); server "
+                         f"{q['idle_server_cores']:.3f} core, "
+                         f"{q['idle_server_cpu_per_tick_ms']:.1f} ms CPU per tick, all threads "
+                         f"({q['idle_ticks']:g} ticks)",
+             "target": f"tick <= {TICK_TARGET_MS:g} ms, server <= {CORE_TARGET:g} core",
+             "met": q["idle_tick_ms"] <= TICK_TARGET_MS
              and q["idle_server_cores"] <= CORE_TARGET},
             {"figure": f"local backend: disk per queued task, {n} queued",
              "measured": f"{q['disk_bytes_per_queued']} B",
