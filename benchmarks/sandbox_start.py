@@ -9,12 +9,15 @@ for each, so that a burst of load on the machine shows as one odd block instead 
 deciding the figure:
 - ours: a warm start as the worker makes it: `ensure_rootfs` (a cache lookup, no network),
   the sandbox argv (`worker/sandbox.py`: read-only binds of the image's entries over a
-  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run) and bwrap started as
-  the sandbox user, running `true`, inside the task's cgroup (worker/cgroups.py, root only:
-  the `sh` that waits until its pid is in the group, then the kill of what is left, as each
-  executor has it; the group itself is made once per task and timed apart: `group_s`);
-- the same bwrap: that argv, computed once beforehand, run as the same user: what the
-  worker adds to bwrap itself (target 1.1);
+  tmpfs root, namespaces, cap drop, private /dev, /proc, /tmp, /run), the cached seccomp
+  filter (`--seccomp FD`) and bwrap started as the sandbox user, running `true`, inside the
+  task's cgroup (worker/cgroups.py, root only: forked there by the task's launcher,
+  worker/launcher.py, then the kill of what is left, as each executor has it; the group
+  and its launcher are made once per task and timed apart: `group_s`, and `first_s` a
+  task's first executor right after them);
+- the same bwrap: that argv, computed once beforehand, run as the same user without the
+  filter: what the worker adds to bwrap itself (target 1.15 with seccomp, the task's uid
+  and its cgroup, issue #25);
 - bare bwrap: `bwrap --ro-bind ROOT / --unshare-pid --unshare-user true` as the same user
   (the least bwrap can do over that root): ours against it adds what the sandbox's private
   /dev, /proc and tmpfs mounts cost in bwrap (context).
@@ -24,6 +27,7 @@ Ratio > 1 means the sandbox costs more.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from funnel_hpc.worker import cgroups, sandbox
+from funnel_hpc.worker import cgroups, sandbox, seccomp
 from funnel_hpc.worker.drivers import switch_user
 from funnel_hpc.worker.images import ensure_rootfs
 from tests.server_helpers import TEST_REGISTRIES
@@ -48,11 +52,17 @@ def ours(cache: str, ids, group: cgroups.Group | None) -> float:
         group.warm_up()  # as the worker does before building an executor's argv
     root = ensure_rootfs("busybox", cache, TEST_REGISTRIES)
     argv = sandbox.bwrap_argv(str(root.rootfs), [], {"PATH": "/bin"}, None, ["true"], "host")
-    if group is None:  # not root: no cgroup
-        subprocess.run(argv, check=True, cwd="/")
-    else:
-        assert group.start(argv, None, cwd="/", **switch_user(ids)).wait() == 0
-        group.kill_all(timeout=0)
+    fd = seccomp.open_filter(cache, "default")  # the cached filter, as drivers.py passes it
+    argv[1:1] = ["--seccomp", str(fd)]
+    try:
+        if group is None:  # not root: no cgroup
+            subprocess.run(argv, check=True, cwd="/", pass_fds=(fd,))
+        else:
+            assert group.start(argv, None, cwd="/", pass_fds=(fd,),
+                               **switch_user(ids)).wait() == 0
+            group.end_leftovers()
+    finally:
+        os.close(fd)
     return time.perf_counter() - started
 
 
@@ -61,6 +71,16 @@ def group_once() -> float:
     started = time.perf_counter()
     cgroups.create("bench-task", LIMITS).remove()
     return time.perf_counter() - started
+
+
+def first_once(cache: str, ids) -> float:
+    """A task's first executor right after its group is made (nothing staged meanwhile
+    to hide the launcher's start: the worst case)."""
+    group = cgroups.create("bench-first", LIMITS)
+    try:
+        return ours(cache, ids, group)
+    finally:
+        group.remove()
 
 
 def bare(rootfs: str, ids) -> float:
@@ -84,6 +104,8 @@ def measure(runs: int) -> dict:
         sandbox.prepare_host(ids, cache, [], [rootfs])
         argv = sandbox.bwrap_argv(rootfs, [], {"PATH": "/bin"}, None, ["true"], "host")
         group = cgroups.create("bench", LIMITS) if ids is not None else None
+        while group is not None and group.launcher_pid() is None:
+            time.sleep(0.001)  # the launcher once per task (first_s times a start before)
         sides = {"ours": lambda: ours(cache, ids, group), "same": lambda: same(argv, ids),
                  "bare": lambda: bare(rootfs, ids)}
         for _ in range(5):  # warm every side (page cache, bwrap's pages)
@@ -97,6 +119,8 @@ def measure(runs: int) -> dict:
         if group is not None:
             group.remove()
         group_times = [group_once() for _ in range(runs // 4)] if ids is not None else [0.0]
+        first_times = [first_once(cache, ids) for _ in range(runs // 4)] \
+            if ids is not None else [0.0]
     size = max(1, runs // BLOCKS)
 
     def blocks(reference: str) -> list[float]:
@@ -108,6 +132,7 @@ def measure(runs: int) -> dict:
     return {"runs": runs, "ours_s": medians["ours"], "same_s": medians["same"],
             "bare_s": medians["bare"], "ratio": medians["ours"] / medians["same"],
             "group_s": statistics.median(group_times),
+            "first_s": statistics.median(first_times),
             "ratio_bare": medians["ours"] / medians["bare"],
             "block_ratios": blocks("same"), "block_ratios_bare": blocks("bare")}
 
@@ -123,7 +148,7 @@ def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     return [{"figure": f"{figure}: what the worker adds to bwrap",
              "measured": f"{r['ours_s'] * 1000:.2f} ms ({spread(r['block_ratios'])})",
              "reference": f"the same bwrap argv run directly {r['same_s'] * 1000:.2f} ms",
-             "ratio": round(r["ratio"], 2), "target": "<= 1.1x", "met": r["ratio"] <= 1.1},
+             "ratio": round(r["ratio"], 2), "target": "<= 1.15x", "met": r["ratio"] <= 1.15},
             {"figure": f"{figure}: the whole sandbox",
              "measured": f"{r['ours_s'] * 1000:.2f} ms ({spread(r['block_ratios_bare'])})",
              "reference": f"bare bwrap on the same root {r['bare_s'] * 1000:.2f} ms",
@@ -139,8 +164,10 @@ def main() -> None:
     print(f"warm start, median of {args.runs}: sandboxed executor {r['ours_s'] * 1000:.2f} ms, "
           f"the same bwrap argv {r['same_s'] * 1000:.2f} ms (ratio {r['ratio']:.3f}), bare "
           f"bwrap {r['bare_s'] * 1000:.2f} ms (ratio {r['ratio_bare']:.3f}); the task's cgroup "
-          f"made and removed once per task {r['group_s'] * 1000:.2f} ms; ratio per block "
-          f"of {args.runs // BLOCKS}: {', '.join(f'{ratio:.3f}' for ratio in r['block_ratios'])}")
+          f"made and removed once per task {r['group_s'] * 1000:.2f} ms, a task's first "
+          f"executor right after it {r['first_s'] * 1000:.2f} ms; ratio per block of "
+          f"{args.runs // BLOCKS}: {', '.join(f'{ratio:.3f}' for ratio in r['block_ratios'])} "
+          f"(median {statistics.median(r['block_ratios']):.3f})")
 
 
 if __name__ == "__main__":

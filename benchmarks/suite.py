@@ -1,6 +1,6 @@
 """Every benchmark figure in one run, each beside its reference: `benchmarks/run`.
 
-    benchmarks/run [--quick] [--update-readme] [--skip SECTION ...]
+    benchmarks/run [--quick] [--update-docs] [--skip SECTION ...]
 
 Sections (each measured with its physical reference in this same run):
   api        create throughput (8 clients) vs bare Flask insert; list p50/p99 at 100k
@@ -31,7 +31,8 @@ Sections (each measured with its physical reference in this same run):
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
-and, with --update-readme, put between the bench markers of README.md.
+and, with --update-docs (or its old name --update-readme), put between the bench
+markers of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
             "reconciler", "replicas", "local")
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# the page whose table --update-docs rewrites, between these markers
+BENCH_PAGE = REPO / "docs" / "benchmarks.md"
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 class Table:
@@ -258,19 +261,20 @@ def local_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("local", local_bench.suite_rows(quick))])
 
 
-def update_readme(markdown: str, facts: dict) -> None:
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        print("README.md has no bench markers; not updated")
+def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
+    """Replace the table between page's bench markers with this run's."""
+    text = page.read_text()
+    if BENCH_START not in text or BENCH_END not in text:
+        print(f"{page.relative_to(REPO)} has no bench markers; not updated")
         return
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    block = (f"{README_START}\nMeasured by `benchmarks/run` on {facts['date'][:10]}: "
+    head, rest = text.split(BENCH_START, 1)
+    _, tail = rest.split(BENCH_END, 1)
+    block = (f"{BENCH_START}\nMeasured by `benchmarks/run` on {facts['date'][:10]}: "
              f"{facts['cpus']} CPUs ({facts['cpu_model']}), {facts['memory_gib']} GiB, "
              f"{facts['slurm']}, {facts['postgresql']}, SQLite {facts['sqlite']}.\n\n"
-             f"{markdown}\n{README_END}")
-    readme.write_text(head + block + tail)
+             f"{markdown}\n{BENCH_END}")
+    page.write_text(head + block + tail)
+    print(f"table written to {page.relative_to(REPO)}")
 
 
 def main() -> None:
@@ -278,7 +282,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes (a check that everything runs, not the figures)")
     parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
-    parser.add_argument("--update-readme", action="store_true")
+    parser.add_argument("--update-docs", "--update-readme", dest="update_docs",
+                        action="store_true",
+                        help="rewrite the table in docs/benchmarks.md with this run's")
     args = parser.parse_args()
     import resource
 
@@ -309,8 +315,8 @@ def main() -> None:
     print()
     print(markdown)
     print(f"\nsections took {timings} s; written to {out.relative_to(REPO)}")
-    if args.update_readme and not args.quick:
-        update_readme(markdown, facts)
+    if args.update_docs and not args.quick:
+        update_page(markdown, facts)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Python client of funnel-hpc's HTTP API (README "Python client").
+"""The Python client of funnel-hpc's HTTP API (docs/reference.md "Python client").
 
 ``TesClient`` creates, reads, lists (page by page or all), cancels, waits for and
 watches tasks (GET /funnel/v1/events, Server-Sent Events, resumed after a dropped
@@ -18,7 +18,7 @@ from collections.abc import Generator, Iterator
 from typing import Any
 
 # requests is imported when a client is made: `funnel worker run` loads this module
-# and, on a cluster, starts once per task (see benchmarks/README)
+# and, on a cluster, starts once per task (see docs/benchmarks.md)
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 

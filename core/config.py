@@ -197,6 +197,9 @@ def finalize(config: dict) -> dict:
     if not config["database"]["url"]:
         config["database"]["url"] = f"sqlite:///{work_dir / 'funnel.db'}"
     server = config["server"]
+    if not isinstance(server["strict_fields"], bool):
+        raise ConfigError(f"server.strict_fields must be true or false, got "
+                          f"{server['strict_fields']!r}")
     if not server["public_url"]:
         host = server["host"] if server["host"] not in ("0.0.0.0", "::") else "127.0.0.1"
         server["public_url"] = f"http://{host}:{server['http_port']}"

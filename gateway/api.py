@@ -27,6 +27,11 @@ from funnel_hpc.gateway.schemas import (
     ViewArgsSchema,
 )
 from funnel_hpc.gateway.service import BadRequest, ListQuery, TaskService, zip_tags
+from funnel_hpc.gateway.views import tes10_service_info, tes10_task
+
+# the response header naming what a create ignored (RFC 7234 section 5.5; 299: a
+# persistent warning, "-": no agent named)
+WARNING = "Warning"
 
 TES_PREFIX = "/ga4gh/tes/v1"
 LEGACY_PREFIX = "/v1"
@@ -66,11 +71,12 @@ _ERRORS = {400: "Bad input; message names the field", 404: "No such task",
 
 
 def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
-    """The task as a TES 1.0 client on the legacy routes must see it (LEGACY_STATES)."""
+    """The task as a TES 1.0 client on the legacy routes must see it: TES 1.0 states
+    (LEGACY_STATES) and fields (views.tes10_task)."""
     state = task.get("state")
     if state in LEGACY_STATES:
         task = {**task, "state": LEGACY_STATES[state]}
-    return task
+    return tes10_task(task)
 
 
 def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
@@ -116,12 +122,19 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
 
         @blp.doc(requestBody={"required": True,
                               "content": {"application/json": {"schema": TaskCreateSchema}}})
-        @blp.response(200, CreateTaskResponseSchema)
+        @blp.response(200, CreateTaskResponseSchema, headers={WARNING: {
+            "description": 'Fields the server ignored, e.g. 299 - "unknown fields ignored: '
+                           'executors.0.foo, bar" (refused instead with '
+                           "server.strict_fields)",
+            "schema": {"type": "string"}}})
         @errors(400, 403)
         def post(self):
             """CreateTask"""
-            task_id = service().create(read_json_body(), owner=principal().user)
-            return json_response({"id": task_id})
+            task_id, notices = service().create_noting(read_json_body(), owner=principal().user)
+            response = json_response({"id": task_id})
+            for notice in notices:  # printable ASCII, quotes escaped (ignored_fields_notice)
+                response.headers.add(WARNING, f'299 - "{notice}"')
+            return response
 
     @blp.route("/tasks/<string:task_id>")
     class Task(MethodView):
@@ -145,5 +158,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
 
 
 def legacy_service_info():
-    """TES 1.0 clients ask /v1/tasks/service-info (not in the OpenAPI document)."""
-    return json_response(service().service_info())
+    """TES 0.x/1.0 clients (py-tes 0.4.2) ask /v1/tasks/service-info for TES 1.0's
+    tesServiceInfo, {name, doc, storage}: its model refuses any other field (not in the
+    OpenAPI document; /v1/service-info answers TES 1.1's)."""
+    return json_response(tes10_service_info(service().service_info()))

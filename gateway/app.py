@@ -37,9 +37,10 @@ from funnel_hpc.gateway.watch import blueprint as watch_blueprint
 
 log = logging.getLogger(__name__)
 
-# Reachable without credentials: the dashboard's login form. (No "static" route: Flask's
-# default one served the working directory's static/ folder.)
-PUBLIC_ENDPOINTS = {"dashboard.login", *OBSERVABILITY_ENDPOINTS}  # + /metrics, /healthz, /readyz
+# Reachable without credentials: the dashboard's login form and icon. (No "static" route:
+# Flask's default one served the working directory's static/ folder.)
+# + /metrics, /healthz, /readyz
+PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.favicon", *OBSERVABILITY_ENDPOINTS}
 
 
 def _worker_may(principal) -> bool:

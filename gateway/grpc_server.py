@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
@@ -54,11 +55,28 @@ WatchResponse = funnel_events_pb2.WatchEventsResponse
 MAX_WATCHED_TASKS = 1000       # task_ids of one WatchEvents call (each is looked up)
 STREAMS_FULL_RETRY_AFTER = 5   # seconds, as HTTP's 503 when max_clients streams are open
 BATCH_BYTES = 1 << 20          # events per WatchEvents message (a single event may be more)
+WARNING = "warning"            # trailing metadata: what CreateTask ignored (HTTP's Warning)
 
 
 def to_message(document: dict, message: Any) -> Any:
     """TES JSON (a stored task, service-info) -> message; keys the proto lacks are dropped."""
     return json_format.ParseDict(document, message, ignore_unknown_fields=True)
+
+
+def unknown_fields(message: Any, path: tuple[str, ...] = ()) -> list[str]:
+    """Where a message holds fields its proto lacks, e.g. "executors.0.#17" (field 17 of
+    the first executor): the client's proto is newer. Maps hold strings only: skipped."""
+    numbers = sorted({field.field_number for field in UnknownFieldSet(message)})
+    found = [".".join((*path, f"#{number}")) for number in numbers]
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None or descriptor.message_type.GetOptions().map_entry:
+            continue
+        if descriptor.is_repeated:
+            for index, item in enumerate(value):
+                found += unknown_fields(item, (*path, descriptor.name, str(index)))
+        else:
+            found += unknown_fields(value, (*path, descriptor.name))
+    return found
 
 
 def to_dict(message: Any) -> dict:
@@ -143,9 +161,14 @@ class TaskServicer(_Guarded, tes_pb2_grpc.TaskServiceServicer):
 
     def CreateTask(self, request: tes_pb2.Task,
                    context: grpc.ServicerContext) -> tes_pb2.CreateTaskResponse:
+        """A field this proto lacks (a later TES's) is ignored and named in the trailing
+        metadata entry WARNING and the system logs, or refused (server.strict_fields)."""
         def run(who: Principal):
-            document = to_dict(request)
-            return tes_pb2.CreateTaskResponse(id=self.service.create(document, owner=who.user))
+            task_id, notices = self.service.create_noting(
+                to_dict(request), owner=who.user, unknown=unknown_fields(request))
+            if notices:
+                context.set_trailing_metadata([(WARNING, notice) for notice in notices])
+            return tes_pb2.CreateTaskResponse(id=task_id)
         return self._call(context, run)
 
     def GetTask(self, request: tes_pb2.GetTaskRequest,

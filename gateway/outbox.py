@@ -81,7 +81,7 @@ class Event:
     time: str
 
     def document(self) -> dict:
-        """The JSON form sent to webhooks, brokers and watchers (README "Events format")."""
+        """The JSON form sent to webhooks, brokers and watchers (docs/reference.md)."""
         return {"id": self.id, "task_id": self.task_id, "owner": self.owner,
                 "kind": self.kind, "time": self.time, "payload": self.payload}
 

@@ -1,13 +1,16 @@
 """Marshmallow schemas of the TES 1.1 model: validation of what clients send,
 and the OpenAPI description of what the server returns.
 
-Field names follow the TES OpenAPI (snake_case). Unknown fields are refused;
-the read-only fields a client may echo back (id, state, logs, creation_time)
-are ignored on create.
+Field names follow the TES OpenAPI (snake_case). Booleans are JSON true or false only.
+Unknown fields are ignored and named (``load_task_lenient``), or refused where the
+server is configured strict (``server.strict_fields``) and by ``load_task``; the
+read-only fields a client may echo back (id, state, logs, creation_time) are ignored
+on create.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from typing import Any
@@ -62,12 +65,28 @@ class ContainerPath(fields.String):
         return text
 
 
+class StrictBoolean(fields.Boolean):
+    """JSON true or false, nothing else ("yes", 0 and 1 are refused: 1 == True in Python)."""
+
+    default_error_messages = {"invalid": "must be true or false (a JSON boolean)"}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+UNKNOWN_FIELD = "Unknown field."  # marshmallow's message for a field the schema lacks
+
+
 class StrictSchema(Schema):
     """Refuse unknown fields; treat explicit JSON null like an absent field."""
 
     class Meta:
         unknown = RAISE
         ordered = True
+
+    error_messages = {"unknown": UNKNOWN_FIELD}
 
     @pre_load
     def _drop_nulls(self, data, **kwargs):
@@ -88,7 +107,7 @@ class InputSchema(StrictSchema):
     path = ContainerPath(required=True, validate=validate.Length(max=4096))
     type = fields.String(validate=validate.OneOf(FILE_TYPES))
     content = fields.String()
-    streamable = fields.Boolean()
+    streamable = StrictBoolean()
 
     @validates_schema
     def _url_or_content(self, data, **kwargs):
@@ -135,7 +154,7 @@ class ExecutorSchema(StrictSchema):
     stdout = ContainerPath(validate=validate.Length(max=4096))
     stderr = ContainerPath(validate=validate.Length(max=4096))
     env = fields.Dict(**_string_map)
-    ignore_error = fields.Boolean()
+    ignore_error = StrictBoolean()
 
     @validates_schema
     def _env_names(self, data, **kwargs):
@@ -146,13 +165,13 @@ class ExecutorSchema(StrictSchema):
 
 class ResourcesSchema(StrictSchema):
     cpu_cores = fields.Integer(strict=True, validate=validate.Range(min=0, max=1_000_000))
-    preemptible = fields.Boolean()
+    preemptible = StrictBoolean()
     ram_gb = fields.Float(validate=validate.Range(min=0, max=1e9))
     disk_gb = fields.Float(validate=validate.Range(min=0, max=1e12))
     zones = fields.List(fields.String(validate=validate.Length(min=1, max=256)),
                         validate=validate.Length(max=256))
     backend_parameters = fields.Dict(**_string_map)
-    backend_parameters_strict = fields.Boolean()
+    backend_parameters_strict = StrictBoolean()
 
 
 class TaskCreateSchema(StrictSchema):
@@ -312,7 +331,82 @@ _TASK_CREATE = TaskCreateSchema()
 
 
 def load_task(document: Any) -> dict:
-    """Validate a CreateTask body; raise ValidationError naming the bad field."""
+    """Validate a CreateTask body; raise ValidationError naming the bad field (an unknown
+    field too)."""
     if not isinstance(document, dict):
         raise ValidationError({"body": ["must be a JSON object (a TES task)"]})
     return _TASK_CREATE.load(document)
+
+
+def load_task_lenient(document: Any) -> tuple[dict, list[str]]:
+    """Validate a CreateTask body, ignoring the fields the TES 1.1 model lacks (TES allows
+    additional properties; later TES versions and vendors add some): (the task, the
+    ignored fields' paths, e.g. "executors.0.foo"). Any other problem raises
+    ValidationError naming its field. Cost: a second validation when a field is unknown."""
+    try:
+        return load_task(document), []
+    except ValidationError as exc:
+        unknown: list[tuple[str | int, ...]] = []
+        others = _split_unknown(exc.messages, (), unknown)
+        if others or not unknown:
+            raise ValidationError(others or exc.messages) from None
+    unknown.sort(key=lambda path: [(0, key, "") if isinstance(key, int) else (1, 0, key)
+                                   for key in path])
+    trimmed = _without(document, unknown)
+    return load_task(trimmed), [".".join(map(str, path)) for path in unknown]
+
+
+def _split_unknown(messages: Any, path: tuple[str | int, ...],
+                   unknown: list[tuple[str | int, ...]]) -> Any:
+    """marshmallow's error messages without the unknown-field ones (whose paths go to
+    `unknown`); None when nothing else is left."""
+    if isinstance(messages, dict):
+        kept = {}
+        for key, value in messages.items():
+            rest = _split_unknown(value, (*path, key), unknown)
+            if rest:
+                kept[key] = rest
+        return kept or None
+    if isinstance(messages, list) and messages == [UNKNOWN_FIELD] and path:
+        unknown.append(path)
+        return None
+    return messages
+
+
+def _without(document: Any, paths: list[tuple[str | int, ...]]) -> Any:
+    """A copy of the JSON document without the fields at `paths`; the original is kept
+    (each node along the paths is copied once)."""
+    copied: set[int] = set()
+
+    def own(node: Any) -> Any:
+        if id(node) in copied:
+            return node
+        node = dict(node) if isinstance(node, dict) else list(node)
+        copied.add(id(node))
+        return node
+
+    out = own(document)
+    for path in paths:
+        node = out
+        for key in path[:-1]:
+            node[key] = own(node[key])
+            node = node[key]
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return out
+
+
+MAX_NAMED_FIELDS = 20   # unknown fields named in a notice; the rest are counted
+MAX_FIELD_NAME = 100    # characters of a field path shown in a notice
+
+
+def ignored_fields_notice(paths: list[str]) -> str:
+    """'unknown fields ignored: a, b.0.c' for the Warning header and the system logs:
+    printable ASCII only (a client's field names are escaped as JSON escapes them), at
+    most MAX_NAMED_FIELDS names of MAX_FIELD_NAME characters."""
+    shown = []
+    for path in paths[:MAX_NAMED_FIELDS]:
+        text = json.dumps(path, ensure_ascii=True)[1:-1]
+        shown.append(text if len(text) <= MAX_FIELD_NAME else text[:MAX_FIELD_NAME] + "...")
+    more = len(paths) - len(shown)
+    return "unknown fields ignored: " + ", ".join(shown) + (f" and {more} more" if more else "")

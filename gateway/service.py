@@ -11,7 +11,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,12 @@ from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway import db, outbox
 from funnel_hpc.gateway.admission import Admission, AdmissionError
 from funnel_hpc.gateway.prepared import PreparedInsert
-from funnel_hpc.gateway.schemas import flatten_errors, load_task
+from funnel_hpc.gateway.schemas import (
+    flatten_errors,
+    ignored_fields_notice,
+    load_task,
+    load_task_lenient,
+)
 from funnel_hpc.gateway.service_store import ReconcilerStore
 from funnel_hpc.gateway.views import apply_view, full_task
 
@@ -108,6 +113,7 @@ class TaskService(ReconcilerStore):
         self.config = config
         self.backend_name: str = config["backend"]["name"]
         self.admission = Admission(config)
+        self.strict_fields: bool = config["server"]["strict_fields"]
         self.max_list_bytes: int = config["limits"]["max_list_bytes"]
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
@@ -121,18 +127,33 @@ class TaskService(ReconcilerStore):
     # ---- create ----
 
     def create(self, document: Any, owner: str | None = None) -> str:
+        return self.create_noting(document, owner)[0]
+
+    def create_noting(self, document: Any, owner: str | None = None,
+                      unknown: Sequence[str] = ()) -> tuple[str, list[str]]:
+        """create, and its notices for the client (fields ignored as unknown: refused
+        instead when server.strict_fields is set), also kept in the system logs.
+        `unknown`: fields the protocol already dropped (gRPC's unknown field numbers)."""
         try:
             self.admission.check_owner(owner)
         except OwnerRefused as exc:
             raise Forbidden(str(exc)) from None
+        if unknown and self.strict_fields:
+            raise BadRequest("; ".join(f"{path}: Unknown field." for path in unknown))
         try:
-            spec = load_task(document)
+            spec, ignored = (load_task(document), []) if self.strict_fields else \
+                load_task_lenient(document)
             self.admission.check_task(spec)
             logs = self.admission.admit_backend_parameters(spec)
         except ValidationError as exc:
             raise BadRequest("; ".join(flatten_errors(exc.messages))) from None
         except AdmissionError as exc:
             raise BadRequest(str(exc)) from None
+        ignored = [*unknown, *ignored]
+        notices = [ignored_fields_notice(ignored)] if ignored else []
+        if notices:
+            logs = logs or [{"logs": [], "outputs": [], "system_logs": []}]
+            logs[0]["system_logs"] += notices
         task_id = new_task_id()
         with db.writing(self.engine) as conn:
             now = now_rfc3339()  # under the write lock: (nearly) the commit time
@@ -149,7 +170,7 @@ class TaskService(ReconcilerStore):
             outbox.record(conn, task_id, owner, "state",
                           {"state": State.QUEUED.value, "previous": None})
         self.changed.set()
-        return task_id
+        return task_id, notices
 
     # ---- read ----
 
@@ -229,6 +250,13 @@ class TaskService(ReconcilerStore):
                 cond = and_(cond, db.task_tags.c.value == value)
             query = query.where(exists().where(cond))
         return query
+
+    def count_matching(self, q: ListQuery) -> int:
+        """How many tasks list(q) and the pages after it hold (one COUNT: the dashboard's
+        total, and with q.page_token, where its page starts)."""
+        query = self._list_query(q, 1).limit(None).order_by(None)
+        with db.reading(self.engine) as conn:
+            return conn.execute(select(func.count()).select_from(query.subquery())).scalar_one()
 
     def count(self) -> int:
         with db.reading(self.engine) as conn:

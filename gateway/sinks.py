@@ -186,7 +186,7 @@ def sink_names(events_config: Mapping[str, Any]) -> list[str]:
 
 
 def make_sinks(events_config: Mapping[str, Any]) -> list[Sink]:
-    """The sinks the ``events:`` configuration names (README "Event sinks")."""
+    """The sinks the ``events:`` configuration names (docs/internals.md "Task events out")."""
     sinks: list[Sink] = []
     for index, hook in enumerate(events_config["webhooks"] or []):
         sinks.append(WebhookSink(webhook_name(index, hook), hook["url"],

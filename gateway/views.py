@@ -105,3 +105,61 @@ def apply_view(task: dict, view: str) -> dict:
     if view == "BASIC":
         return basic(task)
     return {"id": task["id"], "state": task["state"]}
+
+
+# ---- the legacy /v1 routes: TES 1.0 documents ----
+
+# The fields of each TES 1.0 object, as py-tes 0.4.2's models (tes/models.py) take them:
+# any other key (a TES 1.1 field: streamable, ignore_error, backend_parameters,
+# backend_parameters_strict, path_prefix) makes its unmarshal fail, and with it a whole
+# page of list_tasks.
+TES10_FIELDS = {
+    "task": ("id", "state", "name", "description", "inputs", "outputs", "resources",
+             "executors", "volumes", "tags", "logs", "creation_time"),
+    "inputs": ("url", "path", "type", "name", "description", "content"),
+    "outputs": ("url", "path", "type", "name", "description"),
+    "resources": ("cpu_cores", "ram_gb", "disk_gb", "preemptible", "zones"),
+    "executors": ("image", "command", "workdir", "stdin", "stdout", "stderr", "env"),
+    "logs": ("start_time", "end_time", "metadata", "logs", "outputs", "system_logs"),
+    "executor_logs": ("start_time", "end_time", "stdout", "stderr", "exit_code"),
+    "output_logs": ("url", "path", "size_bytes"),
+}
+
+
+def _only(item: Any, kind: str) -> Any:
+    return {k: v for k, v in item.items() if k in TES10_FIELDS[kind]} \
+        if isinstance(item, dict) else item
+
+
+def tes10_service_info(info: dict) -> dict:
+    """TES 1.1 service-info -> TES 1.0's tesServiceInfo (name, doc, storage)."""
+    return {"name": info.get("name", ""), "doc": info.get("description", ""),
+            "storage": list(info.get("storage") or [])}
+
+
+def tes10_task(task: dict) -> dict:
+    """A task (any view) with the TES 1.0 fields only. A wildcard output (path_prefix) is
+    a TES 1.1 idea: its type goes too, so that TES 1.0 clients read it as a plain file
+    output (py-tes 0.4.2 defaults the type to FILE)."""
+    out = _only(task, "task")
+    for kind in ("inputs", "executors"):
+        if isinstance(out.get(kind), list):
+            out[kind] = [_only(item, kind) for item in out[kind]]
+    if isinstance(out.get("outputs"), list):
+        out["outputs"] = [_only(item, "outputs") if "path_prefix" not in item else
+                          {k: v for k, v in _only(item, "outputs").items() if k != "type"}
+                          for item in out["outputs"]]
+    if isinstance(out.get("resources"), dict):
+        out["resources"] = _only(out["resources"], "resources")
+    if isinstance(out.get("logs"), list):
+        out["logs"] = [_tes10_log(entry) for entry in out["logs"]]
+    return out
+
+
+def _tes10_log(entry: dict) -> dict:
+    log = _only(entry, "logs")
+    if isinstance(log.get("logs"), list):
+        log["logs"] = [_only(item, "executor_logs") for item in log["logs"]]
+    if isinstance(log.get("outputs"), list):
+        log["outputs"] = [_only(item, "output_logs") for item in log["outputs"]]
+    return log

@@ -24,7 +24,7 @@ from funnel_hpc.gateway.api import LEGACY_PREFIX, TES_PREFIX
 
 CORS_METHODS = "GET, POST, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
-CORS_EXPOSE = "Retry-After, WWW-Authenticate"
+CORS_EXPOSE = "Retry-After, WWW-Authenticate, Warning"  # Warning: fields a create ignored
 CORS_MAX_AGE = "600"
 
 

@@ -1,20 +1,33 @@
 """Shared fixtures: real servers on SQLite and PostgreSQL, the session's image cache and
-moto server. The helpers they use live in tests/server_helpers.py."""
+moto server, and the `needs` marker's hook. The helpers they use live in
+tests/server_helpers.py and tests/components.py."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.components import NEEDS_MARKER, POSTGRES, POSTGRES_REASON, need
 from tests.server_helpers import (
     _IMAGE_CACHE,
     DatabaseFactory,
     ServerProcess,
     _postgres_reachable,
 )
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", f"{NEEDS_MARKER}(component, reachable, reason): a real "
+                            "component the test needs (tests/components.py: fails under CI, "
+                            "skips elsewhere)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    for mark in item.iter_markers(name=NEEDS_MARKER):
+        need(*mark.args)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,10 +53,8 @@ def databases(tmp_path_factory):
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
                 scope="module")
 def db_kind(request) -> str:
-    if request.param == "postgres" and not _postgres_reachable():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not reachable; scripts/setup/20-postgres.sh should start it")
-        pytest.skip("PostgreSQL not reachable (run scripts/setup/20-postgres.sh)")
+    if request.param == "postgres":
+        need(POSTGRES, _postgres_reachable(), POSTGRES_REASON)
     return request.param
 
 

@@ -1,12 +1,12 @@
 """Helpers of the event-sink, watch and client tests: a webhook receiver on 127.0.0.1 (in
-this process or its own), an outbox database, a scripted HTTP server."""
+this process or its own), an outbox database, a scripted HTTP server, reading a watch."""
 
 from __future__ import annotations
 
 import json
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.core.config import DEFAULT_CONFIG
 from funnel_hpc.gateway import db, outbox
 from funnel_hpc.gateway.sinks import SIGNATURE_HEADER, signature
+from tests.server_helpers import ServerProcess
 
 
 def events_settings(**changes: Any) -> dict:
@@ -228,3 +229,25 @@ class ScriptedServer:
                 pass
 
         return Handler
+
+
+def take(events: Iterator[dict], count: int, timeout: float = 60) -> list[dict]:
+    """The next `count` events of a watch, read on a thread so a short stream fails the
+    test (after timeout) instead of hanging it."""
+    got: list[dict] = []
+
+    def read() -> None:
+        for event in events:
+            got.append(event)
+            if len(got) == count:
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert len(got) == count, f"{len(got)} of {count} events in {timeout} s: {got}"
+    return got
+
+
+def record(server: ServerProcess, plan) -> list[int]:
+    return record_events(outbox_engine(server.work_dir / "funnel.db"), plan)

@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.components import need
 from tests.waiting import wait_for
 
 
 def need_root() -> None:
     """Fail under CI, skip on a laptop: these tests make users and chown."""
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the submit_as_owner tests need root (they make local users)")
-        pytest.skip("needs root to make local users")
+    need("root", os.geteuid() == 0, "the submit_as_owner tests make local users and chown")
 
 
 def make_user(prefix: str, *, system: bool = False, groups: tuple[str, ...] = ()) -> str:

@@ -36,8 +36,7 @@ def queued(client: tes.HTTPClient) -> dict:
         task = client.get_task(task_id, view=view)
         report[view] = {"state": task.state, "name": task.name,
                         "content": task.inputs[0].content if task.inputs else None}
-    # MINIMAL: a BASIC page holding a task with any TES 1.1 field (streamable, path_prefix,
-    # backend_parameters, ignore_error) fails in py-tes 0.4.2, whoever created the task
+    # as the plugin lists (pages holding TES 1.1 fields: test_pytes_legacy.py)
     page = client.list_tasks(view="MINIMAL", page_size=5)
     report["listed"] = [t.id for t in page.tasks]
     client.cancel_task(task_id)

@@ -16,7 +16,7 @@ from werkzeug.security import generate_password_hash
 
 from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
 from tests.server_helpers import ServerProcess, clean_env
-from tests.waiting import wait_for_state
+from tests.waiting import calls_until, wait_for, wait_for_state
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "root": "root-pw"}
@@ -240,14 +240,17 @@ def test_rate_limit_per_client(databases, tmp_path):
         "rate_limit_per_second": 2, "rate_limit_burst": 5}}).start()
     try:
         session = requests.Session()
-        responses = [session.get(srv.api + "/tasks", timeout=10) for _ in range(15)]
+        # at least 15 requests, and on until one is refused (a slow machine spends more
+        # time on them, so its bucket refills more meanwhile)
+        responses, seconds = calls_until(lambda: session.get(srv.api + "/tasks", timeout=10),
+                                         lambda resp: resp.status_code == 429)
         limited = [r for r in responses if r.status_code == 429]
         # burst 5 (the start-up probe of the fixture may have used one), then 2 per second
-        assert 3 <= sum(r.status_code == 200 for r in responses) <= 7 and limited
+        assert 3 <= sum(r.status_code == 200 for r in responses) <= 5 + 2 * seconds and limited
         assert int(limited[0].headers["Retry-After"]) >= 1
         assert limited[0].json()["message"].startswith("too many requests")
-        time.sleep(1.1)
-        assert session.get(srv.api + "/tasks", timeout=10).status_code == 200
+        wait_for(lambda: session.get(srv.api + "/tasks", timeout=10).status_code == 200, 10,
+                 "the bucket to refill")
         # gRPC calls draw on the same bucket (anonymous: per address)
         import grpc
 
@@ -255,15 +258,21 @@ def test_rate_limit_per_client(databases, tmp_path):
 
         channel = grpc.insecure_channel(f"127.0.0.1:{srv.grpc_port}")
         stub = tes_pb2_grpc.TaskServiceStub(channel)
-        codes: list[str] = []
-        for _ in range(15):
+
+        def list_tasks() -> str:
             try:
                 stub.ListTasks(tes_pb2.ListTasksRequest())
-                codes.append("OK")
             except grpc.RpcError as exc:
-                codes.append(exc.code().name)
                 assert exc.details().startswith("too many requests")
-        assert "RESOURCE_EXHAUSTED" in codes and 1 <= codes.count("OK") <= 6
+                return exc.code().name
+            return "OK"
+
+        started = time.monotonic()
+        wait_for(lambda: list_tasks() == "OK", 10, "a gRPC call the bucket allows")
+        codes, _ = calls_until(list_tasks, lambda code: code == "RESOURCE_EXHAUSTED")
+        codes.insert(0, "OK")  # the call wait_for saw allowed
+        seconds = time.monotonic() - started
+        assert "RESOURCE_EXHAUSTED" in codes and 1 <= codes.count("OK") <= 5 + 2 * seconds
         channel.close()
     finally:
         srv.stop()

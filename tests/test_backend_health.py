@@ -20,10 +20,11 @@ from funnel_hpc.gateway import backend_health, db, leader
 from funnel_hpc.gateway.backend_health import poll_error, record_poll
 from funnel_hpc.gateway.leader import DatabaseLease
 from funnel_hpc.gateway.service import TaskService
+from tests.components import POSTGRES, POSTGRES_REASON, needs
 from tests.server_helpers import ServerProcess, _postgres_reachable
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
-postgres = pytest.mark.skipif(not _postgres_reachable(), reason="PostgreSQL not reachable")
+postgres = needs(POSTGRES, _postgres_reachable(), POSTGRES_REASON)
 UNREACHABLE = "squeue failed (1): slurm_load_jobs error: Unable to contact slurm controller"
 
 

@@ -13,8 +13,8 @@ from sqlalchemy import create_engine, func, select, update
 from funnel_hpc.core.events import rfc3339
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.retention import parse_age
+from tests.cli_helpers import create, funnel
 from tests.server_helpers import ServerProcess
-from tests.test_cli_ops import create, funnel
 
 DAY = 86400
 

@@ -11,17 +11,19 @@ import subprocess
 import pytest
 import yaml
 
-from tests.server_helpers import ServerProcess, clean_env, funnel_argv
-from tests.test_e2e import bwrap_ready, make_server, slurm_ready
+from tests.cli_helpers import TASK, create, funnel
+from tests.components import (
+    BWRAP,
+    BWRAP_REASON,
+    SLURM,
+    SLURM_REASON,
+    bwrap_ready,
+    needs,
+    slurm_ready,
+)
+from tests.e2e_helpers import make_server
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
-
-TASK = {"name": "ops", "executors": [{"image": "busybox", "command": ["echo", "hi"]}]}
-
-
-def funnel(server, *args, stdin=None, cwd=None, timeout=60):
-    env = clean_env(FUNNEL_SERVER=server.url) if server else clean_env()
-    return subprocess.run(funnel_argv(*args), input=stdin, capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +32,6 @@ def queued_server(databases, tmp_path_factory):
     server = ServerProcess(tmp_path_factory.mktemp("cli-ops"), databases.new("sqlite")).start()
     yield server
     server.stop()
-
-
-def create(server, **fields) -> str:
-    done = funnel(server, "task", "create", "-", stdin=json.dumps({**TASK, **fields}))
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 def test_get_cancel_wait_take_several_ids(queued_server):
@@ -115,7 +111,7 @@ def test_run_prints_the_task_it_would_create(tmp_path):
         assert len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(not bwrap_ready(), reason="bwrap and the busybox root are needed")
+@needs(BWRAP, bwrap_ready(), BWRAP_REASON)
 def test_run_round_trips_a_file(databases, tmp_path):
     server = make_server("local", tmp_path / "srv", databases.new("sqlite"))
     server.overrides["worker"]["allowed_dirs"] = [str(tmp_path / "data")]
@@ -207,7 +203,7 @@ def test_render_for_grid_engine_and_htcondor(tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not slurm_ready(), reason="Slurm not running")
+@needs(SLURM, slurm_ready(), SLURM_REASON)
 def test_render_equals_the_script_sbatch_received(databases, tmp_path):
     server = make_server("slurm", tmp_path / "srv", databases.new("sqlite")).start()
     task = {"name": "render me", "executors": [{"image": "busybox",

@@ -19,9 +19,8 @@ from funnel_hpc.core.client import ClientError, TaskClient, TesClient, retry_aft
 from funnel_hpc.core.sse import messages
 from funnel_hpc.proto import funnel_events_pb2, funnel_events_pb2_grpc
 from funnel_hpc.proto.client import TesGrpcClient
-from tests.events_helpers import ScriptedServer
+from tests.events_helpers import ScriptedServer, record, take
 from tests.server_helpers import ServerProcess
-from tests.test_watch import record, take
 from tests.waiting import wait_for
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}

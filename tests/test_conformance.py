@@ -2,8 +2,8 @@
 validated against the vendored TES 1.1 schema (tests/tes_schema/) through a real server,
 while tasks are queued, running and finished.
 
-A running executor has no exit status; the server reports it as exit_code -1 (README,
-"Behaviour worth knowing"), so a typed client validating a page never meets a log
+A running executor has no exit status; the server reports it as exit_code -1 (docs/reference.md,
+"API rules"), so a typed client validating a page never meets a log
 without the exit_code TES requires.
 """
 
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import secrets
 import shutil
-from pathlib import Path
 
 import pytest
 import requests
 
+from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, need
+from tests.pytes_helpers import EVERY_FIELD
 from tests.server_helpers import ServerProcess
 from tests.tes_schema_helpers import list_errors, service_info_errors, task_errors
-from tests.test_pytes import EVERY_FIELD
 from tests.waiting import wait_for, wait_for_state
 
 VIEWS = ("MINIMAL", "BASIC", "FULL")
@@ -39,7 +39,7 @@ def check_everything(server: ServerProcess, task_ids: list[str]) -> dict[str, st
     """Validate service-info (TES and legacy routes), every list page in every view and
     each task in every view; return {task id: state} as the FULL list showed them."""
     problems: list[str] = []
-    for url in (server.api + "/service-info", server.url + "/v1/tasks/service-info"):
+    for url in (server.api + "/service-info", server.url + "/v1/service-info"):
         problems += [f"{url}: {p}" for p in service_info_errors(
             requests.get(url, timeout=10).json())]
     states: dict[str, str] = {}
@@ -78,9 +78,7 @@ def test_queued_and_canceled_tasks_conform(api_server):
 @pytest.fixture(scope="module")
 def running_server(databases, tmp_path_factory):
     """Reconciler on, local backend, bwrap over the busybox root (scripts/setup/40-worker.sh)."""
-    if shutil.which("bwrap") is None or \
-            not Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():
-        pytest.skip("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")
+    need(BWRAP, bwrap_ready(), BWRAP_REASON)
     work = tmp_path_factory.mktemp("conformance")
     server = ServerProcess(work, databases.new("sqlite"), reconcile=True, overrides={
         "backend": {"name": "local", "local": {"max_concurrent": 1}},

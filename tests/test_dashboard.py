@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
+from functools import partial
 
 import pytest
 import requests
@@ -14,6 +14,15 @@ from funnel_hpc.core import config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.service import TaskService
+from tests.components import need
+from tests.dashboard_helpers import (
+    box_past,
+    box_scrolled_up,
+    full_page_shot,
+    log_box,
+    newest_line,
+    screenshot_dir,
+)
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for
 
@@ -28,11 +37,9 @@ def browser(tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    if not (CHROMIUM and CHROMEDRIVER):
-        reason = "chromium/chromedriver not installed (scripts/setup/70-browser.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    need("chromium and chromedriver", bool(CHROMIUM and CHROMEDRIVER),
+         "not installed (scripts/setup/70-browser.sh)")
+    assert CHROMIUM is not None and CHROMEDRIVER is not None  # need() returned
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -391,15 +398,6 @@ def test_backend_health_shows_a_poll_error_then_the_recovery(browser, server, tm
     engine.dispose()
 
 
-def reconciler_records_polls() -> bool:
-    """Whether gateway/reconciler.py calls backend_health.record_poll yet."""
-    import inspect
-
-    from funnel_hpc.gateway import reconciler
-
-    return "record_poll" in inspect.getsource(reconciler)
-
-
 @pytest.mark.browser
 def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_path):
     """Server + reconciler + local backend: the panel names the reconciler holding the
@@ -412,8 +410,6 @@ def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_p
         browser.get(live.url + "/backends")
         lease = text_of_selector(browser, f"{LOCAL_HEALTH} .lease")
         assert lease.startswith("held by") and f":{live.proc.pid} since" in lease, lease
-        if not reconciler_records_polls():
-            pytest.skip("gateway/reconciler.py does not call backend_health.record_poll yet")
         create(live, name="health", executors=[
             {"image": "busybox", "command": ["sh", "-c", "sleep 5"]}])
         wait_for(lambda: text_of_selector(browser, f"{LOCAL_HEALTH} .poll-status") == "ok",
@@ -422,5 +418,403 @@ def test_backend_health_follows_the_servers_reconciler(browser, databases, tmp_p
                             text_of_selector(browser, f"{LOCAL_HEALTH} .last-poll")
                             .rsplit(" ", 1)[0])
         shot(browser, tmp_path, "backend-health-live")
+    finally:
+        live.stop()
+
+
+# ---- issue 27.5: a dashboard worth keeping open ----
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory):
+    """Where the full-page screenshots go ($DASHBOARD_SCREENSHOTS or a tmp dir)."""
+    directory = screenshot_dir(tmp_path_factory.mktemp("screenshots"))
+    yield directory
+    print(f"\ndashboard screenshots in {directory}")
+
+
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw"}
+
+
+@pytest.fixture(scope="module")
+def auth_server(databases, tmp_path_factory):
+    """A server with sign-in on (basic: alice, bob), no throttle in the way of the tests."""
+    from werkzeug.security import generate_password_hash
+
+    srv = ServerProcess(tmp_path_factory.mktemp("dash-auth"), databases.new("sqlite"),
+                        overrides={"auth": {
+                            "mode": "basic",
+                            "users": {user: generate_password_hash(password)
+                                      for user, password in PASSWORDS.items()},
+                            "login_free_failures": 1000, "login_rate_per_second": 0}}).start()
+    yield srv
+    srv.stop()
+
+
+def nav_links(browser) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [link.text for link in browser.find_elements(By.CSS_SELECTOR, "header a")
+            if "brand" not in (link.get_attribute("class") or "")]
+
+
+def sign_in(browser, server, user: str, password: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/login")
+    browser.find_element(By.ID, "username").clear()
+    browser.find_element(By.ID, "username").send_keys(user)
+    browser.find_element(By.ID, "password").send_keys(password)
+    browser.find_element(By.ID, "login").click()
+
+
+@pytest.mark.browser
+def test_sign_in_page_hides_the_nav_and_keeps_the_user_name(browser, auth_server,
+                                                            screenshots):
+    """Signed out: no links to pages that would only bounce back here; a failed sign-in
+    keeps the user name typed (not the password); signed in: the links are back."""
+    from selenium.webdriver.common.by import By
+
+    browser.delete_all_cookies()
+    browser.get(auth_server.url + "/")
+    wait_for(lambda: "/login" in browser.current_url, 15, "the redirect to the sign-in page")
+    assert nav_links(browser) == []
+    full_page_shot(browser, screenshots, "login")
+
+    sign_in(browser, auth_server, "alice", "wrong")
+    wait_for(lambda: browser.find_elements(By.ID, "login-error"), 15, "the sign-in error")
+    assert browser.find_element(By.ID, "username").get_attribute("value") == "alice"
+    assert browser.find_element(By.ID, "password").get_attribute("value") == ""
+    assert nav_links(browser) == []
+    full_page_shot(browser, screenshots, "login-failed")
+
+    sign_in(browser, auth_server, "alice", PASSWORDS["alice"])
+    wait_for(lambda: browser.find_elements(By.ID, "signed-in-user"), 15, "signed in")
+    assert nav_links(browser) == ["Tasks", "Backends", "Service info", "API"]
+    browser.find_element(By.ID, "logout").click()
+    wait_for(lambda: "/login" in browser.current_url, 15, "signed out")
+    assert nav_links(browser) == []
+    assert browser.find_element(By.ID, "username").get_attribute("value") == ""
+
+
+def test_failed_sign_in_echoes_the_user_name_as_text(auth_server):
+    """The kept user name is an attribute value, escaped: a hostile one stays text."""
+    from html import unescape
+
+    hostile = '"><script>alert(1)</script><input value="'
+    session = requests.Session()
+    page = session.get(auth_server.url + "/login", timeout=10).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf
+    failed = session.post(auth_server.url + "/login", timeout=10, data={
+        "csrf_token": csrf.group(1), "username": hostile, "password": "secret-typed"})
+    assert failed.status_code == 401
+    assert "<script>alert" not in failed.text and "secret-typed" not in failed.text
+    kept = re.search(r'id="username" autocomplete="username" value="([^"]*)"', failed.text)
+    assert kept and unescape(kept.group(1)) == hostile
+
+
+@pytest.mark.browser
+def test_favicon_is_served_to_anyone_under_the_csp(browser, auth_server):
+    """/favicon.ico answers 200 with an SVG even signed out (no 404, no sign-in bounce);
+    pages link it and the browser loads it without a CSP complaint."""
+    from selenium.webdriver.common.by import By
+
+    resp = requests.get(auth_server.url + "/favicon.ico", timeout=10, allow_redirects=False)
+    assert resp.status_code == 200, resp.status_code
+    assert resp.headers["Content-Type"].startswith("image/svg+xml")
+    assert resp.text.startswith("<svg") and "<script" not in resp.text
+    assert "unsafe-inline" not in resp.headers["Content-Security-Policy"]
+    browser.delete_all_cookies()
+    csp_violations(browser)
+    browser.get(auth_server.url + "/login")
+    icon = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]")
+    assert icon.get_attribute("href") == auth_server.url + "/favicon.ico"
+    loaded = browser.execute_async_script(
+        "var done = arguments[0], img = new Image();"
+        "img.onload = function () { done(img.naturalWidth > 0); };"
+        "img.onerror = function () { done(false); }; img.src = '/favicon.ico';")
+    assert loaded
+    assert csp_violations(browser) == []
+
+
+@pytest.mark.browser
+def test_backends_page_names_the_replica_that_answered(browser, server, screenshots):
+    import socket
+
+    assert server.proc is not None
+    browser.get(server.url + "/backends")
+    assert text_of(browser, "answered-by") == f"{socket.gethostname()}:{server.proc.pid}"
+    full_page_shot(browser, screenshots, "backends")
+
+
+TIME_TEXT = re.compile(r"just now|\d+ s ago|\d+ min ago|\d+ h( \d+ min)? ago|\d+ days? ago")
+
+
+@pytest.mark.browser
+def test_times_are_relative_with_the_absolute_on_hover(browser, server):
+    from selenium.webdriver.common.by import By
+
+    task_id = create(server, name="relative-time")
+    for page in ("/", f"/tasks/{task_id}"):
+        browser.get(server.url + page)
+        cell = (browser.find_element(By.CSS_SELECTOR, f'tr[data-task-id="{task_id}"] .created')
+                if page == "/" else browser.find_element(By.ID, "created"))
+        stamp = cell.find_element(By.TAG_NAME, "time")
+        assert TIME_TEXT.fullmatch(stamp.text), stamp.text
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp.get_attribute("datetime"))
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", stamp.get_attribute("title"))
+
+
+def test_times_no_clock_can_show_do_not_break_the_pages(server):
+    """Start and end times come from workers: a year 0 or 10000 shows as "-", the task
+    page and the list still answer 200."""
+    service = TaskService(db.make_engine(server.db_url), config.load(server.config_path))
+    task_id = create(server, name="odd-times")
+    odd = {"start_time": "0001-01-01T00:00:00+14:00", "end_time": "9999-12-31T23:59:59-12:00"}
+    assert service.transition(task_id, State.QUEUED, State.RUNNING,
+                              logs=[{**odd, "logs": [{**odd, "stdout": "x", "exit_code": 0}]}])
+    for path in (f"/tasks/{task_id}", f"/tasks/{task_id}?fragment=1", "/"):
+        page = requests.get(server.url + path, timeout=10)
+        assert page.status_code == 200, (path, page.text[:300])
+    assert service.transition(task_id, State.RUNNING, State.COMPLETE)
+    assert requests.get(server.url + "/", timeout=10).status_code == 200  # the chart too
+
+
+def test_relative_time_words():
+    from funnel_hpc.gateway.dashboard import relative, when
+
+    assert [relative(s) for s in (-3, 2, 42, 180, 3600, 7500, 90000, 200000)] == [
+        "just now", "just now", "42 s ago", "3 min ago", "1 h ago", "2 h 5 min ago",
+        "1 day ago", "2 days ago"]
+    assert when(None) == when("garbage") == "-"
+    for hostile in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00", 1e300,
+                    float("nan")):  # start/end times come from workers
+        assert when(hostile) == "-", hostile
+    assert str(when(0.0, now=60.0)) == ('<time datetime="1970-01-01T00:00:00Z" '
+                                        'title="1970-01-01 00:00:00 UTC">1 min ago</time>')
+
+
+def create_as(server, user: str, **fields) -> str:
+    resp = requests.post(server.api + "/tasks", json={**TASK, **fields}, timeout=10,
+                         auth=(user, PASSWORDS[user]))
+    resp.raise_for_status()
+    return resp.json()["id"]
+
+
+@pytest.mark.browser
+def test_list_pages_back_and_forth_with_a_total(browser, auth_server, server, screenshots):
+    """Signed in as alice, 120 of her tasks match (bob's 30 do not exist for her), 50 a
+    page: positions and total on each page, previous and next links (plain links: no
+    script needed) both ways, with a name filter and with a tag filter."""
+    from selenium.webdriver.common.by import By
+
+    ids = [create_as(auth_server, "alice", name=f"pager-{index:03d}",
+                     tags={"half": "yes" if index % 2 else "no"}) for index in range(120)]
+    for index in range(30):
+        create_as(auth_server, "bob", name=f"pager-bob-{index}", tags={"half": "yes"})
+    sign_in(browser, auth_server, "alice", PASSWORDS["alice"])
+    wait_for(lambda: browser.find_elements(By.ID, "signed-in-user"), 15, "signed in")
+    browser.get(auth_server.url + "/?name_prefix=pager-")
+
+    def position() -> str:
+        return text_of(browser, "page-position")
+
+    def go(link_id: str, expected: str) -> None:
+        browser.find_element(By.ID, link_id).click()
+        wait_for(lambda: position() == expected, 15, f"the page {expected}")
+
+    assert position() == "tasks 1–50 of 120"
+    assert not browser.find_elements(By.ID, "previous-page")
+    first = listed_task_ids(browser)
+    assert first == set(ids[-50:])  # newest first
+    go("next-page", "tasks 51–100 of 120")
+    assert listed_task_ids(browser) == set(ids[20:70])
+    go("next-page", "tasks 101–120 of 120")
+    assert listed_task_ids(browser) == set(ids[:20])
+    assert not browser.find_elements(By.ID, "next-page")
+    assert "name_prefix=pager-" in browser.current_url
+    go("previous-page", "tasks 51–100 of 120")
+    go("previous-page", "tasks 1–50 of 120")
+    assert listed_task_ids(browser) == first
+    assert not browser.find_elements(By.ID, "previous-page")
+
+    browser.get(auth_server.url + "/?tag=half%3Dyes")
+    assert position() == "tasks 1–50 of 60"
+    go("next-page", "tasks 51–60 of 60")
+    assert listed_task_ids(browser) == set(ids[1:20:2])
+    go("first-page", "tasks 1–50 of 60")
+
+    browser.get(auth_server.url + "/")
+    every = int(browser.find_element(By.CSS_SELECTOR, "#counts b").text)
+    assert position() == f"tasks 1–50 of {every}" and every == 120
+    full_page_shot(browser, screenshots, "list")
+    browser.find_element(By.ID, "logout").click()
+    wait_for(lambda: "/login" in browser.current_url, 15, "signed out")
+    bad = requests.get(server.url + "/?back=not%20a%20token", timeout=10)
+    assert bad.status_code == 400 and "back:" in bad.text
+    forged = requests.get(server.url + "/?page_token=x&back=QUJD", timeout=10)
+    assert forged.status_code == 400
+
+
+@pytest.mark.browser
+def test_chart_says_so_when_nothing_finished(browser, databases, tmp_path, screenshots):
+    from selenium.webdriver.common.by import By
+
+    empty = ServerProcess(tmp_path / "chart-empty", databases.new("sqlite")).start()
+    try:
+        create(empty, name="still-queued")
+        browser.get(empty.url + "/")
+        assert browser.find_element(By.ID, "chart-empty").text == \
+            "No task finished in the last 6 hours."
+        assert not browser.find_elements(By.ID, "activity-chart")
+        assert "tallest" not in browser.find_element(By.ID, "activity").text
+        full_page_shot(browser, screenshots, "chart-empty")
+    finally:
+        empty.stop()
+
+
+# (final state, queue wait s, ended hours ago) of the chart's finished tasks
+CHART_TASKS = [(State.COMPLETE, 30, 1)] * 3 + [(State.COMPLETE, 150, 0)] * 2 + \
+    [(State.EXECUTOR_ERROR, 600, 4)] * 2 + [(State.SYSTEM_ERROR, 150, 0)]
+
+
+@pytest.mark.browser
+def test_chart_fills_the_width_and_lines_up_with_its_numbers(browser, databases, tmp_path,
+                                                             screenshots):
+    """Finished tasks per 30 min by state with their median queue wait: the chart is as
+    wide as the task table, and each interval's bar sits above its own count and wait."""
+    from selenium.webdriver.common.by import By
+    from sqlalchemy import update
+
+    chart = ServerProcess(tmp_path / "chart", databases.new("sqlite")).start()
+    engine = db.make_engine(chart.db_url)
+    try:
+        service = TaskService(engine, config.load(chart.config_path))
+        now = time.time()
+        for index, (final, wait, hours_ago) in enumerate(CHART_TASKS):
+            task_id = create(chart, name=f"done-{index}")
+            assert service.transition(task_id, State.QUEUED, State.RUNNING,
+                                      logs=[{"start_time": _later(service, task_id, wait)}])
+            assert service.transition(task_id, State.RUNNING, final)
+            if hours_ago:  # as if it had ended then
+                with engine.begin() as conn:
+                    conn.execute(update(db.tasks).where(db.tasks.c.id == task_id)
+                                 .values(updated_at=_rfc3339(now - hours_ago * 3600)))
+        for index in range(2):
+            requests.post(f"{chart.api}/tasks/{create(chart, name=f'c-{index}')}:cancel",
+                          timeout=10)
+        browser.get(chart.url + "/")
+        legend = browser.find_element(By.ID, "chart-legend").text
+        assert legend.startswith("10 tasks finished"), legend
+        assert "COMPLETE 5" in legend and "EXECUTOR_ERROR 2" in legend and "CANCELED 2" in legend
+        table = browser.find_element(By.ID, "activity-chart")
+        tasks = browser.find_element(By.ID, "tasks")
+        assert abs(table.rect["width"] - tasks.rect["width"]) <= 2, (table.rect, tasks.rect)
+        rows = table.find_elements(By.TAG_NAME, "tr")
+        bar_cells, count_cells, wait_cells, from_cells = (
+            row.find_elements(By.TAG_NAME, "td") for row in rows)
+        assert len(bar_cells) == len(count_cells) == len(wait_cells) == len(from_cells) == 12
+        # the interval of a time, found by its label: right even if the page was drawn
+        # just after an interval's end
+        labels = [cell.text for cell in from_cells]
+        expected = {labels.index(_interval_label(now - hours * 3600)): (shown, median)
+                    for hours, shown, median in ((0, "5", "2:30"), (1, "3", "0:30"),
+                                                 (4, "2", "10:00"))}
+        filled = {i for i, cell in enumerate(bar_cells)
+                  if cell.find_elements(By.CSS_SELECTOR, "rect.bar")}
+        assert filled == set(expected), (filled, expected, labels)
+        for index, cells in expected.items():
+            assert (count_cells[index].text, wait_cells[index].text) == cells
+            column = bar_cells[index].rect
+            for cell in (count_cells[index], wait_cells[index], from_cells[index]):
+                assert abs(cell.rect["x"] - column["x"]) <= 1
+                assert abs(cell.rect["width"] - column["width"]) <= 1
+            for bar in bar_cells[index].find_elements(By.CSS_SELECTOR, "rect.bar"):
+                assert column["x"] <= bar.rect["x"] and \
+                    bar.rect["x"] + bar.rect["width"] <= column["x"] + column["width"]
+        full_page_shot(browser, screenshots, "chart-data")
+    finally:
+        chart.stop()
+        engine.dispose()
+
+
+def _rfc3339(seconds: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _interval_label(seconds: float) -> str:
+    """HH:MM (UTC) of the start of the 30-minute interval holding a time."""
+    return _rfc3339(seconds // 1800 * 1800)[11:16]
+
+
+def _later(service: TaskService, task_id: str, seconds: float) -> str:
+    """The task's creation time plus seconds, as RFC 3339."""
+    from datetime import UTC, datetime, timedelta
+
+    created = service.get(task_id, "BASIC")["creation_time"]
+    start = datetime.fromisoformat(created.replace("Z", "+00:00")) + timedelta(seconds=seconds)
+    return start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+COUNT_UNTIL_GO = ("i=0; while [ ! -e /data/go ] && [ $i -lt 3000 ]; do i=$((i+1)); "
+                  "echo line $i; sleep 0.2; done; echo done")
+
+
+@pytest.mark.browser
+def test_live_log_follows_like_tail_f(browser, databases, tmp_path, screenshots):
+    """A task prints a line every 0.2 s: the open page's log box shows the newest line and
+    stays at the bottom across refreshes; scrolled up by the user (a real wheel scroll),
+    it stays where the user put it while lines keep coming; scrolled back down, it
+    follows again."""
+    from pathlib import Path
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.webdriver.common.by import By
+
+    live = ServerProcess(tmp_path / "follow", databases.new("sqlite"), reconcile=True,
+                         overrides={"reconciler": {"interval_seconds": 0.3},
+                                    "worker": {"container_driver": "bwrap",
+                                               "log_update_seconds": 1}}).start()
+    try:
+        task_id = create(live, name="follow", volumes=["/data"], executors=[
+            {"image": "busybox", "command": ["sh", "-c", COUNT_UNTIL_GO]}])
+        browser.get(f"{live.url}/tasks/{task_id}")
+
+        state = wait_for(lambda: box_past(browser, 40), 90, "40 lines in the log box",
+                         detail=live.log)
+        for _ in range(3):  # three refreshes with new lines: still at the bottom
+            assert state["bottom"] and state["top"] > 0, state
+            newest = newest_line(browser)
+            state = wait_for(partial(box_past, browser, newest), 30, "newer lines")
+        assert state["bottom"], state
+        full_page_shot(browser, screenshots, "task-live-log")
+
+        box = browser.find_element(By.CSS_SELECTOR, "pre.stdout")
+        ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(box), 0, -150)\
+            .perform()
+        scrolled = wait_for(lambda: box_scrolled_up(browser), 15,
+                            "the wheel scroll to move the box up")
+        for _ in range(3):  # new lines keep arriving; the box stays where the user left it
+            newest = newest_line(browser)
+            state = wait_for(partial(box_past, browser, newest), 30, "newer lines")
+            assert not state["bottom"] and abs(state["top"] - scrolled["top"]) <= 1, \
+                (state, scrolled)
+
+        box = browser.find_element(By.CSS_SELECTOR, "pre.stdout")
+        ActionChains(browser).scroll_from_origin(ScrollOrigin.from_element(box), 0, 100000)\
+            .perform()
+        newest = newest_line(browser)
+        state = wait_for(lambda: box_past(browser, newest + 5), 30,
+                         "newer lines after scrolling down")
+        assert state["bottom"], state
+
+        (Path(live.work_dir) / task_id / "files" / "data" / "go").write_text("")
+        wait_for_page_state(browser, "COMPLETE", 60)
+        final = log_box(browser)
+        assert final and final["last"] == "done" and final["bottom"], final
+        full_page_shot(browser, screenshots, "task-complete")
     finally:
         live.stop()

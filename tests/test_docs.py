@@ -6,11 +6,16 @@
 - every route of the Flask app is in docs/reference.md;
 - every relative link in docs/*.md and README.md points at a file that exists, and an
   anchor in a link to a Markdown file (or within one) at one of its headings;
-- every `funnel_hpc.<package>.<module>` named in docs/*.md exists.
+- every `funnel_hpc.<package>.<module>` named in docs/*.md exists;
+- the README stays a front door (a screen or two, its two set-up commands, links to the
+  API's rules and the sandbox section) and docs/benchmarks.md keeps the markers that
+  `benchmarks/run --update-docs` rewrites between.
 """
 
 from __future__ import annotations
 
+import configparser
+import importlib
 import re
 from pathlib import Path
 
@@ -24,8 +29,10 @@ DOCS = ROOT / "docs"
 REFERENCE = DOCS / "reference.md"
 GUIDES = sorted(DOCS.glob("*.md"))
 LINKED_FILES = [*GUIDES, ROOT / "README.md"]
-# the wheel maps each top-level folder to funnel_hpc.<folder> (pyproject.toml)
+# the wheel maps each top-level folder to funnel_hpc.<folder> (setup.cfg, package_dir)
 PACKAGES = {"core", "gateway", "backends", "worker", "proto", "templates", "conf"}
+README = ROOT / "README.md"
+README_MAX_LINES = 250
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
@@ -195,3 +202,33 @@ def test_module_paths_exist(path):
     named = set(MODULE.findall(path.read_text()))
     missing = [f"funnel_hpc{dotted}" for dotted in sorted(named) if not module_exists(dotted)]
     assert not missing, f"{path.name} names modules that do not exist: {missing}"
+
+
+def test_packages_are_the_folders_setup_cfg_maps():
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    mapped = dict(line.split("=") for line in
+                  setup["options"]["package_dir"].strip().splitlines())
+    assert {name.strip(): folder.strip() for name, folder in mapped.items()} == \
+        {f"funnel_hpc.{folder}": folder for folder in PACKAGES}
+
+
+# ---- the README and the benchmarks page ----
+
+def test_readme_is_a_front_door():
+    text = README.read_text()
+    lines = text.splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines"
+    commands = [line.strip() for line in lines if line.startswith("    ./scripts/")]
+    assert commands == ["./scripts/quickstart.sh", "./scripts/test.sh"], commands
+    for link in ("docs/reference.md#api-rules", "docs/admin.md#the-sandbox-and-images",
+                 "docs/user.md", "docs/benchmarks.md"):
+        assert f"]({link})" in text, f"README.md does not link {link}"
+
+
+def test_benchmarks_page_has_the_table_markers():
+    # by name: a static import would make mypy check the benchmark scripts as tests
+    suite = importlib.import_module("benchmarks.suite")
+    text = suite.BENCH_PAGE.read_text()
+    assert text.count(suite.BENCH_START) == 1 and text.count(suite.BENCH_END) == 1
+    assert text.index(suite.BENCH_START) < text.index(suite.BENCH_END)

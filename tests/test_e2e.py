@@ -34,95 +34,50 @@ container) and ``act(Remove)`` on the schedd by someone else (HTCondor).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import requests
 
 from funnel_hpc.core.events import iter_events
-from tests.server_helpers import ServerProcess
-from tests.waiting import wait_for, wait_for_state
-
-TICK = 0.5
-TERMINAL = {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED", "PREEMPTED"}
-
-
-def slurm_ready() -> bool:
-    if not shutil.which("sinfo"):
-        return False
-    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
-    return result.returncode == 0 and bool(result.stdout.strip())
-
-
-def gridengine_ready() -> bool:
-    if not shutil.which("qstat"):
-        return False
-    result = subprocess.run(["qstat", "-f"], capture_output=True, text=True)
-    return result.returncode == 0 and "all.q@" in result.stdout
-
-
-def bwrap_ready() -> bool:
-    return shutil.which("bwrap") is not None and \
-        Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists()
-
-
-@dataclass
-class E2EBackend:
-    """One backend as the suite runs it: its config and how to kill a job behind the
-    gateway's back."""
-
-    id: str                                   # the parametrisation id
-    name: str                                 # backend.name (task metadata)
-    config: Callable[[Path], dict]            # work dir -> backend.<section> overrides
-    kill_outside: Callable[[dict, Path], object]  # (task, work dir) -> ignored
-    close: Callable[[], None] = field(default=lambda: None)
-
-
-def _kill_local(task: dict, work_dir: Path) -> None:
-    pid = json.loads((work_dir / task["id"] / "local.pid").read_text())["pid"]
-    os.killpg(pid, signal.SIGKILL)
-
-
-def _job_id(task: dict) -> str:
-    return task["logs"][0]["metadata"]["job_id"]
-
-
-def _fixed(section: dict) -> Callable[[Path], dict]:
-    return lambda _work: section
-
-
-def _skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def start_local() -> E2EBackend:
-    return E2EBackend("local", "local", _fixed({"local": {"max_concurrent": 2}}), _kill_local)
-
-
-def start_slurm() -> E2EBackend:
-    if not slurm_ready():
-        _skip_or_fail("Slurm is not running; scripts/setup/30-slurm.sh starts it")
-    return E2EBackend("slurm", "slurm", _fixed({}), lambda task, _w: subprocess.run(
-        ["scancel", _job_id(task)], check=True))
+from tests.components import (
+    BWRAP,
+    BWRAP_REASON,
+    GRIDENGINE,
+    GRIDENGINE_REASON,
+    bwrap_ready,
+    gridengine_ready,
+    need,
+)
+from tests.e2e_helpers import (
+    TERMINAL,
+    TICK,
+    E2EBackend,
+    create,
+    fixed,
+    get,
+    job_id,
+    make_server,
+    port_closed,
+    sh,
+    start_local,
+    start_slurm,
+    wait_executor_started,
+    wait_state,
+    wait_ticks,
+)
+from tests.waiting import wait_for
 
 
 def start_gridengine(mode: str) -> E2EBackend:
-    if not gridengine_ready():
-        _skip_or_fail("Grid Engine is not answering; scripts/setup/50-gridengine.sh starts it")
+    need(GRIDENGINE, gridengine_ready(), GRIDENGINE_REASON)
     return E2EBackend("gridengine" if mode == "drmaa" else "gridengine-cli", "gridengine",
-                      _fixed({"gridengine": {"mode": mode}}),
-                      lambda task, _w: subprocess.run(["qdel", _job_id(task)], check=True,
+                      fixed({"gridengine": {"mode": mode}}),
+                      lambda task, _w: subprocess.run(["qdel", job_id(task)], check=True,
                                                       capture_output=True))
 
 
@@ -132,8 +87,7 @@ def start_aws_batch(tmp: Path) -> E2EBackend:
     from tests.fake_docker import FakeDockerEngine
     from tests.server_helpers import worker_image_env
 
-    if not bwrap_ready():
-        _skip_or_fail("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")
+    need(BWRAP, bwrap_ready(), BWRAP_REASON)
     engine = FakeDockerEngine(tmp, slots=2)
     moto = MotoServer.start({"DOCKER_HOST": engine.url})
     moto.create_batch_environment()
@@ -150,7 +104,7 @@ def start_aws_batch(tmp: Path) -> E2EBackend:
                             **worker_image_env()}}}
 
     def kill(task: dict, _work: Path) -> None:
-        moto.client("batch").terminate_job(jobId=_job_id(task),
+        moto.client("batch").terminate_job(jobId=job_id(task),
                                            reason="terminated by an operator")
 
     def close() -> None:
@@ -178,8 +132,8 @@ def start_htcondor_recorded_contract() -> E2EBackend:
         restore()
 
     return E2EBackend("htcondor-recorded-contract", "htcondor",
-                      _fixed({"htcondor": {"bindings": "tests.htcondor_recorded_bindings"}}),
-                      lambda task, _w: schedd.remove_outside(_job_id(task)), close)
+                      fixed({"htcondor": {"bindings": "tests.htcondor_recorded_bindings"}}),
+                      lambda task, _w: schedd.remove_outside(job_id(task)), close)
 
 
 # Real components carry their marker, so `-m "not slurm and not gridengine"` runs the rest.
@@ -208,48 +162,12 @@ def backend(request, tmp_path_factory) -> Iterator[E2EBackend]:
     harness.close()
 
 
-def make_server(backend: str | E2EBackend, work: Path, db_url: str,
-                same_address_as: ServerProcess | None = None) -> ServerProcess:
-    """A server with the reconciler on, on backend (an E2EBackend, or local/slurm by name);
-    same_address_as: listen where that (stopped) server did, as a restarted gateway does."""
-    if isinstance(backend, str):
-        backend = {"local": start_local, "slurm": start_slurm}[backend]()
-    overrides = {"backend": {"name": backend.name, **backend.config(work)},
-                 "reconciler": {"interval_seconds": TICK},
-                 "worker": {"container_driver": "bwrap", "poll_server_seconds": 1}}
-    if same_address_as is None:
-        return ServerProcess(work, db_url, overrides=overrides, reconcile=True)
-    return ServerProcess(work, db_url, overrides=overrides, reconcile=True,
-                         port=same_address_as.port, grpc_port=same_address_as.grpc_port)
-
-
 @pytest.fixture(scope="module")
 def server(backend, databases, tmp_path_factory):
     srv = make_server(backend, tmp_path_factory.mktemp(f"e2e-{backend.id}"),
                       databases.new("sqlite")).start()
     yield srv
     srv.stop()
-
-
-def create(server, executors, **fields) -> str:
-    resp = requests.post(server.api + "/tasks", json={"executors": executors, **fields},
-                         timeout=10)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["id"]
-
-
-def get(server, task_id, view="FULL") -> dict:
-    return requests.get(f"{server.api}/tasks/{task_id}", params={"view": view}, timeout=10).json()
-
-
-def wait_state(server, task_id, states, timeout=90.0) -> dict:
-    """The task (FULL) once in one of states; on timeout the error shows the server's log."""
-    return wait_for_state(server.api, task_id, states, timeout,
-                          detail=lambda: server.log()[-3000:])
-
-
-def sh(script: str, **fields) -> dict:
-    return {"image": "busybox", "command": ["sh", "-c", script], **fields}
 
 
 def test_hello_world_completes_with_stdout(server, backend):
@@ -275,7 +193,7 @@ def test_executor_error(server):
 def test_cancel_running_task(server):
     task_id = create(server, [sh("echo up; sleep 120")])
     wait_state(server, task_id, "RUNNING")
-    time.sleep(1)
+    wait_executor_started(server, task_id)
     assert requests.post(f"{server.api}/tasks/{task_id}:cancel", timeout=10).ok
     task = wait_state(server, task_id, TERMINAL, timeout=60)
     assert task["state"] == "CANCELED"
@@ -288,7 +206,7 @@ def test_cancel_pending_task(server, backend):
     for blocker in blockers:
         wait_state(server, blocker, "RUNNING")
     waiting = create(server, [sh("echo should-not-run")], resources={"cpu_cores": 1})
-    time.sleep(3 * TICK)
+    wait_ticks(server, 3)  # the reconciler has had three chances to start it
     assert get(server, waiting, "MINIMAL")["state"] == "QUEUED"
     requests.post(f"{server.api}/tasks/{waiting}:cancel", timeout=10)
     task = wait_state(server, waiting, TERMINAL, timeout=60)
@@ -303,7 +221,7 @@ def test_cancel_pending_task(server, backend):
 def test_job_killed_outside_is_system_error(server, backend):
     task_id = create(server, [sh("sleep 120")])
     task = wait_state(server, task_id, "RUNNING")
-    time.sleep(0.5)
+    wait_executor_started(server, task_id)
     killed_at = time.monotonic()
     backend.kill_outside(task, server.work_dir)
     task = wait_state(server, task_id, TERMINAL, timeout=30)
@@ -324,9 +242,12 @@ def test_server_kill9_restart_loses_nothing_submits_nothing_twice(backend, datab
                 expected[create(srv, [sh(f"exit {i % 5 + 1}")])] = "EXECUTOR_ERROR"
             else:
                 expected[create(srv, [sh(f"sleep 1; echo task-{i}")])] = "COMPLETE"
-        time.sleep(2)  # some submitted, some running, some done
+        # some submitted, some running, some done
+        wait_for(lambda: any(task["state"] in TERMINAL for task in requests.get(
+            srv.api + "/tasks", params={"page_size": 100}, timeout=10).json()["tasks"]),
+            120, "a first task to end", detail=lambda: srv.log()[-3000:])
         srv.kill()
-        time.sleep(1)
+        wait_for(lambda: port_closed(srv.port), 30, f"port {srv.port} to close")
         srv = make_server(backend, work, db_url, same_address_as=srv)
         srv.start()
         states: dict[str, str] = {}

@@ -15,6 +15,7 @@ from sqlalchemy import insert
 from funnel_hpc.gateway import db, observability, outbox
 from funnel_hpc.gateway.publisher import Publisher
 from funnel_hpc.gateway.sinks import RedisStreamSink, WebhookSink
+from tests.components import POSTGRES, POSTGRES_REASON, need
 from tests.events_helpers import (
     WebhookReceiver,
     events_settings,
@@ -131,8 +132,7 @@ def test_an_erroring_receiver_is_retried_without_holding_up_recording(engine, re
 def test_an_event_committed_late_is_not_skipped(databases, postgres_available, receiver):
     """PostgreSQL hands out ids at INSERT: a later id can commit first. The publisher waits
     at the gap (gap_grace_seconds) instead of moving its cursor past the earlier id."""
-    if not postgres_available:
-        pytest.skip("PostgreSQL not reachable (run scripts/setup/20-postgres.sh)")
+    need(POSTGRES, postgres_available, POSTGRES_REASON)
     engine = outbox_engine(databases.new("postgres"))
     publisher = Publisher(engine, events_settings(gap_grace_seconds=3600),
                           sinks=[WebhookSink("webhook:a", receiver.url, secret=SECRET)]).start()
@@ -192,7 +192,7 @@ def _redis_or_skip():
     try:
         client.ping()
     except redis.RedisError:
-        pytest.skip("Redis not reachable on 127.0.0.1:6379 (run scripts/setup/60-broker.sh)")
+        need("Redis", False, "not reachable on 127.0.0.1:6379 (scripts/setup/60-broker.sh)")
     return client
 
 

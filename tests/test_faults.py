@@ -22,8 +22,9 @@ from funnel_hpc.core.events import iter_events
 from funnel_hpc.gateway import db
 from funnel_hpc.gateway.app import make_service
 from funnel_hpc.gateway.reconciler import Reconciler
+from tests.components import SLURM, SLURM_REASON, needs, slurm_ready
+from tests.e2e_helpers import TERMINAL, create, make_server, sh, wait_state
 from tests.server_helpers import ServerProcess
-from tests.test_e2e import TERMINAL, create, make_server, sh, slurm_ready, wait_state
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
@@ -38,7 +39,7 @@ def rows(url: str) -> int:
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not slurm_ready() and not os.environ.get("CI"), reason="Slurm not running")
+@needs(SLURM, slurm_ready(), SLURM_REASON)
 def test_slurmctld_down_for_60s_fails_nothing(databases, tmp_path):
     server = make_server("slurm", tmp_path / "srv", databases.new("sqlite")).start()
     try:
@@ -100,7 +101,7 @@ def slurm_jobs_named(name: str) -> list[str]:
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not slurm_ready() and not os.environ.get("CI"), reason="Slurm not running")
+@needs(SLURM, slurm_ready(), SLURM_REASON)
 def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_path,
                                                                  monkeypatch):
     """A gateway died after sbatch and before recording the job ids; another starts while
@@ -194,7 +195,7 @@ def test_postgres_connections_dropped(db_kind, databases, tmp_path):
 
 
 def test_disk_full_in_the_work_dir_is_system_error(tmp_path):
-    from tests.worker.conftest import ROOTFS, WorkerHarness
+    from tests.worker_helpers import ROOTFS, WorkerHarness
 
     mount = tmp_path / "small"
     mount.mkdir()

@@ -15,8 +15,8 @@ import requests
 from google.protobuf import json_format
 
 from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
+from tests.pytes_helpers import EVERY_FIELD
 from tests.server_helpers import ServerProcess
-from tests.test_pytes import EVERY_FIELD
 
 REPO = Path(__file__).resolve().parent.parent
 

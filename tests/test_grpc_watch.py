@@ -16,9 +16,8 @@ from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.client import TesClient
 from funnel_hpc.proto import funnel_events_pb2, funnel_events_pb2_grpc
 from funnel_hpc.proto.client import TesGrpcClient
-from tests.events_helpers import outbox_engine, record_events
+from tests.events_helpers import outbox_engine, record_events, take
 from tests.server_helpers import ServerProcess
-from tests.test_client import take
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-root": "root"}
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}

@@ -15,6 +15,7 @@ from funnel_hpc.gateway import db
 from funnel_hpc.gateway.app import make_service
 from funnel_hpc.gateway.leader import DatabaseLease, Lease
 from funnel_hpc.gateway.reconciler import SUBMITTING, Reconciler
+from tests.components import POSTGRES, POSTGRES_REASON, needs
 from tests.replica_helpers import (
     CountingBackend,
     ReplicaProcess,
@@ -26,7 +27,7 @@ from tests.server_helpers import ServerProcess, _postgres_reachable, clean_env, 
 from tests.waiting import wait_for
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
-postgres = pytest.mark.skipif(not _postgres_reachable(), reason="PostgreSQL not reachable")
+postgres = needs(POSTGRES, _postgres_reachable(), POSTGRES_REASON)
 
 
 def make(tmp_path: Path, url: str, **reconciler: object):

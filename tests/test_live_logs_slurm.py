@@ -14,20 +14,19 @@ import subprocess
 import pytest
 import requests
 
-from tests.server_helpers import clean_env, funnel_argv
-from tests.test_e2e import TICK, slurm_ready
-from tests.test_live_logs_e2e import (
+from tests.components import SLURM, SLURM_REASON, needs, slurm_ready
+from tests.e2e_helpers import TICK
+from tests.live_logs_helpers import (
     TERMINAL,
     create,
     follow_five_lines,
     live_logs_server,
     running_stdout,
 )
+from tests.server_helpers import clean_env, funnel_argv
 from tests.waiting import wait_for, wait_for_state
 
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(not slurm_ready(), reason="Slurm is not running "
-                                 "(scripts/setup/30-slurm.sh starts it)")]
+pytestmark = [pytest.mark.slurm, needs(SLURM, slurm_ready(), SLURM_REASON)]
 
 QUEUE_WAIT = 600  # other tests' jobs may hold both slots first
 

@@ -9,25 +9,27 @@ import logging
 import pytest
 import requests
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from funnel_hpc.gateway import observability
+from tests.components import (
+    BWRAP,
+    BWRAP_REASON,
+    POSTGRES,
+    POSTGRES_BINARIES_REASON,
+    SLURM,
+    SLURM_REASON,
+    bwrap_ready,
+    needs,
+    slurm_ready,
+)
+from tests.e2e_helpers import make_server, sh
 from tests.events_helpers import WebhookReceiver
+from tests.metrics_helpers import samples
 from tests.postgres_helpers import PrivatePostgres, available
 from tests.server_helpers import ServerProcess
-from tests.test_e2e import bwrap_ready, make_server, sh, slurm_ready
 from tests.waiting import wait_for, wait_for_state
 
 TASK = {"name": "metrics-task", "executors": [{"image": "busybox", "command": ["true"]}]}
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    """(sample name, sorted labels) -> value of a Prometheus text exposition."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -104,9 +106,9 @@ def test_sink_lag_while_the_webhook_is_down_then_caught_up(databases, tmp_path):
             receiver.stop()
 
 
-@pytest.mark.skipif(not bwrap_ready(), reason="bwrap and the busybox root are needed")
+@needs(BWRAP, bwrap_ready(), BWRAP_REASON)
 @pytest.mark.parametrize("backend", ["local", pytest.param("slurm", marks=[
-    pytest.mark.slurm, pytest.mark.skipif(not slurm_ready(), reason="Slurm not running")])])
+    pytest.mark.slurm, needs(SLURM, slurm_ready(), SLURM_REASON)])])
 def test_metrics_after_a_known_workload(backend, databases, tmp_path):
     server = make_server(backend, tmp_path / "srv", databases.new("sqlite")).start()
     try:
@@ -155,7 +157,7 @@ def test_health_endpoints_need_no_credentials_and_name_nobody(databases, tmp_pat
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(not available(), reason="PostgreSQL binaries not installed")
+@needs(POSTGRES, available(), POSTGRES_BINARIES_REASON)
 def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
     postgres = PrivatePostgres.create()
     try:

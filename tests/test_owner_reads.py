@@ -20,9 +20,9 @@ import pytest
 import requests
 from werkzeug.security import generate_password_hash
 
+from tests.components import SLURM, SLURM_REASON, need, slurm_answers
 from tests.owner_helpers import bytes_read, drop_user, make_user, peak_rss_kib, run_as
 from tests.server_helpers import ServerProcess
-from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.slurm,
@@ -53,10 +53,7 @@ def shared() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def server(people, databases, shared) -> Iterator[ServerProcess]:
-    if not slurm_ready():
-        if os.environ.get("CI"):
-            pytest.fail("Slurm is not running; scripts/setup/30-slurm.sh starts it")
-        pytest.skip("Slurm is not running; scripts/setup/30-slurm.sh starts it")
+    need(SLURM, slurm_answers(), SLURM_REASON)
     script = shared / "owner_worker.py"  # where the owners can read it, wherever the checkout
     shutil.copy(Path(__file__).with_name("owner_worker.py"), script)
     script.chmod(0o644)

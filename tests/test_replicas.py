@@ -12,7 +12,6 @@ machine; the two slots of `debug` would take 15.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -27,9 +26,18 @@ import requests
 from sqlalchemy import create_engine, func, select, text
 
 from funnel_hpc.gateway import db
+from tests.components import (
+    POSTGRES,
+    POSTGRES_BINARIES_REASON,
+    POSTGRES_REASON,
+    SLURM,
+    SLURM_REASON,
+    need,
+    needs,
+    slurm_ready,
+)
 from tests.replica_helpers import ReplicaProcess, holder_pid, lease_row
 from tests.server_helpers import _postgres_reachable
-from tests.test_e2e import slurm_ready
 from tests.waiting import wait_for
 
 N_TASKS = 1000
@@ -40,9 +48,8 @@ TICK = 0.5
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.slow,
-              pytest.mark.skipif(not _postgres_reachable() or (not slurm_ready()
-                                                               and not os.environ.get("CI")),
-                                 reason="needs PostgreSQL and Slurm")]
+              needs(POSTGRES, _postgres_reachable(), POSTGRES_REASON),
+              needs(SLURM, slurm_ready(), SLURM_REASON)]
 
 
 class SlurmJobLedger:
@@ -227,8 +234,7 @@ def test_postgres_down_30s_replicas_answer_503_and_resume(private_dir):
     half written, and after the restart every task completes with one Slurm job."""
     from tests.postgres_helpers import PrivatePostgres, available
 
-    if not available():
-        pytest.skip("PostgreSQL binaries not installed")
+    need(POSTGRES, available(), POSTGRES_BINARIES_REASON)
     wait_for(slurm_ready, 180, "Slurm to answer (another test may have stopped it)")
     postgres = PrivatePostgres.create()
     servers = replicas(private_dir, postgres.url)[:2]

@@ -14,6 +14,7 @@ from sqlalchemy import update
 
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.gateway import db, observability
+from tests.metrics_helpers import samples
 from tests.reconciler_helpers import (
     TRIVIAL,
     ScriptedBackend,
@@ -22,7 +23,6 @@ from tests.reconciler_helpers import (
     system_logs,
     write_events,
 )
-from tests.test_observability import samples
 
 
 def task_dir(reconciler, task_id: str) -> Path:

@@ -10,11 +10,11 @@ import subprocess
 import pytest
 import requests
 
-from tests.test_e2e import TERMINAL, create, get, make_server, sh, slurm_ready, wait_state
+from tests.components import SLURM, SLURM_REASON, needs, slurm_ready
+from tests.e2e_helpers import TERMINAL, create, get, make_server, sh, wait_state
 from tests.waiting import wait_for
 
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(not slurm_ready(), reason="Slurm not running")]
+pytestmark = [pytest.mark.slurm, needs(SLURM, slurm_ready(), SLURM_REASON)]
 QUEUE_WAIT = 900  # the one-node cluster may be busy with other tests' jobs
 
 

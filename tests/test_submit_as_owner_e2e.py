@@ -9,7 +9,6 @@ task's own worker-config.json holds no storage secret of the site."""
 from __future__ import annotations
 
 import json
-import os
 import pwd
 import secrets
 import shutil
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.proto import tes_pb2, tes_pb2_grpc
+from tests.components import SLURM, need
 from tests.owner_helpers import (
     as_user,
     drop_user,
@@ -48,10 +48,7 @@ TASK = {"executors": [{"image": "busybox", "command": ["sh", "-c", "echo hello f
 
 
 def _slurm_up() -> None:
-    if shutil.which("sinfo") is None:
-        if os.environ.get("CI"):
-            pytest.fail("Slurm is not installed (scripts/setup/30-slurm.sh)")
-        pytest.skip("Slurm is not installed (scripts/setup/30-slurm.sh)")
+    need(SLURM, shutil.which("sinfo") is not None, "not installed (scripts/setup/30-slurm.sh)")
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ server's outbox with outbox.record, as the service and the reconciler do."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import pytest
 import requests
 
 from funnel_hpc.core.client import ClientError, TesClient
-from tests.events_helpers import outbox_engine, record_events
+from tests.events_helpers import record, take
 from tests.server_helpers import ServerProcess
 
 TOKENS = {"tok-alice": "alice", "tok-bob": "bob", "tok-root": "root"}
@@ -32,28 +31,6 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 def client(server: ServerProcess, user: str) -> TesClient:
     token = next(token for token, name in TOKENS.items() if name == user)
     return TesClient(server.url, token=token, timeout=10)
-
-
-def take(events: Iterator[dict], count: int, timeout: float = 60) -> list[dict]:
-    """The next `count` events of a watch, read on a thread so a short stream fails the
-    test (after timeout) instead of hanging it."""
-    got: list[dict] = []
-
-    def read() -> None:
-        for event in events:
-            got.append(event)
-            if len(got) == count:
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    assert len(got) == count, f"{len(got)} of {count} events in {timeout} s: {got}"
-    return got
-
-
-def record(server: ServerProcess, plan) -> list[int]:
-    return record_events(outbox_engine(server.work_dir / "funnel.db"), plan)
 
 
 def test_a_user_sees_only_its_own_tasks_and_resumes_without_gap_or_repeat(server):

@@ -61,3 +61,16 @@ def wait_for_state(api_url: str, task_id: str, states: str | Iterable[str],
 
     return wait_for(reached, timeout, f"task {task_id} to reach {sorted(wanted)}",
                     detail=seen)
+
+
+def calls_until(call: Callable[[], Value], stop: Callable[[Value], bool], *,
+                at_least: int = 15, at_most: int = 500) -> tuple[list[Value], float]:
+    """Make at least at_least calls, and go on until one result satisfies stop (at most
+    at_most calls): for limits in time (a rate limit), where a busy machine's slower calls
+    must not turn the test's expectation into a race. The results and the seconds taken."""
+    started = time.monotonic()
+    results: list[Value] = []
+    while len(results) < at_most and (len(results) < at_least
+                                      or not any(stop(result) for result in results)):
+        results.append(call())
+    return results, time.monotonic() - started

@@ -14,10 +14,13 @@ controllers (memory, cpu, cpuset, pids) come from v2 where it has them and other
 their v1 mounts (a hybrid host), plus v1 `freezer` to kill without races where no v2 is
 mounted. Groups live under `<mount>/<worker.cgroup_parent>/` (created by the first worker).
 
-Cost: a few mkdir and small writes per task; per executor one `sh` exec (the process waits
-on a pipe until its pid is in the group, then execs the engine: no preexec_fn in a
-threaded worker) and one write per hierarchy, the first of which waits for an RCU grace
-period (see `Group.warm_up`); the reaper is one `sh` per task, asleep.
+Cost: a few mkdir and small writes per task, the reaper (one `sh`, asleep) and the task's
+launcher (worker/launcher.py: one small Python process moved into the group once, in a
+thread); per executor, the launcher's fork, nothing else: a move into a cgroup waits for
+an RCU grace period (9-15 ms on a busy node) and executors never make one. Until the
+launcher listens, or once it is gone, a start costs one `sh` exec (it waits on a pipe
+until its pid is in the group, then execs the engine: no preexec_fn in a threaded worker)
+and one write per hierarchy (see `Group.warm_up`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ import subprocess
 import threading
 import time
 
+from funnel_hpc.worker.launcher import Launched, Launcher, Unusable
+
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Mapping
     from typing import IO
+
+    Process = subprocess.Popen[bytes] | Launched
 
 CONTROLLERS = ("memory", "cpu", "cpuset", "pids")
 MOUNTS = "/proc/self/mounts"
@@ -59,6 +66,10 @@ while [ "$i" -lt 400 ]; do
   [ -e "$1/cgroup.kill" ] && echo 1 > "$1/cgroup.kill"
   left=
   while read -r pid; do kill -9 "$pid"; left=1; done < "$1/cgroup.procs"
+  for dir; do  # a worker killed while the group was frozen (Group.end_leftovers)
+    [ -e "$dir/freezer.state" ] && echo THAWED > "$dir/freezer.state"
+    [ -e "$dir/cgroup.freeze" ] && echo 0 > "$dir/cgroup.freeze"
+  done
   [ -z "$left" ] && break
   i=$((i + 1))
   sleep 0.05
@@ -164,6 +175,8 @@ class Group:
         self.dirs = dirs  # dirs[0]: the v2 group when there is one
         self.controllers = dict(controllers)  # controller -> the group's dir holding it
         self._reaper: IO[bytes] | None = None
+        self._launcher: Launcher | None = None
+        self._placing: threading.Thread | None = None  # puts the launcher in the group
 
     # ---- processes ----
 
@@ -179,10 +192,22 @@ class Group:
         return [int(word) for word in text.split()]
 
     def start(self, argv: list[str], fsize_bytes: int | None = None,
-              **popen: object) -> subprocess.Popen[bytes]:
+              **popen: object) -> Process:
+        """Popen(argv) inside the group from its first instruction (with RLIMIT_FSIZE when
+        given): forked by the task's launcher (worker/launcher.py), or where it is gone or
+        cannot carry the arguments, the old way (`_start_moved`). popen: Popen's keyword
+        arguments (pass_fds too: they reach argv at the same numbers). Raises OSError."""
+        launcher = self._launcher
+        if launcher is not None and launcher.ready():
+            with contextlib.suppress(Unusable):  # this start the old way; a launcher
+                return _launch(launcher, argv, fsize_bytes, popen)  # gone is not ready()
+        return self._start_moved(argv, fsize_bytes, **popen)
+
+    def _start_moved(self, argv: list[str], fsize_bytes: int | None = None,
+                     **popen: object) -> subprocess.Popen[bytes]:
         """Popen(argv) inside the group: a `sh` waits on a pipe until its pid is written to
-        the group, then execs argv (with RLIMIT_FSIZE when given). popen: Popen's keyword
-        arguments (pass_fds too: they reach argv). Raises OSError."""
+        the group, then execs argv (with RLIMIT_FSIZE when given). One cgroup move per
+        executor (an RCU grace period: see `warm_up`)."""
         blocks = str(math.ceil(fsize_bytes / 512)) if fsize_bytes else "-"
         self.warm_up()
         warm, self._warm = self._warm, None
@@ -213,6 +238,95 @@ class Group:
         os.close(write_end)
         return proc
 
+    def launch(self) -> None:
+        """Start the task's launcher and put it in the group, in a thread: the group's one
+        cgroup move (an RCU grace period) and the launcher's interpreter start overlap
+        what the worker does next. Where it fails, starts go the old way."""
+        try:
+            launcher = Launcher.spawn()
+        except OSError:
+            return
+        self._launcher = launcher
+
+        def place() -> None:
+            try:
+                self.add(launcher.pid)
+            except OSError:
+                launcher.placed(False)
+                return
+            launcher.placed(True)
+
+        self._placing = threading.Thread(target=place, daemon=True, name="cgroup-launcher")
+        self._placing.start()
+
+    def launcher_pid(self) -> int | None:
+        """The pid of the task's launcher once it takes starts (None before, or gone)."""
+        launcher = self._launcher
+        return launcher.pid if launcher is not None and launcher.ready() else None
+
+    def end_leftovers(self) -> None:
+        """After an executor: kill what it left running in the group (setsid, daemons)
+        but the launcher, without waiting for the exits. The group is frozen meanwhile,
+        so nothing forks past the kill; where it cannot be frozen, or a process is still
+        there after, the whole group is killed, the launcher too (later starts go the
+        old way)."""
+        launcher = self._launcher
+        spared = launcher.pid if launcher is not None and launcher.in_group() else None
+        if not [pid for pid in self.pids() if pid != spared]:
+            return
+        if spared is None or not self._kill_all_but(spared):
+            self.kill_all(timeout=0)
+
+    def _kill_all_but(self, spared: int) -> bool:
+        """Freeze the group, SIGKILL each process but spared, thaw; True when done."""
+        freeze = os.path.join(self.dirs[0], "cgroup.freeze")
+        v1 = self.controllers.get("freezer")
+        state = freeze if os.path.exists(freeze) else \
+            (os.path.join(v1, "freezer.state") if v1 else None)
+        if state is None:
+            return False
+        try:
+            _write(state, "1" if state == freeze else "FROZEN")
+        except OSError:
+            return False
+        try:
+            if not self._frozen(state == freeze):
+                return False
+            killed: set[int] = set()
+            for _round in range(100):
+                fresh = [pid for pid in self.pids() if pid != spared and pid not in killed]
+                if not fresh:
+                    return True
+                for pid in fresh:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+                killed.update(fresh)
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                _write(state, "0" if state == freeze else "THAWED")
+
+    def _frozen(self, v2: bool, timeout: float = 2.0) -> bool:
+        """Wait until every process of the group is frozen (v2 cgroup.events, v1
+        freezer.state)."""
+        deadline = time.monotonic() + timeout
+        pause = 0.0002
+        while True:
+            try:
+                if v2:
+                    done = "frozen 1" in _read(os.path.join(self.dirs[0], "cgroup.events"))
+                else:
+                    done = _read(os.path.join(self.controllers["freezer"],
+                                              "freezer.state")).strip() == "FROZEN"
+            except OSError:
+                return False
+            if done:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
     def warm_up(self) -> None:
         """Get the next start's migration ready, in a thread: a migration into a cgroup
         waits for an RCU grace period (the kernel's cgroup_threadgroup_rwsem, 5-15 ms on a
@@ -231,6 +345,8 @@ class Group:
     def kill_all(self, timeout: float = KILL_SECONDS) -> bool:
         """SIGKILL every process of the group until none is left (timeout 0: once, without
         waiting for the exits); True when it is empty."""
+        if self._placing is not None:  # the launcher is killed too, never placed after
+            self._placing.join()
         deadline = time.monotonic() + timeout
         pause = 0.001
         kill_file = os.path.join(self.dirs[0], "cgroup.kill")
@@ -267,6 +383,9 @@ class Group:
         """Kill every process, remove the group's directories and let the reaper go;
         what could not be removed (for the system logs)."""
         problems = [] if self.kill_all() else [f"processes left in {self.dirs[0]}"]
+        if self._launcher is not None:  # killed with the group: reaped here
+            self._launcher.close()
+            self._launcher = None
         for path in self.dirs:
             pause = 0.001
             for attempt in range(60):
@@ -323,6 +442,64 @@ class Group:
         return f"cgroup {self.name} ({self.versions}: {', '.join(sorted(self.controllers))})"
 
 
+def _launch(launcher: Launcher, argv: list[str], fsize_bytes: int | None,
+            popen: Mapping[str, object]) -> Launched:
+    """Group.start through the launcher: Popen's arguments as its request (Unusable for
+    one it cannot carry)."""
+    known = {"stdin", "stdout", "stderr", "env", "cwd", "start_new_session", "user",
+             "group", "extra_groups", "pass_fds"}
+    if set(popen) - known or popen.get("extra_groups") not in (None, []) or \
+            ("user" in popen) != ("group" in popen):
+        raise Unusable("Popen arguments the launcher does not take")
+    passed = [int(fd) for fd in popen.get("pass_fds") or ()]  # type: ignore[attr-defined]
+    if any(fd < 3 or fd >= 256 for fd in passed):
+        raise Unusable("an fd the launcher cannot place")
+    ids = (int(popen["user"]), int(popen["group"])) if "user" in popen else None  # type: ignore[call-overload]
+    opened: list[int] = []  # ours to close once the launcher has its copies
+    kept: list[int] = []  # the read ends of PIPE, closed if the start fails
+    try:
+        ends = [_child_end(popen.get(key), number, opened, kept)
+                for number, key in enumerate(("stdin", "stdout", "stderr"))]
+        pid, status = launcher.start(
+            argv, ends[0], ends[1], ends[2], popen.get("env"),  # type: ignore[arg-type]
+            None if popen.get("cwd") is None else str(popen["cwd"]), ids,
+            bool(popen.get("start_new_session")), fsize_bytes, passed)
+    except BaseException:
+        for fd in kept:
+            os.close(fd)
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    reads = iter(kept)
+    out = os.fdopen(next(reads), "rb") if popen.get("stdout") == subprocess.PIPE else None
+    err = os.fdopen(next(reads), "rb") if popen.get("stderr") == subprocess.PIPE else None
+    return Launched(pid, status, out, err)
+
+
+def _child_end(spec: object, number: int, opened: list[int], kept: list[int]) -> int:
+    """The fd a child gets for stdin (number 0), stdout or stderr, as Popen reads spec."""
+    if spec is None:
+        return number
+    if spec == subprocess.DEVNULL:
+        fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        opened.append(fd)
+        return fd
+    if spec == subprocess.PIPE:
+        if number == 0:
+            raise Unusable("stdin=PIPE")
+        read_end, write_end = os.pipe()
+        kept.append(read_end)
+        opened.append(write_end)
+        return write_end
+    if isinstance(spec, int):
+        return spec
+    fileno = getattr(spec, "fileno", None)
+    if fileno is None:
+        raise Unusable(f"a stream the launcher cannot take: {spec!r}")
+    return int(fileno())
+
+
 def _is_v2(path: str) -> bool:
     return os.path.exists(os.path.join(path, "cgroup.controllers"))
 
@@ -368,7 +545,7 @@ def create(name: str, limits: Limits, parent: str = "funnel-hpc",
         group = Group(full_name, dirs, controllers, versions, _home(mounts[0]))
         _apply(group, limits)
         group.guard()
-        group.warm_up()  # for the first executor's start, which comes next
+        group.launch()  # the first executor's start comes next
     except OSError as error:
         for path in reversed(dirs):
             with contextlib.suppress(OSError):

@@ -29,15 +29,19 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from funnel_hpc.worker import sandbox
+from funnel_hpc.worker import identity as identities
+from funnel_hpc.worker import pid_namespace, sandbox, seccomp
+from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from typing import Any, Literal
 
+    from funnel_hpc.worker.identity import Identity
     from funnel_hpc.worker.images import ImageRoot, Json
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,7 +52,12 @@ HOST_ROOT = "/"  # the "image" of a task run over the host root (worker.host_roo
 # Separators of "-v host:container[:options]" and "--bind a:b,c:d" bind lists.
 BIND_SEPARATORS = (":", ",")
 SANDBOX_TMP = "sandbox-tmp"  # proot's /tmp, in the task dir (never bound itself)
+SANDBOX_SHM = "sandbox-shm"  # ch-run's and proot's /dev/shm, in the task dir
 CH_ROOT = "ch-root-"  # ch-run's per-image root of symlinks, in the task dir
+# The seccomp policy (worker/seccomp.py) each image driver runs under, and the program
+# that installs it before exec'ing an engine that cannot install it itself.
+SECCOMP_POLICY = {"bwrap": "default", "charliecloud": "charliecloud", "proot": "proot"}
+SECCOMP_EXEC = str(Path(__file__).with_name("seccomp_exec.py"))
 GPUS_RE = re.compile(r"[0-9]{1,3}|all")
 
 
@@ -60,15 +69,19 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "ids", "note")
+    __slots__ = ("argv", "cwd", "env", "fds", "hook", "ids", "note")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
-                 ids: tuple[int, int] | None = None, cwd: str | None = None) -> None:
+                 ids: tuple[int, int] | None = None, cwd: str | None = None,
+                 hook: identities.NamespaceMap | pid_namespace.ProotReaper | None = None,
+                 fds: tuple[int, ...] = ()) -> None:
         self.argv = argv  # the runtime's command line
         self.env = env    # process environment; None: inherit
         self.note = note  # what to record in the system logs
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
+        self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
+        self.fds = fds    # descriptors the runtime inherits (a seccomp filter); closed once
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -112,33 +125,115 @@ class Drivers:
         self.work_dir = cache_dir
         self.cache_file = cache_dir / ".driver-probe.json"
         self.roots: dict[str, ImageRoot | str] = {}  # image -> images.ImageRoot, or HOST_ROOT
-        self._ids: tuple[int, int] | None | Literal[False] = False  # False: not looked up yet
+        self._identity: Identity | None | Literal[False] = False  # False: not taken yet
         self.task_dir = Path("/nonexistent")  # set by hand_over
         self.ch_roots: dict[str, str] = {}  # image root -> the task's ch-run root for it
         self.sandbox_tmp = self.task_dir  # proot's /tmp, set by hand_over
+        self.sandbox_shm = self.task_dir  # ch-run's and proot's /dev/shm, set by hand_over
         self.host_root_reason = ""
+        self.choice_notes: list[str] = []  # what choose() found, for the system logs
+        self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
+
+    @property
+    def identity(self) -> Identity | None:
+        """The task's host identity (identity.py), taken on first use; None: the worker's."""
+        if self._identity is False:
+            try:
+                self._identity = identities.acquire(self.worker)
+            except (sandbox.SandboxError, OSError) as error:
+                raise DriverError(f"sandbox identity: {error}") from None
+        return self._identity
 
     @property
     def ids(self) -> tuple[int, int] | None:
-        if self._ids is False:
+        return self.identity.ids if self.identity else None
+
+    def take_back(self, binds: list[tuple[str, str]]) -> None:
+        """Once the executors ended: kill what is left of a slot's processes, and re-own
+        the task's files and the sandbox's own to the worker (identity.Identity.take_back)."""
+        identity = self.identity if self._identity is not False else None
+        if identity is None:
+            return
+        try:
+            if identity.block:
+                identities.sweep(identity.uid, identity.span)
+            identity.take_back([host for host, _container in binds]
+                               + [str(self.sandbox_tmp), str(self.sandbox_shm)])
+        except (sandbox.SandboxError, OSError) as error:
+            raise DriverError(f"sandbox identity: {error}") from None
+
+    def release(self) -> None:
+        """Give the task's slot back (at the task's very end; again: nothing)."""
+        if self._identity:
             try:
-                self._ids = sandbox.sandbox_ids(self.worker)
-            except sandbox.SandboxError as error:
-                raise DriverError(str(error)) from None
-        return self._ids
+                self._identity.release()
+            except (sandbox.SandboxError, OSError) as error:
+                raise DriverError(f"sandbox identity: {error}") from None
 
     # ---- choosing ----
 
     def choose(self) -> str:
+        """The driver for this task; what to say about the choice is left in choice_notes."""
         name: str = self.worker["container_driver"]
         if name != "auto":
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
             return name
         auto_order: list[str] = self.worker["auto_order"]
+        skipped: list[str] = []
         for candidate in auto_order:
-            if self.works(candidate):
+            reason = "its probe failed here" if not self.works(candidate) else \
+                self._refusal(candidate)
+            if not reason:
+                said = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                self.choice_notes.append(f"container driver auto: chose {candidate}{said}")
                 return candidate
-        raise DriverError("no container driver works here (tried "
-                          f"{', '.join(self.worker['auto_order'])})")
+            skipped.append(f"{candidate} ({reason})")
+        raise DriverError(f"no container driver works here (tried {'; '.join(skipped)})")
+
+    def _refusal(self, name: str) -> str:
+        """Why `name` may not run this task here, or "" (proot: without its seccomp filter,
+        or for a task with an owner while executors share one host user)."""
+        if name != "proot":
+            return ""
+        unavailable = self._filter("proot")
+        if not isinstance(unavailable, FilterUnavailable):
+            return self._proot_shared_refusal()
+        if self.worker.get("allow_unfiltered_proot"):
+            self.choice_notes.append(f"driver proot WITHOUT a seccomp filter ({unavailable}): "
+                                     "a task can reach the host's files as the sandbox user "
+                                     "(worker.allow_unfiltered_proot is true)")
+            return self._proot_shared_refusal()
+        return (f"refused: {unavailable}, and proot without it lets a task read and write "
+                "the host's files as the sandbox user (openat2, statx... are not translated); "
+                "install libseccomp2 and pyseccomp, or set worker.allow_unfiltered_proot on "
+                "a single-user node")
+
+    def _proot_shared_refusal(self) -> str:
+        """proot for a task with an owner (auth on: other users' tasks run on the node too)
+        while executors share one host user: any process of that user (another task's under
+        proot or ch-run, a daemon running as nobody) can SIGKILL this task's proot, and
+        proot 5.1 (no PTRACE_O_EXITKILL) leaves its tracees running untraced, paths and all.
+        The filter's guard stops only the task's own processes. Lifted by own uid per task
+        (#25)."""
+        if self.owner is None or self.identity is None or self.identity.block:
+            return ""  # no other user's task, or not one shared user (a slot, the owner)
+        return ("refused for a task with an owner (auth on): executors share one host user "
+                f"({sandbox.user_name(self.ids)}), so another user's executor can kill this "
+                "task's proot and its processes then run untraced, with the host's paths; "
+                "use bwrap on a multi-user node")
+
+    def _filter(self, policy: str) -> str | FilterUnavailable:
+        """The cached path of a seccomp policy's filter, or why there is none (once)."""
+        if policy not in self.filters:
+            try:
+                self.filters[policy] = seccomp.filter_file(str(self.work_dir), policy)
+            except FilterUnavailable as error:
+                self.filters[policy] = error
+            except OSError as error:  # not even a memfd: a SYSTEM_ERROR
+                raise DriverError(f"seccomp filter: {error}") from None
+        return self.filters[policy]
 
     def works(self, name: str) -> bool:
         """Probe a driver once per hour per work dir (the answer is cached)."""
@@ -169,17 +264,16 @@ class Drivers:
             argv = ["bwrap", "--unshare-user", "--unshare-pid", "--cap-drop", "ALL",
                     "--ro-bind", "/", "/", "--proc", "/proc", "true"]
             ids = self.ids
-        elif name == "proot":
-            argv = ["proot", "-r", "/", "true"]
-            ids = self.ids
+        elif name == "proot":  # in the pid namespace it will run in, as the sandbox user
+            argv = pid_namespace.wrapper_argv(self.identity) + ["proot", "-r", "/", "true"]
         elif name == "charliecloud":  # ch-run needs an image to really start: its version
-            argv = ["ch-run", "--version"]
+            argv = pid_namespace.wrapper_argv(self.identity) + ["ch-run", "--version"]
         else:
             spec = self.worker["drivers"].get(name)
             if not spec:
                 return False
             argv = list(spec["probe"])
-        if not shutil.which(argv[0]):
+        if not shutil.which(ENGINE_BINARY.get(name, argv[0])):
             return False
         try:
             return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -245,9 +339,13 @@ class Drivers:
         bound = [host for host, _container in binds]
         self.task_dir = task_dir
         self.sandbox_tmp = task_dir / SANDBOX_TMP
+        self.sandbox_shm = task_dir / SANDBOX_SHM
         if name == "proot":
             self.sandbox_tmp.mkdir(mode=0o700, exist_ok=True)
             bound.append(str(self.sandbox_tmp))
+        if name != "bwrap":  # bwrap's /dev/shm is on its own private /dev
+            self.sandbox_shm.mkdir(mode=0o700, exist_ok=True)
+            bound.append(str(self.sandbox_shm))
         readable = [str(root.rootfs) for root in self.roots.values()
                     if not isinstance(root, str)]  # not HOST_ROOT
         try:
@@ -293,6 +391,8 @@ class Drivers:
         network, devices = self._check_sandbox(name, command, binds, gpus)
         root = self._root(image)  # after every check of the config and the task
         who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
+        if self.identity and self.identity.block and name == "bwrap":
+            who += f" (ids 0-{self.identity.span - 1} inside)"
         note = f"driver {name}: sandboxed as {who}, network {network}"
         config: Json
         if isinstance(root, str):  # HOST_ROOT
@@ -306,18 +406,57 @@ class Drivers:
         # hide the work dir (other tasks, the image cache) when the root is the host's
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
+            userns = (identities.NamespaceMap(self.identity)
+                      if self.identity and self.identity.block else None)
             argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices, tmpfs_bytes=self.tmpfs_bytes)
-        elif name == "charliecloud":
+                                      devices, userns.argv() if userns else (),
+                                      tmpfs_bytes=self.tmpfs_bytes)
+            # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
+            return self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
+                                                   self.ids, "/", userns))
+        # ch-run and proot: a private /dev/shm, and a pid namespace the wrapper drops in
+        binds = [*binds, (str(self.sandbox_shm), "/dev/shm")]
+        if name == "charliecloud":
             argv = sandbox.charliecloud_argv(self._ch_root(rootfs, binds), rootfs, binds,
                                              full_env, workdir, command)
             engine_env = {"PATH": DEFAULT_PATH, "USER": sandbox.user_name(self.ids)}
-            return Invocation(argv, engine_env, note, self.ids, "/")
+            init = ["/bin/sh", "-c", '"$@"; exit $?', "sh"]
+            hook = None
         else:
             argv = sandbox.proot_argv(rootfs, binds, full_env, workdir, command,
                                       str(self.sandbox_tmp), hide)
-        # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
-        return Invocation(argv, {"PATH": DEFAULT_PATH}, note, self.ids, "/")
+            engine_env, init, hook = {"PATH": DEFAULT_PATH}, [], pid_namespace.ProotReaper()
+        inv = self._filtered(name, Invocation(argv, engine_env, note, self.ids, "/"))
+        # seccomp_exec, when it runs, drops to the task's ids itself: the wrapper stays root
+        wrapper = pid_namespace.wrapper_argv(self.identity, drop=not inv.fds)
+        return Invocation(wrapper + init + inv.argv, inv.env, inv.note, None, "/", hook,
+                          inv.fds)
+
+    def _filtered(self, name: str, invocation: Invocation) -> Invocation:
+        """The invocation under the driver's seccomp filter: bwrap installs it itself
+        (--seccomp FD, after its own set-up); proot and ch-run start under seccomp_exec,
+        which installs it and becomes the sandbox user before exec'ing them."""
+        policy = SECCOMP_POLICY[name]
+        path = self._filter(policy)
+        if isinstance(path, FilterUnavailable):
+            refused = self._refusal(name)
+            if refused:
+                raise DriverError(f"container driver {name}: {refused}")
+            invocation.note += f", NO seccomp filter ({path})"
+            return invocation
+        fd = seccomp.open_path(path)
+        invocation.fds = (fd,)
+        invocation.note += f", seccomp {policy}"
+        if name == "bwrap":
+            at = invocation.argv.index("bwrap") + 1
+            invocation.argv[at:at] = ["--seccomp", str(fd)]
+            return invocation
+        uid, gid = (str(i) for i in invocation.ids) if invocation.ids else ("-", "-")
+        guard = "proot" if name == "proot" else "-"
+        invocation.argv = [sys.executable, "-I", "-S", SECCOMP_EXEC, str(fd), uid, gid, guard,
+                           "--", *invocation.argv]
+        invocation.ids = None  # seccomp_exec becomes the sandbox user itself
+        return invocation
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

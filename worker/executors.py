@@ -18,15 +18,17 @@ import threading
 from funnel_hpc.worker.disk import DiskWatch
 from funnel_hpc.worker.drivers import IMAGE_DRIVERS, DriverError, switch_user
 from funnel_hpc.worker.events import now_rfc3339
+from funnel_hpc.worker.exit_codes import shell_exit_code
 from funnel_hpc.worker.failures import Canceled
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
+from funnel_hpc.worker.sandbox import SandboxError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO, Any
 
-    from funnel_hpc.worker.cgroups import Group
+    from funnel_hpc.worker.cgroups import Group, Process
     from funnel_hpc.worker.drivers import Drivers, Invocation
     from funnel_hpc.worker.events import EventLog
     from funnel_hpc.worker.limits import Plan
@@ -67,7 +69,7 @@ class Executors:
         self.gpus = gpus if gpus not in ("", "0") else None  # resources.backend_parameters
         self.plan = plan
         self.group: Group | None = None  # the task's cgroup, for sandboxed executors
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Process | None = None
         self.exceeded: str | None = None  # a limit the running executor went over
         self._lock = threading.Lock()
 
@@ -132,7 +134,7 @@ class Executors:
             if invocation.note not in notes:
                 notes.add(invocation.note)
                 self.events.system_log(f"executor {index}: {invocation.note}")
-            exit_code = self.run_one(index, executor, invocation, paths)
+            exit_code = self.run_one(index, executor, invocation, paths, driver)
             self.check_cancel()
             if disk is not None:
                 disk.check()
@@ -156,7 +158,7 @@ class Executors:
         return invocation
 
     def run_one(self, index: int, executor: dict[str, Any], inv: Invocation,
-                paths: TaskPaths) -> int:
+                paths: TaskPaths, driver: str = "") -> int:
         """Run one executor to its end; its exit code (128 + N when killed by signal N)."""
         out_tail, err_tail = Tail(self.tail_bytes), Tail(self.tail_bytes)
         with contextlib.ExitStack() as files:
@@ -179,7 +181,7 @@ class Executors:
             live.start()
             exit_code = proc.wait()
             if self.group is not None:  # what it left running (setsid, daemons) ends with it
-                self.group.kill_all(timeout=0)
+                self.group.end_leftovers()
                 if self.group.oom_kills() > oom_kills:
                     self.events.system_log(
                         f"executor {index}: the kernel's OOM killer ended a process of it: "
@@ -187,17 +189,19 @@ class Executors:
             for pump in pumps:
                 pump.join()
             live.stop()
-        if exit_code < 0:  # killed by a signal: report it the way shells do
-            exit_code = 128 - exit_code
+        # as shells report it: 128+N for signal N, 127/126 for a command that did not start
+        exit_code = shell_exit_code(driver, list(executor["command"]), exit_code,
+                                    err_tail.text())
         self.events.emit("executor_end", index=index, end_time=now_rfc3339(),
                          exit_code=exit_code, stdout=out_tail.text(), stderr=err_tail.text())
         return exit_code
 
-    def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> subprocess.Popen[bytes]:
+    def _start(self, inv: Invocation, stdin: IO[bytes] | None) -> Process:
         popen: dict[str, Any] = dict(
             stdin=stdin or subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=inv.env, start_new_session=True, cwd=inv.cwd or str(self.task_dir),
-            **switch_user(inv.ids))
+            **switch_user(inv.ids),
+            pass_fds=(*inv.fds, *(inv.hook.pass_fds if inv.hook else ())))
         try:
             with self._lock:
                 if self.group is not None:  # inside the task's cgroup from its first step
@@ -207,6 +211,16 @@ class Executors:
                     proc = self.process = subprocess.Popen(inv.argv, **popen)
         except OSError as exc:
             raise DriverError(f"cannot start {inv.argv[0]}: {exc.strerror}") from None
+        finally:
+            for fd in inv.fds:  # the child has its copy (a seccomp filter)
+                os.close(fd)
+            inv.fds = ()
+        if inv.hook:  # e.g. bwrap waits until its uid/gid maps are written
+            try:
+                inv.hook.started(proc)
+            except SandboxError as error:
+                proc.wait()
+                raise DriverError(str(error)) from None
         if self.canceled.is_set():  # a cancel that came before the process was known
             self.kill()
         return proc

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from funnel_hpc.core.worker_tokens import read_token
 from funnel_hpc.worker import cgroups
-from funnel_hpc.worker.drivers import CH_ROOT, IMAGE_DRIVERS, SANDBOX_TMP, DriverError, Drivers
+from funnel_hpc.worker.drivers import (
+    CH_ROOT,
+    IMAGE_DRIVERS,
+    SANDBOX_SHM,
+    SANDBOX_TMP,
+    DriverError,
+    Drivers,
+)
 from funnel_hpc.worker.events import EventLog, now_rfc3339
 from funnel_hpc.worker.executors import Executors
 from funnel_hpc.worker.failures import Canceled, SystemFailure
@@ -131,6 +138,10 @@ class TaskRunner:
             events.system_log(f"worker internal error: {exc.__class__.__name__}: {exc}")
         self._release_group()
         self._clean_up(final)
+        try:
+            self.drivers.release()  # the task's host identity goes back to the pool
+        except DriverError as exc:
+            events.system_log(str(exc))
         events.emit("task_end", end_time=now_rfc3339())
         events.state(final)
         self.cancel_event.set()  # stops the server watcher
@@ -144,7 +155,10 @@ class TaskRunner:
             raise self.limit_error
         self._use_scratch()
         driver = self.drivers.choose()
+        for note in self.drivers.choice_notes:
+            self.events.system_log(note)
         self.events.emit("metadata", metadata={"container_driver": driver})
+        self._make_group(driver)  # its launcher starts while images and inputs come
         for note in self.drivers.prepare(driver, [executor["image"] for executor
                                                   in self.task["executors"]]):
             self.events.system_log(note)
@@ -154,9 +168,11 @@ class TaskRunner:
         # the sandbox's own files (proot's /tmp, ch-run's roots) go beside files/
         self.drivers.hand_over(driver, self.scratch.root if self.scratch else self.task_dir,
                                binds)
-        self._make_group(driver)
         self.events.state("RUNNING")
-        final = self.executors.run_all(driver, binds, self.paths, self.group)
+        try:
+            final = self.executors.run_all(driver, binds, self.paths, self.group)
+        finally:  # the task's files are the worker's again before anything reads them
+            self.drivers.take_back(binds)
         if final == "COMPLETE":
             staging.stage_out()
         return final
@@ -213,7 +229,8 @@ class TaskRunner:
         if kept:
             return
         try:
-            problems = remove_task_files(self.task_dir, (self.paths.files.name, SANDBOX_TMP),
+            problems = remove_task_files(self.task_dir, (self.paths.files.name, SANDBOX_TMP,
+                                                          SANDBOX_SHM),
                                          (CH_ROOT,))
         except OSError as exc:
             problems = [f"{exc.filename}: {exc.strerror}"]

@@ -31,6 +31,11 @@ SANDBOX_OWNED = ("dev", "proc", "sys", "tmp", "run")
 TMPFS = ("/tmp", "/run")
 TMPFS_BYTES = 1 << 30  # worker.tmpfs_mb's default: never the kernel's half of the host's RAM
 PROOT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+# proot 5.1 exits with the status of the last traced process that exited normally, so a
+# command killed by a signal after any child of it ended read as that child's code (0).
+# The image's own sh runs it and exits as shells do (128+N); the command's words are sh's
+# positional parameters, never parsed ("; exit $?": no exec in place of the wait).
+PROOT_WAITER = ("/bin/sh", "-c", '"$@"; exit $?', "sh")
 NETWORK_MODES = ("host", "none")
 ACL_XATTR = "system.posix_acl_access"
 # POSIX ACL xattr format (linux/posix_acl_xattr.h): version 2, then (tag, perm, id) entries.
@@ -166,22 +171,26 @@ def give_tree(root: str, uid: int, gid: int) -> None:
 def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
                hide: Sequence[str] = (), devices: Sequence[str] = (),
-               tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
+               userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
-    `devices`: host device nodes to bind (a task's GPUs); `tmpfs_bytes`: the size of every
-    tmpfs the task can write (/tmp, /run, /var/tmp, /dev/shm). bwrap's own tmpfs root and
-    /dev cannot be sized: they are made read-only once everything is mounted on them."""
+    `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
+    range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL);
+    `tmpfs_bytes`: the size of every tmpfs the task can write (/tmp, /run, /var/tmp,
+    /dev/shm) and of the root the image's entries are bound on (writable, as the spec's
+    "writable on top" asks). bwrap's own /dev tmpfs cannot be sized: it is made read-only
+    once everything is mounted on it."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
         argv.append("--unshare-net")
-    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", *userns,
              "--hostname", "funnel-task"]
     targets = [container for _host, container in binds] + list(TMPFS)
     if os.path.isdir(os.path.join(rootfs, "var")):
         targets.append("/var/tmp")
-    argv += image_binds(rootfs, targets)
     size = ["--size", str(tmpfs_bytes)]
+    argv += [*size, "--tmpfs", "/"]  # bwrap's own root is unsized: a sized one over it
+    argv += image_binds(rootfs, targets)
     argv += ["--dev", "/dev", "--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
     for path in [*targets[len(binds):], *hide]:
         argv += [*size, "--tmpfs", path]
@@ -189,7 +198,7 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
         argv += ["--dev-bind", device, device]
     for host, container in binds:
         argv += ["--bind", host, container]
-    argv += ["--remount-ro", "/dev", "--remount-ro", "/"]  # unsized tmpfs: nothing to write
+    argv += ["--remount-ro", "/dev"]  # bwrap's /dev tmpfs is unsized: nothing to write
     argv.append("--clearenv")
     for name, value in env.items():
         argv += ["--setenv", name, value]
@@ -259,7 +268,9 @@ def proot_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                            f"({command[0]!r}): env would take it for a variable")
     argv += ["-w", workdir or "/", env_tool, "-i"]
     argv += [f"{name}={value}" for name, value in env.items()]
-    return argv + list(command)
+    shell = os.path.join(rootfs, PROOT_WAITER[0].lstrip("/"))
+    waiter = list(PROOT_WAITER) if os.path.exists(shell) or os.path.islink(shell) else []
+    return argv + waiter + list(command)
 
 
 # ---- charliecloud ----

@@ -10,17 +10,25 @@ keeps is first copied back to the task directory's files/.
 ``$VAR`` and ``${VAR}`` are the worker's own environment variables (``$TMPDIR``, set per
 job by many schedulers); nothing else is expanded (no ``~``, no commands). A variable
 that is unset or empty leaves the task in the work dir (said in its system logs).
-Cost: one mkdtemp per task, one tree removal at its end (and a copy when kept).
+
+Nothing in scratch can be redirected: the base and every directory above it must be real
+directories (no symlinks: each is opened O_NOFOLLOW from the one above) owned by root or
+the worker's user and not writable by group or others unless sticky (/tmp), so nobody
+else can rename or replace what the worker makes there. The task's directory is made
+relative to the base's descriptor under a random name, opened O_NOFOLLOW and fstat'ed
+(ours, 0700) before use, and removed relative to the base's descriptor, never through a
+link. Cost: one open per path component, one mkdir per task, one tree removal at its end
+(and a copy when kept).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 from funnel_hpc.worker.failures import SystemFailure
@@ -68,20 +76,24 @@ class Scratch:
     """One task's private directory in scratch: made 0700 under a name nobody could have
     planted (scratch dirs such as /tmp are shared), removed by remove()."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, base_fd: int, name: str, identity: tuple[int, int]):
         self.root = root
         self.files = root / FILES
+        self.base_fd = base_fd  # the checked base, held open: removal is relative to it
+        self.name = name
+        self.identity = identity  # (st_dev, st_ino) of the task's directory
 
     @classmethod
     def make(cls, setting: str, task_id: str, environ: Mapping[str, str]) -> Scratch:
         base = expand(setting, environ)
+        base_fd = open_base(base)
         try:
-            os.makedirs(base, mode=0o700, exist_ok=True)
-            root = Path(tempfile.mkdtemp(prefix=f"funnel-{task_id}-", dir=base))
+            name, identity = _make_private(base_fd, f"funnel-{task_id}-")
         except OSError as exc:
+            os.close(base_fd)
             raise ScratchError(f"worker.scratch_dir {base}: cannot make the task's "
                                f"directory: {exc.strerror or exc}") from None
-        return cls(root)
+        return cls(Path(base) / name, base_fd, name, identity)
 
     def copy_back(self, task_dir: Path) -> list[str]:
         """Copy files/ into task_dir/files (symlinks as symlinks); what could not be."""
@@ -96,9 +108,22 @@ class Scratch:
         return []
 
     def remove(self) -> list[str]:
-        """Remove the task's directory; what could not be removed."""
+        """Remove the task's directory (relative to the base's descriptor, never following
+        a link); what could not be removed."""
         try:
-            shutil.rmtree(self.root)
+            return self._remove()
+        finally:
+            os.close(self.base_fd)
+
+    def _remove(self) -> list[str]:
+        try:
+            info = os.lstat(self.name, dir_fd=self.base_fd)
+        except FileNotFoundError:
+            return []
+        if (info.st_dev, info.st_ino) != self.identity:  # cannot happen in a checked base
+            return [f"{self.root}: no longer the task's directory: left alone"]
+        try:
+            shutil.rmtree(self.name, dir_fd=self.base_fd)
             return []
         except FileNotFoundError:
             return []
@@ -110,8 +135,72 @@ class Scratch:
                    ) -> None:
             problems.append(f"{path}: {getattr(info[1], 'strerror', None) or info[1]}")
 
-        shutil.rmtree(self.root, onerror=failed)
+        shutil.rmtree(self.name, onerror=failed, dir_fd=self.base_fd)
         return problems
+
+
+def open_base(base: str) -> int:
+    """A descriptor of the scratch base, made (0700) where missing, each component opened
+    O_NOFOLLOW from the one above and checked: see the module's docstring."""
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    walked = ""
+    try:
+        _check_directory(fd, "/", base)
+        for part in [p for p in base.split("/") if p]:
+            walked += "/" + part
+            try:
+                os.mkdir(part, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=fd)
+            except OSError as exc:
+                kind = "a symlink" if exc.errno == errno.ELOOP else "not usable"
+                if exc.errno == errno.ENOTDIR:
+                    kind = "a symlink or not a directory"
+                raise ScratchError(f"worker.scratch_dir {base}: {walked} is {kind} "
+                                   f"({exc.strerror}); scratch must be a real directory") \
+                    from None
+            os.close(fd)
+            fd = child
+            _check_directory(fd, walked, base)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_directory(fd: int, path: str, base: str) -> None:
+    """Owned by root or the worker's user, not writable by group/others unless sticky."""
+    info = os.fstat(fd)
+    if info.st_uid not in (0, os.geteuid()):
+        raise ScratchError(f"worker.scratch_dir {base}: {path} is owned by uid {info.st_uid}, "
+                           "not root or the worker's user: its owner could redirect the "
+                           "worker's writes")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise ScratchError(f"worker.scratch_dir {base}: {path} is writable by group or "
+                           f"others (mode {stat.S_IMODE(info.st_mode):o}) and not sticky")
+
+
+def _make_private(base_fd: int, prefix: str) -> tuple[str, tuple[int, int]]:
+    """mkdir prefix+random (0700) relative to base_fd; its name and (st_dev, st_ino)."""
+    for _attempt in range(100):
+        name = prefix + os.urandom(6).hex()
+        try:
+            os.mkdir(name, 0o700, dir_fd=base_fd)
+        except FileExistsError:  # planted, or a rare collision: another name
+            continue
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=base_fd)
+        try:
+            info = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
+            raise OSError(errno.EPERM, f"{name} is not the worker's private directory")
+        return name, (info.st_dev, info.st_ino)
+    raise OSError(errno.EEXIST, "100 names taken")
 
 
 def _make_ours(root: Path) -> None:

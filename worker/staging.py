@@ -31,6 +31,7 @@ KNOWN_TYPES = {"FILE": False, "DIRECTORY": True}
 INPUT_TYPES, OUTPUT_TYPES = "input_types", "output_types"
 
 Upload = tuple[Path, str, str, str]  # host file, container path, url, the output's path
+EmptyDir = tuple[Path, str, str]  # host directory, container path, url
 
 
 class Staging:
@@ -118,7 +119,7 @@ class Staging:
     # ---- out ----
 
     def stage_out(self) -> None:
-        uploads = self.output_files()
+        uploads, empty_dirs = self.outputs()
 
         def uploaded(index: int, size: int) -> None:  # called in the order of uploads
             _host, container, url, _output = uploads[index]
@@ -129,10 +130,28 @@ class Staging:
         except StorageError as exc:
             output = uploads[exc.index or 0][3] if uploads else "?"
             raise SystemFailure(f"output {output} to {exc}") from None
+        self._make_empty_dirs(empty_dirs)
+
+    def _make_empty_dirs(self, empty_dirs: list[EmptyDir]) -> None:
+        """The empty directories of directory outputs, kept where the store can."""
+        try:
+            kept = self.storage.make_dirs([url for _host, _path, url in empty_dirs])
+        except StorageError as exc:
+            path = empty_dirs[exc.index or 0][1] if empty_dirs else "?"
+            raise SystemFailure(f"output directory {path} to {exc}") from None
+        for (_host, path, url), made in zip(empty_dirs, kept, strict=True):
+            if not made:
+                self.events.system_log(f"output directory {path}: empty, not kept ({url}: "
+                                       "this URL scheme has no empty directories)")
 
     def output_files(self) -> list[Upload]:
         """(host file, container path, url, the output's path) of every file to upload."""
+        return self.outputs()[0]
+
+    def outputs(self) -> tuple[list[Upload], list[EmptyDir]]:
+        """Every file to upload, and the empty directories of directory outputs."""
         uploads: list[Upload] = []
+        empty_dirs: list[EmptyDir] = []
         outputs = self.task.get("outputs") or []
         for item in outputs:
             self.check_cancel()
@@ -140,18 +159,20 @@ class Staging:
             if WILDCARD.search(path):
                 uploads += self._matches(item)
             elif item.get("type") == "DIRECTORY" or self._untyped_dir(item):
-                uploads += self._tree(item)
+                files, dirs = self._tree(item)
+                uploads += files
+                empty_dirs += dirs
             else:
                 host = self.paths.host(path)
                 if not host.is_file() or self._untouched(path, host):
                     raise SystemFailure(f"output file {path} does not exist")
                 uploads.append((host, path, item["url"], path))
-        for host, *_rest in uploads:
+        for host in [upload[0] for upload in uploads] + [empty[0] for empty in empty_dirs]:
             self.paths.ensure_inside(host)  # a symlink to elsewhere is refused
         self.report_types(OUTPUT_TYPES, {
             index: self._untyped_dir(item) for index, item in enumerate(outputs)
             if not item.get("type") and not WILDCARD.search(item["path"])})
-        return uploads
+        return uploads, empty_dirs
 
     def _matches(self, item: dict[str, Any]) -> list[Upload]:
         """The files a wildcard output matches (check_task made sure path_prefix is a
@@ -164,21 +185,28 @@ class Staging:
         return [(host, container, join_url(item["url"], container[len(prefix):]), path)
                 for container, host in matches]
 
-    def _tree(self, item: dict[str, Any]) -> list[Upload]:
-        """The files of a directory output, in the same order on every file system."""
+    def _tree(self, item: dict[str, Any]) -> tuple[list[Upload], list[EmptyDir]]:
+        """The files of a directory output, in the same order on every file system, and
+        its directories that hold nothing (the output itself, when it is empty)."""
         path = item["path"]
         root = self.paths.host(path)
         if not root.is_dir():
             raise SystemFailure(f"output directory {path} does not exist")
         uploads: list[Upload] = []
-        for dirpath, dirs, files in os.walk(root):
+        empty_dirs: list[EmptyDir] = []
+        for dirpath, dirs, files in os.walk(root):  # never into a symlink (followlinks)
             dirs.sort()
+            if not dirs and not files:
+                rel = str(Path(dirpath).relative_to(root))
+                rel = "" if rel == "." else rel
+                empty_dirs.append((Path(dirpath), path.rstrip("/") + ("/" + rel if rel else ""),
+                                   join_url(item["url"], rel) if rel else item["url"]))
             for name in sorted(files):
                 host = Path(dirpath) / name
                 rel = str(host.relative_to(root))
                 uploads.append((host, path.rstrip("/") + "/" + rel, join_url(item["url"], rel),
                                 path))
-        return uploads
+        return uploads, empty_dirs
 
     def _untouched(self, path: str, host: Path) -> bool:
         """An output file under / that the worker made empty and no executor wrote."""

@@ -2,7 +2,9 @@
 
 A store (``storage_<scheme>.py``, imported only when a URL of its scheme is used) moves
 single objects: ``get_file(url, dest)``, ``put_file(src, url)``, ``list(url)`` (names of
-the files under a directory URL) and ``exists(url)``; it raises StorageError with
+the files under a directory URL, and ``name/`` for each empty directory there),
+``make_dir(url)`` (an empty directory: a zero-byte ``name/`` marker object on object
+stores, the convention of their consoles) and ``exists(url)``; it raises StorageError with
 ``transient`` set for what is worth trying again (connection reset, 5xx, throttling).
 ``Storage`` adds what every store shares: directories, retries with backoff and jitter
 bounded by ``storage.retry_seconds`` (storage_retry.py), and up to
@@ -71,6 +73,41 @@ def redact_in(url: str, text: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+def is_marker(name: str) -> bool:
+    """A listed name that is an empty directory ("a/b/"), not a file."""
+    return name.endswith("/")
+
+
+def make_dirs(dest: Path, markers: Sequence[str], url: str) -> None:
+    """The empty directories a listing of url named, under dest (a fresh download
+    directory: nothing in it is a task's)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for marker in markers:
+        target = inside(dest, marker.rstrip("/"), url)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a file listed under the same name
+            raise StorageError(f"{redact(url)}: cannot make the directory {marker!r}: "
+                               f"{exc.strerror or exc}") from None
+
+
+def directory_names(names: list[str]) -> list[str]:
+    """Object names under a prefix as Store.list gives them: files, and the markers
+    ("a/b/") of directories that hold nothing else; the prefix's own marker ("") and
+    markers of directories that hold objects are dropped (S3 and GCS alike)."""
+    files = [name for name in names if name and not name.endswith("/")]
+    holding = {parent for name in names for parent in _parents(name)}
+    markers = [name for name in names if name.endswith("/") and name != "/"
+               and name not in holding]
+    return sorted(files + markers)
+
+
+def _parents(name: str) -> list[str]:
+    """"a/b/c" -> ["a/", "a/b/"]; "a/b/" -> ["a/"]."""
+    parts = name.rstrip("/").split("/")
+    return ["/".join(parts[:i]) + "/" for i in range(1, len(parts))]
+
+
 def inside(dest: Path, relative: str, url: str) -> Path:
     """dest/relative for a name a store listed; refuses names that would climb out."""
     parts = relative.split("/")
@@ -98,6 +135,11 @@ class Store:
     def list(self, url: str) -> list[str]:
         raise StorageError(f"{redact(url)}: directories are not supported for this scheme")
 
+    def make_dir(self, url: str) -> bool:
+        """Make an empty directory at url (and the directories above it); False when this
+        scheme keeps no empty directories."""
+        return False
+
     def child(self, url: str, name: str) -> str:
         """The URL of a name list(url) gave, as this store parses URLs (percent-encoded)."""
         from urllib.parse import quote
@@ -110,7 +152,11 @@ class Store:
     # one-shot conveniences (no retries, one at a time): benchmarks and scripts
     def get(self, url: str, dest: Path, is_dir: bool = False) -> None:
         names = self.list(url) if is_dir else [""]
+        if is_dir:
+            make_dirs(dest, [name for name in names if is_marker(name)], url)
         for name in names:
+            if is_marker(name):
+                continue
             target = inside(dest, name, url) if name else dest
             target.parent.mkdir(parents=True, exist_ok=True)
             self.get_file(self.child(url, name) if name else url, target)
@@ -210,9 +256,9 @@ class Storage:
                 if names is None:
                     jobs.append((index, store, url, dest))
                     continue
-                dest.mkdir(parents=True, exist_ok=True)
+                make_dirs(dest, [name for name in names if is_marker(name)], url)
                 jobs += [(index, store, store.child(url, name), inside(dest, name, url))
-                         for name in names]
+                         for name in names if not is_marker(name)]
 
         def one(job: tuple[int, Store, str, Path]) -> None:
             _index, store, url, dest = job
@@ -262,6 +308,22 @@ class Storage:
             return size
 
         self.run_all(list(range(len(items))), one, list(range(len(items))), done)
+
+    def make_dirs(self, urls: Sequence[str]) -> list[bool]:
+        """Make an empty directory at each url (up to max_parallel_transfers at once);
+        whether each store kept it (False: its scheme has no empty directories)."""
+        stores = []
+        for index, url in enumerate(urls):
+            with _indexed(index):
+                stores.append(self.store(url))
+        kept: list[bool] = []
+
+        def one(index: int) -> bool:
+            return self.retry(urls[index], _bind(stores[index].make_dir, urls[index]))
+
+        self.run_all(list(range(len(urls))), one, list(range(len(urls))),
+                     lambda _index, made: kept.append(made))
+        return kept
 
     def run_all(self, jobs: list[Any], work: Callable[[Any], Any], indexes: list[int],
                 done: Callable[[int, Any], None] | None = None) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from funnel_hpc.worker.storage import StorageError, Store, join_url
+from funnel_hpc.worker.storage import StorageError, Store, directory_names, join_url
 from funnel_hpc.worker.storage_retry import transient_status
 
 TYPE_CHECKING = False
@@ -171,12 +171,19 @@ class GsStore(Store):
 
         def names() -> list[str]:
             return [blob.name[len(prefix):] for blob in self.client().list_blobs(
-                bucket, prefix=prefix, retry=None, timeout=self.timeout)
-                if not blob.name.endswith("/")]
+                bucket, prefix=prefix, retry=None, timeout=self.timeout)]
         found = self._call(url, names)
         if not found:
             raise StorageError(f"{url}: no objects under this prefix")
-        return sorted(found)
+        return directory_names(found)
+
+    def make_dir(self, url: str) -> bool:
+        """A zero-byte "name/" object: the folder marker the Cloud console makes."""
+        bucket, name = self.split(url)
+        self.check_stop(url)
+        self._call(url, lambda: self.client().bucket(bucket).blob(name.rstrip("/") + "/")
+                   .upload_from_string(b"", retry=None, timeout=self.timeout))
+        return True
 
     def exists(self, url: str) -> bool:
         bucket, name = self.split(url)

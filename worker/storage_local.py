@@ -179,12 +179,16 @@ def open_in(root: str, parts: list[str], flags: int, create_dirs: bool = False) 
 
 
 def list_in(root: str, parts: list[str]) -> tuple[list[str], str | None]:
-    """(regular files under root/parts, relative and sorted; the first symlink met or None)."""
+    """(regular files under root/parts, and "name/" for each empty directory there,
+    relative and sorted; the first symlink met or None)."""
     top = open_in(root, parts, DIR_FLAGS)
     names = []
     try:
         # fwalk opens each directory with O_NOFOLLOW relative to its parent's descriptor
-        for dirpath, _dirs, files, dirfd in os.fwalk(".", dir_fd=top):
+        # (a symlink is never in dirs: it is listed with the files, and refused below)
+        for dirpath, dirs, files, dirfd in os.fwalk(".", dir_fd=top):
+            if not dirs and not files and dirpath != ".":
+                names.append(os.path.normpath(dirpath) + "/")
             for name in files:
                 try:
                     mode = os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode
@@ -329,6 +333,19 @@ class LocalStore(Store):
         if link is not None:
             raise StorageError(f"{url}: {link} is a symbolic link ({NO_LINKS})")
         return names
+
+    def make_dir(self, url: str) -> bool:
+        """mkdir -p beneath the allowed directory, never through a symlink."""
+        root, parts = self.locate(url)
+        opener = self.access()[1]
+        try:  # "." last: every part is made, then the last one opened as a directory
+            os.close(opener.open(root, [*parts, "."], DIR_FLAGS, create_dirs=True))
+        except RootUnusable as exc:
+            raise StorageError(f"{url}: allowed directory {root}: {exc.strerror}"
+                               f"{opener.as_whom}") from None
+        except OSError as exc:
+            raise _words(url, exc, opener.as_whom) from None
+        return True
 
     def exists(self, url: str) -> bool:
         try:

@@ -19,7 +19,7 @@ import os
 import threading
 from pathlib import Path
 
-from funnel_hpc.worker.storage import Stopped, StorageError, Store, join_url
+from funnel_hpc.worker.storage import Stopped, StorageError, Store, directory_names, join_url
 from funnel_hpc.worker.storage_retry import transient_status
 
 TYPE_CHECKING = False
@@ -210,13 +210,20 @@ class S3Store(Store):
             names = []
             for page in endpoint.client.get_paginator("list_objects_v2").paginate(
                     Bucket=bucket, Prefix=prefix):
-                names += [o["Key"][len(prefix):] for o in page.get("Contents", [])
-                          if not o["Key"].endswith("/")]
+                names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
             return names
         names = self._call(url, keys)
         if not names:
             raise StorageError(f"{url}: no objects under this prefix")
-        return sorted(names)
+        return directory_names(names)
+
+    def make_dir(self, url: str) -> bool:
+        """A zero-byte "key/" object: the directory marker S3 consoles make."""
+        endpoint, bucket, key = self.locate(url)
+        self.check_stop(url)
+        self._call(url, lambda: endpoint.client.put_object(
+            Bucket=bucket, Key=key.rstrip("/") + "/", Body=b"", **endpoint.upload_args))
+        return True
 
     def exists(self, url: str) -> bool:
         endpoint, bucket, key = self.locate(url)

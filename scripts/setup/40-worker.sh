@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Worker test needs: bubblewrap and proot (container drivers that run here), Charliecloud,
-# acl (setfacl, for the owner-access test of ACLs),
+# acl (setfacl, for the owner-access test of ACLs), libseccomp2 (the executors' seccomp
+# filters, through pyseccomp), gcc and libc6-dev (tests compile static attacker programs),
 # podman, and busybox-static unpacked under /var/lib/funnel/rootfs/busybox: a clean tree
 # to seed image caches from (`python -m funnel_hpc.worker.images seed`) and the bare-bwrap
 # reference of the benchmarks. Tasks never run over it: their images come from registries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
-apt_install bubblewrap proot busybox-static podman charliecloud-runtime acl
+apt_install bubblewrap proot busybox-static podman charliecloud-runtime acl libseccomp2 \
+  gcc libc6-dev
 rootfs=/var/lib/funnel/rootfs/busybox
 # rebuilt when missing, or when tasks of old (the shared root was bound read-write) left
 # anything beside bin/ etc/ tmp/ in it
@@ -25,7 +27,7 @@ if [ ! -x "$rootfs/bin/busybox" ] || [ "$(ls -A "$rootfs" | tr '\n' ' ')" != "bi
   rm -rf "$rootfs"
   mv "$tmp" "$rootfs"
 fi
-# the same rootfs as a local podman image (podman may not be able to run it here: see README)
+# the same rootfs as a local podman image (podman may not be able to run it here: see docs/internals.md, "Containers")
 if command -v podman >/dev/null && ! podman image exists localhost/busybox:latest 2>/dev/null; then
   tar -C "$rootfs" -c . | podman import - localhost/busybox:latest >/dev/null 2>&1 || true
 fi

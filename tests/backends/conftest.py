@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.components import SLURM, need
 from tests.server_helpers import free_port
 from tests.waiting import wait_for
 
@@ -26,7 +27,7 @@ def slurm() -> None:
     answering is a failure (CI runs the set-up script first).
     """
     if not shutil.which("sinfo"):
-        pytest.skip("Slurm is not installed (run scripts/setup/30-slurm.sh)")
+        need(SLURM, False, "not installed (scripts/setup/30-slurm.sh)")
     for _ in range(30):  # another test may be restarting slurmctld
         done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
         if done.returncode == 0 and done.stdout.strip() in ("idle", "mixed", "allocated"):
@@ -41,7 +42,7 @@ def sshd(tmp_path) -> Iterator[dict]:
     """A private sshd on 127.0.0.1 that accepts one generated key for this user."""
     sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd_bin).exists():
-        pytest.skip("openssh-server not installed (scripts/setup/30-slurm.sh)")
+        need("sshd", False, "openssh-server not installed (scripts/setup/30-slurm.sh)")
     keys = tmp_path / "ssh"
     keys.mkdir(mode=0o700)
     for name in ("host", "client"):

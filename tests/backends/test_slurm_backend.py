@@ -228,7 +228,7 @@ def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm):
     import json
     import sys
 
-    from tests.backends.test_templating import HOSTILE, HOSTILE_ARGS, task
+    from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
 
     backend = SlurmBackend(backend_options("slurm"), {})
     out = tmp_path / "abc123" / "argv.json"

@@ -12,10 +12,11 @@ import pytest
 from funnel_hpc.backends.base import SubmitRequest
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.core import config as config_mod
+from tests.components import SLURM, needs
 
 
 @pytest.mark.slurm
-@pytest.mark.skipif(not shutil.which("sbatch"), reason="Slurm not installed")
+@needs(SLURM, shutil.which("sbatch") is not None, "not installed (scripts/setup/30-slurm.sh)")
 def test_jobs_do_not_inherit_the_gateways_funnel_variables(tmp_path, monkeypatch):
     monkeypatch.setenv("FUNNEL_DATABASE__URL", "postgresql+psycopg://u:SECRET@db/funnel")
     monkeypatch.setenv("GATEWAY_SITE_VARIABLE", "kept")

@@ -18,6 +18,7 @@ from funnel_hpc.backends.base import BackendError, JobState, JobStatus
 from funnel_hpc.backends.owners import OwnerPolicy, OwnerRefused, login_defs_uids
 from funnel_hpc.backends.slurm import SlurmBackend
 from tests.backend_helpers import backend_options, make_request
+from tests.components import need
 from tests.owner_helpers import (
     as_user,
     drop_user,
@@ -57,7 +58,7 @@ def test_job_runs_as_the_owner(tmp_path, slurm):
     try:
         uid = pwd.getpwnam("funneltest").pw_uid
     except KeyError:
-        pytest.skip("user funneltest missing (scripts/setup/30-slurm.sh creates it)")
+        need("the user funneltest", False, "scripts/setup/30-slurm.sh creates it")
     tmp_path.chmod(0o755)
     for parent in tmp_path.parents:
         if parent == parent.parent:

@@ -23,23 +23,11 @@ from funnel_hpc.backends.templating import (
 )
 from funnel_hpc.core.config import TEMPLATES_DIR
 from tests.backend_helpers import backend_options, make_request
-
-HOSTILE = "x\n#SBATCH --wrap=evil\n$(touch /tmp/pwned) `id` 'q' \"d\"; rm -rf / \r\x00end"
-HOSTILE_ARGS = [HOSTILE, "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "'", '"', "; rm -rf /",
-                "\n#SBATCH --foo", "a\\b", "${HOME}", "*", "", " spaced  out ", "é ✓"]
+from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
 
 
 def directives(script: str) -> list[str]:
     return [line for line in script.splitlines() if line.lstrip().startswith("#SBATCH")]
-
-
-def task(name: str, text: str) -> dict:
-    return {"id": "abc123", "name": name, "description": text, "tags": {text: text, "k": text},
-            "inputs": [{"url": f"file:///{text}", "path": f"/in/{text}"}],
-            "outputs": [{"url": f"file:///{text}", "path": f"/out/{text}"}],
-            "executors": [{"image": text, "command": [text, "$(reboot)"], "env": {"A": text},
-                           "workdir": text, "stdout": text}],
-            "resources": {"cpu_cores": 2, "ram_gb": 1.5}}
 
 
 def bash_syntax_ok(script: str, tmp_path: Path) -> bool:

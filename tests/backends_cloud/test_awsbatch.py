@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 
@@ -44,6 +43,7 @@ from funnel_hpc.backends.awsbatch import (
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.registry import backend_class
 from tests.backend_helpers import DEFINITION, QUEUE, backend_options, make_request
+from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, need
 
 SERVER_URL = "http://gateway.example:8000"
 
@@ -344,7 +344,6 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
     fetches the task by id from the gateway, stages its input from moto's S3,
     runs the executor (bwrap) and uploads the output to moto's S3.
     """
-    import shutil
     import subprocess
     import sys
 
@@ -354,9 +353,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
     from tests.backend_helpers import FAKE_AWS_ENV
     from tests.server_helpers import REPO, ServerProcess, clean_env, worker_image_env
 
-    if shutil.which("bwrap") is None or not \
-            Path("/var/lib/funnel/rootfs/busybox/bin/busybox").exists():
-        pytest.skip("bwrap or the busybox rootfs missing (scripts/setup/40-worker.sh)")
+    need(BWRAP, bwrap_ready(), BWRAP_REASON)
     s3 = boto3.client("s3", endpoint_url=moto_batch.url, region_name="us-east-1")
     s3.create_bucket(Bucket="tes")
     s3.put_object(Bucket="tes", Key="in/a.txt", Body=b"hello batch\n")

@@ -6,37 +6,14 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
-from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options
-
-# a backend_parameters key the tests may use to submit held jobs (-h: user hold)
-TEST_PARAMETERS = {"hold": "-h", "project": "-P", "priority": "-p"}
-
-
-def wait_for(backend: GridEngineBackend, job_id: str, done: Callable[[JobStatus], bool],
-             timeout: float = 60) -> JobStatus:
-    """Poll until done(status) holds; fail with the last status after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = backend.poll([job_id])[job_id]
-        if done(status):
-            return status
-        if time.monotonic() > deadline:
-            pytest.fail(f"job {job_id} still {status} after {timeout}s")
-        time.sleep(0.5)
-
-
-def finished(status: JobStatus) -> bool:
-    return status.state.finished
-
-
-def running(status: JobStatus) -> bool:
-    return status.state == JobState.RUNNING
+from tests.components import GRIDENGINE, need
+from tests.gridengine_helpers import TEST_PARAMETERS
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +24,7 @@ def gridengine() -> None:
     answering is a failure (CI runs the set-up script first).
     """
     if not shutil.which("qstat"):
-        pytest.skip("Grid Engine is not installed (run scripts/setup/50-gridengine.sh)")
+        need(GRIDENGINE, False, "not installed (scripts/setup/50-gridengine.sh)")
     for _ in range(30):
         done = subprocess.run(["qstat", "-f"], capture_output=True, text=True)
         if done.returncode == 0 and "all.q@" in done.stdout:

@@ -12,7 +12,7 @@ import pytest
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.gridengine import GridEngineBackend
 from tests.backend_helpers import backend_options, make_request
-from tests.backends_ge.conftest import finished, running, wait_for
+from tests.gridengine_helpers import finished, running, wait_for
 
 pytestmark = pytest.mark.gridengine
 

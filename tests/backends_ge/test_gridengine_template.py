@@ -17,7 +17,7 @@ from funnel_hpc.backends.registry import backend_options as configured_options
 from funnel_hpc.backends.templating import TemplateValueError
 from funnel_hpc.core import config as config_mod
 from tests.backend_helpers import FakeRunner, backend_options, make_request
-from tests.backends_ge.conftest import TEST_PARAMETERS
+from tests.gridengine_helpers import TEST_PARAMETERS
 
 TASK_ID = "d1b2c3d4e5f60718"
 HOSTILE = [

@@ -1,94 +1,15 @@
-"""Worker fixtures: run `funnel worker run` for real; moto S3, HTTP and FTP servers on 127.0.0.1."""
+"""Worker fixtures: a WorkerHarness (tests/worker_helpers.py) running `funnel worker run` for
+real; moto S3, HTTP and FTP servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
 import threading
-from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import yaml
 
-from funnel_hpc.core.events import EventFold, read_event_log
 from tests.backend_helpers import FAKE_AWS_ENV
-from tests.image_helpers import registry_answers
-from tests.server_helpers import TEST_REGISTRY, clean_env, funnel_argv, worker_image_config
-
-# busybox-static unpacked by scripts/setup/40-worker.sh: what quickstart.sh seeds the
-# image cache from (tasks no longer run over it: images come from the registry).
-ROOTFS = Path("/var/lib/funnel/rootfs")
-
-
-def need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} missing; scripts/setup/40-worker.sh installs it")
-        pytest.skip(f"{tool} not installed (scripts/setup/40-worker.sh)")
-
-
-@dataclass
-class WorkerRun:
-    exit_code: int
-    fold: EventFold
-    task_dir: Path
-    stderr: str
-
-    @property
-    def state(self) -> str | None:
-        return self.fold.state
-
-    @property
-    def system_logs(self) -> str:
-        return "\n".join(self.fold.task_log["system_logs"])
-
-    def executor(self, index: int) -> dict:
-        return self.fold.task_log["logs"][index]
-
-    def host(self, container_path: str) -> Path:
-        return self.task_dir / "files" / container_path.lstrip("/")
-
-
-class WorkerHarness:
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
-        self.tmp = tmp
-        self.workdir = tmp / "work"
-        self.data = tmp / "data"
-        self.data.mkdir(parents=True, exist_ok=True)
-        self.env = env or {}
-        self.count = 0
-
-    def config(self, **worker: object) -> Path:
-        # keep_workdir always: tests look at what a task left in its directory
-        settings = {"worker": {"allowed_dirs": [str(self.data)], **worker_image_config(),
-                               "container_driver": "bwrap", "keep_workdir": "always",
-                               **worker}}
-        path = self.tmp / f"config-{self.count}.yaml"
-        path.write_text(yaml.safe_dump(settings))
-        return path
-
-    def task(self, **fields) -> dict:
-        self.count += 1
-        return {"id": f"task{self.count}", **fields}
-
-    def start(self, task: dict, config: Path | None = None, extra_env=None) -> subprocess.Popen:
-        task_file = self.tmp / f"{task['id']}.json"
-        task_file.write_text(json.dumps(task))
-        argv = funnel_argv("worker", "run", "--task-file", str(task_file),
-                           "--workdir", str(self.workdir), "--config", str(config or self.config()))
-        return subprocess.Popen(argv, env=clean_env(**self.env, **(extra_env or {})),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def run(self, task: dict, config: Path | None = None, timeout: float = 120,
-            extra_env=None) -> WorkerRun:
-        proc = self.start(task, config, extra_env)
-        _out, err = proc.communicate(timeout=timeout)
-        task_dir = self.workdir / task["id"]
-        return WorkerRun(proc.returncode, read_event_log(task_dir / "events.jsonl"), task_dir, err)
+from tests.worker_helpers import WorkerHarness, need, need_registry
 
 
 @pytest.fixture
@@ -96,13 +17,6 @@ def harness(tmp_path):
     need("bwrap")
     need_registry()
     return WorkerHarness(tmp_path)
-
-
-def need_registry() -> None:
-    if not registry_answers(TEST_REGISTRY):
-        if os.environ.get("CI"):
-            pytest.fail(f"no registry on {TEST_REGISTRY}; scripts/setup/45-registry.sh starts it")
-        pytest.skip(f"no registry on {TEST_REGISTRY} (scripts/setup/45-registry.sh)")
 
 
 @pytest.fixture
@@ -149,6 +63,9 @@ def ftp_root(tmp_path_factory):
     server.close_all()
 
 
+LIMITS_FIRST_UID = 1_600_000_000  # a range no account and no other test uses
+
+
 @pytest.fixture(scope="module")
 def limits_servers(databases, tmp_path_factory):
     """get(driver) -> (server, auth): a real server as root (auth on, local backend,
@@ -170,7 +87,13 @@ def limits_servers(databases, tmp_path_factory):
                     "auth": {"mode": "basic", "users": {owner: generate_password_hash("pw")}},
                     "reconciler": {"interval_seconds": 0.3},
                     "worker": {"container_driver": driver, "keep_workdir": "never",
-                               "max_pids": 256, "disk_check_seconds": 1}}).start()
+                               "max_pids": 256, "disk_check_seconds": 1,
+                               # one uid per task, as a shared node has it (proot is refused
+                               # for owned tasks while executors share one user)
+                               "sandbox_uids": {
+                                   "first": LIMITS_FIRST_UID, "count": 4,
+                                   "lock_dir": str(tmp_path_factory.mktemp("uid-locks"))}}}
+            ).start()
         return servers[driver], (owner, "pw")
 
     yield get

@@ -14,7 +14,7 @@ from funnel_hpc.core.events import EventFold, read_event_log
 from funnel_hpc.worker.drivers import DriverError, Drivers
 from funnel_hpc.worker.storage import StorageError, clone_or_copy, inside
 from tests.server_helpers import clean_env, funnel_argv
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 
 def refused(run, text: str) -> None:

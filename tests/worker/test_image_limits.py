@@ -23,6 +23,7 @@ from werkzeug.security import generate_password_hash
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.worker.images import ImageError, Limits, ensure_rootfs
 from funnel_hpc.worker.images.access import for_owner
+from tests.components import need as need_component
 from tests.image_helpers import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -41,7 +42,7 @@ from tests.image_helpers import (
 )
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
-from tests.worker.conftest import need
+from tests.worker_helpers import need
 
 BOMB_BYTES = 3 << 30  # expanded; ~3 MB compressed
 TERMINAL = ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED")
@@ -66,9 +67,8 @@ def real():
     credentials of the one that needs them."""
     for host in (ANONYMOUS, AUTHENTICATED):
         if not registry_answers(host) or not CA_FILE.exists():
-            if os.environ.get("CI"):
-                pytest.fail(f"registry {host} down; run scripts/setup/45-registry.sh")
-            pytest.skip(f"registry {host} not running (scripts/setup/45-registry.sh)")
+            need_component(f"the registry {host}", False, "not running or no test CA "
+                           "(scripts/setup/45-registry.sh)")
     return {ANONYMOUS: {"ca_file": str(CA_FILE)},
             AUTHENTICATED: {"ca_file": str(CA_FILE), "username": USERNAME, "password": PASSWORD,
                             "users": ["alice"]}}

@@ -16,6 +16,7 @@ import pytest
 
 from funnel_hpc.worker.images import ImageError, ensure_rootfs, env_from_config, resolve
 from funnel_hpc.worker.images.unpack import unpack_layers
+from tests.components import need, needs
 from tests.image_helpers import (
     ANONYMOUS,
     AUTHENTICATED,
@@ -47,9 +48,8 @@ def real():
     """Settings for the two real registries (skips, or fails on CI, when they are not up)."""
     for host in (ANONYMOUS, AUTHENTICATED):
         if not registry_answers(host) or not CA_FILE.exists():
-            if os.environ.get("CI"):
-                pytest.fail(f"registry {host} down; run scripts/setup/45-registry.sh")
-            pytest.skip(f"registry {host} not running (scripts/setup/45-registry.sh)")
+            need(f"the registry {host}", False, "not running or no test CA "
+                 "(scripts/setup/45-registry.sh)")
     return {ANONYMOUS: {"ca_file": str(CA_FILE)},
             AUTHENTICATED: {"ca_file": str(CA_FILE), "username": USERNAME, "password": PASSWORD}}
 
@@ -367,7 +367,7 @@ def test_redirects_to_plain_http_or_other_schemes_are_refused():
         "https://registry.example/v2/x", "http://cdn.example/blob") == "http://cdn.example/blob"
 
 
-@pytest.mark.skipif(not CA_FILE.exists(), reason="no test CA (scripts/setup/45-registry.sh)")
+@needs("the test CA", CA_FILE.exists(), "scripts/setup/45-registry.sh makes it")
 def test_ca_file_alone_vouches_for_the_registry_and_adds_to_the_system_cas_elsewhere():
     from funnel_hpc.worker.images.transport import tls_context
     system = tls_context(None, system=True).cert_store_stats()["x509_ca"]

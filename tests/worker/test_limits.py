@@ -24,7 +24,7 @@ from tests.limits_helpers import (
     task_groups,
 )
 from tests.waiting import wait_for, wait_for_state
-from tests.worker.conftest import need, need_registry
+from tests.worker_helpers import need, need_registry
 
 pytestmark = pytest.mark.registry
 
@@ -155,20 +155,25 @@ def test_tmpfs_writes_count_against_ram_gb(servers):
 
 
 def test_without_ram_gb_a_tmpfs_holds_at_most_worker_tmpfs_mb(harness):
-    """No resources at all: /tmp and /dev/shm still hold at most worker.tmpfs_mb each,
-    never half of the host's RAM (bwrap's own default); under a scheduler's job too, where
-    the job's cgroup (not ours) bounds the rest."""
+    """No resources at all: /tmp, /dev/shm and the root (where a task may make top-level
+    directories) still hold at most worker.tmpfs_mb each, never half of the host's RAM
+    (bwrap's own default); under a scheduler's job too, where the job's cgroup (not ours)
+    bounds the rest."""
     config = harness.config(tmpfs_mb=64)
     script = ("head -c 200000000 /dev/zero > /tmp/big; echo rc=$?; du -k /tmp/big; "
               "head -c 200000000 /dev/zero > /dev/shm/big; echo rc=$?; du -k /dev/shm/big; "
-              "mkdir /planted; echo root=$?; touch /dev/planted; echo dev=$?")
+              "mkdir /planted; echo root=$?; "
+              "head -c 200000000 /dev/zero > /planted/big; echo rc=$?; du -k /planted/big; "
+              "touch /dev/planted; echo dev=$?")
     for scheduler in ({}, {"SLURM_JOB_ID": "42"}):
         run = harness.run(harness.task(executors=[sh(script)]), config, extra_env=scheduler)
         assert run.state == "COMPLETE", run.system_logs
         lines = run.executor(0)["stdout"].split("\n")
         assert lines[0] == "rc=1" and int(lines[1].split()[0]) <= 64 * 1024, lines
         assert lines[2] == "rc=1" and int(lines[3].split()[0]) <= 64 * 1024, lines
-        assert lines[4:6] == ["root=1", "dev=1"], lines  # bwrap's unsized tmpfs: read-only
+        assert lines[4:6] == ["root=0", "rc=1"], lines  # writable on top, and sized
+        assert int(lines[6].split()[0]) <= 64 * 1024, lines
+        assert lines[7] == "dev=1", lines  # bwrap's unsized /dev tmpfs: read-only
         assert ("cgroup" in run.system_logs) == (not scheduler), run.system_logs
 
 

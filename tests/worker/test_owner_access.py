@@ -19,8 +19,7 @@ from funnel_hpc.worker.storage import StorageError
 from funnel_hpc.worker.storage_local import LocalStore
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
-from tests.worker.conftest import need
-from tests.worker.test_worker import sh
+from tests.worker_helpers import need, sh
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make users")
 
@@ -134,8 +133,7 @@ def test_an_owner_without_a_local_account_gets_no_file_access(people, tmp_path):
 
 def test_access_is_the_kernels_decision_acls_included(people, tmp_path):
     """Opened as the owner for real: an ACL bob grants is honoured, which no mode check does."""
-    if shutil.which("setfacl") is None:
-        pytest.skip("setfacl not installed (apt-get install acl)")
+    need("setfacl")
     alice, bob, shared = people
     for path in (shared / bob, shared / bob / "secret.txt"):
         subprocess.run(["setfacl", "-m", f"u:{alice}:rx", str(path)], check=True)

@@ -18,7 +18,7 @@ import requests
 from tests.image_helpers import ANONYMOUS, AUTHENTICATED, CA_FILE, PASSWORD, USERNAME
 from tests.server_helpers import TEST_REGISTRIES, ServerProcess
 from tests.waiting import wait_for_state
-from tests.worker.conftest import need
+from tests.worker_helpers import need
 
 pytestmark = pytest.mark.registry
 

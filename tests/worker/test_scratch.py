@@ -4,13 +4,16 @@ uploaded from there, scratch is emptied at the end whatever the outcome."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from funnel_hpc.worker.scratch import ScratchError, Unset, expand
+from funnel_hpc.worker.scratch import Scratch, ScratchError, Unset, expand
+from tests.hostile_helpers import make_user, remove_user, start_swap_loop
 from tests.waiting import wait_for
-from tests.worker.conftest import need
-from tests.worker.test_worker import sh
+from tests.worker_helpers import need, sh
 
 SCRATCH_VAR = "TEST_NODE_SCRATCH"  # not FUNNEL_...: those override config
 
@@ -160,3 +163,96 @@ def test_a_canceled_task_is_removed_from_scratch(harness, tmp_path):
             proc.wait()
     assert read_event_log(harness.workdir / task["id"] / "events.jsonl").state == "CANCELED"
     assert os.listdir(scratch / "node") == []
+
+
+# ---- a hostile local user against the scratch base (issue 25) ----
+
+@pytest.fixture
+def mallory():
+    """A real local user, and a root-only directory she would like the worker to write in."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a user")
+    user = make_user("m")
+    target = Path(tempfile.mkdtemp(prefix="funnel-root-only-", dir="/var/tmp"))
+    target.chmod(0o700)
+    yield user, target
+    shutil.rmtree(target)
+    remove_user(user)
+
+
+def swap_while(harness, user: str, base: Path, target: Path, task: dict, config):
+    """Run `task` while `user` loops replacing new funnel-* dirs in `base` with symlinks
+    to `target`; the run and what the loop said."""
+    stop = base.parent / f"{base.name}.stop"
+    loop = start_swap_loop(user, base, target, stop)
+    try:
+        wait_for(lambda: (base / "funnel-task1-9").is_symlink() or loop.poll() is not None,
+                 60, "the swap loop to start")
+        run = harness.run(task, config)
+    finally:
+        stop.touch()
+        said, _ = loop.communicate(timeout=180)
+        stop.unlink()
+    return run, said
+
+
+def test_a_base_owned_by_a_user_is_refused(harness, mallory):
+    user, target = mallory
+    base = Path(tempfile.mkdtemp(prefix="funnel-scratch-", dir="/var/tmp"))
+    shutil.chown(base, user, user)
+    base.chmod(0o755)
+    try:
+        task = harness.task(inputs=[{"path": "/in/in.txt", "content": "planted?\n"}],
+                            executors=[sh("cat /in/in.txt")])
+        run, said = swap_while(harness, user, base, target, task,
+                               harness.config(scratch_dir=str(base)))
+    finally:
+        shutil.rmtree(base)
+    assert run.state == "SYSTEM_ERROR", run.system_logs
+    assert f"worker.scratch_dir {base}: {base} is owned by uid" in run.system_logs
+    assert os.listdir(target) == [], said
+
+
+def test_a_sticky_base_never_lets_a_planted_link_redirect_writes(harness, mallory):
+    user, target = mallory
+    base = Path(tempfile.mkdtemp(prefix="funnel-scratch-", dir="/var/tmp"))
+    base.chmod(0o1777)  # root's, sticky: a shared /tmp-like scratch
+    out = harness.data / "out.txt"
+    try:
+        task = harness.task(inputs=[{"path": "/in/in.txt", "content": "staged\n"}],
+                            outputs=[{"path": "/out/out.txt", "url": f"file://{out}"}],
+                            executors=[sh("cat /in/in.txt > /out/out.txt")])
+        run, said = swap_while(harness, user, base, target, task,
+                               harness.config(scratch_dir=str(base), keep_workdir="never"))
+        left = sorted(entry.name for entry in base.iterdir() if not entry.is_symlink())
+    finally:
+        shutil.rmtree(base)
+    assert run.state == "COMPLETE", (run.system_logs, said)
+    assert out.read_text() == "staged\n"
+    assert os.listdir(target) == [], said
+    assert said.strip() == "swapped=0"  # sticky: her mv of root's directory failed each time
+    assert left == []  # the task's directory is gone; only her links stay
+
+
+@pytest.mark.parametrize("kind", ["symlink", "group-writable", "other-owned-parent"])
+def test_an_unsafe_base_is_refused_before_anything_is_made(tmp_path, kind):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    if kind == "symlink":
+        base = tmp_path / "link"
+        base.symlink_to(real)
+        words = "is a symlink"
+    elif kind == "group-writable":
+        base = real
+        base.chmod(0o770)
+        words = "writable by group or others"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to give a directory away")
+        os.chown(real, 65534, 65534)
+        base = real / "below"
+        words = "is owned by uid 65534"
+    with pytest.raises(ScratchError, match=words):
+        Scratch.make(str(base), "task1", {})
+    assert not (real / "below").exists() or kind != "other-owned-parent"
+    assert [p.name for p in real.iterdir()] == []

@@ -20,7 +20,7 @@ import pytest
 from funnel_hpc.core.events import iter_events, read_event_log
 from tests.server_helpers import clean_env, funnel_argv
 from tests.waiting import wait_for
-from tests.worker.test_worker import processes_with_argv, sh
+from tests.worker_helpers import processes_with_argv, sh
 
 
 class FakeTes:

@@ -11,6 +11,7 @@ import sys
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.worker.images import ensure_rootfs
+from funnel_hpc.worker.seccomp import filter_file
 from tests.server_helpers import clean_env, worker_image_config
 
 NOT_AT_START = ("typing", "dataclasses", "inspect", "hashlib", "hmac", "secrets", "socket",
@@ -36,6 +37,8 @@ def test_a_trivial_task_runs_without_the_costly_imports(harness, tmp_path):
     ensure_rootfs("busybox", image_config["image_cache"], image_config["registries"])
     config = config_mod.load(environ={}, overrides={"worker": {
         "container_driver": "bwrap", **image_config}})
+    # likewise the seccomp filter: built (pyseccomp imports typing) once per work dir
+    filter_file(str(tmp_path / "work"), "default")
     config_file = tmp_path / "worker-config.json"  # as the reconciler writes it
     config_file.write_text(json.dumps(config_mod.worker_sections(config)))
     task_file = tmp_path / "task.json"

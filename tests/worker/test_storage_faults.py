@@ -11,7 +11,7 @@ from funnel_hpc.core import config as config_mod
 from funnel_hpc.worker.storage import Stopped, Storage, StorageError
 from funnel_hpc.worker.storage_retry import with_retries
 from tests.storage_helpers import CheckedMoto, ObjectServer, storage_config
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 
 class Attempts:

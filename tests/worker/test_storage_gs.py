@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.storage_helpers import GcsEmulator, ObjectServer, storage_config
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.storage_helpers import ObjectServer, storage_config
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 TOKEN = "Bearer s3cr3t-token"
 

@@ -14,7 +14,7 @@ from funnel_hpc.worker import storage_local
 from funnel_hpc.worker.storage import Storage, StorageError
 from funnel_hpc.worker.storage_local import LocalStore
 from tests.storage_helpers import SwapLoop
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 ROUNDS = 2000
 # a swapped-in symlink is refused as one, or (the walk, when the swap is undone between

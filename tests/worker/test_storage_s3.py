@@ -9,7 +9,7 @@ import boto3
 import pytest
 
 from tests.storage_helpers import CheckedMoto, storage_config
-from tests.worker.test_worker import sh
+from tests.worker_helpers import sh
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 
@@ -10,13 +9,7 @@ import boto3
 
 from funnel_hpc.core.events import read_event_log
 from tests.waiting import wait_for
-from tests.worker.conftest import need
-
-BUSYBOX = "busybox"
-
-
-def sh(script: str, **fields) -> dict:
-    return {"image": BUSYBOX, "command": ["sh", "-c", script], **fields}
+from tests.worker_helpers import need, processes_with_argv, sh
 
 
 def test_multi_executor_with_streams_env_and_workdir(harness):
@@ -166,19 +159,6 @@ def test_auto_driver_picks_one_that_runs(harness):
     assert run.state == "COMPLETE", run.system_logs
     assert run.fold.task_log["metadata"]["container_driver"] in ("docker", "podman", "bwrap",
                                                                  "proot", "apptainer")
-
-
-def processes_with_argv(argv: list[str]) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = open(f"/proc/{entry}/cmdline", "rb").read()
-            except OSError:
-                continue
-            if raw.split(b"\0")[:-1] == [a.encode() for a in argv]:
-                found.append(int(entry))
-    return found
 
 
 def test_cancel_mid_run_with_sigterm(harness):
