@@ -78,7 +78,8 @@ class SubmitRequest:
 
     task_id: str
     task: dict[str, Any]            # the FULL TES task document
-    task_dir: Path                  # <work_dir>/<task_id>, already created, holds task.json
+    task_dir: Path                  # <work_dir>/<task_id>, holds task.json (made at
+                                    # submission, or by a backend that makes_task_dir)
     worker_argv: list[str]          # the command line that runs the worker for this task
     backend_parameters: dict[str, str] = field(default_factory=dict)  # accepted, lower-cased keys
     owner: str | None = None        # the task's owner (auth on), for per-user submission
@@ -88,6 +89,9 @@ class SubmitRequest:
     # names of the files the gateway wrote in task_dir: what a backend that runs jobs as
     # their owners hands over with the dir (nothing else in it: files.give_to)
     gateway_files: tuple[str, ...] = ()
+    # for a backend that makes_task_dir: those files' contents (name -> text), which it
+    # writes (files.private_dir, files.write_private) in the task dir it makes at start
+    files: dict[str, str] = field(default_factory=dict)
 
 
 class BackendError(RuntimeError):
@@ -120,6 +124,9 @@ class Backend(abc.ABC):
     #: shipped template sets it, e.g. Slurm's --output): their tails go into the system
     #: logs of a job that ended without its worker recording an end
     job_output_files: tuple[str, ...] = ()
+    #: the backend makes the task dir itself when the job starts and writes the gateway's
+    #: files there (SubmitRequest.files): a queued job then costs no directory
+    makes_task_dir: bool = False
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         self.options = options  # this backend's section: config["backend"][name]

@@ -1,10 +1,12 @@
 """The local backend (embedded default): workers run as processes on the gateway host.
 
-Job id = task id. The task dir ``<work_dir>/<task id>`` holds the job's state,
-so a restarted gateway finds every job again from the id alone:
+Job id = task id. A queued job lives only in the queue journal
+(``<work_dir>/local-queue.jsonl``, backends/local_queue.py): no task dir yet, one line
+on disk, a dict entry to poll. When it starts, its task dir ``<work_dir>/<task id>`` is
+made (with the files the gateway handed over in ``SubmitRequest.files``) and holds the
+job's state from then on, so a restarted gateway finds every job again from the id:
 
-- ``local.job``    written at submit: the worker argv and the submission time
-- ``local.launch`` written just before the wrapper is started
+- ``local.job``    written at start: the worker argv, submission and start times
 - ``local.pid``    pid and kernel start time of the wrapper (written by it, and by us)
 - ``local.exit``   the worker's exit status, written by the wrapper
                    (backends/local_runner.py) when the worker ends
@@ -13,11 +15,12 @@ so a restarted gateway finds every job again from the id alone:
 
 At most ``max_concurrent`` workers run at once; the rest wait in submission
 order and are PENDING. Each wrapper leads its own session and process group, so
-workers outlive a gateway that is killed. A new gateway's first poll re-adopts
-live wrappers (pid AND start time must match, so a reused pid is not mistaken
-for ours), reads the exit status of those that ended meanwhile, and queues again
-the jobs that were submitted but never launched. A launched job whose wrapper is
-gone without an exit record is LOST.
+workers outlive a gateway that is killed. A new gateway replays the journal (what is
+queued, what was canceled before it started), and its polls re-adopt live wrappers
+(pid AND start time must match, so a reused pid is not mistaken for ours) and read the
+exit status of those that ended meanwhile. A started job whose wrapper is gone without
+an exit record is LOST. Cost of a poll: a dict look-up per queued job, a few system
+calls per started one (the reconciler stops polling a job once its task ended).
 """
 
 from __future__ import annotations
@@ -29,18 +32,24 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.jsonlines import ChildProcess
+from funnel_hpc.backends.local_queue import JobQueue
 
-JOB, LAUNCH, PID = "local.job", "local.launch", "local.pid"
+JOB, PID = "local.job", "local.pid"
+LEGACY_LAUNCH = "local.launch"  # written before a start by gateways before the journal
 EXIT, CANCEL = "local.exit", "local.cancel"
-# A launch record without a pid record older than this: the gateway died while starting it.
+# A start record (local.job) without a pid record older than this: the gateway died
+# while starting it.
 LAUNCH_WAIT_SECONDS = 10
+# the answers for queued jobs, one object each: a poll of 20,000 queued makes none
+WAITING = JobStatus(JobState.PENDING, "waiting for a free slot")
+CANCELED_WAITING = JobStatus(JobState.CANCELLED, "canceled before it started")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -98,16 +107,19 @@ def _exit_reason(code: str) -> str:
 
 class LocalBackend(Backend):
     name = "local"
+    # the task dir is made when the job starts (a queued job costs one journal line)
+    makes_task_dir = True
 
     def __init__(self, options: dict[str, Any], config: dict[str, Any]):
         super().__init__(options, config)
         self.work_dir = Path(config["work_dir"])
         self.max_concurrent = max(1, int(options.get("max_concurrent", 2)))
         self.grace = float(options.get("cancel_grace_seconds", 10))
-        self.queue: deque[str] = deque()                    # submitted, not launched, FIFO
+        self.queue = JobQueue(self.work_dir)                # submitted, not started, FIFO
         self.children: dict[str, tuple[int, str]] = {}      # wrappers this process started
         self.launcher = Launcher(self.work_dir, lambda: self.on_change and self.on_change())
         self.adopted: set[str] = set()                      # live wrappers of earlier gateways
+        self.unstartable: dict[str, str] = {}               # no task dir could be made: why
         self.lock = threading.Lock()
 
     def _dir(self, job_id: str) -> Path:
@@ -119,24 +131,24 @@ class LocalBackend(Backend):
         job_id = request.task_id
         directory = self._dir(job_id)
         with self.lock:
-            for name in (LAUNCH, PID, EXIT, CANCEL):  # a new attempt starts clean
-                (directory / name).unlink(missing_ok=True)
-            write_atomic(directory / JOB, json.dumps(
-                {"argv": list(request.worker_argv), "submitted": time.time()}))
-            if job_id not in self.queue:
-                self.queue.append(job_id)
+            # an earlier attempt's dir (never through a link): the new one starts clean
+            if directory.is_dir() and not directory.is_symlink():
+                for name in (JOB, PID, EXIT, CANCEL):
+                    (directory / name).unlink(missing_ok=True)
+            self.unstartable.pop(job_id, None)
+            self.queue.add(job_id, request.worker_argv, request.files)
             self._launch_ready()
         return job_id
 
     def cancel(self, job_id: str) -> None:
+        with self.lock:
+            if self.queue.cancel(job_id):
+                return  # never started, and never will
         directory = self._dir(job_id)
         if not (directory / JOB).exists() or (directory / EXIT).exists():
             return  # unknown or already finished: nothing to stop
         with self.lock:
             write_atomic(directory / CANCEL, str(time.time()))
-            if job_id in self.queue:
-                self.queue.remove(job_id)
-                return
             record = self._live_record(job_id)
         if record is None:
             return
@@ -150,37 +162,69 @@ class LocalBackend(Backend):
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         with self.lock:
+            self.queue.refresh()
             self._reap()
-            found: list[tuple[float, str]] = []
-            for job_id in job_ids:
-                d = self._dir(job_id)
-                if not (d / JOB).exists() or job_id in self.children or (d / EXIT).exists():
+            queued = self.queue.queued
+            legacy: list[tuple[float, str, list[str]]] = []
+            for job_id in [job_id for job_id in job_ids if job_id not in queued]:
+                if job_id in self.queue.canceled or job_id in self.children:
                     continue
+                d = self._dir(job_id)
                 if (d / PID).exists():
-                    record = self._live_record(job_id)
+                    record = None if (d / EXIT).exists() else self._live_record(job_id)
                     if record is not None:
                         # started by an earlier gateway process: counts against the limit
                         self.adopted.add(job_id)
                         self._kill_if_overdue(job_id, record)
-                elif (not (d / LAUNCH).exists() and not (d / CANCEL).exists()
-                      and job_id not in self.queue):
-                    found.append((self._submitted_at(job_id), job_id))  # never launched
-            self.queue.extend(job_id for _, job_id in sorted(found))
+                else:
+                    self._requeue_legacy(job_id, d, legacy)
+            for _submitted, job_id, argv in sorted(legacy):
+                self.queue.add(job_id, argv, {})
             self._launch_ready()
-            return {job_id: self._status(job_id) for job_id in job_ids}
+            self.queue.sync()
+            # a queued job costs a look-up (20,000 queued: a few ms), a started one its files
+            answer = dict.fromkeys(job_ids, WAITING)
+            queued = self.queue.queued  # (a re-read of the journal makes a new dict)
+            for job_id in [job_id for job_id in job_ids if job_id not in queued]:
+                answer[job_id] = self._status(job_id)
+            return answer
+
+    @staticmethod
+    def _requeue_legacy(job_id: str, d: Path, found: list[tuple[float, str, list[str]]]) -> None:
+        """A job queued by a gateway from before the journal (its dir holds local.job with
+        no start time, no launch, pid, exit or cancel record): queued again, in order."""
+        if any((d / name).exists() for name in (LEGACY_LAUNCH, EXIT, CANCEL)):
+            return
+        try:
+            record = json.loads((d / JOB).read_text())
+            if "started" in record:
+                return
+            found.append((float(record.get("submitted", 0)), job_id,
+                          [str(word) for word in record["argv"]]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # no such job, or not one of ours: poll says so
 
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:
-        return task_id if (self._dir(task_id) / JOB).exists() else None
+        with self.lock:
+            self.queue.refresh()
+            known = task_id in self.queue.queued or task_id in self.queue.canceled
+        return task_id if known or (self._dir(task_id) / JOB).exists() else None
 
     # ---- state ----
 
     def _status(self, job_id: str) -> JobStatus:
+        if job_id in self.queue.queued:
+            return WAITING
+        if job_id in self.queue.canceled:
+            return CANCELED_WAITING
+        if job_id in self.unstartable:
+            return JobStatus(JobState.FAILED, self.unstartable[job_id])
         d = self._dir(job_id)
-        if not (d / JOB).exists():
+        try:
+            started_for = time.time() - (d / JOB).stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
             return JobStatus(JobState.LOST, "no such local job")
-        if job_id in self.queue:
-            return JobStatus(JobState.PENDING, "waiting for a free slot")
         # liveness BEFORE the exit record: the wrapper writes it and only then ends
         alive = (d / PID).exists() and self._live_record(job_id) is not None
         canceled = (d / CANCEL).exists()
@@ -202,12 +246,7 @@ class LocalBackend(Backend):
         if (d / PID).exists():
             return JobStatus(JobState.LOST, "the worker process is gone and left no exit "
                                             "status (killed?); see worker.err")
-        try:
-            launched_for = time.time() - (d / LAUNCH).stat().st_mtime
-        except FileNotFoundError:
-            # submitted before a restart, not polled by this process yet: queued by poll
-            return JobStatus(JobState.PENDING, "waiting for a free slot")
-        if launched_for < LAUNCH_WAIT_SECONDS:
+        if started_for < LAUNCH_WAIT_SECONDS:
             return JobStatus(JobState.PENDING, "starting")
         return JobStatus(JobState.LOST, "the worker was being started when the gateway "
                                         "stopped, and never recorded itself")
@@ -221,12 +260,6 @@ class LocalBackend(Backend):
             return None
         return (pid, start) if _start_time(pid) == start else None
 
-    def _submitted_at(self, job_id: str) -> float:
-        try:
-            return float(json.loads((self._dir(job_id) / JOB).read_text()).get("submitted", 0))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return 0.0
-
     # ---- processes ----
 
     def _running(self) -> int:
@@ -238,23 +271,33 @@ class LocalBackend(Backend):
         return alive + len(self.adopted)
 
     def _launch_ready(self) -> None:
-        while self.queue and self._running() < self.max_concurrent:
-            self._launch(self.queue.popleft())
+        while self.queue.queued and self._running() < self.max_concurrent:
+            job_id = self.queue.next_id()
+            assert job_id is not None
+            self._launch(job_id)
 
     def _launch(self, job_id: str) -> None:
+        """Take the job off the queue (on disk first: a restart never starts it again, and
+        another process that took it already wins), make its task dir, start its wrapper."""
+        job = self.queue.take(job_id)
+        if job is None:
+            return
         d = self._dir(job_id)
         try:
-            argv = [str(word) for word in json.loads((d / JOB).read_text())["argv"]]
-            (d / LAUNCH).touch()
-            pid = self.launcher.launch(d, argv)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            # the job cannot start: record it as a failed run instead of failing every poll
-            try:
-                with (d / "worker.err").open("a") as err_file:
-                    err_file.write(f"local backend: cannot start the worker: {exc}\n")
-                write_atomic(d / EXIT, "127")
-            except OSError:
-                pass  # the task dir is gone: poll reports LOST
+            files.private_dir(d)
+            for name, text in job.files.items():
+                files.write_private(d, name, text)
+            write_atomic(d / JOB, json.dumps({"argv": job.argv, "submitted": job.submitted,
+                                              "started": time.time()}))
+        except OSError as exc:
+            # no dir to start in (disk full, a link planted there: nothing is written
+            # through it): this job fails, the others go on
+            self.unstartable[job_id] = f"cannot make its task dir: {exc}"
+            return
+        try:
+            pid = self.launcher.launch(d, job.argv)
+        except OSError as exc:
+            self._cannot_start(d, exc)
             return
         write_pid_record(d, pid)
         record = self._live_record(job_id)
@@ -263,6 +306,16 @@ class LocalBackend(Backend):
         elif not (d / EXIT).exists():
             self.children[job_id] = (pid, "")  # gone already; _reap forgets it
 
+    @staticmethod
+    def _cannot_start(d: Path, exc: OSError) -> None:
+        """Record a job that cannot start as a failed run, instead of failing every poll."""
+        try:
+            with (d / "worker.err").open("a") as err_file:
+                err_file.write(f"local backend: cannot start the worker: {exc}\n")
+            write_atomic(d / EXIT, "127")
+        except OSError:
+            pass  # no task dir: poll reports LOST
+
     def _reap(self) -> None:
         for job_id, (pid, start) in list(self.children.items()):
             if not start or _start_time(pid) != start:
@@ -270,6 +323,8 @@ class LocalBackend(Backend):
 
     def close(self) -> None:
         self.launcher.close()
+        with self.lock:
+            self.queue.close()
 
     def _kill_if_overdue(self, job_id: str, record: tuple[int, str]) -> None:
         """SIGKILL a canceled worker whose grace period ran out (e.g. across a restart)."""

@@ -25,6 +25,9 @@ Sections (each measured with its physical reference in this same run):
              process); the tick with 1,000 tasks all sending live logs
   replicas   failover gap after kill -9 of the lease holder vs the lease; create rate with
              2 replicas on PostgreSQL vs 1
+  local      the local backend with 20,000 tasks queued through the API: hand-over time,
+             idle tick CPU and server share of a core, disk per queued task (absolute
+             bounds of issue 27); 200 trivial tasks to COMPLETE in the same run
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -54,6 +57,7 @@ from benchmarks import (  # noqa: E402
     api_bench,
     events_bench,
     image_pull,
+    local_bench,
     reconciler_tick,
     replicas_bench,
     sandbox_start,
@@ -66,7 +70,7 @@ from benchmarks import (  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas")
+            "reconciler", "replicas", "local")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -253,6 +257,10 @@ def replicas_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("replicas", replicas_bench.suite_rows(quick))])
 
 
+def local_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("local", local_bench.suite_rows(quick))])
+
+
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
     """Replace the table between page's bench markers with this run's."""
     text = page.read_text()
@@ -288,7 +296,7 @@ def main() -> None:
                           ("throughput", throughput_section), ("worker", worker_section),
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),
-                          ("replicas", replicas_section)):
+                          ("replicas", replicas_section), ("local", local_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

@@ -88,18 +88,32 @@ class Submission(ReconcilerCore):
 
     def _prepare_task_dir(self, row: Any, task: dict) -> None:
         """task.json (and the worker's token) in the task dir, made ours and private first:
-        files.py's writes follow no symlink a user may have left there."""
+        files.py's writes follow no symlink a user may have left there. A backend that
+        makes_task_dir writes them itself when the job starts (_map_submit hands them
+        over); only an earlier attempt's dir is taken back and its event logs archived."""
         directory = task_dir(self.config, row.id)
+        if self.backend.makes_task_dir:
+            if row.attempt >= 1:
+                if directory.is_dir():
+                    files.private_dir(directory)
+                archive_events(directory, row.attempt)
+            return
         files.private_dir(directory)
         archive_events(directory, row.attempt)
-        # the owner rides along (users cannot set it: the API refuses unknown fields), so
-        # a root worker opens file:// paths as that user (worker/owner_access.py)
-        files.write_private(directory, TASK_FILE, json.dumps({**task, "owner": row.owner}))
+        for name, text in self._gateway_texts(row, task).items():
+            files.write_private(directory, name, text)
+
+    def _gateway_texts(self, row: Any, task: dict) -> dict[str, str]:
+        """The files the gateway puts in a task dir (name -> text): task.json, with the
+        owner riding along (users cannot set it: the API refuses unknown fields) so a root
+        worker opens file:// paths as that user (worker/owner_access.py); the worker's
+        token; the owner's worker config."""
+        texts = {TASK_FILE: json.dumps({**task, "owner": row.owner})}
         if self.worker_key is not None:
-            files.write_private(directory, worker_tokens.TOKEN_FILE,
-                                worker_tokens.token_for(self.worker_key, row.id))
+            texts[worker_tokens.TOKEN_FILE] = worker_tokens.token_for(self.worker_key, row.id)
         if self.owner_config is not None:  # the owner's worker reads this one
-            files.write_private(directory, WORKER_CONFIG_FILE, self.owner_config)
+            texts[WORKER_CONFIG_FILE] = self.owner_config
+        return texts
 
     def _gateway_files(self) -> tuple[str, ...]:
         """What _prepare_task_dir writes in each task dir."""
@@ -116,7 +130,9 @@ class Submission(ReconcilerCore):
             request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                                     worker_argv=self._worker_argv(directory),
                                     backend_parameters=_lower_keys(task), owner=row.owner,
-                                    worker_token=token, gateway_files=self._gateway_files())
+                                    worker_token=token, gateway_files=self._gateway_files(),
+                                    files=(self._gateway_texts(row, task)
+                                           if self.backend.makes_task_dir else {}))
             try:
                 job_id = self.backend.submit(request)
             except (BackendError, OSError, ValueError) as exc:

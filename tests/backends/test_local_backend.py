@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.local import LocalBackend, _group_has_members, _start_time
@@ -23,19 +24,22 @@ TEST_SECONDS = 40
 
 
 @pytest.fixture(autouse=True)
-def time_limit(tmp_path: Path) -> Iterator[None]:
-    """Fail a test that runs too long, then kill every worker group it left behind."""
+def time_limit(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that runs too long (TEST_SECONDS, or the test function's time_limit),
+    then kill every worker group it left behind."""
+    seconds = int(getattr(request.function, "time_limit", TEST_SECONDS))
+
     def too_long(*_: object) -> None:
-        raise TimeoutError(f"test ran over {TEST_SECONDS} s")
+        raise TimeoutError(f"test ran over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, too_long)
-    signal.alarm(TEST_SECONDS)
+    signal.alarm(seconds)
     try:
         yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-        for pid_file in tmp_path.glob("*/local.pid"):
+        for pid_file in tmp_path.rglob("local.pid"):
             pid = json.loads(pid_file.read_text())["pid"]
             if _group_has_members(pid):
                 os.killpg(pid, signal.SIGKILL)
@@ -154,7 +158,8 @@ def test_cancel_right_after_submit_reaches_the_worker(tmp_path):
     """The launcher answers a wrapper's pid only once the wrapper leads its process
     group: before, on a busy machine, a job could be RUNNING (its pid alive) before
     its group existed, and a cancel's killpg found no group and was lost."""
-    backend = make(tmp_path, cancel_grace_seconds=1)
+    # five slots: each job starts at its submit, whether or not the last one ended yet
+    backend = make(tmp_path, max_concurrent=5, cancel_grace_seconds=1)
     for i in range(5):
         job = backend.submit(request(tmp_path, f"quick{i}", "sleep 3; touch ran"))
         os.killpg(pid_of(tmp_path, job), 0)  # the group exists as soon as the pid is known
@@ -196,9 +201,7 @@ def run_backend_a(tmp_path: Path, jobs: dict[str, str], max_concurrent: int) -> 
         work = Path({str(tmp_path)!r})
         b = LocalBackend({{"max_concurrent": {max_concurrent}}}, {{"work_dir": str(work)}})
         for job_id, script in {jobs!r}.items():
-            d = work / job_id
-            d.mkdir()
-            b.submit(SubmitRequest(job_id, {{}}, d, ["/bin/sh", "-c", script]))
+            b.submit(SubmitRequest(job_id, {{}}, work / job_id, ["/bin/sh", "-c", script]))
         print("submitted", flush=True)
         time.sleep(60)
     """)
@@ -218,7 +221,7 @@ def test_restart_readopts_running_and_launches_queued_once(tmp_path):
                "job3": "exit 0"}             # queued in A, never launched by it
     run_backend_a(tmp_path, {job_id: f"echo {job_id} >> {log}; {script}"
                              for job_id, script in scripts.items()}, max_concurrent=2)
-    assert not (tmp_path / "job2" / "local.launch").exists()
+    assert not (tmp_path / "job2").exists()  # queued: no task dir until it starts
     wait_until(lambda: (tmp_path / "job0" / "local.exit").exists())
 
     backend = make(tmp_path, max_concurrent=2)
@@ -342,4 +345,223 @@ def test_wrappers_outlive_the_launcher_and_a_new_one_starts(tmp_path):
     again = backend.submit(request(tmp_path, "again", "exit 0"))
     wait_for(backend, again, {JobState.COMPLETED})
     assert backend.launcher.proc is not None and backend.launcher.proc.pid != first.pid
+    backend.close()
+
+
+# ---- the queue journal (backends/local_queue.py): the task dir is made at start ----
+
+def queued_request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
+    """As the reconciler asks for a backend that makes_task_dir: no dir yet, the gateway's
+    files handed over with the request."""
+    return SubmitRequest(task_id=task_id, task={"id": task_id}, task_dir=tmp_path / task_id,
+                         worker_argv=["/bin/sh", "-c", script], gateway_files=("task.json",),
+                         files={"task.json": json.dumps({"id": task_id})})
+
+
+def test_task_dir_is_made_when_the_job_starts(tmp_path):
+    backend = make(tmp_path, max_concurrent=1)
+    flag = tmp_path / "go"
+    first = backend.submit(queued_request(tmp_path, "first", f"while [ ! -e {flag} ]; do "
+                                                             "sleep 0.1; done"))
+    second = backend.submit(queued_request(tmp_path, "second", "cat task.json"))
+    assert backend.poll([first, second])[second].state == JobState.PENDING
+    assert (tmp_path / "first" / "task.json").exists()
+    assert not (tmp_path / "second").exists()  # queued: one journal line, no directory
+    journal = tmp_path / "local-queue.jsonl"
+    assert journal.stat().st_mode & 0o777 == 0o600
+    assert '"second"' in journal.read_text()
+    flag.touch()
+    wait_for(backend, second, {JobState.COMPLETED})
+    directory = tmp_path / "second"
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert (directory / "task.json").stat().st_mode & 0o777 == 0o600
+    assert (directory / "worker.out").read_text() == '{"id": "second"}'  # written before it ran
+    backend.close()
+
+
+def test_cancel_of_a_queued_job_never_starts_it_even_after_a_restart(tmp_path):
+    backend = make(tmp_path, max_concurrent=1)
+    flag = tmp_path / "go"
+    blocker = backend.submit(queued_request(tmp_path, "blocker", f"while [ ! -e {flag} ]; "
+                                                                 "do sleep 0.1; done"))
+    victim = backend.submit(queued_request(tmp_path, "victim", f"touch {tmp_path}/ran"))
+    backend.cancel(victim)
+    assert backend.poll([victim])[victim].state == JobState.CANCELLED
+    flag.touch()
+    wait_for(backend, blocker, {JobState.COMPLETED})
+    backend.close()
+    again = make(tmp_path, max_concurrent=1)  # a restarted gateway replays the journal
+    assert again.poll([victim])[victim] == JobStatus(JobState.CANCELLED,
+                                                     "canceled before it started")
+    assert again.recover(victim, tmp_path / victim) == victim  # known: never submitted twice
+    later = again.submit(queued_request(tmp_path, "later", "exit 0"))
+    wait_for(again, later, {JobState.COMPLETED})
+    assert not (tmp_path / "ran").exists() and not (tmp_path / victim).exists()
+    again.close()
+
+
+def test_restart_with_queued_and_running_jobs_runs_each_once(tmp_path):
+    """A gateway killed -9 with 2 jobs running and 18 queued (no dir yet): the next one
+    runs every job exactly once, in submission order, never more than 2 at a time."""
+    log = tmp_path / "runs.log"
+    jobs = {f"job{i:02d}": f"echo job{i:02d} >> {log}; sleep 0.2" for i in range(20)}
+    run_backend_a(tmp_path, jobs, max_concurrent=2)
+    assert sum((tmp_path / job_id).exists() for job_id in jobs) == 2  # only the started
+    backend = make(tmp_path, max_concurrent=2)
+    ids = list(jobs)
+    assert backend.recover("job19", tmp_path / "job19") == "job19"
+    states = backend.poll(ids)
+    while not all(status.state.finished for status in states.values()):
+        assert sum(s.state == JobState.RUNNING for s in states.values()) <= 2
+        time.sleep(0.1)
+        states = backend.poll(ids)
+    assert {states[i].state for i in ids} == {JobState.COMPLETED}
+    assert log.read_text().split() == ids  # each once, in order
+    backend.close()
+    # a third gateway knows them all as ended and starts nothing; the journal is empty
+    third = make(tmp_path, max_concurrent=2)
+    assert {s.state for s in third.poll(ids).values()} == {JobState.COMPLETED}
+    assert (tmp_path / "local-queue.jsonl").read_text() == ""
+    assert log.read_text().split() == ids
+    third.close()
+
+
+def test_a_link_planted_as_a_task_dir_is_never_followed(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "work").mkdir()
+    backend = make(tmp_path / "work", max_concurrent=1)
+    (tmp_path / "work" / "planted").symlink_to(elsewhere)
+    job = backend.submit(queued_request(tmp_path / "work", "planted", "touch ran"))
+    status = wait_for(backend, job, {JobState.FAILED})
+    assert "cannot make its task dir" in status.reason
+    assert list(elsewhere.iterdir()) == []  # nothing written through the link
+    backend.close()
+
+
+def test_a_planted_journal_link_is_refused(tmp_path):
+    target = tmp_path / "target"
+    target.write_text("")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "local-queue.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        make(tmp_path / "work")
+    assert target.read_text() == ""
+
+
+# ---- through the real server (auth on): the reconciler hands the task dir's files over ----
+
+def test_server_restart_with_queued_tasks_dirs_at_start_none_lost_or_run_twice(
+        databases, tmp_path):
+    """Auth on, max_concurrent 1: a blocker runs, two tasks wait (no task dir), one of them
+    is canceled; the gateway is killed -9 and started again; the blocker is canceled, the
+    other waiting task then runs once, with its task.json and worker token written at its
+    start; the canceled one never gets a dir."""
+    from werkzeug.security import generate_password_hash
+
+    from tests.server_helpers import ServerProcess
+    from tests.waiting import wait_for_state
+
+    auth = ("alice", "pw")
+    overrides = {"auth": {"mode": "basic", "users": {"alice": generate_password_hash("pw")}},
+                 "backend": {"name": "local", "local": {"max_concurrent": 1,
+                                                        "cancel_grace_seconds": 2}},
+                 "reconciler": {"interval_seconds": 0.3},
+                 "worker": {"container_driver": "bwrap", "poll_server_seconds": 0.5}}
+    work = tmp_path / "w"
+    server = ServerProcess(work, databases.new("sqlite"), overrides=overrides,
+                           reconcile=True).start()
+
+    def create(command: list[str]) -> str:
+        resp = requests.post(server.api + "/tasks", auth=auth, timeout=10, json={
+            "executors": [{"image": "busybox", "command": command}]})
+        assert resp.status_code == 200, resp.text
+        return str(resp.json()["id"])
+
+    def job_id(task_id: str) -> str:
+        task = requests.get(f"{server.api}/tasks/{task_id}", params={"view": "FULL"},
+                            auth=auth, timeout=10).json()
+        return str(((task.get("logs") or [{}])[-1].get("metadata") or {}).get("job_id", ""))
+
+    try:
+        blocker = create(["sleep", "600"])
+        wait_for_state(server.api, blocker, "RUNNING", timeout=60, auth=auth,
+                       detail=lambda: server.log()[-2000:])
+        waiting = create(["echo", "ran"])
+        canceled = create(["echo", "never"])
+        deadline = time.monotonic() + 30
+        while not (job_id(waiting) and job_id(canceled)):  # handed over to the backend
+            assert time.monotonic() < deadline, server.log()[-2000:]
+            time.sleep(0.1)
+        assert not (work / waiting).exists() and not (work / canceled).exists()
+        assert requests.post(f"{server.api}/tasks/{canceled}:cancel", auth=auth,
+                             timeout=10).status_code == 200
+        wait_for_state(server.api, canceled, "CANCELED", timeout=30, auth=auth)
+        server.kill()
+        server.start()
+        assert requests.post(f"{server.api}/tasks/{blocker}:cancel", auth=auth,
+                             timeout=10).status_code == 200
+        wait_for_state(server.api, blocker, "CANCELED", timeout=60, auth=auth)
+        done = wait_for_state(server.api, waiting, "COMPLETE", timeout=90, auth=auth,
+                              detail=lambda: server.log()[-2000:])
+        assert done["logs"][-1]["logs"][0]["stdout"] == "ran\n"
+        assert len(done["logs"]) == 1  # one attempt
+        for name in ("task.json", "worker.token"):
+            assert (work / waiting / name).stat().st_mode & 0o777 == 0o600
+        starts = [line for line in (work / waiting / "events.jsonl").open()
+                  if '"task_start"' in line]
+        assert len(starts) == 1  # its worker ran once
+        assert not (work / canceled).exists()
+    finally:
+        server.stop()
+
+
+test_server_restart_with_queued_tasks_dirs_at_start_none_lost_or_run_twice.time_limit = 240  # type: ignore[attr-defined]
+
+
+def test_two_processes_on_one_journal_never_act_on_a_stale_queue(tmp_path):
+    """A replica made before another one queued jobs sees them at its next call; a job
+    one of them started is not started again by the other; a rewrite loses no line."""
+    from funnel_hpc.backends.local_queue import JobQueue
+
+    first, second = JobQueue(tmp_path), JobQueue(tmp_path)
+    for n in range(3):
+        first.add(f"job{n}", ["true"], {"task.json": "{}"})
+    second.refresh()
+    assert list(second.queued) == ["job0", "job1", "job2"]
+    assert second.take("job0") is not None
+    assert first.take("job0") is None  # started by the other: never twice
+    assert first.cancel("job1") and not second.cancel("job1")
+    third = JobQueue(tmp_path)  # rewrites the file at load (another inode)
+    second.add("job3", ["true"], {})
+    first.refresh()
+    assert list(first.queued) == ["job2", "job3"] and "job1" in first.canceled
+    fourth = JobQueue(tmp_path)  # a restart replays the same
+    assert list(fourth.queued) == ["job2", "job3"]
+    for queue in (first, second, third, fourth):
+        queue.close()
+
+
+def test_a_job_queued_before_the_journal_runs_once_after_the_upgrade(tmp_path):
+    """An older gateway queued a job as a task dir with local.job (no journal): the new
+    one queues it again in submission order, runs it once, and leaves started ones be."""
+    log = tmp_path / "runs.log"
+    for n, job_id in enumerate(("old1", "old0")):
+        directory = tmp_path / job_id
+        directory.mkdir()
+        (directory / "local.job").write_text(json.dumps(
+            {"argv": ["/bin/sh", "-c", f"echo {job_id} >> {log}"], "submitted": 100 - n}))
+    gone = tmp_path / "gone"
+    gone.mkdir()  # launched by the older gateway, which died before its wrapper recorded
+    (gone / "local.job").write_text(json.dumps({"argv": ["true"], "submitted": 1}))
+    (gone / "local.launch").touch()
+    os.utime(gone / "local.job", (1, 1))
+    backend = make(tmp_path, max_concurrent=1)
+    states = backend.poll(["old1", "old0", "gone"])
+    assert states["gone"].state == JobState.LOST
+    wait_for(backend, "old1", {JobState.COMPLETED})
+    wait_for(backend, "old0", {JobState.COMPLETED})
+    assert log.read_text().split() == ["old0", "old1"]
+    backend.poll(["old1", "old0"])
+    assert log.read_text().split() == ["old0", "old1"]
     backend.close()
