@@ -14,12 +14,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.components import need
 
 ESCAPE = r"""
 #define _GNU_SOURCE
@@ -141,10 +140,8 @@ PROGRAMS = {"escape": ESCAPE, "killer": KILLER, "calls": CALLS}
 def compile_programs(directory: Path) -> dict[str, Path]:
     """Each program static, world-readable and executable, in `directory`."""
     gcc = shutil.which("gcc")
-    if gcc is None:
-        if os.environ.get("CI"):
-            pytest.fail("gcc missing; scripts/setup/40-worker.sh installs it")
-        pytest.skip("gcc not installed (scripts/setup/40-worker.sh)")
+    need("gcc", gcc is not None, "scripts/setup/40-worker.sh installs it")
+    assert gcc is not None
     built = {}
     for name, source in PROGRAMS.items():
         (directory / f"{name}.c").write_text(source)

@@ -16,6 +16,7 @@ import time
 import pytest
 import requests
 
+from tests.components import need
 from tests.postgres_helpers import PrivatePostgres, available
 from tests.server_helpers import ServerProcess, clean_env, funnel_argv
 from tests.waiting import wait_for
@@ -83,10 +84,7 @@ def test_readyz_reports_the_in_process_reconciler(tmp_path):
 
 @pytest.fixture
 def postgres():
-    if not available():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL binaries are missing under CI")
-        pytest.skip("PostgreSQL binaries not installed")
+    need("PostgreSQL binaries", available(), "scripts/setup/20-postgres.sh installs them")
     server = PrivatePostgres.create()
     yield server
     server.destroy()

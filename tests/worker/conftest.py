@@ -9,6 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.backend_helpers import FAKE_AWS_ENV
+from tests.storage_helpers import GcsEmulator
 from tests.worker_helpers import WorkerHarness, need, need_registry
 
 
@@ -100,3 +101,12 @@ def limits_servers(databases, tmp_path_factory):
     for server in servers.values():
         server.stop()
     drop_user(owner)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """gcp-storage-emulator on 127.0.0.1, one per test module."""
+    pytest.importorskip("google.cloud.storage")
+    server = GcsEmulator()
+    yield server
+    server.stop()

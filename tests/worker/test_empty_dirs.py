@@ -11,7 +11,7 @@ import pytest
 
 from funnel_hpc.worker.storage import directory_names
 from tests.server_helpers import TEST_REGISTRY
-from tests.storage_helpers import GcsEmulator, storage_config
+from tests.storage_helpers import storage_config
 
 BUSYBOX = f"{TEST_REGISTRY}/library/busybox:latest"
 # what a CWL tool does: make nested directories, some left empty, and glob for them
@@ -78,14 +78,6 @@ def test_s3_keeps_empty_directories_as_marker_objects(harness, moto_s3):
                       "&& ls -A /in/empty | wc -l")]), config=config)
     assert again.state == "COMPLETE", again.system_logs
     assert again.executor(0)["stdout"].strip() == "0"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    pytest.importorskip("google.cloud.storage")
-    server = GcsEmulator()
-    yield server
-    server.stop()
 
 
 def test_gs_keeps_empty_directories_as_marker_objects(harness, emulator):

@@ -12,14 +12,6 @@ from tests.storage_helpers import GcsEmulator, ObjectServer, storage_config
 from tests.worker_helpers import sh
 
 
-@pytest.fixture(scope="module")
-def emulator():
-    pytest.importorskip("google.cloud.storage")
-    server = GcsEmulator()
-    yield server
-    server.stop()
-
-
 def gs_options(emulator: GcsEmulator, **extra) -> dict:
     return {"gs": {"endpoint_url": emulator.url, "anonymous": True, **extra}}
 
