@@ -105,9 +105,9 @@ class Submission(ReconcilerCore):
 
     def _gateway_texts(self, row: Any, task: dict) -> dict[str, str]:
         """The files the gateway puts in a task dir (name -> text): task.json, with the
-        owner riding along (users cannot set it: the API refuses unknown fields) so a root
-        worker opens file:// paths as that user (worker/owner_access.py); the worker's
-        token; the owner's worker config."""
+        owner riding along (users cannot set it: the API drops, or with strict_fields
+        refuses, fields the TES model lacks) so a root worker opens file:// paths as that
+        user (worker/owner_access.py); the worker's token; the owner's worker config."""
         texts = {TASK_FILE: json.dumps({**task, "owner": row.owner})}
         if self.worker_key is not None:
             texts[worker_tokens.TOKEN_FILE] = worker_tokens.token_for(self.worker_key, row.id)
