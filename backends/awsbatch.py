@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -44,6 +45,7 @@ from botocore.config import Config as BotoConfig
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.templating import TemplateValueError, map_backend_parameters
 from funnel_hpc.core import worker_tokens
+from funnel_hpc.core.config import AwsBatchOptions
 
 # AWS Batch job status -> common job state
 STATE_MAP: dict[str, JobState] = {
@@ -121,23 +123,24 @@ def job_status(job: dict[str, Any]) -> JobStatus:
 class AwsBatchBackend(Backend):
     name = "aws-batch"
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
-        super().__init__(options, config)
-        self.job_queue = str(options.get("job_queue") or "")
-        self.job_definition = str(options.get("job_definition") or "")
-        self.worker_image = str(options.get("worker_image") or "")
-        self.worker_command = [str(w) for w in options.get("worker_command") or []]
-        self.server_url = str(options.get("server_url") or
-                              (config.get("server") or {}).get("public_url") or "")
+    options: AwsBatchOptions
+
+    def __init__(self, options: AwsBatchOptions, work_dir: Path):
+        super().__init__(options, work_dir)
+        self.job_queue = options.job_queue
+        self.job_definition = options.job_definition
+        self.worker_image = options.worker_image
+        self.worker_command = list(options.worker_command)
+        self.server_url = options.server_url  # server.public_url when not set
         self._definition_checked = False
         self._lock = threading.Lock()
         self.client = boto3.client(
-            "batch", region_name=options.get("region") or None,
-            endpoint_url=options.get("endpoint_url") or None,
-            config=BotoConfig(retries={"max_attempts": int(options.get("max_attempts", 3)),
+            "batch", region_name=options.region or None,
+            endpoint_url=options.endpoint_url or None,
+            config=BotoConfig(retries={"max_attempts": options.max_attempts,
                                        "mode": "standard"},
-                              connect_timeout=float(options.get("timeout_seconds", 30)),
-                              read_timeout=float(options.get("timeout_seconds", 30))))
+                              connect_timeout=options.timeout_seconds,
+                              read_timeout=options.timeout_seconds))
 
     # ---- submit ----
 
@@ -168,7 +171,7 @@ class AwsBatchBackend(Backend):
         requirements = self.resource_requirements(request)
         if requirements:
             overrides["resourceRequirements"] = requirements
-        environment = {str(k): str(v) for k, v in (self.options.get("environment") or {}).items()}
+        environment = dict(self.options.environment)
         if request.worker_token:  # auth on: the worker's only credential (no shared task dir)
             environment[worker_tokens.ENV_VAR] = request.worker_token
         if environment:
@@ -193,7 +196,7 @@ class AwsBatchBackend(Backend):
     def mapped_parameters(self, params: dict[str, str]) -> dict[str, Any]:
         """backend_parameters -> {submit_job field: typed value}, through the allow-list."""
         try:
-            mapped = map_backend_parameters(params, self.options.get("backend_parameters") or {},
+            mapped = map_backend_parameters(params, self.options.backend_parameters,
                                             SUBMIT_FIELD_NAME,
                                             f"one of {', '.join(SUBMIT_FIELDS)}")
         except TemplateValueError as exc:
@@ -223,8 +226,8 @@ class AwsBatchBackend(Backend):
                         "command": list(self.worker_command),
                         "resourceRequirements": [
                             {"type": "VCPU", "value": "1"},
-                            {"type": "MEMORY", "value": str(int(
-                                self.options.get("default_memory_mib", 2048)))}],
+                            {"type": "MEMORY", "value": str(
+                                self.options.default_memory_mib)}],
                     },
                     tags={"funnel-hpc": "worker"})
             self._definition_checked = True

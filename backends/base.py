@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends.files import read_tail
+from funnel_hpc.core.config import BackendOptions
 
 
 class JobState(str, enum.Enum):  # noqa: UP042 - str() of a state stays as logged
@@ -128,11 +129,10 @@ class Backend(abc.ABC):
     #: files there (SubmitRequest.files): a queued job then costs no directory
     makes_task_dir: bool = False
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
-        self.options = options  # this backend's section: config["backend"][name]
-        self.config = config    # the whole configuration
-        self.supported_parameters = frozenset(
-            str(key).lower() for key in (options.get("backend_parameters") or {}))
+    def __init__(self, options: BackendOptions, work_dir: Path):
+        self.options = options    # this backend's section of the configuration
+        self.work_dir = work_dir  # the configuration's work_dir (absolute)
+        self.supported_parameters = frozenset(key.lower() for key in options.backend_parameters)
 
     @abc.abstractmethod
     def submit(self, request: SubmitRequest) -> str:

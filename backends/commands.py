@@ -4,7 +4,7 @@ Both runners take an argv list, never a shell string built from task data, and
 count their calls (``calls``) so tests and benchmarks can check that a poll
 costs a constant number of scheduler commands.
 
-    runner = make_runner(options.get("ssh"), timeout=60)   # LocalRunner or SSHRunner
+    runner = make_runner(options.ssh, timeout=60)   # LocalRunner or SSHRunner
     rc, out, err = runner.run(["sbatch", "--parsable"], input=script)
     result = runner.run(["squeue", "-h"]); result.returncode, result.stdout, result.stderr
 
@@ -22,9 +22,10 @@ import os
 import shlex
 import subprocess
 import threading
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from funnel_hpc.backends.base import BackendError
+from funnel_hpc.core.config import SshOptions
 
 if TYPE_CHECKING:
     import paramiko
@@ -167,10 +168,9 @@ def job_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {name: value for name, value in environ.items() if not name.startswith("FUNNEL_")}
 
 
-def make_runner(ssh: dict[str, Any] | None, timeout: float = 60) -> Runner:
+def make_runner(ssh: SshOptions | None, timeout: float = 60) -> Runner:
     """SSHRunner when ssh.host is set (backend.<name>.ssh), else LocalRunner whose
     commands get job_environment()."""
-    if ssh and ssh.get("host"):
-        return SSHRunner(ssh["host"], ssh.get("user", ""), ssh.get("port", 22),
-                         ssh.get("key_file", ""), timeout, ssh.get("known_hosts", ""))
+    if ssh and ssh.host:
+        return SSHRunner(ssh.host, ssh.user, ssh.port, ssh.key_file, timeout, ssh.known_hosts)
     return LocalRunner(timeout, env=job_environment())

@@ -48,6 +48,7 @@ from funnel_hpc.backends.gridengine_accounting import MAX_REMEMBERED, Accounting
 from funnel_hpc.backends.gridengine_drmaa import DrmaaAgent
 from funnel_hpc.backends.gridengine_qstat import ZOMBIE, map_qstat_state, parse_qstat_xml
 from funnel_hpc.backends.templating import render, script_variables
+from funnel_hpc.core.config import GridEngineOptions
 
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
 
@@ -68,13 +69,15 @@ class GridEngineBackend(Backend):
     name = "gridengine"
     job_output_files = ("gridengine.out", "gridengine.err")  # the shipped template's output/error
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
-        super().__init__(options, config)
-        self.mode = str(options.get("mode") or "drmaa")
+    options: GridEngineOptions
+
+    def __init__(self, options: GridEngineOptions, work_dir: Path):
+        super().__init__(options, work_dir)
+        self.mode = options.mode
         if self.mode not in ("drmaa", "cli"):
             raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")
-        self.template = options.get("template") or "gridengine.sh.j2"
-        timeout = float(options.get("command_timeout", 60))
+        self.template = options.template
+        timeout = options.command_timeout
         self.env = self._environment()
         self.runner: Runner = LocalRunner(timeout, env=self.env)
         self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
@@ -82,16 +85,16 @@ class GridEngineBackend(Backend):
         self.parallel_submit = self.mode == "cli"
         self._finished: dict[str, JobStatus] = {}  # reaped by DRMAA, or cancelled in cli mode
         self.accounting = AccountingFile(Path(
-            options.get("accounting_file")
+            options.accounting_file
             or Path(self.env["SGE_ROOT"]) / self.env["SGE_CELL"] / "common" / "accounting"))
 
     def _environment(self) -> dict[str, str]:
         env = job_environment()  # without the gateway's FUNNEL_ configuration
-        env["SGE_ROOT"] = str(self.options.get("sge_root") or env.get("SGE_ROOT")
-                              or "/var/lib/gridengine")
-        env["SGE_CELL"] = str(self.options.get("sge_cell") or env.get("SGE_CELL") or "default")
-        env["DRMAA_LIBRARY_PATH"] = str(self.options.get("drmaa_library") or DEFAULT_LIBRARY)
-        static_tls = int(self.options.get("static_tls", 4096) or 0)
+        # empty sge_root / sge_cell: the gateway's environment's, else Grid Engine's own
+        env["SGE_ROOT"] = self.options.sge_root or env.get("SGE_ROOT") or "/var/lib/gridengine"
+        env["SGE_CELL"] = self.options.sge_cell or env.get("SGE_CELL") or "default"
+        env["DRMAA_LIBRARY_PATH"] = self.options.drmaa_library or DEFAULT_LIBRARY
+        static_tls = self.options.static_tls
         if static_tls and "GLIBC_TUNABLES" not in env:
             env["GLIBC_TUNABLES"] = f"glibc.rtld.optional_static_tls={static_tls}"
         return env
@@ -112,8 +115,8 @@ class GridEngineBackend(Backend):
         variables = script_variables(request, self.options)
         ram_mb, cpus = variables["ram_mb"], variables["cpus"]
         variables.update(
-            parallel_environment=str(self.options.get("parallel_environment") or ""),
-            memory_resource=str(self.options.get("memory_resource") or ""),
+            parallel_environment=self.options.parallel_environment,
+            memory_resource=self.options.memory_resource,
             mem_per_slot_mb=int(math.ceil(ram_mb / cpus)) if ram_mb else None,
         )
         return variables

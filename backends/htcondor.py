@@ -48,6 +48,7 @@ from funnel_hpc.backends.templating import (
     render,
     script_variables,
 )
+from funnel_hpc.core.config import HTCondorOptions
 
 # HTCondor JobStatus codes -> common job states
 STATE_MAP: dict[int, JobState] = {
@@ -125,20 +126,22 @@ class HTCondorBackend(Backend):
     name = "htcondor"
     job_output_files = ("htcondor.out", "htcondor.err")  # the shipped template's output/error
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any], schedd: Any = None,
+    options: HTCondorOptions
+
+    def __init__(self, options: HTCondorOptions, work_dir: Path, schedd: Any = None,
                  bindings: Any = None):
-        super().__init__(options, config)
-        self.template = options.get("template") or "htcondor.sub.j2"
-        self.wrapper_template = options.get("wrapper_template") or "htcondor.sh.j2"
-        self.htcondor = bindings or load_bindings(str(options.get("bindings") or ""))
+        super().__init__(options, work_dir)
+        self.template = options.template
+        self.wrapper_template = options.wrapper_template
+        self.htcondor = bindings or load_bindings(options.bindings)
         self._schedd = schedd  # tests hand in a schedd; otherwise located on first use
 
     def schedd(self) -> Any:
         if self._schedd is None:
             try:
-                name = self.options.get("schedd_name") or ""
+                name = self.options.schedd_name
                 if name:
-                    collector = self.htcondor.Collector(self.options.get("collector") or None)
+                    collector = self.htcondor.Collector(self.options.collector or None)
                     ad = collector.locate(self.htcondor.DaemonTypes.Schedd, name)
                     self._schedd = self.htcondor.Schedd(ad)
                 else:
@@ -152,7 +155,7 @@ class HTCondorBackend(Backend):
     def variables(self, request: SubmitRequest) -> dict[str, Any]:
         # backend_parameters map to submit commands here, not to sbatch-style options
         commands = map_backend_parameters(request.backend_parameters,
-                                          self.options.get("backend_parameters") or {},
+                                          self.options.backend_parameters,
                                           COMMAND_NAME, "a submit command name")
         variables = script_variables(request, self.options, commands)
         variables["wrapper"] = str(request.task_dir / "htcondor.sh")

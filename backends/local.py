@@ -40,6 +40,7 @@ from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.jsonlines import ChildProcess
 from funnel_hpc.backends.local_queue import JobQueue
+from funnel_hpc.core.config import LocalOptions
 
 JOB, PID = "local.job", "local.pid"
 LEGACY_LAUNCH = "local.launch"  # written before a start by gateways before the journal
@@ -110,11 +111,12 @@ class LocalBackend(Backend):
     # the task dir is made when the job starts (a queued job costs one journal line)
     makes_task_dir = True
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
-        super().__init__(options, config)
-        self.work_dir = Path(config["work_dir"])
-        self.max_concurrent = max(1, int(options.get("max_concurrent", 2)))
-        self.grace = float(options.get("cancel_grace_seconds", 10))
+    options: LocalOptions
+
+    def __init__(self, options: LocalOptions, work_dir: Path):
+        super().__init__(options, work_dir)
+        self.max_concurrent = max(1, options.max_concurrent)
+        self.grace = options.cancel_grace_seconds
         self.queue = JobQueue(self.work_dir)                # submitted, not started, FIFO
         self.children: dict[str, tuple[int, str]] = {}      # wrappers this process started
         self.launcher = Launcher(self.work_dir, lambda: self.on_change and self.on_change())

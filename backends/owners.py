@@ -19,7 +19,8 @@ import pwd
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from funnel_hpc.core.config import SlurmOptions
 
 UNIX_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 LOGIN_DEFS = Path("/etc/login.defs")
@@ -49,11 +50,10 @@ def login_defs_uids(path: Path = LOGIN_DEFS) -> dict[str, int]:
     return found
 
 
-def _uid_option(options: dict[str, Any], name: str, key: str, default: int) -> int:
-    raw = options.get(name)
-    if raw is None or raw == "":
+def _uid_option(raw: int | None, key: str, default: int) -> int:
+    if raw is None:
         return default
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+    if raw >= 1:
         return raw
     raise ValueError(f"{key}: must be a uid of 1 or more (or null: from {LOGIN_DEFS}), "
                      f"got {raw!r}")
@@ -68,15 +68,15 @@ class OwnerPolicy:
     group: str = ""
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> OwnerPolicy:
+    def from_options(cls, options: SlurmOptions) -> OwnerPolicy:
         """The policy of a backend's options (`owner_min_uid`, `owner_max_uid`,
         `owner_group`); ValueError naming the key when one is wrong."""
         defaults = login_defs_uids()
-        min_uid = _uid_option(options, "owner_min_uid", MIN_UID_KEY, defaults["UID_MIN"])
-        max_uid = _uid_option(options, "owner_max_uid", MAX_UID_KEY, defaults["UID_MAX"])
+        min_uid = _uid_option(options.owner_min_uid, MIN_UID_KEY, defaults["UID_MIN"])
+        max_uid = _uid_option(options.owner_max_uid, MAX_UID_KEY, defaults["UID_MAX"])
         if max_uid < min_uid:
             raise ValueError(f"{MAX_UID_KEY} ({max_uid}) is below {MIN_UID_KEY} ({min_uid})")
-        group = str(options.get("owner_group") or "")
+        group = options.owner_group
         if group:
             try:
                 grp.getgrnam(group)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from pathlib import Path
 
 from funnel_hpc.backends.base import Backend
+from funnel_hpc.core.config import BackendSection
 
 BACKENDS: dict[str, str] = {
     "local": "funnel_hpc.backends.local:LocalBackend",
@@ -31,13 +32,6 @@ def section_name(name: str) -> str:
     return name.replace("-", "_")
 
 
-def backend_options(config: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-    name = name or config["backend"]["name"]
-    options: dict[str, Any] = config["backend"].get(section_name(name)) or {}
-    return options
-
-
-def load_backend(config: dict[str, Any]) -> Backend:
-    name = config["backend"]["name"]
-    cls = backend_class(name)
-    return cls(backend_options(config, name), config)
+def load_backend(section: BackendSection, work_dir: str | Path) -> Backend:
+    """The configured backend, given its own section and the work dir."""
+    return backend_class(section.name)(section.options(), Path(work_dir))

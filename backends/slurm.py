@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import pwd
 from pathlib import Path
-from typing import Any
 
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Result, Runner, failure, make_runner
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
 from funnel_hpc.backends.templating import render, script_variables
+from funnel_hpc.core.config import SlurmOptions
 
 # Slurm job states (squeue %T, sacct State) -> common job states
 STATE_MAP: dict[str, JobState] = {
@@ -124,13 +124,14 @@ class SlurmBackend(Backend):
     job_output_files = ("slurm.out", "slurm.err")  # the shipped template's output/error
     parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
-    def __init__(self, options: dict[str, Any], config: dict[str, Any]):
-        super().__init__(options, config)
-        self.runner: Runner = make_runner(options.get("ssh"),
-                                          float(options.get("command_timeout", 60)))
-        self.template = options.get("template") or "slurm.sh.j2"
+    options: SlurmOptions
+
+    def __init__(self, options: SlurmOptions, work_dir: Path):
+        super().__init__(options, work_dir)
+        self.runner: Runner = make_runner(options.ssh, options.command_timeout)
+        self.template = options.template
         self._accounting: bool | None = None
-        self.as_owner = bool(options.get("submit_as_owner"))
+        self.as_owner = options.submit_as_owner
         self.owners = OwnerPolicy.from_options(options) if self.as_owner else None
 
     # ---- submit / cancel ----
@@ -156,7 +157,7 @@ class SlurmBackend(Backend):
 
     def job_uid(self, owner: str | None) -> int | None:
         """With submit_as_owner the job (and its files) is the owner's."""
-        if not self.options.get("submit_as_owner"):
+        if not self.as_owner:
             return super().job_uid(owner)
         if not owner or not UNIX_USER.fullmatch(owner):
             return None
@@ -212,7 +213,7 @@ class SlurmBackend(Backend):
         """One squeue over this account's jobs, or over the wanted ids when jobs run as
         their owners (not every user's jobs on the cluster)."""
         columns = ["-O", "JobID:|,State:|,exit_code:|,Reason:"]
-        if not self.options.get("submit_as_owner"):
+        if not self.as_owner:
             return self.runner.run(["squeue", "-h", "--me", "-t", "all", *columns])
         ids = sorted((j for j in wanted if j.isdigit()), key=int)
         if not ids:

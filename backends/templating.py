@@ -48,13 +48,14 @@ import functools
 import math
 import re
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
 from funnel_hpc.backends.base import SubmitRequest
-from funnel_hpc.core.config import TEMPLATES_DIR
+from funnel_hpc.core.config import TEMPLATES_DIR, BackendOptions
 
 # letters, digits and the punctuation scheduler options need (times, lists, gres, paths)
 _DIRECTIVE_SAFE = re.compile(r"[A-Za-z0-9_.,:=@%+/\-\[\]]*")
@@ -135,7 +136,7 @@ def render(template: str, variables: dict[str, Any]) -> str:
         raise TemplateValueError(f"submission template {template}: {exc}") from None
 
 
-def map_backend_parameters(params: dict[str, str], allowed: dict[str, str],
+def map_backend_parameters(params: dict[str, str], allowed: Mapping[str, str],
                            name: re.Pattern[str] = OPTION_NAME,
                            what: str = "an option name") -> list[tuple[str, str]]:
     """TES backend_parameters -> [(scheduler name, value)] through the admin's allow-list
@@ -189,20 +190,22 @@ def _mb(gb: Any) -> int | None:
     return int(math.ceil(float(gb) * 1024)) if gb else None
 
 
-def script_variables(request: SubmitRequest, options: dict[str, Any],
+def script_variables(request: SubmitRequest, options: BackendOptions,
                      parameters: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """The variables of every backend template (table above); parameters: the task's
     backend_parameters already mapped (default: as scheduler options)."""
     if parameters is None:
         parameters = map_backend_parameters(request.backend_parameters,
-                                            options.get("backend_parameters") or {})
+                                            options.backend_parameters)
     task = request.task
     resources = task.get("resources") or {}
     zones = [str(z) for z in resources.get("zones") or []]
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(task.get("name") or ""))[:64]
-    default_partition = options.get("partition") or options.get("queue") or ""
+    # Slurm's partition, Grid Engine's queue; every template sees every site key
+    default_partition = str(getattr(options, "partition", "") or getattr(options, "queue", ""))
+    own_site = getattr(options, "site", None)  # Slurm's, Grid Engine's, HTCondor's own keys
     site = {"account": "", "qos": "", "extra_directives": [], "modules": [], "prologue": [],
-            **(options.get("site") or {})}
+            **(vars(own_site) if own_site is not None else {})}
     return {
         "task_id": directive(request.task_id),
         "job_name": directive(f"funnel-{request.task_id}"),

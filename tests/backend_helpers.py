@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import boto3
 import requests
@@ -40,10 +41,23 @@ def set_environ(values: dict[str, str]) -> Callable[[], None]:
     return restore
 
 
-def backend_options(name: str, **extra) -> dict:
-    """backend.<name> from conf/default.yaml (aws-batch or aws_batch), with overrides."""
-    base = config_mod.load(environ={})["backend"][name.replace("-", "_")]
-    return {**base, **extra}
+# the work dir of a backend that has none to use (every one but local)
+NO_WORK_DIR = Path("/nonexistent")
+
+
+def backend_options(name: str, **extra: object) -> Any:
+    """backend.<name> from conf/default.yaml (aws-batch or aws_batch), with some keys
+    replaced (plain values, converted and checked as the loader does)."""
+    base = config_mod.load(environ={}).backend.options(name)
+    return config_mod.replace(base, f"backend.{name.replace('-', '_')}", **extra)
+
+
+def ssh_options(**extra: object) -> config_mod.SshOptions:
+    """backend.slurm.ssh from conf/default.yaml with some keys replaced."""
+    ssh = config_mod.replace(config_mod.load(environ={}).backend.slurm.ssh,
+                             "backend.slurm.ssh", **extra)
+    assert isinstance(ssh, config_mod.SshOptions)
+    return ssh
 
 
 def make_request(tmp_path: Path, task: dict, argv: list[str] | None = None,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.events import EventFold, read_event_log
 from tests.components import need as need_component
 from tests.image_helpers import registry_answers
@@ -25,6 +26,19 @@ ROOTFS = Path("/var/lib/funnel/rootfs")
 
 
 BUSYBOX = "busybox"
+
+
+def worker_config(**sections: dict) -> config_mod.WorkerConfig:
+    """What a worker reads: conf/default.yaml with these sections' keys merged over it."""
+    return config_mod.load(environ={}, overrides=sections).for_worker()
+
+
+def worker_section(**values: object) -> config_mod.WorkerSection:
+    """The worker section of conf/default.yaml with some keys replaced (a mapping given
+    for a sub-section, e.g. sandbox_uids, replaces only the keys it names)."""
+    section = config_mod.replace(config_mod.load(environ={}).worker, "worker", **values)
+    assert isinstance(section, config_mod.WorkerSection)
+    return section
 
 
 def need(tool: str) -> None:

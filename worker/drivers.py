@@ -41,6 +41,7 @@ TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from typing import Any, Literal
 
+    from funnel_hpc.core.config import WorkerConfig
     from funnel_hpc.worker.identity import Identity
     from funnel_hpc.worker.images import ImageRoot, Json
 
@@ -117,9 +118,9 @@ def image_uri(image: str) -> str:
 
 
 class Drivers:
-    def __init__(self, config: dict[str, Any], cache_dir: Path, owner: str | None = None,
+    def __init__(self, config: WorkerConfig, cache_dir: Path, owner: str | None = None,
                  tmpfs_bytes: int = sandbox.TMPFS_BYTES):
-        self.worker = config["worker"]
+        self.worker = config.worker
         self.owner = owner  # the task's (task.json): whose registry credentials it may use
         self.tmpfs_bytes = tmpfs_bytes  # each tmpfs of a bwrap sandbox (worker/limits.py)
         self.work_dir = cache_dir
@@ -174,13 +175,13 @@ class Drivers:
 
     def choose(self) -> str:
         """The driver for this task; what to say about the choice is left in choice_notes."""
-        name: str = self.worker["container_driver"]
+        name = self.worker.container_driver
         if name != "auto":
             refused = self._refusal(name)
             if refused:
                 raise DriverError(f"container driver {name}: {refused}")
             return name
-        auto_order: list[str] = self.worker["auto_order"]
+        auto_order = self.worker.auto_order
         skipped: list[str] = []
         for candidate in auto_order:
             reason = "its probe failed here" if not self.works(candidate) else \
@@ -200,7 +201,7 @@ class Drivers:
         unavailable = self._filter("proot")
         if not isinstance(unavailable, FilterUnavailable):
             return self._proot_shared_refusal()
-        if self.worker.get("allow_unfiltered_proot"):
+        if self.worker.allow_unfiltered_proot:
             self.choice_notes.append(f"driver proot WITHOUT a seccomp filter ({unavailable}): "
                                      "a task can reach the host's files as the sandbox user "
                                      "(worker.allow_unfiltered_proot is true)")
@@ -269,8 +270,8 @@ class Drivers:
         elif name == "charliecloud":  # ch-run needs an image to really start: its version
             argv = pid_namespace.wrapper_argv(self.identity) + ["ch-run", "--version"]
         else:
-            spec = self.worker["drivers"].get(name)
-            if not spec:
+            spec = self.worker.drivers.get(name)
+            if not isinstance(spec, dict) or not spec.get("probe"):
                 return False
             argv = list(spec["probe"])
         if not shutil.which(ENGINE_BINARY.get(name, argv[0])):
@@ -291,7 +292,7 @@ class Drivers:
         if name not in IMAGE_DRIVERS:
             return []
         try:
-            sandbox.network_mode(self.worker)  # a config error before any pull
+            sandbox.network_mode(self.worker.network)  # a config error before any pull
         except sandbox.SandboxError as error:
             raise DriverError(str(error)) from None
         notes = []
@@ -311,12 +312,11 @@ class Drivers:
         root: ImageRoot | str
         try:
             root = images_mod.ensure_rootfs(
-                image, self.image_cache(), self.worker.get("registries") or {},
-                float(self.worker.get("image_retry_seconds", 30)),
-                str(self.worker.get("pull") or "missing"), owner=self.owner,
+                image, self.image_cache(), self.worker.registries,
+                self.worker.image_retry_seconds, self.worker.pull, owner=self.owner,
                 limits=images_mod.Limits.from_worker(self.worker))
         except images_mod.ImageError as error:
-            if str(self.worker.get("host_root") or "deny") != "allow":
+            if self.worker.host_root != "allow":
                 raise DriverError(f"{error} ({error.reason})") from None
             self.host_root_reason = str(error)
             root = HOST_ROOT
@@ -326,7 +326,7 @@ class Drivers:
         return root
 
     def image_cache(self) -> str:
-        return str(self.worker.get("image_cache") or self.work_dir / "image-cache")
+        return self.worker.image_cache or str(self.work_dir / "image-cache")
 
     def _host_root_note(self, image: str) -> str:
         return (f"image {image} cannot be had ({self.host_root_reason}); running over the "
@@ -369,8 +369,8 @@ class Drivers:
                 return self._sandboxed(name, image, command, env, workdir, binds, gpus)
             except sandbox.SandboxError as error:
                 raise DriverError(str(error)) from None
-        spec = self.worker["drivers"].get(name)
-        if not spec:
+        spec = self.worker.drivers.get(name)
+        if not isinstance(spec, dict) or not spec.get("run"):
             raise DriverError(f"unknown container driver {name!r}")
         if not shutil.which(spec["run"][0]):
             raise DriverError(f"container driver {name!r}: {spec['run'][0]} not found")
@@ -378,7 +378,7 @@ class Drivers:
             raise DriverError(f"the task asks for GPUs but worker.drivers.{name} has no "
                               "gpu flags ({gpu} in run, and gpu)")
         _check_bind_paths(name, binds)
-        network = sandbox.network_mode(self.worker)
+        network = sandbox.network_mode(self.worker.network)
         argv = _expand(spec["run"], {"image": image, "image_uri": image_uri(image),
                                      "network": network}, binds, env, workdir, command,
                        spec, gpus)
@@ -474,8 +474,8 @@ class Drivers:
                        gpus: str | None) -> tuple[str, list[str]]:
         """What can be refused before pulling: the network mode and GPUs this driver cannot
         give, and (proot) words its command line syntax cannot carry."""
-        network = sandbox.network_mode(self.worker)
-        devices = [str(d) for d in self.worker.get("gpu_devices") or []] if gpus else []
+        network = sandbox.network_mode(self.worker.network)
+        devices = list(self.worker.gpu_devices) if gpus else []
         if gpus and (name != "bwrap" or not devices):
             raise DriverError(f"the task asks for GPUs: driver {name} gives them only as bwrap "
                               "with worker.gpu_devices set")

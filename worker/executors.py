@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO, Any
 
+    from funnel_hpc.core.config import WorkerConfig
     from funnel_hpc.worker.cgroups import Group, Process
     from funnel_hpc.worker.drivers import Drivers, Invocation
     from funnel_hpc.worker.events import EventLog
@@ -53,7 +54,7 @@ def _pump(stream: IO[bytes], sink: IO[bytes] | None, tail: Tail) -> None:
 class Executors:
     """Runs a task's executors; kill() (any thread) stops the one running."""
 
-    def __init__(self, task: dict[str, Any], config: dict[str, Any], events: EventLog,
+    def __init__(self, task: dict[str, Any], config: WorkerConfig, events: EventLog,
                  canceled: threading.Event, drivers: Drivers, task_dir: Path, plan: Plan):
         self.task = task
         self.task_id = str(task.get("id"))
@@ -62,8 +63,8 @@ class Executors:
         self.canceled = canceled
         self.drivers = drivers
         self.task_dir = task_dir
-        self.tail_bytes = int(config["worker"]["log_tail_bytes"])
-        self.log_update_seconds = float(config["worker"].get("log_update_seconds", 5))
+        self.tail_bytes = config.worker.log_tail_bytes
+        self.log_update_seconds = config.worker.log_update_seconds
         parameters = (task.get("resources") or {}).get("backend_parameters") or {}
         gpus = str(parameters.get("gpus") or "")
         self.gpus = gpus if gpus not in ("", "0") else None  # resources.backend_parameters

@@ -34,13 +34,12 @@ from funnel_hpc.worker.sandbox import SandboxError, sandbox_ids
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from typing import Any
 
+    from funnel_hpc.core.config import SandboxUids, WorkerSection
     from funnel_hpc.worker.cgroups import Process
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
-DEFAULT_LOCK_DIR = "/run/funnel-hpc/sandbox-uids"
 SWEEP_ROUNDS = 100  # /proc scans killing a block's processes before giving up...
 SWEEP_PAUSE_SECONDS = 0.05  # ...with this pause between them (~5 s in all)
 INFO_TIMEOUT_SECONDS = 60.0  # bwrap says its child's pid at once; this is for a wedged one
@@ -67,13 +66,10 @@ class Range:
         return self.first + slot * BLOCK
 
 
-def parse_range(worker: dict[str, Any]) -> Range | None:
-    """The configured range, or None when it is off (first: 0)."""
-    raw = worker.get("sandbox_uids") or {}
-    if not isinstance(raw, dict):
-        raise SandboxError("worker.sandbox_uids must be a mapping (first, count, lock_dir)")
-    first, count = raw.get("first") or 0, raw.get("count") or 0
-    if not isinstance(first, int) or not isinstance(count, int) or first < 0 or count < 0:
+def parse_range(uids: SandboxUids) -> Range | None:
+    """The configured range (worker.sandbox_uids), or None when it is off (first: 0)."""
+    first, count = uids.first, uids.count
+    if first < 0 or count < 0:
         raise SandboxError("worker.sandbox_uids.first and .count must be whole numbers >= 0")
     if first == 0:
         return None
@@ -81,7 +77,7 @@ def parse_range(worker: dict[str, Any]) -> Range | None:
         raise SandboxError(f"worker.sandbox_uids: first ({first}) must be at least {BLOCK} "
                            f"and count ({count}) at least 1, with first + count * {BLOCK} "
                            f"ids below {MAX_ID + 1}")
-    lock_dir = str(raw.get("lock_dir") or DEFAULT_LOCK_DIR)
+    lock_dir = uids.lock_dir
     if not lock_dir.startswith("/"):
         raise SandboxError(f"worker.sandbox_uids.lock_dir must be absolute, not {lock_dir!r}")
     return Range(first, count, lock_dir)
@@ -145,14 +141,14 @@ class Identity:
             os.lchown(path, uid, gid)
 
 
-def acquire(worker: dict[str, Any]) -> Identity | None:
+def acquire(worker: WorkerSection) -> Identity | None:
     """This task's identity: a free slot of worker.sandbox_uids, else sandbox_user; None
     when the worker is not root (it runs tasks as itself)."""
     if os.geteuid() != 0:
         return None
-    uids = parse_range(worker)
+    uids = parse_range(worker.sandbox_uids)
     if uids is None:
-        ids = sandbox_ids(worker)
+        ids = sandbox_ids(worker.sandbox_user)
         assert ids is not None  # root
         return Identity(*ids)
     _check_lock_dir(uids.lock_dir)

@@ -25,14 +25,14 @@ from funnel_hpc.worker.cgroups import Limits
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from typing import Any
+
+    from funnel_hpc.core.config import WorkerSection
 
 MODES = ("auto", "always", "never")
 SCHEDULER_VARS = ("SLURM_JOB_ID", "JOB_ID", "PBS_JOBID", "LSB_JOBID", "_CONDOR_JOB_AD",
                   "AWS_BATCH_JOB_ID")
 MIN_BYTES = 64 << 20  # below this not even the engine starts: a task asking less gets this
 DEFAULT_TMPFS_MB = 1024
-DEFAULT_MAX_PIDS = 4096
 DEFAULT_DISK_CHECK_SECONDS = 2.0
 
 
@@ -99,13 +99,13 @@ class Plan:
         return prefix + argv, "limits (worker.limit_resources): " + ", ".join(said)
 
 
-def plan(resources: Mapping[str, object], worker: Mapping[str, Any], task_id: str,
+def plan(resources: Mapping[str, object], worker: WorkerSection, task_id: str,
          environ: Mapping[str, str] = os.environ) -> Plan:
     """The task's Plan under this worker's settings; LimitError names a bad setting."""
-    mode = str(worker.get("limit_resources", "auto"))
+    mode = worker.limit_resources
     if mode not in MODES:
         raise LimitError(f"worker.limit_resources must be one of {MODES}, not {mode!r}")
-    tmpfs_bytes = _setting(worker, "tmpfs_mb", DEFAULT_TMPFS_MB, minimum=1) << 20
+    tmpfs_bytes = _setting("tmpfs_mb", worker.tmpfs_mb, minimum=1) << 20
     enforce = mode == "always" or (mode == "auto"
                                    and not any(environ.get(v) for v in SCHEDULER_VARS))
     if not enforce:
@@ -125,18 +125,17 @@ def plan(resources: Mapping[str, object], worker: Mapping[str, Any], task_id: st
     else:
         cores = None
     disk_gb = _number(resources.get("disk_gb"))
-    max_pids = _setting(worker, "max_pids", DEFAULT_MAX_PIDS, minimum=0)
-    check = worker.get("disk_check_seconds", DEFAULT_DISK_CHECK_SECONDS)
-    if isinstance(check, bool) or not isinstance(check, (int, float)) or not 0 < check <= 60:
+    max_pids = _setting("max_pids", worker.max_pids, minimum=0)
+    check = worker.disk_check_seconds
+    if not 0 < check <= 60:
         raise LimitError(f"worker.disk_check_seconds must be a number of seconds in (0, 60], "
                          f"not {check!r}")
     return Plan(True, tmpfs_bytes, ram_bytes, cores, cpus, max_pids or None,
-                int(disk_gb * (1 << 30)) if disk_gb else None, float(check))
+                int(disk_gb * (1 << 30)) if disk_gb else None, check)
 
 
-def _setting(worker: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
-    value = worker.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _setting(key: str, value: int, minimum: int) -> int:
+    if value < minimum:
         raise LimitError(f"worker.{key} must be a whole number >= {minimum}, not {value!r}")
     return value
 

@@ -52,9 +52,8 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
             check_task_id(task_id)
         except TaskError as exc:
             raise UsageError(str(exc)) from None
-        token = read_token(Path(workdir or config["work_dir"]) / task_id)
-        task = fetch_task(server, task_id, token,
-                          float(config["worker"]["server_wait_seconds"]))
+        token = read_token(Path(workdir or config.work_dir) / task_id)
+        task = fetch_task(server, task_id, token, config.worker.server_wait_seconds)
     else:
         assert task_file  # exactly one of the two, checked above
         try:
@@ -65,7 +64,7 @@ def run(task_file: str | None, task_id: str | None, server: str | None,
         raise UsageError("the task document needs an id and executors")
     if task_id and task["id"] != task_id:
         raise UsageError(f"the server sent task {task['id']!r} for {task_id!r}")
-    base = Path(workdir or config["work_dir"]).resolve()
+    base = Path(workdir or config.work_dir).resolve()
     try:
         check_task_id(task["id"])
     except TaskError as exc:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from types import FrameType
     from typing import Any
 
+    from funnel_hpc.core.config import WorkerConfig
     from funnel_hpc.worker.scratch import Scratch
 
 __all__ = ["EXIT_CODES", "Canceled", "SystemFailure", "TaskRunner", "run_task"]
@@ -55,7 +56,7 @@ FAILURES = (SystemFailure, StorageError, DriverError, PathError, TaskError, Limi
 class TaskRunner:
     """One task's run, from INITIALIZING to its final state, in this process."""
 
-    def __init__(self, task: dict[str, Any], workdir: Path, config: dict[str, Any],
+    def __init__(self, task: dict[str, Any], workdir: Path, config: WorkerConfig,
                  server: str | None = None, remote: bool = False):
         self.task = task
         self.task_id = check_task_id(task.get("id"))
@@ -68,7 +69,7 @@ class TaskRunner:
         self.storage = Storage(config, stop=self.cancel_event, owner=task.get("owner"))
         self.limit_error: LimitError | None = None  # a bad worker.* limit setting
         try:
-            self.plan = plan(task.get("resources") or {}, config["worker"], self.task_id)
+            self.plan = plan(task.get("resources") or {}, config.worker, self.task_id)
         except LimitError as error:  # raised in _steps, to end the task SYSTEM_ERROR
             self.limit_error, self.plan = error, Plan(False, DEFAULT_TMPFS_MB << 20)
         self.group: cgroups.Group | None = None  # the task's cgroup, while it runs
@@ -78,7 +79,7 @@ class TaskRunner:
         # a remote worker (started with --task-id: no file system shared with the
         # gateway) reports only over HTTP, so it waits for a restarting server; one whose
         # event log the gateway reads sends events as a courtesy and never waits long
-        self.flush_seconds = float(config["worker"]["server_wait_seconds"]) if remote else 5.0
+        self.flush_seconds = config.worker.server_wait_seconds if remote else 5.0
         self.events = EventLog(self.task_dir / "events.jsonl", self.task_id, server,
                                token=self.token, retry_seconds=self.flush_seconds)
         self.executors = Executors(task, config, self.events, self.cancel_event, self.drivers,
@@ -97,7 +98,7 @@ class TaskRunner:
         """Notice a cancel made on the server."""
         import requests
 
-        interval = float(self.config["worker"]["poll_server_seconds"])
+        interval = self.config.worker.poll_server_seconds
         url = f"{server.rstrip('/')}/ga4gh/tes/v1/tasks/{self.task_id}"
         session = requests.Session()
         if self.token:
@@ -181,7 +182,7 @@ class TaskRunner:
         """The task's cgroup, when this worker enforces limits on a sandboxed driver."""
         if not self.plan.enforce or driver not in IMAGE_DRIVERS:
             return
-        parent = str(self.config["worker"].get("cgroup_parent") or "funnel-hpc")
+        parent = self.config.worker.cgroup_parent
         try:
             self.group = cgroups.create(self.task_id, self.plan.cgroup_limits(), parent)
         except cgroups.Unavailable as reason:
@@ -202,7 +203,7 @@ class TaskRunner:
 
     def _use_scratch(self) -> None:
         """worker.scratch_dir set: the task's files/ tree moves to node-local scratch."""
-        setting = str(self.config["worker"].get("scratch_dir") or "")
+        setting = self.config.worker.scratch_dir
         if not setting:
             return
         from funnel_hpc.worker.scratch import Scratch, Unset
@@ -218,7 +219,7 @@ class TaskRunner:
         """worker.keep_workdir: once the task's outcome is known and its outputs are
         uploaded, remove its files/ tree and the sandbox's own files. Scratch is removed
         whatever the outcome; what keep_workdir keeps is first copied back."""
-        keep = str(self.config["worker"].get("keep_workdir") or "on_failure")
+        keep = self.config.worker.keep_workdir
         if keep not in KEEP_WORKDIR:
             self.events.system_log(f"worker.keep_workdir {keep!r} is not one of "
                                    f"{', '.join(KEEP_WORKDIR)}: the task directory is kept")
@@ -248,7 +249,7 @@ class TaskRunner:
             self.events.system_log(f"worker.scratch_dir: {problem}")
 
 
-def run_task(task: dict[str, Any], workdir: Path, config: dict[str, Any],
+def run_task(task: dict[str, Any], workdir: Path, config: WorkerConfig,
              server: str | None = None,
              remote: bool = False) -> str:
     """Run a task to its end; SIGTERM/SIGINT cancel it. Returns the final TES state.

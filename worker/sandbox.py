@@ -24,7 +24,6 @@ import struct
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from typing import Any
 
 # Image entries the sandbox provides itself instead of binding the image's.
 SANDBOX_OWNED = ("dev", "proc", "sys", "tmp", "run")
@@ -49,13 +48,13 @@ class SandboxError(RuntimeError):
     """The sandbox cannot be set up as configured (a SYSTEM_ERROR)."""
 
 
-def sandbox_ids(worker: dict[str, Any]) -> tuple[int, int] | None:
-    """(uid, gid) the engine runs as, or None when the worker is not root (nothing to drop)."""
+def sandbox_ids(name: str) -> tuple[int, int] | None:
+    """(uid, gid) the engine runs as (`name`: worker.sandbox_user, a name or a uid), or None
+    when the worker is not root (nothing to drop)."""
     if os.geteuid() != 0:
         return None
     import pwd
 
-    name = str(worker.get("sandbox_user") or "nobody")
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError):
@@ -76,8 +75,8 @@ def user_name(ids: tuple[int, int] | None) -> str:
         return str(uid)
 
 
-def network_mode(worker: dict[str, Any]) -> str:
-    mode = str(worker.get("network") or "host")
+def network_mode(mode: str) -> str:
+    """worker.network, checked."""
     if mode not in NETWORK_MODES:
         raise SandboxError(f"worker.network must be one of {NETWORK_MODES}, not {mode!r}")
     return mode

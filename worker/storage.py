@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
+    from funnel_hpc.core.config import WorkerConfig
+
 # scheme -> (module under funnel_hpc.worker, factory name); imported on first use
 STORES = {
     "file": ("storage_local", "make_store"),
@@ -195,15 +197,15 @@ class Storage:
     """Picks the store for a URL (refusing schemes not in storage.allowed_schemes) and runs
     transfers with retries, several at once."""
 
-    def __init__(self, config: dict[str, Any], stop: threading.Event | None = None,
+    def __init__(self, config: WorkerConfig, stop: threading.Event | None = None,
                  owner: str | None = None):
-        self.config = config
+        self.config = config  # the stores read their storage.* (and worker.*) keys
         self.stop = stop  # set: transfers in progress give up at their next chunk
         self.owner = owner
-        options = config["storage"]
-        self.allowed_schemes = set(options["allowed_schemes"])
-        self.retry_seconds = float(options["retry_seconds"])
-        self.parallel = max(1, int(options["max_parallel_transfers"]))
+        options = config.storage
+        self.allowed_schemes = set(options.allowed_schemes)
+        self.retry_seconds = options.retry_seconds
+        self.parallel = max(1, options.max_parallel_transfers)
         self._stores: dict[str, Store] = {}
         self._lock = threading.Lock()
 

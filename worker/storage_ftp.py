@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
+    from funnel_hpc.core.config import WorkerConfig
+
 
 class FtpStore(Store):
     """One FTP connection per transfer."""
@@ -93,5 +95,5 @@ class FtpStore(Store):
             return False
 
 
-def make_store(_config: dict[str, Any], _scheme: str) -> FtpStore:
+def make_store(_config: WorkerConfig, _scheme: str) -> FtpStore:
     return FtpStore()

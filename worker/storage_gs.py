@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
     from typing import Any
 
+    from funnel_hpc.core.config import GsOptions, WorkerConfig
+
 MB = 1 << 20
 SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
 MISSING = ("gs:// needs the google-cloud-storage package on the worker's Python "
@@ -35,13 +37,12 @@ MISSING = ("gs:// needs the google-cloud-storage package on the worker's Python 
 class GsStore(Store):
     """One google.cloud.storage client, made on first use."""
 
-    def __init__(self, options: dict[str, Any], parallel: int = 1):
+    def __init__(self, options: GsOptions, parallel: int = 1):
         self.options = options
         self.timeout = 60.0
         self.parallel = max(1, parallel)
-        # 0: never ranged (older configs have no key: the default)
-        self.ranged_threshold = int(float(options.get("ranged_threshold_mb", 64)) * MB)
-        self.chunk = max(1, int(float(options.get("ranged_chunk_mb") or 32) * MB))
+        self.ranged_threshold = int(options.ranged_threshold_mb * MB)  # 0: never ranged
+        self.chunk = max(1, int(options.ranged_chunk_mb * MB))
         self._client: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -58,19 +59,18 @@ class GsStore(Store):
         except ImportError:
             raise StorageError(MISSING) from None
         options = self.options
-        project = options.get("project") or None
-        client_options = {"api_endpoint": options["endpoint_url"]} \
-            if options.get("endpoint_url") else None
-        if options.get("anonymous"):
+        project = options.project or None
+        client_options = {"api_endpoint": options.endpoint_url} if options.endpoint_url else None
+        if options.anonymous:
             from google.auth.credentials import AnonymousCredentials
 
             credentials: Any = AnonymousCredentials()  # type: ignore[no-untyped-call]
             project = project or "<none>"
-        elif options.get("credentials_file"):
+        elif options.credentials_file:
             from google.oauth2 import service_account
 
             credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
-                options["credentials_file"], scopes=SCOPES)
+                options.credentials_file, scopes=SCOPES)
             project = project or credentials.project_id
         else:
             import google.auth
@@ -194,5 +194,5 @@ class GsStore(Store):
             return False
 
 
-def make_store(config: dict[str, Any], _scheme: str) -> GsStore:
-    return GsStore(config["storage"]["gs"], int(config["storage"]["max_parallel_transfers"]))
+def make_store(config: WorkerConfig, _scheme: str) -> GsStore:
+    return GsStore(config.storage.gs, config.storage.max_parallel_transfers)

@@ -18,7 +18,10 @@ from funnel_hpc.worker.storage_retry import transient_status
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
+
+    from funnel_hpc.core.config import WorkerConfig
 
 UPLOAD_OK = (200, 201, 204)
 
@@ -26,7 +29,7 @@ UPLOAD_OK = (200, 201, 204)
 class HttpStore(Store):
     """A requests session with per-host headers."""
 
-    def __init__(self, headers: dict[str, dict[str, str]] | None = None,
+    def __init__(self, headers: Mapping[str, Mapping[str, str]] | None = None,
                  upload_method: str = "PUT", timeout: float = 60):
         import requests
 
@@ -97,7 +100,6 @@ class HttpStore(Store):
             return False
 
 
-def make_store(config: dict[str, Any], _scheme: str) -> HttpStore:
-    options = config["storage"]["http"]
-    return HttpStore(options["headers"], options["upload_method"],
-                     float(options["timeout_seconds"]))
+def make_store(config: WorkerConfig, _scheme: str) -> HttpStore:
+    options = config.storage.http
+    return HttpStore(options.headers, options.upload_method, options.timeout_seconds)

@@ -30,6 +30,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from funnel_hpc.core.config import WorkerConfig
+
 FICLONE = 0x40049409  # ioctl: share the source's blocks copy-on-write (Linux)
 SYS_OPENAT2 = 437  # the same number on every Linux architecture
 RESOLVE_NO_SYMLINKS = 0x04
@@ -355,6 +357,5 @@ class LocalStore(Store):
             return False
 
 
-def make_store(config: dict[str, Any], _scheme: str) -> LocalStore:
-    worker = config["worker"]
-    return LocalStore(worker["allowed_dirs"], bool(worker["link_inputs"]))
+def make_store(config: WorkerConfig, _scheme: str) -> LocalStore:
+    return LocalStore(list(config.worker.allowed_dirs), config.worker.link_inputs)

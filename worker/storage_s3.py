@@ -27,9 +27,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-ENDPOINT_KEYS = {"endpoint_url", "region", "access_key_id", "secret_access_key", "profile",
-                 "sse", "sse_kms_key_id", "multipart_threshold_mb", "multipart_chunk_mb",
-                 "buckets", "host"}
+    from funnel_hpc.core.config import S3Connection, S3Options, WorkerConfig
+
 THROTTLED = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
              "RequestLimitExceeded", "TooManyRequestsException", "InternalError",
              "ServiceUnavailable"}
@@ -40,51 +39,45 @@ CHUNK = 1 << 18  # bytes read from a GetObject body at a time (between cancel ch
 class S3Endpoint:
     """One S3 service: a boto3 client, its transfer settings and upload options."""
 
-    def __init__(self, name: str, options: dict[str, Any]):
+    def __init__(self, name: str, options: S3Connection):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        unknown = set(options) - ENDPOINT_KEYS
-        if unknown:
-            raise StorageError(f"storage.s3 endpoint {name}: unknown keys {sorted(unknown)}")
         self.name = name
-        self.host = str(options.get("host") or "").lower()
-        self.buckets = [str(b) for b in options.get("buckets") or []]
         session = boto3.session.Session(
-            aws_access_key_id=options.get("access_key_id") or None,
-            aws_secret_access_key=options.get("secret_access_key") or None,
-            profile_name=options.get("profile") or None)
+            aws_access_key_id=options.access_key_id or None,
+            aws_secret_access_key=options.secret_access_key or None,
+            profile_name=options.profile or None)
         self.client = session.client(
-            "s3", endpoint_url=options.get("endpoint_url") or None,
-            region_name=options.get("region") or None,
+            "s3", endpoint_url=options.endpoint_url or None,
+            region_name=options.region or None,
             config=Config(retries={"max_attempts": 1, "mode": "standard"},
                           max_pool_connections=32))
         self.transfer = TransferConfig(
-            multipart_threshold=int(float(options.get("multipart_threshold_mb") or 64) * MB),
-            multipart_chunksize=int(float(options.get("multipart_chunk_mb") or 16) * MB),
+            multipart_threshold=int(options.multipart_threshold_mb * MB),
+            multipart_chunksize=int(options.multipart_chunk_mb * MB),
             max_concurrency=4, num_download_attempts=1)
         self.upload_args: dict[str, str] = {}
-        if options.get("sse"):
-            self.upload_args["ServerSideEncryption"] = str(options["sse"])
-        if options.get("sse_kms_key_id"):
-            self.upload_args["SSEKMSKeyId"] = str(options["sse_kms_key_id"])
+        if options.sse:
+            self.upload_args["ServerSideEncryption"] = options.sse
+        if options.sse_kms_key_id:
+            self.upload_args["SSEKMSKeyId"] = options.sse_kms_key_id
 
 
 class S3Store(Store):
     """Every configured S3 endpoint; clients are made on first use."""
 
-    def __init__(self, options: dict[str, Any]):
+    def __init__(self, options: S3Options):
         self.options = options
-        self.named = dict(options.get("endpoints") or {})
+        self.named = options.endpoints
         self._endpoints: dict[str, S3Endpoint] = {}
         self._lock = threading.Lock()
 
     def _endpoint(self, name: str) -> S3Endpoint:
         with self._lock:  # boto3 sessions are not thread-safe; their clients are
             if name not in self._endpoints:
-                options = ({k: v for k, v in self.options.items() if k != "endpoints"}
-                           if name == "" else self.named[name])
+                options = self.named[name] if name else self.options
                 self._endpoints[name] = S3Endpoint(name or "default", options)
             return self._endpoints[name]
 
@@ -92,12 +85,10 @@ class S3Store(Store):
         """(endpoint, bucket, key) of an s3:// URL."""
         netloc, path = self.split(url)
         for name, options in self.named.items():
-            host = str((options or {}).get("host") or "").lower()
-            if host and netloc.lower() == host:
+            if options.host and netloc.lower() == options.host.lower():
                 bucket, _, key = path.partition("/")
                 return self._endpoint(name), bucket, key
-            if any(fnmatch.fnmatchcase(netloc, str(p)) for p in (options or {}).get("buckets")
-                   or []):
+            if any(fnmatch.fnmatchcase(netloc, pattern) for pattern in options.buckets):
                 return self._endpoint(name), netloc, path
         return self._endpoint(""), netloc, path
 
@@ -234,5 +225,5 @@ class S3Store(Store):
             return False
 
 
-def make_store(config: dict[str, Any], _scheme: str) -> S3Store:
-    return S3Store(config["storage"]["s3"])
+def make_store(config: WorkerConfig, _scheme: str) -> S3Store:
+    return S3Store(config.storage.s3)

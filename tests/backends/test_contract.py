@@ -16,7 +16,7 @@ from funnel_hpc.backends.gridengine import GridEngineBackend
 from funnel_hpc.backends.htcondor import HTCondorBackend
 from funnel_hpc.backends.slurm import UNREACHABLE as SLURM_UNREACHABLE
 from funnel_hpc.backends.slurm import SlurmBackend
-from tests.backend_helpers import FakeRunner, backend_options, make_request
+from tests.backend_helpers import NO_WORK_DIR, FakeRunner, backend_options, make_request
 
 SLURM_DOWN = Result(1, "", "slurm_load_jobs error: Unable to contact slurm controller "
                            "(connect failure)\n")
@@ -27,13 +27,13 @@ TASK = {"id": "c0ffee00", "executors": [{"image": "busybox", "command": ["true"]
 
 
 def slurm(answers: dict, **options) -> tuple[SlurmBackend, FakeRunner]:
-    backend = SlurmBackend(backend_options("slurm", **options), {})
+    backend = SlurmBackend(backend_options("slurm", **options), NO_WORK_DIR)
     backend.runner = FakeRunner(answers)
     return backend, backend.runner
 
 
 def gridengine(answers: dict, mode: str = "cli", **options) -> GridEngineBackend:
-    backend = GridEngineBackend(backend_options("gridengine", mode=mode, **options), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode=mode, **options), NO_WORK_DIR)
     backend.runner = FakeRunner(answers)
     return backend
 
@@ -126,7 +126,7 @@ class NoSchedd:
 
 
 def test_htcondor_poll_without_a_schedd_is_unknown_and_recover_raises(tmp_path):
-    backend = HTCondorBackend(backend_options("htcondor"), {}, bindings=NoSchedd)
+    backend = HTCondorBackend(backend_options("htcondor"), NO_WORK_DIR, bindings=NoSchedd)
     statuses = backend.poll(["12", "13"])
     assert {s.state for s in statuses.values()} == {JobState.UNKNOWN}
     assert "cannot locate the schedd" in statuses["12"].reason

@@ -17,6 +17,7 @@ import requests
 
 from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.local import LocalBackend, _group_has_members, _start_time
+from tests.backend_helpers import backend_options
 from tests.server_helpers import worker_image_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,8 +47,9 @@ def time_limit(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]
 
 
 def make(tmp_path: Path, **options: object) -> LocalBackend:
-    return LocalBackend({"max_concurrent": 2, "cancel_grace_seconds": 10, **options},
-                        {"work_dir": str(tmp_path)})
+    return LocalBackend(backend_options("local", **{"max_concurrent": 2,
+                                                    "cancel_grace_seconds": 10, **options}),
+                        tmp_path)
 
 
 def request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
@@ -199,7 +201,10 @@ def run_backend_a(tmp_path: Path, jobs: dict[str, str], max_concurrent: int) -> 
         from funnel_hpc.backends.local import LocalBackend
         from funnel_hpc.backends.base import SubmitRequest
         work = Path({str(tmp_path)!r})
-        b = LocalBackend({{"max_concurrent": {max_concurrent}}}, {{"work_dir": str(work)}})
+        from funnel_hpc.core import config
+        options = config.replace(config.load(environ={{}}).backend.local, "backend.local",
+                                 max_concurrent={max_concurrent})
+        b = LocalBackend(options, work)
         for job_id, script in {jobs!r}.items():
             b.submit(SubmitRequest(job_id, {{}}, work / job_id, ["/bin/sh", "-c", script]))
         print("submitted", flush=True)

@@ -17,7 +17,7 @@ import pytest
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.local import LocalBackend, _group_has_members
 from funnel_hpc.backends.slurm import SlurmBackend
-from tests.backend_helpers import backend_options, make_request
+from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
 
 IN_FLIGHT = 500
 SLURM_COMMANDS = ("sbatch", "squeue", "sacct", "scancel")
@@ -29,8 +29,8 @@ def task(i: int) -> dict:
 
 def test_local_poll_of_500_jobs_runs_no_command(tmp_path, monkeypatch):
     """The local backend has no scheduler: a poll reads the task dirs and /proc only."""
-    backend = LocalBackend({"max_concurrent": 2, "cancel_grace_seconds": 1},
-                           {"work_dir": str(tmp_path)})
+    backend = LocalBackend(backend_options("local", max_concurrent=2, cancel_grace_seconds=1),
+                           tmp_path)
     ids = [backend.submit(make_request(tmp_path, task(i), ["/bin/sh", "-c", "sleep 60"]))
            for i in range(IN_FLIGHT)]
     started: list[list[str]] = []
@@ -78,7 +78,8 @@ def counted_slurm_commands(slurm, tmp_path, monkeypatch) -> Path:
 @pytest.mark.slurm
 def test_slurm_poll_of_500_held_jobs_is_one_squeue(counted_slurm_commands, tmp_path):
     log = counted_slurm_commands
-    backend = SlurmBackend(backend_options("slurm", backend_parameters={"hold": "--hold"}), {})
+    backend = SlurmBackend(backend_options("slurm", backend_parameters={"hold": "--hold"}),
+                           NO_WORK_DIR)
     ids: list[str] = []
     try:
         with ThreadPoolExecutor(4) as pool:

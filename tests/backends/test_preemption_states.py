@@ -7,7 +7,7 @@ from funnel_hpc.backends import awsbatch, htcondor
 from funnel_hpc.backends.base import FINISHED_JOB_STATES, JobState
 from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend, map_state
-from tests.backend_helpers import FakeRunner, backend_options
+from tests.backend_helpers import NO_WORK_DIR, FakeRunner, backend_options
 
 SQUEUE = ("20|PREEMPTED|0|None\n"
           "21|NODE_FAIL|0|NodeDown\n"
@@ -20,7 +20,7 @@ SACCT = "30|PREEMPTED|0:15|None\n31|BOOT_FAIL|0:0|None\n"
 
 
 def test_slurm_preemption_node_failure_and_unrunnable_from_squeue_and_sacct():
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     backend.runner = runner = FakeRunner({
         ("squeue",): Result(0, SQUEUE, ""),
         ("sacct", "-n", "-X", "-P", "-o", "JobID", "-j", "1"): Result(0, "", ""),

@@ -10,7 +10,13 @@ import pytest
 from funnel_hpc.backends.base import BackendError, JobState, JobStatus
 from funnel_hpc.backends.commands import LocalRunner, Result, SSHRunner, make_runner
 from funnel_hpc.backends.slurm import STATE_MAP, SlurmBackend, exit_code, map_state, parse_job_id
-from tests.backend_helpers import FakeRunner, backend_options, make_request
+from tests.backend_helpers import (
+    NO_WORK_DIR,
+    FakeRunner,
+    backend_options,
+    make_request,
+    ssh_options,
+)
 from tests.waiting import wait_for
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
@@ -22,7 +28,7 @@ SQUEUE = ("10|RUNNING|0|None\n"
 
 
 def fake_backend(answers: dict) -> tuple[SlurmBackend, FakeRunner]:
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     backend.runner = FakeRunner(answers)
     return backend, backend.runner
 
@@ -101,14 +107,14 @@ def test_submit_and_cancel_with_fake_runner(tmp_path):
 
 
 def test_runners():
-    runner = make_runner({"host": ""}, timeout=0.5)
+    runner = make_runner(ssh_options(host=""), timeout=0.5)
     assert isinstance(runner, LocalRunner)
     rc, out, err = runner.run(["/bin/sh", "-c", "cat; echo \"$1\"", "sh", "$(x) ;"], input="in\n")
     assert (rc, out) == (0, "in\n$(x) ;\n")
     assert runner.run(["no-such-command-here"]).returncode == 127
     assert runner.run(["sleep", "5"]).returncode == 124
     assert runner.calls == 3
-    assert isinstance(make_runner({"host": "login1", "user": "u", "port": 2222}), SSHRunner)
+    assert isinstance(make_runner(ssh_options(host="login1", user="u", port=2222)), SSHRunner)
 
 
 # ---- real Slurm ----
@@ -127,7 +133,7 @@ def wait(backend: SlurmBackend, job_id: str, states: set[JobState], timeout: flo
 
 @pytest.mark.slurm
 def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     done = make_request(tmp_path, {"id": "ok1"}, ["/bin/sh", "-c", f"echo hi > {tmp_path}/ok1/out"])
     job = backend.submit(done)
     status = wait(backend, job, {JobState.COMPLETED, JobState.FAILED})
@@ -166,7 +172,7 @@ def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_real_refusal_is_a_backend_error(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     request = make_request(tmp_path, {"id": "nopart", "resources": {"zones": ["no-such-part"]}})
     with pytest.raises(BackendError, match="sbatch failed") as info:
         backend.submit(request)
@@ -175,7 +181,7 @@ def test_real_refusal_is_a_backend_error(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_poll_costs_constant_scheduler_calls(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     backend.accounting_enabled()  # probed once, then cached
     jobs = [backend.submit(make_request(tmp_path, {"id": f"many{i}"}, ["/bin/true"],
                                         params={"begin": "now+1hour"})) for i in range(40)]
@@ -195,7 +201,7 @@ def test_poll_costs_constant_scheduler_calls(tmp_path, slurm):
 
 @pytest.mark.slurm
 def test_remote_mode_over_ssh(tmp_path, slurm, sshd):
-    backend = SlurmBackend(backend_options("slurm", ssh=sshd), {})
+    backend = SlurmBackend(backend_options("slurm", ssh=sshd), NO_WORK_DIR)
     assert isinstance(backend.runner, SSHRunner)
     job = backend.submit(make_request(tmp_path, {"id": "ssh1"},
                                       ["/bin/sh", "-c", f"echo via-ssh > {tmp_path}/ssh1/out"]))
@@ -230,7 +236,7 @@ def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm):
 
     from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
 
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     out = tmp_path / "abc123" / "argv.json"
     printer = f"import json, sys; open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))"
     args = [a.replace("\x00", "") for a in HOSTILE_ARGS]

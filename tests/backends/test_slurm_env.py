@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_jobs_do_not_inherit_the_gateways_funnel_variables(tmp_path, monkeypatch
     monkeypatch.setenv("FUNNEL_DATABASE__URL", "postgresql+psycopg://u:SECRET@db/funnel")
     monkeypatch.setenv("GATEWAY_SITE_VARIABLE", "kept")
     config = config_mod.load(environ={}, overrides={"work_dir": str(tmp_path)})
-    backend = SlurmBackend(config["backend"]["slurm"], config)
+    backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
     task_dir = tmp_path / "envtask"
     task_dir.mkdir()
     out = task_dir / "env.txt"

@@ -45,7 +45,7 @@ def wait(backend, job_id, states, timeout=60.0):
 
 def test_owner_names_are_checked_before_sudo(tmp_path):
     backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
-                           {"work_dir": str(tmp_path)})
+                           tmp_path)
     for bad in (None, "root; rm -rf /", "../x", "Alice", "-u", "a b"):
         request = make_request(tmp_path, {"id": "own0"}, ["/bin/true"])
         request.owner = bad
@@ -65,7 +65,7 @@ def test_job_runs_as_the_owner(tmp_path, slurm):
             break
         parent.chmod(parent.stat().st_mode | 0o111)  # traversable for the owner
     backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
-                           {"work_dir": str(tmp_path)})
+                           tmp_path)
     request = make_request(tmp_path, {"id": "own1"},
                            ["/bin/sh", "-c", f"id -u > {tmp_path}/own1/whoami"])
     request.owner = "funneltest"
@@ -109,13 +109,14 @@ def test_login_defs_and_configured_bounds(tmp_path):
     defs.write_text("# UID_MIN 5\nUID_MIN\t\t 2000\nUID_MAX 3000 # site\n")
     assert login_defs_uids(defs) == {"UID_MIN": 2000, "UID_MAX": 3000}
     assert login_defs_uids(tmp_path / "missing") == {"UID_MIN": 1000, "UID_MAX": 60000}
-    assert OwnerPolicy.from_options({"owner_min_uid": 500}).min_uid == 500
+    assert OwnerPolicy.from_options(backend_options("slurm", owner_min_uid=500)).min_uid == 500
     for bad in ({"owner_min_uid": 0}, {"owner_min_uid": "1000"}, {"owner_min_uid": True},
                 {"owner_min_uid": 2000, "owner_max_uid": 1500}):
         with pytest.raises(ValueError, match="backend.slurm.owner_m"):
-            OwnerPolicy.from_options(bad)
+            OwnerPolicy.from_options(backend_options("slurm", **bad))
     with pytest.raises(ValueError, match="backend.slurm.owner_group: no such group"):
-        OwnerPolicy.from_options({"owner_group": "nosuchgroup" + secrets.token_hex(3)})
+        OwnerPolicy.from_options(backend_options(
+            "slurm", owner_group="nosuchgroup" + secrets.token_hex(3)))
 
 
 def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
@@ -126,7 +127,7 @@ def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
     subprocess.run(["usermod", "-aG", group, member], check=True)
     work = open_dir("own-out-")
     try:
-        policy = OwnerPolicy.from_options({"owner_group": group})
+        policy = OwnerPolicy.from_options(backend_options("slurm", owner_group=group))
         low_uid = pwd.getpwnam(low).pw_uid
         with pytest.raises(OwnerRefused, match=f"uid {low_uid} is below"):
             policy.account(low)
@@ -135,7 +136,7 @@ def test_a_low_uid_and_an_outsider_of_owner_group_are_refused():
             policy.account(outsider)
         assert policy.account(member).pw_name == member
         backend = SlurmBackend(backend_options("slurm", submit_as_owner=True,
-                                               owner_group=group), {"work_dir": "/tmp"})
+                                               owner_group=group), Path("/tmp"))
         task_id = "out" + secrets.token_hex(6)
         request = make_request(work, {"id": task_id}, ["/bin/true"])
         request.owner = outsider
@@ -160,7 +161,7 @@ def test_recover_never_binds_another_users_job_of_that_name(slurm):
     try:
         task_id = "rec" + secrets.token_hex(6)
         backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
-                               {"work_dir": "/tmp"})
+                               Path("/tmp"))
         bobs = held_job(bob, f"funnel-{task_id}")
         assert backend.recover(task_id, Path("/tmp"), alice) is None
         assert backend.recover(task_id, Path("/tmp"), None) is None
@@ -198,7 +199,7 @@ def test_a_hard_link_to_a_root_file_stays_roots_on_retry(slurm, hardlinks_unprot
     secret.chmod(0o600)
     try:
         backend = SlurmBackend(backend_options("slurm", submit_as_owner=True),
-                               {"work_dir": str(work)})
+                               work)
         request = make_request(work, {"id": "ownlink"}, ["/bin/true"])
         request.owner = alice
         request.gateway_files = ("task.json",)

@@ -96,7 +96,7 @@ def test_slurm_resubmission_as_owner_follows_no_planted_link(tmp_path, umask_022
     os.chown(request.task_dir, NOBODY.pw_uid, NOBODY.pw_gid)
     backend = SlurmBackend(backend_options("slurm", submit_as_owner=True,
                                            owner_max_uid=NOBODY.pw_uid),  # a stand-in owner
-                           {"work_dir": str(tmp_path)})
+                           tmp_path)
     backend.runner = FakeRunner({("sudo",): Result(0, "4242\n", "")})
     assert backend.submit(request) == "4242"
     assert target.read_text() == "untouched" and target.stat().st_uid == 0

@@ -22,7 +22,7 @@ from funnel_hpc.backends.templating import (
     shell_quote,
 )
 from funnel_hpc.core.config import TEMPLATES_DIR
-from tests.backend_helpers import backend_options, make_request
+from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
 from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
 
 
@@ -37,7 +37,7 @@ def bash_syntax_ok(script: str, tmp_path: Path) -> bool:
 
 
 def test_hostile_task_values_change_no_directive(tmp_path):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     params = {"qos": "normal", "time": "01:00:00"}
     good = backend.render_script(make_request(tmp_path, task("ok", "benign"), params=params))
     bad = backend.render_script(make_request(
@@ -54,7 +54,7 @@ def test_hostile_task_values_change_no_directive(tmp_path):
 
 def test_worker_arguments_arrive_verbatim(tmp_path):
     """Run the whole rendered script with bash (directives are comments there)."""
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     printer = "import json, sys; print(json.dumps(sys.argv[1:]))"
     args = [a.replace("\x00", "") for a in HOSTILE_ARGS]  # argv cannot hold NUL anyway
     request = make_request(tmp_path, task(HOSTILE, HOSTILE), [sys.executable, "-c", printer, *args])
@@ -69,7 +69,7 @@ def test_worker_arguments_arrive_verbatim(tmp_path):
 @pytest.mark.parametrize("value", ["1\n#SBATCH --wrap=x", "$(id)", "a b", "`id`", "x;y", "'q'",
                                    "a\rb", "a\x00b", "\"", "x\ty", "a|b", "é"])
 def test_backend_parameter_values_that_cannot_be_safe_are_refused(tmp_path, value):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     request = make_request(tmp_path, {"id": "t1"}, params={"qos": value})
     with pytest.raises(TemplateValueError, match="not allowed in a scheduler directive"):
         backend.render_script(request)
@@ -82,13 +82,13 @@ def test_backend_parameter_values_that_cannot_be_safe_are_refused(tmp_path, valu
 
 @pytest.mark.parametrize("zone", ["debug\n#SBATCH --x", "a b", "$(id)"])
 def test_hostile_zone_is_refused(tmp_path, zone):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     with pytest.raises(TemplateValueError):
         backend.render_script(make_request(tmp_path, {"id": "z", "resources": {"zones": [zone]}}))
 
 
 def test_allowed_backend_parameters_become_directives(tmp_path):
-    backend = SlurmBackend(backend_options("slurm"), {})
+    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
     script = backend.render_script(make_request(
         tmp_path, {"id": "t2", "resources": {"zones": ["debug"], "ram_gb": 2, "disk_gb": 1,
                                              "cpu_cores": 3}},
@@ -105,7 +105,7 @@ def test_allowed_backend_parameters_become_directives(tmp_path):
 def test_partition_from_config_and_site_extras(tmp_path):
     site = {"account": "proj1", "qos": "normal", "extra_directives": ["--requeue"],
             "modules": ["gcc/12"], "prologue": ["ulimit -c 0"]}
-    backend = SlurmBackend(backend_options("slurm", partition="batch", site=site), {})
+    backend = SlurmBackend(backend_options("slurm", partition="batch", site=site), NO_WORK_DIR)
     script = backend.render_script(make_request(tmp_path, {"id": "t3"}))
     lines = directives(script)
     assert "#SBATCH --partition=batch" in lines and "#SBATCH --account=proj1" in lines
@@ -143,14 +143,14 @@ def test_strict_undefined_and_site_template(tmp_path):
     own = tmp_path / "site.sh.j2"
     own.write_text("#!/bin/bash\n#SBATCH -J {{ job_name | directive_value }}\n"
                    "exec {{ worker_command }}\n")
-    backend = SlurmBackend(backend_options("slurm", template=str(own)), {})
+    backend = SlurmBackend(backend_options("slurm", template=str(own)), NO_WORK_DIR)
     script = backend.render_script(make_request(tmp_path, {"id": "t4"}, ["/bin/echo", "a b"]))
     assert script == "#!/bin/bash\n#SBATCH -J funnel-t4\nexec /bin/echo 'a b'\n"
     own.write_text("{{ no_such_variable }}")
     with pytest.raises(BackendError, match="no_such_variable"):
         backend.submit(make_request(tmp_path, {"id": "t5"}))
     with pytest.raises(TemplateValueError, match="not found"):
-        render(str(tmp_path / "missing.j2"), {})
+        render(str(tmp_path / "missing.j2"), NO_WORK_DIR)
 
 
 def test_every_variable_is_documented(tmp_path):

@@ -42,7 +42,13 @@ from funnel_hpc.backends.awsbatch import (
 )
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.registry import backend_class
-from tests.backend_helpers import DEFINITION, QUEUE, backend_options, make_request
+from tests.backend_helpers import (
+    DEFINITION,
+    NO_WORK_DIR,
+    QUEUE,
+    backend_options,
+    make_request,
+)
 from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, need
 
 SERVER_URL = "http://gateway.example:8000"
@@ -52,7 +58,7 @@ def make_backend(moto, **extra) -> AwsBatchBackend:
     settings = {"endpoint_url": moto.url, "job_queue": QUEUE, "job_definition": DEFINITION,
                 "server_url": SERVER_URL, **extra}
     options = backend_options("aws_batch", **settings)
-    return AwsBatchBackend(options, {"server": {"public_url": ""}})
+    return AwsBatchBackend(options, NO_WORK_DIR)
 
 
 class CallLog:
@@ -87,15 +93,15 @@ def wait_finished(backend, job_ids, timeout=20.0) -> dict:
 def test_awsbatch_registry_and_default_options():
     assert backend_class("aws-batch") is AwsBatchBackend
     options = backend_options("aws_batch")
-    assert options["job_definition"] == "funnel-hpc-worker"
-    assert options["worker_command"] == ["funnel", "worker", "run"]
+    assert options.job_definition == "funnel-hpc-worker"
+    assert list(options.worker_command) == ["funnel", "worker", "run"]
     # the registry hands backend "aws-batch" its section backend.aws_batch
     from funnel_hpc.backends.registry import load_backend
     from funnel_hpc.core import config as config_mod
 
     config = config_mod.load(environ={}, overrides={"backend": {
         "name": "aws-batch", "aws_batch": {"region": "eu-west-1"}}})
-    backend = load_backend(config)
+    backend = load_backend(config.backend, config.work_dir)
     assert isinstance(backend, AwsBatchBackend)
     assert backend.client.meta.region_name == "eu-west-1"
 
@@ -307,8 +313,8 @@ def test_awsbatch_hostile_task_values_change_nothing(moto_batch, tmp_path):
 
 def test_awsbatch_needs_a_server_url(moto_batch, tmp_path):
     backend = AwsBatchBackend(backend_options("aws_batch", endpoint_url=moto_batch.url,
-                                              job_queue=QUEUE, job_definition=DEFINITION),
-                              {"server": {"public_url": ""}})
+                                              job_queue=QUEUE, job_definition=DEFINITION,
+                                              server_url=""), NO_WORK_DIR)
     with pytest.raises(BackendError, match="public_url"):
         backend.submit(make_request(tmp_path, task()))
 

@@ -35,14 +35,14 @@ htcondor2 = pytest.importorskip("htcondor2", reason="HTCondor bindings: pip inst
 from funnel_hpc.backends.base import BackendError, JobState  # noqa: E402
 from funnel_hpc.backends.htcondor import CANCEL_REASON, STATE_MAP, HTCondorBackend, job_status  # noqa: E402
 from funnel_hpc.backends.registry import backend_class  # noqa: E402
-from tests.backend_helpers import backend_options, make_request  # noqa: E402
+from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request  # noqa: E402
 from tests.htcondor_fake import FakeSchedd  # noqa: E402
 
 WORKER = ["/opt/funnel/bin/funnel", "worker", "run", "--task-file", "/w/task.json"]
 
 
 def make_backend(schedd=None, **extra) -> HTCondorBackend:
-    return HTCondorBackend(backend_options("htcondor", **extra), {}, schedd=schedd)
+    return HTCondorBackend(backend_options("htcondor", **extra), NO_WORK_DIR, schedd=schedd)
 
 
 def task(task_id: str = "c5a1c0de0200", **resources) -> dict:
@@ -249,7 +249,7 @@ def personal_condor(tmp_path_factory):
 
 
 def test_htcondor_real_complete_fail_cancel(personal_condor, tmp_path):
-    backend = HTCondorBackend(backend_options("htcondor"), {})
+    backend = HTCondorBackend(backend_options("htcondor"), NO_WORK_DIR)
     ok = backend.submit(make_request(tmp_path, task("c5a1c0de0a01"), argv=["true"]))
     bad = backend.submit(make_request(tmp_path, task("c5a1c0de0a02"),
                                       argv=["sh", "-c", "exit 3"]))

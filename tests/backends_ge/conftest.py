@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from funnel_hpc.backends.gridengine import GridEngineBackend
-from tests.backend_helpers import backend_options
+from tests.backend_helpers import NO_WORK_DIR, backend_options
 from tests.components import GRIDENGINE, need
 from tests.gridengine_helpers import TEST_PARAMETERS
 
@@ -37,7 +37,7 @@ def gridengine() -> None:
 @pytest.fixture(scope="module")
 def drmaa_backend(gridengine) -> Iterator[GridEngineBackend]:
     backend = GridEngineBackend(backend_options("gridengine", mode="drmaa",
-                                                backend_parameters=TEST_PARAMETERS), {})
+                                                backend_parameters=TEST_PARAMETERS), NO_WORK_DIR)
     yield backend
     backend.close()
 
@@ -45,6 +45,6 @@ def drmaa_backend(gridengine) -> Iterator[GridEngineBackend]:
 @pytest.fixture(scope="module")
 def cli_backend(gridengine) -> Iterator[GridEngineBackend]:
     backend = GridEngineBackend(backend_options("gridengine", mode="cli",
-                                                backend_parameters=TEST_PARAMETERS), {})
+                                                backend_parameters=TEST_PARAMETERS), NO_WORK_DIR)
     yield backend
     backend.close()

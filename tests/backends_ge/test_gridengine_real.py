@@ -11,7 +11,7 @@ import pytest
 
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.gridengine import GridEngineBackend
-from tests.backend_helpers import backend_options, make_request
+from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
 from tests.gridengine_helpers import finished, running, wait_for
 
 pytestmark = pytest.mark.gridengine
@@ -78,9 +78,9 @@ def test_drmaa_new_session_reads_old_finished_jobs_from_accounting(gridengine, d
     ok = drmaa_backend.submit(make_request(tmp_path, new_task("ge3ok")))
     bad = drmaa_backend.submit(make_request(tmp_path, new_task("ge3bad"),
                                             ["/bin/sh", "-c", "exit 5"]))
-    fresh = GridEngineBackend(backend_options("gridengine", mode="drmaa"), {})
+    fresh = GridEngineBackend(backend_options("gridengine", mode="drmaa"), NO_WORK_DIR)
     blind = GridEngineBackend(backend_options("gridengine", mode="drmaa",
-                                              accounting_file=str(tmp_path / "none")), {})
+                                              accounting_file=str(tmp_path / "none")), NO_WORK_DIR)
     try:
         deadline = time.monotonic() + 60
         while subprocess.run(["qstat", "-j", f"{ok},{bad}"], capture_output=True).returncode == 0:

@@ -13,10 +13,9 @@ from funnel_hpc.backends.gridengine_accounting import AccountingFile, parse_acco
 from funnel_hpc.backends.gridengine_drmaa import DRMAA_STATE_MAP, finished_status
 from funnel_hpc.backends.gridengine_qstat import map_qstat_state, parse_qstat_xml
 from funnel_hpc.backends.registry import backend_class
-from funnel_hpc.backends.registry import backend_options as configured_options
 from funnel_hpc.backends.templating import TemplateValueError
 from funnel_hpc.core import config as config_mod
-from tests.backend_helpers import FakeRunner, backend_options, make_request
+from tests.backend_helpers import NO_WORK_DIR, FakeRunner, backend_options, make_request
 from tests.gridengine_helpers import TEST_PARAMETERS
 
 TASK_ID = "d1b2c3d4e5f60718"
@@ -38,7 +37,8 @@ def task(name: str, tag: str, env: str) -> dict:
 
 
 def backend() -> GridEngineBackend:
-    return GridEngineBackend(backend_options("gridengine", backend_parameters=TEST_PARAMETERS), {})
+    return GridEngineBackend(backend_options("gridengine", backend_parameters=TEST_PARAMETERS),
+                             NO_WORK_DIR)
 
 
 def directives(script: str) -> list[str]:
@@ -98,7 +98,7 @@ def test_hostile_zone_is_refused(tmp_path):
 
 def test_unlisted_parameters_and_options_are_dropped(tmp_path):
     request = make_request(tmp_path, task("plain", "t", "e"), params={"hold": "", "evil": "-x"})
-    b = GridEngineBackend(backend_options("gridengine"), {})  # default allow-list: no hold
+    b = GridEngineBackend(backend_options("gridengine"), NO_WORK_DIR)  # default allow-list: no hold
     assert "-h" not in native_specification(b.render_script(request)).split()
     assert b.supported_parameters == {"project", "priority", "account"}
 
@@ -112,10 +112,10 @@ def test_single_core_and_no_memory_request(tmp_path):
 def test_config_and_registry():
     config = config_mod.load(environ={}, overrides={"backend": {"name": "gridengine"}})
     assert backend_class("gridengine") is GridEngineBackend
-    options = configured_options(config)
-    assert options["mode"] == "drmaa" and options["template"] == "gridengine.sh.j2"
+    options = config.backend.options()
+    assert options.mode == "drmaa" and options.template == "gridengine.sh.j2"
     with pytest.raises(ValueError):
-        GridEngineBackend(backend_options("gridengine", mode="pbs"), {})
+        GridEngineBackend(backend_options("gridengine", mode="pbs"), NO_WORK_DIR)
 
 
 QSTAT_XML = """<?xml version='1.0'?>
@@ -223,7 +223,7 @@ def test_cli_poll_reads_accounting_for_jobs_qstat_lists_as_finished(tmp_path):
               "<JB_name>funnel-812196ca0e45b5a990ef</JB_name><state>z</state></job_list>\n")
     qstat = QSTAT_XML.replace("  </job_info>", zombie + "  </job_info>")
     backend = GridEngineBackend(backend_options("gridengine", mode="cli",
-                                                accounting_file=str(path)), {})
+                                                accounting_file=str(path)), NO_WORK_DIR)
     backend.runner = FakeRunner({("qstat",): Result(0, qstat, "")})
     statuses = backend.poll(["14", "217", "218", "404"])
     assert backend.runner.commands == [["qstat", "-xml", "-s", "prsz"]]
@@ -238,7 +238,7 @@ def test_scheduler_commands_get_no_funnel_variables(monkeypatch):
     (a database password, say), so `-V` in a site template cannot hand it to jobs."""
     monkeypatch.setenv("FUNNEL_DATABASE__URL", "postgresql+psycopg://u:SECRET@db/funnel")
     monkeypatch.setenv("GATEWAY_SITE_VARIABLE", "kept")
-    backend = GridEngineBackend(backend_options("gridengine", mode="cli"), {})
+    backend = GridEngineBackend(backend_options("gridengine", mode="cli"), NO_WORK_DIR)
     assert not [name for name in backend.env if name.startswith("FUNNEL_")]
     assert isinstance(backend.runner, LocalRunner) and backend.runner.env is backend.env
     assert backend.env["GATEWAY_SITE_VARIABLE"] == "kept" and backend.env["SGE_ROOT"]

@@ -101,7 +101,7 @@ def drivers(**worker) -> Drivers:
     from funnel_hpc.core.config import load
 
     config = load(None, environ={}, overrides={"worker": worker} if worker else None)
-    return Drivers(config, Path("/nonexistent"))
+    return Drivers(config.for_worker(), Path("/nonexistent"))
 
 
 def test_engine_template_expands_to_one_argv(monkeypatch):

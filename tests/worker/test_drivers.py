@@ -14,7 +14,8 @@ from funnel_hpc.worker.drivers import DriverError, Drivers, image_uri
 
 
 def drivers(tmp_path, **worker) -> Drivers:
-    return Drivers(config_mod.load(environ={}, overrides={"worker": worker}), tmp_path)
+    return Drivers(config_mod.load(environ={}, overrides={"worker": worker}).for_worker(),
+                   tmp_path)
 
 
 @pytest.mark.parametrize("image, uri", [
@@ -63,13 +64,13 @@ def test_bwrap_binds_the_image_read_only_and_only_the_task_dirs(tmp_path):
 
 def test_the_sandbox_user_is_never_root(tmp_path):
     if os.geteuid() != 0:
-        assert sandbox.sandbox_ids({"sandbox_user": "root"}) is None  # nothing to drop
+        assert sandbox.sandbox_ids("root") is None  # nothing to drop
         return
     with pytest.raises(sandbox.SandboxError, match="never run as root"):
-        sandbox.sandbox_ids({"sandbox_user": "root"})
+        sandbox.sandbox_ids("root")
     with pytest.raises(sandbox.SandboxError, match="not a user"):
-        sandbox.sandbox_ids({"sandbox_user": "no-such-user-here"})
-    ids = sandbox.sandbox_ids({"sandbox_user": "nobody"})
+        sandbox.sandbox_ids("no-such-user-here")
+    ids = sandbox.sandbox_ids("nobody")
     assert ids is not None and ids[0] == 65534
     with pytest.raises(DriverError, match="worker.network"):
         drivers(tmp_path, network="bridge").invocation(

@@ -22,6 +22,7 @@ import requests
 import yaml
 from werkzeug.security import generate_password_hash
 
+from funnel_hpc.core.config import ConfigError, WorkerSection
 from funnel_hpc.core.events import read_event_log
 from funnel_hpc.worker import identity, sandbox
 from funnel_hpc.worker.identity import BLOCK
@@ -29,6 +30,7 @@ from funnel_hpc.worker.sandbox import SandboxError
 from tests.server_helpers import TEST_REGISTRIES, ServerProcess, clean_env, funnel_argv
 from tests.waiting import wait_for, wait_for_state
 from tests.worker.conftest import need, need_registry
+from tests.worker_helpers import worker_section
 
 pytestmark = [pytest.mark.registry,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: users, uid slots")]
@@ -215,7 +217,7 @@ def test_nothing_of_a_task_survives_it_and_dev_shm_is_its_own(harness, driver, s
     assert not [pid for pid, (uid, _cmd) in processes().items() if in_range(uid)]
 
 
-def take(worker: dict) -> identity.Identity:
+def take(worker: WorkerSection) -> identity.Identity:
     taken = identity.acquire(worker)
     assert taken is not None  # a root worker always gets one
     return taken
@@ -223,7 +225,7 @@ def take(worker: dict) -> identity.Identity:
 
 def test_slots_are_taken_in_turn_and_a_dead_workers_slot_is_free_again(tmp_path):
     locks = tmp_path / "locks"
-    worker = {"sandbox_uids": {"first": FIRST, "count": 2, "lock_dir": str(locks)}}
+    worker = worker_section(sandbox_uids={"first": FIRST, "count": 2, "lock_dir": str(locks)})
     one, two = take(worker), take(worker)
     assert (one.ids, two.ids) == ((FIRST, FIRST), (FIRST + BLOCK, FIRST + BLOCK))
     assert one.block and two.block and (locks.stat().st_mode & 0o777) == 0o700
@@ -260,17 +262,18 @@ def test_slots_are_taken_in_turn_and_a_dead_workers_slot_is_free_again(tmp_path)
 
 def test_a_range_that_is_wrong_or_a_lock_dir_not_roots_is_refused(tmp_path):
     def acquire(**uids):
-        return identity.acquire({"sandbox_uids": {"lock_dir": str(tmp_path / "l"), **uids}})
+        return identity.acquire(worker_section(sandbox_uids={"lock_dir": str(tmp_path / "l"),
+                                                             **uids}))
 
     for bad in ({"first": 1000, "count": 1}, {"first": FIRST, "count": 0},
                 {"first": 0xFFFF0000, "count": 2}, {"first": "x", "count": 1}):
-        with pytest.raises(SandboxError, match="sandbox_uids"):
-            acquire(**bad)
+        with pytest.raises((SandboxError, ConfigError), match="sandbox_uids"):
+            acquire(**bad)  # a value of the wrong type: refused as the configuration loads
     (tmp_path / "l").mkdir(mode=0o700)
     os.chown(tmp_path / "l", 65534, 65534)
     with pytest.raises(SandboxError, match="owned by root"):
         acquire(first=FIRST, count=1)
-    nobody = identity.acquire({"sandbox_user": "nobody", "sandbox_uids": {"first": 0}})
+    nobody = identity.acquire(worker_section(sandbox_user="nobody", sandbox_uids={"first": 0}))
     assert nobody is not None and not nobody.block and nobody.ids == (65534, 65534)
 
 

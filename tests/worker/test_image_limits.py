@@ -180,13 +180,16 @@ def test_a_sparse_file_cannot_hide_its_size(fake, tmp_path):
 
 
 def test_limits_default_to_the_configuration_and_refuse_bad_values():
-    worker = config_mod.load(environ={})["worker"]
+    worker = config_mod.load(environ={}).worker
     assert Limits.from_worker(worker) == Limits()
-    for key, value in (("image_max_bytes", 0), ("image_max_entries", "many"),
-                       ("image_max_ratio", 1.5), ("image_pull_seconds", -1),
-                       ("image_ratio_min_layer_bytes", True)):
+    for key, value in (("image_max_bytes", 0), ("image_pull_seconds", -1)):
         with pytest.raises(ValueError, match=f"worker.{key} must be a positive"):
-            Limits.from_worker({**worker, key: value})
+            Limits.from_worker(config_mod.replace(worker, "worker", **{key: value}))
+    # a value of the wrong type is refused as the configuration loads, naming the key
+    for key, value in (("image_max_entries", "many"), ("image_max_ratio", 1.5),
+                       ("image_ratio_min_layer_bytes", True)):
+        with pytest.raises(ValueError, match=f"worker.{key}: expected an integer"):
+            config_mod.replace(worker, "worker", **{key: value})
 
 
 # --- the pull deadline -----------------------------------------------------------------

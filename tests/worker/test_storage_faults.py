@@ -132,7 +132,7 @@ def test_a_wrong_s3_credential_fails_at_once(harness, tmp_path):
 
 
 def storage_for(**options) -> Storage:
-    return Storage(config_mod.load(environ={}, overrides={"storage": options}))
+    return Storage(config_mod.load(environ={}, overrides={"storage": options}).for_worker())
 
 
 def test_s3_5xx_and_a_cut_connection_are_retried(objects, tmp_path, monkeypatch):

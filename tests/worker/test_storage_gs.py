@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tests.storage_helpers import GcsEmulator, ObjectServer, storage_config
-from tests.worker_helpers import sh
+from tests.worker_helpers import sh, worker_config
 
 
 def gs_options(emulator: GcsEmulator, **extra) -> dict:
@@ -114,8 +114,9 @@ def test_ranges_are_written_at_their_offsets_and_checked(emulator, tmp_path, mon
             super().__init__(fd, offset, *rest)
 
     monkeypatch.setattr(storage_gs_ranged, "_At", Recording)
-    store = Storage({"storage": {"allowed_schemes": ["gs"], "retry_seconds": 5,
-                                 "max_parallel_transfers": 3, **gs_options(emulator, **RANGED)}})
+    store = Storage(worker_config(storage={"allowed_schemes": ["gs"], "retry_seconds": 5,
+                                           "max_parallel_transfers": 3,
+                                           **gs_options(emulator, **RANGED)}))
     store.get("gs://tes-gs-spy/x.bin", tmp_path / "x.bin")
     assert (tmp_path / "x.bin").read_bytes() == data
     assert sorted(starts) == list(range(0, 20_000, int(0.004 * (1 << 20))))  # 4194 bytes

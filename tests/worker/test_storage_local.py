@@ -178,7 +178,8 @@ def test_directory_inputs_keep_odd_file_names(tmp_path, spelling):
         (allowed / "ref" / name).parent.mkdir(parents=True, exist_ok=True)
         (allowed / "ref" / name).write_text(name)
     storage = Storage(config_mod.load(environ={}, overrides={
-        "worker": {"allowed_dirs": [str(allowed)]}, "storage": {"max_parallel_transfers": 2}}))
+        "worker": {"allowed_dirs": [str(allowed)]}, "storage": {"max_parallel_transfers": 2}})
+        .for_worker())
     url = f"file://{quote(str(allowed / 'ref'))}" if spelling == "file-url" \
         else str(allowed / "ref")
     storage.get(url, tmp_path / "dest", is_dir=True)
@@ -191,7 +192,8 @@ from pathlib import Path
 from funnel_hpc.core import config
 from funnel_hpc.worker.storage import Storage
 allowed = sys.argv[1]
-storage = Storage(config.load(environ={}, overrides={"worker": {"allowed_dirs": [allowed]}}))
+storage = Storage(config.load(environ={}, overrides={"worker": {"allowed_dirs": [allowed]}})
+                  .for_worker())
 storage.get(f"file://{allowed}/in.txt", Path(allowed) / "out.txt")
 print(json.dumps([m for m in ("boto3", "requests", "google.cloud.storage", "ftplib",
                               "concurrent.futures") if m in sys.modules]))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
     from .access import Access
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .registry import MirroredClient, RegistryClient, Resolved
 
     Json = dict[str, Any]  # a parsed JSON object: manifests, descriptors, image configs
+
+    from funnel_hpc.core.config import WorkerSection
 
 REASONS = ("not_found", "auth", "digest", "unreachable", "invalid", "refused", "timeout")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -55,8 +58,7 @@ class Limits:
     """What one image may cost: the pull's deadline and the unpacking caps (worker.image_*)."""
 
     # A plain class (no dataclasses import at start). The defaults are conf/default.yaml's (a test
-    # checks that they agree), here for callers without a configuration (benchmarks, seed)
-    # and for a worker-config.json written by an older gateway.
+    # checks that they agree), here for callers without a configuration (benchmarks, seed).
     __slots__ = ("max_bytes", "max_entries", "max_ratio", "pull_seconds",
                  "ratio_min_layer_bytes")
     KEYS = {"image_max_bytes": "max_bytes", "image_max_entries": "max_entries",
@@ -79,16 +81,13 @@ class Limits:
     __hash__ = None  # type: ignore[assignment]
 
     @classmethod
-    def from_worker(cls, worker: Json) -> Limits:
+    def from_worker(cls, worker: WorkerSection) -> Limits:
         """The limits a `worker` configuration section sets; ValueError naming a bad key."""
         values: dict[str, Any] = {}
         for key, name in cls.KEYS.items():
-            if key not in worker:
-                continue
-            value = worker[key]
+            value = getattr(worker, key)
             whole = name != "pull_seconds"
-            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) \
-                    or value <= 0:
+            if value <= 0:
                 raise ValueError(f"worker.{key} must be a positive "
                                  f"{'integer' if whole else 'number'}, not {value!r}")
             values[name] = value
@@ -119,7 +118,7 @@ def resolve(image: str) -> Reference:  # (reference.py is not imported at start)
 
 
 def ensure_rootfs(image: str, cache_dir: str | os.PathLike[str],
-                  registries: dict[str, Json] | None = None,
+                  registries: Mapping[str, object] | None = None,
                   retry_seconds: float = 30, pull: str = "missing",
                   tag_ttl: float | None = None, *, owner: str | None = None,
                   limits: Limits | None = None) -> ImageRoot:

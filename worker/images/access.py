@@ -17,6 +17,8 @@ import os
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from . import Json
 
 PUBLIC = "public"
@@ -35,7 +37,7 @@ class Access:
         self.scopes = scopes          # PUBLIC and the scopes of the credentials it may use
 
 
-def for_owner(registries: dict[str, Json], owner: str | None) -> Access:
+def for_owner(registries: Mapping[str, object], owner: str | None) -> Access:
     """The registries' settings as `owner` may use them (ValueError: bad users/groups)."""
     usable: dict[str, Json] = {}
     scopes = {PUBLIC}
