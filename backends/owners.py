@@ -7,7 +7,7 @@ of /etc/login.defs, else 1000 and 60000, the range useradd gives people: system 
 stay out, ``postgres`` and ``_apt`` below it, Debian's fixed ``slurm`` (64030) and
 ``nobody`` (65534) above it) and, when ``owner_group`` is set, an account outside that
 group (primary or supplementary).
-The gateway asks at POST (HTTP 403, gRPC PERMISSION_DENIED: gateway/admission.py) and
+The gateway asks at POST (HTTP 403, gRPC PERMISSION_DENIED: gateway/store/admission.py) and
 the Slurm backend again before each ``sudo`` (the account may have changed meanwhile).
 Cost: one or two password/group database lookups.
 """

@@ -46,7 +46,7 @@ from flask import Flask, request
 from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, insert
 import waitress
 sys.path.insert(0, sys.argv[3])
-from funnel_hpc.gateway import db
+from funnel_hpc.gateway.store import db
 md = MetaData()
 t = Table("bare", md, Column("seq", Integer, primary_key=True), Column("id", String(64)),
           Column("doc", JSON))

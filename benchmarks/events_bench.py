@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from funnel_hpc.gateway import db, outbox  # noqa: E402
-from funnel_hpc.gateway.publisher import Publisher  # noqa: E402
-from funnel_hpc.gateway.sinks import RedisStreamSink, Sink, WebhookSink  # noqa: E402
+from funnel_hpc.gateway.sinks.publisher import Publisher  # noqa: E402
+from funnel_hpc.gateway.sinks.targets import RedisStreamSink, Sink, WebhookSink  # noqa: E402
+from funnel_hpc.gateway.store import db, outbox  # noqa: E402
 from tests.events_helpers import WebhookReceiver, events_settings, outbox_engine  # noqa: E402
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

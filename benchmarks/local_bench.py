@@ -38,7 +38,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from funnel_hpc.gateway.reconciler_index import CHANGE_MARGIN  # noqa: E402
+from funnel_hpc.gateway.reconcile.index import CHANGE_MARGIN  # noqa: E402
 from tests.server_helpers import ServerProcess  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
@@ -131,7 +131,7 @@ def measure_queued(tmp: Path, tasks: int, idle_s: float) -> dict:
         queued = count(db, "SELECT count(*) FROM tasks WHERE state = 'QUEUED'")
         disk = disk_bytes(work, skip) - before
         # nothing changes from here: the rows written at the hand-over leave the reconciler's
-        # re-read margin (gateway/reconciler_index.py CHANGE_MARGIN) after this
+        # re-read margin (gateway/reconcile/index.py CHANGE_MARGIN) after this
         time.sleep(CHANGE_MARGIN + 2 * 5)
         assert server.proc is not None
         pid = server.proc.pid

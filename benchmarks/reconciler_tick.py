@@ -35,7 +35,7 @@ from sqlalchemy import insert  # noqa: E402
 from benchmarks import live_logs_tick  # noqa: E402
 from funnel_hpc.backends.base import JobState, JobStatus  # noqa: E402
 from funnel_hpc.core.events import rfc3339  # noqa: E402
-from funnel_hpc.gateway import db  # noqa: E402
+from funnel_hpc.gateway.store import db  # noqa: E402
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, make  # noqa: E402
 
 # the idle tick before the in-flight index (git 2026-11-30: every active row and every

@@ -5,7 +5,7 @@
   a fresh replica takes the dead one's place, again, --kills times. Each replica's ticks
   are read from its /metrics (``funnel_reconciler_tick_seconds_count``) every 0.05 s; the
   gap runs from the dead holder's last tick to the next holder's first, against the
-  configured lease + 2 ticks (gateway/leader.py's promise). The database's own figure
+  configured lease + 2 ticks (gateway/store/leases.py's promise). The database's own figure
   (last renewal -> takeover, from the lease row) is reported beside it.
 - **Create rate.** 8 client processes (benchmarks/api_bench.py's clients) create tasks
   through 1 replica, then through 2 (clients split between them), in the same run, each on

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.core.events import read_event_log  # noqa: E402
-from funnel_hpc.gateway.app import make_service  # noqa: E402
-from funnel_hpc.gateway.reconciler import Reconciler  # noqa: E402
+from funnel_hpc.gateway.reconcile.reconciler import Reconciler  # noqa: E402
+from funnel_hpc.gateway.web.app import make_service  # noqa: E402
 from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}

@@ -48,14 +48,15 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_facts  # noqa: E402
 from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
-from funnel_hpc.gateway.app import make_service  # noqa: E402
-from funnel_hpc.gateway.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
+from funnel_hpc.gateway.reconcile.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
+from funnel_hpc.gateway.web.app import make_service  # noqa: E402
 from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
 
 if TYPE_CHECKING:
-    from benchmarks.slurm_sinks import SinkEndpoints
+    from benchmarks.sink_endpoints import SinkEndpoints
 
 PARTITION = "bench"
 ROOTFS = "/var/lib/funnel/rootfs/busybox"
@@ -251,8 +252,6 @@ def summary_lines(r: dict) -> list[str]:
 
 def save(result: dict) -> None:
     """Into benchmarks/results/throughput-<time>.json, with the machine's facts."""
-    from benchmarks.suite import machine_facts
-
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     path = REPO / "benchmarks" / "results" / f"throughput-{stamp}.json"
     path.write_text(json.dumps({"machine": machine_facts(), **result}, indent=1, default=str))

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 import boto3  # noqa: E402
 
 from funnel_hpc.worker.storage import Storage  # noqa: E402
-from funnel_hpc.worker.storage_local import FICLONE  # noqa: E402
+from funnel_hpc.worker.storage.beneath import FICLONE  # noqa: E402
 from tests.server_helpers import free_port  # noqa: E402
 from tests.storage_helpers import GcsEmulator, _answers, wait_for  # noqa: E402
 

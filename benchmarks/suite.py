@@ -39,9 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -67,6 +64,7 @@ from benchmarks import (  # noqa: E402
     storage_bench,
     worker_stdout,
 )
+from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
@@ -103,27 +101,6 @@ class Table:
             lines.append(f"| {r['figure']} | {r['measured']} | {r['reference']} | {ratio} "
                          f"| {r['target']} | {met} |")
         return "\n".join(lines)
-
-
-def machine_facts() -> dict:
-    def first(cmd: list[str]) -> str:
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout
-            return out.strip().splitlines()[0] if out.strip() else ""
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    model = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kb / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "sqlite": sqlite3.sqlite_version, "slurm": first(["sinfo", "-V"]),
-            "postgresql": first(["psql", "-V"]), "host": platform.node()}
 
 
 def api_section(table: Table, results: dict, quick: bool) -> None:

@@ -741,8 +741,9 @@ def finalize(config: dict) -> dict:
 # ---- the worker's configuration ----
 
 WORKER_SECTIONS = ("work_dir", "worker", "storage")
-# in the per-task config of a worker that runs as the task's owner (gateway/owner_worker.py):
-# the owner's own storage settings file (backend.slurm.owner_storage_file)
+# in the per-task config of a worker that runs as the task's owner
+# (gateway/reconcile/owner_worker.py): the owner's own storage settings file
+# (backend.slurm.owner_storage_file)
 OWNER_STORAGE_KEY = "owner_storage_file"
 
 

@@ -10,7 +10,7 @@ The reconciler writes the token to ``<task dir>/worker.token`` (mode 600; with
 ``submit_as_owner`` it goes to the owner with the rest of the task dir). A worker
 reads it from there, or from the environment variable FUNNEL_WORKER_TOKEN where
 the task dir is not shared (AWS Batch). The server accepts such a token on the
-task's own GET and event intake only (gateway/app.py), never on gRPC.
+task's own GET and event intake only (gateway/web/app.py), never on gRPC.
 """
 
 from __future__ import annotations

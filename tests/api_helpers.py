@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, func, select
 
-from funnel_hpc.gateway import db
+from funnel_hpc.gateway.store import db
 
 
 def row_count(server) -> int:

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from funnel_hpc.core.config import DEFAULT_CONFIG
-from funnel_hpc.gateway import db, outbox
-from funnel_hpc.gateway.sinks import SIGNATURE_HEADER, signature
+from funnel_hpc.gateway.sinks.targets import SIGNATURE_HEADER, signature
+from funnel_hpc.gateway.store import db, outbox
 from tests.server_helpers import ServerProcess
 
 

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.leader import DatabaseLease, reconciler_leases
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.store.leases import DatabaseLease, reconciler_leases
 from tests.server_helpers import ServerProcess, free_port
 
 

@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def funnel_argv(*args: str) -> list[str]:
     """The `funnel` command of this checkout's Python."""
-    return [sys.executable, "-m", "funnel_hpc.gateway.cli", *args]
+    return [sys.executable, "-m", "funnel_hpc.gateway.cli.main", *args]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

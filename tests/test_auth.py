@@ -14,7 +14,7 @@ import requests
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.security import generate_password_hash
 
-from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
+from funnel_hpc.gateway.store.task_dirs import RECEIVED_EVENTS, gateway_dir
 from tests.server_helpers import ServerProcess, clean_env
 from tests.waiting import calls_until, wait_for, wait_for_state
 

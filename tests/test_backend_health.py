@@ -1,4 +1,4 @@
-"""Backend health (gateway/backend_health.py): record_poll on SQLite and PostgreSQL, the
+"""Backend health (gateway/store/backend_health.py): record_poll on SQLite and PostgreSQL, the
 0005 migration over an existing 0004 database, the lease as the dashboard reads it, and
 that the panel shows signed-in users nothing of anyone's tasks."""
 
@@ -16,10 +16,10 @@ from werkzeug.security import generate_password_hash
 
 from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.gateway import backend_health, db, leader
-from funnel_hpc.gateway.backend_health import poll_error, record_poll
-from funnel_hpc.gateway.leader import DatabaseLease
-from funnel_hpc.gateway.service import TaskService
+from funnel_hpc.gateway.store import backend_health, db, leases
+from funnel_hpc.gateway.store.backend_health import poll_error, record_poll
+from funnel_hpc.gateway.store.leases import DatabaseLease
+from funnel_hpc.gateway.store.tasks import TaskService
 from tests.components import POSTGRES, POSTGRES_REASON, needs
 from tests.server_helpers import ServerProcess, _postgres_reachable
 
@@ -82,7 +82,7 @@ def test_record_poll_success_failure_recovery(db_kind, databases):
 def test_record_poll_never_raises(databases, caplog):
     """No table (or no database): a warning, and the reconciler's poll goes on."""
     engine = db.make_engine(databases.new("sqlite"))  # never upgraded
-    with caplog.at_level(logging.WARNING, "funnel_hpc.gateway.backend_health"):
+    with caplog.at_level(logging.WARNING, "funnel_hpc.gateway.store.backend_health"):
         record_poll(engine, "local", UNREACHABLE)
     assert "could not record the health of backend local" in caplog.text
     assert not backend_health._written  # tried again at the next poll
@@ -151,7 +151,7 @@ def test_overview_on_sqlite_reads_the_reconciler_lock(databases, tmp_path):
     assert path is not None
     health, _ = backend_health.overview(engine, settings(url))
     assert health[0].lease is None  # no reconciler ever ran on this file
-    lock = path.with_name(f"{path.name}.{leader.RECONCILER_ROLE}.lock")
+    lock = path.with_name(f"{path.name}.{leases.RECONCILER_ROLE}.lock")
     lock.write_text(f"{os.getpid()}\n")  # as lock_sqlite writes it
     health, _ = backend_health.overview(engine, settings(url))
     assert health[0].lease is not None and health[0].lease.held

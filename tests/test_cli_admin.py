@@ -11,8 +11,8 @@ import requests
 from sqlalchemy import create_engine, func, select, update
 
 from funnel_hpc.core.events import rfc3339
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.retention import parse_age
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.store.retention import parse_age
 from tests.cli_helpers import create, funnel
 from tests.server_helpers import ServerProcess
 

@@ -12,8 +12,8 @@ import requests
 
 from funnel_hpc.core import config
 from funnel_hpc.core.states import State
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.service import TaskService
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.store.tasks import TaskService
 from tests.components import need
 from tests.dashboard_helpers import (
     box_past,
@@ -305,7 +305,7 @@ def text_of_selector(browser, selector: str) -> str:
 
 
 def test_timing_of_queued_running_and_ended_tasks():
-    from funnel_hpc.gateway.dashboard import timing
+    from funnel_hpc.gateway.web.dashboard import timing
 
     created = "2026-01-01T00:00:00.000000Z"
     ended = {"state": "COMPLETE", "creation_time": created,
@@ -324,7 +324,7 @@ def test_timing_of_queued_running_and_ended_tasks():
 
 def test_activity_chart_counts_ended_tasks_by_state(databases, tmp_path):
     """Issue 18.5: the chart's buckets count tasks that ended in the window, by state."""
-    from funnel_hpc.gateway import dashboard_chart
+    from funnel_hpc.gateway.web import dashboard_chart
 
     server_config = config.load(None)
     engine = db.make_engine(databases.new("sqlite"))
@@ -373,7 +373,7 @@ UNREACHABLE = "squeue failed (1): slurm_load_jobs error: Unable to contact slurm
 def test_backend_health_shows_a_poll_error_then_the_recovery(browser, server, tmp_path):
     """Issue 18.5: the panel reads the database, whichever process polled: an error that
     another process records shows on the open page without a reload, then the recovery."""
-    from funnel_hpc.gateway import backend_health
+    from funnel_hpc.gateway.store import backend_health
 
     engine = db.make_engine(server.db_url)
     browser.get(server.url + "/")
@@ -581,7 +581,7 @@ def test_times_no_clock_can_show_do_not_break_the_pages(server):
 
 
 def test_relative_time_words():
-    from funnel_hpc.gateway.dashboard import relative, when
+    from funnel_hpc.gateway.web.dashboard import relative, when
 
     assert [relative(s) for s in (-3, 2, 42, 180, 3600, 7500, 90000, 200000)] == [
         "just now", "just now", "42 s ago", "3 min ago", "1 h ago", "2 h 5 min ago",

@@ -69,7 +69,7 @@ def test_every_config_key_is_in_the_reference(tmp_path):
 # ---- command line ----
 
 def cli_commands() -> list[tuple[str, click.Command]]:
-    from funnel_hpc.gateway.cli import main
+    from funnel_hpc.gateway.cli.main import main
 
     found: list[tuple[str, click.Command]] = []
 
@@ -122,7 +122,7 @@ def test_every_cli_command_and_option_is_in_the_reference(path, command):
 # ---- HTTP routes ----
 
 def test_every_route_is_in_the_reference(tmp_path):
-    from funnel_hpc.gateway.app import create_app
+    from funnel_hpc.gateway.web.app import create_app
 
     config = config_mod.load(environ={}, overrides={"work_dir": str(tmp_path)})
     app = create_app(config)

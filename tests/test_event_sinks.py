@@ -1,4 +1,4 @@
-"""Event sinks (gateway/sinks.py) fed by the publisher (gateway/publisher.py) from the
+"""Event sinks (gateway/sinks/targets.py) fed by the publisher (gateway/sinks/publisher.py) from the
 outbox: order per task, at least once, nothing lost while a sink is down, filters, and
 the real Redis broker (scripts/setup/60-broker.sh); on SQLite and PostgreSQL."""
 
@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import insert
 
-from funnel_hpc.gateway import db, observability, outbox
-from funnel_hpc.gateway.publisher import Publisher
-from funnel_hpc.gateway.sinks import RedisStreamSink, WebhookSink
+from funnel_hpc.gateway.ops import metrics
+from funnel_hpc.gateway.sinks.publisher import Publisher
+from funnel_hpc.gateway.sinks.targets import RedisStreamSink, WebhookSink
+from funnel_hpc.gateway.store import db, outbox
 from tests.components import POSTGRES, POSTGRES_REASON, need
 from tests.events_helpers import (
     WebhookReceiver,
@@ -107,7 +108,7 @@ def test_a_kept_alive_connection_the_receiver_dropped_is_replaced_at_once(tmp_pa
     finally:
         publisher.stop()
     # a new connection at once, not a failed attempt and a pause
-    assert observability.REGISTRY.get_sample_value(
+    assert metrics.REGISTRY.get_sample_value(
         "funnel_event_sink_failures_total", {"sink": "webhook:kept"}) == 0
     assert [event["id"] for event in receiver.received()] == first + later
 
@@ -279,7 +280,7 @@ def test_sink_threads_run_at_a_lower_cpu_priority():
     import os
     import threading
 
-    from funnel_hpc.gateway.publisher import lower_priority
+    from funnel_hpc.gateway.sinks.publisher import lower_priority
 
     seen: list[int] = []
 

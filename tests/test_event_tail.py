@@ -1,5 +1,5 @@
-"""gateway/event_tail.py on real files: what a task dir's owner may plant is refused with a
-note, reads are bounded and never repeated (tests/test_owner_reads.py does the same
+"""gateway/reconcile/event_tail.py on real files: what a task dir's owner may plant is
+refused with a note, reads are bounded and never repeated (tests/test_owner_reads.py does the same
 through a real server, real users and real Slurm)."""
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from funnel_hpc.gateway import db, event_tail, retention
-from funnel_hpc.gateway.event_tail import (
-    LINE_BYTES,
-    RECEIVED_EVENTS,
-    EventTail,
-    archive_events,
-    gateway_dir,
-)
+from funnel_hpc.gateway.reconcile import event_tail
+from funnel_hpc.gateway.reconcile.event_tail import LINE_BYTES, EventTail, archive_events
+from funnel_hpc.gateway.store import db, retention
+from funnel_hpc.gateway.store.task_dirs import RECEIVED_EVENTS, gateway_dir
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, make
 
 TASK = "t0123456789abcdef"

@@ -2,7 +2,7 @@
 runs tasks; a webhook receiver and a watcher get each task's events once, in order.
 
 The outbox is written by TaskService.create / transition / update_fields (the reconciler
-hands them the worker's events it folds) and published by the thread gateway/server.py
+hands them the worker's events it folds) and published by the thread gateway/cli/server.py
 starts."""
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.events import iter_events
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.app import make_service
-from funnel_hpc.gateway.reconciler import Reconciler
+from funnel_hpc.gateway.reconcile.reconciler import Reconciler
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.web.app import make_service
 from tests.components import SLURM, SLURM_REASON, needs, slurm_ready
 from tests.e2e_helpers import TERMINAL, create, make_server, sh, wait_state
 from tests.server_helpers import ServerProcess

@@ -1,4 +1,4 @@
-"""funnel.v1.EventService/WatchEvents (gateway/grpc_server.py) on a real server with
+"""funnel.v1.EventService/WatchEvents (gateway/grpc/server.py) on a real server with
 bearer auth: a user's stream never shows another user's events, an admin's shows all,
 task_ids narrow, the stream names its position (at the start and when quiet) and
 resumes from it, it carries the same events as the SSE stream, and the client resumes

@@ -1,4 +1,4 @@
-"""One active reconciler per backend (gateway/leader.py) and submission claims that stay
+"""One active reconciler per backend (gateway/store/leases.py) and submission claims that stay
 safe when two reconcilers run at once, on the real PostgreSQL; SQLite's one-server lock."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 from sqlalchemy import create_engine, update
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.app import make_service
-from funnel_hpc.gateway.leader import DatabaseLease, Lease
-from funnel_hpc.gateway.reconciler import SUBMITTING, Reconciler
+from funnel_hpc.gateway.reconcile.reconciler import SUBMITTING, Reconciler
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.store.leases import DatabaseLease, Lease
+from funnel_hpc.gateway.web.app import make_service
 from tests.components import POSTGRES, POSTGRES_REASON, needs
 from tests.replica_helpers import (
     CountingBackend,

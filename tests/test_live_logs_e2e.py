@@ -67,7 +67,7 @@ def test_task_logs_follow_prints_each_line_once_and_ends_with_the_task(server):
 
 
 def test_follower_prints_only_what_each_tail_adds(capsys):
-    from funnel_hpc.gateway.cli_task import LogFollower
+    from funnel_hpc.gateway.cli.task import LogFollower
 
     follower = LogFollower("stdout")
     for tail in ["a\n", "a\nb\n", "a\nb\n", "b\nc\n", "c\nc\n"]:  # a window sliding on

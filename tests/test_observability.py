@@ -10,7 +10,8 @@ import pytest
 import requests
 from prometheus_client import generate_latest
 
-from funnel_hpc.gateway import observability
+from funnel_hpc.gateway.ops import logs
+from funnel_hpc.gateway.ops import metrics as ops_metrics
 from tests.components import (
     BWRAP,
     BWRAP_REASON,
@@ -190,7 +191,7 @@ def test_readyz_is_503_while_postgres_is_stopped_and_200_after(tmp_path):
 # ---- the recording API, as the reconciler calls it ----
 
 def recorded() -> dict[tuple[str, tuple], float]:
-    return samples(generate_latest(observability.REGISTRY).decode())
+    return samples(generate_latest(ops_metrics.REGISTRY).decode())
 
 
 def test_recording_api_feeds_counters_and_histograms():
@@ -200,13 +201,13 @@ def test_recording_api_feeds_counters_and_histograms():
         key = (name, tuple(sorted(labels.items())))
         return recorded().get(key, 0) - before.get(key, 0)
 
-    observability.observe_task_finished("COMPLETE", "2026-01-01T00:00:00.000000Z",
+    ops_metrics.observe_task_finished("COMPLETE", "2026-01-01T00:00:00.000000Z",
                                         "2026-01-01T00:00:10.000000Z",
                                         "2026-01-01T00:01:10.000000Z")
-    observability.observe_task_finished("SYSTEM_ERROR", "2026-01-01T00:00:00.000000Z")
-    observability.observe_tick(0.02)
-    observability.count_scheduler_call("slurm", "poll", ok=True)
-    observability.count_scheduler_call("slurm", "submit", ok=False)
+    ops_metrics.observe_task_finished("SYSTEM_ERROR", "2026-01-01T00:00:00.000000Z")
+    ops_metrics.observe_tick(0.02)
+    ops_metrics.count_scheduler_call("slurm", "poll", ok=True)
+    ops_metrics.count_scheduler_call("slurm", "submit", ok=False)
     assert delta("funnel_tasks_finished_total", state="COMPLETE") == 1
     assert delta("funnel_tasks_finished_total", state="SYSTEM_ERROR") == 1
     assert delta("funnel_task_queue_wait_seconds_count") == 1
@@ -218,32 +219,32 @@ def test_recording_api_feeds_counters_and_histograms():
     assert delta("funnel_scheduler_calls_total", backend="slurm", command="submit") == 1
     assert delta("funnel_scheduler_errors_total", backend="slurm", command="submit") == 1
     assert delta("funnel_scheduler_errors_total", backend="slurm", command="poll") == 0
-    assert observability.backend_failing() == ["slurm"]  # its last command failed
-    observability.count_scheduler_call("slurm", "poll", ok=True)
-    assert observability.backend_failing() == []
+    assert ops_metrics.backend_failing() == ["slurm"]  # its last command failed
+    ops_metrics.count_scheduler_call("slurm", "poll", ok=True)
+    assert ops_metrics.backend_failing() == []
     with pytest.raises(ValueError):
-        observability.observe_task_finished("NOT_A_STATE")
+        ops_metrics.observe_task_finished("NOT_A_STATE")
 
 
 def test_readyz_follows_the_last_scheduler_outcome(tmp_path):
     from funnel_hpc.core import config as config_mod
-    from funnel_hpc.gateway.app import create_app
+    from funnel_hpc.gateway.web.app import create_app
 
     config = config_mod.load(overrides={"work_dir": str(tmp_path), "server": {
         "grpc_port": 0, "readyz_needs_reconciler": False}})
     client = create_app(config).test_client()
     try:
-        observability.count_scheduler_call("slurm", "poll", ok=False)
+        ops_metrics.count_scheduler_call("slurm", "poll", ok=False)
         failing = client.get("/readyz")
         assert failing.status_code == 503
         assert (failing.json or {})["checks"]["backend"] == "failing"
-        observability.count_scheduler_call("slurm", "poll", ok=True)
+        ops_metrics.count_scheduler_call("slurm", "poll", ok=True)
         assert client.get("/readyz").status_code == 200
         metrics = samples(client.get("/metrics").get_data(as_text=True))
         assert ("funnel_scheduler_calls_total", (("backend", "slurm"), ("command", "poll"))) \
             in metrics and tasks_in(metrics, "QUEUED") == 0
     finally:
-        observability.count_scheduler_call("slurm", "poll", ok=True)
+        ops_metrics.count_scheduler_call("slurm", "poll", ok=True)
 
 
 # ---- logging ----
@@ -253,12 +254,12 @@ def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
-        observability.configure_logging({"logging": {"level": "info", "format": "json",
+        logs.configure_logging({"logging": {"level": "info", "format": "json",
                                                      "file": str(log_file)}})
-        logger = logging.getLogger("funnel_hpc.gateway.reconciler")
+        logger = logging.getLogger("funnel_hpc.gateway.reconcile.reconciler")
         logger.warning("task %s: %s failed, trying again next tick: %s", "abc123", "poll", "x")
         logger.warning("cancel of job %s (task %s) failed: %s", "77", "def456", "boom")
-        observability.task_log(logger, "ghi789").info("worker started")
+        logs.task_log(logger, "ghi789").info("worker started")
         logger.debug("hidden below INFO")
         logger.info("no task here")
         lines = [json.loads(line) for line in log_file.read_text().splitlines()]
@@ -267,17 +268,17 @@ def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
         assert lines[0]["level"] == "WARNING" and lines[0]["logger"].endswith("reconciler")
 
         text_file = tmp_path / "text.log"
-        observability.configure_logging({"logging": {"level": "WARNING", "format": "text",
+        logs.configure_logging({"logging": {"level": "WARNING", "format": "text",
                                                      "file": str(text_file)}})
         logger.warning("task %s: gone", "abc123")
         logger.info("not at WARNING")
         (line,) = text_file.read_text().splitlines()
-        assert line.endswith("WARNING funnel_hpc.gateway.reconciler [task abc123]: "
+        assert line.endswith("WARNING funnel_hpc.gateway.reconcile.reconciler [task abc123]: "
                              "task abc123: gone")
         for bad in ({"level": "LOUD", "format": "text", "file": ""},
                     {"level": "INFO", "format": "xml", "file": ""}):
             with pytest.raises(ValueError, match="logging"):
-                observability.configure_logging({"logging": bad})
+                logs.configure_logging({"logging": bad})
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)

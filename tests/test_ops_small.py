@@ -12,9 +12,9 @@ import yaml
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.config import PACKAGE_ROOT
-from funnel_hpc.gateway.app import make_service
-from funnel_hpc.gateway.retention import disk_usage
-from funnel_hpc.gateway.server import private_state
+from funnel_hpc.gateway.cli.server import private_state
+from funnel_hpc.gateway.store.retention import disk_usage
+from funnel_hpc.gateway.web.app import make_service
 from tests.server_helpers import clean_env, funnel_argv
 
 

@@ -1,4 +1,4 @@
-"""The event outbox (gateway/outbox.py): recorded with the change, in order, gaps held;
+"""The event outbox (gateway/store/outbox.py): recorded with the change, in order, gaps held;
 on SQLite and PostgreSQL."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import insert
 
-from funnel_hpc.gateway import db, outbox
+from funnel_hpc.gateway.store import db, outbox
 from tests.events_helpers import outbox_engine, record_events
 
 

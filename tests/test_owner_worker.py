@@ -1,6 +1,6 @@
-"""What a worker running as its task's owner reads (gateway/owner_worker.py, core/config.py
-for_owner): the site's configuration without its secrets, the owner's own storage
-settings file merged in as that owner, an image cache of the owner's own."""
+"""What a worker running as its task's owner reads (gateway/reconcile/owner_worker.py,
+core/config.py for_owner): the site's configuration without its secrets, the owner's own
+storage settings file merged in as that owner, an image cache of the owner's own."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.gateway.owner_worker import check_worker_command, owner_sections
+from funnel_hpc.gateway.reconcile.owner_worker import check_worker_command, owner_sections
 from tests.owner_helpers import as_user, drop_user, make_user, need_root, open_dir, readable_install
 
 SECRETS = {"s3": {"access_key_id": "K-ID", "secret_access_key": "K-SECRET", "profile": "p",
@@ -104,8 +104,8 @@ def test_the_start_check_needs_root_and_a_command_nobody_can_run(tmp_path):
     install = open_dir("own-check-install-")
     try:
         python = readable_install(install)
-        probe = ("from funnel_hpc.gateway.owner_worker import check_worker_command as check; "
-                 "check(['/bin/true'])")
+        probe = ("from funnel_hpc.gateway.reconcile.owner_worker import "
+                 "check_worker_command as check; check(['/bin/true'])")
         ran = as_user("nobody", str(python), "-c", probe)
         assert ran.returncode != 0
         assert "the reconciler must run as root" in ran.stderr and "uid 65534" in ran.stderr

@@ -9,8 +9,8 @@ import pytest
 import requests
 from sqlalchemy import insert
 
-from funnel_hpc.gateway import db
-from funnel_hpc.gateway.service import new_task_id, now_rfc3339
+from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.store.tasks import new_task_id, now_rfc3339
 from tests.server_helpers import ServerProcess
 
 N = 100_000

@@ -12,7 +12,7 @@ import time
 import requests
 
 from funnel_hpc.core.events import iter_events, read_event_log
-from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
+from funnel_hpc.gateway.store.task_dirs import RECEIVED_EVENTS, gateway_dir
 from tests.e2e_helpers import TERMINAL, create, get, sh, wait_state
 from tests.server_helpers import ServerProcess, clean_env, funnel_argv, worker_image_config
 from tests.waiting import wait_for

@@ -1,4 +1,4 @@
-"""A reconciler tick costs what changed, not what is in flight (gateway/reconciler_index.py):
+"""A reconciler tick costs what changed, not what is in flight (gateway/reconcile/index.py):
 after the first tick only changed rows are read, only tasks whose row, job state or HTTP
 intake changed (plus a bounded round-robin sweep) have their event logs read, and a
 tick's live-log updates are stored in one transaction. In process, one tick at a time."""
@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import event, select, update
 
 from funnel_hpc.backends.base import JobState
-from funnel_hpc.gateway import db, outbox
-from funnel_hpc.gateway.event_tail import EventTail
-from funnel_hpc.gateway.service_store import FieldUpdate
+from funnel_hpc.gateway.reconcile.event_tail import EventTail
+from funnel_hpc.gateway.store import db, outbox
+from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, job_of, make, write_events
 
 

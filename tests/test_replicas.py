@@ -1,6 +1,6 @@
 """Replicas: three `funnel server run` processes, each with its reconciler, on one
 PostgreSQL and one work dir, driving the real Slurm. One reconciler is active (the lease
-holder, gateway/leader.py); kill -9 it mid-run, later the next one: every task still
+holder, gateway/store/leases.py); kill -9 it mid-run, later the next one: every task still
 completes, each has exactly one Slurm job, and the failover gap is measured. Then a
 private PostgreSQL stopped for 30 s under two replicas: 503s, nothing half written, all
 tasks resume.
@@ -25,7 +25,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select, text
 
-from funnel_hpc.gateway import db
+from funnel_hpc.gateway.store import db
 from tests.components import (
     POSTGRES,
     POSTGRES_BINARIES_REASON,

@@ -13,7 +13,8 @@ from prometheus_client import generate_latest
 from sqlalchemy import update
 
 from funnel_hpc.backends.base import JobState
-from funnel_hpc.gateway import db, observability
+from funnel_hpc.gateway.ops import metrics
+from funnel_hpc.gateway.store import db
 from tests.metrics_helpers import samples
 from tests.reconciler_helpers import (
     TRIVIAL,
@@ -154,7 +155,7 @@ def test_scheduler_output_tail_goes_to_system_logs_and_symlinks_are_not_read(tmp
 
 def test_finished_tasks_and_scheduler_calls_are_counted(tmp_path):
     def value(name: str, **labels: str) -> float:
-        text = generate_latest(observability.REGISTRY).decode()
+        text = generate_latest(metrics.REGISTRY).decode()
         return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
     preempted = value("funnel_tasks_finished_total", state="PREEMPTED")

@@ -21,7 +21,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.core.events import MAX_TEXT, EventFold, read_event_log
-from funnel_hpc.gateway.event_tail import RECEIVED_EVENTS, gateway_dir
+from funnel_hpc.gateway.store.task_dirs import RECEIVED_EVENTS, gateway_dir
 from tests.security_helpers import call, csrf_of, form, login, server_cpu_seconds
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
@@ -245,7 +245,7 @@ def test_grpc_failures_lock_the_address_out(databases, tmp_path):
 
 def test_lockout_doubles_and_is_forgiven_after_a_quiet_spell():
     """The throttle's arithmetic, on a fake clock."""
-    from funnel_hpc.gateway.ratelimit import LoginThrottle
+    from funnel_hpc.gateway.access.ratelimit import LoginThrottle
 
     now = [1000.0]
     throttle = LoginThrottle(0, 0, free_failures=2, backoff_seconds=1,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.gateway.app import make_service
-from funnel_hpc.gateway.reconciler import Reconciler
+from funnel_hpc.gateway.reconcile.reconciler import Reconciler
+from funnel_hpc.gateway.web.app import make_service
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 

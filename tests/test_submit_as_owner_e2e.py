@@ -70,7 +70,8 @@ def site():
         jwks.write_text(json.dumps({"keys": [jwk]}))
         hashed = generate_password_hash(PASSWORD)
         server = ServerProcess(work, f"sqlite:///{work}/funnel.db", reconcile=True,
-                               funnel=[str(python), "-m", "funnel_hpc.gateway.cli"], overrides={
+                               funnel=[str(python), "-m", "funnel_hpc.gateway.cli.main"],
+                               overrides={
             "backend": {"name": "slurm", "slurm": {"submit_as_owner": True,
                                                    "owner_group": group}},
             "auth": {"mode": "basic+bearer", "admins": ["tesadmin"],

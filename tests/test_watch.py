@@ -1,4 +1,4 @@
-"""GET /funnel/v1/events (gateway/watch.py) on a real server: a user follows its own
+"""GET /funnel/v1/events (gateway/web/watch.py) on a real server: a user follows its own
 tasks only, resumes with Last-Event-ID without gap or repeat. Events are put in the
 server's outbox with outbox.record, as the service and the reconciler do."""
 

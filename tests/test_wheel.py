@@ -44,7 +44,7 @@ def test_wheel_holds_package_data_and_no_top_level_clash(wheel_venv: Path, tmp_p
     out = run(python, "-c", "\n".join([
         "import proto, funnel_hpc.proto.tes_pb2 as pb",  # proto-plus and our stubs, side by side
         "from funnel_hpc.core import config",
-        "import funnel_hpc.gateway.db as db",
+        "import funnel_hpc.gateway.store.db as db",
         "print(proto.__file__); print(config.DEFAULT_CONFIG); print(config.TEMPLATES_DIR)",
         "print(db.MIGRATIONS_DIR)",
         "print(pb.Task.DESCRIPTOR.full_name)",

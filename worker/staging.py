@@ -110,7 +110,7 @@ class Staging:
 
     def report_types(self, key: str, kinds: dict[int, bool]) -> None:
         """What the worker found at untyped inputs' or outputs' paths, as task metadata
-        (the gateway shows it as their `type`, gateway/views.py)."""
+        (the gateway shows it as their `type`, gateway/store/task_views.py)."""
         if kinds:
             self.events.emit("metadata", metadata={key: json.dumps(
                 {str(index): "DIRECTORY" if is_dir else "FILE"

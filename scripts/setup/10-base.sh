@@ -9,7 +9,7 @@ make_venv
 # cost at every Python start, i.e. at every worker a scheduler starts); new modules need
 # this step again, which scripts/test.sh runs every time
 pip_quiet install -e '.[test,postgres]' --config-settings editable_mode=strict
-.venv/bin/python -c 'import funnel_hpc.gateway.cli'
+.venv/bin/python -c 'import funnel_hpc.gateway.cli.main'
 # bytecode now, so workers never compile the project's modules (see benchmarks/run); it
 # lands beside the link tree's entries, which is where Python looks for it
 .venv/bin/python -m compileall -q "$(.venv/bin/python -c \

@@ -129,7 +129,7 @@ def test_awsbatch_submit_poll_without_docker_fails(moto_batch, tmp_path):
     backend = make_backend(moto_batch)
     log = CallLog(backend)
     request = make_request(tmp_path, task(cpu_cores=2, ram_gb=1.5),
-                           argv=["python", "-m", "funnel_hpc.gateway.cli", "worker", "run",
+                           argv=["python", "-m", "funnel_hpc.gateway.cli.main", "worker", "run",
                                  "--task-file", "x.json"])
     job_id = backend.submit(request)
 
@@ -380,7 +380,7 @@ def test_awsbatch_worker_runs_the_submitted_command_with_moto_s3(moto_batch, tmp
         job_work = tmp_path / "job-work"
         backend = make_backend(
             moto_batch, server_url=server.url,
-            worker_command=[sys.executable, "-m", "funnel_hpc.gateway.cli", "worker", "run"],
+            worker_command=[sys.executable, "-m", "funnel_hpc.gateway.cli.main", "worker", "run"],
             environment={"FUNNEL_STORAGE__S3__ENDPOINT_URL": moto_batch.url,
                          "FUNNEL_WORKER__CONTAINER_DRIVER": "bwrap",
                          "FUNNEL_WORK_DIR": str(job_work), **worker_image_env()})
@@ -408,8 +408,8 @@ def test_awsbatch_recover_denied_holds_back_no_other_task(moto_batch, tmp_path, 
     import botocore.exceptions
 
     from funnel_hpc.core import config as config_mod
-    from funnel_hpc.gateway.app import make_service
-    from funnel_hpc.gateway.reconciler import Reconciler
+    from funnel_hpc.gateway.reconcile.reconciler import Reconciler
+    from funnel_hpc.gateway.web.app import make_service
 
     backend = make_backend(moto_batch)
     config = config_mod.load(environ={}, overrides={"work_dir": str(tmp_path)})

@@ -12,7 +12,8 @@ import pytest
 
 from funnel_hpc.core.events import EventFold, read_event_log
 from funnel_hpc.worker.drivers import DriverError, Drivers
-from funnel_hpc.worker.storage import StorageError, clone_or_copy, inside
+from funnel_hpc.worker.storage import StorageError, inside
+from funnel_hpc.worker.storage.beneath import clone_or_copy
 from tests.server_helpers import clean_env, funnel_argv
 from tests.worker_helpers import sh
 

@@ -107,7 +107,7 @@ def test_file_directories_are_made_and_listed_without_following_symlinks(tmp_pat
     through a symlink planted there; listings name empty directories, never what a
     link leads to."""
     from funnel_hpc.worker.storage import StorageError
-    from funnel_hpc.worker.storage_local import LocalStore
+    from funnel_hpc.worker.storage.local import LocalStore
 
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()

@@ -16,7 +16,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.worker.storage import StorageError
-from funnel_hpc.worker.storage_local import LocalStore
+from funnel_hpc.worker.storage.local import LocalStore
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for_state
 from tests.worker_helpers import need, sh

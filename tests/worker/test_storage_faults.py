@@ -9,7 +9,7 @@ import pytest
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.worker.storage import Stopped, Storage, StorageError
-from funnel_hpc.worker.storage_retry import with_retries
+from funnel_hpc.worker.storage.retry import with_retries
 from tests.storage_helpers import CheckedMoto, ObjectServer, storage_config
 from tests.worker_helpers import sh
 

@@ -100,20 +100,19 @@ def test_a_large_object_comes_down_in_ranges_byte_identical(harness, emulator):
 
 
 def test_ranges_are_written_at_their_offsets_and_checked(emulator, tmp_path, monkeypatch):
-    from funnel_hpc.worker import storage_gs_ranged
-    from funnel_hpc.worker.storage import Storage
+    from funnel_hpc.worker.storage import Storage, gs_ranged
 
     data = os.urandom(20_000)
     blob = emulator.client().create_bucket("tes-gs-spy").blob("x.bin")
     blob.upload_from_string(data)
     starts: list[int] = []
 
-    class Recording(storage_gs_ranged._At):
+    class Recording(gs_ranged._At):
         def __init__(self, fd, offset, *rest):
             starts.append(offset)
             super().__init__(fd, offset, *rest)
 
-    monkeypatch.setattr(storage_gs_ranged, "_At", Recording)
+    monkeypatch.setattr(gs_ranged, "_At", Recording)
     store = Storage(worker_config(storage={"allowed_schemes": ["gs"], "retry_seconds": 5,
                                            "max_parallel_transfers": 3,
                                            **gs_options(emulator, **RANGED)}))
@@ -131,7 +130,7 @@ def test_a_download_that_does_not_match_the_objects_hash_is_removed(tmp_path):
     import base64
 
     from funnel_hpc.worker.storage import StorageError
-    from funnel_hpc.worker.storage_gs_ranged import _check
+    from funnel_hpc.worker.storage.gs_ranged import _check
 
     dest = tmp_path / "x"
     dest.write_bytes(b"abc")

@@ -10,9 +10,8 @@ from urllib.parse import quote
 import pytest
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.worker import storage_local
-from funnel_hpc.worker.storage import Storage, StorageError
-from funnel_hpc.worker.storage_local import LocalStore
+from funnel_hpc.worker.storage import Storage, StorageError, beneath
+from funnel_hpc.worker.storage.local import LocalStore
 from tests.storage_helpers import SwapLoop
 from tests.worker_helpers import sh
 
@@ -27,10 +26,10 @@ def opener(request, monkeypatch):
     """Both ways of opening beneath a root: the kernel's openat2, and the O_NOFOLLOW walk
     used where the kernel lacks it."""
     if request.param == "nofollow-walk":
-        monkeypatch.setattr(storage_local, "_openat2_works", [False])
+        monkeypatch.setattr(beneath, "_openat2_works", [False])
     else:
-        monkeypatch.setattr(storage_local, "_openat2_works", [None])
-        fd = storage_local._openat2(os.open("/", os.O_RDONLY), "tmp", os.O_RDONLY)
+        monkeypatch.setattr(beneath, "_openat2_works", [None])
+        fd = beneath._openat2(os.open("/", os.O_RDONLY), "tmp", os.O_RDONLY)
         if fd is None:
             pytest.skip("this kernel has no openat2")
         os.close(fd)

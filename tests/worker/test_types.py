@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from funnel_hpc.gateway.views import full_task
+from funnel_hpc.gateway.store.task_views import full_task
 
 
 def sh(script: str, **fields) -> dict:

@@ -1,0 +1,1 @@
+"""The gRPC side: tes.TaskService over the same task store."""

@@ -1,0 +1,268 @@
+"""The reconciler's reads and writes of the task store: state transitions by
+compare-and-set, logs and event_seq (one task, or many in one transaction), the rows
+that changed since a time, submission claims, and the worker events the HTTP intake
+noted for it. TaskService (gateway/store/tasks.py) inherits them; every write records its
+events in the outbox in the same transaction.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.engine import Engine
+
+from funnel_hpc.core.events import now_rfc3339
+from funnel_hpc.core.states import TERMINAL, State, can_transition
+from funnel_hpc.gateway.store import db, outbox
+from funnel_hpc.gateway.store.task_views import full_task
+
+_INSERT_EVENT = insert(outbox.event_outbox)
+_UPDATE_FIELDS = (update(db.tasks)
+                  .where(db.tasks.c.id == bindparam("b_id"),
+                         db.tasks.c.state == bindparam("b_state"))
+                  .values(logs=bindparam("b_logs"), event_seq=bindparam("b_event_seq"),
+                          updated_at=bindparam("b_updated_at")))
+# what the reconciler keeps of a task in memory: every column but the task document and logs
+_ROW_COLUMNS = [c for c in db.tasks.c if c.name not in ("spec", "logs")]
+_ACTIVE_STATES = [s.value for s in State if s not in TERMINAL]
+
+
+@dataclass
+class FieldUpdate:
+    """One task's logs and event_seq, stored while it is still in expected_state, with
+    the worker events folded into them (see TaskService.update_many)."""
+
+    task_id: str
+    expected_state: str
+    logs: list
+    event_seq: int
+    events: Sequence[dict] = ()
+
+
+class ReconcilerStore:
+    """Mixed into TaskService, which sets these in its __init__."""
+
+    engine: Engine
+    config: dict
+    changed: threading.Event
+    reconciles_here: Callable[[], bool]
+    _worker_events: set[str]
+    _worker_events_lock: threading.Lock
+
+    def transition(self, task_id: str, current: State | str, target: State | str,
+                   job_id_is_null: bool | None = None, events: Sequence[dict] = (),
+                   **changes: Any) -> bool:
+        """Compare-and-set the state (and other columns); False if the row moved. The
+        state change and `events` (the worker's, folded into this change) go to the event
+        outbox in the same transaction, after the UPDATE (whose row lock orders one task's
+        events on PostgreSQL)."""
+        current, target = State(current), State(target)
+        if not can_transition(current, target):
+            return False
+        t = db.tasks
+        query = update(t).where(t.c.id == task_id, t.c.state == current.value)
+        if job_id_is_null is True:
+            query = query.where(t.c.job_id.is_(None))
+        with db.writing(self.engine) as conn:
+            # updated_at is taken once the write lock is held, so it is (nearly) the commit
+            # time: the reconciler reads rows changed since its last look by updated_at
+            values = {"state": target.value, "updated_at": now_rfc3339(), **changes}
+            if conn.execute(query.values(**values)).rowcount != 1:
+                return False
+            _record_changes(conn, task_id, events, current.value, target.value)
+            return True
+
+    def update_fields(self, task_id: str, expected_state: State | str,
+                      job_id_is_null: bool = False, events: Sequence[dict] = (),
+                      **changes: Any) -> bool:
+        """Change columns other than state, only while the state is still expected_state
+        (and, with job_id_is_null, while no job is recorded); `events` as in transition."""
+        t = db.tasks
+        query = update(t).where(t.c.id == task_id, t.c.state == State(expected_state).value)
+        if job_id_is_null:
+            query = query.where(t.c.job_id.is_(None))
+        with db.writing(self.engine) as conn:
+            if conn.execute(query.values(updated_at=now_rfc3339(), **changes)).rowcount != 1:
+                return False
+            _record_changes(conn, task_id, events, State(expected_state).value, None)
+            return True
+
+    def set_job_id(self, task_id: str, job_id: str, logs: builtins.list) -> None:
+        """Record a job whatever the state (a cancel raced the submission)."""
+        t = db.tasks
+        with db.writing(self.engine) as conn:
+            conn.execute(update(t).where(t.c.id == task_id)
+                         .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
+
+    def update_many(self, updates: builtins.list[FieldUpdate]) -> tuple[set[str], str]:
+        """update_fields (logs and event_seq) of many tasks in one transaction: the rows
+        are locked, those still in their expected state updated by one executemany UPDATE
+        and their worker events recorded by one executemany INSERT; returns the ids
+        updated and the updated_at they got. One tick's live logs of 1,000 tasks cost
+        one transaction, not 1,000."""
+        now = now_rfc3339()
+        if not updates:
+            return set(), now
+        t = db.tasks
+        wanted = {update.task_id: update for update in updates}
+        with db.writing(self.engine) as conn:
+            now = now_rfc3339()
+            rows = conn.execute(select(t.c.id, t.c.state, t.c.owner)
+                                .where(t.c.id.in_(wanted)).order_by(t.c.seq)
+                                .with_for_update()).all()
+            owners = {row.id: row.owner for row in rows
+                      if row.state == State(wanted[row.id].expected_state).value}
+            if not owners:
+                return set(), now
+            conn.execute(_UPDATE_FIELDS, [
+                {"b_id": task_id, "b_state": wanted[task_id].expected_state,
+                 "b_logs": wanted[task_id].logs, "b_event_seq": wanted[task_id].event_seq,
+                 "b_updated_at": now} for task_id in owners])
+            # as _record_changes with no state change: the worker's other events
+            events = [{"task_id": task_id, "owner": owner, "kind": str(event.get("type")),
+                       "payload": event, "time": now}
+                      for task_id, owner in owners.items()
+                      for event in wanted[task_id].events if event.get("type") != "state"]
+            if events:
+                conn.execute(_INSERT_EVENT, events)
+        return set(owners), now
+
+    def active_rows(self, limit: int = 100_000) -> Sequence[Any]:
+        """Tasks not yet terminal, oldest first (for the reconciler), without their task
+        document and logs (see full_tasks, stored_logs): decoding those was most of a
+        full read. The reconciler reads this on its first tick and now and then after;
+        in between it reads changed_rows."""
+        t = db.tasks
+        query = (select(*_ROW_COLUMNS).where(t.c.state.in_(_ACTIVE_STATES))
+                 .order_by(t.c.seq).limit(limit))
+        with db.reading(self.engine) as conn:
+            return conn.execute(query).all()
+
+    def changed_rows(self, since: str, task_ids: Iterable[str] = ()) -> Sequence[Any]:
+        """Rows (active_rows' columns, any state) whose updated_at is at or after `since`,
+        and those of `task_ids`: one range read on ix_tasks_updated_at, costing what
+        changed rather than what is in flight."""
+        t = db.tasks
+        condition = t.c.updated_at >= since
+        ids = builtins.list(task_ids)
+        if ids:
+            condition = condition | t.c.id.in_(ids)
+        with db.reading(self.engine) as conn:
+            return conn.execute(select(*_ROW_COLUMNS).where(condition)).all()
+
+    # ---- worker events received over HTTP (events_api) ----
+
+    def note_worker_event(self, task_id: str) -> None:
+        """A worker's event for task_id was received: the reconciler reads that task's
+        event logs on its next tick. One in this process holding the lease is told here;
+        any other (another replica, `funnel reconcile`) sees the row's updated_at move
+        (one single-row UPDATE)."""
+        if self.reconciles_here():
+            with self._worker_events_lock:
+                self._worker_events.add(task_id)
+        else:
+            t = db.tasks
+            with db.writing(self.engine) as conn:
+                conn.execute(update(t).where(t.c.id == task_id, t.c.state.in_(_ACTIVE_STATES))
+                             .values(updated_at=now_rfc3339()))
+        self.changed.set()
+
+    def take_worker_events(self) -> set[str]:
+        """The task ids note_worker_event collected since the last call (for the
+        reconciler)."""
+        with self._worker_events_lock:
+            taken, self._worker_events = self._worker_events, set()
+        return taken
+
+    def stored_logs(self, task_ids: builtins.list[str]) -> dict[str, builtins.list]:
+        """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
+        t = db.tasks
+        with db.reading(self.engine) as conn:
+            rows = conn.execute(select(t.c.id, t.c.logs).where(t.c.id.in_(task_ids))).all()
+        return {row.id: row.logs or [] for row in rows}
+
+    def full_tasks(self, task_ids: builtins.list[str]) -> dict[str, dict]:
+        """FULL view of many tasks, with one query."""
+        t = db.tasks
+        query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
+        with db.reading(self.engine) as conn:
+            rows = conn.execute(query.where(t.c.id.in_(task_ids))).all()
+        return {row.id: full_task(row.id, row.state, row.spec, row.logs or [],
+                                  row.creation_time) for row in rows}
+
+    # ---- submission bookkeeping (reconciler), one transaction per batch ----
+
+    def claim_for_submission(self, claims: builtins.list[tuple[str, int]]) -> set[str]:
+        """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
+        attempt number; return the ids claimed (a task canceled or claimed by another
+        reconciler meanwhile is not).
+
+        Safe with two reconcilers at once: on PostgreSQL the rows are locked first with
+        SKIP LOCKED (a row another claimer holds is left to it, nobody waits or
+        deadlocks), and each UPDATE is a compare-and-set on state, job_id and the
+        previous attempt, so a claimer working from an old read claims nothing. SQLite
+        writers are serialized by BEGIN IMMEDIATE (db.writing)."""
+        t = db.tasks
+        wanted = dict(claims)
+        claimed: set[str] = set()
+        with db.writing(self.engine) as conn:
+            now = now_rfc3339()
+            free = conn.execute(
+                select(t.c.id).where(t.c.id.in_(wanted), t.c.state == State.QUEUED.value,
+                                     t.c.job_id.is_(None))
+                .order_by(t.c.seq).with_for_update(skip_locked=True)).scalars().all()
+            for task_id in free:
+                attempt = wanted[task_id]
+                query = (update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                                         t.c.job_id.is_(None), t.c.attempt == attempt - 1)
+                         .values(job_id="", attempt=attempt, event_seq=0, updated_at=now))
+                if conn.execute(query).rowcount == 1:
+                    claimed.add(task_id)
+        return claimed
+
+    def record_submissions(self, jobs: builtins.list[tuple[str, str, builtins.list]]) -> None:
+        """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
+        canceled while its job was submitted keeps the job id, so the cancel reaches it."""
+        t = db.tasks
+        with db.writing(self.engine) as conn:
+            now = now_rfc3339()
+            for task_id, job_id, logs in jobs:
+                conn.execute(update(t).where(t.c.id == task_id)
+                             .values(job_id=job_id, logs=logs, updated_at=now))
+
+    def release_claims(self, claims: builtins.list[tuple[str, int, int]]) -> None:
+        """Give back claims (task id, previous attempt, previous event_seq) of submissions
+        that could not be made now (scheduler unreachable): they are tried again."""
+        t = db.tasks
+        with db.writing(self.engine) as conn:
+            now = now_rfc3339()
+            for task_id, attempt, event_seq in claims:
+                conn.execute(update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                                             t.c.job_id == "")
+                             .values(job_id=None, attempt=attempt, event_seq=event_seq,
+                                     updated_at=now))
+
+    # ---- service-info ----
+
+
+def _record_changes(conn: Any, task_id: str, events: Sequence[dict], current: str,
+                    target: str | None) -> None:
+    """To the event outbox, in order: the worker's events folded into this change, and
+    each state the task went through, once (a tick may fold RUNNING and COMPLETE at once:
+    both are shown). The worker's own terminal state is not: the task's is `target`."""
+    shown = current
+    for event in events:
+        state = event.get("state")
+        if event.get("type") != "state":
+            outbox.record_task(conn, task_id, str(event.get("type")), event)
+        elif (target is not None and state not in (shown, target)
+              and state not in TERMINAL):
+            outbox.record_task(conn, task_id, "state", {"state": state, "previous": shown})
+            shown = str(state)
+    if target is not None and target != shown:
+        outbox.record_task(conn, task_id, "state", {"state": target, "previous": shown})

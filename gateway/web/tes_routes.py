@@ -1,0 +1,164 @@
+"""TES 1.1 HTTP API (flask-smorest): /ga4gh/tes/v1/... and the legacy /v1/... routes.
+
+Every route calls the shared TaskService; errors are JSON
+``{"code": <http status>, "message": "<field>: <what is wrong>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Response, current_app, g, request
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from funnel_hpc.core.states import LEGACY_STATES
+from funnel_hpc.gateway.access.auth import ANONYMOUS_ADMIN, Principal
+from funnel_hpc.gateway.store.task_views import tes10_service_info, tes10_task
+from funnel_hpc.gateway.store.tasks import BadRequest, ListQuery, TaskService, zip_tags
+from funnel_hpc.gateway.store.tes_schemas import (
+    ApiErrorSchema,
+    CancelTaskResponseSchema,
+    CreateTaskResponseSchema,
+    ListArgsSchema,
+    ListTasksResponseSchema,
+    ServiceInfoSchema,
+    TaskCreateSchema,
+    TaskSchema,
+    ViewArgsSchema,
+)
+
+# the response header naming what a create ignored (RFC 7234 section 5.5; 299: a
+# persistent warning, "-": no agent named)
+WARNING = "Warning"
+
+TES_PREFIX = "/ga4gh/tes/v1"
+LEGACY_PREFIX = "/v1"
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    text = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    # a lone surrogate (from a client's "\udc00", echoed in an error) cannot be UTF-8;
+    # backslashreplace writes it back as that same JSON escape
+    body = text.encode("utf-8", "backslashreplace")
+    return Response(body, status=status, mimetype="application/json")
+
+
+def service() -> TaskService:
+    return current_app.extensions["funnel.service"]
+
+
+def principal() -> Principal:
+    """The caller, set by the app's authentication hook."""
+    return g.get("funnel_principal", ANONYMOUS_ADMIN)
+
+
+def read_json_body() -> Any:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        raise BadRequest("body: a JSON task document is required")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body: malformed JSON: {exc}") from None
+    except RecursionError:  # "[" * 100000: no TES document nests that deep
+        raise BadRequest("body: JSON nested too deeply") from None
+
+
+_ERRORS = {400: "Bad input; message names the field", 404: "No such task",
+           403: "The caller may not own tasks here (the owner policy); message names the rule"}
+
+
+def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
+    """The task as a TES 1.0 client on the legacy routes must see it: TES 1.0 states
+    (LEGACY_STATES) and fields (views.tes10_task)."""
+    state = task.get("state")
+    if state in LEGACY_STATES:
+        task = {**task, "state": LEGACY_STATES[state]}
+    return tes10_task(task)
+
+
+def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
+    """The TES routes under `prefix` (called twice: TES 1.1 and legacy /v1)."""
+    shown = as_legacy if legacy else (lambda task: task)
+    blp = Blueprint(name, __name__, url_prefix=prefix,
+                    description="GA4GH TES 1.1" + (" (legacy /v1 routes)" if legacy else ""))
+
+    def errors(*codes: int):
+        def wrap(fn):
+            for code in codes:
+                fn = blp.alt_response(code, schema=ApiErrorSchema, description=_ERRORS[code])(fn)
+            return fn
+        return wrap
+
+    @blp.route("/service-info")
+    class ServiceInfo(MethodView):
+        @blp.response(200, ServiceInfoSchema)
+        @errors(400)
+        def get(self):
+            """GetServiceInfo"""
+            return json_response(service().service_info())
+
+    @blp.route("/tasks")
+    class Tasks(MethodView):
+        @blp.arguments(ListArgsSchema, location="query", error_status_code=400, as_kwargs=True)
+        @blp.response(200, ListTasksResponseSchema)
+        @blp.alt_response(431, description="Request headers (the query) too large",
+                          content_type="text/plain", schema={"type": "string"})
+        @errors(400)
+        def get(self, view="MINIMAL", **args):
+            """ListTasks"""
+            query = ListQuery(view=view, page_size=args.get("page_size"),
+                              page_token=args.get("page_token"),
+                              name_prefix=args.get("name_prefix"), state=args.get("state"),
+                              tags=zip_tags(args.get("tag_key"), args.get("tag_value")),
+                              owner=principal().scope)
+            tasks, token = service().list(query)
+            payload: dict[str, Any] = {"tasks": [shown(task) for task in tasks]}
+            if token:
+                payload["next_page_token"] = token
+            return json_response(payload)
+
+        @blp.doc(requestBody={"required": True,
+                              "content": {"application/json": {"schema": TaskCreateSchema}}})
+        @blp.response(200, CreateTaskResponseSchema, headers={WARNING: {
+            "description": 'Fields the server ignored, e.g. 299 - "unknown fields ignored: '
+                           'executors.0.foo, bar" (refused instead with '
+                           "server.strict_fields)",
+            "schema": {"type": "string"}}})
+        @errors(400, 403)
+        def post(self):
+            """CreateTask"""
+            task_id, notices = service().create_noting(read_json_body(), owner=principal().user)
+            response = json_response({"id": task_id})
+            for notice in notices:  # printable ASCII, quotes escaped (ignored_fields_notice)
+                response.headers.add(WARNING, f'299 - "{notice}"')
+            return response
+
+    @blp.route("/tasks/<string:task_id>")
+    class Task(MethodView):
+        @blp.arguments(ViewArgsSchema, location="query", error_status_code=400, as_kwargs=True)
+        @blp.response(200, TaskSchema)
+        @errors(400, 404)
+        def get(self, task_id, view="MINIMAL"):
+            """GetTask"""
+            return json_response(shown(service().get(task_id, view, owner=principal().scope)))
+
+    @blp.route("/tasks/<string:task_id>:cancel")
+    class CancelTask(MethodView):
+        @blp.response(200, CancelTaskResponseSchema)
+        @errors(400, 404)
+        def post(self, task_id):
+            """CancelTask: no change (still 200) when the task already ended."""
+            service().cancel(task_id, owner=principal().scope)
+            return json_response({})
+
+    return blp
+
+
+def legacy_service_info():
+    """TES 0.x/1.0 clients (py-tes 0.4.2) ask /v1/tasks/service-info for TES 1.0's
+    tesServiceInfo, {name, doc, storage}: its model refuses any other field (not in the
+    OpenAPI document; /v1/service-info answers TES 1.1's)."""
+    return json_response(tes10_service_info(service().service_info()))
