@@ -98,7 +98,7 @@ def submit_and_tick(tmp: Path, dbs: DatabaseFactory, n: int) -> dict:
         "work_dir": str(tmp / "many"), "database": {"url": dbs.new("sqlite")},
         "backend": {"name": "slurm"}, "reconciler": {"submit_per_tick": n}})
     service = make_service(config)
-    backend = SlurmBackend(config["backend"]["slurm"], config)
+    backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
     reconciler = Reconciler(service, backend, config)
     held = {**TRIVIAL, "resources": {"backend_parameters": {"begin": "now+1hour"}}}
     for _ in range(n):

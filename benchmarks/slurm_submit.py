@@ -56,7 +56,7 @@ def main() -> None:
         sys.exit("sbatch not found: run scripts/setup/30-slurm.sh")
 
     config = config_mod.load(environ={})
-    backend = SlurmBackend(config["backend"]["slurm"], config)
+    backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
     tmp = Path(tempfile.mkdtemp(prefix="funnel-slurm-submit-"))
     ours: list[str] = []
     raw: list[str] = []

@@ -168,7 +168,7 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             **overrides, "work_dir": str(work), "database": {"url": db_url},
             "server": {"http_port": server.port}})
         service = make_service(config)
-        backend = SlurmBackend(config["backend"]["slurm"], config)
+        backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
         reconciler = Reconciler(service, backend, config)
         ticks: list[dict] = []
 

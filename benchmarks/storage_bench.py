@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import boto3  # noqa: E402
 
+from funnel_hpc.core.config import load as load_config  # noqa: E402
 from funnel_hpc.worker.storage import Storage  # noqa: E402
 from funnel_hpc.worker.storage.beneath import FICLONE  # noqa: E402
 from tests.server_helpers import free_port  # noqa: E402
@@ -68,9 +69,10 @@ def write_random(path: Path, megabytes: int) -> None:
 
 
 def storage(tmp: Path, parallel: int, link: bool = False, **stores) -> Storage:
-    return Storage({"storage": {"allowed_schemes": ["file", "s3", "gs"], "retry_seconds": 10,
-                                "max_parallel_transfers": parallel, **stores},
-                    "worker": {"allowed_dirs": [str(tmp)], "link_inputs": link}})
+    return Storage(load_config(environ={}, overrides={
+        "storage": {"allowed_schemes": ["file", "s3", "gs"], "retry_seconds": 10,
+                    "max_parallel_transfers": parallel, **stores},
+        "worker": {"allowed_dirs": [str(tmp)], "link_inputs": link}}).for_worker())
 
 
 class MotoServer:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 import boto3  # noqa: E402
 import requests  # noqa: E402
 
+from funnel_hpc.core.config import load as load_config  # noqa: E402
 from funnel_hpc.worker.storage import LocalStore, S3Store  # noqa: E402
 from tests.server_helpers import free_port  # noqa: E402
 
@@ -89,7 +90,8 @@ def s3(tmp: Path, mb: int) -> dict:
                 fh.write(block)
         raw = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
         raw.create_bucket(Bucket="bench")
-        store = S3Store({"endpoint_url": endpoint, "region": "us-east-1"})
+        store = S3Store(load_config(environ={}, overrides={"storage": {"s3": {
+            "endpoint_url": endpoint, "region": "us-east-1"}}}).storage.s3)
         raw_up = timed(lambda: raw.upload_file(str(src), "bench", "raw.bin"))
         worker_up = timed(lambda: store.put(src, "s3://bench/worker.bin"))
         raw_down = timed(lambda: raw.download_file("bench", "raw.bin", str(tmp / "raw.out")))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from funnel_hpc.core.config import WorkerConfig
 from funnel_hpc.core.config import load as load_config
 from funnel_hpc.worker import livelogs, runner
 from tests.server_helpers import worker_image_config
@@ -44,7 +45,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def one_run(work: Path, config: dict, megabytes: int, number: int) -> float:
+def one_run(work: Path, config: WorkerConfig, megabytes: int, number: int) -> float:
     task = {"id": f"stdout{number}", "executors": [{
         "image": "busybox", "command": ["head", "-c", str(megabytes << 20), "/dev/zero"]}]}
     before = cpu_seconds()
@@ -63,9 +64,9 @@ def measure(megabytes: int, repeat: int, settings: dict[str, float]) -> dict[str
         number = 0
         for _round in range(repeat):
             for name, seconds in settings.items():
-                config = load_config(None)
-                config["worker"].update(worker_image_config(), container_driver="bwrap",
-                                        log_update_seconds=seconds, keep_workdir="never")
+                config = load_config(None, overrides={"worker": {
+                    **worker_image_config(), "container_driver": "bwrap",
+                    "log_update_seconds": seconds, "keep_workdir": "never"}}).for_worker()
                 runner.Tail = LegacyTail if name == "legacy" else livelogs.Tail  # type: ignore[misc]
                 number += 1
                 results[name].append(one_run(Path(tmp), config, megabytes, number))

@@ -17,6 +17,8 @@ import types
 from collections.abc import Mapping
 from pathlib import Path
 
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+
 # Neither typing nor yaml is imported here: a worker given the gateway's JSON config needs
 # neither, and each costs every worker start. Annotations are evaluated (no
 # `from __future__ import annotations`): `convert` reads the field types themselves.
@@ -51,6 +53,14 @@ class MissingKey(ConfigError):
     """A section lacks a key (a worker-config.json written by another version)."""
 
 
+if TYPE_CHECKING:
+    from typing import dataclass_transform
+else:
+    def dataclass_transform(**_options: object) -> object:
+        return lambda cls: cls
+
+
+@dataclass_transform(frozen_default=True, kw_only_default=True)  # what mypy then checks
 class Section:
     """A frozen record of typed fields: what a frozen dataclass would be, as a plain class
     (importing dataclasses, which imports inspect, would cost every worker start ~10 ms,

@@ -52,6 +52,11 @@ def backend_options(name: str, **extra: object) -> Any:
     return config_mod.replace(base, f"backend.{name.replace('-', '_')}", **extra)
 
 
+def double_options() -> Any:
+    """The options of a test double backend: no backend_parameters at all."""
+    return backend_options("local", backend_parameters={})
+
+
 def ssh_options(**extra: object) -> config_mod.SshOptions:
     """backend.slurm.ssh from conf/default.yaml with some keys replaced."""
     ssh = config_mod.replace(config_mod.load(environ={}).backend.slurm.ssh,

@@ -13,19 +13,18 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from funnel_hpc.core.config import DEFAULT_CONFIG
+from funnel_hpc.core import config as config_mod
+from funnel_hpc.core.config import EventsSection
 from funnel_hpc.gateway.sinks.targets import SIGNATURE_HEADER, signature
 from funnel_hpc.gateway.store import db, outbox
 from tests.server_helpers import ServerProcess
 
 
-def events_settings(**changes: Any) -> dict:
+def events_settings(**changes: Any) -> EventsSection:
     """The default ``events:`` section, with changes (short pauses for tests)."""
-    import yaml
-
-    settings = yaml.safe_load(DEFAULT_CONFIG.read_text())["events"]
-    settings.update(poll_seconds=0.05, retry_min_seconds=0.05, retry_max_seconds=0.2)
-    settings.update(changes)
+    settings = config_mod.replace(config_mod.load(environ={}).events, "events", **{
+        "poll_seconds": 0.05, "retry_min_seconds": 0.05, "retry_max_seconds": 0.2, **changes})
+    assert isinstance(settings, EventsSection)
     return settings
 
 

@@ -11,6 +11,7 @@ from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 from funnel_hpc.gateway.web.app import make_service
+from tests.backend_helpers import NO_WORK_DIR, double_options
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 PENDING = JobStatus(JobState.PENDING)
@@ -22,7 +23,7 @@ class ScriptedBackend(Backend):
     name = "scripted"
 
     def __init__(self) -> None:
-        super().__init__({}, {})
+        super().__init__(double_options(), NO_WORK_DIR)
         self.jobs: dict[str, str] = {}          # job id -> task id
         self.status: dict[str, JobStatus] = {}  # job id -> what poll answers
         self.canceled: list[str] = []

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.gateway.store import db
 from funnel_hpc.gateway.store.leases import DatabaseLease, reconciler_leases
+from tests.backend_helpers import NO_WORK_DIR, double_options
 from tests.server_helpers import ServerProcess, free_port
 
 
@@ -60,7 +61,7 @@ class CountingBackend(Backend):
     parallel_submit = True
 
     def __init__(self) -> None:
-        super().__init__({}, {})
+        super().__init__(double_options(), NO_WORK_DIR)
         self.lock = threading.Lock()
         self.calls: list[str] = []
 

@@ -42,7 +42,7 @@ def row_of(engine, backend: str):
                             .where(backend_health.backend_health.c.backend == backend)).first()
 
 
-def settings(url: str, backend: str = "local") -> dict:
+def settings(url: str, backend: str = "local") -> config_mod.Config:
     return config_mod.load(environ={}, overrides={"database": {"url": url},
                                                   "backend": {"name": backend}})
 

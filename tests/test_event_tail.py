@@ -152,7 +152,7 @@ def test_purge_removes_the_gateways_directory_of_a_task(tmp_path):
     with db.writing(service.engine) as conn:
         conn.execute(update(db.tasks).where(db.tasks.c.id == ended)
                      .values(state="COMPLETE", updated_at="2000-01-01T00:00:00.000000Z"))
-    work = reconciler.config["work_dir"]
+    work = reconciler.config.work_dir
     for task_id in (ended, running):
         gateway_dir(work, task_id).mkdir(parents=True)
         (gateway_dir(work, task_id) / RECEIVED_EVENTS).write_bytes(line(1, task_id))

@@ -10,12 +10,12 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
-from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.events import iter_events
@@ -111,7 +111,7 @@ def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_pa
     server.write_config()
     config = config_mod.load(server.config_path, environ={})
     service = make_service(config)
-    first = Reconciler(service, SlurmBackend(backend_options(config), config), config)
+    first = Reconciler(service, SlurmBackend(config.backend.slurm, Path(config.work_dir)), config)
     monkeypatch.setattr(service, "record_submissions", lambda jobs: None)  # dies here
     task_ids = [service.create({"executors": [sh("echo once")]}) for _ in range(3)]
     first.tick()

@@ -10,6 +10,7 @@ import pytest
 import requests
 from prometheus_client import generate_latest
 
+from funnel_hpc.core import config as config_mod
 from funnel_hpc.gateway.ops import logs
 from funnel_hpc.gateway.ops import metrics as ops_metrics
 from tests.components import (
@@ -227,7 +228,6 @@ def test_recording_api_feeds_counters_and_histograms():
 
 
 def test_readyz_follows_the_last_scheduler_outcome(tmp_path):
-    from funnel_hpc.core import config as config_mod
     from funnel_hpc.gateway.web.app import create_app
 
     config = config_mod.load(overrides={"work_dir": str(tmp_path), "server": {
@@ -249,13 +249,19 @@ def test_readyz_follows_the_last_scheduler_outcome(tmp_path):
 
 # ---- logging ----
 
+def logging_section(**values: str) -> config_mod.LoggingSection:
+    section = config_mod.replace(config_mod.load(environ={}).logging, "logging", **values)
+    assert isinstance(section, config_mod.LoggingSection)
+    return section
+
+
 def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
     log_file = tmp_path / "funnel.log"
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     try:
-        logs.configure_logging({"logging": {"level": "info", "format": "json",
-                                                     "file": str(log_file)}})
+        logs.configure_logging(logging_section(level="info", format="json",
+                                               file=str(log_file)))
         logger = logging.getLogger("funnel_hpc.gateway.reconcile.reconciler")
         logger.warning("task %s: %s failed, trying again next tick: %s", "abc123", "poll", "x")
         logger.warning("cancel of job %s (task %s) failed: %s", "77", "def456", "boom")
@@ -268,8 +274,8 @@ def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
         assert lines[0]["level"] == "WARNING" and lines[0]["logger"].endswith("reconciler")
 
         text_file = tmp_path / "text.log"
-        logs.configure_logging({"logging": {"level": "WARNING", "format": "text",
-                                                     "file": str(text_file)}})
+        logs.configure_logging(logging_section(level="WARNING", format="text",
+                                               file=str(text_file)))
         logger.warning("task %s: gone", "abc123")
         logger.info("not at WARNING")
         (line,) = text_file.read_text().splitlines()
@@ -278,7 +284,7 @@ def test_task_lines_carry_the_task_id_in_json_and_text(tmp_path):
         for bad in ({"level": "LOUD", "format": "text", "file": ""},
                     {"level": "INFO", "format": "xml", "file": ""}):
             with pytest.raises(ValueError, match="logging"):
-                logs.configure_logging({"logging": bad})
+                logs.configure_logging(logging_section(**bad))
     finally:
         for handler in list(root.handlers):
             root.removeHandler(handler)

@@ -23,7 +23,7 @@ SECRETS = {"s3": {"access_key_id": "K-ID", "secret_access_key": "K-SECRET", "pro
            "http": {"headers": {"data.example.org": {"Authorization": "Bearer H"}}}}
 
 
-def site_config(**worker) -> dict:
+def site_config(**worker) -> config_mod.Config:
     return config_mod.load(environ={}, overrides={
         "backend": {"name": "slurm", "slurm": {"submit_as_owner": True}},
         "storage": SECRETS,
@@ -59,9 +59,9 @@ def test_the_owners_storage_file_is_merged_as_the_owner(tmp_path):
         mine.write_text(json.dumps(owner_sections(site_config())))
         probe = textwrap.dedent("""
             import json, sys
-            from funnel_hpc.core.config import load_worker
+            from funnel_hpc.core.config import load_worker, plain
             config = load_worker(sys.argv[1])
-            print(json.dumps([config["storage"]["s3"], config["worker"]["image_cache"]]))
+            print(json.dumps([plain(config.storage.s3), config.worker.image_cache]))
         """)
         ran = as_user(alice, str(python), "-c", probe, str(mine))
         assert ran.returncode == 0, ran.stderr

@@ -42,7 +42,7 @@ def running_tasks(tmp_path: Path, count: int, sweep: int):
     ids = [service.create(TRIVIAL) for _ in range(count)]
     reconciler.tick()  # submits
     for task_id in ids:
-        write_events(Path(reconciler.config["work_dir"]) / task_id, "INITIALIZING", "RUNNING")
+        write_events(Path(reconciler.config.work_dir) / task_id, "INITIALIZING", "RUNNING")
         backend.end(job_of(service, task_id), JobState.RUNNING)
     reconciler.tick()  # reads them all: every row changed
     assert {service.get(task_id)["state"] for task_id in ids} == {"RUNNING"}
@@ -84,7 +84,7 @@ def test_a_worker_that_only_writes_its_file_still_completes(tmp_path, reads):
     its file within ceil(in flight / sweep) ticks."""
     _, service, reconciler, ids = running_tasks(tmp_path, 5, sweep=2)
     quiet = ids[3]
-    write_events(Path(reconciler.config["work_dir"]) / quiet, "INITIALIZING", "RUNNING",
+    write_events(Path(reconciler.config.work_dir) / quiet, "INITIALIZING", "RUNNING",
                  "COMPLETE")
     for _ in range(math.ceil(len(ids) / 2)):
         reconciler.tick()
@@ -95,7 +95,7 @@ def test_a_worker_that_only_writes_its_file_still_completes(tmp_path, reads):
 def test_a_job_that_ends_is_read_at_once(tmp_path, reads):
     backend, service, reconciler, ids = running_tasks(tmp_path, 5, sweep=1)
     done = ids[4]
-    write_events(Path(reconciler.config["work_dir"]) / done, "INITIALIZING", "RUNNING",
+    write_events(Path(reconciler.config.work_dir) / done, "INITIALIZING", "RUNNING",
                  "COMPLETE")
     backend.end(job_of(service, done), JobState.COMPLETED)
     reconciler.tick()
@@ -106,7 +106,7 @@ def test_a_new_reconciler_reads_everything_once(tmp_path, reads):
     """A restart (or the lease regained) starts from an empty index."""
     backend, service, reconciler, ids = running_tasks(tmp_path, 4, sweep=1)
     for task_id in ids:
-        write_events(Path(reconciler.config["work_dir"]) / task_id, "INITIALIZING", "RUNNING",
+        write_events(Path(reconciler.config.work_dir) / task_id, "INITIALIZING", "RUNNING",
                      "COMPLETE")
     restarted = type(reconciler)(service, backend, reconciler.config)
     restarted.index.sweep_per_tick = 1
@@ -119,7 +119,7 @@ def test_a_new_reconciler_reads_everything_once(tmp_path, reads):
 def test_live_logs_of_many_tasks_are_one_transaction(tmp_path, reads):
     _, service, reconciler, ids = running_tasks(tmp_path, 5, sweep=10)
     for n, task_id in enumerate(ids):
-        with (Path(reconciler.config["work_dir"]) / task_id / "events.jsonl").open("a") as fh:
+        with (Path(reconciler.config.work_dir) / task_id / "events.jsonl").open("a") as fh:
             fh.write(json.dumps({"seq": 3, "type": "executor_log", "index": 0, "limit": 100,
                                  "stdout": f"line {n}\n"}) + "\n")
     updates = []

@@ -27,7 +27,7 @@ from tests.reconciler_helpers import (
 
 
 def task_dir(reconciler, task_id: str) -> Path:
-    return Path(reconciler.config["work_dir"]) / task_id
+    return Path(reconciler.config.work_dir) / task_id
 
 
 def ended_by_scheduler(tmp_path, state: JobState, **options):

@@ -14,6 +14,7 @@ from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus,
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 from funnel_hpc.gateway.web.app import make_service
+from tests.backend_helpers import NO_WORK_DIR, double_options
 
 TRIVIAL = {"executors": [{"image": "busybox", "command": ["true"]}]}
 
@@ -25,7 +26,7 @@ class RecordingBackend(Backend):
     parallel_submit = True
 
     def __init__(self, refuse: set[str], unreachable: set[str]):
-        super().__init__({}, {})
+        super().__init__(double_options(), NO_WORK_DIR)
         self.refuse, self.unreachable = refuse, unreachable
         self.threads: set[str] = set()
         self.submitted: dict[str, str] = {}

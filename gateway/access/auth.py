@@ -41,6 +41,7 @@ from typing import Any
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from funnel_hpc.core import worker_tokens
+from funnel_hpc.core.config import AuthSection
 from funnel_hpc.gateway.access.ratelimit import LoginThrottle
 
 log = logging.getLogger(__name__)
@@ -117,22 +118,21 @@ def _dummy_hash(hashes: Iterable[str]) -> str:
 
 
 class Authenticator:
-    def __init__(self, config: dict):
-        auth = config["auth"]
-        self.mode: str = auth["mode"]
+    def __init__(self, auth: AuthSection, work_dir: str):
+        self.mode: str = auth.mode
         if self.mode not in MODES:
             raise ValueError(f"auth.mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
-        self.admins = set(auth["admins"])
-        self.users: dict[str, str] = {str(k): str(v) for k, v in auth["users"].items()}
-        if auth["htpasswd_file"]:
-            self.users.update(self._read_htpasswd(Path(auth["htpasswd_file"])))
-        self.tokens: dict[str, str] = {str(k): str(v) for k, v in auth["tokens"].items()}
-        self.oidc = auth["oidc"]
+        self.admins = set(auth.admins)
+        self.users: dict[str, str] = dict(auth.users)
+        if auth.htpasswd_file:
+            self.users.update(self._read_htpasswd(Path(auth.htpasswd_file)))
+        self.tokens: dict[str, str] = dict(auth.tokens)
+        self.oidc = auth.oidc
         self._jwks_client: Any = None  # a jwt.PyJWKClient once used (jwt loads lazily)
         self._jwks_keys: list | None = None
         if self.mode != "none" and not (self.users or self.tokens or self._oidc_enabled):
             raise ValueError("auth is on but no users, tokens or OIDC keys are configured")
-        self.worker_key = worker_tokens.load_key(config["work_dir"]) if self.enabled else b""
+        self.worker_key = worker_tokens.load_key(work_dir) if self.enabled else b""
         self.throttle = LoginThrottle.from_config(auth)
         self._dummy = _dummy_hash(self.users.values()) if "basic" in self.mode else ""
         self._verified_key = secrets.token_bytes(32)
@@ -145,7 +145,7 @@ class Authenticator:
 
     @property
     def _oidc_enabled(self) -> bool:
-        return bool(self.oidc["jwks_file"] or self.oidc["jwks_url"])
+        return bool(self.oidc.jwks_file or self.oidc.jwks_url)
 
     @staticmethod
     def _read_htpasswd(path: Path) -> dict[str, str]:
@@ -171,11 +171,11 @@ class Authenticator:
 
     def principal_for(self, user: str, claims: dict | None = None) -> Principal:
         admin = user in self.admins
-        claim = self.oidc["admin_claim"]
+        claim = self.oidc.admin_claim
         if claims and claim:
             value = claims.get(claim)
             values = value if isinstance(value, list) else [value]
-            admin = admin or any(v in self.oidc["admin_values"] for v in values)
+            admin = admin or any(v in self.oidc.admin_values for v in values)
         return Principal(user, admin)
 
     def check_password(self, user: str, password: str,
@@ -275,27 +275,27 @@ class Authenticator:
 
         try:
             key = self._signing_key(token)
-            claims = jwt.decode(token, key=key, algorithms=self.oidc["algorithms"],
-                                audience=self.oidc["audience"] or None,
-                                issuer=self.oidc["issuer"] or None,
+            claims = jwt.decode(token, key=key, algorithms=self.oidc.algorithms,
+                                audience=self.oidc.audience or None,
+                                issuer=self.oidc.issuer or None,
                                 options={"require": ["exp"],
-                                         "verify_aud": bool(self.oidc["audience"])})
+                                         "verify_aud": bool(self.oidc.audience)})
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
-        user = claims.get(self.oidc["user_claim"])
+        user = claims.get(self.oidc.user_claim)
         if not isinstance(user, str) or not user:
-            raise AuthError(f"token has no {self.oidc['user_claim']!r} claim")
+            raise AuthError(f"token has no {self.oidc.user_claim!r} claim")
         return self.principal_for(user, claims)
 
     def _signing_key(self, token: str) -> Any:
         import jwt
 
-        if self.oidc["jwks_url"]:
+        if self.oidc.jwks_url:
             if self._jwks_client is None:
-                self._jwks_client = jwt.PyJWKClient(self.oidc["jwks_url"], cache_keys=True)
+                self._jwks_client = jwt.PyJWKClient(self.oidc.jwks_url, cache_keys=True)
             return self._jwks_client.get_signing_key_from_jwt(token).key
         if self._jwks_keys is None:
-            data = json.loads(Path(self.oidc["jwks_file"]).read_text())
+            data = json.loads(Path(self.oidc.jwks_file).read_text())
             self._jwks_keys = [jwt.PyJWK(k) for k in data.get("keys", [])]
         kid = jwt.get_unverified_header(token).get("kid")
         for key in self._jwks_keys:

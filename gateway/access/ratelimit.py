@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from funnel_hpc.core.config import AuthSection
+
 log = logging.getLogger(__name__)
 
 MAX_CLIENTS = 100_000
@@ -77,10 +79,10 @@ class LoginThrottle:
         self.lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, auth: dict) -> LoginThrottle:
-        return cls(auth["login_rate_per_second"], auth["login_burst"],
-                   auth["login_free_failures"], auth["login_backoff_seconds"],
-                   auth["login_backoff_max_seconds"])
+    def from_config(cls, auth: AuthSection) -> LoginThrottle:
+        return cls(auth.login_rate_per_second, auth.login_burst,
+                   auth.login_free_failures, auth.login_backoff_seconds,
+                   auth.login_backoff_max_seconds)
 
     def locked(self, client: str) -> float:
         """Seconds this client must wait before trying credentials again (0: may try)."""

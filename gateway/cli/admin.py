@@ -1,6 +1,6 @@
 """Admin commands run on the gateway's host with its configuration (no server needed).
 
-- ``funnel config show``: the merged configuration as YAML, secrets masked;
+- ``funnel config show``: the effective typed configuration as YAML, secrets masked;
 - ``funnel render TASK.json``: the submission script a backend would submit for a task,
   made by the backend's own rendering method (``render_script``, or HTCondor's ``render``);
 - ``funnel admin purge`` / ``funnel admin du``: ended tasks removed, work dir measured
@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.cli.common import (
     OUTPUTS,
     config_option,
@@ -66,17 +67,20 @@ def config() -> None:
 @config.command("show")
 @config_option
 def config_show(config_path) -> None:
-    """Print the merged configuration (defaults, file, FUNNEL_ variables) as YAML, with
-    passwords, tokens, keys and secrets masked."""
+    """Print the effective configuration (defaults, file, FUNNEL_ variables, derived
+    values), as loaded and checked, as YAML, with passwords, tokens, keys and secrets
+    masked. An invalid configuration: one line naming the key, exit status 1."""
     import yaml
 
-    merged = load_config(config_path)
-    click.echo(yaml.safe_dump(mask_secrets(merged), sort_keys=False), nl=False)
+    from funnel_hpc.core.config import plain
+
+    effective = plain(load_config(config_path))
+    click.echo(yaml.safe_dump(mask_secrets(effective), sort_keys=False), nl=False)
 
 
 # ---- render ----
 
-def submit_request(config: dict, task: dict, task_id: str) -> Any:
+def submit_request(config: Config, task: dict, task_id: str) -> Any:
     """The SubmitRequest the reconciler makes for this task's first attempt."""
     from funnel_hpc.backends.base import SubmitRequest
     from funnel_hpc.gateway.reconcile import reconciler
@@ -86,12 +90,12 @@ def submit_request(config: dict, task: dict, task_id: str) -> Any:
     directory = reconciler.task_dir(config, task_id)
     # as Reconciler._worker_argv: the worker config is <work_dir>/worker-config.json, or
     # the task's own when jobs run as their owners
-    worker_config = (directory if runs_as_owners(config) else Path(config["work_dir"])) \
+    worker_config = (directory if runs_as_owners(config) else Path(config.work_dir)) \
         / WORKER_CONFIG_FILE
     argv = [*reconciler.worker_command(config), "--task-file", str(directory / "task.json"),
-            "--workdir", config["work_dir"], "--config", str(worker_config)]
-    if config["reconciler"]["pass_server_url"]:
-        argv += ["--server", config["server"]["public_url"]]
+            "--workdir", config.work_dir, "--config", str(worker_config)]
+    if config.reconciler.pass_server_url:
+        argv += ["--server", config.server.public_url]
     params = (task.get("resources") or {}).get("backend_parameters") or {}
     return SubmitRequest(task_id=task_id, task=task, task_dir=directory, worker_argv=argv,
                          backend_parameters={str(k).lower(): str(v) for k, v in params.items()})
@@ -135,11 +139,11 @@ def render(task_file, backend_name, task_id, config_path) -> None:
     """Print the submission script the backend would submit for TASK_FILE (a TES task,
     - for stdin), without submitting anything."""
     from funnel_hpc.backends.base import BackendError
-    from funnel_hpc.backends.registry import backend_class, backend_options
+    from funnel_hpc.backends.registry import backend_class
 
     overrides = {"backend": {"name": backend_name}} if backend_name else None
     cfg = load_config(config_path, overrides)
-    name = cfg["backend"]["name"]
+    name = cfg.backend.name
     if name not in RENDER_BACKENDS:
         fail(f"backend {name!r} submits no script (render knows {', '.join(RENDER_BACKENDS)})")
     try:
@@ -148,7 +152,7 @@ def render(task_file, backend_name, task_id, config_path) -> None:
         fail(f"{task_file.name}: not valid JSON: {exc}")
     task = stored_task(document, task_id)
     try:
-        backend = backend_class(name)(backend_options(cfg, name), cfg)
+        backend = backend_class(name)(cfg.backend.options(name), Path(cfg.work_dir))
         script = render_for(backend, submit_request(cfg, task, task_id))
     except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
         fail(f"cannot render the {name} script: {exc}")
@@ -162,17 +166,17 @@ def admin() -> None:
     """Maintenance on the gateway's host: purge ended tasks, measure the work dir."""
 
 
-def _engine(cfg: dict) -> Any:
+def _engine(cfg: Config) -> Any:
     """The gateway's database; fail (one line, nothing created) when the work dir or the
     SQLite file is missing: a typo in --config must not leave an empty funnel.db."""
     from funnel_hpc.gateway.store import db
 
-    if not Path(cfg["work_dir"]).is_dir():
-        fail(f"work dir {cfg['work_dir']} does not exist (wrong --config or FUNNEL_CONFIG?)")
-    path = db.sqlite_path(cfg["database"]["url"])
+    if not Path(cfg.work_dir).is_dir():
+        fail(f"work dir {cfg.work_dir} does not exist (wrong --config or FUNNEL_CONFIG?)")
+    path = db.sqlite_path(cfg.database.url)
     if path is not None and not path.is_file():
         fail(f"database {path} does not exist (wrong --config or FUNNEL_CONFIG?)")
-    return db.make_engine(cfg["database"]["url"], cfg["database"]["sqlite_busy_timeout"])
+    return db.make_engine(cfg.database.url, cfg.database.sqlite_busy_timeout)
 
 
 @admin.command("purge")
@@ -193,7 +197,7 @@ def admin_purge(older_than, dry_run, config_path) -> None:
         fail(f"--older-than: {exc}")
     cfg = load_config(config_path)
     try:
-        result = purge(_engine(cfg), cfg["work_dir"], age, dry_run=dry_run)
+        result = purge(_engine(cfg), cfg.work_dir, age, dry_run=dry_run)
     except SQLAlchemyError as exc:
         fail(f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
     verb = "would delete" if dry_run else "deleted"
@@ -220,11 +224,11 @@ def admin_du(output, config_path) -> None:
 
     cfg = load_config(config_path)
     try:
-        usage = disk_usage(_engine(cfg), cfg["work_dir"])
+        usage = disk_usage(_engine(cfg), cfg.work_dir)
     except SQLAlchemyError as exc:
         fail(f"database: {exc.__class__.__name__}: {str(exc).splitlines()[0]}")
     if output.lower() != "table":
-        emit({"work_dir": cfg["work_dir"], "usage": usage}, output.lower())
+        emit({"work_dir": cfg.work_dir, "usage": usage}, output.lower())
         return
     rows = [[key, v["tasks"], v["dirs"], v["bytes"]] for key, v in sorted(usage.items())]
     total = [sum(v[k] for v in usage.values()) for k in ("tasks", "dirs", "bytes")]

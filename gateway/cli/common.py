@@ -33,7 +33,7 @@ def fail(message: str) -> NoReturn:
     raise click.ClickException(" ".join(str(message).split()) or "failed")
 
 
-def load_config(path: str | None, overrides: dict | None = None) -> dict:
+def load_config(path: str | None, overrides: dict | None = None) -> config_mod.Config:
     try:
         return config_mod.load(path, overrides=overrides)
     except config_mod.ConfigError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from funnel_hpc.core import __version__
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.cli.admin import admin as admin_group
 from funnel_hpc.gateway.cli.admin import config as config_group
 from funnel_hpc.gateway.cli.admin import render as render_command
@@ -73,12 +74,12 @@ def reconcile(config_path) -> None:
         fail(str(exc))
 
 
-def _logging(config: dict) -> None:
+def _logging(config: Config) -> None:
     """The `logging` section: level, text|json, stderr or a file."""
     from funnel_hpc.gateway.ops.logs import configure_logging
 
     try:
-        configure_logging(config)
+        configure_logging(config.logging)
     except (ValueError, OSError) as exc:
         fail(str(exc))
 

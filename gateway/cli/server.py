@@ -10,6 +10,7 @@ from pathlib import Path
 
 import waitress
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.store import db, leases
 from funnel_hpc.gateway.store.tasks import TaskService
 from funnel_hpc.gateway.web.app import create_app, make_service
@@ -17,11 +18,11 @@ from funnel_hpc.gateway.web.app import create_app, make_service
 log = logging.getLogger(__name__)
 
 
-def make_reconciler(config: dict, service: TaskService):
+def make_reconciler(config: Config, service: TaskService):
     from funnel_hpc.backends.registry import load_backend
     from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 
-    reconciler = Reconciler(service, load_backend(config), config)
+    reconciler = Reconciler(service, load_backend(config.backend, config.work_dir), config)
     # one active reconciler per backend across replicas (gateway/store/leases.py)
     reconciler.lease = leases.make_lease(config, service.engine, service.changed.set)
     reconciler.lease.start()
@@ -34,16 +35,15 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
 
 
-def private_state(config: dict) -> None:
+def private_state(config: Config) -> None:
     """The work dir 700 (711 when jobs run as their owners, who must reach their task
     dirs, themselves 700) and an SQLite database 600 whatever the umask: they hold every
     task's environment and the worker-token key. SQLite gives -wal/-shm its file's mode."""
-    work_dir = Path(config["work_dir"])
+    work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    as_owner = any(isinstance(options, dict) and options.get("submit_as_owner")
-                   for options in config["backend"].values())
+    as_owner = config.backend.slurm.submit_as_owner  # the one backend that has it
     os.chmod(work_dir, 0o711 if as_owner else 0o700)
-    path = db.sqlite_path(config["database"]["url"])
+    path = db.sqlite_path(config.database.url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
@@ -52,34 +52,34 @@ def private_state(config: dict) -> None:
                 os.chmod(name, 0o600)
 
 
-def run_server(config: dict, reconcile: bool = True) -> None:
-    leases.lock_sqlite(config["database"]["url"], leases.SERVER_ROLE)
+def run_server(config: Config, reconcile: bool = True) -> None:
+    leases.lock_sqlite(config.database.url, leases.SERVER_ROLE)
     private_state(config)
     _exit_on_sigterm()
     service = make_service(config)
     app = create_app(config, service)
     grpc_server = None  # held for the life of run_server: a collected server stops
-    if config["server"]["grpc_port"]:
+    if config.server.grpc_port:
         from funnel_hpc.gateway.grpc.server import start_grpc_server
 
         grpc_server = start_grpc_server(service, config, app.extensions["funnel.auth"],
                                         app.extensions["funnel.limiter"])
     from funnel_hpc.gateway.sinks.publisher import start_publisher
 
-    publisher = start_publisher(service.engine, config)  # None: events.publish is off
+    publisher = start_publisher(service.engine, config.events)  # None: events.publish is off
     reconciler = None
-    if reconcile and config["reconciler"]["enabled"]:
+    if reconcile and config.reconciler.enabled:
         reconciler = make_reconciler(config, service)
         reconciler.start_thread()
     else:
         log.info("reconciler disabled: run `funnel reconcile` next to this server")
-    server = config["server"]
+    server = config.server
     log.info("TES API on http://%s:%s/ga4gh/tes/v1 (database %s, backend %s)",
-             server["host"], server["http_port"], _safe_url(config["database"]["url"]),
-             config["backend"]["name"])
+             server.host, server.http_port, _safe_url(config.database.url),
+             config.backend.name)
     try:
-        waitress.serve(app, host=server["host"], port=server["http_port"],
-                       threads=server["threads"], ident="funnel-hpc", _quiet=True,
+        waitress.serve(app, host=server.host, port=server.http_port,
+                       threads=server.threads, ident="funnel-hpc", _quiet=True,
                        max_request_header_size=4 * 1024 * 1024)
     finally:
         if grpc_server is not None:
@@ -90,11 +90,11 @@ def run_server(config: dict, reconcile: bool = True) -> None:
             reconciler.lease.release()
 
 
-def run_reconciler(config: dict) -> None:
+def run_reconciler(config: Config) -> None:
     from funnel_hpc.gateway.web import ops_listener
 
-    if config["reconciler"]["listen"]:
-        ops_listener.parse_listen(config["reconciler"]["listen"])  # a bad value stops here
+    if config.reconciler.listen:
+        ops_listener.parse_listen(config.reconciler.listen)  # a bad value stops here
     private_state(config)
     service = make_service(config)
     reconciler = make_reconciler(config, service)

@@ -33,6 +33,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.exc import OperationalError
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.access.auth import Authenticator, AuthError, Principal, Throttled
 from funnel_hpc.gateway.access.ratelimit import RateLimiter
 from funnel_hpc.gateway.access.watchers import READ_LIMIT, WatcherSlots
@@ -209,9 +210,9 @@ class EventServicer(_Guarded, funnel_events_pb2_grpc.EventServiceServicer):
     def __init__(self, service: TaskService, authenticator: Authenticator,
                  limiter: RateLimiter | None = None):
         super().__init__(service, authenticator, limiter)
-        self.settings = service.config["events"]["watch"]
+        self.settings = service.config.events.watch
         # counted apart from HTTP's streams: each holds one of this server's threads
-        self.slots = WatcherSlots(int(self.settings["max_clients"]))
+        self.slots = WatcherSlots(self.settings.max_clients)
 
     def WatchEvents(self, request: funnel_events_pb2.WatchEventsRequest,
                     context: grpc.ServicerContext) -> Iterator[WatchResponse]:
@@ -247,9 +248,8 @@ class EventServicer(_Guarded, funnel_events_pb2_grpc.EventServiceServicer):
                 ended: threading.Event) -> Iterator[WatchResponse]:
         """The stream body: the start position, events after it, then new ones as they
         are recorded, and the position again after heartbeat_seconds without an event."""
-        poll, heartbeat = (float(self.settings["poll_seconds"]),
-                           float(self.settings["heartbeat_seconds"]))
-        gaps = outbox.GapGuard(float(self.service.config["events"]["gap_grace_seconds"]))
+        poll, heartbeat = self.settings.poll_seconds, self.settings.heartbeat_seconds
+        gaps = outbox.GapGuard(self.service.config.events.gap_grace_seconds)
         only = next(iter(task_ids)) if len(task_ids) == 1 else None
         yield WatchResponse(position=after)
         quiet_since = time.monotonic()
@@ -332,26 +332,26 @@ class _ReflectionAuth(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
-def reflection_enabled(config: dict) -> bool:
+def reflection_enabled(config: Config) -> bool:
     """server.grpc_reflection: true, false, or auto (on only when auth is off)."""
-    setting = config["server"]["grpc_reflection"]
+    setting = config.server.grpc_reflection
     if setting == "auto":
-        return config["auth"]["mode"] == "none"
+        return config.auth.mode == "none"
     if isinstance(setting, bool):
         return setting
     raise ValueError(f"server.grpc_reflection: must be auto, true or false, got {setting!r}")
 
 
-def start_grpc_server(service: TaskService, config: dict,
+def start_grpc_server(service: TaskService, config: Config,
                       authenticator: Authenticator | None = None,
                       limiter: RateLimiter | None = None) -> grpc.Server:
     """Start serving on server.host:server.grpc_port; returns the running server."""
-    authenticator = authenticator or Authenticator(config)
+    authenticator = authenticator or Authenticator(config.auth, config.work_dir)
     reflect = reflection_enabled(config)
     interceptors = [_ReflectionAuth(authenticator)] if reflect and authenticator.enabled else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config["server"]["threads"]),
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.server.threads),
                          options=[("grpc.max_receive_message_length",
-                                   config["server"]["max_body_bytes"])],
+                                   config.server.max_body_bytes)],
                          interceptors=interceptors)
     tes_pb2_grpc.add_TaskServiceServicer_to_server(
         TaskServicer(service, authenticator, limiter), server)
@@ -362,7 +362,7 @@ def start_grpc_server(service: TaskService, config: dict,
                  funnel_events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    address = f"{config['server']['host']}:{config['server']['grpc_port']}"
+    address = f"{config.server.host}:{config.server.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     server.start()

@@ -15,6 +15,8 @@ import sys
 from datetime import datetime
 from typing import Any
 
+from funnel_hpc.core.config import LoggingSection
+
 LOG_FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(task_label)s: %(message)s"
 _TASK_IN_MESSAGE = re.compile(r"%[sdr]|\btask %s")
@@ -88,21 +90,20 @@ class QuietAlembic(logging.Filter):
                                            "Running stamp"))
 
 
-def configure_logging(config: dict) -> None:
+def configure_logging(section: LoggingSection) -> None:
     """Root logging from the `logging` section: level, text|json, stderr or a file
     (reopened when logrotate moves it). Raises ValueError naming a bad key."""
-    section = config["logging"]
-    level = str(section["level"]).upper()
+    level = section.level.upper()
     if not isinstance(logging.getLevelName(level), int):
-        raise ValueError(f"logging.level: {section['level']!r} is not a log level")
-    if section["format"] not in LOG_FORMATS:
+        raise ValueError(f"logging.level: {section.level!r} is not a log level")
+    if section.format not in LOG_FORMATS:
         raise ValueError(f"logging.format must be one of {', '.join(LOG_FORMATS)}, "
-                         f"not {section['format']!r}")
-    handler: logging.Handler = (logging.handlers.WatchedFileHandler(section["file"])
-                                if section["file"] else logging.StreamHandler(sys.stderr))
+                         f"not {section.format!r}")
+    handler: logging.Handler = (logging.handlers.WatchedFileHandler(section.file)
+                                if section.file else logging.StreamHandler(sys.stderr))
     handler.addFilter(TaskIdFilter())
     handler.addFilter(QuietAlembic())
-    handler.setFormatter(JsonFormatter() if section["format"] == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if section.format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.states import ALL_STATES, State
 from funnel_hpc.gateway.ops import readiness
 from funnel_hpc.gateway.ops.logs import task_log
@@ -257,7 +258,7 @@ class ReconcilerCollector(Collector):
     """What every replica reads of the reconcilers from the database at each scrape
     (gateway/store/leases.py's leases, gateway/store/backend_health.py's polls): one read."""
 
-    def __init__(self, engine: Any, config: dict):
+    def __init__(self, engine: Any, config: Config):
         self.engine = engine
         self.config = config
 

@@ -24,6 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.store import db, leases
 
 SQLITE_CHECK_TIMEOUT = 2.0  # seconds /readyz waits for SQLite's write lock
@@ -59,11 +60,11 @@ def check_database(engine: Engine, url: str) -> str | None:
     return None
 
 
-def check_reconciler(engine: Engine, config: dict) -> bool:
+def check_reconciler(engine: Engine, config: Config) -> bool:
     """Whether a live reconciler holds the configured backend's lease."""
-    backend = config["backend"]["name"]
+    backend = config.backend.name
     with db.reading(engine) as conn:
-        found = leases.holders(conn, config["database"]["url"])
+        found = leases.holders(conn, config.database.url)
     return any(holder.held and holder.backend in (None, backend) for holder in found)
 
 
@@ -71,7 +72,7 @@ class Checks:
     """The database and lease checks of one process, made at most once per CHECK_EVERY
     seconds (one caller checks; concurrent ones wait for its result)."""
 
-    def __init__(self, engine: Engine, config: dict):
+    def __init__(self, engine: Engine, config: Config):
         self.engine = engine
         self.config = config
         self._lock = threading.Lock()
@@ -88,8 +89,8 @@ class Checks:
             return self._result
 
     def _check(self) -> tuple[str | None, bool | None]:
-        problem = check_database(self.engine, self.config["database"]["url"])
-        if problem is not None or not self.config["server"]["readyz_needs_reconciler"]:
+        problem = check_database(self.engine, self.config.database.url)
+        if problem is not None or not self.config.server.readyz_needs_reconciler:
             return problem, None
         try:
             return None, check_reconciler(self.engine, self.config)

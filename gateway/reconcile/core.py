@@ -19,6 +19,7 @@ from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core import worker_tokens
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import EventFold
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.ops import metrics
@@ -42,21 +43,21 @@ OTHER_END = "failed"  # any other end (the worker crashed, a time limit, ...)
 RETRY_ON_CHOICES = (*RETRY_KINDS.values(), OTHER_END)
 
 
-def task_dir(config: dict, task_id: str) -> Path:
-    return Path(config["work_dir"]) / task_id
+def task_dir(config: Config, task_id: str) -> Path:
+    return Path(config.work_dir) / task_id
 
 
-def worker_command(config: dict) -> list[str]:
-    command = list(config["worker"]["command"])
+def worker_command(config: Config) -> list[str]:
+    command = list(config.worker.command)
     # `python -m funnel_hpc.worker run` is `funnel worker run` without click: cheaper to start
     return command or [sys.executable, "-m", "funnel_hpc.worker", "run"]
 
 
-def write_worker_config(config: dict) -> Path:
+def write_worker_config(config: Config) -> Path:
     """The sections a worker needs, already merged, written once per server start as
     JSON (mode 600): the worker reads it without parsing the YAML defaults again. Workers
     that run as their task's owner cannot read it: theirs is per task (owner_worker.py)."""
-    work_dir = Path(config["work_dir"])
+    work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     return files.write_private(work_dir, WORKER_CONFIG_FILE,
                                json.dumps(config_mod.worker_sections(config)))
@@ -79,21 +80,21 @@ class ReconcilerCore:
 
     lease: Lease = Lease()  # server.make_reconciler sets this process's lease
 
-    def __init__(self, service: TaskService, backend: Backend, config: dict):
+    def __init__(self, service: TaskService, backend: Backend, config: Config):
         self.service = service
         self.backend = backend
         self.config = config
-        opts = config["reconciler"]
-        self.interval = float(opts["interval_seconds"])
-        self.max_attempts = max(1, int(opts["max_attempts"]))
-        self.retry_on = frozenset(str(kind) for kind in opts["retry_on"] or ())
+        opts = config.reconciler
+        self.interval = opts.interval_seconds
+        self.max_attempts = max(1, opts.max_attempts)
+        self.retry_on = frozenset(opts.retry_on)
         if not self.retry_on <= set(RETRY_ON_CHOICES):
             raise ValueError(f"reconciler.retry_on: {sorted(self.retry_on)} is not a list of "
                              f"{', '.join(RETRY_ON_CHOICES)}")
-        self.submit_per_tick = int(opts["submit_per_tick"])
-        self.submit_threads = max(1, int(opts["submit_threads"]))
+        self.submit_per_tick = opts.submit_per_tick
+        self.submit_threads = max(1, opts.submit_threads)
         self._pool: ThreadPoolExecutor | None = None
-        self.pass_server_url = bool(opts["pass_server_url"])
+        self.pass_server_url = opts.pass_server_url
         self.index = InFlightIndex(service)
         self.tails: dict[str, EventTail] = {}
         self.cancels_sent: set[str] = set()
@@ -110,8 +111,8 @@ class ReconcilerCore:
             self.owner_config = json.dumps(owner_worker.owner_sections(config))
         backend.on_change = service.changed.set
         # with auth on, each worker gets a token for its own task (core/worker_tokens.py)
-        self.worker_key = (worker_tokens.load_key(config["work_dir"])
-                           if config["auth"]["mode"] != "none" else None)
+        self.worker_key = (worker_tokens.load_key(config.work_dir)
+                           if config.auth.mode != "none" else None)
         self._stop = threading.Event()
         self.last_tick = TickStats()
 

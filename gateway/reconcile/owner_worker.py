@@ -22,8 +22,8 @@ import shlex
 import subprocess
 from typing import Any
 
-from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.core import config as config_mod
+from funnel_hpc.core.config import Config, SlurmOptions
 
 # (section path, keys) of values an owner's worker must not see: the site's credentials
 SITE_SECRETS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
@@ -47,12 +47,13 @@ class WorkerCommandError(ValueError):
     """The worker command cannot be run by an unprivileged user."""
 
 
-def runs_as_owners(config: dict) -> bool:
+def runs_as_owners(config: Config) -> bool:
     """Whether the configured backend submits jobs as their owners."""
-    return bool(backend_options(config).get("submit_as_owner"))
+    options = config.backend.options()
+    return isinstance(options, SlurmOptions) and options.submit_as_owner
 
 
-def owner_sections(config: dict) -> dict[str, Any]:
+def owner_sections(config: Config) -> dict[str, Any]:
     """The worker's sections without the site's secrets, plus where the owner's own
     storage settings are (backend.slurm.owner_storage_file; "" when none), and an image
     cache of the owner's own when the site names none."""
@@ -63,8 +64,8 @@ def owner_sections(config: dict) -> dict[str, Any]:
         for entry in _section(sections, path).values():
             if isinstance(entry, dict):
                 _drop(entry, keys)
-    sections[OWNER_STORAGE_KEY] = str(backend_options(config).get(OWNER_STORAGE_KEY) or "")
-    if not sections["worker"].get("image_cache"):
+    sections[OWNER_STORAGE_KEY] = config.backend.slurm.owner_storage_file
+    if not config.worker.image_cache:
         # <work_dir>/image-cache is root's; a cache shared by users would let one alter
         # the images another runs: each owner pulls into their own
         sections["worker"]["image_cache"] = OWNER_IMAGE_CACHE

@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from funnel_hpc.backends.base import Backend, JobState, JobStatus
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.ops.readiness import Repeated
@@ -67,9 +68,9 @@ PURGE_EVERY = 3600.0  # seconds between retention.task_days purges
 class Reconciler(EventFolding, Submission):
     """Drives every task of one backend to its true state, one tick at a time."""
 
-    def __init__(self, service: TaskService, backend: Backend, config: dict):
+    def __init__(self, service: TaskService, backend: Backend, config: Config):
         super().__init__(service, backend, config)
-        self.retention_seconds = float(config["retention"]["task_days"] or 0) * 86400
+        self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
         self._reconciling = False  # running with the lease: worker events come straight here
         service.reconciles_here = lambda: self._reconciling
@@ -170,7 +171,7 @@ class Reconciler(EventFolding, Submission):
             return
         self._next_purge = time.monotonic() + PURGE_EVERY
         try:
-            result = retention.purge(self.service.engine, self.config["work_dir"],
+            result = retention.purge(self.service.engine, self.config.work_dir,
                                      self.retention_seconds)
         except Exception:
             log.exception("retention purge failed")

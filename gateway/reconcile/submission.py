@@ -163,9 +163,9 @@ class Submission(ReconcilerCore):
         config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
             else self.worker_config
         argv = [*worker_command(self.config), "--task-file", str(directory / TASK_FILE),
-                "--workdir", self.config["work_dir"], "--config", str(config)]
+                "--workdir", self.config.work_dir, "--config", str(config)]
         if self.pass_server_url:
-            argv += ["--server", self.config["server"]["public_url"]]
+            argv += ["--server", self.config.server.public_url]
         return argv
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from funnel_hpc.core.config import EventsSection
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.sinks.targets import Sink, make_sinks
 from funnel_hpc.gateway.store import db, outbox
@@ -39,15 +40,15 @@ LINGER_SECONDS = 0.05
 class SinkWorker:
     """Drains the outbox into one sink, on its own thread."""
 
-    def __init__(self, engine: Engine, sink: Sink, settings: Mapping[str, Any],
+    def __init__(self, engine: Engine, sink: Sink, settings: EventsSection,
                  stop: threading.Event):
         self.engine = engine
         self.sink = sink
-        self.batch_size = int(settings["batch_size"])
-        self.poll = float(settings["poll_seconds"])
-        self.retry_min = float(settings["retry_min_seconds"])
-        self.retry_max = float(settings["retry_max_seconds"])
-        self.gaps = outbox.GapGuard(float(settings["gap_grace_seconds"]))
+        self.batch_size = settings.batch_size
+        self.poll = settings.poll_seconds
+        self.retry_min = settings.retry_min_seconds
+        self.retry_max = settings.retry_max_seconds
+        self.gaps = outbox.GapGuard(settings.gap_grace_seconds)
         self.stop = stop
         metrics.start_sink(sink.name)
         self.failures = 0   # consecutive failed attempts (exported for tests and logs)
@@ -102,7 +103,7 @@ class SinkWorker:
 class Publisher:
     """Starts and stops the sink threads of an ``events:`` configuration."""
 
-    def __init__(self, engine: Engine, events_config: Mapping[str, Any],
+    def __init__(self, engine: Engine, events_config: EventsSection,
                  sinks: Sequence[Sink] | None = None):
         self.engine = engine
         self.config = events_config
@@ -119,7 +120,7 @@ class Publisher:
         return self
 
     def _spawn(self, target: Any, name: str) -> None:
-        nice = int(self.config.get("nice", 0))
+        nice = self.config.nice
 
         def run() -> None:
             lower_priority(nice)
@@ -146,7 +147,7 @@ class Publisher:
         """Delete events older than ``retention_hours`` that every sink has taken."""
         from datetime import UTC, datetime, timedelta
 
-        hours = float(self.config["retention_hours"])
+        hours = self.config.retention_hours
         if hours <= 0:
             return 0
         below = min((worker.cursor for worker in self.workers), default=None)
@@ -169,11 +170,10 @@ def lower_priority(nice: int) -> None:
         log.info("event sink threads keep the server's CPU priority: %s", exc)
 
 
-def start_publisher(engine: Engine, config: Mapping[str, Any]) -> Publisher | None:
+def start_publisher(engine: Engine, events_config: EventsSection) -> Publisher | None:
     """Start the configured sinks' threads and the outbox pruning (None when
     ``events.publish`` is off on this replica)."""
-    events_config = config["events"]
-    if not events_config["publish"]:
+    if not events_config.publish:
         return None
     publisher = Publisher(engine, events_config)
     if publisher.workers:

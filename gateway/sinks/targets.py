@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from funnel_hpc.core.config import EventsSection
 from funnel_hpc.gateway.store.outbox import REDIS_SINK, Event, webhook_name
 
 log = logging.getLogger(__name__)
@@ -171,16 +172,17 @@ class RedisStreamSink:
                 raise SinkError(f"redis XADD: {result}")
 
 
-def make_sinks(events_config: Mapping[str, Any]) -> list[Sink]:
+def make_sinks(events_config: EventsSection) -> list[Sink]:
     """The sinks the ``events:`` configuration names (docs/internals.md "Task events out")."""
     sinks: list[Sink] = []
-    for index, hook in enumerate(events_config["webhooks"] or []):
+    hooks: Sequence[Mapping[str, Any]] = events_config.webhooks  # entries are free-form
+    for index, hook in enumerate(hooks):
         sinks.append(WebhookSink(webhook_name(index, hook), hook["url"],
                                  secret=hook.get("secret") or "",
                                  owners=hook.get("owners") or (), tags=hook.get("tags"),
                                  timeout=float(hook.get("timeout_seconds") or 10)))
-    redis_config = events_config["redis"]
-    if redis_config["url"]:
-        sinks.append(RedisStreamSink(REDIS_SINK, redis_config["url"], redis_config["stream_prefix"],
-                                     int(redis_config["maxlen"])))
+    redis_config = events_config.redis
+    if redis_config.url:
+        sinks.append(RedisStreamSink(REDIS_SINK, redis_config.url, redis_config.stream_prefix,
+                                     redis_config.maxlen))
     return sinks

@@ -18,8 +18,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from funnel_hpc.backends.owners import OwnerPolicy
-from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.backends.templating import check_backend_parameters
+from funnel_hpc.core.config import Config, SlurmOptions
 from funnel_hpc.worker.storage import STORES
 
 # limits.* key -> the task field whose entries it counts (max_env: per executor, below)
@@ -72,21 +72,22 @@ def url_scheme(url: str) -> str:
 class Admission:
     """The checks of one server's configuration."""
 
-    def __init__(self, config: dict):
-        self.limits: dict[str, int] = dict(config["limits"])
-        self.maxima: dict[str, float] = dict(config["resources"])
-        self.backend_name: str = config["backend"]["name"]
-        options = backend_options(config)
+    def __init__(self, config: Config):
+        # limits.* and resources.* by key name (the checks below name the key they apply)
+        self.limits: dict[str, int] = dict(vars(config.limits))
+        self.maxima: dict[str, float] = dict(vars(config.resources))
+        self.backend_name: str = config.backend.name
+        options = config.backend.options()
         # jobs run as their owners: who may own a task is the owner policy's to say
-        self.owners = OwnerPolicy.from_options(options) if options.get("submit_as_owner") \
-            else None
-        allowed = options.get("backend_parameters") or {}
+        self.owners = OwnerPolicy.from_options(options) \
+            if isinstance(options, SlurmOptions) and options.submit_as_owner else None
+        allowed = options.backend_parameters
         # TES backend_parameters key -> scheduler option; keys match case-insensitively
         self.allowed_parameters: dict[str, Any] = {str(k): v for k, v in allowed.items()}
         self.parameter_keys = {key.lower() for key in self.allowed_parameters}
         # a scheme works when it is allowed and the worker has a store for it
-        self.schemes = sorted(set(config["storage"]["allowed_schemes"]) & set(STORES))
-        self.allowed_dirs: list[str] = list(config["worker"]["allowed_dirs"])
+        self.schemes = sorted(set(config.storage.allowed_schemes) & set(STORES))
+        self.allowed_dirs: list[str] = list(config.worker.allowed_dirs)
 
     # ---- tasks ----
 

@@ -27,6 +27,7 @@ from sqlalchemy import Column, Float, String, Table, Text, cast, func, insert, s
 from sqlalchemy.engine import Connection, Engine
 
 from funnel_hpc.backends.base import JobState, JobStatus
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.store import db, leases
 
 log = logging.getLogger(__name__)
@@ -125,12 +126,12 @@ class Health:
     lease: leases.Holder | None = None
 
 
-def overview(engine: Engine, config: dict) -> tuple[list[Health], float]:
+def overview(engine: Engine, config: Config) -> tuple[list[Health], float]:
     """(every backend's health, the configured one first; the database's now)."""
-    configured = config["backend"]["name"]
+    configured = config.backend.name
     with db.reading(engine) as conn:
         rows = {row.backend: row for row in conn.execute(select(backend_health))}
-        holders = leases.holders(conn, config["database"]["url"])
+        holders = leases.holders(conn, config.database.url)
         now = leases.database_now(conn)
     names = [configured, *sorted((set(rows) | {h.backend for h in holders if h.backend})
                                  - {configured})]

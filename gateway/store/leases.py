@@ -38,6 +38,7 @@ from sqlalchemy import Column, Float, String, Table, func, insert, select, updat
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.store import db
 
 log = logging.getLogger(__name__)
@@ -274,13 +275,13 @@ def lock_sqlite(url: str, role: str) -> None:
     _held_locks.append(fd)
 
 
-def make_lease(config: dict, engine: Engine, on_acquired: Callable[[], None]) -> Lease:
+def make_lease(config: Config, engine: Engine, on_acquired: Callable[[], None]) -> Lease:
     """The lease for this process's reconciler (not yet started)."""
-    url = config["database"]["url"]
+    url = config.database.url
     if engine.dialect.name == "sqlite":
         lock_sqlite(url, RECONCILER_ROLE)
         return Lease()
-    opts = config["reconciler"]
-    return DatabaseLease(engine, config["backend"]["name"], float(opts["lease_seconds"]),
-                         float(opts["interval_seconds"]), on_acquired)
+    opts = config.reconciler
+    return DatabaseLease(engine, config.backend.name, opts.lease_seconds,
+                         opts.interval_seconds, on_acquired)
 

@@ -37,6 +37,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 
+from funnel_hpc.core.config import EventsSection
 from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.gateway.store import db
 from funnel_hpc.gateway.store.prepared import PreparedInsert
@@ -213,8 +214,8 @@ def webhook_name(index: int, hook: Mapping[str, Any]) -> str:
     return f"webhook:{hook.get('name') or index}"
 
 
-def sink_names(events_config: Mapping[str, Any]) -> list[str]:
+def sink_names(events_config: EventsSection) -> list[str]:
     """The names (cursor keys, metric labels) of the sinks make_sinks would make."""
     names = [webhook_name(index, hook)
-             for index, hook in enumerate(events_config["webhooks"] or [])]
-    return names + ([REDIS_SINK] if events_config["redis"]["url"] else [])
+             for index, hook in enumerate(events_config.webhooks)]
+    return names + ([REDIS_SINK] if events_config.redis.url else [])

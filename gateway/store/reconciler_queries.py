@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.gateway.store import db, outbox
@@ -48,7 +49,7 @@ class ReconcilerStore:
     """Mixed into TaskService, which sets these in its __init__."""
 
     engine: Engine
-    config: dict
+    config: Config
     changed: threading.Event
     reconciles_here: Callable[[], bool]
     _worker_events: set[str]

@@ -20,6 +20,7 @@ from sqlalchemy import and_, exists, func, select
 from sqlalchemy.engine import Engine
 
 from funnel_hpc.backends.owners import OwnerRefused
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
@@ -108,13 +109,13 @@ class TaskService(ReconcilerStore):
     """What the API, gRPC and the dashboard call; the reconciler's own reads and writes
     are ReconcilerStore's (gateway/store/reconciler_queries.py)."""
 
-    def __init__(self, engine: Engine, config: dict):
+    def __init__(self, engine: Engine, config: Config):
         self.engine = engine
         self.config = config
-        self.backend_name: str = config["backend"]["name"]
+        self.backend_name: str = config.backend.name
         self.admission = Admission(config)
-        self.strict_fields: bool = config["server"]["strict_fields"]
-        self.max_list_bytes: int = config["limits"]["max_list_bytes"]
+        self.strict_fields: bool = config.server.strict_fields
+        self.max_list_bytes: int = config.limits.max_list_bytes
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
         self.changed = threading.Event()
@@ -296,20 +297,20 @@ class TaskService(ReconcilerStore):
     def service_info(self) -> dict:
         from funnel_hpc.core import __version__
 
-        info = self.config["service_info"]
+        info = self.config.service_info
         out: dict[str, Any] = {
-            "id": info["id"],
-            "name": info["name"],
+            "id": info.id,
+            "name": info.name,
             "type": {"group": "org.ga4gh", "artifact": "tes", "version": "1.1.0"},
-            "description": info["description"],
-            "organization": {"name": info["organization_name"], "url": info["organization_url"]},
+            "description": info.description,
+            "organization": {"name": info.organization_name, "url": info.organization_url},
             "version": __version__,
             # the configured list, else the stores this server has (admission.py)
-            "storage": list(info["storage"]) or self.admission.advertised_storage(),
+            "storage": list(info.storage) or self.admission.advertised_storage(),
             "tesResources_backend_parameters": sorted(self.admission.parameter_keys),
         }
         for key, name in (("contact_url", "contactUrl"), ("documentation_url", "documentationUrl"),
                           ("environment", "environment")):
-            if info[key]:
-                out[name] = info[key]
+            if getattr(info, key):
+                out[name] = getattr(info, key)
         return out

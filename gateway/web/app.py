@@ -14,7 +14,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from funnel_hpc.core import __version__
-from funnel_hpc.core.config import TEMPLATES_DIR
+from funnel_hpc.core.config import TEMPLATES_DIR, Config
 from funnel_hpc.gateway.access.auth import Authenticator, AuthError, Throttled
 from funnel_hpc.gateway.access.ratelimit import RateLimiter
 from funnel_hpc.gateway.ops.readiness import RETRY_AFTER_SECONDS, Repeated
@@ -68,17 +68,17 @@ def _dashboard_unavailable() -> Response:
     return resp
 
 
-def make_service(config: dict) -> TaskService:
-    engine = db.make_engine(config["database"]["url"], config["database"]["sqlite_busy_timeout"])
+def make_service(config: Config) -> TaskService:
+    engine = db.make_engine(config.database.url, config.database.sqlite_busy_timeout)
     db.upgrade(engine)
     return TaskService(engine, config)
 
 
-def create_app(config: dict, service: TaskService | None = None) -> Flask:
+def create_app(config: Config, service: TaskService | None = None) -> Flask:
     app = Flask("funnel-hpc", static_folder=None, template_folder=None)
     app.jinja_loader = FileSystemLoader(str(TEMPLATES_DIR))
     app.config.update(
-        MAX_CONTENT_LENGTH=config["server"]["max_body_bytes"],
+        MAX_CONTENT_LENGTH=config.server.max_body_bytes,
         API_TITLE="funnel-hpc Task Execution Service",
         API_VERSION=__version__,
         OPENAPI_VERSION="3.0.3",
@@ -87,19 +87,19 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     )
     assert isinstance(app.json, DefaultJSONProvider)  # Flask's own, unless configured
     app.json.sort_keys = False
-    auth = config["auth"]
-    app.secret_key = auth["session_secret"] or secrets.token_bytes(32)
+    auth = config.auth
+    app.secret_key = auth.session_secret or secrets.token_bytes(32)
     app.config.update(SESSION_COOKIE_NAME="funnel_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax",
-                      SESSION_COOKIE_SECURE=bool(auth["session_cookie_secure"]),
-                      PERMANENT_SESSION_LIFETIME=int(auth["session_max_age_seconds"]))
-    authenticator = Authenticator(config)
+                      SESSION_COOKIE_SECURE=auth.session_cookie_secure,
+                      PERMANENT_SESSION_LIFETIME=auth.session_max_age_seconds)
+    authenticator = Authenticator(auth, config.work_dir)
     app.extensions["funnel.auth"] = authenticator
     app.extensions["funnel.config"] = config
     app.extensions["funnel.service"] = service = service or make_service(config)
     app.extensions["funnel.sessions"] = SessionStore(service.engine,
-                                                     auth["session_max_age_seconds"])
-    headers.install(app, config["server"]["cors_origins"])
+                                                     auth.session_max_age_seconds)
+    headers.install(app, list(config.server.cors_origins))
 
     api = Api(app)
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
@@ -111,8 +111,8 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
     app.register_blueprint(dashboard_blueprint)
     app.register_blueprint(observability_blueprint)
 
-    limiter = RateLimiter(config["server"]["rate_limit_per_second"],
-                          config["server"]["rate_limit_burst"])
+    limiter = RateLimiter(config.server.rate_limit_per_second,
+                          config.server.rate_limit_burst)
     app.extensions["funnel.limiter"] = limiter  # shared with gRPC (gateway/cli/server.py)
 
     def _rate_limit():
@@ -170,7 +170,7 @@ def create_app(config: dict, service: TaskService | None = None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc):
-        limit = config["server"]["max_body_bytes"]
+        limit = config.server.max_body_bytes
         return json_response({"code": 400, "message": f"body: larger than the {limit}-byte limit"},
                              400)
 

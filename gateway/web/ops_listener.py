@@ -14,6 +14,7 @@ import threading
 
 from flask import Flask
 
+from funnel_hpc.core.config import Config
 from funnel_hpc.gateway.ops.readiness import RETRY_AFTER_SECONDS
 from funnel_hpc.gateway.store.tasks import TaskService
 from funnel_hpc.gateway.web.ops_routes import blueprint
@@ -31,7 +32,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return match.group("host").strip("[]"), int(match.group("port"))
 
 
-def make_app(config: dict, service: TaskService) -> Flask:
+def make_app(config: Config, service: TaskService) -> Flask:
     app = Flask("funnel-hpc-reconciler", static_folder=None, template_folder=None)
     app.extensions["funnel.config"] = config
     app.extensions["funnel.service"] = service
@@ -46,9 +47,9 @@ def make_app(config: dict, service: TaskService) -> Flask:
     return app
 
 
-def serve(config: dict, service: TaskService) -> threading.Thread | None:
+def serve(config: Config, service: TaskService) -> threading.Thread | None:
     """Serve the health endpoints on reconciler.listen (None when it is empty)."""
-    listen = config["reconciler"]["listen"]
+    listen = config.reconciler.listen
     if not listen:
         return None
     import waitress.server

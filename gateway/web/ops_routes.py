@@ -42,7 +42,7 @@ def _service_registry() -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(TaskCollector(engine))
         registry.register(ReconcilerCollector(engine, current_app.extensions["funnel.config"]))
-        sinks = sink_names(current_app.extensions["funnel.config"]["events"])
+        sinks = sink_names(current_app.extensions["funnel.config"].events)
         if sinks:
             registry.register(SinkCollector(engine, sinks))
         current_app.extensions["funnel.metrics"] = registry
@@ -75,7 +75,7 @@ def readyz() -> Response:
     if problem is not None:
         _repeated.warning("readyz-db", "readyz: database unavailable: %s", problem)
         checks["database"] = "unavailable"
-    if config["server"]["readyz_needs_reconciler"]:
+    if config.server.readyz_needs_reconciler:
         checks["reconciler"] = "ok" if held else ("unknown" if held is None else "none")
     if backend_failing():
         checks["backend"] = "failing"

@@ -22,6 +22,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
+from funnel_hpc.core.config import WatchSection
 from funnel_hpc.gateway.access.watchers import READ_LIMIT, WatcherSlots
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.tasks import BadRequest, TaskService
@@ -35,11 +36,11 @@ RECONNECT_MS = 2000       # the `retry:` hint to EventSource clients
 _ID = re.compile(r"[0-9]{1,18}")
 
 
-def _slots(settings: dict) -> WatcherSlots:
+def _slots(settings: WatchSection) -> WatcherSlots:
     slots = current_app.extensions.get("funnel.watchers")
     if slots is None:
         slots = current_app.extensions["funnel.watchers"] = WatcherSlots(
-            int(settings["max_clients"]))
+            settings.max_clients)
     return slots
 
 
@@ -61,7 +62,7 @@ def message(event: outbox.Event) -> str:
 @blueprint.get("/events")
 def watch() -> Response:
     service: TaskService = current_app.extensions["funnel.service"]
-    settings = current_app.extensions["funnel.config"]["events"]["watch"]
+    settings = current_app.extensions["funnel.config"].events.watch
     owner = g.funnel_principal.scope
     task_id = request.args.get("task_id")
     if task_id is not None:
@@ -80,10 +81,10 @@ def watch() -> Response:
 
 
 def _follow(service: TaskService, after: int, owner: str | None, task_id: str | None,
-            settings: dict, slots: WatcherSlots) -> Iterator[str]:
+            settings: WatchSection, slots: WatcherSlots) -> Iterator[str]:
     """The stream body: events after ``after``, then new ones as they are recorded."""
-    poll, heartbeat = float(settings["poll_seconds"]), float(settings["heartbeat_seconds"])
-    gaps = outbox.GapGuard(float(service.config["events"]["gap_grace_seconds"]))
+    poll, heartbeat = settings.poll_seconds, settings.heartbeat_seconds
+    gaps = outbox.GapGuard(service.config.events.gap_grace_seconds)
     try:
         # where the stream starts: a client reconnecting before any event resumes here
         yield f"retry: {RECONNECT_MS}\nid: {after}\n\n"

@@ -109,7 +109,7 @@ def test_reconciler_writes_no_file_through_a_planted_link(tmp_path, umask_022):
     service, reconciler = make(tmp_path, ScriptedBackend())
     target = outside_file(tmp_path)
     task_id = service.create(TRIVIAL)
-    directory = Path(reconciler.config["work_dir"]) / task_id
+    directory = Path(reconciler.config.work_dir) / task_id
     directory.mkdir(parents=True)
     os.symlink(target, directory / "task.json")
     os.symlink(target, directory / ".task.json.tmp")
@@ -124,7 +124,7 @@ def test_a_task_dir_that_is_a_link_fails_that_task_only(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     linked, plain = service.create(TRIVIAL), service.create(TRIVIAL)
-    work = Path(reconciler.config["work_dir"])
+    work = Path(reconciler.config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     os.symlink(elsewhere, work / linked)
     reconciler.tick()

@@ -150,7 +150,7 @@ def test_strict_undefined_and_site_template(tmp_path):
     with pytest.raises(BackendError, match="no_such_variable"):
         backend.submit(make_request(tmp_path, {"id": "t5"}))
     with pytest.raises(TemplateValueError, match="not found"):
-        render(str(tmp_path / "missing.j2"), NO_WORK_DIR)
+        render(str(tmp_path / "missing.j2"), {})
 
 
 def test_every_variable_is_documented(tmp_path):

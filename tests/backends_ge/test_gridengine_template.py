@@ -112,7 +112,7 @@ def test_single_core_and_no_memory_request(tmp_path):
 def test_config_and_registry():
     config = config_mod.load(environ={}, overrides={"backend": {"name": "gridengine"}})
     assert backend_class("gridengine") is GridEngineBackend
-    options = config.backend.options()
+    options = config.backend.gridengine
     assert options.mode == "drmaa" and options.template == "gridengine.sh.j2"
     with pytest.raises(ValueError):
         GridEngineBackend(backend_options("gridengine", mode="pbs"), NO_WORK_DIR)

@@ -184,12 +184,14 @@ def test_limits_default_to_the_configuration_and_refuse_bad_values():
     assert Limits.from_worker(worker) == Limits()
     for key, value in (("image_max_bytes", 0), ("image_pull_seconds", -1)):
         with pytest.raises(ValueError, match=f"worker.{key} must be a positive"):
-            Limits.from_worker(config_mod.replace(worker, "worker", **{key: value}))
+            Limits.from_worker(config_mod.replace(worker, "worker", **{key: value}))  # type: ignore[arg-type]
     # a value of the wrong type is refused as the configuration loads, naming the key
-    for key, value in (("image_max_entries", "many"), ("image_max_ratio", 1.5),
-                       ("image_ratio_min_layer_bytes", True)):
+    wrong: tuple[tuple[str, object], ...] = (
+        ("image_max_entries", "many"), ("image_max_ratio", 1.5),
+        ("image_ratio_min_layer_bytes", True))
+    for key, bad in wrong:
         with pytest.raises(ValueError, match=f"worker.{key}: expected an integer"):
-            config_mod.replace(worker, "worker", **{key: value})
+            config_mod.replace(worker, "worker", **{key: bad})
 
 
 # --- the pull deadline -----------------------------------------------------------------
