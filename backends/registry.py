@@ -34,4 +34,7 @@ def section_name(name: str) -> str:
 
 def load_backend(section: BackendSection, work_dir: str | Path) -> Backend:
     """The configured backend, given its own section and the work dir."""
-    return backend_class(section.name)(section.options(), Path(work_dir))
+    cls = backend_class(section.name)
+    options = section.options()
+    assert options is not None  # every backend of BACKENDS has its section
+    return cls(options, Path(work_dir))

@@ -296,10 +296,11 @@ class BackendSection(Section):
     htcondor: HTCondorOptions
     gridengine: GridEngineOptions
 
-    def options(self, name: str | None = None) -> BackendOptions:
-        """The section of backend `name` (default: the configured one); "aws-batch" is
-        written aws_batch."""
-        options: BackendOptions = getattr(self, (name or self.name).replace("-", "_"))
+    def options(self, name: str | None = None) -> BackendOptions | None:
+        """The section of backend `name` (default: the configured one; "aws-batch" is
+        written aws_batch), or None for a backend without one (a test double's)."""
+        key = (name or self.name).replace("-", "_")
+        options: BackendOptions | None = getattr(self, key) if key in self.FIELDS else None
         return options
 
 

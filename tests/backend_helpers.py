@@ -49,6 +49,7 @@ def backend_options(name: str, **extra: object) -> Any:
     """backend.<name> from conf/default.yaml (aws-batch or aws_batch), with some keys
     replaced (plain values, converted and checked as the loader does)."""
     base = config_mod.load(environ={}).backend.options(name)
+    assert base is not None, name
     return config_mod.replace(base, f"backend.{name.replace('-', '_')}", **extra)
 
 

@@ -45,7 +45,8 @@ def mask_secrets(value: Any, path: str = "") -> Any:
         out = {}
         for key, item in value.items():
             dotted = f"{path}.{key}" if path else str(key)
-            if SECRET_NAME.search(str(key)) and item not in ("", None, {}, []):
+            if SECRET_NAME.search(str(key)) and item not in ("", None, {}, []) \
+                    and not isinstance(item, bool):  # session_cookie_secure: a setting
                 out[key] = MASK if not isinstance(item, dict) else {MASK: MASK}
             elif dotted in SECRET_VALUES and isinstance(item, dict):
                 out[key] = dict.fromkeys(item, MASK)
@@ -139,7 +140,7 @@ def render(task_file, backend_name, task_id, config_path) -> None:
     """Print the submission script the backend would submit for TASK_FILE (a TES task,
     - for stdin), without submitting anything."""
     from funnel_hpc.backends.base import BackendError
-    from funnel_hpc.backends.registry import backend_class
+    from funnel_hpc.backends.registry import load_backend
 
     overrides = {"backend": {"name": backend_name}} if backend_name else None
     cfg = load_config(config_path, overrides)
@@ -152,7 +153,7 @@ def render(task_file, backend_name, task_id, config_path) -> None:
         fail(f"{task_file.name}: not valid JSON: {exc}")
     task = stored_task(document, task_id)
     try:
-        backend = backend_class(name)(cfg.backend.options(name), Path(cfg.work_dir))
+        backend = load_backend(cfg.backend, cfg.work_dir)
         script = render_for(backend, submit_request(cfg, task, task_id))
     except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
         fail(f"cannot render the {name} script: {exc}")

@@ -81,7 +81,7 @@ class Admission:
         # jobs run as their owners: who may own a task is the owner policy's to say
         self.owners = OwnerPolicy.from_options(options) \
             if isinstance(options, SlurmOptions) and options.submit_as_owner else None
-        allowed = options.backend_parameters
+        allowed = options.backend_parameters if options is not None else {}
         # TES backend_parameters key -> scheduler option; keys match case-insensitively
         self.allowed_parameters: dict[str, Any] = {str(k): v for k, v in allowed.items()}
         self.parameter_keys = {key.lower() for key in self.allowed_parameters}
