@@ -171,6 +171,31 @@ def test_config_show_masks_secrets(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_config_show_prints_the_checked_configuration_or_one_line(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "work_dir": str(tmp_path / "work"), "server": {"host": "0.0.0.0", "http_port": 8123},
+        "storage": {"s3": {"endpoints": {"arch": {"endpoint_url": "http://s3.lab"}}}}}))
+    shown = funnel(None, "config", "show", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    effective = yaml.safe_load(shown.stdout)
+    assert effective["server"]["public_url"] == "http://127.0.0.1:8123"  # derived at load
+    assert effective["backend"]["aws_batch"]["server_url"] == "http://127.0.0.1:8123"
+    assert effective["database"]["url"] == f"sqlite:///{tmp_path / 'work' / 'funnel.db'}"
+    assert effective["storage"]["s3"]["endpoints"]["arch"]["multipart_chunk_mb"] == 16
+    assert effective["auth"]["session_cookie_secure"] is False  # a setting, not a secret
+    for text, message in (
+            ("backend:\n  slurm:\n    command_timeout: sixty\n",
+             'backend.slurm.command_timeout: expected a number, got "sixty"'),
+            ("events:\n  publish: yes\n", 'events.publish: expected true or false, got "yes"'),
+            ("worker:\n  allowed_dirs: /data\n",
+             'worker.allowed_dirs: expected a list, got "/data"')):
+        config.write_text(text)
+        bad = funnel(None, "config", "show", "--config", str(config))
+        assert bad.returncode == 1 and bad.stdout == ""
+        assert bad.stderr.strip().splitlines() == [f"Error: {message}"]
+
+
 def test_render_refuses_what_it_cannot_render(tmp_path):
     task_file = tmp_path / "t.json"
     task_file.write_text(json.dumps(TASK))
