@@ -176,6 +176,7 @@ class LimitsSection(Section):
     max_string_length: int
     max_tag_filters: int
     max_list_bytes: int
+    max_list_bytes_in_flight: int
 
 
 class ResourcesSection(Section):
@@ -332,6 +333,7 @@ class RedisSection(Section):
 class WatchSection(Section):
     """events.watch: GET /funnel/v1/events streams."""
     max_clients: int
+    max_clients_per_user: int
     poll_seconds: float
     heartbeat_seconds: float
 
