@@ -159,7 +159,6 @@ class HTCondorBackend(Backend):
                                           COMMAND_NAME, "a submit command name")
         variables = script_variables(request, self.options, commands)
         variables["wrapper"] = str(request.task_dir / "htcondor.sh")
-        variables["site"] = {"extra_commands": [], "prologue": [], **variables["site"]}
         return variables
 
     def render(self, request: SubmitRequest) -> tuple[str, str]:

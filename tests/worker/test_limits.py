@@ -298,9 +298,15 @@ def test_a_new_worker_removes_groups_of_dead_workers():
 
 
 def test_a_bad_limit_setting_is_a_system_error_naming_the_key(harness):
-    for key, value in (("tmpfs_mb", "lots"), ("max_pids", -1), ("disk_check_seconds", 0),
+    for key, value in (("max_pids", -1), ("disk_check_seconds", 0),
                        ("limit_resources", "sometimes")):
         run = harness.run(harness.task(executors=[sh("echo never")]),
                           harness.config(**{key: value}))
         assert run.state == "SYSTEM_ERROR" and f"worker.{key}" in run.system_logs, \
             (key, run.system_logs)
+    # a value of the wrong type: the worker's configuration does not load (core/config.py)
+    run = harness.run(harness.task(executors=[sh("echo never")]),
+                      harness.config(tmpfs_mb="lots"))
+    assert run.exit_code == 1 and run.state is None
+    assert run.stderr.strip().splitlines()[-1] == \
+        'Error: worker.tmpfs_mb: expected an integer, got "lots"'
