@@ -111,6 +111,7 @@ class ServerSection(Section):
     public_url: str
     cors_origins: Strings
     readyz_needs_reconciler: bool
+    readyz_tick_intervals: float
     strict_fields: bool
 
 
