@@ -115,6 +115,11 @@ class LocalStore(Store):
         except OSError as exc:
             raise _words(url, exc, opener.as_whom) from None
 
+    def open(self, url: str, flags: int) -> int:
+        """A descriptor of url opened with `flags`, as a copy would open it (beneath its
+        allowed root, no symlink, as the owner): worker.bind_inputs' O_PATH opens."""
+        return self._open(url, flags)
+
     def child(self, url: str, name: str) -> str:
         return join_url(url, name) if url.startswith("/") else super().child(url, name)
 
