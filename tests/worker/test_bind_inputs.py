@@ -63,7 +63,8 @@ def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shar
             # no descriptor of the input (which names the host's writable mount) is left
             # to the task or to bwrap's pid 1: reopening it would bypass the read-only bind
             " echo held=$(ls -l /proc/1/fd/ /proc/self/fd/ 2>&1 | grep -c -e ref -e tree);"
-            " echo mounts=$(grep -c ' /in/ref.txt ' /proc/self/mountinfo)")]),
+            " echo mounts=$(grep -c ' /in/ref.txt ' /proc/self/mountinfo);"
+            " grep ' /in/ref.txt ' /proc/self/mountinfo | cut -d' ' -f6")]),
         config=configured(harness, shared))
     assert run.state == "COMPLETE", (run.system_logs, run.stderr)
     out = run.executor(0)["stdout"].split("\n")
@@ -72,11 +73,35 @@ def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shar
                     "rename-refused", "rename-over-refused", "still-there"):
         assert refused in out, (refused, out)
     assert "held=0" in out and "mounts=1" in out, out
+    assert {"ro", "nosuid", "nodev"} <= set(out[-2].split(",")), out  # devices stay dead
     assert ref.read_text() == "reference\n" and sorted(os.listdir(tree)) == ["sub"]
     # the task's files hold only the empty mount points, no copy
     assert run.host("/in/ref.txt").stat().st_size == 0
     assert run.host("/tree").is_dir() and not any(run.host("/tree").iterdir())
     assert "bound read-only in place" in run.system_logs
+
+
+def test_inputs_directly_under_the_root_are_bound_for_every_executor(harness, shared):
+    """A file or directory at /name has its own placeholder bind under the read-only one;
+    each executor's bwrap gets its own copies of the descriptors."""
+    ref = shared / "ref.txt"
+    ref.write_text("top\n")
+    ref.chmod(0o644)
+    tree = shared / "tree"
+    tree.mkdir(mode=0o755)
+    (tree / "a.txt").write_text("a\n")
+    run = harness.run(harness.task(
+        inputs=[{"path": "/ref.txt", "url": f"file://{ref}"},
+                {"path": "/tree", "url": f"file://{tree}"}],
+        executors=[in_image("cat /ref.txt /tree/a.txt"),
+                   in_image("cat /ref.txt; echo x > /ref.txt || echo refused")]),
+        config=configured(harness, shared))
+    assert run.state == "COMPLETE", (run.system_logs, run.stderr)
+    assert run.executor(0)["stdout"] == "top\na\n"
+    assert run.executor(1)["stdout"] == "top\nrefused\n"
+    assert ref.read_text() == "top\n" and run.host("/ref.txt").stat().st_size == 0
+    assert "2 input(s) bound read-only in place" in run.system_logs
+    assert '"1":"DIRECTORY"' in run.fold.task_log["metadata"]["input_types"]
 
 
 def test_an_input_others_cannot_read_is_copied_and_says_why(harness, shared):
