@@ -5,16 +5,16 @@ An input is bound when the driver is bwrap, its URL is file:// (or a path) with 
 executor's stream (those are copied as before, so outputs and stdin see real bytes). It is
 opened as staging opens it (beneath its allowed root, no symlink in any component, as the
 task's owner: worker/storage/local.py) with O_PATH|O_NOFOLLOW, checked on that descriptor
-(a regular file or a directory, the owner may read it), and handed to bwrap, which mounts
-it read-only with ``--ro-bind-fd`` after the task's directory binds and checks that what it
-mounted is that descriptor's inode. The executor runs as an unprivileged uid, not the
+(a regular file or a directory; the owner may read it: a reopen of that inode in the same
+step) and handed to bwrap, which mounts it read-only with ``--ro-bind-fd`` after the
+task's directory binds and checks that what it mounted is that descriptor's inode. The executor runs as an unprivileged uid, not the
 owner, and bwrap resolves the descriptor's path as that uid: so only what every user may
 read is bound (S_IROTH on a file, S_IROTH|S_IXOTH on a directory, S_IXOTH on every
 directory above it); anything else is copied, with a system log line saying why. The host
 twin of a bound input is an empty placeholder (file or directory) for the mount point.
 
-Cost: two opens per input (two forks for a root worker with an owner) and a stat of each
-directory above it; no byte is copied.
+Cost: one open and one reopen per input (in one fork for a root worker with an owner) and
+a stat of each directory above it; no byte is copied.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 SETTING = "worker.bind_inputs"
 BIND_DRIVERS = ("bwrap",)  # the drivers that can mount by descriptor
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-READ_CHECK = {False: os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-              True: os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC}
 
 
 class NotBindable(Exception):
@@ -125,7 +123,7 @@ class Binder:
         store = self.storage.store(url)
         if not isinstance(store, LocalStore):
             raise NotBindable("not a local file")
-        fd = store.open(url, PATH_FLAGS)
+        fd = store.open_path(url, PATH_FLAGS)  # the owner may read it: checked there
         try:
             info = os.fstat(fd)
             if stat.S_ISLNK(info.st_mode):  # O_PATH|O_NOFOLLOW opens a final link itself
@@ -134,12 +132,6 @@ class Binder:
                 raise StorageError(f"{url}: not a regular file or a directory")
             is_dir = stat.S_ISDIR(info.st_mode)
             _check_everyone_reads(fd, info, is_dir)
-            # the owner must be able to read it too (O_PATH checked only the way there)
-            check = store.open(url, READ_CHECK[is_dir])
-            again = os.fstat(check)
-            os.close(check)
-            if (again.st_dev, again.st_ino) != (info.st_dev, info.st_ino):
-                raise NotBindable("it changed while it was checked")
         except BaseException:
             os.close(fd)
             raise

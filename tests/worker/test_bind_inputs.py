@@ -247,3 +247,32 @@ def test_through_the_server_the_owner_opens_and_only_what_all_may_read_is_bound(
     assert "copied, not bound (worker.bind_inputs): not readable by every user" in logs(copied)
     assert refused["state"] == "SYSTEM_ERROR", logs(refused)
     assert f"as the task's owner {alice}" in logs(refused)
+
+
+@pytest.mark.parametrize("keep", ["never", "on_failure"])
+def test_scratch_and_clean_up_leave_the_original_alone(harness, shared, tmp_path, keep):
+    """In worker.scratch_dir, a failed task's files copied back and a finished one's
+    removed: only the empty placeholder is ever touched, never the bound original."""
+    ref = shared / "ref.txt"
+    ref.write_text("ref\n")
+    ref.chmod(0o644)
+    tree = shared / "tree"
+    tree.mkdir(mode=0o755)
+    (tree / "a.txt").write_text("a\n")
+    scratch = tmp_path / "scratch"
+    run = harness.run(harness.task(
+        inputs=[{"path": "/in/ref.txt", "url": f"file://{ref}"},
+                {"path": "/tree", "url": f"file://{tree}", "type": "DIRECTORY"}],
+        volumes=["/work"],
+        executors=[in_image("cat /in/ref.txt /tree/a.txt > /work/both; exit 3")]),
+        configured(harness, shared, scratch_dir=f"${{BIND_SCRATCH}}/node", keep_workdir=keep),
+        extra_env={"BIND_SCRATCH": str(scratch)})
+    assert run.state == "EXECUTOR_ERROR", (run.stderr, run.system_logs)
+    assert os.listdir(scratch / "node") == []
+    assert ref.read_text() == "ref\n" and os.listdir(tree) == ["a.txt"]
+    if keep == "never":
+        assert not (run.task_dir / "files").exists()
+    else:  # copied back: the task's own file, and the empty mount points
+        assert run.host("/work/both").read_text() == "ref\na\n"
+        assert run.host("/in/ref.txt").stat().st_size == 0
+        assert os.listdir(run.host("/tree")) == []
