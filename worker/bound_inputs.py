@@ -7,11 +7,12 @@ opened as staging opens it (beneath its allowed root, no symlink in any componen
 task's owner: worker/storage/local.py) with O_PATH|O_NOFOLLOW, checked on that descriptor
 (a regular file or a directory; the owner may read it: a reopen of that inode in the same
 step) and handed to bwrap, which mounts it read-only with ``--ro-bind-fd`` after the
-task's directory binds and checks that what it mounted is that descriptor's inode. The executor runs as an unprivileged uid, not the
-owner, and bwrap resolves the descriptor's path as that uid: so only what every user may
-read is bound (S_IROTH on a file, S_IROTH|S_IXOTH on a directory, S_IXOTH on every
-directory above it); anything else is copied, with a system log line saying why. The host
-twin of a bound input is an empty placeholder (file or directory) for the mount point.
+task's directory binds and checks that what it mounted is that descriptor's inode. The
+executor runs as an unprivileged uid, not the owner, and bwrap resolves the descriptor's
+path as that uid: so only what every user may read is bound (S_IROTH on a file,
+S_IROTH|S_IXOTH on a directory, S_IXOTH on every directory above it); anything else is
+copied, with a system log line saying why. The host twin of a bound input is an empty
+placeholder (file or directory) for the mount point.
 
 Cost: one open and one reopen per input (in one fork for a root worker with an owner) and
 a stat of each directory above it; no byte is copied.
@@ -97,6 +98,11 @@ class Binder:
         url = str(item["url"])
         try:
             fd, is_dir = self._open(url)
+            declared = item.get("type")
+            if declared in ("FILE", "DIRECTORY") and (declared == "DIRECTORY") != is_dir:
+                os.close(fd)  # as a copy refuses it
+                raise StorageError(f"{url}: {'is' if is_dir else 'not'} a directory "
+                                   f"(the input's type is {declared})")
         except StorageError as exc:
             raise SystemFailure(f"input {item['path']} from {exc}") from None
         except NotBindable as reason:

@@ -82,7 +82,8 @@ class Invocation:
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
         self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
-        self.fds = fds    # descriptors the runtime inherits (a seccomp filter); closed once
+        self.fds = fds    # descriptors the runtime inherits (a seccomp filter, bound
+        #                   inputs: worker/bound_inputs.py); closed once it started
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],

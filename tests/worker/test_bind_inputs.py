@@ -121,10 +121,10 @@ def test_an_input_others_cannot_read_is_copied_and_says_why(harness, shared):
     assert run.state == "COMPLETE", (run.system_logs, run.stderr)
     assert run.executor(0)["stdout"] == "mine\ninner\n"
     assert run.host("/in/private.txt").read_text() == "mine\n"  # a copy, as before
-    assert "input /in/private.txt: copied, not bound (worker.bind_inputs): not readable " \
-        "by every user" in run.system_logs
-    assert f"input /in/inner.txt: copied, not bound (worker.bind_inputs): {closed} above " \
-        "it is not searchable by every user" in run.system_logs
+    copied = "copied, not bound (worker.bind_inputs)"
+    assert f"input /in/private.txt: {copied}: not readable by every user" in run.system_logs
+    closed_words = f"{closed} above it is not searchable by every user"
+    assert f"input /in/inner.txt: {copied}: {closed_words}" in run.system_logs
 
 
 def test_a_symlink_in_the_inputs_path_is_refused_as_today(harness, shared):
@@ -138,6 +138,17 @@ def test_a_symlink_in_the_inputs_path_is_refused_as_today(harness, shared):
                           config=configured(harness, shared))
         assert run.state == "SYSTEM_ERROR", run.system_logs
         assert "symbolic link" in run.system_logs
+
+
+def test_an_input_of_the_wrong_type_is_refused(harness, shared):
+    ref = shared / "ref.txt"
+    ref.write_text("ref\n")
+    ref.chmod(0o644)
+    run = harness.run(harness.task(
+        inputs=[{"path": "/in", "url": f"file://{ref}", "type": "DIRECTORY"}],
+        executors=[in_image("ls /in")]), config=configured(harness, shared))
+    assert run.state == "SYSTEM_ERROR", run.system_logs
+    assert "not a directory (the input's type is DIRECTORY)" in run.system_logs
 
 
 def test_inputs_that_meet_an_output_are_copied_so_the_output_holds_them(harness, shared):
@@ -265,7 +276,7 @@ def test_scratch_and_clean_up_leave_the_original_alone(harness, shared, tmp_path
                 {"path": "/tree", "url": f"file://{tree}", "type": "DIRECTORY"}],
         volumes=["/work"],
         executors=[in_image("cat /in/ref.txt /tree/a.txt > /work/both; exit 3")]),
-        configured(harness, shared, scratch_dir=f"${{BIND_SCRATCH}}/node", keep_workdir=keep),
+        configured(harness, shared, scratch_dir="${BIND_SCRATCH}/node", keep_workdir=keep),
         extra_env={"BIND_SCRATCH": str(scratch)})
     assert run.state == "EXECUTOR_ERROR", (run.stderr, run.system_logs)
     assert os.listdir(scratch / "node") == []
