@@ -39,7 +39,21 @@ def configured(harness, shared: Path, **worker):
     return harness.config(allowed_dirs=[str(shared)], bind_inputs=True, **worker)
 
 
-def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shared):
+BIND_FIRST_UID = 1_700_000_000  # worker.sandbox_uids: a range no account and no other test uses
+
+
+@pytest.fixture(params=["shared-user", "own-uid-block"])
+def identity(request, tmp_path) -> dict:
+    """The executor's host identity: the one shared sandbox user, or a slot's block of ids
+    (root inside with CAP_DAC_OVERRIDE, CAP_FOWNER...: still no mount rights)."""
+    if request.param == "shared-user":
+        return {}
+    return {"sandbox_uids": {"first": BIND_FIRST_UID, "count": 2,
+                             "lock_dir": str(tmp_path / "uid-locks")}}
+
+
+def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shared,
+                                                                    identity):
     ref = shared / "ref.txt"
     ref.write_text("reference\n")
     ref.chmod(0o666)  # writable by all on the host: only the read-only mount stops a write
@@ -54,6 +68,7 @@ def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shar
             "cat /in/ref.txt /tree/sub/a.txt;"
             " echo x >> /in/ref.txt 2>/dev/null || echo write-refused;"
             " touch /tree/new 2>/dev/null || echo create-refused;"
+            " chmod 0600 /in/ref.txt 2>/dev/null || echo chmod-refused;"
             " umount /in/ref.txt 2>/dev/null || echo umount-refused;"
             " mount -o remount,rw /in/ref.txt 2>/dev/null || echo remount-refused;"
             " mv /in/ref.txt /in/moved 2>/dev/null || echo rename-refused;"
@@ -65,11 +80,12 @@ def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shar
             " echo held=$(ls -l /proc/1/fd/ /proc/self/fd/ 2>&1 | grep -c -e ref -e tree);"
             " echo mounts=$(grep -c ' /in/ref.txt ' /proc/self/mountinfo);"
             " grep ' /in/ref.txt ' /proc/self/mountinfo | cut -d' ' -f6")]),
-        config=configured(harness, shared))
+        config=configured(harness, shared, **identity))
     assert run.state == "COMPLETE", (run.system_logs, run.stderr)
     out = run.executor(0)["stdout"].split("\n")
     assert out[:2] == ["reference", "a"]
-    for refused in ("write-refused", "create-refused", "umount-refused", "remount-refused",
+    for refused in ("write-refused", "create-refused", "chmod-refused", "umount-refused",
+                    "remount-refused",
                     "rename-refused", "rename-over-refused", "still-there"):
         assert refused in out, (refused, out)
     assert "held=0" in out and "mounts=1" in out, out
@@ -79,6 +95,8 @@ def test_a_bound_input_is_read_in_place_read_only_and_never_copied(harness, shar
     assert run.host("/in/ref.txt").stat().st_size == 0
     assert run.host("/tree").is_dir() and not any(run.host("/tree").iterdir())
     assert "bound read-only in place" in run.system_logs
+    assert ("(ids 0-65535 inside)" in run.system_logs) == bool(identity)
+    assert stat.S_IMODE(ref.stat().st_mode) == 0o666
 
 
 def test_inputs_directly_under_the_root_are_bound_for_every_executor(harness, shared):
