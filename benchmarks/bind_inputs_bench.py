@@ -158,6 +158,10 @@ def measure(quick: bool, source_dir: str | None = None, owner: str = "nobody") -
 
 def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     """benchmarks/suite.py's rows (storage section) and the raw figures."""
+    if os.geteuid() != 0:  # the loop-mounted file system needs root
+        return [{"figure": "local inputs staged in bound in place (bind_inputs)",
+                 "measured": "not measured: needs root (a loop-mounted file system), or "
+                             "run bind_inputs_bench.py --source-dir alone"}], {}
     r = measure(quick)
     return suite_rows_of(r), r
 
@@ -171,10 +175,13 @@ def suite_rows_of(r: dict) -> list[dict]:
             ratio = run[f"{key}ratio"]
             rows.append({"figure": f"local {label} input staged in bound in place "
                                    f"(bind_inputs, {whose}; input on {r['source']})",
-                         "measured": f"{run[f'{key}bind_s'] * 1000:.2f} ms",
+                         "measured": f"{run[f'{key}bind_s'] * 1000:.2f} ms "
+                                     f"({ratio:.4f}x cp)",
                          "reference": f"cp to the work dir {run['cp_s'] * 1000:.0f} ms",
-                         "ratio": round(ratio, 5), "target": "<= 0.01x",
-                         "met": ratio <= 0.01})
+                         "ratio": round(ratio, 5),
+                         # the target is for big inputs; --quick's 64 MB checks it runs
+                         **({"target": "<= 0.01x", "met": ratio <= 0.01} if size >= GIB
+                            else {"target": "context (--quick)", "met": None})})
     return rows
 
 
