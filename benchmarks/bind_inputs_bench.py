@@ -5,7 +5,8 @@ Run (as root): .venv/bin/python benchmarks/bind_inputs_bench.py [--quick] [--sou
 The input lies on a file system other than the work dir's: by default an ext4 file system
 made for the run in a loop-mounted image file (root; unmounted and removed after), or
 --source-dir (e.g. a shared NFS or Lustre mount, world-readable). Sizes: 1 GiB and 10 GiB
-(--quick: 64 MB). Each side is timed in this process, best of 3, alternating:
+(--quick: 64 MB). Each side is timed in this process, best of 3 rounds alternating (5
+binds after each cp):
 - bind: the worker's stage-in of that one input (worker/staging.py's stage_in with the
   Binder of worker/bound_inputs.py: the open as staging opens, the checks and the
   placeholder), as a worker with bind_inputs on runs it before bwrap's --ro-bind-fd:
@@ -41,6 +42,7 @@ MB = 1 << 20
 GIB = 1 << 30
 BLOCK = 64 * MB
 ROUNDS = 3
+BIND_RUNS = 5  # binds timed after each cp
 SIZES = {True: [64 * MB], False: [GIB, 10 * GIB]}
 
 
@@ -119,8 +121,9 @@ def measure_one(source_dir: Path, work: Path, size: int, owner: str) -> dict:
         for round_no in range(ROUNDS):
             cps.append(copied(source, work / "cp.bin"))
             for who, times in binds.items():
-                times.append(stage_in_bound(source, work, round_no, who or None))
-                shutil.rmtree(work / f"task{round_no}")
+                for _ in range(BIND_RUNS):  # milliseconds: more samples, the same cost
+                    times.append(stage_in_bound(source, work, round_no, who or None))
+                    shutil.rmtree(work / f"task{round_no}")
     finally:
         source.unlink()
     cp_s = min(cps)
