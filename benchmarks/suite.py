@@ -16,6 +16,8 @@ Sections (each measured with its physical reference in this same run):
              start of a trivial executor vs bare bwrap on the same root
   storage    S3 500 x 1 MB up + down, 8 at once vs one at a time and vs raw boto3 with 8
              threads (moto); 1 GiB local stage-in (hard link; reflink or copy) vs `cp`;
+             1 GiB and 10 GiB inputs bound in place (bind_inputs) vs `cp`, from
+             another file system;
              GS 200 MB up and down vs the raw google-cloud-storage client (emulator)
   worker     also: worker CPU for 100 MB of stdout with live logs on vs off
   events     event recording rate with sinks draining vs none; delivery latency (commit ->
@@ -52,6 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import (  # noqa: E402
     api_bench,
+    bind_inputs_bench,
     events_bench,
     image_pull,
     local_bench,
@@ -218,7 +221,8 @@ def images_section(table: Table, results: dict, quick: bool) -> None:
 
 
 def storage_section(table: Table, results: dict, quick: bool) -> None:
-    add_rows(table, results, [("storage", storage_bench.suite_rows(quick))])
+    add_rows(table, results, [("storage", storage_bench.suite_rows(quick)),
+                              ("bind_inputs", bind_inputs_bench.suite_rows(quick))])
 
 
 def events_section(table: Table, results: dict, quick: bool) -> None:

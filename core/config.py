@@ -391,6 +391,7 @@ class WorkerSection(Section):
     scratch_dir: str
     allowed_dirs: Strings
     link_inputs: bool
+    bind_inputs: bool
     poll_server_seconds: float
     server_wait_seconds: float
     gpu_devices: Strings

@@ -39,6 +39,7 @@ from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any, Literal
 
     from funnel_hpc.core.config import WorkerConfig
@@ -82,7 +83,8 @@ class Invocation:
         self.ids = ids    # (uid, gid) to start the runtime as; None: the worker's own
         self.cwd = cwd    # where to start it; None: the task dir
         self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
-        self.fds = fds    # descriptors the runtime inherits (a seccomp filter); closed once
+        self.fds = fds    # descriptors the runtime inherits (a seccomp filter, bound
+        #                   inputs: worker/bound_inputs.py); closed once it started
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -134,6 +136,7 @@ class Drivers:
         self.host_root_reason = ""
         self.choice_notes: list[str] = []  # what choose() found, for the system logs
         self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
+        self.fd_binds: list[tuple[int, str]] = []  # bwrap's --ro-bind-fd, set by hand_over
 
     @property
     def identity(self) -> Identity | None:
@@ -332,8 +335,12 @@ class Drivers:
         return (f"image {image} cannot be had ({self.host_root_reason}); running over the "
                 "HOST ROOT (read-only) because worker.host_root is allow")
 
-    def hand_over(self, name: str, task_dir: Path, binds: list[tuple[str, str]]) -> None:
-        """Let the sandbox user use the task's bound directories and the images' roots."""
+    def hand_over(self, name: str, task_dir: Path, binds: list[tuple[str, str]],
+                  fd_binds: Sequence[tuple[int, str]] = ()) -> None:
+        """Let the sandbox user use the task's bound directories and the images' roots.
+        fd_binds: (descriptor, container path) of inputs bwrap binds read-only
+        (worker/bound_inputs.py), held open by the caller until the executors ended."""
+        self.fd_binds = list(fd_binds)
         if name not in IMAGE_DRIVERS:
             return
         bound = [host for host, _container in binds]
@@ -408,12 +415,26 @@ class Drivers:
         if name == "bwrap":
             userns = (identities.NamespaceMap(self.identity)
                       if self.identity and self.identity.block else None)
-            argv = sandbox.bwrap_argv(rootfs, binds, full_env, workdir, command, network, hide,
-                                      devices, userns.argv() if userns else (),
-                                      tmpfs_bytes=self.tmpfs_bytes)
-            # the engine's own environment: nothing of the task's (LD_PRELOAD...) reaches it
-            return self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
-                                                   self.ids, "/", userns))
+            # each start gets its own copies of the bound inputs' descriptors (closed once
+            # bwrap has them, as the seccomp filter's), so they reach it at these numbers
+            copies = tuple(os.dup(fd) for fd, _container in self.fd_binds)
+            try:
+                argv = sandbox.bwrap_argv(
+                    rootfs, binds, full_env, workdir, command, network, hide, devices,
+                    userns.argv() if userns else (), tmpfs_bytes=self.tmpfs_bytes,
+                    fd_binds=[(fd, container) for fd, (_held, container)
+                              in zip(copies, self.fd_binds, strict=True)])
+                # the engine's own environment: nothing of the task's (LD_PRELOAD...)
+                inv = self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
+                                                      self.ids, "/", userns))
+            except BaseException:
+                for fd in copies:
+                    os.close(fd)
+                raise
+            inv.fds = (*inv.fds, *copies)
+            if copies:
+                inv.note += f", {len(copies)} input(s) bound read-only in place"
+            return inv
         # ch-run and proot: a private /dev/shm, and a pid namespace the wrapper drops in
         binds = [*binds, (str(self.sandbox_shm), "/dev/shm")]
         if name == "charliecloud":

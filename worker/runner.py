@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from funnel_hpc.core.config import WorkerConfig
+    from funnel_hpc.worker.bound_inputs import Binder
     from funnel_hpc.worker.scratch import Scratch
 
 __all__ = ["EXIT_CODES", "Canceled", "SystemFailure", "TaskRunner", "run_task"]
@@ -165,18 +166,35 @@ class TaskRunner:
             self.events.system_log(note)
         staging = Staging(self.task, self.paths, self.storage, self.events, self.cancel_event)
         binds = staging.prepare_dirs()
-        staging.stage_in()
-        # the sandbox's own files (proot's /tmp, ch-run's roots) go beside files/
-        self.drivers.hand_over(driver, self.scratch.root if self.scratch else self.task_dir,
-                               binds)
-        self.events.state("RUNNING")
+        binder = self._binder(driver)
         try:
-            final = self.executors.run_all(driver, binds, self.paths, self.group)
-        finally:  # the task's files are the worker's again before anything reads them
-            self.drivers.take_back(binds)
+            staging.stage_in(binder)
+            # the sandbox's own files (proot's /tmp, ch-run's roots) go beside files/
+            self.drivers.hand_over(driver, self.scratch.root if self.scratch
+                                   else self.task_dir, binds, binder.bound if binder else [])
+            self.events.state("RUNNING")
+            try:
+                final = self.executors.run_all(driver, binds, self.paths, self.group)
+            finally:  # the task's files are the worker's again before anything reads them
+                self.drivers.take_back(binds)
+        finally:
+            if binder is not None:
+                binder.close()
         if final == "COMPLETE":
             staging.stage_out()
         return final
+
+    def _binder(self, driver: str) -> Binder | None:
+        """worker.bind_inputs: file:// inputs bound read-only in place (bwrap only)."""
+        if not self.config.worker.bind_inputs:
+            return None
+        from funnel_hpc.worker.bound_inputs import BIND_DRIVERS, SETTING, Binder
+
+        if driver not in BIND_DRIVERS:
+            self.events.system_log(f"{SETTING}: driver {driver} cannot bind by descriptor: "
+                                   "file:// inputs are copied")
+            return None
+        return Binder(self.task, self.storage, self.events)
 
     def _make_group(self, driver: str) -> None:
         """The task's cgroup, when this worker enforces limits on a sandboxed driver."""

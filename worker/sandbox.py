@@ -170,14 +170,16 @@ def give_tree(root: str, uid: int, gid: int) -> None:
 def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
                hide: Sequence[str] = (), devices: Sequence[str] = (),
-               userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES) -> list[str]:
+               userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES,
+               fd_binds: Sequence[tuple[int, str]] = ()) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
     `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
     range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL);
     `tmpfs_bytes`: the size of every tmpfs the task can write (/tmp, /run, /var/tmp,
     /dev/shm) and of the root the image's entries are bound on (writable, as the spec's
     "writable on top" asks). bwrap's own /dev tmpfs cannot be sized: it is made read-only
-    once everything is mounted on it."""
+    once everything is mounted on it. `fd_binds`: (descriptor, container path) of inputs
+    bound read-only by descriptor over the task's binds (worker/bound_inputs.py)."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
@@ -197,6 +199,8 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
         argv += ["--dev-bind", device, device]
     for host, container in binds:
         argv += ["--bind", host, container]
+    for fd, container in fd_binds:  # after the binds: each lies over its placeholder
+        argv += ["--ro-bind-fd", str(fd), container]
     argv += ["--remount-ro", "/dev"]  # bwrap's /dev tmpfs is unsized: nothing to write
     argv.append("--clearenv")
     for name, value in env.items():

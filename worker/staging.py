@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import threading
     from typing import Any
 
+    from funnel_hpc.worker.bound_inputs import Binder
     from funnel_hpc.worker.events import EventLog
     from funnel_hpc.worker.paths import TaskPaths
     from funnel_hpc.worker.storage import Storage
@@ -73,15 +74,21 @@ class Staging:
 
     # ---- in ----
 
-    def stage_in(self) -> None:
+    def stage_in(self, binder: Binder | None = None) -> None:
+        """binder: worker.bind_inputs (worker/bound_inputs.py) binds what it can instead."""
         fetched: list[tuple[dict[str, Any], Path]] = []  # inputs with a URL: fetched together
-        for item in self.task.get("inputs") or []:
+        bound: dict[int, bool] = {}  # id(item) -> is a directory
+        for index, item in enumerate(self.task.get("inputs") or []):
             self.check_cancel()
             dest = self.paths.host(item["path"])
-            if item.get("content") is None:
+            is_dir = binder.bind(index, item, dest) if binder is not None else None
+            if is_dir is not None:
+                self.paths.ensure_inside(dest)
+                bound[id(item)] = is_dir
+            elif item.get("content") is None:
                 fetched.append((item, dest))
-                continue
-            self._write_content(item, dest)
+            else:
+                self._write_content(item, dest)
         try:
             kinds = self.storage.get_many([(item.get("url") or "", dest,
                                             KNOWN_TYPES.get(str(item.get("type"))))
@@ -93,6 +100,7 @@ class Staging:
             self.paths.ensure_inside(dest)
         inputs = self.task.get("inputs") or []
         found = {id(item): is_dir for (item, _dest), is_dir in zip(fetched, kinds, strict=True)}
+        found.update(bound)
         self.report_types(INPUT_TYPES, {index: found.get(id(item), False)
                                         for index, item in enumerate(inputs)
                                         if not item.get("type")})

@@ -155,16 +155,35 @@ class RootUnusable(OSError):
     """The allowed directory itself could not be opened."""
 
 
-def open_in(root: str, parts: list[str], flags: int, create_dirs: bool = False) -> int:
-    """open_beneath from the allowed directory root (which the admin may have made a link)."""
+def open_in(root: str, parts: list[str], flags: int, create_dirs: bool = False,
+            readable: bool = False) -> int:
+    """open_beneath from the allowed directory root (which the admin may have made a link).
+    readable: an O_PATH open whose file or directory this process may also read."""
     try:
         rootfd = os.open(root, DIR_FLAGS & ~os.O_NOFOLLOW)
     except OSError as exc:
         raise RootUnusable(exc.errno, exc.strerror, root) from None
     try:
-        return open_beneath(rootfd, parts, flags, create_dirs=create_dirs)
+        fd = open_beneath(rootfd, parts, flags, create_dirs=create_dirs)
     finally:
         os.close(rootfd)
+    if readable:
+        try:
+            check_readable(fd)
+        except OSError:
+            os.close(fd)
+            raise
+    return fd
+
+
+def check_readable(fd: int) -> None:
+    """Raise EACCES unless this process may read the regular file or directory fd is
+    (O_PATH checked only the way there): a reopen of that very inode through
+    /proc/self/fd, never a path walk. Other types are left to the caller to refuse."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        extra = os.O_DIRECTORY if stat.S_ISDIR(mode) else os.O_NONBLOCK
+        os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | extra))
 
 
 def list_in(root: str, parts: list[str]) -> tuple[list[str], str | None]:
@@ -198,8 +217,9 @@ class Opener:
 
     as_whom = ""  # said after a refusal: whose rights were checked
 
-    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False) -> int:
-        return open_in(root, parts, flags, create_dirs)
+    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False,
+             readable: bool = False) -> int:
+        return open_in(root, parts, flags, create_dirs, readable)
 
     def list(self, root: str, parts: list[str]) -> tuple[list[str], str | None]:
         return list_in(root, parts)

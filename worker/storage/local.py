@@ -105,16 +105,23 @@ class LocalStore(Store):
             raise StorageError(f"{url}: outside the allowed directories ({allowed})")
         return best
 
-    def _open(self, url: str, flags: int, create_dirs: bool = False) -> int:
+    def _open(self, url: str, flags: int, create_dirs: bool = False,
+              readable: bool = False) -> int:
         root, parts = self.locate(url)
         opener = self.access()[1]
         try:
-            return opener.open(root, parts, flags, create_dirs)
+            return opener.open(root, parts, flags, create_dirs, readable)
         except RootUnusable as exc:
             raise StorageError(f"{url}: allowed directory {root}: {exc.strerror}"
                                f"{opener.as_whom}") from None
         except OSError as exc:
             raise _words(url, exc, opener.as_whom) from None
+
+    def open_path(self, url: str, flags: int) -> int:
+        """An O_PATH descriptor of url opened as a copy would open it (beneath its allowed
+        root, no symlink, as the owner), whose file or directory the owner may also read
+        (checked in the same step): worker.bind_inputs' opens."""
+        return self._open(url, flags, readable=True)
 
     def child(self, url: str, name: str) -> str:
         return join_url(url, name) if url.startswith("/") else super().child(url, name)

@@ -76,7 +76,8 @@ class Refused(Opener):
     def __init__(self, reason: str):
         self.reason = reason
 
-    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False) -> int:
+    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False,
+             readable: bool = False) -> int:
         raise StorageError(f"refused: {self.reason}")
 
     def list(self, root: str, parts: list[str]) -> tuple[list[str], str | None]:
@@ -91,9 +92,10 @@ class OwnerOpener(Opener):
         self.groups = os.getgrouplist(account.pw_name, account.pw_gid)
         self.as_whom = f" (as the task's owner {account.pw_name})"
 
-    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False) -> int:
+    def open(self, root: str, parts: list[str], flags: int, create_dirs: bool = False,
+             readable: bool = False) -> int:
         _reply, fd = self._call({"op": OP_OPEN, "root": root, "parts": parts, "flags": flags,
-                                 "create_dirs": create_dirs})
+                                 "create_dirs": create_dirs, "readable": readable})
         if fd is None:
             raise StorageError(f"{root}: the owner's file access child sent no file")
         return fd
@@ -180,7 +182,8 @@ def answer(request: dict[str, Any]) -> tuple[dict[str, object], int | None]:
         if request["op"] == OP_LIST:
             names, link = list_in(root, parts)
             return {"names": names, "link": link}, None
-        return {}, open_in(root, parts, int(request["flags"]), bool(request.get("create_dirs")))
+        return {}, open_in(root, parts, int(request["flags"]), bool(request.get("create_dirs")),
+                           bool(request.get("readable")))
     except OSError as exc:
         return {"errno": exc.errno or 0, "filename": exc.filename,
                 "root": isinstance(exc, RootUnusable)}, None
