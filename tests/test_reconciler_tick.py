@@ -68,7 +68,7 @@ def test_the_tick_after_the_first_reads_only_what_changed(tmp_path, reads):
 
     # a worker reports over HTTP, a user cancels, a job ends: those three, and the sweep
     reported, canceled, ended = ids[:3]
-    service.note_worker_event(reported)
+    service.reconciler_queries.note_worker_event(reported)
     service.cancel(canceled)
     backend.end(job_of(service, ended), JobState.FAILED, "exit=1:0")
     stats = reconciler.tick()
@@ -153,8 +153,9 @@ def test_update_many_stores_only_rows_still_in_their_state(tmp_path):
     service.cancel(moved)  # CANCELED: no longer QUEUED
     logs = [{"logs": [], "outputs": [], "gateway_logs": ["noted"]}]
     event_ = {"seq": 1, "type": "executor_log", "index": 0, "stdout": "x"}
-    updated, _ = service.update_many([FieldUpdate(kept, "QUEUED", logs, 1, [event_]),
-                                      FieldUpdate(moved, "QUEUED", logs, 1, [event_])])
+    updated, _ = service.reconciler_queries.update_many([
+        FieldUpdate(kept, "QUEUED", logs, 1, [event_]),
+        FieldUpdate(moved, "QUEUED", logs, 1, [event_])])
     assert updated == {kept}
     assert service.get_row(kept).event_seq == 1 and service.get_row(moved).event_seq == 0
     with db.reading(service.engine) as conn:

@@ -66,7 +66,8 @@ def receive_event(task_id: str):
         return json_response({"accepted": False, "state": row.state})
     line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
     append_received(current_app.extensions["funnel.config"]["work_dir"], task_id, line)
-    service.note_worker_event(task_id)  # the reconciler reads this task's logs next tick
+    # the reconciler reads this task's logs next tick
+    service.reconciler_queries.note_worker_event(task_id)
     return json_response({"accepted": True, "state": row.state})
 
 
