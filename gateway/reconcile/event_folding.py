@@ -4,8 +4,8 @@ A tick reads the event logs of the tasks it looks at (gateway/reconcile/index.py
 which), reads the stored logs of those with news in one query, and stores what the news
 changed: a state change at once (compare-and-set, one transaction each), anything else
 (live logs, executor starts) for all tasks together in one transaction
-(service.update_many). 1,000 tasks each with a new live-log line cost one read, one
-UPDATE executemany and one INSERT executemany, not 1,000 of each.
+(reconciler_queries.update_many). 1,000 tasks each with a new live-log line cost one
+read, one UPDATE executemany and one INSERT executemany, not 1,000 of each.
 
 The EventFolder is made by the reconciler in its constructor over the store's
 reconciler_queries, its in-flight index, its event tails, the tasks to look at again and

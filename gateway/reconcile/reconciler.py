@@ -267,7 +267,7 @@ class Reconciler:
             job_id = self.backend.recover(row.id, task_dir(self.config, row.id), row.owner)
         except Exception:
             self._count("recover", ok=False)
-            raise  # _isolated logs it; the claim stays for next tick
+            raise  # LookAgain.isolated logs it; the claim stays for next tick
         self._count("recover", ok=True)
         if job_id:
             logs = attempt_logs(self.writer.stored_logs(row), row.attempt, new=False)
