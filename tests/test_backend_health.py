@@ -11,11 +11,13 @@ import subprocess
 
 import pytest
 import requests
+from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect, select
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.core import config as config_mod
+from funnel_hpc.gateway.ops.metrics import ReconcilerCollector
 from funnel_hpc.gateway.store import backend_health, db, leases
 from funnel_hpc.gateway.store.backend_health import poll_error, record_poll
 from funnel_hpc.gateway.store.leases import DatabaseLease
@@ -32,8 +34,10 @@ UNREACHABLE = "squeue failed (1): slurm_load_jobs error: Unable to contact slurm
 def fresh_throttle():
     """Each test starts with no write remembered (record_poll skips a repeat outcome)."""
     backend_health._written.clear()
+    backend_health._unwritten_errors.clear()
     yield
     backend_health._written.clear()
+    backend_health._unwritten_errors.clear()
 
 
 def row_of(engine, backend: str):
@@ -76,6 +80,29 @@ def test_record_poll_success_failure_recovery(db_kind, databases):
     record_poll(engine, "slurm", "x" * 5000)
     assert len(row_of(engine, "slurm").last_error) == backend_health.ERROR_CHARS
     assert row_of(engine, "other") is None
+    engine.dispose()
+
+
+def test_every_failed_poll_is_counted_even_between_writes(db_kind, databases):
+    engine = db.make_engine(databases.new(db_kind))
+    db.upgrade(engine)
+    record_poll(engine, "slurm", None)
+    assert row_of(engine, "slurm").poll_errors == 0
+    for _ in range(3):  # the first is written at once, the next two wait for a write
+        record_poll(engine, "slurm", UNREACHABLE)
+    assert row_of(engine, "slurm").poll_errors == 1
+    record_poll(engine, "slurm", None)  # a change of outcome: written, with those two
+    assert row_of(engine, "slurm").poll_errors == 3
+    backend_health._written.clear()
+    record_poll(engine, "slurm", UNREACHABLE)
+    assert row_of(engine, "slurm").poll_errors == 4  # a counter: never goes back
+    health, _ = backend_health.overview(engine, settings(str(engine.url), "slurm"))
+    assert health[0].poll_errors == 4
+    # what every replica's /metrics shows of it
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ReconcilerCollector(engine, settings(str(engine.url), "slurm")))
+    assert registry.get_sample_value("funnel_backend_poll_errors_total",
+                                     {"backend": "slurm"}) == 4
     engine.dispose()
 
 

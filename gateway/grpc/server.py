@@ -35,7 +35,7 @@ from sqlalchemy.exc import OperationalError
 
 from funnel_hpc.gateway.access.auth import Authenticator, AuthError, Principal, Throttled
 from funnel_hpc.gateway.access.ratelimit import RateLimiter
-from funnel_hpc.gateway.access.watchers import READ_LIMIT, WatcherSlots
+from funnel_hpc.gateway.access.watchers import READ_LIMIT, REFUSED, WatcherSlots
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.tasks import (
     BadRequest,
@@ -44,6 +44,7 @@ from funnel_hpc.gateway.store.tasks import (
     NotFound,
     ServiceError,
     TaskService,
+    Unavailable,
     zip_tags,
 )
 from funnel_hpc.proto import funnel_events_pb2, funnel_events_pb2_grpc, tes_pb2, tes_pb2_grpc
@@ -123,6 +124,9 @@ class _Guarded:
             abort(context, grpc.StatusCode.NOT_FOUND, exc.message)
         except Forbidden as exc:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, exc.message)
+        except Unavailable as exc:
+            abort(context, grpc.StatusCode.UNAVAILABLE, exc.message,
+                  retry_after=STREAMS_FULL_RETRY_AFTER)
         except ServiceError as exc:
             abort(context, grpc.StatusCode.INTERNAL, exc.message)
         except OperationalError:
@@ -186,9 +190,10 @@ class TaskServicer(_Guarded, tes_pb2_grpc.TaskServiceServicer):
                               page_token=request.page_token or None,
                               name_prefix=request.name_prefix or None, state=state,
                               tags=zip_tags(request.tag_key, request.tag_value), owner=who.scope)
-            tasks, token = self.service.list(query)
-            response = tes_pb2.ListTasksResponse(
-                tasks=[to_message(t, tes_pb2.Task()) for t in tasks])
+            with self.service.page_budget.hold() as hold:
+                tasks, token = self.service.list(query, hold)
+                response = tes_pb2.ListTasksResponse(
+                    tasks=[to_message(t, tes_pb2.Task()) for t in tasks])
             if token:
                 response.next_page_token = token
             return response
@@ -211,7 +216,8 @@ class EventServicer(_Guarded, funnel_events_pb2_grpc.EventServiceServicer):
         super().__init__(service, authenticator, limiter)
         self.settings = service.config["events"]["watch"]
         # counted apart from HTTP's streams: each holds one of this server's threads
-        self.slots = WatcherSlots(int(self.settings["max_clients"]))
+        self.slots = WatcherSlots(int(self.settings["max_clients"]),
+                                  int(self.settings["max_clients_per_user"]))
 
     def WatchEvents(self, request: funnel_events_pb2.WatchEventsRequest,
                     context: grpc.ServicerContext) -> Iterator[WatchResponse]:
@@ -223,8 +229,9 @@ class EventServicer(_Guarded, funnel_events_pb2_grpc.EventServiceServicer):
             with db.reading(self.service.engine) as conn:
                 after = request.after_id if request.HasField("after_id") else \
                     outbox.last_id(conn)
-        if not self.slots.take():
-            abort(context, grpc.StatusCode.UNAVAILABLE, "too many event streams open; retry",
+        refused = self.slots.take(who.user)
+        if refused is not None:
+            abort(context, grpc.StatusCode.UNAVAILABLE, REFUSED[refused],
                   retry_after=STREAMS_FULL_RETRY_AFTER)
         ended = threading.Event()
         try:
@@ -233,7 +240,7 @@ class EventServicer(_Guarded, funnel_events_pb2_grpc.EventServiceServicer):
             with self._statuses(context):
                 yield from self._follow(after, who.scope, task_ids, ended)
         finally:
-            self.slots.give()
+            self.slots.give(who.user)
 
     def _readable(self, task_ids: Sequence[str], who: Principal) -> frozenset[str]:
         """The task ids asked for, each one the caller may read (else NotFound)."""

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -280,7 +280,11 @@ class ReconcilerCollector(Collector):
         failing = GaugeMetricFamily("funnel_backend_failing_seconds",
                                     "Seconds the backend's polls have been failing (0: the "
                                     "last one succeeded).", labels=["backend"])
+        errors = CounterMetricFamily("funnel_backend_poll_errors",
+                                     "Failed scheduler polls of the backend, recorded by "
+                                     "every reconciler.", labels=["backend"])
         for health in found:
+            errors.add_metric([health.backend], health.poll_errors)
             lease = health.lease
             held.add_metric([health.backend], 1 if lease is not None and lease.held else 0)
             if lease is not None and lease.renewed_at is not None:
@@ -289,7 +293,7 @@ class ReconcilerCollector(Collector):
                               else max(0.0, now - health.last_poll_at))
             failing.add_metric([health.backend], 0 if health.failing_since is None
                                else max(0.0, now - health.failing_since))
-        yield from (held, renewed, polled, failing)
+        yield from (held, renewed, polled, failing, errors)
 
 
 def _now() -> str:

@@ -21,6 +21,7 @@ from funnel_hpc.backends.owners import OwnerPolicy
 from funnel_hpc.backends.registry import backend_options
 from funnel_hpc.backends.templating import check_backend_parameters
 from funnel_hpc.worker.storage import STORES
+from funnel_hpc.worker.validation import ENV_NAME, IMAGE
 
 # limits.* key -> the task field whose entries it counts (max_env: per executor, below)
 _COUNTED = {"max_tags": "tags", "max_inputs": "inputs", "max_outputs": "outputs",
@@ -31,6 +32,7 @@ _RESOURCE_MAXIMA = {"max_cpu_cores": "cpu_cores", "max_ram_gb": "ram_gb",
 
 
 _CONTENT = re.compile(r"inputs\.[0-9]+\.content")
+_NUL = "\x00"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -52,10 +54,11 @@ def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
 
 
 def _any_suspect(value: Any, short: int) -> bool:
-    """Whether a string of the document (keys included) is longer than ``short`` or may
-    hold a lone surrogate (only non-ASCII text can)."""
+    """Whether a string of the document (keys included) is longer than ``short``, holds a
+    NUL, or may hold a lone surrogate (only non-ASCII text can)."""
     if isinstance(value, str):
-        return len(value) > short or (not value.isascii() and bool(_SURROGATE.search(value)))
+        return (len(value) > short or _NUL in value
+                or (not value.isascii() and bool(_SURROGATE.search(value))))
     if isinstance(value, dict):
         return any(_any_suspect(key, short) or _any_suspect(item, short)
                    for key, item in value.items())
@@ -98,6 +101,7 @@ class Admission:
     def check_task(self, spec: dict) -> None:
         self._check_counts(spec)
         self._check_strings(spec)
+        self._check_executors(spec)
         self._check_resources(spec.get("resources") or {})
         self._check_urls(spec)
 
@@ -119,12 +123,32 @@ class Admission:
         if not _any_suspect(spec, short):
             return  # the common case, without building a field path per string
         for path, text in _strings(spec, ""):
+            # no string a task hands on may hold a NUL: the worker's argv, environment and
+            # paths cannot carry one (a file's content can: it is written, not passed)
+            if _NUL in text and not _CONTENT.fullmatch(path):
+                raise AdmissionError(f"{path}: holds a NUL character")
             if _SURROGATE.search(text):  # JSON's "\ud800" decodes; UTF-8 cannot hold it
                 raise AdmissionError(f"{path}: not valid Unicode (a lone surrogate)")
             if _CONTENT.fullmatch(path):
                 self._over(path, len(text.encode()), "max_content_bytes", "bytes")
             else:
                 self._over(path, len(text), "max_string_length", "characters")
+
+    @staticmethod
+    def _check_executors(spec: dict) -> None:
+        """What the worker would refuse later of an executor, refused now with its field:
+        an image that is no image reference (a newline, a space, a shell word), an
+        environment variable name no shell or execve takes. (Newlines inside command
+        arguments and env values are fine: multi-line ``sh -c`` scripts are common.)"""
+        for index, executor in enumerate(spec.get("executors") or []):
+            image = executor.get("image")
+            if isinstance(image, str) and not IMAGE.fullmatch(image):
+                raise AdmissionError(f"executors.{index}.image: {image!r} is not an image "
+                                     "reference (letters, digits and ._/:@+- only)")
+            for name in executor.get("env") or {}:
+                if not ENV_NAME.fullmatch(str(name)):
+                    raise AdmissionError(f"executors.{index}.env: {name!r} is not an "
+                                         "environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
 
     def _check_resources(self, resources: dict) -> None:
         for key, field in _RESOURCE_MAXIMA.items():

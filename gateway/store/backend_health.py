@@ -5,7 +5,8 @@ The reconciler calls ``record_poll`` after each batched poll (``poll_error`` tur
 poll's statuses into the error, or None). It never raises: a failed write is a log line.
 Cost: at most one single-row UPDATE (or the first INSERT) per RECORD_EVERY seconds per
 reconciler, plus one at once whenever a poll fails after a success or the other way
-round. Times are the database's clock (PostgreSQL) or the one machine's (SQLite).
+round. Every failed poll is counted (``poll_errors``): the ones between two writes are
+added at the next. Times are the database's clock (PostgreSQL) or the one machine's (SQLite).
 
 Nothing here is per user: error texts have the polled job ids taken out (the local
 backend's job id is the task id), so every signed-in user may see the panel.
@@ -23,7 +24,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column, Float, String, Table, Text, cast, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    String,
+    Table,
+    Text,
+    cast,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 
 from funnel_hpc.backends.base import JobState, JobStatus
@@ -41,6 +54,8 @@ backend_health = Table(
     Column("last_error", Text, nullable=True),  # kept after a recovery
     Column("last_error_at", Float, nullable=True),
     Column("reporter", String(256), nullable=True),  # host:pid of the last poll's reconciler
+    # failed polls ever recorded, by every reconciler (a counter: /metrics exports it)
+    Column("poll_errors", BigInteger, nullable=False, server_default="0"),
 )
 
 RECORD_EVERY = 5.0  # seconds between writes while the outcome stays the same
@@ -49,6 +64,8 @@ JOB_PLACEHOLDER = "<job>"
 _REPORTER = f"{socket.gethostname()}:{os.getpid()}"
 # (database URL, backend) -> (monotonic time of the last write, whether it was an error)
 _written: dict[tuple[str, str], tuple[float, bool]] = {}
+# (database URL, backend) -> failed polls not yet added to the row's poll_errors
+_unwritten_errors: dict[tuple[str, str], int] = {}
 _lock = threading.Lock()
 
 
@@ -79,25 +96,30 @@ def record_poll(engine: Engine, backend: str, error: str | None) -> None:
     failed = error is not None
     key = (str(engine.url), backend)
     with _lock:
+        if failed:
+            _unwritten_errors[key] = _unwritten_errors.get(key, 0) + 1
         last = _written.get(key)
         if last is not None and last[1] == failed and time.monotonic() - last[0] < RECORD_EVERY:
             return
         _written[key] = (time.monotonic(), failed)
+        errors = _unwritten_errors.pop(key, 0)
     try:
         with db.writing(engine) as conn:
-            _write(conn, backend, None if error is None else error[:ERROR_CHARS])
+            _write(conn, backend, None if error is None else error[:ERROR_CHARS], errors)
     except Exception as exc:  # noqa: BLE001 - a report: the poll's own work goes on
         with _lock:
             _written.pop(key, None)  # try again at the next poll
+            _unwritten_errors[key] = _unwritten_errors.get(key, 0) + errors
         log.warning("could not record the health of backend %s: %s", backend,
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def _write(conn: Connection, backend: str, error: str | None) -> None:
+def _write(conn: Connection, backend: str, error: str | None, errors: int) -> None:
     t = backend_health.c
     now: Any = (cast(func.extract("epoch", func.statement_timestamp()), Float)
                 if conn.dialect.name == "postgresql" else time.time())
-    values: dict[str, Any] = {"last_poll_at": now, "reporter": _REPORTER}
+    values: dict[str, Any] = {"last_poll_at": now, "reporter": _REPORTER,
+                              "poll_errors": t.poll_errors + errors}
     if error is None:
         values.update(last_ok_at=now, failing_since=None)
     else:
@@ -105,6 +127,7 @@ def _write(conn: Connection, backend: str, error: str | None) -> None:
                       failing_since=func.coalesce(t.failing_since, now))
     done = conn.execute(update(backend_health).where(t.backend == backend).values(**values))
     if done.rowcount == 0:
+        values["poll_errors"] = errors
         if error is not None:
             values["failing_since"] = now
         conn.execute(insert(backend_health).values(backend=backend, **values))
@@ -122,6 +145,7 @@ class Health:
     last_error: str | None = None
     last_error_at: float | None = None
     reporter: str | None = None
+    poll_errors: int = 0
     lease: leases.Holder | None = None
 
 

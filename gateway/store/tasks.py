@@ -30,6 +30,7 @@ from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.admission import Admission, AdmissionError
 from funnel_hpc.gateway.store.leases import LeaseView
+from funnel_hpc.gateway.store.page_budget import PageBudget, PageHold
 from funnel_hpc.gateway.store.prepared import PreparedInsert
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.task_views import apply_view, full_task
@@ -59,6 +60,12 @@ class BadRequest(ServiceError):
 
 class NotFound(ServiceError):
     status = 404
+
+
+class Unavailable(ServiceError):
+    """Not now: retry after a few seconds (HTTP 503 with Retry-After, gRPC UNAVAILABLE)."""
+
+    status = 503
 
 
 class Forbidden(ServiceError):
@@ -123,6 +130,7 @@ class TaskService:
         self.admission = Admission(config)
         self.strict_fields: bool = config["server"]["strict_fields"]
         self.max_list_bytes: int = config["limits"]["max_list_bytes"]
+        self.page_budget = PageBudget(int(config["limits"]["max_list_bytes_in_flight"]))
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
         self.changed = threading.Event()
@@ -202,10 +210,14 @@ class TaskService:
         return row
 
     # Below this method, `list` in an annotation names it: they say builtins.list.
-    def list(self, q: ListQuery) -> tuple[list[dict], str | None]:
+    def list(self, q: ListQuery,
+             hold: PageHold | None = None) -> tuple[list[dict], str | None]:
         """A page of tasks, newest first. BASIC and FULL pages also end early once their
         documents reach limits.max_list_bytes (at least one task per page), read row by
-        row so memory stays near that bound whatever the page size."""
+        row so memory stays near that bound whatever the page size. With ``hold`` (the
+        API's and gRPC's pages: gateway/store/page_budget.py) the documents' bytes are
+        taken from the process's budget too: a page ends early when it is spent, or is
+        refused (Unavailable) when it would hold no task."""
         page_size = q.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise BadRequest(f"page_size: must be between 1 and {MAX_PAGE_SIZE} "
@@ -226,8 +238,17 @@ class TaskService:
                 if q.view == "MINIMAL":
                     tasks.append({"id": row.id, "state": row.state})
                 else:
-                    tasks.append(apply_view(self._row_to_task(row), q.view))
-                    size += len(json.dumps(tasks[-1]))
+                    task = apply_view(self._row_to_task(row), q.view)
+                    task_bytes = len(json.dumps(task))
+                    if hold is not None and not hold.take(task_bytes):
+                        if not tasks:
+                            raise Unavailable("server busy: too many large task pages being "
+                                              "sent at once (limits.max_list_bytes_in_flight); "
+                                              "retry")
+                        more = True
+                        break
+                    tasks.append(task)
+                    size += task_bytes
                 last_seq = row.seq
             rows.close()
         return tasks, encode_page_token(last_seq) if more else None

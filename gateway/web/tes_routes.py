@@ -131,11 +131,19 @@ def _add_tasks(blp: Blueprint, shown: Shown) -> None:
                               name_prefix=args.get("name_prefix"), state=args.get("state"),
                               tags=zip_tags(args.get("tag_key"), args.get("tag_value")),
                               owner=principal().scope)
-            tasks, token = service().list(query)
-            payload: dict[str, Any] = {"tasks": [shown(task) for task in tasks]}
-            if token:
-                payload["next_page_token"] = token
-            return json_response(payload)
+            hold = service().page_budget.hold()
+            try:
+                tasks, token = service().list(query, hold)
+                payload: dict[str, Any] = {"tasks": [shown(task) for task in tasks]}
+                if token:
+                    payload["next_page_token"] = token
+                del tasks
+                resp = json_response(payload)
+            except BaseException:
+                hold.release()
+                raise
+            resp.call_on_close(hold.release)  # the body is held until it is sent
+            return resp
 
         @blp.doc(requestBody={"required": True,
                               "content": {"application/json": {"schema": TaskCreateSchema}}})

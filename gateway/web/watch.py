@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from funnel_hpc.gateway.access.watchers import READ_LIMIT, WatcherSlots
+from funnel_hpc.gateway.access.watchers import READ_LIMIT, REFUSED, WatcherSlots
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.tasks import BadRequest, TaskService
 from funnel_hpc.gateway.web.tes_routes import json_response
@@ -39,7 +39,7 @@ def _slots(settings: dict) -> WatcherSlots:
     slots = current_app.extensions.get("funnel.watchers")
     if slots is None:
         slots = current_app.extensions["funnel.watchers"] = WatcherSlots(
-            int(settings["max_clients"]))
+            int(settings["max_clients"]), int(settings["max_clients_per_user"]))
     return slots
 
 
@@ -69,18 +69,19 @@ def watch() -> Response:
     with db.reading(service.engine) as conn:
         after = _start_after(conn)
     slots = _slots(settings)
-    if not slots.take():
-        resp = json_response({"code": 503, "message": "too many event streams open; retry"},
-                             503)
+    user = g.funnel_principal.user
+    refused = slots.take(user)
+    if refused is not None:
+        resp = json_response({"code": 503, "message": REFUSED[refused]}, 503)
         resp.headers["Retry-After"] = "5"
         return resp
-    stream = _follow(service, after, owner, task_id, settings, slots)
+    stream = _follow(service, after, owner, task_id, settings, lambda: slots.give(user))
     return Response(stream, mimetype=EVENT_STREAM,
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 def _follow(service: TaskService, after: int, owner: str | None, task_id: str | None,
-            settings: dict, slots: WatcherSlots) -> Iterator[str]:
+            settings: dict, release: Callable[[], None]) -> Iterator[str]:
     """The stream body: events after ``after``, then new ones as they are recorded."""
     poll, heartbeat = float(settings["poll_seconds"]), float(settings["heartbeat_seconds"])
     gaps = outbox.GapGuard(float(service.config["events"]["gap_grace_seconds"]))
@@ -106,4 +107,4 @@ def _follow(service: TaskService, after: int, owner: str | None, task_id: str | 
             if not moved:
                 time.sleep(poll)
     finally:
-        slots.give()
+        release()
