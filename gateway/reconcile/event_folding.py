@@ -122,8 +122,8 @@ class EventFolder:
                 self.index.recheck(row.id)  # it moved: read it again next tick
 
     def apply_events(self, row: Any, stats: TickStats, status: JobStatus | None = None, *,
-                      read: bool = True, stored: list | None = None,
-                      batch: Batch | None = None) -> bool:
+                     read: bool = True, stored: list | None = None,
+                     batch: Batch | None = None) -> bool:
         """Fold new worker events into the row; True if the task is now terminal.
 
         `status`: the scheduler's word on a job that ended, when known. A worker that was
