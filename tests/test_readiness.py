@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import time
@@ -17,8 +18,9 @@ import pytest
 import requests
 
 from tests.components import need
+from tests.ops_helpers import ReconcileProcess
 from tests.postgres_helpers import PrivatePostgres, available
-from tests.server_helpers import ServerProcess, clean_env, funnel_argv
+from tests.server_helpers import ServerProcess, clean_env, free_port, funnel_argv
 from tests.waiting import wait_for
 
 TASK = {"name": "ready", "executors": [{"image": "busybox", "command": ["true"]}]}
@@ -149,4 +151,33 @@ def test_task_create_outlasts_a_30s_database_restart(postgres, tmp_path):
         listed = requests.get(server.api + "/tasks", timeout=30).json()["tasks"]
         assert [task["id"] for task in listed] == [task_id]
     finally:
+        server.stop()
+
+
+def test_a_reconciler_that_holds_its_lock_but_hangs_is_not_ready(databases, tmp_path):
+    """SQLite's reconciler lock is held while its process lives: a stopped (SIGSTOP)
+    reconciler keeps it, and only its missing ticks tell (server.readyz_tick_intervals)."""
+    listen = free_port()
+    server = ServerProcess(tmp_path / "srv", databases.new("sqlite"), overrides={
+        "reconciler": {"interval_seconds": 0.5, "listen": f"127.0.0.1:{listen}"},
+        "server": {"readyz_tick_intervals": 2}}).start()
+    reconcile = ReconcileProcess(server, port=listen)
+    try:
+        assert readyz(server).json()["checks"]["reconciler"] == "none"
+        reconcile.start()
+        readyz_becomes(server, 200)
+        assert reconcile.proc is not None
+        os.kill(reconcile.proc.pid, signal.SIGSTOP)
+        try:
+            # no tick for 15 s (the floor over 2 x 0.5 s): stalled, though the lock is held
+            found: list[requests.Response] = wait_for(
+                lambda: [resp] if (resp := readyz(server)).status_code == 503 else None, 60,
+                "/readyz 503 for a hung reconciler", detail=server.log)
+            assert found[0].json()["checks"]["reconciler"] == "stalled"
+            assert found[0].headers["Retry-After"] == "5"
+        finally:
+            os.kill(reconcile.proc.pid, signal.SIGCONT)
+        assert readyz_becomes(server, 200).json()["checks"]["reconciler"] == "ok"
+    finally:
+        reconcile.stop()
         server.stop()

@@ -5,10 +5,12 @@ write lock can be taken (``BEGIN IMMEDIATE; ROLLBACK`` on a fresh connection to 
 with a 2 s busy timeout: a pooled connection keeps reading a file that was since made
 unreadable or replaced). ``check_reconciler``: some process holds this backend's
 reconciler lease (PostgreSQL: a lease row not yet expired, by the database's clock;
-SQLite: the reconciler lock file's process lives). ``Repeated`` logs an error once per
-interval with the count of the ones it held back, instead of one line (or traceback) each.
+SQLite: the reconciler lock file's process lives) and a reconciler of the backend has
+ticked lately (backend_health's last_tick_at: a hung reconciler keeps its lock).
+``Repeated`` logs an error once per interval with the count of the ones it held back,
+instead of one line (or traceback) each.
 
-Cost per /readyz: one connection (SQLite) or one pooled read, plus one lease read.
+Cost per /readyz: one connection (SQLite) or one pooled read, plus one lease and tick read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from funnel_hpc.gateway.store import db, leases
+from funnel_hpc.gateway.store import backend_health, db, leases
 
 SQLITE_CHECK_TIMEOUT = 2.0  # seconds /readyz waits for SQLite's write lock
 # /readyz needs no credentials, so it is not rate limited: each process checks at most
@@ -59,12 +61,22 @@ def check_database(engine: Engine, url: str) -> str | None:
     return None
 
 
-def check_reconciler(engine: Engine, config: dict) -> bool:
-    """Whether a live reconciler holds the configured backend's lease."""
+TICK_GRACE_SECONDS = 15.0  # at least: 3 x RECORD_EVERY (ticks are written at most that often)
+
+
+def check_reconciler(engine: Engine, config: dict) -> str:
+    """"ok" when a live reconciler holds the configured backend's lease and has ticked
+    within server.readyz_tick_intervals reconciler intervals (at least
+    TICK_GRACE_SECONDS); "stalled" when it holds the lease without ticking; "none"."""
     backend = config["backend"]["name"]
+    stale_after = max(TICK_GRACE_SECONDS, float(config["server"]["readyz_tick_intervals"])
+                      * float(config["reconciler"]["interval_seconds"]))
     with db.reading(engine) as conn:
         found = leases.holders(conn, config["database"]["url"])
-    return any(holder.held and holder.backend in (None, backend) for holder in found)
+        if not any(holder.held and holder.backend in (None, backend) for holder in found):
+            return "none"
+        age = backend_health.last_tick_age(conn, backend)
+    return "ok" if age is not None and age <= stale_after else "stalled"
 
 
 class Checks:
@@ -76,18 +88,18 @@ class Checks:
         self.config = config
         self._lock = threading.Lock()
         self._at = -CHECK_EVERY
-        self._result: tuple[str | None, bool | None] = (None, None)
+        self._result: tuple[str | None, str | None] = (None, None)
 
-    def result(self) -> tuple[str | None, bool | None]:
-        """(the database problem or None, whether a reconciler holds the lease: None when
-        not asked (server.readyz_needs_reconciler false) or the database failed)."""
+    def result(self) -> tuple[str | None, str | None]:
+        """(the database problem or None, the reconciler's check (check_reconciler): None
+        when not asked (server.readyz_needs_reconciler false) or the database failed)."""
         with self._lock:
             if time.monotonic() - self._at >= CHECK_EVERY:
                 self._result = self._check()
                 self._at = time.monotonic()
             return self._result
 
-    def _check(self) -> tuple[str | None, bool | None]:
+    def _check(self) -> tuple[str | None, str | None]:
         problem = check_database(self.engine, self.config["database"]["url"])
         if problem is not None or not self.config["server"]["readyz_needs_reconciler"]:
             return problem, None

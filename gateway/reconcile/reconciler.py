@@ -139,6 +139,7 @@ class Reconciler:
             try:
                 self.last_tick = self.tick()
                 metrics.observe_tick(self.last_tick.seconds)
+                backend_health.record_tick(self.service.engine, self.backend.name)  # /readyz
                 backlog = self.last_tick.submitted >= self.submit_per_tick
             except Exception as exc:  # noqa: BLE001 - the loop goes on; next tick retries
                 # an unreachable database is an outage, not a bug: no traceback for it

@@ -56,6 +56,8 @@ backend_health = Table(
     Column("reporter", String(256), nullable=True),  # host:pid of the last poll's reconciler
     # failed polls ever recorded, by every reconciler (a counter: /metrics exports it)
     Column("poll_errors", BigInteger, nullable=False, server_default="0"),
+    # the last tick of a reconciler of this backend (written at most every RECORD_EVERY)
+    Column("last_tick_at", Float, nullable=True),
 )
 
 RECORD_EVERY = 5.0  # seconds between writes while the outcome stays the same
@@ -66,6 +68,8 @@ _REPORTER = f"{socket.gethostname()}:{os.getpid()}"
 _written: dict[tuple[str, str], tuple[float, bool]] = {}
 # (database URL, backend) -> failed polls not yet added to the row's poll_errors
 _unwritten_errors: dict[tuple[str, str], int] = {}
+# (database URL, backend) -> monotonic time of the last tick written
+_ticked: dict[tuple[str, str], float] = {}
 _lock = threading.Lock()
 
 
@@ -114,10 +118,46 @@ def record_poll(engine: Engine, backend: str, error: str | None) -> None:
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
+def record_tick(engine: Engine, backend: str) -> None:
+    """Note that a reconciler of backend ticked (/readyz: the lease holder is alive, not
+    only its lock). At most one write per RECORD_EVERY seconds; never raises."""
+    key = (str(engine.url), backend)
+    with _lock:
+        last = _ticked.get(key)
+        if last is not None and time.monotonic() - last < RECORD_EVERY:
+            return
+        _ticked[key] = time.monotonic()
+    try:
+        with db.writing(engine) as conn:
+            now = _now(conn)
+            done = conn.execute(update(backend_health)
+                                .where(backend_health.c.backend == backend)
+                                .values(last_tick_at=now))
+            if done.rowcount == 0:
+                conn.execute(insert(backend_health).values(backend=backend, last_tick_at=now))
+    except Exception as exc:  # noqa: BLE001 - a report: the tick's own work goes on
+        with _lock:
+            _ticked.pop(key, None)
+        log.warning("could not record a tick of backend %s: %s", backend,
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+
+def _now(conn: Connection) -> Any:
+    """Now, by the database's clock (PostgreSQL) or this machine's (SQLite)."""
+    return (cast(func.extract("epoch", func.statement_timestamp()), Float)
+            if conn.dialect.name == "postgresql" else time.time())
+
+
+def last_tick_age(conn: Connection, backend: str) -> float | None:
+    """Seconds since a reconciler of backend last recorded a tick; None: never."""
+    at = conn.execute(select(backend_health.c.last_tick_at)
+                      .where(backend_health.c.backend == backend)).scalar()
+    return None if at is None else max(0.0, leases.database_now(conn) - at)
+
+
 def _write(conn: Connection, backend: str, error: str | None, errors: int) -> None:
     t = backend_health.c
-    now: Any = (cast(func.extract("epoch", func.statement_timestamp()), Float)
-                if conn.dialect.name == "postgresql" else time.time())
+    now = _now(conn)
     values: dict[str, Any] = {"last_poll_at": now, "reporter": _REPORTER,
                               "poll_errors": t.poll_errors + errors}
     if error is None:
@@ -146,6 +186,7 @@ class Health:
     last_error_at: float | None = None
     reporter: str | None = None
     poll_errors: int = 0
+    last_tick_at: float | None = None
     lease: leases.Holder | None = None
 
 

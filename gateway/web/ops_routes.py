@@ -71,12 +71,12 @@ def readyz() -> Response:
         cached = current_app.extensions["funnel.readiness"] = readiness.Checks(
             current_app.extensions["funnel.service"].engine, config)
     checks = {"database": "ok", "backend": "ok"}
-    problem, held = cached.result()
+    problem, reconciler = cached.result()
     if problem is not None:
         _repeated.warning("readyz-db", "readyz: database unavailable: %s", problem)
         checks["database"] = "unavailable"
     if config["server"]["readyz_needs_reconciler"]:
-        checks["reconciler"] = "ok" if held else ("unknown" if held is None else "none")
+        checks["reconciler"] = reconciler or "unknown"
     if backend_failing():
         checks["backend"] = "failing"
     ready = all(value == "ok" for value in checks.values())
