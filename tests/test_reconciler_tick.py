@@ -15,6 +15,7 @@ from sqlalchemy import event, select, update
 
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.gateway.reconcile.event_tail import EventTail
+from funnel_hpc.gateway.reconcile.index import InFlightIndex
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, job_of, make, write_events
@@ -37,8 +38,7 @@ def reads(monkeypatch) -> Counter:
 def running_tasks(tmp_path: Path, count: int, sweep: int):
     """`count` RUNNING tasks whose rows last changed a minute ago (nothing new since)."""
     backend = ScriptedBackend()
-    service, reconciler = make(tmp_path, backend)
-    reconciler.index.sweep_per_tick = sweep
+    service, reconciler = make(tmp_path, backend, sweep_per_tick=sweep)
     ids = [service.create(TRIVIAL) for _ in range(count)]
     reconciler.tick()  # submits
     for task_id in ids:
@@ -108,8 +108,8 @@ def test_a_new_reconciler_reads_everything_once(tmp_path, reads):
     for task_id in ids:
         write_events(Path(reconciler.config["work_dir"]) / task_id, "INITIALIZING", "RUNNING",
                      "COMPLETE")
-    restarted = type(reconciler)(service, backend, reconciler.config)
-    restarted.index.sweep_per_tick = 1
+    restarted = type(reconciler)(service, backend, reconciler.config,
+                                 index=InFlightIndex(service.reconciler_queries, 1))
     reads.clear()
     stats = restarted.tick()
     assert stats.rows_read == 4 and set(reads) == set(ids)
