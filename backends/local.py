@@ -279,9 +279,11 @@ class LocalBackend(Backend):
             self._launch(job_id)
 
     def _launch(self, job_id: str) -> None:
-        """Take the job off the queue (on disk first: a restart never starts it again, and
-        another process that took it already wins), make its task dir, start its wrapper."""
-        job = self.queue.take(job_id)
+        """Make the job's task dir, then take it off the queue (on disk: a restart never
+        starts it again, and another process that took it already wins), then start its
+        wrapper. In that order, a gateway killed at any point leaves the job queued or
+        started, never neither (a queued job whose dir exists is made again)."""
+        job = self.queue.queued.get(job_id)
         if job is None:
             return
         d = self._dir(job_id)
@@ -294,8 +296,11 @@ class LocalBackend(Backend):
         except OSError as exc:
             # no dir to start in (disk full, a link planted there: nothing is written
             # through it): this job fails, the others go on
-            self.unstartable[job_id] = f"cannot make its task dir: {exc}"
+            if self.queue.take(job_id) is not None:
+                self.unstartable[job_id] = f"cannot make its task dir: {exc}"
             return
+        if self.queue.take(job_id) is None:
+            return  # canceled, or another process started it, meanwhile
         try:
             pid = self.launcher.launch(d, job.argv)
         except OSError as exc:

@@ -5,7 +5,7 @@ An in-process reconciler over SQLite and the scripted scheduler double of the te
 (tests/reconciler_helpers.py): N tasks are submitted and RUNNING, each with an event log;
 then per round every task's log gains one ``executor_log`` event (a short line, or a
 full 10 KB tail reset) and one tick folds them all and writes every task's logs (one
-transaction for all: service.update_many). Reported: median process CPU seconds of a
+transaction for all: reconciler_queries.update_many). Reported: median process CPU seconds of a
 tick, idle (nothing new) and updating; 803 and 829 ms before the writes were batched.
 
 Usage: .venv/bin/python benchmarks/live_logs_tick.py [--tasks 1000] [--rounds 5]

@@ -116,7 +116,7 @@ def submit_and_tick(tmp: Path, dbs: DatabaseFactory, n: int) -> dict:
         reconciler.tick()
         ticks.append({"calls": backend.runner.calls - calls, "cpu_s": time.process_time() - cpu,
                       "wall_s": time.perf_counter() - wall})
-    job_ids = [r.job_id for r in service.active_rows()]
+    job_ids = [r.job_id for r in service.reconciler_queries.active_rows()]
     subprocess.run(["scancel", *job_ids], check=False)
 
     script = "#!/bin/bash\n#SBATCH --output=/dev/null\n#SBATCH --begin=now+1hour\nexec true\n"

@@ -187,7 +187,7 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             submitted += tick()["submitted"]
         submit_seconds = time.perf_counter() - start
         in_flight = [tick() for _ in range(3)]  # every job held: all n in flight
-        release([row.job_id for row in service.active_rows()])
+        release([row.job_id for row in service.reconciler_queries.active_rows()])
         while True:
             tick_start = time.perf_counter()
             tick()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from funnel_hpc.backends.base import Backend, JobState, JobStatus, SubmitRequest
 from funnel_hpc.core import config as config_mod
+from funnel_hpc.gateway.reconcile.index import InFlightIndex
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 from funnel_hpc.gateway.web.app import make_service
 from tests.backend_helpers import NO_WORK_DIR, double_options
@@ -45,14 +46,18 @@ class ScriptedBackend(Backend):
         self.status[job_id] = JobStatus(state, reason)
 
 
-def make(tmp_path: Path, backend: Backend, sections: dict | None = None, **reconciler: object):
+def make(tmp_path: Path, backend: Backend, sections: dict | None = None, *,
+         sweep_per_tick: int | None = None, **reconciler: object):
     """(service, reconciler) over a fresh SQLite database in tmp_path; reconciler.* keys
-    as keyword arguments, other configuration sections in `sections`."""
+    as keyword arguments, other configuration sections in `sections`; `sweep_per_tick`:
+    its in-flight index's sweep (index.SWEEP_PER_TICK when None)."""
     config = config_mod.load(environ={}, overrides={
         **(sections or {}), "work_dir": str(tmp_path / "work"),
         "reconciler": {"submit_threads": 1, **reconciler}})
     service = make_service(config)
-    return service, Reconciler(service, backend, config)
+    index = (InFlightIndex(service.reconciler_queries, sweep_per_tick)
+             if sweep_per_tick is not None else None)
+    return service, Reconciler(service, backend, config, index=index)
 
 
 def write_events(task_dir: Path, *states: str, name: str = "events.jsonl") -> None:

@@ -28,6 +28,8 @@ URLS = ["file:///srv/data/in.txt", "s3://bucket/key", "/srv/data/x", "gs://b/o",
         "nosuch://x"]
 PATH_FIELDS = {"path", "workdir", "stdin", "stdout", "stderr", "path_prefix", "volumes"}
 WORDS = ["busybox", "echo", "x", "", "hello world", "\u00fcn\u00efcode", "a=b", "FILE"]
+IMAGES = ["busybox", "ubuntu:22.04", "quay.io/biocontainers/samtools:1.17--h00cdaf9_0",
+          "registry.example.org:5000/lab/tool@sha256:" + "0" * 64, "hello world", "x\ny"]
 UNKNOWN_NAMES = ["x_vendor", "future_field", "priority", "retries", "ignoreError"]
 
 # rule -> the pattern of the message of the 400 that applies it (flattened "field: why")
@@ -49,6 +51,8 @@ SERVER_RULES = {
     "resources within resources.max_*": r"exceeds the largest this server runs",
     "backend_parameters values on one line": r"resources\.backend_parameters",
     "valid Unicode (no lone surrogates)": r"lone surrogate",
+    "image references": r"is not an image reference",
+    "no NUL characters": r"holds a NUL character",
     "type is FILE or DIRECTORY": r"Must be one of: FILE, DIRECTORY",
 }
 
@@ -68,7 +72,8 @@ def _string(rng: random.Random, name: str) -> str:
     """Mostly what a client would send in this field; now and then anything at all."""
     if rng.random() < 0.02:
         return "".join(rng.choice("abc/._-* \u00e9\t") for _ in range(rng.randint(0, 12)))
-    pool = PATHS if name in PATH_FIELDS else URLS if name == "url" else WORDS
+    pool = (PATHS if name in PATH_FIELDS else URLS if name == "url"
+            else IMAGES if name == "image" else WORDS)
     # the first of a pool most often: a valid value, so that most bodies pass every rule
     return pool[0] if rng.random() < 0.85 else rng.choice(pool)
 

@@ -160,9 +160,9 @@ def test_task_page_updates_without_reload(browser, server, tmp_path):
 
     # another process (here: the test, as the reconciler would) moves the task on
     service = TaskService(db.make_engine(server.db_url), config.load(server.config_path))
-    assert service.transition(task_id, State.QUEUED, State.RUNNING)
+    assert service.reconciler_queries.transition(task_id, State.QUEUED, State.RUNNING)
     wait_for_page_state(browser, "RUNNING")
-    assert service.transition(task_id, State.RUNNING, State.COMPLETE)
+    assert service.reconciler_queries.transition(task_id, State.RUNNING, State.COMPLETE)
     wait_for_page_state(browser, "COMPLETE")
     assert browser.execute_script("return window.__loaded_once === true;")  # no reload
     assert not browser.find_elements(By.ID, "cancel")  # ended tasks offer no cancel
@@ -331,11 +331,11 @@ def test_activity_chart_counts_ended_tasks_by_state(databases, tmp_path):
     db.upgrade(engine)
     service = TaskService(engine, server_config)
     ids = [service.create(TASK) for _ in range(4)]
-    service.transition(ids[0], State.QUEUED, State.CANCELED)
+    service.reconciler_queries.transition(ids[0], State.QUEUED, State.CANCELED)
     for task_id, final in ((ids[1], State.COMPLETE), (ids[2], State.EXECUTOR_ERROR)):
-        service.transition(task_id, State.QUEUED, State.RUNNING,
-                           logs=[{"start_time": "2026-01-01T00:00:00Z"}])
-        service.transition(task_id, State.RUNNING, final)
+        service.reconciler_queries.transition(task_id, State.QUEUED, State.RUNNING,
+                                              logs=[{"start_time": "2026-01-01T00:00:00Z"}])
+        service.reconciler_queries.transition(task_id, State.RUNNING, final)
     chart = dashboard_chart.finished(engine, None)
     totals: dict[str, int] = {}
     for bucket in chart["buckets"]:
@@ -571,12 +571,13 @@ def test_times_no_clock_can_show_do_not_break_the_pages(server):
     service = TaskService(db.make_engine(server.db_url), config.load(server.config_path))
     task_id = create(server, name="odd-times")
     odd = {"start_time": "0001-01-01T00:00:00+14:00", "end_time": "9999-12-31T23:59:59-12:00"}
-    assert service.transition(task_id, State.QUEUED, State.RUNNING,
-                              logs=[{**odd, "logs": [{**odd, "stdout": "x", "exit_code": 0}]}])
+    assert service.reconciler_queries.transition(
+        task_id, State.QUEUED, State.RUNNING,
+        logs=[{**odd, "logs": [{**odd, "stdout": "x", "exit_code": 0}]}])
     for path in (f"/tasks/{task_id}", f"/tasks/{task_id}?fragment=1", "/"):
         page = requests.get(server.url + path, timeout=10)
         assert page.status_code == 200, (path, page.text[:300])
-    assert service.transition(task_id, State.RUNNING, State.COMPLETE)
+    assert service.reconciler_queries.transition(task_id, State.RUNNING, State.COMPLETE)
     assert requests.get(server.url + "/", timeout=10).status_code == 200  # the chart too
 
 
@@ -693,9 +694,10 @@ def test_chart_fills_the_width_and_lines_up_with_its_numbers(browser, databases,
         now = time.time()
         for index, (final, wait, hours_ago) in enumerate(CHART_TASKS):
             task_id = create(chart, name=f"done-{index}")
-            assert service.transition(task_id, State.QUEUED, State.RUNNING,
-                                      logs=[{"start_time": _later(service, task_id, wait)}])
-            assert service.transition(task_id, State.RUNNING, final)
+            assert service.reconciler_queries.transition(
+                task_id, State.QUEUED, State.RUNNING,
+                logs=[{"start_time": _later(service, task_id, wait)}])
+            assert service.reconciler_queries.transition(task_id, State.RUNNING, final)
             if hours_ago:  # as if it had ended then
                 with engine.begin() as conn:
                     conn.execute(update(db.tasks).where(db.tasks.c.id == task_id)

@@ -112,7 +112,8 @@ def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_pa
     config = config_mod.load(server.config_path, environ={})
     service = make_service(config)
     first = Reconciler(service, SlurmBackend(config.backend.slurm, Path(config.work_dir)), config)
-    monkeypatch.setattr(service, "record_submissions", lambda jobs: None)  # dies here
+    # dies here
+    monkeypatch.setattr(service.reconciler_queries, "record_submissions", lambda jobs: None)
     task_ids = [service.create({"executors": [sh("echo once")]}) for _ in range(3)]
     first.tick()
     submitted = {task_id: slurm_jobs_named(f"funnel-{task_id}") for task_id in task_ids}

@@ -62,7 +62,7 @@ def bobs_tasks(server: ServerProcess) -> int:
     ({"image": "busybox\n"}, "executors.0.image"),
     ({"image": "busybox; rm -rf /"}, "executors.0.image"),
     ({"image": "-busybox"}, "executors.0.image"),
-    ({"env": {"1BAD": "x"}}, "executors.0.env"),
+    ({"env": {"1BAD": "x"}}, "executors.0.env"),  # the schema's rule
 ])
 def test_what_a_worker_would_refuse_is_a_400_naming_the_field(server, executor, field):
     before = bobs_tasks(server)

@@ -68,8 +68,8 @@ def test_two_reconcilers_at_once_submit_every_task_once(databases, tmp_path):
     reconcilers = []
     for _ in range(2):
         config, service = make(tmp_path, url, submit_per_tick=40, interval_seconds=0.05)
-        reconciler = Reconciler(service, backend, config)
-        reconciler.lease = Unelected(service.engine, "counting", 15.0, 0.05)
+        reconciler = Reconciler(service, backend, config,
+                                lease=Unelected(service.engine, "counting", 15.0, 0.05))
         reconcilers.append(reconciler)
     ids = [reconcilers[0].service.create({**TRIVIAL, "name": f"t{i}"}) for i in range(300)]
     threads = [threading.Thread(target=r.run_forever, daemon=True) for r in reconcilers]
@@ -77,7 +77,8 @@ def test_two_reconcilers_at_once_submit_every_task_once(databases, tmp_path):
         thread.start()
     service = reconcilers[0].service
     try:
-        wait_for(lambda: all(row.job_id for row in service.active_rows()), 120,
+        queries = service.reconciler_queries
+        wait_for(lambda: all(row.job_id for row in queries.active_rows()), 120,
                  "every task to have a job", detail=lambda: len(backend.calls))
     finally:
         for reconciler in reconcilers:
@@ -85,7 +86,7 @@ def test_two_reconcilers_at_once_submit_every_task_once(databases, tmp_path):
         for thread in threads:
             thread.join(30)
     assert sorted(backend.calls) == sorted(ids)  # each task once, none twice
-    rows = {row.id: row for row in service.active_rows()}
+    rows = {row.id: row for row in service.reconciler_queries.active_rows()}
     assert {rows[i].attempt for i in ids} == {1}
     assert len({rows[i].job_id for i in ids}) == 300
 
@@ -97,11 +98,12 @@ def test_a_stale_read_claims_nothing(databases, tmp_path):
     QUEUED for attempt 2): B's claim for attempt 1 is refused."""
     _, service = make(tmp_path, databases.new("postgres"))
     task_id = service.create(TRIVIAL)
-    assert service.claim_for_submission([(task_id, 1)]) == {task_id}
-    assert service.claim_for_submission([(task_id, 1)]) == set()  # claimed: nobody else
-    service.release_claims([(task_id, 1, 0)])  # A's job was lost: QUEUED, attempt 1 done
-    assert service.claim_for_submission([(task_id, 1)]) == set()  # B's old read
-    assert service.claim_for_submission([(task_id, 2)]) == {task_id}
+    queries = service.reconciler_queries
+    assert queries.claim_for_submission([(task_id, 1)]) == {task_id}
+    assert queries.claim_for_submission([(task_id, 1)]) == set()  # claimed: nobody else
+    queries.release_claims([(task_id, 1, 0)])  # A's job was lost: QUEUED, attempt 1 done
+    assert queries.claim_for_submission([(task_id, 1)]) == set()  # B's old read
+    assert queries.claim_for_submission([(task_id, 2)]) == {task_id}
 
 
 @pytest.mark.postgres
@@ -111,10 +113,10 @@ def test_a_young_claim_is_left_to_its_claimer(databases, tmp_path):
     lease: it is not recovered (which could submit it twice); an older one is."""
     config, service = make(tmp_path, databases.new("postgres"))
     backend = CountingBackend()
-    reconciler = Reconciler(service, backend, config)
-    reconciler.lease = Unelected(service.engine, "counting", 15.0, 1.0)
+    reconciler = Reconciler(service, backend, config,
+                            lease=Unelected(service.engine, "counting", 15.0, 1.0))
     task_id = service.create(TRIVIAL)
-    assert service.claim_for_submission([(task_id, 1)]) == {task_id}
+    assert service.reconciler_queries.claim_for_submission([(task_id, 1)]) == {task_id}
     reconciler.tick()
     assert service.get_row(task_id).job_id == SUBMITTING and backend.calls == []
     with db.writing(service.engine) as conn:  # the claimer died 20 s ago

@@ -15,6 +15,7 @@ from sqlalchemy import event, select, update
 
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.gateway.reconcile.event_tail import EventTail
+from funnel_hpc.gateway.reconcile.index import InFlightIndex
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate
 from tests.reconciler_helpers import TRIVIAL, ScriptedBackend, job_of, make, write_events
@@ -37,8 +38,7 @@ def reads(monkeypatch) -> Counter:
 def running_tasks(tmp_path: Path, count: int, sweep: int):
     """`count` RUNNING tasks whose rows last changed a minute ago (nothing new since)."""
     backend = ScriptedBackend()
-    service, reconciler = make(tmp_path, backend)
-    reconciler.index.sweep_per_tick = sweep
+    service, reconciler = make(tmp_path, backend, sweep_per_tick=sweep)
     ids = [service.create(TRIVIAL) for _ in range(count)]
     reconciler.tick()  # submits
     for task_id in ids:
@@ -68,7 +68,7 @@ def test_the_tick_after_the_first_reads_only_what_changed(tmp_path, reads):
 
     # a worker reports over HTTP, a user cancels, a job ends: those three, and the sweep
     reported, canceled, ended = ids[:3]
-    service.note_worker_event(reported)
+    service.reconciler_queries.note_worker_event(reported)
     service.cancel(canceled)
     backend.end(job_of(service, ended), JobState.FAILED, "exit=1:0")
     stats = reconciler.tick()
@@ -108,8 +108,8 @@ def test_a_new_reconciler_reads_everything_once(tmp_path, reads):
     for task_id in ids:
         write_events(Path(reconciler.config.work_dir) / task_id, "INITIALIZING", "RUNNING",
                      "COMPLETE")
-    restarted = type(reconciler)(service, backend, reconciler.config)
-    restarted.index.sweep_per_tick = 1
+    restarted = type(reconciler)(service, backend, reconciler.config,
+                                 index=InFlightIndex(service.reconciler_queries, 1))
     reads.clear()
     stats = restarted.tick()
     assert stats.rows_read == 4 and set(reads) == set(ids)
@@ -153,8 +153,9 @@ def test_update_many_stores_only_rows_still_in_their_state(tmp_path):
     service.cancel(moved)  # CANCELED: no longer QUEUED
     logs = [{"logs": [], "outputs": [], "gateway_logs": ["noted"]}]
     event_ = {"seq": 1, "type": "executor_log", "index": 0, "stdout": "x"}
-    updated, _ = service.update_many([FieldUpdate(kept, "QUEUED", logs, 1, [event_]),
-                                      FieldUpdate(moved, "QUEUED", logs, 1, [event_])])
+    updated, _ = service.reconciler_queries.update_many([
+        FieldUpdate(kept, "QUEUED", logs, 1, [event_]),
+        FieldUpdate(moved, "QUEUED", logs, 1, [event_])])
     assert updated == {kept}
     assert service.get_row(kept).event_seq == 1 and service.get_row(moved).event_seq == 0
     with db.reading(service.engine) as conn:

@@ -190,5 +190,5 @@ def test_reconciler_purges_tasks_that_ended_before_retention_days(tmp_path):
     reconciler.tick()
     assert not task_dir(reconciler, old_done).exists()
     assert task_dir(reconciler, new_done).exists() and task_dir(reconciler, old_running).exists()
-    assert service.stored_logs([old_done, old_running, new_done]).keys() == \
+    assert service.reconciler_queries.stored_logs([old_done, old_running, new_done]).keys() == \
         {old_running, new_done}  # the record is gone; one that has not ended stays

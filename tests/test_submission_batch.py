@@ -79,7 +79,7 @@ def test_batch_outcomes_are_kept_apart(tmp_path):
 
     assert stats.submitted == 20
     assert len(backend.threads) > 1 and backend.most_in_flight > 1  # in parallel
-    rows = {row.id: row for row in service.active_rows()}
+    rows = {row.id: row for row in service.reconciler_queries.active_rows()}
     for task_id in ids.values():
         task = service.get(task_id, "FULL")
         assert task["state"] == "QUEUED"
@@ -130,7 +130,7 @@ def claimed_but_not_submitted(tmp_path: Path, backend: Backend):
     """A task as a gateway killed between the claim and the scheduler call leaves it."""
     service, reconciler = make(tmp_path, backend)
     task_id = service.create({**TRIVIAL, "name": "x"})
-    assert service.claim_for_submission([(task_id, 1)]) == {task_id}
+    assert service.reconciler_queries.claim_for_submission([(task_id, 1)]) == {task_id}
     # a new gateway process: a new reconciler on the same database and work dir
     return service, Reconciler(service, backend, reconciler.config), task_id
 

@@ -89,8 +89,8 @@ def submit_request(config: Config, task: dict, task_id: str) -> Any:
     from funnel_hpc.gateway.reconcile.owner_worker import runs_as_owners
 
     directory = reconciler.task_dir(config, task_id)
-    # as Reconciler._worker_argv: the worker config is <work_dir>/worker-config.json, or
-    # the task's own when jobs run as their owners
+    # as WorkerLaunch.argv (gateway/reconcile/submission.py): the worker config is
+    # <work_dir>/worker-config.json, or the task's own when jobs run as their owners
     worker_config = (directory if runs_as_owners(config) else Path(config.work_dir)) \
         / WORKER_CONFIG_FILE
     argv = [*reconciler.worker_command(config), "--task-file", str(directory / "task.json"),

@@ -22,10 +22,11 @@ def make_reconciler(config: Config, service: TaskService):
     from funnel_hpc.backends.registry import load_backend
     from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 
-    reconciler = Reconciler(service, load_backend(config.backend, config.work_dir), config)
     # one active reconciler per backend across replicas (gateway/store/leases.py)
-    reconciler.lease = leases.make_lease(config, service.engine, service.changed.set)
-    reconciler.lease.start()
+    lease = leases.make_lease(config, service.engine, service.changed.set)
+    reconciler = Reconciler(service, load_backend(config.backend, config.work_dir), config,
+                            lease=lease)
+    lease.start()
     return reconciler
 
 

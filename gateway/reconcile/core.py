@@ -1,6 +1,11 @@
-"""What the reconciler's parts share (gateway/reconcile/reconciler.py puts them together): its
-settings, the in-flight index, each task's event tail, the task logs it merges and the
-state changes and scheduler calls it makes and counts.
+"""What the reconciler's parts share. gateway/reconcile/reconciler.py makes one of each in
+its constructor and hands them to its submitter (submission.py) and event folder
+(event_folding.py), each a small class with its dependencies named in its constructor:
+
+- LookAgain: the tasks to look at next tick whatever changed (a step failed for them);
+- EventTails: the event tail of every task looked at, opened when first needed;
+- TaskWriter: a task's logs with its worker's merged in, and its state changes
+  (compare-and-set through the store's reconciler_queries, counted in the metrics).
 """
 
 from __future__ import annotations
@@ -8,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,21 +21,18 @@ from typing import Any
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import EventFold
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.ops import metrics
-from funnel_hpc.gateway.reconcile import owner_worker
 from funnel_hpc.gateway.reconcile.event_tail import EventTail
 from funnel_hpc.gateway.reconcile.index import SUBMITTING, InFlightIndex
-from funnel_hpc.gateway.store.leases import Lease
-from funnel_hpc.gateway.store.tasks import TaskService
+from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 
 LOGGER_NAME = "funnel_hpc.gateway.reconcile.reconciler"  # one logger for all its parts
 log = logging.getLogger(LOGGER_NAME)
-__all__ = ["LOGGER_NAME", "SUBMITTING", "ReconcilerCore", "TickStats", "attempt_logs", "task_dir",
-           "worker_command", "write_worker_config"]
+__all__ = ["LOGGER_NAME", "SUBMITTING", "EventTails", "LookAgain", "TaskWriter", "TickStats",
+           "attempt_logs", "task_dir", "worker_command", "write_worker_config"]
 
 TASK_FILE = "task.json"
 WORKER_CONFIG_FILE = "worker-config.json"  # in the work dir; with submit_as_owner, per task
@@ -65,6 +65,8 @@ def write_worker_config(config: Config) -> Path:
 
 @dataclass
 class TickStats:
+    """What one tick did, counted."""
+
     submitted: int = 0
     polled: int = 0
     poll_calls: int = 0
@@ -75,48 +77,25 @@ class TickStats:
     seconds: float = 0.0
 
 
-class ReconcilerCore:
-    """The reconciler's state and the steps its parts share."""
+class LookAgain:
+    """The tasks the next tick looks at whatever changed: a step for them failed this
+    tick, or a bounded read left some of their events."""
 
-    lease: Lease = Lease()  # server.make_reconciler sets this process's lease
+    def __init__(self) -> None:
+        self._task_ids: set[str] = set()
 
-    def __init__(self, service: TaskService, backend: Backend, config: Config):
-        self.service = service
-        self.backend = backend
-        self.config = config
-        opts = config.reconciler
-        self.interval = opts.interval_seconds
-        self.max_attempts = max(1, opts.max_attempts)
-        self.retry_on = frozenset(opts.retry_on)
-        if not self.retry_on <= set(RETRY_ON_CHOICES):
-            raise ValueError(f"reconciler.retry_on: {sorted(self.retry_on)} is not a list of "
-                             f"{', '.join(RETRY_ON_CHOICES)}")
-        self.submit_per_tick = opts.submit_per_tick
-        self.submit_threads = max(1, opts.submit_threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self.pass_server_url = opts.pass_server_url
-        self.index = InFlightIndex(service)
-        self.tails: dict[str, EventTail] = {}
-        self.cancels_sent: set[str] = set()
-        # tasks whose step failed this tick: looked at again next tick whatever changed
-        self.retry: set[str] = set()
-        # task id -> (updated_at, logs) the last batch of live-log updates stored
-        self.written_logs: dict[str, tuple[str, list]] = {}
-        self.worker_config = write_worker_config(config)
-        # jobs run as their owners: each task dir gets this (no site secret in it), and
-        # the worker command must run for an unprivileged user (checked now, not per task)
-        self.owner_config: str | None = None
-        if owner_worker.runs_as_owners(config):
-            owner_worker.check_worker_command(worker_command(config))
-            self.owner_config = json.dumps(owner_worker.owner_sections(config))
-        backend.on_change = service.changed.set
-        # with auth on, each worker gets a token for its own task (core/worker_tokens.py)
-        self.worker_key = (worker_tokens.load_key(config.work_dir)
-                           if config.auth.mode != "none" else None)
-        self._stop = threading.Event()
-        self.last_tick = TickStats()
+    def add(self, task_id: str) -> None:
+        self._task_ids.add(task_id)
 
-    def _isolated(self, row: Any, what: str, step: Callable[..., Any], *args: Any) -> Any:
+    def update(self, task_ids: Iterable[str]) -> None:
+        self._task_ids.update(task_ids)
+
+    def take(self) -> set[str]:
+        """The ids collected since the last take (for the tick starting now)."""
+        taken, self._task_ids = self._task_ids, set()
+        return taken
+
+    def isolated(self, row: Any, what: str, step: Callable[..., Any], *args: Any) -> Any:
         """step(*args) for one task; a failure is logged and touches no other task (that
         task is looked at again next tick). None when it failed."""
         try:
@@ -125,73 +104,84 @@ class ReconcilerCore:
             log.warning("task %s: %s failed, trying again next tick: %s", row.id, what, exc)
         except Exception:
             log.exception("task %s: %s failed, trying again next tick", row.id, what)
-        self.retry.add(row.id)
+        self.add(row.id)
         return None
 
-    def _count(self, command: str, ok: bool) -> None:
-        metrics.count_scheduler_call(self.backend.name, command, ok)
 
-    def _transition(self, row: Any, current: State, target: State, **changes: Any) -> bool:
-        """service.transition, counting a task that ended in the metrics; a row that
-        moved meanwhile is read again next tick."""
-        ok = self.service.transition(row.id, current, target, **changes)
+class EventTails:
+    """The event tail (event_tail.py) of each task the reconciler looks at, opened when
+    first needed, each knowing its task's executor count and the uid its logs must have."""
+
+    def __init__(self, queries: ReconcilerQueries, backend: Backend, work_dir: Path):
+        self.queries = queries
+        self.backend = backend
+        self.work_dir = work_dir
+        self._tails: dict[str, EventTail] = {}
+
+    def open(self, rows: list[Any]) -> None:
+        """Tails for the rows that have none yet (one read of the task documents for
+        all of them)."""
+        new = [row for row in rows if row.id not in self._tails]
+        if not new:
+            return
+        tasks = self.queries.full_tasks([row.id for row in new])
+        for row in new:
+            executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
+            self.start(row, executors)
+
+    def start(self, row: Any, executors: int | None) -> None:
+        """A new tail for the row's task (a new attempt's job was just submitted)."""
+        self._tails[row.id] = EventTail(self.work_dir / row.id, executors,
+                                        self.backend.job_uid(row.owner))
+
+    def of(self, row: Any) -> EventTail:
+        if row.id not in self._tails:
+            self.open([row])
+        return self._tails[row.id]
+
+    def drop(self, task_id: str) -> None:
+        """Forget the task's tail (it ended, or its next attempt starts afresh)."""
+        self._tails.pop(task_id, None)
+
+    def clear(self) -> None:
+        self._tails.clear()
+
+
+class TaskWriter:
+    """Writes what the reconciler decided about a task: its logs with the worker's log
+    merged in, and state changes by compare-and-set (a task that ended is counted in the
+    metrics; a row that moved meanwhile is read again next tick)."""
+
+    def __init__(self, queries: ReconcilerQueries, index: InFlightIndex, backend_name: str):
+        self.queries = queries
+        self.index = index
+        self.backend_name = backend_name
+
+    def transition(self, row: Any, current: State, target: State, **changes: Any) -> bool:
+        """queries.transition, counting a task that ended in the metrics."""
+        ok = self.queries.transition(row.id, current, target, **changes)
         if ok and target in TERMINAL:
             last = (changes.get("logs") or [{}])[-1]
             notes = [*(last.get("system_logs") or []), *(last.get("gateway_logs") or [])]
             metrics.observe_task_finished(
                 target.value, row.creation_time, last.get("start_time"), last.get("end_time"),
-                metrics.TaskEnd(row.id, row.owner, self.backend.name,
+                metrics.TaskEnd(row.id, row.owner, self.backend_name,
                                       changes.get("job_id", row.job_id),
                                       notes[-1] if notes else None))
         if not ok:
             self.index.recheck(row.id)
         return ok
 
-    def _cancel_job(self, row: Any) -> bool:
-        """Ask the scheduler to stop the row's job once; False if that request failed."""
-        if row.job_id in self.cancels_sent:
-            return True
-        self.cancels_sent.add(row.job_id)
-        try:
-            self.backend.cancel(row.job_id)
-        except (BackendError, OSError) as exc:
-            self._count("cancel", ok=False)
-            self.cancels_sent.discard(row.job_id)
-            self.retry.add(row.id)  # try again next tick
-            log.warning("cancel of job %s (task %s) failed: %s", row.job_id, row.id, exc)
-            return False
-        self._count("cancel", ok=True)
-        return True
-
-    # ---- event tails and task logs ----
-
-    def _open_tails(self, rows: list[Any]) -> None:
-        """Event tails for the rows that have none yet, each knowing its task's executor
-        count (one read of the task documents for all of them)."""
-        new = [row for row in rows if row.id not in self.tails]
-        if not new:
-            return
-        tasks = self.service.full_tasks([row.id for row in new])
-        for row in new:
-            executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
-            self.tails[row.id] = EventTail(task_dir(self.config, row.id), executors,
-                                           self.backend.job_uid(row.owner))
-
-    def _tail(self, row: Any) -> EventTail:
-        if row.id not in self.tails:
-            self._open_tails([row])
-        return self.tails[row.id]
-
-    def _stored_logs(self, row: Any) -> list:
+    def stored_logs(self, row: Any) -> list:
         """The task's stored logs (the index leaves them out; read when needed)."""
-        return self.service.stored_logs([row.id]).get(row.id, [])
+        return self.queries.stored_logs([row.id]).get(row.id, [])
 
-    def _merge_worker_log(self, row: Any, fold: EventFold, note: str | None = None,
-                          stored: list | None = None) -> list:
+    def with_worker_log(self, row: Any, fold: EventFold, note: str | None = None,
+                        stored: list | None = None) -> list:
         """The task's logs with the worker's log of this attempt merged in; `stored`: the
         stored logs when the caller has read them already."""
         if stored is None:
-            stored = self._stored_logs(row)
+            stored = self.stored_logs(row)
         logs = attempt_logs(stored, max(row.attempt, 1), new=False)
         current = logs[-1]
         worker_log = fold.task_log

@@ -4,8 +4,12 @@ A tick reads the event logs of the tasks it looks at (gateway/reconcile/index.py
 which), reads the stored logs of those with news in one query, and stores what the news
 changed: a state change at once (compare-and-set, one transaction each), anything else
 (live logs, executor starts) for all tasks together in one transaction
-(service.update_many). 1,000 tasks each with a new live-log line cost one read, one
-UPDATE executemany and one INSERT executemany, not 1,000 of each.
+(reconciler_queries.update_many). 1,000 tasks each with a new live-log line cost one
+read, one UPDATE executemany and one INSERT executemany, not 1,000 of each.
+
+The EventFolder is made by the reconciler in its constructor over the store's
+reconciler_queries, its in-flight index, its event tails, the tasks to look at again and
+its task writer (gateway/reconcile/core.py); it keeps only the logs its last batch wrote.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from typing import Any
 from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.core.states import TERMINAL, State, can_transition
-from funnel_hpc.gateway.reconcile.core import LOGGER_NAME, ReconcilerCore, TickStats
-from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate
+from funnel_hpc.gateway.reconcile.core import (
+    LOGGER_NAME,
+    EventTails,
+    LookAgain,
+    TaskWriter,
+    TickStats,
+)
+from funnel_hpc.gateway.reconcile.index import InFlightIndex
+from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate, ReconcilerQueries
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -27,24 +38,35 @@ SCHEDULER_STOPS = frozenset({JobState.PREEMPTED, JobState.NODE_FAILED})
 Batch = list[tuple[Any, FieldUpdate]]
 
 
-class EventFolding(ReconcilerCore):
+class EventFolder:
     """The reconciler's reading and storing of worker events."""
 
-    def _read_events(self, rows: list[Any], stats: TickStats) -> tuple[set[str], set[str]]:
+    def __init__(self, queries: ReconcilerQueries, index: InFlightIndex, tails: EventTails,
+                 look_again: LookAgain, writer: TaskWriter, backend_name: str):
+        self.queries = queries
+        self.index = index
+        self.tails = tails
+        self.look_again = look_again
+        self.writer = writer
+        self.backend_name = backend_name
+        # task id -> (updated_at, logs) the last batch of live-log updates stored
+        self.written_logs: dict[str, tuple[str, list]] = {}
+
+    def read_events(self, rows: list[Any], stats: TickStats) -> tuple[set[str], set[str]]:
         """New worker events of `rows` folded and stored; the ids of the tasks that had
         news, and of those now terminal (they need no job state)."""
-        self._open_tails(rows)
+        self.tails.open(rows)
         stats.looked_at += len(rows)
-        news = [row for row in rows
-                if self._isolated(row, "reading its events", self._read_tail, row)]
+        isolated = self.look_again.isolated
+        news = [row for row in rows if isolated(row, "reading its events", self._read_tail, row)]
         if not news:
             return set(), set()
         stored = self._logs_of(news)
         batch: Batch = []
         ended = set()
         for row in news:
-            if self._isolated(row, "applying its events", self._fold_news, row, stats,
-                              stored.get(row.id, []), batch):
+            if isolated(row, "applying its events", self._fold_news, row, stats,
+                        stored.get(row.id, []), batch):
                 ended.add(row.id)
         self._store_batch(batch, stats)
         return {row.id for row in news}, ended
@@ -61,46 +83,47 @@ class EventFolding(ReconcilerCore):
                 logs[row.id] = kept[1]
         missing = [row.id for row in rows if row.id not in logs]
         if missing:
-            logs.update(self.service.stored_logs(missing))
+            logs.update(self.queries.stored_logs(missing))
         return logs
 
     def _read_tail(self, row: Any) -> bool:
         """Read the task's new events; True if there is something to store."""
-        tail = self._tail(row)
+        tail = self.tails.of(row)
         tail.read_new()
         if tail.behind:
-            self.retry.add(row.id)  # a bounded read left some: read on next tick
+            self.look_again.add(row.id)  # a bounded read left some: read on next tick
         if tail.fold.last_seq <= row.event_seq and not tail.fold.terminal and not tail.notes:
             tail.fresh.clear()  # stored before (a restarted gateway reads from the start)
             return False
         return True
 
     def _fold_news(self, row: Any, stats: TickStats, stored: list, batch: Batch) -> bool:
-        return self._apply_events(row, stats, read=False, stored=stored, batch=batch)
+        return self.apply_events(row, stats, read=False, stored=stored, batch=batch)
 
     def _store_batch(self, batch: Batch, stats: TickStats) -> None:
         """The tick's changes without a state change, in one transaction."""
         if not batch:
             return
         try:
-            updated, written_at = self.service.update_many([update for _, update in batch])
+            updated, written_at = self.queries.update_many([update for _, update in batch])
         except Exception:
             log.exception("storing the worker events of %d task(s) failed", len(batch))
-            self.retry.update(row.id for row, _ in batch)
+            self.look_again.update(row.id for row, _ in batch)
             return
         for row, update in batch:
             if row.id in updated:
-                self.tails[row.id].fresh.clear()
-                self.tails[row.id].notes.clear()
+                tail = self.tails.of(row)
+                tail.fresh.clear()
+                tail.notes.clear()
                 self.index.patch(row, event_seq=update.event_seq, updated_at=written_at)
                 self.written_logs[row.id] = (written_at, update.logs)
                 stats.updated += 1
             else:
                 self.index.recheck(row.id)  # it moved: read it again next tick
 
-    def _apply_events(self, row: Any, stats: TickStats, status: JobStatus | None = None, *,
-                      read: bool = True, stored: list | None = None,
-                      batch: Batch | None = None) -> bool:
+    def apply_events(self, row: Any, stats: TickStats, status: JobStatus | None = None, *,
+                     read: bool = True, stored: list | None = None,
+                     batch: Batch | None = None) -> bool:
         """Fold new worker events into the row; True if the task is now terminal.
 
         `status`: the scheduler's word on a job that ended, when known. A worker that was
@@ -109,7 +132,7 @@ class EventFolding(ReconcilerCore):
         SYSTEM_ERROR. `read`: read the event logs first; `stored`: the task's stored
         logs when read already; `batch`: where a change without a state change goes
         (stored by _store_batch) instead of its own transaction."""
-        tail = self._tail(row)
+        tail = self.tails.of(row)
         if read:
             tail.read_new()
         fold = tail.fold
@@ -131,23 +154,23 @@ class EventFolding(ReconcilerCore):
                 target = current  # ask the scheduler (poll), or let the caller retry
             else:
                 target = State.SYSTEM_ERROR
-                note = (f"{now_rfc3339()} the {self.backend.name} job {row.job_id} was stopped "
+                note = (f"{now_rfc3339()} the {self.backend_name} job {row.job_id} was stopped "
                         "outside the gateway (the worker was signalled to end) without a TES "
                         f"cancel; scheduler: {status.state.value} {status.reason}".rstrip())
         if target == current and fold.last_seq <= row.event_seq and not tail.notes:
             tail.fresh.clear()
             return False  # a stopped worker waiting for the scheduler's word: nothing new
-        logs = self._merge_worker_log(row, fold, note, stored)
+        logs = self.writer.with_worker_log(row, fold, note, stored)
         _add_notes(logs[-1]["gateway_logs"], tail.notes)
         seq = max(fold.last_seq, row.event_seq)  # notes alone never move it back
         if target != current:
-            ok = self._transition(row, current, target, logs=logs, event_seq=seq,
-                                  events=events)
+            ok = self.writer.transition(row, current, target, logs=logs, event_seq=seq,
+                                       events=events)
         elif batch is not None:
             batch.append((row, FieldUpdate(row.id, current.value, logs, seq, events)))
             return False
         else:
-            ok = self.service.update_fields(row.id, current, logs=logs, event_seq=seq,
+            ok = self.queries.update_fields(row.id, current, logs=logs, event_seq=seq,
                                             events=events)
             if not ok:
                 self.index.recheck(row.id)

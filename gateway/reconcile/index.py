@@ -29,7 +29,7 @@ from typing import Any
 from funnel_hpc.backends.base import JobState, JobStatus
 from funnel_hpc.core.events import rfc3339
 from funnel_hpc.core.states import TERMINAL, State
-from funnel_hpc.gateway.store.tasks import TaskService
+from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 
 CHANGE_MARGIN = 15.0       # seconds re-read before the previous read began
 FULL_READ_SECONDS = 300.0  # between full reads of the active rows
@@ -44,10 +44,11 @@ _PATCHED: dict[tuple[str, ...], Any] = {}  # row fields -> the namedtuple of a p
 class InFlightIndex:
     """Active task rows by id, filed by what the reconciler does with them."""
 
-    def __init__(self, service: TaskService):
-        self.service = service
-        self.margin = CHANGE_MARGIN
-        self.sweep_per_tick = SWEEP_PER_TICK
+    def __init__(self, queries: ReconcilerQueries, sweep_per_tick: int = SWEEP_PER_TICK,
+                 margin: float = CHANGE_MARGIN):
+        self.queries = queries
+        self.margin = margin
+        self.sweep_per_tick = sweep_per_tick
         self.reset()
 
     def reset(self) -> None:
@@ -87,14 +88,14 @@ class InFlightIndex:
         started = time.time()
         gone: list[str] = []
         if self._since is None or time.monotonic() >= self._full_at:
-            rows = self.service.active_rows()
+            rows = self.queries.active_rows()
             present = {row.id for row in rows}
             gone = [task_id for task_id in self.rows if task_id not in present]
             self._full_at = time.monotonic() + FULL_READ_SECONDS
         else:
             # claims in flight are read each tick: whether one may be recovered goes by
-            # its updated_at (leader.Lease.may_recover), and there are few
-            rows = self.service.changed_rows(rfc3339(self._since - self.margin),
+            # its updated_at (leases.Lease.may_recover), and there are few
+            rows = self.queries.changed_rows(rfc3339(self._since - self.margin),
                                              self._recheck.union(self.submitting))
         self._recheck = set()
         self._since = started

@@ -20,6 +20,12 @@ State lives in the database and the event logs only, so a restarted gateway
 picks up where the old one stopped (its first tick reads everything).
 Cost of a tick where nothing changed (SQLite, scheduler answer prebuilt): 10 ms CPU at
 1,000 in flight, 12 ms at 10,000, 22 ms at 100,000 (benchmarks/reconciler_tick.py).
+
+The Reconciler owns its collaborators, each passed to or made in its constructor: its
+lease (gateway/store/leases.py; a SQLite one unless given), its in-flight index, a
+Submitter, an EventFolder and the small parts they share (core.py). It talks to the
+store through ``service.reconciler_queries`` and marks ``service.lease_view`` while it
+reconciles, so the worker-event intake of this process tells it directly.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from funnel_hpc.backends.base import Backend, JobState, JobStatus
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus
 from funnel_hpc.core.config import Config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
@@ -40,18 +47,23 @@ from funnel_hpc.gateway.reconcile.core import (
     LOGGER_NAME,
     OTHER_END,
     RETRY_KINDS,
+    RETRY_ON_CHOICES,
     SUBMITTING,
     TASK_FILE,
+    EventTails,
+    LookAgain,
+    TaskWriter,
     TickStats,
     attempt_logs,
     task_dir,
     worker_command,
     write_worker_config,
 )
-from funnel_hpc.gateway.reconcile.event_folding import EventFolding
-from funnel_hpc.gateway.reconcile.index import NOT_REPORTED
-from funnel_hpc.gateway.reconcile.submission import Submission
+from funnel_hpc.gateway.reconcile.event_folding import EventFolder
+from funnel_hpc.gateway.reconcile.index import NOT_REPORTED, InFlightIndex
+from funnel_hpc.gateway.reconcile.submission import Submitter, WorkerLaunch
 from funnel_hpc.gateway.store import backend_health, retention
+from funnel_hpc.gateway.store.leases import Lease
 from funnel_hpc.gateway.store.tasks import TaskService, now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
@@ -65,31 +77,64 @@ JOB_OUTPUT_BYTES = 4096
 PURGE_EVERY = 3600.0  # seconds between retention.task_days purges
 
 
-class Reconciler(EventFolding, Submission):
+class Reconciler:
     """Drives every task of one backend to its true state, one tick at a time."""
 
-    def __init__(self, service: TaskService, backend: Backend, config: Config):
-        super().__init__(service, backend, config)
+    def __init__(self, service: TaskService, backend: Backend, config: Config, *,
+                 lease: Lease | None = None, index: InFlightIndex | None = None):
+        """`lease`: whether this process may reconcile now (default: always, SQLite's one
+        reconciler; gateway/cli/server.py passes leases.make_lease's); `index`: its
+        in-flight index (default: a new one over the service's reconciler_queries)."""
+        self.service = service
+        self.queries = service.reconciler_queries
+        self.backend = backend
+        self.config = config
+        opts = config.reconciler
+        self.interval = opts.interval_seconds
+        self.max_attempts = max(1, opts.max_attempts)
+        self.retry_on = frozenset(opts.retry_on)
+        if not self.retry_on <= set(RETRY_ON_CHOICES):
+            raise ValueError(f"reconciler.retry_on: {sorted(self.retry_on)} is not a list of "
+                             f"{', '.join(RETRY_ON_CHOICES)}")
+        self.submit_per_tick = opts.submit_per_tick
+        self.lease = lease if lease is not None else Lease()
+        self.index = index if index is not None else InFlightIndex(self.queries)
+        self.look_again = LookAgain()
+        self.tails = EventTails(self.queries, backend, Path(config.work_dir))
+        self.writer = TaskWriter(self.queries, self.index, backend.name)
+        self.folder = EventFolder(self.queries, self.index, self.tails, self.look_again,
+                                  self.writer, backend.name)
+        launch = WorkerLaunch.from_config(config, opts.pass_server_url)
+        self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
+                                   launch, opts.submit_threads)
+        self.cancels_sent: set[str] = set()
+        # the backend's hook for a job that ended (base.Backend.on_change): tick at once
+        backend.on_change = service.changed.set
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
-        self._reconciling = False  # running with the lease: worker events come straight here
-        service.reconciles_here = lambda: self._reconciling
+        self._stop = threading.Event()
+        self.last_tick = TickStats()
 
     # ---- loop ----
 
     def run_forever(self) -> None:
         log.info("reconciler started: backend=%s interval=%ss", self.backend.name, self.interval)
         changed = self.service.changed
+        # running with the lease: this process's worker events come straight here
+        view = self.service.lease_view
+        reconciling = False
         while not self._stop.is_set():
             changed.clear()
             if not self.lease.held():  # another replica reconciles (gateway/store/leases.py)
-                self._reconciling = False
+                reconciling = False
+                view.mark(False)
                 changed.wait(self.interval)
                 continue
-            if not self._reconciling:  # (again) the active one: whatever we knew is old
+            if not reconciling:  # (again) the active one: whatever we knew is old
                 self.index.reset()
                 self.tails.clear()
-                self._reconciling = True
+                reconciling = True
+                view.mark(True)
             started = time.monotonic()
             backlog = False
             try:
@@ -110,7 +155,7 @@ class Reconciler(EventFolding, Submission):
             if not backlog:
                 changed.wait(self.interval)
             self._stop.wait(max(0.0, MIN_TICK_GAP - (time.monotonic() - started)))
-        self._reconciling = False
+        view.mark(False)
 
     def start_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
@@ -120,8 +165,7 @@ class Reconciler(EventFolding, Submission):
     def stop(self) -> None:
         self._stop.set()
         self.service.changed.set()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        self.submitter.stop()
 
     # ---- one tick ----
 
@@ -131,12 +175,12 @@ class Reconciler(EventFolding, Submission):
         index = self.index
         changed, gone, stats.rows_read = index.refresh()
         for task_id in gone:
-            self.tails.pop(task_id, None)
-        look = {row.id for row in changed if row.job_id} | self.retry
-        look |= self.service.take_worker_events()
-        self.retry = set()
+            self.tails.drop(task_id)
+        look = {row.id for row in changed if row.job_id} | self.look_again.take()
+        look |= self.queries.take_worker_events()
+        isolated = self.look_again.isolated
         for row in list(index.submitting.values()):
-            self._isolated(row, "recovering its submission", self._recover_submission, row)
+            isolated(row, "recovering its submission", self._recover_submission, row)
 
         statuses: dict[str, JobStatus] = {}
         job_ids = index.job_ids()
@@ -152,16 +196,15 @@ class Reconciler(EventFolding, Submission):
                       key=lambda row: row.seq)
 
         # worker event logs first: a task whose worker recorded its end needs no job state
-        news, ended = self._read_events(rows, stats)
+        news, ended = self.folder.read_events(rows, stats)
         for row in rows:
             # a task only swept that had nothing new: its job state is as last applied
             if row.id in ended or (row.id in swept and row.id not in news):
                 continue
             status = statuses.get(row.job_id, NOT_REPORTED)
-            self._isolated(row, "applying its job state", self._apply_job_status,
-                           row, status, stats)
+            isolated(row, "applying its job state", self._apply_job_status, row, status, stats)
 
-        self._submit_batch(index.next_to_submit(self.submit_per_tick), stats)
+        self.submitter.submit_batch(index.next_to_submit(self.submit_per_tick), stats)
         self._purge_if_due()
         stats.seconds = time.monotonic() - started
         return stats
@@ -196,6 +239,25 @@ class Reconciler(EventFolding, Submission):
                                    for status in statuses.values()))
         return statuses
 
+    def _count(self, command: str, ok: bool) -> None:
+        metrics.count_scheduler_call(self.backend.name, command, ok)
+
+    def _cancel_job(self, row: Any) -> bool:
+        """Ask the scheduler to stop the row's job once; False if that request failed."""
+        if row.job_id in self.cancels_sent:
+            return True
+        self.cancels_sent.add(row.job_id)
+        try:
+            self.backend.cancel(row.job_id)
+        except (BackendError, OSError) as exc:
+            self._count("cancel", ok=False)
+            self.cancels_sent.discard(row.job_id)
+            self.look_again.add(row.id)  # try again next tick
+            log.warning("cancel of job %s (task %s) failed: %s", row.job_id, row.id, exc)
+            return False
+        self._count("cancel", ok=True)
+        return True
+
     # ---- a claim the gateway stopped in the middle of ----
 
     def _recover_submission(self, row: Any) -> None:
@@ -207,23 +269,23 @@ class Reconciler(EventFolding, Submission):
             job_id = self.backend.recover(row.id, task_dir(self.config, row.id), row.owner)
         except Exception:
             self._count("recover", ok=False)
-            raise  # _isolated logs it; the claim stays for next tick
+            raise  # LookAgain.isolated logs it; the claim stays for next tick
         self._count("recover", ok=True)
         if job_id:
-            logs = attempt_logs(self._stored_logs(row), row.attempt, new=False)
+            logs = attempt_logs(self.writer.stored_logs(row), row.attempt, new=False)
             logs[-1].setdefault("metadata", {}).update(
                 {"backend": self.backend.name, "job_id": str(job_id), "attempt": str(row.attempt)})
-            self.service.set_job_id(row.id, job_id, logs)
+            self.queries.set_job_id(row.id, job_id, logs)
             return
-        tail = self._tail(row)
+        tail = self.tails.of(row)
         tail.read_new()
         if row.state == State.QUEUED.value and tail.fold.last_seq == 0:
             # no job and no worker event: the gateway stopped before the job was made.
             # Give the claim back (the attempt was not used); the task is submitted anew.
             log.info("task %s was claimed but not submitted when the gateway stopped; "
                      "submitting it again", row.id)
-            self.service.release_claims([(row.id, row.attempt - 1, 0)])
-            self.tails.pop(row.id, None)
+            self.queries.release_claims([(row.id, row.attempt - 1, 0)])
+            self.tails.drop(row.id)
             return
         self._fail_or_retry(row, "the gateway stopped while submitting this task and the "
                                  f"{self.backend.name} backend has no job for it")
@@ -235,17 +297,17 @@ class Reconciler(EventFolding, Submission):
         if current == State.CANCELING:
             self._cancel_job(row)
             if status.state.finished:
-                logs = self._merge_worker_log(row, self._tail(row).fold,
-                                              f"{now_rfc3339()} canceled; scheduler: "
-                                              f"{status.state.value} {status.reason}".rstrip())
-                if self._transition(row, current, State.CANCELED, logs=logs):
+                logs = self.writer.with_worker_log(
+                    row, self.tails.of(row).fold, f"{now_rfc3339()} canceled; scheduler: "
+                    f"{status.state.value} {status.reason}".rstrip())
+                if self.writer.transition(row, current, State.CANCELED, logs=logs):
                     stats.finished += 1
             return
         if status.state == JobState.UNRUNNABLE:
             self._end_unrunnable(row, status, stats)
             return
         if status.state == JobState.RUNNING and current == State.QUEUED:
-            if self.service.transition(row.id, current, State.INITIALIZING):
+            if self.queries.transition(row.id, current, State.INITIALIZING):
                 stats.updated += 1
             return
         if not status.state.finished:
@@ -255,9 +317,9 @@ class Reconciler(EventFolding, Submission):
             # old job again beside the next attempt: remove it
             self._cancel_job(row)
         # the job ended: read the event log once more, the worker may have just finished
-        if self._apply_events(row, stats, status):
+        if self.folder.apply_events(row, stats, status):
             return
-        worker = ("the worker was signalled to end" if self._tail(row).fold.terminal
+        worker = ("the worker was signalled to end" if self.tails.of(row).fold.terminal
                   else "the worker did not record an end")
         reason = (f"the {self.backend.name} job {row.job_id} ended as {status.state.value}"
                   f" ({status.reason or 'no reason given'}) but {worker}")
@@ -268,17 +330,18 @@ class Reconciler(EventFolding, Submission):
         """The scheduler says the job can never start: cancel it, then SYSTEM_ERROR."""
         if not self._cancel_job(row):
             return  # the job stays until it is gone: asked again next tick
-        logs = self._merge_worker_log(row, self._tail(row).fold, (
+        logs = self.writer.with_worker_log(row, self.tails.of(row).fold, (
             f"{now_rfc3339()} the {self.backend.name} job {row.job_id} can never start as "
             f"submitted ({status.reason or 'no reason given'}); it was canceled"))
-        if self._transition(row, State(row.state), State.SYSTEM_ERROR, logs=logs):
+        if self.writer.transition(row, State(row.state), State.SYSTEM_ERROR, logs=logs):
             stats.finished += 1
 
     def _fail_or_retry(self, row: Any, reason: str, job_state: JobState = JobState.LOST) -> None:
         """A job ended without its worker recording an end: another attempt when that kind
         of end is in retry_on and attempts remain, else PREEMPTED or SYSTEM_ERROR."""
         current = State(row.state)
-        logs = self._merge_worker_log(row, self._tail(row).fold, f"{now_rfc3339()} {reason}")
+        logs = self.writer.with_worker_log(row, self.tails.of(row).fold,
+                                           f"{now_rfc3339()} {reason}")
         for name, text in self.backend.job_output(task_dir(self.config, row.id),
                                                   JOB_OUTPUT_BYTES, row.owner):
             logs[-1]["gateway_logs"].append(
@@ -290,12 +353,12 @@ class Reconciler(EventFolding, Submission):
             logs[-1]["gateway_logs"].append(
                 f"{now_rfc3339()} retrying: attempt {row.attempt + 1} of {self.max_attempts}"
                 f" ({kind} is in reconciler.retry_on)")
-            if self.service.transition(row.id, current, State.QUEUED, logs=logs, job_id=None):
+            if self.queries.transition(row.id, current, State.QUEUED, logs=logs, job_id=None):
                 metrics.log_task_retry(metrics.TaskEnd(
                     row.id, row.owner, self.backend.name, row.job_id, reason),
                     row.attempt + 1, self.max_attempts)
-            self.tails.pop(row.id, None)
+            self.tails.drop(row.id)
             return
         target = (State.CANCELED if current == State.CANCELING else
                   State.PREEMPTED if job_state == JobState.PREEMPTED else State.SYSTEM_ERROR)
-        self._transition(row, current, target, logs=logs)
+        self.writer.transition(row, current, target, logs=logs)

@@ -2,6 +2,11 @@
 claim transaction, the backend's submissions (several at once where the backend allows
 it), one record transaction per tick. A refusal fails its task only; an unreachable
 scheduler gives the claim back for the next tick.
+
+Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
+gateway puts in its task dir) and the Submitter, which the reconciler makes in its
+constructor over the store's reconciler_queries, the backend, its in-flight index, its
+event tails and its task writer (gateway/reconcile/core.py).
 """
 
 from __future__ import annotations
@@ -13,39 +18,127 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import files
-from funnel_hpc.backends.base import BackendError, SubmitRequest
+from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
+from funnel_hpc.core.config import Config
 from funnel_hpc.core.states import State
+from funnel_hpc.gateway.ops import metrics
+from funnel_hpc.gateway.reconcile import owner_worker
 from funnel_hpc.gateway.reconcile.core import (
     LOGGER_NAME,
     TASK_FILE,
     WORKER_CONFIG_FILE,
-    ReconcilerCore,
+    EventTails,
+    TaskWriter,
     TickStats,
     attempt_logs,
-    task_dir,
     worker_command,
+    write_worker_config,
 )
-from funnel_hpc.gateway.reconcile.event_tail import EventTail, archive_events
+from funnel_hpc.gateway.reconcile.event_tail import archive_events
+from funnel_hpc.gateway.reconcile.index import InFlightIndex
+from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
 
 
-class Submission(ReconcilerCore):
+class WorkerLaunch:
+    """What the gateway hands each job's worker: its argv, and the files it writes in the
+    task dir (task.json, the worker's token, the owner's worker config)."""
+
+    def __init__(self, work_dir: str, command: list[str], worker_config: Path, *,
+                 owner_config: str | None = None, worker_key: bytes | None = None,
+                 server_url: str | None = None):
+        self.work_dir = work_dir
+        self.command = command
+        self.worker_config = worker_config  # <work_dir>/worker-config.json
+        # jobs run as their owners: each task dir gets this (no site secret in it)
+        self.owner_config = owner_config
+        # with auth on, each worker gets a token for its own task (core/worker_tokens.py)
+        self.worker_key = worker_key
+        self.server_url = server_url  # reconciler.pass_server_url: the workers report here
+
+    @classmethod
+    def from_config(cls, config: Config, pass_server_url: bool) -> WorkerLaunch:
+        """Writes the worker config (once per start); with jobs run as their owners, checks
+        now (not per task) that the worker command runs for an unprivileged user."""
+        worker_config = write_worker_config(config)
+        owner_config: str | None = None
+        if owner_worker.runs_as_owners(config):
+            owner_worker.check_worker_command(worker_command(config))
+            owner_config = json.dumps(owner_worker.owner_sections(config))
+        worker_key = (worker_tokens.load_key(config.work_dir)
+                      if config.auth.mode != "none" else None)
+        return cls(config.work_dir, worker_command(config), worker_config,
+                   owner_config=owner_config, worker_key=worker_key,
+                   server_url=config.server.public_url if pass_server_url else None)
+
+    def task_dir(self, task_id: str) -> Path:
+        return Path(self.work_dir) / task_id
+
+    def token(self, task_id: str) -> str | None:
+        return (worker_tokens.token_for(self.worker_key, task_id)
+                if self.worker_key is not None else None)
+
+    def texts(self, row: Any, task: dict) -> dict[str, str]:
+        """The files the gateway puts in a task dir (name -> text): task.json, with the
+        owner riding along (users cannot set it: the API drops, or with strict_fields
+        refuses, fields the TES model lacks) so a root worker opens file:// paths as that
+        user (worker/storage/owner_access.py); the worker's token; the owner's worker config."""
+        texts = {TASK_FILE: json.dumps({**task, "owner": row.owner})}
+        token = self.token(row.id)
+        if token is not None:
+            texts[worker_tokens.TOKEN_FILE] = token
+        if self.owner_config is not None:  # the owner's worker reads this one
+            texts[WORKER_CONFIG_FILE] = self.owner_config
+        return texts
+
+    def file_names(self) -> tuple[str, ...]:
+        """The names texts() writes in each task dir."""
+        return (TASK_FILE, *((worker_tokens.TOKEN_FILE,) if self.worker_key is not None else ()),
+                *((WORKER_CONFIG_FILE,) if self.owner_config is not None else ()))
+
+    def argv(self, directory: Path) -> list[str]:
+        config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
+            else self.worker_config
+        argv = [*self.command, "--task-file", str(directory / TASK_FILE),
+                "--workdir", self.work_dir, "--config", str(config)]
+        if self.server_url is not None:
+            argv += ["--server", self.server_url]
+        return argv
+
+
+class Submitter:
     """The reconciler's batched submission of new jobs."""
 
-    def _submit_batch(self, rows: list[Any], stats: TickStats) -> None:
+    def __init__(self, queries: ReconcilerQueries, backend: Backend, index: InFlightIndex,
+                 tails: EventTails, writer: TaskWriter, launch: WorkerLaunch,
+                 threads: int = 1):
+        self.queries = queries
+        self.backend = backend
+        self.index = index
+        self.tails = tails
+        self.writer = writer
+        self.launch = launch
+        self.threads = max(1, threads)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+    def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
         """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's
         submissions (several at once where the backend allows it), one record transaction."""
         if not rows:
             return
-        tasks = self.service.full_tasks([row.id for row in rows])
+        tasks = self.queries.full_tasks([row.id for row in rows])
         rows = [row for row in rows if row.id in tasks]
-        stored_logs = self.service.stored_logs([row.id for row in rows])
+        stored_logs = self.queries.stored_logs([row.id for row in rows])
         # claim the tasks before touching their dirs: only one submitter (even with two
         # reconcilers at once), and a restart sees the claims
-        claimed = self.service.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
+        claimed = self.queries.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
         for row in rows:
             if row.id not in claimed:
                 self.index.recheck(row.id)  # canceled or claimed elsewhere meanwhile
@@ -77,13 +170,11 @@ class Submission(ReconcilerCore):
                     {"backend": self.backend.name, "job_id": str(outcome),
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
-                self.tails[row.id] = EventTail(task_dir(self.config, row.id),
-                                               len(tasks[row.id]["executors"]),
-                                               self.backend.job_uid(row.owner))
+                self.tails.start(row, len(tasks[row.id]["executors"]))
         if deferred:
-            self.service.release_claims(deferred)
+            self.queries.release_claims(deferred)
         if recorded:
-            self.service.record_submissions(recorded)
+            self.queries.record_submissions(recorded)
             stats.submitted += len(recorded)
 
     def _prepare_task_dir(self, row: Any, task: dict) -> None:
@@ -91,7 +182,7 @@ class Submission(ReconcilerCore):
         files.py's writes follow no symlink a user may have left there. A backend that
         makes_task_dir writes them itself when the job starts (_map_submit hands them
         over); only an earlier attempt's dir is taken back and its event logs archived."""
-        directory = task_dir(self.config, row.id)
+        directory = self.launch.task_dir(row.id)
         if self.backend.makes_task_dir:
             if row.attempt >= 1:
                 if directory.is_dir():
@@ -100,73 +191,48 @@ class Submission(ReconcilerCore):
             return
         files.private_dir(directory)
         archive_events(directory, row.attempt)
-        for name, text in self._gateway_texts(row, task).items():
+        for name, text in self.launch.texts(row, task).items():
             files.write_private(directory, name, text)
-
-    def _gateway_texts(self, row: Any, task: dict) -> dict[str, str]:
-        """The files the gateway puts in a task dir (name -> text): task.json, with the
-        owner riding along (users cannot set it: the API drops, or with strict_fields
-        refuses, fields the TES model lacks) so a root worker opens file:// paths as that
-        user (worker/storage/owner_access.py); the worker's token; the owner's worker config."""
-        texts = {TASK_FILE: json.dumps({**task, "owner": row.owner})}
-        if self.worker_key is not None:
-            texts[worker_tokens.TOKEN_FILE] = worker_tokens.token_for(self.worker_key, row.id)
-        if self.owner_config is not None:  # the owner's worker reads this one
-            texts[WORKER_CONFIG_FILE] = self.owner_config
-        return texts
-
-    def _gateway_files(self) -> tuple[str, ...]:
-        """What _prepare_task_dir writes in each task dir."""
-        return (TASK_FILE, *((worker_tokens.TOKEN_FILE,) if self.worker_key is not None else ()),
-                *((WORKER_CONFIG_FILE,) if self.owner_config is not None else ()))
 
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
         """backend.submit for each row: the job id, or the exception it raised."""
         def one(row: Any) -> Any:
-            directory = task_dir(self.config, row.id)
+            directory = self.launch.task_dir(row.id)
             task = tasks[row.id]
-            token = (worker_tokens.token_for(self.worker_key, row.id)
-                     if self.worker_key is not None else None)
             request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
-                                    worker_argv=self._worker_argv(directory),
+                                    worker_argv=self.launch.argv(directory),
                                     backend_parameters=_lower_keys(task), owner=row.owner,
-                                    worker_token=token, gateway_files=self._gateway_files(),
-                                    files=(self._gateway_texts(row, task)
+                                    worker_token=self.launch.token(row.id),
+                                    gateway_files=self.launch.file_names(),
+                                    files=(self.launch.texts(row, task)
                                            if self.backend.makes_task_dir else {}))
             try:
                 job_id = self.backend.submit(request)
             except (BackendError, OSError, ValueError) as exc:
                 # a refusal is the scheduler answering: only "unreachable" is a failed call
-                self._count("submit", ok=not getattr(exc, "transient", False))
+                self._count(ok=not getattr(exc, "transient", False))
                 return exc
             except Exception as exc:
                 log.exception("task %s: %s submit raised", row.id, self.backend.name)
-                self._count("submit", ok=False)
+                self._count(ok=False)
                 return exc
-            self._count("submit", ok=True)
+            self._count(ok=True)
             return job_id
 
-        if self.submit_threads > 1 and self.backend.parallel_submit and len(rows) > 1:
+        if self.threads > 1 and self.backend.parallel_submit and len(rows) > 1:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.submit_threads,
-                                                thread_name_prefix="submit")
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="submit")
             return list(self._pool.map(one, rows))
         return [one(row) for row in rows]
+
+    def _count(self, ok: bool) -> None:
+        metrics.count_scheduler_call(self.backend.name, "submit", ok)
 
     def _submission_failed(self, row: Any, logs: list, exc: Exception, stats: TickStats) -> None:
         logs[-1]["gateway_logs"].append(f"{now_rfc3339()} submission to {self.backend.name} "
                                         f"failed: {exc}")
-        self._transition(row, State.QUEUED, State.SYSTEM_ERROR, logs=logs, job_id=None)
+        self.writer.transition(row, State.QUEUED, State.SYSTEM_ERROR, logs=logs, job_id=None)
         stats.finished += 1
-
-    def _worker_argv(self, directory: Path) -> list[str]:
-        config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
-            else self.worker_config
-        argv = [*worker_command(self.config), "--task-file", str(directory / TASK_FILE),
-                "--workdir", self.config.work_dir, "--config", str(config)]
-        if self.pass_server_url:
-            argv += ["--server", self.config.server.public_url]
-        return argv
 
 
 def _lower_keys(task: dict) -> dict[str, str]:

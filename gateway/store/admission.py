@@ -21,7 +21,7 @@ from funnel_hpc.backends.owners import OwnerPolicy
 from funnel_hpc.backends.templating import check_backend_parameters
 from funnel_hpc.core.config import Config, SlurmOptions
 from funnel_hpc.worker.storage import STORES
-from funnel_hpc.worker.validation import ENV_NAME, IMAGE
+from funnel_hpc.worker.validation import IMAGE
 
 # limits.* key -> the task field whose entries it counts (max_env: per executor, below)
 _COUNTED = {"max_tags": "tags", "max_inputs": "inputs", "max_outputs": "outputs",
@@ -138,18 +138,14 @@ class Admission:
     @staticmethod
     def _check_executors(spec: dict) -> None:
         """What the worker would refuse later of an executor, refused now with its field:
-        an image that is no image reference (a newline, a space, a shell word), an
-        environment variable name no shell or execve takes. (Newlines inside command
-        arguments and env values are fine: multi-line ``sh -c`` scripts are common.)"""
+        an image that is no image reference (a newline, a space, a shell word); env names
+        are the schema's (tes_schemas.py). (Newlines inside command arguments and env
+        values are fine: multi-line ``sh -c`` scripts are common.)"""
         for index, executor in enumerate(spec.get("executors") or []):
             image = executor.get("image")
             if isinstance(image, str) and not IMAGE.fullmatch(image):
                 raise AdmissionError(f"executors.{index}.image: {image!r} is not an image "
                                      "reference (letters, digits and ._/:@+- only)")
-            for name in executor.get("env") or {}:
-                if not ENV_NAME.fullmatch(str(name)):
-                    raise AdmissionError(f"executors.{index}.env: {name!r} is not an "
-                                         "environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
 
     def _check_resources(self, resources: dict) -> None:
         for key, field in _RESOURCE_MAXIMA.items():

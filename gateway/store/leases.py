@@ -7,9 +7,9 @@ does not hold it tries again every min(tick, lease/3). The holder acts only unti
 monotonic clock, started *before* the renewal was sent, passes the lease: a holder that
 loses the database stops before anyone else may take over. After a kill -9 the next
 reconciler starts within lease + 2 ticks; a clean stop releases the lease at once.
-Claims stay compare-and-set (service.claim_for_submission), so even an overlap (a tick
-longer than the lease) submits nothing twice, and a claim is recovered only once it is
-older than a lease (may_recover).
+Claims stay compare-and-set (reconciler_queries.claim_for_submission), so even an
+overlap (a tick longer than the lease) submits nothing twice, and a claim is recovered
+only once it is older than a lease (may_recover).
 
 SQLite: one machine, one file. ``server run`` holds an flock on ``<db>.server.lock`` and
 whatever runs a reconciler holds ``<db>.reconciler.lock`` for its lifetime; a second
@@ -17,7 +17,8 @@ holder refuses to start. Allowed on one file: one ``server run`` (with its recon
 or one ``server run --no-reconciler`` plus one ``funnel reconcile``.
 
 Cost: one single-row transaction per lease/3 per replica; ``held()`` reads a float.
-``holders()`` tells the dashboard who holds each lease (gateway/store/backend_health.py).
+``holders()`` tells the dashboard who holds each lease (gateway/store/backend_health.py);
+``LeaseView`` tells the store whether this process's reconciler is the active one.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ _held_locks: list[int] = []  # lock file descriptors, open for the life of the p
 
 class SingleServerError(OSError):
     """A second server or reconciler on one SQLite file."""
+
+
+class LeaseView:
+    """Whether a reconciler in this process is reconciling now (it holds its lease and
+    runs its loop): the reconciler marks it, the store reads it to decide where a worker
+    event is noted (gateway/store/reconciler_queries.py). Given to the store at
+    construction; False while no reconciler runs here."""
+
+    def __init__(self) -> None:
+        self._held = False
+
+    def held(self) -> bool:
+        return self._held
+
+    def mark(self, held: bool) -> None:
+        self._held = held
 
 
 class Lease:

@@ -1,25 +1,31 @@
 """The reconciler's reads and writes of the task store: state transitions by
 compare-and-set, logs and event_seq (one task, or many in one transaction), the rows
 that changed since a time, submission claims, and the worker events the HTTP intake
-noted for it. TaskService (gateway/store/tasks.py) inherits them; every write records its
-events in the outbox in the same transaction.
+noted for it. Every write records its events in the outbox in the same transaction.
+
+ReconcilerQueries is a composed part of the one store object, not a second store: the
+TaskService (gateway/store/tasks.py) makes it in its constructor over its own engine and
+`changed` event and exposes it as ``service.reconciler_queries``; the API's cancel uses its
+compare-and-set ``transition`` too. Kept apart because it is the reconciler's contract with
+the database (what a tick may cost), not the API's. Whether a reconciler in this process
+is reconciling, which decides where a worker event is noted, comes from the LeaseView the
+store was given (gateway/store/leases.py).
 """
 
 from __future__ import annotations
 
-import builtins
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
-from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import now_rfc3339
 from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.gateway.store import db, outbox
+from funnel_hpc.gateway.store.leases import LeaseView
 from funnel_hpc.gateway.store.task_views import full_task
 
 _INSERT_EVENT = insert(outbox.event_outbox)
@@ -36,7 +42,7 @@ _ACTIVE_STATES = [s.value for s in State if s not in TERMINAL]
 @dataclass
 class FieldUpdate:
     """One task's logs and event_seq, stored while it is still in expected_state, with
-    the worker events folded into them (see TaskService.update_many)."""
+    the worker events folded into them (see ReconcilerQueries.update_many)."""
 
     task_id: str
     expected_state: str
@@ -45,15 +51,18 @@ class FieldUpdate:
     events: Sequence[dict] = ()
 
 
-class ReconcilerStore:
-    """Mixed into TaskService, which sets these in its __init__."""
+class ReconcilerQueries:
+    """The task store's queries for the reconciler (and the worker-event intake)."""
 
-    engine: Engine
-    config: Config
-    changed: threading.Event
-    reconciles_here: Callable[[], bool]
-    _worker_events: set[str]
-    _worker_events_lock: threading.Lock
+    def __init__(self, engine: Engine, changed: threading.Event, lease_view: LeaseView):
+        self.engine = engine
+        # set when something the reconciler should act on happens in this process
+        self.changed = changed
+        self.lease_view = lease_view
+        # tasks whose worker reported over HTTP since the reconciler last looked, kept
+        # while a reconciler in this process is reconciling (lease_view.held())
+        self._worker_events: set[str] = set()
+        self._worker_events_lock = threading.Lock()
 
     def transition(self, task_id: str, current: State | str, target: State | str,
                    job_id_is_null: bool | None = None, events: Sequence[dict] = (),
@@ -93,14 +102,14 @@ class ReconcilerStore:
             _record_changes(conn, task_id, events, State(expected_state).value, None)
             return True
 
-    def set_job_id(self, task_id: str, job_id: str, logs: builtins.list) -> None:
+    def set_job_id(self, task_id: str, job_id: str, logs: list) -> None:
         """Record a job whatever the state (a cancel raced the submission)."""
         t = db.tasks
         with db.writing(self.engine) as conn:
             conn.execute(update(t).where(t.c.id == task_id)
                          .values(job_id=job_id, logs=logs, updated_at=now_rfc3339()))
 
-    def update_many(self, updates: builtins.list[FieldUpdate]) -> tuple[set[str], str]:
+    def update_many(self, updates: list[FieldUpdate]) -> tuple[set[str], str]:
         """update_fields (logs and event_seq) of many tasks in one transaction: the rows
         are locked, those still in their expected state updated by one executemany UPDATE
         and their worker events recorded by one executemany INSERT; returns the ids
@@ -150,7 +159,7 @@ class ReconcilerStore:
         changed rather than what is in flight."""
         t = db.tasks
         condition = t.c.updated_at >= since
-        ids = builtins.list(task_ids)
+        ids = list(task_ids)
         if ids:
             condition = condition | t.c.id.in_(ids)
         with db.reading(self.engine) as conn:
@@ -163,7 +172,7 @@ class ReconcilerStore:
         event logs on its next tick. One in this process holding the lease is told here;
         any other (another replica, `funnel reconcile`) sees the row's updated_at move
         (one single-row UPDATE)."""
-        if self.reconciles_here():
+        if self.lease_view.held():
             with self._worker_events_lock:
                 self._worker_events.add(task_id)
         else:
@@ -180,14 +189,14 @@ class ReconcilerStore:
             taken, self._worker_events = self._worker_events, set()
         return taken
 
-    def stored_logs(self, task_ids: builtins.list[str]) -> dict[str, builtins.list]:
+    def stored_logs(self, task_ids: list[str]) -> dict[str, list]:
         """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
         t = db.tasks
         with db.reading(self.engine) as conn:
             rows = conn.execute(select(t.c.id, t.c.logs).where(t.c.id.in_(task_ids))).all()
         return {row.id: row.logs or [] for row in rows}
 
-    def full_tasks(self, task_ids: builtins.list[str]) -> dict[str, dict]:
+    def full_tasks(self, task_ids: list[str]) -> dict[str, dict]:
         """FULL view of many tasks, with one query."""
         t = db.tasks
         query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
@@ -198,7 +207,7 @@ class ReconcilerStore:
 
     # ---- submission bookkeeping (reconciler), one transaction per batch ----
 
-    def claim_for_submission(self, claims: builtins.list[tuple[str, int]]) -> set[str]:
+    def claim_for_submission(self, claims: list[tuple[str, int]]) -> set[str]:
         """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
         attempt number; return the ids claimed (a task canceled or claimed by another
         reconciler meanwhile is not).
@@ -226,7 +235,7 @@ class ReconcilerStore:
                     claimed.add(task_id)
         return claimed
 
-    def record_submissions(self, jobs: builtins.list[tuple[str, str, builtins.list]]) -> None:
+    def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
         canceled while its job was submitted keeps the job id, so the cancel reaches it."""
         t = db.tasks
@@ -236,7 +245,7 @@ class ReconcilerStore:
                 conn.execute(update(t).where(t.c.id == task_id)
                              .values(job_id=job_id, logs=logs, updated_at=now))
 
-    def release_claims(self, claims: builtins.list[tuple[str, int, int]]) -> None:
+    def release_claims(self, claims: list[tuple[str, int, int]]) -> None:
         """Give back claims (task id, previous attempt, previous event_seq) of submissions
         that could not be made now (scheduler unreachable): they are tried again."""
         t = db.tasks
@@ -248,7 +257,6 @@ class ReconcilerStore:
                              .values(job_id=None, attempt=attempt, event_seq=event_seq,
                                      updated_at=now))
 
-    # ---- service-info ----
 
 
 def _record_changes(conn: Any, task_id: str, events: Sequence[dict], current: str,

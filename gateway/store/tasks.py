@@ -1,5 +1,10 @@
 """The task service: one code path for validation, views, pagination, filters
 and cancel, shared by the HTTP API, the gRPC server and the dashboard.
+
+It is the one store object of a process: the API and the reconciler share it. The
+reconciler's own reads and writes are a part it owns, ``reconciler_queries``
+(gateway/store/reconciler_queries.py), made in its constructor over the same engine and
+``changed`` event; the LeaseView it is given says whether a reconciler here is active.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import json
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +30,10 @@ from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, work
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.admission import Admission, AdmissionError
+from funnel_hpc.gateway.store.leases import LeaseView
 from funnel_hpc.gateway.store.page_budget import PageBudget, PageHold
 from funnel_hpc.gateway.store.prepared import PreparedInsert
-from funnel_hpc.gateway.store.reconciler_queries import ReconcilerStore
+from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.task_views import apply_view, full_task
 from funnel_hpc.gateway.store.tes_schemas import (
     flatten_errors,
@@ -112,11 +118,13 @@ _INSERT_TASK = PreparedInsert(db.tasks, [
     "id", "state", "name", "owner", "creation_time", "spec", "logs", "backend", "job_id",
     "attempt", "event_seq", "updated_at"], returning=db.tasks.c.seq)
 _INSERT_TAG = PreparedInsert(db.task_tags, ["task_seq", "key", "value"])
-class TaskService(ReconcilerStore):
-    """What the API, gRPC and the dashboard call; the reconciler's own reads and writes
-    are ReconcilerStore's (gateway/store/reconciler_queries.py)."""
 
-    def __init__(self, engine: Engine, config: Config):
+
+class TaskService:
+    """What the API, gRPC and the dashboard call; the reconciler's own reads and writes
+    are its reconciler_queries (gateway/store/reconciler_queries.py)."""
+
+    def __init__(self, engine: Engine, config: Config, lease_view: LeaseView | None = None):
         self.engine = engine
         self.config = config
         self.backend_name: str = config.backend.name
@@ -127,11 +135,9 @@ class TaskService(ReconcilerStore):
         # set when something the reconciler should act on happens in this process
         # (a task created or canceled, a worker event received): it ticks at once
         self.changed = threading.Event()
-        # tasks whose worker reported over HTTP since the reconciler last looked, kept
-        # while a reconciler in this process holds the lease (it sets reconciles_here)
-        self.reconciles_here: Callable[[], bool] = lambda: False
-        self._worker_events: set[str] = set()
-        self._worker_events_lock = threading.Lock()
+        # whether a reconciler in this process is the active one (it marks the view)
+        self.lease_view = lease_view or LeaseView()
+        self.reconciler_queries = ReconcilerQueries(engine, self.changed, self.lease_view)
 
     # ---- create ----
 
@@ -307,13 +313,14 @@ class TaskService(ReconcilerStore):
             if state in TERMINAL or state == State.CANCELING:
                 return state.value
             target = State.CANCELED if row.job_id is None else State.CANCELING
-            if self.transition(task_id, state, target, job_id_is_null=row.job_id is None):
+            if self.reconciler_queries.transition(task_id, state, target,
+                                                  job_id_is_null=row.job_id is None):
                 self.changed.set()
                 return target.value
             row = self.get_row(task_id, owner)  # it moved under us; look again
         raise ServiceError(f"task {task_id} kept changing state; cancel not applied")
 
-    # ---- updates (reconciler, event endpoint) ----
+    # ---- service-info ----
 
     def service_info(self) -> dict:
         from funnel_hpc.core import __version__

@@ -9,7 +9,6 @@ import secrets
 from flask import Flask, Response, g, redirect, request, session, url_for
 from flask.json.provider import DefaultJSONProvider
 from flask_smorest import Api
-from jinja2 import FileSystemLoader
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -74,9 +73,46 @@ def make_service(config: Config) -> TaskService:
     return TaskService(engine, config)
 
 
+class _UnsortedJSON(DefaultJSONProvider):
+    """Flask's JSON, keys in the order the code wrote them."""
+
+    sort_keys = False
+
+
+class _FunnelFlask(Flask):
+    """Flask with its JSON provider chosen at construction."""
+
+    json_provider_class = _UnsortedJSON
+
+
 def create_app(config: Config, service: TaskService | None = None) -> Flask:
-    app = Flask("funnel-hpc", static_folder=None, template_folder=None)
-    app.jinja_loader = FileSystemLoader(str(TEMPLATES_DIR))
+    """The WSGI app over `service` (made from the configuration when not given): the
+    Flask settings, the shared objects, the blueprints, the authentication hook and the
+    error handlers, in that order (headers.install's hook must come first)."""
+    app = _make_flask(config)
+    authenticator = Authenticator(config.auth, config.work_dir)
+    service = service or make_service(config)
+    limiter = RateLimiter(config.server.rate_limit_per_second,
+                          config.server.rate_limit_burst)
+    auth = config.auth
+    app.extensions.update({
+        "funnel.auth": authenticator,
+        "funnel.config": config,
+        "funnel.service": service,
+        "funnel.sessions": SessionStore(service.engine, auth.session_max_age_seconds),
+        "funnel.limiter": limiter,  # shared with gRPC (gateway/cli/server.py)
+    })
+    headers.install(app, list(config.server.cors_origins))
+    _register_routes(app)
+    _install_authentication(app, authenticator, limiter)
+    _install_error_handlers(app, config.server.max_body_bytes)
+    return app
+
+
+def _make_flask(config: Config) -> Flask:
+    """The Flask app and its settings: body limit, OpenAPI document, session cookie."""
+    auth = config.auth
+    app = _FunnelFlask("funnel-hpc", static_folder=None, template_folder=str(TEMPLATES_DIR))
     app.config.update(
         MAX_CONTENT_LENGTH=config.server.max_body_bytes,
         API_TITLE="funnel-hpc Task Execution Service",
@@ -85,22 +121,16 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
         OPENAPI_URL_PREFIX=TES_PREFIX,
         OPENAPI_JSON_PATH="openapi.json",  # rendered by the dashboard's /docs, no CDN
     )
-    assert isinstance(app.json, DefaultJSONProvider)  # Flask's own, unless configured
-    app.json.sort_keys = False
-    auth = config.auth
-    app.secret_key = auth.session_secret or secrets.token_bytes(32)
-    app.config.update(SESSION_COOKIE_NAME="funnel_session", SESSION_COOKIE_HTTPONLY=True,
+    app.config.update(SECRET_KEY=auth.session_secret or secrets.token_bytes(32),
+                      SESSION_COOKIE_NAME="funnel_session", SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Lax",
                       SESSION_COOKIE_SECURE=auth.session_cookie_secure,
                       PERMANENT_SESSION_LIFETIME=auth.session_max_age_seconds)
-    authenticator = Authenticator(auth, config.work_dir)
-    app.extensions["funnel.auth"] = authenticator
-    app.extensions["funnel.config"] = config
-    app.extensions["funnel.service"] = service = service or make_service(config)
-    app.extensions["funnel.sessions"] = SessionStore(service.engine,
-                                                     auth.session_max_age_seconds)
-    headers.install(app, list(config.server.cors_origins))
+    return app
 
+
+def _register_routes(app: Flask) -> None:
+    """TES 1.1 and legacy routes (flask-smorest), worker events, watch, dashboard, ops."""
     api = Api(app)
     api.register_blueprint(make_blueprint("tes", TES_PREFIX))
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
@@ -111,11 +141,12 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
     app.register_blueprint(dashboard_blueprint)
     app.register_blueprint(observability_blueprint)
 
-    limiter = RateLimiter(config.server.rate_limit_per_second,
-                          config.server.rate_limit_burst)
-    app.extensions["funnel.limiter"] = limiter  # shared with gRPC (gateway/cli/server.py)
 
-    def _rate_limit():
+def _install_authentication(app: Flask, authenticator: Authenticator,
+                            limiter: RateLimiter) -> None:
+    """Before each request: who is calling (g.funnel_principal), then their rate limit."""
+
+    def rate_limit() -> Response | None:
         if not limiter.enabled:
             return None
         who = g.funnel_principal.user or f"addr:{request.remote_addr}"
@@ -126,7 +157,7 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
         resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return resp
 
-    def _session_user() -> str | None:
+    def session_user() -> str | None:
         """The user of the browser's live session (a user since removed from the
         configuration is signed out)."""
         session_id = session.get(SESSION_ID)
@@ -147,11 +178,11 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
                 if g.funnel_principal.task and not _worker_may(g.funnel_principal):
                     return json_response({"code": 403, "message": "a worker token reaches "
                                           "only its own task and event intake"}, 403)
-                return _rate_limit()
-            user = _session_user() if request.blueprint == "dashboard" else None
+                return rate_limit()
+            user = session_user() if request.blueprint == "dashboard" else None
             if user:
                 g.funnel_principal = authenticator.principal_for(user)
-                return _rate_limit()
+                return rate_limit()
             raise AuthError("authentication required")
         except Throttled as exc:
             resp = json_response({"code": 429, "message": str(exc)}, 429)
@@ -164,15 +195,19 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
             resp.headers["WWW-Authenticate"] = authenticator.www_authenticate()
             return resp
 
+
+def _install_error_handlers(app: Flask, max_body_bytes: int) -> None:
+    """Every error as TES JSON {code, message}; an unreachable database is a 503 (the
+    dashboard's page reloads itself) and every 503 says when to retry."""
+
     @app.errorhandler(ServiceError)
     def _service_error(exc: ServiceError):
         return json_response({"code": exc.status, "message": exc.message}, exc.status)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_exc):
-        limit = config.server.max_body_bytes
-        return json_response({"code": 400, "message": f"body: larger than the {limit}-byte limit"},
-                             400)
+        return json_response({"code": 400, "message": f"body: larger than the "
+                              f"{max_body_bytes}-byte limit"}, 400)
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
@@ -206,5 +241,3 @@ def create_app(config: Config, service: TaskService | None = None) -> Flask:
         if valid:  # 405 names what is allowed (RFC 9110)
             resp.headers["Allow"] = ", ".join(sorted(valid))
         return resp
-
-    return app

@@ -9,9 +9,9 @@ appends it to <work_dir>/.gateway/<id>/events.received.jsonl (gateway/reconcile/
 FIFO or file planted there can redirect or block the write), which the reconciler folds
 together with the worker's own file (events are de-duplicated by their seq), so tasks on
 machines that do not share the work dir are tracked too, and tells the reconciler
-which task to look at (service.note_worker_event). Cost: one row read and one
-appended line per event, plus one single-row UPDATE when the reconciler runs in
-another process.
+which task to look at (service.reconciler_queries.note_worker_event). Cost: one row
+read and one appended line per event, plus one single-row UPDATE when the reconciler
+runs in another process.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def receive_event(task_id: str):
         return json_response({"accepted": False, "state": row.state})
     line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
     append_received(current_app.extensions["funnel.config"].work_dir, task_id, line)
-    service.note_worker_event(task_id)  # the reconciler reads this task's logs next tick
+    # the reconciler reads this task's logs next tick
+    service.reconciler_queries.note_worker_event(task_id)
     return json_response({"accepted": True, "state": row.state})
 
 

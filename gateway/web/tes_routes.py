@@ -7,6 +7,7 @@ Every route calls the shared TaskService; errors are JSON
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from flask import Response, current_app, g, request
@@ -66,6 +67,7 @@ def read_json_body() -> Any:
         raise BadRequest("body: JSON nested too deeply") from None
 
 
+Shown = Callable[[dict[str, Any]], dict[str, Any]]  # a task as the routes' clients see it
 _ERRORS = {400: "Bad input; message names the field", 404: "No such task",
            403: "The caller may not own tasks here (the owner policy); message names the rule"}
 
@@ -81,32 +83,47 @@ def as_legacy(task: dict[str, Any]) -> dict[str, Any]:
 
 def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
     """The TES routes under `prefix` (called twice: TES 1.1 and legacy /v1)."""
-    shown = as_legacy if legacy else (lambda task: task)
+    shown = as_legacy if legacy else _as_is
     blp = Blueprint(name, __name__, url_prefix=prefix,
                     description="GA4GH TES 1.1" + (" (legacy /v1 routes)" if legacy else ""))
+    _add_service_info(blp)
+    _add_tasks(blp, shown)
+    _add_task(blp, shown)
+    _add_cancel(blp)
+    return blp
 
-    def errors(*codes: int):
-        def wrap(fn):
-            for code in codes:
-                fn = blp.alt_response(code, schema=ApiErrorSchema, description=_ERRORS[code])(fn)
-            return fn
-        return wrap
 
+def _as_is(task: dict[str, Any]) -> dict[str, Any]:
+    return task
+
+
+def _errors(blp: Blueprint, *codes: int) -> Callable[[Any], Any]:
+    """Document the route's error answers (ApiErrorSchema) in the OpenAPI document."""
+    def wrap(fn: Any) -> Any:
+        for code in codes:
+            fn = blp.alt_response(code, schema=ApiErrorSchema, description=_ERRORS[code])(fn)
+        return fn
+    return wrap
+
+
+def _add_service_info(blp: Blueprint) -> None:
     @blp.route("/service-info")
     class ServiceInfo(MethodView):
         @blp.response(200, ServiceInfoSchema)
-        @errors(400)
+        @_errors(blp, 400)
         def get(self):
             """GetServiceInfo"""
             return json_response(service().service_info())
 
+
+def _add_tasks(blp: Blueprint, shown: Shown) -> None:
     @blp.route("/tasks")
     class Tasks(MethodView):
         @blp.arguments(ListArgsSchema, location="query", error_status_code=400, as_kwargs=True)
         @blp.response(200, ListTasksResponseSchema)
         @blp.alt_response(431, description="Request headers (the query) too large",
                           content_type="text/plain", schema={"type": "string"})
-        @errors(400)
+        @_errors(blp, 400)
         def get(self, view="MINIMAL", **args):
             """ListTasks"""
             query = ListQuery(view=view, page_size=args.get("page_size"),
@@ -135,7 +152,7 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
                            'executors.0.foo, bar" (refused instead with '
                            "server.strict_fields)",
             "schema": {"type": "string"}}})
-        @errors(400, 403)
+        @_errors(blp, 400, 403)
         def post(self):
             """CreateTask"""
             task_id, notices = service().create_noting(read_json_body(), owner=principal().user)
@@ -144,25 +161,27 @@ def make_blueprint(name: str, prefix: str, legacy: bool = False) -> Blueprint:
                 response.headers.add(WARNING, f'299 - "{notice}"')
             return response
 
+
+def _add_task(blp: Blueprint, shown: Shown) -> None:
     @blp.route("/tasks/<string:task_id>")
     class Task(MethodView):
         @blp.arguments(ViewArgsSchema, location="query", error_status_code=400, as_kwargs=True)
         @blp.response(200, TaskSchema)
-        @errors(400, 404)
+        @_errors(blp, 400, 404)
         def get(self, task_id, view="MINIMAL"):
             """GetTask"""
             return json_response(shown(service().get(task_id, view, owner=principal().scope)))
 
+
+def _add_cancel(blp: Blueprint) -> None:
     @blp.route("/tasks/<string:task_id>:cancel")
     class CancelTask(MethodView):
         @blp.response(200, CancelTaskResponseSchema)
-        @errors(400, 404)
+        @_errors(blp, 400, 404)
         def post(self, task_id):
             """CancelTask: no change (still 200) when the task already ended."""
             service().cancel(task_id, owner=principal().scope)
             return json_response({})
-
-    return blp
 
 
 def legacy_service_info():

@@ -417,7 +417,8 @@ def test_awsbatch_recover_denied_holds_back_no_other_task(moto_batch, tmp_path, 
     reconciler = Reconciler(service, backend, config)
     spec = {"executors": [{"image": "busybox", "command": ["true"]}]}
     claimed = service.create(spec)
-    assert service.claim_for_submission([(claimed, 1)]) == {claimed}  # a gateway died here
+    # a gateway died here
+    assert service.reconciler_queries.claim_for_submission([(claimed, 1)]) == {claimed}
     queued = service.create(spec)
     denied = botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDeniedException",
