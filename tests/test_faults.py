@@ -45,7 +45,7 @@ def test_slurmctld_down_for_60s_fails_nothing(databases, tmp_path):
     try:
         running = [create(server, [sh("sleep 20; echo survived")]) for _ in range(2)]
         for task_id in running:
-            wait_state(server, task_id, "RUNNING", timeout=60)
+            wait_state(server, task_id, "RUNNING", timeout=180)
         subprocess.run(["pkill", "-x", "slurmctld"], check=True)
         time.sleep(1)
         during = create(server, [sh("echo submitted-during-outage")])
