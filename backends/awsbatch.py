@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,9 @@ class AwsBatchBackend(Backend):
 
     options: AwsBatchOptions
 
-    def __init__(self, options: AwsBatchOptions, work_dir: Path):
-        super().__init__(options, work_dir)
+    def __init__(self, options: AwsBatchOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None):
+        super().__init__(options, work_dir, on_change)
         self.job_queue = options.job_queue
         self.job_definition = options.job_definition
         self.worker_image = options.worker_image

@@ -118,9 +118,6 @@ class Backend(abc.ABC):
     supported_parameters: frozenset[str] = frozenset()
     #: submit may be called from several threads at once (reconciler.submit_threads)
     parallel_submit: bool = False
-    #: set by the reconciler: a backend that learns by itself that a job ended (the local
-    #: backend) calls it, and the reconciler ticks at once
-    on_change: Callable[[], None] | None = None
     #: files in the task dir where the scheduler itself writes the job's output (as the
     #: shipped template sets it, e.g. Slurm's --output): their tails go into the system
     #: logs of a job that ended without its worker recording an end
@@ -129,9 +126,13 @@ class Backend(abc.ABC):
     #: files there (SubmitRequest.files): a queued job then costs no directory
     makes_task_dir: bool = False
 
-    def __init__(self, options: BackendOptions, work_dir: Path):
+    def __init__(self, options: BackendOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None):
         self.options = options    # this backend's section of the configuration
         self.work_dir = work_dir  # the configuration's work_dir (absolute)
+        # a backend that learns by itself that a job ended (the local backend) calls it:
+        # the server passes its store's `changed.set`, so the reconciler ticks at once
+        self.on_change = on_change
         self.supported_parameters = frozenset(key.lower() for key in options.backend_parameters)
 
     @abc.abstractmethod

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,9 @@ class GridEngineBackend(Backend):
 
     options: GridEngineOptions
 
-    def __init__(self, options: GridEngineOptions, work_dir: Path):
-        super().__init__(options, work_dir)
+    def __init__(self, options: GridEngineOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None):
+        super().__init__(options, work_dir, on_change)
         self.mode = options.mode
         if self.mode not in ("drmaa", "cli"):
             raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,10 @@ class HTCondorBackend(Backend):
 
     options: HTCondorOptions
 
-    def __init__(self, options: HTCondorOptions, work_dir: Path, schedd: Any = None,
+    def __init__(self, options: HTCondorOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None, schedd: Any = None,
                  bindings: Any = None):
-        super().__init__(options, work_dir)
+        super().__init__(options, work_dir, on_change)
         self.template = options.template
         self.wrapper_template = options.wrapper_template
         self.htcondor = bindings or load_bindings(options.bindings)

@@ -113,8 +113,9 @@ class LocalBackend(Backend):
 
     options: LocalOptions
 
-    def __init__(self, options: LocalOptions, work_dir: Path):
-        super().__init__(options, work_dir)
+    def __init__(self, options: LocalOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None):
+        super().__init__(options, work_dir, on_change)
         self.max_concurrent = max(1, options.max_concurrent)
         self.grace = options.cancel_grace_seconds
         self.queue = JobQueue(self.work_dir)                # submitted, not started, FIFO

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 
 from funnel_hpc.backends.base import Backend
@@ -32,9 +33,11 @@ def section_name(name: str) -> str:
     return name.replace("-", "_")
 
 
-def load_backend(section: BackendSection, work_dir: str | Path) -> Backend:
-    """The configured backend, given its own section and the work dir."""
+def load_backend(section: BackendSection, work_dir: str | Path,
+                 on_change: Callable[[], None] | None = None) -> Backend:
+    """The configured backend, given its own section, the work dir and what it calls
+    when it learns by itself that a job ended (Backend.on_change)."""
     cls = backend_class(section.name)
     options = section.options()
     assert options is not None  # every backend of BACKENDS has its section
-    return cls(options, Path(work_dir))
+    return cls(options, Path(work_dir), on_change)

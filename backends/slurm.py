@@ -24,6 +24,7 @@ command, two when some jobs are gone and accounting is on.
 from __future__ import annotations
 
 import pwd
+from collections.abc import Callable
 from pathlib import Path
 
 from funnel_hpc.backends import files
@@ -126,8 +127,9 @@ class SlurmBackend(Backend):
 
     options: SlurmOptions
 
-    def __init__(self, options: SlurmOptions, work_dir: Path):
-        super().__init__(options, work_dir)
+    def __init__(self, options: SlurmOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None):
+        super().__init__(options, work_dir, on_change)
         self.runner: Runner = make_runner(options.ssh, options.command_timeout)
         self.template = options.template
         self._accounting: bool | None = None

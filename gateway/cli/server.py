@@ -24,8 +24,9 @@ def make_reconciler(config: Config, service: TaskService):
 
     # one active reconciler per backend across replicas (gateway/store/leases.py)
     lease = leases.make_lease(config, service.engine, service.changed.set)
-    reconciler = Reconciler(service, load_backend(config.backend, config.work_dir), config,
-                            lease=lease)
+    # a backend that learns of a job's end by itself makes the reconciler tick at once
+    backend = load_backend(config.backend, config.work_dir, on_change=service.changed.set)
+    reconciler = Reconciler(service, backend, config, lease=lease)
     lease.start()
     return reconciler
 

@@ -108,8 +108,6 @@ class Reconciler:
         self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
                                    launch, opts.submit_threads)
         self.cancels_sent: set[str] = set()
-        # the backend's hook for a job that ended (base.Backend.on_change): tick at once
-        backend.on_change = service.changed.set
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
         self._stop = threading.Event()

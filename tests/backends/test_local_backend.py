@@ -46,10 +46,11 @@ def time_limit(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[None]
                 os.killpg(pid, signal.SIGKILL)
 
 
-def make(tmp_path: Path, **options: object) -> LocalBackend:
+def make(tmp_path: Path, on_change: Callable[[], None] | None = None,
+         **options: object) -> LocalBackend:
     return LocalBackend(backend_options("local", **{"max_concurrent": 2,
                                                     "cancel_grace_seconds": 10, **options}),
-                        tmp_path)
+                        tmp_path, on_change)
 
 
 def request(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
@@ -311,9 +312,8 @@ def worker_task(tmp_path: Path, task_id: str, script: str) -> SubmitRequest:
 
 
 def test_default_worker_runs_in_a_fork_of_the_launcher_and_reports_its_end(tmp_path):
-    backend = make(tmp_path)
-    ended = []
-    backend.on_change = lambda: ended.append(time.monotonic())
+    ended: list[float] = []
+    backend = make(tmp_path, on_change=lambda: ended.append(time.monotonic()))
     ok = backend.submit(worker_task(tmp_path, "inproc", "echo from-the-fork"))
     bad = backend.submit(worker_task(tmp_path, "inprocbad", "exit 3"))
     wait_for(backend, ok, {JobState.COMPLETED})
