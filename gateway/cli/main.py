@@ -1,5 +1,5 @@
-"""The `funnel` command line: server and reconciler here; tasks (cli_task), `run`
-(cli_run), and the admin commands `config`, `render`, `admin` (cli_admin)."""
+"""The `funnel` command line: server and reconciler here; tasks (task.py), `run`
+(run.py), and the admin commands `config`, `render`, `admin` (admin.py)."""
 
 from __future__ import annotations
 
