@@ -116,7 +116,7 @@ def record_poll(engine: Engine, backend: str, error: str | None) -> None:
             _written.pop(key, None)  # try again at the next poll
             _unwritten_errors[key] = _unwritten_errors.get(key, 0) + errors
         log.warning("could not record the health of backend %s: %s", backend,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                    _first_line(exc))
 
 
 def record_tick(engine: Engine, backend: str) -> None:
@@ -130,17 +130,11 @@ def record_tick(engine: Engine, backend: str) -> None:
         _ticked[key] = time.monotonic()
     try:
         with db.writing(engine) as conn:
-            now = _now(conn)
-            done = conn.execute(update(backend_health)
-                                .where(backend_health.c.backend == backend)
-                                .values(last_tick_at=now))
-            if done.rowcount == 0:
-                conn.execute(insert(backend_health).values(backend=backend, last_tick_at=now))
+            _upsert(conn, backend, {"last_tick_at": _now(conn)})
     except Exception as exc:  # noqa: BLE001 - a report: the tick's own work goes on
         with _lock:
             _ticked.pop(key, None)
-        log.warning("could not record a tick of backend %s: %s", backend,
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.warning("could not record a tick of backend %s: %s", backend, _first_line(exc))
 
 
 def _now(conn: Connection) -> Any:
@@ -166,12 +160,23 @@ def _write(conn: Connection, backend: str, error: str | None, errors: int) -> No
     else:
         values.update(last_error=error, last_error_at=now,
                       failing_since=func.coalesce(t.failing_since, now))
-    done = conn.execute(update(backend_health).where(t.backend == backend).values(**values))
+    # a first row: plain values where the update reads the old row
+    _upsert(conn, backend, values, first={"poll_errors": errors, "failing_since":
+                                          None if error is None else now})
+
+
+def _upsert(conn: Connection, backend: str, values: dict[str, Any],
+            first: dict[str, Any] | None = None) -> None:
+    """Update the backend's row with values; insert it (values, `first` over them) when
+    there is none yet."""
+    done = conn.execute(update(backend_health).where(backend_health.c.backend == backend)
+                        .values(**values))
     if done.rowcount == 0:
-        values["poll_errors"] = errors
-        if error is not None:
-            values["failing_since"] = now
-        conn.execute(insert(backend_health).values(backend=backend, **values))
+        conn.execute(insert(backend_health).values(backend=backend, **{**values, **(first or {})}))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @dataclass
