@@ -195,5 +195,12 @@ class Backend(abc.ABC):
                 out.append((name, text))
         return out
 
+    @classmethod
+    def check_task(cls, task: dict[str, Any]) -> str | None:
+        """What this kind of backend cannot run in a (validated) task, as "field: reason"
+        for an HTTP 400 at POST, or None. Asked of the instance a task is routed to, before
+        it is stored (the tes backend refuses file:// URLs its remote cannot reach)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - an optional hook: nothing to release by default
         """Release connections (SSH sessions, threads)."""

@@ -55,6 +55,8 @@ class MissingKey(ConfigError):
 
 if TYPE_CHECKING:
     from typing import ClassVar, dataclass_transform
+
+    from funnel_hpc.core.routing import Router
 else:
     def dataclass_transform(**_options: object) -> object:
         return lambda cls: cls
@@ -306,6 +308,15 @@ class BackendSection(Section):
         return options
 
 
+class Instance(Section):
+    """backends.<name>: one named backend instance (the single `backend:` form is one
+    instance named after its kind). Its options are its kind's backend.<kind> section with
+    the instance's own keys over them."""
+    name: str
+    kind: str
+    options: BackendOptions | None  # None: a kind without a section (a test double's)
+
+
 class ReconcilerSection(Section):
     """reconciler: the loop that submits, polls and folds events."""
     enabled: bool
@@ -474,12 +485,33 @@ class Config(Section):
     limits: LimitsSection
     resources: ResourcesSection
     backend: BackendSection
+    # derived at load from `backends:` (or the single `backend:` form), in the file's order
+    backends: Mapping[str, Instance]
+    routing: tuple[FreeForm, ...]  # checked at load by core/routing.py (see router())
     reconciler: ReconcilerSection
     retention: RetentionSection
     events: EventsSection
     worker: WorkerSection
     storage: StorageSection
     logging: LoggingSection
+
+    def instances(self) -> tuple[Instance, ...]:
+        return tuple(self.backends.values())
+
+    def instance(self, name: str) -> Instance:
+        """The instance `name`; KeyError naming the known ones."""
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise KeyError(f"no backend instance {name!r} (instances: "
+                           f"{', '.join(self.backends)})") from None
+
+    def router(self) -> "Router":
+        """The routing rules, in order (checked at load: cannot fail here)."""
+        from funnel_hpc.core.routing import Router, parse_rules
+
+        names = list(self.backends)
+        return Router(parse_rules(self.routing, names), default=names[0])
 
     def for_worker(self) -> WorkerConfig:
         return WorkerConfig(work_dir=self.work_dir, worker=self.worker, storage=self.storage)
@@ -720,9 +752,53 @@ def load_plain(path: str | Path | None = None, environ: Mapping[str, str] | None
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
          overrides: Mapping | None = None) -> Config:
     """The typed configuration (see load_plain); ConfigError names the first bad key."""
-    config = convert(Config, load_plain(path, environ, overrides), "")
+    plain_config = load_plain(path, environ, overrides)
+    plain_config["backends"] = _instances(plain_config)
+    config = convert(Config, plain_config, "")
     assert isinstance(config, Config)
+    from funnel_hpc.core.routing import RuleError, parse_rules
+
+    try:
+        parse_rules(config.routing, list(config.backends))
+    except RuleError as exc:
+        raise ConfigError(str(exc)) from None
     return config
+
+
+def _instances(config: dict) -> dict:
+    """backends.<name> as {name, kind, options}: the kind's backend.<kind> section with the
+    instance's keys merged over it (an unknown key is named backends.<name>.<key>). No
+    `backends:`: one instance, named after backend.name, of that kind."""
+    import re
+
+    backend = config["backend"]
+    declared = config.get("backends") or {}
+    if not isinstance(declared, Mapping):
+        raise ConfigError(f"backends: expected a mapping, got {_shown(declared)}")
+    if not declared:
+        declared = {backend["name"]: {"kind": backend["name"]}}
+    out = {}
+    for name, entry in declared.items():
+        path = _key("backends", name)
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
+            raise ConfigError(f"{path}: an instance name is a lower-case letter, then up to "
+                              "31 letters, digits, _ or - (it names leases, metrics, tags)")
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("kind"), str):
+            raise ConfigError(f"{path}.kind: every instance names its kind (local, slurm, "
+                              f"gridengine, htcondor, aws-batch, tes...), got {_shown(entry)}")
+        kind = entry["kind"]
+        section = backend.get(kind.replace("-", "_")) if kind != "name" else None
+        own = {key: value for key, value in entry.items() if key != "kind"}
+        if isinstance(section, dict):
+            options = merge(section, own, path)
+            convert(BackendSection.FIELDS[kind.replace("-", "_")], options, path)  # names the key
+        elif own:
+            raise ConfigError(f"{path}: backend kind {kind!r} has no options "
+                              f"(known kinds: {', '.join(k for k in backend if k != 'name')})")
+        else:
+            options = None
+        out[name] = {"name": name, "kind": kind, "options": options}
+    return out
 
 
 def _fill_endpoints(storage: dict, defaults: dict) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from funnel_hpc.backends.owners import OwnerPolicy
+from funnel_hpc.backends.registry import backend_class
 from funnel_hpc.backends.templating import check_backend_parameters
 from funnel_hpc.core.config import Config, SlurmOptions
 from funnel_hpc.worker.storage import STORES
@@ -80,6 +81,7 @@ class Admission:
         self.limits: dict[str, int] = dict(vars(config.limits))
         self.maxima: dict[str, float] = dict(vars(config.resources))
         self.backend_name: str = config.backend.name
+        self.backend_kind: str = config.instances()[0].kind
         options = config.backend.options()
         # jobs run as their owners: who may own a task is the owner policy's to say
         self.owners = OwnerPolicy.from_options(options) \
@@ -105,6 +107,18 @@ class Admission:
         self._check_executors(spec)
         self._check_resources(spec.get("resources") or {})
         self._check_urls(spec)
+        self.check_for_kind(self.backend_kind, spec)
+
+    @staticmethod
+    def check_for_kind(kind: str, spec: dict) -> None:
+        """What the backend kind the task goes to cannot run (Backend.check_task)."""
+        try:
+            cls = backend_class(kind)
+        except ValueError:
+            return  # a kind without a class here (a test double's)
+        reason = cls.check_task(spec)
+        if reason is not None:
+            raise AdmissionError(reason)
 
     def _over(self, field: str, size: int, key: str, unit: str = "entries") -> None:
         limit = self.limits[key]
