@@ -122,13 +122,13 @@ def job_status(job: dict[str, Any]) -> JobStatus:
 
 
 class AwsBatchBackend(Backend):
-    name = "aws-batch"
+    kind = "aws-batch"
 
     options: AwsBatchOptions
 
     def __init__(self, options: AwsBatchOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
-        super().__init__(options, work_dir, on_change)
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         self.job_queue = options.job_queue
         self.job_definition = options.job_definition
         self.worker_image = options.worker_image

@@ -110,7 +110,10 @@ class BackendError(RuntimeError):
 class Backend(abc.ABC):
     """Base class: one instance per server process, shared by the reconciler."""
 
-    #: name used in config (backend.name) and in task metadata
+    #: the kind of backend, as configured (backends.<name>.kind, or backend.name)
+    kind: str = ""
+    #: the instance name (backends.<name>): in task metadata, leases, health rows and
+    #: metrics labels; the kind when the single `backend:` form is used
     name: str = ""
     #: TES backend_parameters keys this backend understands (lower case): the keys of
     #: backend.<name>.backend_parameters, the admin's allow-list (mapped by
@@ -127,7 +130,10 @@ class Backend(abc.ABC):
     makes_task_dir: bool = False
 
     def __init__(self, options: BackendOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        # the instance's name (registry.load_backend); a backend made directly (tests) is
+        # named after its kind, or keeps the name its class gives it
+        self.name = name or self.name or self.kind
         self.options = options    # this backend's section of the configuration
         self.work_dir = work_dir  # the configuration's work_dir (absolute)
         # a backend that learns by itself that a job ended (the local backend) calls it:
@@ -150,6 +156,15 @@ class Backend(abc.ABC):
 
         Raises BackendError when the request failed (the reconciler asks again next tick).
         """
+
+    def withdraw(self, job_id: str) -> None:
+        """Stop the job only if it has not started, where the scheduler can say so in the
+        same request (Slurm: scancel --state=PENDING; the local backend: its queue);
+        elsewhere a plain cancel. Overflow uses it to move a waiting task to another
+        instance: a job that started meanwhile is left running (the poll then shows it).
+
+        Raises BackendError as cancel does."""
+        self.cancel(job_id)
 
     @abc.abstractmethod
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:

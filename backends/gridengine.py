@@ -67,14 +67,14 @@ def native_specification(script: str) -> str:
 # ---------------------------------------------------------------- the backend
 
 class GridEngineBackend(Backend):
-    name = "gridengine"
+    kind = "gridengine"
     job_output_files = ("gridengine.out", "gridengine.err")  # the shipped template's output/error
 
     options: GridEngineOptions
 
     def __init__(self, options: GridEngineOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
-        super().__init__(options, work_dir, on_change)
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         self.mode = options.mode
         if self.mode not in ("drmaa", "cli"):
             raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")

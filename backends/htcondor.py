@@ -124,15 +124,15 @@ def is_unreachable(exc: Exception) -> bool:
 
 
 class HTCondorBackend(Backend):
-    name = "htcondor"
+    kind = "htcondor"
     job_output_files = ("htcondor.out", "htcondor.err")  # the shipped template's output/error
 
     options: HTCondorOptions
 
     def __init__(self, options: HTCondorOptions, work_dir: Path,
                  on_change: Callable[[], None] | None = None, schedd: Any = None,
-                 bindings: Any = None):
-        super().__init__(options, work_dir, on_change)
+                 bindings: Any = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         self.template = options.template
         self.wrapper_template = options.wrapper_template
         self.htcondor = bindings or load_bindings(options.bindings)

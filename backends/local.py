@@ -107,15 +107,15 @@ def _exit_reason(code: str) -> str:
 
 
 class LocalBackend(Backend):
-    name = "local"
+    kind = "local"
     # the task dir is made when the job starts (a queued job costs one journal line)
     makes_task_dir = True
 
     options: LocalOptions
 
     def __init__(self, options: LocalOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
-        super().__init__(options, work_dir, on_change)
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         self.max_concurrent = max(1, options.max_concurrent)
         self.grace = options.cancel_grace_seconds
         self.queue = JobQueue(self.work_dir)                # submitted, not started, FIFO
@@ -142,6 +142,11 @@ class LocalBackend(Backend):
             self.queue.add(job_id, request.worker_argv, request.files)
             self._launch_ready()
         return job_id
+
+    def withdraw(self, job_id: str) -> None:
+        """Take the job out of the queue if it has not started; a started one runs on."""
+        with self.lock:
+            self.queue.cancel(job_id)
 
     def cancel(self, job_id: str) -> None:
         with self.lock:

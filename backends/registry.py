@@ -1,4 +1,5 @@
-"""Backend names -> implementing classes, loaded on demand."""
+"""Backend kinds -> implementing classes, loaded on demand; load_backend makes one
+configured instance (backends.<name>) of its kind."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from funnel_hpc.backends.base import Backend
-from funnel_hpc.core.config import BackendSection
+from funnel_hpc.core.config import BackendSection, Instance
 
 BACKENDS: dict[str, str] = {
     "local": "funnel_hpc.backends.local:LocalBackend",
@@ -33,11 +34,15 @@ def section_name(name: str) -> str:
     return name.replace("-", "_")
 
 
-def load_backend(section: BackendSection, work_dir: str | Path,
+def load_backend(instance: Instance | BackendSection, work_dir: str | Path,
                  on_change: Callable[[], None] | None = None) -> Backend:
-    """The configured backend, given its own section, the work dir and what it calls
-    when it learns by itself that a job ended (Backend.on_change)."""
-    cls = backend_class(section.name)
-    options = section.options()
-    assert options is not None  # every backend of BACKENDS has its section
-    return cls(options, Path(work_dir), on_change)
+    """The backend of one configured instance (config.instance(name)), named after it,
+    given the work dir and what it calls when it learns by itself that a job ended
+    (Backend.on_change). A BackendSection (the single `backend:` form, as older callers
+    pass it) is the instance named after its kind."""
+    if isinstance(instance, BackendSection):
+        instance = Instance(name=instance.name, kind=instance.name,
+                            options=instance.options())
+    cls = backend_class(instance.kind)
+    assert instance.options is not None  # every kind of BACKENDS has its section
+    return cls(instance.options, Path(work_dir), on_change, name=instance.name)

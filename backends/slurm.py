@@ -121,15 +121,15 @@ def map_state(raw: str, reason: str = "") -> JobState:
 
 
 class SlurmBackend(Backend):
-    name = "slurm"
+    kind = "slurm"
     job_output_files = ("slurm.out", "slurm.err")  # the shipped template's output/error
     parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
     options: SlurmOptions
 
     def __init__(self, options: SlurmOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
-        super().__init__(options, work_dir, on_change)
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         self.runner: Runner = make_runner(options.ssh, options.command_timeout)
         self.template = options.template
         self._accounting: bool | None = None
@@ -185,6 +185,13 @@ class SlurmBackend(Backend):
         if result.returncode != 0 and "already completing or completed" not in result.stderr \
                 and "Invalid job id" not in result.stderr:
             raise failure(f"scancel {job_id}", result, UNREACHABLE)
+
+    def withdraw(self, job_id: str) -> None:
+        """scancel --state=PENDING: slurmctld cancels the job only while it waits."""
+        result = self.runner.run(["scancel", "--state=PENDING", str(job_id)])
+        if result.returncode != 0 and "already completing or completed" not in result.stderr \
+                and "Invalid job id" not in result.stderr:
+            raise failure(f"scancel --state=PENDING {job_id}", result, UNREACHABLE)
 
     def recover(self, task_id: str, task_dir: Path, owner: str | None = None) -> str | None:
         """The newest job named funnel-<task id> that squeue still lists: among this

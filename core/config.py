@@ -328,6 +328,7 @@ class ReconcilerSection(Section):
     lease_seconds: float
     pass_server_url: bool
     listen: str
+    overflow_after_failed_polls: int
 
 
 class RetentionSection(Section):

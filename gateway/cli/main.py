@@ -62,16 +62,20 @@ def server_run(config_path, backend, host, port, no_reconciler) -> None:
 
 @main.command()
 @click.option("--config", "config_path", envvar="FUNNEL_CONFIG", type=click.Path(dir_okay=False))
-def reconcile(config_path) -> None:
-    """Run the reconciler alone (for a server started with --no-reconciler)."""
+@click.option("--backend", "instance", help="Only this backend instance's reconciler "
+              "(default: every instance of `backends:`).")
+def reconcile(config_path, instance) -> None:
+    """Run the reconcilers alone (for a server started with --no-reconciler)."""
     from funnel_hpc.gateway.cli.server import run_reconciler
 
     config = load_config(config_path)
     _logging(config)
     try:
-        run_reconciler(config)
+        run_reconciler(config, instance)
     except (ValueError, OSError) as exc:
         fail(str(exc))
+    except KeyError as exc:
+        fail(str(exc.args[0]))
 
 
 def _logging(config: Config) -> None:

@@ -1,4 +1,5 @@
-"""`funnel server run`: HTTP API (waitress) + the reconciler thread."""
+"""`funnel server run`: HTTP API (waitress) + one reconciler thread per backend instance
+(gateway/reconcile/instances.py); `funnel reconcile`: the reconcilers alone."""
 
 from __future__ import annotations
 
@@ -18,17 +19,11 @@ from funnel_hpc.gateway.web.app import create_app, make_service
 log = logging.getLogger(__name__)
 
 
-def make_reconciler(config: Config, service: TaskService):
-    from funnel_hpc.backends.registry import load_backend
-    from funnel_hpc.gateway.reconcile.reconciler import Reconciler
+def make_reconcilers(config: Config, service: TaskService, only: str | None = None):
+    """Every backend instance's reconciler (or only the instance `only`), not started."""
+    from funnel_hpc.gateway.reconcile.instances import Reconcilers
 
-    # one active reconciler per backend across replicas (gateway/store/leases.py)
-    lease = leases.make_lease(config, service.engine, service.changed.set)
-    # a backend that learns of a job's end by itself makes the reconciler tick at once
-    backend = load_backend(config.backend, config.work_dir, on_change=service.changed.set)
-    reconciler = Reconciler(service, backend, config, lease=lease)
-    lease.start()
-    return reconciler
+    return Reconcilers(config, service, only)
 
 
 def _exit_on_sigterm() -> None:
@@ -43,7 +38,9 @@ def private_state(config: Config) -> None:
     task's environment and the worker-token key. SQLite gives -wal/-shm its file's mode."""
     work_dir = Path(config.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    as_owner = config.backend.slurm.submit_as_owner  # the one backend that has it
+    # slurm instances are the ones that have it
+    as_owner = any(getattr(instance.options, "submit_as_owner", False)
+                   for instance in config.instances())
     os.chmod(work_dir, 0o711 if as_owner else 0o700)
     path = db.sqlite_path(config.database.url)
     if path is not None:
@@ -69,16 +66,16 @@ def run_server(config: Config, reconcile: bool = True) -> None:
     from funnel_hpc.gateway.sinks.publisher import start_publisher
 
     publisher = start_publisher(service.engine, config.events)  # None: events.publish is off
-    reconciler = None
+    reconcilers = None
     if reconcile and config.reconciler.enabled:
-        reconciler = make_reconciler(config, service)
-        reconciler.start_thread()
+        reconcilers = make_reconcilers(config, service)
+        reconcilers.start()
     else:
         log.info("reconciler disabled: run `funnel reconcile` next to this server")
     server = config.server
-    log.info("TES API on http://%s:%s/ga4gh/tes/v1 (database %s, backend %s)",
+    log.info("TES API on http://%s:%s/ga4gh/tes/v1 (database %s, backends %s)",
              server.host, server.http_port, _safe_url(config.database.url),
-             config.backend.name)
+             ", ".join(f"{instance.name} ({instance.kind})" for instance in config.instances()))
     try:
         waitress.serve(app, host=server.host, port=server.http_port,
                        threads=server.threads, ident="funnel-hpc", _quiet=True,
@@ -88,24 +85,24 @@ def run_server(config: Config, reconcile: bool = True) -> None:
             grpc_server.stop(grace=2)
         if publisher is not None:
             publisher.stop()
-        if reconciler is not None:
-            reconciler.lease.release()
+        if reconcilers is not None:
+            reconcilers.release()
 
 
-def run_reconciler(config: Config) -> None:
+def run_reconciler(config: Config, only: str | None = None) -> None:
     from funnel_hpc.gateway.web import ops_listener
 
     if config.reconciler.listen:
         ops_listener.parse_listen(config.reconciler.listen)  # a bad value stops here
     private_state(config)
     service = make_service(config)
-    reconciler = make_reconciler(config, service)
+    reconcilers = make_reconcilers(config, service, only)  # KeyError: no such instance
     _exit_on_sigterm()
     ops_listener.serve(config, service)
     try:
-        reconciler.run_forever()
+        reconcilers.run_forever()
     finally:
-        reconciler.lease.release()
+        reconcilers.release()
 
 
 def _safe_url(url: str) -> str:

@@ -3,8 +3,8 @@
 ``check_database``: the real database answers a read of the tasks table and (SQLite) the
 write lock can be taken (``BEGIN IMMEDIATE; ROLLBACK`` on a fresh connection to the file,
 with a 2 s busy timeout: a pooled connection keeps reading a file that was since made
-unreadable or replaced). ``check_reconciler``: some process holds this backend's
-reconciler lease (PostgreSQL: a lease row not yet expired, by the database's clock;
+unreadable or replaced). ``check_reconciler``: for every backend instance, some process
+holds its reconciler lease (PostgreSQL: a lease row not yet expired, by the database's clock;
 SQLite: the reconciler lock file's process lives) and a reconciler of the backend has
 ticked lately (backend_health's last_tick_at: a hung reconciler keeps its lock).
 ``Repeated`` logs an error once per interval with the count of the ones it held back,
@@ -66,18 +66,28 @@ TICK_GRACE_SECONDS = 15.0  # at least: 3 x RECORD_EVERY (ticks are written at mo
 
 
 def check_reconciler(engine: Engine, config: Config) -> str:
-    """"ok" when a live reconciler holds the configured backend's lease and has ticked
-    within server.readyz_tick_intervals reconciler intervals (at least
-    TICK_GRACE_SECONDS); "stalled" when it holds the lease without ticking; "none"."""
-    backend = config.backend.name
+    """"ok" when, for every backend instance, a live reconciler holds its lease and has
+    ticked within server.readyz_tick_intervals reconciler intervals (at least
+    TICK_GRACE_SECONDS); else "none" (no holder) or "stalled" (held without ticking),
+    naming the instances when there are several ("stalled: gpu")."""
     stale_after = max(TICK_GRACE_SECONDS,
                       config.server.readyz_tick_intervals * config.reconciler.interval_seconds)
+    names = list(config.backends)
+    none: list[str] = []
+    stalled: list[str] = []
     with db.reading(engine) as conn:
         found = leases.holders(conn, config.database.url)
-        if not any(holder.held and holder.backend in (None, backend) for holder in found):
-            return "none"
-        age = backend_health.last_tick_age(conn, backend)
-    return "ok" if age is not None and age <= stale_after else "stalled"
+        for name in names:
+            if not any(holder.held and holder.backend in (None, name) for holder in found):
+                none.append(name)
+                continue
+            age = backend_health.last_tick_age(conn, name)
+            if age is None or age > stale_after:
+                stalled.append(name)
+    for verdict, which in (("none", none), ("stalled", stalled)):
+        if which:
+            return verdict if len(names) == 1 else f"{verdict}: {', '.join(which)}"
+    return "ok"
 
 
 class Checks:

@@ -70,6 +70,10 @@ class InFlightIndex:
         """Read this task's row on the next refresh (a compare-and-set found it moved)."""
         self._recheck.add(task_id)
 
+    def forget(self, task_id: str) -> None:
+        """The task left this reconciler (overflow moved it to another instance)."""
+        self._drop(task_id)
+
     def patch(self, row: Any, **values: Any) -> None:
         """The reconciler wrote `values` to the row: the index holds them too, so the
         next refresh does not take its own write for a change (a row that moved since

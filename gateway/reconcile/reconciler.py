@@ -61,9 +61,11 @@ from funnel_hpc.gateway.reconcile.core import (
 )
 from funnel_hpc.gateway.reconcile.event_folding import EventFolder
 from funnel_hpc.gateway.reconcile.index import NOT_REPORTED, InFlightIndex
+from funnel_hpc.gateway.reconcile.overflow import Overflow
 from funnel_hpc.gateway.reconcile.submission import Submitter, WorkerLaunch
 from funnel_hpc.gateway.store import backend_health, retention
 from funnel_hpc.gateway.store.leases import Lease
+from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import TaskService, now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
@@ -81,12 +83,18 @@ class Reconciler:
     """Drives every task of one backend to its true state, one tick at a time."""
 
     def __init__(self, service: TaskService, backend: Backend, config: Config, *,
-                 lease: Lease | None = None, index: InFlightIndex | None = None):
+                 lease: Lease | None = None, index: InFlightIndex | None = None,
+                 queries: ReconcilerQueries | None = None,
+                 wakeup: threading.Event | None = None):
         """`lease`: whether this process may reconcile now (default: always, SQLite's one
         reconciler; gateway/cli/server.py passes leases.make_lease's); `index`: its
-        in-flight index (default: a new one over the service's reconciler_queries)."""
+        in-flight index (default: a new one over its queries); `queries`: the store's
+        queries it uses (default: the service's reconciler_queries, every task; with
+        several instances, for_instance(backend.name)'s); `wakeup`: what makes it tick
+        at once (default: the service's `changed`; with several instances, its own)."""
         self.service = service
-        self.queries = service.reconciler_queries
+        self.queries = queries if queries is not None else service.reconciler_queries
+        self.wakeup = wakeup if wakeup is not None else service.changed
         self.backend = backend
         self.config = config
         opts = config.reconciler
@@ -107,6 +115,8 @@ class Reconciler:
         launch = WorkerLaunch.from_config(config, opts.pass_server_url)
         self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
                                    launch, opts.submit_threads)
+        self.overflow = Overflow(self.queries, backend, self.index, self.tails, self.writer,
+                                 self.look_again, config)
         self.cancels_sent: set[str] = set()
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
@@ -117,7 +127,8 @@ class Reconciler:
 
     def run_forever(self) -> None:
         log.info("reconciler started: backend=%s interval=%ss", self.backend.name, self.interval)
-        changed = self.service.changed
+        changed = self.wakeup
+        name = self.backend.name
         # running with the lease: this process's worker events come straight here
         view = self.service.lease_view
         reconciling = False
@@ -125,14 +136,14 @@ class Reconciler:
             changed.clear()
             if not self.lease.held():  # another replica reconciles (gateway/store/leases.py)
                 reconciling = False
-                view.mark(False)
+                view.mark(False, name)
                 changed.wait(self.interval)
                 continue
             if not reconciling:  # (again) the active one: whatever we knew is old
                 self.index.reset()
                 self.tails.clear()
                 reconciling = True
-                view.mark(True)
+                view.mark(True, name)
             started = time.monotonic()
             backlog = False
             try:
@@ -153,16 +164,17 @@ class Reconciler:
             if not backlog:
                 changed.wait(self.interval)
             self._stop.wait(max(0.0, MIN_TICK_GAP - (time.monotonic() - started)))
-        view.mark(False)
+        view.mark(False, name)
 
     def start_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run_forever, name="reconciler", daemon=True)
+        thread = threading.Thread(target=self.run_forever, name=f"reconciler-{self.backend.name}",
+                                  daemon=True)
         thread.start()
         return thread
 
     def stop(self) -> None:
         self._stop.set()
-        self.service.changed.set()
+        self.wakeup.set()
         self.submitter.stop()
 
     # ---- one tick ----
@@ -196,13 +208,17 @@ class Reconciler:
         # worker event logs first: a task whose worker recorded its end needs no job state
         news, ended = self.folder.read_events(rows, stats)
         for row in rows:
-            # a task only swept that had nothing new: its job state is as last applied
-            if row.id in ended or (row.id in swept and row.id not in news):
+            # a task only swept that had nothing new: its job state is as last applied;
+            # one whose job is being withdrawn for overflow: its job state is overflow's
+            if row.id in ended or (row.id in swept and row.id not in news) \
+                    or self.overflow.holds(row.id):
                 continue
             status = statuses.get(row.job_id, NOT_REPORTED)
             isolated(row, "applying its job state", self._apply_job_status, row, status, stats)
 
         self.submitter.submit_batch(index.next_to_submit(self.submit_per_tick), stats)
+        self.overflow.note_tick()
+        self.overflow.step(statuses)
         self._purge_if_due()
         stats.seconds = time.monotonic() - started
         return stats

@@ -1,5 +1,6 @@
-"""Backend health, shared by every replica: each backend's last scheduler poll, its last
-error and who holds its reconciler lease, for the dashboard.
+"""Backend health, shared by every replica: each backend instance's last scheduler poll,
+its last error and who holds its reconciler lease, for the dashboard (one row per
+instance of `backends:`, keyed by its name).
 
 The reconciler calls ``record_poll`` after each batched poll (``poll_error`` turns the
 poll's statuses into the error, or None). It never raises: a failed write is a log line.
@@ -184,7 +185,7 @@ class Health:
     """One backend's row of the dashboard's health panel (times: seconds since the epoch)."""
 
     backend: str
-    configured: bool  # this replica's backend.name
+    configured: bool  # one of this replica's backend instances (config.instances())
     last_poll_at: float | None = None
     last_ok_at: float | None = None
     failing_since: float | None = None
@@ -197,22 +198,23 @@ class Health:
 
 
 def overview(engine: Engine, config: Config) -> tuple[list[Health], float]:
-    """(every backend's health, the configured one first; the database's now)."""
-    configured = config.backend.name
+    """(every backend instance's health, the configured ones first in the file's order,
+    then any other the database knows; the database's now)."""
+    configured = list(config.backends)
     with db.reading(engine) as conn:
         rows = {row.backend: row for row in conn.execute(select(backend_health))}
         holders = leases.holders(conn, config.database.url)
         now = leases.database_now(conn)
-    names = [configured, *sorted((set(rows) | {h.backend for h in holders if h.backend})
-                                 - {configured})]
+    names = [*configured, *sorted((set(rows) | {h.backend for h in holders if h.backend})
+                                  - set(configured))]
     result = []
     for name in names:
         row = rows.get(name)
-        health = Health(name, name == configured,
+        health = Health(name, name in configured,
                         **({k: getattr(row, k) for k in row._fields if k != "backend"}
                            if row is not None else {}))
-        # SQLite's one reconciler lock names no backend: it is this database's reconciler
+        # SQLite's one reconciler lock names no backend: it is this database's reconcilers'
         health.lease = next((h for h in holders if h.backend == name or
-                             (h.backend is None and name == configured)), None)
+                             (h.backend is None and name in configured)), None)
         result.append(health)
     return result, now

@@ -57,6 +57,7 @@ reconciler_leases = Table(
 SERVER_ROLE = "server"
 RECONCILER_ROLE = "reconciler"
 _held_locks: list[int] = []  # lock file descriptors, open for the life of the process
+_locked_reconcilers: set[str] = set()  # database URLs make_lease locked in this process
 
 
 class SingleServerError(OSError):
@@ -64,19 +65,20 @@ class SingleServerError(OSError):
 
 
 class LeaseView:
-    """Whether a reconciler in this process is reconciling now (it holds its lease and
-    runs its loop): the reconciler marks it, the store reads it to decide where a worker
-    event is noted (gateway/store/reconciler_queries.py). Given to the store at
-    construction; False while no reconciler runs here."""
+    """Whether the reconcilers in this process are reconciling now (each holds its lease
+    and runs its loop): each reconciler marks it under its instance's name, the store
+    reads it to decide where a worker event is noted (gateway/store/reconciler_queries.py).
+    Given to the store at construction; False while no reconciler runs here, and while
+    any one of them stands by (a worker event of its task must then reach the database)."""
 
     def __init__(self) -> None:
-        self._held = False
+        self._held: dict[str, bool] = {}
 
     def held(self) -> bool:
-        return self._held
+        return bool(self._held) and all(self._held.values())
 
-    def mark(self, held: bool) -> None:
-        self._held = held
+    def mark(self, held: bool, instance: str = "") -> None:
+        self._held[instance] = held
 
 
 class Lease:
@@ -292,13 +294,17 @@ def lock_sqlite(url: str, role: str) -> None:
     _held_locks.append(fd)
 
 
-def make_lease(config: Config, engine: Engine, on_acquired: Callable[[], None]) -> Lease:
-    """The lease for this process's reconciler (not yet started)."""
+def make_lease(config: Config, engine: Engine, on_acquired: Callable[[], None],
+               instance: str | None = None) -> Lease:
+    """The lease of this process's reconciler of `instance` (default: the single
+    `backend:` form's, named after its kind), not yet started. PostgreSQL: a lease row per
+    instance. SQLite: one lock file for all of this process's reconcilers (taken once)."""
     url = config.database.url
     if engine.dialect.name == "sqlite":
-        lock_sqlite(url, RECONCILER_ROLE)
+        if url not in _locked_reconcilers:
+            lock_sqlite(url, RECONCILER_ROLE)
+            _locked_reconcilers.add(url)
         return Lease()
     opts = config.reconciler
-    return DatabaseLease(engine, config.backend.name, opts.lease_seconds,
+    return DatabaseLease(engine, instance or config.backend.name, opts.lease_seconds,
                          opts.interval_seconds, on_acquired)
-

@@ -10,6 +10,11 @@ compare-and-set ``transition`` too. Kept apart because it is the reconciler's co
 the database (what a tick may cost), not the API's. Whether a reconciler in this process
 is reconciling, which decides where a worker event is noted, comes from the LeaseView the
 store was given (gateway/store/leases.py).
+
+Several backend instances: ``for_instance(name)`` gives the same store's queries seeing
+only the tasks whose ``backend`` column is that instance (one reconciler each); every
+read of the rows stays one query, filtered by the column. A worker event noted here goes
+to every reconciler's inbox in this process (each ignores the tasks it does not hold).
 """
 
 from __future__ import annotations
@@ -51,18 +56,51 @@ class FieldUpdate:
     events: Sequence[dict] = ()
 
 
+class WorkerEventInbox:
+    """The tasks whose worker reported over HTTP since each reconciler of this process
+    last looked: one set per reconciler (opened by its first take), each event noted in
+    all of them, so no reconciler takes another's."""
+
+    def __init__(self) -> None:
+        self._sets: dict[str | None, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def note(self, task_id: str) -> None:
+        with self._lock:
+            for task_ids in self._sets.values():
+                task_ids.add(task_id)
+
+    def take(self, key: str | None) -> set[str]:
+        with self._lock:
+            taken = self._sets.get(key, set())
+            self._sets[key] = set()
+        return taken
+
+
 class ReconcilerQueries:
     """The task store's queries for the reconciler (and the worker-event intake)."""
 
-    def __init__(self, engine: Engine, changed: threading.Event, lease_view: LeaseView):
+    def __init__(self, engine: Engine, changed: threading.Event, lease_view: LeaseView,
+                 instance: str | None = None, inbox: WorkerEventInbox | None = None):
         self.engine = engine
         # set when something the reconciler should act on happens in this process
         self.changed = changed
         self.lease_view = lease_view
+        # None: every task (one backend instance); else only that instance's tasks
+        self.instance = instance
         # tasks whose worker reported over HTTP since the reconciler last looked, kept
-        # while a reconciler in this process is reconciling (lease_view.held())
-        self._worker_events: set[str] = set()
-        self._worker_events_lock = threading.Lock()
+        # while the reconcilers in this process are reconciling (lease_view.held())
+        self._inbox = inbox if inbox is not None else WorkerEventInbox()
+
+    def for_instance(self, name: str) -> ReconcilerQueries:
+        """These queries seeing only the tasks of backend instance `name` (for its
+        reconciler), sharing this store's engine, wake-up event and worker-event inbox."""
+        return ReconcilerQueries(self.engine, self.changed, self.lease_view, name, self._inbox)
+
+    def _mine(self, condition: Any) -> Any:
+        """condition, and (scoped to an instance) the row is that instance's."""
+        return condition if self.instance is None else \
+            condition & (db.tasks.c.backend == self.instance)
 
     def transition(self, task_id: str, current: State | str, target: State | str,
                    job_id_is_null: bool | None = None, events: Sequence[dict] = (),
@@ -148,7 +186,7 @@ class ReconcilerQueries:
         full read. The reconciler reads this on its first tick and now and then after;
         in between it reads changed_rows."""
         t = db.tasks
-        query = (select(*_ROW_COLUMNS).where(t.c.state.in_(_ACTIVE_STATES))
+        query = (select(*_ROW_COLUMNS).where(self._mine(t.c.state.in_(_ACTIVE_STATES)))
                  .order_by(t.c.seq).limit(limit))
         with db.reading(self.engine) as conn:
             return conn.execute(query).all()
@@ -163,7 +201,23 @@ class ReconcilerQueries:
         if ids:
             condition = condition | t.c.id.in_(ids)
         with db.reading(self.engine) as conn:
-            return conn.execute(select(*_ROW_COLUMNS).where(condition)).all()
+            return conn.execute(select(*_ROW_COLUMNS).where(self._mine(condition))).all()
+
+    def move_to_instance(self, task_id: str, job_id: str | None, target: str,
+                         logs: list) -> bool:
+        """Overflow: hand a QUEUED task of this instance to instance `target`, without a
+        job (its next reconciler submits it), once its job here (job_id; None: it never
+        got one) is confirmed gone. One compare-and-set on state, instance and job: False
+        if the row moved meanwhile (a worker started, a cancel, another claim)."""
+        if self.instance is None:
+            raise ValueError("only an instance's queries move its tasks")
+        t = db.tasks
+        job = t.c.job_id.is_(None) if job_id is None else t.c.job_id == job_id
+        query = (update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                                 t.c.backend == self.instance, job)
+                 .values(backend=target, job_id=None, logs=logs))
+        with db.writing(self.engine) as conn:
+            return conn.execute(query.values(updated_at=now_rfc3339())).rowcount == 1
 
     # ---- worker events received over HTTP (events_api) ----
 
@@ -173,8 +227,7 @@ class ReconcilerQueries:
         any other (another replica, `funnel reconcile`) sees the row's updated_at move
         (one single-row UPDATE)."""
         if self.lease_view.held():
-            with self._worker_events_lock:
-                self._worker_events.add(task_id)
+            self._inbox.note(task_id)
         else:
             t = db.tasks
             with db.writing(self.engine) as conn:
@@ -185,9 +238,7 @@ class ReconcilerQueries:
     def take_worker_events(self) -> set[str]:
         """The task ids note_worker_event collected since the last call (for the
         reconciler)."""
-        with self._worker_events_lock:
-            taken, self._worker_events = self._worker_events, set()
-        return taken
+        return self._inbox.take(self.instance)
 
     def stored_logs(self, task_ids: list[str]) -> dict[str, list]:
         """The logs column (as stored, with gateway_logs/worker_logs) of many tasks."""
@@ -223,12 +274,14 @@ class ReconcilerQueries:
         with db.writing(self.engine) as conn:
             now = now_rfc3339()
             free = conn.execute(
-                select(t.c.id).where(t.c.id.in_(wanted), t.c.state == State.QUEUED.value,
-                                     t.c.job_id.is_(None))
+                select(t.c.id).where(self._mine(t.c.id.in_(wanted)),
+                                     t.c.state == State.QUEUED.value, t.c.job_id.is_(None))
                 .order_by(t.c.seq).with_for_update(skip_locked=True)).scalars().all()
             for task_id in free:
                 attempt = wanted[task_id]
-                query = (update(t).where(t.c.id == task_id, t.c.state == State.QUEUED.value,
+                # scoped: still this instance's (not moved by an overflow meanwhile)
+                query = (update(t).where(self._mine(t.c.id == task_id),
+                                         t.c.state == State.QUEUED.value,
                                          t.c.job_id.is_(None), t.c.attempt == attempt - 1)
                          .values(job_id="", attempt=attempt, event_seq=0, updated_at=now))
                 if conn.execute(query).rowcount == 1:
