@@ -75,6 +75,7 @@ class TickStats:
     rows_read: int = 0     # rows the tick read from the database (all on a full read)
     looked_at: int = 0     # in-flight tasks whose event logs the tick read
     seconds: float = 0.0
+    unreachable: str | None = None  # why a submission found the scheduler unreachable
 
 
 class LookAgain:

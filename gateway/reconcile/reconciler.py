@@ -217,6 +217,11 @@ class Reconciler:
             isolated(row, "applying its job state", self._apply_job_status, row, status, stats)
 
         self.submitter.submit_batch(index.next_to_submit(self.submit_per_tick), stats)
+        if not stats.poll_calls and stats.unreachable is not None:
+            # nothing to poll, and the scheduler could not take a job: the health row says
+            # so (an instance whose every submission fails has no poll to fail)
+            backend_health.record_poll(self.service.engine, self.backend.name,
+                                       f"submission: {stats.unreachable}")
         self.overflow.note_tick()
         self.overflow.step(statuses)
         self._purge_if_due()

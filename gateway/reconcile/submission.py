@@ -163,6 +163,7 @@ class Submitter:
                 # scheduler unreachable: give the claim back, retry next tick
                 log.warning("submission of task %s deferred: %s", row.id, outcome)
                 deferred.append((row.id, row.attempt, row.event_seq))
+                stats.unreachable = str(outcome)
             elif isinstance(outcome, Exception):
                 self._submission_failed(row, logs, outcome, stats)
             else:
