@@ -14,8 +14,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 from werkzeug.security import generate_password_hash
 
+from funnel_hpc.backends.base import BackendError, SubmitRequest
+from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.events import iter_events, now_rfc3339
+from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 from funnel_hpc.gateway.store import db
+from funnel_hpc.gateway.web.app import make_service
+from tests.reconciler_helpers import TRIVIAL, ScriptedBackend
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
 
@@ -56,14 +61,19 @@ def submit(server: ServerProcess, site: str, script: str, instances: list[str],
     task_id = resp.json()["id"]
     engine = db.make_engine(server.db_url)
     try:
-        with db.writing(engine) as conn:
-            conn.execute(update(db.tasks).where(db.tasks.c.id == task_id,
-                                                db.tasks.c.backend.not_in(instances))
-                         .values(backend=instance, updated_at=now_rfc3339()))
+        place(engine, task_id, instance, instances)
     finally:
         engine.dispose()
     assert stored_instance(server, task_id) == instance
     return task_id
+
+
+def place(engine: Any, task_id: str, instance: str, instances: list[str]) -> None:
+    """Put a task that no instance holds (not routed at POST yet) on `instance`."""
+    with db.writing(engine) as conn:
+        conn.execute(update(db.tasks).where(db.tasks.c.id == task_id,
+                                            db.tasks.c.backend.not_in(instances))
+                     .values(backend=instance, updated_at=now_rfc3339()))
 
 
 def stored_instance(server: ServerProcess, task_id: str) -> str | None:
@@ -127,6 +137,57 @@ def worker_starts(work_dir: Path, task_id: str) -> int:
         starts += sum(1 for event in iter_events(path)
                       if event.get("type") == "state" and event.get("state") == "INITIALIZING")
     return starts
+
+
+class InstanceDouble(ScriptedBackend):
+    """The reconciler tests' scheduler double, as backend instance `name`; `unreachable`:
+    every submission finds its scheduler unreachable."""
+
+    def __init__(self, name: str, unreachable: bool = False):
+        super().__init__()
+        self.name = name
+        self.unreachable = unreachable
+
+    def submit(self, request: SubmitRequest) -> str:
+        if self.unreachable:
+            raise BackendError("sbatch failed (1): Unable to contact slurm controller",
+                               transient=True)
+        return super().submit(request)
+
+
+def two_instances(tmp_path: Path, max_queue_wait: str = "0s", unreachable: bool = False,
+                  **reconciler: Any):
+    """(service, {name: backend double}, {name: reconciler}) of instances a and b in one
+    process, SQLite; one rule: every task to a, overflowing to b after max_queue_wait;
+    `unreachable`: a's scheduler cannot be reached."""
+    config = config_mod.load(environ={}, overrides={
+        "work_dir": str(tmp_path / "work"), "backend": {"name": "local"},
+        "backends": {"a": {"kind": "local"}, "b": {"kind": "local"}},
+        "routing": [{"backend": "a", "overflow": ["b"], "max_queue_wait": max_queue_wait}],
+        "reconciler": {"submit_threads": 1, **reconciler}})
+    service = make_service(config)
+    backends = {"a": InstanceDouble("a", unreachable), "b": InstanceDouble("b")}
+    reconcilers = {name: Reconciler(service, backend, config,
+                                    queries=service.reconciler_queries.for_instance(name))
+                   for name, backend in backends.items()}
+    return service, backends, reconcilers
+
+
+def create_on(service: Any, instance: str) -> str:
+    task_id = service.create(TRIVIAL)
+    place(service.engine, task_id, instance, ["a", "b"])
+    return task_id
+
+
+def row_of(service: Any, task_id: str) -> Any:
+    with db.reading(service.engine) as conn:
+        return conn.execute(select(db.tasks).where(db.tasks.c.id == task_id)).one()
+
+
+def gateway_lines(service: Any, task_id: str) -> list[str]:
+    """Every gateway log line of the task, all attempts."""
+    return [line for entry in row_of(service, task_id).logs
+            for line in (entry.get("gateway_logs") or entry.get("system_logs") or [])]
 
 
 class SilentListener:
