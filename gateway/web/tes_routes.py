@@ -113,7 +113,7 @@ def _add_service_info(blp: Blueprint) -> None:
         @_errors(blp, 400)
         def get(self):
             """GetServiceInfo"""
-            return json_response(service().service_info())
+            return json_response(service().service_info(principal().user))
 
 
 def _add_tasks(blp: Blueprint, shown: Shown) -> None:
