@@ -349,9 +349,9 @@ class TaskService:
 
     # ---- service-info ----
 
-    def service_info(self, caller: str | None = None) -> dict:
-        """GA4GH service-info for TES 1.1, plus SERVICE_INFO_KEY: the backend instances
-        the caller's tasks may be routed to (gateway/store/placement.py)."""
+    def service_info(self, caller: str | None = None, extended: bool = False) -> dict:
+        """GA4GH service-info for TES 1.1; `extended`: plus SERVICE_INFO_KEY, the backend
+        instances the caller's tasks may be routed to (gateway/store/placement.py)."""
         from funnel_hpc.core import __version__
 
         info = self.config.service_info
@@ -375,8 +375,8 @@ class TaskService:
                           ("environment", "environment")):
             if getattr(info, key):
                 out[name] = getattr(info, key)
-        # an extension key: GA4GH service-info and TES 1.1 allow more properties
-        out[SERVICE_INFO_KEY] = {"backends": instances}
+        if extended:  # valid TES, but strict clients (py-tes) refuse a key they lack
+            out[SERVICE_INFO_KEY] = {"backends": instances}
         return out
 
     def instances_for(self, caller: str | None) -> builtins.list[dict[str, Any]]:

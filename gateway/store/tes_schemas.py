@@ -269,18 +269,6 @@ class OrganizationSchema(Schema):
     url = fields.String()
 
 
-class ServiceBackendSchema(Schema):
-    """A backend instance the caller's tasks may be routed to (funnel-hpc's extension)."""
-    name = fields.String()
-    kind = fields.String()
-    backend_parameters = fields.List(fields.String())
-    requestable = fields.Boolean()  # backend_parameters.backend may name it
-
-
-class FunnelServiceInfoSchema(Schema):
-    backends = fields.List(fields.Nested(ServiceBackendSchema))
-
-
 class ServiceInfoSchema(Schema):
     id = fields.String()
     name = fields.String()
@@ -295,8 +283,6 @@ class ServiceInfoSchema(Schema):
     version = fields.String()
     storage = fields.List(fields.String())
     tesResources_backend_parameters = fields.List(fields.String())
-    # an extension (service-info allows more properties): tasks.SERVICE_INFO_KEY
-    funnel_hpc = fields.Nested(FunnelServiceInfoSchema)
 
 
 # ---- query parameters ----

@@ -302,7 +302,8 @@ def cancel(task_id: str):
 
 @blueprint.get("/service")
 def service_info():
-    return _render("service.html", info=_service().service_info(principal().user))
+    return _render("service.html", info=_service().service_info(principal().user,
+                                                                  extended=True))
 
 
 @blueprint.get(TES_PREFIX + "/docs")
