@@ -177,13 +177,15 @@ def render(task_file, backend_name, owner, task_id, config_path) -> None:
         except Unroutable as exc:
             if not backend_name:
                 fail(f"routing: {exc}")
-            spec["tags"] = {**(spec.get("tags") or {}), ROUTE_TAG: name}
+            if placement.several:
+                spec["tags"] = {**(spec.get("tags") or {}), ROUTE_TAG: name}
             chosen.append(name)
             notes.append(f"forced to {name} by --backend (routing refuses the task: {exc})")
             return
         placement.take_request(spec, routed)
         chosen.append(name or routed.instance)
-        spec["tags"][ROUTE_TAG] = chosen[0]
+        if placement.several:
+            spec["tags"][ROUTE_TAG] = chosen[0]
         notes.append(routed.describe() if chosen[0] == routed.instance else
                      f"forced to {name} by --backend (routing: {routed.describe()})")
 

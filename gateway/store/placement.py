@@ -2,8 +2,9 @@
 the validated task, its owner and the owner's unix groups; and which instances a caller
 may be routed to, for service-info.
 
-The client's own value of the route tag (core.routing.ROUTE_TAG) is never trusted: it is
-taken out of the task before the rules see it and replaced by the instance chosen.
+With several instances, the client's own value of the route tag (core.routing.ROUTE_TAG)
+is never trusted: it is taken out of the task before the rules see it and replaced by the
+instance chosen. With one instance (no `backends:`), a task is stored as it was sent.
 
 Cost: one Router built per process (TaskService holds one Placement); per POST, the rules
 in order plus, for a signed-in local user, one cached group lookup (OwnerGroups: at most
@@ -88,11 +89,16 @@ class Placement:
     def __init__(self, config: Config, groups: OwnerGroups | None = None):
         self.router: Router = config.router()
         self.kinds = {instance.name: instance.kind for instance in config.instances()}
+        # one instance: nothing to say (a task keeps its tags as sent, TES round trips)
+        self.several = len(self.kinds) > 1
         self.groups = groups or OwnerGroups()
 
     def route(self, spec: dict, owner: str | None) -> Route:
-        """The instance for a validated task (Unroutable: no rule accepts it). The task's
-        route tag is set to it; a client's value of that tag is dropped first, unseen."""
+        """The instance for a validated task (Unroutable: no rule accepts it). With several
+        instances the task's route tag is set to it, a client's value of that tag dropped
+        first, unseen."""
+        if not self.several:
+            return self.router.route(spec, owner, self.groups(owner))
         tags = spec.get("tags")
         if isinstance(tags, dict):
             tags.pop(ROUTE_TAG, None)

@@ -181,12 +181,14 @@ class TaskService:
             raise BadRequest(str(exc)) from None
         except OwnerRefused as exc:
             raise Forbidden(str(exc)) from None
-        # the first system log line says where the task goes and by which rule
-        logs = logs or [{"logs": [], "outputs": [], "system_logs": []}]
-        logs[0]["system_logs"].insert(0, route.describe())
         ignored = [*unknown, *ignored]
         notices = [ignored_fields_notice(ignored)] if ignored else []
-        logs[0]["system_logs"] += notices
+        # with several instances, the first system log line says where the task goes
+        lines = [route.describe()] if self.placement.several else []
+        if lines or notices:
+            logs = logs or [{"logs": [], "outputs": [], "system_logs": []}]
+            logs[0]["system_logs"][:0] = lines
+            logs[0]["system_logs"] += notices
         task_id = new_task_id()
         with db.writing(self.engine) as conn:
             now = now_rfc3339()  # under the write lock: (nearly) the commit time
