@@ -208,6 +208,7 @@ def instance_backend(cfg: Config, instance: Instance) -> Any:
     over the instance's options), without a change callback: nothing is submitted."""
     from funnel_hpc.backends.registry import backend_class
 
+    assert instance.options is not None  # every kind render knows has its section
     return backend_class(instance.kind)(instance.options, Path(cfg.work_dir), None)
 
 

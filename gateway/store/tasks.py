@@ -32,8 +32,8 @@ from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.admission import Admission, AdmissionError
 from funnel_hpc.gateway.store.leases import LeaseView
-from funnel_hpc.gateway.store.placement import REQUEST_KEY, Placement
 from funnel_hpc.gateway.store.page_budget import PageBudget, PageHold
+from funnel_hpc.gateway.store.placement import REQUEST_KEY, Placement
 from funnel_hpc.gateway.store.prepared import PreparedInsert
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.task_views import apply_view, full_task
