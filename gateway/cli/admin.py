@@ -167,7 +167,7 @@ def render(task_file, backend_name, owner, task_id, config_path) -> None:
         document = json.load(task_file)
     except ValueError as exc:
         fail(f"{task_file.name}: not valid JSON: {exc}")
-    placement = Placement(cfg)
+    placement = Placement.from_config(cfg)
     chosen: list[str] = []  # the instance
     notes: list[str] = []   # where the task goes and why, printed once it rendered
 

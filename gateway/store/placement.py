@@ -86,12 +86,18 @@ class Reachable:
 class Placement:
     """The routing of one server's configuration, built once."""
 
-    def __init__(self, config: Config, groups: OwnerGroups | None = None):
-        self.router: Router = config.router()
-        self.kinds = {instance.name: instance.kind for instance in config.instances()}
+    def __init__(self, router: Router, kinds: Mapping[str, str],
+                 groups: OwnerGroups | None = None):
+        self.router = router
+        self.kinds = dict(kinds)  # instance name -> kind, in the configuration's order
         # one instance: nothing to say (a task keeps its tags as sent, TES round trips)
         self.several = len(self.kinds) > 1
         self.groups = groups or OwnerGroups()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Placement:
+        return cls(config.router(), {instance.name: instance.kind
+                                     for instance in config.instances()})
 
     def route(self, spec: dict, owner: str | None) -> Route:
         """The instance for a validated task (Unroutable: no rule accepts it). With several

@@ -140,7 +140,7 @@ class TaskService:
         self.config = config
         self.backend_name: str = config.backend.name
         self.admission = Admission(config)
-        self.placement = Placement(config)  # the routing rules, built once
+        self.placement = Placement.from_config(config)  # the routing rules, built once
         self.strict_fields: bool = config.server.strict_fields
         self.max_list_bytes: int = config.limits.max_list_bytes
         self.page_budget = PageBudget(config.limits.max_list_bytes_in_flight)
