@@ -103,12 +103,14 @@ class Placement:
         """The instance for a validated task (Unroutable: no rule accepts it). With several
         instances the task's route tag is set to it, a client's value of that tag dropped
         first, unseen."""
+        # no rules, no question: the one default instance, without a group lookup
+        groups = self.groups(owner) if self.router.rules else frozenset()
         if not self.several:
-            return self.router.route(spec, owner, self.groups(owner))
+            return self.router.route(spec, owner, groups)
         tags = spec.get("tags")
         if isinstance(tags, dict):
             tags.pop(ROUTE_TAG, None)
-        route = self.router.route(spec, owner, self.groups(owner))
+        route = self.router.route(spec, owner, groups)
         spec["tags"] = {**(spec.get("tags") or {}), ROUTE_TAG: route.instance}
         return route
 

@@ -138,7 +138,6 @@ class TaskService:
     def __init__(self, engine: Engine, config: Config, lease_view: LeaseView | None = None):
         self.engine = engine
         self.config = config
-        self.backend_name: str = config.backend.name
         self.admission = Admission(config)
         self.placement = Placement.from_config(config)  # the routing rules, built once
         self.strict_fields: bool = config.server.strict_fields
