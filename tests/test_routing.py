@@ -569,3 +569,24 @@ def test_rules_see_the_hostile_values_exactly():
                  {"resources": {"backend_parameters": tags}})
     assert taken({"backend_parameters": {"gpus": "any"}},
                  {"resources": {"backend_parameters": tags}})
+
+
+class CountingList(list):
+    """A task list that counts how often routing walks it."""
+
+    walks = 0
+
+    def __iter__(self):
+        CountingList.walks += 1
+        return super().__iter__()
+
+
+def test_zones_are_walked_once_for_all_rules():
+    rules = router([{"when": {"resources": {"zones": [f"eu-{n}", f"us-{n}"]}},
+                     "backend": "big"} for n in range(100)] + [{"backend": "here"}])
+    zones = CountingList([f"zone\x00{n}" for n in range(10_000)] + [None, {"a": 1}, ["x"]])
+    CountingList.walks = 0
+    assert rules.route({"resources": {"zones": zones}}).rule == 100
+    assert CountingList.walks == 1
+    zones.append("us-99")
+    assert rules.route({"resources": {"zones": zones}}).rule == 99
