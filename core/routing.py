@@ -462,7 +462,12 @@ def parse_rules(raw: Sequence[object], instances: Sequence[str]) -> tuple[Rule, 
         raise RuleError(f"routing: expected a list of rules, got {_shown(raw)}")
     if len(raw) > MAX_RULES:
         raise RuleError(f"routing: {len(raw)} rules, at most {MAX_RULES}")
-    return tuple(_parse_rule(index, entry, instances) for index, entry in enumerate(raw))
+    rules = tuple(_parse_rule(index, entry, instances) for index, entry in enumerate(raw))
+    for rule in rules[:-1]:
+        if not rule.conditions and rule.backend != REQUESTED:
+            raise RuleError(f"routing[{rule.index + 1}]: never reached ({rule.path} takes "
+                            "every task: give it a `when` or make it the last rule)")
+    return rules
 
 
 def _parse_rule(index: int, entry: object, instances: Sequence[str]) -> Rule:

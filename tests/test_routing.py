@@ -120,10 +120,11 @@ def test_no_rules_send_everything_to_the_default():
 
 def test_first_match_wins_and_empty_when_matches_all():
     rules = router([{"when": {"tags": {"a": "any"}}, "backend": "gpu"},
-                    {"when": {}, "backend": "big"},
-                    {"backend": "partner"}])
-    assert rules.route({"tags": {"a": "1"}}).instance == "gpu"
+                    {"when": {"tags": {"b": "any"}}, "backend": "partner"},
+                    {"when": {}, "backend": "big"}])
+    assert rules.route({"tags": {"a": "1", "b": "1"}}).instance == "gpu"
     assert rules.route({"tags": {"b": "1"}}).rule == 1
+    assert rules.route({"tags": {"c": "1"}}).rule == 2
 
 
 def test_all_when_keys_must_match():
@@ -450,6 +451,18 @@ def test_validation_names_the_key_and_the_value(raw, message):
     with pytest.raises(RuleError) as caught:
         parse_rules(raw, INSTANCES)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+@pytest.mark.parametrize("first", [{"backend": "here"}, {"when": {}, "backend": "here"},
+                                   {"when": None, "backend": "here", "overflow": ["gpu"]}])
+def test_a_rule_after_one_that_takes_every_task_is_refused(first):
+    with pytest.raises(RuleError) as caught:
+        parse_rules([{"backend": "gpu", "when": {"owner": "a"}}, first, {"backend": "big"}],
+                    INSTANCES)
+    assert str(caught.value) == ("routing[2]: never reached (routing[1] takes every task: "
+                                 "give it a `when` or make it the last rule)")
+    # `requested` lets tasks that name nothing through (to its default, if any)
+    parse_rules([{"backend": "requested", "allowed": ["gpu"]}, {"backend": "big"}], INSTANCES)
 
 
 def test_an_instance_named_requested_is_refused():
