@@ -295,6 +295,8 @@ def _names(value: object, path: str, one_allowed: bool = True) -> tuple[str, ...
     """A non-empty list of distinct non-empty strings (or one string)."""
     if isinstance(value, str) and one_allowed:
         value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list):
         what = "a name or a list of names" if one_allowed else "a list of names"
         raise RuleError(f"{path}: expected {what}, got {_shown(value)}")

@@ -603,3 +603,38 @@ def test_zones_are_walked_once_for_all_rules():
     assert CountingList.walks == 1
     zones.append("us-99")
     assert rules.route({"resources": {"zones": zones}}).rule == 99
+
+
+def test_frozen_configuration_shapes_are_accepted():
+    from types import MappingProxyType
+
+    frozen = (MappingProxyType({"when": MappingProxyType({"resources": MappingProxyType(
+        {"zones": ("eu-1",)})}), "backend": "big", "overflow": ("gpu",)}),
+        MappingProxyType({"backend": "requested", "allowed": ("here",)}))
+    rules = Router(parse_rules(frozen, INSTANCES), "here")
+    assert rules.route({"resources": {"zones": ["eu-1"]}}).fallbacks == ("gpu",)
+    assert rules.route(params(backend="here")).rule == 1
+
+
+def test_documents_as_the_tes_schema_leaves_them():
+    """The shapes routing reads are those the create path's schema hands on."""
+    import json
+
+    from funnel_hpc.gateway.store.tes_schemas import load_task_lenient
+
+    tags = {f"t\u00e9\U0001f600{n}": "v" * 100 for n in range(10_000)}
+    tags["site"] = "partner"
+    body = json.loads(json.dumps({
+        "executors": [{"image": "busybox", "command": ["true"]}], "tags": tags,
+        "resources": {"cpu_cores": 16, "ram_gb": 64.5, "preemptible": True,
+                      "zones": ["us-1", "eu-2"],
+                      "backend_parameters": {"GPUS": "2", "Backend": "gpu"}}}))
+    spec, _ = load_task_lenient(body)
+    rules = router(EXAMPLE)
+    assert rules.route(spec).rule == 0
+    del spec["tags"]["site"]
+    assert rules.route(spec).rule == 1
+    del spec["resources"]["backend_parameters"]["GPUS"]
+    assert rules.route(spec).instance == "big"
+    spec["resources"]["ram_gb"] = 512.5
+    assert (rules.route(spec).instance, rules.route(spec).requested) == ("gpu", True)
