@@ -10,7 +10,6 @@ from funnel_hpc.core import config
 from funnel_hpc.core.routing import (
     MAX_REASON,
     MAX_RULES,
-    MAX_VALUES,
     ROUTE_TAG,
     Route,
     Router,
@@ -19,6 +18,7 @@ from funnel_hpc.core.routing import (
     duration,
     parse_rules,
 )
+from funnel_hpc.core.routing_when import MAX_VALUES
 
 INSTANCES = ["here", "gpu", "partner", "big"]
 # the example, with every `when` key
