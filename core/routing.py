@@ -184,9 +184,11 @@ def _parse_rule(index: int, entry: object, instances: Sequence[str]) -> Rule:
         if not overflow:
             raise RuleError(f"{path}.max_queue_wait: only with overflow (where to go "
                             "after the wait)")
-        wait = duration(wait, f"{path}.max_queue_wait")
-        if wait <= 0:
-            raise RuleError(f"{path}.max_queue_wait: expected a duration above 0, got 0")
+        seconds = duration(wait, f"{path}.max_queue_wait")
+        if seconds <= 0:
+            raise RuleError(f"{path}.max_queue_wait: expected a duration above 0, "
+                            f"got {shown(wait)}")
+        wait = seconds
     return Rule(index, mapping.get("when"), backend, allowed, overflow, wait, default)
 
 

@@ -430,6 +430,8 @@ def rule(**entry: object) -> dict:
      "routing[0].max_queue_wait: expected a duration such as 30m, 2h or 45s, got -5"),
     ([rule(overflow=["gpu"], max_queue_wait=0)],
      "routing[0].max_queue_wait: expected a duration above 0, got 0"),
+    ([rule(overflow=["gpu"], max_queue_wait="0m")],
+     'routing[0].max_queue_wait: expected a duration above 0, got "0m"'),
     ([rule(allowed=["gpu"])], "routing[0].allowed: only with backend: requested"),
     ([rule(default="gpu")], "routing[0].default: only with backend: requested"),
     ([{"backend": "requested"}], ("routing[0].allowed: backend: requested lists the "
