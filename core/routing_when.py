@@ -111,7 +111,7 @@ class Condition:
         raise NotImplementedError
 
 
-class Pairs(Condition):
+class _Pairs(Condition):
     """tags or backend_parameters: each key present, with this value unless "any"."""
 
     __slots__ = ("label", "pairs", "lowered")
@@ -134,8 +134,8 @@ class Pairs(Condition):
         return tuple(key for key, _ in self.pairs) if self.lowered else ()
 
     def need(self) -> str:
-        shown = [key if value is None else f"{key}={value}" for key, value in self.pairs]
-        return f"needs {self.label}{', '.join(_cut(text) for text in shown)}"
+        wanted = [key if value is None else f"{key}={value}" for key, value in self.pairs]
+        return f"needs {self.label}{', '.join(_cut(text) for text in wanted)}"
 
 
 _MISSING = object()
@@ -208,7 +208,7 @@ class _Zones(Condition):
         return f"needs a zone among {self.shown}"
 
 
-class Owner(Condition):
+class _Owner(Condition):
     """The task's owner is one of these names."""
 
     __slots__ = ("names",)
@@ -224,7 +224,7 @@ class Owner(Condition):
         return "is for certain owners"  # names stay the admin's: not told to every caller
 
 
-class Group(Condition):
+class _Group(Condition):
     """The owner is in one of these groups."""
 
     __slots__ = ("names",)
@@ -283,7 +283,7 @@ def names_of(value: object, path: str, one_allowed: bool = True) -> tuple[str, .
 
 
 def _pairs(value: object, path: str, label: str, lowered: bool,
-           reserved: frozenset[str] = frozenset()) -> Pairs:
+           reserved: frozenset[str] = frozenset()) -> _Pairs:
     pairs: dict[str, str | None] = {}
     mapping = mapping_of(value, path)
     if not mapping:
@@ -300,7 +300,7 @@ def _pairs(value: object, path: str, label: str, lowered: bool,
             raise RuleError(f"{path}.{key}: the same key as another one (keys are "
                             "case-insensitive)")
         pairs[name] = None if wanted == ANY else wanted
-    return Pairs(label, tuple(pairs.items()), lowered)
+    return _Pairs(label, tuple(pairs.items()), lowered)
 
 
 def _number(value: object, path: str) -> float:
@@ -360,9 +360,9 @@ def compile_when(when: object, path: str, reserved_tags: frozenset[str] = frozen
             continue
         value, here = mapping[key], f"{path}.{key}"
         if key == "owner":
-            out.append(Owner(names_of(value, here)))
+            out.append(_Owner(names_of(value, here)))
         elif key == "group":
-            out.append(Group(names_of(value, here)))
+            out.append(_Group(names_of(value, here)))
         elif key == "tags":
             out.append(_pairs(value, here, "tag ", lowered=False, reserved=reserved_tags))
         elif key == "backend_parameters":
