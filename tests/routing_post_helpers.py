@@ -31,8 +31,6 @@ def routing_overrides(alice: str, group: str, users: dict[str, str]) -> dict[str
         "routing": [
             {"when": {"tags": {"site": "other"}}, "backend": "other"},
             {"when": {"tags": {"site": "here"}}, "backend": "here"},
-            # an admin's rule on the route tag itself: a client's value never reaches it
-            {"when": {"tags": {ROUTE_TAG: "other"}}, "backend": "other"},
             {"when": {"tags": {"lane": "gpu"}, "group": group}, "backend": "third"},
             {"when": {"tags": {"lane": "solo"}, "owner": [alice]}, "backend": "solo"},
         ],

@@ -4,7 +4,9 @@ caller may reach, with hand-built rules (the rule language itself: tests/test_ro
 
 from __future__ import annotations
 
-from funnel_hpc.core.routing import ROUTE_TAG, Route, Router, Rule
+import pytest
+
+from funnel_hpc.core.routing import ROUTE_TAG, Route, Router, Rule, RuleError
 from funnel_hpc.gateway.store.placement import OwnerGroups, Placement
 
 KINDS = {"here": "local", "gpu": "slurm", "cloud": "aws-batch", "lab": "local"}
@@ -40,7 +42,10 @@ def test_a_requested_route_takes_the_backend_key_out():
 
 
 def test_the_route_tag_is_the_instance_never_the_clients():
-    rules = placement(Rule(0, {"tags": {ROUTE_TAG: "gpu"}}, "gpu"), Rule(1, {}, "here"))
+    # a rule cannot read the route tag (refused at load), and a client's is overwritten
+    with pytest.raises(RuleError, match="a rule cannot read it"):
+        Rule(0, {"tags": {ROUTE_TAG: "gpu"}}, "gpu")
+    rules = placement(Rule(0, {"tags": {"x": "2"}}, "gpu"), Rule(1, {}, "here"))
     spec = {"tags": {ROUTE_TAG: "gpu", "x": "1"}}
     assert rules.route(spec, "alice").instance == "here"
     assert spec["tags"] == {"x": "1", ROUTE_TAG: "here"}
