@@ -155,7 +155,7 @@ class InstanceDouble(ScriptedBackend):
         return super().submit(request)
 
 
-def two_instances(tmp_path: Path, max_queue_wait: str = "0s", unreachable: bool = False,
+def two_instances(tmp_path: Path, max_queue_wait: str = "0.01s", unreachable: bool = False,
                   **reconciler: Any):
     """(service, {name: backend double}, {name: reconciler}) of instances a and b in one
     process, SQLite; one rule: every task to a, overflowing to b after max_queue_wait;

@@ -9,6 +9,7 @@ local backend, and an unreachable Slurm login node's tasks overflow to Grid Engi
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -47,11 +48,13 @@ from tests.waiting import wait_for
 
 
 def withdrawn(tmp_path: Path):
-    """A task on a whose job 100 waited past max_queue_wait (0 s) and was withdrawn."""
+    """A task on a whose job 100 waited past max_queue_wait (10 ms) and was withdrawn."""
     service, backends, reconcilers = two_instances(tmp_path)
     task_id = create_on(service, "a")
     reconcilers["a"].tick()  # submits job 100
-    reconcilers["a"].tick()  # sees it PENDING: withdraws it
+    reconcilers["a"].tick()  # sees it PENDING
+    time.sleep(0.02)  # past max_queue_wait: the next tick withdraws it
+    reconcilers["a"].tick()
     assert backends["a"].canceled == ["100"]
     return service, backends, reconcilers, task_id
 

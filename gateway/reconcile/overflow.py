@@ -39,6 +39,7 @@ from funnel_hpc.gateway.reconcile.core import (
     attempt_logs,
 )
 from funnel_hpc.gateway.reconcile.index import InFlightIndex
+from funnel_hpc.gateway.store.placement import OwnerGroups
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
@@ -78,6 +79,7 @@ class Overflow:
         self.look_again = look_again
         self.failed_ticks_needed = max(1, config.reconciler.overflow_after_failed_polls)
         self.router: Router = config.router()
+        self.groups = OwnerGroups()  # as at POST (gateway/store/placement.py)
         self.instances = frozenset(config.backends)
         name = backend.name
         # does any rule send tasks on from this instance? (else this costs nothing)
@@ -179,9 +181,9 @@ class Overflow:
             chain = None
             if task is not None:
                 try:
-                    # groups are not stored with a task: a rule on groups sees none here,
-                    # and _next moves nothing whose route does not hold this instance
-                    route = self.router.route(task, row.owner, frozenset())
+                    # the owner's groups of now: a route that no longer holds this
+                    # instance moves nothing (_next)
+                    route = self.router.route(task, row.owner, self.groups(row.owner))
                     chain = Chain((route.instance, *route.fallbacks), route.max_queue_wait)
                 except Unroutable:
                     chain = None
