@@ -105,6 +105,17 @@ def test_a_job_that_started_anyway_keeps_its_task(tmp_path):
     assert backends["b"].jobs == {}
 
 
+def test_a_job_that_ended_completed_ran_and_keeps_its_task(tmp_path):
+    service, backends, reconcilers, task_id = withdrawn(tmp_path)
+    backends["a"].end("100", JobState.COMPLETED)  # it started and ended between two polls
+    for _ in range(3):
+        reconcilers["a"].tick()
+        reconcilers["b"].tick()
+    row = row_of(service, task_id)
+    assert row.backend == "a" and row.job_id == "100"
+    assert backends["b"].jobs == {}
+
+
 def test_a_worker_that_started_anyway_keeps_its_task(tmp_path):
     service, backends, reconcilers, task_id = withdrawn(tmp_path)
     # the job ended CANCELLED, but its worker had begun: the task is not moved

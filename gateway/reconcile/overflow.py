@@ -5,17 +5,19 @@ longer than the rule's max_queue_wait.
 
 The safety rule: a task moves only when its job here is confirmed gone. The reconciler
 of its current instance withdraws the job (Backend.withdraw: Slurm cancels it only while
-it is pending) and waits; a later poll that shows the job ended, with no event of its
-worker in the task dir, confirms it, and one compare-and-set UPDATE (still QUEUED, still
-this instance, still that job) hands the task to the next instance with no job. A task
-that never got a job here (its submissions failed) moves at once by the same UPDATE. An
-unreachable scheduler confirms nothing: the task stays. A worker that started anyway
-wins: the task stays too. Attempts go forward along the route (instance, then its
-overflow list in order), never back to an instance the task's logs say it tried.
+it is pending) and waits; a later poll that shows the job canceled or gone (not completed
+or failed: those ran), with no event of its worker in the task dir, confirms it, and one
+compare-and-set UPDATE (still QUEUED, still this instance, still that job) hands the
+task to the next instance with no job. A task that never got a job here (its
+submissions failed) moves at once by the same UPDATE. An unreachable scheduler confirms
+nothing, and an unhealthy instance withdraws nothing: the task stays. A worker that
+started anyway wins: the task stays too. Attempts go forward along the route (instance,
+then its overflow list in order), never back to an instance the task's logs say it tried.
 
 Cost when no rule names an overflow from this instance: nothing. Otherwise, per tick, a
-pass over this instance's QUEUED rows, and one read of the task documents of the tasks
-first considered (their routes are kept).
+pass over this instance's QUEUED rows, one read of the documents and logs of the tasks
+first considered (their routes are kept), and at most reconciler.submit_per_tick
+withdrawals (one scheduler call each) or moves (one UPDATE each).
 """
 
 from __future__ import annotations
@@ -46,14 +48,19 @@ from funnel_hpc.gateway.store.tasks import now_rfc3339
 log = logging.getLogger(LOGGER_NAME)
 
 QUEUED = State.QUEUED.value
+# what confirms a withdrawn job gone without having run (with no event of its worker):
+# canceled, or no longer known; COMPLETED, FAILED and the others mean it ran
+GONE_UNSTARTED = frozenset({JobState.CANCELLED, JobState.LOST})
 
 
 @dataclass(frozen=True)
 class Chain:
-    """A task's route as overflow needs it: the instances in order, and its wait."""
+    """A task's route as overflow needs it: the instances in order, its wait, and the
+    instances its logs say it tried (each attempt's metadata.backend)."""
 
     instances: tuple[str, ...]
     max_queue_wait: float | None
+    tried: frozenset[str]
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Overflow:
         self.writer = writer
         self.look_again = look_again
         self.failed_ticks_needed = max(1, config.reconciler.overflow_after_failed_polls)
+        # scheduler calls (withdrawals) and moves a tick makes at most
+        self.per_tick = max(1, config.reconciler.submit_per_tick)
         self.router: Router = config.router()
         self.groups = OwnerGroups()  # as at POST (gateway/store/placement.py)
         self.instances = frozenset(config.backends)
@@ -107,7 +116,11 @@ class Overflow:
     # ---- one tick ----
 
     def step(self, statuses: dict[str, JobStatus]) -> int:
-        """Confirm the withdrawals under way, start new ones; the tasks moved."""
+        """Confirm the withdrawals under way, start new ones; the tasks moved.
+
+        Unhealthy: only the tasks that never got a job here move (an accepted job cannot
+        be confirmed gone by a failing scheduler, and asking it would wait out its
+        timeouts); healthy: jobs PENDING past their max_queue_wait are withdrawn."""
         if not self.enabled:
             return 0
         moved = self._confirm(statuses)
@@ -116,16 +129,19 @@ class Overflow:
                   and row.id not in self.withdrawing]
         now = time.monotonic()
         self._note_pending(queued, now)
-        waiting = [row for row in queued if self._waited(row, now) is not None]
-        candidates = queued if self.unhealthy else waiting
+        unhealthy = self.unhealthy
+        candidates = ([row for row in queued if row.job_id is None] if unhealthy else
+                      [row for row in queued if self._waited(row, now) is not None])
         if not candidates:
             return moved
+        candidates = sorted(candidates, key=lambda row: row.seq)
         self._load_chains(candidates)
+        budget = self.per_tick
         for row in candidates:
             chain = self._chains.get(row.id)
             if chain is None:
                 continue
-            if self.unhealthy:
+            if unhealthy:
                 why = f"its scheduler failing for {self.failed_ticks} ticks"
             else:
                 waited = self._waited(row, now)
@@ -133,9 +149,12 @@ class Overflow:
                         or waited < chain.max_queue_wait:
                     continue
                 why = f"{_minutes(waited)} queued"
-            target = self._next(row, chain)
+            target = self._next(chain)
             if target is None:
                 continue
+            if budget <= 0:
+                break  # the rest next tick
+            budget -= 1
             if row.job_id is None:  # never accepted here: nothing to confirm
                 moved += self._move(row, None, Withdrawal("", target, why))
             else:
@@ -171,11 +190,14 @@ class Overflow:
         return now - known[1]
 
     def _load_chains(self, rows: list[Any]) -> None:
-        """The routes of the rows not seen yet: one read of their documents."""
+        """The routes of the rows not seen yet: one read of their documents and one of
+        their logs."""
         new = [row for row in rows if row.id not in self._chains]
         if not new:
             return
-        tasks = self.queries.full_tasks([row.id for row in new])
+        ids = [row.id for row in new]
+        tasks = self.queries.full_tasks(ids)
+        logs = self.queries.stored_logs(ids)
         for row in new:
             task = tasks.get(row.id)
             chain = None
@@ -184,20 +206,22 @@ class Overflow:
                     # the owner's groups of now: a route that no longer holds this
                     # instance moves nothing (_next)
                     route = self.router.route(task, row.owner, self.groups(row.owner))
-                    chain = Chain((route.instance, *route.fallbacks), route.max_queue_wait)
+                    tried = frozenset(str((entry.get("metadata") or {}).get("backend"))
+                                      for entry in logs.get(row.id, []))
+                    chain = Chain((route.instance, *route.fallbacks), route.max_queue_wait,
+                                  tried)
                 except Unroutable:
                     chain = None
             self._chains[row.id] = chain
 
-    def _next(self, row: Any, chain: Chain) -> str | None:
+    def _next(self, chain: Chain) -> str | None:
         """The instance after this one on the task's route that it never tried."""
         here = self.backend.name
         if here not in chain.instances:
             return None  # the rules changed since it was routed: it stays
-        tried = {here} | {str((entry.get("metadata") or {}).get("backend"))
-                          for entry in self.writer.stored_logs(row)}
         after = chain.instances[chain.instances.index(here) + 1:]
-        return next((name for name in after if name not in tried and name in self.instances),
+        return next((name for name in after
+                     if name not in chain.tried and name != here and name in self.instances),
                     None)
 
     def _withdraw(self, row: Any, withdrawal: Withdrawal) -> None:
@@ -228,6 +252,9 @@ class Overflow:
                 if status is not None and status.state == JobState.RUNNING:
                     self._stays(row, "its job started anyway")
                 continue  # PENDING, UNKNOWN (unreachable): not confirmed, it stays here
+            if status.state not in GONE_UNSTARTED:
+                self._stays(row, f"its job ended {status.state.value}: it ran")
+                continue
             tail = self.tails.of(row)
             tail.read_new()
             if tail.fold.last_seq > 0:
