@@ -117,6 +117,10 @@ class Reconciler:
                                    launch, opts.submit_threads)
         self.overflow = Overflow(self.queries, backend, self.index, self.tails, self.writer,
                                  self.look_again, config)
+        # a worker event of one of its tasks wakes this reconciler (and not the others);
+        # index.rows is read, never changed, by the intake's thread
+        self.queries.open_worker_events(self.wakeup.set,
+                                        lambda task_id: task_id in self.index.rows)
         self.cancels_sent: set[str] = set()
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge

@@ -20,7 +20,7 @@ to every reconciler's inbox in this process (each ignores the tasks it does not 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,17 +58,32 @@ class FieldUpdate:
 
 class WorkerEventInbox:
     """The tasks whose worker reported over HTTP since each reconciler of this process
-    last looked: one set per reconciler (opened by its first take), each event noted in
-    all of them, so no reconciler takes another's."""
+    last looked: one set per reconciler. An event goes to the reconciler that holds its
+    task, which alone is woken; one that none holds (not read yet) goes to all, and the
+    caller wakes them all."""
 
     def __init__(self) -> None:
         self._sets: dict[str | None, set[str]] = {}
+        # reconciler -> (wake it, whether it holds a task id)
+        self._readers: dict[str | None, tuple[Callable[[], None], Callable[[str], bool]]] = {}
         self._lock = threading.Lock()
 
-    def note(self, task_id: str) -> None:
+    def open(self, key: str | None, wake: Callable[[], None],
+             holds: Callable[[str], bool]) -> None:
         with self._lock:
-            for task_ids in self._sets.values():
-                task_ids.add(task_id)
+            self._sets.setdefault(key, set())
+            self._readers[key] = (wake, holds)
+
+    def note(self, task_id: str) -> bool:
+        """Whether a reconciler holding the task was told (and woken)."""
+        with self._lock:
+            holders = [key for key, (_wake, holds) in self._readers.items() if holds(task_id)]
+            for key in holders or self._sets:
+                self._sets[key].add(task_id)
+            wakes = [self._readers[key][0] for key in holders]
+        for wake in wakes:
+            wake()
+        return bool(wakes)
 
     def take(self, key: str | None) -> set[str]:
         with self._lock:
@@ -227,13 +242,20 @@ class ReconcilerQueries:
         any other (another replica, `funnel reconcile`) sees the row's updated_at move
         (one single-row UPDATE)."""
         if self.lease_view.held():
-            self._inbox.note(task_id)
+            if self._inbox.note(task_id):
+                return  # its reconciler was woken, and only it
         else:
             t = db.tasks
             with db.writing(self.engine) as conn:
                 conn.execute(update(t).where(t.c.id == task_id, t.c.state.in_(_ACTIVE_STATES))
                              .values(updated_at=now_rfc3339()))
         self.changed.set()
+
+    def open_worker_events(self, wake: Callable[[], None],
+                           holds: Callable[[str], bool]) -> None:
+        """Worker events for the tasks `holds` says the caller's reconciler holds go to it
+        (take_worker_events) and `wake` it, not every reconciler of this process."""
+        self._inbox.open(self.instance, wake, holds)
 
     def take_worker_events(self) -> set[str]:
         """The task ids note_worker_event collected since the last call (for the
