@@ -32,6 +32,9 @@ Sections (each measured with its physical reference in this same run):
   local      the local backend with 20,000 tasks queued through the API: hand-over time,
              idle tick CPU and server share of a core, disk per queued task (absolute
              bounds of issue 27); 200 trivial tasks to COMPLETE in the same run
+  instances  1,000 tasks split over Slurm and Grid Engine at once: the gateway's CPU per
+             task vs each half alone on its one instance (issue 28: <= 1.1x), and vs all
+             on one Slurm instance
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -59,6 +62,7 @@ from benchmarks import (  # noqa: E402
     bind_inputs_bench,
     events_bench,
     image_pull,
+    instances_bench,
     local_bench,
     reconciler_tick,
     replicas_bench,
@@ -74,7 +78,7 @@ from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "routing", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas", "local")
+            "reconciler", "replicas", "local", "instances")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -249,6 +253,10 @@ def local_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("local", local_bench.suite_rows(quick))])
 
 
+def instances_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("instances", instances_bench.suite_rows(quick))])
+
+
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
     """Replace the table between page's bench markers with this run's."""
     text = page.read_text()
@@ -285,7 +293,8 @@ def main() -> None:
                           ("throughput", throughput_section), ("worker", worker_section),
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),
-                          ("replicas", replicas_section), ("local", local_section)):
+                          ("replicas", replicas_section), ("local", local_section),
+                          ("instances", instances_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

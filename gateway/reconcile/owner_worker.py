@@ -23,7 +23,7 @@ import subprocess
 from typing import Any
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.core.config import Config, SlurmOptions
+from funnel_hpc.core.config import BackendOptions, Config, SlurmOptions
 
 # (section path, keys) of values an owner's worker must not see: the site's credentials
 SITE_SECRETS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
@@ -47,13 +47,15 @@ class WorkerCommandError(ValueError):
     """The worker command cannot be run by an unprivileged user."""
 
 
-def runs_as_owners(config: Config) -> bool:
-    """Whether the configured backend submits jobs as their owners."""
-    options = config.backend.options()
+def runs_as_owners(config: Config, options: BackendOptions | None = None) -> bool:
+    """Whether a backend instance (its options; default: the single `backend:` form's)
+    submits jobs as their owners."""
+    if options is None:
+        options = config.backend.options()
     return isinstance(options, SlurmOptions) and options.submit_as_owner
 
 
-def owner_sections(config: Config) -> dict[str, Any]:
+def owner_sections(config: Config, options: BackendOptions | None = None) -> dict[str, Any]:
     """The worker's sections without the site's secrets, plus where the owner's own
     storage settings are (backend.slurm.owner_storage_file; "" when none), and an image
     cache of the owner's own when the site names none."""
@@ -64,7 +66,8 @@ def owner_sections(config: Config) -> dict[str, Any]:
         for entry in _section(sections, path).values():
             if isinstance(entry, dict):
                 _drop(entry, keys)
-    sections[OWNER_STORAGE_KEY] = config.backend.slurm.owner_storage_file
+    slurm = options if isinstance(options, SlurmOptions) else config.backend.slurm
+    sections[OWNER_STORAGE_KEY] = slurm.owner_storage_file
     if not config.worker.image_cache:
         # <work_dir>/image-cache is root's; a cache shared by users would let one alter
         # the images another runs: each owner pulls into their own

@@ -80,7 +80,8 @@ PURGE_EVERY = 3600.0  # seconds between retention.task_days purges
 
 
 class Reconciler:
-    """Drives every task of one backend to its true state, one tick at a time."""
+    """Drives every task of one backend instance to its true state, one tick at a time
+    (gateway/reconcile/instances.py makes one per instance)."""
 
     def __init__(self, service: TaskService, backend: Backend, config: Config, *,
                  lease: Lease | None = None, index: InFlightIndex | None = None,
@@ -112,7 +113,7 @@ class Reconciler:
         self.writer = TaskWriter(self.queries, self.index, backend.name)
         self.folder = EventFolder(self.queries, self.index, self.tails, self.look_again,
                                   self.writer, backend.name)
-        launch = WorkerLaunch.from_config(config, opts.pass_server_url)
+        launch = WorkerLaunch.from_config(config, opts.pass_server_url, backend.options)
         self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
                                    launch, opts.submit_threads)
         self.overflow = Overflow(self.queries, backend, self.index, self.tails, self.writer,

@@ -20,7 +20,7 @@ from typing import Any
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
-from funnel_hpc.core.config import Config
+from funnel_hpc.core.config import BackendOptions, Config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.reconcile import owner_worker
@@ -60,14 +60,15 @@ class WorkerLaunch:
         self.server_url = server_url  # reconciler.pass_server_url: the workers report here
 
     @classmethod
-    def from_config(cls, config: Config, pass_server_url: bool) -> WorkerLaunch:
+    def from_config(cls, config: Config, pass_server_url: bool,
+                    options: BackendOptions | None = None) -> WorkerLaunch:
         """Writes the worker config (once per start); with jobs run as their owners, checks
         now (not per task) that the worker command runs for an unprivileged user."""
         worker_config = write_worker_config(config)
         owner_config: str | None = None
-        if owner_worker.runs_as_owners(config):
+        if owner_worker.runs_as_owners(config, options):  # options: the instance's
             owner_worker.check_worker_command(worker_command(config))
-            owner_config = json.dumps(owner_worker.owner_sections(config))
+            owner_config = json.dumps(owner_worker.owner_sections(config, options))
         worker_key = (worker_tokens.load_key(config.work_dir)
                       if config.auth.mode != "none" else None)
         return cls(config.work_dir, worker_command(config), worker_config,
