@@ -212,6 +212,10 @@ class Overflow:
                                   tried)
                 except Unroutable:
                     chain = None
+                except Exception:  # a task's values must not stop this instance's ticks
+                    log.exception("task %s: its route could not be worked out again; it "
+                                  "stays on %s", row.id, self.backend.name)
+                    chain = None
             self._chains[row.id] = chain
 
     def _next(self, chain: Chain) -> str | None:
