@@ -287,8 +287,23 @@ class GridEngineOptions(Section):
     accounting_file: str
 
 
+class TesOptions(Section):
+    """backend.tes: another TES 1.1 server the tasks are forwarded to."""
+    url: str
+    token_file: str
+    username: str
+    password_file: str
+    tag_key: str
+    tag_value: str
+    page_size: int
+    timeout_seconds: float
+    verify_tls: bool
+    ca_file: str
+    backend_parameters: Options
+
+
 BackendOptions = LocalOptions | SlurmOptions | AwsBatchOptions | HTCondorOptions \
-    | GridEngineOptions
+    | GridEngineOptions | TesOptions
 
 
 class BackendSection(Section):
@@ -299,6 +314,7 @@ class BackendSection(Section):
     aws_batch: AwsBatchOptions
     htcondor: HTCondorOptions
     gridengine: GridEngineOptions
+    tes: TesOptions
 
     def options(self, name: str | None = None) -> BackendOptions | None:
         """The section of backend `name` (default: the configured one; "aws-batch" is

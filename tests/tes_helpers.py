@@ -1,0 +1,126 @@
+"""The tes backend's test set-up: a real remote funnel-hpc server (its own process, work dir,
+SQLite database and auth, the local backend running busybox through bwrap from the test
+registry) and a real forwarding gateway whose backend is `tes`, pointed at the remote with
+a bearer token read from a file. Fixtures live in tests/test_tes_backend.py's conftest
+use (tests/conftest.py); these are the pieces."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import requests
+from werkzeug.security import generate_password_hash
+
+from tests.e2e_helpers import TICK
+from tests.server_helpers import ServerProcess
+from tests.waiting import wait_for, wait_for_state
+
+REMOTE_USER, REMOTE_TOKEN = "forwarder", "remote-token-of-the-forwarder"
+USER, PASSWORD = "alice", "alice-pw"  # the forwarding gateway's user
+AUTH = (USER, PASSWORD)
+
+
+class Bearer(requests.auth.AuthBase):
+    """requests auth sending a bearer token."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def __call__(self, request: Any) -> Any:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        return request
+
+
+REMOTE_AUTH = Bearer(REMOTE_TOKEN)
+
+
+def remote_server(work: Path, db_url: str, port: int | None = None,
+                  max_concurrent: int = 2) -> ServerProcess:
+    """The remote TES: auth on (the forwarder's account has a bearer token), the local
+    backend, bwrap."""
+    overrides = {
+        "backend": {"name": "local", "local": {"max_concurrent": max_concurrent}},
+        "reconciler": {"interval_seconds": TICK},
+        "worker": {"container_driver": "bwrap", "poll_server_seconds": 1},
+        "auth": {"mode": "basic+bearer", "tokens": {REMOTE_TOKEN: REMOTE_USER},
+                 "users": {REMOTE_USER: generate_password_hash("unused-password")}}}
+    extra = {} if port is None else {"port": port}
+    return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **extra)
+
+
+def token_file(directory: Path, token: str = REMOTE_TOKEN, mode: int = 0o600) -> Path:
+    path = directory / "remote.token"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(token + "\n")
+    os.chmod(path, mode)
+    return path
+
+
+def forwarder(work: Path, db_url: str, remote_url: str, token: Path, *,
+              port: int | None = None, tes: dict | None = None,
+              reconciler: dict | None = None) -> ServerProcess:
+    """The forwarding gateway: auth on (alice), backend tes to remote_url."""
+    overrides = {
+        "backend": {"name": "tes", "tes": {"url": remote_url, "token_file": str(token),
+                                           "timeout_seconds": 10, **(tes or {})}},
+        "reconciler": {"interval_seconds": TICK, **(reconciler or {})},
+        "auth": {"mode": "basic+bearer",
+                 "users": {USER: generate_password_hash(PASSWORD)}}}
+    extra: dict[str, Any] = {} if port is None else {"port": port}
+    return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **extra)
+
+
+def submit(server: ServerProcess, task: dict, auth: Any = AUTH) -> str:
+    resp = requests.post(server.api + "/tasks", json=task, auth=auth, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["id"]
+
+
+def get(server: ServerProcess, task_id: str, auth: Any = AUTH, view: str = "FULL") -> dict:
+    resp = requests.get(f"{server.api}/tasks/{task_id}", params={"view": view}, auth=auth,
+                        timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def wait_state(server: ServerProcess, task_id: str, states: Any, auth: Any = AUTH,
+               timeout: float = 120.0, also: ServerProcess | None = None) -> dict:
+    """The task (FULL) once in one of states; the servers' logs on timeout."""
+    def detail() -> str:
+        text = server.log()[-3000:]
+        if also is not None:
+            text += "\n--- remote ---\n" + also.log()[-3000:]
+        return text
+
+    return wait_for_state(server.api, task_id, states, timeout, auth=auth, detail=detail)
+
+
+def remote_id(task: dict) -> str:
+    """The remote task id of a forwarded task (its job id)."""
+    return task["logs"][-1]["metadata"]["job_id"]
+
+
+def remote_tasks(remote: ServerProcess, **params: Any) -> list[dict]:
+    """Every task of the forwarder's account on the remote (BASIC), newest first."""
+    resp = requests.get(remote.api + "/tasks", params={"view": "BASIC", **params},
+                        auth=REMOTE_AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["tasks"]
+
+
+def wait_remote_state(remote: ServerProcess, task_id: str, states: Any,
+                      timeout: float = 120.0) -> dict:
+    return wait_for_state(remote.api, task_id, states, timeout, auth=REMOTE_AUTH,
+                          detail=lambda: remote.log()[-3000:])
+
+
+def wait_job(server: ServerProcess, task_id: str, timeout: float = 120.0) -> str:
+    """The task's remote id, once the forwarder recorded it."""
+    def recorded() -> str | None:
+        logs = get(server, task_id).get("logs") or []
+        return (logs[-1].get("metadata") or {}).get("job_id") if logs else None
+
+    return wait_for(recorded, timeout, f"task {task_id} to be forwarded",
+                    detail=lambda: server.log()[-3000:])
