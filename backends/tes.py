@@ -189,20 +189,31 @@ class TesBackend(Backend):
     def submit(self, request: SubmitRequest) -> str:
         if not TASK_ID.fullmatch(request.task_id):
             raise BackendError(f"tes: {request.task_id!r} is not a task id")
-        nonce = secrets.token_hex(8)
-        body = self.remote_task(request, nonce)
         events = RemoteEventLog(self.work_dir, request.task_id,
                                 len(request.task.get("executors") or []))
-        try:  # before the POST: recover then knows this attempt may have a remote task
-            events.note({SUBMISSION_KEY: nonce, REMOTE_URL_KEY: self.client.url})
-        except OSError as exc:
-            raise BackendError(f"tes: cannot write the event log of {request.task_id}: "
-                               f"{exc.strerror or exc}") from None
-        answer = self.client.call("POST", "/tasks", body=body)
+        held = events.fold.task_log["metadata"]
+        nonce = held.get(SUBMISSION_KEY) if not held.get(REMOTE_ID_KEY) else None
+        if nonce:  # this attempt was POSTed before and the answer lost (the remote went
+            # away): adopt the remote task if the POST made one, never make a second
+            found = self._find(request.task_id, nonce)
+            if found:
+                return self._record(events, found)
+        else:
+            nonce = secrets.token_hex(8)
+            try:  # before the POST: recover then knows this attempt may have a remote task
+                events.note({SUBMISSION_KEY: nonce, REMOTE_URL_KEY: self.client.url})
+            except OSError as exc:
+                raise BackendError(f"tes: cannot write the event log of {request.task_id}: "
+                                   f"{exc.strerror or exc}") from None
+        answer = self.client.call("POST", "/tasks", body=self.remote_task(request, nonce))
         remote_id = answer.get("id")
         if not isinstance(remote_id, str) or not REMOTE_ID.fullmatch(remote_id):
             raise BackendError("tes POST /tasks: the answer holds no usable task id: "
                                f"{str(remote_id)[:80]!r}")
+        return self._record(events, remote_id)
+
+    def _record(self, events: RemoteEventLog, remote_id: str) -> str:
+        """The remote id in the task's event log (what maps it to the task from now on)."""
         try:
             events.note({REMOTE_ID_KEY: remote_id})
         except OSError as exc:
@@ -213,6 +224,24 @@ class TesBackend(Backend):
             self._logs[remote_id] = events
             self._seen[remote_id] = ("QUEUED", 0, 0, 0, 0)
         return remote_id
+
+    def _find(self, task_id: str, nonce: str) -> str | None:
+        """The remote task of a submission, by its tags (gateway, task id, nonce); None
+        when the remote has none. BackendError(transient=True) when it could not be asked."""
+        params = {"view": "MINIMAL", "tag_key": [self.tag[0], TASK_TAG, SUBMISSION_TAG],
+                  "tag_value": [self.tag[1], task_id, nonce]}
+        try:
+            answer = self.client.call("GET", "/tasks", params=params)
+        except BackendError as exc:  # could not ask: not "no such task" (base.py)
+            raise BackendError(str(exc), transient=True) from None
+        tasks = answer.get("tasks")
+        found = [item["id"] for item in (tasks if isinstance(tasks, list) else [])
+                 if isinstance(item, dict) and isinstance(item.get("id"), str)
+                 and REMOTE_ID.fullmatch(item["id"])]
+        if len(found) > 1:
+            log.warning("tes: task %s has %d remote tasks for one submission: %s",
+                        task_id, len(found), ", ".join(found))
+        return found[0] if found else None
 
     def _cancel_quietly(self, remote_id: str) -> None:
         try:
@@ -315,6 +344,8 @@ class TesBackend(Backend):
             return JobStatus(JobState.UNKNOWN, f"tes: remote task {job_id} is not one this "
                              "gateway submitted (its tags name no task of ours that has it)"), \
                 False
+        if events.fold.terminal:  # written before (asked again): nothing more to fetch
+            return JobStatus(job_state, self._reason(job_id, state)), False
         try:
             remote = self._full(job_id, remote)
         except BackendError as exc:  # asked again next tick: an end is reported only once
@@ -427,33 +458,16 @@ class TesBackend(Backend):
         held = events.fold.task_log["metadata"]
         remote_id, nonce = held.get(REMOTE_ID_KEY), held.get(SUBMISSION_KEY)
         if isinstance(remote_id, str) and REMOTE_ID.fullmatch(remote_id):
-            found = [remote_id]
-        elif not nonce:
+            with self._lock:
+                self._logs[remote_id] = events
+            return remote_id
+        found = self._find(task_id, nonce) if nonce else None
+        if found is None:
             return None
-        else:
-            params = {"view": "MINIMAL", "tag_key": [self.tag[0], TASK_TAG, SUBMISSION_TAG],
-                      "tag_value": [self.tag[1], task_id, nonce]}
-            try:
-                answer = self.client.call("GET", "/tasks", params=params)
-            except BackendError as exc:  # could not ask: not "no such task" (base.py)
-                raise BackendError(str(exc), transient=True) from None
-            tasks = answer.get("tasks")
-            found = [item["id"] for item in (tasks if isinstance(tasks, list) else [])
-                     if isinstance(item, dict) and isinstance(item.get("id"), str)
-                     and REMOTE_ID.fullmatch(item["id"])]
-            if not found:
-                return None
-            if len(found) > 1:
-                log.warning("tes: task %s has %d remote tasks for one submission: %s",
-                            task_id, len(found), ", ".join(found))
-            try:
-                events.note({REMOTE_ID_KEY: found[0]})
-            except OSError as exc:
-                raise BackendError(f"tes: cannot record remote task {found[0]}: {exc}",
-                                   transient=True) from None
-        with self._lock:
-            self._logs[found[0]] = events
-        return found[0]
+        try:
+            return self._record(events, found)
+        except BackendError as exc:
+            raise BackendError(str(exc), transient=True) from None
 
     def close(self) -> None:
         self.client.close()

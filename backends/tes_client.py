@@ -114,7 +114,6 @@ class TesClient:
             session.trust_env = False  # no proxy or .netrc from the environment
             session.headers.update(self.headers)
             session.verify = self.verify
-            session.max_redirects = 0
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)

@@ -124,3 +124,91 @@ def wait_job(server: ServerProcess, task_id: str, timeout: float = 120.0) -> str
 
     return wait_for(recorded, timeout, f"task {task_id} to be forwarded",
                     detail=lambda: server.log()[-3000:])
+
+
+# ---- in-process: the backend itself, and a hostile remote ----
+
+def tes_options(url: str, **values: Any) -> Any:
+    """backend.tes as the configuration loads it, with these keys set."""
+    from funnel_hpc.core import config as config_mod
+
+    loaded = config_mod.load(environ={}, overrides={"backend": {
+        "name": "tes", "tes": {"url": url, "timeout_seconds": 10, **values}}})
+    return loaded.backend.tes
+
+
+def request_for(work: Path, task_id: str, task: dict) -> Any:
+    """The SubmitRequest the reconciler makes, with the task dir made as it does."""
+    import json
+
+    from funnel_hpc.backends import files
+    from funnel_hpc.backends.base import SubmitRequest
+
+    directory = work / task_id
+    files.private_dir(directory)
+    files.write_private(directory, "task.json", json.dumps({**task, "id": task_id}))
+    return SubmitRequest(task_id=task_id, task={**task, "id": task_id, "state": "QUEUED"},
+                         task_dir=directory, worker_argv=[])
+
+
+class FakeTes:
+    """A TES server in this process answering what the test sets: `answers` maps
+    (method, path) to a function of the query (name -> list of values) giving (status,
+    body bytes). Requests are recorded in `seen`. Only for answers no real server gives."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlsplit
+
+        self.answers: dict[tuple[str, str], Any] = {}
+        self.seen: list[tuple[str, str, dict]] = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, method: str) -> None:
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                fake.seen.append((method, parts.path, query))
+                answer = fake.answers.get((method, parts.path))
+                status, body = answer(query) if answer else (404, b'{"message": "no"}')
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._answer("GET")
+
+            def do_POST(self) -> None:
+                self._answer("POST")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def json(self, method: str, path: str, body: Any, status: int = 200) -> None:
+        import json
+
+        data = json.dumps(body).encode()
+        self.answers[(method, "/ga4gh/tes/v1" + path)] = lambda _query: (status, data)
+
+    def raw(self, method: str, path: str, data: bytes, status: int = 200) -> None:
+        self.answers[(method, "/ga4gh/tes/v1" + path)] = lambda _query: (status, data)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.tes import TesBackend
+from funnel_hpc.backends.tes_events import RemoteEventLog
+from funnel_hpc.core.events import read_event_log
 from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, needs
-from tests.e2e_helpers import sh
-from tests.server_helpers import ServerProcess
+from tests.e2e_helpers import port_closed, sh, wait_ticks
+from tests.server_helpers import ServerProcess, free_port
 from tests.tes_helpers import (
     AUTH,
     REMOTE_AUTH,
@@ -24,11 +28,15 @@ from tests.tes_helpers import (
     remote_id,
     remote_server,
     remote_tasks,
+    request_for,
     submit,
+    tes_options,
     token_file,
+    wait_job,
     wait_remote_state,
     wait_state,
 )
+from tests.waiting import wait_for
 from tests.worker_helpers import need_registry
 
 pytestmark = [needs(BWRAP, bwrap_ready(), BWRAP_REASON), pytest.mark.registry]
@@ -109,3 +117,212 @@ def test_remote_tasks_are_tagged_for_this_gateway(gateway: ServerProcess, remote
     tag = (Path(gateway.work_dir) / "tes-gateway-id").read_text().strip()
     mine = remote_tasks(remote, tag_key="funnel-hpc-gateway", tag_value=tag)
     assert remote_id(task) in {t["id"] for t in mine}
+
+
+def test_cancel_through_the_forwarder_cancels_the_remote(gateway: ServerProcess,
+                                                         remote: ServerProcess):
+    task_id = submit(gateway, {"executors": [sh("sleep 300")]})
+    job = wait_job(gateway, task_id)
+    wait_remote_state(remote, job, "RUNNING")
+    resp = requests.post(f"{gateway.api}/tasks/{task_id}:cancel", auth=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    task = wait_state(gateway, task_id, {"CANCELED", "SYSTEM_ERROR", "COMPLETE"}, also=remote)
+    assert task["state"] == "CANCELED", task
+    assert wait_remote_state(remote, job, {"CANCELED", "COMPLETE"})["state"] == "CANCELED"
+
+
+def test_a_task_canceled_on_the_remote_is_a_system_error_here(gateway: ServerProcess,
+                                                               remote: ServerProcess):
+    task_id = submit(gateway, {"executors": [sh("sleep 300")]})
+    job = wait_job(gateway, task_id)
+    wait_remote_state(remote, job, "RUNNING")
+    resp = requests.post(f"{remote.api}/tasks/{job}:cancel", auth=REMOTE_AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    task = wait_state(gateway, task_id, {"CANCELED", "SYSTEM_ERROR", "COMPLETE"}, also=remote)
+    assert task["state"] == "SYSTEM_ERROR", task
+    assert "without a TES cancel" in "\n".join(task["logs"][-1]["system_logs"])
+
+
+def test_tasks_sent_straight_to_the_remote_are_not_touched(gateway: ServerProcess,
+                                                           remote: ServerProcess):
+    """Same remote account, no gateway tag: the forwarder's walk never lists it, so
+    nothing of it is polled, written or canceled."""
+    direct = submit(remote, {"executors": [sh("sleep 2; echo direct")]}, auth=REMOTE_AUTH)
+    forwarded = submit(gateway, {"executors": [sh("sleep 2; echo forwarded")]})
+    task = wait_state(gateway, forwarded, {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"},
+                      also=remote)
+    assert task["state"] == "COMPLETE", task
+    there = wait_remote_state(remote, direct, {"COMPLETE", "CANCELED", "SYSTEM_ERROR"})
+    assert there["state"] == "COMPLETE"
+    assert "funnel-hpc-gateway" not in (there.get("tags") or {})
+    tag = (Path(gateway.work_dir) / "tes-gateway-id").read_text().strip()
+    listed = {t["id"] for t in remote_tasks(remote, tag_key="funnel-hpc-gateway",
+                                            tag_value=tag)}
+    assert direct not in listed and remote_id(task) in listed
+    # the forwarder has no task of that id (its ids are its own) and the remote task was
+    # never canceled: its log ends COMPLETE as the remote ran it
+    resp = requests.get(f"{gateway.api}/tasks/{direct}", auth=AUTH, timeout=30)
+    assert resp.status_code == 404
+
+
+def test_wrong_credentials_fail_the_task_with_the_remote_answer(remote: ServerProcess,
+                                                                 databases, tmp_path):
+    """401 is permanent: the task ends SYSTEM_ERROR quoting it (retrying cannot help)."""
+    token = token_file(tmp_path / "secrets", token="not-a-token-of-the-remote")
+    server = forwarder(tmp_path / "work", databases.new("sqlite"), remote.url, token).start()
+    try:
+        task_id = submit(server, {"executors": [sh("true")]})
+        task = wait_state(server, task_id, {"COMPLETE", "SYSTEM_ERROR"}, also=remote)
+        assert task["state"] == "SYSTEM_ERROR"
+        logs = "\n".join(task["logs"][-1]["system_logs"])
+        assert "submission to tes failed: tes POST /tasks: HTTP 401" in logs, logs
+        assert "not-a-token" not in server.log()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_a_token_file_others_may_read_stops_the_start(remote: ServerProcess, databases,
+                                                      tmp_path, mode: int):
+    token = token_file(tmp_path / "secrets", mode=mode)
+    server = forwarder(tmp_path / "work", databases.new("sqlite"), remote.url, token)
+    with pytest.raises(RuntimeError) as failed:
+        server.start(timeout=60)
+    assert f"backend.tes.token_file: {token} may be read by others" in str(failed.value)
+    assert "remote-token" not in str(failed.value)
+
+
+def test_remote_down_then_back(databases, tmp_path):
+    """While the remote is down a running task stays as it was (UNKNOWN polls) and a new
+    one stays QUEUED (transient submission); both complete once it is back."""
+    need_registry()
+    remote = remote_server(tmp_path / "remote", databases.new("sqlite")).start()
+    token = token_file(tmp_path / "secrets")
+    server = forwarder(tmp_path / "work", databases.new("sqlite"), remote.url, token).start()
+    try:
+        running = submit(server, {"executors": [sh("sleep 4; echo survived")]})
+        job = wait_job(server, running)
+        wait_remote_state(remote, job, "RUNNING")
+        remote.stop()
+        wait_for(lambda: port_closed(remote.port), 30, "the remote to stop listening")
+        queued = submit(server, {"executors": [sh("echo later")]})
+        wait_for(lambda: "unreachable" in server.log(), 60, "a failed call to the remote")
+        wait_ticks(server, 3)
+        assert get(server, queued)["state"] == "QUEUED"
+        assert get(server, running)["state"] in ("QUEUED", "INITIALIZING", "RUNNING")
+        remote.start()
+        for task_id, text in ((running, "survived\n"), (queued, "later\n")):
+            task = wait_state(server, task_id, {"COMPLETE", "SYSTEM_ERROR", "EXECUTOR_ERROR"},
+                              also=remote)
+            assert task["state"] == "COMPLETE", task
+            assert task["logs"][-1]["logs"][0]["stdout"] == text
+    finally:
+        server.stop()
+        remote.stop()
+
+
+def test_forwarder_killed_mid_flight_picks_up_where_it_stopped(remote: ServerProcess,
+                                                               databases, tmp_path):
+    token = token_file(tmp_path / "secrets")
+    db_url = databases.new("sqlite")
+    first = forwarder(tmp_path / "work", db_url, remote.url, token).start()
+    task_id = submit(first, {"executors": [sh("sleep 3; echo one run")]})
+    job = wait_job(first, task_id)
+    wait_remote_state(remote, job, "RUNNING")
+    first.kill()
+    second = forwarder(tmp_path / "work", db_url, remote.url, token, port=first.port).start()
+    try:
+        task = wait_state(second, task_id, {"COMPLETE", "SYSTEM_ERROR", "EXECUTOR_ERROR"},
+                          also=remote)
+        assert task["state"] == "COMPLETE", task
+        assert task["logs"][-1]["logs"][0]["stdout"] == "one run\n"
+        assert len(task["logs"]) == 1
+        tagged = remote_tasks(remote, tag_key="funnel-hpc-task-id", tag_value=task_id)
+        assert [t["id"] for t in tagged] == [job]
+    finally:
+        second.stop()
+
+
+# ---- the backend in this process, against the real remote ----
+
+def test_poll_is_one_walk_and_fetches_only_what_changed(remote: ServerProcess, tmp_path):
+    token = token_file(tmp_path / "secrets")
+    backend = TesBackend(tes_options(remote.url, token_file=str(token), page_size=2),
+                         tmp_path / "work")
+    other = TesBackend(tes_options(remote.url, token_file=str(token), tag_value="f" * 32),
+                       tmp_path / "other")
+    try:
+        jobs = {f"task{n}": backend.submit(request_for(tmp_path / "work", f"task{n}", {
+            "executors": [sh(f"echo {n}")]})) for n in range(5)}
+        theirs = other.submit(request_for(tmp_path / "other", "theirs",
+                                          {"executors": [sh("true")]}))
+        for job in [*jobs.values(), theirs]:
+            wait_remote_state(remote, job, "COMPLETE")
+        before = backend.client.calls.copy()
+        statuses = backend.poll(list(jobs.values()))
+        calls = backend.client.calls - before
+        assert {s.state for s in statuses.values()} == {JobState.COMPLETED}
+        # 5 own tasks at 2 a page: 3 pages; one FULL view per task that changed
+        assert calls == {"GET /tasks": 3, "GET /tasks/{id}": 5}, calls
+        for n in range(5):
+            fold = read_event_log(tmp_path / "work" / f"task{n}" / "events.jsonl")
+            assert fold.state == "COMPLETE"
+            assert fold.task_log["logs"][0]["stdout"] == f"{n}\n"
+        # the newest first (funnel-hpc's order): the walk stops once it saw them all
+        before = backend.client.calls.copy()
+        newest = jobs["task4"]
+        assert backend.poll([newest])[newest].state == JobState.COMPLETED
+        assert backend.client.calls - before == {"GET /tasks": 1}
+        # the other gateway's walk lists its task only
+        before = other.client.calls.copy()
+        assert other.poll([theirs])[theirs].state == JobState.COMPLETED
+        # a task of this account the walk did not list is looked up, and not taken
+        # for one of the other gateway's: its tags name another gateway
+        status = other.poll([jobs["task0"]])[jobs["task0"]]
+        assert status.state == JobState.UNKNOWN and "not one this gateway" in status.reason
+        assert not (tmp_path / "other" / "task0").exists()
+    finally:
+        backend.close()
+        other.close()
+
+
+def test_recover_finds_the_submission_a_dead_gateway_made(remote: ServerProcess, tmp_path):
+    token = token_file(tmp_path / "secrets")
+    work = tmp_path / "work"
+    options = tes_options(remote.url, token_file=str(token))
+    first = TesBackend(options, work)
+    job = first.submit(request_for(work, "recorded", {"executors": [sh("true")]}))
+    first.close()
+    again = TesBackend(options, work)  # a restarted gateway: nothing in memory
+    try:
+        assert again.recover("recorded", work / "recorded") == job
+        # died after the POST, before recording the remote id: found by its nonce
+        request = request_for(work, "posted", {"executors": [sh("true")]})
+        RemoteEventLog(work, "posted", 1).note({"tes_submission": "0123456789abcdef"})
+        body = again.remote_task(request, "0123456789abcdef")
+        posted = requests.post(remote.api + "/tasks", json=body, auth=REMOTE_AUTH,
+                               timeout=30).json()["id"]
+        assert again.recover("posted", work / "posted") == posted
+        fold = read_event_log(work / "posted" / "events.jsonl")
+        assert fold.task_log["metadata"]["remote_id"] == posted
+        # died before the POST: no remote task for that nonce, none for no log at all
+        request_for(work, "unsent", {"executors": [sh("true")]})
+        RemoteEventLog(work, "unsent", 1).note({"tes_submission": "fedcba9876543210"})
+        assert again.recover("unsent", work / "unsent") is None
+        request_for(work, "never", {"executors": [sh("true")]})
+        assert again.recover("never", work / "never") is None
+    finally:
+        again.close()
+
+
+def test_recover_when_the_remote_is_down_asks_again(tmp_path):
+    work = tmp_path / "work"
+    backend = TesBackend(tes_options(f"http://127.0.0.1:{free_port()}"), work)
+    request_for(work, "posted", {"executors": [sh("true")]})
+    RemoteEventLog(work, "posted", 1).note({"tes_submission": "0123456789abcdef"})
+    with pytest.raises(BackendError) as failed:
+        backend.recover("posted", work / "posted")
+    assert failed.value.transient
+    statuses = backend.poll(["some-remote-id"])
+    assert statuses["some-remote-id"].state == JobState.UNKNOWN
+    assert "unreachable" in statuses["some-remote-id"].reason
