@@ -390,7 +390,8 @@ class TesBackend(Backend):
                 raise
             note = f"the remote's FULL view could not be used: {exc}"
             attempt = {**last_attempt(basic), "system_logs": [note]}
-            logs = basic.get("logs") if isinstance(basic.get("logs"), list) else []
+            logs = basic.get("logs")
+            logs = logs if isinstance(logs, list) else []
             return {**basic, "logs": [*logs[:-1], attempt]}
 
     def _events_of(self, job_id: str, remote: dict[str, Any]) -> RemoteEventLog | None:

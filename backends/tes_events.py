@@ -168,7 +168,7 @@ class RemoteEventLog:
     def update(self, remote: dict[str, Any], metadata: dict[str, str]) -> int:
         """Append what is new in the remote document; the number of events written.
         Raises OSError when the task dir or its log cannot be written safely."""
-        events = []
+        events: list[dict[str, Any]] = []
         for event in self.events_for(remote, metadata):
             event = {"seq": self.fold.last_seq + len(events) + 1, "time": now_rfc3339(),
                      "task_id": self.task_id, **event}

@@ -30,6 +30,8 @@ Sections (each measured with its physical reference in this same run):
   local      the local backend with 20,000 tasks queued through the API: hand-over time,
              idle tick CPU and server share of a core, disk per queued task (absolute
              bounds of issue 27); 200 trivial tasks to COMPLETE in the same run
+  tes        1,000 trivial tasks through a funnel-hpc forwarding to another (the tes
+             backend) vs the same sent straight to such a server (tes_forward_bench.py)
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -65,13 +67,14 @@ from benchmarks import (  # noqa: E402
     slurm_sinks,
     slurm_throughput,
     storage_bench,
+    tes_forward_bench,
     worker_stdout,
 )
 from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas", "local")
+            "reconciler", "replicas", "local", "tes")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -242,6 +245,10 @@ def local_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("local", local_bench.suite_rows(quick))])
 
 
+def tes_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("tes_forward", tes_forward_bench.suite_rows(quick))])
+
+
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
     """Replace the table between page's bench markers with this run's."""
     text = page.read_text()
@@ -277,7 +284,8 @@ def main() -> None:
                           ("throughput", throughput_section), ("worker", worker_section),
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),
-                          ("replicas", replicas_section), ("local", local_section)):
+                          ("replicas", replicas_section), ("local", local_section),
+                          ("tes", tes_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

@@ -20,6 +20,7 @@ from tests.waiting import wait_for, wait_for_state
 REMOTE_USER, REMOTE_TOKEN = "forwarder", "remote-token-of-the-forwarder"
 USER, PASSWORD = "alice", "alice-pw"  # the forwarding gateway's user
 AUTH = (USER, PASSWORD)
+USER_TOKEN = "alice-token"  # the same user by bearer token (no password hash per call)
 
 
 class Bearer(requests.auth.AuthBase):
@@ -34,19 +35,20 @@ class Bearer(requests.auth.AuthBase):
 
 
 REMOTE_AUTH = Bearer(REMOTE_TOKEN)
+USER_AUTH = Bearer(USER_TOKEN)
 
 
 def remote_server(work: Path, db_url: str, port: int | None = None,
-                  max_concurrent: int = 2) -> ServerProcess:
+                  max_concurrent: int = 2, interval: float = TICK) -> ServerProcess:
     """The remote TES: auth on (the forwarder's account has a bearer token), the local
     backend, bwrap."""
     overrides = {
         "backend": {"name": "local", "local": {"max_concurrent": max_concurrent}},
-        "reconciler": {"interval_seconds": TICK},
+        "reconciler": {"interval_seconds": interval},
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1},
         "auth": {"mode": "basic+bearer", "tokens": {REMOTE_TOKEN: REMOTE_USER},
                  "users": {REMOTE_USER: generate_password_hash("unused-password")}}}
-    extra = {} if port is None else {"port": port}
+    extra: dict[str, Any] = {} if port is None else {"port": port}
     return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **extra)
 
 
@@ -66,7 +68,7 @@ def forwarder(work: Path, db_url: str, remote_url: str, token: Path, *,
         "backend": {"name": "tes", "tes": {"url": remote_url, "token_file": str(token),
                                            "timeout_seconds": 10, **(tes or {})}},
         "reconciler": {"interval_seconds": TICK, **(reconciler or {})},
-        "auth": {"mode": "basic+bearer",
+        "auth": {"mode": "basic+bearer", "tokens": {USER_TOKEN: USER},
                  "users": {USER: generate_password_hash(PASSWORD)}}}
     extra: dict[str, Any] = {} if port is None else {"port": port}
     return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **extra)

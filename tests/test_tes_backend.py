@@ -106,9 +106,9 @@ def test_file_urls_are_refused_at_post(gateway: ServerProcess):
     # an input given by its content reaches the remote with the task
     task_id = submit(gateway, {"inputs": [{"content": "inline\n", "path": "/in/x"}],
                                "executors": [sh("cat /in/x")]})
-    task = wait_state(gateway, task_id, {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"})
-    assert task["state"] == "COMPLETE", task
-    assert task["logs"][-1]["logs"][0]["stdout"] == "inline\n"
+    done = wait_state(gateway, task_id, {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"})
+    assert done["state"] == "COMPLETE", done
+    assert done["logs"][-1]["logs"][0]["stdout"] == "inline\n"
 
 
 def test_remote_tasks_are_tagged_for_this_gateway(gateway: ServerProcess, remote: ServerProcess):

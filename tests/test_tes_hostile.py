@@ -227,3 +227,22 @@ def test_a_lost_submit_answer_never_makes_a_second_remote_task(fake: FakeTes, tm
     assert lookup["tag_value"] == [backend.tag[1], "task0", nonce]
     assert read_event_log(log_file).task_log["metadata"]["remote_id"] == \
         "made-by-the-lost-post"
+
+
+def test_config_show_masks_the_credential_files(tmp_path: Path):
+    import subprocess
+
+    import yaml
+
+    from tests.server_helpers import clean_env, funnel_argv
+
+    token = token_file(tmp_path / "secrets")
+    config = tmp_path / "funnel.yaml"
+    config.write_text(yaml.safe_dump({"work_dir": str(tmp_path / "work"), "backend": {
+        "name": "tes", "tes": {"url": "https://tes.example.org", "token_file": str(token)}}}))
+    shown = subprocess.run([*funnel_argv("config", "show", "--config", str(config))],
+                           capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    tes = yaml.safe_load(shown.stdout)["backend"]["tes"]
+    assert tes["token_file"] == "********" and tes["url"] == "https://tes.example.org"
+    assert "remote-token" not in shown.stdout
