@@ -11,13 +11,15 @@ submits twice.
 
 Poll: ONE walk over ``GET /tasks?view=BASIC`` filtered by the gateway's tag, page by page
 (``page_size``), stopping once every asked job was seen; a job not listed is LOST only
-when ``GET /tasks/{id}`` answers 404. Remote states map to job states by STATE_MAP. A job
-whose BASIC view changed (state, executors started or ended, outputs) is fetched once in
-FULL and its news written to the task's event log (backends/tes_events.py): the
-reconciler folds that log like a worker's, so a COMPLETE remote task ends COMPLETE here
-with its executor logs and outputs. A terminal job is reported only once its log holds
-the end (else UNKNOWN, asked again). Cost per tick: ceil(tasks listed / page_size) calls
-(in-flight tasks are usually the newest, listed first), plus one GET per changed job.
+when ``GET /tasks/{id}`` answers 404. Remote states map to job states by STATE_MAP. The
+news of a job whose BASIC view changed (state, executors started or ended, outputs) is
+written to the task's event log (backends/tes_events.py), from its FULL view when the job
+ended or an executor ended (BASIC lacks stdout, stderr and system logs): the reconciler
+folds that log like a worker's, in the same tick, so a COMPLETE remote task ends COMPLETE
+here with its executor logs and outputs. A terminal job is reported only once its log
+holds the end (else UNKNOWN, asked again). Cost per tick: ceil(tasks listed / page_size)
+calls (in-flight tasks are usually the newest, listed first), plus one GET per job that
+ended (1,000 trivial tasks: 1,000 GETs in all).
 
 Cancel: ``POST /tasks/{id}:cancel``; a remote task that is unknown (404) or already ended
 is fine. Admission (``check_task``): inputs and outputs must be URLs the remote can reach
@@ -279,16 +281,14 @@ class TesBackend(Backend):
             log.exception("tes: the task walk failed")
             return {job_id: JobStatus(JobState.UNKNOWN, f"tes: {exc}") for job_id in wanted}
         statuses: dict[str, JobStatus] = {}
-        wrote = False
         for job_id in sorted(wanted):
             try:
-                statuses[job_id], written = self._status(job_id, listed.get(job_id))
+                statuses[job_id] = self._status(job_id, listed.get(job_id))
             except Exception as exc:  # one job's trouble stays its own (logged)
                 log.exception("tes: job %s", job_id)
-                statuses[job_id], written = JobStatus(JobState.UNKNOWN, f"tes: {exc}"), False
-            wrote = wrote or written
-        if wrote and self.on_change is not None:
-            self.on_change()
+                statuses[job_id] = JobStatus(JobState.UNKNOWN, f"tes: {exc}")
+        # no on_change: the logs are written inside the tick, before the reconciler reads
+        # them (a wake-up made it tick again at once and walk the remote for nothing)
         return statuses
 
     def _walk(self, wanted: set[str]) -> dict[str, dict[str, Any]]:
@@ -313,11 +313,11 @@ class TesBackend(Backend):
             params["page_token"] = token
         return found
 
-    def _status(self, job_id: str, remote: dict[str, Any] | None) -> tuple[JobStatus, bool]:
-        """The job's state, and whether its event log was written to."""
+    def _status(self, job_id: str, remote: dict[str, Any] | None) -> JobStatus:
+        """The job's state, its news written to its task's event log first."""
         if remote is None:
             if not REMOTE_ID.fullmatch(job_id):
-                return JobStatus(JobState.LOST, "tes: not a remote task id"), False
+                return JobStatus(JobState.LOST, "tes: not a remote task id")
             try:
                 remote = self.client.call("GET", self.client.task_path(job_id),
                                           params={"view": "BASIC"})
@@ -325,53 +325,56 @@ class TesBackend(Backend):
                 if exc.status == 404:
                     self._forget(job_id)
                     return JobStatus(JobState.LOST, f"tes: {self.client.url} no longer "
-                                     f"knows task {job_id} (404)"), False
-                return JobStatus(JobState.UNKNOWN, str(exc)), False
+                                     f"knows task {job_id} (404)")
+                return JobStatus(JobState.UNKNOWN, str(exc))
             if remote.get("id") != job_id:
                 return JobStatus(JobState.UNKNOWN, f"tes: GET /tasks/{job_id} answered "
-                                 "another task"), False
+                                 "another task")
         state = remote.get("state")
         job_state = STATE_MAP.get(state) if isinstance(state, str) else None
         if job_state is None:
             log.warning("tes: task %s: the remote state %.40r is not a TES state", job_id, state)
             return JobStatus(JobState.UNKNOWN, f"tes: remote state {str(state)[:40]!r} is "
-                             "not a TES state"), False
-        seen = fingerprint(remote)
-        if self._seen.get(job_id) == seen:
-            return JobStatus(job_state, self._reason(job_id, state)), False
+                             "not a TES state")
+        seen, before = fingerprint(remote), self._seen.get(job_id)
+        if before == seen:
+            return JobStatus(job_state, self._reason(job_id, state))
         events = self._events_of(job_id, remote)
         if events is None:
             return JobStatus(JobState.UNKNOWN, f"tes: remote task {job_id} is not one this "
-                             "gateway submitted (its tags name no task of ours that has it)"), \
-                False
+                             "gateway submitted (its tags name no task of ours that has it)")
         if events.fold.terminal:  # written before (asked again): nothing more to fetch
-            return JobStatus(job_state, self._reason(job_id, state)), False
+            return JobStatus(job_state, self._reason(job_id, state))
+        # the FULL view only for what BASIC lacks: the end's system logs, ended executors'
+        # stdout and stderr; a start is written from BASIC
+        full = job_state.finished or seen[3] > (before[3] if before else 0)
+        if full:
+            try:
+                remote = self._full(job_id, remote)
+            except BackendError as exc:  # asked again next tick: an end is reported only
+                # once the log holds it
+                return JobStatus(JobState.UNKNOWN if job_state.finished else job_state,
+                                 str(exc))
+            state = remote.get("state")  # the FULL view's: the task may have moved
+            job_state = STATE_MAP.get(state) if isinstance(state, str) else None
+            if job_state is None:
+                return JobStatus(JobState.UNKNOWN, f"tes: remote state {str(state)[:40]!r} "
+                                 "is not a TES state")
         try:
-            remote = self._full(job_id, remote)
-        except BackendError as exc:  # asked again next tick: an end is reported only once
-            # the log holds it
-            return JobStatus(JobState.UNKNOWN if job_state.finished else job_state,
-                             str(exc)), False
-        state = remote.get("state")  # the FULL view's: the task may have moved meanwhile
-        job_state = STATE_MAP.get(state) if isinstance(state, str) else None
-        if job_state is None:
-            return JobStatus(JobState.UNKNOWN, f"tes: remote state {str(state)[:40]!r} is "
-                             "not a TES state"), False
-        try:
-            written = events.update(remote, {REMOTE_ID_KEY: job_id,
-                                             REMOTE_URL_KEY: self.client.url})
+            events.update(remote, {REMOTE_ID_KEY: job_id, REMOTE_URL_KEY: self.client.url},
+                          ends=full)
         except OSError as exc:
             log.warning("tes: task %s: its event log cannot be written: %s",
                         events.task_id, exc)
             return JobStatus(JobState.UNKNOWN if job_state.finished else job_state,
                              f"tes: the event log of task {events.task_id} cannot be "
-                             f"written: {exc}"), False
+                             f"written: {exc}")
         with self._lock:
             if job_state.finished:
                 self._forget(job_id)  # not polled again (a retry gets a new job)
             else:
                 self._seen[job_id] = fingerprint(remote)
-        return JobStatus(job_state, self._reason(job_id, state)), written > 0
+        return JobStatus(job_state, self._reason(job_id, state))
 
     def _reason(self, job_id: str, state: Any) -> str:
         return f"tes: {state} (task {job_id} at {self.client.url})"

@@ -86,8 +86,10 @@ class RemoteEventLog:
 
     # ---- what is new ----
 
-    def events_for(self, remote: dict[str, Any], metadata: dict[str, str]) -> list[dict[str, Any]]:
-        """The events (without seq) that bring the log up to the remote task document."""
+    def events_for(self, remote: dict[str, Any], metadata: dict[str, str],
+                   ends: bool = True) -> list[dict[str, Any]]:
+        """The events (without seq) that bring the log up to the remote task document;
+        ends: write executors' ends (False for a BASIC view: it lacks their stdout)."""
         state = remote.get("state")
         attempt = last_attempt(remote)
         held = self.fold.task_log
@@ -105,7 +107,7 @@ class RemoteEventLog:
                 out.append({"type": "task_start", "start_time": start})
             if self.fold.state in (None, "INITIALIZING"):
                 out.append({"type": "state", "state": "RUNNING"})
-            out += self._executor_events(attempt)
+            out += self._executor_events(attempt, ends)
         if state in ENDS:
             out += self._output_events(attempt)
             out += self._system_log_events(attempt)
@@ -116,7 +118,7 @@ class RemoteEventLog:
             out += self._system_log_events(attempt)
         return out
 
-    def _executor_events(self, attempt: dict[str, Any]) -> list[dict[str, Any]]:
+    def _executor_events(self, attempt: dict[str, Any], ends: bool) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         held = self.fold.task_log["logs"]
         limit = self.executors if self.executors is not None else 0
@@ -127,7 +129,7 @@ class RemoteEventLog:
             if start and "start_time" not in mine:
                 out.append({"type": "executor_start", "index": index, "start_time": start})
             end = _text(entry.get("end_time"), 64)
-            if end and "end_time" not in mine:
+            if end and ends and "end_time" not in mine:
                 event: dict[str, Any] = {"type": "executor_end", "index": index,
                                          "end_time": end}
                 code = entry.get("exit_code")
@@ -165,11 +167,12 @@ class RemoteEventLog:
         """Append a metadata event (the backend's own records: the remote's id and URL)."""
         return self.update({}, metadata)
 
-    def update(self, remote: dict[str, Any], metadata: dict[str, str]) -> int:
-        """Append what is new in the remote document; the number of events written.
-        Raises OSError when the task dir or its log cannot be written safely."""
+    def update(self, remote: dict[str, Any], metadata: dict[str, str],
+               ends: bool = True) -> int:
+        """Append what is new in the remote document (events_for); the number of events
+        written. Raises OSError when the task dir or its log cannot be written safely."""
         events: list[dict[str, Any]] = []
-        for event in self.events_for(remote, metadata):
+        for event in self.events_for(remote, metadata, ends):
             event = {"seq": self.fold.last_seq + len(events) + 1, "time": now_rfc3339(),
                      "task_id": self.task_id, **event}
             problem = check_event(event, self.executors)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -118,6 +119,7 @@ def measure(quick: bool, tasks: int | None = None) -> dict[str, Any]:
     finally:
         gateway.stop()
         remote.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     out["ratio"] = out["forwarded"]["rate_per_s"] / out["direct"]["rate_per_s"]
     out["all_complete"] = (out["forwarded"]["complete"] == tasks == out["direct"]["complete"]
                            == out["remote_tasks"])
