@@ -39,15 +39,19 @@ USER_AUTH = Bearer(USER_TOKEN)
 
 
 def remote_server(work: Path, db_url: str, port: int | None = None,
-                  max_concurrent: int = 2, interval: float = TICK) -> ServerProcess:
+                  max_concurrent: int = 2, interval: float = TICK,
+                  s3_url: str | None = None) -> ServerProcess:
     """The remote TES: auth on (the forwarder's account has a bearer token), the local
-    backend, bwrap."""
-    overrides = {
+    backend, bwrap; s3_url: its workers' S3 endpoint (a moto server)."""
+    overrides: dict[str, Any] = {
         "backend": {"name": "local", "local": {"max_concurrent": max_concurrent}},
         "reconciler": {"interval_seconds": interval},
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1},
         "auth": {"mode": "basic+bearer", "tokens": {REMOTE_TOKEN: REMOTE_USER},
                  "users": {REMOTE_USER: generate_password_hash("unused-password")}}}
+    if s3_url:
+        overrides["storage"] = {"s3": {"endpoint_url": s3_url, "access_key_id": "testing",
+                                       "secret_access_key": "testing"}}
     extra: dict[str, Any] = {} if port is None else {"port": port}
     return ServerProcess(work, db_url, overrides=overrides, reconcile=True, **extra)
 
@@ -214,3 +218,10 @@ class FakeTes:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def s3_client(moto_url: str) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")

@@ -29,6 +29,7 @@ from tests.tes_helpers import (
     remote_server,
     remote_tasks,
     request_for,
+    s3_client,
     submit,
     tes_options,
     token_file,
@@ -43,10 +44,10 @@ pytestmark = [needs(BWRAP, bwrap_ready(), BWRAP_REASON), pytest.mark.registry]
 
 
 @pytest.fixture(scope="module")
-def remote(databases, tmp_path_factory):
+def remote(databases, tmp_path_factory, moto_server):
     need_registry()
     work = tmp_path_factory.mktemp("tes-remote")
-    server = remote_server(work, databases.new("sqlite")).start()
+    server = remote_server(work, databases.new("sqlite"), s3_url=moto_server.url).start()
     yield server
     server.stop()
     shutil.rmtree(work, ignore_errors=True)
@@ -84,6 +85,27 @@ def test_complete_task_with_its_logs_and_outputs(gateway: ServerProcess, remote:
     assert there["tags"]["funnel-hpc-task-id"] == task_id
     assert there["name"] == "fwd"
     assert "id" not in there["tags"]
+
+
+def test_inputs_and_outputs_on_s3_come_back_in_the_logs(gateway: ServerProcess,
+                                                        remote: ServerProcess, moto_server):
+    """URLs the remote reaches (a moto S3 here): it stages them, and the outputs it reports
+    are the forwarded task's."""
+    s3 = s3_client(moto_server.url)
+    s3.create_bucket(Bucket="tes-forward")
+    s3.put_object(Bucket="tes-forward", Key="in.txt", Body=b"from s3\n")
+    task_id = submit(gateway, {
+        "inputs": [{"url": "s3://tes-forward/in.txt", "path": "/data/in.txt"}],
+        "outputs": [{"url": "s3://tes-forward/out.txt", "path": "/data/out.txt"}],
+        "executors": [sh("tr a-z A-Z < /data/in.txt > /data/out.txt; cat /data/out.txt")]})
+    task = wait_state(gateway, task_id, {"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR"},
+                      also=remote)
+    assert task["state"] == "COMPLETE", task
+    assert task["logs"][-1]["logs"][0]["stdout"] == "FROM S3\n"
+    assert task["logs"][-1]["outputs"] == [
+        {"url": "s3://tes-forward/out.txt", "path": "/data/out.txt", "size_bytes": "8"}]
+    body = s3.get_object(Bucket="tes-forward", Key="out.txt")["Body"].read()
+    assert body == b"FROM S3\n"
 
 
 def test_executor_error_keeps_the_exit_code(gateway: ServerProcess, remote: ServerProcess):
