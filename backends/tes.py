@@ -80,7 +80,7 @@ NOT_FORWARDED = ("id", "state", "logs", "creation_time")
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # local task ids (gateway/store/tasks.py)
 GATEWAY_ID = re.compile(r"[0-9a-f]{32}")
 PARAMETER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-MAX_PAGES = 10_000       # of one walk (a remote answering tokens forever stops here)
+MAX_PAGES = 1000         # of one walk (a remote answering tokens forever stops here)
 MAX_TASK_FILE = 64 << 20
 
 
@@ -216,6 +216,11 @@ class TesBackend(Backend):
 
     def _record(self, events: RemoteEventLog, remote_id: str) -> str:
         """The remote id in the task's event log (what maps it to the task from now on)."""
+        with self._lock:
+            other = self._logs.get(remote_id)
+        if other is not None and other.task_id != events.task_id:
+            raise BackendError(f"tes: the remote gave task {events.task_id} the id "
+                               f"{remote_id} of task {other.task_id}'s remote task")
         try:
             events.note({REMOTE_ID_KEY: remote_id})
         except OSError as exc:
@@ -306,7 +311,7 @@ class TesBackend(Backend):
                 if isinstance(job_id, str) and job_id in wanted and job_id not in found:
                     found[job_id] = item
             token = answer.get("next_page_token")
-            if not token or not isinstance(token, str) or token in tokens \
+            if not token or not isinstance(token, str) or token in tokens or not tasks \
                     or len(found) == len(wanted):
                 break
             tokens.add(token)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from funnel_hpc.backends.base import BackendError, JobState
-from funnel_hpc.backends.tes import TesBackend
+from funnel_hpc.backends.tes import MAX_PAGES, TesBackend
 from funnel_hpc.backends.tes_client import MAX_ANSWER_BYTES
 from funnel_hpc.backends.tes_events import LOG_TAIL_CHARS
 from funnel_hpc.core.events import read_event_log
@@ -157,7 +157,8 @@ def test_hostile_field_types_are_left_out(fake: FakeTes, tmp_path: Path):
 
 def test_endless_pages_and_redirects(fake: FakeTes, tmp_path: Path):
     backend, jobs = submitted(fake, tmp_path, 1)
-    fake.json("GET", "/tasks", {"tasks": [], "next_page_token": "same"})
+    fake.json("GET", "/tasks", {"tasks": [{"id": "unrelated", "state": "COMPLETE"}],
+                                "next_page_token": "same"})
     fake.json("GET", f"/tasks/{jobs[0]}", {"message": "gone"}, status=404)
     calls = len(fake.seen)
     status = backend.poll(jobs)[jobs[0]]
@@ -246,3 +247,27 @@ def test_config_show_masks_the_credential_files(tmp_path: Path):
     tes = yaml.safe_load(shown.stdout)["backend"]["tes"]
     assert tes["token_file"] == "********" and tes["url"] == "https://tes.example.org"
     assert "remote-token" not in shown.stdout
+
+
+def test_a_remote_giving_one_id_twice_is_refused(fake: FakeTes, tmp_path: Path):
+    backend = TesBackend(tes_options(fake.url), tmp_path)
+    fake.json("POST", "/tasks", {"id": "same"})
+    task = {"executors": [{"image": "busybox", "command": ["true"]}]}
+    assert backend.submit(request_for(tmp_path, "first", task)) == "same"
+    with pytest.raises(BackendError, match="the id same of task first's remote task"):
+        backend.submit(request_for(tmp_path, "second", task))
+
+
+def test_a_walk_of_endless_pages_stops(fake: FakeTes, tmp_path: Path):
+    backend, jobs = submitted(fake, tmp_path, 1)
+    pages = iter(range(10**9))
+
+    def endless(_query: dict) -> tuple[int, bytes]:
+        return 200, json.dumps({"tasks": [{"id": "unrelated", "state": "QUEUED"}],
+                                "next_page_token": f"t{next(pages)}"}).encode()
+
+    fake.answers[("GET", "/ga4gh/tes/v1/tasks")] = endless
+    fake.json("GET", f"/tasks/{jobs[0]}", {"message": "gone"}, status=404)
+    status = backend.poll(jobs)[jobs[0]]
+    assert status.state == JobState.LOST
+    assert next(pages) == MAX_PAGES
