@@ -18,6 +18,7 @@ from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
 
 REMOTE_USER, REMOTE_TOKEN = "forwarder", "remote-token-of-the-forwarder"
+REMOTE_PASSWORD = "remote-password-of-the-forwarder"
 USER, PASSWORD = "alice", "alice-pw"  # the forwarding gateway's user
 AUTH = (USER, PASSWORD)
 USER_TOKEN = "alice-token"  # the same user by bearer token (no password hash per call)
@@ -48,7 +49,7 @@ def remote_server(work: Path, db_url: str, port: int | None = None,
         "reconciler": {"interval_seconds": interval},
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1},
         "auth": {"mode": "basic+bearer", "tokens": {REMOTE_TOKEN: REMOTE_USER},
-                 "users": {REMOTE_USER: generate_password_hash("unused-password")}}}
+                 "users": {REMOTE_USER: generate_password_hash(REMOTE_PASSWORD)}}}
     if s3_url:
         overrides["storage"] = {"s3": {"endpoint_url": s3_url, "access_key_id": "testing",
                                        "secret_access_key": "testing"}}
