@@ -33,6 +33,7 @@ becomes a path.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -40,14 +41,14 @@ import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.templating import TemplateValueError, map_backend_parameters
 from funnel_hpc.backends.tes_client import REMOTE_ID, RemoteError, TesClient
-from funnel_hpc.backends.tes_events import EVENTS_FILE, RemoteEventLog, last_attempt
+from funnel_hpc.backends.tes_events import EVENTS_FILE, RemoteEventLog, as_list, last_attempt
 from funnel_hpc.core.config import TesOptions
 
 log = logging.getLogger(__name__)
@@ -86,43 +87,54 @@ MAX_TASK_FILE = 64 << 20
 
 def gateway_id(work_dir: Path) -> str:
     """The gateway's random id, made once in <work_dir>/tes-gateway-id (mode 600); the
-    replicas of one gateway share the work dir, hence the id."""
+    replicas of one gateway share the work dir, hence the id. Made whole under a temporary
+    name and linked in, so a replica starting at the same time reads one id or the other,
+    never a part."""
     path = work_dir / GATEWAY_ID_FILE
     work_dir.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            text = path.read_text().strip()
-        except FileNotFoundError:
-            text = None
-        if text is not None:
-            if not GATEWAY_ID.fullmatch(text):
-                raise ValueError(f"{path}: not a gateway id (32 hex digits); set "
-                                 "backend.tes.tag_value or restore the file")
-            return text
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileExistsError:
-            continue  # another replica made it meanwhile: read theirs
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        made = work_dir / f".{GATEWAY_ID_FILE}.{secrets.token_hex(8)}"
+        fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, (secrets.token_hex(16) + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)
-    return path.read_text().strip()
+        try:
+            os.link(made, path)
+        except FileExistsError:
+            pass  # another replica's came first: theirs is the id
+        finally:
+            os.unlink(made)
+        text = path.read_text().strip()
+    if not GATEWAY_ID.fullmatch(text):
+        raise ValueError(f"{path}: not a gateway id (32 hex digits); set "
+                         "backend.tes.tag_value or restore the file")
+    return text
 
 
-def fingerprint(remote: dict[str, Any]) -> tuple[Any, ...]:
-    """What in a BASIC view says there is news to write: the state, the executors
-    started and ended, the outputs."""
+class Progress(NamedTuple):
+    """What in a BASIC view says there is news to write."""
+
+    state: Any
+    attempts: int
+    started: int   # executors started
+    ended: int     # executors ended
+    outputs: int
+
+
+QUEUED = Progress("QUEUED", 0, 0, 0, 0)  # a task just submitted
+
+
+def progress(remote: dict[str, Any]) -> Progress:
     attempt = last_attempt(remote)
-    executors = [entry for entry in attempt.get("logs") or [] if isinstance(entry, dict)] \
-        if isinstance(attempt.get("logs"), list) else []
-    outputs = attempt.get("outputs")
-    return (remote.get("state"), len(remote.get("logs") or []) if
-            isinstance(remote.get("logs"), list) else 0,
-            sum(1 for entry in executors if entry.get("start_time")),
-            sum(1 for entry in executors if entry.get("end_time")),
-            len(outputs) if isinstance(outputs, list) else 0)
+    executors = [entry for entry in as_list(attempt.get("logs")) if isinstance(entry, dict)]
+    return Progress(remote.get("state"), len(as_list(remote.get("logs"))),
+                    sum(1 for entry in executors if entry.get("start_time")),
+                    sum(1 for entry in executors if entry.get("end_time")),
+                    len(as_list(attempt.get("outputs"))))
 
 
 def _tags(remote: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +162,7 @@ class TesBackend(Backend):
         self.page_size = options.page_size
         self._lock = threading.Lock()
         self._logs: dict[str, RemoteEventLog] = {}  # job id -> its task's event log
-        self._seen: dict[str, tuple[Any, ...]] = {}  # job id -> BASIC fingerprint written
+        self._seen: dict[str, Progress] = {}  # job id -> the progress written
 
     # ---- admission ----
 
@@ -229,7 +241,7 @@ class TesBackend(Backend):
                                f"{exc.strerror or exc}") from None
         with self._lock:
             self._logs[remote_id] = events
-            self._seen[remote_id] = ("QUEUED", 0, 0, 0, 0)
+            self._seen[remote_id] = QUEUED
         return remote_id
 
     def _find(self, task_id: str, nonce: str) -> str | None:
@@ -341,7 +353,7 @@ class TesBackend(Backend):
             log.warning("tes: task %s: the remote state %.40r is not a TES state", job_id, state)
             return JobStatus(JobState.UNKNOWN, f"tes: remote state {str(state)[:40]!r} is "
                              "not a TES state")
-        seen, before = fingerprint(remote), self._seen.get(job_id)
+        seen, before = progress(remote), self._seen.get(job_id)
         if before == seen:
             return JobStatus(job_state, self._reason(job_id, state))
         events = self._events_of(job_id, remote)
@@ -352,7 +364,7 @@ class TesBackend(Backend):
             return JobStatus(job_state, self._reason(job_id, state))
         # the FULL view only for what BASIC lacks: the end's system logs, ended executors'
         # stdout and stderr; a start is written from BASIC
-        full = job_state.finished or seen[3] > (before[3] if before else 0)
+        full = job_state.finished or seen.ended > (before.ended if before else 0)
         if full:
             try:
                 remote = self._full(job_id, remote)
@@ -378,7 +390,7 @@ class TesBackend(Backend):
             if job_state.finished:
                 self._forget(job_id)  # not polled again (a retry gets a new job)
             else:
-                self._seen[job_id] = fingerprint(remote)
+                self._seen[job_id] = progress(remote)
         return JobStatus(job_state, self._reason(job_id, state))
 
     def _reason(self, job_id: str, state: Any) -> str:
@@ -426,8 +438,6 @@ class TesBackend(Backend):
 
     def _executors(self, task_id: str) -> int | None:
         """The task's executor count, from the task.json the gateway wrote."""
-        import json
-
         try:
             work_fd = files.open_work_dir(self.work_dir)
             try:

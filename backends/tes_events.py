@@ -7,15 +7,16 @@ task (state, executor logs, outputs, system logs). ``RemoteEventLog.update(remot
 appends what a remote task document (FULL view, or BASIC when FULL could not be read)
 says beyond what the log holds already, in an order the state machine accepts
 (INITIALIZING, task_start, RUNNING, executors, outputs, system logs, task_end, the
-terminal state), then fsyncs. The log's own fold (re-read at first use) says what it
-holds, so a restarted gateway appends only what is new.
+terminal state), fsynced when it holds a state or an executor's end. The log's own fold
+(re-read at first use) says what it holds, so a restarted gateway appends only what is
+new.
 
 The remote is not trusted: every field is type-checked and cut to the fold's limits
 (``check_event`` must pass, or the event is left out and counted), executor indices
 beyond the task's executors are dropped, and the file is opened relative to the task
 dir's descriptor (itself opened ``O_NOFOLLOW`` from the work dir's), ``O_NOFOLLOW``, and
 written only when it is a regular file of ours. Cost: one open, write and fsync per task
-whose remote state changed.
+whose remote state changed; two opens and writes, no fsync, per submission.
 """
 
 from __future__ import annotations
@@ -43,19 +44,23 @@ log = logging.getLogger(__name__)
 EVENTS_FILE = "events.jsonl"  # the worker's event log in a task dir (core/events.py)
 LOG_TAIL_CHARS = 10240        # of each executor stream kept (worker.log_tail_bytes' default)
 SYSTEM_LOG_CHARS = 8192       # of one remote system log line
-# remote states -> the event states written, in the order a task goes through them
+# remote states of a task that has started: its task_start and RUNNING are written
 STARTED = ("RUNNING", "PAUSED", *sorted(TERMINAL_STATES))
 # terminal remote states written as the task's end; PREEMPTED is not: the reconciler
 # judges it from the job state (another attempt when reconciler.retry_on says so)
 ENDS = frozenset({"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"})
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+# events whose write is fsynced (with every line before them), as the worker's
+# DURABLE_EVENTS: the backend's own metadata (the submission's nonce and remote id) is
+# not, which saved two fsyncs per submitted task
+DURABLE = frozenset({"state", "executor_end"})
 
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
@@ -68,7 +73,7 @@ def _text(value: Any, limit: int) -> str | None:
 
 def last_attempt(remote: dict[str, Any]) -> dict[str, Any]:
     """The remote task's last tesTaskLog (its current attempt), or {}."""
-    logs = _list(remote.get("logs"))
+    logs = as_list(remote.get("logs"))
     return _dict(logs[-1]) if logs else {}
 
 
@@ -122,7 +127,7 @@ class RemoteEventLog:
         out: list[dict[str, Any]] = []
         held = self.fold.task_log["logs"]
         limit = self.executors if self.executors is not None else 0
-        for index, entry in enumerate(_list(attempt.get("logs"))[:limit]):
+        for index, entry in enumerate(as_list(attempt.get("logs"))[:limit]):
             entry = _dict(entry)
             mine = _dict(held[index]) if index < len(held) else {}
             start = _text(entry.get("start_time"), 64)
@@ -145,7 +150,7 @@ class RemoteEventLog:
     def _output_events(self, attempt: dict[str, Any]) -> list[dict[str, Any]]:
         held = len(self.fold.task_log["outputs"])
         out: list[dict[str, Any]] = []
-        for item in _list(attempt.get("outputs"))[held:MAX_OUTPUTS]:
+        for item in as_list(attempt.get("outputs"))[held:MAX_OUTPUTS]:
             item = _dict(item)
             size = item.get("size_bytes", "0")
             out.append({"type": "output", "url": item.get("url"), "path": item.get("path"),
@@ -155,7 +160,7 @@ class RemoteEventLog:
     def _system_log_events(self, attempt: dict[str, Any]) -> list[dict[str, Any]]:
         held = len(self.fold.task_log["system_logs"])
         out: list[dict[str, Any]] = []
-        for line in _list(attempt.get("system_logs"))[held:MAX_SYSTEM_LOGS]:
+        for line in as_list(attempt.get("system_logs"))[held:MAX_SYSTEM_LOGS]:
             text = _text(line, SYSTEM_LOG_CHARS)
             out.append({"type": "system_log", "message": f"remote: {text}"
                         if text is not None else "remote: (not a string)"})
@@ -207,6 +212,7 @@ class RemoteEventLog:
             view = memoryview(data.encode())
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if any(event["type"] in DURABLE for event in events):
+                os.fsync(fd)
         finally:
             os.close(fd)

@@ -271,3 +271,19 @@ def test_a_walk_of_endless_pages_stops(fake: FakeTes, tmp_path: Path):
     status = backend.poll(jobs)[jobs[0]]
     assert status.state == JobState.LOST
     assert next(pages) == MAX_PAGES
+
+
+def test_the_gateway_id_is_made_once(tmp_path: Path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from funnel_hpc.backends.tes import GATEWAY_ID_FILE, gateway_id
+
+    with ThreadPoolExecutor(8) as pool:
+        ids = set(pool.map(lambda _n: gateway_id(tmp_path / "work"), range(32)))
+    assert len(ids) == 1
+    path = tmp_path / "work" / GATEWAY_ID_FILE
+    assert path.read_text().strip() in ids and (path.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [GATEWAY_ID_FILE]
+    path.write_text("garbage\n")
+    with pytest.raises(ValueError, match="not a gateway id"):
+        gateway_id(tmp_path / "work")
