@@ -9,7 +9,8 @@ file. Clients on both sides use bearer tokens. Each measurement gets a fresh rem
 the same configuration, and every server runs the shipped reconciler interval (5 s).
 Measured: from the first POST (8 client threads) until every task is COMPLETE (listed
 with state=COMPLETE once a second), the rate of each, their ratio (target >= 0.8), and
-the forwarder's CPU per task (its whole process: API, reconciler, the tes backend's calls).
+the forwarder's CPU per task (its whole process: API, reconciler, the tes backend's calls);
+as context, each remote's own span (first task created to last task ended, from its logs).
 
 Usage: .venv/bin/python benchmarks/tes_forward_bench.py [--quick] [--tasks N]
 Results go to benchmarks/results/tes-forward-<time>.json.
@@ -45,6 +46,7 @@ from tests.tes_helpers import (  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
 TASKS, QUICK_TASKS = 1000, 50
+ROUNDS = 2  # of each side (1 with --quick)
 CLIENTS = 8
 INTERVAL = 5.0  # the shipped reconciler.interval_seconds
 TARGET = 0.8
@@ -73,6 +75,30 @@ def count(server: ServerProcess, state: str, auth: Any) -> int:
             return total
 
 
+def span(server: ServerProcess, auth: Any) -> float:
+    """Seconds from the first task's creation to the last task's end on `server`, from its
+    task logs: how long the server itself took, whoever sent the tasks."""
+    from datetime import datetime as clock
+
+    def parse(text: str) -> float:
+        return clock.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+    first, last, token = float("inf"), 0.0, None
+    while True:
+        params = {"view": "BASIC", "page_size": 2047,
+                  **({"page_token": token} if token else {})}
+        answer = requests.get(server.api + "/tasks", params=params, auth=auth,
+                              timeout=120).json()
+        for task in answer.get("tasks") or []:
+            first = min(first, parse(task["creation_time"]))
+            ends = [log.get("end_time") for log in task.get("logs") or [] if log.get("end_time")]
+            if ends:
+                last = max(last, parse(ends[-1]))
+        token = answer.get("next_page_token")
+        if not token:
+            return last - first
+
+
 def run(server: ServerProcess, tasks: int, auth: Any) -> dict[str, Any]:
     """POST `tasks` trivial tasks with CLIENTS threads; wait until all ended."""
     cpu_before = cpu_seconds(server.proc.pid) if server.proc else 0.0
@@ -99,30 +125,64 @@ def run(server: ServerProcess, tasks: int, auth: Any) -> dict[str, Any]:
             "server_cpu_s": cpu, "server_cpu_ms_per_task": cpu * 1000 / tasks}
 
 
-def measure(quick: bool, tasks: int | None = None) -> dict[str, Any]:
-    tasks = tasks or (QUICK_TASKS if quick else TASKS)
-    tmp = Path(tempfile.mkdtemp(prefix="funnel-tes-forward-"))
-    dbs = DatabaseFactory(tmp)
-    out: dict[str, Any] = {"tasks": tasks, "interval_seconds": INTERVAL}
-    remote = remote_server(tmp / "direct", dbs.new("sqlite"), interval=INTERVAL).start()
+def direct(tmp: Path, dbs: DatabaseFactory, tasks: int) -> dict[str, Any]:
+    """The tasks sent straight to a fresh remote."""
+    remote = remote_server(tmp, dbs.new("sqlite"), interval=INTERVAL).start()
     try:
-        out["direct"] = run(remote, tasks, REMOTE_AUTH)
+        result = run(remote, tasks, REMOTE_AUTH)
+        result["remote_span_s"] = span(remote, REMOTE_AUTH)
+        return result
     finally:
         remote.stop()
+
+
+def forwarded(tmp: Path, dbs: DatabaseFactory, tasks: int) -> dict[str, Any]:
+    """The tasks sent to a forwarder in front of a fresh remote."""
     remote = remote_server(tmp / "remote", dbs.new("sqlite"), interval=INTERVAL).start()
     token = token_file(tmp / "secrets")
     gateway = forwarder(tmp / "forwarder", dbs.new("sqlite"), remote.url, token,
                         reconciler={"interval_seconds": INTERVAL}).start()
     try:
-        out["forwarded"] = run(gateway, tasks, USER_AUTH)
-        out["remote_tasks"] = count(remote, "COMPLETE", REMOTE_AUTH)
+        result = run(gateway, tasks, USER_AUTH)
+        result["remote_complete"] = count(remote, "COMPLETE", REMOTE_AUTH)
+        result["remote_span_s"] = span(remote, REMOTE_AUTH)
+        return result
     finally:
         gateway.stop()
         remote.stop()
+
+
+def measure(quick: bool, tasks: int | None = None, rounds: int | None = None
+            ) -> dict[str, Any]:
+    """`rounds` of each side in ABBA order (direct, forwarded, forwarded, direct, ...), so
+    that a load drifting on the machine weighs on both alike; the rates are over all
+    rounds of a side."""
+    tasks = tasks or (QUICK_TASKS if quick else TASKS)
+    rounds = rounds or (1 if quick else ROUNDS)
+    tmp = Path(tempfile.mkdtemp(prefix="funnel-tes-forward-"))
+    dbs = DatabaseFactory(tmp)
+    sides = {"direct": direct, "forwarded": forwarded}
+    order = [name for n in range(rounds)
+             for name in (("direct", "forwarded") if n % 2 == 0 else ("forwarded", "direct"))]
+    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "forwarded": []}
+    for index, name in enumerate(order):
+        runs[name].append(sides[name](tmp / f"{index}-{name}", dbs, tasks))
+        print(f"  {name}: {runs[name][-1]['seconds']:.0f} s", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
+    out: dict[str, Any] = {"tasks": tasks, "rounds": rounds, "interval_seconds": INTERVAL,
+                           "runs": runs}
+    for name, results in runs.items():
+        seconds = sum(r["seconds"] for r in results)
+        out[name] = {"seconds": seconds, "rate_per_s": tasks * len(results) / seconds,
+                     "complete": sum(r["complete"] for r in results),
+                     "server_cpu_ms_per_task":
+                         sum(r["server_cpu_ms_per_task"] for r in results) / len(results)}
     out["ratio"] = out["forwarded"]["rate_per_s"] / out["direct"]["rate_per_s"]
-    out["all_complete"] = (out["forwarded"]["complete"] == tasks == out["direct"]["complete"]
-                           == out["remote_tasks"])
+    out["ratios_per_round"] = [f["seconds"] and d["seconds"] / f["seconds"]
+                               for d, f in zip(runs["direct"], runs["forwarded"], strict=True)]
+    out["all_complete"] = all(
+        r["complete"] == tasks for results in runs.values() for r in results) and all(
+        r["remote_complete"] == tasks for r in runs["forwarded"])
     return out
 
 
@@ -130,13 +190,14 @@ def suite_rows(quick: bool) -> tuple[list[dict], dict]:
     """benchmarks/suite.py's tes backend row and the raw figures."""
     r = measure(quick)
     f, d = r["forwarded"], r["direct"]
+    rounds = f", {r['rounds']} runs of each" if r["rounds"] > 1 else ""
     rows = [{"figure": f"tes backend: {r['tasks']:,} trivial tasks through a forwarding "
-                       "funnel-hpc (rate)",
-             "measured": f"{f['seconds']:.0f} s, {f['rate_per_s']:.1f}/s, "
+                       f"funnel-hpc (rate{rounds})",
+             "measured": f"{f['rate_per_s']:.1f}/s ({f['seconds']:.0f} s in all), "
                          f"{'all' if r['all_complete'] else 'NOT all'} COMPLETE; forwarder "
                          f"CPU {f['server_cpu_ms_per_task']:.1f} ms per task",
-             "reference": f"sent straight to the remote {d['seconds']:.0f} s, "
-                          f"{d['rate_per_s']:.1f}/s",
+             "reference": f"sent straight to the remote {d['rate_per_s']:.1f}/s "
+                          f"({d['seconds']:.0f} s)",
              "ratio": r["ratio"], "target": f">= {TARGET:g}x",
              "met": r["all_complete"] and r["ratio"] >= TARGET}]
     return rows, r
@@ -146,8 +207,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TASKS} tasks")
     parser.add_argument("--tasks", type=int, help=f"tasks ({TASKS:,}; --quick {QUICK_TASKS})")
+    parser.add_argument("--rounds", type=int, help=f"runs of each side ({ROUNDS}; --quick 1)")
     args = parser.parse_args()
-    raw = measure(args.quick, args.tasks)
+    raw = measure(args.quick, args.tasks, args.rounds)
     print(json.dumps(raw, indent=2))
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = REPO / "benchmarks" / "results" / f"tes-forward-{stamp}.json"
