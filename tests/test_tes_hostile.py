@@ -287,3 +287,23 @@ def test_the_gateway_id_is_made_once(tmp_path: Path):
     path.write_text("garbage\n")
     with pytest.raises(ValueError, match="not a gateway id"):
         gateway_id(tmp_path / "work")
+
+
+@pytest.mark.parametrize(("task", "field"), [
+    ({"inputs": [{"url": "FILE:///etc/passwd", "path": "/in"}]}, "inputs.0.url"),
+    ({"inputs": [{"url": " file:///etc/passwd", "path": "/in"}]}, "inputs.0.url"),
+    ({"inputs": [{"url": "s3://b/k", "path": "/a"}, {"url": "/etc/passwd", "path": "/b"}]},
+     "inputs.1.url"),
+    ({"outputs": [{"url": "relative/path", "path": "/out"}]}, "outputs.0.url"),
+    ({"outputs": [{"url": "file:/tmp/x", "path": "/out"}]}, "outputs.0.url"),
+])
+def test_check_task_refuses_what_names_this_hosts_files(task: dict, field: str):
+    reason = TesBackend.check_task({"executors": [], **task})
+    assert reason is not None and reason.startswith(f"{field}: file:// URLs cannot reach")
+
+
+def test_check_task_takes_reachable_urls_and_contents():
+    assert TesBackend.check_task({"inputs": [
+        {"url": "s3://b/k", "path": "/a"}, {"url": "https://h/x", "path": "/b"},
+        {"content": "inline", "path": "/c"}, {"url": "file:///x", "content": "x", "path": "/d"}],
+        "outputs": [{"url": "gs://b/o", "path": "/o"}], "executors": []}) is None
