@@ -247,16 +247,17 @@ class TesBackend(Backend):
     def _find(self, task_id: str, nonce: str) -> str | None:
         """The remote task of a submission, by its tags (gateway, task id, nonce); None
         when the remote has none. BackendError(transient=True) when it could not be asked."""
-        params = {"view": "MINIMAL", "tag_key": [self.tag[0], TASK_TAG, SUBMISSION_TAG],
-                  "tag_value": [self.tag[1], task_id, nonce]}
+        wanted = {self.tag[0]: self.tag[1], TASK_TAG: task_id, SUBMISSION_TAG: nonce}
+        params = {"view": "BASIC", "tag_key": list(wanted), "tag_value": list(wanted.values())}
         try:
             answer = self.client.call("GET", "/tasks", params=params)
         except BackendError as exc:  # could not ask: not "no such task" (base.py)
             raise BackendError(str(exc), transient=True) from None
-        tasks = answer.get("tasks")
-        found = [item["id"] for item in (tasks if isinstance(tasks, list) else [])
+        # the tags checked here too: a server that ignores tag filters lists everything
+        found = [item["id"] for item in as_list(answer.get("tasks"))
                  if isinstance(item, dict) and isinstance(item.get("id"), str)
-                 and REMOTE_ID.fullmatch(item["id"])]
+                 and REMOTE_ID.fullmatch(item["id"])
+                 and all(_tags(item).get(key) == value for key, value in wanted.items())]
         if len(found) > 1:
             log.warning("tes: task %s has %d remote tasks for one submission: %s",
                         task_id, len(found), ", ".join(found))

@@ -15,7 +15,7 @@ import pytest
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.tes import MAX_PAGES, TesBackend
 from funnel_hpc.backends.tes_client import MAX_ANSWER_BYTES
-from funnel_hpc.backends.tes_events import LOG_TAIL_CHARS
+from funnel_hpc.backends.tes_events import LOG_TAIL_CHARS, RemoteEventLog
 from funnel_hpc.core.events import read_event_log
 from tests.tes_helpers import FakeTes, request_for, tes_options, token_file
 
@@ -220,11 +220,13 @@ def test_a_lost_submit_answer_never_makes_a_second_remote_task(fake: FakeTes, tm
     assert len(log_file.read_bytes().splitlines()) == 1  # the nonce, once
     posts = [query for method, path, query in fake.seen if method == "POST"]
     assert len(posts) == 3
-    fake.json("GET", "/tasks", {"tasks": [{"id": "made-by-the-lost-post"}]})
+    nonce = read_event_log(log_file).task_log["metadata"]["tes_submission"]
+    fake.json("GET", "/tasks", {"tasks": [{"id": "made-by-the-lost-post", "tags": {
+        backend.tag[0]: backend.tag[1], "funnel-hpc-task-id": "task0",
+        "funnel-hpc-submission": nonce}}]})
     assert backend.submit(request) == "made-by-the-lost-post"
     assert len([1 for method, _, _ in fake.seen if method == "POST"]) == 3
     lookup = [query for method, path, query in fake.seen if method == "GET"][-1]
-    nonce = read_event_log(log_file).task_log["metadata"]["tes_submission"]
     assert lookup["tag_value"] == [backend.tag[1], "task0", nonce]
     assert read_event_log(log_file).task_log["metadata"]["remote_id"] == \
         "made-by-the-lost-post"
@@ -307,3 +309,21 @@ def test_check_task_takes_reachable_urls_and_contents():
         {"url": "s3://b/k", "path": "/a"}, {"url": "https://h/x", "path": "/b"},
         {"content": "inline", "path": "/c"}, {"url": "file:///x", "content": "x", "path": "/d"}],
         "outputs": [{"url": "gs://b/o", "path": "/o"}], "executors": []}) is None
+
+
+def test_recover_ignores_tasks_a_server_lists_without_filtering(fake: FakeTes, tmp_path: Path):
+    """A server that ignores tag filters lists other tasks: none is taken for this
+    submission's; the one whose tags match is."""
+    backend = TesBackend(tes_options(fake.url), tmp_path)
+    request_for(tmp_path, "task0", {"executors": [{"image": "busybox", "command": ["true"]}]})
+    RemoteEventLog(tmp_path, "task0", 1).note({"tes_submission": "0123456789abcdef"})
+    tag = {backend.tag[0]: backend.tag[1], "funnel-hpc-task-id": "task0"}
+    unfiltered = [{"id": "someone-else", "state": "QUEUED", "tags": {}},
+                  {"id": "other-try", "state": "QUEUED",
+                   "tags": {**tag, "funnel-hpc-submission": "fedcba9876543210"}}]
+    fake.json("GET", "/tasks", {"tasks": unfiltered})
+    assert backend.recover("task0", tmp_path / "task0") is None
+    mine = {"id": "mine", "state": "QUEUED",
+            "tags": {**tag, "funnel-hpc-submission": "0123456789abcdef"}}
+    fake.json("GET", "/tasks", {"tasks": [*unfiltered, mine]})
+    assert backend.recover("task0", tmp_path / "task0") == "mine"
