@@ -20,7 +20,8 @@ from typing import Any
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
-from funnel_hpc.core.config import Config
+from funnel_hpc.core.config import Config, PerOwnerSection
+from funnel_hpc.core.quotas import QuotaPolicy
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.reconcile import owner_worker
@@ -37,6 +38,7 @@ from funnel_hpc.gateway.reconcile.core import (
 )
 from funnel_hpc.gateway.reconcile.event_tail import archive_events
 from funnel_hpc.gateway.reconcile.index import InFlightIndex
+from funnel_hpc.gateway.reconcile.quotas import FairShare
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
@@ -114,7 +116,8 @@ class Submitter:
 
     def __init__(self, queries: ReconcilerQueries, backend: Backend, index: InFlightIndex,
                  tails: EventTails, writer: TaskWriter, launch: WorkerLaunch,
-                 threads: int = 1):
+                 threads: int = 1, per_owner: PerOwnerSection | None = None):
+        """`per_owner`: limits.per_owner (None: owners in turn, no limits)."""
         self.queries = queries
         self.backend = backend
         self.index = index
@@ -123,10 +126,17 @@ class Submitter:
         self.launch = launch
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        self.fair_share = FairShare(QuotaPolicy(per_owner) if per_owner is not None else None,
+                                    queries, backend.name)
 
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+    def submit_next(self, limit: int, stats: TickStats) -> None:
+        """Submit up to `limit` of the QUEUED tasks without a job: owners in turn, within
+        their limits.per_owner (gateway/reconcile/quotas.py)."""
+        self.submit_batch(self.fair_share.pick(self.index.unsubmitted, limit), stats)
 
     def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
         """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's
