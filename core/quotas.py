@@ -150,10 +150,10 @@ class QuotaPolicy:
 
             where = f".instances.{instance}" if instance is not None else ""
             found = value(own)
-            if found is not None:
+            if found is not None:  # the owner's own
                 return Bound(found, f"{PATH}.owners.{owner}{where}.{key}")
-            set_by = [(value(section.groups[name]), name) for name in groups]
-            set_by = [(number, name) for number, name in set_by if number is not None]
+            set_by = [(number, name) for name in groups
+                      if (number := value(section.groups[name])) is not None]
             if set_by:  # the most generous: 0 (none) first, else the largest
                 number, name = max(set_by, key=lambda pair: (pair[0] == 0, pair[0]))
                 return Bound(number, f"{PATH}.groups.{name}{where}.{key}")

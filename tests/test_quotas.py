@@ -5,6 +5,7 @@ is in flight when is decided by the test, not by timing."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -49,9 +50,9 @@ class Site:
         return {"Authorization": f"Bearer {self.tokens[user]}"}
 
     def create(self, user: str, cores: int | None = None) -> str:
-        body = dict(TRUE)
+        body: dict[str, object] = dict(TRUE)
         if cores is not None:
-            body = {**TRUE, "resources": {"cpu_cores": cores}}
+            body["resources"] = {"cpu_cores": cores}
         resp = requests.post(self.server.api + "/tasks", json=body, headers=self.headers(user),
                              timeout=30)
         assert resp.status_code == 200, resp.text
@@ -98,14 +99,16 @@ def start_site(work: Path, users: list[str], per_owner: dict, *, max_concurrent:
                reconcile: bool = True) -> Site:
     tokens = {user: f"tok-{user}" for user in users} | {"root": "tok-root"}
     gates = Gates(work / "gates")
-    server = ServerProcess(work, f"sqlite:///{work}/funnel.db", reconcile=reconcile, overrides={
+    overrides: dict[str, object] = {
         "auth": {"mode": "bearer", "tokens": {token: user for user, token in tokens.items()},
                  "admins": ["root"]},
         "backend": {"name": "local", "local": {"max_concurrent": max_concurrent}},
         "reconciler": {"interval_seconds": 0.2},
         "limits": {"per_owner": per_owner},
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1,
-                   "command": gates.command()}})
+                   "command": gates.command()}}
+    server = ServerProcess(work, f"sqlite:///{work}/funnel.db", reconcile=reconcile,
+                           overrides=overrides)
     server.start()
     return Site(server, gates, tokens)
 
@@ -182,7 +185,8 @@ def check_metrics_by_owner(site: Site, alice: str) -> None:
     text = site.metrics()
     assert f'funnel_owner_tasks_in_flight{{owner="{alice}"}} 1.0' in text
     assert f'funnel_owner_at_limit{{owner="{alice}"}} 1.0' in text
-    assert float(re.search(r"^funnel_owners_at_limit (\S+)$", text, re.M).group(1)) >= 1
+    at_limit = re.search(r"^funnel_owners_at_limit (\S+)$", text, re.M)
+    assert at_limit is not None and float(at_limit.group(1)) >= 1
 
 
 def check_owners_page(site: Site, alice: str, bob: str) -> None:
@@ -275,10 +279,11 @@ def test_the_most_specific_level_decides_key_by_key() -> None:
                             "unrelated": {"max_tasks_in_flight": 99}},
                     owners={"ann": {"max_cpu_cores_in_flight": 16}})
     ann = quotas.limits("ann")
-    assert (ann.tasks.limit, ann.tasks.key) == (20, "limits.per_owner.groups.big."
-                                                    "max_tasks_in_flight")  # most generous
-    assert (ann.cores.limit, ann.cores.key) == (16, "limits.per_owner.owners.ann."
-                                                    "max_cpu_cores_in_flight")  # hers
+    # the most generous of her groups; her own entry
+    assert (ann.tasks.limit, ann.tasks.key) == (
+        20, "limits.per_owner.groups.big.max_tasks_in_flight")
+    assert (ann.cores.limit, ann.cores.key) == (
+        16, "limits.per_owner.owners.ann.max_cpu_cores_in_flight")
     tasks_on_local, cores_on_local = ann.instances["local"]
     assert (tasks_on_local.limit, tasks_on_local.key) == (  # 0: no limit is most generous
         0, "limits.per_owner.groups.big.instances.local.max_tasks_in_flight")
@@ -305,11 +310,11 @@ def test_unix_groups_of_a_real_user(people) -> None:
 
 @pytest.mark.parametrize(("per_owner", "message"), [
     ({"owners": {"alice": {"max_tasks_in_flight": "x"}}},
-     'limits.per_owner.owners.alice.max_tasks_in_flight: expected an integer or null, '
-     'got "x"'),
+     ('limits.per_owner.owners.alice.max_tasks_in_flight: expected an integer or null, '
+      'got "x"')),
     ({"groups": {"lab": {"instances": {"local": {"max_cpu_cores_in_flight": 1.5}}}}},
-     "limits.per_owner.groups.lab.instances.local.max_cpu_cores_in_flight: expected an "
-     "integer or null, got 1.5"),
+     ("limits.per_owner.groups.lab.instances.local.max_cpu_cores_in_flight: expected an "
+      "integer or null, got 1.5")),
     ({"owners": {"alice": {"max_task_in_flight": 1}}},
      "unknown configuration key: limits.per_owner.owners.alice.max_task_in_flight"),
     ({"instances": {"gpu": {"max_tasks_in_flight": 1}}},
@@ -337,8 +342,6 @@ def test_migration_fills_cpu_cores_of_active_tasks(tmp_path) -> None:
             ("c", "COMPLETE", {"resources": {"cpu_cores": 3}}, "j3"),
             ("d", "QUEUED", {"resources": {"cpu_cores": "9"}}, "j4")]
     old = sqlite3.connect(tmp_path / "old.db")
-    import json
-
     old.executemany("INSERT INTO tasks (id, state, owner, creation_time, spec, logs, backend, "
                     "job_id, attempt, event_seq, updated_at) VALUES (?, ?, 'ann', 't', ?, '[]',"
                     " 'local', ?, 1, 0, 't')",

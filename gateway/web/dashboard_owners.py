@@ -28,7 +28,8 @@ class OwnerRow:
     max_tasks: int
     max_cores: int
     at_limit: bool
-    instances: tuple[tuple[str, int, int, int, int], ...]  # name, tasks, cores, max_tasks, max_cores
+    # per instance: name, tasks, cores, max tasks, max cores
+    instances: tuple[tuple[str, int, int, int, int], ...]
 
 
 def owner_rows(engine: Engine, per_owner: PerOwnerSection) -> tuple[list[OwnerRow], int]:
