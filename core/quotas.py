@@ -94,7 +94,7 @@ def unix_groups(owner: str) -> frozenset[str]:
     try:
         gid = pwd.getpwnam(owner).pw_gid
         gids = os.getgrouplist(owner, gid)
-    except (KeyError, OSError):
+    except (KeyError, OSError, ValueError):  # ValueError: a NUL in a name from a token
         return frozenset()
     names = set()
     for number in gids:

@@ -305,7 +305,8 @@ def test_the_most_specific_level_decides_key_by_key() -> None:
 def test_unix_groups_of_a_real_user(people) -> None:
     assert people["group"] in unix_groups(people["carol"])
     assert people["group"] not in unix_groups(people["alice"])
-    assert unix_groups("no-such-user-here") == frozenset()
+    for hostile in ("no-such-user-here", "a\x00b", "../etc", "é" * 300):  # names of tokens
+        assert unix_groups(hostile) == frozenset()
 
 
 @pytest.mark.parametrize(("per_owner", "message"), [

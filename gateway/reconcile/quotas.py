@@ -22,7 +22,7 @@ import heapq
 import logging
 from collections import deque
 from collections.abc import Mapping
-from operator import attrgetter
+from operator import itemgetter
 from typing import Any
 
 from funnel_hpc.core.quotas import OwnerLimits, OwnerUsage, QuotaPolicy, Refusal
@@ -32,7 +32,6 @@ from funnel_hpc.gateway.store.reconciler_queries import FieldUpdate, ReconcilerQ
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
-_SEQ = attrgetter("seq")
 WAITING = " waiting: "  # in a gateway log line: the task was told why it waits
 
 
@@ -50,12 +49,17 @@ class FairShare:
         """Up to `limit` of the QUEUED rows without a job, owners in turn, within limits."""
         if not unsubmitted or limit <= 0:
             return []
+        # by position, not name: a database row's attribute costs 10 times its index
+        # (10,000 rows: 3.4 ms against 0.3); the index's patched rows keep the same fields
+        fields = next(iter(unsubmitted.values()))._fields
+        owner_of, seq_of = itemgetter(fields.index("owner")), itemgetter(fields.index("seq"))
         queues: dict[str | None, list[Any]] = {}
         for row in unsubmitted.values():
-            queues.setdefault(row.owner, []).append(row)
+            queues.setdefault(owner_of(row), []).append(row)
         for owner, rows in queues.items():
-            queues[owner] = (sorted(rows, key=_SEQ) if len(rows) <= limit
-                             else heapq.nsmallest(limit, rows, key=_SEQ))
+            # a sort in C beats a heap unless few of many are wanted
+            queues[owner] = (sorted(rows, key=seq_of)[:limit] if len(rows) <= 8 * limit
+                             else heapq.nsmallest(limit, rows, key=seq_of))
         if self._told:
             self._told &= unsubmitted.keys()
         if self.policy is None or not self.policy.enabled:
