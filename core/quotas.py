@@ -11,6 +11,7 @@ when groups are configured, and kept GROUPS_SECONDS per owner.
 """
 
 import grp
+import json
 import os
 import pwd
 import time
@@ -105,6 +106,14 @@ def unix_groups(owner: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def shown(owner: str | None) -> str:
+    """An owner's name in a log line: quoted when it holds a control character (a name
+    from a token is not trusted to keep to one line)."""
+    if owner is None:
+        return NO_OWNER
+    return owner if owner.isprintable() else json.dumps(owner)
+
+
 class QuotaPolicy:
     """limits.per_owner, resolved per owner."""
 
@@ -166,7 +175,7 @@ class QuotaPolicy:
     def refusal(self, owner: str | None, limits: OwnerLimits, usage: OwnerUsage,
                 instance: str, cores: int) -> Refusal | None:
         """None when one more task of `cores` on `instance` fits the owner's limits."""
-        who = owner if owner is not None else NO_OWNER
+        who = shown(owner)
         checks = [(usage.overall, limits.tasks, limits.cores, "")]
         if instance in limits.instances:
             tasks, cores_bound = limits.instances[instance]

@@ -8,21 +8,20 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.quotas import OwnerUsage, QuotaPolicy, unix_groups
 from funnel_hpc.gateway.store import db, owner_counts
-from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, need
+from tests.components import BWRAP, BWRAP_REASON, POSTGRES, POSTGRES_REASON, bwrap_ready, need
 from tests.image_helpers import drop_group, drop_user, local_group, local_user
 from tests.quota_helpers import Gates, Sampler, jobs_in_flight, waiting_lines
-from tests.server_helpers import ServerProcess
+from tests.server_helpers import ServerProcess, _postgres_reachable
 from tests.waiting import wait_for, wait_for_state
 
 TIMEOUT = 120.0
@@ -300,6 +299,9 @@ def test_the_most_specific_level_decides_key_by_key() -> None:
         "(limits.per_owner.instances.local.max_tasks_in_flight)")
     assert quotas.refusal("ann", ann, used, "local", 1) is None
     assert quotas.enabled and not policy().enabled
+    forged = quotas.refusal("x\nINFO forged line", other, used, "local", 1)
+    assert forged is not None and "\n" not in forged.reason
+    assert '"x\\nINFO forged line" has 2 of 2' in forged.reason
 
 
 def test_unix_groups_of_a_real_user(people) -> None:
@@ -335,31 +337,38 @@ def test_configuration_errors_name_the_key(per_owner: dict, message: str) -> Non
 
 # ---- the store: cpu_cores at create, the migration, the grouped count ----
 
-def test_migration_fills_cpu_cores_of_active_tasks(tmp_path) -> None:
-    engine = db.make_engine(f"sqlite:///{tmp_path}/old.db")
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres",
+                                                         marks=pytest.mark.postgres)])
+def test_migration_fills_cpu_cores_of_active_tasks(kind: str, databases) -> None:
+    if kind == "postgres":
+        need(POSTGRES, _postgres_reachable(), POSTGRES_REASON)
+    engine = db.make_engine(databases.new(kind))
     db.upgrade(engine, "0007_backend_health_ticks")
     rows = [("a", "RUNNING", {"resources": {"cpu_cores": 6}}, "j1"),
             ("b", "QUEUED", {"resources": {}}, None),
             ("c", "COMPLETE", {"resources": {"cpu_cores": 3}}, "j3"),
-            ("d", "QUEUED", {"resources": {"cpu_cores": "9"}}, "j4")]
-    old = sqlite3.connect(tmp_path / "old.db")
-    old.executemany("INSERT INTO tasks (id, state, owner, creation_time, spec, logs, backend, "
-                    "job_id, attempt, event_seq, updated_at) VALUES (?, ?, 'ann', 't', ?, '[]',"
-                    " 'local', ?, 1, 0, 't')",
-                    [(i, s, json.dumps(spec), job) for i, s, spec, job in rows])
-    old.commit()
-    old.close()
+            ("d", "QUEUED", {"resources": {"cpu_cores": "9"}}, "j4"),
+            ("f", "QUEUED", {}, "j5")]
+    with db.writing(engine) as conn:  # as 0007's gateway wrote them: no cpu_cores column
+        conn.execute(text(
+            "INSERT INTO tasks (id, state, owner, creation_time, spec, logs, backend, job_id, "
+            "attempt, event_seq, updated_at) VALUES (:id, :state, 'ann', 't', :spec, '[]', "
+            "'local', :job, 1, 0, 't')"),
+            [{"id": i, "state": s, "spec": json.dumps(spec), "job": job}
+             for i, s, spec, job in rows])
     db.upgrade(engine)
-    with sqlite3.connect(tmp_path / "old.db") as conn:
-        found = dict(conn.execute("SELECT id, cpu_cores FROM tasks").fetchall())
-    assert found == {"a": 6, "b": None, "c": None, "d": None}
-    usage = owner_counts.in_flight(engine)["ann"]  # a and d hold jobs; NULL counts 1
-    assert (usage.overall.tasks, usage.overall.cores) == (2, 7)
+    with db.reading(engine) as conn:
+        read = conn.execute(text("SELECT id, cpu_cores FROM tasks"))
+        found = {row.id: row.cpu_cores for row in read}
+    assert found == {"a": 6, "b": None, "c": None, "d": None, "f": None}
+    usage = owner_counts.in_flight(engine)["ann"]  # a, d and f hold jobs; NULL counts 1
+    assert (usage.overall.tasks, usage.overall.cores) == (3, 8)
     with db.writing(engine) as conn:
         conn.execute(insert(db.tasks), [{
             "id": "e", "state": "INITIALIZING", "owner": "ann", "creation_time": "t",
             "spec": {}, "logs": [], "backend": "gpu", "job_id": "", "attempt": 1,
             "event_seq": 0, "updated_at": "t", "cpu_cores": 4}])
     usage = owner_counts.in_flight(engine)["ann"]  # a claim counts
-    assert (usage.on("gpu").tasks, usage.on("gpu").cores, usage.overall.cores) == (1, 4, 11)
+    assert (usage.on("gpu").tasks, usage.on("gpu").cores, usage.overall.cores) == (1, 4, 12)
     assert owner_counts.waiting(engine) == {"ann": 1}
+    engine.dispose()
