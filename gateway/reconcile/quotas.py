@@ -13,7 +13,7 @@ A task that waits gets one line in its system logs the first time (and one gatew
 line); nothing is written again while it waits, and a waiting tick does not wake the
 reconciler early.
 Cost: one pass over the QUEUED rows plus a sort of each owner's first
-`submit_per_tick`; with limits, one grouped query (benchmarks/reconciler_tick.py).
+`submit_per_tick`; with limits, one grouped query (benchmarks/quotas_tick.py).
 """
 
 from __future__ import annotations
