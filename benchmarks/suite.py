@@ -5,6 +5,8 @@
 Sections (each measured with its physical reference in this same run):
   api        create throughput (8 clients) vs bare Flask insert; list p50/p99 at 100k
              tasks (MINIMAL, BASIC); server RSS at 100k: on SQLite and on PostgreSQL
+  routing    Router.route() with 50 rules, per rule, vs the create path's validation of
+             the same task (schema + admission), in process (benchmarks/routing_bench.py)
   latency    a trivial task end to end on the local backend vs the worker run directly,
              and on Slurm vs raw `sbatch` (its event log watched)
   throughput 1,000 and 10,000 trivial tasks QUEUED -> COMPLETE on Slurm vs a raw sbatch
@@ -62,6 +64,7 @@ from benchmarks import (  # noqa: E402
     quotas_tick,
     reconciler_tick,
     replicas_bench,
+    routing_bench,
     sandbox_start,
     slurm_bench,
     slurm_sinks,
@@ -72,7 +75,7 @@ from benchmarks import (  # noqa: E402
 from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
-SECTIONS = ("api", "latency", "throughput", "worker", "images", "storage", "events",
+SECTIONS = ("api", "routing", "latency", "throughput", "worker", "images", "storage", "events",
             "reconciler", "replicas", "local")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
@@ -125,6 +128,10 @@ def api_section(table: Table, results: dict, quick: bool) -> None:
         rss = r["server_rss_mb_at_stored"]
         table.add(f"server RSS with {stored:,} tasks stored ({db})", f"{rss:.0f} MB",
                   target="< 200 MB", met=rss < 200)
+
+
+def routing_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("routing", routing_bench.suite_rows(quick))])
 
 
 def latency_section(table: Table, results: dict, quick: bool) -> None:
@@ -276,7 +283,8 @@ def main() -> None:
     facts = machine_facts()
     table, results, timings = Table(), {}, {}
     started = time.monotonic()
-    for name, section in (("api", api_section), ("latency", latency_section),
+    for name, section in (("api", api_section), ("routing", routing_section),
+                          ("latency", latency_section),
                           ("throughput", throughput_section), ("worker", worker_section),
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),

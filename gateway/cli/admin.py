@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from funnel_hpc.core.config import Config
+from funnel_hpc.core.config import Config, Instance
 from funnel_hpc.gateway.cli.common import (
     OUTPUTS,
     config_option,
@@ -102,8 +102,9 @@ def submit_request(config: Config, task: dict, task_id: str) -> Any:
                          backend_parameters={str(k).lower(): str(v) for k, v in params.items()})
 
 
-def stored_task(document: Any, task_id: str) -> dict:
-    """The FULL task document the reconciler hands a backend, from a TES task body."""
+def stored_task(document: Any, task_id: str, route: Any = None) -> dict:
+    """The FULL task document the reconciler hands a backend, from a TES task body;
+    `route(spec)`, when given, is called on the validated task first (the route tag)."""
     from marshmallow import ValidationError
 
     from funnel_hpc.core.events import now_rfc3339
@@ -114,10 +115,12 @@ def stored_task(document: Any, task_id: str) -> dict:
         spec = load_task(document)
     except ValidationError as exc:
         fail("; ".join(flatten_errors(exc.messages)))
+    if route is not None:
+        route(spec)
     return full_task(task_id, "QUEUED", spec, [], now_rfc3339())
 
 
-def render_for(backend: Any, request: Any) -> str:
+def render_for(backend: Any, request: Any, kind: str) -> str:
     """The backend's own rendering: render_script -> the script; render -> the files it
     writes to the task dir, each after a head(1)-style "==> name <==" line."""
     if hasattr(backend, "render_script"):
@@ -125,39 +128,88 @@ def render_for(backend: Any, request: Any) -> str:
     rendered = backend.render(request)
     if isinstance(rendered, str):
         return rendered
-    names = RENDERED_FILES.get(backend.name) or [f"file {i}" for i in range(1, 99)]
+    names = RENDERED_FILES.get(kind) or [f"file {i}" for i in range(1, 99)]
     return "\n".join(f"==> {name} <==\n{text}" for name, text in zip(names, rendered,
                                                                      strict=False))
 
 
+def forced_config(config_path: str | None, name: str) -> tuple[Config, str]:
+    """The configuration and instance `--backend NAME` means: a configured instance; or,
+    for a configuration of the single `backend:` form, backend.name = NAME (any kind)."""
+    cfg = load_config(config_path)
+    if name in cfg.backends:
+        return cfg, name
+    if list(cfg.backends) != [cfg.backend.name]:  # several named instances
+        fail(f"--backend: no backend instance {name!r} (instances: {', '.join(cfg.backends)})")
+    cfg = load_config(config_path, {"backend": {"name": name}})
+    return cfg, cfg.backend.name
+
+
 @click.command("render")
 @click.argument("task_file", type=click.File("r"))
-@click.option("--backend", "backend_name", help="Backend (default: backend.name).")
+@click.option("--backend", "backend_name",
+              help="Backend instance to render for (default: the one routing picks).")
+@click.option("--owner", help="Owner to route the task as (rules on owner or group).")
 @click.option("--task-id", default=PLACEHOLDER_TASK_ID, show_default=True,
               help="Task id to render with.")
 @config_option
-def render(task_file, backend_name, task_id, config_path) -> None:
+def render(task_file, backend_name, owner, task_id, config_path) -> None:
     """Print the submission script the backend would submit for TASK_FILE (a TES task,
-    - for stdin), without submitting anything."""
+    - for stdin), without submitting anything. Where the task goes ("routed to gpu by
+    routing[1]") is printed first, on stderr: stdout is the script alone."""
     from funnel_hpc.backends.base import BackendError
-    from funnel_hpc.backends.registry import load_backend
+    from funnel_hpc.core.routing import ROUTE_TAG, Unroutable
+    from funnel_hpc.gateway.store.placement import Placement
 
-    overrides = {"backend": {"name": backend_name}} if backend_name else None
-    cfg = load_config(config_path, overrides)
-    name = cfg.backend.name
-    if name not in RENDER_BACKENDS:
-        fail(f"backend {name!r} submits no script (render knows {', '.join(RENDER_BACKENDS)})")
+    cfg, name = forced_config(config_path, backend_name) if backend_name \
+        else (load_config(config_path), "")
     try:
         document = json.load(task_file)
     except ValueError as exc:
         fail(f"{task_file.name}: not valid JSON: {exc}")
-    task = stored_task(document, task_id)
+    placement = Placement.from_config(cfg)
+    chosen: list[str] = []  # the instance
+    notes: list[str] = []   # where the task goes and why, printed once it rendered
+
+    def route(spec: dict) -> None:
+        try:
+            routed = placement.route(spec, owner)
+        except Unroutable as exc:
+            if not backend_name:
+                fail(f"routing: {exc}")
+            if placement.several:
+                spec["tags"] = {**(spec.get("tags") or {}), ROUTE_TAG: name}
+            chosen.append(name)
+            notes.append(f"forced to {name} by --backend (routing refuses the task: {exc})")
+            return
+        placement.take_request(spec, routed)
+        chosen.append(name or routed.instance)
+        if placement.several:
+            spec["tags"][ROUTE_TAG] = chosen[0]
+        notes.append(routed.describe() if chosen[0] == routed.instance else
+                     f"forced to {name} by --backend (routing: {routed.describe()})")
+
+    task = stored_task(document, task_id, route)
+    instance = cfg.instance(chosen[0])
+    if instance.kind not in RENDER_BACKENDS:
+        fail(f"backend {instance.name!r} (kind {instance.kind}) submits no script "
+             f"(render knows {', '.join(RENDER_BACKENDS)})")
     try:
-        backend = load_backend(cfg.backend, cfg.work_dir)
-        script = render_for(backend, submit_request(cfg, task, task_id))
+        backend = instance_backend(cfg, instance)
+        script = render_for(backend, submit_request(cfg, task, task_id), instance.kind)
     except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
-        fail(f"cannot render the {name} script: {exc}")
+        fail(f"cannot render the {instance.name} script: {exc}")
+    click.echo(notes[0], err=True)
     click.echo(script, nl=False)
+
+
+def instance_backend(cfg: Config, instance: Instance) -> Any:
+    """The backend object of an instance, as the reconciler makes it (its kind's class
+    over the instance's options), without a change callback: nothing is submitted."""
+    from funnel_hpc.backends.registry import backend_class
+
+    assert instance.options is not None  # every kind render knows has its section
+    return backend_class(instance.kind)(instance.options, Path(cfg.work_dir), None)
 
 
 # ---- admin ----

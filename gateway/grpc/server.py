@@ -160,8 +160,8 @@ class TaskServicer(_Guarded, tes_pb2_grpc.TaskServiceServicer):
 
     def GetServiceInfo(self, request: tes_pb2.GetServiceInfoRequest,
                        context: grpc.ServicerContext) -> tes_pb2.ServiceInfo:
-        def run(_who: Principal) -> tes_pb2.ServiceInfo:
-            return to_message(self.service.service_info(), tes_pb2.ServiceInfo())
+        def run(who: Principal) -> tes_pb2.ServiceInfo:
+            return to_message(self.service.service_info(who.user), tes_pb2.ServiceInfo())
         return self._call(context, run)
 
     def CreateTask(self, request: tes_pb2.Task,

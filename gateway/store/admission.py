@@ -1,9 +1,11 @@
 """What a task must satisfy beyond its schema, checked at POST: configured limits
 (``limits.*``), resource maxima (``resources.max_*``), URL schemes with a store, and
 backend_parameters values. Each refusal is an AdmissionError whose message starts with
-the field path and names the limit (the API answers HTTP 400). With jobs run as their
-owners (``backend.slurm.submit_as_owner``), the owner policy (backends/owners.py) is
-asked first: a refused owner is an OwnerRefused naming the rule (HTTP 403).
+the field path and names the limit (the API answers HTTP 400). What depends on the
+backend instance a task is routed to (gateway/store/placement.py) is that instance's
+InstanceChecks: its kind's check_task, its backend_parameters allow-list and, when its
+jobs run as their owners (``submit_as_owner``), the owner policy (backends/owners.py): a
+refused owner is an OwnerRefused naming the rule (HTTP 403).
 
 Cost: one walk over the validated task document (bounded by ``server.max_body_bytes``)
 without field paths; a second one that names the field only when a string may be over
@@ -20,7 +22,7 @@ from urllib.parse import urlparse
 from funnel_hpc.backends.owners import OwnerPolicy
 from funnel_hpc.backends.registry import backend_class
 from funnel_hpc.backends.templating import check_backend_parameters
-from funnel_hpc.core.config import Config, SlurmOptions
+from funnel_hpc.core.config import Config, Instance, SlurmOptions
 from funnel_hpc.worker.storage import STORES
 from funnel_hpc.worker.validation import IMAGE
 
@@ -73,16 +75,14 @@ def url_scheme(url: str) -> str:
     return "file" if url.startswith("/") else urlparse(url).scheme.lower()
 
 
-class Admission:
-    """The checks of one server's configuration."""
+class InstanceChecks:
+    """What one backend instance accepts of a task: its kind's Backend.check_task, its
+    backend_parameters allow-list, and who may own a task (jobs run as their owners)."""
 
-    def __init__(self, config: Config):
-        # limits.* and resources.* by key name (the checks below name the key they apply)
-        self.limits: dict[str, int] = dict(vars(config.limits))
-        self.maxima: dict[str, float] = dict(vars(config.resources))
-        self.backend_name: str = config.backend.name
-        self.backend_kind: str = config.instances()[0].kind
-        options = config.backend.options()
+    def __init__(self, instance: Instance):
+        self.name = instance.name
+        self.kind = instance.kind
+        options = instance.options
         # jobs run as their owners: who may own a task is the owner policy's to say
         self.owners = OwnerPolicy.from_options(options) \
             if isinstance(options, SlurmOptions) and options.submit_as_owner else None
@@ -90,24 +90,65 @@ class Admission:
         # TES backend_parameters key -> scheduler option; keys match case-insensitively
         self.allowed_parameters: dict[str, Any] = {str(k): v for k, v in allowed.items()}
         self.parameter_keys = {key.lower() for key in self.allowed_parameters}
-        # a scheme works when it is allowed and the worker has a store for it
-        self.schemes = sorted(set(config.storage.allowed_schemes) & set(STORES))
-        self.allowed_dirs: list[str] = list(config.worker.allowed_dirs)
-
-    # ---- tasks ----
 
     def check_owner(self, owner: str | None) -> None:
         """Raises OwnerRefused when jobs run as their owners and this one may not own any."""
         if self.owners is not None:
             self.owners.account(owner)
 
+    def check_kind(self, spec: dict) -> None:
+        Admission.check_for_kind(self.kind, spec)
+
+    def admit_backend_parameters(self, spec: dict) -> list:
+        """Check a task's backend_parameters; return its first logs (a warning naming the
+        dropped keys, or nothing). Values of allow-listed keys must fit on a scheduler
+        directive line (backends.templating.directive, as the backend will render them);
+        unsupported keys are refused when strict, else dropped (TES: never stored)."""
+        resources = spec.get("resources") or {}
+        params = resources.get("backend_parameters")
+        if not params:
+            return []
+        try:
+            check_backend_parameters(params, self.allowed_parameters, strict=False)
+        except ValueError as exc:
+            raise AdmissionError(f"resources.backend_parameters: {exc}") from None
+        unknown = sorted(k for k in params if k.lower() not in self.parameter_keys)
+        if not unknown:
+            return []
+        if resources.get("backend_parameters_strict"):
+            raise AdmissionError(
+                "resources.backend_parameters: unsupported by backend "
+                f"{self.name!r}: {', '.join(unknown)} (supported: "
+                f"{', '.join(sorted(self.parameter_keys)) or 'none'})")
+        resources["backend_parameters"] = {k: v for k, v in params.items() if k not in unknown}
+        warning = (f"backend_parameters not supported by backend {self.name!r} "
+                   f"were ignored: {', '.join(unknown)}")
+        return [{"logs": [], "outputs": [], "system_logs": [warning]}]
+
+
+class Admission:
+    """The checks of one server's configuration."""
+
+    def __init__(self, config: Config):
+        # limits.* and resources.* by key name (the checks below name the key they apply)
+        self.limits: dict[str, int] = dict(vars(config.limits))
+        self.maxima: dict[str, float] = dict(vars(config.resources))
+        # each instance's own checks, asked of the instance a task is routed to
+        self.instances = {instance.name: InstanceChecks(instance)
+                          for instance in config.instances()}
+        # a scheme works when it is allowed and the worker has a store for it
+        self.schemes = sorted(set(config.storage.allowed_schemes) & set(STORES))
+        self.allowed_dirs: list[str] = list(config.worker.allowed_dirs)
+
+    # ---- tasks ----
+
     def check_task(self, spec: dict) -> None:
+        """What any instance requires (its own checks come after routing: instances)."""
         self._check_counts(spec)
         self._check_strings(spec)
         self._check_executors(spec)
         self._check_resources(spec.get("resources") or {})
         self._check_urls(spec)
-        self.check_for_kind(self.backend_kind, spec)
 
     @staticmethod
     def check_for_kind(kind: str, spec: dict) -> None:
@@ -179,32 +220,6 @@ class Admission:
                     raise AdmissionError(
                         f"{kind}.{index}.url: no storage for URL scheme {scheme or '(none)'!r} "
                         f"on this server (supported: {', '.join(self.schemes) or 'none'})")
-
-    def admit_backend_parameters(self, spec: dict) -> list:
-        """Check a task's backend_parameters; return its first logs (a warning naming the
-        dropped keys, or nothing). Values of allow-listed keys must fit on a scheduler
-        directive line (backends.templating.directive, as the backend will render them);
-        unsupported keys are refused when strict, else dropped (TES: never stored)."""
-        resources = spec.get("resources") or {}
-        params = resources.get("backend_parameters")
-        if not params:
-            return []
-        try:
-            check_backend_parameters(params, self.allowed_parameters, strict=False)
-        except ValueError as exc:
-            raise AdmissionError(f"resources.backend_parameters: {exc}") from None
-        unknown = sorted(k for k in params if k.lower() not in self.parameter_keys)
-        if not unknown:
-            return []
-        if resources.get("backend_parameters_strict"):
-            raise AdmissionError(
-                "resources.backend_parameters: unsupported by backend "
-                f"{self.backend_name!r}: {', '.join(unknown)} (supported: "
-                f"{', '.join(sorted(self.parameter_keys)) or 'none'})")
-        resources["backend_parameters"] = {k: v for k, v in params.items() if k not in unknown}
-        warning = (f"backend_parameters not supported by backend {self.backend_name!r} "
-                   f"were ignored: {', '.join(unknown)}")
-        return [{"logs": [], "outputs": [], "system_logs": [warning]}]
 
     # ---- listings ----
 

@@ -27,12 +27,14 @@ from sqlalchemy.engine import Engine
 from funnel_hpc.backends.owners import OwnerRefused
 from funnel_hpc.core.config import Config
 from funnel_hpc.core.events import now_rfc3339  # the one timestamp format, worker and gateway
+from funnel_hpc.core.routing import Unroutable
 from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.admission import Admission, AdmissionError
 from funnel_hpc.gateway.store.leases import LeaseView
 from funnel_hpc.gateway.store.owner_counts import task_cores
 from funnel_hpc.gateway.store.page_budget import PageBudget, PageHold
+from funnel_hpc.gateway.store.placement import REQUEST_KEY, Placement
 from funnel_hpc.gateway.store.prepared import PreparedInsert
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.task_views import apply_view, full_task
@@ -46,6 +48,8 @@ from funnel_hpc.gateway.store.tes_schemas import (
 DEFAULT_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 2047  # TES 1.1 ListTasks: page_size "must be less than 2048"
 TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# service-info's own key (an extension: the schema allows more properties)
+SERVICE_INFO_KEY = "funnel_hpc"
 
 
 class ServiceError(Exception):
@@ -74,6 +78,13 @@ class Forbidden(ServiceError):
     """The caller may not do this at all (e.g. own a task whose job would run as them)."""
 
     status = 403
+
+
+def _routing_message(reason: str) -> str:
+    """An Unroutable's reason as a 400 message: it names its field, else "routing"."""
+    head = reason.split(":", 1)[0]
+    return reason if re.fullmatch(r"[A-Za-z_][\w.]*", head) and head != reason \
+        else f"routing: {reason}"
 
 
 def new_task_id() -> str:
@@ -128,8 +139,8 @@ class TaskService:
     def __init__(self, engine: Engine, config: Config, lease_view: LeaseView | None = None):
         self.engine = engine
         self.config = config
-        self.backend_name: str = config.backend.name
         self.admission = Admission(config)
+        self.placement = Placement.from_config(config)  # the routing rules, built once
         self.strict_fields: bool = config.server.strict_fields
         self.max_list_bytes: int = config.limits.max_list_bytes
         self.page_budget = PageBudget(config.limits.max_list_bytes_in_flight)
@@ -150,25 +161,33 @@ class TaskService:
         """create, and its notices for the client (fields ignored as unknown: refused
         instead when server.strict_fields is set), also kept in the system logs.
         `unknown`: fields the protocol already dropped (gRPC's unknown field numbers)."""
-        try:
-            self.admission.check_owner(owner)
-        except OwnerRefused as exc:
-            raise Forbidden(str(exc)) from None
         if unknown and self.strict_fields:
             raise BadRequest("; ".join(f"{path}: Unknown field." for path in unknown))
         try:
             spec, ignored = (load_task(document), []) if self.strict_fields else \
                 load_task_lenient(document)
             self.admission.check_task(spec)
-            logs = self.admission.admit_backend_parameters(spec)
+            route = self.placement.route(spec, owner)
+            instance = self.admission.instances[route.instance]
+            instance.check_owner(owner)
+            instance.check_kind(spec)
+            self.placement.take_request(spec, route)
+            logs = instance.admit_backend_parameters(spec)
         except ValidationError as exc:
             raise BadRequest("; ".join(flatten_errors(exc.messages))) from None
+        except Unroutable as exc:
+            raise BadRequest(_routing_message(str(exc))) from None
         except AdmissionError as exc:
             raise BadRequest(str(exc)) from None
+        except OwnerRefused as exc:
+            raise Forbidden(str(exc)) from None
         ignored = [*unknown, *ignored]
         notices = [ignored_fields_notice(ignored)] if ignored else []
-        if notices:
+        # with several instances, the first system log line says where the task goes
+        lines = [route.describe()] if self.placement.several else []
+        if lines or notices:
             logs = logs or [{"logs": [], "outputs": [], "system_logs": []}]
+            logs[0]["system_logs"][:0] = lines
             logs[0]["system_logs"] += notices
         task_id = new_task_id()
         with db.writing(self.engine) as conn:
@@ -176,7 +195,7 @@ class TaskService:
             seq = _INSERT_TASK.execute(conn, {"cpu_cores": task_cores(spec),
                 "id": task_id, "state": State.QUEUED.value, "name": spec.get("name"),
                 "owner": owner, "creation_time": now, "spec": spec, "logs": logs,
-                "backend": self.backend_name, "job_id": None, "attempt": 0, "event_seq": 0,
+                "backend": route.instance, "job_id": None, "attempt": 0, "event_seq": 0,
                 "updated_at": now}).scalar_one()
             tags = spec.get("tags") or {}
             if tags:
@@ -210,6 +229,15 @@ class TaskService:
         if row is None:
             raise NotFound(f"task {task_id!r} not found")
         return row
+
+    def instances_of(self, task_ids: Sequence[str]) -> dict[str, str]:
+        """Task id -> the backend instance it was routed to (the dashboard's column): one
+        query for a page of tasks."""
+        if not task_ids:
+            return {}
+        query = select(db.tasks.c.id, db.tasks.c.backend).where(db.tasks.c.id.in_(task_ids))
+        with db.reading(self.engine) as conn:
+            return {row.id: row.backend for row in conn.execute(query)}
 
     # Below this method, `list` in an annotation names it: they say builtins.list.
     def list(self, q: ListQuery,
@@ -323,10 +351,16 @@ class TaskService:
 
     # ---- service-info ----
 
-    def service_info(self) -> dict:
+    def service_info(self, caller: str | None = None, extended: bool = False) -> dict:
+        """GA4GH service-info for TES 1.1; `extended`: plus SERVICE_INFO_KEY, the backend
+        instances the caller's tasks may be routed to (gateway/store/placement.py)."""
         from funnel_hpc.core import __version__
 
         info = self.config.service_info
+        instances = self.instances_for(caller)
+        keys = {key for instance in instances for key in instance["backend_parameters"]}
+        if any(instance["requestable"] for instance in instances):
+            keys.add(REQUEST_KEY)
         out: dict[str, Any] = {
             "id": info.id,
             "name": info.name,
@@ -336,10 +370,22 @@ class TaskService:
             "version": __version__,
             # the configured list, else the stores this server has (admission.py)
             "storage": list(info.storage) or self.admission.advertised_storage(),
-            "tesResources_backend_parameters": sorted(self.admission.parameter_keys),
+            # every key an instance the caller may reach accepts
+            "tesResources_backend_parameters": sorted(keys),
         }
         for key, name in (("contact_url", "contactUrl"), ("documentation_url", "documentationUrl"),
                           ("environment", "environment")):
             if getattr(info, key):
                 out[name] = getattr(info, key)
+        if extended:  # valid TES, but strict clients (py-tes) refuse a key they lack
+            out[SERVICE_INFO_KEY] = {"backends": instances}
         return out
+
+    def instances_for(self, caller: str | None) -> builtins.list[dict[str, Any]]:
+        """The instances the caller's tasks may be routed to: name, kind, the accepted
+        backend_parameters keys, and whether backend_parameters.backend may name it."""
+        return [{"name": reach.name, "kind": reach.kind,
+                 "backend_parameters": sorted(self.admission.instances[reach.name]
+                                              .parameter_keys),
+                 "requestable": reach.requestable}
+                for reach in self.placement.reachable(caller)]

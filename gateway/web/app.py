@@ -28,8 +28,10 @@ from funnel_hpc.gateway.web.ops_routes import PUBLIC_ENDPOINTS as OBSERVABILITY_
 from funnel_hpc.gateway.web.ops_routes import blueprint as observability_blueprint
 from funnel_hpc.gateway.web.sessions import SessionStore
 from funnel_hpc.gateway.web.tes_routes import (
+    FUNNEL_SERVICE_INFO,
     LEGACY_PREFIX,
     TES_PREFIX,
+    funnel_service_info,
     json_response,
     legacy_service_info,
     make_blueprint,
@@ -136,6 +138,7 @@ def _register_routes(app: Flask) -> None:
     api.register_blueprint(make_blueprint("tes_legacy", LEGACY_PREFIX, legacy=True))
     app.add_url_rule(LEGACY_PREFIX + "/tasks/service-info", "legacy_service_info",
                      legacy_service_info)
+    app.add_url_rule(FUNNEL_SERVICE_INFO, "funnel_service_info", funnel_service_info)
     app.register_blueprint(events_blueprint)
     app.register_blueprint(watch_blueprint)
     app.register_blueprint(dashboard_blueprint)

@@ -208,6 +208,7 @@ def task_list():
     filters = {"state": state, "name_prefix": name_prefix, "tag": tag}
     error = None
     tasks: list[dict] = []
+    instances: dict[str, str] = {}  # task id -> its backend instance
     counts: dict[str, int] = {}
     pager: dict[str, Any] = {}
     try:
@@ -218,6 +219,7 @@ def task_list():
                           name_prefix=name_prefix or None, state=state or None,
                           tags=_parse_tag(tag), owner=_owner())
         tasks, next_token = _service().list(query)
+        instances = _service().instances_of([task["id"] for task in tasks])
         counts = _service().state_counts(owner=_owner())
         pager = dashboard_pager.pager(_service(), query, counts, trail, len(tasks),
                                       next_token, filters)
@@ -227,8 +229,8 @@ def task_list():
     template = "_task_rows.html" if fragment else "tasks.html"
     chart = None if fragment or error else _chart()
     health = {} if fragment else _health()
-    return _render(template, tasks=tasks, pager=pager, counts=counts, chart=chart,
-                   states=ALL_STATES, filters=filters, error=error, page_token=token,
+    return _render(template, tasks=tasks, instances=instances, pager=pager, counts=counts,
+                   chart=chart, states=ALL_STATES, filters=filters, error=error, page_token=token,
                    total=sum(counts.values()), status=400 if error and not fragment else 200,
                    **health)
 
@@ -248,9 +250,15 @@ def _health() -> dict[str, Any]:
     try:
         health, now = backend_health.overview(_service().engine, _service().config)
     except OperationalError:
-        return {"health": [], "now": time.time(), "replica": replica(),
+        return {"health": [], "now": time.time(), "replica": replica(), "kinds": _kinds(),
                 "health_error": "The database is busy or unavailable; this panel will retry."}
-    return {"health": health, "now": now, "health_error": None, "replica": replica()}
+    return {"health": health, "now": now, "health_error": None, "replica": replica(),
+            "kinds": _kinds()}
+
+
+def _kinds() -> dict[str, str]:
+    """Each configured backend instance's kind, by name."""
+    return {instance.name: instance.kind for instance in _service().config.instances()}
 
 
 @blueprint.get("/backends")
@@ -276,7 +284,9 @@ def task_page(task_id: str):
     except NotFound:
         return _render("not_found.html", status=404, task_id=task_id)
     job_ids = [log.get("metadata", {}).get("job_id") for log in task.get("logs", [])]
+    instance = _service().instances_of([task_id]).get(task_id)
     return _render("_task_detail.html" if fragment else "task.html", task=task,
+                   instance=instance,
                    job_ids=[j for j in job_ids if j], terminal=State(task["state"]) in TERMINAL)
 
 
@@ -293,7 +303,8 @@ def cancel(task_id: str):
 
 @blueprint.get("/service")
 def service_info():
-    return _render("service.html", info=_service().service_info())
+    return _render("service.html", info=_service().service_info(principal().user,
+                                                                  extended=True))
 
 
 @blueprint.get(TES_PREFIX + "/docs")

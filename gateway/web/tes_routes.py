@@ -35,6 +35,7 @@ from funnel_hpc.gateway.store.tes_schemas import (
 WARNING = "Warning"
 
 TES_PREFIX = "/ga4gh/tes/v1"
+FUNNEL_SERVICE_INFO = "/funnel/v1/service-info"  # with the backend instances
 LEGACY_PREFIX = "/v1"
 
 
@@ -113,7 +114,7 @@ def _add_service_info(blp: Blueprint) -> None:
         @_errors(blp, 400)
         def get(self):
             """GetServiceInfo"""
-            return json_response(service().service_info())
+            return json_response(service().service_info(principal().user))
 
 
 def _add_tasks(blp: Blueprint, shown: Shown) -> None:
@@ -182,6 +183,14 @@ def _add_cancel(blp: Blueprint) -> None:
             """CancelTask: no change (still 200) when the task already ended."""
             service().cancel(task_id, owner=principal().scope)
             return json_response({})
+
+
+def funnel_service_info():
+    """GET /funnel/v1/service-info: TES 1.1's service-info plus its "funnel_hpc" key, the
+    backend instances the caller's tasks may be routed to. /ga4gh/tes/v1/service-info
+    leaves that key out: valid TES (service-info allows more properties), but py-tes's
+    model refuses any key it lacks."""
+    return json_response(service().service_info(principal().user, extended=True))
 
 
 def legacy_service_info():
