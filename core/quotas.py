@@ -5,23 +5,17 @@ Each bound (tasks or cpu cores; overall or on one backend instance) is decided k
 by the most specific level that sets it: the owner's entry (owners.<name>), else the
 owner's unix groups (groups.<group>; of several, the most generous: 0 = no limit beats
 any number, else the largest), else the defaults (limits.per_owner, and its
-instances.<instance>). 0 or unset everywhere: no limit. An owner's groups are read from
-the system's user and group databases (os.getgrouplist, as a login would get them) only
-when groups are configured, and kept GROUPS_SECONDS per owner.
+instances.<instance>). 0 or unset everywhere: no limit. An owner's groups come from the
+lookup the policy is given (the gateway's cached one, as routing's), asked only when
+groups are configured.
 """
 
-import grp
 import json
-import os
-import pwd
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from funnel_hpc.core.config import InstanceQuota, OwnerQuota, PerOwnerSection
 
-GROUPS_SECONDS = 300.0   # how long an owner's unix groups are kept
-GROUPS_KEPT = 10_000     # owners whose groups are kept at once (then forgotten, all)
 PATH = "limits.per_owner"
 TASKS, CORES = "max_tasks_in_flight", "max_cpu_cores_in_flight"
 NO_OWNER = "(no owner)"  # tasks created with auth off share one owner
@@ -89,23 +83,6 @@ class Refusal:
     never: bool = False
 
 
-def unix_groups(owner: str) -> frozenset[str]:
-    """The names of the owner's groups (primary and supplementary); none when the owner
-    is not a user of this system."""
-    try:
-        gid = pwd.getpwnam(owner).pw_gid
-        gids = os.getgrouplist(owner, gid)
-    except (KeyError, OSError, ValueError):  # ValueError: a NUL in a name from a token
-        return frozenset()
-    names = set()
-    for number in gids:
-        try:
-            names.add(grp.getgrgid(number).gr_name)
-        except KeyError:
-            continue
-    return frozenset(names)
-
-
 def shown(owner: str | None) -> str:
     """An owner's name in a log line: quoted when it holds a control character (a name
     from a token is not trusted to keep to one line)."""
@@ -118,10 +95,11 @@ class QuotaPolicy:
     """limits.per_owner, resolved per owner."""
 
     def __init__(self, section: PerOwnerSection,
-                 groups_of: Callable[[str], frozenset[str]] = unix_groups):
+                 groups_of: Callable[[str | None], frozenset[str]]):
+        """`groups_of`: an owner's unix group names (the gateway's cached lookup,
+        gateway/store/placement.py's OwnerGroups)."""
         self.section = section
         self.groups_of = groups_of
-        self._groups: dict[str, tuple[float, frozenset[str]]] = {}
         levels: list[InstanceQuota] = [section, *section.instances.values()]
         for entry in (*section.groups.values(), *section.owners.values()):
             levels += [entry, *entry.instances.values()]
@@ -129,17 +107,11 @@ class QuotaPolicy:
         self.enabled = any(getattr(level, key) for level in levels for key in (TASKS, CORES))
 
     def groups(self, owner: str) -> frozenset[str]:
-        """The owner's groups that limits.per_owner.groups names (cached)."""
+        """The owner's groups that limits.per_owner.groups names (none looked up when it
+        names none)."""
         if not self.section.groups:
             return frozenset()
-        now = time.monotonic()
-        kept = self._groups.get(owner)
-        if kept is None or kept[0] < now:
-            if len(self._groups) >= GROUPS_KEPT:
-                self._groups.clear()
-            kept = self._groups[owner] = (now + GROUPS_SECONDS,
-                                          self.groups_of(owner) & set(self.section.groups))
-        return kept[1]
+        return self.groups_of(owner) & self.section.groups.keys()
 
     def limits(self, owner: str | None) -> OwnerLimits:
         section = self.section

@@ -16,8 +16,9 @@ import requests
 from sqlalchemy import insert, text
 
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.core.quotas import OwnerUsage, QuotaPolicy, unix_groups
+from funnel_hpc.core.quotas import OwnerUsage, QuotaPolicy
 from funnel_hpc.gateway.store import db, owner_counts
+from funnel_hpc.gateway.store.placement import OwnerGroups
 from tests.components import BWRAP, BWRAP_REASON, POSTGRES, POSTGRES_REASON, bwrap_ready, need
 from tests.image_helpers import drop_group, drop_user, local_group, local_user
 from tests.quota_helpers import Gates, Sampler, jobs_in_flight, waiting_lines
@@ -265,7 +266,7 @@ def policy(members: dict[str, frozenset[str]] | None = None,
     """limits.per_owner as loaded; `members`: owner -> their unix groups."""
     loaded = config_mod.load(environ={}, overrides={"limits": {"per_owner": per_owner}})
     return QuotaPolicy(loaded.limits.per_owner,
-                       groups_of=lambda owner: (members or {}).get(owner, frozenset()))
+                       groups_of=lambda owner: (members or {}).get(owner or "", frozenset()))
 
 
 def test_the_most_specific_level_decides_key_by_key() -> None:
@@ -304,11 +305,19 @@ def test_the_most_specific_level_decides_key_by_key() -> None:
     assert '"x\\nINFO forged line" has 2 of 2' in forged.reason
 
 
-def test_unix_groups_of_a_real_user(people) -> None:
-    assert people["group"] in unix_groups(people["carol"])
-    assert people["group"] not in unix_groups(people["alice"])
-    for hostile in ("no-such-user-here", "a\x00b", "../etc", "é" * 300):  # names of tokens
-        assert unix_groups(hostile) == frozenset()
+def test_group_limits_of_a_real_user(people) -> None:
+    """The gateway's own lookup (gateway/store/placement.py's OwnerGroups) of real users;
+    hostile names (a token's, an OIDC subject's) have no groups."""
+    group = people["group"]
+    quotas = QuotaPolicy(config_mod.load(environ={}, overrides={"limits": {"per_owner": {
+        "groups": {group: {"max_tasks_in_flight": 3}, "unrelated": {}}}}}).limits.per_owner,
+        OwnerGroups())
+    assert quotas.groups(people["carol"]) == {group}
+    assert quotas.limits(people["carol"]).tasks.key == (
+        f"limits.per_owner.groups.{group}.max_tasks_in_flight")
+    for name in (people["alice"], "no-such-user-here", "a\x00b", "../etc", "é" * 300):
+        assert quotas.groups(name) == frozenset()
+        assert quotas.limits(name).tasks.limit == 0
 
 
 @pytest.mark.parametrize(("per_owner", "message"), [

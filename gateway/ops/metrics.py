@@ -39,6 +39,7 @@ from funnel_hpc.core.states import ALL_STATES, State
 from funnel_hpc.gateway.ops import readiness
 from funnel_hpc.gateway.ops.logs import task_log
 from funnel_hpc.gateway.store import db, outbox
+from funnel_hpc.gateway.store.placement import OwnerGroups
 
 log = logging.getLogger(__name__)
 _repeated = readiness.Repeated(log)
@@ -308,7 +309,7 @@ class OwnerCollector(Collector):
     def __init__(self, engine: Any, per_owner: PerOwnerSection):
         self.engine = engine
         self.by_owner = per_owner.metrics_by_owner
-        self.policy = QuotaPolicy(per_owner)
+        self.policy = QuotaPolicy(per_owner, OwnerGroups())
 
     def collect(self) -> Iterator[Metric]:
         from funnel_hpc.gateway.store import owner_counts

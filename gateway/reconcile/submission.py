@@ -39,6 +39,7 @@ from funnel_hpc.gateway.reconcile.core import (
 from funnel_hpc.gateway.reconcile.event_tail import archive_events
 from funnel_hpc.gateway.reconcile.index import InFlightIndex
 from funnel_hpc.gateway.reconcile.quotas import FairShare
+from funnel_hpc.gateway.store.placement import OwnerGroups
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
@@ -126,8 +127,8 @@ class Submitter:
         self.launch = launch
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
-        self.fair_share = FairShare(QuotaPolicy(per_owner) if per_owner is not None else None,
-                                    queries, backend.name)
+        policy = QuotaPolicy(per_owner, OwnerGroups()) if per_owner is not None else None
+        self.fair_share = FairShare(policy, queries, backend.name)
 
     def stop(self) -> None:
         if self._pool is not None:

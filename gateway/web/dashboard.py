@@ -380,7 +380,8 @@ def owners():
 
     if not is_admin():
         abort(Response("Only administrators see the owners page.", 403))
-    per_owner = _service().config.limits.per_owner
-    rows, total = owner_rows(_service().engine, per_owner)
+    # the service's cached group lookup, as routing's
+    policy = QuotaPolicy(_service().config.limits.per_owner, _service().placement.groups)
+    rows, total = owner_rows(_service().engine, policy)
     return _render("owners.html", rows=rows, total=total, shown=len(rows),
-                   enabled=QuotaPolicy(per_owner).enabled)
+                   enabled=policy.enabled)

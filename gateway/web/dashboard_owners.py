@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.engine import Engine
 
-from funnel_hpc.core.config import PerOwnerSection
 from funnel_hpc.core.quotas import NO_OWNER, OwnerUsage, QuotaPolicy
 from funnel_hpc.gateway.store import owner_counts
 
@@ -32,11 +31,10 @@ class OwnerRow:
     instances: tuple[tuple[str, int, int, int, int], ...]
 
 
-def owner_rows(engine: Engine, per_owner: PerOwnerSection) -> tuple[list[OwnerRow], int]:
+def owner_rows(engine: Engine, policy: QuotaPolicy) -> tuple[list[OwnerRow], int]:
     """The page's rows, and how many owners there are in all."""
     found = owner_counts.in_flight(engine)
     queued = owner_counts.waiting(engine)
-    policy = QuotaPolicy(per_owner)
     owners = sorted(set(found) | set(queued),
                     key=lambda owner: (-found.get(owner, OwnerUsage()).overall.tasks,
                                        -queued.get(owner, 0), owner or ""))
