@@ -19,7 +19,17 @@ from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.quotas import OwnerUsage, QuotaPolicy
 from funnel_hpc.gateway.store import db, owner_counts
 from funnel_hpc.gateway.store.placement import OwnerGroups
-from tests.components import BWRAP, BWRAP_REASON, POSTGRES, POSTGRES_REASON, bwrap_ready, need
+from tests.components import (
+    BWRAP,
+    BWRAP_REASON,
+    POSTGRES,
+    POSTGRES_REASON,
+    SLURM,
+    SLURM_REASON,
+    bwrap_ready,
+    need,
+    slurm_answers,
+)
 from tests.image_helpers import drop_group, drop_user, local_group, local_user
 from tests.quota_helpers import Gates, Sampler, jobs_in_flight, waiting_lines
 from tests.server_helpers import ServerProcess, _postgres_reachable
@@ -96,13 +106,13 @@ def _bearer(request, token: str):
 
 
 def start_site(work: Path, users: list[str], per_owner: dict, *, max_concurrent: int = 16,
-               reconcile: bool = True) -> Site:
+               reconcile: bool = True, backend: str = "local") -> Site:
     tokens = {user: f"tok-{user}" for user in users} | {"root": "tok-root"}
     gates = Gates(work / "gates")
     overrides: dict[str, object] = {
         "auth": {"mode": "bearer", "tokens": {token: user for user, token in tokens.items()},
                  "admins": ["root"]},
-        "backend": {"name": "local", "local": {"max_concurrent": max_concurrent}},
+        "backend": {"name": backend, "local": {"max_concurrent": max_concurrent}},
         "reconciler": {"interval_seconds": 0.2},
         "limits": {"per_owner": per_owner},
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1,
@@ -157,8 +167,11 @@ def test_owner_limit_holds_and_other_owners_do_not_wait(site: Site, people) -> N
         assert told[0].split(" ", 1)[1] == (
             f"waiting: {alice} has 1 of 1 tasks in flight "
             f"(limits.per_owner.owners.{alice}.max_tasks_in_flight)")
-        # shown once, not every tick; the tasks behind it are not its head: no line yet
+        # shown once, not every tick (its row is not written again); the tasks behind it
+        # are not its head: no line yet
+        written = row_written_at(site, mine[1])
         site.wait_ticks(10)
+        assert row_written_at(site, mine[1]) == written
         assert len(waiting_lines(site.get(mine[1]))) == 1
         assert waiting_lines(site.get(mine[2])) == waiting_lines(site.get(mine[3])) == []
         # the owner sees it in her own FULL view too
@@ -179,6 +192,17 @@ def test_owner_limit_holds_and_other_owners_do_not_wait(site: Site, people) -> N
     for task_id in mine[1:]:  # each waited at the head of her queue once, and said so once
         assert len(waiting_lines(site.get(task_id))) == 1
     assert waiting_lines(site.get(bobs)) == []
+
+
+def row_written_at(site: Site, task_id: str) -> str:
+    """The task row's updated_at: every write of it moves it."""
+    engine = db.make_engine(f"sqlite:///{site.db_file}")
+    try:
+        with db.reading(engine) as conn:
+            return conn.execute(text("SELECT updated_at FROM tasks WHERE id = :id"),
+                                {"id": task_id}).scalar_one()
+    finally:
+        engine.dispose()
 
 
 def check_metrics_by_owner(site: Site, alice: str) -> None:
@@ -254,6 +278,33 @@ def test_owners_take_turns(people, tmp_path) -> None:
         assert 'owner="' not in text and alice not in text
         assert re.search(r"^funnel_owners_in_flight 0\.0$", text, re.M)
         assert re.search(r"^funnel_owners_at_limit 0\.0$", text, re.M)
+    finally:
+        site.gates.open()
+        site.server.stop()
+
+
+@pytest.mark.slurm
+def test_owner_limit_on_real_slurm(people, tmp_path) -> None:
+    """The same bound with a real scheduler: a job PENDING or RUNNING in Slurm holds the
+    owner's place; the next task gets no job until the first one ends."""
+    need(SLURM, slurm_answers(), SLURM_REASON)
+    alice = people["alice"]
+    site = start_site(tmp_path, [alice], {"owners": {alice: {"max_tasks_in_flight": 1}}},
+                      backend="slurm")
+    try:
+        with Sampler(site.db_file, alice) as sampler:
+            first, second = site.create(alice), site.create(alice)
+            site.wait_started(first)
+            assert site.wait_told(second)[0].split(" ", 1)[1] == (
+                f"waiting: {alice} has 1 of 1 tasks in flight "
+                f"(limits.per_owner.owners.{alice}.max_tasks_in_flight)")
+            assert second not in site.gates.started()
+            site.gates.open(first)
+            site.wait_state(first, "COMPLETE")
+            site.wait_started(second)
+            site.gates.open(second)
+            site.wait_state(second, "COMPLETE")
+        assert sampler.most == 1
     finally:
         site.gates.open()
         site.server.stop()
