@@ -114,6 +114,7 @@ class QuotaPolicy:
         return self.groups_of(owner) & self.section.groups.keys()
 
     def limits(self, owner: str | None) -> OwnerLimits:
+        """The owner's bounds (None: the tasks of auth off), each with the key that set it."""
         section = self.section
         own = section.owners.get(owner) if owner is not None else None
         groups = sorted(self.groups(owner)) if owner is not None else []
@@ -152,12 +153,13 @@ class QuotaPolicy:
         if instance in limits.instances:
             tasks, cores_bound = limits.instances[instance]
             checks.append((usage.on(instance), tasks, cores_bound, f" on {instance}"))
-        for used, tasks, cores_bound, where in checks:
+        for _used, _tasks, cores_bound, where in checks:  # first: what waiting cannot cure
             if cores_bound.limit and cores > cores_bound.limit:
                 return Refusal(f"waiting: this task needs {cores} cpu cores, more than {who} "
                                f"may have in flight{where} ({cores_bound.limit}: "
                                f"{cores_bound.key}); it starts only if that limit is raised",
                                never=True)
+        for used, tasks, cores_bound, where in checks:
             if tasks.limit and used.tasks + 1 > tasks.limit:
                 return Refusal(f"waiting: {who} has {used.tasks} of {tasks.limit} tasks in "
                                f"flight{where} ({tasks.key})")
