@@ -1,7 +1,8 @@
 """Submitting QUEUED tasks' jobs, for the reconciler: one read of the task documents, one
 claim transaction, the backend's submissions (several at once where the backend allows
 it), one record transaction per tick. A refusal fails its task only; an unreachable
-scheduler gives the claim back for the next tick.
+scheduler gives the claim back for the next tick. Which QUEUED tasks, each tick:
+gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
 
 Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
 gateway puts in its task dir) and the Submitter, which the reconciler makes in its
