@@ -10,7 +10,7 @@ run. Measured, as process CPU (time.process_time), median of --ticks ticks, in o
 - limits off, nothing picked (reconciler.submit_per_tick 0): the same tick without
   choosing what to submit, the reference;
 - choosing 500 of the N alone: owners in turn (FairShare.pick, limits off) and the
-  oldest-first pick it replaced (InFlightIndex.next_to_submit).
+  oldest-first pick it replaced (oldest_first, below).
 
 Usage: .venv/bin/python benchmarks/quotas_tick.py [--sizes 1000,10000] [--ticks 7]
 Results go to benchmarks/results/quotas-tick-<time>.json.
@@ -19,6 +19,7 @@ Results go to benchmarks/results/quotas-tick-<time>.json.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import statistics
@@ -72,6 +73,14 @@ def fill(service, work: Path, backend: InstantBackend, queued: int) -> None:
         conn.execute(insert(db.tasks), rows)
 
 
+def oldest_first(unsubmitted: dict, limit: int) -> list:
+    """The pick owners in turn replaced (InFlightIndex.next_to_submit until 2026-12-06):
+    the oldest `limit` QUEUED tasks without a job, whoever owns them."""
+    if len(unsubmitted) <= limit:
+        return sorted(unsubmitted.values(), key=lambda row: row.seq)
+    return heapq.nsmallest(limit, unsubmitted.values(), key=lambda row: row.seq)
+
+
 def cpu_ms(step: Callable[[], object], times: int) -> float:
     """Median process CPU of `times` calls, in ms."""
     runs = []
@@ -102,7 +111,7 @@ def measure_size(queued: int, ticks: int) -> dict:
         waiting = unlimited.index.unsubmitted
         assert len(waiting) == queued
         fair = cpu_ms(lambda: unlimited.submitter.fair_share.pick(waiting, PICK), ticks)
-        oldest = cpu_ms(lambda: unlimited.index.next_to_submit(PICK), ticks)
+        oldest = cpu_ms(lambda: oldest_first(waiting, PICK), ticks)
         submitted = service.state_counts().get("INITIALIZING", 0)
     return {"queued": queued, "owners": OWNERS, "queued_at_end": told, "submitted": submitted,
             "first_tick_on_ms": first, "tick_on_ms": on, "tick_off_nothing_picked_ms": off,
