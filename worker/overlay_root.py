@@ -1,0 +1,334 @@
+"""worker.writable_root: a copy-on-write image root for bwrap executors with a uid block.
+
+Contract. With a root worker, `worker.sandbox_uids` and bwrap, each executor's `/` is an
+overlay: the cached image below, read-only and never written, an upper directory of the
+executor's own on the task's disk above, so `useradd`, `dpkg -i`, `rm /bin/ls` work as in a
+fresh container and change nothing another executor sees. The image's files are owned by
+host ids (root, mostly), which the sandbox's user namespace does not map; so the lower
+layer is an ID-MAPPED mount of the image (open_tree + mount_setattr(MOUNT_ATTR_IDMAP) with
+the sandbox's own user namespace + move_mount): host id k of the image shows as id k inside
+(root as root), stored as the slot's id base + k when copied up.
+
+Both mounts are made in the MOUNT NAMESPACE OF THE SANDBOX ITSELF (bwrap's child, owned by
+its user namespace, so its mounts are slaves of the host's and nothing propagates back),
+by a child of the worker that joins it (setns) while bwrap waits for its id maps
+(--userns-block-fd); bwrap then binds the overlay as its new `/`. They never exist in the
+worker's or the host's namespace and go with the sandbox's last process, however the
+worker ends (kill -9 included): there is nothing to unmount.
+
+On disk: `<task dir>/sandbox-root/<random>/{lower,merged,upper,work}` per executor, every
+directory root's 0700 (the slot's uid may only search the way to `merged`, by an ACL, as
+to its binds) but `upper`, owned by the slot's base id; the mounting child opens that
+directory again inside the namespace O_NOFOLLOW and checks it is the same inode before
+naming anything in it (through /proc/self/fd/N). The upper counts against disk_gb (the
+disk walk covers sandbox-root) and is removed once the executor ended.
+
+Cost per executor: four mkdirs, one fork of the worker, six syscalls in the child; once
+per task, the probe (a fork that makes a user namespace, and the same mounts in it).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from funnel_hpc.worker.sandbox import SandboxError, grant_traverse
+
+SETTING = "worker.writable_root"
+MODES = ("auto", "off")
+ROOTS = "sandbox-root"  # in the task dir (or its scratch): one directory per executor
+LAYERS = ("lower", "merged", "upper", "work")
+NOTE = "image root: copy-on-write"
+# Syscall numbers: the mount API calls came after 5.0, when every architecture took the same
+# numbers (x86_64 and aarch64 alike; asm-generic/unistd.h, arch/x86/.../syscall_64.tbl).
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+ARCHES = ("x86_64", "aarch64")
+AT_FDCWD = -100
+AT_EMPTY_PATH, AT_SYMLINK_NOFOLLOW, AT_RECURSIVE = 0x1000, 0x100, 0x8000
+OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, 0o2000000
+MOVE_MOUNT_F_EMPTY_PATH = 4
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+MOUNT_ATTR_IDMAP = 0x100000
+MS_NOSUID, MS_NODEV = 0x2, 0x4
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+
+
+class Unusable(Exception):
+    """A copy-on-write root cannot be had here (why, for the system logs)."""
+
+
+def setting(value: str) -> str:
+    """worker.writable_root, checked."""
+    if value not in MODES:
+        raise SandboxError(f"{SETTING} must be one of {', '.join(MODES)}, not {value!r}")
+    return value
+
+
+class _Kernel:
+    """libc's entry points, resolved before any fork (dlsym in a forked child of a threaded
+    process could wait on a lock another thread held)."""
+
+    def __init__(self) -> None:
+        import ctypes
+        import platform
+
+        if platform.machine() not in ARCHES:
+            raise Unusable(f"the mount API's syscall numbers are not known here for "
+                           f"{platform.machine()} (only {', '.join(ARCHES)})")
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.ctypes = ctypes
+        self.syscall = libc.syscall
+        self.setns = libc.setns
+        self.unshare = libc.unshare
+        self.mount = libc.mount
+
+        class MountAttr(ctypes.Structure):
+            _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                        ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+        self.MountAttr = MountAttr
+
+    def check(self, result: int, what: str) -> int:
+        if result < 0:
+            number = self.ctypes.get_errno()
+            raise OSError(number, f"{what}: {os.strerror(number)}")
+        return result
+
+
+_KERNEL: list[_Kernel] = []
+
+
+def kernel() -> _Kernel:
+    if not _KERNEL:
+        _KERNEL.append(_Kernel())
+    return _KERNEL[0]
+
+
+class OverlayRoot:
+    """One executor's copy-on-write root: its directories made by make(), mounted into a
+    sandbox's mount namespace by mount(pid), removed by remove()."""
+
+    def __init__(self, parent: str, rootfs: str, ids: tuple[int, int]):
+        self.parent = parent  # <task dir>/sandbox-root, the worker's
+        self.rootfs = rootfs  # the image, in the shared cache: only ever the lower layer
+        self.ids = ids        # the slot's base uid and gid (root inside)
+        self.name = ""
+        self.identity = (0, 0)  # (st_dev, st_ino) of our directory
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.parent, self.name)
+
+    @property
+    def merged(self) -> str:
+        """What bwrap binds as `/` (the overlay, once mounted in its namespace)."""
+        return os.path.join(self.path, "merged")
+
+    @classmethod
+    def make(cls, task_dir: str, rootfs: str, ids: tuple[int, int]) -> OverlayRoot:
+        """The executor's directories, each made relative to its parent's descriptor."""
+        root = cls(os.path.join(task_dir, ROOTS), rootfs, ids)
+        parent_fd = _private_dir(task_dir, ROOTS)
+        try:
+            for _attempt in range(100):
+                name = os.urandom(6).hex()
+                try:
+                    os.mkdir(name, 0o700, dir_fd=parent_fd)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise OSError(errno.EEXIST, f"{root.parent}: 100 names taken")
+            root.name = name
+            fd = _open_checked(name, parent_fd, f"{root.parent}/{name}")
+            try:
+                root.identity = _identity(fd)
+                for layer in LAYERS:
+                    os.mkdir(layer, 0o700, dir_fd=fd)
+                os.chown("upper", *ids, dir_fd=fd, follow_symlinks=False)
+                os.chmod("upper", 0o755, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(parent_fd)
+        grant_traverse(os.path.join(root.merged, "x"), *ids)  # bwrap resolves it as the slot
+        return root
+
+    def mount(self, pid: int) -> None:
+        """Mount the overlay at `merged` in the mount namespace of process `pid` (bwrap's
+        child, waiting for its maps, which must be written). Raises SandboxError."""
+        code, message = _in_child(kernel(), self._mount_in_child, pid)
+        if code:
+            raise SandboxError(f"{SETTING}: cannot mount the copy-on-write root: {message}")
+
+    def _mount_in_child(self, lib: _Kernel, pid: int) -> None:
+        mnt_fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        user_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        lib.check(lib.setns(mnt_fd, CLONE_NEWNS), "setns")
+        # the same directory the worker made (by inode), whatever its path now leads to
+        fd = _open_checked(self.path, None, self.path)
+        if _identity(fd) != self.identity:
+            raise OSError(errno.EXDEV, f"{self.path} is no longer the executor's directory")
+        _mount_layers(lib, fd, self.rootfs, user_fd)
+
+    def remove(self) -> list[str]:
+        """Remove the executor's directories (upper and all), relative to the parent's
+        descriptor, never through a link; what could not be removed."""
+        import shutil
+
+        problems: list[str] = []
+
+        def failed(_function: object, path: str, info: tuple[object, BaseException, object]
+                   ) -> None:
+            problems.append(f"{path}: {getattr(info[1], 'strerror', None) or info[1]}")
+
+        try:
+            parent_fd = os.open(self.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return []
+        try:
+            info = os.lstat(self.name, dir_fd=parent_fd)
+            if (info.st_dev, info.st_ino) != self.identity:
+                return [f"{self.path}: no longer the executor's directory: left alone"]
+            shutil.rmtree(self.name, onerror=failed, dir_fd=parent_fd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(parent_fd)
+        return problems
+
+
+def _mount_layers(lib: _Kernel, fd: int, rootfs: str, user_fd: int) -> None:
+    """In the sandbox's mount namespace: the image id-mapped (read-only, nosuid, nodev) on
+    `lower`, the overlay on `merged`. fd: the executor's directory."""
+    ctypes = lib.ctypes
+    tree = lib.check(lib.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(rootfs),
+                                 OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+                                 | AT_SYMLINK_NOFOLLOW), f"open_tree {rootfs}")
+    attr = lib.MountAttr(MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID
+                         | MOUNT_ATTR_NODEV, 0, 0, user_fd)
+    lib.check(lib.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE,
+                          ctypes.byref(attr), ctypes.sizeof(attr)),
+              "mount_setattr(MOUNT_ATTR_IDMAP)")
+    lib.check(lib.syscall(SYS_MOVE_MOUNT, tree, b"", fd, b"lower", MOVE_MOUNT_F_EMPTY_PATH),
+              "move_mount")
+    here = f"/proc/self/fd/{fd}"
+    options = f"lowerdir={here}/lower,upperdir={here}/upper,workdir={here}/work"
+    lib.check(lib.mount(b"overlay", f"{here}/merged".encode(), b"overlay",
+                        MS_NOSUID | MS_NODEV, options.encode()), "mount overlay")
+
+
+def _in_child(lib: _Kernel, action, *args: object) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """Run action(lib, *args) in a forked child (setns changes the whole process, and a
+    threaded one cannot join a mount namespace): (0, "") or (errno, what failed)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no Python-level locks, no imports, then _exit
+        code = 0
+        try:
+            os.close(read_end)
+            action(lib, *args)
+        except BaseException as error:  # noqa: BLE001  # whatever it is, the parent hears it
+            code = getattr(error, "errno", None) or 1
+            try:
+                os.write(write_end, str(getattr(error, "strerror", None) or error).encode())
+            except BaseException:  # noqa: BLE001
+                pass
+        os._exit(code)
+    os.close(write_end)
+    try:
+        message = b""
+        while chunk := os.read(read_end, 4096):
+            message += chunk
+    finally:
+        os.close(read_end)
+    _pid, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return code, message.decode(errors="replace") or f"exit {code}"
+
+
+def _private_dir(parent: str, name: str) -> int:
+    """A descriptor of parent/name, made root's 0700 where missing, checked to be a real
+    directory of the worker's that nobody else may write."""
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+        return _open_checked(name, parent_fd, os.path.join(parent, name))
+    finally:
+        os.close(parent_fd)
+
+
+def _open_checked(name: str, dir_fd: int | None, shown: str) -> int:
+    """Open a directory O_NOFOLLOW; it must be the worker's and writable by it alone."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError as error:
+        raise SandboxError(f"{SETTING}: {shown}: {error.strerror} (a symlink or not a "
+                           "directory?)") from None
+    info = os.fstat(fd)
+    if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o022:
+        os.close(fd)
+        raise SandboxError(f"{SETTING}: {shown} is not the worker's private directory")
+    return fd
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+# ---- may a task have one here? ----
+
+def probe(task_dir: str, rootfs: str, ids: tuple[int, int]) -> None:
+    """Make the same mounts once, over this image and the task's disk, in a user and mount
+    namespace of a forked child mapped as a sandbox is (so a kernel without idmapped
+    mounts, or a file system that refuses them, says so before any executor starts).
+    Raises Unusable with the reason."""
+    if os.geteuid() != 0:
+        raise Unusable("the worker is not root")
+    try:
+        lib = kernel()
+        root = OverlayRoot.make(task_dir, rootfs, ids)
+    except (OSError, SandboxError) as error:
+        raise Unusable(str(error)) from None
+    try:
+        _probe_in(lib, root)
+    finally:
+        root.remove()
+
+
+def _probe_in(lib: _Kernel, root: OverlayRoot) -> None:
+    go_read, go_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a stand-in for bwrap's child: new user and mount namespaces, then wait
+        try:
+            os.close(go_write)
+            os.close(ready_read)
+            code = 0 if lib.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1
+            os.write(ready_write, str(code).encode())
+            os.read(go_read, 1)
+        finally:
+            os._exit(0)
+    os.close(go_read)
+    os.close(ready_write)
+    try:
+        if os.read(ready_read, 1) != b"0":
+            raise Unusable("cannot make a user and mount namespace")
+        uid, gid = root.ids
+        for name, first in (("uid_map", uid), ("gid_map", gid)):
+            with open(f"/proc/{pid}/{name}", "w") as mapping:
+                mapping.write(f"0 {first} 65536\n")
+        root.mount(pid)
+    except (OSError, SandboxError) as error:
+        raise Unusable(str(error)) from None
+    finally:
+        os.close(ready_read)
+        os.close(go_write)
+        os.waitpid(pid, 0)
