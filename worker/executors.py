@@ -21,7 +21,7 @@ from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.exit_codes import shell_exit_code
 from funnel_hpc.worker.failures import Canceled
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
-from funnel_hpc.worker.overlay_root import ROOTS
+from funnel_hpc.worker.overlay_root import ROOTS, Removals
 from funnel_hpc.worker.sandbox import SandboxError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -73,6 +73,7 @@ class Executors:
         self.group: Group | None = None  # the task's cgroup, for sandboxed executors
         self.process: Process | None = None
         self.exceeded: str | None = None  # a limit the running executor went over
+        self.removals = Removals()  # ended executors' copy-on-write roots going
         self._lock = threading.Lock()
 
     def kill(self) -> None:
@@ -126,6 +127,8 @@ class Executors:
         finally:
             if disk is not None:
                 disk.stop()
+            for problem in self.removals.wait()[:10]:
+                self.events.system_log(f"copy-on-write root: cannot remove {problem}")
 
     def _run_each(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths,
                   disk: DiskWatch | None) -> str:
@@ -141,7 +144,7 @@ class Executors:
             try:
                 exit_code = self.run_one(index, executor, invocation, paths, driver)
             finally:
-                self._remove_root(index, invocation)
+                self._remove_root(invocation)
             self.check_cancel()
             if disk is not None:
                 disk.check()
@@ -152,13 +155,11 @@ class Executors:
                 return "EXECUTOR_ERROR"
         return "COMPLETE"
 
-    def _remove_root(self, index: int, invocation: Invocation) -> None:
+    def _remove_root(self, invocation: Invocation) -> None:
         """The executor's copy-on-write root goes with it (its processes have ended)."""
-        if invocation.root is None:
-            return
-        for problem in invocation.root.remove()[:10]:
-            self.events.system_log(f"executor {index}: cannot remove {problem}")
-        invocation.root = None
+        if invocation.root is not None:
+            self.removals.add(invocation.root)
+            invocation.root = None
 
     def _invocation(self, driver: str, executor: dict[str, Any],
                     binds: list[tuple[str, str]]) -> Invocation:
