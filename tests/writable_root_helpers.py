@@ -69,8 +69,8 @@ def fingerprint(rootfs: Path, hashed: tuple[str, ...]) -> dict[str, tuple]:
                 info.st_mode, info.st_uid, info.st_gid, info.st_size, info.st_mtime_ns,
                 info.st_ctime_ns, info.st_ino)
     for relative in hashed:
-        path = rootfs / relative.lstrip("/")
-        found["sha256:" + relative] = (hashlib.sha256(path.read_bytes()).hexdigest(),)
+        content = (rootfs / relative.lstrip("/")).read_bytes()
+        found["sha256:" + relative] = (hashlib.sha256(content).hexdigest(),)
     return found
 
 

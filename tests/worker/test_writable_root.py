@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,10 @@ def test_two_tasks_at_once_see_only_their_own_changes(harness, slots):
         stdout = fold.task_log["logs"][0]["stdout"].splitlines()
         assert stdout == [name, f"made-by-{name}", "1"], stdout
         assert any(COW in line for line in fold.task_log["system_logs"])
+    after = harness.run(harness.task(executors=[sh(
+        "test -e /etc/who || echo no-who; ls /bin | grep -c made-by-; true", TESTIMAGE)]),
+        config, timeout=300)
+    assert ok(after)[0]["stdout"].splitlines() == ["no-who", "0"]
 
 
 def test_attacks_from_inside_reach_nothing_of_the_host(harness, slots, tmp_path):
@@ -165,11 +170,51 @@ def test_attacks_from_inside_reach_nothing_of_the_host(harness, slots, tmp_path)
     assert roots_left(run.task_dir) == []
 
 
+def test_a_swapped_directory_is_refused_before_anything_is_mounted(tmp_path):
+    """Were the executor's directory replaced by a symlink (to a directory of the same
+    owner and mode) between its making and the mount, the worker refuses at the inode
+    check: nothing is mounted there, the target is untouched, bwrap is killed."""
+    from funnel_hpc.worker import sandbox
+    from funnel_hpc.worker.drivers import switch_user
+    from funnel_hpc.worker.identity import BLOCK, Identity, NamespaceMap
+    from funnel_hpc.worker.overlay_root import OverlayRoot
+    from funnel_hpc.worker.sandbox import SandboxError
+
+    task_dir = tmp_path / "task"
+    task_dir.mkdir(mode=0o700)
+    image = tmp_path / "image"
+    (image / "bin").mkdir(parents=True)
+    slot = Identity(FIRST + 3 * BLOCK, FIRST + 3 * BLOCK, BLOCK)
+    root = OverlayRoot.make(str(task_dir), str(image), slot.ids)
+    elsewhere = tmp_path / "elsewhere"
+    os.rename(root.path, elsewhere)  # the worker's own directory, moved away...
+    decoy = tmp_path / "decoy"
+    for layer in ("lower", "merged", "upper", "work"):
+        (decoy / layer).mkdir(parents=True, mode=0o700)
+    decoy.chmod(0o700)
+    os.symlink(decoy, root.path)  # ...and a link to a look-alike in its place
+    mounts = host_mounts(str(tmp_path))
+    userns = NamespaceMap(slot, root)
+    argv = sandbox.bwrap_argv(str(image), [], {}, None, ["/bin/true"], "host",
+                              userns=userns.argv(), root=root.merged)
+    proc = subprocess.Popen(argv, pass_fds=userns.pass_fds, cwd="/",
+                            **switch_user(slot.ids))
+    with pytest.raises(SandboxError, match="a symlink or not a directory"):
+        userns.started(proc)
+    assert proc.wait(60) != 0
+    assert host_mounts(str(tmp_path)) == mounts == []
+    assert sorted(os.listdir(decoy / "merged")) == [] and \
+        sorted(os.listdir(decoy / "upper")) == []
+    os.unlink(root.path)
+    os.rename(elsewhere, root.path)
+    assert root.remove() == []
+
+
 def test_off_and_a_shared_user_keep_the_image_read_only_and_say_why(harness, slots):
     script = "echo x >> /etc/passwd; echo write=$?; true"
+    shared = "worker.writable_root needs a root worker with worker.sandbox_uids"
     for settings, why in (({"sandbox_uids": slots, "writable_root": "off"},
-                           "worker.writable_root is off"),
-                          ({}, "worker.writable_root needs a root worker with worker.sandbox_uids")):
+                           "worker.writable_root is off"), ({}, shared)):
         run = harness.run(harness.task(executors=[sh(script, TESTIMAGE)]),
                           harness.config(**settings), timeout=300)
         assert "write=0" not in ok(run)[0]["stdout"]
