@@ -17,8 +17,9 @@ worker's or the host's namespace and go with the sandbox's last process, however
 worker ends (kill -9 included): there is nothing to unmount.
 
 On disk: `<task dir>/sandbox-root/<random>/{lower,merged,upper,work}` per executor, every
-directory root's 0700 (the slot's uid may only search the way to `merged`, by an ACL, as
-to its binds) but `upper`, owned by the slot's base id; the mounting child opens that
+directory root's 0700 but `upper` (the slot's base id's) and the two on the way to
+`merged`, root's with the slot's group and mode 0710 (search only, as bwrap resolves
+`merged` as the slot; above them an ACL entry, as for its binds); the mounting child opens that
 directory again inside the namespace O_NOFOLLOW and checks it is the same inode before
 naming anything in it (through /proc/self/fd/N). The upper counts against disk_gb (the
 disk walk covers sandbox-root) and is removed once the executor ended.
@@ -103,6 +104,7 @@ class _Kernel:
 
 
 _KERNEL: list[_Kernel] = []
+_REACHABLE: set[tuple[str, tuple[int, int]]] = set()  # (parent, ids) granted the way to
 
 
 def kernel() -> _Kernel:
@@ -137,6 +139,10 @@ class OverlayRoot:
         root = cls(os.path.join(task_dir, ROOTS), rootfs, ids)
         parent_fd = _private_dir(task_dir, ROOTS)
         try:
+            _searchable_by(parent_fd, ids[1])
+            if (root.parent, ids) not in _REACHABLE:  # the way to it, once per task and slot
+                grant_traverse(root.parent, *ids)
+                _REACHABLE.add((root.parent, ids))
             for _attempt in range(100):
                 name = os.urandom(6).hex()
                 try:
@@ -150,6 +156,7 @@ class OverlayRoot:
             fd = _open_checked(name, parent_fd, f"{root.parent}/{name}")
             try:
                 root.identity = _identity(fd)
+                _searchable_by(fd, ids[1])  # bwrap resolves `merged` as the slot
                 for layer in LAYERS:
                     os.mkdir(layer, 0o700, dir_fd=fd)
                 os.chown("upper", *ids, dir_fd=fd, follow_symlinks=False)
@@ -158,7 +165,6 @@ class OverlayRoot:
                 os.close(fd)
         finally:
             os.close(parent_fd)
-        grant_traverse(os.path.join(root.merged, "x"), *ids)  # bwrap resolves it as the slot
         return root
 
     def mount(self, pid: int) -> None:
@@ -298,6 +304,13 @@ def _private_dir(parent: str, name: str) -> int:
         return _open_checked(name, parent_fd, os.path.join(parent, name))
     finally:
         os.close(parent_fd)
+
+
+def _searchable_by(fd: int, gid: int) -> None:
+    """The directory root's, searchable (not listable) by the slot's group only: bwrap
+    runs as the slot's base uid and gid, with no other group."""
+    os.fchown(fd, 0, gid)
+    os.fchmod(fd, 0o710)
 
 
 def _open_checked(name: str, dir_fd: int | None, shown: str) -> int:
