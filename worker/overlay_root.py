@@ -140,8 +140,8 @@ class OverlayRoot:
         root = cls(os.path.join(task_dir, ROOTS), rootfs, ids)
         parent_fd = _private_dir(task_dir, ROOTS)
         try:
-            _searchable_by(parent_fd, ids[1])
             if (root.parent, ids) not in _REACHABLE:  # the way to it, once per task and slot
+                _searchable_by(parent_fd, ids[1])
                 grant_traverse(root.parent, *ids)
                 _REACHABLE.add((root.parent, ids))
             for _attempt in range(100):
