@@ -411,6 +411,7 @@ class WorkerSection(Section):
     host_root: str
     sandbox_user: str
     sandbox_uids: SandboxUids
+    writable_root: str
     allow_unfiltered_proot: bool
     network: str
     limit_resources: str
