@@ -26,7 +26,8 @@ Sections (each measured with its physical reference in this same run):
              webhook, -> Redis reader); the 1,000-task Slurm run with webhook + Redis
              sinks vs without, same run
   reconciler idle tick CPU at 1k / 10k / 100k tasks in flight (simulated backend, in
-             process); the tick with 1,000 tasks all sending live logs
+             process); the tick with 1,000 tasks all sending live logs; the tick with
+             1k / 10k QUEUED tasks whose owners are all at limits.per_owner
   replicas   failover gap after kill -9 of the lease holder vs the lease; create rate with
              2 replicas on PostgreSQL vs 1
   local      the local backend with 20,000 tasks queued through the API: hand-over time,
@@ -62,6 +63,7 @@ from benchmarks import (  # noqa: E402
     events_bench,
     image_pull,
     local_bench,
+    quotas_tick,
     reconciler_tick,
     replicas_bench,
     routing_bench,
@@ -241,7 +243,8 @@ def events_section(table: Table, results: dict, quick: bool) -> None:
 
 
 def reconciler_section(table: Table, results: dict, quick: bool) -> None:
-    add_rows(table, results, [("reconciler_tick", reconciler_tick.suite_rows(quick))])
+    add_rows(table, results, [("reconciler_tick", reconciler_tick.suite_rows(quick)),
+                              ("quotas_tick", quotas_tick.suite_rows(quick))])
 
 
 def replicas_section(table: Table, results: dict, quick: bool) -> None:

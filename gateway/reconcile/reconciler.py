@@ -106,7 +106,7 @@ class Reconciler:
                                   self.writer, backend.name)
         launch = WorkerLaunch.from_config(config, opts.pass_server_url)
         self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
-                                   launch, opts.submit_threads)
+                                   launch, opts.submit_threads, config.limits.per_owner)
         self.cancels_sent: set[str] = set()
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
@@ -202,7 +202,7 @@ class Reconciler:
             status = statuses.get(row.job_id, NOT_REPORTED)
             isolated(row, "applying its job state", self._apply_job_status, row, status, stats)
 
-        self.submitter.submit_batch(index.next_to_submit(self.submit_per_tick), stats)
+        self.submitter.submit_next(self.submit_per_tick, stats)
         self._purge_if_due()
         stats.seconds = time.monotonic() - started
         return stats
