@@ -341,7 +341,8 @@ class TesBackend(Backend):
                                           params={"view": "BASIC"})
             except RemoteError as exc:
                 if exc.status == 404:
-                    self._forget(job_id)
+                    with self._lock:
+                        self._forget(job_id)
                     return JobStatus(JobState.LOST, f"tes: {self.client.url} no longer "
                                      f"knows task {job_id} (404)")
                 return JobStatus(JobState.UNKNOWN, str(exc))

@@ -226,3 +226,59 @@ def s3_client(moto_url: str) -> Any:
 
     return boto3.client("s3", endpoint_url=moto_url, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+class HoldingProxy:
+    """An HTTP proxy in this process in front of a real remote: every call goes through,
+    but the answer to the first task POST is held back (`posted` is set once the remote
+    has made the task), as when a gateway dies between its POST and the answer."""
+
+    def __init__(self, remote_url: str) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.posted = threading.Event()
+        self.release = threading.Event()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self, method: str) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type", "accept")}
+                resp = requests.request(method, remote_url + self.path, data=body,
+                                        headers=headers, timeout=60)
+                if method == "POST" and self.path.rstrip("/").endswith("/tasks") \
+                        and not proxy.posted.is_set():
+                    proxy.posted.set()
+                    proxy.release.wait(120)
+                    return  # the answer never comes
+                self.send_response(resp.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            def do_GET(self) -> None:
+                self._forward("GET")
+
+            def do_POST(self) -> None:
+                self._forward("POST")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

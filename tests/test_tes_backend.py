@@ -25,6 +25,7 @@ from tests.tes_helpers import (
     REMOTE_AUTH,
     REMOTE_PASSWORD,
     REMOTE_USER,
+    HoldingProxy,
     forwarder,
     get,
     remote_id,
@@ -381,3 +382,32 @@ def test_basic_credentials(remote: ServerProcess, tmp_path):
         assert status.state == JobState.UNKNOWN and "HTTP 401" in status.reason
     finally:
         backend.close()
+
+
+def test_forwarder_killed_between_post_and_answer_submits_once(remote: ServerProcess,
+                                                                databases, tmp_path):
+    """The remote made the task but the forwarder died before its answer came: the
+    restarted forwarder finds that task by its tags (recover) instead of POSTing again."""
+    token = token_file(tmp_path / "secrets")
+    db_url = databases.new("sqlite")
+    proxy = HoldingProxy(remote.url)
+    first = forwarder(tmp_path / "work", db_url, proxy.url, token).start()
+    try:
+        task_id = submit(first, {"executors": [sh("echo once")]})
+        assert proxy.posted.wait(120), first.log()[-3000:]
+        first.kill()
+    finally:
+        proxy.close()
+    made = remote_tasks(remote, tag_key="funnel-hpc-task-id", tag_value=task_id)
+    assert len(made) == 1
+    second = forwarder(tmp_path / "work", db_url, remote.url, token, port=first.port).start()
+    try:
+        task = wait_state(second, task_id, {"COMPLETE", "SYSTEM_ERROR", "EXECUTOR_ERROR"},
+                          also=remote)
+        assert task["state"] == "COMPLETE", task
+        assert task["logs"][-1]["logs"][0]["stdout"] == "once\n"
+        assert remote_id(task) == made[0]["id"]
+        again = remote_tasks(remote, tag_key="funnel-hpc-task-id", tag_value=task_id)
+        assert [t["id"] for t in again] == [made[0]["id"]]
+    finally:
+        second.stop()
