@@ -16,6 +16,7 @@ BACKENDS: dict[str, str] = {
     "aws-batch": "funnel_hpc.backends.awsbatch:AwsBatchBackend",
     "htcondor": "funnel_hpc.backends.htcondor:HTCondorBackend",
     "gridengine": "funnel_hpc.backends.gridengine:GridEngineBackend",
+    "tes": "funnel_hpc.backends.tes:TesBackend",
 }
 
 

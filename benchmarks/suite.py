@@ -26,7 +26,8 @@ Sections (each measured with its physical reference in this same run):
              webhook, -> Redis reader); the 1,000-task Slurm run with webhook + Redis
              sinks vs without, same run
   reconciler idle tick CPU at 1k / 10k / 100k tasks in flight (simulated backend, in
-             process); the tick with 1,000 tasks all sending live logs
+             process); the tick with 1,000 tasks all sending live logs; the tick with
+             1k / 10k QUEUED tasks whose owners are all at limits.per_owner
   replicas   failover gap after kill -9 of the lease holder vs the lease; create rate with
              2 replicas on PostgreSQL vs 1
   local      the local backend with 20,000 tasks queued through the API: hand-over time,
@@ -35,6 +36,8 @@ Sections (each measured with its physical reference in this same run):
   instances  1,000 tasks split over Slurm and Grid Engine at once: the gateway's CPU per
              task vs each half alone on its one instance (issue 28: <= 1.1x), and vs all
              on one Slurm instance
+  tes        1,000 trivial tasks through a funnel-hpc forwarding to another (the tes
+             backend) vs the same sent straight to such a server (tes_forward_bench.py)
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -64,6 +67,7 @@ from benchmarks import (  # noqa: E402
     image_pull,
     instances_bench,
     local_bench,
+    quotas_tick,
     reconciler_tick,
     replicas_bench,
     routing_bench,
@@ -72,13 +76,14 @@ from benchmarks import (  # noqa: E402
     slurm_sinks,
     slurm_throughput,
     storage_bench,
+    tes_forward_bench,
     worker_stdout,
 )
 from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "routing", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas", "local", "instances")
+            "reconciler", "replicas", "local", "instances", "tes")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -242,7 +247,8 @@ def events_section(table: Table, results: dict, quick: bool) -> None:
 
 
 def reconciler_section(table: Table, results: dict, quick: bool) -> None:
-    add_rows(table, results, [("reconciler_tick", reconciler_tick.suite_rows(quick))])
+    add_rows(table, results, [("reconciler_tick", reconciler_tick.suite_rows(quick)),
+                              ("quotas_tick", quotas_tick.suite_rows(quick))])
 
 
 def replicas_section(table: Table, results: dict, quick: bool) -> None:
@@ -255,6 +261,10 @@ def local_section(table: Table, results: dict, quick: bool) -> None:
 
 def instances_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("instances", instances_bench.suite_rows(quick))])
+
+
+def tes_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("tes_forward", tes_forward_bench.suite_rows(quick))])
 
 
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
@@ -294,7 +304,7 @@ def main() -> None:
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),
                           ("replicas", replicas_section), ("local", local_section),
-                          ("instances", instances_section)):
+                          ("instances", instances_section), ("tes", tes_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

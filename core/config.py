@@ -166,8 +166,29 @@ class ServiceInfoSection(Section):
     storage: Strings
 
 
+class InstanceQuota(Section):
+    """limits.per_owner.instances.<instance> (and an owner's or group's): one owner's
+    bounds on one backend instance. null: not set at this level (a less specific one
+    decides); 0: no limit."""
+    max_tasks_in_flight: int | None
+    max_cpu_cores_in_flight: int | None
+
+
+class OwnerQuota(InstanceQuota):
+    """limits.per_owner.owners.<name> and .groups.<unix group>: an owner's bounds, overall
+    and per instance; a key left out is decided by the less specific level."""
+    instances: Mapping[str, InstanceQuota]
+
+
+class PerOwnerSection(OwnerQuota):
+    """limits.per_owner: what one owner may have in flight (core/quotas.py resolves it)."""
+    metrics_by_owner: bool
+    groups: Mapping[str, OwnerQuota]
+    owners: Mapping[str, OwnerQuota]
+
+
 class LimitsSection(Section):
-    """limits: bounds on one request, checked at POST."""
+    """limits: bounds on one request, checked at POST; per_owner: at submission."""
     max_content_bytes: int
     max_tags: int
     max_inputs: int
@@ -180,6 +201,7 @@ class LimitsSection(Section):
     max_tag_filters: int
     max_list_bytes: int
     max_list_bytes_in_flight: int
+    per_owner: PerOwnerSection
 
 
 class ResourcesSection(Section):
@@ -287,8 +309,23 @@ class GridEngineOptions(Section):
     accounting_file: str
 
 
+class TesOptions(Section):
+    """backend.tes: another TES 1.1 server the tasks are forwarded to."""
+    url: str
+    token_file: str
+    username: str
+    password_file: str
+    tag_key: str
+    tag_value: str
+    page_size: int
+    timeout_seconds: float
+    verify_tls: bool
+    ca_file: str
+    backend_parameters: Options
+
+
 BackendOptions = LocalOptions | SlurmOptions | AwsBatchOptions | HTCondorOptions \
-    | GridEngineOptions
+    | GridEngineOptions | TesOptions
 
 
 class BackendSection(Section):
@@ -299,6 +336,7 @@ class BackendSection(Section):
     aws_batch: AwsBatchOptions
     htcondor: HTCondorOptions
     gridengine: GridEngineOptions
+    tes: TesOptions
 
     def options(self, name: str | None = None) -> BackendOptions | None:
         """The section of backend `name` (default: the configured one; "aws-batch" is
@@ -390,6 +428,7 @@ class WorkerSection(Section):
     host_root: str
     sandbox_user: str
     sandbox_uids: SandboxUids
+    writable_root: str
     allow_unfiltered_proot: bool
     network: str
     limit_resources: str
@@ -747,6 +786,7 @@ def load_plain(path: str | Path | None = None, environ: Mapping[str, str] | None
     if overrides:
         config = merge(config, overrides)
     _fill_endpoints(config["storage"], defaults)
+    _fill_quotas(config["limits"].get("per_owner"))
     return finalize(config)
 
 
@@ -757,6 +797,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     plain_config["backends"] = _instances(plain_config)
     config = convert(Config, plain_config, "")
     assert isinstance(config, Config)
+    _check_quotas(config)
     from funnel_hpc.core.routing import RuleError, parse_rules
 
     try:
@@ -800,6 +841,48 @@ def _instances(config: dict) -> dict:
             options = None
         out[name] = {"name": name, "kind": kind, "options": options}
     return out
+
+
+def _fill_quotas(per_owner: object) -> None:
+    """limits.per_owner's owner, group and instance entries with the keys they leave out
+    (null: a less specific level decides, core/quotas.py)."""
+    if not isinstance(per_owner, dict):
+        return  # convert names what is wrong
+    unset = {"max_tasks_in_flight": None, "max_cpu_cores_in_flight": None}
+
+    def filled(entries: object, blank: dict) -> object:
+        if not isinstance(entries, dict):
+            return entries
+        return {name: {**blank, **entry} if isinstance(entry, dict) else entry
+                for name, entry in entries.items()}
+
+    per_owner["instances"] = filled(per_owner.get("instances"), unset)
+    for kind in ("groups", "owners"):
+        per_owner[kind] = filled(per_owner.get(kind), {**unset, "instances": {}})
+        for entry in (per_owner[kind] or {}).values():
+            if isinstance(entry, dict):
+                entry["instances"] = filled(entry["instances"], unset)
+
+
+def _check_quotas(config: Config) -> None:
+    """limits.per_owner: no negative bound, and instances that exist."""
+    per_owner = config.limits.per_owner
+    path = "limits.per_owner"
+    levels = [(path, per_owner)]
+    levels += [(f"{path}.{kind}.{name}", entry) for kind in ("groups", "owners")
+               for name, entry in getattr(per_owner, kind).items()]
+    for where, level in levels:
+        places = [(where, level)] + [(f"{where}.instances.{name}", entry)
+                                     for name, entry in level.instances.items()]
+        for name in level.instances:
+            if name not in config.backends:
+                raise ConfigError(f"{where}.instances.{name}: no backend instance {name!r} "
+                                  f"(instances: {', '.join(config.backends)})")
+        for place, entry in places:
+            for key in InstanceQuota.FIELDS:
+                value = getattr(entry, key)
+                if value is not None and value < 0:
+                    raise ConfigError(f"{place}.{key}: 0 (no limit) or more, got {value}")
 
 
 def _fill_endpoints(storage: dict, defaults: dict) -> None:

@@ -4,6 +4,7 @@ that the panel shows signed-in users nothing of anyone's tasks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -12,7 +13,7 @@ import subprocess
 import pytest
 import requests
 from prometheus_client import CollectorRegistry
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.backends.base import JobState, JobStatus
@@ -134,10 +135,15 @@ def test_migration_upgrades_an_existing_0004_database(db_kind, databases):
     engine = db.make_engine(databases.new(db_kind))
     db.upgrade(engine, "0004_reconciler_leases")
     assert "backend_health" not in inspect(engine).get_table_names()
-    service = TaskService(engine, settings(str(engine.url)))
-    task_id = service.create(TASK)
+    task_id = "made0by0gateway0004"
+    with db.writing(engine) as conn:  # as a 0004 gateway stored it (no later columns)
+        conn.execute(text(
+            "INSERT INTO tasks (id, state, creation_time, spec, logs, backend, attempt, "
+            "event_seq, updated_at) VALUES (:id, 'QUEUED', 't', :spec, '[]', 'local', 0, 0, "
+            "'t')"), {"id": task_id, "spec": json.dumps(TASK)})
     db.upgrade(engine)
     assert "backend_health" in inspect(engine).get_table_names()
+    service = TaskService(engine, settings(str(engine.url)))
     assert service.get(task_id, "MINIMAL")["state"] == "QUEUED"
     record_poll(engine, "local", UNREACHABLE)
     assert row_of(engine, "local").last_error == UNREACHABLE

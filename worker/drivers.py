@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from funnel_hpc.worker import identity as identities
-from funnel_hpc.worker import pid_namespace, sandbox, seccomp
+from funnel_hpc.worker import overlay_root, pid_namespace, sandbox, seccomp
 from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -71,7 +71,7 @@ class Invocation:
     """How to start one executor (a plain class: the worker starts without importing
     typing or dataclasses)."""
 
-    __slots__ = ("argv", "cwd", "env", "fds", "hook", "ids", "note")
+    __slots__ = ("argv", "cwd", "env", "fds", "hook", "ids", "note", "root")
 
     def __init__(self, argv: list[str], env: dict[str, str] | None, note: str,
                  ids: tuple[int, int] | None = None, cwd: str | None = None,
@@ -85,6 +85,8 @@ class Invocation:
         self.hook = hook  # pass_fds, and started(proc) right after the start; None: none
         self.fds = fds    # descriptors the runtime inherits (a seccomp filter, bound
         #                   inputs: worker/bound_inputs.py); closed once it started
+        self.root: overlay_root.OverlayRoot | None = None  # a copy-on-write root to
+        #                   remove once the executor ended (worker/overlay_root.py)
 
 
 def _expand(template: list[str], values: dict[str, str], mounts: list[tuple[str, str]],
@@ -137,6 +139,7 @@ class Drivers:
         self.choice_notes: list[str] = []  # what choose() found, for the system logs
         self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
         self.fd_binds: list[tuple[int, str]] = []  # bwrap's --ro-bind-fd, set by hand_over
+        self.cow_refused: dict[str, str] = {}  # image root -> why it has no writable root
 
     @property
     def identity(self) -> Identity | None:
@@ -413,7 +416,9 @@ class Drivers:
         # hide the work dir (other tasks, the image cache) when the root is the host's
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
-            userns = (identities.NamespaceMap(self.identity)
+            cow, why_not = self._writable_root(root)
+            note += f", {overlay_root.NOTE}" if cow else f", image root: read-only ({why_not})"
+            userns = (identities.NamespaceMap(self.identity, cow)
                       if self.identity and self.identity.block else None)
             # each start gets its own copies of the bound inputs' descriptors (closed once
             # bwrap has them, as the seccomp filter's), so they reach it at these numbers
@@ -423,15 +428,19 @@ class Drivers:
                     rootfs, binds, full_env, workdir, command, network, hide, devices,
                     userns.argv() if userns else (), tmpfs_bytes=self.tmpfs_bytes,
                     fd_binds=[(fd, container) for fd, (_held, container)
-                              in zip(copies, self.fd_binds, strict=True)])
+                              in zip(copies, self.fd_binds, strict=True)],
+                    root=cow.merged if cow else None)
                 # the engine's own environment: nothing of the task's (LD_PRELOAD...)
                 inv = self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
                                                       self.ids, "/", userns))
             except BaseException:
                 for fd in copies:
                     os.close(fd)
+                if cow:
+                    cow.remove()
                 raise
             inv.fds = (*inv.fds, *copies)
+            inv.root = cow
             if copies:
                 inv.note += f", {len(copies)} input(s) bound read-only in place"
             return inv
@@ -478,6 +487,36 @@ class Drivers:
                            "--", *invocation.argv]
         invocation.ids = None  # seccomp_exec becomes the sandbox user itself
         return invocation
+
+    def _writable_root(self, root: ImageRoot | str
+                       ) -> tuple[overlay_root.OverlayRoot | None, str]:
+        """worker.writable_root for a bwrap executor over this image: its copy-on-write
+        root (made, not yet mounted), or None and why not (the image is then read-only)."""
+        try:
+            mode = overlay_root.setting(self.worker.writable_root)
+        except sandbox.SandboxError as error:
+            raise DriverError(str(error)) from None
+        if mode == "off":
+            return None, f"{overlay_root.SETTING} is off"
+        if isinstance(root, str):  # HOST_ROOT
+            return None, "the host's root is never written"
+        if os.geteuid() != 0 or self.identity is None or not self.identity.block:
+            return None, (f"{overlay_root.SETTING} needs a root worker with "
+                          "worker.sandbox_uids")
+        rootfs = str(root.rootfs)
+        if rootfs not in self.cow_refused:  # asked once per task and image
+            try:
+                overlay_root.probe(str(self.task_dir), rootfs, self.identity.ids)
+                self.cow_refused[rootfs] = ""
+            except overlay_root.Unusable as why:
+                self.cow_refused[rootfs] = f"no copy-on-write root here: {why}"
+        if self.cow_refused[rootfs]:
+            return None, self.cow_refused[rootfs]
+        try:
+            return overlay_root.OverlayRoot.make(str(self.task_dir), rootfs,
+                                                 self.identity.ids), ""
+        except (OSError, sandbox.SandboxError) as error:
+            raise DriverError(f"{overlay_root.SETTING}: {error}") from None
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

@@ -21,6 +21,7 @@ from funnel_hpc.worker.events import now_rfc3339
 from funnel_hpc.worker.exit_codes import shell_exit_code
 from funnel_hpc.worker.failures import Canceled
 from funnel_hpc.worker.livelogs import LiveLogs, Tail
+from funnel_hpc.worker.overlay_root import ROOTS, Removals
 from funnel_hpc.worker.sandbox import SandboxError
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -72,6 +73,7 @@ class Executors:
         self.group: Group | None = None  # the task's cgroup, for sandboxed executors
         self.process: Process | None = None
         self.exceeded: str | None = None  # a limit the running executor went over
+        self.removals = Removals()  # ended executors' copy-on-write roots going
         self._lock = threading.Lock()
 
     def kill(self) -> None:
@@ -114,7 +116,9 @@ class Executors:
         self.group = group if driver in IMAGE_DRIVERS else None
         disk = None
         if self.plan.disk_bytes and driver in IMAGE_DRIVERS:
-            disk = DiskWatch([str(paths.files), str(self.drivers.sandbox_tmp)],
+            # the task's files, proot's /tmp and the upper layers of copy-on-write roots
+            disk = DiskWatch([str(paths.files), str(self.drivers.sandbox_tmp),
+                              str(self.drivers.task_dir / ROOTS)],
                              self.plan.disk_bytes,
                              self.plan.disk_check_seconds, self.exceed)
             disk.start()
@@ -123,6 +127,8 @@ class Executors:
         finally:
             if disk is not None:
                 disk.stop()
+            for problem in self.removals.wait()[:10]:
+                self.events.system_log(f"copy-on-write root: cannot remove {problem}")
 
     def _run_each(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths,
                   disk: DiskWatch | None) -> str:
@@ -135,7 +141,10 @@ class Executors:
             if invocation.note not in notes:
                 notes.add(invocation.note)
                 self.events.system_log(f"executor {index}: {invocation.note}")
-            exit_code = self.run_one(index, executor, invocation, paths, driver)
+            try:
+                exit_code = self.run_one(index, executor, invocation, paths, driver)
+            finally:
+                self._remove_root(invocation)
             self.check_cancel()
             if disk is not None:
                 disk.check()
@@ -145,6 +154,12 @@ class Executors:
             if exit_code != 0 and not executor.get("ignore_error"):
                 return "EXECUTOR_ERROR"
         return "COMPLETE"
+
+    def _remove_root(self, invocation: Invocation) -> None:
+        """The executor's copy-on-write root goes with it (its processes have ended)."""
+        if invocation.root is not None:
+            self.removals.add(invocation.root)
+            invocation.root = None
 
     def _invocation(self, driver: str, executor: dict[str, Any],
                     binds: list[tuple[str, str]]) -> Invocation:

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
     from funnel_hpc.core.config import SandboxUids, WorkerSection
     from funnel_hpc.worker.cgroups import Process
+    from funnel_hpc.worker.overlay_root import OverlayRoot
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
@@ -250,10 +251,12 @@ def _kill(pid: int, first: int, span: int) -> None:
 
 class NamespaceMap:
     """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process writes
-    the sandbox's uid_map and gid_map: 0-65535 inside are the identity's block."""
+    the sandbox's uid_map and gid_map: 0-65535 inside are the identity's block; then, with
+    a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's namespace."""
 
-    def __init__(self, identity: Identity):
+    def __init__(self, identity: Identity, root: OverlayRoot | None = None):
         self.identity = identity
+        self.root = root
         self.info_read, self.info_write = os.pipe()
         self.block_read, self.block_write = os.pipe()
 
@@ -278,6 +281,8 @@ class NamespaceMap:
                 uid_map.write(mapping)
             with open(f"/proc/{pid}/gid_map", "w") as gid_map:
                 gid_map.write(f"0 {self.identity.gid} {self.identity.span}\n")
+            if self.root is not None:  # its lower layer is id-mapped with these maps
+                self.root.mount(pid)
             os.write(self.block_write, b"1")
         except (OSError, ValueError, KeyError, SandboxError) as error:
             try:

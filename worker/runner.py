@@ -30,6 +30,7 @@ from funnel_hpc.worker.events import EventLog, now_rfc3339
 from funnel_hpc.worker.executors import Executors
 from funnel_hpc.worker.failures import Canceled, SystemFailure
 from funnel_hpc.worker.limits import DEFAULT_TMPFS_MB, LimitError, Plan, plan
+from funnel_hpc.worker.overlay_root import ROOTS
 from funnel_hpc.worker.paths import KEEP_WORKDIR, PathError, TaskPaths, remove_task_files
 from funnel_hpc.worker.staging import Staging
 from funnel_hpc.worker.storage import Storage, StorageError
@@ -249,7 +250,7 @@ class TaskRunner:
             return
         try:
             problems = remove_task_files(self.task_dir, (self.paths.files.name, SANDBOX_TMP,
-                                                          SANDBOX_SHM),
+                                                          SANDBOX_SHM, ROOTS),
                                          (CH_ROOT,))
         except OSError as exc:
             problems = [f"{exc.filename}: {exc.strerror}"]

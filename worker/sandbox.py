@@ -171,7 +171,8 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
                hide: Sequence[str] = (), devices: Sequence[str] = (),
                userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES,
-               fd_binds: Sequence[tuple[int, str]] = ()) -> list[str]:
+               fd_binds: Sequence[tuple[int, str]] = (), root: str | None = None
+               ) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
     `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
     range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL);
@@ -179,7 +180,9 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
     /dev/shm) and of the root the image's entries are bound on (writable, as the spec's
     "writable on top" asks). bwrap's own /dev tmpfs cannot be sized: it is made read-only
     once everything is mounted on it. `fd_binds`: (descriptor, container path) of inputs
-    bound read-only by descriptor over the task's binds (worker/bound_inputs.py)."""
+    bound read-only by descriptor over the task's binds (worker/bound_inputs.py). `root`: a
+    copy-on-write root bound as `/` instead (worker/overlay_root.py: the image is its lower
+    layer, mounted in bwrap's own namespace before it reads its mounts)."""
     argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
             "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
@@ -190,8 +193,11 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
     if os.path.isdir(os.path.join(rootfs, "var")):
         targets.append("/var/tmp")
     size = ["--size", str(tmpfs_bytes)]
-    argv += [*size, "--tmpfs", "/"]  # bwrap's own root is unsized: a sized one over it
-    argv += image_binds(rootfs, targets)
+    if root is not None:
+        argv += ["--bind", root, "/"]
+    else:
+        argv += [*size, "--tmpfs", "/"]  # bwrap's own root is unsized: a sized one over it
+        argv += image_binds(rootfs, targets)
     argv += ["--dev", "/dev", "--proc", "/proc", *size, "--perms", "1777", "--tmpfs", "/dev/shm"]
     for path in [*targets[len(binds):], *hide]:
         argv += [*size, "--tmpfs", path]

@@ -4,7 +4,8 @@ Two kinds of metrics. Counts kept in the database are read when Prometheus scrap
 (``TaskCollector``: three indexed queries, whichever process serves /metrics): tasks by
 state, submissions waiting, the age of the oldest QUEUED task; and per configured event
 sink (``SinkCollector``: one query) the events it has not taken and the age of the
-oldest. What only the reconciler or the publisher sees is recorded where it happens,
+oldest; what owners have in flight against their limits (``OwnerCollector``: one
+query). What only the reconciler or the publisher sees is recorded where it happens,
 through this module's small API, in that process:
 
 - ``observe_tick(seconds)``: one reconciler tick;
@@ -32,11 +33,13 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from funnel_hpc.core.config import Config
+from funnel_hpc.core.config import Config, PerOwnerSection
+from funnel_hpc.core.quotas import NO_OWNER, QuotaPolicy
 from funnel_hpc.core.states import ALL_STATES, State
 from funnel_hpc.gateway.ops import readiness
 from funnel_hpc.gateway.ops.logs import task_log
 from funnel_hpc.gateway.store import db, outbox
+from funnel_hpc.gateway.store.placement import OwnerGroups
 
 log = logging.getLogger(__name__)
 _repeated = readiness.Repeated(log)
@@ -295,6 +298,54 @@ class ReconcilerCollector(Collector):
             failing.add_metric([health.backend], 0 if health.failing_since is None
                                else max(0.0, now - health.failing_since))
         yield from (held, renewed, polled, failing, errors)
+
+
+class OwnerCollector(Collector):
+    """What owners have in flight (gateway/store/owner_counts.py: one grouped query per
+    scrape) against limits.per_owner: totals and the owners at a limit; per owner, labelled
+    by name, only with limits.per_owner.metrics_by_owner (/metrics needs no credentials,
+    and one series per user is many)."""
+
+    def __init__(self, engine: Any, per_owner: PerOwnerSection):
+        self.engine = engine
+        self.by_owner = per_owner.metrics_by_owner
+        self.policy = QuotaPolicy(per_owner, OwnerGroups())
+
+    def collect(self) -> Iterator[Metric]:
+        from funnel_hpc.gateway.store import owner_counts
+
+        try:
+            found = owner_counts.in_flight(self.engine)
+        except SQLAlchemyError:  # funnel_database_up says so
+            return
+        at_limit = {owner for owner, usage in found.items()
+                    if self.policy.enabled and self.policy.limits(owner).at_limit(usage)}
+        yield GaugeMetricFamily("funnel_owners_in_flight",
+                                "Owners with tasks in flight (holding a job).",
+                                value=len(found))
+        yield GaugeMetricFamily("funnel_owners_at_limit",
+                                "Owners who reached a limits.per_owner bound.",
+                                value=len(at_limit))
+        yield GaugeMetricFamily("funnel_cpu_cores_in_flight",
+                                "CPU cores of the tasks in flight (resources.cpu_cores, "
+                                "1 when unset).",
+                                value=sum(usage.overall.cores for usage in found.values()))
+        if not self.by_owner:
+            return
+        tasks = GaugeMetricFamily("funnel_owner_tasks_in_flight",
+                                  "Tasks in flight, by owner.", labels=["owner"])
+        cores = GaugeMetricFamily("funnel_owner_cpu_cores_in_flight",
+                                  "CPU cores of the tasks in flight, by owner.",
+                                  labels=["owner"])
+        limited = GaugeMetricFamily("funnel_owner_at_limit",
+                                    "1 when the owner reached a limits.per_owner bound.",
+                                    labels=["owner"])
+        for owner, usage in sorted(found.items(), key=lambda item: item[0] or ""):
+            name = owner if owner is not None else NO_OWNER
+            tasks.add_metric([name], usage.overall.tasks)
+            cores.add_metric([name], usage.overall.cores)
+            limited.add_metric([name], 1 if owner in at_limit else 0)
+        yield from (tasks, cores, limited)
 
 
 def _now() -> str:

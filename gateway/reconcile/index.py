@@ -19,7 +19,6 @@ nothing, one pass over the poll's answer, the sweep's event-log reads.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque, namedtuple
 from itertools import compress
@@ -156,12 +155,6 @@ class InFlightIndex:
             ring.append(task_id)
             taken.append(task_id)
         return taken
-
-    def next_to_submit(self, limit: int) -> list[Any]:
-        """The oldest `limit` QUEUED tasks without a job."""
-        if len(self.unsubmitted) <= limit:
-            return sorted(self.unsubmitted.values(), key=lambda row: row.seq)
-        return heapq.nsmallest(limit, self.unsubmitted.values(), key=lambda row: row.seq)
 
     # ---- filing ----
 

@@ -115,7 +115,7 @@ class Reconciler:
                                   self.writer, backend.name)
         launch = WorkerLaunch.from_config(config, opts.pass_server_url, backend.options)
         self.submitter = Submitter(self.queries, backend, self.index, self.tails, self.writer,
-                                   launch, opts.submit_threads)
+                                   launch, opts.submit_threads, config.limits.per_owner)
         self.overflow = Overflow(self.queries, backend, self.index, self.tails, self.writer,
                                  self.look_again, config)
         # a worker event of one of its tasks wakes this reconciler (and not the others);
@@ -221,7 +221,7 @@ class Reconciler:
             status = statuses.get(row.job_id, NOT_REPORTED)
             isolated(row, "applying its job state", self._apply_job_status, row, status, stats)
 
-        self.submitter.submit_batch(index.next_to_submit(self.submit_per_tick), stats)
+        self.submitter.submit_next(self.submit_per_tick, stats)
         if not stats.poll_calls and stats.unreachable is not None:
             # nothing to poll, and the scheduler could not take a job: the health row says
             # so (an instance whose every submission fails has no poll to fail)

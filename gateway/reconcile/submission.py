@@ -1,7 +1,8 @@
 """Submitting QUEUED tasks' jobs, for the reconciler: one read of the task documents, one
 claim transaction, the backend's submissions (several at once where the backend allows
 it), one record transaction per tick. A refusal fails its task only; an unreachable
-scheduler gives the claim back for the next tick.
+scheduler gives the claim back for the next tick. Which QUEUED tasks, each tick:
+gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
 
 Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
 gateway puts in its task dir) and the Submitter, which the reconciler makes in its
@@ -20,7 +21,8 @@ from typing import Any
 from funnel_hpc.backends import files
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
-from funnel_hpc.core.config import BackendOptions, Config
+from funnel_hpc.core.config import BackendOptions, Config, PerOwnerSection
+from funnel_hpc.core.quotas import QuotaPolicy
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.reconcile import owner_worker
@@ -37,6 +39,8 @@ from funnel_hpc.gateway.reconcile.core import (
 )
 from funnel_hpc.gateway.reconcile.event_tail import archive_events
 from funnel_hpc.gateway.reconcile.index import InFlightIndex
+from funnel_hpc.gateway.reconcile.quotas import FairShare
+from funnel_hpc.gateway.store.placement import OwnerGroups
 from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
@@ -115,7 +119,8 @@ class Submitter:
 
     def __init__(self, queries: ReconcilerQueries, backend: Backend, index: InFlightIndex,
                  tails: EventTails, writer: TaskWriter, launch: WorkerLaunch,
-                 threads: int = 1):
+                 threads: int = 1, per_owner: PerOwnerSection | None = None):
+        """`per_owner`: limits.per_owner (None: owners in turn, no limits)."""
         self.queries = queries
         self.backend = backend
         self.index = index
@@ -124,10 +129,17 @@ class Submitter:
         self.launch = launch
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
+        policy = QuotaPolicy(per_owner, OwnerGroups()) if per_owner is not None else None
+        self.fair_share = FairShare(policy, queries, backend.name)
 
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+    def submit_next(self, limit: int, stats: TickStats) -> None:
+        """Submit up to `limit` of the QUEUED tasks without a job: owners in turn, within
+        their limits.per_owner (gateway/reconcile/quotas.py)."""
+        self.submit_batch(self.fair_share.pick(self.index.unsubmitted, limit), stats)
 
     def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
         """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's

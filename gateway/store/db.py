@@ -51,6 +51,8 @@ tasks = Table(
     # Last worker event sequence number applied (events.jsonl / event endpoint).
     Column("event_seq", Integer, nullable=False, default=0),
     Column("updated_at", String(40), nullable=False),
+    # resources.cpu_cores as created (NULL: 1; gateway/store/owner_counts.py sums it)
+    Column("cpu_cores", Integer, nullable=True),
 )
 Index("ix_tasks_state_seq", tasks.c.state, tasks.c.seq)
 Index("ix_tasks_owner_seq", tasks.c.owner, tasks.c.seq)

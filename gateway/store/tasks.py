@@ -32,6 +32,7 @@ from funnel_hpc.core.states import TERMINAL, State
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.admission import Admission, AdmissionError
 from funnel_hpc.gateway.store.leases import LeaseView
+from funnel_hpc.gateway.store.owner_counts import task_cores
 from funnel_hpc.gateway.store.page_budget import PageBudget, PageHold
 from funnel_hpc.gateway.store.placement import REQUEST_KEY, Placement
 from funnel_hpc.gateway.store.prepared import PreparedInsert
@@ -127,7 +128,7 @@ def zip_tags(keys: Iterable[str] | None, values: Iterable[str] | None) -> dict[s
 # the create path's INSERTs, compiled once per dialect (gateway/store/prepared.py)
 _INSERT_TASK = PreparedInsert(db.tasks, [
     "id", "state", "name", "owner", "creation_time", "spec", "logs", "backend", "job_id",
-    "attempt", "event_seq", "updated_at"], returning=db.tasks.c.seq)
+    "attempt", "event_seq", "updated_at", "cpu_cores"], returning=db.tasks.c.seq)
 _INSERT_TAG = PreparedInsert(db.task_tags, ["task_seq", "key", "value"])
 
 
@@ -191,7 +192,7 @@ class TaskService:
         task_id = new_task_id()
         with db.writing(self.engine) as conn:
             now = now_rfc3339()  # under the write lock: (nearly) the commit time
-            seq = _INSERT_TASK.execute(conn, {
+            seq = _INSERT_TASK.execute(conn, {"cpu_cores": task_cores(spec),
                 "id": task_id, "state": State.QUEUED.value, "name": spec.get("name"),
                 "owner": owner, "creation_time": now, "spec": spec, "logs": logs,
                 "backend": route.instance, "job_id": None, "attempt": 0, "event_seq": 0,

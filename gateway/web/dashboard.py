@@ -46,6 +46,7 @@ from flask import (
 from markupsafe import Markup, escape
 from sqlalchemy.exc import OperationalError
 
+from funnel_hpc.core.quotas import QuotaPolicy
 from funnel_hpc.core.states import ALL_STATES, TERMINAL, State
 from funnel_hpc.gateway.access.auth import Throttled
 from funnel_hpc.gateway.store.tasks import (
@@ -364,3 +365,23 @@ def logout():
         sessions().revoke(session_id)
     session.clear()
     return redirect(url_for("dashboard.login"), code=303)
+
+
+@blueprint.app_template_global("is_admin")
+def is_admin() -> bool:
+    """Whether the caller sees every task (the navigation's admin-only links)."""
+    return principal().scope is None
+
+
+@blueprint.get("/owners")
+def owners():
+    """Admins: what each owner has in flight and waiting, against limits.per_owner."""
+    from funnel_hpc.gateway.web.dashboard_owners import owner_rows
+
+    if not is_admin():
+        abort(Response("Only administrators see the owners page.", 403))
+    # the service's cached group lookup, as routing's
+    policy = QuotaPolicy(_service().config.limits.per_owner, _service().placement.groups)
+    rows, total = owner_rows(_service().engine, policy)
+    return _render("owners.html", rows=rows, total=total, shown=len(rows),
+                   enabled=policy.enabled)

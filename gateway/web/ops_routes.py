@@ -4,7 +4,8 @@
 (and, on SQLite, the write lock), a reconciler holds the backend's lease when
 server.readyz_needs_reconciler asks for one, and the backend's last scheduler command
 in this process did not fail. None of the three needs credentials or shows anything
-about a user (no owners, ids or names).
+about a user (no owners, ids or names; /metrics shows owner names only when
+limits.per_owner.metrics_by_owner says so).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from funnel_hpc.gateway.ops import readiness
 from funnel_hpc.gateway.ops.metrics import (
     REGISTRY,
+    OwnerCollector,
     ReconcilerCollector,
     SinkCollector,
     TaskCollector,
@@ -42,6 +44,8 @@ def _service_registry() -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(TaskCollector(engine))
         registry.register(ReconcilerCollector(engine, current_app.extensions["funnel.config"]))
+        registry.register(OwnerCollector(
+            engine, current_app.extensions["funnel.config"].limits.per_owner))
         sinks = sink_names(current_app.extensions["funnel.config"].events)
         if sinks:
             registry.register(SinkCollector(engine, sinks))
