@@ -145,14 +145,14 @@ def _tags(remote: dict[str, Any]) -> dict[str, Any]:
 class TesBackend(Backend):
     """Forwards tasks to another TES server and writes their event logs from its answers."""
 
-    name = "tes"
+    kind = "tes"
     parallel_submit = True  # one HTTP session per thread
 
     options: TesOptions
 
     def __init__(self, options: TesOptions, work_dir: Path,
-                 on_change: Callable[[], None] | None = None):
-        super().__init__(options, work_dir, on_change)
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
         if not options.tag_key:
             raise ValueError("backend.tes.tag_key: must not be empty")
         if not 1 <= options.page_size <= 2047:
