@@ -13,9 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from funnel_hpc.backends.base import JobState
 from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.core.routing import ROUTE_TAG
+from funnel_hpc.gateway.store import db
 from tests.backend_helpers import backend_options
 from tests.components import (
     BWRAP,
@@ -67,6 +70,11 @@ def test_a_confirmed_withdrawal_moves_the_task_once(tmp_path):
     reconcilers["a"].tick()  # the poll confirms: moved to b, no job
     row = row_of(service, task_id)
     assert (row.backend, row.job_id, row.state) == ("b", None, "QUEUED")
+    # the route tag follows the task: in its document and in the tag table a filter reads
+    assert row.spec["tags"][ROUTE_TAG] == "b"
+    with db.reading(service.engine) as conn:
+        assert conn.execute(select(db.task_tags.c.value).where(
+            db.task_tags.c.key == ROUTE_TAG)).scalars().all() == ["b"]
     assert any("withdrawn from a after 0s queued; scheduler: CANCELLED scancel; submitted "
                "to b (attempt 2 of the route)" in line
                for line in gateway_lines(service, task_id))

@@ -206,10 +206,9 @@ def render(task_file, backend_name, owner, task_id, config_path) -> None:
 def instance_backend(cfg: Config, instance: Instance) -> Any:
     """The backend object of an instance, as the reconciler makes it (its kind's class
     over the instance's options), without a change callback: nothing is submitted."""
-    from funnel_hpc.backends.registry import backend_class
+    from funnel_hpc.backends.registry import load_backend
 
-    assert instance.options is not None  # every kind render knows has its section
-    return backend_class(instance.kind)(instance.options, Path(cfg.work_dir), None)
+    return load_backend(instance, cfg.work_dir)
 
 
 # ---- admin ----

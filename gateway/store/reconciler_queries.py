@@ -28,6 +28,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Engine
 
 from funnel_hpc.core.events import now_rfc3339
+from funnel_hpc.core.routing import ROUTE_TAG
 from funnel_hpc.core.states import TERMINAL, State, can_transition
 from funnel_hpc.gateway.store import db, outbox
 from funnel_hpc.gateway.store.leases import LeaseView
@@ -223,7 +224,8 @@ class ReconcilerQueries:
         """Overflow: hand a QUEUED task of this instance to instance `target`, without a
         job (its next reconciler submits it), once its job here (job_id; None: it never
         got one) is confirmed gone. One compare-and-set on state, instance and job: False
-        if the row moved meanwhile (a worker started, a cancel, another claim)."""
+        if the row moved meanwhile (a worker started, a cancel, another claim). The task's
+        route tag (core/routing.py ROUTE_TAG), when it has one, names the new instance."""
         if self.instance is None:
             raise ValueError("only an instance's queries move its tasks")
         t = db.tasks
@@ -232,7 +234,17 @@ class ReconcilerQueries:
                                  t.c.backend == self.instance, job)
                  .values(backend=target, job_id=None, logs=logs))
         with db.writing(self.engine) as conn:
-            return conn.execute(query.values(updated_at=now_rfc3339())).rowcount == 1
+            if conn.execute(query.values(updated_at=now_rfc3339())).rowcount != 1:
+                return False
+            row = conn.execute(select(t.c.seq, t.c.spec).where(t.c.id == task_id)).one()
+            tags = (row.spec or {}).get("tags") or {}
+            if ROUTE_TAG in tags:
+                conn.execute(update(t).where(t.c.id == task_id).values(
+                    spec={**row.spec, "tags": {**tags, ROUTE_TAG: target}}))
+                conn.execute(update(db.task_tags)
+                             .where(db.task_tags.c.task_seq == row.seq,
+                                    db.task_tags.c.key == ROUTE_TAG).values(value=target))
+            return True
 
     # ---- worker events received over HTTP (events_api) ----
 
