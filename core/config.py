@@ -367,6 +367,7 @@ class ReconcilerSection(Section):
     pass_server_url: bool
     listen: str
     overflow_after_failed_polls: int
+    linger_seconds: float
 
 
 class RetentionSection(Section):

@@ -61,6 +61,7 @@ from funnel_hpc.gateway.reconcile.core import (
 )
 from funnel_hpc.gateway.reconcile.event_folding import EventFolder
 from funnel_hpc.gateway.reconcile.index import NOT_REPORTED, InFlightIndex
+from funnel_hpc.gateway.reconcile.lingering import LingeringJobs
 from funnel_hpc.gateway.reconcile.overflow import Overflow
 from funnel_hpc.gateway.reconcile.submission import Submitter, WorkerLaunch
 from funnel_hpc.gateway.store import backend_health, retention
@@ -122,6 +123,7 @@ class Reconciler:
         # index.rows is read, never changed, by the intake's thread
         self.queries.open_worker_events(self.wakeup.set,
                                         lambda task_id: task_id in self.index.rows)
+        self.lingering = LingeringJobs(backend, opts.linger_seconds)
         self.cancels_sent: set[str] = set()
         self.retention_seconds = config.retention.task_days * 86400
         self._next_purge = 0.0  # monotonic time of the next retention purge
@@ -199,6 +201,8 @@ class Reconciler:
 
         statuses: dict[str, JobStatus] = {}
         job_ids = index.job_ids()
+        in_flight = set(job_ids)
+        job_ids += [job_id for job_id in self.lingering.job_ids() if job_id not in in_flight]
         if job_ids:
             statuses = self._poll(job_ids)
             stats.polled, stats.poll_calls = len(job_ids), 1
@@ -212,6 +216,10 @@ class Reconciler:
 
         # worker event logs first: a task whose worker recorded its end needs no job state
         news, ended = self.folder.read_events(rows, stats)
+        for row in rows:
+            if row.id in ended:
+                self.lingering.watch(row, statuses.get(row.job_id))
+        self.lingering.reap(statuses)
         for row in rows:
             # a task only swept that had nothing new: its job state is as last applied;
             # one whose job is being withdrawn for overflow: its job state is overflow's
