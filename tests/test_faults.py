@@ -22,8 +22,21 @@ from funnel_hpc.core.events import iter_events
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler
 from funnel_hpc.gateway.store import db
 from funnel_hpc.gateway.web.app import make_service
-from tests.components import SLURM, SLURM_REASON, needs, slurm_ready
+from tests.components import (
+    BWRAP,
+    BWRAP_REASON,
+    GRIDENGINE,
+    GRIDENGINE_REASON,
+    SLURM,
+    SLURM_REASON,
+    bwrap_ready,
+    gridengine_ready,
+    need,
+    needs,
+    slurm_ready,
+)
 from tests.e2e_helpers import TERMINAL, create, make_server, sh, wait_state
+from tests.instances_helpers import gateway, rule, stored_instance, submit, wait_done, worker_starts
 from tests.server_helpers import ServerProcess
 
 TASK = {"executors": [{"image": "busybox", "command": ["true"]}]}
@@ -214,3 +227,35 @@ def test_disk_full_in_the_work_dir_is_system_error(tmp_path):
         assert run.fold.task_log["logs"] == []
     finally:
         subprocess.run(["umount", "-l", str(mount)])
+
+
+@pytest.mark.slurm
+@needs(SLURM, slurm_ready(), SLURM_REASON)
+def test_a_stopped_slurmctld_overflows_to_gridengine(databases, tmp_path):
+    """Issue #28's overflow with the real daemon stopped: a task routed to Slurm while
+    slurmctld is down never gets a Slurm job (sbatch cannot reach it); once the instance
+    has failed reconciler.overflow_after_failed_polls ticks, the task moves to Grid Engine
+    and completes there, its worker started once, and Slurm, back up, knows no job of it."""
+    need(GRIDENGINE, gridengine_ready(), GRIDENGINE_REASON)
+    need(BWRAP, bwrap_ready(), BWRAP_REASON)
+    backends = {"cpu": {"kind": "slurm", "command_timeout": 15},
+                "ge": {"kind": "gridengine", "mode": "cli"}}
+    routing = [rule("cpu", "cpu", overflow=["ge"]), {"backend": "ge"}]
+    server = gateway(tmp_path / "srv", databases.new("sqlite"), backends, routing).start()
+    try:
+        stop_slurmctld()
+        task_id = submit(server, "cpu", "echo after-slurm-stopped", list(backends), "cpu")
+        task = wait_done(server, task_id, timeout=300)
+        assert task["state"] == "COMPLETE", task
+        assert [entry["metadata"]["backend"] for entry in task["logs"]][-1] == "ge"
+        assert task["logs"][-1]["logs"][0]["stdout"] == "after-slurm-stopped\n"
+        lines = [line for entry in task["logs"] for line in entry["system_logs"]]
+        assert any("withdrawn from cpu after its scheduler failing for 3 ticks; submitted "
+                   "to ge" in line for line in lines), lines
+        assert stored_instance(server, task_id) == "ge"
+        assert worker_starts(server.work_dir, task_id) == 1
+        start_slurmctld()
+        assert slurm_jobs_named(f"funnel-{task_id}") == []
+    finally:
+        start_slurmctld()
+        server.stop()
