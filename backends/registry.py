@@ -17,6 +17,7 @@ BACKENDS: dict[str, str] = {
     "htcondor": "funnel_hpc.backends.htcondor:HTCondorBackend",
     "gridengine": "funnel_hpc.backends.gridengine:GridEngineBackend",
     "tes": "funnel_hpc.backends.tes:TesBackend",
+    "pbs": "funnel_hpc.backends.pbs:PbsBackend",
 }
 
 

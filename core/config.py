@@ -309,6 +309,25 @@ class GridEngineOptions(Section):
     accounting_file: str
 
 
+class PbsSite(Section):
+    """backend.pbs.site."""
+    account: str
+    extra_directives: Strings
+    modules: Strings
+    prologue: Strings
+
+
+class PbsOptions(Section):
+    """backend.pbs: OpenPBS / PBS Professional through qsub/qstat/qdel/qselect."""
+    template: str
+    queue: str
+    walltime: str
+    backend_parameters: Options
+    site: PbsSite
+    command_timeout: float
+    max_ids_per_qstat: int
+
+
 class TesOptions(Section):
     """backend.tes: another TES 1.1 server the tasks are forwarded to."""
     url: str
@@ -325,7 +344,7 @@ class TesOptions(Section):
 
 
 BackendOptions = LocalOptions | SlurmOptions | AwsBatchOptions | HTCondorOptions \
-    | GridEngineOptions | TesOptions
+    | GridEngineOptions | TesOptions | PbsOptions
 
 
 class BackendSection(Section):
@@ -337,6 +356,7 @@ class BackendSection(Section):
     htcondor: HTCondorOptions
     gridengine: GridEngineOptions
     tes: TesOptions
+    pbs: PbsOptions
 
     def options(self, name: str | None = None) -> BackendOptions | None:
         """The section of backend `name` (default: the configured one; "aws-batch" is

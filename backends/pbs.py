@@ -1,0 +1,180 @@
+"""PBS (OpenPBS, PBS Professional): qsub to submit, qdel to cancel, one qstat per poll.
+
+Submit: the script rendered from ``templates/pbs.sh.j2`` (or ``backend.pbs.template``)
+is written to ``<task_dir>/pbs.sh`` and given to ``qsub <path>``; its ``#PBS`` lines carry
+every job option (name ``funnel-<task id>``, output and error in the task dir,
+``-l select=1:ncpus=N:mem=Mmb``, walltime, ``-q`` from the first zone or
+``backend.pbs.queue``, ``-A`` of the site, allow-listed backend_parameters). The job id
+is qsub's line, ``123.server``. ``job_header`` gives the ``#PBS`` lines of a rendered
+script: what identical jobs share (the grouping key of job arrays, ``-J``, to come).
+
+Poll: ONE ``qstat -f -F json -x ID...`` (``-x``: finished jobs too, PBS Pro 13+ /
+OpenPBS 20+; more than ``max_ids_per_qstat`` ids: one call per that many), read by
+``pbs_qstat.py``. An id qstat answers "Unknown Job Id" for (the server's job history has
+let it go) is LOST and the worker's event log decides; a qstat that failed otherwise
+makes its jobs UNKNOWN. ``recover`` asks ``qselect -x -u <us> -N funnel-<task id>``.
+Errors follow ``commands.failure`` (the server unreachable is transient, a missing
+command or a refused job is not). No command sees a task value: argv lists only.
+
+Config (``backend.pbs``): template, queue, walltime, backend_parameters (TES key -> qsub
+option), site, command_timeout, max_ids_per_qstat.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from funnel_hpc.backends import files
+from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
+from funnel_hpc.backends.commands import Runner, failure, make_runner
+from funnel_hpc.backends.pbs_qstat import job_status, parse_qstat_json, sequence, unknown_ids
+from funnel_hpc.backends.templating import render, script_variables
+from funnel_hpc.core.config import PbsOptions
+
+SCRIPT_NAME = "pbs.sh"
+DIRECTIVE = "#PBS"
+# what PBS's commands print when the server cannot be reached
+UNREACHABLE = ("cannot connect to server", "Connection refused", "Connection timed out",
+               "No server to connect to", "Communication failure", "Server shutting down",
+               "pbs_iff")
+# what qdel prints for a job that is already gone: not an error for an idempotent cancel
+ALREADY_GONE = ("Unknown Job Id", "Job has finished")
+# a job id as qsub prints it: sequence number, optional array brackets, optional server
+JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# -l walltime: [[HH:]MM:]SS
+WALLTIME = re.compile(r"([0-9]+:){0,2}[0-9]+")
+
+
+def job_header(script: str) -> list[str]:
+    """The `#PBS` option lines of a rendered script, in order."""
+    return [line for line in script.splitlines() if line.startswith(DIRECTIVE)]
+
+
+def parse_job_id(text: str) -> str:
+    """qsub prints the new job's id (`123.server`) on its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    job_id = lines[-1] if lines else ""
+    if not JOB_ID.fullmatch(job_id):
+        raise BackendError(f"qsub printed no job id: {text.strip()[:200]!r}")
+    return job_id
+
+
+def _own_user() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+class PbsBackend(Backend):
+    kind = "pbs"
+    job_output_files = ("pbs.out", "pbs.err")  # the shipped template's -o / -e
+    parallel_submit = True  # each submit is its own qsub
+
+    options: PbsOptions
+
+    def __init__(self, options: PbsOptions, work_dir: Path,
+                 on_change: Callable[[], None] | None = None, name: str | None = None):
+        super().__init__(options, work_dir, on_change, name)
+        if options.walltime and not WALLTIME.fullmatch(options.walltime):
+            raise ValueError(f"backend.pbs.walltime must be [[HH:]MM:]SS, "
+                             f"not {options.walltime!r}")
+        if options.max_ids_per_qstat < 1:
+            raise ValueError("backend.pbs.max_ids_per_qstat must be at least 1")
+        self.template = options.template
+        self.runner: Runner = make_runner(None, options.command_timeout)
+
+    # ---- submit / cancel ----
+
+    def script_variables(self, request: SubmitRequest) -> dict[str, Any]:
+        return {**script_variables(request, self.options), "walltime": self.options.walltime}
+
+    def render_script(self, request: SubmitRequest) -> str:
+        return render(self.template, self.script_variables(request))
+
+    def submit(self, request: SubmitRequest) -> str:
+        try:
+            script = self.render_script(request)
+        except ValueError as exc:
+            raise BackendError(f"cannot render the PBS script: {exc}") from None
+        # the owner's to run, nobody else's to read (no symlink followed: files.py)
+        path = files.write_private(request.task_dir, SCRIPT_NAME, script, mode=0o700)
+        result = self.runner.run(["qsub", str(path)])
+        if result.returncode != 0:
+            raise failure("qsub", result, UNREACHABLE)
+        return parse_job_id(result.stdout)
+
+    def cancel(self, job_id: str) -> None:
+        job_id = str(job_id)
+        if not JOB_ID.fullmatch(job_id):
+            return  # not a PBS job id: nothing qdel could delete
+        result = self.runner.run(["qdel", job_id])
+        if result.returncode != 0 and \
+                not any(words in result.stderr + result.stdout for words in ALREADY_GONE):
+            raise failure(f"qdel {job_id}", result, UNREACHABLE)
+
+    # ---- poll ----
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        wanted = [str(j) for j in dict.fromkeys(job_ids)]
+        out = {j: JobStatus(JobState.LOST, "not a PBS job id")
+               for j in wanted if not JOB_ID.fullmatch(j)}
+        ask = [j for j in wanted if j not in out]
+        size = self.options.max_ids_per_qstat
+        for start in range(0, len(ask), size):
+            out.update(self._qstat(ask[start:start + size]))
+        return out
+
+    def _qstat(self, job_ids: list[str]) -> dict[str, JobStatus]:
+        """One `qstat -f -F json -x` for job_ids; never raises."""
+        result = self.runner.run(["qstat", "-f", "-F", "json", "-x", *job_ids])
+        try:
+            jobs = parse_qstat_json(result.stdout)
+        except ValueError as exc:
+            if result.returncode == 0:
+                reason = f"qstat printed unreadable JSON: {exc}"
+                return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}
+            jobs = {}
+        by_sequence = {sequence(key): key for key in jobs}
+        forgotten = {sequence(j) for j in unknown_ids(result.stderr)}
+        failed = str(failure("qstat", result, UNREACHABLE)) if result.returncode else ""
+        out: dict[str, JobStatus] = {}
+        for job_id in job_ids:
+            # the server may print another form of its name than qsub did: the sequence
+            # number identifies a job on one server
+            key = job_id if job_id in jobs else by_sequence.get(sequence(job_id))
+            if key is not None:
+                out[job_id] = job_status(jobs[key])
+            elif sequence(job_id) in forgotten or not failed:
+                out[job_id] = JobStatus(JobState.LOST, "qstat: Unknown Job Id (the server's "
+                                                       "job history no longer has it)")
+            else:
+                out[job_id] = JobStatus(JobState.UNKNOWN, failed)
+        return out
+
+    # ---- recover ----
+
+    def recover(self, task_id: str, task_dir: Path,
+                owner: str | None = None) -> str | None:
+        """The newest of our jobs named funnel-<task id>, queued, running or finished
+        (qselect -x). A qselect that failed raises (transient): the job may exist."""
+        user = _own_user()
+        whose = ["-u", user] if user else []
+        result = self.runner.run(["qselect", "-x", *whose, "-N", f"funnel-{task_id}"])
+        if result.returncode != 0:
+            error = failure("qselect", result, UNREACHABLE)
+            error.transient = True
+            raise error
+        ids = [line.strip() for line in result.stdout.splitlines()
+               if JOB_ID.fullmatch(line.strip())]
+        if not ids:
+            return None
+        return max(ids, key=lambda j: int(re.sub(r"\D", "", sequence(j)) or 0))
+
+    def close(self) -> None:
+        self.runner.close()
