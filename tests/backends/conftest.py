@@ -1,5 +1,5 @@
-"""Fixtures for the HPC backend tests: the real Slurm, an sshd (options, requests and
-the fake runner: tests/backend_helpers.py)."""
+"""Fixtures for the HPC backend tests: the real Slurm, an sshd, the PBS double (options,
+requests and the fake runner: tests/backend_helpers.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.components import SLURM, need
+from tests.pbs_helpers import FakePbs
 from tests.server_helpers import free_port
 from tests.waiting import wait_for
 
@@ -73,3 +74,12 @@ def sshd(tmp_path) -> Iterator[dict]:
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+@pytest.fixture
+def fake_pbs(tmp_path, monkeypatch) -> FakePbs:
+    """The PBS commands' double (tests/pbs_helpers.py), first on PATH: a PBS backend made
+    after this runs them as real processes."""
+    fake = FakePbs(tmp_path / "pbs")
+    monkeypatch.setenv("PATH", f"{fake.bin}{os.pathsep}{os.environ['PATH']}")
+    return fake

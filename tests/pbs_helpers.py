@@ -1,0 +1,188 @@
+"""A PBS scheduler double for the PBS backend tests (no PBS server can be installed here).
+
+``FakePbs(root)`` writes executables ``qsub``, ``qstat``, ``qdel`` and ``qselect`` into
+``root/bin`` (put first on PATH by the ``fake_pbs`` fixture, so the backend runs them as
+real processes through its real runner). They answer from a recorded
+``qstat -f -F json`` document (``tests/data/pbs/``, see its README: written by hand in
+the shape OpenPBS prints, not captured from a server), which qsub and qdel change as a
+server would (a new job queued; a deleted job finished with substate 91). Each call is
+appended to ``root/state/calls.jsonl`` with its argv (and, for qsub, the script it was
+given, read at the time of the call). ``fail(command, rc, stderr)`` makes a command
+answer like a server in trouble until ``clear()``.
+
+What the fakes check, as the real commands would refuse it: qstat only in the form
+``qstat -f -F json -x ID...``; qselect only with ``-x``, ``-u``, ``-N``; qsub one
+readable script path; qdel one id.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parent / "data" / "pbs"
+SERVER = "pbs-head"
+COMMANDS = ("qsub", "qstat", "qdel", "qselect")
+
+# the one program behind the four commands (its name says which); STATE is filled in
+PROGRAM = r'''
+import fcntl, json, os, pwd, sys
+from pathlib import Path
+
+STATE = Path(%(state)r)
+SERVER = %(server)r
+command = os.path.basename(sys.argv[0])
+args = sys.argv[1:]
+
+
+def out(stdout="", stderr="", rc=0):
+    sys.stdout.write(stdout)
+    sys.stderr.write(stderr)
+    sys.exit(rc)
+
+
+def seq(job_id):
+    return job_id.split(".", 1)[0]
+
+
+with open(STATE / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    record = {"command": command, "argv": [command, *args]}
+    if command == "qsub" and len(args) == 1 and os.path.isfile(args[0]):
+        record["script"] = Path(args[0]).read_text()
+        record["mode"] = os.stat(args[0]).st_mode & 0o777
+    with open(STATE / "calls.jsonl", "a") as calls:
+        calls.write(json.dumps(record) + "\n")
+    failures = json.loads((STATE / "fail.json").read_text())
+    if command in failures:
+        answer = failures[command]
+        out(answer["stdout"], answer["stderr"], answer["rc"])
+    document = json.loads((STATE / "jobs.json").read_text())
+    jobs = document.setdefault("Jobs", {})
+    user = pwd.getpwuid(os.geteuid()).pw_name
+
+    def find(job_id):
+        for key in jobs:
+            if key == job_id or seq(key) == seq(job_id):
+                return key
+        return None
+
+    def save():
+        (STATE / "jobs.json").write_text(json.dumps(document))
+
+    if command == "qsub":
+        if len(args) != 1 or "script" not in record:
+            out(stderr="usage: qsub [options] script\n", rc=2)
+        name, queue = "STDIN", "workq"
+        for line in record["script"].splitlines()[1:]:
+            if not line.startswith("#PBS"):
+                break  # qsub stops reading directives at the first command
+            words = line.split()
+            if words[1:2] == ["-N"]:
+                name = words[2]
+            if words[1:2] == ["-q"]:
+                queue = words[2]
+        number = max([int(seq(k)) for k in jobs] + [1000]) + 1
+        job_id = f"{number}.{SERVER}"
+        jobs[job_id] = {"Job_Name": name, "Job_Owner": f"{user}@login01", "job_state": "Q",
+                        "queue": queue, "server": SERVER, "Hold_Types": "n", "substate": 10}
+        save()
+        out(job_id + "\n")
+    if command == "qstat":
+        if args[:4] != ["-f", "-F", "json", "-x"] or len(args) < 5:
+            out(stderr="usage: qstat -f -F json -x job_identifier...\n", rc=2)
+        shown, missing = {}, []
+        for job_id in args[4:]:
+            key = find(job_id)
+            if key is None:
+                missing.append(job_id)
+            else:
+                shown[key] = jobs[key]
+        head = {k: v for k, v in document.items() if k != "Jobs"}
+        text = json.dumps({**head, "Jobs": shown} if shown else head, indent=4)
+        out(text + "\n", "".join(f"qstat: Unknown Job Id {j}\n" for j in missing),
+            153 if missing else 0)
+    if command == "qdel":
+        if len(args) != 1:
+            out(stderr="usage: qdel job_identifier\n", rc=2)
+        key = find(args[0])
+        if key is None:
+            out(stderr=f"qdel: Unknown Job Id {args[0]}\n", rc=153)
+        job = jobs[key]
+        if job["job_state"] in ("F", "X", "M"):
+            out(stderr=f"qdel: Job has finished {args[0]}\n", rc=35)
+        if job["job_state"] in ("R", "E"):
+            job["Exit_status"] = 271
+        job.update(job_state="F", substate=91)
+        save()
+        out()
+    if command == "qselect":
+        options = {}
+        rest = list(args)
+        while rest:
+            flag = rest.pop(0)
+            if flag == "-x":
+                options["x"] = True
+            elif flag in ("-u", "-N") and rest:
+                options[flag] = rest.pop(0)
+            else:
+                out(stderr=f"qselect: illegal option {flag}\n", rc=2)
+        ids = [k for k, job in jobs.items()
+               if ("-N" not in options or job["Job_Name"] == options["-N"])
+               and ("-u" not in options or job["Job_Owner"].split("@")[0] == options["-u"])
+               and (options.get("x") or job["job_state"] not in ("F", "X", "M"))]
+        out("".join(f"{k}\n" for k in ids))
+'''
+
+
+class FakePbs:
+    """The four PBS commands as executables under root/bin, answering from a recorded
+    document in root/state (see the module docstring)."""
+
+    def __init__(self, root: Path, document: str = "qstat-jobs.json", owner: str = "funnel"):
+        self.bin = root / "bin"
+        self.state = root / "state"
+        self.bin.mkdir(parents=True)
+        self.state.mkdir(parents=True)
+        recorded = json.loads((DATA / document).read_text())
+        for job in (recorded.get("Jobs") or {}).values():
+            job["Job_Owner"] = f"{owner}@login01"
+        (self.state / "jobs.json").write_text(json.dumps(recorded))
+        (self.state / "calls.jsonl").write_text("")
+        self.clear()
+        program = self.bin / "fakepbs.py"
+        program.write_text(f"#!{sys.executable}\n"
+                           + PROGRAM % {"state": str(self.state), "server": SERVER})
+        program.chmod(0o755)
+        for command in COMMANDS:
+            (self.bin / command).symlink_to(program)
+
+    def calls(self, command: str | None = None) -> list[dict[str, Any]]:
+        """Every call so far (argv, and for qsub the script and its mode), oldest first."""
+        lines = (self.state / "calls.jsonl").read_text().splitlines()
+        every = [json.loads(line) for line in lines]
+        return [c for c in every if command is None or c["command"] == command]
+
+    def argv(self, command: str) -> list[list[str]]:
+        return [call["argv"] for call in self.calls(command)]
+
+    def fail(self, command: str, rc: int, stderr: str, stdout: str = "") -> None:
+        failures = json.loads((self.state / "fail.json").read_text())
+        failures[command] = {"rc": rc, "stderr": stderr, "stdout": stdout}
+        (self.state / "fail.json").write_text(json.dumps(failures))
+
+    def clear(self) -> None:
+        (self.state / "fail.json").write_text("{}")
+
+    def jobs(self) -> dict[str, dict[str, Any]]:
+        jobs: dict[str, dict[str, Any]] = json.loads(
+            (self.state / "jobs.json").read_text()).get("Jobs") or {}
+        return jobs
+
+    def set_job(self, job_id: str, **attributes: Any) -> None:
+        """Change a job as the server would (e.g. job_state="R")."""
+        document = json.loads((self.state / "jobs.json").read_text())
+        document["Jobs"][job_id].update(attributes)
+        (self.state / "jobs.json").write_text(json.dumps(document))
