@@ -135,7 +135,7 @@ class PbsBackend(Backend):
         result = self.runner.run(["qstat", "-f", "-F", "json", "-x", *job_ids])
         try:
             jobs = parse_qstat_json(result.stdout)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep JSON
             if result.returncode == 0:
                 reason = f"qstat printed unreadable JSON: {exc}"
                 return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}

@@ -25,7 +25,8 @@ from funnel_hpc.backends.pbs import PbsBackend, job_header
 from funnel_hpc.backends.pbs_qstat import EXEC_CODES, STATE_MAP
 from funnel_hpc.backends.registry import backend_class, load_backend
 from funnel_hpc.core import config as config_mod
-from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
+from funnel_hpc.backends.commands import Result
+from tests.backend_helpers import NO_WORK_DIR, FakeRunner, backend_options, make_request
 from tests.cli_helpers import funnel
 from tests.pbs_helpers import SERVER, FakePbs
 
@@ -105,8 +106,8 @@ def test_pbs_submit_script_lines_and_qsub_argv(fake_pbs, tmp_path):
         "export FUNNEL_TASK_ID=c0ffee0000000001 FUNNEL_TASK_NAME=align",
         "module load gcc/12",
         "ulimit -c 0",
-        "exec /opt/funnel/bin/python -m funnel_hpc.worker run --task-file /srv/w/t/task.json"
-        " --config '/srv/w/worker config.json'",
+        ("exec /opt/funnel/bin/python -m funnel_hpc.worker run --task-file /srv/w/t/task.json"
+         " --config '/srv/w/worker config.json'"),
     ]
     assert job_header(call["script"])[0] == "#PBS -N funnel-c0ffee0000000001"
     assert fake_pbs.jobs()[job_id]["Job_Name"] == "funnel-c0ffee0000000001"
@@ -245,6 +246,25 @@ def test_pbs_poll_never_raises_and_says_why(fake_pbs, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     statuses = make_backend().poll(ids)
     assert statuses[ids[0]].state is JobState.UNKNOWN and "(127)" in statuses[ids[0]].reason
+
+
+def test_pbs_contract_poll_never_raises_on_odd_answers():
+    """The contract of backends/base.py (tests/backends/test_contract.py style, a fake
+    runner): whatever qstat prints, every id gets a status and nothing is raised."""
+    ids = ["1.s", "2.s"]
+    for rc, stdout in ((0, "[]"), (0, '{"Jobs": []}'), (0, '{"Jobs": {"1.s": "R"}}'),
+                       (0, "[" * 100_000), (0, "\x00\xff"), (153, "{"),
+                       (0, '{"Jobs": {"1.s": {"job_state": 5, "Exit_status": "x"}}}'),
+                       (0, '{"Jobs": {"1.s": {"job_state": "F", "Exit_status": [1]}}}')):
+        backend = make_backend()
+        backend.runner = FakeRunner({("qstat",): Result(rc, stdout, "")})
+        statuses = backend.poll(ids)
+        assert set(statuses) == set(ids), stdout[:40]
+        assert backend.runner.calls == 1
+    backend.runner = FakeRunner({("qstat",): Result(0, '{"Jobs": {"1.s": {"job_state": 5}}}',
+                                                    "")})
+    assert backend.poll(ids)["1.s"].state is JobState.UNKNOWN
+    assert backend.poll(ids)["2.s"].state is JobState.LOST  # answered, and not listed
 
 
 # ---- cancel ----
