@@ -10,6 +10,13 @@ appended to ``root/state/calls.jsonl`` with its argv (and, for qsub, the script 
 given, read at the time of the call). ``fail(command, rc, stderr)`` makes a command
 answer like a server in trouble until ``clear()``.
 
+With ``execute=True`` the double also runs what it is given, for the end-to-end test: qsub
+starts a detached ``pbs_mom`` (the same program) that marks the job R, runs its script
+with ``/bin/bash`` (stdout and stderr into the script's ``-o``/``-e`` files) and marks it
+F with its exit status (256 + the signal when killed); qdel of a running job sends its
+process group SIGTERM and marks it F, substate 91, Exit_status 271, as PBS does. What a
+server does beyond that (scheduling, nodes, staging, limits) is not imitated.
+
 What the fakes check, as the real commands would refuse it: qstat only in the form
 ``qstat -f -F json -x ID...``; qselect only with ``-x``, ``-u``, ``-N``; qsub one
 readable script path; qdel one id.
@@ -24,17 +31,42 @@ from typing import Any
 
 DATA = Path(__file__).resolve().parent / "data" / "pbs"
 SERVER = "pbs-head"
-COMMANDS = ("qsub", "qstat", "qdel", "qselect")
+COMMANDS = ("qsub", "qstat", "qdel", "qselect", "pbs_mom")
 
 # the one program behind the four commands (its name says which); STATE is filled in
 PROGRAM = r'''
-import fcntl, json, os, pwd, sys
+import fcntl, json, os, pwd, signal, subprocess, sys
 from pathlib import Path
 
 STATE = Path(%(state)r)
 SERVER = %(server)r
+EXECUTE = %(execute)r
 command = os.path.basename(sys.argv[0])
 args = sys.argv[1:]
+
+
+def update(job_id, **attributes):
+    """Change a job unless it finished meanwhile (qdel); whether it was changed."""
+    with open(STATE / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        document = json.loads((STATE / "jobs.json").read_text())
+        job = document["Jobs"][job_id]
+        if job["job_state"] == "F":
+            return False
+        job.update(attributes)
+        (STATE / "jobs.json").write_text(json.dumps(document))
+        return True
+
+
+if command == "pbs_mom":  # runs one job: its script under bash, -o/-e its output files
+    job_id, script, out_path, err_path = args
+    if update(job_id, job_state="R", substate=42, pid=os.getpid()):
+        with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
+            rc = subprocess.call(["/bin/bash", script], stdin=subprocess.DEVNULL,
+                                 stdout=out_file, stderr=err_file)
+        update(job_id, job_state="F", substate=92,
+               Exit_status=rc if rc >= 0 else 256 - rc)  # killed by a signal: 256 + it
+    sys.exit(0)
 
 
 def out(stdout="", stderr="", rc=0):
@@ -75,20 +107,24 @@ with open(STATE / "lock", "w") as lock:
     if command == "qsub":
         if len(args) != 1 or "script" not in record:
             out(stderr="usage: qsub [options] script\n", rc=2)
-        name, queue = "STDIN", "workq"
+        options = {"-N": "STDIN", "-q": "workq", "-o": os.devnull, "-e": os.devnull}
         for line in record["script"].splitlines()[1:]:
             if not line.startswith("#PBS"):
                 break  # qsub stops reading directives at the first command
             words = line.split()
-            if words[1:2] == ["-N"]:
-                name = words[2]
-            if words[1:2] == ["-q"]:
-                queue = words[2]
+            if words[1] in options:
+                options[words[1]] = words[2]
+        name, queue = options["-N"], options["-q"]
         number = max([int(seq(k)) for k in jobs] + [1000]) + 1
         job_id = f"{number}.{SERVER}"
         jobs[job_id] = {"Job_Name": name, "Job_Owner": f"{user}@login01", "job_state": "Q",
                         "queue": queue, "server": SERVER, "Hold_Types": "n", "substate": 10}
         save()
+        if EXECUTE:
+            subprocess.Popen([str(Path(sys.argv[0]).parent / "pbs_mom"), job_id, args[0],
+                              options["-o"], options["-e"]], start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
         out(job_id + "\n")
     if command == "qstat":
         if args[:4] != ["-f", "-F", "json", "-x"] or len(args) < 5:
@@ -115,6 +151,11 @@ with open(STATE / "lock", "w") as lock:
             out(stderr=f"qdel: Job has finished {args[0]}\n", rc=35)
         if job["job_state"] in ("R", "E"):
             job["Exit_status"] = 271
+            if "pid" in job:
+                try:
+                    os.killpg(job["pid"], signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         job.update(job_state="F", substate=91)
         save()
         out()
@@ -141,7 +182,8 @@ class FakePbs:
     """The four PBS commands as executables under root/bin, answering from a recorded
     document in root/state (see the module docstring)."""
 
-    def __init__(self, root: Path, document: str = "qstat-jobs.json", owner: str = "funnel"):
+    def __init__(self, root: Path, document: str = "qstat-jobs.json", owner: str = "funnel",
+                 execute: bool = False):
         self.bin = root / "bin"
         self.state = root / "state"
         self.bin.mkdir(parents=True)
@@ -154,7 +196,8 @@ class FakePbs:
         self.clear()
         program = self.bin / "fakepbs.py"
         program.write_text(f"#!{sys.executable}\n"
-                           + PROGRAM % {"state": str(self.state), "server": SERVER})
+                           + PROGRAM % {"state": str(self.state), "server": SERVER,
+                                        "execute": execute})
         program.chmod(0o755)
         for command in COMMANDS:
             (self.bin / command).symlink_to(program)

@@ -21,11 +21,11 @@ import pytest
 import yaml
 
 from funnel_hpc.backends.base import BackendError, JobState
+from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.pbs import PbsBackend, job_header
 from funnel_hpc.backends.pbs_qstat import EXEC_CODES, STATE_MAP
 from funnel_hpc.backends.registry import backend_class, load_backend
 from funnel_hpc.core import config as config_mod
-from funnel_hpc.backends.commands import Result
 from tests.backend_helpers import NO_WORK_DIR, FakeRunner, backend_options, make_request
 from tests.cli_helpers import funnel
 from tests.pbs_helpers import SERVER, FakePbs
