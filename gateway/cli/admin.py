@@ -33,7 +33,7 @@ SECRET_NAME = re.compile(r"password|passwd|secret|token|credential|private|autho
 # ... and mappings whose every value is one (auth.users: name -> password hash)
 SECRET_VALUES = {"auth.users"}
 URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
-RENDER_BACKENDS = ("slurm", "gridengine", "htcondor")
+RENDER_BACKENDS = ("slurm", "gridengine", "htcondor", "pbs")
 PLACEHOLDER_TASK_ID = "0123456789abcdef0123"
 # backends whose render() gives several files: their names in the task dir
 RENDERED_FILES = {"htcondor": ["htcondor.sub", "htcondor.sh"]}

@@ -351,8 +351,6 @@ def test_pbs_job_output_tails_the_scheduler_files(tmp_path):
 
 # ---- funnel render ----
 
-@pytest.mark.xfail(strict=True, reason="gateway/cli/admin.py RENDER_BACKENDS lacks 'pbs' "
-                                       "(left to the gateway's owner)")
 def test_funnel_render_for_a_pbs_instance(tmp_path):
     task_file = tmp_path / "t.json"
     task_file.write_text(json.dumps(task(cpu_cores=2)))
