@@ -138,6 +138,8 @@ class Refused(OSError):
 _WORK_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = (os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
                | getattr(os, "O_CLOEXEC", 0))
+_APPEND_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                 | getattr(os, "O_CLOEXEC", 0))
 
 
 def open_work_dir(work_dir: str | Path) -> int:
@@ -173,6 +175,18 @@ def entry_problem(info: os.stat_result, uid: int) -> str | None:
     if info.st_uid != uid:
         return f"owned by uid {info.st_uid}, not {uid}"
     return None
+
+
+def open_append(dir_fd: int, name: str, uid: int) -> int:
+    """dir_fd/name opened for appending (made FILE_MODE when missing), never through a
+    link at name nor waiting on a FIFO; Refused saying what it is unless it is a regular
+    file of uid. The caller closes the descriptor."""
+    fd = os.open(name, _APPEND_FLAGS, FILE_MODE, dir_fd=dir_fd)
+    problem = entry_problem(os.fstat(fd), uid)
+    if problem:
+        os.close(fd)
+        raise Refused(f"{name} is {problem}")
+    return fd
 
 
 def open_owned(dir_fd: int, name: str, uid: int,

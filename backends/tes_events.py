@@ -49,7 +49,6 @@ STARTED = ("RUNNING", "PAUSED", *sorted(TERMINAL_STATES))
 # terminal remote states written as the task's end; PREEMPTED is not: the reconciler
 # judges it from the job state (another attempt when reconciler.retry_on says so)
 ENDS = frozenset({"COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR", "CANCELED"})
-_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 # events whose write is fsynced (with every line before them), as the worker's
 # DURABLE_EVENTS: the backend's own metadata (the submission's nonce and remote id) is
 # not, which saved two fsyncs per submitted task
@@ -202,13 +201,10 @@ class RemoteEventLog:
         finally:
             os.close(work_fd)
         try:
-            fd = os.open(EVENTS_FILE, _OPEN_FLAGS, files.FILE_MODE, dir_fd=dir_fd)
+            fd = files.open_append(dir_fd, EVENTS_FILE, os.geteuid())
         finally:
             os.close(dir_fd)
         try:
-            problem = files.entry_problem(os.fstat(fd), os.geteuid())
-            if problem:
-                raise files.Refused(f"{EVENTS_FILE} is {problem}")
             view = memoryview(data.encode())
             while view:
                 view = view[os.write(fd, view):]

@@ -201,8 +201,7 @@ class Reconciler:
 
         statuses: dict[str, JobStatus] = {}
         job_ids = index.job_ids()
-        in_flight = set(job_ids)
-        job_ids += [job_id for job_id in self.lingering.job_ids() if job_id not in in_flight]
+        job_ids += [job_id for job_id in self.lingering.job_ids() if job_id not in index.jobs]
         if job_ids:
             statuses = self._poll(job_ids)
             stats.polled, stats.poll_calls = len(job_ids), 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from pathlib import Path
 
 from flask import Blueprint, current_app, g, request
@@ -31,10 +30,6 @@ from funnel_hpc.gateway.store.tasks import BadRequest, TaskService
 from funnel_hpc.gateway.web.tes_routes import json_response
 
 blueprint = Blueprint("funnel_events", __name__, url_prefix="/funnel/v1")
-
-_APPEND_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                 | os.O_CLOEXEC)
-
 
 def _read_event() -> dict:
     raw = request.get_data(cache=False)
@@ -74,7 +69,7 @@ def receive_event(task_id: str):
 def append_received(work_dir: str | Path, task_id: str, line: bytes) -> None:
     """line appended to <work_dir>/.gateway/<task id>/events.received.jsonl, in one write;
     the directories are made 700 when missing, nothing is followed or opened that is not
-    a regular file. Raises OSError."""
+    a regular file of the gateway's. Raises OSError."""
     work_fd = files.open_work_dir(work_dir)
     try:
         gateway_fd = files.make_subdir(work_fd, GATEWAY_DIR)
@@ -85,12 +80,10 @@ def append_received(work_dir: str | Path, task_id: str, line: bytes) -> None:
     finally:
         os.close(gateway_fd)
     try:
-        fd = os.open(RECEIVED_EVENTS, _APPEND_FLAGS, files.FILE_MODE, dir_fd=dir_fd)
+        fd = files.open_append(dir_fd, RECEIVED_EVENTS, os.geteuid())
     finally:
         os.close(dir_fd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise files.Refused(f"{RECEIVED_EVENTS} of task {task_id} is not a regular file")
         os.write(fd, line)
     finally:
         os.close(fd)
