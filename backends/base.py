@@ -128,6 +128,9 @@ class Backend(abc.ABC):
     #: the backend makes the task dir itself when the job starts and writes the gateway's
     #: files there (SubmitRequest.files): a queued job then costs no directory
     makes_task_dir: bool = False
+    #: the most tasks one scheduler job array may carry (backend.<kind>.array_max, set by
+    #: a backend that has arrays); 1 = one job per task, as a backend without arrays
+    array_max: int = 1
 
     def __init__(self, options: BackendOptions, work_dir: Path,
                  on_change: Callable[[], None] | None = None, name: str | None = None):
@@ -149,6 +152,28 @@ class Backend(abc.ABC):
         reconciler gives the claim back and tries again), else the scheduler refused
         the job or the configuration is wrong (the task fails with the message).
         """
+
+    def array_key(self, request: SubmitRequest) -> str | None:
+        """The job header this task's job would get (everything that is not the task's
+        own: partition, cpus, memory, time, account, qos, GPUs, site directives, the
+        user it runs as). Tasks of one tick with equal keys are submitted together by
+        submit_array, up to array_max at a time. None: this task goes alone through
+        submit (the default: a backend without arrays, or array_max 1).
+
+        Raises BackendError as submit does (the task fails, or waits when transient)."""
+        return None
+
+    def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
+        """Submit 2..array_max tasks with one array_key as ONE scheduler array job and
+        return each task's element id, in order (Slurm "123_0", Grid Engine "123.1",
+        HTCondor "123.0", PBS "123[0]"). Element ids are job ids like any other: poll
+        reports them (from the same one query), cancel and withdraw stop that element
+        only, recover returns them.
+
+        Nothing of a task enters the script but its id: element i reads line i of a task
+        list the backend writes first (backends/arrays.py). Raises BackendError for the
+        whole array, as submit does for one task."""
+        raise NotImplementedError(f"{self.kind} has no job arrays")
 
     @abc.abstractmethod
     def cancel(self, job_id: str) -> None:
@@ -185,7 +210,9 @@ class Backend(abc.ABC):
         is kept and the question asked again next tick, so an outage never makes a
         second job. owner: the task's owner (from the database), for backends whose
         jobs run as their owners: only that user's job may be returned. The default
-        knows nothing; backends that can look jobs up by name do better.
+        knows nothing; backends that can look jobs up by name do better. A task sent in
+        an array is found through the gateway's own task lists (backends/arrays.py,
+        never a file of the task dir): its element id is returned.
         """
         return None
 

@@ -209,35 +209,81 @@ class Submitter:
             files.write_private(directory, name, text)
 
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
-        """backend.submit for each row: the job id, or the exception it raised."""
-        def one(row: Any) -> Any:
-            directory = self.launch.task_dir(row.id)
-            task = tasks[row.id]
-            request = SubmitRequest(task_id=row.id, task=task, task_dir=directory,
-                                    worker_argv=self.launch.argv(directory),
-                                    backend_parameters=_lower_keys(task), owner=row.owner,
-                                    worker_token=self.launch.token(row.id),
-                                    gateway_files=self.launch.file_names(),
-                                    files=(self.launch.texts(row, task)
-                                           if self.backend.makes_task_dir else {}))
+        """The backend's submission of each row: its job id, or the exception raised.
+        Rows whose jobs would get the same header go as one array job (array_max at most,
+        where the backend has arrays); the others one job each, several at once where
+        the backend allows it."""
+        requests = [self._request(row, tasks[row.id]) for row in rows]
+        outcomes: list[Any] = [None] * len(rows)
+        units = self._units(requests, outcomes)
+
+        def one(unit: list[int]) -> None:
             try:
-                job_id = self.backend.submit(request)
+                if len(unit) == 1:
+                    ids = [self.backend.submit(requests[unit[0]])]
+                else:
+                    ids = self.backend.submit_array([requests[i] for i in unit])
+                    if len(ids) != len(unit):
+                        raise BackendError(f"{self.backend.name} returned {len(ids)} element "
+                                           f"ids for an array of {len(unit)}")
             except (BackendError, OSError, ValueError) as exc:
                 # a refusal is the scheduler answering: only "unreachable" is a failed call
                 self._count(ok=not getattr(exc, "transient", False))
-                return exc
+                for i in unit:
+                    outcomes[i] = exc
+                return
             except Exception as exc:
-                log.exception("task %s: %s submit raised", row.id, self.backend.name)
+                log.exception("tasks %s: %s submit raised",
+                              ", ".join(rows[i].id for i in unit), self.backend.name)
                 self._count(ok=False)
-                return exc
+                for i in unit:
+                    outcomes[i] = exc
+                return
             self._count(ok=True)
-            return job_id
+            for i, job_id in zip(unit, ids, strict=True):
+                outcomes[i] = job_id
 
-        if self.threads > 1 and self.backend.parallel_submit and len(rows) > 1:
+        if self.threads > 1 and self.backend.parallel_submit and len(units) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="submit")
-            return list(self._pool.map(one, rows))
-        return [one(row) for row in rows]
+            list(self._pool.map(one, units))
+        else:
+            for unit in units:
+                one(unit)
+        return outcomes
+
+    def _request(self, row: Any, task: dict) -> SubmitRequest:
+        directory = self.launch.task_dir(row.id)
+        return SubmitRequest(task_id=row.id, task=task, task_dir=directory,
+                             worker_argv=self.launch.argv(directory),
+                             backend_parameters=_lower_keys(task), owner=row.owner,
+                             worker_token=self.launch.token(row.id),
+                             gateway_files=self.launch.file_names(),
+                             files=(self.launch.texts(row, task)
+                                    if self.backend.makes_task_dir else {}))
+
+    def _units(self, requests: list[SubmitRequest], outcomes: list[Any]) -> list[list[int]]:
+        """Indexes of requests, grouped: equal array keys together (array_max at most a
+        unit), each other request alone. A key the backend refuses to make is that
+        request's outcome (and it is not submitted)."""
+        if self.backend.array_max <= 1:
+            return [[i] for i in range(len(requests))]
+        groups: dict[str, list[int]] = {}
+        units: list[list[int]] = []
+        for i, request in enumerate(requests):
+            try:
+                key = self.backend.array_key(request)
+            except (BackendError, OSError, ValueError) as exc:
+                outcomes[i] = exc
+                continue
+            if key is None:
+                units.append([i])
+            else:
+                groups.setdefault(key, []).append(i)
+        size = self.backend.array_max
+        for members in groups.values():
+            units += [members[at:at + size] for at in range(0, len(members), size)]
+        return units
 
     def _count(self, ok: bool) -> None:
         metrics.count_scheduler_call(self.backend.name, "submit", ok)

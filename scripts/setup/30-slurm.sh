@@ -55,6 +55,8 @@ ReturnToService=2
 MinJobAge=120
 # benchmarks/run keeps 10,000+ trivial jobs in flight (the default limit is 10,000)
 MaxJobCount=100000
+# job arrays (backend.slurm.array_max, default 1000) and their 10,000-task benchmark
+MaxArraySize=10001
 SchedulerParameters=sched_interval=2,default_queue_depth=1000
 $node State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
