@@ -129,3 +129,27 @@ def remove_older_than(work_dir: Path, seconds: float) -> int:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def older_than(work_dir: Path, seconds: float) -> list[str]:
+    """The names of the lists last written more than `seconds` ago (for a sweep that
+    asks the scheduler first which of them an array job may still read)."""
+    where = Path(work_dir) / DIR_NAME
+    cutoff = time.time() - seconds
+    try:
+        entries = list(os.scandir(where))
+    except FileNotFoundError:
+        return []
+    return sorted(entry.name for entry in entries if NAME.fullmatch(entry.name)
+                  and entry.stat(follow_symlinks=False).st_mtime < cutoff)
+
+
+def remove(work_dir: Path, name: str) -> bool:
+    """Delete the list of that name; False when there was none."""
+    if not NAME.fullmatch(name):
+        return False
+    try:
+        os.unlink(Path(work_dir) / DIR_NAME / name)
+    except FileNotFoundError:
+        return False
+    return True

@@ -17,22 +17,42 @@ job neither knows is LOST: the reconciler then trusts the worker's event log,
 and fails the task if that log has no end either. So a poll costs one scheduler
 command, two when some jobs are gone and accounting is on.
 
+With ``array_max`` > 1 the tasks of one tick whose script header is the same go as one
+``sbatch --array`` job (``templates/slurm-array.sh.j2``; backends/slurm_arrays.py): its
+elements are ``<job>_<index>`` ids like any other, listed one a line by the same one
+``squeue -r``, canceled one by one (``scancel 123_4``), and found again by ``recover``
+through the gateway's task list and the array's name (backends/arrays.py).
+
 ``JobStatus.reason`` carries what Slurm said, e.g.
 ``squeue: FAILED exit=3:0 reason=NonZeroExitCode``.
 """
 
 from __future__ import annotations
 
+import logging
 import pwd
 from collections.abc import Callable
 from pathlib import Path
 
-from funnel_hpc.backends import files
+from funnel_hpc.backends import arrays, files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Result, Runner, failure, make_runner
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
+from funnel_hpc.backends.slurm_arrays import (
+    ELEMENT_ID,
+    JOB_ID,
+    KEY_SIZE,
+    ListSweep,
+    array_variables,
+    element_ids,
+    element_words,
+    expand,
+    key_of,
+)
 from funnel_hpc.backends.templating import render, script_variables
-from funnel_hpc.core.config import SlurmOptions
+from funnel_hpc.core.config import ConfigError, SlurmOptions
+
+log = logging.getLogger(__name__)
 
 # Slurm job states (squeue %T, sacct State) -> common job states
 STATE_MAP: dict[str, JobState] = {
@@ -82,6 +102,10 @@ UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
                "Communication connection failure")
 
 SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
+# the shipped templates: a site's own `template` with the shipped array template turns
+# arrays off (the site's edits would be missing from the arrays' scripts)
+SHIPPED_TEMPLATE = "slurm.sh.j2"
+SHIPPED_ARRAY_TEMPLATE = "slurm-array.sh.j2"
 
 # squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
 FORGOTTEN_ID = "Invalid job id specified"
@@ -93,6 +117,27 @@ def _exists(user: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _id_order(job_id: str) -> tuple[int, int]:
+    """123 before 123_0 before 123_10."""
+    match = ELEMENT_ID.fullmatch(job_id)
+    return (int(match.group(1)), int(match.group(2)) + 1) if match else (int(job_id), 0)
+
+
+def _array_max(options: SlurmOptions, name: str) -> int:
+    """backend.slurm.array_max, checked; 1 while a site's own template meets the shipped
+    array template (its edits would be missing from arrays)."""
+    if not 1 <= options.array_max <= 100_000:
+        raise ConfigError(f"backend.slurm.array_max: expected 1 to 100000, "
+                          f"got {options.array_max}")
+    if options.array_max > 1 and options.template != SHIPPED_TEMPLATE \
+            and options.array_template == SHIPPED_ARRAY_TEMPLATE:
+        log.warning("%s: job arrays off: backend.slurm.template is the site's own (%s) and "
+                    "array_template the shipped one; set array_template to turn them on",
+                    name, options.template)
+        return 1
+    return options.array_max
 
 
 def parse_job_id(text: str) -> str:
@@ -135,6 +180,9 @@ class SlurmBackend(Backend):
         self._accounting: bool | None = None
         self.as_owner = options.submit_as_owner
         self.owners = OwnerPolicy.from_options(options) if self.as_owner else None
+        self.array_template = options.array_template
+        self.array_max = _array_max(options, self.name)
+        self.sweep = ListSweep(self.runner, work_dir, mine=not self.as_owner)
 
     # ---- submit / cancel ----
 
@@ -180,6 +228,53 @@ class SlurmBackend(Backend):
             raise failure("sbatch", result, UNREACHABLE)
         return parse_job_id(result.stdout)
 
+    # ---- arrays ----
+
+    def render_array_script(self, requests: list[SubmitRequest],
+                            task_list: arrays.TaskList) -> str:
+        """The script of one array job for these tasks (the first one's header: they
+        share an array_key), element i running the task on line i of task_list."""
+        first = requests[0]
+        return render(self.array_template,
+                      array_variables(script_variables(first, self.options), first,
+                                      self.work_dir, task_list, len(requests)))
+
+    def array_key(self, request: SubmitRequest) -> str | None:
+        """The array script this task would share (rendered with placeholders for the
+        list and size), and with submit_as_owner its owner."""
+        if self.array_max <= 1:
+            return None
+        try:
+            script = render(self.array_template,
+                            array_variables(script_variables(request, self.options), request,
+                                            self.work_dir, None, KEY_SIZE))
+        except ValueError as exc:
+            raise BackendError(f"cannot render the Slurm array script: {exc}") from None
+        return key_of(script, request.owner if self.as_owner else None)
+
+    def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
+        first = requests[0]
+        words = element_words(first)
+        for request in requests[1:]:
+            if element_words(request) != words or \
+                    (self.as_owner and request.owner != first.owner):
+                raise BackendError(f"task {request.task_id} cannot share an array with "
+                                   f"task {first.task_id}: another worker command or owner")
+        prefix: list[str] = []
+        for request in requests:  # each task dir handed to the owner, as for one job
+            prefix = self._as_owner(request)
+        try:
+            task_list = arrays.write(self.work_dir, [r.task_id for r in requests],
+                                     shared=self.as_owner)
+            script = self.render_array_script(requests, task_list)
+        except ValueError as exc:
+            raise BackendError(f"cannot render the Slurm array script: {exc}") from None
+        # the list stays when sbatch fails: a timed-out sbatch may have submitted it
+        result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
+        if result.returncode != 0:
+            raise failure("sbatch --array", result, UNREACHABLE)
+        return element_ids(parse_job_id(result.stdout), len(requests))
+
     def cancel(self, job_id: str) -> None:
         result = self.runner.run(["scancel", str(job_id)])
         if result.returncode != 0 and "already completing or completed" not in result.stderr \
@@ -194,17 +289,29 @@ class SlurmBackend(Backend):
             raise failure(f"scancel --state=PENDING {job_id}", result, UNREACHABLE)
 
     def recover(self, task_id: str, task_dir: Path, owner: str | None = None) -> str | None:
-        """The newest job named funnel-<task id> that squeue still lists: among this
-        account's jobs (--me), or with submit_as_owner among the task owner's (-u OWNER),
-        each line's user checked again: another user's job of that name is never taken."""
+        """The task's element of the newest array named after the gateway's newest list
+        holding it (backends/arrays.py), else the newest job named funnel-<task id>, that
+        squeue still lists: among this account's jobs (--me), or with submit_as_owner
+        among the task owner's (-u OWNER), each line's user checked again: another
+        user's job of that name is never taken."""
         user = owner if self.as_owner else None
         if self.as_owner and not (owner and UNIX_USER.fullmatch(owner) and _exists(owner)):
             # no such account, no job of theirs (squeue -u would fail every tick); the
             # submission made next is refused
             return None
+        listed = arrays.find(self.work_dir, task_id)
+        if listed is not None:
+            task_list, index = listed
+            job = self._newest_job(task_list.job_name, user)
+            if job is not None:
+                return f"{job}_{index}"
+        return self._newest_job(f"funnel-{task_id}", user)
+
+    def _newest_job(self, job_name: str, user: str | None) -> str | None:
+        """The newest job (an array's job id) of that name squeue lists for us or user."""
         whose = ["-u", user] if user else ["--me"]
-        result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n",
-                                  f"funnel-{task_id}", "-o", "%i|%u"])
+        result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n", job_name,
+                                  "-o", "%F|%u"])
         if result.returncode != 0:  # not "no such job": we could not ask
             error = failure("squeue", result, UNREACHABLE)
             error.transient = True
@@ -221,10 +328,11 @@ class SlurmBackend(Backend):
     def _squeue(self, wanted: set[str]) -> Result:
         """One squeue over this account's jobs, or over the wanted ids when jobs run as
         their owners (not every user's jobs on the cluster)."""
-        columns = ["-O", "JobID:|,State:|,exit_code:|,Reason:"]
+        # -r: one array element a line (pending ranges too), JobArrayID 123_4 or 125
+        columns = ["-r", "-O", "JobArrayID:|,State:|,exit_code:|,Reason:"]
         if not self.as_owner:
             return self.runner.run(["squeue", "-h", "--me", "-t", "all", *columns])
-        ids = sorted((j for j in wanted if j.isdigit()), key=int)
+        ids = sorted((j for j in wanted if JOB_ID.fullmatch(j)), key=_id_order)
         if not ids:
             return Result(0, "", "")
         result = self.runner.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), *columns])
@@ -248,6 +356,8 @@ class SlurmBackend(Backend):
                 job_id, state, code, reason = parts
                 found[job_id] = JobStatus(map_state(state, reason), f"squeue: {state} "
                                           f"exit={exit_code(code)} reason={reason}")
+        if self.sweep.due():  # old task lists whose arrays are gone (once an hour)
+            self.sweep.run()
         missing = sorted(wanted - set(found))
         if missing and self.accounting_enabled():
             found.update(self._sacct(missing))
@@ -278,12 +388,16 @@ class SlurmBackend(Backend):
             reason = f"sacct failed: {(result.stderr or result.stdout).strip()[:300]}"
             return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}
         out: dict[str, JobStatus] = {}
+        asked = set(job_ids)
         for line in result.stdout.splitlines():
             parts = line.split("|", 3)
-            if len(parts) >= 3 and parts[0] in job_ids:
-                state = map_state(parts[1])
-                out[parts[0]] = JobStatus(state, f"sacct: {parts[1]} exit={parts[2]} "
-                                                 f"reason={parts[3] if len(parts) > 3 else ''}")
+            if len(parts) < 3:
+                continue
+            status = JobStatus(map_state(parts[1]), f"sacct: {parts[1]} exit={parts[2]} "
+                                                    f"reason={parts[3] if len(parts) > 3 else ''}")
+            for job_id in expand(parts[0]):  # a pending range: each of its elements
+                if job_id in asked:
+                    out[job_id] = status
         return out
 
     def close(self) -> None:

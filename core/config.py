@@ -249,6 +249,8 @@ class SlurmOptions(Section):
     owner_storage_file: str
     command_timeout: float
     ssh: SshOptions
+    array_max: int
+    array_template: str
 
 
 class AwsBatchOptions(Section):
