@@ -256,6 +256,9 @@ class SlurmBackend(Backend):
         first = requests[0]
         words = element_words(first)
         for request in requests[1:]:
+            if request.task_dir != Path(self.work_dir) / request.task_id:
+                raise BackendError(f"task {request.task_id}: its dir {request.task_dir} is "
+                                   f"not <work_dir>/<id>, where array elements look")
             if element_words(request) != words or \
                     (self.as_owner and request.owner != first.owner):
                 raise BackendError(f"task {request.task_id} cannot share an array with "
