@@ -6,10 +6,16 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import requests
+from werkzeug.security import generate_password_hash
+
+from funnel_hpc.backends import arrays
 from funnel_hpc.backends.base import JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.core.events import iter_events
 from tests.backend_helpers import FakeRunner, make_request
+from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for
 
 # each element writes its task id (the last part of its dir) to <task dir>/out
@@ -79,3 +85,46 @@ def node_up() -> bool:
     states = set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True,
                                 text=True).stdout.split())  # a line per partition
     return bool(states) and states <= {"idle", "mixed", "allocated"}
+
+
+ARRAY_USER = ("arrayuser", "array-pw")
+
+
+def arrays_server(work: Path, db_url: str, reconcile: bool = True,
+                  **slurm: object) -> ServerProcess:
+    """A real server with auth on (HTTP Basic) over real Slurm's bench partition, arrays
+    at their default array_max (backend.slurm keys replaced by `slurm`)."""
+    return ServerProcess(work, db_url, reconcile=reconcile, overrides={
+        "auth": {"mode": "basic", "admins": [],
+                 "users": {ARRAY_USER[0]: generate_password_hash(ARRAY_USER[1])}},
+        "backend": {"name": "slurm", "slurm": {"partition": "bench", **slurm}},
+        "reconciler": {"interval_seconds": 0.5},
+        "worker": {"container_driver": "bwrap", "poll_server_seconds": 1}})
+
+
+def post(server: ServerProcess, script: str, **fields: object) -> str:
+    """A task of ARRAY_USER's running `sh -c script` in busybox; its id."""
+    resp = requests.post(server.api + "/tasks", auth=ARRAY_USER, timeout=30, json={
+        "executors": [{"image": "busybox", "command": ["sh", "-c", script]}], **fields})
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["id"])
+
+
+def task_of(server: ServerProcess, task_id: str) -> dict:
+    resp = requests.get(f"{server.api}/tasks/{task_id}", params={"view": "FULL"},
+                        auth=ARRAY_USER, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def array_list_names(work: Path) -> list[str]:
+    """The task lists the gateway wrote in its work dir."""
+    where = work / arrays.DIR_NAME
+    return sorted(p.name for p in where.iterdir()) if where.is_dir() else []
+
+
+def worker_ended(work: Path, task_id: str) -> bool:
+    """The task's worker wrote its end (a final state) to its event log."""
+    return any(event.get("type") == "state" and event.get("state") in
+               ("COMPLETE", "EXECUTOR_ERROR", "SYSTEM_ERROR")
+               for event in iter_events(work / task_id / "events.jsonl"))
