@@ -2,7 +2,8 @@
 
 - ``funnel config show``: the effective typed configuration as YAML, secrets masked;
 - ``funnel render TASK.json``: the submission script a backend would submit for a task,
-  made by the backend's own rendering method (``render_script``, or HTCondor's ``render``);
+  made by the backend's own rendering method (``render_script``, or HTCondor's ``render``;
+  ``--array N``: ``render_array_script``, the script of an array of N such tasks);
 - ``funnel admin purge`` / ``funnel admin du``: ended tasks removed, work dir measured
   (gateway/store/retention.py), straight on the database and the work dir.
 """
@@ -133,6 +134,23 @@ def render_for(backend: Any, request: Any, kind: str) -> str:
                                                                      strict=False))
 
 
+def render_array(backend: Any, request: Any, size: int) -> str:
+    """The script of an array of `size` tasks like this one (its list not written: the
+    name shown is a placeholder)."""
+    from funnel_hpc.backends import arrays
+
+    if not hasattr(backend, "render_array_script") or backend.array_max <= 1:
+        fail(f"--array: backend {backend.name!r} submits no job arrays (array_max "
+             f"{backend.array_max})")
+    if not 2 <= size <= backend.array_max:
+        fail(f"--array: an array holds 2 to {backend.array_max} tasks (array_max), not {size}")
+    backend.array_key(request)  # what refuses a task an array, as the submitter asks it
+    name = "0" * 16
+    task_list = arrays.TaskList(name, Path(backend.work_dir) / arrays.DIR_NAME / name,
+                                (request.task_id,) * size)
+    return str(backend.render_array_script([request] * size, task_list))
+
+
 def forced_config(config_path: str | None, name: str) -> tuple[Config, str]:
     """The configuration and instance `--backend NAME` means: a configured instance; or,
     for a configuration of the single `backend:` form, backend.name = NAME (any kind)."""
@@ -152,8 +170,10 @@ def forced_config(config_path: str | None, name: str) -> tuple[Config, str]:
 @click.option("--owner", help="Owner to route the task as (rules on owner or group).")
 @click.option("--task-id", default=PLACEHOLDER_TASK_ID, show_default=True,
               help="Task id to render with.")
+@click.option("--array", "array_size", type=int, default=None,
+              help="Render the job array script N such tasks get (2..array_max).")
 @config_option
-def render(task_file, backend_name, owner, task_id, config_path) -> None:
+def render(task_file, backend_name, owner, task_id, array_size, config_path) -> None:
     """Print the submission script the backend would submit for TASK_FILE (a TES task,
     - for stdin), without submitting anything. Where the task goes ("routed to gpu by
     routing[1]") is printed first, on stderr: stdout is the script alone."""
@@ -196,7 +216,9 @@ def render(task_file, backend_name, owner, task_id, config_path) -> None:
              f"(render knows {', '.join(RENDER_BACKENDS)})")
     try:
         backend = instance_backend(cfg, instance)
-        script = render_for(backend, submit_request(cfg, task, task_id), instance.kind)
+        request = submit_request(cfg, task, task_id)
+        script = render_array(backend, request, array_size) if array_size is not None \
+            else render_for(backend, request, instance.kind)
     except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
         fail(f"cannot render the {instance.name} script: {exc}")
     click.echo(notes[0], err=True)

@@ -385,3 +385,33 @@ def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm):
             subprocess.run(["scancel", *jobs])
         for owner in owners:
             drop_user(owner)
+
+
+@pytest.mark.slurm
+def test_real_withdraw_of_one_pending_element_leaves_its_siblings(tmp_path, slurm):
+    """Measured on Slurm 22.05: `scancel --state=PENDING 123_1` while 123_[0-2] wait as one
+    record cancels all three; withdraw splits the element out first."""
+    backend = bench(tmp_path)
+    requests = [make_request(tmp_path, {"id": f"wd{i}"}, ["/bin/true"],
+                             params={"begin": "now+1hour"}) for i in range(3)]
+    ids = backend.submit_array(requests)
+    job = ids[0].split("_")[0]
+    try:
+        wait_all(backend, ids, {JobState.PENDING}, timeout=60)
+        backend.withdraw(ids[1])
+        wait_all(backend, ids[1:2], {JobState.CANCELLED}, timeout=60)
+        assert {j: s.state for j, s in backend.poll([ids[0], ids[2]]).items()} == \
+            {ids[0]: JobState.PENDING, ids[2]: JobState.PENDING}
+        backend.withdraw(ids[1])  # again: gone, no error
+        running = bench(tmp_path).submit_array(waiting_requests(tmp_path, "wr", 2))
+        try:
+            wait_all(backend, running, {JobState.RUNNING}, timeout=180)
+            backend.withdraw(running[0])  # running: not withdrawn
+            assert backend.poll(running)[running[0]].state == JobState.RUNNING
+            go(tmp_path, "wr0", "wr1")
+            done = wait_all(backend, running, {JobState.COMPLETED, JobState.FAILED})
+            assert all(s.state == JobState.COMPLETED for s in done.values()), done
+        finally:
+            subprocess.run(["scancel", running[0].split("_")[0]])
+    finally:
+        subprocess.run(["scancel", job])
