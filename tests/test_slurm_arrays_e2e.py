@@ -130,10 +130,12 @@ def test_restart_with_an_array_half_done_submits_nothing_again(databases, tmp_pa
         wait_for(lambda: executor_started(server, ids[1]), QUEUE_WAIT, "the slow task running")
         assert all(service.get_row(task_id).job_id == "" for task_id in ids)  # claimed only
         server.start()
-        for task_id in ids:  # adopted: element ids recorded, nothing submitted again
-            wait_for(lambda t=task_id: service.get_row(t).job_id == element[t], 120,
-                     f"task {task_id} bound to {element[task_id]}",
-                     detail=lambda: server.log()[-3000:])
+        def all_bound() -> bool:
+            return all(service.get_row(t).job_id == element[t] for t in ids)
+
+        # adopted: element ids recorded, nothing submitted again
+        wait_for(all_bound, 120, f"the tasks bound to {element}",
+                 detail=lambda: server.log()[-3000:])
         subprocess.run(["scontrol", "release", element[ids[2]]], check=True)
         for task_id, script in zip(ids, scripts, strict=True):
             task = wait_end(server, task_id)

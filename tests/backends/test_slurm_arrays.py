@@ -30,7 +30,7 @@ from tests.slurm_array_helpers import (
     squeue_elements,
     wait_all,
 )
-from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
+from tests.templating_helpers import HOSTILE, task
 from tests.waiting import wait_for
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
@@ -67,8 +67,7 @@ def test_array_key_is_the_header_never_the_task(tmp_path):
     backend = SlurmBackend(backend_options("slurm"), tmp_path)
     assert backend.array_max == 1000
 
-    def key(task_id: str, **fields: object) -> str | None:
-        params = fields.pop("params", None)
+    def key(task_id: str, params: dict | None = None, **fields: object) -> str | None:
         return backend.array_key(make_request(
             tmp_path, {"id": task_id, **fields},
             ["/w", "--task-file", str(tmp_path / task_id / "task.json")], params=params))
@@ -161,7 +160,7 @@ def test_submit_array_refuses_tasks_of_another_command(tmp_path):
     assert backend.submit_array([make_request(tmp_path, {"id": f"c{i}"}, ["/w"])
                                  for i in (5, 6, 7)]) == ["77_0", "77_1", "77_2"]
     command, script = backend.runner.commands[-1], backend.runner.inputs[-1]
-    assert command == ["sbatch", "--parsable"] and "#SBATCH --array=0-2" in script
+    assert command == ["sbatch", "--parsable"] and "#SBATCH --array=0-2" in str(script)
     listed = arrays.find(tmp_path, "c6")
     assert listed is not None and listed[1] == 1 and listed[0].task_ids == ("c5", "c6", "c7")
     assert (listed[0].path.stat().st_mode & 0o777) == 0o600
