@@ -16,6 +16,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select
 
+from funnel_hpc.backends import arrays
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.core.events import iter_events
@@ -113,6 +114,18 @@ def slurm_jobs_named(name: str) -> list[str]:
     return listed.stdout.split()
 
 
+def jobs_of(work_dir: Path, task_id: str) -> list[str]:
+    """The task's jobs Slurm lists: its element of each array named after the gateway's
+    task list holding it, and its jobs named funnel-<id>."""
+    jobs = slurm_jobs_named(f"funnel-{task_id}")
+    listed = arrays.find(work_dir, task_id)
+    if listed is not None:
+        done = subprocess.run(["squeue", "-h", "-t", "all", "-n", listed[0].job_name, "-o",
+                               "%F"], capture_output=True, text=True, check=True)
+        jobs += sorted({f"{job}_{listed[1]}" for job in done.stdout.split()})
+    return jobs
+
+
 @pytest.mark.slurm
 @needs(SLURM, slurm_ready(), SLURM_REASON)
 def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_path,
@@ -129,7 +142,8 @@ def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_pa
     monkeypatch.setattr(service.reconciler_queries, "record_submissions", lambda jobs: None)
     task_ids = [service.create({"executors": [sh("echo once")]}) for _ in range(3)]
     first.tick()
-    submitted = {task_id: slurm_jobs_named(f"funnel-{task_id}") for task_id in task_ids}
+    # one array of three (backend.slurm.array_max): each task's job is its element
+    submitted = {task_id: jobs_of(server.work_dir, task_id) for task_id in task_ids}
     assert all(len(jobs) == 1 for jobs in submitted.values()), submitted
     assert all(service.get_row(task_id).job_id == "" for task_id in task_ids)  # claimed
     try:
@@ -145,7 +159,7 @@ def test_restart_during_slurmctld_outage_submits_nothing_twice(databases, tmp_pa
             task = wait_state(server, task_id, TERMINAL, timeout=180)
             assert task["logs"][-1]["metadata"]["job_id"] == submitted[task_id][0], task
             assert len(task["logs"]) == 1
-            assert slurm_jobs_named(f"funnel-{task_id}") == submitted[task_id]
+            assert jobs_of(server.work_dir, task_id) == submitted[task_id]
             starts = [e for e in iter_events(server.work_dir / task_id / "events.jsonl")
                       if e["type"] == "task_start"]
             assert len(starts) == 1
