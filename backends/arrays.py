@@ -153,3 +153,22 @@ def remove(work_dir: Path, name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def index(work_dir: Path) -> dict[str, tuple[TaskList, int]]:
+    """Every listed task id -> its newest list and index there: `find` for many tasks at
+    once (a restart recovering a whole interrupted tick reads each list once, not once
+    per task)."""
+    where = Path(work_dir) / DIR_NAME
+    try:
+        entries = [e for e in os.scandir(where) if NAME.fullmatch(e.name)]
+    except FileNotFoundError:
+        return {}
+    entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime)
+    found: dict[str, tuple[TaskList, int]] = {}
+    for entry in entries:  # oldest first: a newer list's entry replaces an older one's
+        listed = read(work_dir, entry.name)
+        if listed is not None:
+            for position, task_id in enumerate(listed.task_ids):
+                found[task_id] = (listed, position)
+    return found

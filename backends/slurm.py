@@ -42,6 +42,7 @@ from funnel_hpc.backends.slurm_arrays import (
     ELEMENT_ID,
     JOB_ID,
     KEY_SIZE,
+    ListIndex,
     ListSweep,
     array_variables,
     element_ids,
@@ -184,6 +185,7 @@ class SlurmBackend(Backend):
         self.array_template = options.array_template
         self.array_max = _array_max(options, self.name)
         self.sweep = ListSweep(self.runner, work_dir, mine=not self.as_owner)
+        self.lists = ListIndex(work_dir)
 
     # ---- submit / cancel ----
 
@@ -270,6 +272,7 @@ class SlurmBackend(Backend):
         try:
             task_list = arrays.write(self.work_dir, [r.task_id for r in requests],
                                      shared=self.as_owner)
+            self.lists.add(task_list)
             script = self.render_array_script(requests, task_list)
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm array script: {exc}") from None
@@ -306,16 +309,16 @@ class SlurmBackend(Backend):
 
     def recover(self, task_id: str, task_dir: Path, owner: str | None = None) -> str | None:
         """The task's element of the newest array named after the gateway's newest list
-        holding it (backends/arrays.py), else the newest job named funnel-<task id>, that
-        squeue still lists: among this account's jobs (--me), or with submit_as_owner
-        among the task owner's (-u OWNER), each line's user checked again: another
-        user's job of that name is never taken."""
+        holding it (backends/arrays.py, read once for many recovers), else the newest
+        job named funnel-<task id>, that squeue still lists: among this account's jobs
+        (--me), or with submit_as_owner among the task owner's (-u OWNER), each line's
+        user checked again: another user's job of that name is never taken."""
         user = owner if self.as_owner else None
         if self.as_owner and not (owner and UNIX_USER.fullmatch(owner) and _exists(owner)):
             # no such account, no job of theirs (squeue -u would fail every tick); the
             # submission made next is refused
             return None
-        listed = arrays.find(self.work_dir, task_id)
+        listed = self.lists.find(task_id)
         if listed is not None:
             task_list, index = listed
             job = self._newest_job(task_list.job_name, user)

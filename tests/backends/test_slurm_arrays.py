@@ -414,3 +414,13 @@ def test_real_withdraw_of_one_pending_element_leaves_its_siblings(tmp_path, slur
             subprocess.run(["scancel", running[0].split("_")[0]])
     finally:
         subprocess.run(["scancel", job])
+
+
+def test_recover_reads_the_lists_once_for_many_tasks(tmp_path):
+    older = arrays.write(tmp_path, ["i0", "i1"])
+    past = time.time() - 60
+    os.utime(older.path, (past, past))
+    newer = arrays.write(tmp_path, ["i1", "i2"])  # i1 again: a later attempt's array
+    found = arrays.index(tmp_path)
+    assert found["i0"] == (older, 0) and found["i1"] == (newer, 0) and found["i2"] == (newer, 1)
+    assert found["i1"] == arrays.find(tmp_path, "i1")
