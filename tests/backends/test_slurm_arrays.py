@@ -274,6 +274,7 @@ def test_real_array_of_1000_in_one_sbatch_and_one_squeue(tmp_path, slurm):
             [s for s in statuses.values() if s.state != JobState.COMPLETED][:3]
         for i in range(1000):
             assert (tmp_path / f"k{i}" / "out").read_text() == f"k{i}\n"
+            assert (tmp_path / f"k{i}" / "slurm.err").exists()  # its own job output files
         calls = backend.runner.calls
         backend.poll(ids)
         assert backend.runner.calls - calls == 1, polls  # one squeue for 1,000 elements
