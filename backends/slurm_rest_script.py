@@ -71,7 +71,6 @@ FLAG_PROPERTIES: dict[str, tuple[str, Any]] = {
     "hold": ("hold", True),
     "exclusive": ("exclusive", "exclusive"),  # what a bare --exclusive means
     "requeue": ("requeue", True),
-    "no-requeue": ("requeue", False),
 }
 
 # sbatch's one-letter options -> their long names
@@ -87,6 +86,8 @@ UNSUPPORTED_HINTS: dict[str, str] = {
     "tmp": "slurmrestd 22.05 has no property for the temporary disk (tasks asking "
            "resources.disk_gb need backend.slurm.mode: cli, or a template without --tmp)",
     "export": "REST mode sends the gateway's environment itself",
+    "no-requeue": "slurmrestd 22.05 takes `requeue: false` and leaves the job requeueable "
+                  "(measured)",
     "workdir": "use --chdir",
 }
 

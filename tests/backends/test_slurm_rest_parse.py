@@ -109,6 +109,7 @@ def test_the_header_becomes_job_properties_through_the_table():
     ("--uid=0", "--uid: not supported"),
     ("-u 0", "#SBATCH -u: not supported"),
     ("--hold=yes", "--hold: takes no value"),
+    ("--no-requeue", "--no-requeue: not supported in REST mode: slurmrestd 22.05 takes"),
     ("--job-name", "--job-name: needs a value"),
     ("--comment='unclosed", "cannot split into words"),
     ("plain", "not an option"),
