@@ -93,13 +93,14 @@ class PrivateRestd:
             env["SLURM_CONF"] = str(self.conf)
         Path(self.socket).unlink(missing_ok=True)
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
+            process = subprocess.Popen(
                 ["slurmrestd", "-a", "rest_auth/local", "-s", self.plugins,
                  f"unix:{self.socket}"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 env=env)
-        wait_for(lambda: Path(self.socket).exists() or self.process.poll() is not None, 30,
+        self.process = process
+        wait_for(lambda: Path(self.socket).exists() or process.poll() is not None, 30,
                  f"slurmrestd to listen on {self.socket}", detail=self.log.read_text)
-        assert self.process.poll() is None, self.log.read_text()
+        assert process.poll() is None, self.log.read_text()
         return self
 
     def stop(self) -> None:

@@ -17,6 +17,7 @@ import pytest
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.slurm import map_state
 from funnel_hpc.backends.slurm_rest import SlurmRestClient
+from funnel_hpc.backends.slurm_rest_jobs import JobRow
 from funnel_hpc.backends.slurm_rest_script import header_lines
 from tests.slurm_rest_helpers import (
     PrivateRestd,
@@ -32,6 +33,12 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.slurm
 
 WAIT = 240  # seconds a job may take to start or end on a shared, busy 2-core cluster
+
+
+def row_of(rest: SlurmRestClient, job_id: str) -> JobRow:
+    row = rest.job(job_id)
+    assert row is not None, f"slurmctld does not know {job_id}"
+    return row
 
 
 def states(rest: SlurmRestClient, wanted: dict[str, set[str]]) -> dict[str, str] | None:
@@ -74,7 +81,8 @@ def test_discovers_the_newest_version_it_speaks(slurmrestd, tmp_path):
 
 def test_jobs_give_what_squeue_gives_in_one_request(slurmrestd, tmp_path):
     rest = client()
-    ok = rest.submit(rendered(tmp_path, "rok1", ["/bin/sh", "-c", f"echo hi > {tmp_path}/rok1/out"]))
+    echo = ["/bin/sh", "-c", f"echo hi > {tmp_path}/rok1/out"]
+    ok = rest.submit(rendered(tmp_path, "rok1", echo))
     bad = rest.submit(rendered(tmp_path, "rbad1", ["/bin/sh", "-c", "exit 3"]))
     running = rest.submit(rendered(tmp_path, "rrun1", ["/bin/sleep", "600"]))
     held = rest.submit(rendered(tmp_path, "rheld1", ["/bin/true"], ("--hold",)))
@@ -124,9 +132,8 @@ def test_an_array_of_seven_is_seven_rows_and_one_element_cancels_alone(slurmrest
         assert rows == squeue_rows(ids)
     finally:
         rest.cancel(array)
-    wait_for(lambda: not rest_rows(rest, {i for i in ids}) or all(
-        state == "CANCELLED" for state, _, _ in rest_rows(rest, ids).values()), WAIT,
-        "the array to be cancelled")
+    wait_for(lambda: all(state == "CANCELLED" for state, _, _ in rest_rows(rest, ids).values()),
+             WAIT, "the array to be cancelled")
 
 
 def test_array_elements_that_ran_report_their_own_exit(slurmrestd, tmp_path):
@@ -151,12 +158,12 @@ def test_withdraw_cancels_only_a_job_that_has_not_started(slurmrestd, tmp_path):
     array = rest.submit(rendered(tmp_path, "rw3", ["/bin/true"], ("--array=0-2", "--hold")))
     try:
         assert rest.withdraw(waiting) is True
-        assert rest.job(waiting).state == "CANCELLED"
+        assert row_of(rest, waiting).state == "CANCELLED"
         assert rest.withdraw(f"{array}_1") is True  # an element still in the pending range
-        assert rest.job(f"{array}_0").state == "PENDING"
+        assert row_of(rest, f"{array}_0").state == "PENDING"
         wait_states(rest, {running: {"RUNNING"}})
         assert rest.withdraw(running) is False
-        row = rest.job(running)
+        row = row_of(rest, running)
         assert row.state == "RUNNING" and "Held" not in row.reason
         assert job_record(rest, running)["priority"] > 0  # the hold was taken back
         assert rest.withdraw(waiting) is False and rest.withdraw("99999999") is False

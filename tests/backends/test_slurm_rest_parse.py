@@ -65,7 +65,8 @@ def test_wait_status_is_code_colon_signal():
 
 
 def test_an_answer_without_a_jobs_list_is_an_error():
-    for body in (None, {}, {"jobs": "x"}, []):
+    bodies: list[object] = [None, {}, {"jobs": "x"}, []]
+    for body in bodies:
         with pytest.raises(BackendError, match="no jobs list"):
             parse_jobs(body)
 
