@@ -93,14 +93,15 @@ class SlurmRestClient:
     """Submit, list and cancel Slurm jobs through one slurmrestd."""
 
     def __init__(self, transport: RestTransport, user: str,
-                 environment: Mapping[str, str] | None = None, cwd: str | None = None):
+                 environment: Mapping[str, str] | None = None, cwd: str | None = None,
+                 version: str | None = None):
         self.transport = transport
         self.user = user  # whose jobs `jobs` lists (squeue --me)
         # what sbatch would give the job: the gateway's environment without FUNNEL_
         # variables, and its working directory (the script's --chdir wins)
         self.environment = dict(job_environment() if environment is None else environment)
         self.cwd = cwd or os.getcwd()
-        self._version: str | None = None
+        self._version = version  # the OpenAPI version; None: discovered on first use
 
     @classmethod
     def from_options(cls, rest: SlurmRestOptions) -> SlurmRestClient:

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,14 @@ class PrivateRestd:
     """A slurmrestd of the test's own on a socket under `folder` (as root, as the shared
     one), stopped by its pid; `conf` another slurm.conf (e.g. a controller that is down)."""
 
-    def __init__(self, folder: Path, plugins: str = PLUGINS, conf: Path | None = None):
+    def __init__(self, folder: Path, plugins: str = PLUGINS, conf: Path | None = None,
+                 port: int | None = None):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.socket = str(folder / "rest.sock")
         self.plugins = plugins
         self.conf = conf
+        self.port = port  # listen on 127.0.0.1:port with rest_auth/jwt instead
         self.log = folder / "slurmrestd.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -92,16 +95,25 @@ class PrivateRestd:
         if self.conf:
             env["SLURM_CONF"] = str(self.conf)
         Path(self.socket).unlink(missing_ok=True)
+        auth, where = "rest_auth/local", f"unix:{self.socket}"
+        if self.port:
+            auth, where = "rest_auth/jwt", f"127.0.0.1:{self.port}"
+            env["SLURM_JWT"] = "daemon"
         with open(self.log, "ab") as log:
             process = subprocess.Popen(
-                ["slurmrestd", "-a", "rest_auth/local", "-s", self.plugins,
-                 f"unix:{self.socket}"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=env)
+                ["slurmrestd", "-a", auth, "-s", self.plugins, where],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
         self.process = process
-        wait_for(lambda: Path(self.socket).exists() or process.poll() is not None, 30,
-                 f"slurmrestd to listen on {self.socket}", detail=self.log.read_text)
+        wait_for(lambda: self._listening() or process.poll() is not None, 30,
+                 f"slurmrestd to listen on {where}", detail=self.log.read_text)
         assert process.poll() is None, self.log.read_text()
         return self
+
+    def _listening(self) -> bool:
+        if not self.port:
+            return Path(self.socket).exists()
+        with socket.socket() as probe:
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -225,6 +225,28 @@ def test_only_slurmrestds_own_uid_is_served(slurmrestd, tmp_path):
         subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
+def test_jwt_over_http_reaches_slurmrestds_jwt_plugin(slurmrestd, tmp_path):
+    """What runs here of rest_auth/jwt: slurmrestd over TCP reads the user and token
+    headers the client sends ("token authentication pass through" in its log), then
+    refuses (Debian 12 has no auth/jwt plugin for slurmctld): a 401, not transient."""
+    from funnel_hpc.backends.slurm_rest_http import RestTransport
+    from tests.server_helpers import free_port
+
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl\n")
+    token.chmod(0o600)
+    with PrivateRestd(tmp_path / "jwt", port=free_port()) as daemon:
+        rest = SlurmRestClient(RestTransport(url=f"http://127.0.0.1:{daemon.port}",
+                                             token_file=str(token), user="funnelbot",
+                                             timeout=60), "funnelbot")
+        with pytest.raises(BackendError, match=r"\(401\): Authentication failure") as info:
+            rest.discover()
+        assert info.value.transient is False
+        assert "check backend.slurm.rest.user and token_file" in str(info.value)
+        log = daemon.log.read_text()
+        assert "attempting user_name funnelbot token authentication" in log, log[-2000:]
+
+
 def test_hostile_task_values_add_no_job_property(slurmrestd, tmp_path):
     """The hostile task of the CLI test, through REST: it runs with its arguments
     verbatim, and the header the translation reads holds nothing of the task's but

@@ -200,3 +200,16 @@ def test_named_instances_are_checked_under_their_own_path():
     assert isinstance(options, config.SlurmOptions) and options.rest.user == "funnel"
     # cli mode does not look at the rest section
     assert load({"mode": "cli", "rest": {"socket": "relative"}}).backend.slurm.mode == "cli"
+
+
+def test_a_job_id_never_enters_a_path_unchecked(tmp_path):
+    from funnel_hpc.backends.slurm_rest import SlurmRestClient
+
+    # no daemon, the version given: the check comes before any request
+    rest = SlurmRestClient(RestTransport(socket_path=str(tmp_path / "none.sock")), "root",
+                           environment={}, version="v0.0.38")
+    for bad in ("1/../../openapi", "1?signal=KILL", "12_", "_3", "1 2", "", "1_2_3"):
+        for call in (rest.cancel, rest.withdraw, rest.job):
+            with pytest.raises(BackendError, match="not a Slurm job id"):
+                call(bad)
+    assert rest.calls == 0
