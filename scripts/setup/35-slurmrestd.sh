@@ -23,6 +23,8 @@ plugins=openapi/v0.0.36,openapi/v0.0.37,openapi/v0.0.38
 mkdir -p "$run_dir" /var/log/slurm
 chmod 700 "$run_dir"
 
+conf_seen=$run_dir/slurm.conf.sha256  # the slurm.conf the running daemon read at start
+
 running() {
   [ -s "$pid_file" ] && [ "$(cat "/proc/$(cat "$pid_file")/comm" 2>/dev/null)" = slurmrestd ]
 }
@@ -30,8 +32,15 @@ answers() {
   curl -sf --max-time 10 --unix-socket "$socket" http://localhost/openapi/v3 -o /dev/null
 }
 
+conf_now=$(sha256sum /etc/slurm/slurm.conf | cut -d' ' -f1)
+if running && [ "$conf_now" != "$(cat "$conf_seen" 2>/dev/null)" ]; then
+  # slurmrestd reads slurm.conf once: 30-slurm.sh changed it, so start it again
+  kill -INT "$(cat "$pid_file")" || true
+  for _ in $(seq 1 40); do running || break; sleep 0.5; done
+fi
 if ! running; then
   rm -f "$socket"  # a stale socket file makes the bind fail
+  echo "$conf_now" >"$conf_seen"
   SLURMRESTD_SECURITY=disable_user_check setsid /usr/sbin/slurmrestd \
     -a rest_auth/local -s "$plugins" "unix:$socket" </dev/null >>"$log" 2>&1 &
   echo $! >"$pid_file"
