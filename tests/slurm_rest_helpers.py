@@ -9,14 +9,15 @@ import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from funnel_hpc.backends.base import BackendError
 from funnel_hpc.backends.slurm import SlurmBackend
-from funnel_hpc.backends.slurm_rest import SlurmRestClient
-from funnel_hpc.backends.slurm_rest_http import RestTransport, default_user
-from funnel_hpc.backends.slurm_rest_jobs import wait_status
+from funnel_hpc.backends.slurm_rest import SlurmRestClient, failure
+from funnel_hpc.backends.slurm_rest_http import Answer, RestTransport, default_user
+from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status
 from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
 from tests.waiting import wait_for
 
@@ -24,6 +25,7 @@ from tests.waiting import wait_for
 SOCKET = "/run/slurmrestd/slurmrestd.socket"
 SLURMRESTD = "slurmrestd"
 SLURMRESTD_REASON = "not answering on " + SOCKET + " (scripts/setup/35-slurmrestd.sh)"
+Value = TypeVar("Value")
 PLUGINS = "openapi/v0.0.36,openapi/v0.0.37,openapi/v0.0.38"
 SQUEUE_COLUMNS = "JobArrayID:|,State:|,exit_code:|,Reason:"
 
@@ -37,6 +39,71 @@ def client(socket_path: str = SOCKET, timeout: float = 30) -> SlurmRestClient:
                            default_user())
 
 
+class Patient:
+    """A SlurmRestClient whose calls are asked again while they fail transiently, as the
+    reconciler asks again next tick: another test may stop slurmctld for a minute
+    (tests/test_faults.py) or restart it (scripts/setup/30-slurm.sh). `tries`: how many
+    requests-worth of attempts the last call took."""
+
+    def __init__(self, rest: SlurmRestClient, timeout: float = 240):
+        self.rest = rest
+        self.timeout = timeout
+        self.tries = 0
+
+    def _again(self, call: Callable[[], Value], what: str) -> Value:
+        done: list[Value] = []
+        self.tries = 0
+
+        def attempt() -> bool:
+            self.tries += 1
+            try:
+                done.append(call())
+            except BackendError as exc:
+                if not exc.transient:
+                    raise
+                return False
+            return True
+
+        wait_for(attempt, self.timeout, f"slurmrestd to {what}", interval=1)
+        return done[0]
+
+    @property
+    def calls(self) -> int:
+        return self.rest.calls
+
+    @property
+    def version(self) -> str:
+        return self.rest.version
+
+    def submit(self, script: str) -> str:
+        return self._again(lambda: self.rest.submit(script), "submit a job")
+
+    def jobs(self) -> list[JobRow]:
+        return self._again(self.rest.jobs, "list the jobs")
+
+    def job(self, job_id: str) -> JobRow | None:
+        return self._again(lambda: self.rest.job(job_id), f"show job {job_id}")
+
+    def cancel(self, job_id: str) -> None:
+        self._again(lambda: self.rest.cancel(job_id), f"cancel {job_id}")
+
+    def withdraw(self, job_id: str) -> bool:
+        return self._again(lambda: self.rest.withdraw(job_id), f"withdraw {job_id}")
+
+    def answer(self, method: str, path: str) -> Answer:
+        """One raw request (the version's paths), asked again while slurmctld is away."""
+        def ask() -> Answer:
+            answer = self.rest.transport.request(method, f"/slurm/{self.version}/{path}")
+            if answer.status != 200:
+                raise failure(path, answer)
+            return answer
+        return self._again(ask, f"{method} {path}")
+
+
+def patient(socket_path: str = SOCKET) -> Patient:
+    return Patient(client(socket_path))
+
+
 def answers(socket_path: str = SOCKET) -> bool:
     rest = client(socket_path, timeout=10)
     try:
@@ -48,10 +115,18 @@ def answers(socket_path: str = SOCKET) -> bool:
     return True
 
 
-def squeue_rows(job_ids: set[str]) -> dict[str, tuple[str, str, str]]:
-    """squeue -r's (state, code:signal, reason) of the wanted ids, as SlurmBackend reads it."""
-    done = subprocess.run(["squeue", "-h", "--me", "-t", "all", "-r", "-O", SQUEUE_COLUMNS],
-                          capture_output=True, text=True, timeout=60, check=True)
+Facts = dict[str, tuple[str, str, str]]  # job id -> (state, code:signal, reason)
+
+
+def squeue_rows(job_ids: set[str]) -> Facts:
+    """squeue -r's (state, code:signal, reason) of the wanted ids, as SlurmBackend reads it
+    (asked again while slurmctld is away)."""
+    def ask() -> subprocess.CompletedProcess[str] | None:
+        done = subprocess.run(["squeue", "-h", "--me", "-t", "all", "-r", "-O", SQUEUE_COLUMNS],
+                              capture_output=True, text=True, timeout=60)
+        return done if done.returncode == 0 else None
+
+    done = wait_for(ask, 240, "squeue to answer", interval=1)
     rows = {}
     for line in done.stdout.splitlines():
         parts = [part.strip() for part in line.split("|", 3)]
@@ -61,7 +136,7 @@ def squeue_rows(job_ids: set[str]) -> dict[str, tuple[str, str, str]]:
     return rows
 
 
-def rest_rows(rest: SlurmRestClient, job_ids: set[str]) -> dict[str, tuple[str, str, str]]:
+def rest_rows(rest: SlurmRestClient | Patient, job_ids: set[str]) -> Facts:
     return {row.job_id: (row.state, row.exit_code, row.reason)
             for row in rest.jobs() if row.job_id in job_ids}
 
