@@ -87,7 +87,9 @@ def jobs_left(name: str) -> int:
 
 
 def release(job_ids: list[str]) -> None:
-    """Let held (--begin) jobs start now, a thousand per scontrol call."""
+    """Let held (--begin) jobs start now, a thousand per scontrol call (an array's
+    elements by their array job's id)."""
+    job_ids = sorted({j.split("_")[0] for j in job_ids})
     for i in range(0, len(job_ids), 1000):
         subprocess.run(["scontrol", "update", "JobId=" + ",".join(job_ids[i:i + 1000]),
                         "StartTime=now"], check=True, capture_output=True)
@@ -152,10 +154,13 @@ def create_tasks(api: str, n: int) -> list[str]:
         return [task_id for ids in pool.map(make, per) for task_id in ids]
 
 
-def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = None) -> dict:
+def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = None,
+                slurm: dict | None = None) -> dict:
     """The gateway side (module docstring); with ``sinks``, its server publishes every
-    event to them, and the run waits for them to have all before it stops the server."""
-    overrides: dict = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION}},
+    event to them, and the run waits for them to have all before it stops the server.
+    slurm: more backend.slurm keys (benchmarks/slurm_arrays.py: array_max)."""
+    overrides: dict = {"backend": {"name": "slurm",
+                                   "slurm": {"partition": PARTITION, **(slurm or {})}},
                        "worker": {"container_driver": "bwrap", **worker_image_config()},
                        "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
                                       "pass_server_url": False}}

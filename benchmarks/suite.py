@@ -38,6 +38,10 @@ Sections (each measured with its physical reference in this same run):
              on one Slurm instance
   tes        1,000 trivial tasks through a funnel-hpc forwarding to another (the tes
              backend) vs the same sent straight to such a server (tes_forward_bench.py)
+  arrays     job arrays on Slurm (slurm_arrays.py): submission of 10,000 held tasks vs a
+             one-sbatch-per-job loop and vs a raw sbatch --array; slurmctld RPCs (sdiag)
+             for 1,000 tasks submitted and polled vs one job per task; 10,000 tasks
+             QUEUED -> COMPLETE vs a raw array of the same worker jobs
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -72,6 +76,7 @@ from benchmarks import (  # noqa: E402
     replicas_bench,
     routing_bench,
     sandbox_start,
+    slurm_arrays,
     slurm_bench,
     slurm_sinks,
     slurm_throughput,
@@ -83,7 +88,7 @@ from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "routing", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas", "local", "instances", "tes")
+            "reconciler", "replicas", "local", "instances", "tes", "arrays")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -267,6 +272,14 @@ def tes_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("tes_forward", tes_forward_bench.suite_rows(quick))])
 
 
+def arrays_section(table: Table, results: dict, quick: bool) -> None:
+    """Job arrays (benchmarks/slurm_arrays.py); the 10,000-task run is also held against
+    the throughput section's one-job-per-task run of as many tasks, when it ran."""
+    n = 1000 if quick else 10_000
+    per_job = results.get(f"throughput_{n}", {}).get("rate_per_s")
+    add_rows(table, results, [("arrays", slurm_arrays.suite_rows(quick, per_job))])
+
+
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
     """Replace the table between page's bench markers with this run's."""
     text = page.read_text()
@@ -304,7 +317,8 @@ def main() -> None:
                           ("images", images_section), ("storage", storage_section),
                           ("events", events_section), ("reconciler", reconciler_section),
                           ("replicas", replicas_section), ("local", local_section),
-                          ("instances", instances_section), ("tes", tes_section)):
+                          ("instances", instances_section), ("tes", tes_section),
+                          ("arrays", arrays_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

@@ -236,8 +236,19 @@ class SlurmSite(Section):
     prologue: Strings
 
 
+class SlurmRestOptions(Section):
+    """backend.slurm.rest: the slurmrestd that mode `rest` talks to."""
+    socket: str       # unix socket, rest_auth/local (used when url is empty)
+    url: str          # http(s)://host:port of a slurmrestd with rest_auth/jwt
+    token_file: str   # with url: the file holding the JWT (scontrol token)
+    user: str         # with url: the user the token is for ("": the gateway's account)
+    timeout: float    # seconds per request
+
+
 class SlurmOptions(Section):
     """backend.slurm."""
+    mode: str  # cli | rest (SLURM_MODES)
+    rest: SlurmRestOptions
     template: str
     partition: str
     backend_parameters: Options
@@ -817,10 +828,12 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
          overrides: Mapping | None = None) -> Config:
     """The typed configuration (see load_plain); ConfigError names the first bad key."""
     plain_config = load_plain(path, environ, overrides)
+    declared = bool(plain_config.get("backends"))  # named instances, not `backend:` alone
     plain_config["backends"] = _instances(plain_config)
     config = convert(Config, plain_config, "")
     assert isinstance(config, Config)
     _check_quotas(config)
+    _check_slurm(config, declared)
     from funnel_hpc.core.routing import RuleError, parse_rules
 
     try:
@@ -906,6 +919,49 @@ def _check_quotas(config: Config) -> None:
                 value = getattr(entry, key)
                 if value is not None and value < 0:
                     raise ConfigError(f"{place}.{key}: 0 (no limit) or more, got {value}")
+
+
+SLURM_MODES = ("cli", "rest")
+# backend.slurm.rest.url: http(s)://host[:port], nothing after (the API paths are ours)
+_REST_URL = r"https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?/?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?/?"
+
+
+def _check_slurm(config: Config, declared: bool) -> None:
+    """Every Slurm instance's mode, and in rest mode its rest section: one way to reach
+    slurmrestd, and no option rest mode cannot honour."""
+    import re
+
+    for instance in config.instances():
+        options = instance.options
+        if instance.kind != "slurm" or not isinstance(options, SlurmOptions):
+            continue
+        path = f"backends.{instance.name}" if declared else "backend.slurm"
+        if options.mode not in SLURM_MODES:
+            raise ConfigError(f"{path}.mode: one of {', '.join(SLURM_MODES)}, "
+                              f"got {_shown(options.mode)}")
+        if options.mode != "rest":
+            continue
+        rest = options.rest
+        if rest.url:
+            if not re.fullmatch(_REST_URL, rest.url):
+                raise ConfigError(f"{path}.rest.url: http(s)://host[:port], got "
+                                  f"{_shown(rest.url)}")
+            if not rest.token_file:
+                raise ConfigError(f"{path}.rest.token_file: needed with rest.url "
+                                  "(rest_auth/jwt: the file holding the token)")
+        elif not rest.socket.startswith("/"):
+            raise ConfigError(f"{path}.rest.socket: an absolute path (or set rest.url), "
+                              f"got {_shown(rest.socket)}")
+        if rest.user and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", rest.user):
+            raise ConfigError(f"{path}.rest.user: a user name, got {_shown(rest.user)}")
+        if not rest.timeout > 0:
+            raise ConfigError(f"{path}.rest.timeout: more than 0 seconds, got {rest.timeout}")
+        if options.submit_as_owner:  # slurmrestd submits as its one authenticated user
+            raise ConfigError(f"{path}.submit_as_owner: not available with mode rest "
+                              "(every job is slurmrestd's caller's)")
+        if options.ssh.host:
+            raise ConfigError(f"{path}.ssh.host: not used with mode rest (reach a remote "
+                              "slurmrestd with rest.url)")
 
 
 def _fill_endpoints(storage: dict, defaults: dict) -> None:

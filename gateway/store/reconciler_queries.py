@@ -304,33 +304,38 @@ class ReconcilerQueries:
         writers are serialized by BEGIN IMMEDIATE (db.writing)."""
         t = db.tasks
         wanted = dict(claims)
-        claimed: set[str] = set()
         with db.writing(self.engine) as conn:
             now = now_rfc3339()
             free = conn.execute(
-                select(t.c.id).where(self._mine(t.c.id.in_(wanted)),
-                                     t.c.state == State.QUEUED.value, t.c.job_id.is_(None))
-                .order_by(t.c.seq).with_for_update(skip_locked=True)).scalars().all()
-            for task_id in free:
-                attempt = wanted[task_id]
-                # scoped: still this instance's (not moved by an overflow meanwhile)
-                query = (update(t).where(self._mine(t.c.id == task_id),
-                                         t.c.state == State.QUEUED.value,
-                                         t.c.job_id.is_(None), t.c.attempt == attempt - 1)
-                         .values(job_id="", attempt=attempt, event_seq=0, updated_at=now))
-                if conn.execute(query).rowcount == 1:
-                    claimed.add(task_id)
-        return claimed
+                select(t.c.id, t.c.attempt)
+                .where(self._mine(t.c.id.in_(wanted)), t.c.state == State.QUEUED.value,
+                       t.c.job_id.is_(None))
+                .order_by(t.c.seq).with_for_update(skip_locked=True)).all()
+            # rows read in this write transaction (locked on PostgreSQL, the database's
+            # one writer on SQLite) cannot change before the update: one statement for all
+            claimed = [row.id for row in free if row.attempt == wanted[row.id] - 1]
+            if claimed:
+                conn.execute(update(t).where(t.c.id == bindparam("b_id"))
+                             .values(job_id="", attempt=bindparam("b_attempt"), event_seq=0,
+                                     updated_at=now),
+                             [{"b_id": task_id, "b_attempt": wanted[task_id]}
+                              for task_id in claimed])
+        return set(claimed)
 
     def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
-        canceled while its job was submitted keeps the job id, so the cancel reaches it."""
+        canceled while its job was submitted keeps the job id, so the cancel reaches it.
+        One statement, executed for every job."""
+        if not jobs:
+            return
         t = db.tasks
         with db.writing(self.engine) as conn:
             now = now_rfc3339()
-            for task_id, job_id, logs in jobs:
-                conn.execute(update(t).where(t.c.id == task_id)
-                             .values(job_id=job_id, logs=logs, updated_at=now))
+            conn.execute(update(t).where(t.c.id == bindparam("b_id"))
+                         .values(job_id=bindparam("b_job"), logs=bindparam("b_logs"),
+                                 updated_at=now),
+                         [{"b_id": task_id, "b_job": job_id, "b_logs": logs}
+                          for task_id, job_id, logs in jobs])
 
     def release_claims(self, claims: list[tuple[str, int, int]]) -> None:
         """Give back claims (task id, previous attempt, previous event_seq) of submissions

@@ -38,6 +38,21 @@ def slurm() -> None:
                 f"{done.stderr.strip()}); run scripts/setup/30-slurm.sh")
 
 
+@pytest.fixture(scope="session")
+def slurmrestd(slurm) -> str:
+    """The shared slurmrestd of scripts/setup/35-slurmrestd.sh: its socket path. Skipped
+    only where slurmrestd is not installed; installed but not answering is a failure."""
+    from tests import slurm_rest_helpers as rest
+
+    if not rest.installed():
+        need(rest.SLURMRESTD, False, "not installed (scripts/setup/35-slurmrestd.sh)")
+    try:
+        wait_for(rest.answers, 60, f"slurmrestd on {rest.SOCKET}", interval=1)
+    except AssertionError:
+        pytest.fail(f"slurmrestd {rest.SLURMRESTD_REASON}")
+    return rest.SOCKET
+
+
 @pytest.fixture
 def sshd(tmp_path) -> Iterator[dict]:
     """A private sshd on 127.0.0.1 that accepts one generated key for this user."""
