@@ -37,11 +37,16 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEX
 def private_dir(path: Path) -> None:
     """Make path (and missing parents) a directory, mode 700 and ours, whatever the umask.
     Raises OSError when path is a symlink or not a directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.mkdir(path, DIR_MODE)
     except FileExistsError:
         pass
+    except FileNotFoundError:  # a missing parent: made first (the usual case costs one call)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            pass
     fd = os.open(path, _DIR_FLAGS)
     try:
         _take_back(fd)
@@ -68,9 +73,12 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
     of ours keeps its mode (the work dir may need o+x for owners' workers)."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"not a file name: {name!r}")
-    directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
-    dir_fd = os.open(directory, _DIR_FLAGS)
+    try:
+        dir_fd = os.open(directory, _DIR_FLAGS)
+    except FileNotFoundError:
+        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        dir_fd = os.open(directory, _DIR_FLAGS)
     try:
         _take_back(dir_fd, private=False)
         tmp = f".{name}{_TMP_SUFFIX}"
