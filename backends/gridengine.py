@@ -28,8 +28,8 @@ Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job already gone is no
 error. ``recover`` looks the job up by name in ``qstat`` (a failed qstat raises: the job
 may exist), then in the accounting file; in mode drmaa on a host without qstat, in
 accounting only. A task sent in an array is found through its task list, its element
-through the array job's name (``funnel-array-<list>``). Errors follow ``commands.failure`` (qmaster unreachable is transient,
-a missing command is not).
+through the array job's name (``funnel-array-<list>``). Errors follow
+``commands.failure`` (qmaster unreachable is transient, a missing command is not).
 
 Config (``backend.gridengine``): mode, template, drmaa_library, sge_root, sge_cell,
 queue, parallel_environment, memory_resource, backend_parameters (TES key -> qsub

@@ -40,12 +40,12 @@ QSTAT = """<?xml version='1.0'?>
 # two accounting(5) lines as this cell wrote them: element 3 of array 11535, and a job
 # that is not an array (task number 0)
 ACCOUNTING = [
-    "all.q:vm:root:root:funnel-array-probe:11535:sge:0:1796562618:1796562625:1796562630:0:"
-    "0:5:0.001442:0.008466:4500.000000:0:0:0:0:437:0:0:0.000000:16:0:0:0:4:2:NONE:"
-    "defaultdepartment:NONE:1:3:0.009908:0.000000:0.000024:NONE:0.000000:NONE:5021696.0:0:0",
-    "all.q:vm:root:root:funnel-one:11533:sge:0:1796562618:1796562625:1796562630:0:"
-    "2:5:0.001442:0.008466:4500.000000:0:0:0:0:437:0:0:0.000000:16:0:0:0:4:2:NONE:"
-    "defaultdepartment:NONE:1:0:0.009908:0.000000:0.000024:NONE:0.000000:NONE:5021696.0:0:0",
+    ("all.q:vm:root:root:funnel-array-probe:11535:sge:0:1796562618:1796562625:1796562630:0:"
+     "0:5:0.001442:0.008466:4500.000000:0:0:0:0:437:0:0:0.000000:16:0:0:0:4:2:NONE:"
+     "defaultdepartment:NONE:1:3:0.009908:0.000000:0.000024:NONE:0.000000:NONE:5021696.0:0:0"),
+    ("all.q:vm:root:root:funnel-one:11533:sge:0:1796562618:1796562625:1796562630:0:"
+     "2:5:0.001442:0.008466:4500.000000:0:0:0:0:437:0:0:0.000000:16:0:0:0:4:2:NONE:"
+     "defaultdepartment:NONE:1:0:0.009908:0.000000:0.000024:NONE:0.000000:NONE:5021696.0:0:0"),
 ]
 
 
@@ -70,6 +70,10 @@ def test_accounting_records_carry_the_element():
     assert single.status().state == JobState.FAILED
 
 
+# the element's worker: sleeps when its task dir holds "sleepy", else says who and where
+SLEEPY_OR_ECHO = 'if [ -e sleepy ]; then sleep 300; fi; echo "$FUNNEL_TASK_ID in $(pwd)"; echo e >&2'
+
+
 def request(work: Path, task_id: str, argv: list[str] | None = None,
             **resources: object) -> SubmitRequest:
     """A request as the gateway makes it: task dir <work>/<id>, the worker's paths in it."""
@@ -77,8 +81,7 @@ def request(work: Path, task_id: str, argv: list[str] | None = None,
     task_dir.mkdir(parents=True, exist_ok=True)
     return SubmitRequest(task_id=task_id, task={"id": task_id, "resources": resources},
                          task_dir=task_dir, worker_argv=argv or [
-                             "/bin/sh", "-c", 'if [ -e sleepy ]; then sleep 300; fi; '
-                                               'echo "$FUNNEL_TASK_ID in $(pwd)"; echo e >&2',
+                             "/bin/sh", "-c", SLEEPY_OR_ECHO,
                              str(task_dir / "task.json")])
 
 
