@@ -71,7 +71,8 @@ def test_accounting_records_carry_the_element():
 
 
 # the element's worker: sleeps when its task dir holds "sleepy", else says who and where
-SLEEPY_OR_ECHO = 'if [ -e sleepy ]; then sleep 300; fi; echo "$FUNNEL_TASK_ID in $(pwd)"; echo e >&2'
+SLEEPY_OR_ECHO = ('if [ -e sleepy ]; then sleep 300; fi; '
+                  'echo "$FUNNEL_TASK_ID in $(pwd)"; echo e >&2')
 
 
 def request(work: Path, task_id: str, argv: list[str] | None = None,
