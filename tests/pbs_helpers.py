@@ -13,9 +13,10 @@ answer like a server in trouble until ``clear()``.
 With ``execute=True`` the double also runs what it is given, for the end-to-end test: qsub
 copies the script (as a server spools it) and starts a detached ``pbs_mom`` (the same
 program) that marks the job R, runs its script with ``/bin/bash`` (stdout and stderr into
-the script's ``-o``/``-e`` files) and marks it F with its exit status (256 + the signal when killed); qdel of a running job sends its
-process group SIGTERM and marks it F, substate 91, Exit_status 271, as PBS does. What a
-server does beyond that (scheduling, nodes, staging, limits) is not imitated.
+the script's ``-o``/``-e`` files) and marks it F with its exit status (256 + the signal
+when killed); qdel of a running job sends its process group SIGTERM and marks it F,
+substate 91, Exit_status 271, as PBS does. What a server does beyond that (scheduling,
+nodes, staging, limits) is not imitated.
 
 Job arrays as PBS documents them: ``qsub -J first-last script`` prints ``N[].server`` and
 makes the array (state B) and its subjobs ``N[i].server`` (each run by its own pbs_mom
