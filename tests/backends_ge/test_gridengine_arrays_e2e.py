@@ -2,11 +2,11 @@
 worker over the real single-host cell (scripts/setup/50-gridengine.sh; all.q has 2
 slots), through DRMAA runBulkJobs and through qsub -t.
 
-Seven tasks with one header are QUEUED before the reconciler starts, so its first tick
-sees them all: ONE array job of 7 elements (qstat -j, then the accounting file), one
-element cancelled through the API while the others run, the gateway killed (-9) with the
-array half-done and restarted: nothing is submitted again, every other task COMPLETE with
-its own logs."""
+Seven tasks with one header (and one with another) are QUEUED before the reconciler
+starts, so its first tick sees them all: ONE array job of 7 elements, the eighth alone
+(qstat -j, then the accounting file), one element cancelled through the API while the
+others run, the gateway killed (-9) with the array half-done and restarted: nothing is
+submitted again, every other task COMPLETE with its own logs."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.backends.gridengine_accounting import parse_accounting_line
+from funnel_hpc.backends.gridengine_qstat import parse_qstat_xml
 from tests.e2e_helpers import TERMINAL, TICK, port_closed
 from tests.server_helpers import ServerProcess
 from tests.waiting import wait_for, wait_for_state
@@ -38,9 +39,9 @@ def gateway(work: Path, db_url: str, mode: str) -> ServerProcess:
         "worker": {"container_driver": "bwrap", "poll_server_seconds": 1}})
 
 
-def post(server: ServerProcess, script: str) -> str:
+def post(server: ServerProcess, script: str, **resources: object) -> str:
     resp = requests.post(server.api + "/tasks", auth=USER, timeout=10, json={
-        "name": "array", "resources": {"cpu_cores": 1},
+        "name": "array", "resources": {"cpu_cores": 1, **resources},
         "executors": [{"image": "busybox", "command": ["sh", "-c", script]}]})
     assert resp.status_code == 200, resp.text
     return resp.json()["id"]
@@ -48,7 +49,7 @@ def post(server: ServerProcess, script: str) -> str:
 
 def tasks(server: ServerProcess) -> dict[str, dict]:
     resp = requests.get(server.api + "/tasks", auth=USER, timeout=10,
-                        params={"view": "FULL", "page_size": 100})
+                        params={"view": "FULL", "page_size": "100"})
     assert resp.status_code == 200, resp.text
     return {task["id"]: task for task in resp.json()["tasks"]}
 
@@ -60,9 +61,20 @@ def job_ids(server: ServerProcess) -> dict[str, str]:
             if task.get("logs") and "job_id" in task["logs"][0].get("metadata", {})}
 
 
+def jobs_left(server: ServerProcess, task_ids: list[str]) -> set[str]:
+    """The numbers of this test's jobs still in qstat: named after its tasks or its task
+    lists (so a failed run leaves no job holding the cell's 2 slots)."""
+    lists = Path(server.work_dir) / "arrays"
+    names = {f"funnel-{task_id}" for task_id in task_ids} | {
+        f"funnel-array-{path.name}" for path in (lists.iterdir() if lists.is_dir() else [])}
+    shown = subprocess.run(["qstat", "-xml"], capture_output=True, text=True).stdout
+    return {job.split(".")[0] for job, (_, name) in parse_qstat_xml(shown).items()
+            if name in names} if shown else set()
+
+
 def all_submitted(server: ServerProcess) -> dict[str, str] | None:
     found = job_ids(server)
-    return found if len(found) == TASKS else None
+    return found if len(found) == TASKS + 1 else None
 
 
 def accounted_elements(number: str) -> set[int]:
@@ -77,14 +89,19 @@ def accounted_elements(number: str) -> set[int]:
 def test_seven_tasks_one_array_cancel_one_restart_half_done(mode, gridengine, databases,
                                                             tmp_path):
     server = gateway(tmp_path / "work", databases.new("sqlite"), mode).start()
+    created: list[str] = []
     try:
         victim = post(server, "echo up; sleep 300")
         others = [post(server, f"sleep 2; echo task-{i}") for i in range(TASKS - 1)]
+        # another header (-p -10): never in the others' array
+        loner = post(server, "echo alone", backend_parameters={"priority": "-10"})
+        created += [victim, *others, loner]
         server.stop()  # all seven QUEUED before the first tick
         server.reconcile = True
         server.start()
-        ids = wait_for(lambda: all_submitted(server), 120, "seven job ids",
+        ids = wait_for(lambda: all_submitted(server), 120, "eight job ids",
                        detail=lambda: server.log()[-3000:])
+        assert ids.pop(loner).isdigit()  # a job of its own
         numbers = {job_id.split(".")[0] for job_id in ids.values()}
         assert len(numbers) == 1, ids  # ONE job ...
         (number,) = numbers
@@ -103,11 +120,12 @@ def test_seven_tasks_one_array_cancel_one_restart_half_done(mode, gridengine, da
         server.kill()
         wait_for(lambda: port_closed(server.port), 30, f"port {server.port} to close")
         server.start()
-        for task_id in [victim, *others]:
+        for task_id in [victim, *others, loner]:
             wait_for_state(server.api, task_id, TERMINAL, 240, auth=USER,
                            detail=lambda: server.log()[-3000:])
         ended = tasks(server)
         assert ended[victim]["state"] == "CANCELED"
+        assert ended[loner]["state"] == "COMPLETE", ended[loner]
         for i, task_id in enumerate(others):
             task = ended[task_id]
             assert task["state"] == "COMPLETE", task
@@ -120,3 +138,6 @@ def test_seven_tasks_one_array_cancel_one_restart_half_done(mode, gridengine, da
                  f"job {number}'s elements in the accounting file")
     finally:
         server.stop()
+        numbers = jobs_left(server, created)
+        if numbers:
+            subprocess.run(["qdel", *numbers], capture_output=True)
