@@ -22,6 +22,7 @@ from tests.e2e_helpers import TERMINAL, E2EBackend, fixed, job_id, make_server
 from tests.pbs_helpers import SERVER, FakePbs
 from tests.server_helpers import ServerProcess
 from tests.templating_helpers import HOSTILE
+from tests.templating_helpers import task as hostile_task
 from tests.waiting import wait_for, wait_for_state
 
 
@@ -188,3 +189,15 @@ def test_pbs_array_end_to_end_five_tasks_one_qsub(executing_pbs, databases, tmp_
                  30, "the subjobs to be finished")
     finally:
         server.stop()
+
+
+def test_pbs_array_script_has_no_hostile_task_value(fake_pbs, tmp_path):
+    backend = make_backend(tmp_path)
+    reqs = [request(tmp_path, f"h{i}") for i in range(2)]
+    for req in reqs:
+        req.task = {**hostile_task("n", HOSTILE), "id": req.task_id}
+    assert len({backend.array_key(r) for r in reqs}) == 1
+    backend.submit_array(reqs)
+    (call,) = fake_pbs.calls("qsub")
+    assert "pwned" not in call["script"] and "evil" not in call["script"]
+    assert "reboot" not in call["script"]

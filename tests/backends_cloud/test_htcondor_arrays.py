@@ -23,6 +23,7 @@ from tests.components import BWRAP, BWRAP_REASON, bwrap_ready, need  # noqa: E40
 from tests.e2e_helpers import TERMINAL, E2EBackend, fixed, job_id, make_server  # noqa: E402
 from tests.htcondor_fake import ExecutingSchedd, FakeSchedd, serve  # noqa: E402
 from tests.templating_helpers import HOSTILE  # noqa: E402
+from tests.templating_helpers import task as hostile_task  # noqa: E402
 from tests.waiting import wait_for_state  # noqa: E402
 
 
@@ -159,3 +160,17 @@ def test_htcondor_array_end_to_end_five_tasks_one_cluster(executing_schedd, data
         assert [call["count"] for call in executing_schedd.named("submit")] == [5]
     finally:
         server.stop()
+
+
+def test_htcondor_array_has_no_hostile_task_value(tmp_path):
+    schedd = FakeSchedd()
+    backend = make_backend(tmp_path, schedd)
+    reqs = [request(tmp_path, f"x{i}") for i in range(2)]
+    for req in reqs:
+        req.task = {**hostile_task("n", HOSTILE), "id": req.task_id}
+    assert len({backend.array_key(r) for r in reqs}) == 1
+    backend.submit_array(reqs)
+    (call,) = schedd.named("submit")
+    wrapper = Path(call["description"]["executable"]).read_text()
+    for text in (wrapper, str(call["description"])):
+        assert "pwned" not in text and "evil" not in text and "reboot" not in text
