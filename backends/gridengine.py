@@ -210,8 +210,10 @@ class GridEngineBackend(Backend):
                 raise failure("qsub", result, UNREACHABLE)
             return [f"{number}.{index}" for index in range(1, count + 1)]
         # DRMAA runs a file: -b n has Grid Engine spool it, so it is removed at once
+        body = "".join(line for line in script.splitlines(keepends=True)
+                       if not line.startswith("#$"))
         path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
-                                   script, mode=0o700)
+                                   body, mode=0o700)
         try:
             reply = self._drmaa({"op": "submit_array", "command": str(path),
                                  "workdir": str(self.work_dir), "count": count,

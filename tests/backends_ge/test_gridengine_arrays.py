@@ -164,3 +164,25 @@ def test_real_array_one_job_elements_cancel_recover(real, tmp_path):
     real.cancel(ids[0])  # idempotent for a finished element
     assert real.recover("nosuchtask", tmp_path) is None
     assert arrays.find(tmp_path, requests[3].task_id)[1] == 3  # type: ignore[index]
+
+
+@pytest.mark.gridengine
+def test_real_held_array_of_1000_is_one_submission_and_one_poll(real, tmp_path):
+    """A header option holds every element (DRMAA: the native specification only; the
+    spooled script carries no #$ line, which made Grid Engine drop the -h, measured), and
+    1,000 pending elements, one qstat range, come back from one poll."""
+    requests = [request(tmp_path, f"held{real.mode}{i}") for i in range(1000)]
+    for req in requests:
+        req.backend_parameters = {"hold": ""}
+    ids = real.submit_array(requests)
+    try:
+        calls = real.runner.calls
+        statuses = real.poll(ids)
+        assert {s.state for s in statuses.values()} == {JobState.PENDING}
+        if real.mode == "cli":
+            assert real.runner.calls == calls + 1
+            assert {s.reason for s in statuses.values()} == {"qstat: hqw"}
+        else:
+            assert {s.reason for s in statuses.values()} == {"drmaa: user_on_hold"}
+    finally:
+        subprocess.run(["qdel", ids[0].split(".")[0]], capture_output=True)
