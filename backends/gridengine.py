@@ -16,15 +16,24 @@ DRMAA session, e.g. after a restart) is looked up in the accounting file
 (``gridengine_accounting.py``, read incrementally, no command); not there (yet: qmaster
 flushes it every 15 s by default) it is LOST and the worker's event log decides.
 
+Arrays (``array_max`` > 1): tasks whose scripts would be identical but for the task go
+as ONE array job, ``qsub -terse -t 1-N`` (the script on stdin) or DRMAA ``runBulkJobs``
+(``-b n``: the script is spooled); element ids are ``JOB.IDX`` (1-based, as Grid Engine
+numbers them), element IDX runs line IDX-1 of the gateway's task list
+(backends/arrays.py, array_script.py). qstat's ranges of pending elements are expanded,
+accounting records carry the element; ``qdel JOB -t IDX`` / DRMAA ``control("JOB.IDX")``
+stop one element.
+
 Cancel: DRMAA ``control(id, TERMINATE)`` / ``qdel id``; a job already gone is not an
 error. ``recover`` looks the job up by name in ``qstat`` (a failed qstat raises: the job
 may exist), then in the accounting file; in mode drmaa on a host without qstat, in
-accounting only. Errors follow ``commands.failure`` (qmaster unreachable is transient,
-a missing command is not).
+accounting only. A task sent in an array is found through its task list, its element
+through the array job's name (``funnel-array-<list>``). Errors follow
+``commands.failure`` (qmaster unreachable is transient, a missing command is not).
 
 Config (``backend.gridengine``): mode, template, drmaa_library, sge_root, sge_cell,
 queue, parallel_environment, memory_resource, backend_parameters (TES key -> qsub
-option), site, command_timeout, static_tls, accounting_file.
+option), site, command_timeout, static_tls, accounting_file, array_max.
 """
 
 from __future__ import annotations
@@ -35,7 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from funnel_hpc.backends import files
+from funnel_hpc.backends import arrays, files
+from funnel_hpc.backends.array_script import (
+    KEY_LIST_NAME,
+    array_variables,
+    checked,
+    key_of,
+    worker_command,
+)
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import (
     COMMAND_NOT_FOUND,
@@ -45,15 +61,22 @@ from funnel_hpc.backends.commands import (
     failure,
     job_environment,
 )
-from funnel_hpc.backends.gridengine_accounting import MAX_REMEMBERED, AccountingFile
+from funnel_hpc.backends.gridengine_accounting import MAX_REMEMBERED, AccountingFile, job_order
 from funnel_hpc.backends.gridengine_drmaa import DrmaaAgent
-from funnel_hpc.backends.gridengine_qstat import ZOMBIE, map_qstat_state, parse_qstat_xml
-from funnel_hpc.backends.templating import render, script_variables
+from funnel_hpc.backends.gridengine_qstat import (
+    ZOMBIE,
+    job_number,
+    map_qstat_state,
+    parse_qstat_xml,
+)
+from funnel_hpc.backends.templating import TemplateValueError, render, script_variables
 from funnel_hpc.core.config import GridEngineOptions
 
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
 
 SCRIPT_NAME = "gridengine.sh"
+# the element's index in the task list: Grid Engine numbers elements from 1 (-t 1-N)
+ARRAY_INDEX = "SGE_TASK_ID - 1"
 # what Grid Engine's commands print when qmaster cannot be reached
 UNREACHABLE = ("commlib error", "unable to contact qmaster", "unable to send message to qmaster",
                "Connection refused")
@@ -85,6 +108,10 @@ class GridEngineBackend(Backend):
         self.agent = DrmaaAgent(self.env, timeout) if self.mode == "drmaa" else None
         # qsub processes are independent; the DRMAA helper answers one request at a time
         self.parallel_submit = self.mode == "cli"
+        if options.array_max < 1:
+            raise ValueError(f"backend.gridengine.array_max must be at least 1, "
+                             f"not {options.array_max}")
+        self.array_max = options.array_max
         self._finished: dict[str, JobStatus] = {}  # reaped by DRMAA, or cancelled in cli mode
         self.accounting = AccountingFile(Path(
             options.accounting_file
@@ -120,11 +147,31 @@ class GridEngineBackend(Backend):
             parallel_environment=self.options.parallel_environment,
             memory_resource=self.options.memory_resource,
             mem_per_slot_mb=int(math.ceil(ram_mb / cpus)) if ram_mb else None,
+            array=None,
         )
         return variables
 
     def render_script(self, request: SubmitRequest) -> str:
         return render(self.template, self.script_variables(request))
+
+    def render_array(self, requests: list[SubmitRequest], list_path: Path) -> str:
+        """The one script of an array of these requests (their first one's header)."""
+        variables = array_variables(self.script_variables(requests[0]), list_path=list_path,
+                                    index=ARRAY_INDEX, work_dir=self.work_dir,
+                                    command=worker_command(requests, self.work_dir))
+        return checked(render(self.template, variables), variables)
+
+    def array_key(self, request: SubmitRequest) -> str | None:
+        """The digest of the array script this task would share. None (one job, through
+        submit, which names what is wrong) when it cannot be an element: a value the
+        template refuses, a site template without an array part, another task dir."""
+        if self.array_max <= 1:
+            return None
+        try:
+            return key_of(self.render_array(
+                [request], arrays.directory(self.work_dir) / KEY_LIST_NAME))
+        except (BackendError, TemplateValueError):
+            return None
 
     def submit(self, request: SubmitRequest) -> str:
         try:
@@ -147,12 +194,47 @@ class GridEngineBackend(Backend):
                                transient=bool(reply.get("transient")))
         return str(reply["result"])
 
+    def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
+        """One array job of these tasks: element i (1-based) runs requests[i-1]."""
+        try:
+            listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            script = self.render_array(requests, listed.path)
+        except (ValueError, OSError) as exc:
+            raise BackendError(f"cannot make the Grid Engine array script: {exc}") from None
+        count = len(requests)
+        if self.mode == "cli":
+            # qsub reads the script on stdin (and spools it): no file to clean up
+            result = self._run(["qsub", "-terse", "-t", f"1-{count}"], input=script)
+            number = result.stdout.strip().split(".")[0]
+            if result.returncode != 0 or not number.isdigit():
+                raise failure("qsub", result, UNREACHABLE)
+            return [f"{number}.{index}" for index in range(1, count + 1)]
+        # DRMAA runs a file: -b n has Grid Engine spool it, so it is removed at once
+        body = "".join(line for line in script.splitlines(keepends=True)
+                       if not line.startswith("#$"))
+        path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
+                                   body, mode=0o700)
+        try:
+            reply = self._drmaa({"op": "submit_array", "command": str(path),
+                                 "workdir": str(self.work_dir), "count": count,
+                                 "native": native_specification(script) + " -b n"})
+        finally:
+            path.unlink(missing_ok=True)
+        if not reply["ok"]:
+            raise BackendError(f"DRMAA runBulkJobs failed: {reply['error'][:300]}",
+                               transient=bool(reply.get("transient")))
+        ids = [str(i) for i in reply["result"]]
+        if len(ids) != count:
+            raise BackendError(f"DRMAA runBulkJobs returned {len(ids)} ids for {count} tasks")
+        return ids
+
     def cancel(self, job_id: str) -> None:
         job_id = str(job_id)
         if job_id in self._finished:
             return
         if self.mode == "cli":
-            result = self._run(["qdel", job_id])
+            number, _, element = job_id.partition(".")
+            result = self._run(["qdel", number, "-t", element] if element else ["qdel", job_id])
             text = result.stderr + result.stdout
             if result.returncode == 0:
                 self._remember(job_id, JobStatus(JobState.CANCELLED, "qdel by funnel-hpc"))
@@ -245,25 +327,32 @@ class GridEngineBackend(Backend):
 
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:
-        """The newest job named funnel-<task id>: in qstat (zombies too), else in accounting.
-        A qstat that failed raises (transient): the job may exist. Only in mode drmaa
-        on a host without qstat is accounting the one place asked."""
-        name = f"funnel-{task_id}"
+        """The newest job named funnel-<task id>, or the task's element of the newest array
+        job named after the task list holding it (arrays.find): in qstat (zombies too),
+        else in accounting. A qstat that failed raises (transient): the job may exist.
+        Only in mode drmaa on a host without qstat is accounting the one place asked."""
+        names: dict[str, int | None] = {f"funnel-{task_id}": None}  # name -> element
+        listed = arrays.find(self.work_dir, task_id)
+        if listed is not None:
+            names[listed[0].job_name] = listed[1] + 1  # Grid Engine counts from 1
         jobs = self._qstat()
         if isinstance(jobs, Result):
             if not (self.mode == "drmaa" and jobs.returncode == COMMAND_NOT_FOUND):
                 error = failure("qstat", jobs, UNREACHABLE)
                 error.transient = True
                 raise error
-        else:
+            jobs = {}
+        accounted = self.accounting.refresh()
+        found: list[str] = []
+        for name, element in names.items():
             ids = [j for j, (_, job_name) in jobs.items() if job_name == name]
+            if not ids and accounted:
+                record = self.accounting.newest_named(name)
+                ids = [record.job_id] if record is not None else []
             if ids:
-                return max(ids, key=int)
-        if self.accounting.refresh():
-            record = self.accounting.newest_named(name)
-            if record is not None:
-                return record.job_id
-        return None
+                number = job_number(max(ids, key=job_order))
+                found.append(number if element is None else f"{number}.{element}")
+        return max(found, key=job_order) if found else None
 
     def close(self) -> None:
         if self.agent is not None:

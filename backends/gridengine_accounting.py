@@ -2,7 +2,8 @@
 
 Each ``AccountingFile.refresh`` reads only the lines appended since the previous one
 (no command; from the start again when the file shrank: rotated), keeping the
-records of funnel-hpc jobs (named ``funnel-...``). A record gives a finished job's
+records of funnel-hpc jobs (named ``funnel-...``), an array job's elements under their
+own ids ``JOB.IDX`` (the record's task number). A record gives a finished job's
 status: COMPLETED when ``failed`` and ``exit_status`` are 0, else FAILED.
 """
 
@@ -15,6 +16,8 @@ from funnel_hpc.backends.base import JobState, JobStatus
 
 # accounting(5): colon-separated fields; these are the ones read here
 ACCT_NAME, ACCT_NUMBER, ACCT_FAILED, ACCT_EXIT = 4, 5, 11, 12
+# the element of an array job (1-based), 0 for a job that is not one
+ACCT_TASK_NUMBER = 35
 
 # finished statuses and records kept (oldest dropped beyond this)
 MAX_REMEMBERED = 10000
@@ -71,7 +74,13 @@ class AccountingFile:
 
     def newest_named(self, name: str) -> AccountingRecord | None:
         named = [r for r in self.by_id.values() if r.name == name]
-        return max(named, key=lambda r: int(r.job_id)) if named else None
+        return max(named, key=lambda r: job_order(r.job_id)) if named else None
+
+
+def job_order(job_id: str) -> tuple[int, int]:
+    """A job id or element id ("123", "123.4") as numbers, to find the newest."""
+    number, _, element = job_id.partition(".")
+    return int(number), int(element or 0)
 
 
 def parse_accounting_line(line: str) -> AccountingRecord | None:
@@ -80,7 +89,10 @@ def parse_accounting_line(line: str) -> AccountingRecord | None:
         return None
     fields = line.split(":")
     try:
-        return AccountingRecord(job_id=str(int(fields[ACCT_NUMBER])), name=fields[ACCT_NAME],
+        number = str(int(fields[ACCT_NUMBER]))
+        element = int(fields[ACCT_TASK_NUMBER]) if len(fields) > ACCT_TASK_NUMBER else 0
+        return AccountingRecord(job_id=f"{number}.{element}" if element else number,
+                                name=fields[ACCT_NAME],
                                 failed=int(fields[ACCT_FAILED]),
                                 exit_status=int(fields[ACCT_EXIT]))
     except (IndexError, ValueError):

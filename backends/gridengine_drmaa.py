@@ -10,7 +10,8 @@ session and speaks JSON lines (backends/jsonlines.py) on its stdin/stdout, becau
 - a DRMAA session is per process and its C library is not thread-safe; the
   helper keeps it away from the gateway's threads (one request at a time).
 
-Requests: ``submit`` (runJob), ``cancel`` (control TERMINATE), ``status`` (jobStatus of
+Requests: ``submit`` (runJob), ``submit_array`` (runBulkJobs 1..count, ids ``JOB.IDX``),
+``cancel`` (control TERMINATE), ``status`` (jobStatus of
 each id, in-process library calls; ended jobs are reaped with ``wait(id, 0)`` for
 their exit, kept by the backend since a reaped job is unknown to DRMAA afterwards).
 """
@@ -85,12 +86,14 @@ def agent_main() -> int:
 
 def _agent_call(drmaa: Any, session: Any, cancelled: set[str], request: dict[str, Any]) -> Any:
     op = request["op"]
-    if op == "submit":
+    if op in ("submit", "submit_array"):
         template = session.createJobTemplate()
         try:
             template.remoteCommand = request["command"]
             template.workingDirectory = request["workdir"]
             template.nativeSpecification = request["native"]
+            if op == "submit_array":
+                return list(session.runBulkJobs(template, 1, int(request["count"]), 1))
             return session.runJob(template)
         finally:
             session.deleteJobTemplate(template)

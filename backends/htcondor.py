@@ -24,6 +24,14 @@ rather than let HTCondor rerun it behind the gateway's back (``reconciler.retry_
 Cancel: ``schedd.act(JobAction.Remove, "ClusterId == N", reason)``;
 removing a job that is gone already is not an error.
 
+Arrays (``array_max`` > 1): tasks whose description and wrapper would be identical but
+for the task go as ONE cluster of N procs (one ``Schedd.submit`` with count N); proc P
+runs the wrapper ``<work_dir>/arrays/<list>.sh`` with argument $(Process), which reads line
+P of the gateway's task list (backends/arrays.py, array_script.py). Element ids are
+``CLUSTER.PROC``: polled in the same one query (the cluster constraint), removed one by
+one (``ClusterId == C && ProcId == P``), recovered by the cluster's JobBatchName
+(``funnel-array-<list>``).
+
 Bindings: ``htcondor2`` (HTCondor >= 24, the only module of the 25.x wheels)
 or the older ``htcondor`` module, imported when the backend is created;
 ``backend.htcondor.bindings`` names the module to use instead (e.g. ``htcondor``
@@ -41,9 +49,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from funnel_hpc.backends import files
+from funnel_hpc.backends import arrays, files
+from funnel_hpc.backends.array_script import (
+    KEY_LIST_NAME,
+    array_variables,
+    checked,
+    key_of,
+    worker_command,
+)
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.templating import (
+    TemplateValueError,
     directive,
     map_backend_parameters,
     render,
@@ -118,6 +134,20 @@ def cluster_constraint(cluster_ids: list[str]) -> str:
     return "member(ClusterId, {" + ", ".join(str(int(c)) for c in cluster_ids) + "})"
 
 
+# a job id: a cluster ("123", one task's job) or a proc of one ("123.4", an array element)
+JOB_ID = re.compile(r"([0-9]+)(?:\.([0-9]+))?")
+# the proc's index in the task list: its $(Process), the wrapper's one argument
+ARRAY_INDEX = "$1"
+
+
+def parse_job_id(job_id: str) -> tuple[int, int | None] | None:
+    """(cluster, proc or None) of a job id, or None for what is not one."""
+    match = JOB_ID.fullmatch(str(job_id))
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) is not None else None
+
+
 def is_unreachable(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(marker in text for marker in UNREACHABLE)
@@ -133,6 +163,10 @@ class HTCondorBackend(Backend):
                  on_change: Callable[[], None] | None = None, schedd: Any = None,
                  bindings: Any = None, name: str | None = None):
         super().__init__(options, work_dir, on_change, name)
+        if options.array_max < 1:
+            raise ValueError(f"backend.htcondor.array_max must be at least 1, "
+                             f"not {options.array_max}")
+        self.array_max = options.array_max
         self.template = options.template
         self.wrapper_template = options.wrapper_template
         self.htcondor = bindings or load_bindings(options.bindings)
@@ -161,12 +195,64 @@ class HTCondorBackend(Backend):
                                           COMMAND_NAME, "a submit command name")
         variables = script_variables(request, self.options, commands)
         variables["wrapper"] = str(request.task_dir / "htcondor.sh")
+        variables["array"] = None
         return variables
 
     def render(self, request: SubmitRequest) -> tuple[str, str]:
         """(submit description, wrapper script) for the request."""
         variables = self.variables(request)
         return render(self.template, variables), render(self.wrapper_template, variables)
+
+    def render_array(self, requests: list[SubmitRequest], list_path: Path) -> tuple[str, str]:
+        """(submit description, wrapper) of one cluster of these requests' procs."""
+        one = self.variables(requests[0])
+        del one["wrapper"]
+        variables = array_variables(one, list_path=list_path, index=ARRAY_INDEX,
+                                    work_dir=self.work_dir,
+                                    command=worker_command(requests, self.work_dir))
+        variables["array"]["wrapper"] = str(list_path.parent / f"{list_path.name}.sh")
+        return (render(self.template, variables),
+                checked(render(self.wrapper_template, variables), variables))
+
+    def array_key(self, request: SubmitRequest) -> str | None:
+        """The digest of the description and wrapper this task's proc would share. None
+        (one cluster, through submit, which names what is wrong) when it cannot be a proc
+        of an array: a value the template refuses, a template without an array part,
+        another task dir."""
+        if self.array_max <= 1:
+            return None
+        try:
+            description, wrapper = self.render_array(
+                [request], arrays.directory(self.work_dir) / KEY_LIST_NAME)
+        except (BackendError, TemplateValueError):
+            return None
+        return key_of(description + "\0" + wrapper)
+
+    def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
+        """One cluster of len(requests) procs: proc P runs requests[P]. The wrapper stays
+        in <work_dir>/arrays while procs may start (nothing is transferred)."""
+        try:
+            listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            description, wrapper = self.render_array(requests, listed.path)
+            path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
+                                       wrapper, mode=0o700)
+        except (ValueError, OSError) as exc:
+            raise BackendError(f"cannot render the HTCondor array: {exc}") from None
+        try:
+            try:
+                submit = self.htcondor.Submit(description)
+            except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
+                raise BackendError(f"HTCondor refused the submit description: {exc}") from None
+            try:
+                result = self.schedd().submit(submit, count=len(requests))
+            except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
+                raise BackendError(f"condor submit failed: {exc}",
+                                   transient=is_unreachable(exc)) from None
+        except BackendError:
+            path.unlink(missing_ok=True)
+            raise
+        cluster = int(result.cluster())
+        return [f"{cluster}.{proc}" for proc in range(len(requests))]
 
     def submit(self, request: SubmitRequest) -> str:
         try:
@@ -191,12 +277,14 @@ class HTCondorBackend(Backend):
     # ---- cancel ----
 
     def cancel(self, job_id: str) -> None:
-        if not str(job_id).isdigit():
-            return  # not a cluster id: nothing HTCondor could remove
+        parsed = parse_job_id(job_id)
+        if parsed is None:
+            return  # not a job id: nothing HTCondor could remove
+        cluster, proc = parsed
+        spec = f"ClusterId == {cluster}" + (f" && ProcId == {proc}" if proc is not None else "")
         schedd = self.schedd()
         try:
-            schedd.act(self.htcondor.JobAction.Remove, f"ClusterId == {int(job_id)}",
-                       CANCEL_REASON)
+            schedd.act(self.htcondor.JobAction.Remove, spec, CANCEL_REASON)
         except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"condor remove {job_id} failed: {exc}",
                                transient=is_unreachable(exc)) from None
@@ -206,20 +294,17 @@ class HTCondorBackend(Backend):
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         wanted = sorted({str(j) for j in job_ids})
         found: dict[str, JobStatus] = {}
-        clusters = [j for j in wanted if j.isdigit()]
-        if clusters:
+        asked = [j for j in wanted if parse_job_id(j) is not None]
+        if asked:
             try:  # poll never raises: a schedd we cannot locate or query is UNKNOWN
                 schedd = self.schedd()
-                ads = schedd.query(constraint=cluster_constraint(clusters),
+                ads = schedd.query(constraint=cluster_constraint(_clusters(asked)),
                                    projection=PROJECTION)
             except Exception as exc:  # noqa: BLE001 - BackendError or see BINDING_ERRORS
                 reason = f"schedd query failed: {exc}"
                 return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
-            for ad in ads:
-                cluster = str(ad.get("ClusterId"))
-                if cluster in clusters:
-                    found[cluster] = job_status(ad)
-            missing = [c for c in clusters if c not in found]
+            _match(ads, set(asked), found)
+            missing = [j for j in asked if j not in found]
             if missing:
                 found.update(self._history(schedd, missing))
         for job_id in wanted:
@@ -227,27 +312,38 @@ class HTCondorBackend(Backend):
                 JobState.LOST, "HTCondor no longer knows this job (not in the queue or history)"))
         return found
 
-    def _history(self, schedd: Any, clusters: list[str]) -> dict[str, JobStatus]:
+    def _history(self, schedd: Any, job_ids: list[str]) -> dict[str, JobStatus]:
+        # one ad per cluster asked for, or every proc of the arrays asked for
+        procs = any("." in j for j in job_ids)
         try:
-            ads = list(schedd.history(constraint=cluster_constraint(clusters),
-                                      projection=PROJECTION, match=len(clusters)))
+            ads = list(schedd.history(constraint=cluster_constraint(_clusters(job_ids)),
+                                      projection=PROJECTION,
+                                      match=-1 if procs else len(job_ids)))
         except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             # not LOST: that would fail the tasks; ask again next poll
-            return {c: JobStatus(JobState.UNKNOWN, f"schedd history failed: {exc}")
-                    for c in clusters}
+            return {j: JobStatus(JobState.UNKNOWN, f"schedd history failed: {exc}")
+                    for j in job_ids}
         out: dict[str, JobStatus] = {}
-        for ad in ads:  # newest first: keep the first ad of each cluster
-            cluster = str(ad.get("ClusterId"))
-            if cluster in clusters and cluster not in out:
-                out[cluster] = job_status(ad)
+        _match(ads, set(job_ids), out)  # newest first: the first ad of each job wins
         return out
 
     # ---- recover ----
 
     def recover(self, task_id: str, task_dir: Any,
                 owner: str | None = None) -> str | None:
-        """The newest cluster whose FunnelTaskId is the task's, in the queue or history."""
-        constraint = f'FunnelTaskId =?= "{directive(task_id)}"'
+        """The newest cluster whose FunnelTaskId is the task's, or the task's proc of the
+        newest cluster named after the task list holding it (JobBatchName), in the queue
+        or history."""
+        found = [str(c) for c in self._clusters_where(f'FunnelTaskId =?= "{directive(task_id)}"')]
+        listed = arrays.find(self.work_dir, task_id)
+        if listed is not None:
+            name = directive(listed[0].job_name)
+            found += [f"{c}.{listed[1]}" for c in
+                      self._clusters_where(f'JobBatchName =?= "{name}"')]
+        return max(found, key=lambda j: int(j.split(".")[0])) if found else None
+
+    def _clusters_where(self, constraint: str) -> list[int]:
+        """The clusters of the queue's jobs matching, else of the newest in history."""
         schedd = self.schedd()
         try:
             ads = list(schedd.query(constraint=constraint, projection=["ClusterId"]))
@@ -257,4 +353,18 @@ class HTCondorBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - see BINDING_ERRORS
             raise BackendError(f"schedd query failed: {exc}", transient=True) from None
         clusters = [int(ad["ClusterId"]) for ad in ads if "ClusterId" in ad]
-        return str(max(clusters)) if clusters else None
+        return [max(clusters)] if clusters else []
+
+
+def _clusters(job_ids: list[str]) -> list[str]:
+    """The distinct clusters of these job ids (all parse)."""
+    return list(dict.fromkeys(j.split(".")[0] for j in job_ids))
+
+
+def _match(ads: Any, wanted: set[str], out: dict[str, JobStatus]) -> None:
+    """Each ad's status under the id asked for it ("C" or "C.P"), the first ad of each."""
+    for ad in ads:
+        cluster = str(ad.get("ClusterId"))
+        for job_id in (cluster, f"{cluster}.{ad.get('ProcId')}"):
+            if job_id in wanted and job_id not in out:
+                out[job_id] = job_status(ad)

@@ -6,18 +6,26 @@ every job option (name ``funnel-<task id>``, output and error in the task dir,
 ``-l select=1:ncpus=N:mem=Mmb``, walltime, ``-q`` from the first zone or
 ``backend.pbs.queue``, ``-A`` of the site, allow-listed backend_parameters). The job id
 is qsub's line, ``123.server``. ``job_header`` gives the ``#PBS`` lines of a rendered
-script: what identical jobs share (the grouping key of job arrays, ``-J``, to come).
+script.
+
+Arrays (``array_max`` > 1): 2 to array_max tasks whose scripts would be identical but for
+the task go as ONE ``qsub -J 0-(N-1)`` (qsub prints ``123[].server``); subjob ids are
+``123[i].server``, subjob i runs line i of the gateway's task list (backends/arrays.py,
+array_script.py). Poll adds ``-t`` and each array's ``123[].server`` to its one qstat
+(the subjobs come with their array); ``qdel 123[i].server`` stops one subjob; recover
+asks ``qselect -J`` for the array named after the task's list.
 
 Poll: ONE ``qstat -f -F json -x ID...`` (``-x``: finished jobs too, PBS Pro 13+ /
 OpenPBS 20+; more than ``max_ids_per_qstat`` ids: one call per that many), read by
 ``pbs_qstat.py``. An id qstat answers "Unknown Job Id" for (the server's job history has
 let it go) is LOST and the worker's event log decides; a qstat that failed otherwise
-makes its jobs UNKNOWN. ``recover`` asks ``qselect -x -u <us> -N funnel-<task id>``.
+makes its jobs UNKNOWN. ``recover`` asks ``qselect -x -u <us> -N funnel-<task id>`` (and
+``-J`` for an array's name).
 Errors follow ``commands.failure`` (the server unreachable is transient, a missing
 command or a refused job is not). No command sees a task value: argv lists only.
 
 Config (``backend.pbs``): template, queue, walltime, backend_parameters (TES key -> qsub
-option), site, command_timeout, max_ids_per_qstat.
+option), site, command_timeout, max_ids_per_qstat, array_max.
 """
 
 from __future__ import annotations
@@ -29,11 +37,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from funnel_hpc.backends import files
+from funnel_hpc.backends import arrays, files
+from funnel_hpc.backends.array_script import (
+    KEY_LIST_NAME,
+    array_variables,
+    checked,
+    key_of,
+    worker_command,
+)
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Runner, failure, make_runner
 from funnel_hpc.backends.pbs_qstat import job_status, parse_qstat_json, sequence, unknown_ids
-from funnel_hpc.backends.templating import render, script_variables
+from funnel_hpc.backends.templating import TemplateValueError, render, script_variables
 from funnel_hpc.core.config import PbsOptions
 
 SCRIPT_NAME = "pbs.sh"
@@ -46,6 +61,10 @@ UNREACHABLE = ("cannot connect to server", "Connection refused", "Connection tim
 ALREADY_GONE = ("Unknown Job Id", "Job has finished")
 # a job id as qsub prints it: sequence number, optional array brackets, optional server
 JOB_ID = re.compile(r"[0-9]+(\[[0-9]*\])?(\.[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# a subjob id: the array's sequence number, the index, the server
+SUBJOB_ID = re.compile(r"([0-9]+)\[([0-9]+)\](\.[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+# the subjob's index in the task list: PBS's own, from 0 (-J 0-(N-1))
+ARRAY_INDEX = "PBS_ARRAY_INDEX"
 # -l walltime: [[HH:]MM:]SS
 WALLTIME = re.compile(r"([0-9]+:){0,2}[0-9]+")
 
@@ -62,6 +81,18 @@ def parse_job_id(text: str) -> str:
     if not JOB_ID.fullmatch(job_id):
         raise BackendError(f"qsub printed no job id: {text.strip()[:200]!r}")
     return job_id
+
+
+def array_of(job_id: str) -> str | None:
+    """The array job id of a subjob id ("123[].server" of "123[4].server"), else None."""
+    match = SUBJOB_ID.fullmatch(job_id)
+    return f"{match.group(1)}[]{match.group(3) or ''}" if match else None
+
+
+def _number(job_id: str) -> int:
+    """A job's sequence number ("123" of "123[4].server"), to find the newest."""
+    digits = re.match(r"[0-9]*", job_id)
+    return int(digits.group()) if digits and digits.group() else 0
 
 
 def _own_user() -> str | None:
@@ -86,16 +117,63 @@ class PbsBackend(Backend):
                              f"not {options.walltime!r}")
         if options.max_ids_per_qstat < 1:
             raise ValueError("backend.pbs.max_ids_per_qstat must be at least 1")
+        if options.array_max < 1:
+            raise ValueError(f"backend.pbs.array_max must be at least 1, not {options.array_max}")
+        self.array_max = options.array_max
         self.template = options.template
         self.runner: Runner = make_runner(None, options.command_timeout)
 
     # ---- submit / cancel ----
 
     def script_variables(self, request: SubmitRequest) -> dict[str, Any]:
-        return {**script_variables(request, self.options), "walltime": self.options.walltime}
+        return {**script_variables(request, self.options), "walltime": self.options.walltime,
+                "array": None}
 
     def render_script(self, request: SubmitRequest) -> str:
         return render(self.template, self.script_variables(request))
+
+    def render_array(self, requests: list[SubmitRequest], list_path: Path) -> str:
+        """The one script of an array of these requests (their first one's header)."""
+        variables = array_variables(self.script_variables(requests[0]), list_path=list_path,
+                                    index=ARRAY_INDEX, work_dir=self.work_dir,
+                                    command=worker_command(requests, self.work_dir))
+        return checked(render(self.template, variables), variables)
+
+    def array_key(self, request: SubmitRequest) -> str | None:
+        """The digest of the array script this task would share. None (one job, through
+        submit, which names what is wrong) when it cannot be a subjob: a value the
+        template refuses, a site template without an array part, another task dir."""
+        if self.array_max <= 1:
+            return None
+        try:
+            return key_of(self.render_array(
+                [request], arrays.directory(self.work_dir) / KEY_LIST_NAME))
+        except (BackendError, TemplateValueError):
+            return None
+
+    def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
+        """One `qsub -J 0-(N-1)` of these tasks (N >= 2): subjob i runs requests[i]."""
+        if len(requests) < 2:
+            raise BackendError("a PBS job array has 2 subjobs or more (one goes alone)")
+        try:
+            listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            script = self.render_array(requests, listed.path)
+            # qsub copies the script when it submits: removed once it has
+            path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
+                                       script, mode=0o700)
+        except (ValueError, OSError) as exc:
+            raise BackendError(f"cannot make the PBS array script: {exc}") from None
+        try:
+            result = self.runner.run(["qsub", "-J", f"0-{len(requests) - 1}", str(path)])
+        finally:
+            path.unlink(missing_ok=True)
+        if result.returncode != 0:
+            raise failure("qsub", result, UNREACHABLE)
+        array_id = parse_job_id(result.stdout)
+        match = re.fullmatch(r"([0-9]+)\[\](.*)", array_id)
+        if match is None:
+            raise BackendError(f"qsub -J printed {array_id!r}, not an array job id")
+        return [f"{match.group(1)}[{index}]{match.group(2)}" for index in range(len(requests))]
 
     def submit(self, request: SubmitRequest) -> str:
         try:
@@ -131,8 +209,12 @@ class PbsBackend(Backend):
         return out
 
     def _qstat(self, job_ids: list[str]) -> dict[str, JobStatus]:
-        """One `qstat -f -F json -x` for job_ids; never raises."""
-        result = self.runner.run(["qstat", "-f", "-F", "json", "-x", *job_ids])
+        """One `qstat -f -F json -x` for job_ids (subjobs: -t and their arrays' ids, which
+        list every subjob); never raises."""
+        parents = list(dict.fromkeys(p for p in map(array_of, job_ids) if p is not None))
+        asked = [j for j in job_ids if array_of(j) is None] + parents
+        subjobs = ["-t"] if parents else []
+        result = self.runner.run(["qstat", "-f", "-F", "json", "-x", *subjobs, *asked])
         try:
             jobs = parse_qstat_json(result.stdout)
         except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep JSON
@@ -150,7 +232,8 @@ class PbsBackend(Backend):
             key = job_id if job_id in jobs else by_sequence.get(sequence(job_id))
             if key is not None:
                 out[job_id] = job_status(jobs[key])
-            elif sequence(job_id) in forgotten or not failed:
+            elif sequence(job_id) in forgotten or not failed or \
+                    sequence(array_of(job_id) or job_id) in forgotten:
                 out[job_id] = JobStatus(JobState.LOST, "qstat: Unknown Job Id (the server's "
                                                        "job history no longer has it)")
             else:
@@ -162,19 +245,31 @@ class PbsBackend(Backend):
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:
         """The newest of our jobs named funnel-<task id>, queued, running or finished
-        (qselect -x). A qselect that failed raises (transient): the job may exist."""
+        (qselect -x), or the task's subjob of our newest array named after the task list
+        holding it (qselect -x -J). A qselect that failed raises (transient): the job may
+        exist."""
+        found = self._select(["-N", f"funnel-{task_id}"])
+        listed = arrays.find(self.work_dir, task_id)
+        if listed is not None:
+            found += [f"{m.group(1)}[{listed[1]}]{m.group(2)}"
+                      for m in (re.fullmatch(r"([0-9]+)\[\](.*)", j)
+                                for j in self._select(["-J", "-N", listed[0].job_name]))
+                      if m is not None]
+        if not found:
+            return None
+        return max(found, key=_number)
+
+    def _select(self, criteria: list[str]) -> list[str]:
+        """The ids `qselect -x -u <us> <criteria>` prints; raises BackendError(transient)."""
         user = _own_user()
         whose = ["-u", user] if user else []
-        result = self.runner.run(["qselect", "-x", *whose, "-N", f"funnel-{task_id}"])
+        result = self.runner.run(["qselect", "-x", *whose, *criteria])
         if result.returncode != 0:
             error = failure("qselect", result, UNREACHABLE)
             error.transient = True
             raise error
-        ids = [line.strip() for line in result.stdout.splitlines()
-               if JOB_ID.fullmatch(line.strip())]
-        if not ids:
-            return None
-        return max(ids, key=lambda j: int(re.sub(r"\D", "", sequence(j)) or 0))
+        return [line.strip() for line in result.stdout.splitlines()
+                if JOB_ID.fullmatch(line.strip())]
 
     def close(self) -> None:
         self.runner.close()

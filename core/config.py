@@ -295,6 +295,7 @@ class HTCondorOptions(Section):
     bindings: str
     backend_parameters: Options
     site: HTCondorSite
+    array_max: int  # tasks per cluster of N procs (1: one job per task)
 
 
 class GridEngineSite(Section):
@@ -320,6 +321,7 @@ class GridEngineOptions(Section):
     command_timeout: float
     static_tls: int
     accounting_file: str
+    array_max: int  # tasks per array job, qsub -t (1: one job per task)
 
 
 class PbsSite(Section):
@@ -339,6 +341,7 @@ class PbsOptions(Section):
     site: PbsSite
     command_timeout: float
     max_ids_per_qstat: int
+    array_max: int  # tasks per array job, qsub -J (1: one job per task)
 
 
 class TesOptions(Section):

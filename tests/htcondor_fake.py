@@ -7,10 +7,15 @@ evaluated by the real ClassAd library (classad2), submit descriptions must be
 real ``htcondor2.Submit`` objects, actions real ``JobAction`` members; every
 call is recorded.
 
+A submit with ``count`` N (a job array) makes ONE cluster of N procs (ProcId 0..N-1), as
+the bindings document ``Schedd.submit(description, count)``; ``batch_name`` becomes each
+proc's ``JobBatchName``, ``+Attr`` commands their attributes.
+
 ``ExecutingSchedd`` adds what a schedd and its execute slots do with the jobs
 submitted to it, for the end-to-end tests: it runs each job's executable (the
-backend's wrapper script, which execs the funnel worker) as a local process,
-at most ``slots`` at once in ClusterId order, moving the job's ad through Idle
+backend's wrapper script, which execs the funnel worker) as a local process, with its
+``arguments`` (``$(Process)`` expanded to the proc's number, as condor_submit does),
+at most ``slots`` at once in (ClusterId, ProcId) order, moving the job's ad through Idle
 (1), Running (2) and Completed (4, with ExitCode or ExitBySignal) into the
 history; ``act(Remove)`` sends the job SIGTERM (SIGKILL 5 s later), marks it
 Removed (3) with the reason, and it leaves the queue when its process is gone.
@@ -95,9 +100,15 @@ class FakeSchedd:
             raise self.fail
         cluster = self.next_cluster
         self.next_cluster += 1
-        task_id = self.classad.ExprTree(description["MY.FunnelTaskId"]).eval()
-        self.queue.append(self.classad.ClassAd({"ClusterId": cluster, "ProcId": 0,
-                                                "JobStatus": 1, "FunnelTaskId": task_id}))
+        attributes: dict[str, Any] = {"JobStatus": 1}
+        if "MY.FunnelTaskId" in description:
+            attributes["FunnelTaskId"] = self.classad.ExprTree(
+                description["MY.FunnelTaskId"]).eval()
+        if "batch_name" in description:
+            attributes["JobBatchName"] = description["batch_name"]
+        for proc in range(max(1, count)):
+            self.queue.append(self.classad.ClassAd({"ClusterId": cluster, "ProcId": proc,
+                                                    **attributes}))
         return FakeSubmitResult(cluster)
 
     def act(self, action: Any, job_spec: Any, reason: str | None = None) -> Any:
@@ -128,9 +139,9 @@ class ExecutingSchedd(FakeSchedd):
         super().__init__()
         self.slots = slots
         self.lock = threading.RLock()
-        self.descriptions: dict[int, dict[str, str]] = {}
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.kill_at: dict[int, float] = {}
+        self.descriptions: dict[int, dict[str, str]] = {}  # by cluster
+        self.procs: dict[tuple[int, int], subprocess.Popen] = {}  # by (cluster, proc)
+        self.kill_at: dict[tuple[int, int], float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run_slots, daemon=True)
         self._thread.start()
@@ -154,18 +165,20 @@ class ExecutingSchedd(FakeSchedd):
             return super().act(*args, **kwargs)
 
     def _remove(self, ad: Any, reason: str) -> None:
-        proc = self.procs.get(int(ad["ClusterId"]))
+        proc = self.procs.get(_job(ad))
         if proc is None or proc.poll() is not None:
             super()._remove(ad, reason)
             return
         ad["JobStatus"] = 3  # Removed, still in the queue until its process is gone
         ad["RemoveReason"] = reason
         os.killpg(proc.pid, signal.SIGTERM)
-        self.kill_at[int(ad["ClusterId"])] = time.monotonic() + KILL_GRACE_SECONDS
+        self.kill_at[_job(ad)] = time.monotonic() + KILL_GRACE_SECONDS
 
-    def remove_outside(self, cluster: str, reason: str = "removed by an administrator") -> None:
-        """condor_rm by someone else: act(Remove) without the gateway."""
-        self.act(self.htcondor.JobAction.Remove, f"ClusterId == {int(cluster)}", reason)
+    def remove_outside(self, job_id: str, reason: str = "removed by an administrator") -> None:
+        """condor_rm by someone else: act(Remove) without the gateway ("C" or "C.P")."""
+        cluster, _, proc = str(job_id).partition(".")
+        spec = f"ClusterId == {int(cluster)}" + (f" && ProcId == {int(proc)}" if proc else "")
+        self.act(self.htcondor.JobAction.Remove, spec, reason)
 
     def _run_slots(self) -> None:
         while not self._stop.wait(0.1):
@@ -175,17 +188,17 @@ class ExecutingSchedd(FakeSchedd):
 
     def _reap(self) -> None:
         for ad in list(self.queue):
-            cluster = int(ad["ClusterId"])
-            proc = self.procs.get(cluster)
+            job = _job(ad)
+            proc = self.procs.get(job)
             if proc is None:
                 continue
             code = proc.poll()
             if code is None:
-                if time.monotonic() > self.kill_at.get(cluster, float("inf")):
+                if time.monotonic() > self.kill_at.get(job, float("inf")):
                     os.killpg(proc.pid, signal.SIGKILL)
                 continue
-            del self.procs[cluster]
-            self.kill_at.pop(cluster, None)
+            del self.procs[job]
+            self.kill_at.pop(job, None)
             if ad["JobStatus"] != 3:
                 ad["JobStatus"] = 4
                 ad["ExitBySignal"] = code < 0
@@ -198,19 +211,21 @@ class ExecutingSchedd(FakeSchedd):
 
     def _start_idle(self) -> None:
         idle = sorted((ad for ad in self.queue if ad["JobStatus"] == 1
-                       and int(ad["ClusterId"]) in self.descriptions),
-                      key=lambda ad: int(ad["ClusterId"]))
+                       and int(ad["ClusterId"]) in self.descriptions), key=_job)
         for ad in idle[:max(0, self.slots - len(self.procs))]:
-            cluster = int(ad["ClusterId"])
-            self.procs[cluster] = self._execute(self.descriptions[cluster])
+            job = _job(ad)
+            self.procs[job] = self._execute(self.descriptions[job[0]], job[1])
             ad["JobStatus"] = 2
 
     @staticmethod
-    def _execute(description: dict[str, str]) -> subprocess.Popen:
-        """The job's executable in its initialdir, output/error to the described files,
-        in a minimal environment (HTCondor does not pass the submitter's by default)."""
+    def _execute(description: dict[str, str], proc: int) -> subprocess.Popen:
+        """The job's executable in its initialdir with its arguments ($(Process) expanded),
+        output/error to the described files, in a minimal environment (HTCondor does not
+        pass the submitter's by default)."""
+        arguments = description.get("arguments", "").replace("$(Process)", str(proc)).split()
         with open(description["output"], "ab") as out, open(description["error"], "ab") as err:
-            return subprocess.Popen([description["executable"]], cwd=description["initialdir"],
+            return subprocess.Popen([description["executable"], *arguments],
+                                    cwd=description["initialdir"],
                                     stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                                     env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
                                     start_new_session=True)
@@ -222,6 +237,11 @@ class ExecutingSchedd(FakeSchedd):
             for proc in self.procs.values():
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _job(ad: Any) -> tuple[int, int]:
+    """(ClusterId, ProcId) of a job ad."""
+    return int(ad["ClusterId"]), int(ad.get("ProcId", 0) or 0)
 
 
 # ---- the schedd over XML-RPC, for a gateway in another process ----

@@ -11,19 +11,27 @@ given, read at the time of the call). ``fail(command, rc, stderr)`` makes a comm
 answer like a server in trouble until ``clear()``.
 
 With ``execute=True`` the double also runs what it is given, for the end-to-end test: qsub
-starts a detached ``pbs_mom`` (the same program) that marks the job R, runs its script
-with ``/bin/bash`` (stdout and stderr into the script's ``-o``/``-e`` files) and marks it
-F with its exit status (256 + the signal when killed); qdel of a running job sends its
-process group SIGTERM and marks it F, substate 91, Exit_status 271, as PBS does. What a
-server does beyond that (scheduling, nodes, staging, limits) is not imitated.
+copies the script (as a server spools it) and starts a detached ``pbs_mom`` (the same
+program) that marks the job R, runs its script with ``/bin/bash`` (stdout and stderr into
+the script's ``-o``/``-e`` files) and marks it F with its exit status (256 + the signal
+when killed); qdel of a running job sends its process group SIGTERM and marks it F,
+substate 91, Exit_status 271, as PBS does. What a server does beyond that (scheduling,
+nodes, staging, limits) is not imitated.
+
+Job arrays as PBS documents them: ``qsub -J first-last script`` prints ``N[].server`` and
+makes the array (state B) and its subjobs ``N[i].server`` (each run by its own pbs_mom
+with ``PBS_ARRAY_INDEX``, finished in state X); ``qstat -t`` lists an array's subjobs
+with it; qdel of a subjob stops that one, of an array all of them; ``qselect -J`` lists
+arrays only (qselect never lists subjobs).
 
 What the fakes check, as the real commands would refuse it: qstat only in the form
-``qstat -f -F json -x ID...``; qselect only with ``-x``, ``-u``, ``-N``; qsub one
-readable script path; qdel one id.
+``qstat -f -F json -x [-t] ID...``; qselect only with ``-x``, ``-u``, ``-N``, ``-J``; qsub
+one readable script path, after ``-J first-last`` (last > first) for an array; qdel one id.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sys
 from pathlib import Path
@@ -51,7 +59,7 @@ def update(job_id, **attributes):
         fcntl.flock(lock, fcntl.LOCK_EX)
         document = json.loads((STATE / "jobs.json").read_text())
         job = document["Jobs"][job_id]
-        if job["job_state"] == "F":
+        if job["job_state"] in ("F", "X"):
             return False
         job.update(attributes)
         (STATE / "jobs.json").write_text(json.dumps(document))
@@ -59,12 +67,15 @@ def update(job_id, **attributes):
 
 
 if command == "pbs_mom":  # runs one job: its script under bash, -o/-e its output files
-    job_id, script, out_path, err_path = args
+    job_id, script, out_path, err_path = args[:4]
+    env = dict(os.environ)
+    if len(args) > 4:  # a subjob: its index, as PBS sets it
+        env.update(PBS_ARRAY_INDEX=args[4], PBS_ARRAY_ID=args[5])
     if update(job_id, job_state="R", substate=42, pid=os.getpid()):
         with open(out_path, "w") as out_file, open(err_path, "w") as err_file:
             rc = subprocess.call(["/bin/bash", script], stdin=subprocess.DEVNULL,
-                                 stdout=out_file, stderr=err_file)
-        update(job_id, job_state="F", substate=92,
+                                 stdout=out_file, stderr=err_file, env=env)
+        update(job_id, job_state="X" if len(args) > 4 else "F", substate=92,
                Exit_status=rc if rc >= 0 else 256 - rc)  # killed by a signal: 256 + it
     sys.exit(0)
 
@@ -82,9 +93,9 @@ def seq(job_id):
 with open(STATE / "lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     record = {"command": command, "argv": [command, *args]}
-    if command == "qsub" and len(args) == 1 and os.path.isfile(args[0]):
-        record["script"] = Path(args[0]).read_text()
-        record["mode"] = os.stat(args[0]).st_mode & 0o777
+    if command == "qsub" and args and os.path.isfile(args[-1]):
+        record["script"] = Path(args[-1]).read_text()
+        record["mode"] = os.stat(args[-1]).st_mode & 0o777
     with open(STATE / "calls.jsonl", "a") as calls:
         calls.write(json.dumps(record) + "\n")
     failures = json.loads((STATE / "fail.json").read_text())
@@ -101,11 +112,23 @@ with open(STATE / "lock", "w") as lock:
                 return key
         return None
 
+    def subjobs(array_id):
+        return [k for k in jobs if seq(k) != seq(array_id) and
+                seq(k).split("[")[0] + "[]" == seq(array_id)]
+
     def save():
         (STATE / "jobs.json").write_text(json.dumps(document))
 
     if command == "qsub":
-        if len(args) != 1 or "script" not in record:
+        indices = None
+        if len(args) == 3 and args[0] == "-J":  # an array: -J first-last
+            first, _, last = args[1].partition("-")
+            if not (first.isdigit() and last.isdigit() and int(last) > int(first)):
+                out(stderr="qsub: illegal -J value\n", rc=2)
+            indices = range(int(first), int(last) + 1)
+        elif len(args) != 1:
+            out(stderr="usage: qsub [options] script\n", rc=2)
+        if "script" not in record:
             out(stderr="usage: qsub [options] script\n", rc=2)
         options = {"-N": "STDIN", "-q": "workq", "-o": os.devnull, "-e": os.devnull}
         for line in record["script"].splitlines()[1:]:
@@ -115,27 +138,44 @@ with open(STATE / "lock", "w") as lock:
             if words[1] in options:
                 options[words[1]] = words[2]
         name, queue = options["-N"], options["-q"]
-        number = max([int(seq(k)) for k in jobs] + [1000]) + 1
-        job_id = f"{number}.{SERVER}"
-        jobs[job_id] = {"Job_Name": name, "Job_Owner": f"{user}@login01", "job_state": "Q",
-                        "queue": queue, "server": SERVER, "Hold_Types": "n", "substate": 10}
+        number = max([int(seq(k).split("[")[0]) for k in jobs] + [1000]) + 1
+        job_id = f"{number}{'[]' if indices else ''}.{SERVER}"
+        base = {"Job_Name": name, "Job_Owner": f"{user}@login01", "job_state": "Q",
+                "queue": queue, "server": SERVER, "Hold_Types": "n", "substate": 10}
+        jobs[job_id] = dict(base)
+        runs = [(job_id, [])]
+        if indices:
+            jobs[job_id].update(job_state="B", array="True",
+                                array_indices_submitted=args[1])
+            runs = []
+            for index in indices:
+                sub_id = f"{number}[{index}].{SERVER}"
+                jobs[sub_id] = {**base, "array_id": job_id, "array_index": index}
+                runs.append((sub_id, [str(index), job_id]))
         save()
         if EXECUTE:
-            subprocess.Popen([str(Path(sys.argv[0]).parent / "pbs_mom"), job_id, args[0],
-                              options["-o"], options["-e"]], start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+            spooled = STATE / f"{number}.SC"  # qsub copies the script, as PBS does
+            spooled.write_text(record["script"])
+            for run_id, extra in runs:
+                subprocess.Popen([str(Path(sys.argv[0]).parent / "pbs_mom"), run_id, str(spooled),
+                                  options["-o"], options["-e"], *extra],
+                                 start_new_session=True, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out(job_id + "\n")
     if command == "qstat":
-        if args[:4] != ["-f", "-F", "json", "-x"] or len(args) < 5:
-            out(stderr="usage: qstat -f -F json -x job_identifier...\n", rc=2)
+        with_subjobs = args[4:5] == ["-t"]
+        ids = args[5:] if with_subjobs else args[4:]
+        if args[:4] != ["-f", "-F", "json", "-x"] or not ids:
+            out(stderr="usage: qstat -f -F json -x [-t] job_identifier...\n", rc=2)
         shown, missing = {}, []
-        for job_id in args[4:]:
+        for job_id in ids:
             key = find(job_id)
             if key is None:
                 missing.append(job_id)
             else:
                 shown[key] = jobs[key]
+                if with_subjobs:
+                    shown.update({k: jobs[k] for k in subjobs(key)})
         head = {k: v for k, v in document.items() if k != "Jobs"}
         text = json.dumps({**head, "Jobs": shown} if shown else head, indent=4)
         out(text + "\n", "".join(f"qstat: Unknown Job Id {j}\n" for j in missing),
@@ -149,14 +189,18 @@ with open(STATE / "lock", "w") as lock:
         job = jobs[key]
         if job["job_state"] in ("F", "X", "M"):
             out(stderr=f"qdel: Job has finished {args[0]}\n", rc=35)
-        if job["job_state"] in ("R", "E"):
-            job["Exit_status"] = 271
-            if "pid" in job:
-                try:
-                    os.killpg(job["pid"], signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        job.update(job_state="F", substate=91)
+        for doomed in [key, *subjobs(key)]:
+            job = jobs[doomed]
+            if job["job_state"] in ("F", "X"):
+                continue
+            if job["job_state"] in ("R", "E"):
+                job["Exit_status"] = 271
+                if "pid" in job:
+                    try:
+                        os.killpg(job["pid"], signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            job.update(job_state="X" if "array_id" in job else "F", substate=91)
         save()
         out()
     if command == "qselect":
@@ -166,6 +210,8 @@ with open(STATE / "lock", "w") as lock:
             flag = rest.pop(0)
             if flag == "-x":
                 options["x"] = True
+            elif flag == "-J":
+                options["J"] = True
             elif flag in ("-u", "-N") and rest:
                 options[flag] = rest.pop(0)
             else:
@@ -173,7 +219,9 @@ with open(STATE / "lock", "w") as lock:
         ids = [k for k, job in jobs.items()
                if ("-N" not in options or job["Job_Name"] == options["-N"])
                and ("-u" not in options or job["Job_Owner"].split("@")[0] == options["-u"])
-               and (options.get("x") or job["job_state"] not in ("F", "X", "M"))]
+               and (options.get("x") or job["job_state"] not in ("F", "X", "M"))
+               and ("array_id" not in job)  # qselect lists arrays, not their subjobs
+               and (not options.get("J") or job.get("array") == "True")]
         out("".join(f"{k}\n" for k in ids))
 '''
 
@@ -220,8 +268,10 @@ class FakePbs:
         (self.state / "fail.json").write_text("{}")
 
     def jobs(self) -> dict[str, dict[str, Any]]:
-        jobs: dict[str, dict[str, Any]] = json.loads(
-            (self.state / "jobs.json").read_text()).get("Jobs") or {}
+        with open(self.state / "lock", "w") as lock:  # the commands rewrite it under the lock
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            jobs: dict[str, dict[str, Any]] = json.loads(
+                (self.state / "jobs.json").read_text()).get("Jobs") or {}
         return jobs
 
     def set_job(self, job_id: str, **attributes: Any) -> None:

@@ -36,6 +36,7 @@ from tests.e2e_helpers import (
 )
 from tests.pbs_helpers import FakePbs
 from tests.server_helpers import ServerProcess
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,10 @@ def test_pbs_hello_world_completes(pbs_server, pbs_double):
     assert metadata["backend"] == "pbs" and re.fullmatch(r"\d+\.pbs-head", metadata["job_id"])
     (call,) = [c for c in pbs_double.calls("qsub") if f"funnel-{task_id}" in c["script"]]
     assert call["argv"] == ["qsub", str(Path(pbs_server.work_dir) / task_id / "pbs.sh")]
-    assert pbs_double.jobs()[metadata["job_id"]]["Exit_status"] == 0
+    # the worker's end comes first; the double's mom marks the job F a moment later
+    finished = wait_for(lambda: pbs_double.jobs()[metadata["job_id"]].get("job_state") == "F"
+                        and pbs_double.jobs()[metadata["job_id"]], 30, "the job to be F")
+    assert finished["Exit_status"] == 0
 
 
 def test_pbs_executor_error(pbs_server):

@@ -1,0 +1,104 @@
+"""The element side of an array job script, for the backends that render one (Grid Engine,
+PBS, HTCondor's wrapper): the template variables of an array, where nothing is a task's.
+
+An array's script names no task: its ``array.select`` lines read the element's task id
+from the gateway's task list (backends/arrays.py: line ``index``, 0-based, ``index``
+being the scheduler's own variable), refuse a line that is not a task id, and set
+``FUNNEL_TASK_ID`` and ``FUNNEL_TASK_DIR`` (``<work_dir>/<id>``). ``array.worker_command``
+is the tasks' common worker command with each task's own paths written over
+``"$FUNNEL_TASK_DIR"``: every request's worker argv must be the first one's with its own
+task dir in it (WorkerLaunch.argv), else the array is refused. Rendering costs what one
+job's script costs; no command is run here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from funnel_hpc.backends.arrays import JOB_NAME_PREFIX, TASK_ID
+from funnel_hpc.backends.base import BackendError, SubmitRequest
+from funnel_hpc.backends.templating import TemplateValueError, shell_quote
+
+TASK_DIR_VARIABLE = "FUNNEL_TASK_DIR"
+# the list name in an array key's rendering (a real list gets a random name)
+KEY_LIST_NAME = "0" * 16
+# the script variables that are one task's: an array's rendering has none of them
+PER_TASK = ("task_id", "task_name", "task_dir", "worker_argv", "worker_command")
+_DIR_WORD = f'"${TASK_DIR_VARIABLE}"'
+
+
+def task_dir_of(request: SubmitRequest, work_dir: Path) -> Path:
+    """The request's task dir, which must be <work_dir>/<task id> (what an element finds
+    again from the id alone); BackendError otherwise."""
+    expected = Path(work_dir) / request.task_id
+    if not TASK_ID.fullmatch(request.task_id) or Path(request.task_dir) != expected:
+        raise BackendError(f"task {request.task_id[:80]!r}: its task dir is not "
+                           f"{work_dir}/<task id>, so it cannot be an array element")
+    return expected
+
+
+def worker_command(requests: list[SubmitRequest], work_dir: Path) -> str:
+    """The worker command of every element, one shell line over "$FUNNEL_TASK_DIR".
+    BackendError when a request's argv is not the first one's with its own task dir."""
+    words = [_word(arg, task_dir_of(requests[0], work_dir)) for arg in requests[0].worker_argv]
+    for request in requests[1:]:
+        own = [_word(arg, task_dir_of(request, work_dir)) for arg in request.worker_argv]
+        if own != words:
+            raise BackendError(f"task {request.task_id}: its worker command differs from "
+                               f"task {requests[0].task_id}'s beyond its own task dir")
+    return " ".join(words)
+
+
+def _word(arg: str, task_dir: Path) -> str:
+    """One argument as a shell word, the task dir (a whole path component) made the
+    variable."""
+    prefix = str(task_dir)
+    if arg == prefix:
+        return _DIR_WORD
+    if arg.startswith(prefix + "/"):
+        return _DIR_WORD + shell_quote(arg[len(prefix):])
+    return shell_quote(arg)
+
+
+def select_lines(list_path: Path, index: str, work_dir: Path) -> str:
+    """bash lines: FUNNEL_TASK_ID from line `index` (0-based, a shell arithmetic
+    expression of the scheduler's variables) of the list, refused unless it is a task
+    id; FUNNEL_TASK_DIR=<work_dir>/<id>. Exits 1 (nothing run) on a bad line."""
+    return "\n".join([
+        f"FUNNEL_ARRAY_INDEX=$(( {index} ))",
+        f"FUNNEL_TASK_ID=$(sed -n \"$((FUNNEL_ARRAY_INDEX + 1))p\" {shell_quote(str(list_path))})",
+        f"if ! [[ $FUNNEL_TASK_ID =~ ^{TASK_ID.pattern}$ ]]; then",
+        "    echo \"funnel-hpc: element $FUNNEL_ARRAY_INDEX has no task in its list\" >&2",
+        "    exit 1",
+        "fi",
+        f"{TASK_DIR_VARIABLE}={shell_quote(str(work_dir))}/\"$FUNNEL_TASK_ID\"",
+        f"export FUNNEL_TASK_ID {TASK_DIR_VARIABLE}",
+    ])
+
+
+def array_variables(variables: dict[str, Any], *, list_path: Path, index: str,
+                    work_dir: Path, command: str) -> dict[str, Any]:
+    """One task's script variables made an array's: the per-task ones removed (a
+    template that uses one in its array part fails to render), job_name the array's,
+    and `array` = {select, worker_command, list, work_dir, size (None in a key)}."""
+    out = {key: value for key, value in variables.items() if key not in PER_TASK}
+    out["job_name"] = JOB_NAME_PREFIX + list_path.name
+    out["array"] = {"select": select_lines(list_path, index, work_dir),
+                    "worker_command": command, "list": str(list_path),
+                    "work_dir": str(work_dir)}
+    return out
+
+
+def checked(script: str, variables: dict[str, Any]) -> str:
+    """The rendered array script, if the template placed the selection lines (a site
+    template written before arrays renders one task's script: refused)."""
+    if variables["array"]["select"] not in script:
+        raise TemplateValueError("the template has no array part ({{ array.select }})")
+    return script
+
+
+def key_of(script: str) -> str:
+    """An array key: the digest of the whole array script rendered for the key's list."""
+    return hashlib.sha256(script.encode()).hexdigest()
