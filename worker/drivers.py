@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from funnel_hpc.worker import identity as identities
-from funnel_hpc.worker import overlay_root, pid_namespace, sandbox, seccomp
+from funnel_hpc.worker import overlay_root, pid_namespace, sandbox, seccomp, subids
 from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from funnel_hpc.core.config import WorkerConfig
     from funnel_hpc.worker.identity import Identity
     from funnel_hpc.worker.images import ImageRoot, Json
+    from funnel_hpc.worker.subids import Subordinate
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 IMAGE_DRIVERS = ("bwrap", "charliecloud", "proot")
@@ -140,6 +141,8 @@ class Drivers:
         self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
         self.fd_binds: list[tuple[int, str]] = []  # bwrap's --ro-bind-fd, set by hand_over
         self.cow_refused: dict[str, str] = {}  # image root -> why it has no writable root
+        self._subordinate: Subordinate | str | None = None  # None: not looked up yet
+        self.subordinate_used = False  # a bwrap executor ran with the range mapped
 
     @property
     def identity(self) -> Identity | None:
@@ -155,10 +158,27 @@ class Drivers:
     def ids(self) -> tuple[int, int] | None:
         return self.identity.ids if self.identity else None
 
+    def subordinate(self) -> Subordinate | str:
+        """A non-root worker's subordinate id range (worker/subids.py), or why it has
+        none; looked up once per task."""
+        if self._subordinate is None:
+            try:
+                self._subordinate = subids.find(self.worker.sandbox_uids.subordinate)
+            except sandbox.SandboxError as error:
+                raise DriverError(str(error)) from None
+        return self._subordinate
+
     def take_back(self, binds: list[tuple[str, str]]) -> None:
         """Once the executors ended: kill what is left of a slot's processes, and re-own
-        the task's files and the sandbox's own to the worker (identity.Identity.take_back)."""
+        the task's files and the sandbox's own to the worker (identity.Identity.take_back;
+        a non-root worker's subordinate ids: subids.Subordinate.take_back)."""
         identity = self.identity if self._identity is not False else None
+        found = self._subordinate
+        if self.subordinate_used and found is not None and not isinstance(found, str):
+            try:
+                found.take_back([host for host, _container in binds])
+            except sandbox.SandboxError as error:
+                raise DriverError(f"sandbox identity: {error}") from None
         if identity is None:
             return
         try:
@@ -401,8 +421,16 @@ class Drivers:
         network, devices = self._check_sandbox(name, command, binds, gpus)
         root = self._root(image)  # after every check of the config and the task
         who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
+        subordinate: Subordinate | None = None
         if self.identity and self.identity.block and name == "bwrap":
             who += f" (ids 0-{self.identity.span - 1} inside)"
+        elif self.identity is None and name == "bwrap":  # a worker that is not root
+            found = self.subordinate()
+            if isinstance(found, str):
+                who += f" (root only inside: no id range: {found})"
+            else:
+                subordinate = found
+                who += f" ({found.describe()})"
         note = f"driver {name}: sandboxed as {who}, network {network}"
         config: Json
         if isinstance(root, str):  # HOST_ROOT
@@ -419,7 +447,9 @@ class Drivers:
             cow, why_not = self._writable_root(root)
             note += f", {overlay_root.NOTE}" if cow else f", image root: read-only ({why_not})"
             userns = (identities.NamespaceMap(self.identity, cow)
-                      if self.identity and self.identity.block else None)
+                      if self.identity and self.identity.block else
+                      identities.NamespaceMap(subordinate) if subordinate else None)
+            self.subordinate_used = self.subordinate_used or subordinate is not None
             # each start gets its own copies of the bound inputs' descriptors (closed once
             # bwrap has them, as the seccomp filter's), so they reach it at these numbers
             copies = tuple(os.dup(fd) for fd, _container in self.fd_binds)

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from funnel_hpc.core.config import SandboxUids, WorkerSection
     from funnel_hpc.worker.cgroups import Process
     from funnel_hpc.worker.overlay_root import OverlayRoot
+    from funnel_hpc.worker.subids import Subordinate
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
@@ -117,6 +118,14 @@ class Identity:
         sweep(self.uid, self.span)
         os.close(self.lock_fd)
         self.lock_fd = None
+
+    def write_maps(self, pid: int) -> None:
+        """Map the user namespace of `pid` (bwrap's child, waiting): 0 is the slot's first
+        id, the next span - 1 ids follow it."""
+        with open(f"/proc/{pid}/uid_map", "w") as uid_map:
+            uid_map.write(f"0 {self.uid} {self.span}\n")
+        with open(f"/proc/{pid}/gid_map", "w") as gid_map:
+            gid_map.write(f"0 {self.gid} {self.span}\n")
 
     def take_back(self, roots: Iterable[str]) -> None:
         """Re-own to the worker every entry under roots that belongs to this identity's ids
@@ -250,20 +259,24 @@ def _kill(pid: int, first: int, span: int) -> None:
 # ---- bwrap: the whole block mapped inside ----
 
 class NamespaceMap:
-    """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process writes
-    the sandbox's uid_map and gid_map: 0-65535 inside are the identity's block; then, with
-    a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's namespace."""
+    """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process has the
+    sandbox's uid_map and gid_map written (`ids.write_maps(pid)`: a root worker's slot
+    writes them itself, 0-65535 inside being its block; a non-root worker's subordinate
+    range has newuidmap/newgidmap write them, worker/subids.py); then, with a
+    copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's namespace."""
 
-    def __init__(self, identity: Identity, root: OverlayRoot | None = None):
-        self.identity = identity
+    def __init__(self, ids: Identity | Subordinate, root: OverlayRoot | None = None,
+                 caps: tuple[str, ...] = BLOCK_CAPS):
+        self.ids = ids
         self.root = root
+        self.caps = caps
         self.info_read, self.info_write = os.pipe()
         self.block_read, self.block_write = os.pipe()
 
     def argv(self) -> list[str]:
-        """bwrap options (after its --cap-drop ALL): wait for the maps; the block's caps."""
+        """bwrap options (after its --cap-drop ALL): wait for the maps; the range's caps."""
         argv = ["--userns-block-fd", str(self.block_read), "--info-fd", str(self.info_write)]
-        return argv + [arg for cap in BLOCK_CAPS for arg in ("--cap-add", cap)]
+        return argv + [arg for cap in self.caps for arg in ("--cap-add", cap)]
 
     @property
     def pass_fds(self) -> tuple[int, int]:
@@ -276,11 +289,7 @@ class NamespaceMap:
         os.close(self.info_write)
         try:
             pid = self._child_pid()
-            mapping = f"0 {self.identity.uid} {self.identity.span}\n"
-            with open(f"/proc/{pid}/uid_map", "w") as uid_map:
-                uid_map.write(mapping)
-            with open(f"/proc/{pid}/gid_map", "w") as gid_map:
-                gid_map.write(f"0 {self.identity.gid} {self.identity.span}\n")
+            self.ids.write_maps(pid)
             if self.root is not None:  # its lower layer is id-mapped with these maps
                 self.root.mount(pid)
             os.write(self.block_write, b"1")
