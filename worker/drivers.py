@@ -141,6 +141,7 @@ class Drivers:
         self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
         self.fd_binds: list[tuple[int, str]] = []  # bwrap's --ro-bind-fd, set by hand_over
         self.cow_refused: dict[str, str] = {}  # image root -> why it has no writable root
+        self.spares: overlay_root.Spares | None = None  # executors' roots made ahead
         self._subordinate: Subordinate | str | None = None  # None: not looked up yet
         self.subordinate_used = False  # a bwrap executor ran with the range mapped
 
@@ -542,11 +543,16 @@ class Drivers:
                 self.cow_refused[rootfs] = f"no copy-on-write root here: {why}"
         if self.cow_refused[rootfs]:
             return None, self.cow_refused[rootfs]
+        if self.spares is None:
+            self.spares = overlay_root.Spares(str(self.task_dir), self.identity.ids)
         try:
-            return overlay_root.OverlayRoot.make(str(self.task_dir), rootfs,
-                                                 self.identity.ids), ""
+            return self.spares.take(rootfs), ""
         except (OSError, sandbox.SandboxError) as error:
             raise DriverError(f"{overlay_root.SETTING}: {error}") from None
+
+    def drop_spares(self) -> list[str]:
+        """Remove the copy-on-write roots made ahead (once the executors ended)."""
+        return self.spares.drop() if self.spares is not None else []
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

@@ -16,7 +16,7 @@ import stat
 import sys
 
 
-def reown(dir_fd, name, problems, shown):
+def reown(dir_fd: int, name: str, problems: list[str], shown: str) -> None:
     """Re-own one entry (relative to dir_fd) when it is not root's inside."""
     try:
         info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -31,8 +31,8 @@ def reown(dir_fd, name, problems, shown):
         problems.append(f"{shown}: {error.strerror}")
 
 
-def main(roots):
-    problems = []
+def main(roots: list[str]) -> int:
+    problems: list[str] = []
     for root in roots:
         parent, base = os.path.split(root.rstrip("/")) if root != "/" else ("/", ".")
         parent_fd = os.open(parent or "/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -43,7 +43,7 @@ def main(roots):
         if not os.path.isdir(root) or os.path.islink(root):
             continue
 
-        def failed(error):
+        def failed(error: OSError) -> None:
             problems.append(f"{error.filename}: {error.strerror}")
 
         for dirpath, dirnames, filenames, dir_fd in os.fwalk(root, onerror=failed,

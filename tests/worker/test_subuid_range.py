@@ -20,6 +20,7 @@ import requests
 from werkzeug.security import generate_password_hash
 
 from funnel_hpc.worker import subids
+from funnel_hpc.worker.sandbox import SandboxError
 from tests.components import SLURM, need
 from tests.owner_helpers import need_root
 from tests.server_helpers import ServerProcess, worker_image_config
@@ -132,7 +133,7 @@ def test_a_user_without_a_range_gets_root_only_and_the_reason(rangeless):
                            "-m", "funnel_hpc.gateway.cli.main", "config", "show"],
                           capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"})
     assert said.returncode == 0, said.stderr
-    assert f"no range of at least 65535 ids" in said.stdout
+    assert "no range of at least 65535 ids" in said.stdout
     # off: the same, saying so
     run = rangeless.run(rangeless.task(executors=[in_debian("true")]),
                         rangeless.config(sandbox_uids={"subordinate": "off"}))
@@ -148,7 +149,8 @@ def test_ids_outside_the_map_stay_nobody_and_unreachable(alice):
     account = alice.account
     other = Account.make("o")
     try:
-        assert other.first_uid is not None and other.first_uid != account.first_uid
+        assert other.first_uid is not None and other.first_gid is not None
+        assert other.first_uid != account.first_uid
         home = Path(pwd.getpwnam(account.name).pw_dir)
         secret = home / "secret.txt"
         secret.write_text("alice-home-secret")
@@ -264,7 +266,7 @@ def test_missing_tools_or_tools_not_roots_give_the_reason(alice, monkeypatch, tm
     monkeypatch.setattr(subids, "TOOLS", {"uid": (str(planted),),
                                           "gid": ("/usr/bin/newgidmap",)})
     assert "newuidmap is not installed" in subids.explain("auto", uid)
-    with pytest.raises(subids.SandboxError, match="must be one of auto, off"):
+    with pytest.raises(SandboxError, match="must be one of auto, off"):
         subids.find("yes", uid)
 
 
