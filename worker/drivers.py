@@ -176,8 +176,9 @@ class Drivers:
         identity = self.identity if self._identity is not False else None
         found = self._subordinate
         if self.subordinate_used and found is not None and not isinstance(found, str):
-            try:
-                found.take_back([host for host, _container in binds])
+            try:  # the whole files/ tree, which the worker made and no task can replace
+                # (walking each bind's path could follow a link a task left above it)
+                found.take_back([str(self.task_dir / "files")])
             except sandbox.SandboxError as error:
                 raise DriverError(f"sandbox identity: {error}") from None
         if identity is None:

@@ -75,7 +75,6 @@ def config_show(config_path) -> None:
     import yaml
 
     from funnel_hpc.core.config import plain
-
     from funnel_hpc.worker.subids import explain
 
     loaded = load_config(config_path)

@@ -192,6 +192,27 @@ def test_ids_outside_the_map_stay_nobody_and_unreachable(alice):
     assert "bob-range-secret" not in stdout and "alice-home-secret" not in stdout
 
 
+def test_links_a_task_leaves_lead_the_re_owning_nowhere(alice):
+    """The task moves a directory holding a bind away and leaves a symlink to a host
+    directory of subordinate-owned files in its place (and a link at the top): the
+    re-owning walks the task's files/ tree only, never through a link."""
+    account = alice.account
+    assert account.first_uid is not None and account.first_gid is not None
+    victim = alice.base / "victim"
+    victim.mkdir(mode=0o755)
+    (victim / "f").write_text("not the task's")
+    os.chown(victim / "f", account.first_uid + 5, account.first_gid + 5)
+    script = (f"mv /data/in /data/moved 2>/dev/null; rm -rf /data/in; ln -s {victim} /data/in;"
+              f" ln -s {victim} /data/top; mkdir /data/own; chown 1001:1001 /data/own;"
+              " ls -l /data >/dev/null; true")
+    task = alice.task(volumes=["/data"], inputs=[{"path": "/data/in/x.txt", "content": "x"}],
+                      executors=[in_debian(script)])
+    run = alice.run(task, alice.config())
+    assert run.state == "COMPLETE", (run.system_logs, run.stderr)
+    assert owned(victim / "f") == (account.first_uid + 5, account.first_gid + 5)
+    assert sorted(p.name for p in run.task_dir.iterdir()) == ["events.jsonl"]
+
+
 def test_newuidmap_maps_no_more_than_etc_subuid_grants(alice):
     """The worker passes only what /etc/subuid grants; asked for more (past its range, or
     another user's range), newuidmap itself refuses and the namespace stays unmapped."""
