@@ -192,7 +192,10 @@ class Drivers:
             raise DriverError(f"sandbox identity: {error}") from None
 
     def release(self) -> None:
-        """Give the task's slot back (at the task's very end; again: nothing)."""
+        """Give the task's slot back (at the task's very end; again: nothing), and let a
+        subordinate user namespace go."""
+        if isinstance(self._subordinate, subids.Subordinate):
+            self._subordinate.close()
         if self._identity:
             try:
                 self._identity.release()
@@ -428,6 +431,11 @@ class Drivers:
             who += f" (ids 0-{self.identity.span - 1} inside)"
         elif self.identity is None and name == "bwrap":  # a worker that is not root
             found = self.subordinate()
+            if not isinstance(found, str):
+                try:
+                    found.namespace()  # made once per task
+                except (OSError, sandbox.SandboxError) as error:
+                    found = self._subordinate = f"cannot map the range: {error}"
             if isinstance(found, str):
                 who += f" (root only inside: no id range: {found})"
             else:
@@ -449,29 +457,30 @@ class Drivers:
             cow, why_not = self._writable_root(root)
             note += f", {overlay_root.NOTE}" if cow else f", image root: read-only ({why_not})"
             userns = (identities.NamespaceMap(self.identity, cow)
-                      if self.identity and self.identity.block else
-                      identities.NamespaceMap(subordinate) if subordinate else None)
-            self.subordinate_used = self.subordinate_used or subordinate is not None
+                      if self.identity and self.identity.block else None)
+            joined = self._joined(subordinate)  # its own copy, closed once bwrap has it
             # each start gets its own copies of the bound inputs' descriptors (closed once
             # bwrap has them, as the seccomp filter's), so they reach it at these numbers
             copies = tuple(os.dup(fd) for fd, _container in self.fd_binds)
             try:
                 argv = sandbox.bwrap_argv(
                     rootfs, binds, full_env, workdir, command, network, hide, devices,
-                    userns.argv() if userns else (), tmpfs_bytes=self.tmpfs_bytes,
+                    userns.argv() if userns else
+                    subordinate.join_argv(joined) if subordinate else (),
+                    tmpfs_bytes=self.tmpfs_bytes,
                     fd_binds=[(fd, container) for fd, (_held, container)
                               in zip(copies, self.fd_binds, strict=True)],
-                    root=cow.merged if cow else None)
+                    root=cow.merged if cow else None, unshare_user=subordinate is None)
                 # the engine's own environment: nothing of the task's (LD_PRELOAD...)
                 inv = self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
                                                       self.ids, "/", userns))
             except BaseException:
-                for fd in copies:
+                for fd in copies + ((joined,) if joined >= 0 else ()):
                     os.close(fd)
                 if cow:
                     cow.remove()
                 raise
-            inv.fds = (*inv.fds, *copies)
+            inv.fds = (*inv.fds, *copies, *((joined,) if joined >= 0 else ()))
             inv.root = cow
             if copies:
                 inv.note += f", {len(copies)} input(s) bound read-only in place"
@@ -550,6 +559,14 @@ class Drivers:
             return self.spares.take(rootfs), ""
         except (OSError, sandbox.SandboxError) as error:
             raise DriverError(f"{overlay_root.SETTING}: {error}") from None
+
+    def _joined(self, subordinate: Subordinate | None) -> int:
+        """A copy of the task's subordinate user namespace's descriptor for one bwrap
+        (made on first use), or -1 for none."""
+        if subordinate is None:
+            return -1
+        self.subordinate_used = True
+        return os.dup(subordinate.namespace())
 
     def drop_spares(self) -> list[str]:
         """Remove the copy-on-write roots made ahead (once the executors ended)."""

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from funnel_hpc.core.config import SandboxUids, WorkerSection
     from funnel_hpc.worker.cgroups import Process
     from funnel_hpc.worker.overlay_root import OverlayRoot
-    from funnel_hpc.worker.subids import Subordinate
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
@@ -259,24 +258,22 @@ def _kill(pid: int, first: int, span: int) -> None:
 # ---- bwrap: the whole block mapped inside ----
 
 class NamespaceMap:
-    """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process has the
-    sandbox's uid_map and gid_map written (`ids.write_maps(pid)`: a root worker's slot
-    writes them itself, 0-65535 inside being its block; a non-root worker's subordinate
-    range has newuidmap/newgidmap write them, worker/subids.py); then, with a
-    copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's namespace."""
+    """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process writes
+    the sandbox's uid_map and gid_map (0-65535 inside are the identity's block); then,
+    with a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's
+    namespace. (A worker that is not root joins a namespace made once per task instead:
+    worker/subids.py.)"""
 
-    def __init__(self, ids: Identity | Subordinate, root: OverlayRoot | None = None,
-                 caps: tuple[str, ...] = BLOCK_CAPS):
+    def __init__(self, ids: Identity, root: OverlayRoot | None = None):
         self.ids = ids
         self.root = root
-        self.caps = caps
         self.info_read, self.info_write = os.pipe()
         self.block_read, self.block_write = os.pipe()
 
     def argv(self) -> list[str]:
-        """bwrap options (after its --cap-drop ALL): wait for the maps; the range's caps."""
+        """bwrap options (after its --cap-drop ALL): wait for the maps; the block's caps."""
         argv = ["--userns-block-fd", str(self.block_read), "--info-fd", str(self.info_write)]
-        return argv + [arg for cap in self.caps for arg in ("--cap-add", cap)]
+        return argv + [arg for cap in BLOCK_CAPS for arg in ("--cap-add", cap)]
 
     @property
     def pass_fds(self) -> tuple[int, int]:
