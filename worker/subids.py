@@ -22,8 +22,8 @@ behaviour); `explain` says why, for the task's system logs and `funnel config sh
 Cost: once per task, reading two small files, a fork and the two setuid programs (~6 ms);
 nothing per executor (joining the namespace costs bwrap what making one does: 1.02x, 200
 runs); at the task's end one walk of its files and, only when one is not the worker's, the
-re-owning bwrap (~40 ms). Mapping each sandbox with newuidmap while bwrap waited cost
-~3.5 ms a start (1.9-2.1x).
+re-owning bwrap (~15 ms: 12-24 ms, 15 runs). Mapping each sandbox with newuidmap while
+bwrap waited cost ~3.5 ms a start (1.9-2.1x).
 """
 
 from __future__ import annotations
