@@ -24,9 +24,10 @@ deciding the figure:
 Root only, two more sides with a `worker.sandbox_uids` slot (its own uid, ids 0-65535
 mapped by the worker while bwrap waits, worker/identity.py), started as ours is:
 - slot: the image's entries bound read-only (worker.writable_root: off);
-- cow: a copy-on-write root (worker/overlay_root.py: the executor's directories made, the
-  id-mapped image and the overlay mounted in the sandbox's namespace, removed after in the
-  background, as the worker does), the
+- cow: a copy-on-write root (worker/overlay_root.py: the executor's directories taken from
+  the task's spares, the id-mapped image and the overlay mounted in the sandbox's namespace
+  by the worker's mounting thread, removed after in the background and the next spare
+  made there, as the worker does), the
   writable_root's cost against `slot` and against the same bwrap argv; `probe_s` is the
   check auto makes once per task and image.
 Ratio > 1 means the sandbox costs more.
@@ -79,15 +80,15 @@ def ours(cache: str, ids, group: cgroups.Group | None) -> float:
 REMOVALS = overlay_root.Removals()
 
 
-def slotted(cache: str, identity: Identity, group: cgroups.Group, task_dir: str,
-            cow: bool) -> float:
+def slotted(cache: str, identity: Identity, group: cgroups.Group,
+            spares: overlay_root.Spares, cow: bool) -> float:
     """A warm start as a slot: ids mapped while bwrap waits; with cow, its root made,
     mounted in its namespace and removed after, as worker/drivers.py and executors.py do."""
     started = time.perf_counter()
     group.warm_up()
     root = ensure_rootfs("busybox", cache, TEST_REGISTRIES)
     rootfs = str(root.rootfs)
-    overlay = overlay_root.OverlayRoot.make(task_dir, rootfs, identity.ids) if cow else None
+    overlay = spares.take(rootfs) if cow else None
     userns = NamespaceMap(identity, overlay)
     argv = sandbox.bwrap_argv(rootfs, [], {"PATH": "/bin"}, None, ["true"], "host",
                               userns=userns.argv(), root=overlay.merged if overlay else None)
@@ -160,8 +161,9 @@ def measure(runs: int) -> dict:
         os.mkdir(task_dir, 0o700)
         if group is not None:
             sandbox.prepare_host(slot.ids, cache, [], [rootfs])
-            sides["slot"] = lambda: slotted(cache, slot, group, task_dir, cow=False)
-            sides["cow"] = lambda: slotted(cache, slot, group, task_dir, cow=True)
+            spares = overlay_root.Spares(task_dir, slot.ids)  # the task's, as drivers.py has
+            sides["slot"] = lambda: slotted(cache, slot, group, spares, cow=False)
+            sides["cow"] = lambda: slotted(cache, slot, group, spares, cow=True)
         for _ in range(5):  # warm every side (page cache, bwrap's pages)
             for run in sides.values():
                 run()
@@ -172,6 +174,8 @@ def measure(runs: int) -> dict:
             for name in order[turn:] + order[:turn]:
                 times[name].append(sides[name]())
         assert REMOVALS.wait() == []
+        if group is not None:
+            assert spares.drop() == []
         probe_times = [probe_once(cache, slot, task_dir) for _ in range(runs // 4)] \
             if group is not None else [0.0]
         if group is not None:

@@ -446,6 +446,7 @@ class SandboxUids(Section):
     first: int
     count: int
     lock_dir: str
+    subordinate: str  # auto | off: a non-root worker's /etc/subuid range (worker/subids.py)
 
 
 class WorkerSection(Section):

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from funnel_hpc.worker import identity as identities
-from funnel_hpc.worker import overlay_root, pid_namespace, sandbox, seccomp
+from funnel_hpc.worker import overlay_root, pid_namespace, sandbox, seccomp, subids
 from funnel_hpc.worker.seccomp import FilterUnavailable
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from funnel_hpc.core.config import WorkerConfig
     from funnel_hpc.worker.identity import Identity
     from funnel_hpc.worker.images import ImageRoot, Json
+    from funnel_hpc.worker.subids import Subordinate
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 IMAGE_DRIVERS = ("bwrap", "charliecloud", "proot")
@@ -140,6 +141,9 @@ class Drivers:
         self.filters: dict[str, str | FilterUnavailable] = {}  # policy -> cached BPF file
         self.fd_binds: list[tuple[int, str]] = []  # bwrap's --ro-bind-fd, set by hand_over
         self.cow_refused: dict[str, str] = {}  # image root -> why it has no writable root
+        self.spares: overlay_root.Spares | None = None  # executors' roots made ahead
+        self._subordinate: Subordinate | str | None = None  # None: not looked up yet
+        self.subordinate_used = False  # a bwrap executor ran with the range mapped
 
     @property
     def identity(self) -> Identity | None:
@@ -155,10 +159,28 @@ class Drivers:
     def ids(self) -> tuple[int, int] | None:
         return self.identity.ids if self.identity else None
 
+    def subordinate(self) -> Subordinate | str:
+        """A non-root worker's subordinate id range (worker/subids.py), or why it has
+        none; looked up once per task."""
+        if self._subordinate is None:
+            try:
+                self._subordinate = subids.find(self.worker.sandbox_uids.subordinate)
+            except sandbox.SandboxError as error:
+                raise DriverError(str(error)) from None
+        return self._subordinate
+
     def take_back(self, binds: list[tuple[str, str]]) -> None:
         """Once the executors ended: kill what is left of a slot's processes, and re-own
-        the task's files and the sandbox's own to the worker (identity.Identity.take_back)."""
+        the task's files and the sandbox's own to the worker (identity.Identity.take_back;
+        a non-root worker's subordinate ids: subids.Subordinate.take_back)."""
         identity = self.identity if self._identity is not False else None
+        found = self._subordinate
+        if self.subordinate_used and found is not None and not isinstance(found, str):
+            try:  # the whole files/ tree, which the worker made and no task can replace
+                # (walking each bind's path could follow a link a task left above it)
+                found.take_back([str(self.task_dir / "files")])
+            except sandbox.SandboxError as error:
+                raise DriverError(f"sandbox identity: {error}") from None
         if identity is None:
             return
         try:
@@ -170,7 +192,10 @@ class Drivers:
             raise DriverError(f"sandbox identity: {error}") from None
 
     def release(self) -> None:
-        """Give the task's slot back (at the task's very end; again: nothing)."""
+        """Give the task's slot back (at the task's very end; again: nothing), and let a
+        subordinate user namespace go."""
+        if isinstance(self._subordinate, subids.Subordinate):
+            self._subordinate.close()
         if self._identity:
             try:
                 self._identity.release()
@@ -401,8 +426,21 @@ class Drivers:
         network, devices = self._check_sandbox(name, command, binds, gpus)
         root = self._root(image)  # after every check of the config and the task
         who = f"host uid {self.ids[0]}" if self.ids else f"the worker's uid {os.geteuid()}"
+        subordinate: Subordinate | None = None
         if self.identity and self.identity.block and name == "bwrap":
             who += f" (ids 0-{self.identity.span - 1} inside)"
+        elif self.identity is None and name == "bwrap":  # a worker that is not root
+            found = self.subordinate()
+            if not isinstance(found, str):
+                try:
+                    found.namespace()  # made once per task
+                except (OSError, sandbox.SandboxError) as error:
+                    found = self._subordinate = f"cannot map the range: {error}"
+            if isinstance(found, str):
+                who += f" (root only inside: no id range: {found})"
+            else:
+                subordinate = found
+                who += f" ({found.describe()})"
         note = f"driver {name}: sandboxed as {who}, network {network}"
         config: Json
         if isinstance(root, str):  # HOST_ROOT
@@ -420,26 +458,29 @@ class Drivers:
             note += f", {overlay_root.NOTE}" if cow else f", image root: read-only ({why_not})"
             userns = (identities.NamespaceMap(self.identity, cow)
                       if self.identity and self.identity.block else None)
+            joined = self._joined(subordinate)  # its own copy, closed once bwrap has it
             # each start gets its own copies of the bound inputs' descriptors (closed once
             # bwrap has them, as the seccomp filter's), so they reach it at these numbers
             copies = tuple(os.dup(fd) for fd, _container in self.fd_binds)
             try:
                 argv = sandbox.bwrap_argv(
                     rootfs, binds, full_env, workdir, command, network, hide, devices,
-                    userns.argv() if userns else (), tmpfs_bytes=self.tmpfs_bytes,
+                    userns.argv() if userns else
+                    subordinate.join_argv(joined) if subordinate else (),
+                    tmpfs_bytes=self.tmpfs_bytes,
                     fd_binds=[(fd, container) for fd, (_held, container)
                               in zip(copies, self.fd_binds, strict=True)],
-                    root=cow.merged if cow else None)
+                    root=cow.merged if cow else None, unshare_user=subordinate is None)
                 # the engine's own environment: nothing of the task's (LD_PRELOAD...)
                 inv = self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
                                                       self.ids, "/", userns))
             except BaseException:
-                for fd in copies:
+                for fd in copies + ((joined,) if joined >= 0 else ()):
                     os.close(fd)
                 if cow:
                     cow.remove()
                 raise
-            inv.fds = (*inv.fds, *copies)
+            inv.fds = (*inv.fds, *copies, *((joined,) if joined >= 0 else ()))
             inv.root = cow
             if copies:
                 inv.note += f", {len(copies)} input(s) bound read-only in place"
@@ -512,11 +553,24 @@ class Drivers:
                 self.cow_refused[rootfs] = f"no copy-on-write root here: {why}"
         if self.cow_refused[rootfs]:
             return None, self.cow_refused[rootfs]
+        if self.spares is None:
+            self.spares = overlay_root.Spares(str(self.task_dir), self.identity.ids)
         try:
-            return overlay_root.OverlayRoot.make(str(self.task_dir), rootfs,
-                                                 self.identity.ids), ""
+            return self.spares.take(rootfs), ""
         except (OSError, sandbox.SandboxError) as error:
             raise DriverError(f"{overlay_root.SETTING}: {error}") from None
+
+    def _joined(self, subordinate: Subordinate | None) -> int:
+        """A copy of the task's subordinate user namespace's descriptor for one bwrap
+        (made on first use), or -1 for none."""
+        if subordinate is None:
+            return -1
+        self.subordinate_used = True
+        return os.dup(subordinate.namespace())
+
+    def drop_spares(self) -> list[str]:
+        """Remove the copy-on-write roots made ahead (once the executors ended)."""
+        return self.spares.drop() if self.spares is not None else []
 
     def _ch_root(self, rootfs: str, binds: list[tuple[str, str]]) -> str:
         """The task's ch-run root for this image (made once per task and image)."""

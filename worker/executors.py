@@ -127,7 +127,7 @@ class Executors:
         finally:
             if disk is not None:
                 disk.stop()
-            for problem in self.removals.wait()[:10]:
+            for problem in (self.removals.wait() + self.drivers.drop_spares())[:10]:
                 self.events.system_log(f"copy-on-write root: cannot remove {problem}")
 
     def _run_each(self, driver: str, binds: list[tuple[str, str]], paths: TaskPaths,

@@ -118,6 +118,14 @@ class Identity:
         os.close(self.lock_fd)
         self.lock_fd = None
 
+    def write_maps(self, pid: int) -> None:
+        """Map the user namespace of `pid` (bwrap's child, waiting): 0 is the slot's first
+        id, the next span - 1 ids follow it."""
+        with open(f"/proc/{pid}/uid_map", "w") as uid_map:
+            uid_map.write(f"0 {self.uid} {self.span}\n")
+        with open(f"/proc/{pid}/gid_map", "w") as gid_map:
+            gid_map.write(f"0 {self.gid} {self.span}\n")
+
     def take_back(self, roots: Iterable[str]) -> None:
         """Re-own to the worker every entry under roots that belongs to this identity's ids
         (never following a symlink), so nothing the task made stays with its ids once the
@@ -251,11 +259,13 @@ def _kill(pid: int, first: int, span: int) -> None:
 
 class NamespaceMap:
     """The pipes bwrap waits on (--userns-block-fd, --info-fd) while this process writes
-    the sandbox's uid_map and gid_map: 0-65535 inside are the identity's block; then, with
-    a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's namespace."""
+    the sandbox's uid_map and gid_map (0-65535 inside are the identity's block); then,
+    with a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's
+    namespace. (A worker that is not root joins a namespace made once per task instead:
+    worker/subids.py.)"""
 
-    def __init__(self, identity: Identity, root: OverlayRoot | None = None):
-        self.identity = identity
+    def __init__(self, ids: Identity, root: OverlayRoot | None = None):
+        self.ids = ids
         self.root = root
         self.info_read, self.info_write = os.pipe()
         self.block_read, self.block_write = os.pipe()
@@ -276,11 +286,7 @@ class NamespaceMap:
         os.close(self.info_write)
         try:
             pid = self._child_pid()
-            mapping = f"0 {self.identity.uid} {self.identity.span}\n"
-            with open(f"/proc/{pid}/uid_map", "w") as uid_map:
-                uid_map.write(mapping)
-            with open(f"/proc/{pid}/gid_map", "w") as gid_map:
-                gid_map.write(f"0 {self.identity.gid} {self.identity.span}\n")
+            self.ids.write_maps(pid)
             if self.root is not None:  # its lower layer is id-mapped with these maps
                 self.root.mount(pid)
             os.write(self.block_write, b"1")

@@ -171,8 +171,8 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
                workdir: str | None, command: list[str], network: str,
                hide: Sequence[str] = (), devices: Sequence[str] = (),
                userns: Sequence[str] = (), tmpfs_bytes: int = TMPFS_BYTES,
-               fd_binds: Sequence[tuple[int, str]] = (), root: str | None = None
-               ) -> list[str]:
+               fd_binds: Sequence[tuple[int, str]] = (), root: str | None = None,
+               unshare_user: bool = True) -> list[str]:
     """`hide`: host directories to cover with an empty tmpfs (over the host root);
     `devices`: host device nodes to bind (a task's GPUs); `userns`: options of a whole id
     range mapped by the worker (identity.NamespaceMap.argv: after --cap-drop ALL);
@@ -182,9 +182,10 @@ def bwrap_argv(rootfs: str, binds: list[tuple[str, str]], env: dict[str, str],
     once everything is mounted on it. `fd_binds`: (descriptor, container path) of inputs
     bound read-only by descriptor over the task's binds (worker/bound_inputs.py). `root`: a
     copy-on-write root bound as `/` instead (worker/overlay_root.py: the image is its lower
-    layer, mounted in bwrap's own namespace before it reads its mounts)."""
-    argv = ["bwrap", "--unshare-user", "--uid", "0", "--gid", "0", "--unshare-pid",
-            "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    layer, mounted in bwrap's own namespace before it reads its mounts). `unshare_user`
+    False: `userns` joins an existing user namespace (--userns FD, worker/subids.py)."""
+    argv = ["bwrap", *(["--unshare-user"] if unshare_user else []), "--uid", "0", "--gid",
+            "0", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if network == "none":
         argv.append("--unshare-net")
     argv += ["--die-with-parent", "--new-session", "--cap-drop", "ALL", *userns,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -75,9 +76,14 @@ def config_show(config_path) -> None:
     import yaml
 
     from funnel_hpc.core.config import plain
+    from funnel_hpc.worker.subids import explain
 
-    effective = plain(load_config(config_path))
+    loaded = load_config(config_path)
+    effective = plain(loaded)
     click.echo(yaml.safe_dump(mask_secrets(effective), sort_keys=False), nl=False)
+    # what a bwrap sandbox of a worker running as this command's user gets (its subuids)
+    click.echo(f"# bwrap ids for a worker running as uid {os.geteuid()} here: "
+               f"{explain(loaded.worker.sandbox_uids.subordinate)}")
 
 
 # ---- render ----

@@ -5,11 +5,22 @@
 # podman, and busybox-static unpacked under /var/lib/funnel/rootfs/busybox: a clean tree
 # to seed image caches from (`python -m funnel_hpc.worker.images seed`) and the bare-bwrap
 # reference of the benchmarks. Tasks never run over it: their images come from registries.
+# uidmap: the setuid newuidmap/newgidmap a worker that is not root maps its /etc/subuid
+# range with (worker.sandbox_uids.subordinate); useradd gives every new user a range of
+# 65536 once /etc/subuid and /etc/subgid exist (SUB_UID_COUNT in /etc/login.defs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 apt_install bubblewrap proot busybox-static podman charliecloud-runtime acl libseccomp2 \
-  gcc libc6-dev
+  gcc libc6-dev uidmap
+for file in /etc/subuid /etc/subgid; do
+  [ -e "$file" ] || install -m 644 /dev/null "$file"
+done
+# the test user of 30-slurm.sh (made before these files existed on some machines)
+if id funneltest >/dev/null 2>&1; then
+  grep -q '^funneltest:' /etc/subuid || usermod --add-subuids 100000-165535 funneltest
+  grep -q '^funneltest:' /etc/subgid || usermod --add-subgids 100000-165535 funneltest
+fi
 rootfs=/var/lib/funnel/rootfs/busybox
 # rebuilt when missing, or when tasks of old (the shared root was bound read-write) left
 # anything beside bin/ etc/ tmp/ in it

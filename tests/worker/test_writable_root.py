@@ -142,6 +142,26 @@ def test_two_tasks_at_once_see_only_their_own_changes(harness, slots):
     assert ok(after)[0]["stdout"].splitlines() == ["no-who", "0"]
 
 
+def test_roots_made_ahead_start_pristine_over_each_image(harness, slots):
+    """The next executor's root is made ahead over the last one's image (Spares): five
+    executors over two images in turn each see their own image pristine, writable, with
+    nothing of the others; no spare, upper or mount is left after the task."""
+    mounts = host_mounts(str(harness.tmp))
+    check = ("test -e /marker && echo seen-marker; test -e /bin/busybox && echo busybox;"
+             " test -e /usr/bin/dpkg && echo debian; echo {name} > /marker; cat /marker")
+    images = [DEBIAN, DEBIAN, TESTIMAGE, TESTIMAGE, DEBIAN]
+    task = harness.task(executors=[sh(check.format(name=f"e{index}"), image)
+                                   for index, image in enumerate(images)])
+    run = harness.run(task, harness.config(sandbox_uids=slots), timeout=600)
+    logs = ok(run)
+    for index, image in enumerate(images):
+        kind = "debian" if image == DEBIAN else "busybox"
+        assert logs[index]["stdout"].splitlines() == [kind, f"e{index}"], (index, logs)
+    assert COW in run.system_logs, run.system_logs
+    assert roots_left(run.task_dir) == []
+    assert host_mounts(str(harness.tmp)) == mounts
+
+
 def test_attacks_from_inside_reach_nothing_of_the_host(harness, slots, tmp_path):
     """mount and umount are denied; a symlink to a host path resolves inside the sandbox;
     the worker's clean-up of the upper layer follows no link the task planted there."""
