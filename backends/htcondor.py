@@ -223,7 +223,7 @@ class HTCondorBackend(Backend):
             return None
         try:
             description, wrapper = self.render_array(
-                [request], arrays.directory(self.work_dir) / KEY_LIST_NAME)
+                [request], Path(self.work_dir) / arrays.DIR_NAME / KEY_LIST_NAME)
         except (BackendError, TemplateValueError):
             return None
         return key_of(description + "\0" + wrapper)

@@ -147,7 +147,7 @@ class PbsBackend(Backend):
             return None
         try:
             return key_of(self.render_array(
-                [request], arrays.directory(self.work_dir) / KEY_LIST_NAME))
+                [request], Path(self.work_dir) / arrays.DIR_NAME / KEY_LIST_NAME))
         except (BackendError, TemplateValueError):
             return None
 

@@ -36,3 +36,21 @@ def test_render_shows_the_array_script(tmp_path):
                                       "backend": {"slurm": {"array_max": 1}}}))
     off = funnel(None, "render", *args, "--array", "5")
     assert off.returncode == 1 and "submits no job arrays" in off.stderr, off.stderr
+
+
+def test_render_shows_grid_engine_pbs_and_htcondor_arrays(tmp_path):
+    task_file = tmp_path / "t.json"
+    task_file.write_text(json.dumps({**TASK, "name": "x\n#$ -evil"}))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"work_dir": str(tmp_path / "work")}))
+    expected = {"gridengine": "qsub -t 1-7", "pbs": "qsub -J 0-6",
+                "htcondor": "one cluster of 7 procs"}
+    for kind, needle in expected.items():
+        rendered = funnel(None, "render", str(task_file), "--config", str(config),
+                          "--backend", kind, "--array", "7", "--task-id", "abc123")
+        assert rendered.returncode == 0, (kind, rendered.stderr)
+        assert needle in rendered.stderr, (kind, rendered.stderr)
+        script = rendered.stdout
+        assert "abc123" not in script and "evil" not in script, kind
+        assert f"{tmp_path / 'work' / 'arrays' / ('0' * 16)}" in script, kind  # its list
+        assert "funnel-array-" + "0" * 16 in script, kind

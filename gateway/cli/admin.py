@@ -140,21 +140,41 @@ def render_for(backend: Any, request: Any, kind: str) -> str:
                                                                      strict=False))
 
 
-def render_array(backend: Any, request: Any, size: int) -> str:
+# how the size of an array reaches the scheduler where its script does not say it
+ARRAY_SUBMISSION = {"gridengine": "qsub -t 1-{n} (mode drmaa: runBulkJobs(1, {n}, 1))",
+                    "pbs": "qsub -J 0-{last}",
+                    "htcondor": "one cluster of {n} procs (Schedd.submit count={n})"}
+
+
+def render_array(backend: Any, request: Any, size: int, kind: str) -> str:
     """The script of an array of `size` tasks like this one (its list not written: the
-    name shown is a placeholder)."""
+    name shown is a placeholder): Slurm's render_array_script, the render_array of Grid
+    Engine, PBS (one script) and HTCondor (description and wrapper)."""
     from funnel_hpc.backends import arrays
 
-    if not hasattr(backend, "render_array_script") or backend.array_max <= 1:
+    has_arrays = hasattr(backend, "render_array_script") or hasattr(backend, "render_array")
+    if not has_arrays or backend.array_max <= 1:
         fail(f"--array: backend {backend.name!r} submits no job arrays (array_max "
              f"{backend.array_max})")
     if not 2 <= size <= backend.array_max:
         fail(f"--array: an array holds 2 to {backend.array_max} tasks (array_max), not {size}")
-    backend.array_key(request)  # what refuses a task an array, as the submitter asks it
+    if backend.array_key(request) is None:  # the submitter would send it alone
+        fail(f"--array: backend {backend.name!r} would submit this task alone (its "
+             f"template or task dir cannot make an array element)")
     name = "0" * 16
-    task_list = arrays.TaskList(name, Path(backend.work_dir) / arrays.DIR_NAME / name,
-                                (request.task_id,) * size)
-    return str(backend.render_array_script([request] * size, task_list))
+    path = Path(backend.work_dir) / arrays.DIR_NAME / name
+    if hasattr(backend, "render_array_script"):
+        task_list = arrays.TaskList(name, path, (request.task_id,) * size)
+        return str(backend.render_array_script([request] * size, task_list))
+    rendered = backend.render_array([request] * size, path)
+    how = ARRAY_SUBMISSION.get(kind)
+    if how:  # the size is the submission's, not the script's
+        click.echo("submitted as one array: " + how.format(n=size, last=size - 1), err=True)
+    if isinstance(rendered, str):
+        return rendered
+    names = RENDERED_FILES.get(kind) or [f"file {i}" for i in range(1, 99)]
+    return "\n".join(f"==> {name} <==\n{text}" for name, text in zip(names, rendered,
+                                                                     strict=False))
 
 
 def forced_config(config_path: str | None, name: str) -> tuple[Config, str]:
@@ -223,7 +243,8 @@ def render(task_file, backend_name, owner, task_id, array_size, config_path) -> 
     try:
         backend = instance_backend(cfg, instance)
         request = submit_request(cfg, task, task_id)
-        script = render_array(backend, request, array_size) if array_size is not None \
+        script = render_array(backend, request, array_size, instance.kind) \
+            if array_size is not None \
             else render_for(backend, request, instance.kind)
     except (ValueError, OSError, BackendError) as exc:  # TemplateValueError: a ValueError
         fail(f"cannot render the {instance.name} script: {exc}")
