@@ -111,9 +111,16 @@ def name_of_job(job_name: str) -> str | None:
     return name if job_name.startswith(JOB_NAME_PREFIX) and NAME.fullmatch(name) else None
 
 
-def remove_older_than(work_dir: Path, seconds: float) -> int:
-    """Delete lists last written more than `seconds` ago (their elements have long
-    started and read their line); returns how many."""
+# a list, and the files a backend keeps beside it (<name>.sh: HTCondor's wrapper, a
+# script a crash left before its unlink)
+_LIST_FILE = re.compile(r"([0-9a-f]{16})(?:\.[a-z]{1,8})?")
+KEEP_SECONDS = 7 * 24 * 3600.0  # no list is kept longer (reconciler sweep, hourly)
+
+
+def remove_older_than(work_dir: Path, seconds: float = KEEP_SECONDS) -> int:
+    """Delete lists (and their companion files) last written more than `seconds` ago:
+    an element of their array that has not started by then finds no task and exits
+    (its task ends SYSTEM_ERROR). Returns how many files went."""
     where = Path(work_dir) / DIR_NAME
     cutoff = time.time() - seconds
     removed = 0
@@ -122,7 +129,8 @@ def remove_older_than(work_dir: Path, seconds: float) -> int:
     except FileNotFoundError:
         return 0
     for entry in entries:
-        if NAME.fullmatch(entry.name) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+        if _LIST_FILE.fullmatch(entry.name) and \
+                entry.stat(follow_symlinks=False).st_mtime < cutoff:
             try:
                 os.unlink(entry.path)
                 removed += 1

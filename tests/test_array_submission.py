@@ -125,3 +125,21 @@ def test_a_failed_array_fails_or_defers_all_its_tasks(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert reconciler.tick().submitted == 3
     assert backend.jobs == [ids]
+
+
+def test_old_task_lists_and_their_companions_are_swept(tmp_path):
+    import os
+    import time
+
+    from funnel_hpc.backends import arrays
+
+    old = arrays.write(tmp_path, ["a1", "a2"])
+    (old.path.parent / f"{old.name}.sh").write_text("#!/bin/sh\n")
+    young = arrays.write(tmp_path, ["b1"])
+    (old.path.parent / "not-a-list").write_text("kept")
+    week_ago = time.time() - arrays.KEEP_SECONDS - 60
+    for path in (old.path, old.path.parent / f"{old.name}.sh"):
+        os.utime(path, (week_ago, week_ago))
+    assert arrays.remove_older_than(tmp_path) == 2
+    assert sorted(os.listdir(old.path.parent)) == sorted([young.name, "not-a-list"])
+    assert arrays.find(tmp_path, "b1") == (young, 0) and arrays.find(tmp_path, "a1") is None

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from funnel_hpc.backends import files
+from funnel_hpc.backends import arrays, files
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.config import BackendOptions, Config, PerOwnerSection
@@ -45,6 +46,7 @@ from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
 from funnel_hpc.gateway.store.tasks import now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
+LIST_SWEEP_SECONDS = 3600.0  # how often old job array task lists are looked for
 
 
 class WorkerLaunch:
@@ -131,6 +133,7 @@ class Submitter:
         self._pool: ThreadPoolExecutor | None = None
         policy = QuotaPolicy(per_owner, OwnerGroups()) if per_owner is not None else None
         self.fair_share = FairShare(policy, queries, backend.name)
+        self._next_list_sweep = time.monotonic() + LIST_SWEEP_SECONDS
 
     def stop(self) -> None:
         if self._pool is not None:
@@ -140,6 +143,12 @@ class Submitter:
         """Submit up to `limit` of the QUEUED tasks without a job: owners in turn, within
         their limits.per_owner (gateway/reconcile/quotas.py)."""
         self.submit_batch(self.fair_share.pick(self.index.unsubmitted, limit), stats)
+        if self.backend.array_max > 1 and time.monotonic() >= self._next_list_sweep:
+            self._next_list_sweep = time.monotonic() + LIST_SWEEP_SECONDS
+            try:  # job arrays' task lists older than arrays.KEEP_SECONDS
+                arrays.remove_older_than(Path(self.launch.work_dir))
+            except OSError as exc:
+                log.warning("old job array task lists not removed: %s", exc)
 
     def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
         """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's
