@@ -18,6 +18,7 @@ from funnel_hpc.backends import arrays
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend
+from funnel_hpc.backends.slurm_link import CliLink
 from funnel_hpc.backends.slurm_arrays import LIST_MAX_AGE, ListSweep, expand
 from funnel_hpc.core.config import ConfigError
 from tests.backend_helpers import FakeRunner, backend_options, make_request
@@ -217,10 +218,10 @@ def test_old_lists_go_once_their_arrays_are_gone(tmp_path):
     for listed in (live, done):
         os.utime(listed.path, (old, old))
     failing = FakeRunner({("squeue",): Result(1, "", "Unable to contact slurm controller")})
-    assert ListSweep(failing, tmp_path, mine=True).run() == 0
+    assert ListSweep(CliLink(failing, as_owner=False).live_names, tmp_path).run() == 0
     assert live.path.exists() and done.path.exists()
     runner = FakeRunner({("squeue",): Result(0, f"{live.job_name}\n", "")})
-    sweep = ListSweep(runner, tmp_path, mine=True)
+    sweep = ListSweep(CliLink(runner, as_owner=False).live_names, tmp_path)
     assert sweep.due() and sweep.run() == 1 and not sweep.due()
     assert young.path.exists() and live.path.exists() and not done.path.exists()
     asked = runner.commands[0]
