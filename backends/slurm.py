@@ -44,13 +44,6 @@ from pathlib import Path
 from funnel_hpc.backends import arrays, files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Runner, make_runner
-from funnel_hpc.backends.slurm_link import (
-    UNREACHABLE,
-    CliLink,
-    RestLink,
-    SlurmLink,
-    parse_job_id,
-)
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
 from funnel_hpc.backends.slurm_arrays import (
     KEY_SIZE,
@@ -60,6 +53,13 @@ from funnel_hpc.backends.slurm_arrays import (
     element_ids,
     element_words,
     key_of,
+)
+from funnel_hpc.backends.slurm_link import (
+    UNREACHABLE,
+    CliLink,
+    RestLink,
+    SlurmLink,
+    parse_job_id,
 )
 from funnel_hpc.backends.slurm_rest import SlurmRestClient
 from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status

@@ -45,14 +45,17 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import slurm_throughput as throughput  # noqa: E402
 from funnel_hpc.backends.base import JobState, JobStatus  # noqa: E402
-from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
+from funnel_hpc.backends.slurm import (  # noqa: E402
+    SlurmBackend,
+    exit_code,
+    map_state,
+)
+from funnel_hpc.backends.slurm_rest import SlurmRestClient  # noqa: E402
+from funnel_hpc.backends.slurm_rest_http import RestTransport, default_user  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler  # noqa: E402
 from funnel_hpc.gateway.web.app import make_service  # noqa: E402
 from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
-from funnel_hpc.backends.slurm import exit_code, map_state  # noqa: E402
-from funnel_hpc.backends.slurm_rest import SlurmRestClient  # noqa: E402
-from funnel_hpc.backends.slurm_rest_http import RestTransport, default_user  # noqa: E402
 
 SOCKET = "/run/slurmrestd/slurmrestd.socket"
 PID_FILE = "/run/slurmrestd/slurmrestd.pid"
@@ -195,7 +198,7 @@ def reconciler_ticks(mode: str, n: int, ticks: int, work: Path, db_url: str,
         while submitted < n:
             submitted += reconciler.tick().submitted
         submit_s = time.perf_counter() - start
-        submit_calls = [b - a for a, b in zip(calls, scheduler_calls(backend))]
+        submit_calls = [b - a for a, b in zip(calls, scheduler_calls(backend), strict=True)]
         reconciler.tick()  # warm: the first in-flight tick reads what submission left
         points = []
         for _ in range(ticks):
@@ -229,6 +232,7 @@ def measure_ticks(n: int, ticks: int = TICKS) -> dict:
                "slurmctld": pid_of("slurmctld")}
     runs = {}
     with tempfile.TemporaryDirectory(prefix="funnel-rest-ticks-") as scratch:
+        (Path(scratch) / "db").mkdir()
         databases = DatabaseFactory(Path(scratch) / "db")
         try:
             for mode in MODES:

@@ -233,3 +233,25 @@ def need_slurmrestd() -> None:
     if not installed():
         need(SLURMRESTD, False, "not installed (scripts/setup/35-slurmrestd.sh)")
     wait_for(answers, 60, f"slurmrestd on {SOCKET}", interval=1, detail=lambda: SLURMRESTD_REASON)
+
+
+class CannedRest:
+    """Stands in for a SlurmRestClient: canned jobs-list rows (or an error), the calls made."""
+
+    def __init__(self, rows: list[JobRow] | BackendError):
+        self.answer = rows
+        self.calls = 0
+        self.canceled: list[str] = []
+
+    def jobs(self) -> list[JobRow]:
+        self.calls += 1
+        if isinstance(self.answer, BackendError):
+            raise self.answer
+        return list(self.answer)
+
+    def cancel(self, job_id: str) -> None:
+        self.calls += 1
+        self.canceled.append(job_id)
+
+    def close(self) -> None:
+        pass

@@ -28,7 +28,7 @@ from tests.waiting import wait_for, wait_for_state
 pytestmark = [pytest.mark.slurm, needs(SLURM, slurm_ready(), SLURM_REASON),
               needs(BWRAP, bwrap_ready(), BWRAP_REASON)]
 QUEUE_WAIT = 600  # the one node may be busy with other tests' jobs
-REST = {"mode": "rest", "rest": {"socket": SOCKET}}
+REST_SOCKET = {"socket": SOCKET}  # backend.slurm.rest
 
 
 def job_of(task: dict) -> str:
@@ -38,14 +38,16 @@ def job_of(task: dict) -> str:
 def test_rest_mode_array_cancel_plain_job_and_exit_code(databases, tmp_path):
     need_slurmrestd()
     work, db_url = tmp_path / "srv", databases.new("sqlite")
-    queued = arrays_server(work, db_url, reconcile=False, **REST).start()
+    queued = arrays_server(work, db_url, reconcile=False, mode="rest",
+                           rest=REST_SOCKET).start()
     try:
         ids = [post(queued, "echo started; sleep 600" if i == 3 else f"echo rest-{i}")
                for i in range(7)]  # the 4th is canceled
         alone = post(queued, "echo alone", resources={"cpu_cores": 2})  # another header
     finally:
         queued.stop()
-    server = arrays_server(work, db_url, **REST).start()  # its first tick sees all eight
+    # its first tick sees all eight
+    server = arrays_server(work, db_url, mode="rest", rest=REST_SOCKET).start()
     jobs: set[str] = set()
     try:
         wait_for(lambda: executor_started(server, ids[3]), QUEUE_WAIT, "the long task running",

@@ -20,8 +20,8 @@ from funnel_hpc.backends import arrays
 from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend
-from funnel_hpc.backends.slurm_link import CliLink
 from funnel_hpc.backends.slurm_arrays import LIST_MAX_AGE, ListSweep, expand
+from funnel_hpc.backends.slurm_link import CliLink
 from funnel_hpc.core.config import ConfigError
 from tests.backend_helpers import FakeRunner, backend_options, make_request
 from tests.owner_helpers import drop_user, make_user, need_root
@@ -270,7 +270,7 @@ def test_real_array_of_1000_in_one_sbatch_and_one_squeue(tmp_path, slurm_mode):
     backend.poll(["1"])  # (REST mode: the API version is read once, first)
     calls = scheduler_calls(backend)
     ids = backend.submit_array(requests)
-    assert tuple(b - a for a, b in zip(calls, scheduler_calls(backend))) == one
+    assert tuple(b - a for a, b in zip(calls, scheduler_calls(backend), strict=True)) == one
     assert len(set(ids)) == 1000
     job = ids[0].split("_")[0]
     try:
@@ -285,7 +285,8 @@ def test_real_array_of_1000_in_one_sbatch_and_one_squeue(tmp_path, slurm_mode):
         calls = scheduler_calls(backend)
         backend.poll(ids)
         # one squeue (or GET) for 1,000 elements
-        assert tuple(b - a for a, b in zip(calls, scheduler_calls(backend))) == one, polls
+        after = scheduler_calls(backend)
+        assert tuple(b - a for a, b in zip(calls, after, strict=True)) == one, polls
     finally:
         subprocess.run(["scancel", job])
 

@@ -108,6 +108,42 @@ def test_submit_and_cancel_with_fake_runner(tmp_path):
         backend.submit(request)
 
 
+def test_rest_mode_poll_and_recover_from_one_jobs_list(tmp_path):
+    """REST mode over canned jobs-list rows: one list per poll, element rows as squeue -r,
+    a job missing from the list LOST (no sacct), a failed list UNKNOWN; recover by name."""
+    from funnel_hpc.backends import arrays
+    from funnel_hpc.backends.slurm_link import RestLink
+    from funnel_hpc.backends.slurm_rest_jobs import JobRow
+    from tests.slurm_rest_helpers import CannedRest
+
+    listed = arrays.write(tmp_path, ["t0", "t1"])
+    rows = [JobRow("70_0", "COMPLETED", "0:0", "None", listed.job_name, "root"),
+            JobRow("70_1", "FAILED", "3:0", "NonZeroExitCode", listed.job_name, "root"),
+            JobRow("71", "PENDING", "0:0", "PartitionConfig", "funnel-solo", "root"),
+            JobRow("69", "COMPLETED", "0:0", "None", "funnel-solo", "root")]
+    rest = CannedRest(rows)
+    backend = SlurmBackend(backend_options("slurm", mode="rest"), tmp_path)
+    backend.link = RestLink(rest, backend.runner)  # type: ignore[arg-type]
+    statuses = backend.poll(["70_0", "70_1", "71", "72"])
+    assert {j: s.state for j, s in statuses.items()} == {
+        "70_0": JobState.COMPLETED, "70_1": JobState.FAILED, "71": JobState.UNRUNNABLE,
+        "72": JobState.LOST}
+    assert statuses["70_1"].reason == "slurmrestd: FAILED exit=3:0 reason=NonZeroExitCode"
+    assert "no accounting in REST mode" in statuses["72"].reason
+    assert rest.calls == 1 and backend.runner.calls == 0
+    assert backend.recover("t1", tmp_path / "t1") == "70_1"
+    assert backend.recover("solo", tmp_path / "solo") == "71"  # the newest of the name
+    assert backend.recover("none", tmp_path / "none") is None
+    backend.cancel("70_1")
+    assert rest.canceled == ["70_1"] and backend.runner.calls == 0
+    rest.answer = BackendError("slurmrestd jobs failed (500): down", transient=True)
+    assert all(s.state == JobState.UNKNOWN and s.reason.startswith("slurmrestd")
+               for s in backend.poll(["70_0", "71"]).values())
+    with pytest.raises(BackendError) as raised:
+        backend.recover("solo", tmp_path / "solo")
+    assert raised.value.transient
+
+
 def test_runners():
     runner = make_runner(ssh_options(host=""), timeout=0.5)
     assert isinstance(runner, LocalRunner)
