@@ -157,7 +157,6 @@ def map_state(raw: str, reason: str = "") -> JobState:
 class SlurmBackend(Backend):
     kind = "slurm"
     job_output_files = ("slurm.out", "slurm.err")  # the shipped template's output/error
-    parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
     options: SlurmOptions
 
@@ -173,6 +172,9 @@ class SlurmBackend(Backend):
         # how slurmctld is asked (core/config.py refused submit_as_owner and ssh with rest)
         self.link: SlurmLink = RestLink(SlurmRestClient.from_options(options.rest), runner) \
             if options.mode == "rest" else CliLink(runner, self.as_owner)
+        # each sbatch is its own process (over SSH: one at a time); slurmrestd's one
+        # connection takes one request at a time, so REST mode submits from one thread
+        self.parallel_submit = options.mode != "rest"
         self.sweep = ListSweep(lambda names: self.link.live_names(names), work_dir)
         self.lists = ListIndex(work_dir)
 

@@ -22,6 +22,7 @@ from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.backends.slurm_arrays import LIST_MAX_AGE, ListSweep, expand
 from funnel_hpc.backends.slurm_link import CliLink
+from funnel_hpc.backends.slurm_rest_script import FLAG_PROPERTIES, OPTION_PROPERTIES, job_properties
 from funnel_hpc.core.config import ConfigError
 from tests.backend_helpers import FakeRunner, backend_options, make_request
 from tests.owner_helpers import drop_user, make_user, need_root
@@ -138,6 +139,13 @@ def test_hostile_values_never_make_a_script_line(tmp_path):
     assert script == backend.render_array_script(requests[::-1], listed[0])
     checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+    # REST mode sends the same script plus job properties read from its header: only
+    # the table's properties, none of the hostile words
+    properties = job_properties(script)
+    assert set(properties) <= set(OPTION_PROPERTIES.values()) | \
+        {name for name, _ in FLAG_PROPERTIES.values()}, properties
+    for word in ("pwned", "evil", "reboot", "rm -rf", "h1", "h2", "plain"):
+        assert word not in str(properties), word
     for bad in ({"resources": {"zones": [HOSTILE]}}, {"params": {"qos": HOSTILE}}):
         params = bad.pop("params", None)
         request = make_request(tmp_path, {"id": "h3", **bad}, argv, params=params)
