@@ -23,13 +23,12 @@ from typing import Protocol
 from funnel_hpc.backends.base import BackendError
 from funnel_hpc.backends.commands import Result, Runner, failure
 from funnel_hpc.backends.slurm_arrays import ELEMENT_ID, JOB_ID, expand
-from funnel_hpc.backends.slurm_rest import SlurmRestClient
+from funnel_hpc.backends.slurm_rest import UNREACHABLE_WORDS, SlurmRestClient
 from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status
 
-# what Slurm's client commands print when slurmctld cannot be reached
-UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
-               "Connection refused", "Zero Bytes were transmitted",
-               "Communication connection failure")
+# what Slurm's client commands print when slurmctld cannot be reached (slurmrestd's
+# errors carry the same words)
+UNREACHABLE = UNREACHABLE_WORDS
 # a job scancel/scontrol has nothing to do to: ended, or forgotten
 ENDED = ("already completing or completed", "Invalid job id")
 WITHDRAW_COMMENT = "funnel-withdraw"  # set on an element being withdrawn (see withdraw)

@@ -142,6 +142,10 @@ def test_rest_mode_poll_and_recover_from_one_jobs_list(tmp_path):
     with pytest.raises(BackendError) as raised:
         backend.recover("solo", tmp_path / "solo")
     assert raised.value.transient
+    # the task lists' sweep asks the same jobs list which array names are still there
+    assert backend.link.live_names(["funnel-solo", "funnel-array-gone"]) is None
+    rest.answer = rows
+    assert backend.link.live_names(["funnel-solo", "funnel-array-gone"]) == {"funnel-solo"}
 
 
 def test_runners():
