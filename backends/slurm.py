@@ -1,4 +1,5 @@
-"""Slurm: sbatch to submit, scancel to cancel, one squeue (and at most one sacct) per poll.
+"""Slurm: sbatch to submit, scancel to cancel, one squeue (and at most one sacct) per poll;
+or the same through slurmrestd, one HTTP request per poll and no process (mode rest).
 
 The submission script is rendered from ``templates/slurm.sh.j2`` (or the
 admin's ``backend.slurm.template``), written to ``<task_dir>/slurm.sh`` and
@@ -23,8 +24,14 @@ elements are ``<job>_<index>`` ids like any other, listed one a line by the same
 ``squeue -r``, canceled one by one (``scancel 123_4``), and found again by ``recover``
 through the gateway's task list and the array's name (backends/arrays.py).
 
+``backend.slurm.mode`` picks how those questions reach slurmctld (backends/slurm_link.py):
+``CliLink`` runs the commands above, ``RestLink`` asks slurmrestd (backends/slurm_rest.py):
+the same scripts (their #SBATCH header mapped to job properties), the same ids and rows,
+ONE GET of the jobs list per poll, no sacct (a job gone from the list is LOST), and never
+a fork. What this module decides (scripts, arrays, states, recover) is the same for both.
+
 ``JobStatus.reason`` carries what Slurm said, e.g.
-``squeue: FAILED exit=3:0 reason=NonZeroExitCode``.
+``squeue: FAILED exit=3:0 reason=NonZeroExitCode`` (``slurmrestd: ...`` in REST mode).
 """
 
 from __future__ import annotations
@@ -36,20 +43,26 @@ from pathlib import Path
 
 from funnel_hpc.backends import arrays, files
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
-from funnel_hpc.backends.commands import Result, Runner, failure, make_runner
+from funnel_hpc.backends.commands import Runner, make_runner
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
 from funnel_hpc.backends.slurm_arrays import (
-    ELEMENT_ID,
-    JOB_ID,
     KEY_SIZE,
     ListIndex,
     ListSweep,
     array_variables,
     element_ids,
     element_words,
-    expand,
     key_of,
 )
+from funnel_hpc.backends.slurm_link import (
+    UNREACHABLE,
+    CliLink,
+    RestLink,
+    SlurmLink,
+    parse_job_id,
+)
+from funnel_hpc.backends.slurm_rest import SlurmRestClient
+from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status
 from funnel_hpc.backends.templating import render, script_variables
 from funnel_hpc.core.config import ConfigError, SlurmOptions
 
@@ -97,20 +110,11 @@ UNRUNNABLE_REASONS = frozenset({
     "JobHeldAdmin", "PartitionDown", "PartitionInactive",
 })
 
-# what Slurm's client commands print when slurmctld cannot be reached
-UNREACHABLE = ("Unable to contact slurm controller", "Socket timed out",
-               "Connection refused", "Zero Bytes were transmitted",
-               "Communication connection failure")
-
 SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
-WITHDRAW_COMMENT = "funnel-withdraw"  # set on an element being withdrawn (see withdraw)
 # the shipped templates: a site's own `template` with the shipped array template turns
 # arrays off (the site's edits would be missing from the arrays' scripts)
 SHIPPED_TEMPLATE = "slurm.sh.j2"
 SHIPPED_ARRAY_TEMPLATE = "slurm-array.sh.j2"
-
-# squeue -j with one id slurmctld no longer knows (with several, it lists the known ones)
-FORGOTTEN_ID = "Invalid job id specified"
 
 
 def _exists(user: str) -> bool:
@@ -119,12 +123,6 @@ def _exists(user: str) -> bool:
     except KeyError:
         return False
     return True
-
-
-def _id_order(job_id: str) -> tuple[int, int]:
-    """123 before 123_0 before 123_10."""
-    match = ELEMENT_ID.fullmatch(job_id)
-    return (int(match.group(1)), int(match.group(2)) + 1) if match else (int(job_id), 0)
 
 
 def _array_max(options: SlurmOptions, name: str) -> int:
@@ -142,21 +140,10 @@ def _array_max(options: SlurmOptions, name: str) -> int:
     return options.array_max
 
 
-def parse_job_id(text: str) -> str:
-    """`sbatch --parsable` prints `jobid` or `jobid;cluster`."""
-    job_id = text.strip().splitlines()[-1].split(";")[0].strip() if text.strip() else ""
-    if not job_id.isdigit():
-        raise BackendError(f"sbatch printed no job id: {text.strip()[:200]!r}")
-    return job_id
-
-
-def exit_code(raw: str) -> str:
-    """squeue's exit_code is a wait status (768 = exit 3); show it as sacct does: code:signal."""
-    try:
-        status = int(raw)
-    except ValueError:
-        return raw
-    return f"{status >> 8}:{status & 0x7F}"
+# squeue's exit_code is a wait status (768 = exit 3), shown as sacct does: code:signal
+exit_code = wait_status
+__all__ = ["STATE_MAP", "UNREACHABLE", "SlurmBackend", "exit_code", "map_state",
+           "parse_job_id"]
 
 
 def map_state(raw: str, reason: str = "") -> JobState:
@@ -170,22 +157,35 @@ def map_state(raw: str, reason: str = "") -> JobState:
 class SlurmBackend(Backend):
     kind = "slurm"
     job_output_files = ("slurm.out", "slurm.err")  # the shipped template's output/error
-    parallel_submit = True  # each submit is its own sbatch (over SSH: one at a time)
 
     options: SlurmOptions
 
     def __init__(self, options: SlurmOptions, work_dir: Path,
                  on_change: Callable[[], None] | None = None, name: str | None = None):
         super().__init__(options, work_dir, on_change, name)
-        self.runner: Runner = make_runner(options.ssh, options.command_timeout)
         self.template = options.template
-        self._accounting: bool | None = None
         self.as_owner = options.submit_as_owner
         self.owners = OwnerPolicy.from_options(options) if self.as_owner else None
         self.array_template = options.array_template
         self.array_max = _array_max(options, self.name)
-        self.sweep = ListSweep(self.runner, work_dir, mine=not self.as_owner)
+        runner = make_runner(options.ssh, options.command_timeout)
+        # how slurmctld is asked (core/config.py refused submit_as_owner and ssh with rest)
+        self.link: SlurmLink = RestLink(SlurmRestClient.from_options(options.rest), runner) \
+            if options.mode == "rest" else CliLink(runner, self.as_owner)
+        # each sbatch is its own process (over SSH: one at a time); slurmrestd's one
+        # connection takes one request at a time, so REST mode submits from one thread
+        self.parallel_submit = options.mode != "rest"
+        self.sweep = ListSweep(lambda names: self.link.live_names(names), work_dir)
         self.lists = ListIndex(work_dir)
+
+    @property
+    def runner(self) -> Runner:
+        """The scheduler commands' runner (its `calls` count the forks: none in REST mode)."""
+        return self.link.runner
+
+    @runner.setter
+    def runner(self, runner: Runner) -> None:  # tests give CLI mode canned command output
+        self.link.runner = runner
 
     # ---- submit / cancel ----
 
@@ -225,11 +225,7 @@ class SlurmBackend(Backend):
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm script: {exc}") from None
         files.write_private(request.task_dir, SCRIPT_FILE, script)
-        prefix = self._as_owner(request)
-        result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
-        if result.returncode != 0:
-            raise failure("sbatch", result, UNREACHABLE)
-        return parse_job_id(result.stdout)
+        return self.link.submit(script, self._as_owner(request), "sbatch")
 
     # ---- arrays ----
 
@@ -277,35 +273,16 @@ class SlurmBackend(Backend):
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm array script: {exc}") from None
         # the list stays when sbatch fails: a timed-out sbatch may have submitted it
-        result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
-        if result.returncode != 0:
-            raise failure("sbatch --array", result, UNREACHABLE)
-        return element_ids(parse_job_id(result.stdout), len(requests))
+        job = self.link.submit(script, prefix, "sbatch --array")
+        return element_ids(job, len(requests))
 
     def cancel(self, job_id: str) -> None:
-        result = self.runner.run(["scancel", str(job_id)])
-        if result.returncode != 0 and "already completing or completed" not in result.stderr \
-                and "Invalid job id" not in result.stderr:
-            raise failure(f"scancel {job_id}", result, UNREACHABLE)
+        self.link.cancel(str(job_id))
 
     def withdraw(self, job_id: str) -> None:
-        """scancel --state=PENDING: slurmctld cancels the job only while it waits. An
-        element first gets its own record (scontrol update of its Comment): measured on
-        Slurm 22.05, `scancel --state=PENDING 123_4` while elements 0-9 still wait as one
-        record cancels all ten."""
-        if ELEMENT_ID.fullmatch(str(job_id)):
-            split = self.runner.run(["scontrol", "update", f"JobId={job_id}",
-                                     f"Comment={WITHDRAW_COMMENT}"])
-            said = split.stderr + split.stdout
-            if split.returncode != 0:
-                if any(words in said for words in ("Invalid job id", "already completing",
-                                                   "already finished")):
-                    return  # gone or ended: nothing waits to withdraw
-                raise failure(f"scontrol update JobId={job_id}", split, UNREACHABLE)
-        result = self.runner.run(["scancel", "--state=PENDING", str(job_id)])
-        if result.returncode != 0 and "already completing or completed" not in result.stderr \
-                and "Invalid job id" not in result.stderr:
-            raise failure(f"scancel --state=PENDING {job_id}", result, UNREACHABLE)
+        """Cancel the job (one element: never its siblings) only while it waits
+        (SlurmLink.withdraw: scancel --state=PENDING, or hold/read/cancel over REST)."""
+        self.link.withdraw(str(job_id))
 
     def recover(self, task_id: str, task_dir: Path, owner: str | None = None) -> str | None:
         """The task's element of the newest array named after the gateway's newest list
@@ -327,97 +304,46 @@ class SlurmBackend(Backend):
         return self._newest_job(f"funnel-{task_id}", user)
 
     def _newest_job(self, job_name: str, user: str | None) -> str | None:
-        """The newest job (an array's job id) of that name squeue lists for us or user."""
-        whose = ["-u", user] if user else ["--me"]
-        result = self.runner.run(["squeue", "-h", *whose, "-t", "all", "-n", job_name,
-                                  "-o", "%F|%u"])
-        if result.returncode != 0:  # not "no such job": we could not ask
-            error = failure("squeue", result, UNREACHABLE)
-            error.transient = True
-            raise error
-        ids = []
-        for line in result.stdout.splitlines():
-            job_id, _, job_user = (part.strip() for part in line.partition("|"))
-            if job_id.isdigit() and (user is None or job_user == user):
-                ids.append(job_id)
+        """The newest job (an array's job id) of that name slurmctld lists for us or user."""
+        ids = self.link.job_ids_named(job_name, user)
         return max(ids, key=int) if ids else None
 
     # ---- poll ----
-
-    def _squeue(self, wanted: set[str]) -> Result:
-        """One squeue over this account's jobs, or over the wanted ids when jobs run as
-        their owners (not every user's jobs on the cluster)."""
-        # -r: one array element a line (pending ranges too), JobArrayID 123_4 or 125
-        columns = ["-r", "-O", "JobArrayID:|,State:|,exit_code:|,Reason:"]
-        if not self.as_owner:
-            return self.runner.run(["squeue", "-h", "--me", "-t", "all", *columns])
-        ids = sorted((j for j in wanted if JOB_ID.fullmatch(j)), key=_id_order)
-        if not ids:
-            return Result(0, "", "")
-        result = self.runner.run(["squeue", "-h", "-t", "all", "-j", ",".join(ids), *columns])
-        if result.returncode != 0 and len(ids) == 1 and FORGOTTEN_ID in result.stderr:
-            return Result(0, "", "")  # the one job is gone: LOST or in sacct, below
-        return result
 
     def poll(self, job_ids: list[str]) -> dict[str, JobStatus]:
         wanted = {str(j) for j in job_ids}
         if not wanted:
             return {}
-        result = self._squeue(wanted)
-        if result.returncode != 0:
-            reason = (f"squeue failed ({result.returncode}): "
-                      f"{(result.stderr or result.stdout).strip()[:300]}")
-            return {j: JobStatus(JobState.UNKNOWN, reason) for j in wanted}
-        found: dict[str, JobStatus] = {}
-        for line in result.stdout.splitlines():
-            parts = [p.strip() for p in line.split("|", 3)]
-            if len(parts) == 4 and parts[0] in wanted:
-                job_id, state, code, reason = parts
-                found[job_id] = JobStatus(map_state(state, reason), f"squeue: {state} "
-                                          f"exit={exit_code(code)} reason={reason}")
+        try:
+            rows = self.link.rows(wanted)
+        except BackendError as exc:
+            return {j: JobStatus(JobState.UNKNOWN, str(exc)) for j in wanted}
+        found = _statuses(rows, wanted, self.link.source)
         if self.sweep.due():  # old task lists whose arrays are gone (once an hour)
             self.sweep.run()
         missing = sorted(wanted - set(found))
-        if missing and self.accounting_enabled():
-            found.update(self._sacct(missing))
-        where = "not in squeue, not in sacct" if self._accounting else \
-            "not in squeue; no accounting"
+        where = "not listed"
+        if missing:
+            try:
+                finished, where = self.link.finished(missing)
+            except BackendError as exc:  # not LOST: that would fail the tasks; ask again
+                return {**found, **{j: JobStatus(JobState.UNKNOWN, str(exc)) for j in missing}}
+            found.update(_statuses(finished, set(missing), "sacct"))
         for job_id in wanted - set(found):
             found[job_id] = JobStatus(JobState.LOST, f"Slurm no longer knows this job ({where})")
         return found
 
     def accounting_enabled(self) -> bool:
-        """Does sacct answer here? Probed once; an unclear answer is asked again later."""
-        if self._accounting is None:
-            probe = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID", "-j", "1"])
-            text = probe.stderr + probe.stdout
-            if "disabled" in text or probe.returncode == 127:
-                self._accounting = False
-            elif probe.returncode == 0:
-                self._accounting = True
-            else:
-                return False
-        return self._accounting
-
-    def _sacct(self, job_ids: list[str]) -> dict[str, JobStatus]:
-        result = self.runner.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,ExitCode,Reason",
-                                  "-j", ",".join(job_ids)])
-        if result.returncode != 0:
-            # not LOST: that would fail the tasks; ask again next poll
-            reason = f"sacct failed: {(result.stderr or result.stdout).strip()[:300]}"
-            return {j: JobStatus(JobState.UNKNOWN, reason) for j in job_ids}
-        out: dict[str, JobStatus] = {}
-        asked = set(job_ids)
-        for line in result.stdout.splitlines():
-            parts = line.split("|", 3)
-            if len(parts) < 3:
-                continue
-            status = JobStatus(map_state(parts[1]), f"sacct: {parts[1]} exit={parts[2]} "
-                                                    f"reason={parts[3] if len(parts) > 3 else ''}")
-            for job_id in expand(parts[0]):  # a pending range: each of its elements
-                if job_id in asked:
-                    out[job_id] = status
-        return out
+        """Does sacct answer here? (CLI mode; REST mode has no accounting to ask)"""
+        return isinstance(self.link, CliLink) and self.link.accounting_enabled()
 
     def close(self) -> None:
-        self.runner.close()
+        self.link.close()
+
+
+def _statuses(rows: list[JobRow], wanted: set[str], source: str) -> dict[str, JobStatus]:
+    """The wanted jobs' statuses from a link's rows, the reason saying what Slurm said."""
+    return {row.job_id: JobStatus(map_state(row.state, row.reason),
+                                  f"{source}: {row.state} exit={row.exit_code} "
+                                  f"reason={row.reason}")
+            for row in rows if row.job_id in wanted}

@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import arrays
 from funnel_hpc.backends.base import BackendError, SubmitRequest
-from funnel_hpc.backends.commands import Runner
 from funnel_hpc.backends.templating import shell_quote
 
 # a task's own variables: never in an array's script
@@ -34,7 +34,7 @@ KEY_LIST_NAME = "0" * 16
 KEY_SIZE = 2
 LIST_MAX_AGE = 24 * 3600.0   # a list younger than this is never removed
 SWEEP_EVERY = 3600.0         # seconds between two sweeps
-SWEEP_NAMES = 200            # names per squeue -n of a sweep
+SWEEP_NAMES = 200            # names per question of a sweep (squeue -n's argv)
 INDEX_SECONDS = 30.0         # how long recover trusts its index of the lists
 
 
@@ -119,13 +119,13 @@ class ListIndex:
 
 class ListSweep:
     """Removes task lists no element can still need: older than LIST_MAX_AGE and whose
-    array job squeue no longer lists (pending, running or just ended). A failed squeue
-    removes nothing."""
+    array job slurmctld no longer lists (pending, running or just ended). `live` says
+    which of some job names slurmctld lists (SlurmLink.live_names); None from it (could
+    not ask) removes nothing."""
 
-    def __init__(self, runner: Runner, work_dir: Path, mine: bool):
-        self.runner = runner
+    def __init__(self, live: Callable[[list[str]], set[str] | None], work_dir: Path):
+        self.live = live
         self.work_dir = Path(work_dir)
-        self.mine = mine   # squeue --me (all jobs are this account's), else every user's
         self.next_at = 0.0
 
     def due(self) -> bool:
@@ -138,11 +138,10 @@ class ListSweep:
         live: set[str] = set()
         for at in range(0, len(old), SWEEP_NAMES):
             names = [arrays.JOB_NAME_PREFIX + name for name in old[at:at + SWEEP_NAMES]]
-            result = self.runner.run(["squeue", "-h", *(["--me"] if self.mine else []),
-                                      "-t", "all", "-n", ",".join(names), "-o", "%j"])
-            if result.returncode != 0:
+            listed = self.live(names)
+            if listed is None:
                 return 0
-            live |= {line.strip() for line in result.stdout.splitlines()}
+            live |= listed
         removed = 0
         for name in old:
             if arrays.JOB_NAME_PREFIX + name not in live and arrays.remove(self.work_dir, name):

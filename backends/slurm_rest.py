@@ -6,7 +6,8 @@ slurmrestd 22.05 does not read the header itself), ``jobs`` is ONE GET of the jo
 giving the rows ``squeue -r --me -t all`` would (backends/slurm_rest_jobs.py), ``cancel``
 one DELETE. The OpenAPI version is the newest of SUPPORTED_VERSIONS the daemon serves,
 read once from its /openapi/v3 document. All requests share one kept-open connection
-(backends/slurm_rest_http.py).
+(backends/slurm_rest_http.py). SlurmBackend uses it in mode rest through RestLink
+(backends/slurm_link.py).
 
 Errors are BackendError, transient when slurmrestd cannot be reached or says slurmctld
 cannot (the Slurm error numbers and words below), as CLI mode's ``commands.failure``.
@@ -43,7 +44,7 @@ JOB_ID = re.compile(r"\d+(?:_\d+)?")
 # socket timeouts
 UNREACHABLE_ERRNOS = frozenset({1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 1804,
                                 5004, 5005})
-# and its words, as the command-line tools print them (backends/slurm.py UNREACHABLE)
+# and its words, as the command-line tools print them too (CLI mode's, slurm_link.py)
 UNREACHABLE_WORDS = ("Unable to contact slurm controller", "Socket timed out",
                      "Connection refused", "Zero Bytes were transmitted",
                      "Communication connection failure")

@@ -36,7 +36,11 @@ MAX_ELEMENTS = 4_000_001
 
 
 def wait_status(raw: Any) -> str:
-    """A wait status (768) as code:signal ("3:0"); other text as it is."""
+    """A wait status (768, or squeue's "768") as code:signal ("3:0"), as sacct shows it;
+    other text as it is. The one converter of both modes (squeue's exit_code column and
+    slurmrestd's exit_code field are the same wait status)."""
+    if isinstance(raw, str) and raw.isdigit():
+        raw = int(raw)
     if isinstance(raw, bool) or not isinstance(raw, int):
         return "" if raw is None else str(raw)
     return f"{raw >> 8}:{raw & 0x7F}"

@@ -42,6 +42,9 @@ Sections (each measured with its physical reference in this same run):
              one-sbatch-per-job loop and vs a raw sbatch --array; slurmctld RPCs (sdiag)
              for 1,000 tasks submitted and polled vs one job per task; 10,000 tasks
              QUEUED -> COMPLETE vs a raw array of the same worker jobs
+  rest       Slurm REST mode (slurm_rest_poll.py): the reconciler's tick CPU (process +
+             children) with 10,000 held tasks in flight submitted with arrays, mode rest
+             vs mode cli in the same run (issue 29: <= 1x)
 The new sections are thin calls into their own scripts' suite_rows(quick) (image_pull.py,
 sandbox_start.py, storage_bench.py, events_bench.py), which also run alone.
 The table is printed, written with machine facts to benchmarks/results/run-<time>.json,
@@ -78,6 +81,7 @@ from benchmarks import (  # noqa: E402
     sandbox_start,
     slurm_arrays,
     slurm_bench,
+    slurm_rest_poll,
     slurm_sinks,
     slurm_throughput,
     storage_bench,
@@ -88,7 +92,7 @@ from benchmarks.machine import machine_facts  # noqa: E402
 from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SECTIONS = ("api", "routing", "latency", "throughput", "worker", "images", "storage", "events",
-            "reconciler", "replicas", "local", "instances", "tes", "arrays")
+            "reconciler", "replicas", "local", "instances", "tes", "arrays", "rest")
 # the page whose table --update-docs rewrites, between these markers
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -280,6 +284,10 @@ def arrays_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("arrays", slurm_arrays.suite_rows(quick, per_job))])
 
 
+def rest_section(table: Table, results: dict, quick: bool) -> None:
+    add_rows(table, results, [("slurm_rest", slurm_rest_poll.suite_rows(quick))])
+
+
 def update_page(markdown: str, facts: dict, page: Path = BENCH_PAGE) -> None:
     """Replace the table between page's bench markers with this run's."""
     text = page.read_text()
@@ -318,7 +326,7 @@ def main() -> None:
                           ("events", events_section), ("reconciler", reconciler_section),
                           ("replicas", replicas_section), ("local", local_section),
                           ("instances", instances_section), ("tes", tes_section),
-                          ("arrays", arrays_section)):
+                          ("arrays", arrays_section), ("rest", rest_section)):
         if name in args.skip:
             continue
         print(f"== {name}", flush=True)

@@ -19,6 +19,7 @@ from funnel_hpc.backends.slurm_rest import SlurmRestClient, failure
 from funnel_hpc.backends.slurm_rest_http import Answer, RestTransport, default_user
 from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status
 from tests.backend_helpers import NO_WORK_DIR, backend_options, make_request
+from tests.components import need
 from tests.waiting import wait_for
 
 # where scripts/setup/35-slurmrestd.sh starts the shared daemon
@@ -218,3 +219,39 @@ def dead_controller_conf(folder: Path) -> Path:
 
 def held_ids(job_id: str, count: int) -> set[str]:
     return {f"{job_id}_{index}" for index in range(count)}
+
+
+def scheduler_calls(backend: SlurmBackend) -> tuple[int, int]:
+    """(processes run, slurmrestd requests sent) by a SlurmBackend so far."""
+    rest = getattr(backend.link, "rest", None)
+    return backend.runner.calls, (rest.calls if rest is not None else 0)
+
+
+def need_slurmrestd() -> None:
+    """The shared slurmrestd answers (fails, or skips where it is not installed), for tests
+    outside tests/backends (whose conftest has the `slurmrestd` fixture)."""
+    if not installed():
+        need(SLURMRESTD, False, "not installed (scripts/setup/35-slurmrestd.sh)")
+    wait_for(answers, 60, f"slurmrestd on {SOCKET}", interval=1, detail=lambda: SLURMRESTD_REASON)
+
+
+class CannedRest:
+    """Stands in for a SlurmRestClient: canned jobs-list rows (or an error), the calls made."""
+
+    def __init__(self, rows: list[JobRow] | BackendError):
+        self.answer = rows
+        self.calls = 0
+        self.canceled: list[str] = []
+
+    def jobs(self) -> list[JobRow]:
+        self.calls += 1
+        if isinstance(self.answer, BackendError):
+            raise self.answer
+        return list(self.answer)
+
+    def cancel(self, job_id: str) -> None:
+        self.calls += 1
+        self.canceled.append(job_id)
+
+    def close(self) -> None:
+        pass

@@ -53,6 +53,15 @@ def slurmrestd(slurm) -> str:
     return rest.SOCKET
 
 
+@pytest.fixture(params=["cli", "rest"])
+def slurm_mode(request, slurm) -> str:
+    """backend.slurm.mode for a real-Slurm test run in both modes (rest: with the shared
+    slurmrestd, which must answer)."""
+    if request.param == "rest":
+        request.getfixturevalue("slurmrestd")
+    return str(request.param)
+
+
 @pytest.fixture
 def sshd(tmp_path) -> Iterator[dict]:
     """A private sshd on 127.0.0.1 that accepts one generated key for this user."""

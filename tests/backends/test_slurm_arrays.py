@@ -1,7 +1,9 @@
 """Slurm job arrays (backend.slurm.array_max): the array script, its key, element ids in
 poll/sacct/cancel/recover, old task lists; canned scheduler output first, then the real
 single-node cluster (arrays of 7 and 1,000, one element canceled, a restart's recover
-with an array half-done, an element's node going down, two owners' arrays)."""
+with an array half-done, an element's node going down, two owners' arrays), each but the
+owners' one in both modes (slurm_mode: cli, and rest through the real slurmrestd; REST mode
+refuses submit_as_owner at load)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from funnel_hpc.backends.base import BackendError, JobState
 from funnel_hpc.backends.commands import Result
 from funnel_hpc.backends.slurm import SlurmBackend
 from funnel_hpc.backends.slurm_arrays import LIST_MAX_AGE, ListSweep, expand
+from funnel_hpc.backends.slurm_link import CliLink
+from funnel_hpc.backends.slurm_rest_script import FLAG_PROPERTIES, OPTION_PROPERTIES, job_properties
 from funnel_hpc.core.config import ConfigError
 from tests.backend_helpers import FakeRunner, backend_options, make_request
 from tests.owner_helpers import drop_user, make_user, need_root
@@ -30,6 +34,7 @@ from tests.slurm_array_helpers import (
     squeue_elements,
     wait_all,
 )
+from tests.slurm_rest_helpers import scheduler_calls
 from tests.templating_helpers import HOSTILE, task
 from tests.waiting import wait_for
 
@@ -39,9 +44,9 @@ WAIT_FOR_GO = ["/bin/sh", "-c",
                'echo ran > "$1/out"; while [ ! -e "$1/go" ]; do sleep 0.2; done', "sh"]
 
 
-def bench(work: Path, **extra: object) -> SlurmBackend:
+def bench(work: Path, mode: str = "cli", **extra: object) -> SlurmBackend:
     """A backend on the `bench` partition (oversubscribed: many trivial jobs at once)."""
-    return SlurmBackend(backend_options("slurm", partition="bench", **extra), work)
+    return SlurmBackend(backend_options("slurm", partition="bench", mode=mode, **extra), work)
 
 
 def waiting_requests(work: Path, prefix: str, count: int) -> list:
@@ -134,6 +139,13 @@ def test_hostile_values_never_make_a_script_line(tmp_path):
     assert script == backend.render_array_script(requests[::-1], listed[0])
     checked = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+    # REST mode sends the same script plus job properties read from its header: only
+    # the table's properties, none of the hostile words
+    properties = job_properties(script)
+    assert set(properties) <= set(OPTION_PROPERTIES.values()) | \
+        {name for name, _ in FLAG_PROPERTIES.values()}, properties
+    for word in ("pwned", "evil", "reboot", "rm -rf", "h1", "h2", "plain"):
+        assert word not in str(properties), word
     for bad in ({"resources": {"zones": [HOSTILE]}}, {"params": {"qos": HOSTILE}}):
         params = bad.pop("params", None)
         request = make_request(tmp_path, {"id": "h3", **bad}, argv, params=params)
@@ -217,10 +229,10 @@ def test_old_lists_go_once_their_arrays_are_gone(tmp_path):
     for listed in (live, done):
         os.utime(listed.path, (old, old))
     failing = FakeRunner({("squeue",): Result(1, "", "Unable to contact slurm controller")})
-    assert ListSweep(failing, tmp_path, mine=True).run() == 0
+    assert ListSweep(CliLink(failing, as_owner=False).live_names, tmp_path).run() == 0
     assert live.path.exists() and done.path.exists()
     runner = FakeRunner({("squeue",): Result(0, f"{live.job_name}\n", "")})
-    sweep = ListSweep(runner, tmp_path, mine=True)
+    sweep = ListSweep(CliLink(runner, as_owner=False).live_names, tmp_path)
     assert sweep.due() and sweep.run() == 1 and not sweep.due()
     assert young.path.exists() and live.path.exists() and not done.path.exists()
     asked = runner.commands[0]
@@ -231,8 +243,8 @@ def test_old_lists_go_once_their_arrays_are_gone(tmp_path):
 # ---- real Slurm ----
 
 @pytest.mark.slurm
-def test_real_array_of_7_and_one_element_canceled(tmp_path, slurm):
-    backend = bench(tmp_path)
+def test_real_array_of_7_and_one_element_canceled(tmp_path, slurm_mode):
+    backend = bench(tmp_path, slurm_mode)
     requests = waiting_requests(tmp_path, "seven", 7)
     ids = backend.submit_array(requests)
     job = ids[0].split("_")[0]
@@ -259,34 +271,39 @@ def test_real_array_of_7_and_one_element_canceled(tmp_path, slurm):
 
 
 @pytest.mark.slurm
-def test_real_array_of_1000_in_one_sbatch_and_one_squeue(tmp_path, slurm):
-    backend = bench(tmp_path)
+def test_real_array_of_1000_in_one_sbatch_and_one_squeue(tmp_path, slurm_mode):
+    backend = bench(tmp_path, slurm_mode)
     requests = requests_writing_ids(tmp_path, "k", 1000)
-    calls = backend.runner.calls
+    one = (1, 0) if slurm_mode == "cli" else (0, 1)  # one sbatch, or one POST
+    backend.poll(["1"])  # (REST mode: the API version is read once, first)
+    calls = scheduler_calls(backend)
     ids = backend.submit_array(requests)
-    assert backend.runner.calls - calls == 1 and len(set(ids)) == 1000
+    assert tuple(b - a for a, b in zip(calls, scheduler_calls(backend), strict=True)) == one
+    assert len(set(ids)) == 1000
     job = ids[0].split("_")[0]
     try:
-        before = backend.runner.calls
+        before = scheduler_calls(backend)
         statuses = wait_all(backend, ids, {JobState.COMPLETED, JobState.FAILED}, timeout=900)
-        polls = backend.runner.calls - before
+        polls = sum(scheduler_calls(backend)) - sum(before)
         assert all(s.state == JobState.COMPLETED for s in statuses.values()), \
             [s for s in statuses.values() if s.state != JobState.COMPLETED][:3]
         for i in range(1000):
             assert (tmp_path / f"k{i}" / "out").read_text() == f"k{i}\n"
             assert (tmp_path / f"k{i}" / "slurm.err").exists()  # its own job output files
-        calls = backend.runner.calls
+        calls = scheduler_calls(backend)
         backend.poll(ids)
-        assert backend.runner.calls - calls == 1, polls  # one squeue for 1,000 elements
+        # one squeue (or GET) for 1,000 elements
+        after = scheduler_calls(backend)
+        assert tuple(b - a for a, b in zip(calls, after, strict=True)) == one, polls
     finally:
         subprocess.run(["scancel", job])
 
 
 @pytest.mark.slurm
-def test_real_recover_with_an_array_half_done(tmp_path, slurm):
+def test_real_recover_with_an_array_half_done(tmp_path, slurm_mode):
     """Element 0 COMPLETED, 1 RUNNING, 2 PENDING (held): a new backend object (a restarted
     gateway) finds each task's element; the array then ends every task right."""
-    backend = bench(tmp_path, site={"extra_directives": ["--hold"]})
+    backend = bench(tmp_path, slurm_mode, site={"extra_directives": ["--hold"]})
     requests = waiting_requests(tmp_path, "half", 3)
     ids = backend.submit_array(requests)
     job = ids[0].split("_")[0]
@@ -296,7 +313,7 @@ def test_real_recover_with_an_array_half_done(tmp_path, slurm):
         wait_all(backend, ids[:1], {JobState.COMPLETED}, timeout=180)
         wait_all(backend, ids[1:2], {JobState.RUNNING}, timeout=180)
         assert backend.poll(ids[2:])[ids[2]].state == JobState.PENDING
-        restarted = bench(tmp_path)
+        restarted = bench(tmp_path, slurm_mode)
         assert [restarted.recover(f"half{i}", tmp_path / f"half{i}") for i in range(3)] == ids
         go(tmp_path, "half1", "half2")
         subprocess.run(["scontrol", "release", ids[2]], check=True)
@@ -310,7 +327,8 @@ def test_real_recover_with_an_array_half_done(tmp_path, slurm):
 def test_real_element_node_down_is_node_failed_its_sibling_runs_after(tmp_path, slurm):
     """The node of a running element goes DOWN: that element is NODE_FAILED (not
     requeued: --no-requeue), its held sibling stays PENDING and completes once the node
-    is back (the node is always resumed)."""
+    is back (the node is always resumed). CLI mode only: slurmrestd 22.05 has no way to
+    submit --no-requeue (backends/slurm_rest_script.py), so a REST job is requeued."""
     backend = bench(tmp_path, site={"extra_directives": ["--hold", "--no-requeue"]})
     ids = backend.submit_array(waiting_requests(tmp_path, "nf", 2))
     job, node = ids[0].split("_")[0], node_name()
@@ -388,10 +406,10 @@ def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm):
 
 
 @pytest.mark.slurm
-def test_real_withdraw_of_one_pending_element_leaves_its_siblings(tmp_path, slurm):
+def test_real_withdraw_of_one_pending_element_leaves_its_siblings(tmp_path, slurm_mode):
     """Measured on Slurm 22.05: `scancel --state=PENDING 123_1` while 123_[0-2] wait as one
     record cancels all three; withdraw splits the element out first."""
-    backend = bench(tmp_path)
+    backend = bench(tmp_path, slurm_mode)
     requests = [make_request(tmp_path, {"id": f"wd{i}"}, ["/bin/true"],
                              params={"begin": "now+1hour"}) for i in range(3)]
     ids = backend.submit_array(requests)
@@ -403,7 +421,7 @@ def test_real_withdraw_of_one_pending_element_leaves_its_siblings(tmp_path, slur
         assert {j: s.state for j, s in backend.poll([ids[0], ids[2]]).items()} == \
             {ids[0]: JobState.PENDING, ids[2]: JobState.PENDING}
         backend.withdraw(ids[1])  # again: gone, no error
-        running = bench(tmp_path).submit_array(waiting_requests(tmp_path, "wr", 2))
+        running = bench(tmp_path, slurm_mode).submit_array(waiting_requests(tmp_path, "wr", 2))
         try:
             wait_all(backend, running, {JobState.RUNNING}, timeout=180)
             backend.withdraw(running[0])  # running: not withdrawn

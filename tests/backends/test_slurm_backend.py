@@ -1,4 +1,5 @@
-"""Slurm backend: output parsing with a fake runner, then the real single-node cluster."""
+"""Slurm backend: output parsing with a fake runner, then the real single-node cluster in
+both modes (slurm_mode: cli, and rest through the real slurmrestd); ssh is CLI mode's own."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.backend_helpers import (
     make_request,
     ssh_options,
 )
+from tests.slurm_rest_helpers import scheduler_calls
 from tests.waiting import wait_for
 
 NO_ACCOUNTING = Result(1, "", "sacct: error: Slurm accounting storage is disabled\n")
@@ -106,6 +108,46 @@ def test_submit_and_cancel_with_fake_runner(tmp_path):
         backend.submit(request)
 
 
+def test_rest_mode_poll_and_recover_from_one_jobs_list(tmp_path):
+    """REST mode over canned jobs-list rows: one list per poll, element rows as squeue -r,
+    a job missing from the list LOST (no sacct), a failed list UNKNOWN; recover by name."""
+    from funnel_hpc.backends import arrays
+    from funnel_hpc.backends.slurm_link import RestLink
+    from funnel_hpc.backends.slurm_rest_jobs import JobRow
+    from tests.slurm_rest_helpers import CannedRest
+
+    listed = arrays.write(tmp_path, ["t0", "t1"])
+    rows = [JobRow("70_0", "COMPLETED", "0:0", "None", listed.job_name, "root"),
+            JobRow("70_1", "FAILED", "3:0", "NonZeroExitCode", listed.job_name, "root"),
+            JobRow("71", "PENDING", "0:0", "PartitionConfig", "funnel-solo", "root"),
+            JobRow("69", "COMPLETED", "0:0", "None", "funnel-solo", "root")]
+    rest = CannedRest(rows)
+    backend = SlurmBackend(backend_options("slurm", mode="rest"), tmp_path)
+    backend.link = RestLink(rest, backend.runner)  # type: ignore[arg-type]
+    statuses = backend.poll(["70_0", "70_1", "71", "72"])
+    assert {j: s.state for j, s in statuses.items()} == {
+        "70_0": JobState.COMPLETED, "70_1": JobState.FAILED, "71": JobState.UNRUNNABLE,
+        "72": JobState.LOST}
+    assert statuses["70_1"].reason == "slurmrestd: FAILED exit=3:0 reason=NonZeroExitCode"
+    assert "no accounting in REST mode" in statuses["72"].reason
+    assert rest.calls == 1 and backend.runner.calls == 0
+    assert backend.recover("t1", tmp_path / "t1") == "70_1"
+    assert backend.recover("solo", tmp_path / "solo") == "71"  # the newest of the name
+    assert backend.recover("none", tmp_path / "none") is None
+    backend.cancel("70_1")
+    assert rest.canceled == ["70_1"] and backend.runner.calls == 0
+    rest.answer = BackendError("slurmrestd jobs failed (500): down", transient=True)
+    assert all(s.state == JobState.UNKNOWN and s.reason.startswith("slurmrestd")
+               for s in backend.poll(["70_0", "71"]).values())
+    with pytest.raises(BackendError) as raised:
+        backend.recover("solo", tmp_path / "solo")
+    assert raised.value.transient
+    # the task lists' sweep asks the same jobs list which array names are still there
+    assert backend.link.live_names(["funnel-solo", "funnel-array-gone"]) is None
+    rest.answer = rows
+    assert backend.link.live_names(["funnel-solo", "funnel-array-gone"]) == {"funnel-solo"}
+
+
 def test_runners():
     runner = make_runner(ssh_options(host=""), timeout=0.5)
     assert isinstance(runner, LocalRunner)
@@ -131,9 +173,13 @@ def wait(backend: SlurmBackend, job_id: str, states: set[JobState], timeout: flo
                     detail=lambda: f"last seen: {last[0] if last else None}")
 
 
+def real(mode: str, **extra: object) -> SlurmBackend:
+    return SlurmBackend(backend_options("slurm", mode=mode, **extra), NO_WORK_DIR)
+
+
 @pytest.mark.slurm
-def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
+def test_real_complete_fail_cancel_and_lost(tmp_path, slurm_mode):
+    backend = real(slurm_mode)
     done = make_request(tmp_path, {"id": "ok1"}, ["/bin/sh", "-c", f"echo hi > {tmp_path}/ok1/out"])
     job = backend.submit(done)
     status = wait(backend, job, {JobState.COMPLETED, JobState.FAILED})
@@ -145,6 +191,7 @@ def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
     status = wait(backend, bad, {JobState.FAILED, JobState.COMPLETED})
     assert status.state == JobState.FAILED
     assert "FAILED" in status.reason and "exit=3:0" in status.reason
+    assert status.reason.startswith("squeue: " if slurm_mode == "cli" else "slurmrestd: ")
 
     pending = backend.submit(make_request(tmp_path, {"id": "pend1"}, ["/bin/true"],
                                           params={"begin": "now+1hour"}))
@@ -168,35 +215,47 @@ def test_real_complete_fail_cancel_and_lost(tmp_path, slurm):
     assert lost.state == JobState.LOST and "no longer knows" in lost.reason
     assert backend.recover("pend1", tmp_path / "pend1") == pending
     assert backend.recover("never-submitted", tmp_path) is None
+    backend.close()
 
 
 @pytest.mark.slurm
-def test_real_refusal_is_a_backend_error(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
+def test_real_refusal_is_a_backend_error(tmp_path, slurm_mode):
+    backend = real(slurm_mode)
     request = make_request(tmp_path, {"id": "nopart", "resources": {"zones": ["no-such-part"]}})
-    with pytest.raises(BackendError, match="sbatch failed") as info:
+    said = "sbatch failed" if slurm_mode == "cli" else "slurmrestd submit failed"
+    with pytest.raises(BackendError, match=said) as info:
         backend.submit(request)
     assert getattr(info.value, "transient", False) is False
 
 
 @pytest.mark.slurm
-def test_poll_costs_constant_scheduler_calls(tmp_path, slurm):
-    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
+def test_poll_costs_constant_scheduler_calls(tmp_path, slurm_mode):
+    """CLI mode: one squeue per poll. REST mode: one GET per poll, and no process at all
+    for submit, poll, cancel and withdraw."""
+    backend = real(slurm_mode)
     backend.accounting_enabled()  # probed once, then cached
+    forks = backend.runner.calls
     jobs = [backend.submit(make_request(tmp_path, {"id": f"many{i}"}, ["/bin/true"],
                                         params={"begin": "now+1hour"})) for i in range(40)]
     try:
         costs = []
         for n in (1, 10, 40):
-            before = backend.runner.calls
+            before = scheduler_calls(backend)
             statuses = backend.poll(jobs[:n] + ["99999999"])  # plus one unknown id
-            costs.append(backend.runner.calls - before)
+            after = scheduler_calls(backend)
+            costs.append((after[0] - before[0], after[1] - before[1]))
             assert len(statuses) == n + 1
-            assert all(statuses[j].state == JobState.PENDING for j in jobs[:n])
+            assert all(statuses[j].state == JobState.PENDING for j in jobs[:n]), statuses
             assert statuses["99999999"].state == JobState.LOST
-        assert costs == [1, 1, 1]
+        assert costs == ([(1, 0)] * 3 if slurm_mode == "cli" else [(0, 1)] * 3)
+        backend.cancel(jobs[0])
+        backend.withdraw(jobs[1])
+        assert wait(backend, jobs[1], {JobState.CANCELLED}).state == JobState.CANCELLED
+        if slurm_mode == "rest":
+            assert backend.runner.calls == forks == 0  # submit, poll, cancel, withdraw
     finally:
         subprocess.run(["scancel", *jobs])
+        backend.close()
 
 
 @pytest.mark.slurm
@@ -229,14 +288,14 @@ def test_ssh_refuses_unknown_host_key(tmp_path, sshd):
 
 
 @pytest.mark.slurm
-def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm):
+def test_real_hostile_task_runs_with_arguments_verbatim(tmp_path, slurm_mode):
     """Through sbatch for real: the hostile values neither add directives nor reach a shell."""
     import json
     import sys
 
     from tests.templating_helpers import HOSTILE, HOSTILE_ARGS, task
 
-    backend = SlurmBackend(backend_options("slurm"), NO_WORK_DIR)
+    backend = real(slurm_mode)
     out = tmp_path / "abc123" / "argv.json"
     printer = f"import json, sys; open({str(out)!r}, 'w').write(json.dumps(sys.argv[1:]))"
     args = [a.replace("\x00", "") for a in HOSTILE_ARGS]
