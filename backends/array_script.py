@@ -39,26 +39,30 @@ def task_dir_of(request: SubmitRequest, work_dir: Path) -> Path:
     return expected
 
 
+def shell_words(argv: list[str], task_dir: Path, dir_word: str = _DIR_WORD) -> tuple[str, ...]:
+    """argv as shell words, the task dir (a whole path component) written as `dir_word`
+    (a quoted shell variable): the command every element of an array runs."""
+    return tuple(_word(arg, task_dir, dir_word) for arg in argv)
+
+
 def worker_command(requests: list[SubmitRequest], work_dir: Path) -> str:
     """The worker command of every element, one shell line over "$FUNNEL_TASK_DIR".
     BackendError when a request's argv is not the first one's with its own task dir."""
-    words = [_word(arg, task_dir_of(requests[0], work_dir)) for arg in requests[0].worker_argv]
+    words = shell_words(requests[0].worker_argv, task_dir_of(requests[0], work_dir))
     for request in requests[1:]:
-        own = [_word(arg, task_dir_of(request, work_dir)) for arg in request.worker_argv]
+        own = shell_words(request.worker_argv, task_dir_of(request, work_dir))
         if own != words:
             raise BackendError(f"task {request.task_id}: its worker command differs from "
                                f"task {requests[0].task_id}'s beyond its own task dir")
     return " ".join(words)
 
 
-def _word(arg: str, task_dir: Path) -> str:
-    """One argument as a shell word, the task dir (a whole path component) made the
-    variable."""
+def _word(arg: str, task_dir: Path, dir_word: str) -> str:
     prefix = str(task_dir)
     if arg == prefix:
-        return _DIR_WORD
+        return dir_word
     if arg.startswith(prefix + "/"):
-        return _DIR_WORD + shell_quote(arg[len(prefix):])
+        return dir_word + shell_quote(arg[len(prefix):])
     return shell_quote(arg)
 
 

@@ -12,7 +12,6 @@ job slurmctld no longer knows (one squeue -n over their names).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable
@@ -20,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import arrays
+from funnel_hpc.backends.array_script import KEY_LIST_NAME, shell_words
+from funnel_hpc.backends.array_script import key_of as script_key
 from funnel_hpc.backends.base import BackendError, SubmitRequest
-from funnel_hpc.backends.templating import shell_quote
 
 # a task's own variables: never in an array's script
 PER_TASK = ("task_id", "job_name", "task_name", "task_dir", "worker_argv", "worker_command")
@@ -29,8 +29,8 @@ ELEMENT_ID = re.compile(r"([0-9]+)_([0-9]+)")
 JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")   # a plain job or an element
 RANGE_ID = re.compile(r"([0-9]+)_\[([0-9,\-]+)(?:%[0-9]+)?\]")
 TASK_DIR_WORD = '"$task_dir"'
-# what array_key renders with: the same placeholders for every task
-KEY_LIST_NAME = "0" * 16
+# what array_key renders with: the same placeholders for every task (KEY_LIST_NAME from
+# array_script.py, as the other schedulers' keys)
 KEY_SIZE = 2
 LIST_MAX_AGE = 24 * 3600.0   # a list younger than this is never removed
 SWEEP_EVERY = 3600.0         # seconds between two sweeps
@@ -41,16 +41,7 @@ INDEX_SECONDS = 30.0         # how long recover trusts its index of the lists
 def element_words(request: SubmitRequest) -> tuple[str, ...]:
     """The worker's argv as shell words, its task dir's paths as "$task_dir"...: the
     command every element of an array runs (equal for tasks that may share one)."""
-    own = str(request.task_dir)
-    words = []
-    for arg in request.worker_argv:
-        if arg == own:
-            words.append(TASK_DIR_WORD)
-        elif arg.startswith(own + "/"):
-            words.append(TASK_DIR_WORD + shell_quote(arg[len(own):]))
-        else:
-            words.append(shell_quote(arg))
-    return tuple(words)
+    return shell_words(request.worker_argv, request.task_dir, TASK_DIR_WORD)
 
 
 def array_variables(variables: dict[str, Any], request: SubmitRequest, work_dir: Path,
@@ -74,7 +65,7 @@ def array_variables(variables: dict[str, Any], request: SubmitRequest, work_dir:
 
 def key_of(script: str, owner: str | None) -> str:
     """An array key: the owner the jobs run as (or none) and the script's digest."""
-    return f"{owner or ''}:{hashlib.sha256(script.encode()).hexdigest()}"
+    return f"{owner or ''}:{script_key(script)}"
 
 
 def element_ids(job_id: str, size: int) -> list[str]:
