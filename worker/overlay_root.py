@@ -332,11 +332,6 @@ class OverlayRoot:
 
         self.close_mount()
         problems: list[str] = []
-        if self.take_back is not None and os.path.lexists(self.path):
-            try:  # entries of subordinate ids the worker could not remove (useradd -m)
-                self.take_back([self.path])
-            except SandboxError as error:
-                problems.append(f"{self.path}: {error}")
 
         def failed(_function: object, path: str, info: tuple[object, BaseException, object]
                    ) -> None:
@@ -351,8 +346,17 @@ class OverlayRoot:
             info = os.lstat(self.name, dir_fd=parent_fd)
             if (info.st_dev, info.st_ino) != self.identity:
                 return [f"{self.path}: no longer the executor's directory: left alone"]
-            if self.own:  # overlay's work/work (0000) and the task's own 0700/0000 dirs
-                _open_up(parent_fd, self.name, problems, self.path)
+            if self.own:  # overlay's work/work (0000), the task's own 0000 directories
+                first: list[str] = []  # (tried again once the re-owning opened more up)
+                _open_up(parent_fd, self.name, first, self.path)
+                if self.take_back is not None:  # entries of subordinate ids (useradd -m)
+                    try:  # (a walk finding all the worker's: no bwrap)
+                        self.take_back([self.path])
+                    except SandboxError as error:
+                        problems.append(f"{self.path}: {error}")
+                    _open_up(parent_fd, self.name, problems, self.path)
+                else:
+                    problems += first
             if not _quick_remove(parent_fd, self.name, self.identity):
                 shutil.rmtree(self.name, onerror=failed, dir_fd=parent_fd)
         except FileNotFoundError:

@@ -127,6 +127,34 @@ def test_attacks_from_inside_are_denied(bob, tmp_path):
     assert (canary / "keep").read_text() == "host file\n"
 
 
+def test_the_clean_up_follows_no_link_and_opens_every_directory(bob):
+    """An upper layer with 0000 directories (root's and a subordinate id's, nested), and
+    links to a directory of the worker's on the host: all removed; the host directory's
+    mode, owner and file unchanged (nothing followed a link)."""
+    account = bob.account
+    host = bob.base / "host-dir"
+    host.mkdir()
+    (host / "keep").write_text("host file\n")
+    os.chown(host, account.uid, account.gid)
+    os.chown(host / "keep", account.uid, account.gid)
+    host.chmod(0o500)
+    script = (f"ln -s {host} /victim; ln -s {host}/keep /victim-file;"
+              " mkdir -p /locked/deeper /sub/inner /sub/other; echo s > /sub/inner/f;"
+              " chmod 000 /locked/deeper /locked; chown -R 1234:1234 /sub;"
+              " chown 0:0 /sub/other; chmod 000 /sub/other; chmod 700 /sub/inner; chmod 700 /sub;"
+              " ln -s /sub/inner /sub/other-link; echo done")
+    after = sh("test -e /sub || echo pristine", TESTIMAGE)
+    run = bob.run(bob.task(executors=[sh(script, TESTIMAGE), after]), bob.config())
+    logs = ok(run)
+    assert (logs[0]["stdout"].strip(), logs[1]["stdout"].strip()) == ("done", "pristine")
+    assert "cannot remove" not in run.system_logs, run.system_logs
+    assert COW in run.system_logs, run.system_logs
+    assert sorted(p.name for p in run.task_dir.iterdir()) == ["events.jsonl"]
+    info = host.lstat()
+    assert (oct(info.st_mode & 0o7777), info.st_uid) == (oct(0o500), account.uid)
+    assert (host / "keep").read_text() == "host file\n"
+
+
 def test_kill_9_of_the_worker_leaves_no_mount_and_no_process(bob):
     mark = str(5000 + secrets.randbelow(900))
     mounts = host_mounts(str(bob.base))
