@@ -311,9 +311,7 @@ class OverlayRoot:
                     os._exit(code)
             os.close(write_end)
             write_end = -1
-            said = b""
-            while chunk := os.read(read_end, 512):
-                said += chunk
+            said = _said(read_end, child)
             _pid, status = os.waitpid(child, 0)
         finally:
             os.close(read_end)
@@ -364,6 +362,27 @@ class OverlayRoot:
         finally:
             os.close(parent_fd)
         return problems
+
+
+HELPER_TIMEOUT_SECONDS = 60.0
+
+
+def _said(read_end: int, child: int) -> bytes:
+    """What the mounting helper wrote before it ended; a helper silent for
+    HELPER_TIMEOUT_SECONDS (stuck on a lock another thread held at the fork) is killed."""
+    import select
+    import signal
+
+    said = b""
+    while True:
+        ready, _w, _x = select.select([read_end], [], [], HELPER_TIMEOUT_SECONDS)
+        if not ready:
+            os.kill(child, signal.SIGKILL)
+            return said + b"the mounting helper was stuck (killed)"
+        chunk = os.read(read_end, 512)
+        if not chunk:
+            return said
+        said += chunk
 
 
 class _OwnMount:
