@@ -773,6 +773,14 @@ def probe_own(task_dir: str, rootfs: str, write_maps: Callable[[int], None]) -> 
     user namespace as its sandboxes are: subids.Subordinate.write_maps): the same mounts,
     by the same forked helper, in a stand-in's namespaces. Raises Unusable."""
     try:
+        owner = os.stat(rootfs, follow_symlinks=False).st_uid
+    except OSError as error:
+        raise Unusable(f"{rootfs}: {error.strerror}") from None
+    if owner != os.geteuid():  # e.g. a site-wide cache of another account's
+        raise Unusable(f"the cached image belongs to uid {owner}, not the worker's "
+                       f"{os.geteuid()}: its files would be nobody's inside and could not "
+                       "be copied up")
+    try:
         lib = kernel()
         root = OverlayRoot.make(task_dir, rootfs, (os.geteuid(), os.getegid()), own=True)
     except (OSError, SandboxError) as error:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,27 @@ def test_kill_9_of_the_worker_leaves_no_mount_and_no_process(bob):
             runuser.kill()
     wait_for(lambda: not processes_with_argv(["sleep", mark]), 120, "the executor to end")
     assert host_mounts(str(bob.base)) == mounts
+
+
+def test_an_image_not_the_workers_is_refused_with_the_reason(bob):
+    """The probe, run as the worker user over an image tree it does not own (a site-wide
+    cache of another account's): refused before anything is mounted, saying why."""
+    task_dir = bob.base / "probe-task"
+    task_dir.mkdir()
+    os.chown(task_dir, bob.account.uid, bob.account.gid)
+    code = ("from funnel_hpc.worker import overlay_root, subids\n"
+            "found = subids.find('auto')\n"
+            "try:\n"
+            f"    overlay_root.probe_own({str(task_dir)!r}, '/usr', found.write_maps)\n"
+            "except overlay_root.Unusable as why:\n"
+            "    print(why)\n")
+    said = subprocess.run(["/usr/sbin/runuser", "-u", bob.account.name, "--",
+                           str(bob.python), "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd="/")
+    assert said.stdout.strip() == (
+        f"the cached image belongs to uid 0, not the worker's {bob.account.uid}: its files "
+        "would be nobody's inside and could not be copied up"), (said.stdout, said.stderr)
+    assert os.listdir(task_dir) == []
 
 
 def test_off_and_a_user_without_a_range_keep_the_image_read_only_and_say_why(bob):
