@@ -454,11 +454,16 @@ class Drivers:
         # hide the work dir (other tasks, the image cache) when the root is the host's
         hide = [str(self.work_dir.resolve())] if root == HOST_ROOT else []
         if name == "bwrap":
-            cow, why_not = self._writable_root(root)
+            cow, why_not = self._writable_root(root, subordinate)
             note += f", {overlay_root.NOTE}" if cow else f", image root: read-only ({why_not})"
             userns = (identities.NamespaceMap(self.identity, cow)
-                      if self.identity and self.identity.block else None)
-            joined = self._joined(subordinate)  # its own copy, closed once bwrap has it
+                      if self.identity and self.identity.block else
+                      # a non-root worker's copy-on-write root: a namespace of the
+                      # sandbox's own, mapped as the task's while bwrap waits
+                      identities.NamespaceMap(subordinate, cow) if subordinate and cow
+                      else None)
+            # its own copy, closed once bwrap has it
+            joined = self._joined(subordinate) if userns is None else -1
             # each start gets its own copies of the bound inputs' descriptors (closed once
             # bwrap has them, as the seccomp filter's), so they reach it at these numbers
             copies = tuple(os.dup(fd) for fd, _container in self.fd_binds)
@@ -470,7 +475,8 @@ class Drivers:
                     tmpfs_bytes=self.tmpfs_bytes,
                     fd_binds=[(fd, container) for fd, (_held, container)
                               in zip(copies, self.fd_binds, strict=True)],
-                    root=cow.merged if cow else None, unshare_user=subordinate is None)
+                    root=cow.merged if cow else None,
+                    unshare_user=subordinate is None or userns is not None)
                 # the engine's own environment: nothing of the task's (LD_PRELOAD...)
                 inv = self._filtered(name, Invocation(argv, {"PATH": DEFAULT_PATH}, note,
                                                       self.ids, "/", userns))
@@ -529,10 +535,11 @@ class Drivers:
         invocation.ids = None  # seccomp_exec becomes the sandbox user itself
         return invocation
 
-    def _writable_root(self, root: ImageRoot | str
+    def _writable_root(self, root: ImageRoot | str, subordinate: Subordinate | None = None
                        ) -> tuple[overlay_root.OverlayRoot | None, str]:
         """worker.writable_root for a bwrap executor over this image: its copy-on-write
-        root (made, not yet mounted), or None and why not (the image is then read-only)."""
+        root (made, not yet mounted), or None and why not (the image is then read-only).
+        A non-root worker's needs its subordinate range (`subordinate`)."""
         try:
             mode = overlay_root.setting(self.worker.writable_root)
         except sandbox.SandboxError as error:
@@ -541,9 +548,12 @@ class Drivers:
             return None, f"{overlay_root.SETTING} is off"
         if isinstance(root, str):  # HOST_ROOT
             return None, "the host's root is never written"
+        if os.geteuid() != 0 and subordinate is not None:
+            return self._own_writable_root(str(root.rootfs), subordinate)
         if os.geteuid() != 0 or self.identity is None or not self.identity.block:
             return None, (f"{overlay_root.SETTING} needs a root worker with "
-                          "worker.sandbox_uids")
+                          "worker.sandbox_uids, or a worker with a subordinate id range "
+                          f"({subids.SETTING})")
         rootfs = str(root.rootfs)
         if rootfs not in self.cow_refused:  # asked once per task and image
             try:
@@ -559,6 +569,27 @@ class Drivers:
             return self.spares.take(rootfs), ""
         except (OSError, sandbox.SandboxError) as error:
             raise DriverError(f"{overlay_root.SETTING}: {error}") from None
+
+    def _own_writable_root(self, rootfs: str, subordinate: Subordinate
+                           ) -> tuple[overlay_root.OverlayRoot | None, str]:
+        """A non-root worker's copy-on-write root (overlay_root: mounted from the
+        sandbox's user namespace, mapped as the task's), or None and why not."""
+        if rootfs not in self.cow_refused:  # asked once per task and image
+            try:
+                overlay_root.probe_own(str(self.task_dir), rootfs, subordinate.write_maps)
+                self.cow_refused[rootfs] = ""
+            except overlay_root.Unusable as why:
+                self.cow_refused[rootfs] = f"no copy-on-write root here: {why}"
+        if self.cow_refused[rootfs]:
+            return None, self.cow_refused[rootfs]
+        try:
+            cow = overlay_root.OverlayRoot.make(str(self.task_dir), rootfs,
+                                                (os.geteuid(), os.getegid()), own=True)
+        except (OSError, sandbox.SandboxError) as error:
+            raise DriverError(f"{overlay_root.SETTING}: {error}") from None
+        cow.take_back = subordinate.take_back
+        self.subordinate_used = True  # the task's files get re-owned at its end
+        return cow, ""
 
     def _joined(self, subordinate: Subordinate | None) -> int:
         """A copy of the task's subordinate user namespace's descriptor for one bwrap

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from funnel_hpc.core.config import SandboxUids, WorkerSection
     from funnel_hpc.worker.cgroups import Process
     from funnel_hpc.worker.overlay_root import OverlayRoot
+    from funnel_hpc.worker.subids import Subordinate
 
 BLOCK = 65536  # ids per slot: root and ids 1-65535 inside
 MAX_ID = 0xFFFFFFFE  # (uid_t)-1 means "no change" to chown: never handed out
@@ -262,9 +263,10 @@ class NamespaceMap:
     the sandbox's uid_map and gid_map (0-65535 inside are the identity's block); then,
     with a copy-on-write root (worker/overlay_root.py), mounts it in the sandbox's
     namespace. (A worker that is not root joins a namespace made once per task instead:
-    worker/subids.py.)"""
+    worker/subids.py; with a copy-on-write root, `ids` is its subids.Subordinate, whose
+    newuidmap/newgidmap map each sandbox.)"""
 
-    def __init__(self, ids: Identity, root: OverlayRoot | None = None):
+    def __init__(self, ids: Identity | Subordinate, root: OverlayRoot | None = None):
         self.ids = ids
         self.root = root
         self.info_read, self.info_write = os.pipe()

@@ -18,6 +18,22 @@ alone joins that namespace with setns, and goes back), while bwrap waits for its
 worker's or the host's namespace and goes with the sandbox's last process, however the
 worker ends (kill -9 included): there is nothing to unmount.
 
+A worker that is NOT root, with a subordinate id range (worker/subids.py), gets the same
+root another way (OverlayRoot.own): its files, the cached image's included, belong to its
+uid, which is root inside, so no id-mapped tree is needed; but overlayfs is mounted only
+by a process with CAP_SYS_ADMIN in the user namespace owning the mount namespace, which
+for a non-root worker means joining that user namespace, and a threaded process cannot.
+So such a sandbox gets a user namespace of its own (--unshare-user, mapped as the task's
+by newuidmap/newgidmap while bwrap waits, instead of joining the task's with --userns,
+whose bwrap cannot wait), and a FORKED single-threaded helper per executor
+(_mount_as_owner) joins its user namespace (the worker's uid is root there, with every
+capability), then its mount namespace, opens the image and the executor's directory
+again there (O_NOFOLLOW, checked by inode), makes the overlay (userxattr, volatile;
+Linux 5.11+) and attaches it at `merged`, then exits. The upper layer's entries of
+subordinate ids (`useradd -m`) are re-owned (subids.Subordinate.take_back) and its
+directories opened up (_open_up: overlay's work/work is 0000) before removal. Measured:
+see docs/admin.md.
+
 On disk: `<task dir>/sandbox-root/<random>/{merged,upper,work}` per executor: root's 0700
 but `upper` (the slot's base id's) and the two directories on the way to `merged` (root's,
 the slot's group, 0710: bwrap resolves `merged` as the slot; an ACL entry above them, as
@@ -45,6 +61,7 @@ from funnel_hpc.worker.sandbox import SandboxError, grant_traverse
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 SETTING = "worker.writable_root"
@@ -139,6 +156,9 @@ class OverlayRoot:
         self.spares: Spares | None = None  # where the next executor's comes from
         self.mount_fd = -1  # the detached overlay (prepare), until attached
         self.prepared_for = ""  # the image it was made over
+        self.own = False  # a non-root worker's: mounted from its task's user namespace
+        self.take_back: Callable[[list[str]], None] | None = None  # re-owns the
+        #                   directory before removal (a non-root worker's subordinate ids)
 
     @property
     def path(self) -> str:
@@ -150,12 +170,17 @@ class OverlayRoot:
         return os.path.join(self.path, "merged")
 
     @classmethod
-    def make(cls, task_dir: str, rootfs: str, ids: tuple[int, int]) -> OverlayRoot:
-        """The executor's directories, each made relative to its parent's descriptor."""
+    def make(cls, task_dir: str, rootfs: str, ids: tuple[int, int], own: bool = False
+             ) -> OverlayRoot:
+        """The executor's directories, each made relative to its parent's descriptor.
+        `own`: a non-root worker's (ids its own): every directory stays the worker's, who
+        is root inside its sandboxes."""
         root = cls(os.path.join(task_dir, ROOTS), rootfs, ids)
+        root.own = own
         parent_fd = _private_dir(task_dir, ROOTS)
         try:
-            if (root.parent, ids) not in _REACHABLE:  # the way to it, once per task and slot
+            # the way to it, once per task and slot (a non-root worker's: its own dirs)
+            if not own and (root.parent, ids) not in _REACHABLE:
                 _searchable_by(parent_fd, ids[1])
                 grant_traverse(root.parent, *ids)
                 _REACHABLE.add((root.parent, ids))
@@ -172,10 +197,12 @@ class OverlayRoot:
             fd = _open_checked(name, parent_fd, f"{root.parent}/{name}")
             try:
                 root.identity = _identity(fd)
-                _searchable_by(fd, ids[1])  # bwrap resolves `merged` as the slot
+                if not own:
+                    _searchable_by(fd, ids[1])  # bwrap resolves `merged` as the slot
                 for layer in LAYERS:
                     os.mkdir(layer, 0o700, dir_fd=fd)
-                os.chown("upper", *ids, dir_fd=fd, follow_symlinks=False)
+                if not own:
+                    os.chown("upper", *ids, dir_fd=fd, follow_symlinks=False)
                 os.chmod("upper", 0o755, dir_fd=fd, follow_symlinks=False)
             finally:
                 os.close(fd)
@@ -212,7 +239,12 @@ class OverlayRoot:
     def mount(self, pid: int) -> None:
         """Attach the overlay at `merged` in the mount namespace of process `pid` (bwrap's
         child, waiting for its maps, which must be written): made now with its user
-        namespace unless made ahead for this image. Raises SandboxError."""
+        namespace unless made ahead for this image. A non-root worker's (`own`): by a
+        forked helper in the sandbox's user namespace (_mount_as_owner). Raises
+        SandboxError."""
+        if self.own:
+            self._mount_as_owner(kernel(), pid)
+            return
         code, message = _in_thread(kernel(), self._mount_in_namespace, pid)
         if code:
             raise SandboxError(f"{SETTING}: cannot mount the copy-on-write root: {message}")
@@ -239,6 +271,58 @@ class OverlayRoot:
                 os.close(fd)
             self.close_mount()  # attached (it lives in the sandbox's namespace) or failed
 
+    def _mount_as_owner(self, lib: _Kernel, pid: int) -> None:
+        """A non-root worker's: a forked, single-threaded helper joins the user namespace
+        of bwrap's child `pid` (mapped with the worker as root: all capabilities there),
+        then its mount namespace, and there makes the overlay (the cached image, the
+        worker's files, as its lower layer: no id-mapped mount is needed) and attaches it
+        at `merged`. Nothing is mounted in the worker's or the host's namespace. The
+        helper opens every layer again inside, O_NOFOLLOW, and checks them by inode (the
+        kernel clones the layers from that namespace). Raises SandboxError."""
+        fds: list[int] = []
+        try:
+            for kind in ("user", "mnt"):
+                fds.append(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC))
+            fds.append(os.open(self.rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                               | os.O_CLOEXEC))
+            lower = _identity(fds[2])
+        except OSError as error:
+            raise SandboxError(f"{SETTING}: cannot mount the copy-on-write root: "
+                               f"{error.strerror}") from None
+        # everything the child needs, made before the fork (it only makes system calls)
+        job = _OwnMount(fds[0], fds[1], os.fsencode(self.path), self.identity,
+                        os.fsencode(self.rootfs), lower)
+        read_end, write_end = os.pipe()
+        try:
+            child = os.fork()
+            if child == 0:  # single-threaded: may join a user namespace
+                code = 1
+                try:
+                    os.close(read_end)
+                    job.run(lib)
+                    code = 0
+                except BaseException as error:  # noqa: BLE001  # said through the pipe
+                    try:
+                        os.write(write_end, str(getattr(error, "strerror", None) or error)
+                                 .encode(errors="replace")[:400])
+                    except BaseException:  # noqa: BLE001  # the exit code says it
+                        pass
+                finally:
+                    os._exit(code)
+            os.close(write_end)
+            write_end = -1
+            said = _said(read_end, child)
+            _pid, status = os.waitpid(child, 0)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+            for fd in fds:
+                os.close(fd)
+        if status != 0:
+            raise SandboxError(f"{SETTING}: cannot mount the copy-on-write root: "
+                               f"{said.decode(errors='replace') or f'helper status {status}'}")
+
     def remove(self) -> list[str]:
         """Remove the executor's directories (upper and all), relative to the parent's
         descriptor, never through a link; what could not be removed."""
@@ -260,6 +344,17 @@ class OverlayRoot:
             info = os.lstat(self.name, dir_fd=parent_fd)
             if (info.st_dev, info.st_ino) != self.identity:
                 return [f"{self.path}: no longer the executor's directory: left alone"]
+            if self.own:  # overlay's work/work (0000), the task's own 0000 directories
+                first: list[str] = []  # (tried again once the re-owning opened more up)
+                _open_up(parent_fd, self.name, first, self.path)
+                if self.take_back is not None:  # entries of subordinate ids (useradd -m)
+                    try:  # (a walk finding all the worker's: no bwrap)
+                        self.take_back([self.path])
+                    except SandboxError as error:
+                        problems.append(f"{self.path}: {error}")
+                    _open_up(parent_fd, self.name, problems, self.path)
+                else:
+                    problems += first
             if not _quick_remove(parent_fd, self.name, self.identity):
                 shutil.rmtree(self.name, onerror=failed, dir_fd=parent_fd)
         except FileNotFoundError:
@@ -267,6 +362,100 @@ class OverlayRoot:
         finally:
             os.close(parent_fd)
         return problems
+
+
+HELPER_TIMEOUT_SECONDS = 60.0
+
+
+def _said(read_end: int, child: int) -> bytes:
+    """What the mounting helper wrote before it ended; a helper silent for
+    HELPER_TIMEOUT_SECONDS (stuck on a lock another thread held at the fork) is killed."""
+    import select
+    import signal
+
+    said = b""
+    while True:
+        ready, _w, _x = select.select([read_end], [], [], HELPER_TIMEOUT_SECONDS)
+        if not ready:
+            os.kill(child, signal.SIGKILL)
+            return said + b"the mounting helper was stuck (killed)"
+        chunk = os.read(read_end, 512)
+        if not chunk:
+            return said
+        said += chunk
+
+
+class _OwnMount:
+    """What the forked helper of a non-root worker does in the sandbox's namespaces
+    (OverlayRoot._mount_as_owner): plain values, made before the fork."""
+
+    def __init__(self, user_fd: int, mnt_fd: int, path: bytes, identity: tuple[int, int],
+                 rootfs: bytes, lower: tuple[int, int]) -> None:
+        self.user_fd, self.mnt_fd = user_fd, mnt_fd
+        self.path, self.identity = path, identity
+        self.rootfs, self.lower = rootfs, lower
+
+    def run(self, lib: _Kernel) -> None:
+        lib.check(lib.setns(self.user_fd, CLONE_NEWUSER), "setns(user namespace)")
+        lib.check(lib.setns(self.mnt_fd, CLONE_NEWNS), "setns(mount namespace)")
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        here = os.open(self.path, flags)  # the same directories, seen from inside
+        if _identity(here) != self.identity:
+            raise OSError(errno.EXDEV, "the executor's directory is no longer the one made")
+        lower = os.open(self.rootfs, flags)
+        if _identity(lower) != self.lower:
+            raise OSError(errno.EXDEV, "the image's directory changed")
+        layers = []
+        for name in (b"upper", b"work"):  # never through a link
+            layers.append(os.open(name, flags, dir_fd=here))
+        context = lib.check(lib.syscall(SYS_FSOPEN, b"overlay", FSOPEN_CLOEXEC),
+                            "fsopen(overlay) in a user namespace (Linux 5.11+)")
+        for key, fd in ((b"lowerdir", lower), (b"upperdir", layers[0]),
+                        (b"workdir", layers[1])):
+            lib.check(lib.syscall(SYS_FSCONFIG, context, FSCONFIG_SET_STRING, key,
+                                  b"/proc/self/fd/%d" % fd, 0), f"overlay {key.decode()}")
+        for flag in (b"userxattr", b"volatile"):  # user.overlay.*: all a user ns may set
+            lib.check(lib.syscall(SYS_FSCONFIG, context, FSCONFIG_SET_FLAG, flag, None, 0),
+                      f"overlay {flag.decode()}")
+        lib.check(lib.syscall(SYS_FSCONFIG, context, FSCONFIG_CMD_CREATE, None, None, 0),
+                  "overlay (in the task's user namespace)")
+        mount = lib.check(lib.syscall(SYS_FSMOUNT, context, FSMOUNT_CLOEXEC,
+                                      MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV), "fsmount")
+        lib.check(lib.syscall(SYS_MOVE_MOUNT, mount, b"", here, b"merged",
+                              MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+
+
+def _open_up(dir_fd: int, name: str, problems: list[str], shown: str) -> None:
+    """Give every directory under dir_fd/name (it too) that the worker owns u+rwx, so a
+    worker without CAP_DAC_OVERRIDE can empty it: top-down, relative to descriptors, never
+    through a link (a mode is changed through an O_PATH descriptor's /proc link, which is
+    that inode)."""
+    flags = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return
+        if info.st_mode & 0o700 != 0o700:
+            handle = os.open(name, flags | os.O_PATH, dir_fd=dir_fd)
+            try:
+                if _identity(handle) != (info.st_dev, info.st_ino):
+                    return
+                os.chmod(f"/proc/self/fd/{handle}", stat.S_IMODE(info.st_mode) | 0o700)
+            finally:
+                os.close(handle)
+        fd = os.open(name, flags | os.O_RDONLY, dir_fd=dir_fd)
+    except OSError as error:
+        problems.append(f"{shown}: {error.strerror}")
+        return
+    try:
+        if _identity(fd) != (info.st_dev, info.st_ino):
+            return
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+        for entry in names:
+            _open_up(fd, entry, problems, os.path.join(shown, entry))
+    finally:
+        os.close(fd)
 
 
 def _quick_remove(parent_fd: int, name: str, identity: tuple[int, int]) -> bool:
@@ -579,7 +768,31 @@ def probe(task_dir: str, rootfs: str, ids: tuple[int, int]) -> None:
         root.remove()
 
 
-def _probe_in(lib: _Kernel, root: OverlayRoot) -> None:
+def probe_own(task_dir: str, rootfs: str, write_maps: Callable[[int], None]) -> None:
+    """probe() for a worker that is not root, with a subordinate range (write_maps maps a
+    user namespace as its sandboxes are: subids.Subordinate.write_maps): the same mounts,
+    by the same forked helper, in a stand-in's namespaces. Raises Unusable."""
+    try:
+        owner = os.stat(rootfs, follow_symlinks=False).st_uid
+    except OSError as error:
+        raise Unusable(f"{rootfs}: {error.strerror}") from None
+    if owner != os.geteuid():  # e.g. a site-wide cache of another account's
+        raise Unusable(f"the cached image belongs to uid {owner}, not the worker's "
+                       f"{os.geteuid()}: its files would be nobody's inside and could not "
+                       "be copied up")
+    try:
+        lib = kernel()
+        root = OverlayRoot.make(task_dir, rootfs, (os.geteuid(), os.getegid()), own=True)
+    except (OSError, SandboxError) as error:
+        raise Unusable(str(error)) from None
+    try:
+        _probe_in(lib, root, write_maps)
+    finally:
+        root.remove()
+
+
+def _probe_in(lib: _Kernel, root: OverlayRoot,
+              write_maps: Callable[[int], None] | None = None) -> None:
     go_read, go_write = os.pipe()
     ready_read, ready_write = os.pipe()
     pid = os.fork()
@@ -597,10 +810,13 @@ def _probe_in(lib: _Kernel, root: OverlayRoot) -> None:
     try:
         if os.read(ready_read, 1) != b"0":
             raise Unusable("cannot make a user and mount namespace")
-        uid, gid = root.ids
-        for name, first in (("uid_map", uid), ("gid_map", gid)):
-            with open(f"/proc/{pid}/{name}", "w") as mapping:
-                mapping.write(f"0 {first} 65536\n")
+        if write_maps is not None:
+            write_maps(pid)
+        else:
+            uid, gid = root.ids
+            for name, first in (("uid_map", uid), ("gid_map", gid)):
+                with open(f"/proc/{pid}/{name}", "w") as mapping:
+                    mapping.write(f"0 {first} 65536\n")
         root.mount(pid)
     except (OSError, SandboxError) as error:
         raise Unusable(str(error)) from None
