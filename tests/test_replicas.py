@@ -25,6 +25,7 @@ import pytest
 import requests
 from sqlalchemy import create_engine, func, select, text
 
+from funnel_hpc.backends import arrays
 from funnel_hpc.gateway.store import db
 from tests.components import (
     POSTGRES,
@@ -53,10 +54,12 @@ pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.slow,
 
 
 class SlurmJobLedger:
-    """Every (job id, name) Slurm lists, sampled every 2 s by a thread: finished jobs stay
-    listed for MinJobAge (120 s here), so no job is missed, however short."""
+    """Every (job id, name) Slurm lists, one array element a line (squeue -r), sampled
+    every 2 s by a thread: finished jobs stay listed for MinJobAge (120 s here), so no job
+    is missed, however short. `jobs_of` says which of them ran a task."""
 
-    def __init__(self) -> None:
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir  # the gateway's: its job arrays' task lists
         self.jobs: dict[str, set[str]] = defaultdict(set)  # name -> job ids
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -75,11 +78,23 @@ class SlurmJobLedger:
             self.sample()
 
     def sample(self) -> None:
-        listed = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %j"],
+        listed = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %j"],
                                 capture_output=True, text=True)
         for line in listed.stdout.splitlines():
             job_id, _, name = line.partition(" ")
             self.jobs[name].add(job_id)
+
+    def jobs_of(self, task_ids: list[str]) -> dict[str, set[str]]:
+        """Task id -> the Slurm jobs that ran it: jobs named funnel-<id>, and the element
+        at the task's line of each array (funnel-array-<list>) whose list holds it."""
+        found = {task_id: set(self.jobs.get(f"funnel-{task_id}", ())) for task_id in task_ids}
+        for name, job_ids in self.jobs.items():
+            list_name = arrays.name_of_job(name)
+            listed = arrays.read(self.work_dir, list_name) if list_name else None
+            for index, task_id in enumerate(listed.task_ids if listed else ()):
+                if task_id in found:
+                    found[task_id] |= {j for j in job_ids if j.endswith(f"_{index}")}
+        return found
 
 
 @pytest.fixture
@@ -183,7 +198,7 @@ def test_three_replicas_two_leader_kills(databases, private_dir):
         for server in servers:
             server.start()
         leader = wait_for(lambda: leader_of(engine, servers), 60, "a lease holder")
-        with SlurmJobLedger() as ledger:
+        with SlurmJobLedger(private_dir / "work") as ledger:
             half = N_TASKS // 2
             ids = list(create_round_robin(servers, range(half)))
             # the first leader dies while it submits (claims in flight) ...
@@ -216,7 +231,7 @@ def test_three_replicas_two_leader_kills(databases, private_dir):
         with db.reading(engine) as conn:  # every task once in Slurm, the job it recorded
             rows = conn.execute(select(db.tasks.c.id, db.tasks.c.job_id, db.tasks.c.attempt)).all()
         assert {row.attempt for row in rows} == {1}
-        jobs = {row.id: ledger.jobs.get(f"funnel-{row.id}", set()) for row in rows}
+        jobs = ledger.jobs_of([row.id for row in rows])
         twice = {task_id: found for task_id, found in jobs.items() if len(found) != 1}
         assert not twice, twice  # one Slurm job per task: none missing, none twice
         assert {row.id: row.job_id for row in rows} == {i: next(iter(jobs[i])) for i in ids}
@@ -245,7 +260,7 @@ def test_postgres_down_30s_replicas_answer_503_and_resume(private_dir):
         for server in servers:
             server.start()
         leader = wait_for(lambda: leader_of(engine, servers), 60, "a lease holder")
-        with SlurmJobLedger() as ledger:
+        with SlurmJobLedger(private_dir / "work") as ledger:
             ids = [requests.post(servers[n % 2].api + "/tasks", timeout=30, json={
                 **TASK, "name": f"out{n}", "tags": {"n": str(n)}}).json()["id"]
                 for n in range(OUTAGE_TASKS)]
@@ -267,7 +282,7 @@ def test_postgres_down_30s_replicas_answer_503_and_resume(private_dir):
                 db.task_tags, db.task_tags.c.task_seq == db.tasks.c.seq)).all()
         assert sorted(tags) == sorted((task_id, str(n)) for n, task_id in enumerate(ids))
         assert sum(states(engine).values()) == OUTAGE_TASKS  # no 503'd create was stored
-        counts = {task_id: len(ledger.jobs.get(f"funnel-{task_id}", ())) for task_id in ids}
+        counts = {task_id: len(found) for task_id, found in ledger.jobs_of(ids).items()}
         assert set(counts.values()) == {1}, counts
     finally:
         for server in servers:
