@@ -209,7 +209,9 @@ def test_cancel_pending_task(server, backend):
     wait_ticks(server, 3)  # the reconciler has had three chances to start it
     assert get(server, waiting, "MINIMAL")["state"] == "QUEUED"
     requests.post(f"{server.api}/tasks/{waiting}:cancel", timeout=10)
-    task = wait_state(server, waiting, TERMINAL, timeout=60)
+    # moto's Batch may end a canceled RUNNABLE job only when a slot frees, i.e. when the
+    # blockers' 60 s sleeps end: on a busy machine that is after 60 s from here
+    task = wait_state(server, waiting, TERMINAL, timeout=180)
     assert task["state"] == "CANCELED"
     assert not any(e.get("stdout") for log in task.get("logs", []) for e in log.get("logs", []))
     for blocker in blockers:
