@@ -14,12 +14,13 @@ job's script costs; no command is run here.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from funnel_hpc.backends.arrays import JOB_NAME_PREFIX, TASK_ID
+from funnel_hpc.backends.arrays import DIR_NAME, JOB_NAME_PREFIX, TASK_ID
 from funnel_hpc.backends.base import BackendError, SubmitRequest
-from funnel_hpc.backends.templating import TemplateValueError, shell_quote
+from funnel_hpc.backends.templating import TemplateValueError, render, shell_quote
 
 TASK_DIR_VARIABLE = "FUNNEL_TASK_DIR"
 # the list name in an array key's rendering (a real list gets a random name)
@@ -106,3 +107,24 @@ def checked(script: str, variables: dict[str, Any]) -> str:
 def key_of(script: str) -> str:
     """An array key: the digest of the whole array script rendered for the key's list."""
     return hashlib.sha256(script.encode()).hexdigest()
+
+
+def render_one_script(template: str, variables: dict[str, Any], requests: list[SubmitRequest],
+                      list_path: Path, index: str, work_dir: Path) -> str:
+    """The one script of an array of these requests, from their first one's script
+    variables (Grid Engine, PBS): rendered and checked to carry the selection lines."""
+    array = array_variables(variables, list_path=list_path, index=index, work_dir=work_dir,
+                            command=worker_command(requests, work_dir))
+    return checked(render(template, array), array)
+
+
+def key_or_alone(render_array: Callable[[list[SubmitRequest], Path], str],
+                 request: SubmitRequest, work_dir: Path) -> str | None:
+    """array_key of a backend whose render_array gives one text: the digest of what the
+    request would share, rendered for the placeholder list; None (one job, through
+    submit, which names what is wrong) when it cannot be an element: a value the
+    template refuses, a site template without an array part, another task dir."""
+    try:
+        return key_of(render_array([request], Path(work_dir) / DIR_NAME / KEY_LIST_NAME))
+    except (BackendError, TemplateValueError):
+        return None

@@ -45,13 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import arrays, files
-from funnel_hpc.backends.array_script import (
-    KEY_LIST_NAME,
-    array_variables,
-    checked,
-    key_of,
-    worker_command,
-)
+from funnel_hpc.backends.array_script import key_or_alone, render_one_script
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import (
     COMMAND_NOT_FOUND,
@@ -69,7 +63,7 @@ from funnel_hpc.backends.gridengine_qstat import (
     map_qstat_state,
     parse_qstat_xml,
 )
-from funnel_hpc.backends.templating import TemplateValueError, render, script_variables
+from funnel_hpc.backends.templating import render, script_variables
 from funnel_hpc.core.config import GridEngineOptions
 
 DEFAULT_LIBRARY = "/usr/lib/gridengine-drmaa/lib/libdrmaa.so.1.0"
@@ -156,22 +150,15 @@ class GridEngineBackend(Backend):
 
     def render_array(self, requests: list[SubmitRequest], list_path: Path) -> str:
         """The one script of an array of these requests (their first one's header)."""
-        variables = array_variables(self.script_variables(requests[0]), list_path=list_path,
-                                    index=ARRAY_INDEX, work_dir=self.work_dir,
-                                    command=worker_command(requests, self.work_dir))
-        return checked(render(self.template, variables), variables)
+        return render_one_script(self.template, self.script_variables(requests[0]), requests,
+                                 list_path, ARRAY_INDEX, self.work_dir)
 
     def array_key(self, request: SubmitRequest) -> str | None:
-        """The digest of the array script this task would share. None (one job, through
-        submit, which names what is wrong) when it cannot be an element: a value the
-        template refuses, a site template without an array part, another task dir."""
+        """The digest of the array script this task would share, or None (array_script
+        .key_or_alone)."""
         if self.array_max <= 1:
             return None
-        try:
-            return key_of(self.render_array(
-                [request], Path(self.work_dir) / arrays.DIR_NAME / KEY_LIST_NAME))
-        except (BackendError, TemplateValueError):
-            return None
+        return key_or_alone(self.render_array, request, self.work_dir)
 
     def submit(self, request: SubmitRequest) -> str:
         try:
