@@ -14,6 +14,7 @@ job's script costs; no command is run here.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,22 @@ def _word(arg: str, task_dir: Path, dir_word: str) -> str:
     if arg.startswith(prefix + "/"):
         return dir_word + shell_quote(arg[len(prefix):])
     return shell_quote(arg)
+
+
+def shared_inputs(request: SubmitRequest, work_dir: Path) -> tuple[Any, ...]:
+    """Everything of a request its array key may depend on (Backend.array_key): what
+    templating.script_variables reads but the task's own id, name and dir, plus the
+    owner. Two requests with equal inputs render the same array script, so a tick's
+    tasks need one key each per distinct inputs. The task dir counts as whether it is
+    <work_dir>/<id> (an element's, else refused), and each argv word holding it with the
+    dir written over, as shell_words does."""
+    own = f"{work_dir}/{request.task_id}"
+    element = str(request.task_dir) == own and bool(TASK_ID.fullmatch(request.task_id))
+    return (request.owner, element,
+            json.dumps(request.task.get("resources"), sort_keys=True, default=str),
+            tuple(sorted(request.backend_parameters.items())),
+            tuple(None if arg == own else ("", arg[len(own):]) if arg.startswith(own + "/")
+                  else arg for arg in request.worker_argv))
 
 
 def select_lines(list_path: Path, index: str, work_dir: Path) -> str:

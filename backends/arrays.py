@@ -115,6 +115,7 @@ def name_of_job(job_name: str) -> str | None:
 # script a crash left before its unlink)
 _LIST_FILE = re.compile(r"([0-9a-f]{16})(?:\.[a-z]{1,8})?")
 KEEP_SECONDS = 7 * 24 * 3600.0  # no list is kept longer (reconciler sweep, hourly)
+INDEX_SECONDS = 30.0  # how long recover trusts its ListIndex
 
 
 def remove_older_than(work_dir: Path, seconds: float = KEEP_SECONDS) -> int:
@@ -180,3 +181,26 @@ def index(work_dir: Path) -> dict[str, tuple[TaskList, int]]:
             for position, task_id in enumerate(listed.task_ids):
                 found[task_id] = (listed, position)
     return found
+
+
+class ListIndex:
+    """Which list holds a task, for a backend's recover: every list read once, again
+    when the index is older than INDEX_SECONDS (a restart recovers a whole tick of
+    tasks in one go: `find` per task would read every list per task). The lists this
+    process writes are added as they are."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = Path(work_dir)
+        self.built_at = -INDEX_SECONDS
+        self.entries: dict[str, tuple[TaskList, int]] = {}
+
+    def find(self, task_id: str) -> tuple[TaskList, int] | None:
+        if time.monotonic() - self.built_at >= INDEX_SECONDS:
+            self.entries = index(self.work_dir)
+            self.built_at = time.monotonic()
+        return self.entries.get(task_id)
+
+    def add(self, task_list: TaskList) -> None:
+        """A list this process just wrote."""
+        for position, task_id in enumerate(task_list.task_ids):
+            self.entries[task_id] = (task_list, position)

@@ -160,7 +160,10 @@ class Backend(abc.ABC):
         submit_array, up to array_max at a time. None: this task goes alone through
         submit (the default: a backend without arrays, or array_max 1).
 
-        Raises BackendError as submit does (the task fails, or waits when transient)."""
+        The key may depend on nothing of the request but array_script.shared_inputs
+        (its resources, backend_parameters, owner, worker argv less its own task dir):
+        the submitter asks once per distinct inputs in a tick. Raises BackendError as
+        submit does (the task fails, or waits when transient)."""
         return None
 
     def submit_array(self, requests: list[SubmitRequest]) -> list[str]:

@@ -32,6 +32,8 @@ DIR_MODE = 0o700
 FILE_MODE = 0o600
 _TMP_SUFFIX = ".tmp"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_NEW_FILE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                   | getattr(os, "O_CLOEXEC", 0))
 
 
 def private_dir(path: Path) -> None:
@@ -52,6 +54,36 @@ def private_dir(path: Path) -> None:
         _take_back(fd)
     finally:
         os.close(fd)
+
+
+def new_private_dir(path: Path, texts: dict[str, str]) -> bool:
+    """Make path a new directory (mode 700, ours) holding these files (name -> text, mode
+    600), as private_dir and write_private would. False, with nothing written, when path
+    is there already (or a parent is missing): the caller takes the careful way. A
+    directory this call made is empty and can be nobody else's (its parent is the
+    gateway's), so its files are created in place, O_EXCL and following no link, through
+    its descriptor: a quarter of the system calls of the careful way."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except (FileExistsError, FileNotFoundError):
+        return False
+    dir_fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fchmod(dir_fd, DIR_MODE)  # whatever the umask
+        for name, text in texts.items():
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a file name: {name!r}")
+            fd = os.open(name, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=dir_fd)
+            try:
+                os.fchmod(fd, FILE_MODE)
+                view = memoryview(text.encode())
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+    return True
 
 
 def _take_back(fd: int, private: bool = True) -> None:

@@ -92,6 +92,7 @@ class GridEngineBackend(Backend):
     def __init__(self, options: GridEngineOptions, work_dir: Path,
                  on_change: Callable[[], None] | None = None, name: str | None = None):
         super().__init__(options, work_dir, on_change, name)
+        self.lists = arrays.ListIndex(work_dir)  # recover's: which list holds a task
         self.mode = options.mode
         if self.mode not in ("drmaa", "cli"):
             raise ValueError(f"backend.gridengine.mode must be drmaa or cli, not {self.mode!r}")
@@ -185,6 +186,7 @@ class GridEngineBackend(Backend):
         """One array job of these tasks: element i (1-based) runs requests[i-1]."""
         try:
             listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            self.lists.add(listed)
             script = self.render_array(requests, listed.path)
         except (ValueError, OSError) as exc:
             raise BackendError(f"cannot make the Grid Engine array script: {exc}") from None
@@ -315,11 +317,11 @@ class GridEngineBackend(Backend):
     def recover(self, task_id: str, task_dir: Path,
                 owner: str | None = None) -> str | None:
         """The newest job named funnel-<task id>, or the task's element of the newest array
-        job named after the task list holding it (arrays.find): in qstat (zombies too),
+        job named after the task list holding it (arrays.ListIndex): in qstat (zombies too),
         else in accounting. A qstat that failed raises (transient): the job may exist.
         Only in mode drmaa on a host without qstat is accounting the one place asked."""
         names: dict[str, int | None] = {f"funnel-{task_id}": None}  # name -> element
-        listed = arrays.find(self.work_dir, task_id)
+        listed = self.lists.find(task_id)
         if listed is not None:
             names[listed[0].job_name] = listed[1] + 1  # Grid Engine counts from 1
         jobs = self._qstat()

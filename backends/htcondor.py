@@ -163,6 +163,7 @@ class HTCondorBackend(Backend):
                  on_change: Callable[[], None] | None = None, schedd: Any = None,
                  bindings: Any = None, name: str | None = None):
         super().__init__(options, work_dir, on_change, name)
+        self.lists = arrays.ListIndex(work_dir)  # recover's: which list holds a task
         if options.array_max < 1:
             raise ValueError(f"backend.htcondor.array_max must be at least 1, "
                              f"not {options.array_max}")
@@ -233,6 +234,7 @@ class HTCondorBackend(Backend):
         in <work_dir>/arrays while procs may start (nothing is transferred)."""
         try:
             listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            self.lists.add(listed)
             description, wrapper = self.render_array(requests, listed.path)
             path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
                                        wrapper, mode=0o700)
@@ -335,7 +337,7 @@ class HTCondorBackend(Backend):
         newest cluster named after the task list holding it (JobBatchName), in the queue
         or history."""
         found = [str(c) for c in self._clusters_where(f'FunnelTaskId =?= "{directive(task_id)}"')]
-        listed = arrays.find(self.work_dir, task_id)
+        listed = self.lists.find(task_id)
         if listed is not None:
             name = directive(listed[0].job_name)
             found += [f"{c}.{listed[1]}" for c in

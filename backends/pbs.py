@@ -106,6 +106,7 @@ class PbsBackend(Backend):
     def __init__(self, options: PbsOptions, work_dir: Path,
                  on_change: Callable[[], None] | None = None, name: str | None = None):
         super().__init__(options, work_dir, on_change, name)
+        self.lists = arrays.ListIndex(work_dir)  # recover's: which list holds a task
         if options.walltime and not WALLTIME.fullmatch(options.walltime):
             raise ValueError(f"backend.pbs.walltime must be [[HH:]MM:]SS, "
                              f"not {options.walltime!r}")
@@ -144,6 +145,7 @@ class PbsBackend(Backend):
             raise BackendError("a PBS job array has 2 subjobs or more (one goes alone)")
         try:
             listed = arrays.write(self.work_dir, [r.task_id for r in requests])
+            self.lists.add(listed)
             script = self.render_array(requests, listed.path)
             # qsub copies the script when it submits: removed once it has
             path = files.write_private(arrays.directory(self.work_dir), f"{listed.name}.sh",
@@ -236,7 +238,7 @@ class PbsBackend(Backend):
         holding it (qselect -x -J). A qselect that failed raises (transient): the job may
         exist."""
         found = self._select(["-N", f"funnel-{task_id}"])
-        listed = arrays.find(self.work_dir, task_id)
+        listed = self.lists.find(task_id)
         if listed is not None:
             found += [f"{m.group(1)}[{listed[1]}]{m.group(2)}"
                       for m in (re.fullmatch(r"([0-9]+)\[\](.*)", j)

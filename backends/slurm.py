@@ -47,7 +47,6 @@ from funnel_hpc.backends.commands import Runner, make_runner
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
 from funnel_hpc.backends.slurm_arrays import (
     KEY_SIZE,
-    ListIndex,
     ListSweep,
     array_variables,
     element_ids,
@@ -176,7 +175,7 @@ class SlurmBackend(Backend):
         # connection takes one request at a time, so REST mode submits from one thread
         self.parallel_submit = options.mode != "rest"
         self.sweep = ListSweep(lambda names: self.link.live_names(names), work_dir)
-        self.lists = ListIndex(work_dir)
+        self.lists = arrays.ListIndex(work_dir)
 
     @property
     def runner(self) -> Runner:

@@ -35,7 +35,6 @@ KEY_SIZE = 2
 LIST_MAX_AGE = 24 * 3600.0   # a list younger than this is never removed
 SWEEP_EVERY = 3600.0         # seconds between two sweeps
 SWEEP_NAMES = 200            # names per question of a sweep (squeue -n's argv)
-INDEX_SECONDS = 30.0         # how long recover trusts its index of the lists
 
 
 def element_words(request: SubmitRequest) -> tuple[str, ...]:
@@ -85,27 +84,6 @@ def expand(job_id: str) -> list[str]:
             continue
         out += [f"{match.group(1)}_{index}" for index in range(int(first), int(last or first) + 1)]
     return out
-
-
-class ListIndex:
-    """Which list holds a task, for recover: every list read once, again when the index
-    is older than INDEX_SECONDS (a restart recovers a whole tick of tasks in one go)."""
-
-    def __init__(self, work_dir: Path):
-        self.work_dir = Path(work_dir)
-        self.built_at = -INDEX_SECONDS
-        self.entries: dict[str, tuple[arrays.TaskList, int]] = {}
-
-    def find(self, task_id: str) -> tuple[arrays.TaskList, int] | None:
-        if time.monotonic() - self.built_at >= INDEX_SECONDS:
-            self.entries = arrays.index(self.work_dir)
-            self.built_at = time.monotonic()
-        return self.entries.get(task_id)
-
-    def add(self, task_list: arrays.TaskList) -> None:
-        """A list this process just wrote."""
-        for position, task_id in enumerate(task_list.task_ids):
-            self.entries[task_id] = (task_list, position)
 
 
 class ListSweep:

@@ -48,7 +48,7 @@ class SlurmLink(Protocol):
         """Submit a rendered script (prefix: `sudo -n -u OWNER --` or nothing); its job id."""
 
     def rows(self, wanted: set[str]) -> list[JobRow]:
-        """The rows slurmctld lists for the wanted jobs (and maybe more)."""
+        """The rows slurmctld lists for the wanted jobs (CLI: those only; REST: maybe more)."""
 
     def finished(self, missing: list[str]) -> tuple[list[JobRow], str]:
         """Rows of jobs slurmctld forgot, from accounting, and where was looked (for LOST)."""
@@ -119,6 +119,10 @@ class CliLink:
                                f"{(result.stderr or result.stdout).strip()[:300]}")
         found = []
         for line in result.stdout.splitlines():
+            # the account's other jobs (thousands of ended ones, for MinJobAge) are passed
+            # over at their first column
+            if line.split("|", 1)[0].strip() not in wanted:
+                continue
             parts = [p.strip() for p in line.split("|", 3)]
             if len(parts) == 4:
                 job_id, state, code, reason = parts

@@ -134,7 +134,7 @@ def raw_array_submit(n: int, work: Path, name: str) -> tuple[list[str], float]:
 
 
 def gateway_held(n: int, work: Path, db_url: str, array_max: int, ticks: int = 5,
-                 sdiag: bool = False) -> dict:
+                 sdiag: bool = False, per_tick: int = ARRAY_MAX) -> dict:
     """N held tasks submitted by an in-process reconciler (ticks back to back), then
     `ticks` ticks with all in flight; everything canceled. With sdiag, slurmctld's RPC
     counts over the submission and those ticks."""
@@ -142,7 +142,7 @@ def gateway_held(n: int, work: Path, db_url: str, array_max: int, ticks: int = 5
                                                             "array_max": array_max}},
                        "worker": {"container_driver": "bwrap", **worker_image_config()},
                        "reconciler": {"interval_seconds": throughput.TICK_SECONDS,
-                                      "submit_per_tick": ARRAY_MAX, "pass_server_url": False}}
+                                      "submit_per_tick": per_tick, "pass_server_url": False}}
     server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
     try:
         throughput.create_tasks(server.api, n)
@@ -186,11 +186,13 @@ def rpc_counts(reset: bool = False) -> dict[str, int]:
 
 
 def submission(n: int, tmp: Path, dbs: DatabaseFactory, sample: int = 500) -> dict:
+    # the gateway first: the references' canceled jobs stay in squeue for MinJobAge, and
+    # the gateway's poll would read them (its account's jobs) as a site's would not
+    gateway = gateway_held(n, tmp / "gw-submit", dbs.new("sqlite"), ARRAY_MAX, ticks=1)
     loop = raw_loop_submission(min(sample, n), tmp / "loop")
     name = f"rawarray{n}"
     ids, raw_seconds = raw_array_submit(n, tmp / "rawarray", name)
     cancel_ids(ids)
-    gateway = gateway_held(n, tmp / "gw-submit", dbs.new("sqlite"), ARRAY_MAX, ticks=1)
     raw_rate = n / raw_seconds
     return {"tasks": n, "loop": loop, "raw_array": {"seconds": raw_seconds,
                                                    "rate_per_s": raw_rate, "arrays": len(ids)},

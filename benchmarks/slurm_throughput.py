@@ -80,7 +80,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def jobs_left(name: str) -> int:
+def jobs_left(name: str, tries: int = 10) -> int:
+    """The jobs of that name squeue lists as not ended; a failed squeue (slurmctld busy
+    or restarting) is asked again, a second apart, up to `tries` times."""
+    for _ in range(tries - 1):
+        done = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"],
+                              capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            return len(done.stdout.split())
+        time.sleep(1.0)
     out = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"],
                          capture_output=True, text=True, check=True).stdout
     return len(out.split())

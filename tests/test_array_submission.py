@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from funnel_hpc.backends.array_script import shared_inputs
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.core import config as config_mod
 from funnel_hpc.gateway.reconcile.reconciler import Reconciler
@@ -21,7 +22,8 @@ def trivial(name: str, cpus: int = 1) -> dict:
 
 
 class ArrayBackend(Backend):
-    """A double whose array key is the task's cpu count ("refuse" in a name: no key)."""
+    """A double whose array key is the task's cpu count (13 cpus: refused), as the
+    contract says it may be: from shared_inputs alone (it counts its calls)."""
 
     name = "arrays"
     parallel_submit = True
@@ -31,9 +33,15 @@ class ArrayBackend(Backend):
         self.array_max = array_max
         self.lock = threading.Lock()
         self.jobs: list[list[str]] = []   # the task ids of each submission, in order
+        self.keys_made = 0
 
     def array_key(self, request: SubmitRequest) -> str | None:
-        if "refuse" in request.task["name"]:
+        self.keys_made += 1
+        return self._key(request)
+
+    @staticmethod
+    def _key(request: SubmitRequest) -> str:
+        if request.task["resources"]["cpu_cores"] == 13:
             raise BackendError("cannot render the Slurm array script: value refused")
         return f"cpus={request.task['resources']['cpu_cores']}"
 
@@ -47,7 +55,7 @@ class ArrayBackend(Backend):
 
     def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
         assert 2 <= len(requests) <= self.array_max
-        assert len({self.array_key(r) for r in requests}) == 1
+        assert len({self._key(r) for r in requests}) == 1
         job = self._job([r.task_id for r in requests])
         return [f"{job}_{i}" for i in range(len(requests))]
 
@@ -93,13 +101,49 @@ def test_a_refused_key_fails_that_task_only(tmp_path):
     backend = ArrayBackend(array_max=10)
     service, reconciler = make(tmp_path, backend)
     good = [service.create(trivial(f"good{i}")) for i in range(3)]
-    bad = service.create(trivial("refuse-me"))
+    bad = service.create(trivial("refuse-me", cpus=13))
     assert reconciler.tick().submitted == 3
     assert backend.jobs == [good]
     refused = service.get(bad, "FULL")
     assert refused["state"] == "SYSTEM_ERROR"
     assert any("value refused" in line for line in refused["logs"][0]["system_logs"])
     assert all(service.get(t)["state"] == "QUEUED" for t in good)
+
+
+def test_one_key_is_made_per_distinct_header_inputs(tmp_path):
+    """The backend renders a key once per distinct shared_inputs in a tick: names and
+    ids differ, the owner, resources, backend_parameters or worker argv do not."""
+    backend = ArrayBackend(array_max=100)
+    service, reconciler = make(tmp_path, backend)
+    ones = [service.create(trivial(f"one{i}")) for i in range(40)]
+    twos = [service.create(trivial(f"two{i}", cpus=2)) for i in range(5)]
+    refused = [service.create(trivial(f"bad{i}", cpus=13)) for i in range(3)]
+    assert reconciler.tick().submitted == 45
+    assert backend.keys_made == 3
+    assert sorted(backend.jobs, key=len) == [twos, ones]
+    assert all(service.get(t)["state"] == "SYSTEM_ERROR" for t in refused)
+
+
+def test_shared_inputs_leave_out_only_the_tasks_own_values(tmp_path):
+    work = tmp_path / "work"
+
+    def request(task_id: str, **changes) -> SubmitRequest:
+        task_dir = changes.pop("task_dir", work / task_id)
+        fields = {"task_id": task_id, "task": {"name": task_id, "resources": {"cpu_cores": 2}},
+                  "task_dir": task_dir, "owner": "alice",
+                  "worker_argv": ["funnel-worker", "--task-file", f"{task_dir}/task.json",
+                                  "--workdir", str(work)], **changes}
+        return SubmitRequest(**fields)
+
+    same = shared_inputs(request("a1"), work)
+    assert shared_inputs(request("b2"), work) == same
+    for other in (request("b2", owner="bob"),
+                  request("b2", task={"name": "b2", "resources": {"cpu_cores": 3}}),
+                  request("b2", backend_parameters={"qos": "long"}),
+                  request("b2", worker_argv=["funnel-worker", "--debug"]),
+                  request("b2", task_dir=tmp_path / "elsewhere" / "b2"),
+                  request("b 2")):  # not a task id: never an element
+        assert shared_inputs(other, work) != same
 
 
 def test_array_max_1_is_one_job_per_task(tmp_path):

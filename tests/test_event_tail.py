@@ -146,6 +146,26 @@ def test_received_events_come_from_the_gateways_dir_and_an_old_task_dir(task_dir
     assert not (own / RECEIVED_EVENTS).exists()
 
 
+def test_a_new_attempts_tail_reads_only_once_a_log_is_there(task_dir, monkeypatch):
+    """A tail of a job just submitted opens no directory until a log appears (the lstat
+    hint), and adopts no older gateway's file: this gateway wrote none for it."""
+    (task_dir / RECEIVED_EVENTS).write_bytes(line(1))  # as an older gateway's would be
+    tail = EventTail(task_dir, 1)
+    tail.new_attempt()
+    opened: list[str] = []
+    real_open = event_tail.files.open_work_dir
+
+    def counted(path: str) -> int:
+        opened.append(path)
+        return real_open(path)
+
+    monkeypatch.setattr(event_tail.files, "open_work_dir", counted)
+    assert not tail.read_new() and opened == []
+    (task_dir / "events.jsonl").write_bytes(line(1))
+    assert tail.read_new() and messages(tail) == ["m1"]
+    assert len(opened) == 1
+
+
 def test_purge_removes_the_gateways_directory_of_a_task(tmp_path):
     service, reconciler = make(tmp_path, ScriptedBackend())
     ended, running = service.create(TRIVIAL), service.create(TRIVIAL)

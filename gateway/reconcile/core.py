@@ -130,10 +130,13 @@ class EventTails:
             executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
             self.start(row, executors)
 
-    def start(self, row: Any, executors: int | None) -> None:
-        """A new tail for the row's task (a new attempt's job was just submitted)."""
-        self._tails[row.id] = EventTail(self.work_dir / row.id, executors,
-                                        self.backend.job_uid(row.owner))
+    def start(self, row: Any, executors: int | None, new_attempt: bool = False) -> None:
+        """A new tail for the row's task; new_attempt: its job was just submitted (its
+        event logs are yet to be written: EventTail.new_attempt)."""
+        tail = EventTail(self.work_dir / row.id, executors, self.backend.job_uid(row.owner))
+        if new_attempt:
+            tail.new_attempt()
+        self._tails[row.id] = tail
 
     def of(self, row: Any) -> EventTail:
         if row.id not in self._tails:

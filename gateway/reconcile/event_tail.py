@@ -88,10 +88,18 @@ class EventTail:
 
     def __post_init__(self) -> None:
         self.fold = EventFold(executors=self.executors)
-        self.task_id = self.directory.name
-        received = gateway_dir(self.directory.parent, self.task_id) / RECEIVED_EVENTS
-        self.logs = [LogFile(WORKER_EVENTS, False, str(self.directory / WORKER_EVENTS)),
-                     LogFile(RECEIVED_EVENTS, True, str(received))]
+        # gateway_dir(work_dir, task_id) / RECEIVED_EVENTS, in strings (a tail a task)
+        task_dir = str(self.directory)
+        work_dir, self.task_id = os.path.split(task_dir)
+        received = os.path.join(work_dir, GATEWAY_DIR, self.task_id, RECEIVED_EVENTS)
+        self.logs = [LogFile(WORKER_EVENTS, False, os.path.join(task_dir, WORKER_EVENTS)),
+                     LogFile(RECEIVED_EVENTS, True, received)]
+
+    def new_attempt(self) -> None:
+        """The tail of an attempt whose job was just submitted by this gateway: no log of
+        an older gateway to adopt, and the first read waits, as every later one, until
+        a log is there (the previous attempt's were archived before submission)."""
+        self._first = False
 
     def read_new(self) -> bool:
         """Apply events appended since the last call; True if any was new."""

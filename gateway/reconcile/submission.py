@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import arrays, files
+from funnel_hpc.backends.array_script import shared_inputs
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
 from funnel_hpc.core import worker_tokens
 from funnel_hpc.core.config import BackendOptions, Config, PerOwnerSection
@@ -57,6 +58,7 @@ class WorkerLaunch:
                  owner_config: str | None = None, worker_key: bytes | None = None,
                  server_url: str | None = None):
         self.work_dir = work_dir
+        self._work_path = Path(work_dir)
         self.command = command
         self.worker_config = worker_config  # <work_dir>/worker-config.json
         # jobs run as their owners: each task dir gets this (no site secret in it)
@@ -82,7 +84,7 @@ class WorkerLaunch:
                    server_url=config.server.public_url if pass_server_url else None)
 
     def task_dir(self, task_id: str) -> Path:
-        return Path(self.work_dir) / task_id
+        return self._work_path / task_id
 
     def token(self, task_id: str) -> str | None:
         return (worker_tokens.token_for(self.worker_key, task_id)
@@ -107,10 +109,10 @@ class WorkerLaunch:
                 *((WORKER_CONFIG_FILE,) if self.owner_config is not None else ()))
 
     def argv(self, directory: Path) -> list[str]:
-        config = directory / WORKER_CONFIG_FILE if self.owner_config is not None \
-            else self.worker_config
-        argv = [*self.command, "--task-file", str(directory / TASK_FILE),
-                "--workdir", self.work_dir, "--config", str(config)]
+        config = f"{directory}/{WORKER_CONFIG_FILE}" if self.owner_config is not None \
+            else str(self.worker_config)
+        argv = [*self.command, "--task-file", f"{directory}/{TASK_FILE}",
+                "--workdir", self.work_dir, "--config", config]
         if self.server_url is not None:
             argv += ["--server", self.server_url]
         return argv
@@ -155,9 +157,10 @@ class Submitter:
         submissions (several at once where the backend allows it), one record transaction."""
         if not rows:
             return
-        tasks = self.queries.full_tasks([row.id for row in rows])
-        rows = [row for row in rows if row.id in tasks]
-        stored_logs = self.queries.stored_logs([row.id for row in rows])
+        found = self.queries.tasks_and_logs([row.id for row in rows])
+        rows = [row for row in rows if row.id in found]
+        tasks = {task_id: task for task_id, (task, _) in found.items()}
+        stored_logs = {task_id: logs for task_id, (_, logs) in found.items()}
         # claim the tasks before touching their dirs: only one submitter (even with two
         # reconcilers at once), and a restart sees the claims
         claimed = self.queries.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
@@ -165,16 +168,6 @@ class Submitter:
             if row.id not in claimed:
                 self.index.recheck(row.id)  # canceled or claimed elsewhere meanwhile
         rows = [row for row in rows if row.id in claimed]
-        prepared = []
-        for row in rows:
-            try:
-                self._prepare_task_dir(row, tasks[row.id])
-            except OSError as exc:  # this task's directory only (disk full, a planted dir)
-                logs = attempt_logs(stored_logs.get(row.id), row.attempt + 1)
-                self._submission_failed(row, logs, exc, stats)
-                continue
-            prepared.append(row)
-        rows = prepared
         outcomes = self._map_submit(rows, tasks)
         recorded: list[tuple[str, str, list]] = []
         deferred: list[tuple[str, int, int]] = []
@@ -193,73 +186,93 @@ class Submitter:
                     {"backend": self.backend.name, "job_id": str(outcome),
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
-                self.tails.start(row, len(tasks[row.id]["executors"]))
+                self.tails.start(row, len(tasks[row.id]["executors"]), new_attempt=True)
         if deferred:
             self.queries.release_claims(deferred)
         if recorded:
             self.queries.record_submissions(recorded)
             stats.submitted += len(recorded)
 
-    def _prepare_task_dir(self, row: Any, task: dict) -> None:
+    def _prepare_task_dir(self, row: Any, task: dict, directory: Path) -> None:
         """task.json (and the worker's token) in the task dir, made ours and private first:
         files.py's writes follow no symlink a user may have left there. A backend that
         makes_task_dir writes them itself when the job starts (_map_submit hands them
         over); only an earlier attempt's dir is taken back and its event logs archived."""
-        directory = self.launch.task_dir(row.id)
         if self.backend.makes_task_dir:
             if row.attempt >= 1:
                 if directory.is_dir():
                     files.private_dir(directory)
                 archive_events(directory, row.attempt)
             return
+        texts = self.launch.texts(row, task)
+        if row.attempt < 1 and files.new_private_dir(directory, texts):
+            return  # the usual first attempt: the dir is new
         files.private_dir(directory)
         archive_events(directory, row.attempt)
-        for name, text in self.launch.texts(row, task).items():
+        for name, text in texts.items():
             files.write_private(directory, name, text)
 
     def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
-        """The backend's submission of each row: its job id, or the exception raised.
-        Rows whose jobs would get the same header go as one array job (array_max at most,
-        where the backend has arrays); the others one job each, several at once where
-        the backend allows it."""
+        """The backend's submission of each row: its job id, or the exception raised
+        (an OSError of its task dir: that task only). Rows whose jobs would get the same
+        header go as one array job (array_max at most, where the backend has arrays);
+        the others one job each. Each unit's task dirs are written just before it goes;
+        where the backend allows several submissions at once, a unit's goes in a thread
+        while the next unit's dirs are written."""
         requests = [self._request(row, tasks[row.id]) for row in rows]
         outcomes: list[Any] = [None] * len(rows)
-        units = self._units(requests, outcomes)
-
-        def one(unit: list[int]) -> None:
-            try:
-                if len(unit) == 1:
-                    ids = [self.backend.submit(requests[unit[0]])]
-                else:
-                    ids = self.backend.submit_array([requests[i] for i in unit])
-                    if len(ids) != len(unit):
-                        raise BackendError(f"{self.backend.name} returned {len(ids)} element "
-                                           f"ids for an array of {len(unit)}")
-            except (BackendError, OSError, ValueError) as exc:
-                # a refusal is the scheduler answering: only "unreachable" is a failed call
-                self._count(ok=not getattr(exc, "transient", False))
-                for i in unit:
-                    outcomes[i] = exc
-                return
-            except Exception as exc:
-                log.exception("tasks %s: %s submit raised",
-                              ", ".join(rows[i].id for i in unit), self.backend.name)
-                self._count(ok=False)
-                for i in unit:
-                    outcomes[i] = exc
-                return
-            self._count(ok=True)
-            for i, job_id in zip(unit, ids, strict=True):
-                outcomes[i] = job_id
-
-        if self.threads > 1 and self.backend.parallel_submit and len(units) > 1:
+        pool = None
+        if self.threads > 1 and self.backend.parallel_submit:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="submit")
-            list(self._pool.map(one, units))
-        else:
-            for unit in units:
-                one(unit)
+            pool = self._pool
+        pending = []
+        for unit in self._units(requests, outcomes):
+            ready = []
+            for i in unit:
+                try:
+                    self._prepare_task_dir(rows[i], tasks[rows[i].id], requests[i].task_dir)
+                except OSError as exc:  # this task's dir only (disk full, a planted dir)
+                    outcomes[i] = exc
+                    continue
+                ready.append(i)
+            if not ready:
+                continue
+            if pool is None:
+                self._submit_unit(ready, requests, outcomes)
+            else:
+                pending.append(pool.submit(self._submit_unit, ready, requests, outcomes))
+        for future in pending:
+            future.result()
         return outcomes
+
+    def _submit_unit(self, unit: list[int], requests: list[SubmitRequest],
+                     outcomes: list[Any]) -> None:
+        """One job (a unit of one) or one array job; each index's outcome set."""
+        try:
+            if len(unit) == 1:
+                ids = [self.backend.submit(requests[unit[0]])]
+            else:
+                ids = self.backend.submit_array([requests[i] for i in unit])
+                if len(ids) != len(unit):
+                    raise BackendError(f"{self.backend.name} returned {len(ids)} element "
+                                       f"ids for an array of {len(unit)}")
+        except (BackendError, OSError, ValueError) as exc:
+            # a refusal is the scheduler answering: only "unreachable" is a failed call
+            self._count(ok=not getattr(exc, "transient", False))
+            for i in unit:
+                outcomes[i] = exc
+            return
+        except Exception as exc:
+            log.exception("tasks %s: %s submit raised",
+                          ", ".join(requests[i].task_id for i in unit), self.backend.name)
+            self._count(ok=False)
+            for i in unit:
+                outcomes[i] = exc
+            return
+        self._count(ok=True)
+        for i, job_id in zip(unit, ids, strict=True):
+            outcomes[i] = job_id
 
     def _request(self, row: Any, task: dict) -> SubmitRequest:
         directory = self.launch.task_dir(row.id)
@@ -274,16 +287,25 @@ class Submitter:
     def _units(self, requests: list[SubmitRequest], outcomes: list[Any]) -> list[list[int]]:
         """Indexes of requests, grouped: equal array keys together (array_max at most a
         unit), each other request alone. A key the backend refuses to make is that
-        request's outcome (and it is not submitted)."""
+        request's outcome (and it is not submitted). Keys are asked once per distinct
+        array_script.shared_inputs: 10,000 tasks of one header render one key."""
         if self.backend.array_max <= 1:
             return [[i] for i in range(len(requests))]
         groups: dict[str, list[int]] = {}
         units: list[list[int]] = []
+        # the backend renders one key per distinct shared_inputs (Backend.array_key)
+        keys: dict[tuple[Any, ...], str | None | Exception] = {}
+        work_dir = Path(self.launch.work_dir)
         for i, request in enumerate(requests):
-            try:
-                key = self.backend.array_key(request)
-            except (BackendError, OSError, ValueError) as exc:
-                outcomes[i] = exc
+            inputs = shared_inputs(request, work_dir)
+            if inputs not in keys:
+                try:
+                    keys[inputs] = self.backend.array_key(request)
+                except (BackendError, OSError, ValueError) as exc:
+                    keys[inputs] = exc
+            key = keys[inputs]
+            if isinstance(key, Exception):
+                outcomes[i] = key
                 continue
             if key is None:
                 units.append([i])

@@ -283,12 +283,17 @@ class ReconcilerQueries:
 
     def full_tasks(self, task_ids: list[str]) -> dict[str, dict]:
         """FULL view of many tasks, with one query."""
+        return {task_id: task for task_id, (task, _) in self.tasks_and_logs(task_ids).items()}
+
+    def tasks_and_logs(self, task_ids: list[str]) -> dict[str, tuple[dict, list]]:
+        """FULL view and stored logs (stored_logs) of many tasks, each decoded once, with
+        one query."""
         t = db.tasks
         query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
         with db.reading(self.engine) as conn:
             rows = conn.execute(query.where(t.c.id.in_(task_ids))).all()
-        return {row.id: full_task(row.id, row.state, row.spec, row.logs or [],
-                                  row.creation_time) for row in rows}
+        return {row.id: (full_task(row.id, row.state, row.spec, row.logs or [],
+                                   row.creation_time), row.logs or []) for row in rows}
 
     # ---- submission bookkeeping (reconciler), one transaction per batch ----
 

@@ -48,6 +48,33 @@ def test_modes_are_private_whatever_the_umask(tmp_path, umask_022):
     assert sorted(os.listdir(directory)) == ["run.sh", "task.json"]  # no temp left
 
 
+def test_a_new_dir_and_its_files_are_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o277)  # even one that would leave the owner nothing
+    try:
+        assert files.new_private_dir(tmp_path / "task1", {"task.json": "{}", "token": "t"})
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "task1") == 0o700
+    assert [mode(tmp_path / "task1" / n) for n in ("task.json", "token")] == [0o600, 0o600]
+    assert (tmp_path / "task1" / "task.json").read_text() == "{}"
+
+
+def test_a_dir_already_there_is_left_to_the_careful_way(tmp_path):
+    """new_private_dir writes only into a dir it made: one that was there (a user's,
+    with a link planted) or one without its parent is left untouched, False."""
+    target = outside_file(tmp_path)
+    directory = tmp_path / "task2"
+    directory.mkdir()
+    os.symlink(target, directory / "task.json")
+    assert not files.new_private_dir(directory, {"task.json": "mine"})
+    assert target.read_text() == "untouched" and (directory / "task.json").is_symlink()
+    assert not files.new_private_dir(tmp_path / "missing" / "task3", {"task.json": "x"})
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(ValueError):
+        files.new_private_dir(tmp_path / "task4", {"../escape": "x"})
+    assert not (tmp_path / "escape").exists()
+
+
 def test_planted_symlinks_are_replaced_not_followed(tmp_path):
     target = outside_file(tmp_path)
     directory = tmp_path / "task2"
