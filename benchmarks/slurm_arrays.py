@@ -39,11 +39,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import slurm_throughput as throughput  # noqa: E402
 from benchmarks.machine import machine_facts  # noqa: E402
-from funnel_hpc.backends.slurm import SlurmBackend  # noqa: E402
 from funnel_hpc.core import config as config_mod  # noqa: E402
-from funnel_hpc.gateway.reconcile.reconciler import Reconciler, worker_command, write_worker_config  # noqa: E402
-from funnel_hpc.gateway.web.app import make_service  # noqa: E402
-from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
+from funnel_hpc.gateway.reconcile.reconciler import worker_command, write_worker_config  # noqa: E402
+from tests.server_helpers import DatabaseFactory, worker_image_config  # noqa: E402
 
 ARRAY_MAX = 1000
 PARTITION = throughput.PARTITION
@@ -138,20 +136,9 @@ def gateway_held(n: int, work: Path, db_url: str, array_max: int, ticks: int = 5
     """N held tasks submitted by an in-process reconciler (ticks back to back), then
     `ticks` ticks with all in flight; everything canceled. With sdiag, slurmctld's RPC
     counts over the submission and those ticks."""
-    overrides: dict = {"backend": {"name": "slurm", "slurm": {"partition": PARTITION,
-                                                            "array_max": array_max}},
-                       "worker": {"container_driver": "bwrap", **worker_image_config()},
-                       "reconciler": {"interval_seconds": throughput.TICK_SECONDS,
-                                      "submit_per_tick": per_tick, "pass_server_url": False}}
-    server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
-    try:
-        throughput.create_tasks(server.api, n)
-        config = config_mod.load(environ={}, overrides={
-            **overrides, "work_dir": str(work), "database": {"url": db_url},
-            "server": {"http_port": server.port}})
-        service = make_service(config)
-        backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
-        reconciler = Reconciler(service, backend, config)
+    with throughput.held_gateway(n, work, db_url, {"array_max": array_max},
+                                 per_tick=per_tick) as gateway:
+        service, reconciler = gateway.service, gateway.reconciler
         before = rpc_counts(reset=True) if sdiag else {}
         start = time.perf_counter()
         submitted = 0
@@ -162,9 +149,6 @@ def gateway_held(n: int, work: Path, db_url: str, array_max: int, ticks: int = 5
             reconciler.tick()
         after = rpc_counts() if sdiag else {}
         job_ids = [row.job_id for row in service.reconciler_queries.active_rows()]
-        reconciler.stop()
-    finally:
-        server.stop()
     cancel_ids(job_ids)
     rpcs = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
     return {"tasks": n, "array_max": array_max, "submit_seconds": seconds,
@@ -214,10 +198,13 @@ def raw_array_complete(n: int, work: Path) -> dict:
     for array_id in ids:
         subprocess.run(["scontrol", "update", f"JobId={array_id}", "StartTime=now"],
                        check=True, capture_output=True)
+    relaunched = 0
     while throughput.jobs_left(name):
+        relaunched += throughput.release_launch_failed()
         time.sleep(0.5)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "rate_per_s": n / seconds, "submit_seconds": submit_seconds}
+    return {"seconds": seconds, "rate_per_s": n / seconds, "submit_seconds": submit_seconds,
+            "released_after_launch_failure": relaunched}
 
 
 def complete(n: int, tmp: Path, dbs: DatabaseFactory) -> dict:

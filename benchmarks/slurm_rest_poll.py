@@ -53,10 +53,7 @@ from funnel_hpc.backends.slurm import (  # noqa: E402
 )
 from funnel_hpc.backends.slurm_rest import SlurmRestClient  # noqa: E402
 from funnel_hpc.backends.slurm_rest_http import RestTransport, default_user  # noqa: E402
-from funnel_hpc.core import config as config_mod  # noqa: E402
-from funnel_hpc.gateway.reconcile.reconciler import Reconciler  # noqa: E402
-from funnel_hpc.gateway.web.app import make_service  # noqa: E402
-from tests.server_helpers import DatabaseFactory, ServerProcess, worker_image_config  # noqa: E402
+from tests.server_helpers import DatabaseFactory  # noqa: E402
 
 SOCKET = "/run/slurmrestd/slurmrestd.socket"
 PID_FILE = "/run/slurmrestd/slurmrestd.pid"
@@ -181,52 +178,35 @@ def reconciler_ticks(mode: str, n: int, ticks: int, work: Path, db_url: str,
                      daemons: dict[str, int | None]) -> dict:
     """N held tasks submitted with arrays by an in-process reconciler in `mode`, then
     `ticks` ticks with all N in flight (module docstring)."""
-    overrides: dict = {
-        "backend": {"name": "slurm", "slurm": {"partition": throughput.PARTITION, "mode": mode,
-                                               "array_max": ARRAY_MAX}},
-        "worker": {"container_driver": "bwrap", **worker_image_config()},
-        "reconciler": {"interval_seconds": throughput.TICK_SECONDS, "submit_per_tick": 1000,
-                       "pass_server_url": False}}
-    server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
-    backend: SlurmBackend | None = None
-    service = None
-    try:
-        throughput.create_tasks(server.api, n)
-        config = config_mod.load(environ={}, overrides={
-            **overrides, "work_dir": str(work), "database": {"url": db_url},
-            "server": {"http_port": server.port}})
-        service = make_service(config)
-        backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
-        reconciler = Reconciler(service, backend, config)
-        start, submitted, calls = time.perf_counter(), 0, scheduler_calls(backend)
-        while submitted < n:
-            submitted += reconciler.tick().submitted
-        submit_s = time.perf_counter() - start
-        submit_calls = [b - a for a, b in zip(calls, scheduler_calls(backend), strict=True)]
-        reconciler.tick()  # warm: the first in-flight tick reads what submission left
-        gc.collect()  # both modes start their measured ticks from a collected heap
-        points = []
-        for _ in range(ticks):
-            before = {name: daemon_cpu(pid) for name, pid in daemons.items()}
-            full_gcs = gc.get_stats()[2]["collections"]
-            calls, cpu, wall = scheduler_calls(backend), own_cpu(), time.perf_counter()
-            stats = reconciler.tick()
-            after = scheduler_calls(backend)
-            point = {"cpu_ms": 1000 * (own_cpu() - cpu),
-                     "wall_ms": 1000 * (time.perf_counter() - wall),
-                     "in_flight": stats.polled, "forks": after[0] - calls[0],
-                     "requests": after[1] - calls[1],
-                     "full_gcs": gc.get_stats()[2]["collections"] - full_gcs}
-            for name, pid in daemons.items():
-                point[f"{name}_cpu_ms"] = 1000 * (daemon_cpu(pid) - before[name])
-            points.append(point)
-        reconciler.stop()
-    finally:
-        if service is not None:
+    with throughput.held_gateway(n, work, db_url, {"mode": mode, "array_max": ARRAY_MAX}) \
+            as gateway:
+        service, backend, reconciler = gateway.service, gateway.backend, gateway.reconciler
+        try:
+            start, submitted, calls = time.perf_counter(), 0, scheduler_calls(backend)
+            while submitted < n:
+                submitted += reconciler.tick().submitted
+            submit_s = time.perf_counter() - start
+            submit_calls = [b - a for a, b in zip(calls, scheduler_calls(backend), strict=True)]
+            reconciler.tick()  # warm: the first in-flight tick reads what submission left
+            gc.collect()  # both modes start their measured ticks from a collected heap
+            points = []
+            for _ in range(ticks):
+                before = {name: daemon_cpu(pid) for name, pid in daemons.items()}
+                full_gcs = gc.get_stats()[2]["collections"]
+                calls, cpu, wall = scheduler_calls(backend), own_cpu(), time.perf_counter()
+                stats = reconciler.tick()
+                after = scheduler_calls(backend)
+                point = {"cpu_ms": 1000 * (own_cpu() - cpu),
+                         "wall_ms": 1000 * (time.perf_counter() - wall),
+                         "in_flight": stats.polled, "forks": after[0] - calls[0],
+                         "requests": after[1] - calls[1],
+                         "full_gcs": gc.get_stats()[2]["collections"] - full_gcs}
+                for name, pid in daemons.items():
+                    point[f"{name}_cpu_ms"] = 1000 * (daemon_cpu(pid) - before[name])
+                points.append(point)
+            reconciler.stop()
+        finally:
             cancel_jobs([row.job_id for row in service.reconciler_queries.active_rows()])
-        if backend is not None:
-            backend.close()
-        server.stop()
     median = {key: statistics.median(point[key] for point in points) for key in points[0]}
     mean = {key: statistics.fmean(point[key] for point in points) for key in points[0]}
     return {"mode": mode, "tasks": n, "submit_s": round(submit_s, 2),

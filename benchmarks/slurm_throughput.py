@@ -40,8 +40,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -103,6 +106,24 @@ def release(job_ids: list[str]) -> None:
                         "StartTime=now"], check=True, capture_output=True)
 
 
+LAUNCH_FAILED = "launch failed requeued held"
+
+
+def release_launch_failed() -> int:
+    """Release the jobs of partition `bench` slurmctld held after slurmd could not
+    confirm their launch (it happens on 2 cores under a hundred jobs at once): left
+    held, a run would wait for them forever. The same for the gateway and the raw
+    references; how many, each run says."""
+    out = subprocess.run(["squeue", "-h", "-r", "-p", PARTITION, "-t", "PD", "-o", "%i|%r"],
+                         capture_output=True, text=True, check=False).stdout
+    held = [line.split("|", 1)[0] for line in out.splitlines()
+            if line.split("|", 1)[-1].strip() == LAUNCH_FAILED]
+    if held:
+        subprocess.run(["scontrol", "release", ",".join(held)], check=False,
+                       capture_output=True)
+    return len(held)
+
+
 def bare_container_command() -> str:
     """The container call the worker makes for a trivial task, without the worker."""
     bwrap = shutil.which("bwrap") or "bwrap"
@@ -145,10 +166,13 @@ def raw_loop(n: int, work: Path, payload: str = "container") -> dict:
                for command in commands]
     submitted = time.perf_counter() - start
     release(job_ids)
+    relaunched = 0
     while jobs_left(name):
+        relaunched += release_launch_failed()
         time.sleep(0.5)
     return {"payload": payload, "seconds": time.perf_counter() - start,
-            "submit_seconds": submitted, "submit_rate_per_s": n / submitted}
+            "submit_seconds": submitted, "submit_rate_per_s": n / submitted,
+            "released_after_launch_failure": relaunched}
 
 
 def create_tasks(api: str, n: int) -> list[str]:
@@ -162,18 +186,31 @@ def create_tasks(api: str, n: int) -> list[str]:
         return [task_id for ids in pool.map(make, per) for task_id in ids]
 
 
-def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = None,
-                slurm: dict | None = None) -> dict:
-    """The gateway side (module docstring); with ``sinks``, its server publishes every
-    event to them, and the run waits for them to have all before it stops the server.
-    slurm: more backend.slurm keys (benchmarks/slurm_arrays.py: array_max)."""
+@dataclass
+class HeldGateway:
+    """A server process with N tasks created over its HTTP API, and over the same
+    database an in-process reconciler (ticked by the caller, never started) on Slurm
+    partition `bench`: what the Slurm benchmarks measure."""
+
+    server: ServerProcess
+    service: Any
+    backend: SlurmBackend
+    reconciler: Reconciler
+
+
+@contextmanager
+def held_gateway(n: int, work: Path, db_url: str, slurm: dict | None = None,
+                 per_tick: int = 1000, events: dict | None = None) -> Iterator[HeldGateway]:
+    """slurm: more backend.slurm keys (array_max, mode); per_tick: submit_per_tick;
+    events: the server's events section. The reconciler is stopped, the backend closed
+    and the server stopped on the way out; jobs are the caller's to cancel."""
     overrides: dict = {"backend": {"name": "slurm",
                                    "slurm": {"partition": PARTITION, **(slurm or {})}},
                        "worker": {"container_driver": "bwrap", **worker_image_config()},
-                       "reconciler": {"interval_seconds": TICK_SECONDS, "submit_per_tick": 1000,
-                                      "pass_server_url": False}}
-    if sinks is not None:
-        overrides["events"] = sinks.events_config()
+                       "reconciler": {"interval_seconds": TICK_SECONDS,
+                                      "submit_per_tick": per_tick, "pass_server_url": False}}
+    if events is not None:
+        overrides["events"] = events
     server = ServerProcess(work, db_url, overrides=overrides, reconcile=False).start()
     try:
         create_tasks(server.api, n)
@@ -183,6 +220,23 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
         service = make_service(config)
         backend = SlurmBackend(config.backend.slurm, Path(config.work_dir))
         reconciler = Reconciler(service, backend, config)
+        try:
+            yield HeldGateway(server, service, backend, reconciler)
+        finally:
+            reconciler.stop()
+            backend.close()
+    finally:
+        server.stop()
+
+
+def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = None,
+                slurm: dict | None = None) -> dict:
+    """The gateway side (module docstring); with ``sinks``, its server publishes every
+    event to them, and the run waits for them to have all before it stops the server.
+    slurm: more backend.slurm keys (benchmarks/slurm_arrays.py: array_max)."""
+    with held_gateway(n, work, db_url, slurm,
+                      events=sinks.events_config() if sinks is not None else None) as gateway:
+        service, backend, reconciler = gateway.service, gateway.backend, gateway.reconciler
         ticks: list[dict] = []
 
         def tick() -> dict:
@@ -201,8 +255,10 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
         submit_seconds = time.perf_counter() - start
         in_flight = [tick() for _ in range(3)]  # every job held: all n in flight
         release([row.job_id for row in service.reconciler_queries.active_rows()])
+        relaunched = 0
         while True:
             tick_start = time.perf_counter()
+            relaunched += release_launch_failed()
             tick()
             counts = service.state_counts()
             if sum(counts.get(s, 0) for s in TERMINAL) >= n:
@@ -211,11 +267,9 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
         elapsed = time.perf_counter() - start
         reconciler.stop()
         delivered = sinks.wait_delivered(service.engine) if sinks is not None else None
-        server_rss = peak_rss_mb(server.proc.pid)
-        server_cpu = cpu_seconds(server.proc.pid)
+        server_rss = peak_rss_mb(gateway.server.proc.pid)
+        server_cpu = cpu_seconds(gateway.server.proc.pid)
         reconciler_cpu = time.process_time()
-    finally:
-        server.stop()
     return {"seconds": elapsed, "submit_seconds": submit_seconds,
             "submit_rate_per_s": n / submit_seconds, "states": counts, "ticks": len(ticks),
             "in_flight_ticks": in_flight,
@@ -225,7 +279,8 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             "server_peak_rss_mb": server_rss,
             "server_cpu_s_per_task": server_cpu / n,
             "reconciler_cpu_s_per_task": reconciler_cpu / n,
-            "reconciler_peak_rss_mb": peak_rss_mb(), "sinks": delivered}
+            "reconciler_peak_rss_mb": peak_rss_mb(), "sinks": delivered,
+            "released_after_launch_failure": relaunched}
 
 
 def raw_loops(n: int, tmp: Path, payloads: tuple[str, ...]) -> dict[str, dict]:

@@ -58,6 +58,7 @@ import os
 import stat
 
 from funnel_hpc.worker.sandbox import SandboxError, grant_traverse
+from funnel_hpc.worker.standin import StandIn
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -793,34 +794,19 @@ def probe_own(task_dir: str, rootfs: str, write_maps: Callable[[int], None]) -> 
 
 def _probe_in(lib: _Kernel, root: OverlayRoot,
               write_maps: Callable[[int], None] | None = None) -> None:
-    go_read, go_write = os.pipe()
-    ready_read, ready_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a stand-in for bwrap's child: new user and mount namespaces, then wait
-        try:
-            os.close(go_write)
-            os.close(ready_read)
-            code = 0 if lib.unshare(CLONE_NEWUSER | CLONE_NEWNS) == 0 else 1
-            os.write(ready_write, str(code).encode())
-            os.read(go_read, 1)
-        finally:
-            os._exit(0)
-    os.close(go_read)
-    os.close(ready_write)
+    """The overlay mounted into a stand-in for bwrap's child (new user and mount
+    namespaces), mapped as a sandbox is; Unusable saying why not."""
     try:
-        if os.read(ready_read, 1) != b"0":
-            raise Unusable("cannot make a user and mount namespace")
-        if write_maps is not None:
-            write_maps(pid)
-        else:
-            uid, gid = root.ids
-            for name, first in (("uid_map", uid), ("gid_map", gid)):
-                with open(f"/proc/{pid}/{name}", "w") as mapping:
-                    mapping.write(f"0 {first} 65536\n")
-        root.mount(pid)
+        with StandIn(lib.unshare, CLONE_NEWUSER | CLONE_NEWNS) as pid:
+            if pid is None:
+                raise Unusable("cannot make a user and mount namespace")
+            if write_maps is not None:
+                write_maps(pid)
+            else:
+                uid, gid = root.ids
+                for name, first in (("uid_map", uid), ("gid_map", gid)):
+                    with open(f"/proc/{pid}/{name}", "w") as mapping:
+                        mapping.write(f"0 {first} 65536\n")
+            root.mount(pid)
     except (OSError, SandboxError) as error:
         raise Unusable(str(error)) from None
-    finally:
-        os.close(ready_read)
-        os.close(go_write)
-        os.waitpid(pid, 0)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from funnel_hpc.worker.identity import BLOCK_CAPS
 from funnel_hpc.worker.sandbox import SandboxError
+from funnel_hpc.worker.standin import StandIn
 
 SETTING = "worker.sandbox_uids.subordinate"
 MODES = ("auto", "off")
@@ -172,31 +173,14 @@ def _mapped_namespace(ids: Subordinate) -> int:
     import ctypes
 
     unshare = ctypes.CDLL(None, use_errno=True).unshare
-    go_read, go_write = os.pipe()
-    ready_read, ready_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the namespace's first process: makes it, says so, waits, ends
-        try:
-            os.close(go_write)
-            os.close(ready_read)
-            os.write(ready_write, b"0" if unshare(CLONE_NEWUSER) == 0 else b"1")
-            os.read(go_read, 1)
-        finally:
-            os._exit(0)
-    os.close(go_read)
-    os.close(ready_write)
-    try:
-        if os.read(ready_read, 1) != b"0":
+    with StandIn(unshare, CLONE_NEWUSER) as pid:
+        if pid is None:
             raise SandboxError("cannot make a user namespace for the subordinate ids")
         ids.write_maps(pid)
         try:
             return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
             raise SandboxError(f"cannot hold the user namespace: {error.strerror}") from None
-    finally:
-        os.close(ready_read)
-        os.close(go_write)
-        os.waitpid(pid, 0)
 
 
 def all_own(roots: list[str], uid: int, gid: int) -> bool:

@@ -1,0 +1,54 @@
+"""A stand-in process in new namespaces, for the worker's sandbox set-up.
+
+``StandIn`` forks a child that unshares the namespaces asked for, says through a pipe
+whether it could, and waits on another pipe until the parent is done with it: meanwhile
+the parent maps its user namespace (``/proc/PID/uid_map``, newuidmap), holds one of its
+namespaces by descriptor or mounts into them (subids.py's id range, overlay_root.py's
+probe). The unshare function is resolved before the fork and the child makes system
+calls only (no Python allocation that could wait on a lock another thread held at the
+fork). Leaving the ``with`` block ends the child and reaps it.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class StandIn:
+    """``with StandIn(unshare, flags) as pid``: pid is the child's, or None when its
+    unshare failed (the child then only waits to be ended, as after a success)."""
+
+    def __init__(self, unshare: Callable[[int], int], flags: int) -> None:
+        self.unshare = unshare
+        self.flags = flags
+        self.pid = 0
+        self.ready_read = self.go_write = -1
+
+    def __enter__(self) -> int | None:
+        go_read, self.go_write = os.pipe()
+        self.ready_read, ready_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the namespaces' first process: makes them, says so, waits
+            try:
+                os.close(self.go_write)
+                os.close(self.ready_read)
+                os.write(ready_write, b"0" if self.unshare(self.flags) == 0 else b"1")
+                os.read(go_read, 1)
+            finally:
+                os._exit(0)
+        os.close(go_read)
+        os.close(ready_write)
+        try:
+            return self.pid if os.read(self.ready_read, 1) == b"0" else None
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.ready_read)
+        os.close(self.go_write)  # the child's read returns: it ends
+        os.waitpid(self.pid, 0)
