@@ -109,6 +109,9 @@ UNRUNNABLE_REASONS = frozenset({
     "JobHeldAdmin", "PartitionDown", "PartitionInactive",
 })
 
+# the pending reason of a job requeued held after slurmd failed to launch it (a node
+# too busy to confirm the launch, a prolog that failed)
+LAUNCH_FAILED_HELD = "launch failed requeued held"
 SCRIPT_FILE = "slurm.sh"  # in the task dir, read by sbatch from standard input
 # the shipped templates: a site's own `template` with the shipped array template turns
 # arrays off (the site's edits would be missing from the arrays' scripts)
@@ -148,8 +151,13 @@ __all__ = ["STATE_MAP", "UNREACHABLE", "SlurmBackend", "exit_code", "map_state",
 def map_state(raw: str, reason: str = "") -> JobState:
     # sacct shows e.g. "CANCELLED by 0"
     state = STATE_MAP.get(raw.split()[0] if raw else "", JobState.UNKNOWN)
-    if state is JobState.PENDING and reason.split(",")[0].strip() in UNRUNNABLE_REASONS:
-        return JobState.UNRUNNABLE
+    if state is JobState.PENDING:
+        if reason.split(",")[0].strip() in UNRUNNABLE_REASONS:
+            return JobState.UNRUNNABLE
+        if reason.strip().lower() == LAUNCH_FAILED_HELD:
+            # slurmd could not start it and slurmctld requeued it held: it waits for an
+            # admin forever; ended as its node's failure (canceled, retried on node_fail)
+            return JobState.NODE_FAILED
     return state
 
 

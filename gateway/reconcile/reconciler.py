@@ -343,9 +343,10 @@ class Reconciler:
             return
         if not status.state.finished:
             return
-        if status.state == JobState.PREEMPTED:
-            # a requeueing scheduler (Slurm PreemptMode=REQUEUE, HTCondor) would run the
-            # old job again beside the next attempt: remove it
+        if status.state in (JobState.PREEMPTED, JobState.NODE_FAILED):
+            # a requeueing scheduler (Slurm PreemptMode=REQUEUE or JobRequeue after a
+            # node failure, a job held after a failed launch, HTCondor) would run the old
+            # job again beside the next attempt: remove it
             self._cancel_job(row)
         # the job ended: read the event log once more, the worker may have just finished
         if self.folder.apply_events(row, stats, status):

@@ -42,6 +42,9 @@ def test_state_map_and_parsing():
     assert map_state("OUT_OF_MEMORY") == JobState.FAILED
     assert map_state("COMPLETING") == JobState.RUNNING
     assert map_state("WEIRD") == JobState.UNKNOWN and map_state("") == JobState.UNKNOWN
+    # held after its launch failed (seen on 22.05 under load): waits for an admin forever
+    assert map_state("PENDING", "launch failed requeued held") == JobState.NODE_FAILED
+    assert map_state("PENDING", "Resources") == JobState.PENDING
     assert all(isinstance(v, JobState) for v in STATE_MAP.values())
     assert parse_job_id("123\n") == "123" and parse_job_id("456;cluster") == "456"
     assert exit_code("768") == "3:0" and exit_code("15") == "0:15" and exit_code("N/A") == "N/A"
