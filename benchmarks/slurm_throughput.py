@@ -118,9 +118,10 @@ def release_launch_failed() -> int:
                          capture_output=True, text=True, check=False).stdout
     held = [line.split("|", 1)[0] for line in out.splitlines()
             if line.split("|", 1)[-1].strip() == LAUNCH_FAILED]
-    if held:
-        subprocess.run(["scontrol", "release", ",".join(held)], check=False,
-                       capture_output=True)
+    for job_id in held:  # a requeued job gets its --begin again: started now
+        subprocess.run(["scontrol", "release", job_id], check=False, capture_output=True)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                       check=False, capture_output=True)
     return len(held)
 
 
@@ -207,7 +208,9 @@ def held_gateway(n: int, work: Path, db_url: str, slurm: dict | None = None,
     overrides: dict = {"backend": {"name": "slurm",
                                    "slurm": {"partition": PARTITION, **(slurm or {})}},
                        "worker": {"container_driver": "bwrap", **worker_image_config()},
-                       "reconciler": {"interval_seconds": TICK_SECONDS,
+                       # a job Slurm held after its launch failed is canceled and runs
+                       # again (retry_on node_fail), as at a site that sets max_attempts
+                       "reconciler": {"interval_seconds": TICK_SECONDS, "max_attempts": 3,
                                       "submit_per_tick": per_tick, "pass_server_url": False}}
     if events is not None:
         overrides["events"] = events
