@@ -110,19 +110,27 @@ LAUNCH_FAILED = "launch failed requeued held"
 
 
 def release_launch_failed() -> int:
-    """Release the jobs of partition `bench` slurmctld held after slurmd could not
-    confirm their launch (it happens on 2 cores under a hundred jobs at once): left
-    held, a run would wait for them forever. The same for the gateway and the raw
-    references; how many, each run says."""
+    """Start the jobs of partition `bench` that wait again after the run released them:
+    those slurmctld held after slurmd could not confirm their launch (it happens on 2
+    cores under a hundred jobs at once), released, and those waiting for their
+    `--begin` again (a requeued job, or the gateway's next attempt of a task whose job
+    was held so). Left alone, a run would wait for them for an hour or forever. The same
+    for the gateway and the raw references; how many, each run says."""
     out = subprocess.run(["squeue", "-h", "-r", "-p", PARTITION, "-t", "PD", "-o", "%i|%r"],
                          capture_output=True, text=True, check=False).stdout
-    held = [line.split("|", 1)[0] for line in out.splitlines()
-            if line.split("|", 1)[-1].strip() == LAUNCH_FAILED]
-    for job_id in held:  # a requeued job gets its --begin again: started now
+    held, waiting = [], []
+    for line in out.splitlines():
+        job_id, _, reason = line.partition("|")
+        if reason.strip() == LAUNCH_FAILED:
+            held.append(job_id)
+        elif reason.strip() == "BeginTime":
+            waiting.append(job_id)
+    for job_id in held:
         subprocess.run(["scontrol", "release", job_id], check=False, capture_output=True)
+    for job_id in held + waiting:  # a requeued job gets its --begin again: started now
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                        check=False, capture_output=True)
-    return len(held)
+    return len(held) + len(waiting)
 
 
 def bare_container_command() -> str:
