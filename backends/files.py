@@ -56,6 +56,17 @@ def private_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _check_name(name: str) -> None:
+    if "/" in name or name in ("", ".", ".."):
+        raise ValueError(f"not a file name: {name!r}")
+
+
+def _write_all(fd: int, raw: bytes) -> None:
+    view = memoryview(raw)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def new_private_dir(path: Path, texts: dict[str, str]) -> bool:
     """Make path a new directory (mode 700, ours) holding these files (name -> text, mode
     600), as private_dir and write_private would. False, with nothing written, when path
@@ -71,14 +82,11 @@ def new_private_dir(path: Path, texts: dict[str, str]) -> bool:
     try:
         os.fchmod(dir_fd, DIR_MODE)  # whatever the umask
         for name, text in texts.items():
-            if "/" in name or name in ("", ".", ".."):
-                raise ValueError(f"not a file name: {name!r}")
+            _check_name(name)
             fd = os.open(name, _NEW_FILE_FLAGS, FILE_MODE, dir_fd=dir_fd)
             try:
                 os.fchmod(fd, FILE_MODE)
-                view = memoryview(text.encode())
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, text.encode())
             finally:
                 os.close(fd)
     finally:
@@ -103,8 +111,7 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
     """Write directory/name atomically with `mode` (600 by default), following no symlink;
     a directory someone else owns is taken back first (see the module's docstring), one
     of ours keeps its mode (the work dir may need o+x for owners' workers)."""
-    if "/" in name or name in ("", ".", ".."):
-        raise ValueError(f"not a file name: {name!r}")
+    _check_name(name)
     raw = data.encode() if isinstance(data, str) else data
     try:
         dir_fd = os.open(directory, _DIR_FLAGS)
@@ -122,9 +129,7 @@ def write_private(directory: Path, name: str, data: str | bytes, mode: int = FIL
                      dir_fd=dir_fd)
         try:
             os.fchmod(fd, mode)
-            view = memoryview(raw)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, raw)
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -147,8 +152,7 @@ def give_to(directory: Path, uid: int, gid: int, names: Iterable[str]) -> None:
         _take_back(dir_fd)
         ours = os.geteuid()
         for name in names:
-            if "/" in name or name in ("", ".", ".."):
-                raise ValueError(f"not a file name: {name!r}")
+            _check_name(name)
             try:
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:

@@ -200,7 +200,7 @@ def raw_array_complete(n: int, work: Path) -> dict:
                        check=True, capture_output=True)
     relaunched = 0
     while throughput.jobs_left(name):
-        relaunched += throughput.release_launch_failed()
+        relaunched += throughput.start_waiting_again()
         time.sleep(0.5)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rate_per_s": n / seconds, "submit_seconds": submit_seconds,

@@ -109,7 +109,7 @@ def release(job_ids: list[str]) -> None:
 LAUNCH_FAILED = "launch failed requeued held"
 
 
-def release_launch_failed() -> int:
+def start_waiting_again() -> int:
     """Start the jobs of partition `bench` that wait again after the run released them:
     those slurmctld held after slurmd could not confirm their launch (it happens on 2
     cores under a hundred jobs at once), released, and those waiting for their
@@ -177,7 +177,7 @@ def raw_loop(n: int, work: Path, payload: str = "container") -> dict:
     release(job_ids)
     relaunched = 0
     while jobs_left(name):
-        relaunched += release_launch_failed()
+        relaunched += start_waiting_again()
         time.sleep(0.5)
     return {"payload": payload, "seconds": time.perf_counter() - start,
             "submit_seconds": submitted, "submit_rate_per_s": n / submitted,
@@ -269,7 +269,7 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
         relaunched = 0
         while True:
             tick_start = time.perf_counter()
-            relaunched += release_launch_failed()
+            relaunched += start_waiting_again()
             tick()
             counts = service.state_counts()
             if sum(counts.get(s, 0) for s in TERMINAL) >= n:

@@ -190,16 +190,13 @@ class Overflow:
         return now - known[1]
 
     def _load_chains(self, rows: list[Any]) -> None:
-        """The routes of the rows not seen yet: one read of their documents and one of
-        their logs."""
+        """The routes of the rows not seen yet: one read of their documents and logs."""
         new = [row for row in rows if row.id not in self._chains]
         if not new:
             return
-        ids = [row.id for row in new]
-        tasks = self.queries.full_tasks(ids)
-        logs = self.queries.stored_logs(ids)
+        found = self.queries.tasks_and_logs([row.id for row in new])
         for row in new:
-            task = tasks.get(row.id)
+            task, logs = found.get(row.id, (None, []))
             chain = None
             if task is not None:
                 try:
@@ -207,7 +204,7 @@ class Overflow:
                     # instance moves nothing (_next)
                     route = self.router.route(task, row.owner, self.groups(row.owner))
                     tried = frozenset(str((entry.get("metadata") or {}).get("backend"))
-                                      for entry in logs.get(row.id, []))
+                                      for entry in logs)
                     chain = Chain((route.instance, *route.fallbacks), route.max_queue_wait,
                                   tried)
                 except Unroutable:
