@@ -31,11 +31,13 @@ PER_TASK = ("task_id", "task_name", "task_dir", "worker_argv", "worker_command")
 _DIR_WORD = f'"${TASK_DIR_VARIABLE}"'
 
 
-def task_dir_of(request: SubmitRequest, work_dir: Path) -> Path:
+def task_dir_of(request: SubmitRequest, work_dir: Path) -> str:
     """The request's task dir, which must be <work_dir>/<task id> (what an element finds
     again from the id alone); BackendError otherwise."""
-    expected = Path(work_dir) / request.task_id
-    if not TASK_ID.fullmatch(request.task_id) or Path(request.task_dir) != expected:
+    if not TASK_ID.fullmatch(request.task_id):
+        raise BackendError(f"not a task id: {request.task_id[:80]!r}")
+    expected = f"{Path(work_dir)}/{request.task_id}"
+    if str(request.task_dir) != expected:
         raise BackendError(f"task {request.task_id[:80]!r}: its task dir is not "
                            f"{work_dir}/<task id>, so it cannot be an array element")
     return expected
@@ -50,13 +52,28 @@ def shell_words(argv: list[str], task_dir: Path, dir_word: str = _DIR_WORD) -> t
 def worker_command(requests: list[SubmitRequest], work_dir: Path) -> str:
     """The worker command of every element, one shell line over "$FUNNEL_TASK_DIR".
     BackendError when a request's argv is not the first one's with its own task dir."""
-    words = shell_words(requests[0].worker_argv, task_dir_of(requests[0], work_dir))
+    check_same_command(requests, work_dir)
+    return " ".join(shell_words(requests[0].worker_argv, requests[0].task_dir))
+
+
+def argv_over_dir(argv: list[str], task_dir: str) -> tuple[Any, ...]:
+    """argv with the task dir (a whole path component) written over, unquoted: equal for
+    two requests exactly when their shell_words are (a word's quoting is one-to-one, and
+    no quoted word starts as _DIR_WORD does), without quoting each word."""
+    return tuple(None if arg == task_dir else ("", arg[len(task_dir):])
+                 if arg.startswith(task_dir + "/") else arg for arg in argv)
+
+
+def check_same_command(requests: list[SubmitRequest], work_dir: Path) -> None:
+    """BackendError unless each request's task dir is <work_dir>/<id> and its worker argv
+    is the first one's with its own task dir in it: what lets elements share a script."""
+    first = requests[0]
+    words = argv_over_dir(first.worker_argv, task_dir_of(first, work_dir))
     for request in requests[1:]:
-        own = shell_words(request.worker_argv, task_dir_of(request, work_dir))
-        if own != words:
-            raise BackendError(f"task {request.task_id}: its worker command differs from "
-                               f"task {requests[0].task_id}'s beyond its own task dir")
-    return " ".join(words)
+        if argv_over_dir(request.worker_argv, task_dir_of(request, work_dir)) != words:
+            raise BackendError(f"task {request.task_id} cannot share an array with task "
+                               f"{first.task_id}: its worker command differs beyond its "
+                               f"own task dir")
 
 
 def _word(arg: str, task_dir: Path, dir_word: str) -> str:
@@ -80,8 +97,7 @@ def shared_inputs(request: SubmitRequest, work_dir: Path) -> tuple[Any, ...]:
     return (request.owner, element,
             json.dumps(request.task.get("resources"), sort_keys=True, default=str),
             tuple(sorted(request.backend_parameters.items())),
-            tuple(None if arg == own else ("", arg[len(own):]) if arg.startswith(own + "/")
-                  else arg for arg in request.worker_argv))
+            argv_over_dir(request.worker_argv, own))
 
 
 def select_lines(list_path: Path, index: str, work_dir: Path) -> str:

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from funnel_hpc.backends import arrays, files
+from funnel_hpc.backends.array_script import check_same_command
 from funnel_hpc.backends.base import Backend, BackendError, JobState, JobStatus, SubmitRequest
 from funnel_hpc.backends.commands import Runner, make_runner
 from funnel_hpc.backends.owners import UNIX_USER, OwnerPolicy, OwnerRefused
@@ -50,7 +51,6 @@ from funnel_hpc.backends.slurm_arrays import (
     ListSweep,
     array_variables,
     element_ids,
-    element_words,
     key_of,
 )
 from funnel_hpc.backends.slurm_link import (
@@ -260,15 +260,11 @@ class SlurmBackend(Backend):
 
     def submit_array(self, requests: list[SubmitRequest]) -> list[str]:
         first = requests[0]
-        words = element_words(first)
+        check_same_command(requests, self.work_dir)  # each dir <work_dir>/<id>, one argv
         for request in requests[1:]:
-            if request.task_dir != Path(self.work_dir) / request.task_id:
-                raise BackendError(f"task {request.task_id}: its dir {request.task_dir} is "
-                                   f"not <work_dir>/<id>, where array elements look")
-            if element_words(request) != words or \
-                    (self.as_owner and request.owner != first.owner):
+            if self.as_owner and request.owner != first.owner:
                 raise BackendError(f"task {request.task_id} cannot share an array with "
-                                   f"task {first.task_id}: another worker command or owner")
+                                   f"task {first.task_id}: another owner")
         prefix: list[str] = []
         for request in requests:  # each task dir handed to the owner, as for one job
             prefix = self._as_owner(request)

@@ -56,12 +56,6 @@ def digest_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def layer(*entries: tuple, gzipped: bool = True) -> bytes:
     """A layer tarball from (name, kind, payload[, mode]) entries: kind is file (payload bytes),
     dir, symlink or hardlink (payload the link target), fifo or chardev."""

@@ -48,10 +48,20 @@ def worker_image_env() -> dict[str, str]:
             "FUNNEL_WORKER__IMAGE_CACHE": image["image_cache"]}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now and never handed out before by this process: the
+    kernel gives a closed socket's port out again, and one server's HTTP and gRPC ports
+    (two calls in a row) once came out the same."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def funnel_argv(*args: str) -> list[str]:

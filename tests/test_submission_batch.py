@@ -236,3 +236,26 @@ def test_a_poll_or_step_that_raises_is_isolated_per_task(tmp_path, monkeypatch):
     reconciler.tick()
     assert service.get_row(second).job_id == backend.submitted[second]
     assert service.get_row(first).state == "QUEUED"
+
+
+def test_claim_sets_each_tasks_own_attempt_in_few_statements(tmp_path, monkeypatch):
+    """Claims are grouped by their new attempt number and cut into chunks of ids; each
+    task gets its own attempt, and a claim made from an old read claims nothing."""
+    from funnel_hpc.gateway.store import reconciler_queries
+
+    monkeypatch.setattr(reconciler_queries, "CLAIM_CHUNK", 2)
+    service, _ = make(tmp_path, RecordingBackend(set(), set()))
+    queries = service.reconciler_queries
+    first = [service.create({**TRIVIAL, "name": f"t{i}"}) for i in range(5)]
+    retried = service.create({**TRIVIAL, "name": "retried"})
+    assert queries.claim_for_submission([(retried, 1)]) == {retried}
+    queries.release_claims([(retried, 1, 0)])  # as after attempt 1: attempt stays 1
+    stale = service.create({**TRIVIAL, "name": "stale"})
+    claims = [(task_id, 1) for task_id in first] + [(retried, 2), (stale, 3)]
+    assert queries.claim_for_submission(claims) == {*first, retried}
+    for task_id in first:
+        row = service.get_row(task_id)
+        assert (row.job_id, row.attempt) == ("", 1)
+    assert service.get_row(retried).attempt == 2
+    stale_row = service.get_row(stale)
+    assert (stale_row.job_id, stale_row.attempt) == (None, 0)

@@ -130,10 +130,13 @@ class EventTails:
             executors = len((tasks.get(row.id) or {}).get("executors") or []) or None
             self.start(row, executors)
 
-    def start(self, row: Any, executors: int | None, new_attempt: bool = False) -> None:
+    def start(self, row: Any, executors: int | None, new_attempt: bool = False,
+              directory: Path | None = None) -> None:
         """A new tail for the row's task; new_attempt: its job was just submitted (its
-        event logs are yet to be written: EventTail.new_attempt)."""
-        tail = EventTail(self.work_dir / row.id, executors, self.backend.job_uid(row.owner))
+        event logs are yet to be written: EventTail.new_attempt); directory: its task
+        dir, <work_dir>/<id>, when the caller has it already."""
+        tail = EventTail(directory or self.work_dir / row.id, executors,
+                         self.backend.job_uid(row.owner))
         if new_attempt:
             tail.new_attempt()
         self._tails[row.id] = tail

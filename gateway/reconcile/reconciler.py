@@ -43,6 +43,7 @@ from funnel_hpc.core.config import Config
 from funnel_hpc.core.states import State
 from funnel_hpc.gateway.ops import metrics
 from funnel_hpc.gateway.ops.readiness import Repeated
+from funnel_hpc.gateway.reconcile import collector
 from funnel_hpc.gateway.reconcile.core import (
     LOGGER_NAME,
     OTHER_END,
@@ -187,6 +188,12 @@ class Reconciler:
     # ---- one tick ----
 
     def tick(self) -> TickStats:
+        """One pass: poll, read event logs, apply job states, submit, overflow, purge
+        (with Python's cyclic collector paused: gateway/reconcile/collector.py)."""
+        with collector.paused():
+            return self._tick()
+
+    def _tick(self) -> TickStats:
         started = time.monotonic()
         stats = TickStats()
         index = self.index

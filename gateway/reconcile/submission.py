@@ -168,10 +168,11 @@ class Submitter:
             if row.id not in claimed:
                 self.index.recheck(row.id)  # canceled or claimed elsewhere meanwhile
         rows = [row for row in rows if row.id in claimed]
-        outcomes = self._map_submit(rows, tasks)
+        requests = [self._request(row, tasks[row.id]) for row in rows]
+        outcomes = self._map_submit(rows, tasks, requests)
         recorded: list[tuple[str, str, list]] = []
         deferred: list[tuple[str, int, int]] = []
-        for row, outcome in zip(rows, outcomes, strict=True):
+        for row, request, outcome in zip(rows, requests, outcomes, strict=True):
             attempt = row.attempt + 1
             logs = attempt_logs(stored_logs.get(row.id), attempt)
             if isinstance(outcome, BackendError) and outcome.transient:
@@ -186,7 +187,8 @@ class Submitter:
                     {"backend": self.backend.name, "job_id": str(outcome),
                      "attempt": str(attempt)})
                 recorded.append((row.id, str(outcome), logs))
-                self.tails.start(row, len(tasks[row.id]["executors"]), new_attempt=True)
+                self.tails.start(row, len(tasks[row.id]["executors"]), new_attempt=True,
+                                 directory=request.task_dir)
         if deferred:
             self.queries.release_claims(deferred)
         if recorded:
@@ -212,14 +214,14 @@ class Submitter:
         for name, text in texts.items():
             files.write_private(directory, name, text)
 
-    def _map_submit(self, rows: list[Any], tasks: dict[str, dict]) -> list[Any]:
+    def _map_submit(self, rows: list[Any], tasks: dict[str, dict],
+                    requests: list[SubmitRequest]) -> list[Any]:
         """The backend's submission of each row: its job id, or the exception raised
         (an OSError of its task dir: that task only). Rows whose jobs would get the same
         header go as one array job (array_max at most, where the backend has arrays);
         the others one job each. Each unit's task dirs are written just before it goes;
         where the backend allows several submissions at once, a unit's goes in a thread
         while the next unit's dirs are written."""
-        requests = [self._request(row, tasks[row.id]) for row in rows]
         outcomes: list[Any] = [None] * len(rows)
         pool = None
         if self.threads > 1 and self.backend.parallel_submit:

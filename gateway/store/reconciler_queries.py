@@ -43,6 +43,8 @@ _UPDATE_FIELDS = (update(db.tasks)
 # what the reconciler keeps of a task in memory: every column but the task document and logs
 _ROW_COLUMNS = [c for c in db.tasks.c if c.name not in ("spec", "logs")]
 _ACTIVE_STATES = [s.value for s in State if s not in TERMINAL]
+# ids in one claim statement (SQLite takes 32,766 parameters a statement since 3.32)
+CLAIM_CHUNK = 5000
 
 
 @dataclass
@@ -319,12 +321,16 @@ class ReconcilerQueries:
             # rows read in this write transaction (locked on PostgreSQL, the database's
             # one writer on SQLite) cannot change before the update: one statement for all
             claimed = [row.id for row in free if row.attempt == wanted[row.id] - 1]
-            if claimed:
-                conn.execute(update(t).where(t.c.id == bindparam("b_id"))
-                             .values(job_id="", attempt=bindparam("b_attempt"), event_seq=0,
-                                     updated_at=now),
-                             [{"b_id": task_id, "b_attempt": wanted[task_id]}
-                              for task_id in claimed])
+            by_attempt: dict[int, list[str]] = {}
+            for task_id in claimed:
+                by_attempt.setdefault(wanted[task_id], []).append(task_id)
+            # one statement per attempt number and CLAIM_CHUNK ids (a tick's first
+            # attempts: one), not one per row
+            for attempt, ids in by_attempt.items():
+                for at in range(0, len(ids), CLAIM_CHUNK):
+                    conn.execute(update(t).where(t.c.id.in_(ids[at:at + CLAIM_CHUNK]))
+                                 .values(job_id="", attempt=attempt, event_seq=0,
+                                         updated_at=now))
         return set(claimed)
 
     def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:

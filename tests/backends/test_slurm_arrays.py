@@ -167,7 +167,7 @@ def test_submit_array_refuses_tasks_of_another_command(tmp_path):
         backend.submit_array([one, two])
     assert backend.runner.calls == 0
     elsewhere = make_request(tmp_path / "other", {"id": "c3"}, ["/w"])
-    with pytest.raises(BackendError, match="not <work_dir>/<id>"):
+    with pytest.raises(BackendError, match="its task dir is not"):
         backend.submit_array([make_request(tmp_path, {"id": "c4"}, ["/w"]), elsewhere])
     assert backend.submit_array([make_request(tmp_path, {"id": f"c{i}"}, ["/w"])
                                  for i in (5, 6, 7)]) == ["77_0", "77_1", "77_2"]

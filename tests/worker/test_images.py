@@ -27,11 +27,11 @@ from tests.image_helpers import (
     ConnectProxy,
     FakeRegistry,
     digest_of,
-    free_port,
     image_config,
     layer,
     registry_answers,
 )
+from tests.server_helpers import free_port
 
 HEX = "a" * 64
 
