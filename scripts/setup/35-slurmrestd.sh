@@ -41,8 +41,11 @@ fi
 if ! running; then
   rm -f "$socket"  # a stale socket file makes the bind fail
   echo "$conf_now" >"$conf_seen"
-  SLURMRESTD_SECURITY=disable_user_check setsid /usr/sbin/slurmrestd \
-    -a rest_auth/local -s "$plugins" "unix:$socket" </dev/null >>"$log" 2>&1 &
+  # from /: a daemon left in the checkout it was started from dies when that is removed
+  # (slurmrestd's getcwd at a job submission fails, and it exits)
+  (cd / && export SLURMRESTD_SECURITY=disable_user_check &&
+    exec setsid /usr/sbin/slurmrestd -a rest_auth/local -s "$plugins" "unix:$socket" \
+      </dev/null >>"$log" 2>&1) &
   echo $! >"$pid_file"
 fi
 for _ in $(seq 1 60); do

@@ -66,7 +66,9 @@ start_registry() {  # start_registry PORT: (re)start it unless it answers
   if [ -s "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
     kill "$(cat "$dir/pid")" || true
   fi
-  setsid nohup /usr/bin/docker-registry serve "$dir/config.yml" >>"$dir/registry.log" 2>&1 </dev/null &
+  # from /, not the checkout it was started from (which may be removed under it)
+  (cd / && exec setsid nohup /usr/bin/docker-registry serve "$dir/config.yml" \
+    >>"$dir/registry.log" 2>&1 </dev/null) &
   echo $! >"$dir/pid"
   for _ in $(seq 1 150); do
     answers "$port" && return 0
