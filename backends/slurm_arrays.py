@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from funnel_hpc.backends import arrays
-from funnel_hpc.backends.array_script import KEY_LIST_NAME, shell_words
+from funnel_hpc.backends.array_script import KEY_LIST_NAME, shell_words, task_dir_of
 from funnel_hpc.backends.array_script import key_of as script_key
-from funnel_hpc.backends.base import BackendError, SubmitRequest
+from funnel_hpc.backends.base import SubmitRequest
 
 # a task's own variables: never in an array's script
 PER_TASK = ("task_id", "job_name", "task_name", "task_dir", "worker_argv", "worker_command")
@@ -47,9 +47,7 @@ def array_variables(variables: dict[str, Any], request: SubmitRequest, work_dir:
                     task_list: arrays.TaskList | None, size: int) -> dict[str, Any]:
     """The array template's variables from one task's script variables (task_list None:
     the placeholders array_key renders with)."""
-    if request.task_dir != Path(work_dir) / request.task_id:
-        raise BackendError(f"task {request.task_id}: its dir {request.task_dir} is not "
-                           f"<work_dir>/<id>, where array elements look")
+    task_dir_of(request, work_dir)  # an element finds its task dir from its id alone
     name = task_list.name if task_list is not None else KEY_LIST_NAME
     path = task_list.path if task_list is not None else Path(work_dir) / arrays.DIR_NAME / name
     shared = {key: value for key, value in variables.items() if key not in PER_TASK}
