@@ -57,7 +57,8 @@ START = ('read -r _ <&"$1" || exit 125; eval "exec $1<&-"; '
          '[ "$2" = - ] || ulimit -f "$2" || exit 125; shift 2; exec "$@"')
 # The reaper: stdin is a pipe only the worker writes to. "done": the worker removed the
 # group itself. EOF (the worker ended, however) -> kill every process of the group ($1
-# tracks them all, the others follow) and remove it.
+# tracks them all, the others follow) and remove it; rmdir is tried again while it fails
+# (EBUSY while the last exits are accounted, as in Group.remove).
 REAPER = r"""
 read -r word
 [ "$word" = done ] && exit 0
@@ -65,16 +66,20 @@ i=0
 while [ "$i" -lt 400 ]; do
   [ -e "$1/cgroup.kill" ] && echo 1 > "$1/cgroup.kill"
   left=
-  while read -r pid; do kill -9 "$pid"; left=1; done < "$1/cgroup.procs"
+  [ -e "$1/cgroup.procs" ] &&
+    while read -r pid; do kill -9 "$pid"; left=1; done < "$1/cgroup.procs"
   for dir; do  # a worker killed while the group was frozen (Group.end_leftovers)
     [ -e "$dir/freezer.state" ] && echo THAWED > "$dir/freezer.state"
     [ -e "$dir/cgroup.freeze" ] && echo 0 > "$dir/cgroup.freeze"
   done
-  [ -z "$left" ] && break
+  if [ -z "$left" ]; then
+    for dir; do [ -d "$dir" ] && rmdir "$dir"; done
+    for dir; do [ -d "$dir" ] && left=1; done
+    [ -z "$left" ] && exit 0
+  fi
   i=$((i + 1))
   sleep 0.05
 done
-for dir; do rmdir "$dir"; done
 """
 
 

@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -175,6 +176,38 @@ def test_the_launcher_ends_with_its_worker(tmp_path):
              "the group, its processes and its launcher gone")
 
 
+def test_the_reaper_removes_a_group_whose_rmdir_fails_at_first(tmp_path):
+    """The kernel refuses rmdir (EBUSY) while the last exits of a group are accounted; the
+    reaper tried once and left the group (seen after a kill -9 of a proot worker). A plain
+    directory stands in: rmdir fails while it holds a file, removed a moment later."""
+    from funnel_hpc.worker import cgroups
+
+    group_dir = tmp_path / "group"
+    group_dir.mkdir()
+    blocker = group_dir / "held"
+    blocker.write_text("")
+    reaper = subprocess.Popen(["sh", "-c", cgroups.REAPER, "funnel-reaper", str(group_dir)],
+                              stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert reaper.stdin is not None
+    reaper.stdin.close()  # the worker is gone
+    time.sleep(0.5)  # the reaper that tried once had given up by now
+    assert reaper.poll() is None and group_dir.exists()
+    blocker.unlink()
+    assert reaper.wait(30) == 0
+    assert not group_dir.exists()
+
+
+def test_the_reaper_leaves_a_group_its_worker_removed(tmp_path):
+    from funnel_hpc.worker import cgroups
+
+    group_dir = tmp_path / "group"
+    group_dir.mkdir()
+    reaper = subprocess.Popen(["sh", "-c", cgroups.REAPER, "funnel-reaper", str(group_dir)],
+                              stdin=subprocess.PIPE)
+    reaper.communicate(b"done\n", timeout=30)
+    assert reaper.returncode == 0 and group_dir.exists()
+
+
 @pytest.mark.parametrize("kind", [2, 1])
 def test_a_worker_killed_while_its_group_is_frozen_leaves_nothing(tmp_path, kind):
     """end_leftovers freezes the group for a moment: a kill -9 of the worker then leaves
@@ -187,11 +220,20 @@ def test_a_worker_killed_while_its_group_is_frozen_leaves_nothing(tmp_path, kind
     mark = str(600 + random.randrange(10_000, 99_999))
     script = tmp_path / "worker.py"
     script.write_text(
-        "import subprocess, os\n"
+        "import subprocess, os, time\n"
         "from funnel_hpc.worker import cgroups\n"
         f"found = [h for h in cgroups.discover() if h.version == {kind}]\n"
         "group = cgroups.create('warmfrozen', cgroups.Limits(), found=found)\n"
         f"group.start(['sleep', '{mark}'], stdout=subprocess.DEVNULL)\n"
+        "def sleeping():\n"  # frozen before its exec, the sleep would never show
+        "    for pid in group.pids():\n"
+        "        try:\n"
+        f"            if b'{mark}' in open(f'/proc/{{pid}}/cmdline', 'rb').read():\n"
+        "                return True\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "while not sleeping():\n"
+        "    time.sleep(0.01)\n"
         "v1 = group.controllers.get('freezer')\n"
         "state = os.path.join(v1, 'freezer.state') if v1 else "
         "os.path.join(group.dirs[0], 'cgroup.freeze')\n"
