@@ -135,6 +135,16 @@ def states(engine) -> dict[str, int]:
     return dict(counted)  # rows are (state, count) pairs
 
 
+def not_complete(engine, limit: int = 3) -> list:
+    """Id, state and stored logs of a few ended tasks that did not COMPLETE (a failure's
+    detail)."""
+    with db.reading(engine) as conn:
+        return [tuple(row) for row in conn.execute(
+            select(db.tasks.c.id, db.tasks.c.state, db.tasks.c.logs)
+            .where(db.tasks.c.state.in_(["SYSTEM_ERROR", "EXECUTOR_ERROR", "CANCELED"]))
+            .limit(limit)).all()]
+
+
 def database_bytes(engine) -> int:
     """Bytes of the task tables and the event outbox, indexes included."""
     with db.reading(engine) as conn:
@@ -210,12 +220,14 @@ def test_three_replicas_two_leader_kills(databases, private_dir):
             # ... the other half is created through the two left, the next leader dies later
             ids += create_round_robin(servers, range(half, N_TASKS))
             wait_for(lambda: states(engine).get("COMPLETE", 0) >= N_TASKS // 2, 900,
-                     "half of the tasks COMPLETE", detail=lambda: states(engine))
+                     "half of the tasks COMPLETE",
+                     detail=lambda: (states(engine), not_complete(engine)))
             gap = kill_leader(engine, servers, leader)
             leader = gap.pop("successor")
             gaps.append(gap)
             wait_for(lambda: states(engine).get("COMPLETE", 0) == N_TASKS, 900,
-                     "every task COMPLETE", detail=lambda: (states(engine), leader.log()[-2000:]))
+                     "every task COMPLETE",
+                     detail=lambda: (states(engine), not_complete(engine), leader.log()[-2000:]))
         print(f"failover gaps (lease {LEASE} s, tick {TICK} s): {gaps}; database bytes "
               f"per COMPLETE task: {database_bytes(engine) / N_TASKS:.0f}")
         # issue 20: no QUEUED task waits longer than lease + 2 ticks without a reconciler;

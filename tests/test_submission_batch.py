@@ -1,4 +1,4 @@
-"""The reconciler's batched submission: one claim and one record transaction per tick,
+"""The reconciler's batched submission: claims and records a thousand tasks a transaction,
 backend.submit on several threads where the backend allows it, and every outcome of a
 batch kept apart (a refusal fails its task only, an unreachable scheduler gives the
 claim back)."""
@@ -259,3 +259,36 @@ def test_claim_sets_each_tasks_own_attempt_in_few_statements(tmp_path, monkeypat
     assert service.get_row(retried).attempt == 2
     stale_row = service.get_row(stale)
     assert (stale_row.job_id, stale_row.attempt) == (None, 0)
+
+
+def test_a_tick_claims_and_records_in_batches(tmp_path, monkeypatch):
+    """A tick bigger than CLAIM_BATCH and RECORD_BATCH: claimed and recorded in several
+    transactions, every task submitted once with its job recorded, refusals and the
+    unreachable ones apart as in one batch."""
+    from funnel_hpc.gateway.reconcile import submission
+    from funnel_hpc.gateway.store.reconciler_queries import ReconcilerQueries
+
+    monkeypatch.setattr(submission, "CLAIM_BATCH", 7)
+    monkeypatch.setattr(submission, "RECORD_BATCH", 5)
+    calls = {"claim_for_submission": 0, "record_submissions": 0}
+    for name in calls:
+        real = getattr(ReconcilerQueries, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(ReconcilerQueries, name, counted)
+    backend = RecordingBackend(refuse={"bad"}, unreachable={"later"})
+    service, reconciler = make(tmp_path, backend)
+    names = [f"ok{i}" for i in range(30)]
+    names[11], names[23] = "bad", "later"
+    ids = [service.create({**TRIVIAL, "name": name}) for name in names]
+    assert reconciler.tick().submitted == 28
+    assert calls["claim_for_submission"] == 5  # 30 in sevens
+    assert 6 <= calls["record_submissions"] <= 28  # fives as units settle, then the rest
+    assert set(backend.submitted) == set(ids) - {ids[11], ids[23]}
+    for task_id in backend.submitted:
+        assert service.get_row(task_id).job_id == backend.submitted[task_id]
+    assert service.get(ids[11])["state"] == "SYSTEM_ERROR"
+    assert service.get_row(ids[23]).job_id is None  # given back

@@ -1,8 +1,10 @@
-"""Submitting QUEUED tasks' jobs, for the reconciler: one read of the task documents, one
-claim transaction, the backend's submissions (several at once where the backend allows
-it), one record transaction per tick. A refusal fails its task only; an unreachable
-scheduler gives the claim back for the next tick. Which QUEUED tasks, each tick:
-gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
+"""Submitting QUEUED tasks' jobs, for the reconciler: the task documents read and the
+tasks claimed a thousand at a time, their new task dirs written meanwhile (by a helper
+process beside the reconciler in a burst: gateway/reconcile/dir_writer.py), the backend's
+submissions (several at once where the backend allows it), the jobs recorded a thousand a
+transaction as they come. A refusal fails its task only; an unreachable scheduler gives
+the claim back for the next tick. Which QUEUED tasks, each tick: gateway/reconcile/quotas.py (owners in
+turn, within limits.per_owner).
 
 Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
 gateway puts in its task dir) and the Submitter, which the reconciler makes in its
@@ -15,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,13 @@ from funnel_hpc.gateway.reconcile.core import (
     worker_command,
     write_worker_config,
 )
+from funnel_hpc.gateway.reconcile.dir_writer import (
+    WRITER_MIN,
+    DirWriter,
+    Result,
+    TickDirs,
+    error_of,
+)
 from funnel_hpc.gateway.reconcile.event_tail import archive_events
 from funnel_hpc.gateway.reconcile.index import InFlightIndex
 from funnel_hpc.gateway.reconcile.quotas import FairShare
@@ -48,6 +59,8 @@ from funnel_hpc.gateway.store.tasks import now_rfc3339
 
 log = logging.getLogger(LOGGER_NAME)
 LIST_SWEEP_SECONDS = 3600.0  # how often old job array task lists are looked for
+CLAIM_BATCH = 1000  # tasks read and claimed a transaction (the first ones' dirs go at once)
+RECORD_BATCH = 1000  # submitted jobs recorded a transaction, as their units settle
 
 
 class WorkerLaunch:
@@ -118,6 +131,22 @@ class WorkerLaunch:
         return argv
 
 
+@dataclass
+class _Tick:
+    """One tick's submission: the rows claimed (by index: their task dirs, requests and
+    outcomes), their tasks and stored logs, and what is to be recorded or given back."""
+
+    stats: TickStats
+    rows: list[Any] = field(default_factory=list)
+    tasks: dict[str, dict] = field(default_factory=dict)
+    stored_logs: dict[str, list] = field(default_factory=dict)
+    directories: list[Path] = field(default_factory=list)
+    requests: list[SubmitRequest] = field(default_factory=list)
+    outcomes: list[Any] = field(default_factory=list)
+    recorded: list[tuple[str, str, list]] = field(default_factory=list)
+    deferred: list[tuple[str, int, int]] = field(default_factory=list)
+
+
 class Submitter:
     """The reconciler's batched submission of new jobs."""
 
@@ -136,10 +165,12 @@ class Submitter:
         policy = QuotaPolicy(per_owner, OwnerGroups()) if per_owner is not None else None
         self.fair_share = FairShare(policy, queries, backend.name)
         self._next_list_sweep = time.monotonic() + LIST_SWEEP_SECONDS
+        self._dir_writer = DirWriter()  # started by the first tick with many new dirs
 
     def stop(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+        self._dir_writer.close()
 
     def submit_next(self, limit: int, stats: TickStats) -> None:
         """Submit up to `limit` of the QUEUED tasks without a job: owners in turn, within
@@ -153,100 +184,152 @@ class Submitter:
                 log.warning("old job array task lists not removed: %s", exc)
 
     def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
-        """Submit the jobs of QUEUED tasks: one read, one claim transaction, the backend's
-        submissions (several at once where the backend allows it), one record transaction."""
+        """Submit the jobs of QUEUED tasks: read and claimed CLAIM_BATCH at a time (the
+        first ones' dirs written while the next are claimed), the backend's submissions
+        (several at once where the backend allows it), each unit's outcome settled as it
+        comes and recorded RECORD_BATCH at a time."""
         if not rows:
             return
+        tick = _Tick(stats)
+        if len(rows) >= WRITER_MIN and not self.backend.makes_task_dir:
+            self._dir_writer.start()
+        dirs = TickDirs(tick.directories.__getitem__,
+                        lambda i: self.launch.texts(tick.rows[i], tick.tasks[tick.rows[i].id]),
+                        self._dir_writer)
+        for at in range(0, len(rows), CLAIM_BATCH):
+            first = len(tick.rows)
+            tick.rows += self._read_and_claim(rows[at:at + CLAIM_BATCH], tick)
+            tick.directories += [self.launch.task_dir(row.id) for row in tick.rows[first:]]
+            # the usual first attempts' dirs (new, the gateway's files in them), written
+            # from now on (gateway/reconcile/dir_writer.py)
+            if not self.backend.makes_task_dir:
+                dirs.add([i for i in range(first, len(tick.rows))
+                          if tick.rows[i].attempt < 1])
+        tick.requests = [self._request(row, tick.tasks[row.id], directory)
+                         for row, directory in zip(tick.rows, tick.directories, strict=True)]
+        tick.outcomes = [None] * len(tick.rows)
+        self._map_submit(tick, dirs)
+        if tick.deferred:
+            self.queries.release_claims(tick.deferred)
+        self._record(tick)
+
+    def _settle(self, tick: _Tick, indexes: list[int]) -> None:
+        """What became of these rows' submissions: a job (recorded RECORD_BATCH at a time,
+        its event tail started), a refusal (the task fails) or an unreachable scheduler
+        (the claim given back at the end of the tick)."""
+        for i in indexes:
+            row, outcome = tick.rows[i], tick.outcomes[i]
+            attempt = row.attempt + 1
+            logs = attempt_logs(tick.stored_logs.get(row.id), attempt)
+            if isinstance(outcome, BackendError) and outcome.transient:
+                # scheduler unreachable: give the claim back, retry next tick
+                log.warning("submission of task %s deferred: %s", row.id, outcome)
+                tick.deferred.append((row.id, row.attempt, row.event_seq))
+                tick.stats.unreachable = str(outcome)
+            elif isinstance(outcome, Exception):
+                self._submission_failed(row, logs, outcome, tick.stats)
+            else:
+                logs[-1].setdefault("metadata", {}).update(
+                    {"backend": self.backend.name, "job_id": str(outcome),
+                     "attempt": str(attempt)})
+                tick.recorded.append((row.id, str(outcome), logs))
+                self.tails.start(row, len(tick.tasks[row.id]["executors"]), new_attempt=True,
+                                 directory=tick.directories[i])
+        if len(tick.recorded) >= RECORD_BATCH:
+            self._record(tick)
+
+    def _record(self, tick: _Tick) -> None:
+        if tick.recorded:
+            self.queries.record_submissions(tick.recorded)
+            tick.stats.submitted += len(tick.recorded)
+            tick.recorded = []
+
+    def _read_and_claim(self, rows: list[Any], tick: _Tick) -> list[Any]:
+        """The rows claimed for submission (their tasks and stored logs added to the
+        tick's), in one read and one claim transaction: a task deleted, canceled or
+        claimed elsewhere meanwhile is not."""
         found = self.queries.tasks_and_logs([row.id for row in rows])
         rows = [row for row in rows if row.id in found]
-        tasks = {task_id: task for task_id, (task, _) in found.items()}
-        stored_logs = {task_id: logs for task_id, (_, logs) in found.items()}
+        for task_id, (task, logs) in found.items():
+            tick.tasks[task_id] = task
+            tick.stored_logs[task_id] = logs
         # claim the tasks before touching their dirs: only one submitter (even with two
         # reconcilers at once), and a restart sees the claims
         claimed = self.queries.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
         for row in rows:
             if row.id not in claimed:
                 self.index.recheck(row.id)  # canceled or claimed elsewhere meanwhile
-        rows = [row for row in rows if row.id in claimed]
-        requests = [self._request(row, tasks[row.id]) for row in rows]
-        outcomes = self._map_submit(rows, tasks, requests)
-        recorded: list[tuple[str, str, list]] = []
-        deferred: list[tuple[str, int, int]] = []
-        for row, request, outcome in zip(rows, requests, outcomes, strict=True):
-            attempt = row.attempt + 1
-            logs = attempt_logs(stored_logs.get(row.id), attempt)
-            if isinstance(outcome, BackendError) and outcome.transient:
-                # scheduler unreachable: give the claim back, retry next tick
-                log.warning("submission of task %s deferred: %s", row.id, outcome)
-                deferred.append((row.id, row.attempt, row.event_seq))
-                stats.unreachable = str(outcome)
-            elif isinstance(outcome, Exception):
-                self._submission_failed(row, logs, outcome, stats)
-            else:
-                logs[-1].setdefault("metadata", {}).update(
-                    {"backend": self.backend.name, "job_id": str(outcome),
-                     "attempt": str(attempt)})
-                recorded.append((row.id, str(outcome), logs))
-                self.tails.start(row, len(tasks[row.id]["executors"]), new_attempt=True,
-                                 directory=request.task_dir)
-        if deferred:
-            self.queries.release_claims(deferred)
-        if recorded:
-            self.queries.record_submissions(recorded)
-            stats.submitted += len(recorded)
+        return [row for row in rows if row.id in claimed]
 
-    def _prepare_task_dir(self, row: Any, task: dict, directory: Path) -> None:
+    def _prepare_task_dir(self, row: Any, task: dict, directory: Path,
+                          written: Result) -> None:
         """task.json (and the worker's token) in the task dir, made ours and private first:
-        files.py's writes follow no symlink a user may have left there. A backend that
-        makes_task_dir writes them itself when the job starts (_map_submit hands them
-        over); only an earlier attempt's dir is taken back and its event logs archived."""
+        files.py's writes follow no symlink a user may have left there. `written`: what
+        TickDirs made of the dir (None: a new one, written; THERE: the careful way here;
+        an errno: that error). A backend that makes_task_dir writes them itself when the
+        job starts (_map_submit hands them over); only an earlier attempt's dir is taken
+        back and its event logs archived."""
         if self.backend.makes_task_dir:
             if row.attempt >= 1:
                 if directory.is_dir():
                     files.private_dir(directory)
                 archive_events(directory, row.attempt)
             return
-        texts = self.launch.texts(row, task)
-        if row.attempt < 1 and files.new_private_dir(directory, texts):
+        if isinstance(written, tuple):
+            raise error_of(written, directory)
+        if written is None:
             return  # the usual first attempt: the dir is new
         files.private_dir(directory)
         archive_events(directory, row.attempt)
-        for name, text in texts.items():
+        for name, text in self.launch.texts(row, task).items():
             files.write_private(directory, name, text)
 
-    def _map_submit(self, rows: list[Any], tasks: dict[str, dict],
-                    requests: list[SubmitRequest]) -> list[Any]:
+    def _map_submit(self, tick: _Tick, dirs: TickDirs) -> None:
         """The backend's submission of each row: its job id, or the exception raised
-        (an OSError of its task dir: that task only). Rows whose jobs would get the same
-        header go as one array job (array_max at most, where the backend has arrays);
-        the others one job each. Each unit's task dirs are written just before it goes;
-        where the backend allows several submissions at once, a unit's goes in a thread
-        while the next unit's dirs are written."""
-        outcomes: list[Any] = [None] * len(rows)
+        (an OSError of its task dir: that task only), settled unit by unit as they
+        complete. Rows whose jobs would get the same header go as one array job
+        (array_max at most, where the backend has arrays); the others one job each. Each
+        unit goes once its task dirs are written; where the backend allows several
+        submissions at once, a unit's goes in a thread while the next unit's dirs are
+        written."""
         pool = None
         if self.threads > 1 and self.backend.parallel_submit:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="submit")
             pool = self._pool
-        pending = []
-        for unit in self._units(requests, outcomes):
+        units = self._units(tick.requests, tick.outcomes)
+        self._settle(tick, [i for i, outcome in enumerate(tick.outcomes) if outcome is not None])
+        pending: deque[tuple[list[int], Future[None] | None]] = deque()
+        for unit in units:
+            dirs.wait_for(unit)
             ready = []
             for i in unit:
                 try:
-                    self._prepare_task_dir(rows[i], tasks[rows[i].id], requests[i].task_dir)
+                    self._prepare_task_dir(tick.rows[i], tick.tasks[tick.rows[i].id],
+                                           tick.directories[i], dirs.result(i))
                 except OSError as exc:  # this task's dir only (disk full, a planted dir)
-                    outcomes[i] = exc
+                    tick.outcomes[i] = exc
                     continue
                 ready.append(i)
-            if not ready:
-                continue
-            if pool is None:
-                self._submit_unit(ready, requests, outcomes)
+            if ready and pool is not None:
+                future = pool.submit(self._submit_unit, ready, tick.requests, tick.outcomes)
+                pending.append((unit, future))
             else:
-                pending.append(pool.submit(self._submit_unit, ready, requests, outcomes))
-        for future in pending:
+                if ready:
+                    self._submit_unit(ready, tick.requests, tick.outcomes)
+                pending.append((unit, None))
+            while pending and (pending[0][1] is None or pending[0][1].done()):
+                self._settle(tick, self._done(pending.popleft()))
+        dirs.finish()
+        while pending:
+            self._settle(tick, self._done(pending.popleft()))
+
+    @staticmethod
+    def _done(entry: tuple[list[int], Future[None] | None]) -> list[int]:
+        unit, future = entry
+        if future is not None:
             future.result()
-        return outcomes
+        return unit
 
     def _submit_unit(self, unit: list[int], requests: list[SubmitRequest],
                      outcomes: list[Any]) -> None:
@@ -276,8 +359,7 @@ class Submitter:
         for i, job_id in zip(unit, ids, strict=True):
             outcomes[i] = job_id
 
-    def _request(self, row: Any, task: dict) -> SubmitRequest:
-        directory = self.launch.task_dir(row.id)
+    def _request(self, row: Any, task: dict, directory: Path) -> SubmitRequest:
         return SubmitRequest(task_id=row.id, task=task, task_dir=directory,
                              worker_argv=self.launch.argv(directory),
                              backend_parameters=_lower_keys(task), owner=row.owner,
