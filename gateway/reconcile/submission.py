@@ -3,8 +3,8 @@ tasks claimed a thousand at a time, their new task dirs written meanwhile (by a 
 process beside the reconciler in a burst: gateway/reconcile/dir_writer.py), the backend's
 submissions (several at once where the backend allows it), the jobs recorded a thousand a
 transaction as they come. A refusal fails its task only; an unreachable scheduler gives
-the claim back for the next tick. Which QUEUED tasks, each tick: gateway/reconcile/quotas.py (owners in
-turn, within limits.per_owner).
+the claim back for the next tick. Which QUEUED tasks, each tick:
+gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
 
 Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
 gateway puts in its task dir) and the Submitter, which the reconciler makes in its
