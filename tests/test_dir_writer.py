@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,22 @@ def test_a_burst_is_written_by_the_helper_and_the_reconciler(tmp_path, writer):
             assert private(tmp_path / f"t{i}" / name, 0o600)
             assert (tmp_path / f"t{i}" / name).read_text() == text
     assert writer.running  # kept for the next tick
+
+
+def test_pumped_between_steps_the_helper_writes_a_burst_alone(tmp_path, writer):
+    """A reconciler busy elsewhere (claiming, rendering) pumps between its steps: the
+    helper's answers are taken in and the rest handed over, so every chunk is the
+    helper's and nothing is left for the reconciler to write when it waits."""
+    n = 5 * dir_writer.CHUNK
+    dirs = plan(tmp_path, n, writer)
+    deadline = time.monotonic() + 60
+    while not all(dirs.result(i) is None for i in range(n)):
+        assert time.monotonic() < deadline, "the helper was not handed the burst"
+        time.sleep(0.02)  # the reconciler's own work
+        dirs.pump()
+    dirs.finish()
+    assert (dirs.helper_chunks, dirs.own_chunks) == (5, 0)
+    assert all(private(tmp_path / f"t{i}" / "task.json", 0o600) for i in range(n))
 
 
 def test_a_dir_there_already_comes_back_untouched(tmp_path, writer):

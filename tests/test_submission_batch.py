@@ -270,7 +270,7 @@ def test_a_tick_claims_and_records_in_batches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(submission, "CLAIM_BATCH", 7)
     monkeypatch.setattr(submission, "RECORD_BATCH", 5)
-    calls = {"claim_for_submission": 0, "record_submissions": 0}
+    calls = {"claim_with_tasks": 0, "record_submissions": 0}
     for name in calls:
         real = getattr(ReconcilerQueries, name)
 
@@ -285,7 +285,7 @@ def test_a_tick_claims_and_records_in_batches(tmp_path, monkeypatch):
     names[11], names[23] = "bad", "later"
     ids = [service.create({**TRIVIAL, "name": name}) for name in names]
     assert reconciler.tick().submitted == 28
-    assert calls["claim_for_submission"] == 5  # 30 in sevens
+    assert calls["claim_with_tasks"] == 5  # 30 in sevens
     assert 6 <= calls["record_submissions"] <= 28  # fives as units settle, then the rest
     assert set(backend.submitted) == set(ids) - {ids[11], ids[23]}
     for task_id in backend.submitted:

@@ -170,6 +170,14 @@ class TickDirs:
         """More new dirs (claimed, their directory and texts known from now on)."""
         self._planned.update(indexes)
         self._chunks.extend(list(indexes[at:at + CHUNK]) for at in range(0, len(indexes), CHUNK))
+        self.pump()
+
+    def pump(self) -> None:
+        """The helper's answers taken in and more chunks handed over, without waiting:
+        the tick calls this between its steps, so the helper is never idle for want of
+        chunks while the reconciler claims and renders."""
+        while self._writer is not None and self._in_flight and self._writer.ready():
+            self._absorb()
         self._feed()
 
     def result(self, index: int) -> Result:

@@ -1,10 +1,10 @@
-"""Submitting QUEUED tasks' jobs, for the reconciler: the task documents read and the
-tasks claimed a thousand at a time, their new task dirs written meanwhile (by a helper
-process beside the reconciler in a burst: gateway/reconcile/dir_writer.py), the backend's
-submissions (several at once where the backend allows it), the jobs recorded a thousand a
-transaction as they come. A refusal fails its task only; an unreachable scheduler gives
-the claim back for the next tick. Which QUEUED tasks, each tick:
-gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
+"""Submitting QUEUED tasks' jobs, for the reconciler: the tasks claimed (their documents
+read in the same transaction) a thousand at a time, their new task dirs written meanwhile
+(by a helper process beside the reconciler in a burst: gateway/reconcile/dir_writer.py),
+the backend's submissions (several at once where the backend allows it), the jobs
+recorded a thousand a transaction as they come. A refusal fails its task only; an
+unreachable scheduler gives the claim back for the next tick. Which QUEUED tasks, each
+tick: gateway/reconcile/quotas.py (owners in turn, within limits.per_owner).
 
 Two parts: WorkerLaunch (what each job's worker is given: its argv, and the files the
 gateway puts in its task dir) and the Submitter, which the reconciler makes in its
@@ -26,7 +26,7 @@ from typing import Any
 from funnel_hpc.backends import arrays, files
 from funnel_hpc.backends.array_script import shared_inputs
 from funnel_hpc.backends.base import Backend, BackendError, SubmitRequest
-from funnel_hpc.core import worker_tokens
+from funnel_hpc.core import json_text, worker_tokens
 from funnel_hpc.core.config import BackendOptions, Config, PerOwnerSection
 from funnel_hpc.core.quotas import QuotaPolicy
 from funnel_hpc.core.states import State
@@ -108,7 +108,7 @@ class WorkerLaunch:
         owner riding along (users cannot set it: the API drops, or with strict_fields
         refuses, fields the TES model lacks) so a root worker opens file:// paths as that
         user (worker/storage/owner_access.py); the worker's token; the owner's worker config."""
-        texts = {TASK_FILE: json.dumps({**task, "owner": row.owner})}
+        texts = {TASK_FILE: json_text.dumps({**task, "owner": row.owner})}
         token = self.token(row.id)
         if token is not None:
             texts[worker_tokens.TOKEN_FILE] = token
@@ -145,6 +145,10 @@ class _Tick:
     outcomes: list[Any] = field(default_factory=list)
     recorded: list[tuple[str, str, list]] = field(default_factory=list)
     deferred: list[tuple[str, int, int]] = field(default_factory=list)
+    # each row's array key (None: a job of its own); the backend asked once per distinct
+    # array_script.shared_inputs: 10,000 tasks of one header render one key
+    keys: list[str | None] = field(default_factory=list)
+    key_of_inputs: dict[tuple[Any, ...], str | None | Exception] = field(default_factory=dict)
 
 
 class Submitter:
@@ -160,6 +164,7 @@ class Submitter:
         self.tails = tails
         self.writer = writer
         self.launch = launch
+        self._work_path = Path(launch.work_dir)
         self.threads = max(1, threads)
         self._pool: ThreadPoolExecutor | None = None
         policy = QuotaPolicy(per_owner, OwnerGroups()) if per_owner is not None else None
@@ -184,8 +189,8 @@ class Submitter:
                 log.warning("old job array task lists not removed: %s", exc)
 
     def submit_batch(self, rows: list[Any], stats: TickStats) -> None:
-        """Submit the jobs of QUEUED tasks: read and claimed CLAIM_BATCH at a time (the
-        first ones' dirs written while the next are claimed), the backend's submissions
+        """Submit the jobs of QUEUED tasks: claimed CLAIM_BATCH at a time, each batch's
+        requests and array keys made (its dirs written meanwhile), the backend's submissions
         (several at once where the backend allows it), each unit's outcome settled as it
         comes and recorded RECORD_BATCH at a time."""
         if not rows:
@@ -198,16 +203,20 @@ class Submitter:
                         self._dir_writer)
         for at in range(0, len(rows), CLAIM_BATCH):
             first = len(tick.rows)
-            tick.rows += self._read_and_claim(rows[at:at + CLAIM_BATCH], tick)
-            tick.directories += [self.launch.task_dir(row.id) for row in tick.rows[first:]]
+            tick.rows += self._claim(rows[at:at + CLAIM_BATCH], tick)
+            claimed = range(first, len(tick.rows))
+            tick.directories += [self.launch.task_dir(tick.rows[i].id) for i in claimed]
             # the usual first attempts' dirs (new, the gateway's files in them), written
             # from now on (gateway/reconcile/dir_writer.py)
             if not self.backend.makes_task_dir:
-                dirs.add([i for i in range(first, len(tick.rows))
-                          if tick.rows[i].attempt < 1])
-        tick.requests = [self._request(row, tick.tasks[row.id], directory)
-                         for row, directory in zip(tick.rows, tick.directories, strict=True)]
-        tick.outcomes = [None] * len(tick.rows)
+                dirs.add([i for i in claimed if tick.rows[i].attempt < 1])
+            tick.requests += [self._request(tick.rows[i], tick.tasks[tick.rows[i].id],
+                                            tick.directories[i]) for i in claimed]
+            tick.outcomes += [None] * len(claimed)
+            if self.backend.array_max > 1:
+                for i in claimed:
+                    self._array_key(tick, i)
+            dirs.pump()  # the helper kept busy while the next batch is claimed
         self._map_submit(tick, dirs)
         if tick.deferred:
             self.queries.release_claims(tick.deferred)
@@ -244,22 +253,19 @@ class Submitter:
             tick.stats.submitted += len(tick.recorded)
             tick.recorded = []
 
-    def _read_and_claim(self, rows: list[Any], tick: _Tick) -> list[Any]:
-        """The rows claimed for submission (their tasks and stored logs added to the
-        tick's), in one read and one claim transaction: a task deleted, canceled or
-        claimed elsewhere meanwhile is not."""
-        found = self.queries.tasks_and_logs([row.id for row in rows])
-        rows = [row for row in rows if row.id in found]
+    def _claim(self, rows: list[Any], tick: _Tick) -> list[Any]:
+        """The rows claimed for submission, their tasks and stored logs (read in the
+        claim's transaction) added to the tick's: a task deleted, canceled or claimed
+        elsewhere meanwhile is not. Claimed before their dirs are touched: only one
+        submitter (even with two reconcilers at once), and a restart sees the claims."""
+        found = self.queries.claim_with_tasks([(row.id, row.attempt + 1) for row in rows])
         for task_id, (task, logs) in found.items():
             tick.tasks[task_id] = task
             tick.stored_logs[task_id] = logs
-        # claim the tasks before touching their dirs: only one submitter (even with two
-        # reconcilers at once), and a restart sees the claims
-        claimed = self.queries.claim_for_submission([(row.id, row.attempt + 1) for row in rows])
         for row in rows:
-            if row.id not in claimed:
+            if row.id not in found:
                 self.index.recheck(row.id)  # canceled or claimed elsewhere meanwhile
-        return [row for row in rows if row.id in claimed]
+        return [row for row in rows if row.id in found]
 
     def _prepare_task_dir(self, row: Any, task: dict, directory: Path,
                           written: Result) -> None:
@@ -297,7 +303,7 @@ class Submitter:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="submit")
             pool = self._pool
-        units = self._units(tick.requests, tick.outcomes)
+        units = self._units(tick)
         self._settle(tick, [i for i, outcome in enumerate(tick.outcomes) if outcome is not None])
         pending: deque[tuple[list[int], Future[None] | None]] = deque()
         for unit in units:
@@ -368,28 +374,33 @@ class Submitter:
                              files=(self.launch.texts(row, task)
                                     if self.backend.makes_task_dir else {}))
 
-    def _units(self, requests: list[SubmitRequest], outcomes: list[Any]) -> list[list[int]]:
-        """Indexes of requests, grouped: equal array keys together (array_max at most a
-        unit), each other request alone. A key the backend refuses to make is that
-        request's outcome (and it is not submitted). Keys are asked once per distinct
-        array_script.shared_inputs: 10,000 tasks of one header render one key."""
+    def _array_key(self, tick: _Tick, i: int) -> None:
+        """Row i's array key (called for the rows in order), asked of the backend once per
+        distinct shared_inputs; a key the backend refuses to make is that row's outcome
+        (it is not submitted)."""
+        request = tick.requests[i]
+        inputs = shared_inputs(request, self._work_path)
+        if inputs not in tick.key_of_inputs:
+            try:
+                tick.key_of_inputs[inputs] = self.backend.array_key(request)
+            except (BackendError, OSError, ValueError) as exc:
+                tick.key_of_inputs[inputs] = exc
+        key = tick.key_of_inputs[inputs]
+        if isinstance(key, Exception):
+            tick.outcomes[i] = key
+            key = None
+        tick.keys.append(key)
+
+    def _units(self, tick: _Tick) -> list[list[int]]:
+        """Indexes of the tick's rows, grouped: equal array keys together (array_max at
+        most a unit), each other row alone; a row with an outcome already (its key
+        refused) in none."""
         if self.backend.array_max <= 1:
-            return [[i] for i in range(len(requests))]
+            return [[i] for i in range(len(tick.rows))]
         groups: dict[str, list[int]] = {}
         units: list[list[int]] = []
-        # the backend renders one key per distinct shared_inputs (Backend.array_key)
-        keys: dict[tuple[Any, ...], str | None | Exception] = {}
-        work_dir = Path(self.launch.work_dir)
-        for i, request in enumerate(requests):
-            inputs = shared_inputs(request, work_dir)
-            if inputs not in keys:
-                try:
-                    keys[inputs] = self.backend.array_key(request)
-                except (BackendError, OSError, ValueError) as exc:
-                    keys[inputs] = exc
-            key = keys[inputs]
-            if isinstance(key, Exception):
-                outcomes[i] = key
+        for i, key in enumerate(tick.keys):
+            if tick.outcomes[i] is not None:
                 continue
             if key is None:
                 units.append([i])

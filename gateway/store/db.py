@@ -28,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 
+from funnel_hpc.core import json_text
+
 metadata = MetaData()
 
 # BigInteger on PostgreSQL, INTEGER PRIMARY KEY (the rowid) on SQLite.
@@ -77,13 +79,16 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def make_engine(url: str, busy_timeout_s: float = 30) -> Engine:
-    """Create an engine; SQLite gets WAL, a busy timeout and explicit BEGIN."""
+    """Create an engine; SQLite gets WAL, a busy timeout and explicit BEGIN. JSON columns
+    go through core/json_text.py (orjson, the standard library where it would differ)."""
     if url.startswith("sqlite"):
         path = sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False,
-                                                  "timeout": busy_timeout_s})
+                                                  "timeout": busy_timeout_s},
+                               json_serializer=json_text.dumps,
+                               json_deserializer=json_text.loads)
 
         @event.listens_for(engine, "connect")
         def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - driver hook
@@ -103,7 +108,8 @@ def make_engine(url: str, busy_timeout_s: float = 30) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         json_serializer=json_text.dumps, json_deserializer=json_text.loads)
 
 
 @contextlib.contextmanager

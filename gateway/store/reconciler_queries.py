@@ -300,9 +300,15 @@ class ReconcilerQueries:
     # ---- submission bookkeeping (reconciler), one transaction per batch ----
 
     def claim_for_submission(self, claims: list[tuple[str, int]]) -> set[str]:
+        """The ids claim_with_tasks claims (their documents left aside)."""
+        return set(self.claim_with_tasks(claims))
+
+    def claim_with_tasks(self, claims: list[tuple[str, int]]) -> dict[str, tuple[dict, list]]:
         """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
-        attempt number; return the ids claimed (a task canceled or claimed by another
-        reconciler meanwhile is not).
+        attempt number; return, for each task claimed, its FULL view and stored logs
+        (as tasks_and_logs) read in the claim's own transaction: what the submission
+        writes cannot be older than its claim. A task canceled or claimed by another
+        reconciler meanwhile is not claimed.
 
         Safe with two reconcilers at once: on PostgreSQL the rows are locked first with
         SKIP LOCKED (a row another claimer holds is left to it, nobody waits or
@@ -314,16 +320,16 @@ class ReconcilerQueries:
         with db.writing(self.engine) as conn:
             now = now_rfc3339()
             free = conn.execute(
-                select(t.c.id, t.c.attempt)
+                select(t.c.id, t.c.attempt, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
                 .where(self._mine(t.c.id.in_(wanted)), t.c.state == State.QUEUED.value,
                        t.c.job_id.is_(None))
                 .order_by(t.c.seq).with_for_update(skip_locked=True)).all()
             # rows read in this write transaction (locked on PostgreSQL, the database's
             # one writer on SQLite) cannot change before the update: one statement for all
-            claimed = [row.id for row in free if row.attempt == wanted[row.id] - 1]
+            claimed = [row for row in free if row.attempt == wanted[row.id] - 1]
             by_attempt: dict[int, list[str]] = {}
-            for task_id in claimed:
-                by_attempt.setdefault(wanted[task_id], []).append(task_id)
+            for row in claimed:
+                by_attempt.setdefault(wanted[row.id], []).append(row.id)
             # one statement per attempt number and CLAIM_CHUNK ids (a tick's first
             # attempts: one), not one per row
             for attempt, ids in by_attempt.items():
@@ -331,7 +337,8 @@ class ReconcilerQueries:
                     conn.execute(update(t).where(t.c.id.in_(ids[at:at + CLAIM_CHUNK]))
                                  .values(job_id="", attempt=attempt, event_seq=0,
                                          updated_at=now))
-        return set(claimed)
+        return {row.id: (full_task(row.id, row.state, row.spec, row.logs or [],
+                                   row.creation_time), row.logs or []) for row in claimed}
 
     def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
