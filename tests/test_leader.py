@@ -99,11 +99,11 @@ def test_a_stale_read_claims_nothing(databases, tmp_path):
     _, service = make(tmp_path, databases.new("postgres"))
     task_id = service.create(TRIVIAL)
     queries = service.reconciler_queries
-    assert queries.claim_for_submission([(task_id, 1)]) == {task_id}
-    assert queries.claim_for_submission([(task_id, 1)]) == set()  # claimed: nobody else
+    assert queries.claim_with_tasks([(task_id, 1)]).keys() == {task_id}
+    assert queries.claim_with_tasks([(task_id, 1)]).keys() == set()  # claimed: nobody else
     queries.release_claims([(task_id, 1, 0)])  # A's job was lost: QUEUED, attempt 1 done
-    assert queries.claim_for_submission([(task_id, 1)]) == set()  # B's old read
-    assert queries.claim_for_submission([(task_id, 2)]) == {task_id}
+    assert queries.claim_with_tasks([(task_id, 1)]).keys() == set()  # B's old read
+    assert queries.claim_with_tasks([(task_id, 2)]).keys() == {task_id}
 
 
 @pytest.mark.postgres
@@ -116,7 +116,7 @@ def test_a_young_claim_is_left_to_its_claimer(databases, tmp_path):
     reconciler = Reconciler(service, backend, config,
                             lease=Unelected(service.engine, "counting", 15.0, 1.0))
     task_id = service.create(TRIVIAL)
-    assert service.reconciler_queries.claim_for_submission([(task_id, 1)]) == {task_id}
+    assert service.reconciler_queries.claim_with_tasks([(task_id, 1)]).keys() == {task_id}
     reconciler.tick()
     assert service.get_row(task_id).job_id == SUBMITTING and backend.calls == []
     with db.writing(service.engine) as conn:  # the claimer died 20 s ago

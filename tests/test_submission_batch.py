@@ -130,7 +130,7 @@ def claimed_but_not_submitted(tmp_path: Path, backend: Backend):
     """A task as a gateway killed between the claim and the scheduler call leaves it."""
     service, reconciler = make(tmp_path, backend)
     task_id = service.create({**TRIVIAL, "name": "x"})
-    assert service.reconciler_queries.claim_for_submission([(task_id, 1)]) == {task_id}
+    assert service.reconciler_queries.claim_with_tasks([(task_id, 1)]).keys() == {task_id}
     # a new gateway process: a new reconciler on the same database and work dir
     return service, Reconciler(service, backend, reconciler.config), task_id
 
@@ -248,11 +248,11 @@ def test_claim_sets_each_tasks_own_attempt_in_few_statements(tmp_path, monkeypat
     queries = service.reconciler_queries
     first = [service.create({**TRIVIAL, "name": f"t{i}"}) for i in range(5)]
     retried = service.create({**TRIVIAL, "name": "retried"})
-    assert queries.claim_for_submission([(retried, 1)]) == {retried}
+    assert queries.claim_with_tasks([(retried, 1)]).keys() == {retried}
     queries.release_claims([(retried, 1, 0)])  # as after attempt 1: attempt stays 1
     stale = service.create({**TRIVIAL, "name": "stale"})
     claims = [(task_id, 1) for task_id in first] + [(retried, 2), (stale, 3)]
-    assert queries.claim_for_submission(claims) == {*first, retried}
+    assert queries.claim_with_tasks(claims).keys() == {*first, retried}
     for task_id in first:
         row = service.get_row(task_id)
         assert (row.job_id, row.attempt) == ("", 1)

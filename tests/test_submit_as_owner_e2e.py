@@ -246,7 +246,7 @@ def test_a_restart_never_binds_another_users_job_of_that_name(site):
     finally:
         server.stop()
         server.reconcile = True
-    # what a claim left behind looks like (ReconcilerQueries.claim_for_submission)
+    # what a claim left behind looks like (ReconcilerQueries.claim_with_tasks)
     with sqlite3.connect(site["work"] / "funnel.db") as conn:
         claimed = conn.execute("UPDATE tasks SET job_id = '', attempt = 1, event_seq = 0 "
                                "WHERE id = ? AND job_id IS NULL", (task_id,)).rowcount

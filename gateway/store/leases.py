@@ -7,7 +7,7 @@ does not hold it tries again every min(tick, lease/3). The holder acts only unti
 monotonic clock, started *before* the renewal was sent, passes the lease: a holder that
 loses the database stops before anyone else may take over. After a kill -9 the next
 reconciler starts within lease + 2 ticks; a clean stop releases the lease at once.
-Claims stay compare-and-set (reconciler_queries.claim_for_submission), so even an
+Claims stay compare-and-set (reconciler_queries.claim_with_tasks), so even an
 overlap (a tick longer than the lease) submits nothing twice, and a claim is recovered
 only once it is older than a lease (may_recover).
 

@@ -294,14 +294,9 @@ class ReconcilerQueries:
         query = select(t.c.id, t.c.state, t.c.spec, t.c.logs, t.c.creation_time)
         with db.reading(self.engine) as conn:
             rows = conn.execute(query.where(t.c.id.in_(task_ids))).all()
-        return {row.id: (full_task(row.id, row.state, row.spec, row.logs or [],
-                                   row.creation_time), row.logs or []) for row in rows}
+        return {row.id: _view_and_logs(row) for row in rows}
 
     # ---- submission bookkeeping (reconciler), one transaction per batch ----
-
-    def claim_for_submission(self, claims: list[tuple[str, int]]) -> set[str]:
-        """The ids claim_with_tasks claims (their documents left aside)."""
-        return set(self.claim_with_tasks(claims))
 
     def claim_with_tasks(self, claims: list[tuple[str, int]]) -> dict[str, tuple[dict, list]]:
         """Mark QUEUED tasks without a job as being submitted (job_id "") with their new
@@ -337,8 +332,7 @@ class ReconcilerQueries:
                     conn.execute(update(t).where(t.c.id.in_(ids[at:at + CLAIM_CHUNK]))
                                  .values(job_id="", attempt=attempt, event_seq=0,
                                          updated_at=now))
-        return {row.id: (full_task(row.id, row.state, row.spec, row.logs or [],
-                                   row.creation_time), row.logs or []) for row in claimed}
+        return {row.id: _view_and_logs(row) for row in claimed}
 
     def record_submissions(self, jobs: list[tuple[str, str, list]]) -> None:
         """Record (task id, job id, logs) of submitted jobs, whatever the state: a task
@@ -367,6 +361,12 @@ class ReconcilerQueries:
                              .values(job_id=None, attempt=attempt, event_seq=event_seq,
                                      updated_at=now))
 
+
+
+def _view_and_logs(row: Any) -> tuple[dict, list]:
+    """A task row's (FULL view, stored logs), as tasks_and_logs and claims return them."""
+    logs = row.logs or []
+    return full_task(row.id, row.state, row.spec, logs, row.creation_time), logs
 
 
 def _record_changes(conn: Any, task_id: str, events: Sequence[dict], current: str,

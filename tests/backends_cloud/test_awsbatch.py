@@ -418,7 +418,7 @@ def test_awsbatch_recover_denied_holds_back_no_other_task(moto_batch, tmp_path, 
     spec = {"executors": [{"image": "busybox", "command": ["true"]}]}
     claimed = service.create(spec)
     # a gateway died here
-    assert service.reconciler_queries.claim_for_submission([(claimed, 1)]) == {claimed}
+    assert service.reconciler_queries.claim_with_tasks([(claimed, 1)]).keys() == {claimed}
     queued = service.create(spec)
     denied = botocore.exceptions.ClientError(
         {"Error": {"Code": "AccessDeniedException",
