@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -247,10 +248,15 @@ def complete(n: int, tmp: Path, dbs: DatabaseFactory) -> dict:
 def measure(n: int, rpc_tasks: int, with_complete: bool = True) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="funnel-arrays-", dir="/var/tmp"))
     dbs = DatabaseFactory(tmp)
-    result = {"submission": submission(n, tmp, dbs), "controller": controller(rpc_tasks, tmp, dbs)}
-    if with_complete:
-        result["complete"] = complete(n, tmp, dbs)
-    return result
+    try:
+        result = {"submission": submission(n, tmp, dbs),
+                  "controller": controller(rpc_tasks, tmp, dbs)}
+        if with_complete:
+            result["complete"] = complete(n, tmp, dbs)
+        return result
+    finally:  # its jobs are done or canceled by now: their dirs go (2 GB at 10,000)
+        dbs.drop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def suite_rows(quick: bool, per_job_rate: float | None = None) -> tuple[list[dict], dict]:
