@@ -58,7 +58,7 @@ import os
 import stat
 
 from funnel_hpc.worker.sandbox import SandboxError, grant_traverse
-from funnel_hpc.worker.standin import StandIn
+from funnel_hpc.worker.standin import StandIn, UnshareFailed
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -798,8 +798,6 @@ def _probe_in(lib: _Kernel, root: OverlayRoot,
     namespaces), mapped as a sandbox is; Unusable saying why not."""
     try:
         with StandIn(lib.unshare, CLONE_NEWUSER | CLONE_NEWNS) as pid:
-            if pid is None:
-                raise Unusable("cannot make a user and mount namespace")
             if write_maps is not None:
                 write_maps(pid)
             else:
@@ -808,5 +806,7 @@ def _probe_in(lib: _Kernel, root: OverlayRoot,
                     with open(f"/proc/{pid}/{name}", "w") as mapping:
                         mapping.write(f"0 {first} 65536\n")
             root.mount(pid)
+    except UnshareFailed as error:
+        raise Unusable(f"cannot make a user and mount namespace: {error.strerror}") from None
     except (OSError, SandboxError) as error:
         raise Unusable(str(error)) from None

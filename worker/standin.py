@@ -1,7 +1,7 @@
 """A stand-in process in new namespaces, for the worker's sandbox set-up.
 
 ``StandIn`` forks a child that unshares the namespaces asked for, says through a pipe
-whether it could, and waits on another pipe until the parent is done with it: meanwhile
+whether it could (or the errno it got), and waits on another pipe until the parent is done with it: meanwhile
 the parent maps its user namespace (``/proc/PID/uid_map``, newuidmap), holds one of its
 namespaces by descriptor or mounts into them (subids.py's id range, overlay_root.py's
 probe). The unshare function is resolved before the fork and the child makes system
@@ -18,9 +18,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 
+class UnshareFailed(OSError):
+    """The stand-in's unshare failed (errno and strerror say why); its child is ended."""
+
+
 class StandIn:
-    """``with StandIn(unshare, flags) as pid``: pid is the child's, or None when its
-    unshare failed (the child then only waits to be ended, as after a success)."""
+    """``with StandIn(unshare, flags) as pid``: pid is the child's; UnshareFailed when
+    its unshare failed (the child is then ended and reaped before it is raised).
+    ``unshare`` is a ctypes function made with ``use_errno=True``."""
 
     def __init__(self, unshare: Callable[[int], int], flags: int) -> None:
         self.unshare = unshare
@@ -28,7 +33,9 @@ class StandIn:
         self.pid = 0
         self.ready_read = self.go_write = -1
 
-    def __enter__(self) -> int | None:
+    def __enter__(self) -> int:
+        from ctypes import get_errno  # before the fork; loaded already by the caller's
+
         go_read, self.go_write = os.pipe()
         self.ready_read, ready_write = os.pipe()
         self.pid = os.fork()
@@ -36,17 +43,24 @@ class StandIn:
             try:
                 os.close(self.go_write)
                 os.close(self.ready_read)
-                os.write(ready_write, b"0" if self.unshare(self.flags) == 0 else b"1")
+                failed = self.unshare(self.flags) != 0
+                # one byte: 0, or the errno (255 when it does not fit or is not set)
+                os.write(ready_write, bytes((get_errno() % 256 or 255,)) if failed else b"\0")
                 os.read(go_read, 1)
             finally:
                 os._exit(0)
         os.close(go_read)
         os.close(ready_write)
         try:
-            return self.pid if os.read(self.ready_read, 1) == b"0" else None
+            answer = os.read(self.ready_read, 1)
         except BaseException:
             self.__exit__()
             raise
+        if answer != b"\0":
+            self.__exit__()
+            code = answer[0] if answer else 255  # nothing: the child died before saying
+            raise UnshareFailed(code, os.strerror(code))
+        return self.pid
 
     def __exit__(self, *_: object) -> None:
         os.close(self.ready_read)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from funnel_hpc.worker.identity import BLOCK_CAPS
 from funnel_hpc.worker.sandbox import SandboxError
-from funnel_hpc.worker.standin import StandIn
+from funnel_hpc.worker.standin import StandIn, UnshareFailed
 
 SETTING = "worker.sandbox_uids.subordinate"
 MODES = ("auto", "off")
@@ -173,14 +173,16 @@ def _mapped_namespace(ids: Subordinate) -> int:
     import ctypes
 
     unshare = ctypes.CDLL(None, use_errno=True).unshare
-    with StandIn(unshare, CLONE_NEWUSER) as pid:
-        if pid is None:
-            raise SandboxError("cannot make a user namespace for the subordinate ids")
-        ids.write_maps(pid)
-        try:
-            return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as error:
-            raise SandboxError(f"cannot hold the user namespace: {error.strerror}") from None
+    try:
+        with StandIn(unshare, CLONE_NEWUSER) as pid:
+            ids.write_maps(pid)
+            try:
+                return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as error:
+                raise SandboxError(f"cannot hold the user namespace: {error.strerror}") from None
+    except UnshareFailed as error:
+        raise SandboxError(f"cannot make a user namespace for the subordinate ids: "
+                           f"{error.strerror}") from None
 
 
 def all_own(roots: list[str], uid: int, gid: int) -> bool:

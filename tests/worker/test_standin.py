@@ -4,11 +4,12 @@ and mount into is in namespaces of its own while the block runs, and is gone aft
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 import pytest
 
-from funnel_hpc.worker.standin import StandIn
+from funnel_hpc.worker.standin import StandIn, UnshareFailed
 from funnel_hpc.worker.subids import CLONE_NEWUSER
 
 UNSHARE = ctypes.CDLL(None, use_errno=True).unshare
@@ -22,9 +23,31 @@ def test_the_stand_in_has_its_own_user_namespace_and_ends_after_the_block():
         os.waitpid(pid, os.WNOHANG)
 
 
-def test_a_failed_unshare_gives_none_and_still_ends_the_child():
-    stand_in = StandIn(lambda flags: -1, CLONE_NEWUSER)
-    with stand_in as pid:
-        assert pid is None and stand_in.pid > 0
+def _failing_unshare(flags: int) -> int:
+    """An unshare that fails as a ctypes function with use_errno does: errno ENOSPC
+    (what the kernel says when max_user_namespaces is reached)."""
+    ctypes.set_errno(errno.ENOSPC)
+    return -1
+
+
+def test_a_failed_unshare_raises_its_errno_and_still_ends_the_child():
+    stand_in = StandIn(_failing_unshare, CLONE_NEWUSER)
+    with pytest.raises(UnshareFailed) as failed:
+        with stand_in:
+            pytest.fail("the block runs only when the namespaces were made")
+    assert failed.value.errno == errno.ENOSPC
+    assert failed.value.strerror == os.strerror(errno.ENOSPC)
+    assert stand_in.pid > 0
     with pytest.raises(ChildProcessError):  # ended and reaped
         os.waitpid(stand_in.pid, os.WNOHANG)
+
+
+def test_the_id_range_message_says_the_errno(monkeypatch):
+    from funnel_hpc.worker import subids
+    from funnel_hpc.worker.sandbox import SandboxError
+
+    monkeypatch.setattr(subids, "StandIn",
+                        lambda unshare, flags: StandIn(_failing_unshare, flags))
+    with pytest.raises(SandboxError, match="cannot make a user namespace for the "
+                                           "subordinate ids: No space left on device"):
+        subids._mapped_namespace(object())  # type: ignore[arg-type]
