@@ -12,7 +12,8 @@ For each N, in one run, both sides in three timed phases: submit every job held
   submits, each on its own task file (payload "worker": what the gateway alone adds);
 - gateway: N tasks created over HTTP first (8 threads; not timed), then a reconciler
   (`funnel reconcile`'s loop, in this process, so its CPU and commands can be counted)
-  submits them (`reconciler.submit_threads` sbatch at once), is timed for three ticks with
+  submits them one job per task (`array_max: 1`; `reconciler.submit_threads` sbatch at
+  once; benchmarks/slurm_arrays.py measures arrays), is timed for three ticks with
   all N jobs in flight (CPU seconds, scheduler commands apart from sbatch), and follows
   them to COMPLETE, beside a `funnel server run --no-reconciler` process serving the API.
   Every Slurm job runs the real worker.
@@ -306,10 +307,11 @@ def raw_line(n: int, payload: str, raw: dict) -> str:
 
 def measure(n: int, tmp: Path, dbs: DatabaseFactory,
             payloads: tuple[str, ...] = ("worker",)) -> dict:
-    """The gateway's run of N tasks, after a raw sbatch loop of N jobs for each payload
-    (raw_loops; none: the gateway alone)."""
+    """The gateway's run of N tasks one job each (`array_max: 1`, as the raw loop's; the
+    default groups them into arrays, which benchmarks/slurm_arrays.py measures), after a
+    raw sbatch loop of N jobs for each payload (raw_loops; none: the gateway alone)."""
     raws = raw_loops(n, tmp, payloads)
-    gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"))
+    gateway = gateway_run(n, tmp / f"gw{n}", dbs.new("sqlite"), slurm={"array_max": 1})
     return {"tasks": n, "raw": raws, "gateway": gateway,
             "rate_per_s": n / gateway["seconds"],
             "all_complete": gateway["states"].get("COMPLETE", 0) == n}

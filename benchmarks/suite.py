@@ -9,10 +9,10 @@ Sections (each measured with its physical reference in this same run):
              the same task (schema + admission), in process (benchmarks/routing_bench.py)
   latency    a trivial task end to end on the local backend vs the worker run directly,
              and on Slurm vs raw `sbatch` (its event log watched)
-  throughput 1,000 and 10,000 trivial tasks QUEUED -> COMPLETE on Slurm vs a raw sbatch
-             loop of the same worker jobs (1,000 of them); that loop vs one of the bare
-             container call; submission rate; reconciler CPU and scheduler calls per
-             tick at 10,000 in flight; server RSS during the run
+  throughput 1,000 and 10,000 trivial tasks QUEUED -> COMPLETE on Slurm, one job each,
+             vs a raw sbatch loop of the same worker jobs (1,000 of them); that loop vs
+             one of the bare container call; submission rate; reconciler CPU and
+             scheduler calls per tick at 10,000 in flight; server RSS during the run
   worker     worker peak RSS while an executor writes 100 MB to stdout
   images     cold pull + unpack of the test image vs `skopeo copy` + `umoci unpack`; warm
              start of a trivial executor vs bare bwrap on the same root
