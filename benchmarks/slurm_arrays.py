@@ -227,12 +227,16 @@ def raw_array_complete(n: int, work: Path) -> dict:
         subprocess.run(["scontrol", "update", f"JobId={array_id}", "StartTime=now"],
                        check=True, capture_output=True)
     relaunched = 0
-    while throughput.jobs_left(name):
+    progress: list[tuple[float, int]] = []  # as the gateway run's, about every 2 s
+    while left := throughput.jobs_left(name):
+        elapsed = time.perf_counter() - start
+        if not progress or elapsed - progress[-1][0] >= 2:
+            progress.append((round(elapsed, 1), n - left))
         relaunched += throughput.start_waiting_again()
         time.sleep(0.5)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "rate_per_s": n / seconds, "submit_seconds": submit_seconds,
-            "released_after_launch_failure": relaunched}
+            "released_after_launch_failure": relaunched, "progress": progress}
 
 
 def complete(n: int, tmp: Path, dbs: DatabaseFactory) -> dict:

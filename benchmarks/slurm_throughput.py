@@ -268,12 +268,15 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
         in_flight = [tick() for _ in range(3)]  # every job held: all n in flight
         release([row.job_id for row in service.reconciler_queries.active_rows()])
         relaunched = 0
+        progress = []  # (seconds since the start, tasks ended): where a run's time went
         while True:
             tick_start = time.perf_counter()
             relaunched += start_waiting_again()
             tick()
             counts = service.state_counts()
-            if sum(counts.get(s, 0) for s in TERMINAL) >= n:
+            ended = sum(counts.get(s, 0) for s in TERMINAL)
+            progress.append((round(time.perf_counter() - start, 1), ended))
+            if ended >= n:
                 break
             time.sleep(max(0.0, TICK_SECONDS - (time.perf_counter() - tick_start)))
         elapsed = time.perf_counter() - start
@@ -292,7 +295,7 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             "server_cpu_s_per_task": server_cpu / n,
             "reconciler_cpu_s_per_task": reconciler_cpu / n,
             "reconciler_peak_rss_mb": peak_rss_mb(), "sinks": delivered,
-            "released_after_launch_failure": relaunched}
+            "released_after_launch_failure": relaunched, "progress": progress}
 
 
 def raw_loops(n: int, tmp: Path, payloads: tuple[str, ...]) -> dict[str, dict]:
