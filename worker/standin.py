@@ -1,12 +1,13 @@
 """A stand-in process in new namespaces, for the worker's sandbox set-up.
 
 ``StandIn`` forks a child that unshares the namespaces asked for, says through a pipe
-whether it could (or the errno it got), and waits on another pipe until the parent is done with it: meanwhile
-the parent maps its user namespace (``/proc/PID/uid_map``, newuidmap), holds one of its
-namespaces by descriptor or mounts into them (subids.py's id range, overlay_root.py's
-probe). The unshare function is resolved before the fork and the child makes system
-calls only (no Python allocation that could wait on a lock another thread held at the
-fork). Leaving the ``with`` block ends the child and reaps it.
+whether it could (or the errno it got), and waits on another pipe until the parent is
+done with it: meanwhile the parent maps its user namespace (``/proc/PID/uid_map``,
+newuidmap), holds one of its namespaces by descriptor or mounts into them (subids.py's
+id range, overlay_root.py's probe). The unshare function is resolved before the fork and
+the child makes system calls only (no Python allocation that could wait on a lock
+another thread held at the fork). Leaving the ``with`` block ends the child and reaps
+it.
 """
 
 from __future__ import annotations
