@@ -67,16 +67,35 @@ def create(server, **fields) -> str:
     return resp.json()["id"]
 
 
+# what chromedriver 156 says instead of a stale element when the node it found was
+# swapped out before its text was read
+LEFT_THE_DOCUMENT = "does not belong to the document"
+
+
+def swapped(error: Exception) -> bool:
+    """Did the page's auto-refresh swap the element between its finding and its read?"""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
+
+    return isinstance(error, (StaleElementReferenceException, NoSuchElementException)) or (
+        isinstance(error, WebDriverException) and LEFT_THE_DOCUMENT in (error.msg or ""))
+
+
 def text_of(browser, element_id: str) -> str:
     """Text of an element that the page's auto-refresh may swap at any moment."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     for _ in range(20):
         try:
             return browser.find_element(By.ID, element_id).text
-        except (StaleElementReferenceException, NoSuchElementException):
-            time.sleep(0.05)
+        except WebDriverException as error:
+            if not swapped(error):
+                raise
+        time.sleep(0.05)
     raise AssertionError(f"#{element_id} kept changing")
 
 
@@ -292,15 +311,17 @@ def test_live_log_tail_shows_on_the_open_page_while_running(browser, databases, 
 
 def text_of_selector(browser, selector: str) -> str:
     """Text of the first element matching a CSS selector ("" if none), tolerating swaps."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
 
     for _ in range(20):
         try:
             found = browser.find_elements(By.CSS_SELECTOR, selector)
             return found[0].text if found else ""
-        except StaleElementReferenceException:
-            time.sleep(0.05)
+        except WebDriverException as error:
+            if not swapped(error):
+                raise
+        time.sleep(0.05)
     raise AssertionError(f"{selector} kept changing")
 
 
