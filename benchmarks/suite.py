@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -150,9 +151,19 @@ def routing_section(table: Table, results: dict, quick: bool) -> None:
     add_rows(table, results, [("routing", routing_bench.suite_rows(quick))])
 
 
+SCRATCH: list[Path] = []  # the running section's dirs, removed when it ends
+
+
+def scratch(prefix: str) -> Path:
+    """A new dir for the running section's files (task dirs, databases, job output):
+    main removes it when the section ends, however it ends."""
+    SCRATCH.append(Path(tempfile.mkdtemp(prefix=prefix)))
+    return SCRATCH[-1]
+
+
 def latency_section(table: Table, results: dict, quick: bool) -> None:
     runs = 3 if quick else 7
-    tmp = Path(tempfile.mkdtemp(prefix="funnel-latency-"))
+    tmp = scratch("funnel-latency-")
     dbs = DatabaseFactory(tmp)
     for kind, ref in (("local", "worker run directly"), ("slurm", "raw sbatch")):
         gateway = statistics.median(slurm_bench.gateway_latency(kind, tmp, dbs, runs))
@@ -169,7 +180,7 @@ def throughput_section(table: Table, results: dict, quick: bool) -> None:
     worker costs a job (context). The 10,000-task run is held against the raw rate of the
     1,000-job loop: a second 10,000-job loop would take as long as the run itself, and
     the raw rate with 1,000 jobs queued is the higher one (a stricter reference)."""
-    tmp = Path(tempfile.mkdtemp(prefix="funnel-throughput-"))
+    tmp = scratch("funnel-throughput-")
     dbs = DatabaseFactory(tmp)
     small, large = (300, None) if quick else (1000, 10_000)
     first = slurm_throughput.measure(small, tmp, dbs, ("worker", "container"))
@@ -212,7 +223,7 @@ STDOUT_100MB = ("i=0; while [ $i -lt 1600 ]; do head -c 65535 /dev/zero | tr '\\
 
 
 def worker_section(table: Table, results: dict, quick: bool) -> None:
-    work = Path(tempfile.mkdtemp(prefix="funnel-worker-rss-"))
+    work = scratch("funnel-worker-rss-")
     task = {"id": "rss100mb", "executors": [
         {"image": "busybox", "command": ["sh", "-c", STDOUT_100MB]}]}
     (work / "task.json").write_text(json.dumps(task))
@@ -331,7 +342,11 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         t0 = time.monotonic()
-        section(table, results, args.quick)
+        try:
+            section(table, results, args.quick)
+        finally:
+            while SCRATCH:
+                shutil.rmtree(SCRATCH.pop(), ignore_errors=True)
         timings[name] = round(time.monotonic() - t0, 1)
     timings["total"] = round(time.monotonic() - started, 1)
     markdown = table.markdown()
