@@ -4,6 +4,7 @@ tests/server_helpers.py and tests/components.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from tests.server_helpers import (
     ServerProcess,
     _postgres_reachable,
 )
+
+# gRPC's fork support (on unless this says otherwise) restarts gRPC's threads in every
+# child os.fork makes in a process that has used gRPC: after a gRPC test, the worker's
+# stand-in (worker/standin.py) forked in this process could not make a user namespace
+# (EINVAL). Read when gRPC first starts, so set before any test module runs.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def pytest_configure(config) -> None:

@@ -12,11 +12,19 @@ it.
 
 from __future__ import annotations
 
+import errno
 import os
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+
+CLONE_NEWUSER = 0x10000000
+# unshare(CLONE_NEWUSER) says EINVAL only when the caller has other threads: in the forked
+# child, threads an at-fork handler of this process started (gRPC's fork support does)
+THREADED = ("the forked stand-in had other threads (an at-fork handler in this process "
+            "started them, as gRPC's fork support does)")
 
 
 class UnshareFailed(OSError):
@@ -60,7 +68,10 @@ class StandIn:
         if answer != b"\0":
             self.__exit__()
             code = answer[0] if answer else 255  # nothing: the child died before saying
-            raise UnshareFailed(code, os.strerror(code))
+            reason = os.strerror(code)
+            if code == errno.EINVAL and self.flags & CLONE_NEWUSER:
+                reason = f"{reason}: {THREADED}"
+            raise UnshareFailed(code, reason)
         return self.pid
 
     def __exit__(self, *_: object) -> None:

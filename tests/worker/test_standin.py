@@ -6,10 +6,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
-from funnel_hpc.worker.standin import StandIn, UnshareFailed
+from funnel_hpc.worker.standin import THREADED, StandIn, UnshareFailed
 from funnel_hpc.worker.subids import CLONE_NEWUSER
 
 UNSHARE = ctypes.CDLL(None, use_errno=True).unshare
@@ -51,3 +53,25 @@ def test_the_id_range_message_says_the_errno(monkeypatch):
     with pytest.raises(SandboxError, match="cannot make a user namespace for the "
                                            "subordinate ids: No space left on device"):
         subids._mapped_namespace(object())  # type: ignore[arg-type]
+
+
+# run in a Python of its own: an at-fork handler cannot be taken back
+THREADED_CHILD = """
+import ctypes, os, threading, time
+from funnel_hpc.worker.standin import StandIn, UnshareFailed
+os.register_at_fork(after_in_child=lambda: threading.Thread(
+    target=time.sleep, args=(5,), daemon=True).start())
+try:
+    with StandIn(ctypes.CDLL(None, use_errno=True).unshare, 0x10000000):
+        print("made")
+except UnshareFailed as exc:
+    print(exc.errno, exc.strerror)
+"""
+
+
+def test_a_child_an_at_fork_handler_gave_threads_is_named_as_the_cause():
+    """gRPC's fork support restarts its threads in every forked child, and a child with
+    threads cannot make a user namespace: the error says so, not only EINVAL."""
+    done = subprocess.run([sys.executable, "-c", THREADED_CHILD], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.strip() == f"{errno.EINVAL} {os.strerror(errno.EINVAL)}: {THREADED}"
