@@ -85,17 +85,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 def jobs_left(name: str, tries: int = 10) -> int:
-    """The jobs of that name squeue lists as not ended; a failed squeue (slurmctld busy
-    or restarting) is asked again, a second apart, up to `tries` times."""
+    """The jobs of that name squeue lists as not ended, an array's elements each one
+    (``-r``); a failed squeue (slurmctld busy or restarting) is asked again, a second
+    apart, up to `tries` times."""
+    argv = ["squeue", "-h", "-r", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"]
     for _ in range(tries - 1):
-        done = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"],
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode == 0:
             return len(done.stdout.split())
         time.sleep(1.0)
-    out = subprocess.run(["squeue", "-h", "-n", name, "-t", "PD,R,CG,CF", "-o", "%i"],
-                         capture_output=True, text=True, check=True).stdout
-    return len(out.split())
+    return len(subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split())
 
 
 def release(job_ids: list[str]) -> None:
@@ -255,7 +254,8 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             calls, cpu, wall = backend.runner.calls, time.process_time(), time.perf_counter()
             stats = reconciler.tick()
             ticks.append({"in_flight": stats.polled, "submitted": stats.submitted,
-                          "scheduler_calls": backend.runner.calls - calls - stats.submitted,
+                          # sbatch (one a job, or one an array) and squeue commands
+                          "commands": backend.runner.calls - calls,
                           "cpu_s": time.process_time() - cpu,
                           "wall_s": time.perf_counter() - wall})
             return ticks[-1]
@@ -289,8 +289,10 @@ def gateway_run(n: int, work: Path, db_url: str, sinks: SinkEndpoints | None = N
             "submit_rate_per_s": n / submit_seconds, "states": counts, "ticks": len(ticks),
             "in_flight_ticks": in_flight,
             "tick_cpu_s_median": statistics.median(t["cpu_s"] for t in in_flight),
-            "scheduler_calls_per_tick": sorted({t["scheduler_calls"] for t in in_flight}),
-            "scheduler_calls_per_tick_all": sorted({t["scheduler_calls"] for t in ticks}),
+            "scheduler_calls_per_tick": sorted({t["commands"] for t in in_flight}),
+            # the ticks that submitted nothing: their commands are the poll's
+            "scheduler_calls_per_tick_all": sorted({t["commands"] for t in ticks
+                                                    if not t["submitted"]}),
             "server_peak_rss_mb": server_rss,
             "server_cpu_s_per_task": server_cpu / n,
             "reconciler_cpu_s_per_task": reconciler_cpu / n,
