@@ -27,8 +27,11 @@ through the gateway's task list and the array's name (backends/arrays.py).
 ``backend.slurm.mode`` picks how those questions reach slurmctld (backends/slurm_link.py):
 ``CliLink`` runs the commands above, ``RestLink`` asks slurmrestd (backends/slurm_rest.py):
 the same scripts (their #SBATCH header mapped to job properties), the same ids and rows,
-ONE GET of the jobs list per poll, no sacct (a job gone from the list is LOST), and never
-a fork. What this module decides (scripts, arrays, states, recover) is the same for both.
+ONE GET of the jobs list per poll, no sacct (a job gone from the list is LOST), and no
+fork but, with ``submit_as_owner`` (over ``rest_auth/jwt`` only), one ``scontrol token``
+per owner every 15 minutes (backends/slurm_rest_tokens.py): each owner's jobs are
+submitted with the owner's token. What this module decides (scripts, arrays, states,
+recover) is the same for both.
 
 ``JobStatus.reason`` carries what Slurm said, e.g.
 ``squeue: FAILED exit=3:0 reason=NonZeroExitCode`` (``slurmrestd: ...`` in REST mode).
@@ -62,6 +65,7 @@ from funnel_hpc.backends.slurm_link import (
 )
 from funnel_hpc.backends.slurm_rest import SlurmRestClient
 from funnel_hpc.backends.slurm_rest_jobs import JobRow, wait_status
+from funnel_hpc.backends.slurm_rest_tokens import OwnerTokens
 from funnel_hpc.backends.templating import render, script_variables
 from funnel_hpc.core.config import ConfigError, SlurmOptions
 
@@ -176,9 +180,14 @@ class SlurmBackend(Backend):
         self.array_template = options.array_template
         self.array_max = _array_max(options, self.name)
         runner = make_runner(options.ssh, options.command_timeout)
-        # how slurmctld is asked (core/config.py refused submit_as_owner and ssh with rest)
-        self.link: SlurmLink = RestLink(SlurmRestClient.from_options(options.rest), runner) \
-            if options.mode == "rest" else CliLink(runner, self.as_owner)
+        # how slurmctld is asked (core/config.py refused ssh with rest, and
+        # submit_as_owner with rest over a unix socket)
+        self.link: SlurmLink
+        if options.mode == "rest":
+            tokens = OwnerTokens(runner) if self.as_owner else None
+            self.link = RestLink(SlurmRestClient.from_options(options.rest, tokens), runner)
+        else:
+            self.link = CliLink(runner, self.as_owner)
         # each sbatch is its own process (over SSH: one at a time); slurmrestd's one
         # connection takes one request at a time, so REST mode submits from one thread
         self.parallel_submit = options.mode != "rest"
@@ -199,11 +208,12 @@ class SlurmBackend(Backend):
     def render_script(self, request: SubmitRequest) -> str:
         return render(self.template, script_variables(request, self.options))
 
-    def _as_owner(self, request: SubmitRequest) -> list[str]:
-        """`sudo -n -u OWNER --` when jobs are submitted as their owners, else nothing.
-        The owner policy is asked again (an account may have changed since the POST)."""
+    def _as_owner(self, request: SubmitRequest) -> pwd.struct_passwd | None:
+        """The account the job is submitted as when jobs are submitted as their owners
+        (its task dir handed to it), else None. The owner policy is asked again (an
+        account may have changed since the POST)."""
         if self.owners is None:
-            return []
+            return None
         try:
             account = self.owners.account(request.owner)
         except OwnerRefused as exc:
@@ -213,7 +223,7 @@ class SlurmBackend(Backend):
                           (*request.gateway_files, SCRIPT_FILE))
         except OSError as exc:
             raise BackendError(f"cannot hand the task dir to {account.pw_name!r}: {exc}") from None
-        return ["sudo", "-n", "-u", account.pw_name, "--"]
+        return account
 
     def job_uid(self, owner: str | None) -> int | None:
         """With submit_as_owner the job (and its files) is the owner's."""
@@ -265,9 +275,9 @@ class SlurmBackend(Backend):
             if self.as_owner and request.owner != first.owner:
                 raise BackendError(f"task {request.task_id} cannot share an array with "
                                    f"task {first.task_id}: another owner")
-        prefix: list[str] = []
+        owner = None
         for request in requests:  # each task dir handed to the owner, as for one job
-            prefix = self._as_owner(request)
+            owner = self._as_owner(request)
         try:
             task_list = arrays.write(self.work_dir, [r.task_id for r in requests],
                                      shared=self.as_owner)
@@ -276,7 +286,7 @@ class SlurmBackend(Backend):
         except ValueError as exc:
             raise BackendError(f"cannot render the Slurm array script: {exc}") from None
         # the list stays when sbatch fails: a timed-out sbatch may have submitted it
-        job = self.link.submit(script, prefix, "sbatch --array")
+        job = self.link.submit(script, owner, "sbatch --array")
         return element_ids(job, len(requests))
 
     def cancel(self, job_id: str) -> None:

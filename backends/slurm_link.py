@@ -8,7 +8,8 @@ a link only carries its questions to slurmctld and brings back the facts as JobR
   a Runner (here or over SSH). A poll is one squeue, plus one sacct when jobs have left
   slurmctld's memory and accounting answers.
 - ``RestLink`` (mode rest): slurmrestd through SlurmRestClient (backends/slurm_rest.py), one
-  kept-open connection and no process at all. A poll is ONE GET of the jobs list; there is
+  kept-open connection and no process (with submit_as_owner, over rest_auth/jwt only: one
+  ``scontrol token`` per owner every 15 minutes). A poll is ONE GET of the jobs list; there is
   no sacct (slurmrestd 22.05 serves no slurmdbd plugin here), so a job gone from the list is
   LOST and the worker's event log decides.
 
@@ -18,6 +19,7 @@ Errors are BackendError from both (commands.failure, slurm_rest.failure): `rows`
 
 from __future__ import annotations
 
+from pwd import struct_passwd
 from typing import Protocol
 
 from funnel_hpc.backends.base import BackendError
@@ -36,6 +38,8 @@ WITHDRAW_COMMENT = "funnel-withdraw"  # set on an element being withdrawn (see w
 FORGOTTEN_ID = "Invalid job id specified"
 # -r: one array element a line (pending ranges too), JobArrayID 123_4 or 125
 SQUEUE_COLUMNS = ["-r", "-O", "JobArrayID:|,State:|,exit_code:|,Reason:"]
+# an owner's jobs' PATH in REST mode (sudo's secure_path on Debian)
+OWNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class SlurmLink(Protocol):
@@ -44,8 +48,9 @@ class SlurmLink(Protocol):
     runner: Runner   # the commands' runner (REST mode: none is ever run)
     source: str      # the word a poll's reasons start with: squeue, slurmrestd
 
-    def submit(self, script: str, prefix: list[str], what: str) -> str:
-        """Submit a rendered script (prefix: `sudo -n -u OWNER --` or nothing); its job id."""
+    def submit(self, script: str, owner: struct_passwd | None, what: str) -> str:
+        """Submit a rendered script as the gateway's account, or as owner's
+        (submit_as_owner: the account the owner policy gave); its job id."""
 
     def rows(self, wanted: set[str]) -> list[JobRow]:
         """The rows slurmctld lists for the wanted jobs (CLI: those only; REST: maybe more)."""
@@ -66,6 +71,13 @@ class SlurmLink(Protocol):
         """Which of these job names slurmctld still lists; None when it cannot be asked."""
 
     def close(self) -> None: ...
+
+
+def owner_environment(owner: struct_passwd) -> dict[str, str]:
+    """What `sudo -u OWNER` gives sbatch in CLI mode (the account's home, shell and
+    names, a fixed PATH), for the owner's jobs in REST mode: nothing of the gateway's."""
+    return {"PATH": OWNER_PATH, "HOME": owner.pw_dir, "SHELL": owner.pw_shell,
+            "USER": owner.pw_name, "LOGNAME": owner.pw_name, "LANG": "C.UTF-8"}
 
 
 def _id_order(job_id: str) -> tuple[int, int]:
@@ -94,7 +106,8 @@ class CliLink:
         self.as_owner = as_owner
         self.accounting: bool | None = None
 
-    def submit(self, script: str, prefix: list[str], what: str) -> str:
+    def submit(self, script: str, owner: struct_passwd | None, what: str) -> str:
+        prefix = ["sudo", "-n", "-u", owner.pw_name, "--"] if owner is not None else []
         result = self.runner.run([*prefix, "sbatch", "--parsable"], input=script)
         if result.returncode != 0:
             raise failure(what, result, UNREACHABLE)
@@ -218,10 +231,12 @@ class RestLink:
         self.rest = rest
         self.runner = runner  # never run: kept so `calls` shows REST mode forks nothing
 
-    def submit(self, script: str, prefix: list[str], what: str) -> str:
-        if prefix:  # core/config.py refuses submit_as_owner with mode rest
-            raise BackendError("REST mode submits as slurmrestd's caller only")
-        return self.rest.submit(script)
+    def submit(self, script: str, owner: struct_passwd | None, what: str) -> str:
+        if owner is None:
+            return self.rest.submit(script)
+        # with the owner's token (rest_auth/jwt), and the environment sudo gives sbatch in
+        # CLI mode rather than the gateway's own
+        return self.rest.submit(script, owner_environment(owner), owner=owner.pw_name)
 
     def rows(self, wanted: set[str]) -> list[JobRow]:
         return self.rest.jobs()
@@ -239,9 +254,10 @@ class RestLink:
         self.rest.withdraw(job_id)
 
     def job_ids_named(self, job_name: str, user: str | None) -> list[str]:
-        # the client lists its own user's jobs only (user is None: no submit_as_owner here)
+        # user None: the client lists its own user's jobs only
         return [row.job_id.partition("_")[0] for row in self.rest.jobs()
-                if row.name == job_name and row.job_id.partition("_")[0].isdigit()]
+                if row.name == job_name and row.job_id.partition("_")[0].isdigit()
+                and (user is None or row.user == user)]
 
     def live_names(self, names: list[str]) -> set[str] | None:
         try:

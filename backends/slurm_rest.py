@@ -27,6 +27,7 @@ from funnel_hpc.backends.slurm_rest_jobs import JobRow, parse_jobs
 from funnel_hpc.backends.slurm_rest_script import job_properties
 
 if TYPE_CHECKING:
+    from funnel_hpc.backends.slurm_rest_tokens import OwnerTokens
     from funnel_hpc.core.config import SlurmRestOptions
 
 # OpenAPI plugin versions this client speaks, newest first (Debian 12's slurmrestd 22.05
@@ -44,6 +45,9 @@ JOB_ID = re.compile(r"\d+(?:_\d+)?")
 # socket timeouts
 UNREACHABLE_ERRNOS = frozenset({1001, 1002, 1003, 1004, 1800, 1801, 1802, 1803, 1804,
                                 5004, 5005})
+# of which: slurmctld closed the connection ("Zero Bytes were transmitted or received"),
+# also its answer to a JWT it refuses (measured: slurmrestd 22.05 passes tokens on)
+CLOSED_ERRNO = 5005
 # and its words, as the command-line tools print them too (CLI mode's, slurm_link.py)
 UNREACHABLE_WORDS = ("Unable to contact slurm controller", "Socket timed out",
                      "Connection refused", "Zero Bytes were transmitted",
@@ -67,13 +71,18 @@ def _errnos(answer: Answer) -> set[int]:
 
 def failure(what: str, answer: Answer) -> BackendError:
     """The BackendError of a refused request: "slurmrestd <what> failed (<status>): <words>",
-    transient when slurmctld could not be reached."""
+    transient when slurmctld could not be reached or the gateway's own credentials were
+    refused (401: a token expired or forged, the wrong account), which is no task's
+    fault: its submission waits, and the instance's health row says why."""
     words = answer.words()
-    transient = bool(_errnos(answer) & UNREACHABLE_ERRNOS) or any(
+    transient = answer.status == 401 or bool(_errnos(answer) & UNREACHABLE_ERRNOS) or any(
         phrase in words for phrase in UNREACHABLE_WORDS)
     if answer.status == 401:
         words += (" (rest_auth/local accepts only the uid slurmrestd runs as; with "
                   "rest_auth/jwt, check backend.slurm.rest.user and token_file)")
+    elif CLOSED_ERRNO in _errnos(answer):
+        words += (" (slurmctld closed the connection: with rest_auth/jwt, what it does "
+                  "for a token it does not accept, expired or signed with another key)")
     return BackendError(f"slurmrestd {what} failed ({answer.status}): {words}",
                         transient=transient)
 
@@ -95,9 +104,12 @@ class SlurmRestClient:
 
     def __init__(self, transport: RestTransport, user: str,
                  environment: Mapping[str, str] | None = None, cwd: str | None = None,
-                 version: str | None = None):
+                 version: str | None = None, owner_tokens: OwnerTokens | None = None):
         self.transport = transport
-        self.user = user  # whose jobs `jobs` lists (squeue --me)
+        self.user = user  # the gateway's account: its token's
+        # submit_as_owner (rest_auth/jwt): each owner's jobs submitted with the owner's
+        # token, and `jobs` lists every user's (as squeue -j would)
+        self.owner_tokens = owner_tokens
         # what sbatch would give the job: the gateway's environment without FUNNEL_
         # variables, and its working directory (the script's --chdir wins)
         self.environment = dict(job_environment() if environment is None else environment)
@@ -105,13 +117,14 @@ class SlurmRestClient:
         self._version = version  # the OpenAPI version; None: discovered on first use
 
     @classmethod
-    def from_options(cls, rest: SlurmRestOptions) -> SlurmRestClient:
+    def from_options(cls, rest: SlurmRestOptions,
+                     owner_tokens: OwnerTokens | None = None) -> SlurmRestClient:
         """The client backend.slurm.rest describes (checked at load by core/config.py)."""
         user = rest.user or default_user()
         transport = RestTransport(socket_path="" if rest.url else rest.socket, url=rest.url,
                                   token_file=rest.token_file, user=user,
                                   timeout=rest.timeout)
-        return cls(transport, user)
+        return cls(transport, user, owner_tokens=owner_tokens)
 
     @property
     def calls(self) -> int:
@@ -147,20 +160,30 @@ class SlurmRestClient:
 
     # ---- submit ----
 
-    def submit(self, script: str, environment: Mapping[str, str] | None = None) -> str:
+    def submit(self, script: str, environment: Mapping[str, str] | None = None,
+               owner: str | None = None) -> str:
         """Submit a rendered script (a job array when its header has --array); return the
-        job id (an array's job id). BackendError naming a header option REST mode cannot
-        map, or slurmrestd's words."""
+        job id (an array's job id). owner: submitted as that account, with its token
+        (owner_tokens). BackendError naming a header option REST mode cannot map, or
+        slurmrestd's words."""
+        acting = None
+        if owner is not None:
+            if self.owner_tokens is None:
+                raise BackendError("REST mode submits as another account only with "
+                                   "submit_as_owner and rest.url (rest_auth/jwt)")
+            acting = (owner, self.owner_tokens.token(owner))
         properties = job_properties(script)
         properties.setdefault("current_working_directory", self.cwd)
         properties["environment"] = dict(self.environment if environment is None
                                          else environment)
         answer = self.transport.request("POST", self._path("job/submit"),
-                                        {"script": script, "job": properties})
+                                        {"script": script, "job": properties}, acting)
         job_id = answer.body.get("job_id") if isinstance(answer.body, dict) else None
         # a 200 may carry errors that are notes ("Job is in held state..."): the id counts
         if answer.status == 200 and isinstance(job_id, int) and not isinstance(job_id, bool):
             return str(job_id)
+        if answer.status == 401 and owner is not None and self.owner_tokens is not None:
+            self.owner_tokens.forget(owner)  # revoked or a new key: minted anew next time
         error = failure("submit", answer)
         if answer.status == 400:  # "Failure during parsing": say what was sent
             error.args = (f"{error} (job properties: {', '.join(sorted(properties))})",)
@@ -169,8 +192,9 @@ class SlurmRestClient:
     # ---- list ----
 
     def jobs(self) -> list[JobRow]:
-        """This user's jobs and array elements, one row each, from ONE GET of the jobs list
-        (finished ones while slurmctld keeps them: MinJobAge)."""
+        """This user's jobs and array elements (with owner_tokens: every user's), one row
+        each, from ONE GET of the jobs list (finished ones while slurmctld keeps them:
+        MinJobAge)."""
         answer = self.transport.request("GET", self._path("jobs"))
         if answer.status != 200:
             # transient whatever the words: slurmrestd 22.05 answers a controller that is
@@ -179,7 +203,7 @@ class SlurmRestClient:
             error = failure("jobs", answer)
             error.transient = True
             raise error
-        return parse_jobs(answer.body, self.user)
+        return parse_jobs(answer.body, None if self.owner_tokens else self.user)
 
     def job(self, job_id: str) -> JobRow | None:
         """The row of one job or element, or None when slurmctld does not know it. An

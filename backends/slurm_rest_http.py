@@ -7,7 +7,8 @@ Two transports, as backend.slurm.rest configures them:
   401 "Authentication failure"), so the gateway runs as slurmrestd's account;
 - ``url`` (http or https) with ``rest_auth/jwt``: every request carries the
   X-SLURM-USER-NAME and X-SLURM-USER-TOKEN headers, the token read from ``token_file``
-  (re-read when the file changes, so a cron job can renew it).
+  (the token alone or ``scontrol token``'s line ``SLURM_JWT=...``; re-read when the
+  file changes, so a cron job can renew it).
 
 Cost: one request and one response on a connection kept across calls (slurmrestd keeps
 HTTP/1.1 connections alive; it closes after an error answer, and the next call opens a
@@ -33,6 +34,7 @@ from funnel_hpc.backends.base import BackendError
 
 USER_HEADER = "X-SLURM-USER-NAME"
 TOKEN_HEADER = "X-SLURM-USER-TOKEN"
+TOKEN_LINE = "SLURM_JWT="  # how `scontrol token` prints the token
 # errors that mean "the kept connection was closed under us": the request may be sent anew
 _DROPPED = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
             http.client.CannotSendRequest)
@@ -138,11 +140,13 @@ class RestTransport:
 
     # ---- requests ----
 
-    def _headers(self, has_body: bool) -> dict[str, str]:
+    def _headers(self, has_body: bool, acting: tuple[str, str] | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if has_body:
             headers["Content-Type"] = "application/json"
-        if self.token_file:
+        if acting is not None:
+            headers[USER_HEADER], headers[TOKEN_HEADER] = acting
+        elif self.token_file:
             headers[USER_HEADER] = self.user
             headers[TOKEN_HEADER] = self._read_token()
         return headers
@@ -152,20 +156,27 @@ class RestTransport:
         try:
             mtime = path.stat().st_mtime
             if self._token is None or self._token[0] != mtime:
-                token = path.read_text().strip()
+                # the token alone, or the line `scontrol token` prints (SLURM_JWT=...)
+                token = path.read_text().strip().removeprefix(TOKEN_LINE)
                 self._token = (mtime, token)
         except OSError as exc:
             raise BackendError(f"cannot read the slurmrestd token file {self.token_file}: "
-                               f"{exc.strerror}") from None
+                               f"{exc.strerror}", transient=True) from None
+        # transient, as a refused token is: a renewal may be rewriting the file
         if not self._token[1] or any(c in self._token[1] for c in "\r\n\0"):
-            raise BackendError(f"the slurmrestd token file {self.token_file} holds no token")
+            raise BackendError(f"the slurmrestd token file {self.token_file} holds no token",
+                               transient=True)
         return self._token[1]
 
-    def request(self, method: str, path: str, body: Any = None) -> Answer:
+    def request(self, method: str, path: str, body: Any = None,
+                acting: tuple[str, str] | None = None) -> Answer:
         """Send one request, return slurmrestd's answer (whatever its status). Raises
-        BackendError(transient=True) when slurmrestd could not be reached or timed out."""
+        BackendError(transient=True) when slurmrestd could not be reached or timed out.
+        acting: (user, token) of another account to send it as (rest_auth/jwt only)."""
+        if acting is not None and not self.url:
+            raise BackendError("slurmrestd on a unix socket acts for its caller only")
         data = json.dumps(body).encode() if body is not None else None
-        headers = self._headers(data is not None)
+        headers = self._headers(data is not None, acting)
         retry = method in ("GET", "DELETE")  # idempotent: sent again on a fresh connection
         with self._lock:
             self.requests += 1

@@ -960,9 +960,10 @@ def _check_slurm(config: Config, declared: bool) -> None:
             raise ConfigError(f"{path}.rest.user: a user name, got {_shown(rest.user)}")
         if not rest.timeout > 0:
             raise ConfigError(f"{path}.rest.timeout: more than 0 seconds, got {rest.timeout}")
-        if options.submit_as_owner:  # slurmrestd submits as its one authenticated user
-            raise ConfigError(f"{path}.submit_as_owner: not available with mode rest "
-                              "(every job is slurmrestd's caller's)")
+        if options.submit_as_owner and not rest.url:  # rest_auth/local: its caller only
+            raise ConfigError(f"{path}.submit_as_owner: with mode rest, needs rest.url "
+                              "(rest_auth/jwt: each owner's token); over a unix socket "
+                              "every job is slurmrestd's caller's")
         if options.ssh.host:
             raise ConfigError(f"{path}.ssh.host: not used with mode rest (reach a remote "
                               "slurmrestd with rest.url)")

@@ -208,6 +208,29 @@ class PrivateRestd:
         self.stop()
 
 
+def scontrol_token(user: str) -> str:
+    """A token for user from slurmctld, as `scontrol token` prints it (SLURM_JWT=...):
+    slurmctld has AuthAltTypes=auth/jwt (scripts/setup/30-slurm.sh)."""
+    line = subprocess.run(["scontrol", "token", f"username={user}", "lifespan=1800"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert line.startswith("SLURM_JWT=ey"), line
+    return line
+
+
+def jwt_restd(folder: Path) -> tuple[PrivateRestd, dict[str, str]]:
+    """A private slurmrestd with rest_auth/jwt on a free port (not started) and the
+    backend.slurm.rest settings that reach it as this account, its token in a file."""
+    from tests.server_helpers import free_port
+
+    folder.mkdir(parents=True, exist_ok=True)
+    token = folder / "token"
+    token.write_text(scontrol_token(default_user()) + "\n")
+    token.chmod(0o600)
+    daemon = PrivateRestd(folder / "restd", port=free_port())
+    return daemon, {"url": f"http://127.0.0.1:{daemon.port}", "token_file": str(token),
+                    "user": default_user()}
+
+
 def dead_controller_conf(folder: Path) -> Path:
     """This cluster's slurm.conf with the controller on a port nobody listens on."""
     text = Path("/etc/slurm/slurm.conf").read_text()

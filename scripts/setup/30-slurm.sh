@@ -6,6 +6,9 @@ cd "$(dirname "$0")/../.."
 . scripts/lib.sh
 # openssh-server: the tests drive Slurm over SSH too (backend.slurm.ssh), against a private sshd
 apt_install slurm-wlm munge openssh-server openssh-client sudo
+# auth/jwt for slurmctld: slurmrestd's rest_auth/jwt (backend.slurm.rest.url) passes the
+# caller's token through it (tests/backends/test_slurm_rest.py, 35-slurmrestd.sh)
+apt_install slurm-wlm-jwt-plugin
 # an unprivileged account for the per-user submission test
 id funneltest >/dev/null 2>&1 || useradd --create-home --shell /bin/bash funneltest
 
@@ -27,6 +30,13 @@ if ! pgrep -x munged >/dev/null; then
 fi
 for _ in $(seq 1 20); do munge -n >/dev/null 2>&1 && break; sleep 0.5; done
 
+# the key slurmctld signs and checks `scontrol token`'s tokens with (SlurmUser's, 0600)
+jwt_key=/var/spool/slurmctld/jwt_hs256.key
+if [ ! -s "$jwt_key" ]; then
+  (umask 077 && dd if=/dev/urandom of="$jwt_key" bs=32 count=1 status=none)
+fi
+chmod 600 "$jwt_key"
+
 node=$(slurmd -C | head -n 1 | sed 's/ UpTime=.*//')
 node_name=$(printf '%s\n' "$node" | sed -n 's/^NodeName=\([^ ]*\).*/\1/p')
 conf_before=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
@@ -35,6 +45,8 @@ cat >/etc/slurm/slurm.conf <<CONF
 ClusterName=funnel-test
 SlurmctldHost=$host
 AuthType=auth/munge
+AuthAltTypes=auth/jwt
+AuthAltParameters=jwt_key=$jwt_key
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none

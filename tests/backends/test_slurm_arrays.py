@@ -1,9 +1,9 @@
 """Slurm job arrays (backend.slurm.array_max): the array script, its key, element ids in
 poll/sacct/cancel/recover, old task lists; canned scheduler output first, then the real
 single-node cluster (arrays of 7 and 1,000, one element canceled, a restart's recover
-with an array half-done, an element's node going down, two owners' arrays), each but the
-owners' one in both modes (slurm_mode: cli, and rest through the real slurmrestd; REST mode
-refuses submit_as_owner at load)."""
+with an array half-done, an element's node going down, two owners' arrays), each in both
+modes (slurm_mode: cli, and rest through the real slurmrestd; the owners' arrays over
+rest_auth/jwt, each owner's token minted by scontrol)."""
 
 from __future__ import annotations
 
@@ -354,21 +354,35 @@ def test_real_element_node_down_is_node_failed_its_sibling_runs_after(tmp_path, 
 
 
 @pytest.mark.slurm
-def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm):
+@pytest.mark.parametrize("mode", ["cli", "rest"])
+def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm, mode, monkeypatch):
+    """Each owner's array runs as that owner, and so does one job: in CLI mode through
+    `sudo -u OWNER sbatch`, in REST mode through slurmrestd with rest_auth/jwt and a
+    token scontrol minted for the owner. The jobs get the owner's environment, nothing
+    of the gateway's."""
     need_root()
     tmp_path.chmod(0o755)
     for parent in tmp_path.parents:
         if parent == parent.parent:
             break
         parent.chmod(parent.stat().st_mode | 0o111)  # traversable for the owners
+    monkeypatch.setenv("GATEWAY_ONLY_SECRET", "s3cr3t")  # in the gateway's environment
+    daemon = None
+    rest: dict[str, str] = {}
+    if mode == "rest":
+        from tests.slurm_rest_helpers import jwt_restd
+
+        daemon, rest = jwt_restd(tmp_path / "jwt")
+        daemon.start()
     owners = [make_user("arr"), make_user("arr")]
-    backend = bench(tmp_path, submit_as_owner=True)
+    backend = bench(tmp_path, mode, submit_as_owner=True,
+                    **({"rest": rest} if rest else {}))
     jobs: list[str] = []
     try:
         by_owner = {}
         for owner in owners:
             requests = [make_request(tmp_path, {"id": f"{owner}-{i}"},
-                                     ["/bin/sh", "-c", 'id -un > "$1"', "sh",
+                                     ["/bin/sh", "-c", 'id -un > "$1"; env > "$1.env"', "sh",
                                       str(tmp_path / f"{owner}-{i}" / "who")])
                         for i in range(3)]
             for request in requests:
@@ -378,14 +392,23 @@ def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm):
         assert backend.array_key(by_owner[owners[0]][0]) != \
             backend.array_key(by_owner[owners[1]][0])
         ids = {owner: backend.submit_array(requests) for owner, requests in by_owner.items()}
-        jobs = [element[0].split("_")[0] for element in ids.values()]
-        every = [e for elements in ids.values() for e in elements]
+        single = make_request(tmp_path, {"id": f"{owners[1]}-one"},
+                              ["/bin/sh", "-c", 'id -un > "$1"; env > "$1.env"', "sh",
+                               str(tmp_path / f"{owners[1]}-one" / "who")])
+        single.owner = owners[1]
+        one = backend.submit(single)
+        jobs = [element[0].split("_")[0] for element in ids.values()] + [one]
+        every = [e for elements in ids.values() for e in elements] + [one]
         finished = wait_all(backend, every, {JobState.COMPLETED, JobState.FAILED}, timeout=300)
         assert all(s.state == JobState.COMPLETED for s in finished.values()), finished
-        for owner, requests in by_owner.items():
-            for request in requests:
-                assert (request.task_dir / "who").read_text().strip() == owner
-                assert request.task_dir.stat().st_uid == pwd.getpwnam(owner).pw_uid
+        for request in [*by_owner[owners[0]], *by_owner[owners[1]], single]:
+            account = pwd.getpwnam(request.owner or "")
+            assert (request.task_dir / "who").read_text().strip() == account.pw_name
+            assert request.task_dir.stat().st_uid == account.pw_uid
+            environment = (request.task_dir / "who.env").read_text()
+            assert "GATEWAY_ONLY_SECRET" not in environment
+            assert f"HOME={account.pw_dir}\n" in environment
+        for owner in owners:
             job = ids[owner][0].split("_")[0]
             shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True,
                                    text=True).stdout
@@ -398,9 +421,14 @@ def test_real_arrays_of_two_owners_run_as_them(tmp_path, slurm):
         first = f"{owners[0]}-1"
         assert backend.recover(first, tmp_path / first, owners[0]) == ids[owners[0]][1]
         assert backend.recover(first, tmp_path / first, owners[1]) is None
+        assert backend.recover(single.task_id, single.task_dir, owners[1]) == one
+        assert backend.recover(single.task_id, single.task_dir, owners[0]) is None
     finally:
         if jobs:
             subprocess.run(["scancel", *jobs])
+        backend.close()
+        if daemon is not None:
+            daemon.stop()
         for owner in owners:
             drop_user(owner)
 

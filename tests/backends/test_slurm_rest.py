@@ -28,6 +28,7 @@ from tests.slurm_rest_helpers import (
     patient,
     rendered,
     rest_rows,
+    scontrol_token,
     squeue_rows,
 )
 from tests.waiting import wait_for
@@ -234,26 +235,52 @@ def test_only_slurmrestds_own_uid_is_served(slurmrestd, tmp_path):
         subprocess.run(["rm", "-rf", str(folder)], check=False)
 
 
-def test_jwt_over_http_reaches_slurmrestds_jwt_plugin(slurmrestd, tmp_path):
-    """What runs here of rest_auth/jwt: slurmrestd over TCP reads the user and token
-    headers the client sends ("token authentication pass through" in its log), then
-    refuses (Debian 12 has no auth/jwt plugin for slurmctld): a 401, not transient."""
+def job_user(job_id: str) -> str:
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%u"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_jwt_over_http_submits_polls_and_cancels_as_the_tokens_user(slurmrestd, tmp_path):
+    """rest_auth/jwt end to end (slurmctld with AuthAltTypes=auth/jwt, from
+    scripts/setup/30-slurm.sh): with a token of another account, written as `scontrol
+    token` prints it, slurmrestd over TCP submits, lists and cancels that account's jobs;
+    the file is read again when it changes: a forged token is refused by slurmctld
+    (transient: the gateway's credentials, not the task's fault, and said so), and a
+    renewed one works again."""
     from funnel_hpc.backends.slurm_rest_http import RestTransport
     from tests.server_helpers import free_port
 
     token = tmp_path / "token"
-    token.write_text("eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl\n")
+    token.write_text(scontrol_token("funneltest") + "\n")
     token.chmod(0o600)
     with PrivateRestd(tmp_path / "jwt", port=free_port()) as daemon:
-        rest = SlurmRestClient(RestTransport(url=f"http://127.0.0.1:{daemon.port}",
-                                             token_file=str(token), user="funnelbot",
-                                             timeout=60), "funnelbot")
-        with pytest.raises(BackendError, match=r"\(401\): Authentication failure") as info:
-            rest.discover()
-        assert info.value.transient is False
-        assert "check backend.slurm.rest.user and token_file" in str(info.value)
-        log = daemon.log.read_text()
-        assert "attempting user_name funnelbot token authentication" in log, log[-2000:]
+        rest = Patient(SlurmRestClient(RestTransport(url=f"http://127.0.0.1:{daemon.port}",
+                                                     token_file=str(token), user="funneltest",
+                                                     timeout=60), "funneltest"))
+        assert rest.version == "v0.0.38"
+        job = rest.submit(rendered(tmp_path, "rjwt1", ["/bin/true"], ("--hold",)))
+        try:
+            row = row_of(rest, job)
+            assert (row.state, row.reason, row.name) == ("PENDING", "JobHeldUser",
+                                                         "funnel-rjwt1")
+            assert job_user(job) == "funneltest"
+            token.write_text("eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl\n")  # not slurmctld's key
+            os.utime(token, (1, 1))  # another mtime, however fast the rewrite was
+            # slurmrestd passes the token on; slurmctld closes the connection (5005)
+            with pytest.raises(BackendError, match=r"\(500\): Zero Bytes were transmitted "
+                                                   r"or received \(slurmctld closed") as info:
+                rest.rest.submit(rendered(tmp_path, "rjwt2", ["/bin/true"], ("--hold",)))
+            assert info.value.transient is True  # the task waits for a good token
+            assert "a token it does not accept" in str(info.value)
+            with pytest.raises(BackendError, match=r"\(500\)") as info:
+                rest.rest.jobs()
+            assert info.value.transient is True
+            token.write_text(scontrol_token("funneltest") + "\n")  # renewed, as by cron
+            assert row_of(rest, job).state == "PENDING"
+            rest.cancel(job)
+            wait_states(rest, {job: {"CANCELLED"}})
+        finally:
+            subprocess.run(["scancel", job], check=False)  # whatever the token file holds
 
 
 def test_hostile_task_values_add_no_job_property(slurmrestd, tmp_path):

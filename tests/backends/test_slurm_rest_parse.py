@@ -5,6 +5,8 @@ is a string)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from funnel_hpc.backends.base import BackendError
@@ -122,7 +124,7 @@ def test_a_header_option_rest_mode_cannot_map_is_refused_by_name(line, words):
     assert info.value.transient is False
 
 
-def test_errors_are_transient_only_when_slurmctld_cannot_be_reached():
+def test_errors_are_transient_only_when_slurmctld_cannot_be_reached_or_auth_fails():
     down = Answer(500, {"errors": [{"error_number": 1800, "error": "Unable to contact slurm "
                                     "controller (connect failure)"}]}, "")
     assert failure("submit", down).transient is True
@@ -133,7 +135,13 @@ def test_errors_are_transient_only_when_slurmctld_cannot_be_reached():
                                                          "not available now"}]}, ""))
     assert refused.transient is False and "(500): Requested partition" in str(refused)
     denied = failure("jobs", Answer(401, None, "Authentication failure"))
-    assert denied.transient is False and "only the uid slurmrestd runs as" in str(denied)
+    # the gateway's credentials, not the task: the submission waits for a good token
+    assert denied.transient is True and "only the uid slurmrestd runs as" in str(denied)
+    # slurmctld's answer to a JWT it does not accept (measured, 22.05): the hint says so
+    closed = failure("submit", Answer(500, {"errors": [{"error_code": 5005, "error":
+                                                        "Zero Bytes were transmitted or "
+                                                        "received"}]}, ""))
+    assert closed.transient is True and "a token it does not accept" in str(closed)
 
 
 def test_a_socket_nobody_listens_on_is_transient(tmp_path):
@@ -145,14 +153,30 @@ def test_a_socket_nobody_listens_on_is_transient(tmp_path):
         RestTransport(socket_path="/a", url="http://b")
 
 
-def test_a_token_file_that_is_missing_or_empty_is_named(tmp_path):
+def test_a_token_file_that_is_missing_or_empty_is_named_and_transient(tmp_path):
+    """Transient: a renewal may be rewriting the file, and the tasks are not at fault."""
     transport = RestTransport(url="http://127.0.0.1:9", token_file=str(tmp_path / "t"),
                               user="funnel", timeout=5)
-    with pytest.raises(BackendError, match="cannot read the slurmrestd token file"):
+    with pytest.raises(BackendError, match="cannot read the slurmrestd token file") as info:
         transport.request("GET", "/openapi/v3")
+    assert info.value.transient is True
     (tmp_path / "t").write_text("\n")
+    with pytest.raises(BackendError, match="holds no token") as info:
+        transport.request("GET", "/openapi/v3")
+    assert info.value.transient is True
+    (tmp_path / "t").write_text("SLURM_JWT=\n")  # scontrol's line with no token in it
+    os.utime(tmp_path / "t", (1, 1))
     with pytest.raises(BackendError, match="holds no token"):
         transport.request("GET", "/openapi/v3")
+
+
+def test_the_token_is_sent_as_scontrol_prints_it_or_alone(tmp_path):
+    transport = RestTransport(url="http://127.0.0.1:9", token_file=str(tmp_path / "t"),
+                              user="funnel", timeout=5)
+    for text, mtime in (("SLURM_JWT=eyJabc.def.ghi\n", 1), ("eyJabc.def.ghi", 2)):
+        (tmp_path / "t").write_text(text)
+        os.utime(tmp_path / "t", (mtime, mtime))
+        assert transport._headers(has_body=False)["X-SLURM-USER-TOKEN"] == "eyJabc.def.ghi"
 
 
 # ---- configuration ----
@@ -181,7 +205,8 @@ def test_mode_defaults_to_cli_and_rest_to_the_setup_socket():
     ({"mode": "rest", "rest": {"user": "a b"}}, "backend.slurm.rest.user: a user name"),
     ({"mode": "rest", "rest": {"timeout": 0}}, "backend.slurm.rest.timeout: more than 0"),
     ({"mode": "rest", "rest": {"timeout": "soon"}}, "slurm.rest.timeout: expected a number"),
-    ({"mode": "rest", "submit_as_owner": True}, "backend.slurm.submit_as_owner: not available"),
+    ({"mode": "rest", "submit_as_owner": True},
+     "backend.slurm.submit_as_owner: with mode rest, needs rest.url"),
     ({"mode": "rest", "ssh": {"host": "login"}}, "backend.slurm.ssh.host: not used with mode rest"),
     ({"rest": {"sock": "/x"}}, "unknown configuration key: backend.slurm.rest.sock"),
 ])
@@ -200,6 +225,10 @@ def test_named_instances_are_checked_under_their_own_path():
     assert isinstance(options, config.SlurmOptions) and options.rest.user == "funnel"
     # cli mode does not look at the rest section
     assert load({"mode": "cli", "rest": {"socket": "relative"}}).backend.slurm.mode == "cli"
+    # submit_as_owner over rest_auth/jwt: each owner's token minted by scontrol token
+    owners = load({"mode": "rest", "submit_as_owner": True,
+                   "rest": {"url": "http://h:6820", "token_file": "/t"}})
+    assert owners.backend.slurm.submit_as_owner is True
 
 
 def test_a_job_id_never_enters_a_path_unchecked(tmp_path):
