@@ -217,18 +217,20 @@ def scontrol_token(user: str) -> str:
     return line
 
 
-def jwt_restd(folder: Path) -> tuple[PrivateRestd, dict[str, str]]:
+def jwt_restd(folder: Path, user: str = "") -> tuple[PrivateRestd, dict[str, str]]:
     """A private slurmrestd with rest_auth/jwt on a free port (not started) and the
-    backend.slurm.rest settings that reach it as this account, its token in a file."""
+    backend.slurm.rest settings that reach it as user (this account by default), its
+    token in a file as `scontrol token` prints it."""
     from tests.server_helpers import free_port
 
+    user = user or default_user()
     folder.mkdir(parents=True, exist_ok=True)
     token = folder / "token"
-    token.write_text(scontrol_token(default_user()) + "\n")
+    token.write_text(scontrol_token(user) + "\n")
     token.chmod(0o600)
     daemon = PrivateRestd(folder / "restd", port=free_port())
     return daemon, {"url": f"http://127.0.0.1:{daemon.port}", "token_file": str(token),
-                    "user": default_user()}
+                    "user": user}
 
 
 def dead_controller_conf(folder: Path) -> Path:

@@ -58,7 +58,7 @@ import os
 import stat
 
 from funnel_hpc.worker.sandbox import SandboxError, grant_traverse
-from funnel_hpc.worker.standin import StandIn, UnshareFailed
+from funnel_hpc.worker.standin import CLONE_NEWUSER, StandIn, UnshareFailed
 
 TYPE_CHECKING = False  # not typing's: importing typing costs every worker start
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ MOVE_MOUNT_F_EMPTY_PATH = 4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 MOUNT_ATTR_IDMAP = 0x100000
 MS_NOSUID, MS_NODEV = 0x2, 0x4
-CLONE_FS, CLONE_NEWNS, CLONE_NEWUSER = 0x00000200, 0x00020000, 0x10000000
+CLONE_FS, CLONE_NEWNS = 0x00000200, 0x00020000
 
 
 class Unusable(Exception):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from funnel_hpc.worker.identity import BLOCK_CAPS
 from funnel_hpc.worker.sandbox import SandboxError
-from funnel_hpc.worker.standin import StandIn, UnshareFailed
+from funnel_hpc.worker.standin import CLONE_NEWUSER, StandIn, UnshareFailed
 
 SETTING = "worker.sandbox_uids.subordinate"
 MODES = ("auto", "off")
@@ -50,9 +50,6 @@ REOWN_TIMEOUT_SECONDS = 600.0
 # what the re-owning helper keeps as root inside its own namespace (reaching only ids
 # of the map: the worker's and its range)
 REOWN_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER")
-
-
-CLONE_NEWUSER = 0x10000000
 
 
 class Subordinate:

@@ -248,15 +248,12 @@ def test_jwt_over_http_submits_polls_and_cancels_as_the_tokens_user(slurmrestd, 
     (transient: the gateway's credentials, not the task's fault, and said so), and a
     renewed one works again."""
     from funnel_hpc.backends.slurm_rest_http import RestTransport
-    from tests.server_helpers import free_port
+    from tests.slurm_rest_helpers import jwt_restd
 
-    token = tmp_path / "token"
-    token.write_text(scontrol_token("funneltest") + "\n")
-    token.chmod(0o600)
-    with PrivateRestd(tmp_path / "jwt", port=free_port()) as daemon:
-        rest = Patient(SlurmRestClient(RestTransport(url=f"http://127.0.0.1:{daemon.port}",
-                                                     token_file=str(token), user="funneltest",
-                                                     timeout=60), "funneltest"))
+    daemon, settings = jwt_restd(tmp_path / "jwt", "funneltest")
+    token = Path(settings["token_file"])
+    with daemon:
+        rest = Patient(SlurmRestClient(RestTransport(**settings, timeout=60), "funneltest"))
         assert rest.version == "v0.0.38"
         job = rest.submit(rendered(tmp_path, "rjwt1", ["/bin/true"], ("--hold",)))
         try:

@@ -11,8 +11,7 @@ import sys
 
 import pytest
 
-from funnel_hpc.worker.standin import THREADED, StandIn, UnshareFailed
-from funnel_hpc.worker.subids import CLONE_NEWUSER
+from funnel_hpc.worker.standin import CLONE_NEWUSER, THREADED, StandIn, UnshareFailed
 
 UNSHARE = ctypes.CDLL(None, use_errno=True).unshare
 
@@ -58,11 +57,11 @@ def test_the_id_range_message_says_the_errno(monkeypatch):
 # run in a Python of its own: an at-fork handler cannot be taken back
 THREADED_CHILD = """
 import ctypes, os, threading, time
-from funnel_hpc.worker.standin import StandIn, UnshareFailed
+from funnel_hpc.worker.standin import CLONE_NEWUSER, StandIn, UnshareFailed
 os.register_at_fork(after_in_child=lambda: threading.Thread(
     target=time.sleep, args=(5,), daemon=True).start())
 try:
-    with StandIn(ctypes.CDLL(None, use_errno=True).unshare, 0x10000000):
+    with StandIn(ctypes.CDLL(None, use_errno=True).unshare, CLONE_NEWUSER):
         print("made")
 except UnshareFailed as exc:
     print(exc.errno, exc.strerror)
